@@ -1,0 +1,20 @@
+# The two commands of the README, plus the checks CI runs.
+#   make demo   – set up, build, run the demo workflow (TEXT=caronirocks)
+#   make test   – set up, build, run every test
+TEXT ?= caronirocks
+
+.PHONY: setup demo test check
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	cargo run -q -p caroni-cli --bin caroni -- demo $(TEXT)
+
+test: setup
+	cargo build --workspace --bins
+	cargo nextest run --workspace --no-fail-fast
+
+check: setup
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings

@@ -1,0 +1,326 @@
+//! The subcommands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use caroni_proto::v1 as pb;
+use clap::Subcommand;
+use serde_json::json;
+
+use crate::client::{status, Context};
+use crate::output::{self, Format};
+
+#[derive(Debug, Subcommand)]
+pub enum TemplateCmd {
+    /// Register (or replace) a template from a CWL file.
+    #[command(
+        after_help = "Example:\n  caroni template add test_simple examples/templates/test_simple.cwl"
+    )]
+    Add {
+        /// Template name.
+        name: String,
+        /// CWL workflow file (YAML or JSON).
+        file: PathBuf,
+    },
+    /// List templates.
+    #[command(after_help = "Example:\n  caroni template list -o json")]
+    List,
+    /// Show one template: inputs, outputs, steps and its CWL.
+    #[command(after_help = "Example:\n  caroni template show test_simple")]
+    Show {
+        /// Template name.
+        name: String,
+    },
+    /// Remove a template.
+    #[command(after_help = "Example:\n  caroni template rm test_simple")]
+    Rm {
+        /// Template name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobTypeCmd {
+    /// Define new job types from a YAML or TOML file.
+    #[command(
+        after_help = "Example:\n  caroni jobtype add examples/jobtypes/foojob0.yaml\n\nFile format (YAML):\n  name: foojob0\n  inputs: [message]\n  outputs: [jobout]\n  timeout: 60\n  body: |\n    jq -cn --arg m \"$CARONI_ENV_message\" '{jobout: ($m | ascii_upcase)}'"
+    )]
+    Add {
+        /// Job-type file (.yaml, .yml or .toml).
+        file: PathBuf,
+    },
+    /// Replace existing job types with the definitions in a file.
+    #[command(after_help = "Example:\n  caroni jobtype update examples/jobtypes/foojob2.yaml")]
+    Update {
+        /// Job-type file (.yaml, .yml or .toml).
+        file: PathBuf,
+    },
+    /// List job types.
+    #[command(after_help = "Example:\n  caroni jobtype list")]
+    List,
+    /// Show one job type with its body.
+    #[command(after_help = "Example:\n  caroni jobtype show foojob0")]
+    Show {
+        /// Job type name.
+        name: String,
+    },
+    /// Remove a job type.
+    #[command(after_help = "Example:\n  caroni jobtype rm foojob0")]
+    Rm {
+        /// Job type name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// Node id, roles and addresses.
+    #[command(after_help = "Example:\n  caroni --node http://127.0.0.1:7070 node info")]
+    Info,
+}
+
+fn template_json(t: &pb::Template) -> serde_json::Value {
+    json!({
+        "name": t.name,
+        "inputs": t.inputs,
+        "outputs": t.outputs,
+        "steps": t.steps.iter().map(|s| json!({
+            "id": s.id, "job_type": s.job_type, "inputs": s.inputs, "outputs": s.outputs,
+        })).collect::<Vec<_>>(),
+        "updated_at": output::time(t.updated_at.as_ref()),
+        "cwl": if t.cwl.is_empty() { serde_json::Value::Null } else { json!(t.cwl) },
+    })
+}
+
+fn print_template(ctx: &Context, t: &pb::Template) {
+    if ctx.format == Format::Json {
+        return output::json(&template_json(t));
+    }
+    println!("template {}", t.name);
+    println!("inputs:  {}", t.inputs.join(", "));
+    println!("outputs: {}", t.outputs.join(", "));
+    let mut table = output::table(&["step", "job type", "inputs", "outputs"]);
+    for s in &t.steps {
+        table.add_row(vec![
+            s.id.clone(),
+            s.job_type.clone(),
+            s.inputs.join(", "),
+            s.outputs.join(", "),
+        ]);
+    }
+    println!("{table}");
+    if !t.cwl.is_empty() {
+        println!("--- CWL ---\n{}", t.cwl.trim_end());
+    }
+}
+
+pub async fn template(ctx: &Context, cmd: TemplateCmd) -> anyhow::Result<ExitCode> {
+    let mut client = ctx.manager().await?;
+    match cmd {
+        TemplateCmd::Add { name, file } => {
+            let cwl = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read the CWL file {}", file.display()))?;
+            let t = client
+                .put_template(ctx.request(pb::PutTemplateRequest { name, cwl }))
+                .await
+                .map_err(status)?
+                .into_inner();
+            if ctx.format == Format::Json {
+                output::json(&template_json(&pb::Template {
+                    cwl: String::new(),
+                    ..t
+                }));
+            } else {
+                println!("template {} registered ({} steps)", t.name, t.steps.len());
+            }
+        }
+        TemplateCmd::List => {
+            let all = client
+                .list_templates(ctx.request(pb::ListTemplatesRequest {}))
+                .await
+                .map_err(status)?
+                .into_inner()
+                .templates;
+            if ctx.format == Format::Json {
+                output::json(&json!(all.iter().map(template_json).collect::<Vec<_>>()));
+            } else {
+                let mut table = output::table(&["name", "steps", "inputs", "outputs", "updated"]);
+                for t in &all {
+                    table.add_row(vec![
+                        t.name.clone(),
+                        t.steps.len().to_string(),
+                        t.inputs.join(", "),
+                        t.outputs.join(", "),
+                        output::time(t.updated_at.as_ref()),
+                    ]);
+                }
+                println!("{table}");
+            }
+        }
+        TemplateCmd::Show { name } => {
+            let t = client
+                .get_template(ctx.request(pb::GetTemplateRequest { name }))
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_template(ctx, &t);
+        }
+        TemplateCmd::Rm { name } => {
+            client
+                .delete_template(ctx.request(pb::DeleteTemplateRequest { name: name.clone() }))
+                .await
+                .map_err(status)?;
+            if ctx.format == Format::Json {
+                output::json(&json!({"removed": name}));
+            } else {
+                println!("template {name} removed");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn job_type_json(j: &pb::JobType) -> serde_json::Value {
+    json!({
+        "name": j.name,
+        "inputs": j.inputs,
+        "outputs": j.outputs,
+        "body": j.body,
+        "timeout_seconds": j.timeout_seconds,
+        "max_output_bytes": j.max_output_bytes,
+        "updated_at": output::time(j.updated_at.as_ref()),
+    })
+}
+
+pub async fn job_type(ctx: &Context, cmd: JobTypeCmd) -> anyhow::Result<ExitCode> {
+    let mut client = ctx.agent().await?;
+    match cmd {
+        JobTypeCmd::Add { file } => put_job_types(ctx, &mut client, &file, false).await?,
+        JobTypeCmd::Update { file } => put_job_types(ctx, &mut client, &file, true).await?,
+        JobTypeCmd::List => {
+            let all = client
+                .list_job_types(ctx.request(pb::ListJobTypesRequest {}))
+                .await
+                .map_err(status)?
+                .into_inner()
+                .job_types;
+            if ctx.format == Format::Json {
+                output::json(&json!(all.iter().map(job_type_json).collect::<Vec<_>>()));
+            } else {
+                let mut table = output::table(&["name", "inputs", "outputs", "timeout", "updated"]);
+                for j in &all {
+                    table.add_row(vec![
+                        j.name.clone(),
+                        j.inputs.join(", "),
+                        j.outputs.join(", "),
+                        format!("{} s", j.timeout_seconds),
+                        output::time(j.updated_at.as_ref()),
+                    ]);
+                }
+                println!("{table}");
+            }
+        }
+        JobTypeCmd::Show { name } => {
+            let j = client
+                .get_job_type(ctx.request(pb::GetJobTypeRequest { name }))
+                .await
+                .map_err(status)?
+                .into_inner();
+            if ctx.format == Format::Json {
+                output::json(&job_type_json(&j));
+            } else {
+                println!("job type {}", j.name);
+                println!("inputs:  {}", j.inputs.join(", "));
+                println!("outputs: {}", j.outputs.join(", "));
+                println!("timeout: {} s", j.timeout_seconds);
+                println!("max output: {} bytes", j.max_output_bytes);
+                println!("updated: {}", output::time(j.updated_at.as_ref()));
+                println!("--- body ---\n{}", j.body.trim_end());
+            }
+        }
+        JobTypeCmd::Rm { name } => {
+            client
+                .delete_job_type(ctx.request(pb::DeleteJobTypeRequest { name: name.clone() }))
+                .await
+                .map_err(status)?;
+            if ctx.format == Format::Json {
+                output::json(&json!({"removed": name}));
+            } else {
+                println!("job type {name} removed");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn put_job_types(
+    ctx: &Context,
+    client: &mut caroni_proto::v1::agent_service_client::AgentServiceClient<
+        tonic::transport::Channel,
+    >,
+    file: &std::path::Path,
+    replace: bool,
+) -> anyhow::Result<()> {
+    let defs = crate::jobtype_file::read(file)?;
+    let mut stored = Vec::new();
+    for def in defs {
+        let name = def.name.clone();
+        let j = client
+            .put_job_type(ctx.request(pb::PutJobTypeRequest {
+                job_type: Some(def),
+                replace,
+            }))
+            .await
+            .map_err(|e| status(e).context(format!("job type `{name}`")))?
+            .into_inner();
+        if ctx.format == Format::Table {
+            println!(
+                "job type {} {}",
+                j.name,
+                if replace { "updated" } else { "added" }
+            );
+        }
+        stored.push(job_type_json(&j));
+    }
+    if ctx.format == Format::Json {
+        output::json(&json!(stored));
+    }
+    Ok(())
+}
+
+pub async fn node(ctx: &Context, cmd: NodeCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        NodeCmd::Info => {
+            let info = ctx
+                .node_api()
+                .await?
+                .get_info(ctx.request(pb::GetInfoRequest {}))
+                .await
+                .map_err(status)?
+                .into_inner();
+            if ctx.format == Format::Json {
+                output::json(&json!({
+                    "node_id": info.node_id,
+                    "roles": info.roles,
+                    "api_listen": info.api_listen,
+                    "peer_endpoint": info.peer_endpoint,
+                    "p2p_listen": info.p2p_listen,
+                    "version": info.version,
+                    "data_dir": info.data_dir,
+                }));
+            } else {
+                let mut t = output::table(&["field", "value"]);
+                t.add_row(vec!["node id".to_string(), info.node_id]);
+                t.add_row(vec!["roles".to_string(), info.roles.join(", ")]);
+                t.add_row(vec!["client API".to_string(), info.api_listen]);
+                t.add_row(vec!["peer endpoint".to_string(), info.peer_endpoint]);
+                t.add_row(vec!["p2p listen".to_string(), info.p2p_listen.join(", ")]);
+                t.add_row(vec!["version".to_string(), info.version]);
+                t.add_row(vec!["data dir".to_string(), info.data_dir]);
+                println!("{t}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

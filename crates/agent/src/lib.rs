@@ -1,0 +1,27 @@
+//! The agent engine: job types, offers, jobs, the run queue and the bash
+//! executor.
+//!
+//! This crate owns the agent's rules and its tables. It must not depend on
+//! libp2p or tonic: the node wires it to the network.
+
+pub mod job_types;
+
+/// Agent errors, phrased for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The job type definition is invalid.
+    #[error("invalid job type: {0}")]
+    InvalidJobType(#[from] caroni_types::JobTypeError),
+    /// Something does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// Something exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] caroni_store::Error),
+}
+
+/// Result alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,180 @@
+//! The CWL subset Caroni runs: a CWL v1.x `class: Workflow` document whose
+//! steps name a Caroni job type, turned into a validated step graph.
+//!
+//! This crate owns parsing and validation only. It does no I/O and must not
+//! depend on any engine, storage or network crate. Everything outside the
+//! subset is refused with an error that names the feature and where it is;
+//! nothing is silently ignored.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use serde_yaml_ng::{Mapping, Value};
+
+mod parse;
+
+/// A validated workflow template.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workflow {
+    /// Workflow inputs, in document order.
+    pub inputs: Vec<WorkflowInput>,
+    /// Workflow outputs, in document order.
+    pub outputs: Vec<WorkflowOutput>,
+    /// Steps in a topological order (every step after the steps it reads).
+    pub steps: Vec<Step>,
+    /// Attempts allowed per step (`CaroniMaxAttempts` hint on the workflow).
+    pub max_attempts: Option<u32>,
+}
+
+/// One workflow input.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkflowInput {
+    /// Its id.
+    pub id: String,
+    /// Default value, if the document gives one.
+    pub default: Option<String>,
+}
+
+/// One workflow output.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkflowOutput {
+    /// Its id.
+    pub id: String,
+    /// Where its value comes from.
+    pub source: Source,
+}
+
+/// Where a value comes from.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Source {
+    /// A workflow input.
+    Input(String),
+    /// An output of a step.
+    StepOutput {
+        /// Step id.
+        step: String,
+        /// Output name.
+        output: String,
+    },
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Input(i) => write!(f, "{i}"),
+            Source::StepOutput { step, output } => write!(f, "{step}/{output}"),
+        }
+    }
+}
+
+/// One step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// Step id.
+    pub id: String,
+    /// Job type it needs (`CaroniJobName`).
+    pub job_type: String,
+    /// Static parameters (`CaroniJobKVs`).
+    pub job_kvs: BTreeMap<String, String>,
+    /// The step's inputs: its tool's declared inputs, each bound.
+    pub inputs: Vec<StepInput>,
+    /// The step's outputs: its tool's declared outputs.
+    pub outputs: Vec<String>,
+}
+
+/// A bound input of a step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepInput {
+    /// Input name (the job's parameter key).
+    pub name: String,
+    /// Where the value comes from; `None` when only a default is given.
+    pub source: Option<Source>,
+    /// Value used when there is no source (or the source's value is absent).
+    pub default: Option<String>,
+}
+
+/// Why a document was refused. Every variant says where.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// Not YAML/JSON at all.
+    #[error("the document is not valid YAML: {0}")]
+    Syntax(String),
+    /// A rule of the subset is broken.
+    #[error("at {at}: {what}")]
+    Invalid {
+        /// Path in the document, e.g. `steps.step1.in.text`.
+        at: String,
+        /// What is wrong and what to do.
+        what: String,
+    },
+    /// A CWL feature outside the subset.
+    #[error("at {at}: {feature} is not supported by Caroni; {hint}")]
+    Unsupported {
+        /// Path in the document.
+        at: String,
+        /// The feature.
+        feature: String,
+        /// What to do instead.
+        hint: String,
+    },
+}
+
+pub(crate) fn invalid(at: impl Into<String>, what: impl Into<String>) -> Error {
+    Error::Invalid {
+        at: at.into(),
+        what: what.into(),
+    }
+}
+
+pub(crate) fn unsupported(
+    at: impl Into<String>,
+    feature: impl Into<String>,
+    hint: impl Into<String>,
+) -> Error {
+    Error::Unsupported {
+        at: at.into(),
+        feature: feature.into(),
+        hint: hint.into(),
+    }
+}
+
+/// Parses and validates a CWL document (YAML or JSON text).
+pub fn parse(text: &str) -> Result<Workflow, Error> {
+    let doc: Value = serde_yaml_ng::from_str(text).map_err(|e| Error::Syntax(e.to_string()))?;
+    let Value::Mapping(map) = doc else {
+        return Err(invalid(
+            "document",
+            "expected a mapping with `class: Workflow`",
+        ));
+    };
+    parse::workflow(&map)
+}
+
+impl Workflow {
+    /// Every dataflow edge: (source, destination step, input name).
+    pub fn step_edges(&self) -> impl Iterator<Item = (&Source, &str, &str)> {
+        self.steps.iter().flat_map(|s| {
+            s.inputs.iter().filter_map(move |i| {
+                i.source
+                    .as_ref()
+                    .map(|src| (src, s.id.as_str(), i.name.as_str()))
+            })
+        })
+    }
+
+    /// Ids of the workflow inputs that no default covers.
+    pub fn required_inputs(&self) -> BTreeSet<&str> {
+        self.inputs
+            .iter()
+            .filter(|i| i.default.is_none())
+            .map(|i| i.id.as_str())
+            .collect()
+    }
+}
+
+pub(crate) fn get<'a>(m: &'a Mapping, key: &str) -> Option<&'a Value> {
+    m.get(Value::String(key.to_string()))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,710 @@
+//! Walks the YAML value tree of a CWL document and builds a [`Workflow`].
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde_yaml_ng::{Mapping, Value};
+
+use crate::{
+    get, invalid, unsupported, Error, Source, Step, StepInput, Workflow, WorkflowInput,
+    WorkflowOutput,
+};
+
+const REQUIREMENT: &str = "CaroniRequirement";
+
+/// An id/body pair from either the map form or the list form of a section.
+struct Entry<'a> {
+    id: String,
+    body: &'a Value,
+    at: String,
+}
+
+/// Reads a section that CWL allows as a map (`id: body`) or a list of
+/// mappings with `id` (or strings, when `strings_ok`).
+fn entries<'a>(v: &'a Value, at: &str, strings_ok: bool) -> Result<Vec<Entry<'a>>, Error> {
+    let mut out = Vec::new();
+    match v {
+        Value::Null => {}
+        Value::Mapping(m) => {
+            for (k, body) in m {
+                let id =
+                    scalar_string(k).ok_or_else(|| invalid(at, "keys must be plain strings"))?;
+                let id = strip_hash(&id).to_string();
+                out.push(Entry {
+                    at: format!("{at}.{id}"),
+                    id,
+                    body,
+                });
+            }
+        }
+        Value::Sequence(items) => {
+            for (n, item) in items.iter().enumerate() {
+                let here = format!("{at}[{n}]");
+                let id = match item {
+                    Value::String(s) if strings_ok => s.clone(),
+                    Value::Mapping(m) => match get(m, "id") {
+                        Some(v) => scalar_string(v)
+                            .ok_or_else(|| invalid(&here, "`id` must be a string"))?,
+                        None => {
+                            return Err(invalid(&here, "entry has no `id`; give every entry an id"))
+                        }
+                    },
+                    _ => return Err(invalid(&here, "expected a mapping with an `id`")),
+                };
+                let id = strip_hash(&id).to_string();
+                if id.is_empty() {
+                    return Err(invalid(&here, "`id` is empty"));
+                }
+                out.push(Entry {
+                    at: format!("{at}.{id}"),
+                    id,
+                    body: item,
+                });
+            }
+        }
+        _ => return Err(invalid(at, "expected a map or a list")),
+    }
+    let mut seen = BTreeSet::new();
+    for e in &out {
+        if !seen.insert(e.id.as_str()) {
+            return Err(invalid(
+                &e.at,
+                format!("duplicate id `{}`; ids must be unique", e.id),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn strip_hash(s: &str) -> &str {
+    s.strip_prefix('#').unwrap_or(s)
+}
+
+/// A scalar as CWL passes it: strings as they are, other scalars in their
+/// string form.
+fn scalar_string(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn mapping<'a>(v: &'a Value, at: &str) -> Result<&'a Mapping, Error> {
+    v.as_mapping()
+        .ok_or_else(|| invalid(at, "expected a mapping"))
+}
+
+/// Refuses a type outside the subset. Accepts `string`, `int`, `long`,
+/// `float`, `double`, `boolean`, optionally with `?`.
+fn check_type(ty: Option<&Value>, at: &str) -> Result<(), Error> {
+    let Some(ty) = ty else { return Ok(()) };
+    let name = match ty {
+        Value::String(s) => s.trim_end_matches('?').to_string(),
+        Value::Mapping(m) => match get(m, "type").and_then(Value::as_str) {
+            Some("array") => {
+                return Err(unsupported(
+                    format!("{at}.type"),
+                    "the `array` type",
+                    "pass a string (for example JSON text) instead",
+                ))
+            }
+            Some(other) => other.to_string(),
+            None => return Err(invalid(format!("{at}.type"), "unreadable type")),
+        },
+        Value::Sequence(_) => {
+            return Err(unsupported(
+                format!("{at}.type"),
+                "a union type",
+                "use a single scalar type such as `string`",
+            ))
+        }
+        _ => return Err(invalid(format!("{at}.type"), "unreadable type")),
+    };
+    match name.as_str() {
+        "string" | "int" | "long" | "float" | "double" | "boolean" | "Any" => Ok(()),
+        "File" | "Directory" => Err(unsupported(
+            format!("{at}.type"),
+            format!("the `{name}` type"),
+            "Caroni passes values, not files: use `string`",
+        )),
+        other => Err(unsupported(
+            format!("{at}.type"),
+            format!("the type `{other}`"),
+            "use `string` (other scalars are passed as their string form)",
+        )),
+    }
+}
+
+/// Refuses keys that name features outside the subset.
+fn refuse_features(m: &Mapping, at: &str) -> Result<(), Error> {
+    for (key, feature, hint) in [
+        ("scatter", "`scatter`", "run one workflow per item instead"),
+        (
+            "when",
+            "conditional execution (`when`)",
+            "remove the condition",
+        ),
+        (
+            "valueFrom",
+            "expressions (`valueFrom`)",
+            "compute the value in the job body",
+        ),
+        ("linkMerge", "`linkMerge`", "use a single source"),
+        ("pickValue", "`pickValue`", "use a single source"),
+    ] {
+        if get(m, key).is_some() {
+            return Err(unsupported(format!("{at}.{key}"), feature, hint));
+        }
+    }
+    Ok(())
+}
+
+fn requirement_entries<'a>(
+    m: &'a Mapping,
+    at: &str,
+) -> Result<Vec<(String, &'a Mapping, String)>, Error> {
+    let mut out = Vec::new();
+    for section in ["hints", "requirements"] {
+        let Some(v) = get(m, section) else { continue };
+        let here = format!("{at}.{section}");
+        match v {
+            Value::Mapping(map) => {
+                for (k, body) in map {
+                    let class = scalar_string(k).unwrap_or_default();
+                    if let Value::Mapping(b) = body {
+                        out.push((class.clone(), b, format!("{here}.{class}")));
+                    } else if body.is_null() {
+                        continue;
+                    } else {
+                        return Err(invalid(format!("{here}.{class}"), "expected a mapping"));
+                    }
+                }
+            }
+            Value::Sequence(items) => {
+                for (n, item) in items.iter().enumerate() {
+                    let b = mapping(item, &format!("{here}[{n}]"))?;
+                    let class = get(b, "class").and_then(scalar_string).ok_or_else(|| {
+                        invalid(format!("{here}[{n}]"), "requirement without `class`")
+                    })?;
+                    out.push((class.clone(), b, format!("{here}[{n}]")));
+                }
+            }
+            Value::Null => {}
+            _ => return Err(invalid(here, "expected a map or a list")),
+        }
+    }
+    Ok(out)
+}
+
+fn is_caroni(class: &str) -> bool {
+    class == REQUIREMENT
+        || class
+            .strip_suffix(REQUIREMENT)
+            .is_some_and(|prefix| prefix.ends_with(':') || prefix.ends_with('#'))
+}
+
+fn refuse_requirement(class: &str, at: &str) -> Result<(), Error> {
+    let short = class.rsplit([':', '#']).next().unwrap_or(class);
+    match short {
+        "ScatterFeatureRequirement" => Err(unsupported(
+            at,
+            "`scatter` (ScatterFeatureRequirement)",
+            "run one workflow per item instead",
+        )),
+        "SubworkflowFeatureRequirement" => Err(unsupported(
+            at,
+            "sub-workflows (SubworkflowFeatureRequirement)",
+            "flatten the sub-workflow's steps into this workflow",
+        )),
+        "InlineJavascriptRequirement" | "StepInputExpressionRequirement" => Err(unsupported(
+            at,
+            format!("expressions ({short})"),
+            "compute values in the job body",
+        )),
+        "MultipleInputFeatureRequirement" => Err(unsupported(
+            at,
+            "multiple sources (MultipleInputFeatureRequirement)",
+            "use one source per input",
+        )),
+        _ => Ok(()),
+    }
+}
+
+pub(crate) fn workflow(m: &Mapping) -> Result<Workflow, Error> {
+    match get(m, "class").and_then(Value::as_str) {
+        Some("Workflow") => {}
+        Some(other) => {
+            return Err(invalid(
+                "class",
+                format!("`{other}` is not a workflow; Caroni templates are `class: Workflow`"),
+            ))
+        }
+        None => {
+            return Err(invalid(
+                "class",
+                "missing; Caroni templates are `class: Workflow`",
+            ))
+        }
+    }
+    if let Some(v) = get(m, "cwlVersion").and_then(Value::as_str) {
+        if !v.starts_with("v1.") {
+            return Err(unsupported(
+                "cwlVersion",
+                format!("CWL version `{v}`"),
+                "use cwlVersion v1.0, v1.1 or v1.2",
+            ));
+        }
+    }
+    let mut max_attempts = None;
+    for (class, body, at) in requirement_entries(m, "workflow")? {
+        refuse_requirement(&class, &at)?;
+        if is_caroni(&class) {
+            if let Some(v) = get(body, "CaroniMaxAttempts") {
+                let n = scalar_string(v)
+                    .and_then(|s| s.parse::<u32>().ok())
+                    .filter(|n| (1..=100).contains(n))
+                    .ok_or_else(|| {
+                        invalid(
+                            format!("{at}.CaroniMaxAttempts"),
+                            "must be a whole number from 1 to 100",
+                        )
+                    })?;
+                max_attempts = Some(n);
+            }
+        }
+    }
+
+    let mut all_ids: BTreeMap<String, String> = BTreeMap::new();
+    let mut claim = |id: &str, at: &str| -> Result<(), Error> {
+        if let Some(prev) = all_ids.insert(id.to_string(), at.to_string()) {
+            return Err(invalid(
+                at,
+                format!("duplicate id `{id}` (also used at {prev}); ids must be unique"),
+            ));
+        }
+        Ok(())
+    };
+
+    let mut inputs = Vec::new();
+    for e in entries(get(m, "inputs").unwrap_or(&Value::Null), "inputs", false)? {
+        claim(&e.id, &e.at)?;
+        let default = match e.body {
+            Value::Mapping(b) => {
+                check_type(get(b, "type"), &e.at)?;
+                get(b, "default").and_then(scalar_string)
+            }
+            ty @ Value::String(_) => {
+                check_type(Some(ty), &e.at)?;
+                None
+            }
+            _ => None,
+        };
+        inputs.push(WorkflowInput { id: e.id, default });
+    }
+
+    let steps_value = get(m, "steps")
+        .ok_or_else(|| invalid("steps", "missing; a workflow needs at least one step"))?;
+    let step_entries = entries(steps_value, "steps", false)?;
+    if step_entries.is_empty() {
+        return Err(invalid(
+            "steps",
+            "empty; a workflow needs at least one step",
+        ));
+    }
+    let mut steps = Vec::new();
+    for e in &step_entries {
+        claim(&e.id, &e.at)?;
+        steps.push(step(e)?);
+    }
+
+    let mut outputs = Vec::new();
+    for e in entries(get(m, "outputs").unwrap_or(&Value::Null), "outputs", false)? {
+        claim(&e.id, &e.at)?;
+        let b = mapping(e.body, &e.at)?;
+        check_type(get(b, "type"), &e.at)?;
+        refuse_features(b, &e.at)?;
+        let src = match get(b, "outputSource") {
+            None | Some(Value::Null) => {
+                return Err(invalid(&e.at, format!("workflow output `{}` has no `outputSource`; name the step output it comes from, as `step/output`", e.id)))
+            }
+            Some(Value::Sequence(_)) => {
+                return Err(unsupported(format!("{}.outputSource", e.at), "multiple output sources", "use one source"))
+            }
+            Some(v) => scalar_string(v).ok_or_else(|| invalid(format!("{}.outputSource", e.at), "must be a string"))?,
+        };
+        outputs.push(WorkflowOutput {
+            id: e.id.clone(),
+            source: parse_source(&src),
+        });
+        let _ = &e.at;
+    }
+
+    // Every source must exist.
+    let input_ids: BTreeSet<&str> = inputs.iter().map(|i| i.id.as_str()).collect();
+    let step_outputs: BTreeMap<&str, BTreeSet<&str>> = steps
+        .iter()
+        .map(|s| {
+            (
+                s.id.as_str(),
+                s.outputs.iter().map(String::as_str).collect(),
+            )
+        })
+        .collect();
+    let check = |src: &Source, at: &str| -> Result<(), Error> {
+        match src {
+            Source::Input(i) if input_ids.contains(i.as_str()) => Ok(()),
+            Source::Input(i) => Err(invalid(at, format!("unknown source `{i}`: no workflow input has that id (inputs: {})", list(&input_ids)))),
+            Source::StepOutput { step, output } => match step_outputs.get(step.as_str()) {
+                None => Err(invalid(at, format!("unknown source `{step}/{output}`: there is no step `{step}`"))),
+                Some(outs) if outs.contains(output.as_str()) => Ok(()),
+                Some(outs) => Err(invalid(at, format!("unknown source `{step}/{output}`: step `{step}` has no output `{output}` (outputs: {})", list(outs)))),
+            },
+        }
+    };
+    for s in &steps {
+        for i in &s.inputs {
+            if let Some(src) = &i.source {
+                check(src, &format!("steps.{}.in.{}", s.id, i.name))?;
+            }
+        }
+    }
+    for o in &outputs {
+        check(&o.source, &format!("outputs.{}.outputSource", o.id))?;
+    }
+
+    let steps = topo_sort(steps)?;
+    Ok(Workflow {
+        inputs,
+        outputs,
+        steps,
+        max_attempts,
+    })
+}
+
+fn list(set: &BTreeSet<&str>) -> String {
+    if set.is_empty() {
+        "none".into()
+    } else {
+        set.iter().copied().collect::<Vec<_>>().join(", ")
+    }
+}
+
+fn parse_source(s: &str) -> Source {
+    let s = strip_hash(s);
+    match s.split_once('/') {
+        Some((step, output)) => Source::StepOutput {
+            step: step.to_string(),
+            output: output.to_string(),
+        },
+        None => Source::Input(s.to_string()),
+    }
+}
+
+fn step(e: &Entry<'_>) -> Result<Step, Error> {
+    let at = &e.at;
+    let b = mapping(e.body, at)?;
+    refuse_features(b, at)?;
+
+    // The tool: inline `run:` with its declared inputs and outputs.
+    let mut tool_inputs: Option<Vec<(String, Option<String>)>> = None;
+    let mut tool_outputs: Option<Vec<String>> = None;
+    let mut requirement_holders = vec![(b, at.clone())];
+    match get(b, "run") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(r)) => {
+            return Err(unsupported(
+                format!("{at}.run"),
+                format!("an external tool reference (`{r}`)"),
+                "write the tool inline under `run:`",
+            ))
+        }
+        Some(Value::Mapping(tool)) => {
+            let run_at = format!("{at}.run");
+            match get(tool, "class").and_then(Value::as_str) {
+                Some("Workflow") => {
+                    return Err(unsupported(
+                        run_at,
+                        "a sub-workflow",
+                        "flatten the sub-workflow's steps into this workflow",
+                    ))
+                }
+                Some("ExpressionTool") => {
+                    return Err(unsupported(
+                        run_at,
+                        "an ExpressionTool (expressions)",
+                        "compute the value in a job body",
+                    ))
+                }
+                _ => {}
+            }
+            let mut ins = Vec::new();
+            for ie in entries(
+                get(tool, "inputs").unwrap_or(&Value::Null),
+                &format!("{run_at}.inputs"),
+                false,
+            )? {
+                let default = match ie.body {
+                    Value::Mapping(ib) => {
+                        check_type(get(ib, "type"), &ie.at)?;
+                        get(ib, "default").and_then(scalar_string)
+                    }
+                    ty @ Value::String(_) => {
+                        check_type(Some(ty), &ie.at)?;
+                        None
+                    }
+                    _ => None,
+                };
+                ins.push((ie.id, default));
+            }
+            let mut outs = Vec::new();
+            for oe in entries(
+                get(tool, "outputs").unwrap_or(&Value::Null),
+                &format!("{run_at}.outputs"),
+                false,
+            )? {
+                if let Value::Mapping(ob) = oe.body {
+                    check_type(get(ob, "type"), &oe.at)?;
+                } else if let ty @ Value::String(_) = oe.body {
+                    check_type(Some(ty), &oe.at)?;
+                }
+                outs.push(oe.id);
+            }
+            tool_inputs = Some(ins);
+            tool_outputs = Some(outs);
+            requirement_holders.push((tool, run_at));
+        }
+        Some(_) => {
+            return Err(invalid(
+                format!("{at}.run"),
+                "expected an inline tool (a mapping)",
+            ))
+        }
+    }
+
+    // The job type, from hints or requirements of the step or its tool.
+    let mut job_type = None;
+    let mut job_kvs = BTreeMap::new();
+    for (holder, hat) in &requirement_holders {
+        for (class, body, rat) in requirement_entries(holder, hat)? {
+            refuse_requirement(&class, &rat)?;
+            if !is_caroni(&class) {
+                continue;
+            }
+            if let Some(v) = get(body, "CaroniJobName") {
+                let name = scalar_string(v).filter(|s| !s.is_empty()).ok_or_else(|| {
+                    invalid(format!("{rat}.CaroniJobName"), "must be a non-empty string")
+                })?;
+                caroni_types::validate_env_name(&name).map_err(|err| {
+                    invalid(
+                        format!("{rat}.CaroniJobName"),
+                        format!("job type name {err}"),
+                    )
+                })?;
+                job_type = Some(name);
+            }
+            match get(body, "CaroniJobKVs") {
+                None | Some(Value::Null) => {}
+                Some(Value::Mapping(kvs)) => {
+                    for (k, v) in kvs {
+                        let (Some(k), Some(v)) = (scalar_string(k), scalar_string(v)) else {
+                            return Err(invalid(
+                                format!("{rat}.CaroniJobKVs"),
+                                "keys and values must be scalars",
+                            ));
+                        };
+                        job_kvs.insert(k, v);
+                    }
+                }
+                Some(_) => {
+                    return Err(invalid(
+                        format!("{rat}.CaroniJobKVs"),
+                        "must be a mapping of key: value",
+                    ))
+                }
+            }
+        }
+    }
+    let job_type = job_type.ok_or_else(|| {
+        invalid(at, format!("step `{}` names no job type; add `hints: {{caroni:CaroniRequirement: {{CaroniJobName: <job type>}}}}`", e.id))
+    })?;
+
+    // Bindings from `in`.
+    let mut bindings: BTreeMap<String, (Option<Source>, Option<String>)> = BTreeMap::new();
+    let mut binding_order = Vec::new();
+    for ie in entries(
+        get(b, "in").unwrap_or(&Value::Null),
+        &format!("{at}.in"),
+        false,
+    )? {
+        let (source, default) = match ie.body {
+            Value::Mapping(ib) => {
+                refuse_features(ib, &ie.at)?;
+                let source = match get(ib, "source") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::Sequence(_)) => {
+                        return Err(unsupported(
+                            format!("{}.source", ie.at),
+                            "multiple sources",
+                            "use one source per input",
+                        ))
+                    }
+                    Some(v) => Some(parse_source(&scalar_string(v).ok_or_else(|| {
+                        invalid(format!("{}.source", ie.at), "must be a string")
+                    })?)),
+                };
+                (source, get(ib, "default").and_then(scalar_string))
+            }
+            Value::Sequence(_) => {
+                return Err(unsupported(
+                    &ie.at,
+                    "multiple sources",
+                    "use one source per input",
+                ))
+            }
+            v => (
+                Some(parse_source(
+                    &scalar_string(v).ok_or_else(|| invalid(&ie.at, "source must be a string"))?,
+                )),
+                None,
+            ),
+        };
+        binding_order.push(ie.id.clone());
+        bindings.insert(ie.id, (source, default));
+    }
+
+    // `out` names.
+    let mut outs = Vec::new();
+    for oe in entries(
+        get(b, "out").unwrap_or(&Value::Null),
+        &format!("{at}.out"),
+        true,
+    )? {
+        outs.push(oe.id);
+    }
+
+    let (inputs, outputs) = match (tool_inputs, tool_outputs) {
+        (Some(tin), Some(tout)) => {
+            for name in bindings.keys() {
+                if !tin.iter().any(|(n, _)| n == name) {
+                    return Err(invalid(
+                        format!("{at}.in.{name}"),
+                        format!(
+                            "the step's tool declares no input `{name}` (inputs: {})",
+                            tin.iter()
+                                .map(|(n, _)| n.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
+            }
+            for o in &outs {
+                if !tout.contains(o) {
+                    return Err(invalid(
+                        format!("{at}.out"),
+                        format!("the step's tool declares no output `{o}`"),
+                    ));
+                }
+            }
+            let mut inputs = Vec::new();
+            for (name, tool_default) in tin {
+                let (source, default) = bindings.remove(&name).unwrap_or((None, None));
+                let default = default.or(tool_default);
+                if source.is_none() && default.is_none() {
+                    return Err(invalid(format!("{at}.in"), format!("input `{name}` of the step's tool has no source and no default; bind it under `in:`")));
+                }
+                inputs.push(StepInput {
+                    name,
+                    source,
+                    default,
+                });
+            }
+            (inputs, tout)
+        }
+        _ => {
+            let mut inputs = Vec::new();
+            for name in binding_order {
+                let (source, default) = bindings.remove(&name).unwrap_or((None, None));
+                if source.is_none() && default.is_none() {
+                    return Err(invalid(
+                        format!("{at}.in.{name}"),
+                        "no source and no default",
+                    ));
+                }
+                inputs.push(StepInput {
+                    name,
+                    source,
+                    default,
+                });
+            }
+            if outs.is_empty() {
+                return Err(invalid(format!("{at}.out"), "the step declares no outputs"));
+            }
+            (inputs, outs)
+        }
+    };
+    for i in &inputs {
+        caroni_types::validate_env_name(&i.name)
+            .map_err(|err| invalid(format!("{at}.in.{}", i.name), format!("input name {err}")))?;
+    }
+    Ok(Step {
+        id: e.id.clone(),
+        job_type,
+        job_kvs,
+        inputs,
+        outputs,
+    })
+}
+
+/// Orders steps so that each comes after the steps it reads from; refuses a
+/// cycle, naming the steps in it.
+fn topo_sort(steps: Vec<Step>) -> Result<Vec<Step>, Error> {
+    let index: BTreeMap<String, usize> = steps
+        .iter()
+        .enumerate()
+        .map(|(n, s)| (s.id.clone(), n))
+        .collect();
+    let mut indegree = vec![0usize; steps.len()];
+    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); steps.len()];
+    for (n, s) in steps.iter().enumerate() {
+        let deps: BTreeSet<usize> = s
+            .inputs
+            .iter()
+            .filter_map(|i| match &i.source {
+                Some(Source::StepOutput { step, .. }) => index.get(step).copied(),
+                _ => None,
+            })
+            .collect();
+        indegree[n] = deps.len();
+        for d in deps {
+            readers[d].push(n);
+        }
+    }
+    let mut ready: VecDeque<usize> = (0..steps.len()).filter(|&n| indegree[n] == 0).collect();
+    let mut order = Vec::with_capacity(steps.len());
+    while let Some(n) = ready.pop_front() {
+        order.push(n);
+        for &r in &readers[n] {
+            indegree[r] -= 1;
+            if indegree[r] == 0 {
+                ready.push_back(r);
+            }
+        }
+    }
+    if order.len() != steps.len() {
+        let stuck: Vec<&str> = (0..steps.len())
+            .filter(|n| indegree[*n] > 0)
+            .map(|n| steps[n].id.as_str())
+            .collect();
+        return Err(invalid(
+            "steps",
+            format!(
+                "the steps form a cycle through {}; a workflow must be a DAG",
+                stuck.join(" → ")
+            ),
+        ));
+    }
+    let mut slots: Vec<Option<Step>> = steps.into_iter().map(Some).collect();
+    Ok(order.into_iter().filter_map(|n| slots[n].take()).collect())
+}

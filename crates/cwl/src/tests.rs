@@ -1,0 +1,258 @@
+use super::*;
+
+const SIMPLE: &str = include_str!("../../../examples/templates/test_simple.cwl");
+const DIAMOND: &str = include_str!("../../../examples/templates/diamond.cwl");
+
+fn err(doc: &str) -> String {
+    parse(doc)
+        .expect_err("document must be refused")
+        .to_string()
+}
+
+/// A one-step workflow in map form with `extra` spliced into the step.
+fn one_step(extra: &str) -> String {
+    format!(
+        "class: Workflow
+inputs: {{x: string}}
+outputs: {{y: {{type: string, outputSource: s1/o}}}}
+steps:
+  s1:
+    hints: {{CaroniRequirement: {{CaroniJobName: j}}}}
+    in: {{i: x}}
+    out: [o]
+{extra}"
+    )
+}
+
+#[test]
+fn accepts_the_demo_template() {
+    let wf = parse(SIMPLE).expect("test_simple parses");
+    let ids: Vec<_> = wf.steps.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["step1", "step2", "step3"]);
+    let jobs: Vec<_> = wf.steps.iter().map(|s| s.job_type.as_str()).collect();
+    assert_eq!(jobs, ["foojob0", "foojob1", "foojob2"]);
+    assert_eq!(wf.inputs[0].id, "start_message");
+    assert_eq!(wf.steps[1].inputs[0].name, "text");
+    assert_eq!(
+        wf.steps[1].inputs[0].source,
+        Some(Source::StepOutput {
+            step: "step1".into(),
+            output: "jobout".into()
+        })
+    );
+    assert_eq!(wf.outputs[0].source.to_string(), "step3/out");
+}
+
+#[test]
+fn accepts_the_diamond_in_list_form() {
+    let wf = parse(DIAMOND).expect("diamond parses");
+    let pos = |id: &str| wf.steps.iter().position(|s| s.id == id).expect("step");
+    assert!(pos("split") < pos("upper") && pos("split") < pos("reverse"));
+    assert!(pos("upper") < pos("join") && pos("reverse") < pos("join"));
+    assert!(pos("join") < pos("finalize"));
+    let split = &wf.steps[pos("split")];
+    assert_eq!(split.outputs, ["left", "right"]);
+    assert_eq!(
+        wf.steps[pos("join")]
+            .job_kvs
+            .get("separator")
+            .map(String::as_str),
+        Some("+")
+    );
+    // `requirements` without prefix and `hints` with `caroni:` both work.
+    assert_eq!(split.job_type, "split");
+    assert_eq!(wf.steps[pos("upper")].job_type, "upper");
+}
+
+#[test]
+fn source_with_default_and_scalars_as_strings() {
+    let wf = parse(
+        "class: Workflow
+inputs: {n: {type: int, default: 3}}
+outputs: {y: {outputSource: s/o}}
+steps:
+  s:
+    requirements: [{class: caroni:CaroniRequirement, CaroniJobName: j}]
+    in:
+      a: {source: n, default: 7}
+      b: {default: true}
+    out: [o]",
+    )
+    .expect("parses");
+    assert_eq!(wf.inputs[0].default.as_deref(), Some("3"));
+    assert_eq!(wf.steps[0].inputs[0].default.as_deref(), Some("7"));
+    assert_eq!(wf.steps[0].inputs[1].source, None);
+    assert_eq!(wf.steps[0].inputs[1].default.as_deref(), Some("true"));
+}
+
+#[test]
+fn refuses_a_cycle() {
+    let e = err("class: Workflow
+inputs: {x: string}
+outputs: {y: {outputSource: a/o}}
+steps:
+  a: {hints: {CaroniRequirement: {CaroniJobName: j}}, in: {i: b/o}, out: [o]}
+  b: {hints: {CaroniRequirement: {CaroniJobName: j}}, in: {i: a/o}, out: [o]}");
+    assert!(
+        e.contains("cycle") && e.contains('a') && e.contains('b'),
+        "{e}"
+    );
+}
+
+#[test]
+fn refuses_an_unknown_source() {
+    let e = err("class: Workflow
+inputs: {x: string}
+outputs: {y: {outputSource: s1/o}}
+steps:
+  s1: {hints: {CaroniRequirement: {CaroniJobName: j}}, in: {i: nowhere}, out: [o]}");
+    assert!(
+        e.contains("steps.s1.in.i") && e.contains("unknown source `nowhere`"),
+        "{e}"
+    );
+    let e = err("class: Workflow
+inputs: {x: string}
+outputs: {y: {outputSource: s1/missing}}
+steps:
+  s1: {hints: {CaroniRequirement: {CaroniJobName: j}}, in: {i: x}, out: [o]}");
+    assert!(
+        e.contains("outputs.y.outputSource") && e.contains("no output `missing`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn refuses_a_step_without_job_name() {
+    let e = err("class: Workflow
+inputs: {x: string}
+outputs: {y: {outputSource: s1/o}}
+steps:
+  s1: {in: {i: x}, out: [o]}");
+    assert!(
+        e.contains("steps.s1") && e.contains("names no job type"),
+        "{e}"
+    );
+}
+
+#[test]
+fn refuses_scatter() {
+    let e = err(&one_step("    scatter: i\n"));
+    assert!(
+        e.contains("steps.s1.scatter") && e.contains("`scatter` is not supported"),
+        "{e}"
+    );
+}
+
+#[test]
+fn refuses_when() {
+    let e = err(&one_step("    when: $(inputs.i == 'a')\n"));
+    assert!(
+        e.contains("steps.s1.when") && e.contains("conditional execution"),
+        "{e}"
+    );
+}
+
+#[test]
+fn refuses_file_type() {
+    let e = err("class: Workflow
+inputs: {x: File}
+outputs: {y: {outputSource: s1/o}}
+steps:
+  s1: {hints: {CaroniRequirement: {CaroniJobName: j}}, in: {i: x}, out: [o]}");
+    assert!(
+        e.contains("inputs.x.type") && e.contains("`File` type"),
+        "{e}"
+    );
+}
+
+#[test]
+fn refuses_a_sub_workflow() {
+    let e = err(&one_step(
+        "    run: {class: Workflow, inputs: {}, outputs: {}, steps: {}}\n",
+    ));
+    assert!(
+        e.contains("steps.s1.run") && e.contains("sub-workflow"),
+        "{e}"
+    );
+}
+
+#[test]
+fn refuses_duplicate_ids() {
+    let e = err("class: Workflow
+inputs: [{id: x, type: string}]
+outputs: [{id: y, outputSource: s1/o}]
+steps:
+  - {id: s1, hints: {CaroniRequirement: {CaroniJobName: j}}, in: {i: x}, out: [o]}
+  - {id: s1, hints: {CaroniRequirement: {CaroniJobName: j}}, in: {i: x}, out: [o]}");
+    assert!(e.contains("duplicate id `s1`"), "{e}");
+    // An input and a step sharing an id is a duplicate too.
+    let e = err("class: Workflow
+inputs: {s1: string}
+outputs: {y: {outputSource: s1/o}}
+steps:
+  s1: {hints: {CaroniRequirement: {CaroniJobName: j}}, in: {i: s1}, out: [o]}");
+    assert!(e.contains("duplicate id `s1`"), "{e}");
+}
+
+#[test]
+fn refuses_an_output_without_source() {
+    let e = err("class: Workflow
+inputs: {x: string}
+outputs: {y: {type: string}}
+steps:
+  s1: {hints: {CaroniRequirement: {CaroniJobName: j}}, in: {i: x}, out: [o]}");
+    assert!(
+        e.contains("outputs.y") && e.contains("no `outputSource`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn refuses_expressions_and_external_tools() {
+    let e = err(&one_step("    run: tool.cwl\n"));
+    assert!(e.contains("external tool reference"), "{e}");
+    let e = err("class: Workflow
+inputs: {x: string}
+outputs: {y: {outputSource: s1/o}}
+steps:
+  s1:
+    hints: {CaroniRequirement: {CaroniJobName: j}}
+    in: {i: {source: x, valueFrom: $(self)}}
+    out: [o]");
+    assert!(
+        e.contains("steps.s1.in.i.valueFrom") && e.contains("expressions"),
+        "{e}"
+    );
+}
+
+#[test]
+fn refuses_a_tool_input_left_unbound() {
+    let e = err("class: Workflow
+inputs: {x: string}
+outputs: {y: {outputSource: s1/o}}
+steps:
+  s1:
+    hints: {CaroniRequirement: {CaroniJobName: j}}
+    run: {class: CommandLineTool, inputs: {a: string, b: string}, outputs: {o: string}}
+    in: {a: x}
+    out: [o]");
+    assert!(
+        e.contains("input `b`") && e.contains("no source and no default"),
+        "{e}"
+    );
+}
+
+#[test]
+fn syntax_errors_give_the_line() {
+    let e = err("class: Workflow\nsteps: [\n  - a: b\n");
+    assert!(e.contains("not valid YAML") && e.contains("line"), "{e}");
+}
+
+#[test]
+fn max_attempts_hint() {
+    let doc = format!(
+        "hints: {{caroni:CaroniRequirement: {{CaroniMaxAttempts: 2}}}}\n{}",
+        one_step("")
+    );
+    assert_eq!(parse(&doc).expect("parses").max_attempts, Some(2));
+}

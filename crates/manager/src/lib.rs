@@ -1,0 +1,27 @@
+//! The manager engine: workflow templates, workflows, steps, job requests
+//! and the routing of data along dataflows.
+//!
+//! This crate owns the manager's rules and its tables. It must not depend on
+//! libp2p or tonic: the node wires it to the network.
+
+pub mod templates;
+
+/// Manager errors, phrased for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The template document is invalid.
+    #[error("invalid template: {0}")]
+    InvalidTemplate(#[from] caroni_cwl::Error),
+    /// The template name is invalid.
+    #[error("template name {0}")]
+    BadName(#[from] caroni_types::NameError),
+    /// Something does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] caroni_store::Error),
+}
+
+/// Result alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,283 @@
+//! The manager's records: one [`Workflow`] holds its steps, their requests
+//! and every attempt, so that one write stores a whole state change.
+
+use std::collections::BTreeMap;
+
+use caroni_cwl::Source;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub use caroni_types::msg::JobState;
+
+/// Workflow states (the original's, plus `cancelled`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkflowState {
+    /// Recorded, requests not yet out.
+    Created,
+    /// Requests out; not every step has a job yet.
+    Initializing,
+    /// Every step has (or had) a job; data flows.
+    Running,
+    /// A step is being re-fulfilled after a failure.
+    Stalled,
+    /// Every step completed; outputs collected.
+    Completed,
+    /// A step ran out of attempts.
+    Failed,
+    /// Cancelled by a user.
+    Cancelled,
+}
+
+impl WorkflowState {
+    /// Completed, failed or cancelled.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            WorkflowState::Completed | WorkflowState::Failed | WorkflowState::Cancelled
+        )
+    }
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkflowState::Created => "created",
+            WorkflowState::Initializing => "initializing",
+            WorkflowState::Running => "running",
+            WorkflowState::Stalled => "stalled",
+            WorkflowState::Completed => "completed",
+            WorkflowState::Failed => "failed",
+            WorkflowState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Step states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepState {
+    /// Recorded.
+    Created,
+    /// A request is out; no job yet.
+    Fulfilling,
+    /// An agent holds a job for it.
+    Fulfilled,
+    /// Its job runs.
+    Running,
+    /// Its job completed with every output.
+    Completed,
+    /// Out of attempts.
+    Failed,
+}
+
+impl StepState {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Created => "created",
+            StepState::Fulfilling => "fulfilling",
+            StepState::Fulfilled => "fulfilled",
+            StepState::Running => "running",
+            StepState::Completed => "completed",
+            StepState::Failed => "failed",
+        }
+    }
+}
+
+/// Job request states.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RequestState {
+    /// Recorded.
+    Created,
+    /// Published; waiting for offers.
+    Fulfilling,
+    /// An offer was accepted.
+    Fulfilled,
+    /// Withdrawn without an offer (workflow ended).
+    Unanswered,
+    /// No offer before it expired.
+    Expired,
+}
+
+/// One job request of a step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Request id.
+    pub id: Uuid,
+    /// State.
+    pub state: RequestState,
+    /// Created (ms).
+    pub created_at_ms: u64,
+    /// Void after (ms).
+    pub expires_at_ms: u64,
+    /// Times published.
+    pub publish_count: u32,
+    /// Next (re-)publication (ms).
+    pub next_publish_at_ms: u64,
+    /// Declines received (most recent last, at most 8 kept).
+    pub declines: Vec<(String, String)>,
+}
+
+/// One attempt at a step: an accepted offer and the job it became, or an
+/// expired request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// The job (absent when the request expired unanswered).
+    pub job_id: Option<Uuid>,
+    /// The request it answered.
+    pub request_id: Uuid,
+    /// The accepted offer.
+    pub offer_id: Option<Uuid>,
+    /// Node id of the agent holding the job.
+    pub agent: String,
+    /// The agent's endpoint.
+    pub endpoint: String,
+    /// Last state reported (pending until the agent says otherwise).
+    pub state: JobState,
+    /// True once the agent answered JobAccepted.
+    pub accepted: bool,
+    /// True once a newer attempt replaced this one or the workflow ended;
+    /// late results are ignored.
+    pub superseded: bool,
+    /// Accept sent (ms).
+    pub started_at_ms: u64,
+    /// Final state reached (ms).
+    pub ended_at_ms: Option<u64>,
+    /// Last message from the agent about this job (ms).
+    pub last_heard_ms: u64,
+    /// Last status request sent (ms).
+    pub last_probe_ms: u64,
+    /// Highest status sequence applied.
+    pub status_seq: u64,
+    /// Exit status of the process.
+    pub exit_status: Option<i32>,
+    /// Why it failed.
+    pub message: String,
+    /// Tail of stderr.
+    pub stderr_tail: String,
+}
+
+impl Attempt {
+    /// Still able to produce a result.
+    pub fn is_live(&self) -> bool {
+        self.job_id.is_some() && !self.superseded && !self.state.is_final()
+    }
+}
+
+/// One bound input of a step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepInput {
+    /// Input name.
+    pub name: String,
+    /// Where its value comes from.
+    pub source: Option<Source>,
+    /// Fallback value.
+    pub default: Option<String>,
+}
+
+/// One step of a workflow.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// Step id.
+    pub id: String,
+    /// Job type.
+    pub job_type: String,
+    /// Static parameters.
+    pub job_kvs: BTreeMap<String, String>,
+    /// Inputs.
+    pub inputs: Vec<StepInput>,
+    /// Output names.
+    pub outputs: Vec<String>,
+    /// State.
+    pub state: StepState,
+    /// Input values known so far.
+    pub values: BTreeMap<String, String>,
+    /// Outputs received from the current job.
+    pub results: BTreeMap<String, String>,
+    /// The current request.
+    pub request: Option<Request>,
+    /// Every attempt, oldest first.
+    pub attempts: Vec<Attempt>,
+}
+
+impl Step {
+    /// The attempt that may still produce this step's result.
+    pub fn current(&self) -> Option<&Attempt> {
+        self.attempts.last().filter(|a| a.is_live())
+    }
+    /// Failed attempts so far.
+    pub fn failures(&self) -> usize {
+        self.attempts
+            .iter()
+            .filter(|a| a.state == JobState::Failed)
+            .count()
+    }
+}
+
+/// A dataflow edge with its value once delivered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dataflow {
+    /// `input` or `step/output`.
+    pub source: String,
+    /// `step/input` or `output` (workflow output).
+    pub destination: String,
+    /// The value, once known.
+    pub value: Option<String>,
+}
+
+/// A workflow run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workflow {
+    /// Workflow id.
+    pub id: Uuid,
+    /// Template it was made from.
+    pub template: String,
+    /// State.
+    pub state: WorkflowState,
+    /// Why it failed or was cancelled.
+    pub message: String,
+    /// Created (ms).
+    pub created_at_ms: u64,
+    /// Last change (ms).
+    pub updated_at_ms: u64,
+    /// Finished (ms).
+    pub finished_at_ms: Option<u64>,
+    /// Attempts allowed per step.
+    pub max_attempts: u32,
+    /// Workflow inputs (given or defaulted).
+    pub inputs: BTreeMap<String, String>,
+    /// Workflow outputs: id → source.
+    pub output_sources: Vec<(String, Source)>,
+    /// Workflow outputs collected so far.
+    pub outputs: BTreeMap<String, String>,
+    /// Steps in topological order.
+    pub steps: Vec<Step>,
+    /// True once data was first sent (every step was fulfilled).
+    pub started: bool,
+}
+
+impl Workflow {
+    /// Every dataflow with its value, derived from the steps.
+    pub fn dataflows(&self) -> Vec<Dataflow> {
+        let mut out = Vec::new();
+        for s in &self.steps {
+            for i in &s.inputs {
+                if let Some(src) = &i.source {
+                    out.push(Dataflow {
+                        source: src.to_string(),
+                        destination: format!("{}/{}", s.id, i.name),
+                        value: s.values.get(&i.name).cloned(),
+                    });
+                }
+            }
+        }
+        for (id, src) in &self.output_sources {
+            out.push(Dataflow {
+                source: src.to_string(),
+                destination: id.clone(),
+                value: self.outputs.get(id).cloned(),
+            });
+        }
+        out
+    }
+}

@@ -1,0 +1,55 @@
+//! The registry of table prefixes. A prefix is permanent: once released it
+//! is never changed or reused, so that old data never decodes as new data.
+//! The value types live with the crate that owns the table; the prefixes
+//! live here so that two owners can never pick the same byte.
+
+/// Node metadata (schema version, …): key = name.
+pub const META: u8 = 0x01;
+/// Workflow templates (manager): key = name.
+pub const TEMPLATES: u8 = 0x02;
+/// Job types (agent): key = name.
+pub const JOB_TYPES: u8 = 0x03;
+
+/// Workflows (manager): key = workflow uuid.
+pub const WORKFLOWS: u8 = 0x10;
+/// Job requests (manager): key = request uuid.
+pub const REQUESTS: u8 = 0x12;
+/// Jobs known to the manager: key = job uuid.
+pub const MANAGER_JOBS: u8 = 0x13;
+
+/// Offers made by the agent: key = request uuid.
+pub const AGENT_OFFERS: u8 = 0x20;
+/// Jobs held by the agent: key = job uuid.
+pub const AGENT_JOBS: u8 = 0x21;
+/// The agent's FIFO run queue: key = sequence (u64) → job uuid.
+pub const AGENT_QUEUE: u8 = 0x22;
+
+/// Outbox of direct messages: key = destination node id (string), sequence (u64).
+pub const OUTBOX: u8 = 0x30;
+/// Ids of inbound messages already applied: key = message uuid.
+pub const APPLIED: u8 = 0x31;
+/// Known peer endpoints: key = node id (string).
+pub const PEERS: u8 = 0x32;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn prefixes_are_distinct() {
+        let all = [
+            super::META,
+            super::TEMPLATES,
+            super::JOB_TYPES,
+            super::WORKFLOWS,
+            super::REQUESTS,
+            super::MANAGER_JOBS,
+            super::AGENT_OFFERS,
+            super::AGENT_JOBS,
+            super::AGENT_QUEUE,
+            super::OUTBOX,
+            super::APPLIED,
+            super::PEERS,
+        ];
+        let set: std::collections::BTreeSet<_> = all.iter().collect();
+        assert_eq!(set.len(), all.len());
+    }
+}

@@ -1,0 +1,199 @@
+//! The protocol in domain form: what the engines read and write. The node
+//! converts these to and from the wire types of `caroni-proto` at the edge.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// State of a job, the same on both sides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Accepted; waits for inputs.
+    Pending,
+    /// Inputs complete; waits for a slot.
+    Queued,
+    /// Running.
+    Running,
+    /// Finished with outputs.
+    Completed,
+    /// Failed.
+    Failed,
+}
+
+impl JobState {
+    /// Completed or failed.
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Failed)
+    }
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+        }
+    }
+}
+
+/// A job fulfillment request (gossip).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRequest {
+    /// Request id.
+    pub request_id: Uuid,
+    /// Job type wanted.
+    pub job_type: String,
+    /// Input names.
+    pub parameter_keys: Vec<String>,
+    /// Output names expected.
+    pub output_keys: Vec<String>,
+    /// Static parameters.
+    pub job_kvs: BTreeMap<String, String>,
+    /// Void after this instant (ms since epoch).
+    pub expires_at_ms: u64,
+    /// The manager's peer endpoint.
+    pub manager_endpoint: String,
+    /// 1 for the first publication.
+    pub publish_count: u32,
+}
+
+/// A job status report.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusUpdate {
+    /// The job.
+    pub job_id: Uuid,
+    /// Its state.
+    pub state: JobState,
+    /// Why it failed, if it did.
+    pub message: String,
+    /// Exit status of the process, if it exited.
+    pub exit_status: Option<i32>,
+    /// Tail of stderr.
+    pub stderr_tail: String,
+    /// Per-job counter; older updates are ignored.
+    pub sequence: u64,
+}
+
+/// One protocol message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Msg {
+    /// JobFulfillmentRequest.
+    Request(JobRequest),
+    /// JobFulfillmentOffer.
+    Offer {
+        /// Offer id.
+        offer_id: Uuid,
+        /// Request answered.
+        request_id: Uuid,
+        /// Void after (ms since epoch).
+        expires_at_ms: u64,
+    },
+    /// JobFulfillmentDecline.
+    Decline {
+        /// Request answered.
+        request_id: Uuid,
+        /// Why.
+        reason: String,
+    },
+    /// JobFulfillmentOfferAccept.
+    Accept {
+        /// Offer taken.
+        offer_id: Uuid,
+        /// Its request.
+        request_id: Uuid,
+        /// The job's id.
+        job_id: Uuid,
+    },
+    /// JobFulfillmentOfferReject.
+    Reject {
+        /// Offer declined.
+        offer_id: Uuid,
+        /// Its request.
+        request_id: Uuid,
+    },
+    /// JobAccepted.
+    Accepted {
+        /// The job.
+        job_id: Uuid,
+        /// Its offer.
+        offer_id: Uuid,
+    },
+    /// JobStatusRequest.
+    StatusRequest {
+        /// The job.
+        job_id: Uuid,
+    },
+    /// JobStatusUpdate.
+    Status(StatusUpdate),
+    /// JobDataAvailable.
+    Data {
+        /// The job.
+        job_id: Uuid,
+        /// Name → value.
+        items: BTreeMap<String, String>,
+    },
+    /// JobKill.
+    Kill {
+        /// The job.
+        job_id: Uuid,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Msg {
+    /// The protocol name, for logs and counters.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Msg::Request(_) => "JobFulfillmentRequest",
+            Msg::Offer { .. } => "JobFulfillmentOffer",
+            Msg::Decline { .. } => "JobFulfillmentDecline",
+            Msg::Accept { .. } => "JobFulfillmentOfferAccept",
+            Msg::Reject { .. } => "JobFulfillmentOfferReject",
+            Msg::Accepted { .. } => "JobAccepted",
+            Msg::StatusRequest { .. } => "JobStatusRequest",
+            Msg::Status(_) => "JobStatusUpdate",
+            Msg::Data { .. } => "JobDataAvailable",
+            Msg::Kill { .. } => "JobKill",
+        }
+    }
+
+    /// True for messages an agent handles; false for a manager's.
+    pub fn for_agent(&self) -> bool {
+        matches!(
+            self,
+            Msg::Request(_)
+                | Msg::Accept { .. }
+                | Msg::Reject { .. }
+                | Msg::StatusRequest { .. }
+                | Msg::Kill { .. }
+        )
+    }
+}
+
+/// A verified inbound message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inbound {
+    /// Message id (applied at most once).
+    pub id: Uuid,
+    /// Sender node id.
+    pub from: String,
+    /// Sender's peer endpoint.
+    pub endpoint: String,
+    /// The message.
+    pub msg: Msg,
+}
+
+/// A message to send directly.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outbound {
+    /// Destination node id.
+    pub to: String,
+    /// Destination endpoint.
+    pub endpoint: String,
+    /// The message.
+    pub msg: Msg,
+}

@@ -1,0 +1,107 @@
+//! The client API (gRPC on --api-listen): node, manager and agent services,
+//! plus `grpc.health.v1` and server reflection (v1 and v1alpha).
+
+use tonic::{Request, Status};
+
+mod agent;
+mod manager;
+mod node;
+
+pub use agent::AgentApi;
+pub use manager::ManagerApi;
+pub use node::NodeApi;
+
+/// Maps engine errors to gRPC statuses, in one place, keeping the message a
+/// user can act on.
+pub(crate) trait IntoStatus {
+    fn into_status(self) -> Status;
+}
+
+impl IntoStatus for caroni_manager::Error {
+    fn into_status(self) -> Status {
+        use caroni_manager::Error as E;
+        match self {
+            E::InvalidTemplate(_) | E::BadName(_) => Status::invalid_argument(self.to_string()),
+            E::NotFound(_) => Status::not_found(self.to_string()),
+            E::Store(e) => internal(e),
+        }
+    }
+}
+
+impl IntoStatus for caroni_agent::Error {
+    fn into_status(self) -> Status {
+        use caroni_agent::Error as E;
+        match self {
+            E::InvalidJobType(_) => Status::invalid_argument(self.to_string()),
+            E::NotFound(_) => Status::not_found(self.to_string()),
+            E::AlreadyExists(_) => Status::already_exists(self.to_string()),
+            E::Store(e) => internal(e),
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    tracing::error!(error = %e, "internal error serving a client request");
+    Status::internal(format!("{e}; see the node's log"))
+}
+
+/// Runs blocking storage work off the async threads.
+pub(crate) async fn blocking<T, E>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, Status>
+where
+    T: Send + 'static,
+    E: IntoStatus + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(IntoStatus::into_status),
+        Err(e) => Err(internal(e)),
+    }
+}
+
+/// Checks the bearer token when one is configured.
+#[derive(Clone)]
+pub struct TokenCheck {
+    expected: Option<String>,
+}
+
+impl TokenCheck {
+    /// `None` accepts every caller (loopback-only API).
+    pub fn new(token: Option<&str>) -> Self {
+        Self {
+            expected: token.map(|t| format!("Bearer {t}")),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.expected else {
+            return Ok(req);
+        };
+        match req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(got) if got == expected => Ok(req),
+            Some(_) => Err(Status::unauthenticated(
+                "wrong API token; check --token or CARONI_TOKEN",
+            )),
+            None => Err(Status::unauthenticated(
+                "this node's API needs a token: pass --token or set CARONI_TOKEN",
+            )),
+        }
+    }
+}
+
+/// Refuses calls to a role the node does not have.
+pub(crate) fn require_role(has: bool, role: &str) -> Result<(), Status> {
+    if has {
+        Ok(())
+    } else {
+        Err(Status::failed_precondition(format!(
+            "this node does not have the {role} role; restart it with --role {role} or --role both, or point --node at a {role}"
+        )))
+    }
+}

@@ -1,0 +1,311 @@
+//! Node configuration: defaults < TOML file (`--config`) < `CARONI_*`
+//! environment < command-line flags, merged into one [`Config`].
+//!
+//! clap reads flags and their `CARONI_*` environment variables (a flag wins
+//! over its variable); the TOML file fills what neither gave; built-in
+//! defaults fill the rest.
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+use caroni_types::Role;
+use serde::{Deserialize, Serialize};
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The effective configuration of a node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Config {
+    /// Directory holding the node key and the RocksDB database.
+    pub data_dir: PathBuf,
+    /// manager, agent or both.
+    pub role: Role,
+    /// Client API address (gRPC). Loopback by default.
+    pub api_listen: SocketAddr,
+    /// Bearer token required on the client API; needed when it is not on loopback.
+    #[serde(skip_serializing)]
+    pub api_token: Option<String>,
+    /// Node-to-node gRPC address.
+    pub peer_listen: SocketAddr,
+    /// Endpoint other nodes are told to dial (`http://host:port`); derived
+    /// from `peer_listen` when it is not a wildcard, else from the host name.
+    pub peer_advertise: String,
+    /// libp2p listen multiaddr.
+    pub p2p_listen: String,
+    /// libp2p multiaddrs of peers to dial at start (repeatable).
+    pub bootstrap: Vec<String>,
+    /// Discover peers on the LAN with mDNS.
+    pub mdns: bool,
+    /// Concurrent jobs an agent runs.
+    pub slots: usize,
+    /// Seconds a manager waits for news of a live job before it counts the
+    /// job as lost.
+    pub lease_seconds: u64,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+/// Command-line flags of `caroni-node`; each also reads `CARONI_<NAME>`.
+#[derive(Debug, Default, clap::Parser)]
+#[command(
+    name = "caroni-node",
+    version,
+    about = "Caroni node: a manager, an agent or both, in one daemon",
+    after_help = "Example:\n  caroni-node --data-dir /var/lib/caroni --role both \\\n    --peer-listen 0.0.0.0:7071 --peer-advertise http://10.0.0.5:7071 \\\n    --bootstrap /ip4/10.0.0.6/tcp/7072\n\nPrecedence: defaults < --config FILE (TOML, same keys with underscores) < CARONI_* environment < flags."
+)]
+pub struct Flags {
+    /// TOML configuration file.
+    #[arg(long, env = "CARONI_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory [default: ./caroni-data].
+    #[arg(long, env = "CARONI_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Role: manager, agent or both [default: both].
+    #[arg(long, env = "CARONI_ROLE")]
+    pub role: Option<Role>,
+    /// Client API address [default: 127.0.0.1:7070].
+    #[arg(long, env = "CARONI_API_LISTEN")]
+    pub api_listen: Option<SocketAddr>,
+    /// Token clients must present (required when --api-listen is not loopback).
+    #[arg(long, env = "CARONI_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Node-to-node gRPC address [default: 0.0.0.0:7071].
+    #[arg(long, env = "CARONI_PEER_LISTEN")]
+    pub peer_listen: Option<SocketAddr>,
+    /// Endpoint other nodes dial to reach this one, e.g. http://10.0.0.5:7071.
+    #[arg(long, env = "CARONI_PEER_ADVERTISE")]
+    pub peer_advertise: Option<String>,
+    /// libp2p listen multiaddr [default: /ip4/0.0.0.0/tcp/7072].
+    #[arg(long, env = "CARONI_P2P_LISTEN")]
+    pub p2p_listen: Option<String>,
+    /// libp2p multiaddr of a peer to dial at start; repeat for several
+    /// (environment: comma-separated).
+    #[arg(long, env = "CARONI_BOOTSTRAP", value_delimiter = ',')]
+    pub bootstrap: Vec<String>,
+    /// Turn mDNS discovery on or off [default: true].
+    #[arg(long, env = "CARONI_MDNS")]
+    pub mdns: Option<bool>,
+    /// Concurrent jobs on an agent [default: 2].
+    #[arg(long, env = "CARONI_SLOTS")]
+    pub slots: Option<usize>,
+    /// Lease on live jobs, in seconds [default: 30].
+    #[arg(long, env = "CARONI_LEASE_SECONDS")]
+    pub lease_seconds: Option<u64>,
+    /// Log format [default: text]. Filter with RUST_LOG.
+    #[arg(long, env = "CARONI_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The TOML file: every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    role: Option<Role>,
+    api_listen: Option<SocketAddr>,
+    api_token: Option<String>,
+    peer_listen: Option<SocketAddr>,
+    peer_advertise: Option<String>,
+    p2p_listen: Option<String>,
+    bootstrap: Option<Vec<String>>,
+    mdns: Option<bool>,
+    slots: Option<usize>,
+    lease_seconds: Option<u64>,
+    log_format: Option<LogFormat>,
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read the configuration file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    /// The file is not valid TOML or has unknown keys.
+    #[error("the configuration file {0} is invalid: {1}")]
+    Parse(PathBuf, String),
+    /// A value is out of range or inconsistent.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Merges flags (with their environment variables) over the TOML file
+    /// over the defaults, and checks the result.
+    pub fn load(flags: Flags) -> Result<Self, ConfigError> {
+        let file = match &flags.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let peer_listen = flags
+            .peer_listen
+            .or(file.peer_listen)
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 7071)));
+        let config = Config {
+            data_dir: flags
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("caroni-data")),
+            role: flags.role.or(file.role).unwrap_or_default(),
+            api_listen: flags
+                .api_listen
+                .or(file.api_listen)
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7070))),
+            api_token: flags.api_token.or(file.api_token).filter(|t| !t.is_empty()),
+            peer_advertise: match flags.peer_advertise.or(file.peer_advertise) {
+                Some(a) => a,
+                None => default_advertise(peer_listen),
+            },
+            peer_listen,
+            p2p_listen: flags
+                .p2p_listen
+                .or(file.p2p_listen)
+                .unwrap_or_else(|| "/ip4/0.0.0.0/tcp/7072".into()),
+            bootstrap: if flags.bootstrap.is_empty() {
+                file.bootstrap.unwrap_or_default()
+            } else {
+                flags.bootstrap
+            },
+            mdns: flags.mdns.or(file.mdns).unwrap_or(true),
+            slots: flags.slots.or(file.slots).unwrap_or(2),
+            lease_seconds: flags.lease_seconds.or(file.lease_seconds).unwrap_or(30),
+            log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if !self.api_listen.ip().is_loopback() && self.api_token.is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "--api-listen {} is not a loopback address; exposing the client API needs a token: set --api-token or CARONI_API_TOKEN",
+                self.api_listen
+            )));
+        }
+        if self.slots == 0 {
+            return Err(ConfigError::Invalid("--slots must be at least 1".into()));
+        }
+        if self.lease_seconds == 0 {
+            return Err(ConfigError::Invalid(
+                "--lease-seconds must be at least 1".into(),
+            ));
+        }
+        if !(self.peer_advertise.starts_with("http://")
+            || self.peer_advertise.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "--peer-advertise `{}` must be a URL such as http://10.0.0.5:7071",
+                self.peer_advertise
+            )));
+        }
+        if advertise_is_wildcard(&self.peer_advertise) {
+            return Err(ConfigError::Invalid(format!(
+                "--peer-advertise `{}` is a wildcard address other nodes cannot dial; give this node's reachable address",
+                self.peer_advertise
+            )));
+        }
+        Ok(())
+    }
+
+    /// The configuration as one line of JSON, without secrets.
+    pub fn summary(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e.to_string()))
+}
+
+fn advertise_is_wildcard(url: &str) -> bool {
+    let host = url
+        .split("://")
+        .nth(1)
+        .unwrap_or("")
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or("");
+    matches!(host, "0.0.0.0" | "[::]" | "::")
+}
+
+/// The endpoint to advertise for a listen address: the address itself when
+/// it is specific, else this host's name resolved to an address (the
+/// container's address in Docker), else loopback.
+fn default_advertise(listen: SocketAddr) -> String {
+    let port = listen.port();
+    if !listen.ip().is_unspecified() {
+        return format!("http://{listen}");
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let resolved: Option<IpAddr> = (host.as_str(), port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.find(|a| a.is_ipv4() && !a.ip().is_loopback()))
+        .map(|a| a.ip());
+    match resolved {
+        Some(ip) => format!("http://{ip}:{port}"),
+        None => format!("http://127.0.0.1:{port}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn flags_beat_the_file_which_beats_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "role = \"agent\"\nslots = 7\napi_listen = \"127.0.0.1:9000\"\n",
+        )
+        .expect("write");
+        let flags = Flags::parse_from([
+            "caroni-node",
+            "--config",
+            file.to_str().expect("utf8"),
+            "--slots",
+            "3",
+        ]);
+        let c = Config::load(flags).expect("valid");
+        assert_eq!(c.role, Role::Agent); // from the file
+        assert_eq!(c.slots, 3); // flag beats file
+        assert_eq!(c.api_listen.port(), 9000); // file beats default
+        assert_eq!(c.lease_seconds, 30); // default
+    }
+
+    #[test]
+    fn exposed_api_without_token_is_refused() {
+        let flags = Flags::parse_from(["caroni-node", "--api-listen", "0.0.0.0:7070"]);
+        let e = Config::load(flags).expect_err("needs token");
+        assert!(e.to_string().contains("needs a token"), "{e}");
+        let flags = Flags::parse_from(["caroni-node", "--peer-advertise", "http://0.0.0.0:7071"]);
+        assert!(Config::load(flags)
+            .expect_err("wildcard")
+            .to_string()
+            .contains("wildcard"));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, "slot = 3\n").expect("write");
+        let flags = Flags::parse_from(["caroni-node", "--config", file.to_str().expect("utf8")]);
+        let e = Config::load(flags).expect_err("typo");
+        assert!(e.to_string().contains("unknown field `slot`"), "{e}");
+    }
+}

