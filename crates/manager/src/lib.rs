@@ -4,6 +4,8 @@
 //! This crate owns the manager's rules and its tables. It must not depend on
 //! libp2p or tonic: the node wires it to the network.
 
+pub mod machine;
+pub mod model;
 pub mod templates;
 
 /// Manager errors, phrased for the user.

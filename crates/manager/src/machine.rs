@@ -1,0 +1,747 @@
+//! The manager's rules as a pure state machine: events in, effects out,
+//! time and fresh ids passed in. No I/O, no clock, no network: every rule
+//! of the protocol is unit-testable here.
+
+use std::collections::BTreeMap;
+
+use caroni_cwl::Source;
+use caroni_types::msg::{JobRequest, JobState, Msg, Outbound, StatusUpdate};
+use uuid::Uuid;
+
+use crate::model::{
+    Attempt, Request, RequestState, Step, StepInput, StepState, Workflow, WorkflowState,
+};
+
+/// Default attempts per step.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+/// First re-publication delay of an unanswered request; doubles up to
+/// [`REPUBLISH_MAX_MS`].
+pub const REPUBLISH_MIN_MS: u64 = 250;
+/// Longest re-publication delay.
+pub const REPUBLISH_MAX_MS: u64 = 4_000;
+
+/// What the machine needs from the outside world.
+pub struct Ctx<'a> {
+    /// Now, in ms since the epoch.
+    pub now_ms: u64,
+    /// Silence after which a live job counts as lost.
+    pub lease_ms: u64,
+    /// Lifetime of a request.
+    pub request_ttl_ms: u64,
+    /// This manager's peer endpoint (put in requests).
+    pub endpoint: &'a str,
+    /// Fresh ids.
+    pub new_id: &'a mut dyn FnMut() -> Uuid,
+}
+
+/// An effect for the service to perform after persisting the workflow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Send directly (through the outbox, in the same batch).
+    Send(Outbound),
+    /// Publish a request on gossip.
+    Publish(JobRequest),
+}
+
+/// Why a message was refused: the sender has no right to say it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+/// Why a workflow cannot be created.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CreateError {
+    /// A required input is missing.
+    #[error("missing workflow input `{0}`; give it as {0}=VALUE")]
+    MissingInput(String),
+    /// An input the template does not declare.
+    #[error("unknown workflow input `{0}`; the template's inputs are: {1}")]
+    UnknownInput(String, String),
+}
+
+impl Workflow {
+    /// A new workflow from a validated template.
+    pub fn create(
+        id: Uuid,
+        template: &str,
+        wf: &caroni_cwl::Workflow,
+        given: BTreeMap<String, String>,
+        now_ms: u64,
+    ) -> Result<Self, CreateError> {
+        let declared: Vec<&str> = wf.inputs.iter().map(|i| i.id.as_str()).collect();
+        for k in given.keys() {
+            if !declared.contains(&k.as_str()) {
+                return Err(CreateError::UnknownInput(k.clone(), declared.join(", ")));
+            }
+        }
+        let mut inputs = BTreeMap::new();
+        for i in &wf.inputs {
+            match given.get(&i.id).or(i.default.as_ref()) {
+                Some(v) => {
+                    inputs.insert(i.id.clone(), v.clone());
+                }
+                None => return Err(CreateError::MissingInput(i.id.clone())),
+            }
+        }
+        let steps = wf
+            .steps
+            .iter()
+            .map(|s| {
+                let mut values = BTreeMap::new();
+                for i in &s.inputs {
+                    let v = match &i.source {
+                        Some(Source::Input(name)) => inputs.get(name).cloned(),
+                        Some(Source::StepOutput { .. }) => None,
+                        None => None,
+                    };
+                    if let Some(v) = v.or_else(|| match &i.source {
+                        Some(Source::StepOutput { .. }) => None,
+                        _ => i.default.clone(),
+                    }) {
+                        values.insert(i.name.clone(), v);
+                    }
+                }
+                Step {
+                    id: s.id.clone(),
+                    job_type: s.job_type.clone(),
+                    job_kvs: s.job_kvs.clone(),
+                    inputs: s
+                        .inputs
+                        .iter()
+                        .map(|i| StepInput {
+                            name: i.name.clone(),
+                            source: i.source.clone(),
+                            default: i.default.clone(),
+                        })
+                        .collect(),
+                    outputs: s.outputs.clone(),
+                    state: StepState::Created,
+                    values,
+                    results: BTreeMap::new(),
+                    request: None,
+                    attempts: Vec::new(),
+                }
+            })
+            .collect();
+        Ok(Workflow {
+            id,
+            template: template.to_string(),
+            state: WorkflowState::Created,
+            message: String::new(),
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            finished_at_ms: None,
+            max_attempts: wf.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+            inputs,
+            output_sources: wf
+                .outputs
+                .iter()
+                .map(|o| (o.id.clone(), o.source.clone()))
+                .collect(),
+            outputs: BTreeMap::new(),
+            steps,
+            started: false,
+        })
+    }
+
+    /// Creates a request for every step and publishes them.
+    pub fn start(&mut self, ctx: &mut Ctx<'_>) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        if self.state != WorkflowState::Created {
+            return fx;
+        }
+        self.state = WorkflowState::Initializing;
+        for n in 0..self.steps.len() {
+            self.new_request(n, ctx, &mut fx);
+        }
+        self.touch(ctx);
+        fx
+    }
+
+    fn touch(&mut self, ctx: &Ctx<'_>) {
+        self.updated_at_ms = ctx.now_ms;
+    }
+
+    fn new_request(&mut self, n: usize, ctx: &mut Ctx<'_>, fx: &mut Vec<Effect>) {
+        let id = (ctx.new_id)();
+        let step = &mut self.steps[n];
+        step.state = StepState::Fulfilling;
+        step.results.clear();
+        step.request = Some(Request {
+            id,
+            state: RequestState::Fulfilling,
+            created_at_ms: ctx.now_ms,
+            expires_at_ms: ctx.now_ms + ctx.request_ttl_ms,
+            publish_count: 0,
+            next_publish_at_ms: ctx.now_ms,
+            declines: Vec::new(),
+        });
+        self.publish_due(n, ctx, fx);
+    }
+
+    /// Publishes the step's request if it is due, and schedules the next
+    /// publication with exponential backoff.
+    fn publish_due(&mut self, n: usize, ctx: &Ctx<'_>, fx: &mut Vec<Effect>) {
+        let step = &mut self.steps[n];
+        let Some(req) = step.request.as_mut() else {
+            return;
+        };
+        if req.state != RequestState::Fulfilling || req.next_publish_at_ms > ctx.now_ms {
+            return;
+        }
+        req.publish_count += 1;
+        let delay = (REPUBLISH_MIN_MS << (req.publish_count - 1).min(10)).min(REPUBLISH_MAX_MS);
+        req.next_publish_at_ms = ctx.now_ms + delay;
+        fx.push(Effect::Publish(JobRequest {
+            request_id: req.id,
+            job_type: step.job_type.clone(),
+            parameter_keys: step.inputs.iter().map(|i| i.name.clone()).collect(),
+            output_keys: step.outputs.clone(),
+            job_kvs: step.job_kvs.clone(),
+            expires_at_ms: req.expires_at_ms,
+            manager_endpoint: ctx.endpoint.to_string(),
+            publish_count: req.publish_count,
+        }));
+    }
+
+    fn find_request(&self, request_id: Uuid) -> Option<usize> {
+        self.steps
+            .iter()
+            .position(|s| s.request.as_ref().is_some_and(|r| r.id == request_id))
+    }
+
+    /// (step index, attempt index) of a job.
+    pub fn find_job(&self, job_id: Uuid) -> Option<(usize, usize)> {
+        self.steps.iter().enumerate().find_map(|(n, s)| {
+            s.attempts
+                .iter()
+                .position(|a| a.job_id == Some(job_id))
+                .map(|k| (n, k))
+        })
+    }
+
+    /// An agent offers to serve a request.
+    pub fn on_offer(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        agent: &str,
+        endpoint: &str,
+        request_id: Uuid,
+        offer_id: Uuid,
+        expires_at_ms: u64,
+    ) -> Vec<Effect> {
+        let reject = || {
+            vec![Effect::Send(Outbound {
+                to: agent.to_string(),
+                endpoint: endpoint.to_string(),
+                msg: Msg::Reject {
+                    offer_id,
+                    request_id,
+                },
+            })]
+        };
+        // A re-sent offer we already accepted: the accept is on its way.
+        if self
+            .steps
+            .iter()
+            .any(|s| s.attempts.iter().any(|a| a.offer_id == Some(offer_id)))
+        {
+            return Vec::new();
+        }
+        let Some(n) = self.find_request(request_id) else {
+            return reject();
+        };
+        let open = !self.state.is_final()
+            && self.steps[n].state == StepState::Fulfilling
+            && self.steps[n].request.as_ref().is_some_and(|r| {
+                r.state == RequestState::Fulfilling && r.expires_at_ms > ctx.now_ms
+            });
+        if !open || expires_at_ms <= ctx.now_ms {
+            return reject();
+        }
+        let job_id = (ctx.new_id)();
+        let step = &mut self.steps[n];
+        if let Some(r) = step.request.as_mut() {
+            r.state = RequestState::Fulfilled;
+        }
+        step.attempts.push(Attempt {
+            job_id: Some(job_id),
+            request_id,
+            offer_id: Some(offer_id),
+            agent: agent.to_string(),
+            endpoint: endpoint.to_string(),
+            state: JobState::Pending,
+            accepted: false,
+            superseded: false,
+            started_at_ms: ctx.now_ms,
+            ended_at_ms: None,
+            last_heard_ms: ctx.now_ms,
+            last_probe_ms: ctx.now_ms,
+            status_seq: 0,
+            exit_status: None,
+            message: String::new(),
+            stderr_tail: String::new(),
+        });
+        self.touch(ctx);
+        vec![Effect::Send(Outbound {
+            to: agent.to_string(),
+            endpoint: endpoint.to_string(),
+            msg: Msg::Accept {
+                offer_id,
+                request_id,
+                job_id,
+            },
+        })]
+    }
+
+    /// An agent declines a request. Declines never end a request.
+    pub fn on_decline(&mut self, agent: &str, request_id: Uuid, reason: &str) {
+        if let Some(n) = self.find_request(request_id) {
+            if let Some(r) = self.steps[n].request.as_mut() {
+                r.declines.push((agent.to_string(), reason.to_string()));
+                if r.declines.len() > 8 {
+                    r.declines.remove(0);
+                }
+            }
+        }
+    }
+
+    /// Checks that `agent` holds the job; returns its place.
+    fn holder(&self, agent: &str, job_id: Uuid) -> Result<(usize, usize), Refusal> {
+        let (n, k) = self
+            .find_job(job_id)
+            .ok_or_else(|| Refusal(format!("job {job_id} is not part of workflow {}", self.id)))?;
+        if self.steps[n].attempts[k].agent != agent {
+            return Err(Refusal(format!(
+                "node {agent} does not hold job {job_id}; only the agent that holds a job may report on it"
+            )));
+        }
+        Ok((n, k))
+    }
+
+    /// Tells an agent to drop a job the workflow no longer needs.
+    fn kill(a: &Attempt, reason: &str) -> Option<Effect> {
+        a.job_id.map(|job_id| {
+            Effect::Send(Outbound {
+                to: a.agent.clone(),
+                endpoint: a.endpoint.clone(),
+                msg: Msg::Kill {
+                    job_id,
+                    reason: reason.to_string(),
+                },
+            })
+        })
+    }
+
+    /// The agent created the job.
+    pub fn on_accepted(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        agent: &str,
+        job_id: Uuid,
+    ) -> Result<Vec<Effect>, Refusal> {
+        let (n, k) = self.holder(agent, job_id)?;
+        let mut fx = Vec::new();
+        let a = &mut self.steps[n].attempts[k];
+        a.last_heard_ms = ctx.now_ms;
+        if a.superseded || self.state.is_final() {
+            fx.extend(Self::kill(a, "superseded"));
+            return Ok(fx);
+        }
+        if a.accepted {
+            return Ok(fx);
+        }
+        a.accepted = true;
+        a.last_probe_ms = ctx.now_ms;
+        fx.push(Effect::Send(Outbound {
+            to: a.agent.clone(),
+            endpoint: a.endpoint.clone(),
+            msg: Msg::StatusRequest { job_id },
+        }));
+        if self.steps[n].state == StepState::Fulfilling {
+            self.steps[n].state = StepState::Fulfilled;
+        }
+        if self.started {
+            // A re-fulfilled step: send again what it already had.
+            self.send_values(n, &mut fx);
+        }
+        self.maybe_run(&mut fx);
+        self.touch(ctx);
+        Ok(fx)
+    }
+
+    /// True when no step waits for a job.
+    fn all_fulfilled(&self) -> bool {
+        self.steps.iter().all(|s| {
+            matches!(
+                s.state,
+                StepState::Fulfilled | StepState::Running | StepState::Completed
+            )
+        })
+    }
+
+    /// Starts data flowing once every step is fulfilled; leaves `stalled`
+    /// when every step is fulfilled again.
+    fn maybe_run(&mut self, fx: &mut Vec<Effect>) {
+        if !self.all_fulfilled() {
+            return;
+        }
+        if !self.started {
+            self.started = true;
+            for n in 0..self.steps.len() {
+                self.send_values(n, fx);
+            }
+        }
+        if matches!(
+            self.state,
+            WorkflowState::Initializing | WorkflowState::Stalled
+        ) {
+            self.state = WorkflowState::Running;
+        }
+    }
+
+    /// Sends every known input value of step `n` to its accepted job.
+    fn send_values(&self, n: usize, fx: &mut Vec<Effect>) {
+        let step = &self.steps[n];
+        if step.values.is_empty() || step.state == StepState::Completed {
+            return;
+        }
+        if let Some(a) = step.current().filter(|a| a.accepted) {
+            if let Some(job_id) = a.job_id {
+                fx.push(Effect::Send(Outbound {
+                    to: a.agent.clone(),
+                    endpoint: a.endpoint.clone(),
+                    msg: Msg::Data {
+                        job_id,
+                        items: step.values.clone(),
+                    },
+                }));
+            }
+        }
+    }
+
+    /// Outputs of a job.
+    pub fn on_data(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        agent: &str,
+        job_id: Uuid,
+        items: &BTreeMap<String, String>,
+    ) -> Result<Vec<Effect>, Refusal> {
+        let (n, k) = self.holder(agent, job_id)?;
+        let step = &mut self.steps[n];
+        let a = &mut step.attempts[k];
+        a.last_heard_ms = ctx.now_ms;
+        if a.superseded || self.state.is_final() || !a.is_live() {
+            return Ok(Vec::new());
+        }
+        for (name, value) in items {
+            if step.outputs.contains(name) {
+                step.results.insert(name.clone(), value.clone());
+            }
+        }
+        self.touch(ctx);
+        Ok(Vec::new())
+    }
+
+    /// A status report from the agent holding a job.
+    pub fn on_status(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        agent: &str,
+        update: &StatusUpdate,
+    ) -> Result<Vec<Effect>, Refusal> {
+        let (n, k) = self.holder(agent, update.job_id)?;
+        let mut fx = Vec::new();
+        {
+            let a = &mut self.steps[n].attempts[k];
+            a.last_heard_ms = ctx.now_ms;
+            if a.superseded || self.state.is_final() || a.state.is_final() {
+                // Late news of a job nobody needs any more: drop it.
+                if !update.state.is_final() {
+                    fx.extend(Self::kill(
+                        a,
+                        "superseded: the manager no longer needs this job",
+                    ));
+                }
+                return Ok(fx);
+            }
+            if update.sequence <= a.status_seq {
+                return Ok(fx);
+            }
+            a.status_seq = update.sequence;
+            a.state = update.state;
+            a.exit_status = update.exit_status;
+            a.message = update.message.clone();
+            a.stderr_tail = update.stderr_tail.clone();
+            if update.state.is_final() {
+                a.ended_at_ms = Some(ctx.now_ms);
+            }
+        }
+        match update.state {
+            JobState::Pending | JobState::Queued => {}
+            JobState::Running => {
+                if self.steps[n].state == StepState::Fulfilled {
+                    self.steps[n].state = StepState::Running;
+                }
+            }
+            JobState::Completed => {
+                let step = &self.steps[n];
+                let missing: Vec<&str> = step
+                    .outputs
+                    .iter()
+                    .filter(|o| !step.results.contains_key(*o))
+                    .map(String::as_str)
+                    .collect();
+                if missing.is_empty() {
+                    self.complete_step(n, ctx, &mut fx);
+                } else {
+                    let msg = format!("completed without output(s) {}", missing.join(", "));
+                    self.steps[n].attempts[k].state = JobState::Failed;
+                    self.steps[n].attempts[k].message = msg.clone();
+                    self.fail_attempt(n, ctx, &msg, &mut fx);
+                }
+            }
+            JobState::Failed => {
+                let msg = update.message.clone();
+                self.fail_attempt(n, ctx, &msg, &mut fx);
+            }
+        }
+        self.touch(ctx);
+        Ok(fx)
+    }
+
+    fn complete_step(&mut self, n: usize, ctx: &Ctx<'_>, fx: &mut Vec<Effect>) {
+        self.steps[n].state = StepState::Completed;
+        let id = self.steps[n].id.clone();
+        let results = self.steps[n].results.clone();
+        for (output, value) in &results {
+            let from = Source::StepOutput {
+                step: id.clone(),
+                output: output.clone(),
+            };
+            for m in 0..self.steps.len() {
+                let mut changed = false;
+                let names: Vec<String> = self.steps[m]
+                    .inputs
+                    .iter()
+                    .filter(|i| i.source.as_ref() == Some(&from))
+                    .map(|i| i.name.clone())
+                    .collect();
+                for name in names {
+                    self.steps[m].values.insert(name, value.clone());
+                    changed = true;
+                }
+                if changed && self.started {
+                    self.send_values(m, fx);
+                }
+            }
+            for (wid, src) in &self.output_sources {
+                if *src == from {
+                    self.outputs.insert(wid.clone(), value.clone());
+                }
+            }
+        }
+        if self.steps.iter().all(|s| s.state == StepState::Completed) {
+            self.state = WorkflowState::Completed;
+            self.finished_at_ms = Some(ctx.now_ms);
+        }
+    }
+
+    /// The current attempt of step `n` failed: retry or give up.
+    fn fail_attempt(&mut self, n: usize, ctx: &mut Ctx<'_>, why: &str, fx: &mut Vec<Effect>) {
+        if let Some(a) = self.steps[n].attempts.last_mut() {
+            a.superseded = true;
+            if a.state != JobState::Failed {
+                // Lost or timed out on our side: tell the agent to drop it.
+                a.state = JobState::Failed;
+                a.ended_at_ms = Some(ctx.now_ms);
+                if a.message.is_empty() {
+                    a.message = why.to_string();
+                }
+                fx.extend(Self::kill(a, why));
+            }
+        }
+        let failures = self.steps[n].failures() as u32;
+        if failures >= self.max_attempts {
+            self.steps[n].state = StepState::Failed;
+            self.finish(
+                WorkflowState::Failed,
+                format!(
+                    "step {} failed {failures} time(s), the limit; last error: {why}",
+                    self.steps[n].id
+                ),
+                ctx,
+                fx,
+            );
+            return;
+        }
+        if self.state == WorkflowState::Running {
+            self.state = WorkflowState::Stalled;
+        }
+        self.new_request(n, ctx, fx);
+    }
+
+    /// Ends the workflow, killing every live job and withdrawing requests.
+    fn finish(
+        &mut self,
+        state: WorkflowState,
+        message: String,
+        ctx: &Ctx<'_>,
+        fx: &mut Vec<Effect>,
+    ) {
+        self.state = state;
+        self.message = message;
+        self.finished_at_ms = Some(ctx.now_ms);
+        for step in &mut self.steps {
+            if let Some(r) = step.request.as_mut() {
+                if r.state == RequestState::Fulfilling {
+                    r.state = RequestState::Unanswered;
+                }
+            }
+            for a in &mut step.attempts {
+                if a.is_live() {
+                    a.superseded = true;
+                    fx.extend(Self::kill(a, state.as_str()));
+                }
+            }
+        }
+    }
+
+    /// A user cancels the workflow.
+    pub fn cancel(&mut self, ctx: &mut Ctx<'_>, reason: &str) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        if !self.state.is_final() {
+            self.finish(WorkflowState::Cancelled, reason.to_string(), ctx, &mut fx);
+            self.touch(ctx);
+        }
+        fx
+    }
+
+    /// Timers: re-publication, request expiry, lease probes and lost jobs.
+    pub fn tick(&mut self, ctx: &mut Ctx<'_>) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        if self.state.is_final() {
+            return fx;
+        }
+        let probe_every = (ctx.lease_ms / 3).max(1);
+        for n in 0..self.steps.len() {
+            if self.state.is_final() {
+                break;
+            }
+            let expired = self.steps[n].request.as_ref().is_some_and(|r| {
+                r.state == RequestState::Fulfilling && r.expires_at_ms <= ctx.now_ms
+            });
+            if expired {
+                let req_id = self.steps[n]
+                    .request
+                    .as_ref()
+                    .map(|r| r.id)
+                    .unwrap_or_default();
+                if let Some(r) = self.steps[n].request.as_mut() {
+                    r.state = RequestState::Expired;
+                }
+                let msg = format!(
+                    "no agent offered to run job type {} before the request expired",
+                    self.steps[n].job_type
+                );
+                self.steps[n].attempts.push(Attempt {
+                    job_id: None,
+                    request_id: req_id,
+                    offer_id: None,
+                    agent: String::new(),
+                    endpoint: String::new(),
+                    state: JobState::Failed,
+                    accepted: false,
+                    superseded: true,
+                    started_at_ms: ctx.now_ms,
+                    ended_at_ms: Some(ctx.now_ms),
+                    last_heard_ms: ctx.now_ms,
+                    last_probe_ms: ctx.now_ms,
+                    status_seq: 0,
+                    exit_status: None,
+                    message: msg.clone(),
+                    stderr_tail: String::new(),
+                });
+                self.fail_attempt(n, ctx, &msg, &mut fx);
+                continue;
+            }
+            self.publish_due(n, ctx, &mut fx);
+            let Some(a) = self.steps[n].current().cloned() else {
+                continue;
+            };
+            let silent = ctx.now_ms.saturating_sub(a.last_heard_ms);
+            if silent >= ctx.lease_ms {
+                let msg = format!(
+                    "agent {} was silent for {} s (lease {} s); counted as lost",
+                    a.agent,
+                    silent / 1000,
+                    ctx.lease_ms / 1000
+                );
+                self.fail_attempt(n, ctx, &msg, &mut fx);
+            } else if silent >= probe_every
+                && ctx.now_ms.saturating_sub(a.last_probe_ms) >= probe_every
+            {
+                if let (Some(job_id), Some(cur)) = (a.job_id, self.steps[n].attempts.last_mut()) {
+                    cur.last_probe_ms = ctx.now_ms;
+                    fx.push(Effect::Send(Outbound {
+                        to: a.agent.clone(),
+                        endpoint: a.endpoint.clone(),
+                        msg: Msg::StatusRequest { job_id },
+                    }));
+                }
+            }
+        }
+        if !fx.is_empty() {
+            self.touch(ctx);
+        }
+        fx
+    }
+
+    /// When [`Workflow::tick`] next has something to do.
+    pub fn next_deadline(&self, lease_ms: u64) -> Option<u64> {
+        if self.state.is_final() {
+            return None;
+        }
+        let probe_every = (lease_ms / 3).max(1);
+        self.steps
+            .iter()
+            .filter_map(|s| {
+                let req = s
+                    .request
+                    .as_ref()
+                    .filter(|r| r.state == RequestState::Fulfilling)
+                    .map(|r| r.next_publish_at_ms.min(r.expires_at_ms));
+                let lease = s.current().map(|a| {
+                    (a.last_heard_ms + lease_ms)
+                        .min((a.last_heard_ms.max(a.last_probe_ms)) + probe_every)
+                });
+                match (req, lease) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            })
+            .min()
+    }
+
+    /// Every job that may still run somewhere, with its agent.
+    pub fn live_jobs(&self) -> impl Iterator<Item = (Uuid, &Attempt)> {
+        self.steps
+            .iter()
+            .flat_map(|s| s.attempts.iter())
+            .filter(|a| a.is_live())
+            .filter_map(|a| a.job_id.map(|j| (j, a)))
+    }
+
+    /// Every request id still open.
+    pub fn open_requests(&self) -> impl Iterator<Item = Uuid> + '_ {
+        self.steps
+            .iter()
+            .filter_map(|s| s.request.as_ref())
+            .filter(|r| r.state == RequestState::Fulfilling)
+            .map(|r| r.id)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,412 @@
+use super::*;
+use std::collections::BTreeMap;
+
+const SIMPLE: &str = include_str!("../../../../examples/templates/test_simple.cwl");
+const AGENT: &str = "agentA";
+const AGENT_B: &str = "agentB";
+
+/// Drives one workflow with a fake clock and sequential ids.
+struct H {
+    wf: Workflow,
+    now: u64,
+    next: u128,
+    lease: u64,
+}
+
+impl H {
+    fn new(doc: &str) -> Self {
+        let parsed = caroni_cwl::parse(doc).expect("template");
+        let inputs = BTreeMap::from([("start_message".to_string(), "caronirocks".to_string())]);
+        let wf = Workflow::create(Uuid::from_u128(1), "t", &parsed, inputs, 1_000).expect("create");
+        Self {
+            wf,
+            now: 1_000,
+            next: 100,
+            lease: 30_000,
+        }
+    }
+
+    fn with<R>(&mut self, f: impl FnOnce(&mut Workflow, &mut Ctx<'_>) -> R) -> R {
+        let mut next = self.next;
+        let mut gen = || {
+            next += 1;
+            Uuid::from_u128(next)
+        };
+        let mut ctx = Ctx {
+            now_ms: self.now,
+            lease_ms: self.lease,
+            request_ttl_ms: 600_000,
+            endpoint: "http://manager:1",
+            new_id: &mut gen,
+        };
+        let r = f(&mut self.wf, &mut ctx);
+        self.next = next;
+        r
+    }
+
+    fn request(&self, step: usize) -> Uuid {
+        self.wf.steps[step].request.as_ref().expect("request").id
+    }
+
+    /// Offer from `agent` for step `n`; returns the job id accepted.
+    fn offer(&mut self, n: usize, agent: &str) -> Option<Uuid> {
+        let req = self.request(n);
+        let offer = Uuid::new_v4();
+        let now = self.now;
+        let fx = self
+            .with(|wf, ctx| wf.on_offer(ctx, agent, "http://agent:1", req, offer, now + 60_000));
+        fx.iter().find_map(|e| match e {
+            Effect::Send(Outbound {
+                msg: Msg::Accept { job_id, .. },
+                ..
+            }) => Some(*job_id),
+            _ => None,
+        })
+    }
+
+    fn fulfil(&mut self, n: usize, agent: &str) -> (Uuid, Vec<Effect>) {
+        let job = self.offer(n, agent).expect("accepted");
+        let fx = self
+            .with(|wf, ctx| wf.on_accepted(ctx, agent, job))
+            .expect("accepted");
+        (job, fx)
+    }
+
+    fn status(
+        &mut self,
+        agent: &str,
+        job: Uuid,
+        state: JobState,
+        seq: u64,
+    ) -> Result<Vec<Effect>, Refusal> {
+        let up = StatusUpdate {
+            job_id: job,
+            state,
+            message: if state == JobState::Failed {
+                "exit status 1".into()
+            } else {
+                String::new()
+            },
+            exit_status: None,
+            stderr_tail: String::new(),
+            sequence: seq,
+        };
+        self.with(|wf, ctx| wf.on_status(ctx, agent, &up))
+    }
+
+    fn complete(&mut self, agent: &str, job: Uuid, output: &str, value: &str) -> Vec<Effect> {
+        let items = BTreeMap::from([(output.to_string(), value.to_string())]);
+        self.with(|wf, ctx| wf.on_data(ctx, agent, job, &items))
+            .expect("data");
+        self.status(agent, job, JobState::Completed, 10)
+            .expect("status")
+    }
+}
+
+fn data_to(fx: &[Effect], job: Uuid) -> Option<BTreeMap<String, String>> {
+    fx.iter().find_map(|e| match e {
+        Effect::Send(Outbound {
+            msg: Msg::Data { job_id, items },
+            ..
+        }) if *job_id == job => Some(items.clone()),
+        _ => None,
+    })
+}
+
+fn kills(fx: &[Effect]) -> Vec<Uuid> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Send(Outbound {
+                msg: Msg::Kill { job_id, .. },
+                ..
+            }) => Some(*job_id),
+            _ => None,
+        })
+        .collect()
+}
+
+fn publishes(fx: &[Effect]) -> usize {
+    fx.iter()
+        .filter(|e| matches!(e, Effect::Publish(_)))
+        .count()
+}
+
+#[test]
+fn start_publishes_a_request_per_step() {
+    let mut h = H::new(SIMPLE);
+    assert_eq!(h.wf.state, WorkflowState::Created);
+    let fx = h.with(|wf, ctx| wf.start(ctx));
+    assert_eq!(publishes(&fx), 3);
+    assert_eq!(h.wf.state, WorkflowState::Initializing);
+    assert!(h.wf.steps.iter().all(|s| s.state == StepState::Fulfilling));
+    let Effect::Publish(r) = &fx[0] else {
+        panic!("publish")
+    };
+    assert_eq!(r.job_type, "foojob0");
+    assert_eq!(r.parameter_keys, ["message"]);
+    assert_eq!(r.manager_endpoint, "http://manager:1");
+}
+
+#[test]
+fn first_offer_wins_later_offers_are_rejected_declines_do_not_end() {
+    let mut h = H::new(SIMPLE);
+    h.with(|wf, ctx| wf.start(ctx));
+    let req = h.request(0);
+    h.wf.on_decline(AGENT_B, req, "no job type foojob0");
+    assert_eq!(
+        h.wf.steps[0].request.as_ref().map(|r| r.state),
+        Some(RequestState::Fulfilling)
+    );
+    assert!(h.offer(0, AGENT).is_some());
+    assert_eq!(
+        h.wf.steps[0].request.as_ref().map(|r| r.state),
+        Some(RequestState::Fulfilled)
+    );
+    let offer = Uuid::new_v4();
+    let now = h.now;
+    let fx = h.with(|wf, ctx| wf.on_offer(ctx, AGENT_B, "http://b:1", req, offer, now + 60_000));
+    assert!(matches!(
+        &fx[..],
+        [Effect::Send(Outbound {
+            msg: Msg::Reject { .. },
+            ..
+        })]
+    ));
+}
+
+#[test]
+fn an_expired_offer_is_rejected() {
+    let mut h = H::new(SIMPLE);
+    h.with(|wf, ctx| wf.start(ctx));
+    let req = h.request(0);
+    let now = h.now;
+    let fx = h.with(|wf, ctx| wf.on_offer(ctx, AGENT, "http://a:1", req, Uuid::new_v4(), now - 1));
+    assert!(matches!(
+        &fx[..],
+        [Effect::Send(Outbound {
+            msg: Msg::Reject { .. },
+            ..
+        })]
+    ));
+    assert_eq!(h.wf.steps[0].state, StepState::Fulfilling);
+}
+
+#[test]
+fn data_flows_only_once_every_step_is_fulfilled_then_completes() {
+    let mut h = H::new(SIMPLE);
+    h.with(|wf, ctx| wf.start(ctx));
+    let (j0, fx) = h.fulfil(0, AGENT);
+    assert!(
+        data_to(&fx, j0).is_none(),
+        "no data before every step is fulfilled"
+    );
+    assert_eq!(h.wf.state, WorkflowState::Initializing);
+    let (j1, _) = h.fulfil(1, AGENT_B);
+    let (j2, fx) = h.fulfil(2, AGENT);
+    assert_eq!(h.wf.state, WorkflowState::Running);
+    assert_eq!(
+        data_to(&fx, j0)
+            .and_then(|d| d.get("message").cloned())
+            .as_deref(),
+        Some("caronirocks")
+    );
+
+    h.status(AGENT, j0, JobState::Running, 1).expect("running");
+    assert_eq!(h.wf.steps[0].state, StepState::Running);
+    let fx = h.complete(AGENT, j0, "jobout", "CARONIROCKS");
+    assert_eq!(h.wf.steps[0].state, StepState::Completed);
+    assert_eq!(
+        data_to(&fx, j1)
+            .and_then(|d| d.get("text").cloned())
+            .as_deref(),
+        Some("CARONIROCKS")
+    );
+    let fx = h.complete(AGENT_B, j1, "outSB", "prependCARONIROCKS");
+    assert!(data_to(&fx, j2).is_some());
+    h.complete(AGENT, j2, "out", "prependCARONIROCKS append");
+    assert_eq!(h.wf.state, WorkflowState::Completed);
+    assert_eq!(
+        h.wf.outputs.get("result").map(String::as_str),
+        Some("prependCARONIROCKS append")
+    );
+    assert!(h.wf.dataflows().iter().all(|d| d.value.is_some()));
+}
+
+#[test]
+fn only_the_holder_may_report() {
+    let mut h = H::new(SIMPLE);
+    h.with(|wf, ctx| wf.start(ctx));
+    let (j0, _) = h.fulfil(0, AGENT);
+    let e = h
+        .status(AGENT_B, j0, JobState::Completed, 1)
+        .expect_err("impostor");
+    assert!(e.0.contains("does not hold"), "{e}");
+    let e = h
+        .with(|wf, ctx| wf.on_accepted(ctx, AGENT_B, j0))
+        .expect_err("impostor");
+    assert!(e.0.contains("only the agent that holds a job"));
+}
+
+#[test]
+fn a_failure_stalls_refulfils_and_resends_inputs() {
+    let mut h = H::new(SIMPLE);
+    h.with(|wf, ctx| wf.start(ctx));
+    let (j0, _) = h.fulfil(0, AGENT);
+    h.fulfil(1, AGENT);
+    h.fulfil(2, AGENT);
+    let old_req = h.request(0);
+    let fx = h.status(AGENT, j0, JobState::Failed, 1).expect("failed");
+    assert_eq!(h.wf.state, WorkflowState::Stalled);
+    assert_eq!(h.wf.steps[0].state, StepState::Fulfilling);
+    assert_ne!(h.request(0), old_req, "a new request");
+    assert_eq!(publishes(&fx), 1);
+    let (j0b, fx) = h.fulfil(0, AGENT_B);
+    assert_eq!(h.wf.state, WorkflowState::Running);
+    assert_eq!(
+        data_to(&fx, j0b)
+            .and_then(|d| d.get("message").cloned())
+            .as_deref(),
+        Some("caronirocks")
+    );
+    // The superseded job's late result is ignored and it is told to stop.
+    let fx = h.status(AGENT, j0, JobState::Running, 2).expect("late");
+    assert_eq!(kills(&fx), [j0]);
+    assert_eq!(h.wf.steps[0].attempts.len(), 2);
+}
+
+#[test]
+fn max_attempts_fail_the_workflow_and_kill_live_jobs() {
+    let mut h = H::new(SIMPLE);
+    h.with(|wf, ctx| wf.start(ctx));
+    let (_, _) = h.fulfil(1, AGENT_B);
+    let mut last = Vec::new();
+    for _ in 0..DEFAULT_MAX_ATTEMPTS {
+        let (j, _) = h.fulfil(0, AGENT);
+        last = h.status(AGENT, j, JobState::Failed, 1).expect("failed");
+    }
+    assert_eq!(h.wf.state, WorkflowState::Failed);
+    assert_eq!(h.wf.steps[0].state, StepState::Failed);
+    assert!(
+        h.wf.message.contains("step step1 failed 5 time(s)"),
+        "{}",
+        h.wf.message
+    );
+    let step1_job = h.wf.steps[1].attempts[0].job_id.expect("job");
+    assert_eq!(kills(&last), [step1_job]);
+    assert_eq!(h.wf.live_jobs().count(), 0);
+}
+
+#[test]
+fn completed_without_outputs_is_a_failed_attempt() {
+    let mut h = H::new(SIMPLE);
+    h.with(|wf, ctx| wf.start(ctx));
+    let (j0, _) = h.fulfil(0, AGENT);
+    h.status(AGENT, j0, JobState::Completed, 1).expect("status");
+    assert_eq!(h.wf.steps[0].state, StepState::Fulfilling);
+    assert!(h.wf.steps[0].attempts[0]
+        .message
+        .contains("without output(s) jobout"));
+}
+
+#[test]
+fn stale_status_sequences_are_ignored() {
+    let mut h = H::new(SIMPLE);
+    h.with(|wf, ctx| wf.start(ctx));
+    let (j0, _) = h.fulfil(0, AGENT);
+    h.status(AGENT, j0, JobState::Running, 5).expect("running");
+    h.status(AGENT, j0, JobState::Queued, 4).expect("stale");
+    assert_eq!(h.wf.steps[0].attempts[0].state, JobState::Running);
+}
+
+#[test]
+fn requests_are_republished_with_backoff_until_answered() {
+    let mut h = H::new(SIMPLE);
+    h.with(|wf, ctx| wf.start(ctx));
+    let mut times = Vec::new();
+    for _ in 0..200 {
+        h.now += 50;
+        let fx = h.with(|wf, ctx| wf.tick(ctx));
+        if fx
+            .iter()
+            .any(|e| matches!(e, Effect::Publish(r) if r.job_type == "foojob0"))
+        {
+            times.push(h.now - 1_000);
+        }
+    }
+    assert!(times.len() >= 4, "{times:?}");
+    let gaps: Vec<u64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.windows(2).all(|g| g[1] >= g[0]),
+        "backoff grows: {gaps:?}"
+    );
+    assert!(gaps.iter().all(|g| *g <= REPUBLISH_MAX_MS + 50));
+    h.offer(0, AGENT);
+    h.now += 10_000;
+    let fx = h.with(|wf, ctx| wf.tick(ctx));
+    assert!(
+        !fx.iter()
+            .any(|e| matches!(e, Effect::Publish(r) if r.job_type == "foojob0")),
+        "answered requests stay quiet"
+    );
+}
+
+#[test]
+fn a_silent_agent_is_probed_then_counted_lost() {
+    let mut h = H::new(SIMPLE);
+    h.with(|wf, ctx| wf.start(ctx));
+    let (j0, _) = h.fulfil(0, AGENT);
+    h.now += h.lease / 3 + 1;
+    let fx = h.with(|wf, ctx| wf.tick(ctx));
+    assert!(fx.iter().any(|e| matches!(e, Effect::Send(Outbound { msg: Msg::StatusRequest { job_id }, .. }) if *job_id == j0)));
+    // An answer renews the lease.
+    h.status(AGENT, j0, JobState::Pending, 1).expect("status");
+    h.now += h.lease - 1;
+    h.with(|wf, ctx| wf.tick(ctx));
+    assert_eq!(h.wf.steps[0].attempts.len(), 1);
+    h.now += h.lease;
+    let fx = h.with(|wf, ctx| wf.tick(ctx));
+    assert_eq!(kills(&fx), [j0]);
+    assert_eq!(h.wf.steps[0].state, StepState::Fulfilling);
+    assert!(h.wf.steps[0].attempts[0].message.contains("silent"));
+}
+
+#[test]
+fn cancel_kills_live_jobs_and_ignores_later_news() {
+    let mut h = H::new(SIMPLE);
+    h.with(|wf, ctx| wf.start(ctx));
+    let (j0, _) = h.fulfil(0, AGENT);
+    let fx = h.with(|wf, ctx| wf.cancel(ctx, "cancelled by user"));
+    assert_eq!(kills(&fx), [j0]);
+    assert_eq!(h.wf.state, WorkflowState::Cancelled);
+    assert!(h.with(|wf, ctx| wf.tick(ctx)).is_empty());
+    assert_eq!(h.wf.next_deadline(h.lease), None);
+}
+
+#[test]
+fn a_resent_offer_is_not_accepted_twice() {
+    let mut h = H::new(SIMPLE);
+    h.with(|wf, ctx| wf.start(ctx));
+    let req = h.request(0);
+    let offer = Uuid::new_v4();
+    let now = h.now;
+    let fx1 = h.with(|wf, ctx| wf.on_offer(ctx, AGENT, "e", req, offer, now + 60_000));
+    let fx2 = h.with(|wf, ctx| wf.on_offer(ctx, AGENT, "e", req, offer, now + 60_000));
+    assert_eq!(fx1.len(), 1);
+    assert!(fx2.is_empty());
+    assert_eq!(h.wf.steps[0].attempts.len(), 1);
+}
+
+#[test]
+fn missing_and_unknown_inputs_are_refused() {
+    let parsed = caroni_cwl::parse(SIMPLE).expect("template");
+    let e = Workflow::create(Uuid::nil(), "t", &parsed, BTreeMap::new(), 0).expect_err("missing");
+    assert!(e
+        .to_string()
+        .contains("missing workflow input `start_message`"));
+    let given = BTreeMap::from([
+        ("start_message".into(), "x".into()),
+        ("bogus".into(), "y".into()),
+    ]);
+    let e = Workflow::create(Uuid::nil(), "t", &parsed, given, 0).expect_err("unknown");
+    assert!(e.to_string().contains("unknown workflow input `bogus`"));
+}
