@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context};
+use anyhow::{bail, Context as _};
 use caroni_proto::v1 as pb;
 use serde::Deserialize;
 
@@ -34,6 +34,13 @@ pub fn read(path: &Path) -> anyhow::Result<Vec<pb::JobType>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the job-type file {}", path.display()))?;
     let is_toml = path.extension().is_some_and(|e| e == "toml");
+    parse(&text, is_toml, path)
+}
+
+/// Parses job-type text (TOML when `is_toml`, else YAML); `path` names it
+/// in errors.
+pub fn parse(text: &str, is_toml: bool, path: &Path) -> anyhow::Result<Vec<pb::JobType>> {
+    let text = text.to_string();
     let file: File = if is_toml {
         // Parse once strictly for a precise message, then into the union.
         match toml::from_str::<File>(&text) {

@@ -9,8 +9,10 @@ use clap::{Parser, Subcommand};
 
 mod client;
 mod commands;
+mod demo;
 mod jobtype_file;
 mod output;
+mod workflow;
 
 use output::Format;
 
@@ -51,6 +53,34 @@ enum Command {
     /// The node itself.
     #[command(subcommand)]
     Node(commands::NodeCmd),
+    /// Start a workflow from a template.
+    #[command(after_help = "Example:\n  caroni run test_simple start_message=caronirocks --wait")]
+    Run {
+        /// Template name.
+        template: String,
+        /// Workflow inputs as name=value.
+        inputs: Vec<String>,
+        /// Follow the workflow until it ends, then print its outputs; exit
+        /// non-zero unless it completed.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Workflows on a manager: list, show, watch, cancel.
+    #[command(subcommand)]
+    Workflow(workflow::WorkflowCmd),
+    /// Jobs on an agent: list, show.
+    #[command(subcommand)]
+    Job(workflow::JobCmd),
+    /// Peers of the node: libp2p connections and outbox queues.
+    #[command(after_help = "Example:\n  caroni peers")]
+    Peers,
+    /// Run the demonstration workflow on an embedded manager and agent.
+    #[command(after_help = "Example:\n  caroni demo caronirocks\n  → prependCARONIROCKS append")]
+    Demo {
+        /// The start message.
+        #[arg(default_value = "caronirocks")]
+        text: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -80,5 +110,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Template(c) => commands::template(&ctx, c).await,
         Command::JobType(c) => commands::job_type(&ctx, c).await,
         Command::Node(c) => commands::node(&ctx, c).await,
+        Command::Run {
+            template,
+            inputs,
+            wait,
+        } => workflow::run(&ctx, template, inputs, wait).await,
+        Command::Workflow(c) => workflow::workflow(&ctx, c).await,
+        Command::Job(c) => workflow::job(&ctx, c).await,
+        Command::Peers => workflow::peers(&ctx).await,
+        Command::Demo { text } => demo::demo(text, ctx.format).await,
     }
 }

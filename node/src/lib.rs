@@ -6,15 +6,18 @@
 //! tests start nodes through the same function or as real processes.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::Context;
 use caroni_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub mod api;
 pub mod config;
 pub mod identity;
+pub mod wire;
 
 pub use config::{Config, Flags, LogFormat};
 
@@ -63,8 +66,11 @@ impl NodeHandle {
 #[derive(Debug)]
 pub struct Node;
 
+/// Lifetime of a job request before it counts as an unanswered attempt.
+const REQUEST_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl Node {
-    /// Opens storage, binds the API and starts serving.
+    /// Opens storage, binds every listener and starts every task.
     pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
             format!(
@@ -85,22 +91,134 @@ impl Node {
                 )
             })?;
         let api_addr = api_listener.local_addr()?;
+        let peer_listener = TcpListener::bind(config.peer_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on --peer-listen {}; is another node using this port?",
+                    config.peer_listen
+                )
+            })?;
+        let peer_addr = peer_listener.local_addr()?;
+        let advertise = match config.peer_advertise.strip_suffix(":0") {
+            Some(host) => format!("{host}:{}", peer_addr.port()),
+            None => config.peer_advertise.clone(),
+        };
+
+        let cancel = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let signer = caroni_peer::Signer::new(key.clone(), advertise.clone());
+        let outbox = caroni_peer::Outbox::start(store.clone(), signer, cancel.clone())?;
+
+        let (mesh, mesh_events, mut mesh_loop) = caroni_mesh::new(
+            key,
+            caroni_mesh::Options {
+                listen: config.p2p_listen.clone(),
+                bootstrap: config.bootstrap.clone(),
+                mdns: config.mdns,
+            },
+        )?;
+        mesh_loop.listen()?;
+        let span = tracing::info_span!("mesh", node = %node_id);
+        let c = cancel.clone();
+        tasks.spawn(async move {
+            mesh_loop.run(c).instrument(span).await;
+            Ok(())
+        });
+
+        let wire = Arc::new(wire::NodeWire {
+            outbox: outbox.clone(),
+            mesh: mesh.clone(),
+            local_agent: std::sync::OnceLock::new(),
+        });
+
+        let agent = if config.role.is_agent() {
+            let (svc, handle) = caroni_agent::service::Service::new(
+                caroni_agent::service::Options {
+                    node_id: node_id.clone(),
+                    slots: config.slots,
+                },
+                store.clone(),
+                wire.clone(),
+                caroni_agent::executor::BashExecutor::new(config.data_dir.join("work")),
+            )?;
+            let c = cancel.clone();
+            let span = tracing::info_span!("agent", node = %node_id);
+            tasks.spawn(async move {
+                svc.run(c).instrument(span).await;
+                Ok(())
+            });
+            let _ = wire.local_agent.set(handle.clone());
+            Some(handle)
+        } else {
+            None
+        };
+        let manager = if config.role.is_manager() {
+            let (svc, handle) = caroni_manager::service::Service::new(
+                caroni_manager::service::Options {
+                    endpoint: advertise.clone(),
+                    lease: std::time::Duration::from_secs(config.lease_seconds),
+                    request_ttl: REQUEST_TTL,
+                },
+                store.clone(),
+                wire.clone(),
+            )?;
+            let c = cancel.clone();
+            let span = tracing::info_span!("manager", node = %node_id);
+            tasks.spawn(async move {
+                svc.run(c).instrument(span).await;
+                Ok(())
+            });
+            Some(handle)
+        } else {
+            None
+        };
+
+        let g = tokio::spawn(wire::gossip_loop(mesh_events, agent.clone()));
+        let c = cancel.clone();
+        tasks.spawn(async move {
+            c.cancelled().await;
+            g.abort();
+            Ok(())
+        });
+
+        let inbox = Arc::new(wire::PeerInbox {
+            manager: manager.clone(),
+            agent: agent.clone(),
+        });
+        let peer_server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(
+                caroni_proto::v1::peer_service_server::PeerServiceServer::new(
+                    caroni_peer::PeerServer::new(inbox),
+                ),
+            );
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(peer_listener);
+        let c = cancel.clone();
+        tasks.spawn(async move {
+            peer_server
+                .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
+                .await
+                .context("peer server failed")
+        });
 
         let info = pb::NodeInfo {
             node_id: node_id.clone(),
             roles: config.role.names().into_iter().map(String::from).collect(),
             api_listen: api_addr.to_string(),
-            peer_endpoint: config.peer_advertise.clone(),
-            p2p_listen: vec![config.p2p_listen.clone()],
+            peer_endpoint: advertise.clone(),
+            p2p_listen: vec![],
             version: env!("CARGO_PKG_VERSION").to_string(),
             data_dir: config.data_dir.display().to_string(),
         };
-
-        let cancel = CancellationToken::new();
-        let mut tasks = tokio::task::JoinSet::new();
-        let api = serve_api(api_listener, &config, store, info, cancel.clone()).await?;
+        let apis = api::Apis {
+            node: api::NodeApi::new(info, mesh, outbox),
+            manager: api::ManagerApi::new(store.clone(), manager),
+            agent: api::AgentApi::new(store, agent),
+        };
+        let api = serve_api(api_listener, &config, apis, cancel.clone()).await?;
         tasks.spawn(api);
-        tracing::info!(node_id = %node_id, api = %api_addr, role = ?config.role, "node started");
+        tracing::info!(node_id = %node_id, api = %api_addr, peer = %advertise, role = ?config.role, "node started");
         Ok(NodeHandle {
             node_id,
             api_addr,
@@ -113,8 +231,7 @@ impl Node {
 async fn serve_api(
     listener: TcpListener,
     config: &Config,
-    store: caroni_store::Store,
-    info: pb::NodeInfo,
+    apis: api::Apis,
     cancel: CancellationToken,
 ) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>>> {
     use pb::{
@@ -150,17 +267,14 @@ async fn serve_api(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(NodeServiceServer::with_interceptor(
-            api::NodeApi::new(info),
+            apis.node,
             token.clone(),
         ))
         .add_service(ManagerServiceServer::with_interceptor(
-            api::ManagerApi::new(store.clone(), config.role.is_manager()),
+            apis.manager,
             token.clone(),
         ))
-        .add_service(AgentServiceServer::with_interceptor(
-            api::AgentApi::new(store, config.role.is_agent()),
-            token,
-        ));
+        .add_service(AgentServiceServer::with_interceptor(apis.agent, token));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     Ok(async move {
         router

@@ -4,7 +4,10 @@
 //! This crate owns the agent's rules and its tables. It must not depend on
 //! libp2p or tonic: the node wires it to the network.
 
+pub mod executor;
 pub mod job_types;
+pub mod machine;
+pub mod service;
 
 /// Agent errors, phrased for the user.
 #[derive(Debug, thiserror::Error)]

@@ -6,6 +6,7 @@
 
 pub mod machine;
 pub mod model;
+pub mod service;
 pub mod templates;
 
 /// Manager errors, phrased for the user.
@@ -17,6 +18,12 @@ pub enum Error {
     /// The template name is invalid.
     #[error("template name {0}")]
     BadName(#[from] caroni_types::NameError),
+    /// Bad input from the user (inputs, state).
+    #[error("{0}")]
+    BadInput(String),
+    /// The service cannot answer now.
+    #[error("{0}")]
+    Unavailable(String),
     /// Something does not exist.
     #[error("{0}")]
     NotFound(String),

@@ -414,6 +414,7 @@ impl Workflow {
                     msg: Msg::Data {
                         job_id,
                         items: step.values.clone(),
+                        outputs: false,
                     },
                 }));
             }

@@ -5,9 +5,10 @@
 //! This crate owns generated code only; it must not depend on any engine,
 //! on storage or on libp2p.
 
-#![allow(clippy::all, missing_docs)]
+pub mod convert;
 
 /// Generated `caroni.v1` package.
+#[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("caroni.v1");
 }

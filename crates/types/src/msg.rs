@@ -134,6 +134,9 @@ pub enum Msg {
         job_id: Uuid,
         /// Name → value.
         items: BTreeMap<String, String>,
+        /// True for a job's outputs (agent → manager), false for its
+        /// inputs (manager → agent).
+        outputs: bool,
     },
     /// JobKill.
     Kill {
@@ -170,6 +173,7 @@ impl Msg {
                 | Msg::Reject { .. }
                 | Msg::StatusRequest { .. }
                 | Msg::Kill { .. }
+                | Msg::Data { outputs: false, .. }
         )
     }
 }

@@ -6,19 +6,45 @@ use caroni_store::Store;
 use caroni_types::JobTypeDef;
 use tonic::{Request, Response, Status};
 
-use super::{blocking, require_role};
+use super::{blocking, internal, parse_id, require_role};
+use caroni_agent::machine::Job;
+use caroni_agent::service::Handle;
+use caroni_proto::timestamp_ms;
 
 /// Serves the agent API.
 #[derive(Clone)]
 pub struct AgentApi {
     store: Store,
-    enabled: bool,
+    agent: Option<Handle>,
 }
 
 impl AgentApi {
-    /// `enabled` is false on a node without the agent role.
-    pub fn new(store: Store, enabled: bool) -> Self {
-        Self { store, enabled }
+    /// `agent` is `None` on a node without the agent role.
+    pub fn new(store: Store, agent: Option<Handle>) -> Self {
+        Self { store, agent }
+    }
+
+    fn store(&self) -> Result<Store, Status> {
+        require_role(self.agent.as_ref(), "agent")?;
+        Ok(self.store.clone())
+    }
+}
+
+/// Domain → wire.
+pub fn job_to_pb(j: Job) -> pb::Job {
+    pb::Job {
+        id: j.id.to_string(),
+        manager: j.manager,
+        job_type: j.job_type,
+        state: j.state.as_str().into(),
+        inputs: j.values.into_iter().collect(),
+        outputs: j.outputs.into_iter().collect(),
+        exit_status: j.exit_status,
+        message: j.message,
+        stderr_tail: j.stderr_tail,
+        created_at: Some(timestamp_ms(j.created_at_ms)),
+        started_at: j.started_at_ms.map(timestamp_ms),
+        ended_at: j.ended_at_ms.map(timestamp_ms),
     }
 }
 
@@ -53,13 +79,12 @@ impl AgentService for AgentApi {
         &self,
         req: Request<pb::PutJobTypeRequest>,
     ) -> Result<Response<pb::JobType>, Status> {
-        require_role(self.enabled, "agent")?;
+        let store = self.store()?;
         let req = req.into_inner();
         let def = req
             .job_type
             .map(job_type_from_pb)
             .ok_or_else(|| Status::invalid_argument("job_type is missing from the request"))?;
-        let store = self.store.clone();
         let replace = req.replace;
         let def = blocking(move || job_types::put(&store, def, replace)).await?;
         tracing::info!(job_type = %def.name, replace, "job type stored");
@@ -70,8 +95,7 @@ impl AgentService for AgentApi {
         &self,
         _: Request<pb::ListJobTypesRequest>,
     ) -> Result<Response<pb::ListJobTypesResponse>, Status> {
-        require_role(self.enabled, "agent")?;
-        let store = self.store.clone();
+        let store = self.store()?;
         let all = blocking(move || job_types::list(&store)).await?;
         Ok(Response::new(pb::ListJobTypesResponse {
             job_types: all.into_iter().map(job_type_to_pb).collect(),
@@ -82,9 +106,8 @@ impl AgentService for AgentApi {
         &self,
         req: Request<pb::GetJobTypeRequest>,
     ) -> Result<Response<pb::JobType>, Status> {
-        require_role(self.enabled, "agent")?;
+        let store = self.store()?;
         let name = req.into_inner().name;
-        let store = self.store.clone();
         let d = blocking(move || job_types::get(&store, &name)).await?;
         Ok(Response::new(job_type_to_pb(d)))
     }
@@ -93,10 +116,38 @@ impl AgentService for AgentApi {
         &self,
         req: Request<pb::DeleteJobTypeRequest>,
     ) -> Result<Response<pb::DeleteJobTypeResponse>, Status> {
-        require_role(self.enabled, "agent")?;
+        let store = self.store()?;
         let name = req.into_inner().name;
-        let store = self.store.clone();
         blocking(move || job_types::delete(&store, &name)).await?;
         Ok(Response::new(pb::DeleteJobTypeResponse {}))
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let a = require_role(self.agent.as_ref(), "agent")?.clone();
+        let limit = match req.into_inner().limit {
+            0 => 100,
+            n => n as usize,
+        };
+        let jobs = tokio::task::spawn_blocking(move || a.list_jobs(limit))
+            .await
+            .map_err(internal)?
+            .map_err(internal)?;
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.into_iter().map(job_to_pb).collect(),
+        }))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let a = require_role(self.agent.as_ref(), "agent")?;
+        let id = parse_id("job", &req.into_inner().job_id)?;
+        match a.get_job(id).map_err(internal)? {
+            Some(j) => Ok(Response::new(job_to_pb(j))),
+            None => Err(Status::not_found(format!(
+                "no job {id} on this agent; `caroni job list` shows them"
+            ))),
+        }
     }
 }

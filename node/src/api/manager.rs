@@ -1,23 +1,34 @@
-//! ManagerService: templates (and, with the mesh, workflows).
+//! ManagerService: templates and workflows.
 
+use std::pin::Pin;
+
+use caroni_manager::model::{Workflow, WorkflowState};
+use caroni_manager::service::Handle;
 use caroni_manager::templates::{self, TemplateRecord};
+use caroni_proto::timestamp_ms;
 use caroni_proto::v1::{self as pb, manager_service_server::ManagerService};
 use caroni_store::Store;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::{blocking, require_role};
+use super::{blocking, parse_id, require_role, IntoStatus};
 
 /// Serves the manager API.
 #[derive(Clone)]
 pub struct ManagerApi {
     store: Store,
-    enabled: bool,
+    manager: Option<Handle>,
 }
 
 impl ManagerApi {
-    /// `enabled` is false on a node without the manager role.
-    pub fn new(store: Store, enabled: bool) -> Self {
-        Self { store, enabled }
+    /// `manager` is `None` on a node without the manager role.
+    pub fn new(store: Store, manager: Option<Handle>) -> Self {
+        Self { store, manager }
+    }
+
+    fn store(&self) -> Result<Store, Status> {
+        require_role(self.manager.as_ref(), "manager")?;
+        Ok(self.store.clone())
     }
 }
 
@@ -45,9 +56,84 @@ fn to_pb(r: TemplateRecord, with_text: bool) -> pb::Template {
             .collect(),
         name: r.name,
         cwl: if with_text { r.cwl } else { String::new() },
-        updated_at: Some(caroni_proto::timestamp_ms(r.updated_at_ms)),
+        updated_at: Some(timestamp_ms(r.updated_at_ms)),
     }
 }
+
+/// Domain → wire; `full` adds attempts and dataflows.
+pub fn workflow_to_pb(w: &Workflow, full: bool) -> pb::Workflow {
+    pb::Workflow {
+        id: w.id.to_string(),
+        template: w.template.clone(),
+        state: w.state.as_str().into(),
+        message: w.message.clone(),
+        created_at: Some(timestamp_ms(w.created_at_ms)),
+        updated_at: Some(timestamp_ms(w.updated_at_ms)),
+        finished_at: w.finished_at_ms.map(timestamp_ms),
+        inputs: w.inputs.clone().into_iter().collect(),
+        outputs: w.outputs.clone().into_iter().collect(),
+        steps: w
+            .steps
+            .iter()
+            .map(|s| {
+                let last = s.attempts.last();
+                pb::WorkflowStep {
+                    id: s.id.clone(),
+                    job_type: s.job_type.clone(),
+                    state: s.state.as_str().into(),
+                    attempts: s.attempts.len() as u32,
+                    job_id: last
+                        .and_then(|a| a.job_id)
+                        .map(|j| j.to_string())
+                        .unwrap_or_default(),
+                    agent: last.map(|a| a.agent.clone()).unwrap_or_default(),
+                    request_id: s
+                        .request
+                        .as_ref()
+                        .map(|r| r.id.to_string())
+                        .unwrap_or_default(),
+                    request_state: s
+                        .request
+                        .as_ref()
+                        .map(|r| format!("{:?}", r.state).to_lowercase())
+                        .unwrap_or_default(),
+                    attempt_history: if full {
+                        s.attempts
+                            .iter()
+                            .map(|a| pb::Attempt {
+                                job_id: a.job_id.map(|j| j.to_string()).unwrap_or_default(),
+                                agent: a.agent.clone(),
+                                state: a.state.as_str().into(),
+                                exit_status: a.exit_status,
+                                message: a.message.clone(),
+                                stderr_tail: a.stderr_tail.clone(),
+                                started_at: Some(timestamp_ms(a.started_at_ms)),
+                                ended_at: a.ended_at_ms.map(timestamp_ms),
+                                superseded: a.superseded,
+                            })
+                            .collect()
+                    } else {
+                        Vec::new()
+                    },
+                }
+            })
+            .collect(),
+        dataflows: if full {
+            w.dataflows()
+                .into_iter()
+                .map(|d| pb::Dataflow {
+                    source: d.source,
+                    destination: d.destination,
+                    value: d.value,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Workflow, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl ManagerService for ManagerApi {
@@ -55,9 +141,8 @@ impl ManagerService for ManagerApi {
         &self,
         req: Request<pb::PutTemplateRequest>,
     ) -> Result<Response<pb::Template>, Status> {
-        require_role(self.enabled, "manager")?;
+        let store = self.store()?;
         let req = req.into_inner();
-        let store = self.store.clone();
         let (record, _) = blocking(move || templates::put(&store, &req.name, &req.cwl)).await?;
         tracing::info!(template = %record.name, "template registered");
         Ok(Response::new(to_pb(record, true)))
@@ -67,8 +152,7 @@ impl ManagerService for ManagerApi {
         &self,
         _: Request<pb::ListTemplatesRequest>,
     ) -> Result<Response<pb::ListTemplatesResponse>, Status> {
-        require_role(self.enabled, "manager")?;
-        let store = self.store.clone();
+        let store = self.store()?;
         let all = blocking(move || templates::list(&store)).await?;
         Ok(Response::new(pb::ListTemplatesResponse {
             templates: all.into_iter().map(|r| to_pb(r, false)).collect(),
@@ -79,9 +163,8 @@ impl ManagerService for ManagerApi {
         &self,
         req: Request<pb::GetTemplateRequest>,
     ) -> Result<Response<pb::Template>, Status> {
-        require_role(self.enabled, "manager")?;
+        let store = self.store()?;
         let name = req.into_inner().name;
-        let store = self.store.clone();
         let r = blocking(move || templates::get(&store, &name)).await?;
         Ok(Response::new(to_pb(r, true)))
     }
@@ -90,10 +173,98 @@ impl ManagerService for ManagerApi {
         &self,
         req: Request<pb::DeleteTemplateRequest>,
     ) -> Result<Response<pb::DeleteTemplateResponse>, Status> {
-        require_role(self.enabled, "manager")?;
+        let store = self.store()?;
         let name = req.into_inner().name;
-        let store = self.store.clone();
         blocking(move || templates::delete(&store, &name)).await?;
         Ok(Response::new(pb::DeleteTemplateResponse {}))
+    }
+
+    async fn run_workflow(
+        &self,
+        req: Request<pb::RunWorkflowRequest>,
+    ) -> Result<Response<pb::RunWorkflowResponse>, Status> {
+        let m = require_role(self.manager.as_ref(), "manager")?;
+        let req = req.into_inner();
+        let id = m
+            .run(req.template, req.inputs.into_iter().collect())
+            .await
+            .map_err(IntoStatus::into_status)?;
+        Ok(Response::new(pb::RunWorkflowResponse {
+            workflow_id: id.to_string(),
+        }))
+    }
+
+    async fn list_workflows(
+        &self,
+        req: Request<pb::ListWorkflowsRequest>,
+    ) -> Result<Response<pb::ListWorkflowsResponse>, Status> {
+        let m = require_role(self.manager.as_ref(), "manager")?.clone();
+        let limit = match req.into_inner().limit {
+            0 => 100,
+            n => n as usize,
+        };
+        let all = blocking(move || m.list(limit)).await?;
+        Ok(Response::new(pb::ListWorkflowsResponse {
+            workflows: all.iter().map(|w| workflow_to_pb(w, false)).collect(),
+        }))
+    }
+
+    async fn get_workflow(
+        &self,
+        req: Request<pb::GetWorkflowRequest>,
+    ) -> Result<Response<pb::Workflow>, Status> {
+        let m = require_role(self.manager.as_ref(), "manager")?.clone();
+        let id = parse_id("workflow", &req.into_inner().workflow_id)?;
+        let w = blocking(move || m.get(id)).await?;
+        Ok(Response::new(workflow_to_pb(&w, true)))
+    }
+
+    type WatchWorkflowStream = WatchStream;
+
+    async fn watch_workflow(
+        &self,
+        req: Request<pb::GetWorkflowRequest>,
+    ) -> Result<Response<Self::WatchWorkflowStream>, Status> {
+        let m = require_role(self.manager.as_ref(), "manager")?.clone();
+        let id = parse_id("workflow", &req.into_inner().workflow_id)?;
+        // Subscribe before the first read so that no change falls between.
+        let mut changes = m.subscribe();
+        let first = m.get(id).map_err(IntoStatus::into_status)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut last = first;
+            if tx.send(Ok(workflow_to_pb(&last, true))).await.is_err() {
+                return;
+            }
+            while !last.state.is_final() {
+                match changes.recv().await {
+                    Ok(changed) if changed != id => continue,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => return,
+                }
+                let Ok(now) = m.get(id) else { return };
+                if now != last {
+                    last = now;
+                    if tx.send(Ok(workflow_to_pb(&last, true))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn cancel_workflow(
+        &self,
+        req: Request<pb::GetWorkflowRequest>,
+    ) -> Result<Response<pb::Workflow>, Status> {
+        let m = require_role(self.manager.as_ref(), "manager")?.clone();
+        let id = parse_id("workflow", &req.into_inner().workflow_id)?;
+        m.cancel(id).await.map_err(IntoStatus::into_status)?;
+        let w = m.get(id).map_err(IntoStatus::into_status)?;
+        debug_assert_eq!(w.state, WorkflowState::Cancelled);
+        Ok(Response::new(workflow_to_pb(&w, true)))
     }
 }

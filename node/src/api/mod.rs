@@ -11,6 +11,16 @@ pub use agent::AgentApi;
 pub use manager::ManagerApi;
 pub use node::NodeApi;
 
+/// The three client services of a node.
+pub struct Apis {
+    /// Node identity and peers.
+    pub node: NodeApi,
+    /// Templates and workflows.
+    pub manager: ManagerApi,
+    /// Job types and jobs.
+    pub agent: AgentApi,
+}
+
 /// Maps engine errors to gRPC statuses, in one place, keeping the message a
 /// user can act on.
 pub(crate) trait IntoStatus {
@@ -21,7 +31,10 @@ impl IntoStatus for caroni_manager::Error {
     fn into_status(self) -> Status {
         use caroni_manager::Error as E;
         match self {
-            E::InvalidTemplate(_) | E::BadName(_) => Status::invalid_argument(self.to_string()),
+            E::InvalidTemplate(_) | E::BadName(_) | E::BadInput(_) => {
+                Status::invalid_argument(self.to_string())
+            }
+            E::Unavailable(_) => Status::unavailable(self.to_string()),
             E::NotFound(_) => Status::not_found(self.to_string()),
             E::Store(e) => internal(e),
         }
@@ -96,12 +109,19 @@ impl tonic::service::Interceptor for TokenCheck {
 }
 
 /// Refuses calls to a role the node does not have.
-pub(crate) fn require_role(has: bool, role: &str) -> Result<(), Status> {
-    if has {
-        Ok(())
-    } else {
-        Err(Status::failed_precondition(format!(
+pub(crate) fn require_role<T>(has: Option<T>, role: &str) -> Result<T, Status> {
+    has.ok_or_else(|| {
+        Status::failed_precondition(format!(
             "this node does not have the {role} role; restart it with --role {role} or --role both, or point --node at a {role}"
-        )))
-    }
+        ))
+    })
+}
+
+/// Parses a UUID given by a user.
+pub(crate) fn parse_id(what: &str, s: &str) -> Result<uuid::Uuid, Status> {
+    s.trim().parse().map_err(|_| {
+        Status::invalid_argument(format!(
+            "`{s}` is not a {what} id (a UUID such as 0190f5c2-…)"
+        ))
+    })
 }

@@ -1,0 +1,503 @@
+//! Workflows: run, list, show, watch, cancel; jobs; peers.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use caroni_proto::v1 as pb;
+use clap::Subcommand;
+use serde_json::json;
+use tokio_stream::StreamExt;
+
+use crate::client::{status, Context};
+use crate::output::{self, Format};
+
+#[derive(Debug, Subcommand)]
+pub enum WorkflowCmd {
+    /// List workflows, newest first.
+    #[command(after_help = "Example:\n  caroni workflow list --limit 20")]
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Show a workflow: steps with state, attempts, job and agent; dataflows with values.
+    #[command(
+        after_help = "Example:\n  caroni workflow show 0190f5c2-7d1e-7a8b-9c3d-2e4f5a6b7c8d"
+    )]
+    Show {
+        /// Workflow id.
+        id: String,
+    },
+    /// Follow a workflow until it ends.
+    #[command(
+        after_help = "Example:\n  caroni workflow watch 0190f5c2-7d1e-7a8b-9c3d-2e4f5a6b7c8d"
+    )]
+    Watch {
+        /// Workflow id.
+        id: String,
+    },
+    /// Cancel a workflow: every live job is killed.
+    #[command(
+        after_help = "Example:\n  caroni workflow cancel 0190f5c2-7d1e-7a8b-9c3d-2e4f5a6b7c8d"
+    )]
+    Cancel {
+        /// Workflow id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCmd {
+    /// List the jobs this agent holds, newest first.
+    #[command(after_help = "Example:\n  caroni job list")]
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Show one job with its inputs, outputs, exit status and stderr.
+    #[command(after_help = "Example:\n  caroni job show 0190f5c2-7d1e-7a8b-9c3d-2e4f5a6b7c8d")]
+    Show {
+        /// Job id.
+        id: String,
+    },
+}
+
+/// Parses `key=value` arguments.
+pub fn parse_inputs(args: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for a in args {
+        let Some((k, v)) = a.split_once('=') else {
+            bail!(
+                "`{a}` is not an input; write inputs as name=value, e.g. start_message=caronirocks"
+            );
+        };
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+fn ts(t: &Option<prost_types::Timestamp>) -> String {
+    output::time(t.as_ref())
+}
+
+pub fn workflow_json(w: &pb::Workflow) -> serde_json::Value {
+    json!({
+        "id": w.id,
+        "template": w.template,
+        "state": w.state,
+        "message": w.message,
+        "created_at": ts(&w.created_at),
+        "updated_at": ts(&w.updated_at),
+        "finished_at": ts(&w.finished_at),
+        "inputs": w.inputs,
+        "outputs": w.outputs,
+        "steps": w.steps.iter().map(|s| json!({
+            "id": s.id, "job_type": s.job_type, "state": s.state, "attempts": s.attempts,
+            "job_id": s.job_id, "agent": s.agent, "request_id": s.request_id, "request_state": s.request_state,
+            "attempt_history": s.attempt_history.iter().map(|a| json!({
+                "job_id": a.job_id, "agent": a.agent, "state": a.state, "exit_status": a.exit_status,
+                "message": a.message, "stderr_tail": a.stderr_tail, "superseded": a.superseded,
+                "started_at": ts(&a.started_at), "ended_at": ts(&a.ended_at),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "dataflows": w.dataflows.iter().map(|d| json!({
+            "source": d.source, "destination": d.destination, "value": d.value,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn short(id: &str) -> String {
+    if id.len() > 12 {
+        format!("…{}", &id[id.len() - 8..])
+    } else {
+        id.to_string()
+    }
+}
+
+fn print_workflow(w: &pb::Workflow) {
+    println!(
+        "workflow {}  template {}  state {}",
+        w.id, w.template, w.state
+    );
+    if !w.message.is_empty() {
+        println!("message: {}", w.message);
+    }
+    let mut t = output::table(&["step", "job type", "state", "attempts", "job", "agent"]);
+    for s in &w.steps {
+        t.add_row(vec![
+            s.id.clone(),
+            s.job_type.clone(),
+            s.state.clone(),
+            s.attempts.to_string(),
+            s.job_id.clone(),
+            s.agent.clone(),
+        ]);
+    }
+    println!("{t}");
+    let mut d = output::table(&["source", "destination", "value"]);
+    for f in &w.dataflows {
+        d.add_row(vec![
+            f.source.clone(),
+            f.destination.clone(),
+            f.value.clone().unwrap_or_else(|| "—".into()),
+        ]);
+    }
+    println!("{d}");
+    let failed: Vec<_> = w
+        .steps
+        .iter()
+        .flat_map(|s| s.attempt_history.iter().map(move |a| (s, a)))
+        .filter(|(_, a)| a.state == "failed")
+        .collect();
+    if !failed.is_empty() {
+        let mut a = output::table(&["step", "job", "agent", "exit", "error", "stderr (tail)"]);
+        for (s, at) in failed {
+            let tail: String = at
+                .stderr_tail
+                .lines()
+                .rev()
+                .take(3)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join(" | ");
+            a.add_row(vec![
+                s.id.clone(),
+                short(&at.job_id),
+                short(&at.agent),
+                at.exit_status
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "—".into()),
+                at.message.clone(),
+                tail,
+            ]);
+        }
+        println!("failed attempts:\n{a}");
+    }
+    print_outputs(w);
+}
+
+fn print_outputs(w: &pb::Workflow) {
+    if !w.outputs.is_empty() {
+        println!("outputs:");
+        let mut keys: Vec<_> = w.outputs.keys().collect();
+        keys.sort();
+        for k in keys {
+            println!("  {k}: {}", w.outputs[k]);
+        }
+    }
+}
+
+fn progress_lines(w: &pb::Workflow) -> Vec<String> {
+    let mut lines = vec![format!("workflow {} {}", w.id, w.state)];
+    for s in &w.steps {
+        let agent = if s.agent.is_empty() {
+            String::new()
+        } else {
+            format!(" on {}", short(&s.agent))
+        };
+        let tries = if s.attempts > 1 {
+            format!(" (attempt {})", s.attempts)
+        } else {
+            String::new()
+        };
+        lines.push(format!(
+            "  {:<12} {:<10} {}{agent}{tries}",
+            s.id, s.state, s.job_type
+        ));
+    }
+    lines
+}
+
+/// Follows a workflow to its end: a live view on a terminal, one line per
+/// change otherwise. Progress goes to stderr; returns the final workflow.
+pub async fn follow(ctx: &Context, id: &str, quiet: bool) -> anyhow::Result<pb::Workflow> {
+    let mut client = ctx.manager().await?;
+    let mut stream = client
+        .watch_workflow(ctx.request(pb::GetWorkflowRequest {
+            workflow_id: id.to_string(),
+        }))
+        .await
+        .map_err(status)?
+        .into_inner();
+    let tty = std::io::stderr().is_terminal();
+    let mut drawn = 0usize;
+    let mut last_lines: Vec<String> = Vec::new();
+    let mut last = None;
+    while let Some(item) = stream.next().await {
+        let w = item.map_err(status)?;
+        if !quiet {
+            let lines = progress_lines(&w);
+            let mut err = std::io::stderr().lock();
+            if tty {
+                if drawn > 0 {
+                    let _ = write!(err, "\x1b[{drawn}A\x1b[J");
+                }
+                for l in &lines {
+                    let _ = writeln!(err, "{l}");
+                }
+                drawn = lines.len();
+            } else {
+                for l in lines.iter().filter(|l| !last_lines.contains(l)) {
+                    let _ = writeln!(err, "{}", l.trim_start());
+                }
+            }
+            last_lines = lines;
+        }
+        let done = matches!(w.state.as_str(), "completed" | "failed" | "cancelled");
+        last = Some(w);
+        if done {
+            break;
+        }
+    }
+    last.context("the node closed the watch before the workflow ended")
+}
+
+fn exit_for(w: &pb::Workflow) -> ExitCode {
+    if w.state == "completed" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+pub async fn run(
+    ctx: &Context,
+    template: String,
+    inputs: Vec<String>,
+    wait: bool,
+) -> anyhow::Result<ExitCode> {
+    let inputs = parse_inputs(&inputs)?;
+    let id = ctx
+        .manager()
+        .await?
+        .run_workflow(ctx.request(pb::RunWorkflowRequest {
+            template,
+            inputs: inputs.into_iter().collect(),
+        }))
+        .await
+        .map_err(status)?
+        .into_inner()
+        .workflow_id;
+    if !wait {
+        if ctx.format == Format::Json {
+            output::json(&json!({"workflow_id": id}));
+        } else {
+            println!("{id}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if ctx.format == Format::Table {
+        eprintln!("workflow {id} started");
+    }
+    let w = follow(ctx, &id, ctx.format == Format::Json).await?;
+    if ctx.format == Format::Json {
+        output::json(&workflow_json(&w));
+    } else {
+        if w.state != "completed" {
+            eprintln!("workflow {} {}: {}", w.id, w.state, w.message);
+        }
+        print_outputs(&w);
+    }
+    Ok(exit_for(&w))
+}
+
+pub async fn workflow(ctx: &Context, cmd: WorkflowCmd) -> anyhow::Result<ExitCode> {
+    let mut client = ctx.manager().await?;
+    match cmd {
+        WorkflowCmd::List { limit } => {
+            let all = client
+                .list_workflows(ctx.request(pb::ListWorkflowsRequest { limit }))
+                .await
+                .map_err(status)?
+                .into_inner()
+                .workflows;
+            if ctx.format == Format::Json {
+                output::json(&json!(all.iter().map(workflow_json).collect::<Vec<_>>()));
+            } else {
+                let mut t = output::table(&[
+                    "id",
+                    "template",
+                    "state",
+                    "steps done",
+                    "created",
+                    "outputs",
+                ]);
+                for w in &all {
+                    let done = w.steps.iter().filter(|s| s.state == "completed").count();
+                    t.add_row(vec![
+                        w.id.clone(),
+                        w.template.clone(),
+                        w.state.clone(),
+                        format!("{done}/{}", w.steps.len()),
+                        ts(&w.created_at),
+                        w.outputs
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    ]);
+                }
+                println!("{t}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        WorkflowCmd::Show { id } => {
+            let w = client
+                .get_workflow(ctx.request(pb::GetWorkflowRequest { workflow_id: id }))
+                .await
+                .map_err(status)?
+                .into_inner();
+            if ctx.format == Format::Json {
+                output::json(&workflow_json(&w));
+            } else {
+                print_workflow(&w);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        WorkflowCmd::Watch { id } => {
+            let w = follow(ctx, &id, ctx.format == Format::Json).await?;
+            if ctx.format == Format::Json {
+                output::json(&workflow_json(&w));
+            } else {
+                print_outputs(&w);
+            }
+            Ok(exit_for(&w))
+        }
+        WorkflowCmd::Cancel { id } => {
+            let w = client
+                .cancel_workflow(ctx.request(pb::GetWorkflowRequest { workflow_id: id }))
+                .await
+                .map_err(status)?
+                .into_inner();
+            if ctx.format == Format::Json {
+                output::json(&workflow_json(&w));
+            } else {
+                println!("workflow {} {}", w.id, w.state);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn job_json(j: &pb::Job) -> serde_json::Value {
+    json!({
+        "id": j.id, "manager": j.manager, "job_type": j.job_type, "state": j.state,
+        "inputs": j.inputs, "outputs": j.outputs, "exit_status": j.exit_status,
+        "message": j.message, "stderr_tail": j.stderr_tail,
+        "created_at": ts(&j.created_at), "started_at": ts(&j.started_at), "ended_at": ts(&j.ended_at),
+    })
+}
+
+pub async fn job(ctx: &Context, cmd: JobCmd) -> anyhow::Result<ExitCode> {
+    let mut client = ctx.agent().await?;
+    match cmd {
+        JobCmd::List { limit } => {
+            let jobs = client
+                .list_jobs(ctx.request(pb::ListJobsRequest { limit }))
+                .await
+                .map_err(status)?
+                .into_inner()
+                .jobs;
+            if ctx.format == Format::Json {
+                output::json(&json!(jobs.iter().map(job_json).collect::<Vec<_>>()));
+            } else {
+                let mut t =
+                    output::table(&["id", "job type", "state", "manager", "created", "message"]);
+                for j in &jobs {
+                    t.add_row(vec![
+                        j.id.clone(),
+                        j.job_type.clone(),
+                        j.state.clone(),
+                        short(&j.manager),
+                        ts(&j.created_at),
+                        j.message.clone(),
+                    ]);
+                }
+                println!("{t}");
+            }
+        }
+        JobCmd::Show { id } => {
+            let j = client
+                .get_job(ctx.request(pb::GetJobRequest { job_id: id }))
+                .await
+                .map_err(status)?
+                .into_inner();
+            if ctx.format == Format::Json {
+                output::json(&job_json(&j));
+            } else {
+                println!("job {}  type {}  state {}", j.id, j.job_type, j.state);
+                println!("manager: {}", j.manager);
+                if let Some(c) = j.exit_status {
+                    println!("exit status: {c}");
+                }
+                if !j.message.is_empty() {
+                    println!("message: {}", j.message);
+                }
+                for (k, v) in &j.inputs {
+                    println!("input  {k} = {v}");
+                }
+                for (k, v) in &j.outputs {
+                    println!("output {k} = {v}");
+                }
+                if !j.stderr_tail.is_empty() {
+                    println!("--- stderr (tail) ---\n{}", j.stderr_tail.trim_end());
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn peers(ctx: &Context) -> anyhow::Result<ExitCode> {
+    let peers = ctx
+        .node_api()
+        .await?
+        .list_peers(ctx.request(pb::ListPeersRequest {}))
+        .await
+        .map_err(status)?
+        .into_inner()
+        .peers;
+    if ctx.format == Format::Json {
+        output::json(&json!(peers.iter().map(|p| json!({
+            "node_id": p.node_id, "p2p_address": p.p2p_address, "p2p_connected": p.p2p_connected,
+            "endpoint": p.endpoint, "queued": p.queued, "delivered": p.delivered,
+            "stream_open": p.stream_open, "last_error": p.last_error,
+        })).collect::<Vec<_>>()));
+    } else {
+        let mut t = output::table(&[
+            "node id",
+            "p2p",
+            "endpoint",
+            "queued",
+            "delivered",
+            "stream",
+            "last error",
+        ]);
+        for p in &peers {
+            t.add_row(vec![
+                p.node_id.clone(),
+                if p.p2p_connected {
+                    p.p2p_address.clone()
+                } else {
+                    "—".into()
+                },
+                p.endpoint.clone(),
+                p.queued.to_string(),
+                p.delivered.to_string(),
+                if p.stream_open {
+                    "open".into()
+                } else {
+                    "closed".into()
+                },
+                p.last_error.clone(),
+            ]);
+        }
+        println!("{t}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

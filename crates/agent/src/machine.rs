@@ -1,0 +1,443 @@
+//! The agent's rules as pure functions over its records: offers, jobs and
+//! their state machine (`pending → queued → running → completed | failed`).
+//! Time and ids are passed in; effects come out as data.
+
+use std::collections::BTreeMap;
+
+use caroni_types::msg::{JobRequest, JobState, Msg, Outbound, StatusUpdate};
+use caroni_types::JobTypeDef;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// How long an offer stays valid.
+pub const OFFER_TTL_MS: u64 = 60_000;
+/// Bytes of stderr kept on a job.
+pub const STDERR_TAIL_BYTES: usize = 2048;
+
+/// An offer this agent made.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    /// Offer id.
+    pub offer_id: Uuid,
+    /// Request answered.
+    pub request_id: Uuid,
+    /// Manager node id it was made to.
+    pub manager: String,
+    /// Manager endpoint.
+    pub endpoint: String,
+    /// Job type offered.
+    pub job_type: String,
+    /// Static parameters of the request.
+    pub job_kvs: BTreeMap<String, String>,
+    /// Void after (ms).
+    pub expires_at_ms: u64,
+    /// The job it became, once accepted.
+    pub job_id: Option<Uuid>,
+}
+
+/// A job held by this agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    /// Job id (chosen by the manager).
+    pub id: Uuid,
+    /// Offer it came from.
+    pub offer_id: Uuid,
+    /// Request it answered.
+    pub request_id: Uuid,
+    /// Owning manager node id.
+    pub manager: String,
+    /// Manager endpoint.
+    pub endpoint: String,
+    /// Job type name.
+    pub job_type: String,
+    /// Static parameters.
+    pub job_kvs: BTreeMap<String, String>,
+    /// Input names expected.
+    pub inputs: Vec<String>,
+    /// Input values received.
+    pub values: BTreeMap<String, String>,
+    /// Outputs produced.
+    pub outputs: BTreeMap<String, String>,
+    /// State.
+    pub state: JobState,
+    /// Status sequence (increments on every change).
+    pub seq: u64,
+    /// Position in the run queue once queued.
+    pub queue_seq: Option<u64>,
+    /// Created (ms).
+    pub created_at_ms: u64,
+    /// Started running (ms).
+    pub started_at_ms: Option<u64>,
+    /// Ended (ms).
+    pub ended_at_ms: Option<u64>,
+    /// Exit status.
+    pub exit_status: Option<i32>,
+    /// Why it failed.
+    pub message: String,
+    /// Tail of stderr.
+    pub stderr_tail: String,
+}
+
+/// The sender has no right to say this.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+/// What the service must do besides persisting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Send a message (through the outbox, same batch).
+    Send(Outbound),
+    /// Put the job in the run queue.
+    Enqueue(Uuid),
+    /// Stop the job's process.
+    StopProcess(Uuid),
+}
+
+/// The result of running a job's body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunResult {
+    /// Exit 0 and a JSON object with every declared output.
+    Completed {
+        /// Output values.
+        outputs: BTreeMap<String, String>,
+        /// Tail of stderr.
+        stderr_tail: String,
+    },
+    /// Anything else.
+    Failed {
+        /// What was wrong.
+        message: String,
+        /// Exit status, if the process exited.
+        exit_status: Option<i32>,
+        /// Tail of stderr.
+        stderr_tail: String,
+    },
+}
+
+/// Answers a request: an offer (new, or the same one again for a
+/// re-published request) or a decline. `None` when nothing is to be said
+/// (expired request, or already accepted).
+pub fn answer_request(
+    def: Option<&JobTypeDef>,
+    prior: Option<&Offer>,
+    manager: &str,
+    req: &JobRequest,
+    now_ms: u64,
+    new_id: impl FnOnce() -> Uuid,
+) -> Option<(Option<Offer>, Outbound)> {
+    if req.expires_at_ms <= now_ms {
+        return None;
+    }
+    let to = |msg| Outbound {
+        to: manager.to_string(),
+        endpoint: req.manager_endpoint.clone(),
+        msg,
+    };
+    if let Some(p) = prior.filter(|p| p.manager == manager) {
+        if p.job_id.is_some() {
+            return None;
+        }
+        if p.expires_at_ms > now_ms {
+            return Some((
+                None,
+                to(Msg::Offer {
+                    offer_id: p.offer_id,
+                    request_id: p.request_id,
+                    expires_at_ms: p.expires_at_ms,
+                }),
+            ));
+        }
+    }
+    let decline = |reason: String| {
+        Some((
+            None,
+            to(Msg::Decline {
+                request_id: req.request_id,
+                reason,
+            }),
+        ))
+    };
+    let Some(def) = def else {
+        return decline(format!("no job type named {}", req.job_type));
+    };
+    let mut have = def.inputs.clone();
+    have.sort();
+    let mut want = req.parameter_keys.clone();
+    want.sort();
+    if have != want {
+        return decline(format!(
+            "job type {} takes inputs [{}], the request has [{}]",
+            def.name,
+            have.join(", "),
+            want.join(", ")
+        ));
+    }
+    let offer = Offer {
+        offer_id: new_id(),
+        request_id: req.request_id,
+        manager: manager.to_string(),
+        endpoint: req.manager_endpoint.clone(),
+        job_type: def.name.clone(),
+        job_kvs: req.job_kvs.clone(),
+        expires_at_ms: (now_ms + OFFER_TTL_MS).min(req.expires_at_ms),
+        job_id: None,
+    };
+    let out = to(Msg::Offer {
+        offer_id: offer.offer_id,
+        request_id: offer.request_id,
+        expires_at_ms: offer.expires_at_ms,
+    });
+    Some((Some(offer), out))
+}
+
+/// What accepting an offer does.
+#[derive(Debug)]
+pub enum AcceptOutcome {
+    /// A new job (store it and the used offer), with what to do.
+    Created(Job, Offer, Vec<Effect>),
+    /// Nothing new; answer again.
+    Answer(Outbound),
+}
+
+/// The manager accepts an offer.
+pub fn accept(
+    offer: Option<&Offer>,
+    def: Option<&JobTypeDef>,
+    from: &str,
+    from_endpoint: &str,
+    offer_id: Uuid,
+    job_id: Uuid,
+    now_ms: u64,
+) -> Result<AcceptOutcome, Refusal> {
+    let fail = |message: &str| {
+        AcceptOutcome::Answer(Outbound {
+            to: from.to_string(),
+            endpoint: from_endpoint.to_string(),
+            msg: Msg::Status(StatusUpdate {
+                job_id,
+                state: JobState::Failed,
+                message: message.to_string(),
+                exit_status: None,
+                stderr_tail: String::new(),
+                sequence: u64::MAX,
+            }),
+        })
+    };
+    let Some(offer) = offer.filter(|o| o.offer_id == offer_id) else {
+        return Ok(fail("this agent has no such offer (expired and forgotten)"));
+    };
+    if offer.manager != from {
+        return Err(Refusal(format!(
+            "offer {offer_id} was made to {}, not to {from}; only the manager an offer was made to may accept it",
+            offer.manager
+        )));
+    }
+    let accepted = |job_id| Outbound {
+        to: from.to_string(),
+        endpoint: offer.endpoint.clone(),
+        msg: Msg::Accepted { job_id, offer_id },
+    };
+    match offer.job_id {
+        Some(existing) if existing == job_id => return Ok(AcceptOutcome::Answer(accepted(job_id))),
+        Some(_) => return Ok(fail("offer already used for another job")),
+        None => {}
+    }
+    if offer.expires_at_ms <= now_ms {
+        return Ok(fail("offer expired before it was accepted"));
+    }
+    let Some(def) = def else {
+        return Ok(fail(&format!(
+            "job type {} was removed from this agent",
+            offer.job_type
+        )));
+    };
+    let mut used = offer.clone();
+    used.job_id = Some(job_id);
+    let job = Job {
+        id: job_id,
+        offer_id,
+        request_id: offer.request_id,
+        manager: from.to_string(),
+        endpoint: offer.endpoint.clone(),
+        job_type: def.name.clone(),
+        job_kvs: offer.job_kvs.clone(),
+        inputs: def.inputs.clone(),
+        values: BTreeMap::new(),
+        outputs: BTreeMap::new(),
+        state: JobState::Pending,
+        seq: 1,
+        queue_seq: None,
+        created_at_ms: now_ms,
+        started_at_ms: None,
+        ended_at_ms: None,
+        exit_status: None,
+        message: String::new(),
+        stderr_tail: String::new(),
+    };
+    let mut job = job;
+    let mut fx = vec![Effect::Send(accepted(job_id))];
+    // A job type without inputs is ready at once.
+    job.maybe_queue(&mut fx);
+    Ok(AcceptOutcome::Created(job, used, fx))
+}
+
+impl Job {
+    fn status(&self) -> Outbound {
+        Outbound {
+            to: self.manager.clone(),
+            endpoint: self.endpoint.clone(),
+            msg: Msg::Status(StatusUpdate {
+                job_id: self.id,
+                state: self.state,
+                message: self.message.clone(),
+                exit_status: self.exit_status,
+                stderr_tail: self.stderr_tail.clone(),
+                sequence: self.seq,
+            }),
+        }
+    }
+
+    fn set(&mut self, state: JobState, fx: &mut Vec<Effect>) {
+        self.state = state;
+        self.seq += 1;
+        fx.push(Effect::Send(self.status()));
+    }
+
+    fn check_owner(&self, from: &str) -> Result<(), Refusal> {
+        if self.manager == from {
+            Ok(())
+        } else {
+            Err(Refusal(format!(
+                "job {} belongs to manager {}; node {from} may not send it data, status requests or kills",
+                self.id, self.manager
+            )))
+        }
+    }
+
+    fn maybe_queue(&mut self, fx: &mut Vec<Effect>) {
+        if self.state == JobState::Pending
+            && self.inputs.iter().all(|i| self.values.contains_key(i))
+        {
+            self.set(JobState::Queued, fx);
+            fx.push(Effect::Enqueue(self.id));
+        }
+    }
+
+    /// Input data from the owning manager. Values already present are
+    /// ignored (re-sent data), as are names the job does not take.
+    pub fn on_data(
+        &mut self,
+        from: &str,
+        items: &BTreeMap<String, String>,
+    ) -> Result<Vec<Effect>, Refusal> {
+        self.check_owner(from)?;
+        let mut fx = Vec::new();
+        if self.state != JobState::Pending {
+            return Ok(fx);
+        }
+        for (k, v) in items {
+            if self.inputs.contains(k) && !self.values.contains_key(k) {
+                self.values.insert(k.clone(), v.clone());
+            }
+        }
+        self.maybe_queue(&mut fx);
+        Ok(fx)
+    }
+
+    /// The owning manager asks for the state.
+    pub fn on_status_request(&self, from: &str) -> Result<Vec<Effect>, Refusal> {
+        self.check_owner(from)?;
+        Ok(vec![Effect::Send(self.status())])
+    }
+
+    /// The owning manager stops the job.
+    pub fn on_kill(
+        &mut self,
+        from: &str,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<Vec<Effect>, Refusal> {
+        self.check_owner(from)?;
+        let mut fx = Vec::new();
+        if self.state.is_final() {
+            return Ok(fx);
+        }
+        if self.state == JobState::Running {
+            fx.push(Effect::StopProcess(self.id));
+        }
+        self.message = format!("killed by the manager: {reason}");
+        self.ended_at_ms = Some(now_ms);
+        self.set(JobState::Failed, &mut fx);
+        Ok(fx)
+    }
+
+    /// The scheduler starts it.
+    pub fn on_started(&mut self, now_ms: u64) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        if self.state == JobState::Queued {
+            self.started_at_ms = Some(now_ms);
+            self.set(JobState::Running, &mut fx);
+        }
+        fx
+    }
+
+    /// The process finished. Outputs are sent before the final status.
+    pub fn on_finished(&mut self, result: RunResult, now_ms: u64) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        if self.state != JobState::Running {
+            return fx; // killed meanwhile
+        }
+        self.ended_at_ms = Some(now_ms);
+        match result {
+            RunResult::Completed {
+                outputs,
+                stderr_tail,
+            } => {
+                self.exit_status = Some(0);
+                self.stderr_tail = stderr_tail;
+                self.outputs = outputs.clone();
+                fx.push(Effect::Send(Outbound {
+                    to: self.manager.clone(),
+                    endpoint: self.endpoint.clone(),
+                    msg: Msg::Data {
+                        job_id: self.id,
+                        items: outputs,
+                        outputs: true,
+                    },
+                }));
+                self.set(JobState::Completed, &mut fx);
+            }
+            RunResult::Failed {
+                message,
+                exit_status,
+                stderr_tail,
+            } => {
+                self.exit_status = exit_status;
+                self.stderr_tail = stderr_tail;
+                self.message = message;
+                self.set(JobState::Failed, &mut fx);
+            }
+        }
+        fx
+    }
+
+    /// After a restart: a job that was running when the agent died is
+    /// failed (its process is gone); a queued job is queued again.
+    pub fn on_restart(&mut self, now_ms: u64) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        match self.state {
+            JobState::Running => {
+                self.message = "the agent restarted while the job ran".into();
+                self.ended_at_ms = Some(now_ms);
+                self.set(JobState::Failed, &mut fx);
+            }
+            JobState::Queued => fx.push(Effect::Enqueue(self.id)),
+            _ => {}
+        }
+        fx
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,218 @@
+use super::*;
+
+const M: &str = "manager1";
+
+fn def() -> JobTypeDef {
+    JobTypeDef {
+        name: "foojob1".into(),
+        inputs: vec!["text".into()],
+        outputs: vec!["outSB".into()],
+        body: "true".into(),
+        timeout_seconds: 60,
+        max_output_bytes: 1024,
+        updated_at_ms: 0,
+    }
+}
+
+fn req(keys: &[&str]) -> JobRequest {
+    JobRequest {
+        request_id: Uuid::from_u128(7),
+        job_type: "foojob1".into(),
+        parameter_keys: keys.iter().map(|s| s.to_string()).collect(),
+        output_keys: vec!["outSB".into()],
+        job_kvs: BTreeMap::new(),
+        expires_at_ms: 1_000_000,
+        manager_endpoint: "http://m:1".into(),
+        publish_count: 1,
+    }
+}
+
+fn job() -> Job {
+    let (offer, _) = answer_request(Some(&def()), None, M, &req(&["text"]), 10, || {
+        Uuid::from_u128(9)
+    })
+    .expect("answer");
+    let offer = offer.expect("offer");
+    match accept(
+        Some(&offer),
+        Some(&def()),
+        M,
+        "http://m:1",
+        offer.offer_id,
+        Uuid::from_u128(5),
+        20,
+    )
+    .expect("ok")
+    {
+        AcceptOutcome::Created(j, used, fx) => {
+            assert_eq!(used.job_id, Some(j.id));
+            assert!(matches!(
+                &fx[..],
+                [Effect::Send(Outbound {
+                    msg: Msg::Accepted { .. },
+                    ..
+                })]
+            ));
+            j
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn offers_for_matching_inputs_declines_otherwise() {
+    let a =
+        answer_request(Some(&def()), None, M, &req(&["text"]), 10, Uuid::new_v4).expect("answer");
+    assert!(matches!(a.1.msg, Msg::Offer { .. }));
+    let a =
+        answer_request(Some(&def()), None, M, &req(&["other"]), 10, Uuid::new_v4).expect("answer");
+    assert!(
+        matches!(&a.1.msg, Msg::Decline { reason, .. } if reason.contains("takes inputs [text]"))
+    );
+    let a = answer_request(None, None, M, &req(&["text"]), 10, Uuid::new_v4).expect("answer");
+    assert!(
+        matches!(&a.1.msg, Msg::Decline { reason, .. } if reason.contains("no job type named foojob1"))
+    );
+    assert!(
+        answer_request(
+            Some(&def()),
+            None,
+            M,
+            &req(&["text"]),
+            2_000_000,
+            Uuid::new_v4
+        )
+        .is_none(),
+        "expired request"
+    );
+}
+
+#[test]
+fn a_republished_request_gets_the_same_offer() {
+    let (offer, _) =
+        answer_request(Some(&def()), None, M, &req(&["text"]), 10, Uuid::new_v4).expect("answer");
+    let offer = offer.expect("offer");
+    let (again, out) = answer_request(
+        Some(&def()),
+        Some(&offer),
+        M,
+        &req(&["text"]),
+        20,
+        Uuid::new_v4,
+    )
+    .expect("answer");
+    assert!(again.is_none());
+    assert!(matches!(out.msg, Msg::Offer { offer_id, .. } if offer_id == offer.offer_id));
+}
+
+#[test]
+fn only_the_offered_manager_may_accept() {
+    let (offer, _) =
+        answer_request(Some(&def()), None, M, &req(&["text"]), 10, Uuid::new_v4).expect("answer");
+    let offer = offer.expect("offer");
+    let e = accept(
+        Some(&offer),
+        Some(&def()),
+        "intruder",
+        "e",
+        offer.offer_id,
+        Uuid::new_v4(),
+        20,
+    )
+    .expect_err("refused");
+    assert!(e.0.contains("only the manager an offer was made to"));
+    let late = accept(
+        Some(&offer),
+        Some(&def()),
+        M,
+        "e",
+        offer.offer_id,
+        Uuid::new_v4(),
+        offer.expires_at_ms + 1,
+    )
+    .expect("answer");
+    assert!(matches!(
+        late,
+        AcceptOutcome::Answer(Outbound {
+            msg: Msg::Status(StatusUpdate {
+                state: JobState::Failed,
+                ..
+            }),
+            ..
+        })
+    ));
+}
+
+#[test]
+fn queued_only_when_every_input_is_there_and_data_is_not_applied_twice() {
+    let mut j = job();
+    assert_eq!(j.state, JobState::Pending);
+    let fx = j
+        .on_data(M, &BTreeMap::from([("text".into(), "a".into())]))
+        .expect("data");
+    assert_eq!(j.state, JobState::Queued);
+    assert!(fx.contains(&Effect::Enqueue(j.id)));
+    let fx = j
+        .on_data(M, &BTreeMap::from([("text".into(), "b".into())]))
+        .expect("data");
+    assert!(fx.is_empty());
+    assert_eq!(j.values.get("text").map(String::as_str), Some("a"));
+    assert!(j.on_data("other", &BTreeMap::new()).is_err());
+}
+
+#[test]
+fn run_completes_with_outputs_sent_before_status() {
+    let mut j = job();
+    j.on_data(M, &BTreeMap::from([("text".into(), "a".into())]))
+        .expect("data");
+    j.on_started(30);
+    assert_eq!(j.state, JobState::Running);
+    let fx = j.on_finished(
+        RunResult::Completed {
+            outputs: BTreeMap::from([("outSB".into(), "prependa".into())]),
+            stderr_tail: String::new(),
+        },
+        40,
+    );
+    assert!(matches!(
+        &fx[0],
+        Effect::Send(Outbound {
+            msg: Msg::Data { .. },
+            ..
+        })
+    ));
+    assert!(matches!(
+        &fx[1],
+        Effect::Send(Outbound {
+            msg: Msg::Status(StatusUpdate {
+                state: JobState::Completed,
+                ..
+            }),
+            ..
+        })
+    ));
+}
+
+#[test]
+fn kill_stops_a_running_job_and_restart_fails_it() {
+    let mut j = job();
+    j.on_data(M, &BTreeMap::from([("text".into(), "a".into())]))
+        .expect("data");
+    j.on_started(30);
+    let mut r = j.clone();
+    let fx = j.on_kill(M, "cancelled", 50).expect("kill");
+    assert!(fx.contains(&Effect::StopProcess(j.id)));
+    assert_eq!(j.state, JobState::Failed);
+    assert!(j
+        .on_finished(
+            RunResult::Completed {
+                outputs: BTreeMap::new(),
+                stderr_tail: String::new()
+            },
+            60
+        )
+        .is_empty());
+    r.on_restart(70);
+    assert_eq!(r.state, JobState::Failed);
+    assert!(r.message.contains("restarted"));
+}

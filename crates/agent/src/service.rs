@@ -1,0 +1,515 @@
+//! The agent service: owns the agent's live records, applies messages
+//! through the pure machine, persists each change with the messages it
+//! causes in one batch, and schedules jobs FIFO within its slots.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use caroni_store::{keys::Key, tables, wire, Batch, Store, Table};
+use caroni_types::msg::{Inbound, JobRequest, JobState, Msg};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::executor::{Executor, RunSpec};
+use crate::job_types;
+use crate::machine::{self, AcceptOutcome, Effect, Job, Offer, RunResult};
+
+const OFFERS: Table<Offer> = Table::new(tables::AGENT_OFFERS, "agent_offers");
+const JOBS: Table<Job> = Table::new(tables::AGENT_JOBS, "agent_jobs");
+
+/// The outcome of handing a message to the agent.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Delivered {
+    /// Applied (or a duplicate of one applied before).
+    Applied,
+    /// Not about a job of this agent; another engine may take it.
+    NotMine,
+}
+
+/// Why a message was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliverError {
+    /// Never acceptable.
+    #[error("{0}")]
+    Refused(String),
+    /// Try again later.
+    #[error("{0}")]
+    Retry(String),
+}
+
+/// Options.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// This node's id.
+    pub node_id: String,
+    /// Concurrent jobs.
+    pub slots: usize,
+}
+
+enum Cmd {
+    Deliver(Inbound, oneshot::Sender<Result<Delivered, DeliverError>>),
+    Gossip(String, JobRequest),
+}
+
+/// A cheap handle to the agent service.
+#[derive(Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<Cmd>,
+    store: Store,
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("agent::Handle").finish()
+    }
+}
+
+impl Handle {
+    /// Applies a direct message; returns once it is durable.
+    pub async fn deliver(&self, msg: Inbound) -> Result<Delivered, DeliverError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Deliver(msg, tx))
+            .await
+            .map_err(|_| DeliverError::Retry("agent shutting down".into()))?;
+        rx.await
+            .map_err(|_| DeliverError::Retry("agent shutting down".into()))?
+    }
+
+    /// A request heard on gossip from manager `from`.
+    pub async fn gossip(&self, from: String, req: JobRequest) {
+        let _ = self.tx.send(Cmd::Gossip(from, req)).await;
+    }
+
+    /// Every job on disk, newest first, at most `limit`.
+    pub fn list_jobs(&self, limit: usize) -> caroni_store::Result<Vec<Job>> {
+        let mut all: Vec<Job> = self
+            .store
+            .scan(JOBS, &[])?
+            .into_iter()
+            .map(|(_, j)| j)
+            .collect();
+        all.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms));
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    /// One job.
+    pub fn get_job(&self, id: Uuid) -> caroni_store::Result<Option<Job>> {
+        self.store.get(JOBS, &Key::new().uuid(&id).finish())
+    }
+}
+
+/// The agent service.
+pub struct Service<E> {
+    opts: Options,
+    store: Store,
+    wire: Arc<dyn wire::Wire>,
+    executor: Arc<E>,
+    rx: mpsc::Receiver<Cmd>,
+    done_tx: mpsc::Sender<(Uuid, RunResult)>,
+    done_rx: mpsc::Receiver<(Uuid, RunResult)>,
+    offers: HashMap<Uuid, Offer>,
+    jobs: HashMap<Uuid, Job>,
+    queue: BTreeMap<u64, Uuid>,
+    next_queue_seq: u64,
+    running: HashMap<Uuid, CancellationToken>,
+}
+
+fn now_ms() -> u64 {
+    caroni_types::now_ms()
+}
+
+impl<E: Executor> Service<E> {
+    /// Loads live records from storage.
+    pub fn new(
+        opts: Options,
+        store: Store,
+        wire: Arc<dyn wire::Wire>,
+        executor: E,
+    ) -> caroni_store::Result<(Self, Handle)> {
+        let (tx, rx) = mpsc::channel(1024);
+        let (done_tx, done_rx) = mpsc::channel(256);
+        let now = now_ms();
+        let offers = store
+            .scan(OFFERS, &[])?
+            .into_iter()
+            .map(|(_, o)| (o.request_id, o))
+            .filter(|(_, o)| o.job_id.is_none() && o.expires_at_ms > now)
+            .collect();
+        let jobs: HashMap<Uuid, Job> = store
+            .scan(JOBS, &[])?
+            .into_iter()
+            .map(|(_, j)| (j.id, j))
+            .filter(|(_, j)| !j.state.is_final())
+            .collect();
+        let next_queue_seq = jobs.values().filter_map(|j| j.queue_seq).max().unwrap_or(0) + 1;
+        let handle = Handle {
+            tx,
+            store: store.clone(),
+        };
+        Ok((
+            Self {
+                opts,
+                store,
+                wire,
+                executor: Arc::new(executor),
+                rx,
+                done_tx,
+                done_rx,
+                offers,
+                jobs,
+                queue: BTreeMap::new(),
+                next_queue_seq,
+                running: HashMap::new(),
+            },
+            handle,
+        ))
+    }
+
+    /// Runs until cancelled.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        self.recover();
+        let mut cleanup = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                Some(cmd) = self.rx.recv() => match cmd {
+                    Cmd::Deliver(msg, reply) => {
+                        let r = self.deliver(msg);
+                        let _ = reply.send(r);
+                    }
+                    Cmd::Gossip(from, req) => self.on_request(&from, &req),
+                },
+                Some((id, result)) = self.done_rx.recv() => self.finished(id, result),
+                _ = cleanup.tick() => self.forget_expired_offers(),
+            }
+            self.schedule();
+        }
+        for token in self.running.values() {
+            token.cancel();
+        }
+    }
+
+    fn recover(&mut self) {
+        let now = now_ms();
+        let ids: Vec<Uuid> = self.jobs.keys().copied().collect();
+        for id in ids {
+            let Some(mut job) = self.jobs.get(&id).cloned() else {
+                continue;
+            };
+            let fx = job.on_restart(now);
+            if fx.is_empty() {
+                continue;
+            }
+            if job.state == JobState::Failed {
+                tracing::warn!(job = %id, "job was running when the agent stopped; reported failed");
+            }
+            if let Err(e) = self.commit(None, Some(job), None, fx) {
+                tracing::error!(error = %e, "cannot recover a job");
+            }
+        }
+        self.schedule();
+    }
+
+    fn forget_expired_offers(&mut self) {
+        let now = now_ms();
+        let expired: Vec<Offer> = self
+            .offers
+            .values()
+            .filter(|o| o.expires_at_ms <= now)
+            .cloned()
+            .collect();
+        if expired.is_empty() {
+            return;
+        }
+        let mut b = Batch::default();
+        for o in &expired {
+            b.delete(OFFERS, &Key::new().uuid(&o.request_id).finish());
+            self.offers.remove(&o.request_id);
+        }
+        if let Err(e) = self.store.write_relaxed(b) {
+            tracing::warn!(error = %e, "cannot forget expired offers");
+        }
+    }
+
+    fn on_request(&mut self, from: &str, req: &JobRequest) {
+        let def = match job_types::find(&self.store, &req.job_type) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read job types");
+                return;
+            }
+        };
+        let prior = self.offers.get(&req.request_id);
+        let Some((offer, out)) =
+            machine::answer_request(def.as_ref(), prior, from, req, now_ms(), Uuid::new_v4)
+        else {
+            return;
+        };
+        tracing::debug!(request = %req.request_id, answer = out.msg.name(), "answering a request");
+        if let Err(e) = self.commit(None, None, offer, vec![Effect::Send(out)]) {
+            tracing::error!(error = %e, "cannot answer a request");
+        }
+    }
+
+    fn deliver(&mut self, msg: Inbound) -> Result<Delivered, DeliverError> {
+        match wire::is_applied(&self.store, &msg.id) {
+            Ok(true) => return Ok(Delivered::Applied),
+            Ok(false) => {}
+            Err(e) => return Err(DeliverError::Retry(e.to_string())),
+        }
+        let now = now_ms();
+        let refused = |e: machine::Refusal| DeliverError::Refused(e.0);
+        let (job, offer, fx) = match &msg.msg {
+            Msg::Accept {
+                offer_id,
+                job_id,
+                request_id,
+            } => {
+                let offer = self.offers.get(request_id).cloned().or_else(|| {
+                    self.store
+                        .get(OFFERS, &Key::new().uuid(request_id).finish())
+                        .ok()
+                        .flatten()
+                });
+                let def = offer
+                    .as_ref()
+                    .and_then(|o| job_types::find(&self.store, &o.job_type).ok().flatten());
+                match machine::accept(
+                    offer.as_ref(),
+                    def.as_ref(),
+                    &msg.from,
+                    &msg.endpoint,
+                    *offer_id,
+                    *job_id,
+                    now,
+                )
+                .map_err(refused)?
+                {
+                    AcceptOutcome::Created(job, used, fx) => {
+                        tracing::info!(job = %job.id, job_type = %job.job_type, manager = %job.manager, "job accepted");
+                        (Some(job), Some(used), fx)
+                    }
+                    AcceptOutcome::Answer(out) => (None, None, vec![Effect::Send(out)]),
+                }
+            }
+            Msg::Reject { request_id, .. } => {
+                if let Some(o) = self.offers.get(request_id) {
+                    if o.manager != msg.from {
+                        return Err(DeliverError::Refused(
+                            "only the manager an offer was made to may reject it".into(),
+                        ));
+                    }
+                }
+                self.offers.remove(request_id);
+                let mut b = Batch::default();
+                b.delete(OFFERS, &Key::new().uuid(request_id).finish());
+                wire::mark_applied(&mut b, &msg.id);
+                self.store
+                    .write(b)
+                    .map_err(|e| DeliverError::Retry(e.to_string()))?;
+                return Ok(Delivered::Applied);
+            }
+            Msg::Data {
+                job_id,
+                items,
+                outputs: false,
+            } => {
+                let Some(mut job) = self.job(*job_id) else {
+                    return Err(DeliverError::Refused(format!(
+                        "this agent holds no job {job_id}"
+                    )));
+                };
+                let fx = job.on_data(&msg.from, items).map_err(refused)?;
+                (Some(job), None, fx)
+            }
+            Msg::StatusRequest { job_id } => match self.job(*job_id) {
+                Some(job) => {
+                    let fx = job.on_status_request(&msg.from).map_err(refused)?;
+                    (None, None, fx)
+                }
+                None => (None, None, vec![Effect::Send(unknown_job(&msg, *job_id))]),
+            },
+            Msg::Kill { job_id, reason } => match self.job(*job_id) {
+                Some(mut job) => {
+                    let fx = job.on_kill(&msg.from, reason, now).map_err(refused)?;
+                    tracing::info!(job = %job_id, reason = %reason, "job killed by its manager");
+                    (Some(job), None, fx)
+                }
+                None => (None, None, Vec::new()),
+            },
+            _ => return Ok(Delivered::NotMine),
+        };
+        self.commit(Some(msg.id), job, offer, fx)
+            .map_err(DeliverError::Retry)?;
+        Ok(Delivered::Applied)
+    }
+
+    /// A job, live in memory or finished on disk.
+    fn job(&self, id: Uuid) -> Option<Job> {
+        self.jobs.get(&id).cloned().or_else(|| {
+            self.store
+                .get(JOBS, &Key::new().uuid(&id).finish())
+                .ok()
+                .flatten()
+        })
+    }
+
+    /// Persists a change and the messages it causes in one batch, then
+    /// performs the remaining effects.
+    fn commit(
+        &mut self,
+        applied: Option<Uuid>,
+        job: Option<Job>,
+        offer: Option<Offer>,
+        fx: Vec<Effect>,
+    ) -> Result<(), String> {
+        let mut job = job;
+        let mut b = Batch::default();
+        let mut staged = Vec::new();
+        for e in &fx {
+            if let Effect::Send(out) = e {
+                staged.push(self.wire.stage(&mut b, out)?);
+            }
+            if let (Effect::Enqueue(_), Some(j)) = (e, job.as_mut()) {
+                j.queue_seq = Some(self.next_queue_seq);
+                self.next_queue_seq += 1;
+            }
+        }
+        if let Some(j) = &job {
+            b.put(JOBS, &Key::new().uuid(&j.id).finish(), j);
+        }
+        if let Some(o) = &offer {
+            b.put(OFFERS, &Key::new().uuid(&o.request_id).finish(), o);
+        }
+        if let Some(id) = applied {
+            wire::mark_applied(&mut b, &id);
+        }
+        self.store.write(b).map_err(|e| e.to_string())?;
+        self.wire.notify(staged);
+        if let Some(o) = offer {
+            self.offers.insert(o.request_id, o);
+        }
+        if let Some(j) = job {
+            for e in &fx {
+                match e {
+                    Effect::Enqueue(id) => {
+                        if let Some(seq) = j.queue_seq {
+                            self.queue.insert(seq, *id);
+                        }
+                    }
+                    Effect::StopProcess(id) => {
+                        if let Some(t) = self.running.remove(id) {
+                            t.cancel();
+                        }
+                    }
+                    Effect::Send(_) => {}
+                }
+            }
+            if j.state.is_final() {
+                self.jobs.remove(&j.id);
+                self.queue.retain(|_, id| *id != j.id);
+            } else {
+                self.jobs.insert(j.id, j);
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts queued jobs, oldest first, while slots are free.
+    fn schedule(&mut self) {
+        while self.running.len() < self.opts.slots {
+            let Some((_, id)) = self.queue.pop_first() else {
+                return;
+            };
+            let Some(mut job) = self.jobs.get(&id).cloned() else {
+                continue;
+            };
+            let def = match job_types::find(&self.store, &job.job_type) {
+                Ok(Some(d)) => d,
+                Ok(None) => {
+                    let fx = job.on_started(now_ms());
+                    let mut job2 = job.clone();
+                    let mut fx2 = job2.on_finished(
+                        RunResult::Failed {
+                            message: format!(
+                                "job type {} was removed from this agent",
+                                job.job_type
+                            ),
+                            exit_status: None,
+                            stderr_tail: String::new(),
+                        },
+                        now_ms(),
+                    );
+                    let mut all = fx;
+                    all.append(&mut fx2);
+                    let _ = self.commit(None, Some(job2), None, all);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read job types");
+                    self.queue.insert(job.queue_seq.unwrap_or(0), id);
+                    return;
+                }
+            };
+            let fx = job.on_started(now_ms());
+            let spec = RunSpec {
+                job_id: id,
+                body: def.body.clone(),
+                inputs: job.values.clone(),
+                job_kvs: job.job_kvs.clone(),
+                outputs: def.outputs.clone(),
+                timeout: Duration::from_secs(u64::from(def.timeout_seconds)),
+                max_output_bytes: def.max_output_bytes,
+            };
+            if let Err(e) = self.commit(None, Some(job), None, fx) {
+                tracing::error!(error = %e, "cannot start a job");
+                continue;
+            }
+            let token = CancellationToken::new();
+            self.running.insert(id, token.clone());
+            let exec = self.executor.clone();
+            let done = self.done_tx.clone();
+            let span = tracing::info_span!("job", node = %self.opts.node_id, job = %id);
+            tokio::spawn(
+                async move {
+                    tracing::info!("job started");
+                    let result = exec.run(spec, token).await;
+                    let _ = done.send((id, result)).await;
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    fn finished(&mut self, id: Uuid, result: RunResult) {
+        self.running.remove(&id);
+        let Some(mut job) = self.jobs.get(&id).cloned() else {
+            return;
+        };
+        let fx = job.on_finished(result, now_ms());
+        tracing::info!(job = %id, state = job.state.as_str(), message = %job.message, "job finished");
+        if let Err(e) = self.commit(None, Some(job), None, fx) {
+            tracing::error!(error = %e, "cannot record a finished job");
+        }
+    }
+}
+
+fn unknown_job(msg: &Inbound, job_id: Uuid) -> caroni_types::msg::Outbound {
+    caroni_types::msg::Outbound {
+        to: msg.from.clone(),
+        endpoint: msg.endpoint.clone(),
+        msg: Msg::Status(caroni_types::msg::StatusUpdate {
+            job_id,
+            state: JobState::Failed,
+            message: "this agent does not know the job (it may have lost its data)".into(),
+            exit_status: None,
+            stderr_tail: String::new(),
+            sequence: u64::MAX,
+        }),
+    }
+}

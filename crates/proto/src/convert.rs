@@ -1,0 +1,288 @@
+//! Conversions between the wire messages and the engines' domain messages
+//! (`caroni_types::msg`). Decoding checks what protobuf cannot: ids must be
+//! UUIDs, states must be known.
+
+use caroni_types::msg::{JobRequest, JobState, Msg, StatusUpdate};
+use uuid::Uuid;
+
+use crate::v1::{self as pb, message::Payload};
+
+/// A wire message that does not make sense.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed {message}: {problem}")]
+pub struct Malformed {
+    /// Message name.
+    pub message: &'static str,
+    /// What is wrong.
+    pub problem: String,
+}
+
+fn uuid(message: &'static str, field: &str, s: &str) -> Result<Uuid, Malformed> {
+    s.parse().map_err(|_| Malformed {
+        message,
+        problem: format!("{field} `{s}` is not a UUID"),
+    })
+}
+
+fn ms(t: &Option<prost_types::Timestamp>) -> u64 {
+    t.as_ref().map(crate::timestamp_to_ms).unwrap_or(0)
+}
+
+/// Domain job state → wire.
+pub fn job_state_to_pb(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Pending => pb::JobState::Pending,
+        JobState::Queued => pb::JobState::Queued,
+        JobState::Running => pb::JobState::Running,
+        JobState::Completed => pb::JobState::Completed,
+        JobState::Failed => pb::JobState::Failed,
+    }
+}
+
+impl From<Msg> for Payload {
+    fn from(m: Msg) -> Self {
+        match m {
+            Msg::Request(r) => Payload::JobFulfillmentRequest(pb::JobFulfillmentRequest {
+                request_id: r.request_id.to_string(),
+                job_type: r.job_type,
+                parameter_keys: r.parameter_keys,
+                output_keys: r.output_keys,
+                job_kvs: r.job_kvs.into_iter().collect(),
+                expires_at: Some(crate::timestamp_ms(r.expires_at_ms)),
+                manager_endpoint: r.manager_endpoint,
+                publish_count: r.publish_count,
+            }),
+            Msg::Offer {
+                offer_id,
+                request_id,
+                expires_at_ms,
+            } => Payload::JobFulfillmentOffer(pb::JobFulfillmentOffer {
+                offer_id: offer_id.to_string(),
+                request_id: request_id.to_string(),
+                expires_at: Some(crate::timestamp_ms(expires_at_ms)),
+            }),
+            Msg::Decline { request_id, reason } => {
+                Payload::JobFulfillmentDecline(pb::JobFulfillmentDecline {
+                    request_id: request_id.to_string(),
+                    reason,
+                })
+            }
+            Msg::Accept {
+                offer_id,
+                request_id,
+                job_id,
+            } => Payload::JobFulfillmentOfferAccept(pb::JobFulfillmentOfferAccept {
+                offer_id: offer_id.to_string(),
+                request_id: request_id.to_string(),
+                job_id: job_id.to_string(),
+            }),
+            Msg::Reject {
+                offer_id,
+                request_id,
+            } => Payload::JobFulfillmentOfferReject(pb::JobFulfillmentOfferReject {
+                offer_id: offer_id.to_string(),
+                request_id: request_id.to_string(),
+            }),
+            Msg::Accepted { job_id, offer_id } => Payload::JobAccepted(pb::JobAccepted {
+                job_id: job_id.to_string(),
+                offer_id: offer_id.to_string(),
+            }),
+            Msg::StatusRequest { job_id } => Payload::JobStatusRequest(pb::JobStatusRequest {
+                job_id: job_id.to_string(),
+            }),
+            Msg::Status(s) => Payload::JobStatusUpdate(pb::JobStatusUpdate {
+                job_id: s.job_id.to_string(),
+                state: job_state_to_pb(s.state) as i32,
+                message: s.message,
+                exit_status: s.exit_status,
+                stderr_tail: s.stderr_tail,
+                sequence: s.sequence,
+            }),
+            Msg::Data {
+                job_id,
+                items,
+                outputs,
+            } => Payload::JobDataAvailable(pb::JobDataAvailable {
+                job_id: job_id.to_string(),
+                items: items
+                    .into_iter()
+                    .map(|(name, value)| pb::DataItem { name, value })
+                    .collect(),
+                outputs,
+            }),
+            Msg::Kill { job_id, reason } => Payload::JobKill(pb::JobKill {
+                job_id: job_id.to_string(),
+                reason,
+            }),
+        }
+    }
+}
+
+impl TryFrom<Payload> for Msg {
+    type Error = Malformed;
+
+    fn try_from(p: Payload) -> Result<Self, Malformed> {
+        Ok(match p {
+            Payload::JobFulfillmentRequest(r) => {
+                const M: &str = "JobFulfillmentRequest";
+                Msg::Request(JobRequest {
+                    request_id: uuid(M, "request_id", &r.request_id)?,
+                    job_type: r.job_type,
+                    parameter_keys: r.parameter_keys,
+                    output_keys: r.output_keys,
+                    job_kvs: r.job_kvs.into_iter().collect(),
+                    expires_at_ms: ms(&r.expires_at),
+                    manager_endpoint: r.manager_endpoint,
+                    publish_count: r.publish_count,
+                })
+            }
+            Payload::JobFulfillmentOffer(o) => {
+                const M: &str = "JobFulfillmentOffer";
+                Msg::Offer {
+                    offer_id: uuid(M, "offer_id", &o.offer_id)?,
+                    request_id: uuid(M, "request_id", &o.request_id)?,
+                    expires_at_ms: ms(&o.expires_at),
+                }
+            }
+            Payload::JobFulfillmentDecline(d) => Msg::Decline {
+                request_id: uuid("JobFulfillmentDecline", "request_id", &d.request_id)?,
+                reason: d.reason,
+            },
+            Payload::JobFulfillmentOfferAccept(a) => {
+                const M: &str = "JobFulfillmentOfferAccept";
+                Msg::Accept {
+                    offer_id: uuid(M, "offer_id", &a.offer_id)?,
+                    request_id: uuid(M, "request_id", &a.request_id)?,
+                    job_id: uuid(M, "job_id", &a.job_id)?,
+                }
+            }
+            Payload::JobFulfillmentOfferReject(r) => {
+                const M: &str = "JobFulfillmentOfferReject";
+                Msg::Reject {
+                    offer_id: uuid(M, "offer_id", &r.offer_id)?,
+                    request_id: uuid(M, "request_id", &r.request_id)?,
+                }
+            }
+            Payload::JobAccepted(a) => Msg::Accepted {
+                job_id: uuid("JobAccepted", "job_id", &a.job_id)?,
+                offer_id: uuid("JobAccepted", "offer_id", &a.offer_id)?,
+            },
+            Payload::JobStatusRequest(r) => Msg::StatusRequest {
+                job_id: uuid("JobStatusRequest", "job_id", &r.job_id)?,
+            },
+            Payload::JobStatusUpdate(s) => {
+                const M: &str = "JobStatusUpdate";
+                let state = match pb::JobState::try_from(s.state) {
+                    Ok(pb::JobState::Pending) => JobState::Pending,
+                    Ok(pb::JobState::Queued) => JobState::Queued,
+                    Ok(pb::JobState::Running) => JobState::Running,
+                    Ok(pb::JobState::Completed) => JobState::Completed,
+                    Ok(pb::JobState::Failed) => JobState::Failed,
+                    _ => {
+                        return Err(Malformed {
+                            message: M,
+                            problem: format!("unknown job state {}", s.state),
+                        })
+                    }
+                };
+                Msg::Status(StatusUpdate {
+                    job_id: uuid(M, "job_id", &s.job_id)?,
+                    state,
+                    message: s.message,
+                    exit_status: s.exit_status,
+                    stderr_tail: s.stderr_tail,
+                    sequence: s.sequence,
+                })
+            }
+            Payload::JobDataAvailable(d) => Msg::Data {
+                job_id: uuid("JobDataAvailable", "job_id", &d.job_id)?,
+                items: d.items.into_iter().map(|i| (i.name, i.value)).collect(),
+                outputs: d.outputs,
+            },
+            Payload::JobKill(k) => Msg::Kill {
+                job_id: uuid("JobKill", "job_id", &k.job_id)?,
+                reason: k.reason,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn every_message_round_trips() {
+        let id = Uuid::new_v4;
+        let msgs = vec![
+            Msg::Request(JobRequest {
+                request_id: id(),
+                job_type: "foojob0".into(),
+                parameter_keys: vec!["message".into()],
+                output_keys: vec!["jobout".into()],
+                job_kvs: BTreeMap::from([("k".into(), "v".into())]),
+                expires_at_ms: 1_700_000_000_123,
+                manager_endpoint: "http://m:1".into(),
+                publish_count: 2,
+            }),
+            Msg::Offer {
+                offer_id: id(),
+                request_id: id(),
+                expires_at_ms: 5_000,
+            },
+            Msg::Decline {
+                request_id: id(),
+                reason: "no".into(),
+            },
+            Msg::Accept {
+                offer_id: id(),
+                request_id: id(),
+                job_id: id(),
+            },
+            Msg::Reject {
+                offer_id: id(),
+                request_id: id(),
+            },
+            Msg::Accepted {
+                job_id: id(),
+                offer_id: id(),
+            },
+            Msg::StatusRequest { job_id: id() },
+            Msg::Status(StatusUpdate {
+                job_id: id(),
+                state: JobState::Failed,
+                message: "exit status 1".into(),
+                exit_status: Some(1),
+                stderr_tail: "oops".into(),
+                sequence: 4,
+            }),
+            Msg::Data {
+                job_id: id(),
+                items: BTreeMap::from([("a".into(), "b".into())]),
+                outputs: true,
+            },
+            Msg::Kill {
+                job_id: id(),
+                reason: "cancelled".into(),
+            },
+        ];
+        for m in msgs {
+            let back = Msg::try_from(Payload::from(m.clone())).expect("decode");
+            assert_eq!(back, m);
+        }
+    }
+
+    #[test]
+    fn bad_ids_are_named() {
+        let e = Msg::try_from(Payload::JobKill(pb::JobKill {
+            job_id: "nope".into(),
+            reason: String::new(),
+        }))
+        .expect_err("bad");
+        assert_eq!(
+            e.to_string(),
+            "malformed JobKill: job_id `nope` is not a UUID"
+        );
+    }
+}
