@@ -277,3 +277,69 @@ pub fn run_bounded(mut cmd: Command, limit: Duration) -> anyhow::Result<Output> 
         stderr: err.join().unwrap_or_default(),
     })
 }
+
+/// Path of an example file.
+pub fn example(p: &str) -> String {
+    repo().join("examples").join(p).display().to_string()
+}
+
+impl NodeProc {
+    /// libp2p multiaddr other nodes can bootstrap from.
+    pub fn p2p_addr(&self) -> String {
+        format!("/ip4/127.0.0.1/tcp/{}", self.ports.p2p)
+    }
+
+    /// Loads the demo template on a manager.
+    pub fn add_demo_template(&self) {
+        self.ok(&[
+            "template",
+            "add",
+            "test_simple",
+            &example("templates/test_simple.cwl"),
+        ]);
+    }
+
+    /// Loads job-type files (names under `examples/jobtypes/`) on an agent.
+    pub fn add_job_types(&self, files: &[&str]) {
+        for f in files {
+            self.ok(&["jobtype", "add", &example(&format!("jobtypes/{f}"))]);
+        }
+    }
+
+    /// Starts a workflow; returns its id.
+    pub fn run(&self, template: &str, inputs: &[&str]) -> String {
+        let mut args = vec!["run", template];
+        args.extend_from_slice(inputs);
+        self.ok(&args).trim().to_string()
+    }
+
+    /// Follows a workflow until it ends (bounded by `limit`); returns it as JSON.
+    pub fn wait(&self, id: &str, limit: Duration) -> serde_json::Value {
+        let mut cmd = Command::new(bin("caroni"));
+        cmd.arg("--node")
+            .arg(self.url())
+            .args(["-o", "json", "workflow", "watch", id]);
+        let out = run_bounded(cmd, limit).unwrap_or_else(|e| {
+            panic!(
+                "workflow {id} did not end: {e}\nnow: {}\nlog:\n{}",
+                self.ok(&["workflow", "show", id]),
+                self.log_text()
+            )
+        });
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "bad JSON from watch ({e}): {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// Node id.
+    pub fn node_id(&self) -> String {
+        self.json(&["node", "info"])["node_id"]
+            .as_str()
+            .expect("node id")
+            .to_string()
+    }
+}

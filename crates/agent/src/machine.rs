@@ -195,7 +195,7 @@ pub fn answer_request(
 #[derive(Debug)]
 pub enum AcceptOutcome {
     /// A new job (store it and the used offer), with what to do.
-    Created(Job, Offer, Vec<Effect>),
+    Created(Box<Job>, Offer, Vec<Effect>),
     /// Nothing new; answer again.
     Answer(Outbound),
 }
@@ -279,7 +279,7 @@ pub fn accept(
     let mut fx = vec![Effect::Send(accepted(job_id))];
     // A job type without inputs is ready at once.
     job.maybe_queue(&mut fx);
-    Ok(AcceptOutcome::Created(job, used, fx))
+    Ok(AcceptOutcome::Created(Box::new(job), used, fx))
 }
 
 impl Job {

@@ -92,7 +92,7 @@ impl Handle {
             .into_iter()
             .map(|(_, j)| j)
             .collect();
-        all.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms));
+        all.sort_by_key(|w| std::cmp::Reverse(w.created_at_ms));
         all.truncate(limit);
         Ok(all)
     }
@@ -292,7 +292,7 @@ impl<E: Executor> Service<E> {
                 {
                     AcceptOutcome::Created(job, used, fx) => {
                         tracing::info!(job = %job.id, job_type = %job.job_type, manager = %job.manager, "job accepted");
-                        (Some(job), Some(used), fx)
+                        (Some(*job), Some(used), fx)
                     }
                     AcceptOutcome::Answer(out) => (None, None, vec![Effect::Send(out)]),
                 }

@@ -121,7 +121,7 @@ impl Handle {
             .into_iter()
             .map(|(_, w)| w)
             .collect();
-        all.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms));
+        all.sort_by_key(|w| std::cmp::Reverse(w.created_at_ms));
         all.truncate(limit);
         Ok(all)
     }

@@ -53,7 +53,7 @@ fn job() -> Job {
                     ..
                 })]
             ));
-            j
+            *j
         }
         other => panic!("{other:?}"),
     }

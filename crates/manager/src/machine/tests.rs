@@ -106,7 +106,7 @@ impl H {
 fn data_to(fx: &[Effect], job: Uuid) -> Option<BTreeMap<String, String>> {
     fx.iter().find_map(|e| match e {
         Effect::Send(Outbound {
-            msg: Msg::Data { job_id, items },
+            msg: Msg::Data { job_id, items, .. },
             ..
         }) if *job_id == job => Some(items.clone()),
         _ => None,
