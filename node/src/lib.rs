@@ -263,6 +263,7 @@ async fn serve_api(
         .build_v1alpha()?;
 
     let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -233,13 +233,27 @@ impl Sender {
         }
     }
 
-    fn pending(&self, after: Option<&[u8]>) -> Result<Vec<(Vec<u8>, Entry)>, String> {
+    /// Entries not yet in flight, in key order. The scan starts at the
+    /// beginning of the destination's entries every time: two engines stage
+    /// concurrently, so an entry with a lower sequence number can become
+    /// visible after a higher one was sent, and must not be skipped. A
+    /// batch's entries become visible together, so the order of the
+    /// messages of one state change (data before status) is kept.
+    fn pending(
+        &self,
+        in_flight: &HashMap<String, Vec<u8>>,
+    ) -> Result<Vec<(Vec<u8>, Entry)>, String> {
         let prefix = Key::new().str(&self.to).finish();
-        self.outbox
+        let all = self
+            .outbox
             .inner
             .store
-            .scan_after(OUTBOX, &prefix, after, WINDOW)
-            .map_err(|e| e.to_string())
+            .scan_limit(OUTBOX, &prefix, in_flight.len() + WINDOW)
+            .map_err(|e| e.to_string())?;
+        Ok(all
+            .into_iter()
+            .filter(|(_, e)| !in_flight.contains_key(&e.message_id))
+            .collect())
     }
 
     /// One stream: returns Ok when the outbox is drained and idle long
@@ -247,13 +261,14 @@ impl Sender {
     async fn session(&self) -> Result<(), String> {
         let cancel = self.outbox.inner.cancel.clone();
         // Wait for work before connecting.
-        let mut batch = self.pending(None)?;
+        let mut in_flight: HashMap<String, Vec<u8>> = HashMap::new();
+        let mut batch = self.pending(&in_flight)?;
         while batch.is_empty() {
             tokio::select! {
                 _ = self.notify.notified() => {}
                 _ = cancel.cancelled() => return Ok(()),
             }
-            batch = self.pending(None)?;
+            batch = self.pending(&in_flight)?;
         }
         let endpoint = batch[0].1.endpoint.clone();
         let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
@@ -276,8 +291,7 @@ impl Sender {
             s.connected = true;
             s.last_error.clear();
         });
-        let mut in_flight: HashMap<String, Vec<u8>> = HashMap::new();
-        let mut last_sent: Option<Vec<u8>> = None;
+        let mut more = batch.len() >= WINDOW;
         loop {
             for (key, entry) in batch.drain(..) {
                 if in_flight.len() >= WINDOW {
@@ -285,12 +299,12 @@ impl Sender {
                 }
                 let env = Envelope::decode(entry.envelope.as_slice())
                     .map_err(|e| format!("corrupt outbox entry: {e}"))?;
-                in_flight.insert(entry.message_id.clone(), key.clone());
-                last_sent = Some(key);
+                in_flight.insert(entry.message_id.clone(), key);
                 tx.send(env)
                     .await
                     .map_err(|_| "stream closed".to_string())?;
             }
+            let mut rescan = false;
             tokio::select! {
                 ack = acks.next() => {
                     let ack = match ack {
@@ -313,11 +327,14 @@ impl Sender {
                         });
                     }
                 }
-                _ = self.notify.notified() => {}
+                _ = self.notify.notified() => rescan = true,
                 _ = cancel.cancelled() => return Ok(()),
             }
-            if in_flight.len() < WINDOW / 2 {
-                batch = self.pending(last_sent.as_deref())?;
+            // New entries appear only with a notification; a window that
+            // was full may have left entries behind.
+            if (rescan || more) && in_flight.len() < WINDOW / 2 {
+                batch = self.pending(&in_flight)?;
+                more = batch.len() > WINDOW - in_flight.len();
                 batch.truncate(WINDOW - in_flight.len());
             }
         }
