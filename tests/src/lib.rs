@@ -343,3 +343,74 @@ impl NodeProc {
             .to_string()
     }
 }
+
+impl NodeProc {
+    /// Process id of the running node.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).expect("running")
+    }
+
+    /// Sends a signal by name (STOP, CONT, …) with `kill`.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Writes a job-type file into `dir` and adds (or updates) it.
+    pub fn put_job_type(
+        &self,
+        dir: &Path,
+        name: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        body: &str,
+        update: bool,
+    ) {
+        let file = dir.join(format!("{name}-{}.yaml", free_port()));
+        let doc = serde_json::json!({
+            "name": name, "inputs": inputs, "outputs": outputs, "body": body, "timeout": 120,
+        });
+        std::fs::write(&file, serde_json::to_string(&doc).expect("json")).expect("write");
+        self.ok(&[
+            "jobtype",
+            if update { "update" } else { "add" },
+            file.to_str().expect("utf8"),
+        ]);
+    }
+
+    /// Polls `workflow show` until `pred` holds (bounded by `limit`).
+    pub fn wait_until(
+        &self,
+        id: &str,
+        limit: Duration,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let w = self.json(&["workflow", "show", id]);
+            if pred(&w) {
+                return w;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "timed out waiting for {what}: {w:#}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The step named `id` of a workflow JSON.
+pub fn step<'a>(w: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    w["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .find(|s| s["id"] == id)
+        .expect("step")
+}

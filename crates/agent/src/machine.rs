@@ -422,15 +422,17 @@ impl Job {
         fx
     }
 
-    /// After a restart: a job that was running when the agent died is
-    /// failed (its process is gone); a queued job is queued again.
-    pub fn on_restart(&mut self, now_ms: u64) -> Vec<Effect> {
+    /// After a restart: a job that was running when the agent died lost
+    /// its process; it is queued again and re-run from the start (its
+    /// result was never reported, so the manager sees one run). A queued
+    /// job is queued again.
+    pub fn on_restart(&mut self) -> Vec<Effect> {
         let mut fx = Vec::new();
         match self.state {
             JobState::Running => {
-                self.message = "the agent restarted while the job ran".into();
-                self.ended_at_ms = Some(now_ms);
-                self.set(JobState::Failed, &mut fx);
+                self.started_at_ms = None;
+                self.set(JobState::Queued, &mut fx);
+                fx.push(Effect::Enqueue(self.id));
             }
             JobState::Queued => fx.push(Effect::Enqueue(self.id)),
             _ => {}

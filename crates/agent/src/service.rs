@@ -195,18 +195,23 @@ impl<E: Executor> Service<E> {
     }
 
     fn recover(&mut self) {
-        let now = now_ms();
-        let ids: Vec<Uuid> = self.jobs.keys().copied().collect();
-        for id in ids {
+        let mut ids: Vec<(u64, Uuid)> = self
+            .jobs
+            .values()
+            .map(|j| (j.queue_seq.unwrap_or(0), j.id))
+            .collect();
+        ids.sort();
+        for (_, id) in ids {
             let Some(mut job) = self.jobs.get(&id).cloned() else {
                 continue;
             };
-            let fx = job.on_restart(now);
+            let was_running = job.state == JobState::Running;
+            let fx = job.on_restart();
             if fx.is_empty() {
                 continue;
             }
-            if job.state == JobState::Failed {
-                tracing::warn!(job = %id, "job was running when the agent stopped; reported failed");
+            if was_running {
+                tracing::warn!(job = %id, "job was running when the agent stopped; it runs again");
             }
             if let Err(e) = self.commit(None, Some(job), None, fx) {
                 tracing::error!(error = %e, "cannot recover a job");

@@ -194,7 +194,7 @@ fn run_completes_with_outputs_sent_before_status() {
 }
 
 #[test]
-fn kill_stops_a_running_job_and_restart_fails_it() {
+fn kill_stops_a_running_job_and_restart_requeues_it() {
     let mut j = job();
     j.on_data(M, &BTreeMap::from([("text".into(), "a".into())]))
         .expect("data");
@@ -212,7 +212,7 @@ fn kill_stops_a_running_job_and_restart_fails_it() {
             60
         )
         .is_empty());
-    r.on_restart(70);
-    assert_eq!(r.state, JobState::Failed);
-    assert!(r.message.contains("restarted"));
+    let fx = r.on_restart();
+    assert_eq!(r.state, JobState::Queued);
+    assert!(fx.contains(&Effect::Enqueue(r.id)));
 }
