@@ -216,7 +216,7 @@ fn a_stopped_agent_resumes_without_losing_an_attempt() {
         "foojob1",
         &["text"],
         &["outSB"],
-        &format!("sleep 1; jq -cn --arg t \"$CARONI_ENV_text\" '{{outSB: (\"prepend\" + $t)}}'"),
+        r#"sleep 1; jq -cn --arg t "$CARONI_ENV_text" '{outSB: ("prepend" + $t)}'"#,
         false,
     );
     let id = m.run("test_simple", &["start_message=paused"]);
@@ -254,9 +254,7 @@ fn a_lost_agent_costs_one_attempt_and_the_other_takes_over() {
             "foojob1",
             &["text"],
             &["outSB"],
-            &format!(
-                "sleep 4; jq -cn --arg t \"$CARONI_ENV_text\" '{{outSB: (\"prepend\" + $t)}}'"
-            ),
+            r#"sleep 4; jq -cn --arg t "$CARONI_ENV_text" '{outSB: ("prepend" + $t)}'"#,
             false,
         );
         agents.push(a);
