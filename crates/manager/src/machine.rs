@@ -351,23 +351,31 @@ impl Workflow {
         if a.accepted {
             return Ok(fx);
         }
+        self.accept_attempt(n, k, &mut fx);
+        self.touch(ctx);
+        Ok(fx)
+    }
+
+    /// Records that the agent holds the job of attempt `k` of step `n`.
+    fn accept_attempt(&mut self, n: usize, k: usize, fx: &mut Vec<Effect>) {
+        let a = &mut self.steps[n].attempts[k];
         a.accepted = true;
-        a.last_probe_ms = ctx.now_ms;
-        fx.push(Effect::Send(Outbound {
-            to: a.agent.clone(),
-            endpoint: a.endpoint.clone(),
-            msg: Msg::StatusRequest { job_id },
-        }));
+        a.last_probe_ms = a.last_heard_ms;
+        if let Some(job_id) = a.job_id {
+            fx.push(Effect::Send(Outbound {
+                to: a.agent.clone(),
+                endpoint: a.endpoint.clone(),
+                msg: Msg::StatusRequest { job_id },
+            }));
+        }
         if self.steps[n].state == StepState::Fulfilling {
             self.steps[n].state = StepState::Fulfilled;
         }
         if self.started {
             // A re-fulfilled step: send again what it already had.
-            self.send_values(n, &mut fx);
+            self.send_values(n, fx);
         }
-        self.maybe_run(&mut fx);
-        self.touch(ctx);
-        Ok(fx)
+        self.maybe_run(fx);
     }
 
     /// True when no step waits for a job.
@@ -470,6 +478,12 @@ impl Workflow {
             if update.sequence <= a.status_seq {
                 return Ok(fx);
             }
+            if !a.accepted {
+                // News of the job implies the agent holds it, even if its
+                // JobAccepted has not arrived yet.
+                self.accept_attempt(n, k, &mut fx);
+            }
+            let a = &mut self.steps[n].attempts[k];
             a.status_seq = update.sequence;
             a.state = update.state;
             a.exit_status = update.exit_status;
@@ -746,3 +760,6 @@ impl Workflow {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod props;
