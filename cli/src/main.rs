@@ -74,6 +74,10 @@ enum Command {
     /// Peers of the node: libp2p connections and outbox queues.
     #[command(after_help = "Example:\n  caroni peers")]
     Peers,
+    /// Exit 0 when the node's gRPC health service says SERVING (for
+    /// container health checks).
+    #[command(after_help = "Example:\n  caroni --node http://127.0.0.1:7070 health")]
+    Health,
     /// Run the demonstration workflow on an embedded manager and agent.
     #[command(after_help = "Example:\n  caroni demo caronirocks\n  → prependCARONIROCKS append")]
     Demo {
@@ -118,6 +122,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Workflow(c) => workflow::workflow(&ctx, c).await,
         Command::Job(c) => workflow::job(&ctx, c).await,
         Command::Peers => workflow::peers(&ctx).await,
+        Command::Health => ctx.health().await,
         Command::Demo { text } => demo::demo(text, ctx.format).await,
     }
 }

@@ -173,7 +173,11 @@ impl Config {
                 file.bootstrap.unwrap_or_default()
             } else {
                 flags.bootstrap
-            },
+            }
+            .into_iter()
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect(),
             mdns: flags.mdns.or(file.mdns).unwrap_or(true),
             slots: flags.slots.or(file.slots).unwrap_or(2),
             lease_seconds: flags.lease_seconds.or(file.lease_seconds).unwrap_or(30),
