@@ -13,6 +13,7 @@ demo: setup
 
 test: setup
 	cargo build --workspace --bins
+	@if docker info >/dev/null 2>&1; then deploy/build-image.sh; else echo "no Docker engine reachable: the multi-host tests will be skipped"; fi
 	cargo nextest run --workspace --no-fail-fast
 
 check: setup

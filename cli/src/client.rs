@@ -60,15 +60,23 @@ impl Context {
 
     /// Asks `grpc.health.v1.Health/Check` for the whole server.
     pub async fn health(&self) -> anyhow::Result<std::process::ExitCode> {
-        use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+        use tonic_health::pb::{
+            health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+        };
         let resp = HealthClient::new(self.channel().await?)
-            .check(HealthCheckRequest { service: String::new() })
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
             .await
             .map_err(status)?
             .into_inner();
         let serving = resp.status == ServingStatus::Serving as i32;
         println!("{}", if serving { "SERVING" } else { "NOT_SERVING" });
-        Ok(if serving { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
+        Ok(if serving {
+            std::process::ExitCode::SUCCESS
+        } else {
+            std::process::ExitCode::FAILURE
+        })
     }
 
     pub async fn node_api(&self) -> anyhow::Result<NodeServiceClient<Channel>> {
