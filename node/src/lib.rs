@@ -193,7 +193,7 @@ impl Node {
                     caroni_peer::PeerServer::new(inbox),
                 ),
             );
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(peer_listener);
+        let incoming = nodelay(peer_listener);
         let c = cancel.clone();
         tasks.spawn(async move {
             peer_server
@@ -276,11 +276,25 @@ async fn serve_api(
             token.clone(),
         ))
         .add_service(AgentServiceServer::with_interceptor(apis.agent, token));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = nodelay(listener);
     Ok(async move {
         router
             .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
             .await
             .context("client API server failed")
+    })
+}
+
+/// Accepted connections with Nagle's algorithm off: tonic sets TCP_NODELAY
+/// only on connections it accepts itself, and small protocol messages must
+/// not wait for delayed ACKs (about 40 ms a hop).
+fn nodelay(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
     })
 }
