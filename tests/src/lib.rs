@@ -414,3 +414,13 @@ pub fn step<'a>(w: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
         .find(|s| s["id"] == id)
         .expect("step")
 }
+
+impl NodeProc {
+    /// An agent that bootstraps from `manager` (extra flags appended).
+    pub fn agent_of(manager: &NodeProc, data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let boot = manager.p2p_addr();
+        let mut args = vec!["--bootstrap", boot.as_str()];
+        args.extend_from_slice(extra);
+        Self::start(data_dir, "agent", &args)
+    }
+}

@@ -197,6 +197,34 @@ impl Env {
         (m, format!("/ip4/{}/tcp/7072", self.ip(10)))
     }
 
+    /// An agent bootstrapping from `boot`, with job-type files loaded.
+    fn agent(&mut self, name: &str, host: u8, boot: &str, fixtures: &[&str]) -> String {
+        let files = fixtures.join(" ");
+        let a = self.node(
+            name,
+            host,
+            &[
+                ("CARONI_ROLE", "agent"),
+                ("CARONI_BOOTSTRAP", boot),
+                ("CARONI_FIXTURES", &files),
+            ],
+        );
+        self.wait_job_types(&a, fixtures.len());
+        a
+    }
+
+    /// Runs the demo template and waits until its (slow) step 2 runs.
+    fn run_until_step2_runs(&self, m: &str, text: &str) -> (String, serde_json::Value) {
+        let id = self
+            .cli(m, &["run", "test_simple", &format!("start_message={text}")])
+            .trim()
+            .to_string();
+        let w = self.wait_until(m, &id, "step2 running", |w| {
+            step(w, "step2")["state"] == "running"
+        });
+        (id, w)
+    }
+
     fn put_job_type(&self, cname: &str, yaml: &str) {
         let script =
             format!("cat > /tmp/jt.yaml <<'EOF'\n{yaml}\nEOF\ncaroni jobtype update /tmp/jt.yaml");
@@ -226,26 +254,8 @@ fn demo_across_three_containers() {
         return;
     };
     let (m, boot) = env.manager(&[]);
-    let a = env.node(
-        "agent-a",
-        11,
-        &[
-            ("CARONI_ROLE", "agent"),
-            ("CARONI_BOOTSTRAP", &boot),
-            ("CARONI_FIXTURES", "foojob0.yaml foojob2.yaml"),
-        ],
-    );
-    let b = env.node(
-        "agent-b",
-        12,
-        &[
-            ("CARONI_ROLE", "agent"),
-            ("CARONI_BOOTSTRAP", &boot),
-            ("CARONI_FIXTURES", "foojob1.yaml"),
-        ],
-    );
-    env.wait_job_types(&a, 2);
-    env.wait_job_types(&b, 1);
+    let a = env.agent("agent-a", 11, &boot, &["foojob0.yaml", "foojob2.yaml"]);
+    let b = env.agent("agent-b", 12, &boot, &["foojob1.yaml"]);
     let out = env.cli(
         &m,
         &["run", "test_simple", "start_message=caronirocks", "--wait"],
@@ -266,24 +276,14 @@ fn an_agent_cut_off_for_20_s_loses_no_attempt() {
         return;
     };
     let (m, boot) = env.manager(&[]);
-    let a = env.node(
+    let a = env.agent(
         "agent",
         11,
-        &[
-            ("CARONI_ROLE", "agent"),
-            ("CARONI_BOOTSTRAP", &boot),
-            ("CARONI_FIXTURES", "foojob0.yaml foojob1.yaml foojob2.yaml"),
-        ],
+        &boot,
+        &["foojob0.yaml", "foojob1.yaml", "foojob2.yaml"],
     );
-    env.wait_job_types(&a, 3);
     env.put_job_type(&a, SLOW_FOOJOB1);
-    let id = env
-        .cli(&m, &["run", "test_simple", "start_message=cut"])
-        .trim()
-        .to_string();
-    env.wait_until(&m, &id, "step2 running", |w| {
-        step(w, "step2")["state"] == "running"
-    });
+    let (id, _) = env.run_until_step2_runs(&m, "cut");
     docker_ok(&["network", "disconnect", &env.net, &a]);
     std::thread::sleep(Duration::from_secs(20));
     docker_ok(&["network", "connect", "--ip", &env.ip(11), &env.net, &a]);
@@ -300,24 +300,14 @@ fn the_manager_killed_mid_workflow_finishes_after_restart() {
         return;
     };
     let (m, boot) = env.manager(&[]);
-    let a = env.node(
+    let a = env.agent(
         "agent",
         11,
-        &[
-            ("CARONI_ROLE", "agent"),
-            ("CARONI_BOOTSTRAP", &boot),
-            ("CARONI_FIXTURES", "foojob0.yaml foojob1.yaml foojob2.yaml"),
-        ],
+        &boot,
+        &["foojob0.yaml", "foojob1.yaml", "foojob2.yaml"],
     );
-    env.wait_job_types(&a, 3);
     env.put_job_type(&a, SLOW_FOOJOB1);
-    let id = env
-        .cli(&m, &["run", "test_simple", "start_message=phoenix"])
-        .trim()
-        .to_string();
-    env.wait_until(&m, &id, "step2 running", |w| {
-        step(w, "step2")["state"] == "running"
-    });
+    let (id, _) = env.run_until_step2_runs(&m, "phoenix");
     docker_ok(&["kill", &m]);
     std::thread::sleep(Duration::from_secs(2));
     docker_ok(&["start", &m]);
@@ -334,27 +324,17 @@ fn a_capable_agent_stopped_for_good_is_replaced() {
     let (m, boot) = env.manager(&[("CARONI_LEASE_SECONDS", "5")]);
     let mut agents = Vec::new();
     for (name, host) in [("agent-a", 11u8), ("agent-b", 12u8)] {
-        let a = env.node(
+        let a = env.agent(
             name,
             host,
-            &[
-                ("CARONI_ROLE", "agent"),
-                ("CARONI_BOOTSTRAP", &boot),
-                ("CARONI_FIXTURES", "foojob0.yaml foojob1.yaml foojob2.yaml"),
-            ],
+            &boot,
+            &["foojob0.yaml", "foojob1.yaml", "foojob2.yaml"],
         );
-        env.wait_job_types(&a, 3);
         env.put_job_type(&a, SLOW_FOOJOB1);
         agents.push(a);
     }
     let ids: Vec<String> = agents.iter().map(|a| env.node_id(a)).collect();
-    let id = env
-        .cli(&m, &["run", "test_simple", "start_message=gone"])
-        .trim()
-        .to_string();
-    let w = env.wait_until(&m, &id, "step2 running", |w| {
-        step(w, "step2")["state"] == "running"
-    });
+    let (id, w) = env.run_until_step2_runs(&m, "gone");
     let holder = step(&w, "step2")["agent"]
         .as_str()
         .expect("agent")

@@ -107,12 +107,7 @@ fn twenty_sigkills_lose_nothing_and_do_nothing_twice() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut m = NodeProc::start(&dir.path().join("m"), "manager", &["--lease-seconds", "60"])
         .expect("manager");
-    let mut a = NodeProc::start(
-        &dir.path().join("a"),
-        "agent",
-        &["--bootstrap", &m.p2p_addr(), "--slots", "2"],
-    )
-    .expect("agent");
+    let mut a = NodeProc::agent_of(&m, &dir.path().join("a"), &["--slots", "2"]).expect("agent");
     m.add_demo_template();
     a.add_job_types(&["foojob0.yaml", "foojob1.yaml"]);
     a.put_job_type(
@@ -203,12 +198,7 @@ fn twenty_sigkills_lose_nothing_and_do_nothing_twice() {
 fn a_stopped_agent_resumes_without_losing_an_attempt() {
     let dir = tempfile::tempdir().expect("tempdir");
     let m = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
-    let a = NodeProc::start(
-        &dir.path().join("a"),
-        "agent",
-        &["--bootstrap", &m.p2p_addr()],
-    )
-    .expect("agent");
+    let a = NodeProc::agent_of(&m, &dir.path().join("a"), &[]).expect("agent");
     m.add_demo_template();
     a.add_job_types(&["foojob0.yaml", "foojob2.yaml"]);
     a.put_job_type(
@@ -242,12 +232,7 @@ fn a_lost_agent_costs_one_attempt_and_the_other_takes_over() {
         .expect("manager");
     let mut agents = Vec::new();
     for name in ["a", "b"] {
-        let a = NodeProc::start(
-            &dir.path().join(name),
-            "agent",
-            &["--bootstrap", &m.p2p_addr()],
-        )
-        .expect("agent");
+        let a = NodeProc::agent_of(&m, &dir.path().join(name), &[]).expect("agent");
         a.add_job_types(&["foojob0.yaml", "foojob2.yaml"]);
         a.put_job_type(
             dir.path(),

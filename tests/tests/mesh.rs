@@ -8,13 +8,10 @@ use prost::Message as _;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn agent_of(w: &serde_json::Value, step: &str) -> String {
-    w["steps"]
-        .as_array()
-        .expect("steps")
-        .iter()
-        .find(|s| s["id"] == step)
-        .and_then(|s| s["agent"].as_str())
+/// Node id of the agent that ran step `id`.
+fn agent_of_step(w: &serde_json::Value, id: &str) -> String {
+    caroni_tests::step(w, id)["agent"]
+        .as_str()
         .expect("agent")
         .to_string()
 }
@@ -23,12 +20,7 @@ fn agent_of(w: &serde_json::Value, step: &str) -> String {
 fn manager_and_agent_run_the_demo() {
     let dir = tempfile::tempdir().expect("tempdir");
     let m = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
-    let a = NodeProc::start(
-        &dir.path().join("a"),
-        "agent",
-        &["--bootstrap", &m.p2p_addr()],
-    )
-    .expect("agent");
+    let a = NodeProc::agent_of(&m, &dir.path().join("a"), &[]).expect("agent");
     m.add_demo_template();
     a.add_job_types(&["foojob0.yaml", "foojob1.yaml", "foojob2.yaml"]);
     let id = m.run("test_simple", &["start_message=caronirocks"]);
@@ -37,7 +29,7 @@ fn manager_and_agent_run_the_demo() {
     assert_eq!(w["outputs"]["result"], "prependCARONIROCKS append");
     let agent = a.node_id();
     for s in ["step1", "step2", "step3"] {
-        assert_eq!(agent_of(&w, s), agent);
+        assert_eq!(agent_of_step(&w, s), agent);
     }
     // Every dataflow carries its value, as the original's admin pages showed.
     let flows = w["dataflows"].as_array().expect("dataflows");
@@ -59,18 +51,8 @@ fn manager_and_agent_run_the_demo() {
 fn two_agents_with_complementary_job_types() {
     let dir = tempfile::tempdir().expect("tempdir");
     let m = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
-    let a = NodeProc::start(
-        &dir.path().join("a"),
-        "agent",
-        &["--bootstrap", &m.p2p_addr()],
-    )
-    .expect("agent A");
-    let b = NodeProc::start(
-        &dir.path().join("b"),
-        "agent",
-        &["--bootstrap", &m.p2p_addr()],
-    )
-    .expect("agent B");
+    let a = NodeProc::agent_of(&m, &dir.path().join("a"), &[]).expect("agent A");
+    let b = NodeProc::agent_of(&m, &dir.path().join("b"), &[]).expect("agent B");
     m.add_demo_template();
     a.add_job_types(&["foojob0.yaml", "foojob2.yaml"]);
     b.add_job_types(&["foojob1.yaml"]);
@@ -78,9 +60,9 @@ fn two_agents_with_complementary_job_types() {
     let w = m.wait(&id, LIMIT);
     assert_eq!(w["outputs"]["result"], "prependCARONIROCKS append", "{w:#}");
     let (ida, idb) = (a.node_id(), b.node_id());
-    assert_eq!(agent_of(&w, "step1"), ida);
-    assert_eq!(agent_of(&w, "step2"), idb);
-    assert_eq!(agent_of(&w, "step3"), ida);
+    assert_eq!(agent_of_step(&w, "step1"), ida);
+    assert_eq!(agent_of_step(&w, "step2"), idb);
+    assert_eq!(agent_of_step(&w, "step3"), ida);
     // `workflow show` names both agents.
     let shown = m.ok(&["workflow", "show", &id]);
     assert!(shown.contains(&ida) && shown.contains(&idb), "{shown}");
@@ -129,12 +111,7 @@ fn an_agent_that_starts_late_still_gets_the_work() {
     std::thread::sleep(Duration::from_secs(2));
     let w = m.json(&["workflow", "show", &id]);
     assert_eq!(w["state"], "initializing", "nobody can serve it yet: {w:#}");
-    let a = NodeProc::start(
-        &dir.path().join("a"),
-        "agent",
-        &["--bootstrap", &m.p2p_addr()],
-    )
-    .expect("agent");
+    let a = NodeProc::agent_of(&m, &dir.path().join("a"), &[]).expect("agent");
     a.add_job_types(&["foojob0.yaml", "foojob1.yaml", "foojob2.yaml"]);
     let w = m.wait(&id, LIMIT);
     assert_eq!(w["outputs"]["result"], "prependLATE append", "{w:#}");
@@ -144,12 +121,7 @@ fn an_agent_that_starts_late_still_gets_the_work() {
 fn the_diamond_runs_both_branches_and_joins() {
     let dir = tempfile::tempdir().expect("tempdir");
     let m = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
-    let a = NodeProc::start(
-        &dir.path().join("a"),
-        "agent",
-        &["--bootstrap", &m.p2p_addr(), "--slots", "2"],
-    )
-    .expect("agent");
+    let a = NodeProc::agent_of(&m, &dir.path().join("a"), &["--slots", "2"]).expect("agent");
     m.ok(&[
         "template",
         "add",
