@@ -47,6 +47,7 @@ pub async fn demo(text: String, format: Format) -> anyhow::Result<ExitCode> {
         mdns: false,
         slots: 2,
         lease_seconds: 30,
+        request_ttl_seconds: 600,
         log_format: LogFormat::Text,
     };
     let node = Node::start(config).await?;

@@ -50,6 +50,9 @@ pub struct Config {
     /// Seconds a manager waits for news of a live job before it counts the
     /// job as lost.
     pub lease_seconds: u64,
+    /// Seconds a job request stays open without an offer before it counts as
+    /// a failed attempt and is replaced.
+    pub request_ttl_seconds: u64,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -100,6 +103,9 @@ pub struct Flags {
     /// Lease on live jobs, in seconds [default: 30].
     #[arg(long, env = "CARONI_LEASE_SECONDS")]
     pub lease_seconds: Option<u64>,
+    /// Lifetime of an unanswered job request, in seconds [default: 600].
+    #[arg(long, env = "CARONI_REQUEST_TTL_SECONDS")]
+    pub request_ttl_seconds: Option<u64>,
     /// Log format [default: text]. Filter with RUST_LOG.
     #[arg(long, env = "CARONI_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -120,6 +126,7 @@ struct FileConfig {
     mdns: Option<bool>,
     slots: Option<usize>,
     lease_seconds: Option<u64>,
+    request_ttl_seconds: Option<u64>,
     log_format: Option<LogFormat>,
 }
 
@@ -181,6 +188,10 @@ impl Config {
             mdns: flags.mdns.or(file.mdns).unwrap_or(true),
             slots: flags.slots.or(file.slots).unwrap_or(2),
             lease_seconds: flags.lease_seconds.or(file.lease_seconds).unwrap_or(30),
+            request_ttl_seconds: flags
+                .request_ttl_seconds
+                .or(file.request_ttl_seconds)
+                .unwrap_or(600),
             log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
         };
         config.check()?;
@@ -196,6 +207,11 @@ impl Config {
         }
         if self.slots == 0 {
             return Err(ConfigError::Invalid("--slots must be at least 1".into()));
+        }
+        if self.request_ttl_seconds == 0 {
+            return Err(ConfigError::Invalid(
+                "--request-ttl-seconds must be at least 1".into(),
+            ));
         }
         if self.lease_seconds == 0 {
             return Err(ConfigError::Invalid(

@@ -66,9 +66,6 @@ impl NodeHandle {
 #[derive(Debug)]
 pub struct Node;
 
-/// Lifetime of a job request before it counts as an unanswered attempt.
-const REQUEST_TTL: std::time::Duration = std::time::Duration::from_secs(600);
-
 impl Node {
     /// Opens storage, binds every listener and starts every task.
     pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
@@ -158,7 +155,7 @@ impl Node {
                 caroni_manager::service::Options {
                     endpoint: advertise.clone(),
                     lease: std::time::Duration::from_secs(config.lease_seconds),
-                    request_ttl: REQUEST_TTL,
+                    request_ttl: std::time::Duration::from_secs(config.request_ttl_seconds),
                 },
                 store.clone(),
                 wire.clone(),

@@ -179,6 +179,7 @@ async fn main() -> anyhow::Result<()> {
         mdns: false,
         slots: 2,
         lease_seconds: 30,
+        request_ttl_seconds: 600,
         log_format: LogFormat::Text,
     })
     .await?;

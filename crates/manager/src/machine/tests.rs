@@ -410,3 +410,24 @@ fn missing_and_unknown_inputs_are_refused() {
     let e = Workflow::create(Uuid::nil(), "t", &parsed, given, 0).expect_err("unknown");
     assert!(e.to_string().contains("unknown workflow input `bogus`"));
 }
+
+#[test]
+fn an_expired_request_is_a_failed_attempt_and_is_replaced() {
+    let mut h = H::new(SIMPLE);
+    h.with(|wf, ctx| wf.start(ctx));
+    let first = h.request(0);
+    h.now += 600_001;
+    let fx = h.with(|wf, ctx| wf.tick(ctx));
+    let step = &h.wf.steps[0];
+    assert_eq!(step.attempts.len(), 1);
+    assert!(step.attempts[0].message.contains("no agent offered"));
+    assert_ne!(
+        h.request(0),
+        first,
+        "a new request replaces the expired one"
+    );
+    assert!(fx
+        .iter()
+        .any(|e| matches!(e, Effect::Publish(r) if r.request_id == h.request(0))));
+    assert_eq!(h.wf.steps[0].state, StepState::Fulfilling);
+}
