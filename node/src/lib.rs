@@ -62,6 +62,9 @@ impl NodeHandle {
     }
 }
 
+/// How long applied-message ids are remembered.
+const APPLIED_RETENTION_MS: u64 = 30 * 24 * 3600 * 1000;
+
 /// Namespace for starting nodes.
 #[derive(Debug)]
 pub struct Node;
@@ -170,6 +173,33 @@ impl Node {
         } else {
             None
         };
+
+        // Applied-message ids are kept 30 days, far beyond any outage an
+        // outbox is expected to bridge, then forgotten (checked hourly).
+        let prune_store = store.clone();
+        let c = cancel.clone();
+        tasks.spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+            loop {
+                tokio::select! {
+                    _ = c.cancelled() => return Ok(()),
+                    _ = every.tick() => {}
+                }
+                let s = prune_store.clone();
+                let horizon = caroni_types::now_ms().saturating_sub(APPLIED_RETENTION_MS);
+                match tokio::task::spawn_blocking(move || {
+                    caroni_store::wire::prune_applied(&s, horizon)
+                })
+                .await
+                {
+                    Ok(Ok(n)) if n > 0 => {
+                        tracing::info!(forgotten = n, "pruned old applied-message ids")
+                    }
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot prune applied-message ids"),
+                    _ => {}
+                }
+            }
+        });
 
         let g = tokio::spawn(wire::gossip_loop(mesh_events, agent.clone()));
         let c = cancel.clone();
