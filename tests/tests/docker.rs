@@ -48,26 +48,31 @@ impl Env {
             docker(&["image", "inspect", "caroni:local"]).0,
             "image caroni:local is missing; build it with deploy/build-image.sh (make test does)"
         );
-        let id = caroni_tests::free_port();
-        let net = format!("caroni-test-{id}");
-        // A subnet of its own per test so that fixed addresses never clash.
-        let third = 16 + (id % 200);
-        let prefix = format!("172.31.{third}");
-        let (ok, _, err) = docker(&[
-            "network",
-            "create",
-            "--subnet",
-            &format!("{prefix}.0/24"),
-            &net,
-        ]);
-        assert!(ok, "docker network create failed: {err}");
-        Some(Self {
-            net,
-            prefix,
-            containers: Vec::new(),
-        })
+        // A subnet of its own per test so that fixed addresses never clash;
+        // tests run in parallel, so try another when one is taken.
+        let mut last_err = String::new();
+        for attempt in 0..40u16 {
+            let id = caroni_tests::free_port();
+            let net = format!("caroni-test-{id}");
+            let prefix = format!("172.31.{}", 16 + (id.wrapping_add(attempt * 7) % 200));
+            let (ok, _, err) = docker(&[
+                "network",
+                "create",
+                "--subnet",
+                &format!("{prefix}.0/24"),
+                &net,
+            ]);
+            if ok {
+                return Some(Self {
+                    net,
+                    prefix,
+                    containers: Vec::new(),
+                });
+            }
+            last_err = err;
+        }
+        panic!("docker network create failed 40 times; last error: {last_err}");
     }
-
     fn ip(&self, host: u8) -> String {
         format!("{}.{host}", self.prefix)
     }
