@@ -86,6 +86,17 @@ impl NodeProc {
                 .map(|t| t.to_string()),
             log: data_dir.with_extension("log"),
         };
+        // Free-picked ports can be taken by a parallel test between the
+        // pick and the bind: pick again when the node says so.
+        for _ in 0..3 {
+            match n.spawn() {
+                Err(e) if format!("{e:#}").contains("cannot listen") => {
+                    n.kill();
+                    n.ports = Ports::pick();
+                }
+                other => return other.map(|()| n),
+            }
+        }
         n.spawn()?;
         Ok(n)
     }
