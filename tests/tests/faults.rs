@@ -318,6 +318,8 @@ fn cancel_kills_the_process_and_frees_the_slot() {
     }
     let out = n.json(&["workflow", "cancel", &id]);
     assert_eq!(out["state"], "cancelled");
+    let again = n.fails(&["workflow", "cancel", &id]);
+    assert!(again.contains("is already cancelled"), "{again}");
     let t = Instant::now();
     while processes_with(&format!("sleep {marker}")) > 0 {
         assert!(

@@ -21,6 +21,9 @@ pub enum Error {
     /// Bad input from the user (inputs, state).
     #[error("{0}")]
     BadInput(String),
+    /// The workflow has already ended.
+    #[error("{0}")]
+    Finished(String),
     /// The service cannot answer now.
     #[error("{0}")]
     Unavailable(String),

@@ -35,6 +35,7 @@ impl IntoStatus for caroni_manager::Error {
                 Status::invalid_argument(self.to_string())
             }
             E::Unavailable(_) => Status::unavailable(self.to_string()),
+            E::Finished(_) => Status::failed_precondition(self.to_string()),
             E::NotFound(_) => Status::not_found(self.to_string()),
             E::Store(e) => internal(e),
         }
