@@ -37,9 +37,24 @@ fn manager_and_agent_run_the_demo() {
     assert!(flows
         .iter()
         .any(|d| d["destination"] == "step2/text" && d["value"] == "CARONIROCKS"));
+    // Lists are newest first.
+    let id2 = m.run("test_simple", &["start_message=second"]);
+    m.wait(&id2, LIMIT);
+    let list = m.json(&["workflow", "list"]);
+    let ids: Vec<&str> = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|w| w["id"].as_str())
+        .collect();
+    assert_eq!(ids, [id2.as_str(), id.as_str()]);
     // The agent's own view of its jobs.
     let jobs = a.json(&["job", "list"]);
-    assert_eq!(jobs.as_array().map(Vec::len), Some(3));
+    assert_eq!(jobs.as_array().map(Vec::len), Some(6));
+    assert_eq!(
+        jobs[0]["inputs"]["final_text"], "prependSECOND",
+        "newest job first: {jobs:#}"
+    );
     assert!(jobs
         .as_array()
         .expect("jobs")

@@ -84,17 +84,11 @@ impl Handle {
         let _ = self.tx.send(Cmd::Gossip(from, req)).await;
     }
 
-    /// Every job on disk, newest first, at most `limit`.
+    /// Jobs, newest first, at most `limit`. Job ids are UUID v7 chosen by
+    /// the managers, so key order is creation order (across managers, as
+    /// far as their clocks agree) and only `limit` records are read.
     pub fn list_jobs(&self, limit: usize) -> caroni_store::Result<Vec<Job>> {
-        let mut all: Vec<Job> = self
-            .store
-            .scan(JOBS, &[])?
-            .into_iter()
-            .map(|(_, j)| j)
-            .collect();
-        all.sort_by_key(|w| std::cmp::Reverse(w.created_at_ms));
-        all.truncate(limit);
-        Ok(all)
+        self.store.scan_last(JOBS, limit)
     }
 
     /// One job.

@@ -113,17 +113,10 @@ impl Handle {
             })
     }
 
-    /// Workflows, newest first, at most `limit`.
+    /// Workflows, newest first, at most `limit`. Workflow ids are UUID v7,
+    /// so key order is creation order and only `limit` records are read.
     pub fn list(&self, limit: usize) -> Result<Vec<Workflow>, Error> {
-        let mut all: Vec<Workflow> = self
-            .store
-            .scan(WORKFLOWS, &[])?
-            .into_iter()
-            .map(|(_, w)| w)
-            .collect();
-        all.sort_by_key(|w| std::cmp::Reverse(w.created_at_ms));
-        all.truncate(limit);
-        Ok(all)
+        Ok(self.store.scan_last(WORKFLOWS, limit)?)
     }
 
     /// Ids of workflows as they change.
@@ -228,7 +221,8 @@ impl Service {
     }
 
     fn with_ctx<R>(&self, f: impl FnOnce(&mut Ctx<'_>) -> R) -> R {
-        let mut gen = Uuid::new_v4;
+        // Time-ordered ids: jobs and requests sort by creation on every node.
+        let mut gen = Uuid::now_v7;
         let mut ctx = Ctx {
             now_ms: caroni_types::now_ms(),
             lease_ms: self.opts.lease.as_millis() as u64,

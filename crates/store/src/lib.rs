@@ -221,6 +221,32 @@ impl Store {
         Ok(out)
     }
 
+    /// The last `limit` entries of `table` in key order, last first. With
+    /// time-ordered keys (UUID v7) this is "newest first" without reading
+    /// the table's whole history.
+    pub fn scan_last<V: DeserializeOwned>(&self, table: Table<V>, limit: usize) -> Result<Vec<V>> {
+        let end = [table.prefix.saturating_add(1)];
+        let mut out = Vec::new();
+        let iter = self.db.iterator(rocksdb::IteratorMode::From(
+            &end,
+            rocksdb::Direction::Reverse,
+        ));
+        for item in iter {
+            let (k, v) = item?;
+            if k.first() != Some(&table.prefix) {
+                if k.first().is_some_and(|p| *p > table.prefix) {
+                    continue; // the seek key itself, when a table uses prefix + 1
+                }
+                break;
+            }
+            if out.len() >= limit {
+                break;
+            }
+            out.push(decode(table.name, &v)?);
+        }
+        Ok(out)
+    }
+
     /// Writes a batch atomically and durably (fsync of the write-ahead log).
     pub fn write(&self, batch: Batch) -> Result<()> {
         let mut opts = rocksdb::WriteOptions::default();
@@ -306,6 +332,21 @@ mod tests {
         let all = s.scan(T, &[]).expect("scan");
         let vals: Vec<_> = all.into_iter().map(|(_, v)| v).collect();
         assert_eq!(vals, ["1", "2"]);
+    }
+
+    #[test]
+    fn scan_last_reads_only_the_newest_entries_of_its_table() {
+        const NEXT: Table<String> = Table::new(0x80, "next");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path()).expect("open");
+        let mut b = Batch::default();
+        for n in 0..5u64 {
+            b.put(T, &keys::Key::new().u64(n).finish(), &n.to_string());
+        }
+        b.put(NEXT, b"x", &"other table".to_string());
+        s.write(b).expect("write");
+        assert_eq!(s.scan_last(T, 2).expect("scan"), ["4", "3"]);
+        assert_eq!(s.scan_last(T, 10).expect("scan").len(), 5);
     }
 
     #[test]
