@@ -3,7 +3,7 @@
 #   make test   – set up, build, run every test
 TEXT ?= caronirocks
 
-.PHONY: setup demo test check
+.PHONY: setup demo test check bench
 
 setup:
 	@scripts/setup.sh
@@ -19,3 +19,9 @@ test: setup
 check: setup
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+
+# Criterion micro-benchmarks (envelopes, store commits, engine handling),
+# in the same profile as the tests so that nothing is compiled twice. The
+# end-to-end benchmark is `caroni bench` (see README).
+bench: setup
+	cargo bench --profile dev -p caroni-tests --bench micro

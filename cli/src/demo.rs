@@ -48,6 +48,8 @@ pub async fn demo(text: String, format: Format) -> anyhow::Result<ExitCode> {
         slots: 2,
         lease_seconds: 30,
         request_ttl_seconds: 600,
+        max_open_requests: caroni_node::config::DEFAULT_MAX_OPEN_REQUESTS,
+        offer_window_ms: caroni_node::config::DEFAULT_OFFER_WINDOW_MS,
         log_format: LogFormat::Text,
     };
     let node = Node::start(config).await?;

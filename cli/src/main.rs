@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod client;
 mod commands;
 mod demo;
@@ -78,6 +79,12 @@ enum Command {
     /// container health checks).
     #[command(after_help = "Example:\n  caroni --node http://127.0.0.1:7070 health")]
     Health,
+    /// Measure a mesh: latency, throughput, messages, writes, CPU and
+    /// memory per node, against the floor of the job body itself.
+    #[command(
+        after_help = "Examples:\n  caroni bench                                   # 1 manager + 2 agents, 100 workflows one at a time\n  caroni bench --workflows 1000 --concurrency 0  # a burst of 1,000\n  caroni bench --sleep 0.05 --agents 1 --workflows 200 --concurrency 0\n  caroni -o json bench --in-process"
+    )]
+    Bench(bench::BenchArgs),
     /// Run the demonstration workflow on an embedded manager and agent.
     #[command(after_help = "Example:\n  caroni demo caronirocks\n  → prependCARONIROCKS append")]
     Demo {
@@ -124,5 +131,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Peers => workflow::peers(&ctx).await,
         Command::Health => ctx.health().await,
         Command::Demo { text } => demo::demo(text, ctx.format).await,
+        Command::Bench(args) => bench::bench(args, ctx.format).await,
     }
 }

@@ -53,9 +53,21 @@ pub struct Config {
     /// Seconds a job request stays open without an offer before it counts as
     /// a failed attempt and is replaced.
     pub request_ttl_seconds: u64,
+    /// Job requests a manager keeps out at once; further workflows wait,
+    /// in order, in `created` (admission control).
+    pub max_open_requests: usize,
+    /// Milliseconds a manager gathers offers for a request before it takes
+    /// the least busy agent (0: the first offer). It decides at once when
+    /// every agent it knows has answered.
+    pub offer_window_ms: u64,
     /// Log format.
     pub log_format: LogFormat,
 }
+
+/// Defaults of the tuning settings, shared with embedded nodes.
+pub const DEFAULT_MAX_OPEN_REQUESTS: usize = 512;
+/// See [`Config::offer_window_ms`].
+pub const DEFAULT_OFFER_WINDOW_MS: u64 = 5;
 
 /// Command-line flags of `caroni-node`; each also reads `CARONI_<NAME>`.
 #[derive(Debug, Default, clap::Parser)]
@@ -106,6 +118,14 @@ pub struct Flags {
     /// Lifetime of an unanswered job request, in seconds [default: 600].
     #[arg(long, env = "CARONI_REQUEST_TTL_SECONDS")]
     pub request_ttl_seconds: Option<u64>,
+    /// Job requests a manager keeps out at once; more workflows wait in
+    /// `created` [default: 512].
+    #[arg(long, env = "CARONI_MAX_OPEN_REQUESTS")]
+    pub max_open_requests: Option<usize>,
+    /// Milliseconds to gather offers before taking the least busy agent;
+    /// 0 takes the first offer [default: 5].
+    #[arg(long, env = "CARONI_OFFER_WINDOW_MS")]
+    pub offer_window_ms: Option<u64>,
     /// Log format [default: text]. Filter with RUST_LOG.
     #[arg(long, env = "CARONI_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -127,6 +147,8 @@ struct FileConfig {
     slots: Option<usize>,
     lease_seconds: Option<u64>,
     request_ttl_seconds: Option<u64>,
+    max_open_requests: Option<usize>,
+    offer_window_ms: Option<u64>,
     log_format: Option<LogFormat>,
 }
 
@@ -192,6 +214,14 @@ impl Config {
                 .request_ttl_seconds
                 .or(file.request_ttl_seconds)
                 .unwrap_or(600),
+            max_open_requests: flags
+                .max_open_requests
+                .or(file.max_open_requests)
+                .unwrap_or(DEFAULT_MAX_OPEN_REQUESTS),
+            offer_window_ms: flags
+                .offer_window_ms
+                .or(file.offer_window_ms)
+                .unwrap_or(DEFAULT_OFFER_WINDOW_MS),
             log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
         };
         config.check()?;
@@ -212,6 +242,17 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "--request-ttl-seconds must be at least 1".into(),
             ));
+        }
+        if self.max_open_requests == 0 {
+            return Err(ConfigError::Invalid(
+                "--max-open-requests must be at least 1".into(),
+            ));
+        }
+        if self.offer_window_ms > 10_000 {
+            return Err(ConfigError::Invalid(format!(
+                "--offer-window-ms {} is more than 10000; the window delays every request, keep it to a few milliseconds",
+                self.offer_window_ms
+            )));
         }
         if self.lease_seconds == 0 {
             return Err(ConfigError::Invalid(

@@ -108,7 +108,9 @@ impl Node {
         let cancel = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         let signer = caroni_peer::Signer::new(key.clone(), advertise.clone());
-        let outbox = caroni_peer::Outbox::start(store.clone(), signer, cancel.clone())?;
+        let liveness = caroni_peer::Liveness::default();
+        let outbox =
+            caroni_peer::Outbox::start(store.clone(), signer, liveness.clone(), cancel.clone())?;
 
         let (mesh, mesh_events, mut mesh_loop) = caroni_mesh::new(
             key,
@@ -130,6 +132,8 @@ impl Node {
             outbox: outbox.clone(),
             mesh: mesh.clone(),
             local_agent: std::sync::OnceLock::new(),
+            liveness: liveness.clone(),
+            published: Default::default(),
         });
 
         let agent = if config.role.is_agent() {
@@ -159,6 +163,8 @@ impl Node {
                     endpoint: advertise.clone(),
                     lease: std::time::Duration::from_secs(config.lease_seconds),
                     request_ttl: std::time::Duration::from_secs(config.request_ttl_seconds),
+                    max_open_requests: config.max_open_requests,
+                    offer_window: std::time::Duration::from_millis(config.offer_window_ms),
                 },
                 store.clone(),
                 wire.clone(),
@@ -209,15 +215,18 @@ impl Node {
             Ok(())
         });
 
-        let inbox = Arc::new(wire::PeerInbox {
+        let inbox: Arc<dyn caroni_peer::Inbox> = Arc::new(wire::PeerInbox {
             manager: manager.clone(),
             agent: agent.clone(),
         });
+        // Messages between the manager and the agent of this node go in
+        // process, through the same outbox and inbox.
+        outbox.set_local(inbox.clone());
         let peer_server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(
                 caroni_proto::v1::peer_service_server::PeerServiceServer::new(
-                    caroni_peer::PeerServer::new(inbox),
+                    caroni_peer::PeerServer::new(inbox, liveness.clone()),
                 ),
             );
         let incoming = nodelay(peer_listener);
@@ -239,7 +248,17 @@ impl Node {
             data_dir: config.data_dir.display().to_string(),
         };
         let apis = api::Apis {
-            node: api::NodeApi::new(info, mesh, outbox),
+            node: api::NodeApi::new(
+                info,
+                mesh,
+                outbox,
+                api::node::StatsSource {
+                    store: store.clone(),
+                    wire: wire.clone(),
+                    manager: manager.clone(),
+                    agent: agent.clone(),
+                },
+            ),
             manager: api::ManagerApi::new(store.clone(), manager),
             agent: api::AgentApi::new(store, agent),
         };

@@ -4,10 +4,11 @@
 
 use std::sync::{Arc, OnceLock};
 
-use caroni_peer::{Inbox, InboxError, Outbox, Verified};
+use caroni_peer::{Applying, Inbox, InboxError, Liveness, Outbox, Verified};
 use caroni_proto::v1::{message::Payload, Envelope};
 use caroni_store::{wire::Staged, Batch};
 use caroni_types::msg::{Inbound, JobRequest, Msg, Outbound};
+use futures::future::BoxFuture;
 use prost::Message as _;
 use tokio::sync::mpsc;
 
@@ -16,6 +17,9 @@ pub struct NodeWire {
     pub outbox: Outbox,
     pub mesh: caroni_mesh::Client,
     pub local_agent: OnceLock<caroni_agent::service::Handle>,
+    pub liveness: Liveness,
+    /// Job requests published on gossip.
+    pub published: std::sync::atomic::AtomicU64,
 }
 
 impl caroni_store::wire::Wire for NodeWire {
@@ -34,16 +38,20 @@ impl caroni_store::wire::Wire for NodeWire {
         self.outbox.notify(staged);
     }
 
+    fn last_heard_ms(&self, node: &str) -> Option<u64> {
+        self.liveness.last_heard_ms(node)
+    }
+
     fn publish(&self, req: JobRequest) {
         let signer = self.outbox.signer().clone();
         let me = signer.node_id().to_base58();
         if let Some(agent) = self.local_agent.get() {
-            // Gossip never comes back to its sender: serve our own agent directly.
-            let agent = agent.clone();
-            let req = req.clone();
-            let me = me.clone();
-            tokio::spawn(async move { agent.gossip(me, req).await });
+            // Gossip never comes back to its sender: serve our own agent
+            // directly (dropped when it is busy, like gossip).
+            agent.gossip(me.clone(), req.clone());
         }
+        self.published
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mesh = self.mesh.clone();
         tokio::spawn(async move {
             let request_id = req.request_id;
@@ -75,41 +83,68 @@ fn inbound(msg: Verified) -> Result<Inbound, InboxError> {
     })
 }
 
+fn agent_err(e: caroni_agent::service::DeliverError) -> InboxError {
+    use caroni_agent::service::DeliverError;
+    match e {
+        DeliverError::Refused(e) => InboxError::Refused(e),
+        DeliverError::Retry(e) => InboxError::Retry(e),
+    }
+}
+
+fn manager_err(e: caroni_manager::service::DeliverError) -> InboxError {
+    use caroni_manager::service::DeliverError;
+    match e {
+        DeliverError::Refused(e) => InboxError::Refused(e),
+        DeliverError::Retry(e) => InboxError::Retry(e),
+    }
+}
+
+const GONE: &str = "the engine stopped before answering";
+
 impl Inbox for PeerInbox {
-    async fn deliver(&self, msg: Verified) -> Result<(), InboxError> {
-        let msg = inbound(msg)?;
-        if matches!(msg.msg, Msg::Request(_)) {
-            return Err(InboxError::Refused(
-                "job requests travel on gossip, not direct".into(),
-            ));
-        }
-        if msg.msg.for_agent() {
-            let Some(agent) = &self.agent else {
+    fn submit(&self, msg: Verified) -> BoxFuture<'_, Result<Applying, InboxError>> {
+        Box::pin(async move {
+            let msg = inbound(msg)?;
+            if matches!(msg.msg, Msg::Request(_)) {
+                return Err(InboxError::Refused(
+                    "job requests travel on gossip, not direct".into(),
+                ));
+            }
+            if msg.msg.for_agent() {
+                let Some(agent) = &self.agent else {
+                    return Err(InboxError::Refused(format!(
+                        "this node is not an agent; it does not take {}",
+                        msg.msg.name()
+                    )));
+                };
+                let rx = agent.submit(msg).await.map_err(agent_err)?;
+                let fut: Applying = Box::pin(async move {
+                    use caroni_agent::service::Delivered;
+                    match rx.await {
+                        Ok(Ok(Delivered::Applied)) => Ok(()),
+                        Ok(Ok(Delivered::NotMine)) => {
+                            Err(InboxError::Refused("not a message for an agent".into()))
+                        }
+                        Ok(Err(e)) => Err(agent_err(e)),
+                        Err(_) => Err(InboxError::Retry(GONE.into())),
+                    }
+                });
+                return Ok(fut);
+            }
+            let Some(manager) = &self.manager else {
                 return Err(InboxError::Refused(format!(
-                    "this node is not an agent; it does not take {}",
+                    "this node is not a manager; it does not take {}",
                     msg.msg.name()
                 )));
             };
-            use caroni_agent::service::{DeliverError, Delivered};
-            return match agent.deliver(msg).await {
-                Ok(Delivered::Applied) => Ok(()),
-                Ok(Delivered::NotMine) => {
-                    Err(InboxError::Refused("not a message for an agent".into()))
+            let rx = manager.submit(msg).await.map_err(manager_err)?;
+            let fut: Applying = Box::pin(async move {
+                match rx.await {
+                    Ok(r) => r.map_err(manager_err),
+                    Err(_) => Err(InboxError::Retry(GONE.into())),
                 }
-                Err(DeliverError::Refused(e)) => Err(InboxError::Refused(e)),
-                Err(DeliverError::Retry(e)) => Err(InboxError::Retry(e)),
-            };
-        }
-        let Some(manager) = &self.manager else {
-            return Err(InboxError::Refused(format!(
-                "this node is not a manager; it does not take {}",
-                msg.msg.name()
-            )));
-        };
-        use caroni_manager::service::DeliverError;
-        manager.deliver(msg).await.map_err(|e| match e {
-            DeliverError::Refused(e) => InboxError::Refused(e),
-            DeliverError::Retry(e) => InboxError::Retry(e),
+            });
+            Ok(fut)
         })
     }
 }
@@ -140,7 +175,11 @@ pub async fn gossip_loop(
                 from,
                 msg: Msg::Request(req),
                 ..
-            }) => agent.gossip(from, req).await,
+            }) => {
+                if !agent.gossip(from, req) {
+                    tracing::debug!("agent busy; dropped a gossip request (it is re-published)");
+                }
+            }
             Ok(other) => tracing::warn!(
                 kind = other.msg.name(),
                 "only job requests travel on gossip"

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use caroni_types::msg::{JobRequest, JobState, Msg, Outbound, StatusUpdate};
+use caroni_types::msg::{JobRequest, JobState, Load, Msg, Outbound, StatusUpdate};
 use caroni_types::JobTypeDef;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -115,9 +115,21 @@ pub enum RunResult {
     },
 }
 
-/// Answers a request: an offer (new, or the same one again for a
-/// re-published request) or a decline. `None` when nothing is to be said
-/// (expired request, or already accepted).
+/// What the agent knows beyond the request when it answers one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Answering {
+    /// How busy the agent is now (carried in the offer).
+    pub load: Load,
+    /// The agent declined this request before.
+    pub declined_before: bool,
+}
+
+/// Answers a request: a new offer or a decline. `None` when nothing is to
+/// be said: the request expired, the agent already offered (the offer is
+/// durable in its outbox and reaches the manager however long the queue;
+/// answering each re-publication again is what turns load into a storm),
+/// the offer was accepted, or the agent already declined it for the same
+/// reason class (a decline).
 pub fn answer_request(
     def: Option<&JobTypeDef>,
     prior: Option<&Offer>,
@@ -125,6 +137,7 @@ pub fn answer_request(
     req: &JobRequest,
     now_ms: u64,
     new_id: impl FnOnce() -> Uuid,
+    how: Answering,
 ) -> Option<(Option<Offer>, Outbound)> {
     if req.expires_at_ms <= now_ms {
         return None;
@@ -135,21 +148,14 @@ pub fn answer_request(
         msg,
     };
     if let Some(p) = prior.filter(|p| p.manager == manager) {
-        if p.job_id.is_some() {
+        if p.job_id.is_some() || p.expires_at_ms > now_ms {
             return None;
-        }
-        if p.expires_at_ms > now_ms {
-            return Some((
-                None,
-                to(Msg::Offer {
-                    offer_id: p.offer_id,
-                    request_id: p.request_id,
-                    expires_at_ms: p.expires_at_ms,
-                }),
-            ));
         }
     }
     let decline = |reason: String| {
+        if how.declined_before {
+            return None;
+        }
         Some((
             None,
             to(Msg::Decline {
@@ -187,6 +193,7 @@ pub fn answer_request(
         offer_id: offer.offer_id,
         request_id: offer.request_id,
         expires_at_ms: offer.expires_at_ms,
+        load: how.load,
     });
     Some((Some(offer), out))
 }

@@ -1,13 +1,22 @@
 //! The agent service: owns the agent's live records, applies messages
-//! through the pure machine, persists each change with the messages it
-//! causes in one batch, and schedules jobs FIFO within its slots.
+//! through the pure machine, and schedules jobs FIFO within its slots.
+//!
+//! Group commit, as in the manager: every command waiting in the channel
+//! (and every job that finished meanwhile) is applied in memory, their
+//! changes and messages are written in one synced batch on a blocking
+//! thread, and only then are the messages announced and the senders
+//! answered. A failed write answers "retry" and reloads from disk.
+//!
+//! Gossip requests are taken with `try_send`: when the agent is busy a
+//! request is dropped, not queued (the manager re-publishes it).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use caroni_store::{keys::Key, tables, wire, Batch, Store, Table};
-use caroni_types::msg::{Inbound, JobRequest, JobState, Msg};
+use caroni_types::msg::{Inbound, JobRequest, JobState, Load, Msg};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -15,10 +24,13 @@ use uuid::Uuid;
 
 use crate::executor::{Executor, RunSpec};
 use crate::job_types;
-use crate::machine::{self, AcceptOutcome, Effect, Job, Offer, RunResult};
+use crate::machine::{self, AcceptOutcome, Answering, Effect, Job, Offer, RunResult};
 
 const OFFERS: Table<Offer> = Table::new(tables::AGENT_OFFERS, "agent_offers");
 const JOBS: Table<Job> = Table::new(tables::AGENT_JOBS, "agent_jobs");
+
+/// Most commands applied in one batch.
+pub const GROUP: usize = 1024;
 
 /// The outcome of handing a message to the agent.
 #[derive(Debug, PartialEq, Eq)]
@@ -49,9 +61,22 @@ pub struct Options {
     pub slots: usize,
 }
 
+type DeliverReply = oneshot::Sender<Result<Delivered, DeliverError>>;
+
 enum Cmd {
-    Deliver(Inbound, oneshot::Sender<Result<Delivered, DeliverError>>),
+    Deliver(Inbound, DeliverReply),
     Gossip(String, JobRequest),
+}
+
+const STOPPED: &str = "agent shutting down";
+
+/// Counters of the agent since it started.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Job runs that ended completed.
+    pub completed: AtomicU64,
+    /// Job runs that ended failed.
+    pub failed: AtomicU64,
 }
 
 /// A cheap handle to the agent service.
@@ -59,6 +84,7 @@ enum Cmd {
 pub struct Handle {
     tx: mpsc::Sender<Cmd>,
     store: Store,
+    stats: Arc<Stats>,
 }
 
 impl std::fmt::Debug for Handle {
@@ -68,20 +94,32 @@ impl std::fmt::Debug for Handle {
 }
 
 impl Handle {
-    /// Applies a direct message; returns once it is durable.
-    pub async fn deliver(&self, msg: Inbound) -> Result<Delivered, DeliverError> {
+    /// Queues a direct message behind those submitted before it; the
+    /// receiver resolves once it is durable.
+    pub async fn submit(
+        &self,
+        msg: Inbound,
+    ) -> Result<oneshot::Receiver<Result<Delivered, DeliverError>>, DeliverError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Cmd::Deliver(msg, tx))
             .await
-            .map_err(|_| DeliverError::Retry("agent shutting down".into()))?;
-        rx.await
-            .map_err(|_| DeliverError::Retry("agent shutting down".into()))?
+            .map_err(|_| DeliverError::Retry(STOPPED.into()))?;
+        Ok(rx)
     }
 
-    /// A request heard on gossip from manager `from`.
-    pub async fn gossip(&self, from: String, req: JobRequest) {
-        let _ = self.tx.send(Cmd::Gossip(from, req)).await;
+    /// Applies a direct message; returns once it is durable.
+    pub async fn deliver(&self, msg: Inbound) -> Result<Delivered, DeliverError> {
+        self.submit(msg)
+            .await?
+            .await
+            .map_err(|_| DeliverError::Retry(STOPPED.into()))?
+    }
+
+    /// A request heard on gossip from manager `from`. Dropped when the
+    /// agent is busy (returns false): requests are re-published.
+    pub fn gossip(&self, from: String, req: JobRequest) -> bool {
+        self.tx.try_send(Cmd::Gossip(from, req)).is_ok()
     }
 
     /// Jobs, newest first, at most `limit`. Job ids are UUID v7 chosen by
@@ -95,6 +133,21 @@ impl Handle {
     pub fn get_job(&self, id: Uuid) -> caroni_store::Result<Option<Job>> {
         self.store.get(JOBS, &Key::new().uuid(&id).finish())
     }
+
+    /// Counters since the agent started.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+}
+
+/// What one group changed, written in one batch.
+#[derive(Default)]
+struct Group {
+    batch: Batch,
+    staged: Vec<wire::Staged>,
+    applied: HashSet<Uuid>,
+    replies: Vec<(DeliverReply, Result<Delivered, DeliverError>)>,
+    commands: usize,
 }
 
 /// The agent service.
@@ -111,6 +164,10 @@ pub struct Service<E> {
     queue: BTreeMap<u64, Uuid>,
     next_queue_seq: u64,
     running: HashMap<Uuid, CancellationToken>,
+    /// Requests declined, until they expire (ms): declined once only.
+    declined: HashMap<Uuid, u64>,
+    group: Group,
+    stats: Arc<Stats>,
 }
 
 fn now_ms() -> u64 {
@@ -125,66 +182,109 @@ impl<E: Executor> Service<E> {
         wire: Arc<dyn wire::Wire>,
         executor: E,
     ) -> caroni_store::Result<(Self, Handle)> {
-        let (tx, rx) = mpsc::channel(1024);
+        let (tx, rx) = mpsc::channel(GROUP);
         let (done_tx, done_rx) = mpsc::channel(256);
+        let stats = Arc::new(Stats::default());
+        let handle = Handle {
+            tx,
+            store: store.clone(),
+            stats: stats.clone(),
+        };
+        let mut s = Self {
+            opts,
+            store,
+            wire,
+            executor: Arc::new(executor),
+            rx,
+            done_tx,
+            done_rx,
+            offers: HashMap::new(),
+            jobs: HashMap::new(),
+            queue: BTreeMap::new(),
+            next_queue_seq: 1,
+            running: HashMap::new(),
+            declined: HashMap::new(),
+            group: Group::default(),
+            stats,
+        };
+        s.load()?;
+        Ok((s, handle))
+    }
+
+    /// (Re)reads live offers and jobs from disk.
+    fn load(&mut self) -> caroni_store::Result<()> {
         let now = now_ms();
-        let offers = store
+        self.offers = self
+            .store
             .scan(OFFERS, &[])?
             .into_iter()
             .map(|(_, o)| (o.request_id, o))
             .filter(|(_, o)| o.job_id.is_none() && o.expires_at_ms > now)
             .collect();
-        let jobs: HashMap<Uuid, Job> = store
+        self.jobs = self
+            .store
             .scan(JOBS, &[])?
             .into_iter()
             .map(|(_, j)| (j.id, j))
             .filter(|(_, j)| !j.state.is_final())
             .collect();
-        let next_queue_seq = jobs.values().filter_map(|j| j.queue_seq).max().unwrap_or(0) + 1;
-        let handle = Handle {
-            tx,
-            store: store.clone(),
-        };
-        Ok((
-            Self {
-                opts,
-                store,
-                wire,
-                executor: Arc::new(executor),
-                rx,
-                done_tx,
-                done_rx,
-                offers,
-                jobs,
-                queue: BTreeMap::new(),
-                next_queue_seq,
-                running: HashMap::new(),
-            },
-            handle,
-        ))
+        self.next_queue_seq = self
+            .jobs
+            .values()
+            .filter_map(|j| j.queue_seq)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        self.queue = self
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Queued && !self.running.contains_key(&j.id))
+            .filter_map(|j| j.queue_seq.map(|q| (q, j.id)))
+            .collect();
+        Ok(())
     }
 
     /// Runs until cancelled.
     pub async fn run(mut self, cancel: CancellationToken) {
+        self.queue.clear();
         self.recover();
+        self.schedule();
+        self.flush().await;
         let mut cleanup = tokio::time::interval(Duration::from_secs(30));
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                Some(cmd) = self.rx.recv() => match cmd {
-                    Cmd::Deliver(msg, reply) => {
-                        let r = self.deliver(msg);
-                        let _ = reply.send(r);
+                Some(cmd) = self.rx.recv() => {
+                    self.apply(cmd);
+                    while self.group.commands < GROUP {
+                        match self.rx.try_recv() {
+                            Ok(cmd) => self.apply(cmd),
+                            Err(_) => break,
+                        }
                     }
-                    Cmd::Gossip(from, req) => self.on_request(&from, &req),
-                },
+                }
                 Some((id, result)) = self.done_rx.recv() => self.finished(id, result),
-                _ = cleanup.tick() => self.forget_expired_offers(),
+                _ = cleanup.tick() => self.forget_expired(),
+            }
+            while let Ok((id, result)) = self.done_rx.try_recv() {
+                self.finished(id, result);
             }
             self.schedule();
+            self.flush().await;
         }
         for token in self.running.values() {
             token.cancel();
+        }
+    }
+
+    fn apply(&mut self, cmd: Cmd) {
+        self.group.commands += 1;
+        match cmd {
+            Cmd::Deliver(msg, reply) => {
+                let r = self.deliver(msg);
+                self.group.replies.push((reply, r));
+            }
+            Cmd::Gossip(from, req) => self.on_request(&from, &req),
         }
     }
 
@@ -211,11 +311,11 @@ impl<E: Executor> Service<E> {
                 tracing::error!(error = %e, "cannot recover a job");
             }
         }
-        self.schedule();
     }
 
-    fn forget_expired_offers(&mut self) {
+    fn forget_expired(&mut self) {
         let now = now_ms();
+        self.declined.retain(|_, until| *until > now);
         let expired: Vec<Offer> = self
             .offers
             .values()
@@ -235,6 +335,17 @@ impl<E: Executor> Service<E> {
         }
     }
 
+    /// How busy this agent is, for its offers.
+    fn load_now(&self) -> Load {
+        let slots = self.opts.slots as u32;
+        let running = self.running.len() as u32;
+        Load {
+            slots,
+            free_slots: slots.saturating_sub(running),
+            queue_length: (self.jobs.len() as u32).saturating_sub(running),
+        }
+    }
+
     fn on_request(&mut self, from: &str, req: &JobRequest) {
         let def = match job_types::find(&self.store, &req.job_type) {
             Ok(d) => d,
@@ -244,11 +355,18 @@ impl<E: Executor> Service<E> {
             }
         };
         let prior = self.offers.get(&req.request_id);
+        let how = Answering {
+            load: self.load_now(),
+            declined_before: self.declined.contains_key(&req.request_id),
+        };
         let Some((offer, out)) =
-            machine::answer_request(def.as_ref(), prior, from, req, now_ms(), Uuid::new_v4)
+            machine::answer_request(def.as_ref(), prior, from, req, now_ms(), Uuid::new_v4, how)
         else {
             return;
         };
+        if matches!(out.msg, Msg::Decline { .. }) {
+            self.declined.insert(req.request_id, req.expires_at_ms);
+        }
         tracing::debug!(request = %req.request_id, answer = out.msg.name(), "answering a request");
         if let Err(e) = self.commit(None, None, offer, vec![Effect::Send(out)]) {
             tracing::error!(error = %e, "cannot answer a request");
@@ -256,6 +374,9 @@ impl<E: Executor> Service<E> {
     }
 
     fn deliver(&mut self, msg: Inbound) -> Result<Delivered, DeliverError> {
+        if self.group.applied.contains(&msg.id) {
+            return Ok(Delivered::Applied);
+        }
         match wire::is_applied(&self.store, &msg.id) {
             Ok(true) => return Ok(Delivered::Applied),
             Ok(false) => {}
@@ -290,7 +411,7 @@ impl<E: Executor> Service<E> {
                 .map_err(refused)?
                 {
                     AcceptOutcome::Created(job, used, fx) => {
-                        tracing::info!(job = %job.id, job_type = %job.job_type, manager = %job.manager, "job accepted");
+                        tracing::debug!(job = %job.id, job_type = %job.job_type, manager = %job.manager, "job accepted");
                         (Some(*job), Some(used), fx)
                     }
                     AcceptOutcome::Answer(out) => (None, None, vec![Effect::Send(out)]),
@@ -305,12 +426,11 @@ impl<E: Executor> Service<E> {
                     }
                 }
                 self.offers.remove(request_id);
-                let mut b = Batch::default();
-                b.delete(OFFERS, &Key::new().uuid(request_id).finish());
-                wire::mark_applied(&mut b, &msg.id);
-                self.store
-                    .write(b)
-                    .map_err(|e| DeliverError::Retry(e.to_string()))?;
+                self.group
+                    .batch
+                    .delete(OFFERS, &Key::new().uuid(request_id).finish());
+                wire::mark_applied(&mut self.group.batch, &msg.id);
+                self.group.applied.insert(msg.id);
                 return Ok(Delivered::Applied);
             }
             Msg::Data {
@@ -358,8 +478,8 @@ impl<E: Executor> Service<E> {
         })
     }
 
-    /// Persists a change and the messages it causes in one batch, then
-    /// performs the remaining effects.
+    /// Adds a change and the messages it causes to the group's batch and
+    /// applies it in memory; the group is written by [`Service::flush`].
     fn commit(
         &mut self,
         applied: Option<Uuid>,
@@ -368,11 +488,10 @@ impl<E: Executor> Service<E> {
         fx: Vec<Effect>,
     ) -> Result<(), String> {
         let mut job = job;
-        let mut b = Batch::default();
-        let mut staged = Vec::new();
+        let g = &mut self.group;
         for e in &fx {
             if let Effect::Send(out) = e {
-                staged.push(self.wire.stage(&mut b, out)?);
+                g.staged.push(self.wire.stage(&mut g.batch, out)?);
             }
             if let (Effect::Enqueue(_), Some(j)) = (e, job.as_mut()) {
                 j.queue_seq = Some(self.next_queue_seq);
@@ -380,16 +499,16 @@ impl<E: Executor> Service<E> {
             }
         }
         if let Some(j) = &job {
-            b.put(JOBS, &Key::new().uuid(&j.id).finish(), j);
+            g.batch.put(JOBS, &Key::new().uuid(&j.id).finish(), j);
         }
         if let Some(o) = &offer {
-            b.put(OFFERS, &Key::new().uuid(&o.request_id).finish(), o);
+            g.batch
+                .put(OFFERS, &Key::new().uuid(&o.request_id).finish(), o);
         }
         if let Some(id) = applied {
-            wire::mark_applied(&mut b, &id);
+            wire::mark_applied(&mut g.batch, &id);
+            g.applied.insert(id);
         }
-        self.store.write(b).map_err(|e| e.to_string())?;
-        self.wire.notify(staged);
         if let Some(o) = offer {
             self.offers.insert(o.request_id, o);
         }
@@ -419,7 +538,42 @@ impl<E: Executor> Service<E> {
         Ok(())
     }
 
-    /// Starts queued jobs, oldest first, while slots are free.
+    /// Writes the group in one synced batch, then announces its messages
+    /// and answers its senders.
+    async fn flush(&mut self) {
+        let g = std::mem::take(&mut self.group);
+        if g.batch.is_empty() && g.replies.is_empty() {
+            return;
+        }
+        let written = if g.batch.is_empty() {
+            Ok(())
+        } else {
+            self.store.write_blocking(g.batch).await
+        };
+        match written {
+            Ok(()) => {
+                self.wire.notify(g.staged);
+                for (tx, r) in g.replies {
+                    let _ = tx.send(r);
+                }
+            }
+            Err(e) => {
+                let e = format!("cannot write the agent's state: {e}");
+                tracing::error!(error = %e, "group not written; reloading from disk");
+                for (tx, r) in g.replies {
+                    let _ = tx.send(r.and(Err(DeliverError::Retry(e.clone()))));
+                }
+                if let Err(e) = self.load() {
+                    tracing::error!(error = %e, "cannot reload the agent's state");
+                }
+            }
+        }
+    }
+
+    /// Starts queued jobs, oldest first, while slots are free. A job's
+    /// process starts before its `running` state is written: if the agent
+    /// dies first, the job re-runs after the restart, as for any job that
+    /// was running (see ARCHITECTURE.md, Guarantees).
     fn schedule(&mut self) {
         while self.running.len() < self.opts.slots {
             let Some((_, id)) = self.queue.pop_first() else {
@@ -476,7 +630,7 @@ impl<E: Executor> Service<E> {
             let span = tracing::info_span!("job", node = %self.opts.node_id, job = %id);
             tokio::spawn(
                 async move {
-                    tracing::info!("job started");
+                    tracing::debug!("job started");
                     let result = exec.run(spec, token).await;
                     let _ = done.send((id, result)).await;
                 }
@@ -491,7 +645,11 @@ impl<E: Executor> Service<E> {
             return;
         };
         let fx = job.on_finished(result, now_ms());
-        tracing::info!(job = %id, state = job.state.as_str(), message = %job.message, "job finished");
+        match job.state {
+            JobState::Completed => self.stats.completed.fetch_add(1, Ordering::Relaxed),
+            _ => self.stats.failed.fetch_add(1, Ordering::Relaxed),
+        };
+        tracing::debug!(job = %id, state = job.state.as_str(), message = %job.message, "job finished");
         if let Err(e) = self.commit(None, Some(job), None, fx) {
             tracing::error!(error = %e, "cannot record a finished job");
         }
@@ -530,6 +688,7 @@ mod tests {
             Ok(wire::Staged {
                 to: out.to.clone(),
                 endpoint: out.endpoint.clone(),
+                item: None,
             })
         }
         fn notify(&self, _: Vec<wire::Staged>) {}
@@ -607,7 +766,7 @@ mod tests {
                 manager_endpoint: format!("http://{manager}"),
                 publish_count: 1,
             };
-            handle.gossip(manager.into(), req.clone()).await;
+            assert!(handle.gossip(manager.into(), req.clone()));
             // The offer is staged once the gossip is handled; read it back.
             let offer = tokio::time::timeout(Duration::from_secs(5), async {
                 loop {

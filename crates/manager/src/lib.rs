@@ -6,6 +6,7 @@
 
 pub mod machine;
 pub mod model;
+mod records;
 pub mod service;
 pub mod templates;
 

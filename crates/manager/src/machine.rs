@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 
 use caroni_cwl::Source;
-use caroni_types::msg::{JobRequest, JobState, Msg, Outbound, StatusUpdate};
+use caroni_types::msg::{JobRequest, JobState, Load, Msg, Outbound, StatusUpdate};
 use uuid::Uuid;
 
 use crate::model::{
-    Attempt, Request, RequestState, Step, StepInput, StepState, Workflow, WorkflowState,
+    Attempt, Candidate, Request, RequestState, Step, StepInput, StepState, Workflow, WorkflowState,
 };
 
 /// Default attempts per step.
@@ -19,6 +19,32 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 pub const REPUBLISH_MIN_MS: u64 = 250;
 /// Longest re-publication delay.
 pub const REPUBLISH_MAX_MS: u64 = 4_000;
+
+/// What the manager knows about the agents beyond one workflow.
+pub trait Peers {
+    /// When the agent was last heard from at all (any message, any ack).
+    fn last_heard_ms(&self, agent: &str) -> Option<u64>;
+    /// How many agents answer this manager's requests.
+    fn known_agents(&self) -> usize;
+    /// Live jobs this manager has placed on the agent.
+    fn live_jobs(&self, agent: &str) -> u32;
+}
+
+/// No knowledge beyond the workflow: every offer is taken at once.
+#[derive(Debug, Default)]
+pub struct NoPeers;
+
+impl Peers for NoPeers {
+    fn last_heard_ms(&self, _: &str) -> Option<u64> {
+        None
+    }
+    fn known_agents(&self) -> usize {
+        0
+    }
+    fn live_jobs(&self, _: &str) -> u32 {
+        0
+    }
+}
 
 /// What the machine needs from the outside world.
 pub struct Ctx<'a> {
@@ -32,6 +58,11 @@ pub struct Ctx<'a> {
     pub endpoint: &'a str,
     /// Fresh ids.
     pub new_id: &'a mut dyn FnMut() -> Uuid,
+    /// How long to gather offers for a request before taking the best
+    /// (0: take the first). Never waited once every known agent answered.
+    pub offer_window_ms: u64,
+    /// The agents as the manager knows them.
+    pub peers: &'a dyn Peers,
 }
 
 /// An effect for the service to perform after persisting the workflow.
@@ -175,6 +206,9 @@ impl Workflow {
             publish_count: 0,
             next_publish_at_ms: ctx.now_ms,
             declines: Vec::new(),
+            candidates: Vec::new(),
+            answered: Vec::new(),
+            decide_at_ms: None,
         });
         self.publish_due(n, ctx, fx);
     }
@@ -220,7 +254,11 @@ impl Workflow {
         })
     }
 
-    /// An agent offers to serve a request.
+    /// An agent offers to serve a request. The offer is gathered with the
+    /// others for the request; the request is decided (the least busy
+    /// agent taken, the others rejected) at once when every known agent
+    /// has answered or no window is set, else when the window closes.
+    #[allow(clippy::too_many_arguments)]
     pub fn on_offer(
         &mut self,
         ctx: &mut Ctx<'_>,
@@ -229,6 +267,7 @@ impl Workflow {
         request_id: Uuid,
         offer_id: Uuid,
         expires_at_ms: u64,
+        load: Load,
     ) -> Vec<Effect> {
         let reject = || {
             vec![Effect::Send(Outbound {
@@ -240,7 +279,7 @@ impl Workflow {
                 },
             })]
         };
-        // A re-sent offer we already accepted: the accept is on its way.
+        // A re-sent offer we already accepted or hold: nothing new.
         if self
             .steps
             .iter()
@@ -259,17 +298,85 @@ impl Workflow {
         if !open || expires_at_ms <= ctx.now_ms {
             return reject();
         }
+        let Some(req) = self.steps[n].request.as_mut() else {
+            return reject();
+        };
+        if req.candidates.iter().any(|c| c.offer_id == offer_id) {
+            return Vec::new();
+        }
+        req.candidates.push(Candidate {
+            agent: agent.to_string(),
+            endpoint: endpoint.to_string(),
+            offer_id,
+            expires_at_ms,
+            load,
+        });
+        if !req.answered.iter().any(|a| a == agent) {
+            req.answered.push(agent.to_string());
+        }
+        let everyone = req.answered.len() >= ctx.peers.known_agents();
+        if ctx.offer_window_ms == 0 || everyone {
+            let mut fx = Vec::new();
+            self.decide(n, ctx, &mut fx);
+            return fx;
+        }
+        if req.decide_at_ms.is_none() {
+            req.decide_at_ms = Some(ctx.now_ms + ctx.offer_window_ms);
+        }
+        Vec::new()
+    }
+
+    /// Takes the least busy of the offers gathered for step `n`'s request
+    /// and rejects the others.
+    fn decide(&mut self, n: usize, ctx: &mut Ctx<'_>, fx: &mut Vec<Effect>) {
+        let Some(req) = self.steps[n].request.as_mut() else {
+            return;
+        };
+        req.decide_at_ms = None;
+        let candidates = std::mem::take(&mut req.candidates);
+        let request_id = req.id;
+        let now = ctx.now_ms;
+        let best = candidates
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.expires_at_ms > now)
+            .min_by(|(i, a), (j, b)| {
+                let la = a.load.per_slot(ctx.peers.live_jobs(&a.agent));
+                let lb = b.load.per_slot(ctx.peers.live_jobs(&b.agent));
+                la.total_cmp(&lb).then(i.cmp(j))
+            })
+            .map(|(i, _)| i);
+        for (i, c) in candidates.into_iter().enumerate() {
+            if Some(i) == best {
+                fx.push(self.accept_offer(n, ctx, c));
+            } else {
+                fx.push(Effect::Send(Outbound {
+                    to: c.agent,
+                    endpoint: c.endpoint,
+                    msg: Msg::Reject {
+                        offer_id: c.offer_id,
+                        request_id,
+                    },
+                }));
+            }
+        }
+    }
+
+    /// Turns an offer into the step's new attempt and accepts it.
+    fn accept_offer(&mut self, n: usize, ctx: &mut Ctx<'_>, c: Candidate) -> Effect {
         let job_id = (ctx.new_id)();
         let step = &mut self.steps[n];
+        let mut request_id = Uuid::nil();
         if let Some(r) = step.request.as_mut() {
             r.state = RequestState::Fulfilled;
+            request_id = r.id;
         }
         step.attempts.push(Attempt {
             job_id: Some(job_id),
             request_id,
-            offer_id: Some(offer_id),
-            agent: agent.to_string(),
-            endpoint: endpoint.to_string(),
+            offer_id: Some(c.offer_id),
+            agent: c.agent.clone(),
+            endpoint: c.endpoint.clone(),
             state: JobState::Pending,
             accepted: false,
             superseded: false,
@@ -283,27 +390,47 @@ impl Workflow {
             stderr_tail: String::new(),
         });
         self.touch(ctx);
-        vec![Effect::Send(Outbound {
-            to: agent.to_string(),
-            endpoint: endpoint.to_string(),
+        Effect::Send(Outbound {
+            to: c.agent,
+            endpoint: c.endpoint,
             msg: Msg::Accept {
-                offer_id,
+                offer_id: c.offer_id,
                 request_id,
                 job_id,
             },
-        })]
+        })
     }
 
-    /// An agent declines a request. Declines never end a request.
-    pub fn on_decline(&mut self, agent: &str, request_id: Uuid, reason: &str) {
-        if let Some(n) = self.find_request(request_id) {
-            if let Some(r) = self.steps[n].request.as_mut() {
-                r.declines.push((agent.to_string(), reason.to_string()));
-                if r.declines.len() > 8 {
-                    r.declines.remove(0);
-                }
-            }
+    /// An agent declines a request. Declines never end a request; the last
+    /// one of the known agents to answer closes the offer window.
+    pub fn on_decline(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        agent: &str,
+        request_id: Uuid,
+        reason: &str,
+    ) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        let Some(n) = self.find_request(request_id) else {
+            return fx;
+        };
+        let Some(r) = self.steps[n].request.as_mut() else {
+            return fx;
+        };
+        r.declines.push((agent.to_string(), reason.to_string()));
+        if r.declines.len() > 8 {
+            r.declines.remove(0);
         }
+        if !r.answered.iter().any(|a| a == agent) {
+            r.answered.push(agent.to_string());
+        }
+        if r.state == RequestState::Fulfilling
+            && !r.candidates.is_empty()
+            && r.answered.len() >= ctx.peers.known_agents()
+        {
+            self.decide(n, ctx, &mut fx);
+        }
+        fx
     }
 
     /// Checks that `agent` holds the job; returns its place.
@@ -612,6 +739,17 @@ impl Workflow {
             if let Some(r) = step.request.as_mut() {
                 if r.state == RequestState::Fulfilling {
                     r.state = RequestState::Unanswered;
+                    r.decide_at_ms = None;
+                    for c in r.candidates.drain(..) {
+                        fx.push(Effect::Send(Outbound {
+                            to: c.agent,
+                            endpoint: c.endpoint,
+                            msg: Msg::Reject {
+                                offer_id: c.offer_id,
+                                request_id: r.id,
+                            },
+                        }));
+                    }
                 }
             }
             for a in &mut step.attempts {
@@ -681,11 +819,41 @@ impl Workflow {
                 self.fail_attempt(n, ctx, &msg, &mut fx);
                 continue;
             }
+            let window_closed = self.steps[n].request.as_ref().is_some_and(|r| {
+                r.state == RequestState::Fulfilling
+                    && r.decide_at_ms.is_some_and(|t| t <= ctx.now_ms)
+            });
+            if window_closed {
+                self.decide(n, ctx, &mut fx);
+                // All gathered offers may have expired: publish again.
+                if let Some(r) = self.steps[n].request.as_mut() {
+                    if r.state == RequestState::Fulfilling {
+                        r.next_publish_at_ms = r.next_publish_at_ms.min(ctx.now_ms);
+                    }
+                }
+            }
             self.publish_due(n, ctx, &mut fx);
             let Some(a) = self.steps[n].current().cloned() else {
                 continue;
             };
-            let silent = ctx.now_ms.saturating_sub(a.last_heard_ms);
+            // The job's own silence, and the agent's: an agent that is
+            // heard from (its messages, its acks) holds its jobs even when
+            // their news waits in a long queue.
+            let job_silent = ctx.now_ms.saturating_sub(a.last_heard_ms);
+            let agent_heard = ctx
+                .peers
+                .last_heard_ms(&a.agent)
+                .unwrap_or(0)
+                .max(a.last_heard_ms);
+            let silent = ctx.now_ms.saturating_sub(agent_heard);
+            let probe_due = ctx.now_ms.saturating_sub(a.last_probe_ms)
+                >= if silent >= probe_every {
+                    probe_every
+                } else {
+                    // The agent is alive: ask about the job itself only
+                    // once a lease (it may have lost the job's data).
+                    ctx.lease_ms
+                };
             if silent >= ctx.lease_ms {
                 let msg = format!(
                     "agent {} was silent for {} s (lease {} s); counted as lost",
@@ -694,9 +862,7 @@ impl Workflow {
                     ctx.lease_ms / 1000
                 );
                 self.fail_attempt(n, ctx, &msg, &mut fx);
-            } else if silent >= probe_every
-                && ctx.now_ms.saturating_sub(a.last_probe_ms) >= probe_every
-            {
+            } else if job_silent >= probe_every && probe_due {
                 if let (Some(job_id), Some(cur)) = (a.job_id, self.steps[n].attempts.last_mut()) {
                     cur.last_probe_ms = ctx.now_ms;
                     fx.push(Effect::Send(Outbound {
@@ -714,7 +880,7 @@ impl Workflow {
     }
 
     /// When [`Workflow::tick`] next has something to do.
-    pub fn next_deadline(&self, lease_ms: u64) -> Option<u64> {
+    pub fn next_deadline(&self, lease_ms: u64, peers: &dyn Peers) -> Option<u64> {
         if self.state.is_final() {
             return None;
         }
@@ -726,10 +892,24 @@ impl Workflow {
                     .request
                     .as_ref()
                     .filter(|r| r.state == RequestState::Fulfilling)
-                    .map(|r| r.next_publish_at_ms.min(r.expires_at_ms));
+                    .map(|r| {
+                        r.next_publish_at_ms
+                            .min(r.expires_at_ms)
+                            .min(r.decide_at_ms.unwrap_or(u64::MAX))
+                    });
                 let lease = s.current().map(|a| {
-                    (a.last_heard_ms + lease_ms)
-                        .min((a.last_heard_ms.max(a.last_probe_ms)) + probe_every)
+                    // Mirrors `tick`: lost a lease after the agent was last
+                    // heard; probed a third of a lease after that, or once
+                    // a lease about a silent job of a live agent.
+                    let agent_heard = peers
+                        .last_heard_ms(&a.agent)
+                        .unwrap_or(0)
+                        .max(a.last_heard_ms);
+                    let lost = agent_heard + lease_ms;
+                    let probe_silent_agent = agent_heard.max(a.last_probe_ms) + probe_every;
+                    let probe_live_agent =
+                        (a.last_heard_ms + probe_every).max(a.last_probe_ms + lease_ms);
+                    lost.min(probe_silent_agent).min(probe_live_agent)
                 });
                 match (req, lease) {
                     (Some(a), Some(b)) => Some(a.min(b)),

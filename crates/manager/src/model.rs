@@ -116,6 +116,30 @@ pub struct Request {
     pub next_publish_at_ms: u64,
     /// Declines received (most recent last, at most 8 kept).
     pub declines: Vec<(String, String)>,
+    /// Offers gathered while the offer window is open.
+    #[serde(default)]
+    pub candidates: Vec<Candidate>,
+    /// Agents that answered (offer or decline), to close the window early.
+    #[serde(default)]
+    pub answered: Vec<String>,
+    /// When the offer window closes (ms), once an offer arrived.
+    #[serde(default)]
+    pub decide_at_ms: Option<u64>,
+}
+
+/// An offer waiting for the request's offer window to close.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// The agent's node id.
+    pub agent: String,
+    /// Its endpoint.
+    pub endpoint: String,
+    /// The offer.
+    pub offer_id: Uuid,
+    /// Void after (ms).
+    pub expires_at_ms: u64,
+    /// How busy the agent said it was.
+    pub load: caroni_types::msg::Load,
 }
 
 /// One attempt at a step: an accepted offer and the job it became, or an

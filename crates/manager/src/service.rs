@@ -1,23 +1,43 @@
 //! The manager service: owns the live workflows, applies messages and
 //! timers through the pure machine, and persists each change together with
-//! the messages it causes (one write batch). Finished workflows live on
-//! disk only.
+//! the messages it causes. Finished workflows live on disk only.
+//!
+//! **Group commit.** The service takes every command waiting in its channel
+//! (up to [`GROUP`]), applies them one after the other in memory, writes
+//! all their changes, messages and applied ids in one synced batch on a
+//! blocking thread, and only then answers them, sends and publishes. While
+//! that write is in flight new commands queue up and form the next group,
+//! so the cost of a sync is shared by everything that arrived meanwhile.
+//! A failed write answers every command of the group with "retry later"
+//! and reloads the live state from disk, so memory never runs ahead of it.
+//!
+//! **Admission.** At most `max_open_requests` job requests are out at once;
+//! new workflows wait in `created`, in order, until their requests fit.
+//! Load turns into a queue on the manager, not into a storm of gossip,
+//! offers and expiring leases.
+//!
+//! **Timers** sit in a deadline index (one entry per live workflow), so a
+//! tick touches only the workflows that are due.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use caroni_store::{keys::Key, tables, wire, Batch, Store, Table};
-use caroni_types::msg::{Inbound, Msg, Outbound};
+use caroni_store::{wire, Batch, Store};
+use caroni_types::msg::{Inbound, JobRequest, Msg, Outbound};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::machine::{Ctx, Effect, Refusal};
-use crate::model::Workflow;
-use crate::{templates, Error};
+use crate::machine::{Ctx, Effect, Peers, Refusal};
+use crate::model::{RequestState, Workflow, WorkflowState};
+use crate::{records, templates, Error};
 
-const WORKFLOWS: Table<Workflow> = Table::new(tables::WORKFLOWS, "workflows");
+/// Most commands applied in one batch.
+pub const GROUP: usize = 1024;
+/// How long an agent that answered requests counts as known.
+const AGENT_MEMORY_MS: u64 = 10 * 60 * 1000;
 
 /// Options.
 #[derive(Debug, Clone)]
@@ -28,6 +48,10 @@ pub struct Options {
     pub lease: Duration,
     /// Lifetime of a job request.
     pub request_ttl: Duration,
+    /// Job requests out at once; further workflows wait in `created`.
+    pub max_open_requests: usize,
+    /// How long to gather offers before taking the least busy agent.
+    pub offer_window: Duration,
 }
 
 /// Why a message was not applied.
@@ -41,6 +65,8 @@ pub enum DeliverError {
     Retry(String),
 }
 
+type DeliverReply = oneshot::Sender<Result<(), DeliverError>>;
+
 enum Cmd {
     Run(
         String,
@@ -48,7 +74,33 @@ enum Cmd {
         oneshot::Sender<Result<Uuid, Error>>,
     ),
     Cancel(Uuid, oneshot::Sender<Result<(), Error>>),
-    Deliver(Inbound, oneshot::Sender<Result<(), DeliverError>>),
+    Deliver(Inbound, DeliverReply),
+}
+
+/// A change of a workflow, as announced to watchers once written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// The workflow.
+    pub id: Uuid,
+    /// Its state after the change.
+    pub state: WorkflowState,
+    /// Created (ms).
+    pub created_at_ms: u64,
+    /// Ended (ms), once it has.
+    pub finished_at_ms: Option<u64>,
+}
+
+/// Counters of the manager since it started.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Workflows that ended completed.
+    pub completed: AtomicU64,
+    /// Workflows that ended failed.
+    pub failed: AtomicU64,
+    /// Live workflows (not ended).
+    pub live: AtomicU64,
+    /// Live workflows waiting for admission.
+    pub waiting: AtomicU64,
 }
 
 /// A cheap handle to the manager service.
@@ -56,7 +108,8 @@ enum Cmd {
 pub struct Handle {
     tx: mpsc::Sender<Cmd>,
     store: Store,
-    events: broadcast::Sender<Uuid>,
+    events: broadcast::Sender<Change>,
+    stats: Arc<Stats>,
 }
 
 impl std::fmt::Debug for Handle {
@@ -92,36 +145,126 @@ impl Handle {
         rx.await.map_err(|_| Error::Unavailable(STOPPED.into()))?
     }
 
-    /// Applies a direct message; returns once it is durable.
-    pub async fn deliver(&self, msg: Inbound) -> Result<(), DeliverError> {
+    /// Queues a direct message behind those submitted before it; the
+    /// receiver resolves once it is durable.
+    pub async fn submit(
+        &self,
+        msg: Inbound,
+    ) -> Result<oneshot::Receiver<Result<(), DeliverError>>, DeliverError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Cmd::Deliver(msg, tx))
             .await
             .map_err(|_| DeliverError::Retry(STOPPED.into()))?;
-        rx.await.map_err(|_| DeliverError::Retry(STOPPED.into()))?
+        Ok(rx)
+    }
+
+    /// Applies a direct message; returns once it is durable.
+    pub async fn deliver(&self, msg: Inbound) -> Result<(), DeliverError> {
+        self.submit(msg)
+            .await?
+            .await
+            .map_err(|_| DeliverError::Retry(STOPPED.into()))?
     }
 
     /// One workflow, from disk.
     pub fn get(&self, id: Uuid) -> Result<Workflow, Error> {
-        self.store
-            .get(WORKFLOWS, &Key::new().uuid(&id).finish())?
-            .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "no workflow {id}; `caroni workflow list` shows them"
-                ))
-            })
+        records::get(&self.store, &id)?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "no workflow {id}; `caroni workflow list` shows them"
+            ))
+        })
     }
 
     /// Workflows, newest first, at most `limit`. Workflow ids are UUID v7,
     /// so key order is creation order and only `limit` records are read.
     pub fn list(&self, limit: usize) -> Result<Vec<Workflow>, Error> {
-        Ok(self.store.scan_last(WORKFLOWS, limit)?)
+        Ok(records::list_last(&self.store, limit)?)
     }
 
-    /// Ids of workflows as they change.
-    pub fn subscribe(&self) -> broadcast::Receiver<Uuid> {
+    /// Workflows as they change (once each change is written).
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.events.subscribe()
+    }
+
+    /// Counters since the manager started.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+}
+
+/// A command's answer, given once its group is written.
+enum Reply {
+    Run(oneshot::Sender<Result<Uuid, Error>>, Result<Uuid, Error>),
+    Cancel(oneshot::Sender<Result<(), Error>>, Result<(), Error>),
+    Deliver(DeliverReply, Result<(), DeliverError>),
+}
+
+impl Reply {
+    /// Sends the answer; a failed write turns successes into "retry".
+    fn send(self, written: Result<(), &str>) {
+        match self {
+            Reply::Run(tx, r) => {
+                let _ = tx.send(match written {
+                    Ok(()) => r,
+                    Err(e) => r.and(Err(Error::Unavailable(e.to_string()))),
+                });
+            }
+            Reply::Cancel(tx, r) => {
+                let _ = tx.send(match written {
+                    Ok(()) => r,
+                    Err(e) => r.and(Err(Error::Unavailable(e.to_string()))),
+                });
+            }
+            Reply::Deliver(tx, r) => {
+                let _ = tx.send(match written {
+                    Ok(()) => r,
+                    Err(e) => r.and(Err(DeliverError::Retry(e.to_string()))),
+                });
+            }
+        }
+    }
+}
+
+/// What one group of commands changed, written in one batch.
+#[derive(Default)]
+struct Group {
+    batch: Batch,
+    staged: Vec<wire::Staged>,
+    publish: Vec<JobRequest>,
+    /// Workflows whose head changed (live ones, or finished in this group).
+    changed: BTreeSet<Uuid>,
+    /// Their steps that changed.
+    changed_steps: BTreeSet<(Uuid, usize)>,
+    finished: HashMap<Uuid, Workflow>,
+    /// Message ids applied in this group (not yet visible in the store).
+    applied: HashSet<Uuid>,
+    replies: Vec<Reply>,
+}
+
+/// What the service knows of the agents, for the machine.
+#[derive(Default)]
+struct AgentBook {
+    /// Agents that answered requests, and when they last did.
+    answered: HashMap<String, u64>,
+    /// Live jobs this manager placed on each agent.
+    jobs: HashMap<String, u32>,
+}
+
+struct PeerView<'a> {
+    book: &'a AgentBook,
+    wire: &'a dyn wire::Wire,
+}
+
+impl Peers for PeerView<'_> {
+    fn last_heard_ms(&self, agent: &str) -> Option<u64> {
+        self.wire.last_heard_ms(agent)
+    }
+    fn known_agents(&self) -> usize {
+        self.book.answered.len()
+    }
+    fn live_jobs(&self, agent: &str) -> u32 {
+        self.book.jobs.get(agent).copied().unwrap_or(0)
     }
 }
 
@@ -131,10 +274,32 @@ pub struct Service {
     store: Store,
     wire: Arc<dyn wire::Wire>,
     rx: mpsc::Receiver<Cmd>,
-    events: broadcast::Sender<Uuid>,
+    events: broadcast::Sender<Change>,
+    stats: Arc<Stats>,
     live: HashMap<Uuid, Workflow>,
     by_request: HashMap<Uuid, Uuid>,
     by_job: HashMap<Uuid, Uuid>,
+    /// Workflows waiting in `created` for admission, oldest first.
+    waiting: VecDeque<Uuid>,
+    /// Requests out now (state `fulfilling`) over all live workflows.
+    open_requests: usize,
+    /// Next timer of each live workflow, and the same ordered by time.
+    deadline_of: HashMap<Uuid, u64>,
+    deadlines: BTreeSet<(u64, Uuid)>,
+    agents: AgentBook,
+    /// Parsed templates by name, with the version they were parsed from.
+    parsed: HashMap<String, (u64, Arc<caroni_cwl::Workflow>)>,
+}
+
+fn open_requests(wf: &Workflow) -> usize {
+    wf.steps
+        .iter()
+        .filter(|s| {
+            s.request
+                .as_ref()
+                .is_some_and(|r| r.state == RequestState::Fulfilling)
+        })
+        .count()
 }
 
 impl Service {
@@ -144,28 +309,65 @@ impl Service {
         store: Store,
         wire: Arc<dyn wire::Wire>,
     ) -> Result<(Self, Handle), Error> {
-        let (tx, rx) = mpsc::channel(1024);
-        let (events, _) = broadcast::channel(1024);
+        let (tx, rx) = mpsc::channel(GROUP);
+        let (events, _) = broadcast::channel(4096);
+        let stats = Arc::new(Stats::default());
         let mut s = Self {
             opts,
             store: store.clone(),
             wire,
             rx,
             events: events.clone(),
+            stats: stats.clone(),
             live: HashMap::new(),
             by_request: HashMap::new(),
             by_job: HashMap::new(),
+            waiting: VecDeque::new(),
+            open_requests: 0,
+            deadline_of: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            agents: AgentBook::default(),
+            parsed: HashMap::new(),
         };
-        for (_, wf) in store.scan(WORKFLOWS, &[])? {
-            if !wf.state.is_final() {
-                s.index(&wf);
-                s.live.insert(wf.id, wf);
-            }
+        let n = records::migrate(&store)?;
+        if n > 0 {
+            tracing::info!(
+                workflows = n,
+                "converted workflow records to the head + step layout"
+            );
         }
-        Ok((s, Handle { tx, store, events }))
+        s.load()?;
+        Ok((
+            s,
+            Handle {
+                tx,
+                store,
+                events,
+                stats,
+            },
+        ))
     }
 
-    fn index(&mut self, wf: &Workflow) {
+    /// (Re)reads every live workflow from disk.
+    fn load(&mut self) -> Result<(), Error> {
+        self.live.clear();
+        self.by_request.clear();
+        self.by_job.clear();
+        self.waiting.clear();
+        self.open_requests = 0;
+        self.deadline_of.clear();
+        self.deadlines.clear();
+        self.agents.jobs.clear();
+        for wf in records::live(&self.store)? {
+            if wf.state == WorkflowState::Created {
+                self.waiting.push_back(wf.id);
+            }
+            self.insert_live(wf);
+        }
+        Ok(())
+    }
+
+    fn insert_live(&mut self, wf: Workflow) {
         for step in &wf.steps {
             if let Some(r) = &step.request {
                 self.by_request.insert(r.id, wf.id);
@@ -176,19 +378,40 @@ impl Service {
                 }
             }
         }
+        for (_, a) in wf.live_jobs() {
+            *self.agents.jobs.entry(a.agent.clone()).or_default() += 1;
+        }
+        self.open_requests += open_requests(&wf);
+        self.set_deadline(&wf);
+        self.live.insert(wf.id, wf);
     }
 
-    fn unindex(&mut self, wf: &Workflow) {
-        for step in &wf.steps {
-            for a in &step.attempts {
-                if let Some(j) = a.job_id {
-                    self.by_job.remove(&j);
-                }
-                self.by_request.remove(&a.request_id);
+    /// Takes a workflow out of the live set (and its indexes) to change it.
+    fn take_live(&mut self, id: Uuid) -> Option<Workflow> {
+        let wf = self.live.remove(&id)?;
+        for (_, a) in wf.live_jobs() {
+            if let Some(n) = self.agents.jobs.get_mut(&a.agent) {
+                *n = n.saturating_sub(1);
             }
-            if let Some(r) = &step.request {
-                self.by_request.remove(&r.id);
-            }
+        }
+        self.open_requests = self.open_requests.saturating_sub(open_requests(&wf));
+        if let Some(d) = self.deadline_of.remove(&id) {
+            self.deadlines.remove(&(d, id));
+        }
+        Some(wf)
+    }
+
+    fn set_deadline(&mut self, wf: &Workflow) {
+        if let Some(d) = self.deadline_of.remove(&wf.id) {
+            self.deadlines.remove(&(d, wf.id));
+        }
+        let view = PeerView {
+            book: &self.agents,
+            wire: self.wire.as_ref(),
+        };
+        if let Some(d) = wf.next_deadline(self.opts.lease.as_millis() as u64, &view) {
+            self.deadline_of.insert(wf.id, d);
+            self.deadlines.insert((d, wf.id));
         }
     }
 
@@ -197,98 +420,229 @@ impl Service {
         if !self.live.is_empty() {
             tracing::info!(workflows = self.live.len(), "resuming live workflows");
         }
+        let mut g = Group::default();
+        self.admit(&mut g);
+        self.flush(g).await;
         loop {
-            let next = self
-                .live
-                .values()
-                .filter_map(|w| w.next_deadline(self.opts.lease.as_millis() as u64))
-                .min();
-            let sleep = match next {
-                Some(at) => Duration::from_millis(at.saturating_sub(caroni_types::now_ms())),
+            let sleep = match self.deadlines.first() {
+                Some((at, _)) => Duration::from_millis(at.saturating_sub(caroni_types::now_ms())),
                 None => Duration::from_secs(3600),
             };
+            let mut g = Group::default();
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 cmd = self.rx.recv() => match cmd {
-                    Some(Cmd::Run(t, inputs, reply)) => { let _ = reply.send(self.start(&t, inputs)); }
-                    Some(Cmd::Cancel(id, reply)) => { let _ = reply.send(self.cancel(id)); }
-                    Some(Cmd::Deliver(msg, reply)) => { let _ = reply.send(self.deliver(msg)); }
+                    Some(cmd) => {
+                        self.apply(cmd, &mut g);
+                        while g.replies.len() < GROUP {
+                            match self.rx.try_recv() {
+                                Ok(cmd) => self.apply(cmd, &mut g),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => return,
                 },
-                _ = tokio::time::sleep(sleep) => self.tick(),
+                _ = tokio::time::sleep(sleep) => {}
+            }
+            self.tick(&mut g);
+            self.admit(&mut g);
+            self.flush(g).await;
+        }
+    }
+
+    fn apply(&mut self, cmd: Cmd, g: &mut Group) {
+        match cmd {
+            Cmd::Run(t, inputs, reply) => {
+                let r = self.start(&t, inputs, g);
+                g.replies.push(Reply::Run(reply, r));
+            }
+            Cmd::Cancel(id, reply) => {
+                let r = self.cancel(id, g);
+                g.replies.push(Reply::Cancel(reply, r));
+            }
+            Cmd::Deliver(msg, reply) => {
+                let r = self.deliver(msg, g);
+                g.replies.push(Reply::Deliver(reply, r));
             }
         }
     }
 
-    fn with_ctx<R>(&self, f: impl FnOnce(&mut Ctx<'_>) -> R) -> R {
-        // Time-ordered ids: jobs and requests sort by creation on every node.
+    /// Runs `f` on a live workflow with a context, then puts it back
+    /// (or records it as finished) and collects its effects.
+    fn change<R>(
+        &mut self,
+        id: Uuid,
+        g: &mut Group,
+        f: impl FnOnce(&mut Workflow, &mut Ctx<'_>) -> R,
+    ) -> Option<(R, bool)> {
+        let mut wf = self.take_live(id)?;
+        let before = wf.clone();
         let mut gen = Uuid::now_v7;
-        let mut ctx = Ctx {
-            now_ms: caroni_types::now_ms(),
-            lease_ms: self.opts.lease.as_millis() as u64,
-            request_ttl_ms: self.opts.request_ttl.as_millis() as u64,
-            endpoint: &self.opts.endpoint,
-            new_id: &mut gen,
+        let view = PeerView {
+            book: &self.agents,
+            wire: self.wire.as_ref(),
         };
-        f(&mut ctx)
+        let r = {
+            let mut ctx = Ctx {
+                now_ms: caroni_types::now_ms(),
+                lease_ms: self.opts.lease.as_millis() as u64,
+                request_ttl_ms: self.opts.request_ttl.as_millis() as u64,
+                endpoint: &self.opts.endpoint,
+                new_id: &mut gen,
+                offer_window_ms: self.opts.offer_window.as_millis() as u64,
+                peers: &view,
+            };
+            f(&mut wf, &mut ctx)
+        };
+        let changed = wf != before;
+        if changed {
+            for (n, (a, b)) in before.steps.iter().zip(&wf.steps).enumerate() {
+                if a != b {
+                    g.changed_steps.insert((id, n));
+                }
+            }
+        }
+        self.put_back(wf, changed, g);
+        Some((r, changed))
     }
 
-    fn start(&mut self, template: &str, inputs: BTreeMap<String, String>) -> Result<Uuid, Error> {
-        let record = templates::get(&self.store, template)?;
-        let parsed = record.workflow()?;
+    fn put_back(&mut self, wf: Workflow, changed: bool, g: &mut Group) {
+        let id = wf.id;
+        if changed {
+            g.changed.insert(id);
+        }
+        if wf.state.is_final() {
+            tracing::info!(workflow = %id, state = wf.state.as_str(), message = %wf.message, "workflow finished");
+            for step in &wf.steps {
+                for a in &step.attempts {
+                    if let Some(j) = a.job_id {
+                        self.by_job.remove(&j);
+                    }
+                    self.by_request.remove(&a.request_id);
+                }
+                if let Some(r) = &step.request {
+                    self.by_request.remove(&r.id);
+                }
+            }
+            g.finished.insert(id, wf);
+        } else {
+            self.insert_live(wf);
+        }
+    }
+
+    fn effects(&self, fx: Vec<Effect>, g: &mut Group) -> Result<(), String> {
+        for e in fx {
+            match e {
+                Effect::Send(out) => g.staged.push(self.wire.stage(&mut g.batch, &out)?),
+                Effect::Publish(req) => g.publish.push(req),
+            }
+        }
+        Ok(())
+    }
+
+    /// The parsed template, parsed once per version.
+    fn template(&mut self, name: &str) -> Result<Arc<caroni_cwl::Workflow>, Error> {
+        let record = templates::get(&self.store, name)?;
+        if let Some((at, wf)) = self.parsed.get(name) {
+            if *at == record.updated_at_ms {
+                return Ok(wf.clone());
+            }
+        }
+        let wf = Arc::new(record.workflow()?);
+        self.parsed
+            .insert(name.to_string(), (record.updated_at_ms, wf.clone()));
+        Ok(wf)
+    }
+
+    fn start(
+        &mut self,
+        template: &str,
+        inputs: BTreeMap<String, String>,
+        g: &mut Group,
+    ) -> Result<Uuid, Error> {
+        let parsed = self.template(template)?;
         let id = Uuid::now_v7();
-        let mut wf = Workflow::create(id, template, &parsed, inputs, caroni_types::now_ms())
+        let wf = Workflow::create(id, template, &parsed, inputs, caroni_types::now_ms())
             .map_err(|e| Error::BadInput(e.to_string()))?;
-        let fx = self.with_ctx(|ctx| wf.start(ctx));
-        tracing::info!(workflow = %id, template, "workflow created");
-        self.commit(wf, None, fx).map_err(Error::Unavailable)?;
+        tracing::debug!(workflow = %id, template, "workflow created");
+        g.changed.insert(id);
+        g.changed_steps.extend((0..wf.steps.len()).map(|n| (id, n)));
+        self.waiting.push_back(id);
+        self.insert_live(wf);
         Ok(id)
     }
 
-    fn cancel(&mut self, id: Uuid) -> Result<(), Error> {
-        let Some(mut wf) = self.live.get(&id).cloned() else {
-            let wf = self
-                .store
-                .get(WORKFLOWS, &Key::new().uuid(&id).finish())?
-                .ok_or_else(|| {
-                    Error::NotFound(format!(
-                        "no workflow {id}; `caroni workflow list` shows them"
-                    ))
-                })?;
-            return Err(Error::BadInput(format!(
-                "workflow {id} is already {}",
-                wf.state.as_str()
-            )));
-        };
-        let fx = self.with_ctx(|ctx| wf.cancel(ctx, "cancelled by a user"));
-        tracing::info!(workflow = %id, "workflow cancelled");
-        self.commit(wf, None, fx).map_err(Error::Unavailable)
-    }
-
-    fn tick(&mut self) {
-        let now = caroni_types::now_ms();
-        let lease = self.opts.lease.as_millis() as u64;
-        let due: Vec<Uuid> = self
-            .live
-            .values()
-            .filter(|w| w.next_deadline(lease).is_some_and(|d| d <= now))
-            .map(|w| w.id)
-            .collect();
-        for id in due {
-            let Some(mut wf) = self.live.get(&id).cloned() else {
+    /// Starts waiting workflows, oldest first, while their requests fit.
+    fn admit(&mut self, g: &mut Group) {
+        while let Some(&id) = self.waiting.front() {
+            let Some(wf) = self.live.get(&id) else {
+                self.waiting.pop_front();
                 continue;
             };
-            let before = wf.clone();
-            let fx = self.with_ctx(|ctx| wf.tick(ctx));
-            if wf != before {
-                if let Err(e) = self.commit(wf, None, fx) {
-                    tracing::error!(error = %e, "cannot persist a timer change");
+            if wf.state != WorkflowState::Created {
+                self.waiting.pop_front();
+                continue;
+            }
+            // Always admit one when nothing is out, however large.
+            if self.open_requests > 0
+                && self.open_requests + wf.steps.len() > self.opts.max_open_requests
+            {
+                return;
+            }
+            self.waiting.pop_front();
+            let fx = self.change(id, g, |wf, ctx| wf.start(ctx));
+            if let Some((fx, _)) = fx {
+                if let Err(e) = self.effects(fx, g) {
+                    tracing::error!(error = %e, "cannot stage a workflow's messages");
                 }
             }
         }
     }
 
-    fn deliver(&mut self, msg: Inbound) -> Result<(), DeliverError> {
+    fn cancel(&mut self, id: Uuid, g: &mut Group) -> Result<(), Error> {
+        if !self.live.contains_key(&id) {
+            let wf = g.finished.get(&id).cloned().map(Ok).unwrap_or_else(|| {
+                records::get(&self.store, &id)?.ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "no workflow {id}; `caroni workflow list` shows them"
+                    ))
+                })
+            })?;
+            return Err(Error::Finished(format!(
+                "workflow {id} is already {}; only a live workflow can be cancelled",
+                wf.state.as_str()
+            )));
+        }
+        let (fx, _) = self
+            .change(id, g, |wf, ctx| wf.cancel(ctx, "cancelled by a user"))
+            .ok_or_else(|| Error::NotFound(format!("no workflow {id}")))?;
+        tracing::info!(workflow = %id, "workflow cancelled");
+        self.effects(fx, g).map_err(Error::Unavailable)
+    }
+
+    /// Applies every due timer.
+    fn tick(&mut self, g: &mut Group) {
+        let now = caroni_types::now_ms();
+        let due: Vec<Uuid> = self
+            .deadlines
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .map(|(_, id)| *id)
+            .collect();
+        for id in due {
+            if let Some((fx, _)) = self.change(id, g, |wf, ctx| wf.tick(ctx)) {
+                if let Err(e) = self.effects(fx, g) {
+                    tracing::error!(error = %e, "cannot stage a timer's messages");
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, msg: Inbound, g: &mut Group) -> Result<(), DeliverError> {
+        if g.applied.contains(&msg.id) {
+            return Ok(());
+        }
         match wire::is_applied(&self.store, &msg.id) {
             Ok(true) => return Ok(()),
             Ok(false) => {}
@@ -296,6 +650,9 @@ impl Service {
         }
         let key = match &msg.msg {
             Msg::Offer { request_id, .. } | Msg::Decline { request_id, .. } => {
+                self.agents
+                    .answered
+                    .insert(msg.from.clone(), caroni_types::now_ms());
                 self.by_request.get(request_id)
             }
             Msg::Accepted { job_id, .. }
@@ -312,8 +669,9 @@ impl Service {
                 )))
             }
         }
-        .copied();
-        let Some(mut wf) = key.and_then(|id| self.live.get(&id).cloned()) else {
+        .copied()
+        .filter(|id| self.live.contains_key(id));
+        let Some(id) = key else {
             // Not a live workflow of ours: tell the agent to let go.
             let reply = match &msg.msg {
                 Msg::Offer {
@@ -334,92 +692,132 @@ impl Service {
                 }),
                 _ => None,
             };
-            let mut b = Batch::default();
-            let mut staged = Vec::new();
             if let Some(m) = reply {
                 let out = Outbound {
                     to: msg.from.clone(),
                     endpoint: msg.endpoint.clone(),
                     msg: m,
                 };
-                staged.push(self.wire.stage(&mut b, &out).map_err(DeliverError::Retry)?);
+                g.staged.push(
+                    self.wire
+                        .stage(&mut g.batch, &out)
+                        .map_err(DeliverError::Retry)?,
+                );
             }
-            wire::mark_applied(&mut b, &msg.id);
-            self.store
-                .write(b)
-                .map_err(|e| DeliverError::Retry(e.to_string()))?;
-            self.wire.notify(staged);
+            wire::mark_applied(&mut g.batch, &msg.id);
+            g.applied.insert(msg.id);
             return Ok(());
         };
         let refused = |e: Refusal| DeliverError::Refused(e.0);
-        let fx = self.with_ctx(|ctx| -> Result<Vec<Effect>, DeliverError> {
-            Ok(match &msg.msg {
-                Msg::Offer {
-                    offer_id,
-                    request_id,
-                    expires_at_ms,
-                } => wf.on_offer(
-                    ctx,
-                    &msg.from,
-                    &msg.endpoint,
-                    *request_id,
-                    *offer_id,
-                    *expires_at_ms,
-                ),
-                Msg::Decline { request_id, reason } => {
-                    wf.on_decline(&msg.from, *request_id, reason);
-                    Vec::new()
-                }
-                Msg::Accepted { job_id, .. } => {
-                    wf.on_accepted(ctx, &msg.from, *job_id).map_err(refused)?
-                }
-                Msg::Data { job_id, items, .. } => wf
-                    .on_data(ctx, &msg.from, *job_id, items)
-                    .map_err(refused)?,
-                Msg::Status(s) => wf.on_status(ctx, &msg.from, s).map_err(refused)?,
-                _ => Vec::new(),
+        let (fx, _) = self
+            .change(id, g, |wf, ctx| -> Result<Vec<Effect>, DeliverError> {
+                Ok(match &msg.msg {
+                    Msg::Offer {
+                        offer_id,
+                        request_id,
+                        expires_at_ms,
+                        load,
+                    } => wf.on_offer(
+                        ctx,
+                        &msg.from,
+                        &msg.endpoint,
+                        *request_id,
+                        *offer_id,
+                        *expires_at_ms,
+                        *load,
+                    ),
+                    Msg::Decline { request_id, reason } => {
+                        wf.on_decline(ctx, &msg.from, *request_id, reason)
+                    }
+                    Msg::Accepted { job_id, .. } => {
+                        wf.on_accepted(ctx, &msg.from, *job_id).map_err(refused)?
+                    }
+                    Msg::Data { job_id, items, .. } => wf
+                        .on_data(ctx, &msg.from, *job_id, items)
+                        .map_err(refused)?,
+                    Msg::Status(s) => wf.on_status(ctx, &msg.from, s).map_err(refused)?,
+                    _ => Vec::new(),
+                })
             })
-        })?;
-        self.commit(wf, Some(msg.id), fx)
-            .map_err(DeliverError::Retry)
+            .ok_or_else(|| DeliverError::Retry("workflow vanished".into()))?;
+        let fx = fx?;
+        self.effects(fx, g).map_err(DeliverError::Retry)?;
+        wire::mark_applied(&mut g.batch, &msg.id);
+        g.applied.insert(msg.id);
+        Ok(())
     }
 
-    /// Persists the workflow, the messages its change causes and the
-    /// applied message id in one batch; then publishes and notifies.
-    fn commit(
-        &mut self,
-        wf: Workflow,
-        applied: Option<Uuid>,
-        fx: Vec<Effect>,
-    ) -> Result<(), String> {
-        let mut b = Batch::default();
-        let mut staged = Vec::new();
-        let mut publish = Vec::new();
-        for e in fx {
-            match e {
-                Effect::Send(out) => staged.push(self.wire.stage(&mut b, &out)?),
-                Effect::Publish(req) => publish.push(req),
+    /// Writes the group in one synced batch; then answers, sends and
+    /// publishes. On failure, answers "retry" and reloads from disk.
+    async fn flush(&mut self, mut g: Group) {
+        if g.changed.is_empty() && g.batch.is_empty() && g.replies.is_empty() {
+            return;
+        }
+        for id in &g.changed {
+            if let Some(wf) = self.live.get(id).or_else(|| g.finished.get(id)) {
+                records::put_head(&mut g.batch, wf);
             }
         }
-        b.put(WORKFLOWS, &Key::new().uuid(&wf.id).finish(), &wf);
-        if let Some(id) = applied {
-            wire::mark_applied(&mut b, &id);
+        for (id, n) in &g.changed_steps {
+            if let Some(wf) = self.live.get(id).or_else(|| g.finished.get(id)) {
+                records::put_step(&mut g.batch, wf, *n);
+            }
         }
-        self.store.write(b).map_err(|e| e.to_string())?;
-        self.wire.notify(staged);
-        for req in publish {
-            self.wire.publish(req);
-        }
-        let id = wf.id;
-        if wf.state.is_final() {
-            tracing::info!(workflow = %id, state = wf.state.as_str(), message = %wf.message, "workflow finished");
-            self.unindex(&wf);
-            self.live.remove(&id);
+        let written = if g.batch.is_empty() {
+            Ok(())
         } else {
-            self.index(&wf);
-            self.live.insert(id, wf);
+            self.store
+                .write_blocking(std::mem::take(&mut g.batch))
+                .await
+        };
+        match written {
+            Ok(()) => {
+                self.wire.notify(g.staged);
+                for req in g.publish {
+                    self.wire.publish(req);
+                }
+                for r in g.replies {
+                    r.send(Ok(()));
+                }
+                for id in g.changed {
+                    if let Some(wf) = self.live.get(&id).or_else(|| g.finished.get(&id)) {
+                        let _ = self.events.send(Change {
+                            id,
+                            state: wf.state,
+                            created_at_ms: wf.created_at_ms,
+                            finished_at_ms: wf.finished_at_ms,
+                        });
+                    }
+                }
+                for wf in g.finished.values() {
+                    match wf.state {
+                        WorkflowState::Completed => &self.stats.completed,
+                        _ => &self.stats.failed,
+                    }
+                    .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                let e = format!("cannot write the manager's state: {e}");
+                tracing::error!(error = %e, "group not written; reloading from disk");
+                for r in g.replies {
+                    r.send(Err(&e));
+                }
+                if let Err(e) = self.load() {
+                    tracing::error!(error = %e, "cannot reload the manager's state");
+                }
+            }
         }
-        let _ = self.events.send(id);
-        Ok(())
+        self.stats
+            .live
+            .store(self.live.len() as u64, Ordering::Relaxed);
+        self.stats
+            .waiting
+            .store(self.waiting.len() as u64, Ordering::Relaxed);
+        // Forget agents that stopped answering long ago.
+        let horizon = caroni_types::now_ms().saturating_sub(AGENT_MEMORY_MS);
+        if self.agents.answered.values().any(|t| *t < horizon) {
+            self.agents.answered.retain(|_, t| *t >= horizon);
+        }
     }
 }

@@ -57,27 +57,54 @@ impl Signer {
     /// Wraps `payload` in a new message with a fresh id and signs it.
     pub fn seal(&self, payload: Payload) -> Result<(uuid::Uuid, Envelope), Error> {
         let id = uuid::Uuid::now_v7();
-        let msg = Message {
+        let env = self.seal_encoded(id, &encode_payload(payload))?;
+        Ok((id, env))
+    }
+
+    /// Signs a message with a given id whose payload was encoded earlier
+    /// by [`encode_payload`] (an outbox entry). Protobuf merges
+    /// concatenated encodings, so the header fields and the stored payload
+    /// field are joined without decoding the payload again.
+    pub fn seal_encoded(&self, id: uuid::Uuid, payload: &[u8]) -> Result<Envelope, Error> {
+        let head = Message {
             message_id: id.to_string(),
             sender: self.id.to_base58(),
             sent_at: Some(caroni_proto::timestamp(std::time::SystemTime::now())),
             sender_endpoint: self.endpoint.clone(),
-            payload: Some(payload),
+            payload: None,
         };
-        let body = msg.encode_to_vec();
+        let mut body = Vec::with_capacity(head.encoded_len() + payload.len());
+        head.encode(&mut body)
+            .map_err(|e| Error::Sign(e.to_string()))?;
+        body.extend_from_slice(payload);
         let signature = self
             .key
             .sign(&body)
             .map_err(|e| Error::Sign(e.to_string()))?;
-        Ok((
-            id,
-            Envelope {
-                body,
-                signature,
-                public_key: self.key.public().encode_protobuf(),
-            },
-        ))
+        Ok(Envelope {
+            body,
+            signature,
+            public_key: self.key.public().encode_protobuf(),
+        })
     }
+}
+
+/// The protobuf encoding of a `Message` holding only `payload`: what an
+/// outbox row stores, to be sealed with [`Signer::seal_encoded`].
+pub fn encode_payload(payload: Payload) -> Vec<u8> {
+    Message {
+        payload: Some(payload),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// Reads a payload stored by [`encode_payload`].
+pub fn decode_payload(bytes: &[u8]) -> Result<Payload, Error> {
+    Message::decode(bytes)
+        .map_err(|e| Error::Refused(format!("undecodable stored message: {e}")))?
+        .payload
+        .ok_or_else(|| Error::Refused("stored message without payload".into()))
 }
 
 /// Verifies an envelope and decodes its message. Nothing in it is trusted
@@ -136,6 +163,18 @@ mod tests {
         assert_eq!(v.id, id);
         assert_eq!(v.sender, s.node_id());
         assert_eq!(v.sender_endpoint, "http://127.0.0.1:1");
+    }
+
+    #[test]
+    fn a_stored_payload_seals_into_an_envelope_that_opens_with_its_id() {
+        let s = Signer::new(Keypair::generate_ed25519(), "http://127.0.0.1:1".into());
+        let id = uuid::Uuid::now_v7();
+        let stored = encode_payload(payload());
+        assert_eq!(decode_payload(&stored).expect("decode"), payload());
+        let v = open(&s.seal_encoded(id, &stored).expect("seal")).expect("open");
+        assert_eq!(v.id, id);
+        assert_eq!(v.payload, payload());
+        assert!(v.sent_at_ms > 0);
     }
 
     #[test]

@@ -17,7 +17,43 @@ pub mod server;
 
 pub use envelope::{open, Signer, Verified};
 pub use outbox::{Outbox, PeerStatus};
-pub use server::{Inbox, InboxError, PeerServer};
+pub use server::{Applying, Inbox, InboxError, PeerServer};
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// When each peer was last heard from: a message it sent, or an ack it
+/// returned. A manager judges a job's lease on this (an agent whose
+/// messages wait in a long queue is still alive), not only on news of the
+/// job itself. Cheap to clone.
+#[derive(Clone, Default, Debug)]
+pub struct Liveness(Arc<Mutex<HashMap<String, u64>>>);
+
+impl Liveness {
+    /// Records that `node` was heard from now.
+    pub fn heard(&self, node: &str) {
+        let now = caroni_types::now_ms();
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match m.get_mut(node) {
+            Some(t) => *t = now,
+            None => {
+                m.insert(node.to_string(), now);
+            }
+        }
+    }
+
+    /// When `node` was last heard from (ms since the epoch).
+    pub fn last_heard_ms(&self, node: &str) -> Option<u64> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(node)
+            .copied()
+    }
+}
 
 /// Transport errors.
 #[derive(Debug, thiserror::Error)]

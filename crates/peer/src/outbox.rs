@@ -1,40 +1,71 @@
 //! The durable outbox and its sender tasks.
 //!
-//! Table `OUTBOX`: key = (destination node id, sequence), value = the
-//! destination endpoint and the encoded envelope. Staging adds to the
-//! caller's batch; after the caller's write, [`Outbox::notify`] wakes (or
-//! starts) the destination's sender task.
+//! Table `OUTBOX_V2`: key = (destination node id, sequence), value = the
+//! destination endpoint, the message id, its lane and the encoded payload.
+//! Messages are signed when sent, not when staged, so a row holds the
+//! domain message and a re-send after a restart carries a fresh timestamp
+//! under the same id.
+//!
+//! Staging adds a row to the caller's batch; after the caller's write,
+//! [`Outbox::notify`] hands the same rows to the destination's sender in
+//! memory, so the happy path never reads the table. The sender re-reads
+//! the table only after a restart, after a broken stream (its unacked
+//! messages must go again) or when more than [`MEM_QUEUE`] messages wait
+//! (then it "spills": new rows stay on disk until it has caught up).
+//!
+//! Two lanes per destination: messages that unblock work (accepts, job
+//! news, data, kills) go before offers and declines, which a loaded
+//! manager may receive by the thousand. No message of one lane ever
+//! depends on a later message of the other (an accept always follows the
+//! arrival of its offer), so the reordering is safe.
+//!
+//! A message for this node itself (a node in both roles) is handed to the
+//! local inbox in process: no sockets, no signature, the same durability
+//! (the row is deleted only when the engine has written its effects).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use caroni_proto::v1::{message::Payload, peer_service_client::PeerServiceClient, Envelope};
+use caroni_proto::v1::{message::Payload, peer_service_client::PeerServiceClient, Ack, Envelope};
 use caroni_store::{keys::Key, keys::Reader, tables, wire::Staged, Batch, Store, Table};
-use prost::Message as _;
+use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::{Error, Signer};
+use crate::server::{pipeline, Incoming, WINDOW};
+use crate::{envelope, Error, Inbox, Liveness, Signer, Verified};
 
 /// One staged message.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Entry {
     endpoint: String,
+    message_id: uuid::Uuid,
+    bulk: bool,
+    payload: Vec<u8>,
+}
+
+const OUTBOX: Table<Entry> = Table::new(tables::OUTBOX_V2, "outbox");
+
+/// Rows of the first outbox format: the whole signed envelope, as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LegacyEntry {
+    endpoint: String,
     message_id: String,
     envelope: Vec<u8>,
 }
+const LEGACY_OUTBOX: Table<LegacyEntry> = Table::new(tables::OUTBOX, "outbox (format 1)");
 
-const OUTBOX: Table<Entry> = Table::new(tables::OUTBOX, "outbox");
-
-/// Largest number of unacknowledged messages on one stream.
-const WINDOW: usize = 512;
+/// Messages a sender keeps in memory before it spills to reading the table.
+pub const MEM_QUEUE: usize = 8192;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Acks gathered into one delete batch.
+const ACK_BATCH: usize = 512;
 
 /// What `caroni peers` shows about one destination.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -53,16 +84,54 @@ pub struct PeerStatus {
     pub delivered: u64,
 }
 
-struct Dest {
-    notify: Arc<Notify>,
+#[derive(Default)]
+struct Queue {
+    urgent: VecDeque<(Vec<u8>, Entry)>,
+    bulk: VecDeque<(Vec<u8>, Entry)>,
+    /// Rows exist on disk that are not in the lanes.
+    spilled: bool,
     status: PeerStatus,
+}
+
+impl Queue {
+    fn len(&self) -> usize {
+        self.urgent.len() + self.bulk.len()
+    }
+    fn push(&mut self, key: Vec<u8>, e: Entry) {
+        if self.spilled || self.len() >= MEM_QUEUE {
+            self.spilled = true;
+        } else if e.bulk {
+            self.bulk.push_back((key, e));
+        } else {
+            self.urgent.push_back((key, e));
+        }
+    }
+    fn pop(&mut self) -> Option<(Vec<u8>, Entry)> {
+        self.urgent.pop_front().or_else(|| self.bulk.pop_front())
+    }
+}
+
+struct Dest {
+    queue: Mutex<Queue>,
+    notify: Notify,
+}
+
+impl Dest {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 struct Inner {
     store: Store,
     signer: Signer,
+    me: String,
     seq: AtomicU64,
-    dests: Mutex<HashMap<String, Dest>>,
+    dests: Mutex<HashMap<String, Arc<Dest>>>,
+    local: OnceLock<Arc<dyn Inbox>>,
+    liveness: Liveness,
     cancel: CancellationToken,
 }
 
@@ -78,15 +147,29 @@ impl std::fmt::Debug for Outbox {
     }
 }
 
+/// True for messages that may wait behind every other kind.
+fn is_bulk(p: &Payload) -> bool {
+    matches!(
+        p,
+        Payload::JobFulfillmentOffer(_) | Payload::JobFulfillmentDecline(_)
+    )
+}
+
 impl Outbox {
     /// Opens the outbox and starts a sender for every destination that has
-    /// messages left from before a restart.
-    pub fn start(store: Store, signer: Signer, cancel: CancellationToken) -> Result<Self, Error> {
-        let pending = store.scan(OUTBOX, &[])?;
+    /// messages left from before a restart. Rows of the first format are
+    /// converted first.
+    pub fn start(
+        store: Store,
+        signer: Signer,
+        liveness: Liveness,
+        cancel: CancellationToken,
+    ) -> Result<Self, Error> {
+        migrate_legacy(&store)?;
         let mut max_seq = 0;
-        let mut depth: BTreeMap<String, (u64, String)> = BTreeMap::new();
-        for (k, e) in &pending {
-            let mut r = Reader::new(k);
+        let mut depth: HashMap<String, (u64, String)> = HashMap::new();
+        for (k, e) in store.scan(OUTBOX, &[])? {
+            let mut r = Reader::new(&k);
             if let (Some(dest), Some(seq)) = (r.str(), r.u64()) {
                 max_seq = max_seq.max(seq);
                 let d = depth.entry(dest.to_string()).or_default();
@@ -97,17 +180,32 @@ impl Outbox {
         let outbox = Self {
             inner: Arc::new(Inner {
                 store,
+                me: signer.node_id().to_base58(),
                 signer,
                 seq: AtomicU64::new(max_seq + 1),
                 dests: Mutex::new(HashMap::new()),
+                local: OnceLock::new(),
+                liveness,
                 cancel,
             }),
         };
         for (dest, (n, endpoint)) in depth {
             tracing::info!(peer = %dest, queued = n, "resuming delivery of queued messages");
-            outbox.ensure_sender(&dest, &endpoint, n);
+            let d = outbox.dest(&dest);
+            let mut q = d.lock();
+            q.spilled = true;
+            q.status.queued = n;
+            q.status.endpoint = endpoint;
+            drop(q);
+            d.notify.notify_one();
         }
         Ok(outbox)
+    }
+
+    /// Delivers messages addressed to this node itself to `inbox`, in
+    /// process.
+    pub fn set_local(&self, inbox: Arc<dyn Inbox>) {
+        let _ = self.inner.local.set(inbox);
     }
 
     /// This node's signer.
@@ -115,9 +213,9 @@ impl Outbox {
         &self.inner.signer
     }
 
-    /// Seals `payload` for node `to` (reachable at `endpoint`) and adds it
-    /// to `batch`. Call [`Outbox::notify`] with the returned handle after
-    /// the batch is written.
+    /// Adds `payload` for node `to` (reachable at `endpoint`) to `batch`.
+    /// Call [`Outbox::notify`] with the returned handle after the batch is
+    /// written.
     pub fn stage(
         &self,
         batch: &mut Batch,
@@ -125,86 +223,145 @@ impl Outbox {
         endpoint: &str,
         payload: Payload,
     ) -> Result<Staged, Error> {
-        let (id, env) = self.inner.signer.seal(payload)?;
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
-        batch.put(
-            OUTBOX,
-            &Key::new().str(to).u64(seq).finish(),
-            &Entry {
-                endpoint: endpoint.to_string(),
-                message_id: id.to_string(),
-                envelope: env.encode_to_vec(),
-            },
-        );
+        let key = Key::new().str(to).u64(seq).finish();
+        let entry = Entry {
+            endpoint: endpoint.to_string(),
+            message_id: uuid::Uuid::now_v7(),
+            bulk: is_bulk(&payload),
+            payload: envelope::encode_payload(payload),
+        };
+        batch.put(OUTBOX, &key, &entry);
         Ok(Staged {
             to: to.to_string(),
             endpoint: endpoint.to_string(),
+            item: Some(Arc::new((key, entry))),
         })
     }
 
-    /// Wakes the senders of messages staged in a batch that is now written.
+    /// Hands the messages staged in a batch that is now written to their
+    /// senders.
     pub fn notify(&self, staged: Vec<Staged>) {
-        for s in &staged {
-            self.ensure_sender(&s.to, &s.endpoint, 1);
+        for s in staged {
+            let d = self.dest(&s.to);
+            let mut q = d.lock();
+            q.status.queued += 1;
+            q.status.endpoint = s.endpoint;
+            match s.item.and_then(|i| i.downcast::<(Vec<u8>, Entry)>().ok()) {
+                Some(item) => {
+                    let (key, entry) = Arc::unwrap_or_clone(item);
+                    q.push(key, entry);
+                }
+                None => q.spilled = true,
+            }
+            drop(q);
+            d.notify.notify_one();
         }
     }
 
     /// Delivery state of every destination.
     pub fn status(&self) -> Vec<PeerStatus> {
-        let dests = self.lock();
-        let mut all: Vec<_> = dests.values().map(|d| d.status.clone()).collect();
+        let dests: Vec<Arc<Dest>> = self.lock().values().cloned().collect();
+        let mut all: Vec<_> = dests.iter().map(|d| d.lock().status.clone()).collect();
         all.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         all
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Dest>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Dest>>> {
         self.inner
             .dests
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn ensure_sender(&self, to: &str, endpoint: &str, added: u64) {
+    /// The destination's queue, starting its sender on first use.
+    fn dest(&self, to: &str) -> Arc<Dest> {
         let mut dests = self.lock();
-        if let Some(d) = dests.get_mut(to) {
-            d.status.queued += added;
-            d.status.endpoint = endpoint.to_string();
-            d.notify.notify_one();
-            return;
+        if let Some(d) = dests.get(to) {
+            return d.clone();
         }
-        let notify = Arc::new(Notify::new());
-        dests.insert(
-            to.to_string(),
-            Dest {
-                notify: notify.clone(),
+        let d = Arc::new(Dest {
+            queue: Mutex::new(Queue {
                 status: PeerStatus {
                     node_id: to.to_string(),
-                    endpoint: endpoint.to_string(),
-                    queued: added,
                     ..Default::default()
                 },
-            },
-        );
+                ..Default::default()
+            }),
+            notify: Notify::new(),
+        });
+        dests.insert(to.to_string(), d.clone());
         let sender = Sender {
             outbox: self.clone(),
             to: to.to_string(),
-            notify,
+            dest: d.clone(),
         };
-        let span = tracing::info_span!("outbox", node = %self.inner.signer.node_id(), peer = %to);
+        let span = tracing::info_span!("outbox", node = %self.inner.me, peer = %to);
         tokio::spawn(sender.run().instrument(span));
+        d
     }
+}
 
-    fn update(&self, to: &str, f: impl FnOnce(&mut PeerStatus)) {
-        if let Some(d) = self.lock().get_mut(to) {
-            f(&mut d.status);
+/// Converts rows of the first outbox format (signed envelopes as JSON) to
+/// the current one, keeping their ids and order.
+fn migrate_legacy(store: &Store) -> Result<(), Error> {
+    let old = store.scan(LEGACY_OUTBOX, &[])?;
+    if old.is_empty() {
+        return Ok(());
+    }
+    let mut b = Batch::default();
+    for (key, e) in &old {
+        b.delete(LEGACY_OUTBOX, key);
+        let converted = Envelope::decode_from(&e.envelope)
+            .and_then(|env| crate::open(&env).ok())
+            .map(|v| Entry {
+                endpoint: e.endpoint.clone(),
+                message_id: v.id,
+                bulk: is_bulk(&v.payload),
+                payload: envelope::encode_payload(v.payload),
+            });
+        match converted {
+            Some(entry) => b.put(OUTBOX, key, &entry),
+            None => tracing::warn!(message = %e.message_id, "dropping an unreadable outbox row"),
         }
     }
+    tracing::info!(
+        rows = old.len(),
+        "converted outbox rows to the current format"
+    );
+    store.write(b)?;
+    Ok(())
+}
+
+trait DecodeFrom: Sized {
+    fn decode_from(bytes: &[u8]) -> Option<Self>;
+}
+impl DecodeFrom for Envelope {
+    fn decode_from(bytes: &[u8]) -> Option<Self> {
+        <Envelope as prost::Message>::decode(bytes).ok()
+    }
+}
+
+/// Where a session sends: a gRPC stream of signed envelopes, or the local
+/// inbox.
+enum Tx {
+    Remote(mpsc::Sender<Envelope>),
+    Local(mpsc::Sender<Incoming>),
+}
+
+type AckStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<Ack, tonic::Status>> + Send>>;
+
+struct Link {
+    tx: Tx,
+    acks: AckStream,
+    endpoint: String,
 }
 
 struct Sender {
     outbox: Outbox,
     to: String,
-    notify: Arc<Notify>,
+    dest: Arc<Dest>,
 }
 
 impl Sender {
@@ -219,10 +376,15 @@ impl Sender {
                 Ok(()) => backoff = BACKOFF_MIN,
                 Err(e) => {
                     tracing::debug!(error = %e, retry_in_ms = backoff.as_millis() as u64, "delivery failed");
-                    self.outbox.update(&self.to, |s| {
-                        s.connected = false;
-                        s.last_error = e.clone();
-                    });
+                    {
+                        let mut q = self.dest.lock();
+                        q.status.connected = false;
+                        q.status.last_error = e.clone();
+                        // Unacked messages must go again: read them back.
+                        q.spilled = true;
+                        q.urgent.clear();
+                        q.bulk.clear();
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = cancel.cancelled() => return,
@@ -233,45 +395,55 @@ impl Sender {
         }
     }
 
-    /// Entries not yet in flight, in key order. The scan starts at the
-    /// beginning of the destination's entries every time: two engines stage
-    /// concurrently, so an entry with a lower sequence number can become
-    /// visible after a higher one was sent, and must not be skipped. A
-    /// batch's entries become visible together, so the order of the
-    /// messages of one state change (data before status) is kept.
-    fn pending(
-        &self,
-        in_flight: &HashMap<String, Vec<u8>>,
-    ) -> Result<Vec<(Vec<u8>, Entry)>, String> {
+    /// Reads rows not in flight back from the table into the lanes (after
+    /// a restart, a broken stream or a spill).
+    fn refill(&self, in_flight: &HashMap<uuid::Uuid, Vec<u8>>) -> Result<(), String> {
+        self.dest.lock().spilled = false;
         let prefix = Key::new().str(&self.to).finish();
-        let all = self
+        let limit = in_flight.len() + MEM_QUEUE;
+        let rows = self
             .outbox
             .inner
             .store
-            .scan_limit(OUTBOX, &prefix, in_flight.len() + WINDOW)
+            .scan_limit(OUTBOX, &prefix, limit)
             .map_err(|e| e.to_string())?;
-        Ok(all
+        let more = rows.len() >= limit;
+        let mut q = self.dest.lock();
+        // Rows notified while reading are in the lanes and maybe in
+        // `rows`: a duplicate send is acknowledged without effect.
+        let notified = std::mem::take(&mut q.urgent)
             .into_iter()
-            .filter(|(_, e)| !in_flight.contains_key(&e.message_id))
-            .collect())
+            .chain(std::mem::take(&mut q.bulk));
+        let mut seen = std::collections::HashSet::new();
+        for (k, e) in rows.into_iter().chain(notified) {
+            if !in_flight.contains_key(&e.message_id) && seen.insert(e.message_id) {
+                if e.bulk {
+                    q.bulk.push_back((k, e));
+                } else {
+                    q.urgent.push_back((k, e));
+                }
+            }
+        }
+        q.spilled |= more;
+        Ok(())
     }
 
-    /// One stream: returns Ok when the outbox is drained and idle long
-    /// enough to close, Err on any delivery failure.
-    async fn session(&self) -> Result<(), String> {
-        let cancel = self.outbox.inner.cancel.clone();
-        // Wait for work before connecting.
-        let mut in_flight: HashMap<String, Vec<u8>> = HashMap::new();
-        let mut batch = self.pending(&in_flight)?;
-        while batch.is_empty() {
-            tokio::select! {
-                _ = self.notify.notified() => {}
-                _ = cancel.cancelled() => return Ok(()),
+    async fn connect(&self, endpoint: &str) -> Result<Link, String> {
+        if self.to == self.outbox.inner.me {
+            if let Some(local) = self.outbox.inner.local.get() {
+                let (tx, rx) = mpsc::channel::<Incoming>(WINDOW);
+                let acks = pipeline(
+                    local.clone(),
+                    tokio_stream::wrappers::ReceiverStream::new(rx),
+                );
+                return Ok(Link {
+                    tx: Tx::Local(tx),
+                    acks: Box::pin(tokio_stream::wrappers::ReceiverStream::new(acks)),
+                    endpoint: "in-process".into(),
+                });
             }
-            batch = self.pending(&in_flight)?;
         }
-        let endpoint = batch[0].1.endpoint.clone();
-        let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
+        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
             .map_err(|e| format!("bad endpoint {endpoint}: {e}"))?
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true)
@@ -282,61 +454,345 @@ impl Sender {
             .map_err(|e| format!("cannot connect to {endpoint}: {e}"))?;
         let mut client = PeerServiceClient::new(channel);
         let (tx, rx) = mpsc::channel::<Envelope>(WINDOW);
-        let mut acks = client
+        let acks = client
             .deliver(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
             .map_err(|e| format!("stream refused by {endpoint}: {}", e.message()))?
             .into_inner();
-        self.outbox.update(&self.to, |s| {
-            s.connected = true;
-            s.last_error.clear();
-        });
-        let mut more = batch.len() >= WINDOW;
+        Ok(Link {
+            tx: Tx::Remote(tx),
+            acks: Box::pin(acks),
+            endpoint: endpoint.to_string(),
+        })
+    }
+
+    /// One stream: returns Ok when cancelled, Err on any delivery failure.
+    async fn session(&self) -> Result<(), String> {
+        let cancel = self.outbox.inner.cancel.clone();
+        let mut in_flight: HashMap<uuid::Uuid, Vec<u8>> = HashMap::new();
+        // Wait for work before connecting.
         loop {
-            for (key, entry) in batch.drain(..) {
-                if in_flight.len() >= WINDOW {
-                    break;
-                }
-                let env = Envelope::decode(entry.envelope.as_slice())
-                    .map_err(|e| format!("corrupt outbox entry: {e}"))?;
-                in_flight.insert(entry.message_id.clone(), key);
-                tx.send(env)
-                    .await
-                    .map_err(|_| "stream closed".to_string())?;
+            let (spilled, empty, endpoint) = {
+                let q = self.dest.lock();
+                (q.spilled, q.len() == 0, q.status.endpoint.clone())
+            };
+            if spilled {
+                self.refill(&in_flight)?;
+                continue;
             }
-            let mut rescan = false;
+            if !empty {
+                let mut link = self.connect(&endpoint).await?;
+                self.dest.lock().status.connected = true;
+                self.dest.lock().status.last_error.clear();
+                return self.stream(&mut link, &mut in_flight, &cancel).await;
+            }
             tokio::select! {
-                ack = acks.next() => {
-                    let ack = match ack {
-                        Some(Ok(a)) => a,
-                        Some(Err(e)) => return Err(format!("stream to {endpoint} failed: {}", e.message())),
-                        None => return Err(format!("stream to {endpoint} closed")),
-                    };
-                    if !ack.accepted {
-                        tracing::warn!(message = %ack.message_id, error = %ack.error, "peer refused a message for good; dropping it");
-                    }
-                    if let Some(key) = in_flight.remove(&ack.message_id) {
-                        let mut b = Batch::default();
-                        b.delete(OUTBOX, &key[..]);
-                        // Deleting an acknowledged entry need not be synced:
-                        // if lost, it is sent again and deduplicated.
-                        self.outbox.inner.store.write_relaxed(b).map_err(|e| e.to_string())?;
-                        self.outbox.update(&self.to, |s| {
-                            s.queued = s.queued.saturating_sub(1);
-                            s.delivered += 1;
-                        });
-                    }
-                }
-                _ = self.notify.notified() => rescan = true,
+                _ = self.dest.notify.notified() => {}
                 _ = cancel.cancelled() => return Ok(()),
             }
-            // New entries appear only with a notification; a window that
-            // was full may have left entries behind.
-            if (rescan || more) && in_flight.len() < WINDOW / 2 {
-                batch = self.pending(&in_flight)?;
-                more = batch.len() > WINDOW - in_flight.len();
-                batch.truncate(WINDOW - in_flight.len());
+        }
+    }
+
+    async fn stream(
+        &self,
+        link: &mut Link,
+        in_flight: &mut HashMap<uuid::Uuid, Vec<u8>>,
+        cancel: &CancellationToken,
+    ) -> Result<(), String> {
+        let me = self.outbox.inner.signer.node_id();
+        let my_endpoint = self.outbox.inner.signer.endpoint().to_string();
+        loop {
+            // Send what the window allows, urgent lane first.
+            while in_flight.len() < WINDOW {
+                let next = {
+                    let mut q = self.dest.lock();
+                    if q.len() == 0 && q.spilled && in_flight.len() < WINDOW / 2 {
+                        drop(q);
+                        self.refill(in_flight)?;
+                        q = self.dest.lock();
+                    }
+                    q.pop()
+                };
+                let Some((key, entry)) = next else { break };
+                if in_flight.contains_key(&entry.message_id) {
+                    continue;
+                }
+                let closed = || format!("stream to {} closed", link.endpoint);
+                match &link.tx {
+                    Tx::Remote(tx) => {
+                        let env = self
+                            .outbox
+                            .inner
+                            .signer
+                            .seal_encoded(entry.message_id, &entry.payload)
+                            .map_err(|e| e.to_string())?;
+                        in_flight.insert(entry.message_id, key);
+                        tx.send(env).await.map_err(|_| closed())?;
+                    }
+                    Tx::Local(tx) => {
+                        let payload = match envelope::decode_payload(&entry.payload) {
+                            Ok(p) => p,
+                            Err(e) => {
+                                tracing::warn!(message = %entry.message_id, error = %e, "dropping an unreadable outbox row");
+                                self.delete(&[key]);
+                                continue;
+                            }
+                        };
+                        in_flight.insert(entry.message_id, key);
+                        let msg = Verified {
+                            id: entry.message_id,
+                            sender: me,
+                            sender_endpoint: my_endpoint.clone(),
+                            sent_at_ms: caroni_types::now_ms(),
+                            payload,
+                        };
+                        tx.send(Incoming::Verified(Box::new(msg)))
+                            .await
+                            .map_err(|_| closed())?;
+                    }
+                }
+            }
+            tokio::select! {
+                ack = link.acks.next() => {
+                    let mut acks = vec![ack];
+                    while acks.len() < ACK_BATCH {
+                        match link.acks.next().now_or_never() {
+                            Some(a) => acks.push(a),
+                            None => break,
+                        }
+                    }
+                    let mut done = Vec::with_capacity(acks.len());
+                    for ack in acks {
+                        let ack = match ack {
+                            Some(Ok(a)) => a,
+                            Some(Err(e)) => {
+                                self.delete(&done);
+                                return Err(format!("stream to {} failed: {}", link.endpoint, e.message()));
+                            }
+                            None => {
+                                self.delete(&done);
+                                return Err(format!("stream to {} closed", link.endpoint));
+                            }
+                        };
+                        if !ack.accepted {
+                            tracing::warn!(message = %ack.message_id, error = %ack.error, "peer refused a message for good; dropping it");
+                        }
+                        let Ok(id) = ack.message_id.parse::<uuid::Uuid>() else { continue };
+                        if let Some(key) = in_flight.remove(&id) {
+                            done.push(key);
+                        }
+                    }
+                    self.delete(&done);
+                    self.outbox.inner.liveness.heard(&self.to);
+                }
+                _ = self.dest.notify.notified() => {}
+                _ = cancel.cancelled() => return Ok(()),
             }
         }
+    }
+
+    /// Deletes acknowledged rows. Not synced: a row whose deletion is lost
+    /// in a crash is sent again and acknowledged without effect.
+    fn delete(&self, keys: &[Vec<u8>]) {
+        if keys.is_empty() {
+            return;
+        }
+        let mut b = Batch::default();
+        for k in keys {
+            b.delete(OUTBOX, k);
+        }
+        if let Err(e) = self.outbox.inner.store.write_relaxed(b) {
+            tracing::warn!(error = %e, "cannot delete delivered outbox rows; they will be sent again");
+        }
+        let mut q = self.dest.lock();
+        q.status.queued = q.status.queued.saturating_sub(keys.len() as u64);
+        q.status.delivered += keys.len() as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use caroni_proto::v1::{peer_service_server::PeerServiceServer, JobStatusRequest};
+    use futures::future::BoxFuture;
+    use libp2p::identity::Keypair;
+    use std::collections::BTreeSet;
+    use tokio::sync::watch;
+
+    use crate::{Applying, InboxError, PeerServer};
+
+    /// Records what it receives; holds every ack until the gate opens.
+    struct Gated {
+        got: Mutex<BTreeSet<uuid::Uuid>>,
+        gate: watch::Receiver<bool>,
+    }
+
+    impl Inbox for Gated {
+        fn submit(&self, msg: Verified) -> BoxFuture<'_, Result<Applying, InboxError>> {
+            self.got
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(msg.id);
+            let mut gate = self.gate.clone();
+            Box::pin(async move {
+                let fut: Applying = Box::pin(async move {
+                    let _ = gate.wait_for(|open| *open).await;
+                    Ok(())
+                });
+                Ok(fut)
+            })
+        }
+    }
+
+    fn status_request(n: u64) -> Payload {
+        Payload::JobStatusRequest(JobStatusRequest {
+            job_id: n.to_string(),
+        })
+    }
+
+    async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A peer that withholds its acks fills the window; messages staged
+    /// meanwhile (and one staged after the acks came) are all delivered:
+    /// no wake-up is lost, and the outbox ends empty.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_withholds_acks_loses_no_message() {
+        let (open, gate) = watch::channel(false);
+        let inbox = Arc::new(Gated {
+            got: Mutex::default(),
+            gate,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = PeerServer::new(inbox.clone(), Liveness::default());
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(PeerServiceServer::new(server))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    c.cancelled_owned(),
+                )
+                .await
+        });
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let signer = Signer::new(Keypair::generate_ed25519(), "http://127.0.0.1:1".into());
+        let outbox =
+            Outbox::start(store, signer, Liveness::default(), cancel.clone()).expect("outbox");
+        let peer = Keypair::generate_ed25519()
+            .public()
+            .to_peer_id()
+            .to_base58();
+        let endpoint = format!("http://{addr}");
+        let stage = |from: u64, to: u64| {
+            let mut b = Batch::default();
+            let staged: Vec<_> = (from..to)
+                .map(|n| {
+                    outbox
+                        .stage(&mut b, &peer, &endpoint, status_request(n))
+                        .expect("stage")
+                })
+                .collect();
+            outbox.inner.store.write(b).expect("write");
+            outbox.notify(staged);
+        };
+        let total = (WINDOW + WINDOW / 2) as u64;
+        for chunk in 0..total / 64 {
+            stage(chunk * 64, (chunk + 1) * 64);
+        }
+        let got = |n: usize| inbox.got.lock().map(|g| g.len() >= n).unwrap_or(false);
+        wait_until("the window fills", || got(WINDOW)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            inbox.got.lock().map(|g| g.len()).unwrap_or(0),
+            WINDOW,
+            "no more than a window is sent before acks"
+        );
+        open.send_replace(true);
+        wait_until("everything staged arrives", || got(total as usize)).await;
+        stage(total, total + 1);
+        wait_until("a message staged later arrives", || got(total as usize + 1)).await;
+        wait_until("the outbox drains", || {
+            outbox.status().iter().all(|s| s.queued == 0)
+                && outbox
+                    .inner
+                    .store
+                    .scan(OUTBOX, &[])
+                    .map(|r| r.is_empty())
+                    .unwrap_or(false)
+        })
+        .await;
+        let st = outbox.status();
+        assert_eq!(st[0].delivered, total + 1);
+        cancel.cancel();
+    }
+
+    /// After a restart the sender reads its queue back from the table.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rows_left_by_a_restart_are_delivered() {
+        let (_open, gate) = watch::channel(true);
+        let inbox = Arc::new(Gated {
+            got: Mutex::default(),
+            gate,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = PeerServer::new(inbox.clone(), Liveness::default());
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(PeerServiceServer::new(server))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    c.cancelled_owned(),
+                )
+                .await
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = Keypair::generate_ed25519();
+        let peer = Keypair::generate_ed25519()
+            .public()
+            .to_peer_id()
+            .to_base58();
+        {
+            // Staged and written, never announced: as if the node died.
+            let store = Store::open(dir.path()).expect("store");
+            let signer = Signer::new(key.clone(), "http://127.0.0.1:1".into());
+            let quiet = CancellationToken::new();
+            let outbox = Outbox::start(store.clone(), signer, Liveness::default(), quiet.clone())
+                .expect("outbox");
+            let mut b = Batch::default();
+            for n in 0..10 {
+                outbox
+                    .stage(&mut b, &peer, &format!("http://{addr}"), status_request(n))
+                    .expect("stage");
+            }
+            store.write(b).expect("write");
+            quiet.cancel();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let store = Store::open(dir.path()).expect("reopen");
+        let signer = Signer::new(key, "http://127.0.0.1:1".into());
+        let _outbox =
+            Outbox::start(store, signer, Liveness::default(), cancel.clone()).expect("outbox");
+        wait_until("the queued rows arrive", || {
+            inbox.got.lock().map(|g| g.len() == 10).unwrap_or(false)
+        })
+        .await;
+        cancel.cancel();
     }
 }

@@ -1,18 +1,30 @@
-//! The receiving side: `PeerService.Deliver`.
+//! The receiving side: `PeerService.Deliver`, and the pipeline shared with
+//! in-process delivery.
+//!
+//! A stream's envelopes are verified and handed to the engines in arrival
+//! order without waiting for each one to be written: the engines gather
+//! whatever is queued into one synced batch (group commit), and the acks
+//! follow in order as the batches land. At most [`WINDOW`] messages of one
+//! stream are in the engines at once.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use caroni_proto::v1::{peer_service_server::PeerService, Ack, Envelope};
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{open, Verified};
+use crate::{open, Liveness, Verified};
+
+/// Largest number of messages of one stream handed to the engines and not
+/// yet acknowledged.
+pub const WINDOW: usize = 1024;
 
 /// Why a message was not applied.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum InboxError {
     /// Never acceptable (no right to say it, malformed); acknowledged as
     /// refused so the sender drops it.
@@ -24,88 +36,126 @@ pub enum InboxError {
     Retry(String),
 }
 
-/// Where verified messages go. `deliver` returns once the message and its
-/// effects are durably written (or it was a duplicate).
+/// Resolves once a submitted message and its effects are durably written
+/// (or it was a duplicate).
+pub type Applying = BoxFuture<'static, Result<(), InboxError>>;
+
+/// Where verified messages go.
 pub trait Inbox: Send + Sync + 'static {
-    /// Applies one verified message.
-    fn deliver(&self, msg: Verified) -> impl Future<Output = Result<(), InboxError>> + Send;
+    /// Queues one verified message for its engine, in order with the
+    /// messages submitted before it, and returns what resolves once it is
+    /// applied. Returns only after the message is queued.
+    fn submit(&self, msg: Verified) -> BoxFuture<'_, Result<Applying, InboxError>>;
+}
+
+/// One message read from a stream: verified, or refused with the id the
+/// sender knows it by.
+pub(crate) enum Incoming {
+    Verified(Box<Verified>),
+    Refused { message_id: String, error: String },
+}
+
+/// Feeds `incoming` to `inbox` and yields an ack per message, in order.
+/// The stream of acks ends with an `unavailable` status when the inbox asks
+/// for a retry (the sender reconnects and re-sends).
+pub(crate) fn pipeline<S>(inbox: Arc<dyn Inbox>, incoming: S) -> mpsc::Receiver<Result<Ack, Status>>
+where
+    S: Stream<Item = Incoming> + Send + Unpin + 'static,
+{
+    let (tx, rx) = mpsc::channel::<Result<Ack, Status>>(WINDOW);
+    tokio::spawn(async move {
+        let mut incoming = incoming;
+        let mut applying =
+            FuturesOrdered::<BoxFuture<'static, (String, Result<(), InboxError>)>>::new();
+        let mut open = true;
+        loop {
+            tokio::select! {
+                biased;
+                Some((id, result)) = applying.next(), if !applying.is_empty() => {
+                    let ack = match result {
+                        Ok(()) => Ack { message_id: id, accepted: true, error: String::new() },
+                        Err(InboxError::Refused(e)) => {
+                            tracing::warn!(message = %id, error = %e, "refused a message");
+                            Ack { message_id: id, accepted: false, error: e }
+                        }
+                        Err(InboxError::Retry(e)) => {
+                            let _ = tx.send(Err(Status::unavailable(e))).await;
+                            return;
+                        }
+                    };
+                    if tx.send(Ok(ack)).await.is_err() {
+                        return;
+                    }
+                }
+                item = incoming.next(), if open && applying.len() < WINDOW => match item {
+                    None => open = false,
+                    Some(Incoming::Refused { message_id, error }) => {
+                        applying.push_back(Box::pin(async move {
+                            (message_id, Err(InboxError::Refused(error)))
+                        }));
+                    }
+                    Some(Incoming::Verified(msg)) => {
+                        let id = msg.id.to_string();
+                        match inbox.submit(*msg).await {
+                            Ok(fut) => applying.push_back(Box::pin(async move { (id, fut.await) })),
+                            Err(e) => applying.push_back(Box::pin(async move { (id, Err(e)) })),
+                        }
+                    }
+                },
+                else => return,
+            }
+        }
+    });
+    rx
 }
 
 /// The peer gRPC service.
-pub struct PeerServer<I> {
-    inbox: Arc<I>,
+pub struct PeerServer {
+    inbox: Arc<dyn Inbox>,
+    liveness: Liveness,
 }
 
-impl<I> PeerServer<I> {
-    /// Serves `inbox`.
-    pub fn new(inbox: Arc<I>) -> Self {
-        Self { inbox }
+impl PeerServer {
+    /// Serves `inbox`; every message received marks its sender alive.
+    pub fn new(inbox: Arc<dyn Inbox>, liveness: Liveness) -> Self {
+        Self { inbox, liveness }
     }
 }
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<Ack, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl<I: Inbox> PeerService for PeerServer<I> {
+impl PeerService for PeerServer {
     type DeliverStream = AckStream;
 
     async fn deliver(
         &self,
         req: Request<Streaming<Envelope>>,
     ) -> Result<Response<Self::DeliverStream>, Status> {
-        let mut incoming = req.into_inner();
-        let inbox = self.inbox.clone();
-        let (tx, rx) = mpsc::channel::<Result<Ack, Status>>(256);
-        tokio::spawn(async move {
-            while let Some(item) = incoming.next().await {
-                let env = match item {
-                    Ok(e) => e,
-                    Err(_) => return,
-                };
-                let ack = match open(&env) {
-                    Err(e) => {
-                        tracing::warn!(error = %e, "refused an envelope");
-                        // The id is read unverified, only so that the
-                        // sender can drop the message from its outbox.
-                        let message_id = <caroni_proto::v1::Message as prost::Message>::decode(
-                            env.body.as_slice(),
-                        )
-                        .map(|m| m.message_id)
-                        .unwrap_or_default();
-                        Ack {
-                            message_id,
-                            accepted: false,
-                            error: e.to_string(),
-                        }
-                    }
-                    Ok(msg) => {
-                        let id = msg.id.to_string();
-                        match inbox.deliver(msg).await {
-                            Ok(()) => Ack {
-                                message_id: id,
-                                accepted: true,
-                                error: String::new(),
-                            },
-                            Err(InboxError::Refused(e)) => {
-                                tracing::warn!(message = %id, error = %e, "refused a message");
-                                Ack {
-                                    message_id: id,
-                                    accepted: false,
-                                    error: e,
-                                }
-                            }
-                            Err(InboxError::Retry(e)) => {
-                                let _ = tx.send(Err(Status::unavailable(e))).await;
-                                return;
-                            }
-                        }
-                    }
-                };
-                if tx.send(Ok(ack)).await.is_err() {
-                    return;
+        let liveness = self.liveness.clone();
+        let incoming = req
+            .into_inner()
+            .map_while(|item| item.ok())
+            .map(move |env| match open(&env) {
+                Ok(msg) => {
+                    liveness.heard(&msg.sender.to_base58());
+                    Incoming::Verified(Box::new(msg))
                 }
-            }
-        });
+                Err(e) => {
+                    tracing::warn!(error = %e, "refused an envelope");
+                    // The id is read unverified, only so that the sender can
+                    // drop the message from its outbox.
+                    let message_id =
+                        <caroni_proto::v1::Message as prost::Message>::decode(env.body.as_slice())
+                            .map(|m| m.message_id)
+                            .unwrap_or_default();
+                    Incoming::Refused {
+                        message_id,
+                        error: e.to_string(),
+                    }
+                }
+            });
+        let rx = pipeline(self.inbox.clone(), Box::pin(incoming));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))

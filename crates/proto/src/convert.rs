@@ -56,10 +56,14 @@ impl From<Msg> for Payload {
                 offer_id,
                 request_id,
                 expires_at_ms,
+                load,
             } => Payload::JobFulfillmentOffer(pb::JobFulfillmentOffer {
                 offer_id: offer_id.to_string(),
                 request_id: request_id.to_string(),
                 expires_at: Some(crate::timestamp_ms(expires_at_ms)),
+                slots: load.slots,
+                free_slots: load.free_slots,
+                queue_length: load.queue_length,
             }),
             Msg::Decline { request_id, reason } => {
                 Payload::JobFulfillmentDecline(pb::JobFulfillmentDecline {
@@ -142,6 +146,11 @@ impl TryFrom<Payload> for Msg {
                     offer_id: uuid(M, "offer_id", &o.offer_id)?,
                     request_id: uuid(M, "request_id", &o.request_id)?,
                     expires_at_ms: ms(&o.expires_at),
+                    load: caroni_types::msg::Load {
+                        slots: o.slots,
+                        free_slots: o.free_slots,
+                        queue_length: o.queue_length,
+                    },
                 }
             }
             Payload::JobFulfillmentDecline(d) => Msg::Decline {
@@ -230,6 +239,11 @@ mod tests {
                 offer_id: id(),
                 request_id: id(),
                 expires_at_ms: 5_000,
+                load: caroni_types::msg::Load {
+                    slots: 2,
+                    free_slots: 1,
+                    queue_length: 7,
+                },
             },
             Msg::Decline {
                 request_id: id(),

@@ -10,8 +10,12 @@ pub const TEMPLATES: u8 = 0x02;
 /// Job types (agent): key = name.
 pub const JOB_TYPES: u8 = 0x03;
 
-/// Workflows (manager): key = workflow uuid.
+/// Retired (whole workflow records); read once to convert.
 pub const WORKFLOWS: u8 = 0x10;
+/// Workflow heads (manager): key = workflow uuid.
+pub const WORKFLOW_HEADS: u8 = 0x14;
+/// Workflow steps (manager): key = workflow uuid, step index (u64).
+pub const WORKFLOW_STEPS: u8 = 0x15;
 /// Job requests (manager): key = request uuid.
 pub const REQUESTS: u8 = 0x12;
 /// Jobs known to the manager: key = job uuid.
@@ -24,8 +28,11 @@ pub const AGENT_JOBS: u8 = 0x21;
 /// The agent's FIFO run queue: key = sequence (u64) → job uuid.
 pub const AGENT_QUEUE: u8 = 0x22;
 
-/// Outbox of direct messages: key = destination node id (string), sequence (u64).
+/// Retired (format 1 outbox: signed envelopes as JSON); read once to convert.
 pub const OUTBOX: u8 = 0x30;
+/// Outbox of direct messages: key = destination node id (string), sequence
+/// (u64); value = the message unsigned (signed when sent).
+pub const OUTBOX_V2: u8 = 0x33;
 /// Ids of inbound messages already applied: key = message uuid.
 pub const APPLIED: u8 = 0x31;
 /// Known peer endpoints: key = node id (string).
@@ -40,12 +47,15 @@ mod tests {
             super::TEMPLATES,
             super::JOB_TYPES,
             super::WORKFLOWS,
+            super::WORKFLOW_HEADS,
+            super::WORKFLOW_STEPS,
             super::REQUESTS,
             super::MANAGER_JOBS,
             super::AGENT_OFFERS,
             super::AGENT_JOBS,
             super::AGENT_QUEUE,
             super::OUTBOX,
+            super::OUTBOX_V2,
             super::APPLIED,
             super::PEERS,
         ];

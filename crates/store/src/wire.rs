@@ -17,6 +17,9 @@ pub struct Staged {
     pub to: String,
     /// Destination endpoint.
     pub endpoint: String,
+    /// The transport's own copy of the staged row, so that its sender need
+    /// not read it back from the table.
+    pub item: Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 /// The node's transport, as the engines see it.
@@ -27,6 +30,12 @@ pub trait Wire: Send + Sync + 'static {
     fn notify(&self, staged: Vec<Staged>);
     /// Publishes a request on gossip (and to a local agent, if any).
     fn publish(&self, req: JobRequest);
+    /// When node `node` was last heard from (a message or an ack), in ms
+    /// since the epoch; `None` when never since this node started.
+    fn last_heard_ms(&self, node: &str) -> Option<u64> {
+        let _ = node;
+        None
+    }
 }
 
 /// Marker stored for an applied inbound message.

@@ -147,12 +147,23 @@ impl std::str::FromStr for Role {
     }
 }
 
-/// Milliseconds since the Unix epoch, now.
+/// Milliseconds since the Unix epoch, now, from a monotonic clock.
+///
+/// The wall clock is read once per process and every later reading adds
+/// the time elapsed on [`std::time::Instant`], so leases and timers never
+/// jump when the system clock is stepped (NTP, a user) while the node runs.
+/// Values stay comparable with timestamps stored before a restart, which
+/// re-anchors on the wall clock.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    static ANCHOR: std::sync::OnceLock<(u64, std::time::Instant)> = std::sync::OnceLock::new();
+    let (wall, at) = ANCHOR.get_or_init(|| {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        (wall, std::time::Instant::now())
+    });
+    wall.saturating_add(at.elapsed().as_millis() as u64)
 }
 
 #[cfg(test)]

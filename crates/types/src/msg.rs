@@ -60,6 +60,28 @@ pub struct JobRequest {
     pub publish_count: u32,
 }
 
+/// How busy an agent is, as it says in its offers; the manager takes the
+/// offer of the least busy agent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Load {
+    /// Jobs it runs at once.
+    pub slots: u32,
+    /// Slots not running a job.
+    pub free_slots: u32,
+    /// Jobs it holds that are not running (waiting for inputs or a slot).
+    pub queue_length: u32,
+}
+
+impl Load {
+    /// Jobs per slot, counting `known` jobs when that is more than the
+    /// agent said (its offer may be older than the jobs it was given
+    /// since). Lower is better.
+    pub fn per_slot(&self, known: u32) -> f64 {
+        let busy = (self.slots.saturating_sub(self.free_slots) + self.queue_length).max(known);
+        f64::from(busy) / f64::from(self.slots.max(1))
+    }
+}
+
 /// A job status report.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusUpdate {
@@ -90,6 +112,8 @@ pub enum Msg {
         request_id: Uuid,
         /// Void after (ms since epoch).
         expires_at_ms: u64,
+        /// How busy the agent was when it offered.
+        load: Load,
     },
     /// JobFulfillmentDecline.
     Decline {

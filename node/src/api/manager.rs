@@ -219,6 +219,8 @@ impl ManagerService for ManagerApi {
         Ok(Response::new(workflow_to_pb(&w, true)))
     }
 
+    type WatchWorkflowsStream =
+        Pin<Box<dyn Stream<Item = Result<pb::WorkflowChange, Status>> + Send>>;
     type WatchWorkflowStream = WatchStream;
 
     async fn watch_workflow(
@@ -238,7 +240,7 @@ impl ManagerService for ManagerApi {
             }
             while !last.state.is_final() {
                 match changes.recv().await {
-                    Ok(changed) if changed != id => continue,
+                    Ok(changed) if changed.id != id => continue,
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(_) => return,
                 }
@@ -248,6 +250,41 @@ impl ManagerService for ManagerApi {
                     if tx.send(Ok(workflow_to_pb(&last, true))).await.is_err() {
                         return;
                     }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn watch_workflows(
+        &self,
+        _: Request<pb::WatchWorkflowsRequest>,
+    ) -> Result<Response<Self::WatchWorkflowsStream>, Status> {
+        let m = require_role(self.manager.as_ref(), "manager")?.clone();
+        let mut changes = m.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(async move {
+            let mut missed = 0u64;
+            loop {
+                let c = match changes.recv().await {
+                    Ok(c) => c,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        missed += n;
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                let change = pb::WorkflowChange {
+                    workflow_id: c.id.to_string(),
+                    state: c.state.as_str().to_string(),
+                    created_at: Some(timestamp_ms(c.created_at_ms)),
+                    finished_at: c.finished_at_ms.map(timestamp_ms),
+                    missed: std::mem::take(&mut missed),
+                };
+                if tx.send(Ok(change)).await.is_err() {
+                    return;
                 }
             }
         });

@@ -5,7 +5,7 @@ use tonic::{Request, Status};
 
 mod agent;
 mod manager;
-mod node;
+pub mod node;
 
 pub use agent::AgentApi;
 pub use manager::ManagerApi;

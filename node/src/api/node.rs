@@ -5,19 +5,71 @@ use std::collections::BTreeMap;
 use caroni_proto::v1::{self as pb, node_service_server::NodeService};
 use tonic::{Request, Response, Status};
 
+/// Where the node's counters come from.
+#[derive(Clone)]
+pub struct StatsSource {
+    /// The database (synced writes).
+    pub store: caroni_store::Store,
+    /// The transport (requests published).
+    pub wire: crate::wire::SharedWire,
+    /// The manager engine, if this node is one.
+    pub manager: Option<caroni_manager::service::Handle>,
+    /// The agent engine, if this node is one.
+    pub agent: Option<caroni_agent::service::Handle>,
+}
+
 /// Serves the node API.
 #[derive(Clone)]
 pub struct NodeApi {
     info: pb::NodeInfo,
     mesh: caroni_mesh::Client,
     outbox: caroni_peer::Outbox,
+    stats: StatsSource,
 }
 
 impl NodeApi {
     /// Fixed facts about this node, and where to ask for live ones.
-    pub fn new(info: pb::NodeInfo, mesh: caroni_mesh::Client, outbox: caroni_peer::Outbox) -> Self {
-        Self { info, mesh, outbox }
+    pub fn new(
+        info: pb::NodeInfo,
+        mesh: caroni_mesh::Client,
+        outbox: caroni_peer::Outbox,
+        stats: StatsSource,
+    ) -> Self {
+        Self {
+            info,
+            mesh,
+            outbox,
+            stats,
+        }
     }
+}
+
+/// CPU seconds (user + system) and peak RSS (bytes) of this process.
+fn rusage() -> (f64, u64) {
+    use nix::sys::resource::{getrusage, UsageWho};
+    match getrusage(UsageWho::RUSAGE_SELF) {
+        Ok(u) => {
+            let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+            (
+                secs(u.user_time()) + secs(u.system_time()),
+                u64::try_from(u.max_rss()).unwrap_or(0) * 1024,
+            )
+        }
+        Err(_) => (0.0, 0),
+    }
+}
+
+/// Resident memory of this process now, in bytes (Linux; 0 elsewhere).
+fn rss_now() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
 }
 
 #[tonic::async_trait]
@@ -36,6 +88,37 @@ impl NodeService for NodeApi {
             .map(|a| a.to_string())
             .collect();
         Ok(Response::new(info))
+    }
+
+    async fn get_stats(
+        &self,
+        _: Request<pb::GetStatsRequest>,
+    ) -> Result<Response<pb::NodeStats>, Status> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let store = self.stats.store.stats();
+        let (cpu_seconds, peak_rss_bytes) = rusage();
+        let mut out = pb::NodeStats {
+            synced_writes: store.synced_writes,
+            synced_ops: store.synced_ops,
+            messages_delivered: self.outbox.status().iter().map(|p| p.delivered).sum(),
+            requests_published: self.stats.wire.published.load(Relaxed),
+            cpu_seconds,
+            rss_bytes: rss_now(),
+            peak_rss_bytes,
+            ..Default::default()
+        };
+        if let Some(a) = &self.stats.agent {
+            out.jobs_completed = a.stats().completed.load(Relaxed);
+            out.jobs_failed = a.stats().failed.load(Relaxed);
+        }
+        if let Some(m) = &self.stats.manager {
+            let s = m.stats();
+            out.workflows_completed = s.completed.load(Relaxed);
+            out.workflows_failed = s.failed.load(Relaxed);
+            out.workflows_live = s.live.load(Relaxed);
+            out.workflows_waiting = s.waiting.load(Relaxed);
+        }
+        Ok(Response::new(out))
     }
 
     async fn list_peers(

@@ -28,9 +28,15 @@ fn req(keys: &[&str]) -> JobRequest {
 }
 
 fn job() -> Job {
-    let (offer, _) = answer_request(Some(&def()), None, M, &req(&["text"]), 10, || {
-        Uuid::from_u128(9)
-    })
+    let (offer, _) = answer_request(
+        Some(&def()),
+        None,
+        M,
+        &req(&["text"]),
+        10,
+        || Uuid::from_u128(9),
+        Answering::default(),
+    )
     .expect("answer");
     let offer = offer.expect("offer");
     match accept(
@@ -61,15 +67,40 @@ fn job() -> Job {
 
 #[test]
 fn offers_for_matching_inputs_declines_otherwise() {
-    let a =
-        answer_request(Some(&def()), None, M, &req(&["text"]), 10, Uuid::new_v4).expect("answer");
+    let a = answer_request(
+        Some(&def()),
+        None,
+        M,
+        &req(&["text"]),
+        10,
+        Uuid::new_v4,
+        Answering::default(),
+    )
+    .expect("answer");
     assert!(matches!(a.1.msg, Msg::Offer { .. }));
-    let a =
-        answer_request(Some(&def()), None, M, &req(&["other"]), 10, Uuid::new_v4).expect("answer");
+    let a = answer_request(
+        Some(&def()),
+        None,
+        M,
+        &req(&["other"]),
+        10,
+        Uuid::new_v4,
+        Answering::default(),
+    )
+    .expect("answer");
     assert!(
         matches!(&a.1.msg, Msg::Decline { reason, .. } if reason.contains("takes inputs [text]"))
     );
-    let a = answer_request(None, None, M, &req(&["text"]), 10, Uuid::new_v4).expect("answer");
+    let a = answer_request(
+        None,
+        None,
+        M,
+        &req(&["text"]),
+        10,
+        Uuid::new_v4,
+        Answering::default(),
+    )
+    .expect("answer");
     assert!(
         matches!(&a.1.msg, Msg::Decline { reason, .. } if reason.contains("no job type named foojob1"))
     );
@@ -80,7 +111,8 @@ fn offers_for_matching_inputs_declines_otherwise() {
             M,
             &req(&["text"]),
             2_000_000,
-            Uuid::new_v4
+            Uuid::new_v4,
+            Answering::default()
         )
         .is_none(),
         "expired request"
@@ -88,27 +120,85 @@ fn offers_for_matching_inputs_declines_otherwise() {
 }
 
 #[test]
-fn a_republished_request_gets_the_same_offer() {
-    let (offer, _) =
-        answer_request(Some(&def()), None, M, &req(&["text"]), 10, Uuid::new_v4).expect("answer");
+fn a_republished_request_is_not_answered_again() {
+    let (offer, _) = answer_request(
+        Some(&def()),
+        None,
+        M,
+        &req(&["text"]),
+        10,
+        Uuid::new_v4,
+        Answering::default(),
+    )
+    .expect("answer");
     let offer = offer.expect("offer");
-    let (again, out) = answer_request(
+    // The offer waits in the outbox: a re-publication adds nothing.
+    let again = answer_request(
         Some(&def()),
         Some(&offer),
         M,
         &req(&["text"]),
         20,
         Uuid::new_v4,
+        Answering::default(),
+    );
+    assert!(again.is_none());
+    // Once the offer has expired, a new one is made.
+    let later = answer_request(
+        Some(&def()),
+        Some(&offer),
+        M,
+        &req(&["text"]),
+        offer.expires_at_ms,
+        Uuid::new_v4,
+        Answering::default(),
     )
     .expect("answer");
-    assert!(again.is_none());
-    assert!(matches!(out.msg, Msg::Offer { offer_id, .. } if offer_id == offer.offer_id));
+    assert!(matches!(later.1.msg, Msg::Offer { offer_id, .. } if offer_id != offer.offer_id));
+    // A decline is said once per request.
+    let declined = Answering {
+        declined_before: true,
+        ..Default::default()
+    };
+    assert!(answer_request(None, None, M, &req(&["text"]), 10, Uuid::new_v4, declined).is_none());
+}
+
+#[test]
+fn an_offer_carries_the_agents_load() {
+    let load = Load {
+        slots: 4,
+        free_slots: 1,
+        queue_length: 9,
+    };
+    let how = Answering {
+        load,
+        declined_before: false,
+    };
+    let (_, out) = answer_request(
+        Some(&def()),
+        None,
+        M,
+        &req(&["text"]),
+        10,
+        Uuid::new_v4,
+        how,
+    )
+    .expect("answer");
+    assert!(matches!(out.msg, Msg::Offer { load: l, .. } if l == load));
 }
 
 #[test]
 fn only_the_offered_manager_may_accept() {
-    let (offer, _) =
-        answer_request(Some(&def()), None, M, &req(&["text"]), 10, Uuid::new_v4).expect("answer");
+    let (offer, _) = answer_request(
+        Some(&def()),
+        None,
+        M,
+        &req(&["text"]),
+        10,
+        Uuid::new_v4,
+        Answering::default(),
+    )
+    .expect("answer");
     let offer = offer.expect("offer");
     let e = accept(
         Some(&offer),

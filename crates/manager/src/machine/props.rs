@@ -121,7 +121,7 @@ proptest! {
         let mut completed_results: BTreeMap<usize, BTreeMap<String, String>> = BTreeMap::new();
         macro_rules! ctx {
             ($gen:ident) => {
-                Ctx { now_ms: now, lease_ms: 30_000, request_ttl_ms: 600_000, endpoint: "http://m", new_id: &mut $gen }
+                Ctx { now_ms: now, lease_ms: 30_000, request_ttl_ms: 600_000, endpoint: "http://m", new_id: &mut $gen, offer_window_ms: 0, peers: &NoPeers }
             };
         }
         {
@@ -176,7 +176,7 @@ proptest! {
                 let mut gen = || { next += 1; Uuid::from_u128(next) };
                 let mut c = ctx!(gen);
                 match &ev {
-                    Event::Offer(agent, req, offer) => { wf.on_offer(&mut c, agent, "http://a", *req, *offer, now + 60_000); }
+                    Event::Offer(agent, req, offer) => { wf.on_offer(&mut c, agent, "http://a", *req, *offer, now + 60_000, Load::default()); }
                     Event::Accepted(from, job) => {
                         let r = wf.on_accepted(&mut c, from, *job);
                         if from == "intruder" { prop_assert!(r.is_err()); }

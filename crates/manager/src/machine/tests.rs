@@ -38,6 +38,8 @@ impl H {
             request_ttl_ms: 600_000,
             endpoint: "http://manager:1",
             new_id: &mut gen,
+            offer_window_ms: 0,
+            peers: &NoPeers,
         };
         let r = f(&mut self.wf, &mut ctx);
         self.next = next;
@@ -53,8 +55,17 @@ impl H {
         let req = self.request(n);
         let offer = Uuid::new_v4();
         let now = self.now;
-        let fx = self
-            .with(|wf, ctx| wf.on_offer(ctx, agent, "http://agent:1", req, offer, now + 60_000));
+        let fx = self.with(|wf, ctx| {
+            wf.on_offer(
+                ctx,
+                agent,
+                "http://agent:1",
+                req,
+                offer,
+                now + 60_000,
+                Load::default(),
+            )
+        });
         fx.iter().find_map(|e| match e {
             Effect::Send(Outbound {
                 msg: Msg::Accept { job_id, .. },
@@ -152,7 +163,7 @@ fn first_offer_wins_later_offers_are_rejected_declines_do_not_end() {
     let mut h = H::new(SIMPLE);
     h.with(|wf, ctx| wf.start(ctx));
     let req = h.request(0);
-    h.wf.on_decline(AGENT_B, req, "no job type foojob0");
+    h.with(|wf, ctx| wf.on_decline(ctx, AGENT_B, req, "no job type foojob0"));
     assert_eq!(
         h.wf.steps[0].request.as_ref().map(|r| r.state),
         Some(RequestState::Fulfilling)
@@ -164,7 +175,17 @@ fn first_offer_wins_later_offers_are_rejected_declines_do_not_end() {
     );
     let offer = Uuid::new_v4();
     let now = h.now;
-    let fx = h.with(|wf, ctx| wf.on_offer(ctx, AGENT_B, "http://b:1", req, offer, now + 60_000));
+    let fx = h.with(|wf, ctx| {
+        wf.on_offer(
+            ctx,
+            AGENT_B,
+            "http://b:1",
+            req,
+            offer,
+            now + 60_000,
+            Load::default(),
+        )
+    });
     assert!(matches!(
         &fx[..],
         [Effect::Send(Outbound {
@@ -180,7 +201,17 @@ fn an_expired_offer_is_rejected() {
     h.with(|wf, ctx| wf.start(ctx));
     let req = h.request(0);
     let now = h.now;
-    let fx = h.with(|wf, ctx| wf.on_offer(ctx, AGENT, "http://a:1", req, Uuid::new_v4(), now - 1));
+    let fx = h.with(|wf, ctx| {
+        wf.on_offer(
+            ctx,
+            AGENT,
+            "http://a:1",
+            req,
+            Uuid::new_v4(),
+            now - 1,
+            Load::default(),
+        )
+    });
     assert!(matches!(
         &fx[..],
         [Effect::Send(Outbound {
@@ -379,7 +410,7 @@ fn cancel_kills_live_jobs_and_ignores_later_news() {
     assert_eq!(kills(&fx), [j0]);
     assert_eq!(h.wf.state, WorkflowState::Cancelled);
     assert!(h.with(|wf, ctx| wf.tick(ctx)).is_empty());
-    assert_eq!(h.wf.next_deadline(h.lease), None);
+    assert_eq!(h.wf.next_deadline(h.lease, &NoPeers), None);
 }
 
 #[test]
@@ -389,8 +420,10 @@ fn a_resent_offer_is_not_accepted_twice() {
     let req = h.request(0);
     let offer = Uuid::new_v4();
     let now = h.now;
-    let fx1 = h.with(|wf, ctx| wf.on_offer(ctx, AGENT, "e", req, offer, now + 60_000));
-    let fx2 = h.with(|wf, ctx| wf.on_offer(ctx, AGENT, "e", req, offer, now + 60_000));
+    let fx1 =
+        h.with(|wf, ctx| wf.on_offer(ctx, AGENT, "e", req, offer, now + 60_000, Load::default()));
+    let fx2 =
+        h.with(|wf, ctx| wf.on_offer(ctx, AGENT, "e", req, offer, now + 60_000, Load::default()));
     assert_eq!(fx1.len(), 1);
     assert!(fx2.is_empty());
     assert_eq!(h.wf.steps[0].attempts.len(), 1);

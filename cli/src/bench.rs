@@ -1,0 +1,759 @@
+//! `caroni bench`: measures a Caroni mesh the way it is deployed, like
+//! `pgbench` for a database.
+//!
+//! It starts the topology itself (one manager and `--agents N` agents as
+//! separate `caroni-node` processes on loopback, or `--in-process`), or
+//! uses running nodes (`--target URL` for the manager, `--agent-api URL`
+//! for each agent). It registers a K-step chain template and its job type,
+//! runs `--workflows W` with `--concurrency C` (0: all at once), and prints
+//! end-to-end latency from the manager's own timestamps (created → ended),
+//! steps per second, messages and synced writes per step, CPU and memory
+//! per node, how the steps spread over the agents, and the floor measured
+//! in the same run: K sequential spawns of the same job body.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use caroni_proto::v1::{
+    self as pb, agent_service_client::AgentServiceClient,
+    manager_service_client::ManagerServiceClient, node_service_client::NodeServiceClient,
+};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tonic::transport::Channel;
+
+use crate::output::Format;
+
+const JOB_TYPE: &str = "bench_step";
+const TEMPLATE: &str = "bench_chain";
+
+/// Options of `caroni bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Agents to start, each a separate caroni-node process.
+    #[arg(long, default_value_t = 2)]
+    pub agents: usize,
+    /// Workflows to run (after a warm-up of 3).
+    #[arg(long, default_value_t = 100)]
+    pub workflows: usize,
+    /// Workflows in flight at once; 0 submits them all at once (a burst).
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Steps in the chain template.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Seconds each job sleeps before it prints its output.
+    #[arg(long)]
+    pub sleep: Option<f64>,
+    /// Job slots of each agent started by the bench.
+    #[arg(long, default_value_t = 2)]
+    pub slots: usize,
+    /// Start the nodes inside this process instead of as separate
+    /// processes (CPU and memory are then those of the whole process).
+    #[arg(long)]
+    pub in_process: bool,
+    /// Use a running manager at this client API URL instead of starting
+    /// nodes.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Client API URL of a running agent (with --target; repeatable). The
+    /// bench job type is registered there and its counters are read.
+    #[arg(long = "agent-api")]
+    pub agent_api: Vec<String>,
+    /// The caroni-node binary [default: next to this caroni binary].
+    #[arg(long)]
+    pub node_bin: Option<PathBuf>,
+    /// Give up waiting for the workflows after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+    /// Extra flags for every caroni-node started (e.g.
+    /// "--max-open-requests 256"), split on spaces.
+    #[arg(long, default_value = "")]
+    pub node_flags: String,
+}
+
+/// Nodes the bench started; killed when dropped.
+struct Topology {
+    children: Vec<(String, Child)>,
+    embedded: Vec<caroni_node::NodeHandle>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for n in &self.embedded {
+            n.shutdown();
+        }
+    }
+}
+
+/// One node as the bench sees it.
+struct NodeRef {
+    name: String,
+    url: String,
+    is_agent: bool,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn node_bin(args: &BenchArgs) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &args.node_bin {
+        return Ok(p.clone());
+    }
+    let me = std::env::current_exe()?;
+    let p = me.with_file_name("caroni-node");
+    if !p.exists() {
+        bail!(
+            "caroni-node is not next to {}; build it (cargo build --workspace --bins) or pass --node-bin PATH",
+            me.display()
+        );
+    }
+    Ok(p)
+}
+
+struct Ports {
+    api: u16,
+    peer: u16,
+    p2p: u16,
+}
+
+impl Ports {
+    fn pick() -> anyhow::Result<Self> {
+        Ok(Self {
+            api: free_port()?,
+            peer: free_port()?,
+            p2p: free_port()?,
+        })
+    }
+}
+
+async fn start_topology(args: &BenchArgs) -> anyhow::Result<(Topology, Vec<NodeRef>)> {
+    let dir = tempfile::Builder::new()
+        .prefix("caroni-bench-")
+        .tempdir()
+        .context("cannot create a temporary directory for the bench")?;
+    let mut topo = Topology {
+        children: Vec::new(),
+        embedded: Vec::new(),
+        _dir: tempfile::tempdir()?,
+    };
+    let mut nodes = Vec::new();
+    let mut manager_p2p = 0;
+    for i in 0..=args.agents {
+        let (name, role) = if i == 0 {
+            ("manager".to_string(), "manager")
+        } else {
+            (format!("agent{i}"), "agent")
+        };
+        let ports = Ports::pick()?;
+        if i == 0 {
+            manager_p2p = ports.p2p;
+        }
+        let data_dir = dir.path().join(&name);
+        let bootstrap = (i > 0).then(|| format!("/ip4/127.0.0.1/tcp/{manager_p2p}"));
+        if args.in_process {
+            let config = caroni_node::Config {
+                data_dir,
+                role: role.parse().map_err(anyhow::Error::msg)?,
+                api_listen: format!("127.0.0.1:{}", ports.api).parse()?,
+                api_token: None,
+                peer_listen: format!("127.0.0.1:{}", ports.peer).parse()?,
+                peer_advertise: format!("http://127.0.0.1:{}", ports.peer),
+                p2p_listen: format!("/ip4/127.0.0.1/tcp/{}", ports.p2p),
+                bootstrap: bootstrap.into_iter().collect(),
+                mdns: false,
+                slots: args.slots,
+                lease_seconds: 30,
+                request_ttl_seconds: 600,
+                max_open_requests: caroni_node::config::DEFAULT_MAX_OPEN_REQUESTS,
+                offer_window_ms: caroni_node::config::DEFAULT_OFFER_WINDOW_MS,
+                log_format: caroni_node::LogFormat::Text,
+            };
+            topo.embedded.push(caroni_node::Node::start(config).await?);
+        } else {
+            let bin = node_bin(args)?;
+            let log = std::fs::File::create(dir.path().join(format!("{name}.log")))?;
+            let mut cmd = Command::new(&bin);
+            cmd.arg("--data-dir")
+                .arg(&data_dir)
+                .args(["--role", role])
+                .args(["--api-listen", &format!("127.0.0.1:{}", ports.api)])
+                .args(["--peer-listen", &format!("127.0.0.1:{}", ports.peer)])
+                .args([
+                    "--peer-advertise",
+                    &format!("http://127.0.0.1:{}", ports.peer),
+                ])
+                .args(["--p2p-listen", &format!("/ip4/127.0.0.1/tcp/{}", ports.p2p)])
+                .args(["--mdns", "false"])
+                .args(["--slots", &args.slots.to_string()])
+                .args(args.node_flags.split_whitespace())
+                .stdout(Stdio::null())
+                .stderr(log);
+            if let Some(b) = &bootstrap {
+                cmd.args(["--bootstrap", b]);
+            }
+            let child = cmd
+                .spawn()
+                .with_context(|| format!("cannot start {}", bin.display()))?;
+            topo.children.push((name.clone(), child));
+        }
+        nodes.push(NodeRef {
+            name,
+            url: format!("http://127.0.0.1:{}", ports.api),
+            is_agent: i > 0,
+        });
+    }
+    // Keep the data directories until the nodes are gone.
+    topo._dir = dir;
+    for n in &nodes {
+        wait_ready(&n.url, &n.name, &mut topo).await?;
+    }
+    // The agents' gossip links to the manager.
+    let mut node = NodeServiceClient::new(connect(&nodes[0].url).await?);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let peers = node
+            .list_peers(pb::ListPeersRequest {})
+            .await?
+            .into_inner()
+            .peers;
+        if peers.iter().filter(|p| p.p2p_connected).count() >= args.agents {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the agents did not connect to the manager within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok((topo, nodes))
+}
+
+async fn wait_ready(url: &str, name: &str, topo: &mut Topology) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(ch) = connect(url).await {
+            if NodeServiceClient::new(ch)
+                .get_info(pb::GetInfoRequest {})
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+        for (n, c) in &mut topo.children {
+            if let Ok(Some(status)) = c.try_wait() {
+                bail!("the {n} node exited at start ({status}); its log is in the bench's temporary directory");
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the {name} node did not answer at {url} within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn connect(url: &str) -> anyhow::Result<Channel> {
+    Ok(tonic::transport::Endpoint::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .connect()
+        .await?)
+}
+
+fn body(args: &BenchArgs) -> String {
+    let print = r#"printf '{"out":"%s"}' "$CARONI_ENV_x""#;
+    match args.sleep {
+        Some(s) => format!("sleep {s}; {print}"),
+        None => print.to_string(),
+    }
+}
+
+/// The K-step chain: msg → s1 → s2 → … → sK → result.
+fn template(steps: usize) -> String {
+    let mut cwl = format!(
+        "cwlVersion: v1.2\nclass: Workflow\ninputs:\n  msg: string\noutputs:\n  result:\n    type: string\n    outputSource: s{steps}/out\nsteps:\n"
+    );
+    for k in 1..=steps {
+        let source = if k == 1 {
+            "msg".to_string()
+        } else {
+            format!("s{}/out", k - 1)
+        };
+        cwl.push_str(&format!(
+            "  s{k}:\n    run:\n      class: CommandLineTool\n      inputs:\n        x: string\n      outputs:\n        out: string\n    hints:\n      CaroniRequirement:\n        CaroniJobName: {JOB_TYPE}\n    in:\n      x: {source}\n    out: [out]\n"
+        ));
+    }
+    cwl
+}
+
+/// The floor: `steps` sequential spawns of the job body, as the agent
+/// runs it (bash -c, minimal environment), median of `runs`.
+fn floor_ms(body: &str, steps: usize, runs: usize) -> anyhow::Result<f64> {
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        for _ in 0..steps {
+            let out = Command::new("bash")
+                .arg("-c")
+                .arg(body)
+                .env_clear()
+                .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+                .env("CARONI_ENV_x", "bench")
+                .stdin(Stdio::null())
+                .output()
+                .context("cannot run bash for the floor measurement")?;
+            if !out.status.success() {
+                bail!(
+                    "the job body failed when run directly: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(percentile(&mut times, 0.5))
+}
+
+fn percentile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * q).round() as usize]
+}
+
+fn ms(t: &Option<prost_types::Timestamp>) -> Option<f64> {
+    t.as_ref()
+        .map(|t| t.seconds as f64 * 1000.0 + f64::from(t.nanos) / 1e6)
+}
+
+/// Ended workflows, by id: (state, created ms, ended ms).
+type Ended = HashMap<String, (String, f64, f64)>;
+
+#[derive(Default)]
+struct Tracker {
+    /// Submitted, not ended: the permit that frees a concurrency slot.
+    open: HashMap<String, Option<tokio::sync::OwnedSemaphorePermit>>,
+    ended: Ended,
+    missed: u64,
+}
+
+async fn run_workflows(
+    manager: &ManagerServiceClient<Channel>,
+    count: usize,
+    concurrency: usize,
+    timeout: Duration,
+    label: &str,
+) -> anyhow::Result<(Ended, f64)> {
+    let tracker = Arc::new(Mutex::new(Tracker::default()));
+    let open_count = |t: &Arc<Mutex<Tracker>>| {
+        t.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .open
+            .len()
+    };
+    // Subscribe before submitting, so that no end is missed.
+    let mut changes = manager
+        .clone()
+        .watch_workflows(pb::WatchWorkflowsRequest {})
+        .await
+        .map_err(crate::client::status)?
+        .into_inner();
+    let t = tracker.clone();
+    let watcher = tokio::spawn(async move {
+        while let Ok(Some(c)) = changes.message().await {
+            let mut t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            t.missed += c.missed;
+            if matches!(c.state.as_str(), "completed" | "failed" | "cancelled") {
+                t.open.remove(&c.workflow_id);
+                t.ended.insert(
+                    c.workflow_id,
+                    (
+                        c.state,
+                        ms(&c.created_at).unwrap_or(0.0),
+                        ms(&c.finished_at).unwrap_or(0.0),
+                    ),
+                );
+            }
+        }
+    });
+    let permits = Arc::new(Semaphore::new(if concurrency == 0 {
+        count.max(1)
+    } else {
+        concurrency
+    }));
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut submitters = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let permit = permits.clone().acquire_owned().await?;
+        let mut m = manager.clone();
+        let t = tracker.clone();
+        let label = label.to_string();
+        submitters.spawn(async move {
+            let id = m
+                .run_workflow(pb::RunWorkflowRequest {
+                    template: TEMPLATE.into(),
+                    inputs: [("msg".to_string(), format!("{label}{i}"))].into(),
+                })
+                .await
+                .map_err(crate::client::status)?
+                .into_inner()
+                .workflow_id;
+            let mut t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !t.ended.contains_key(&id) {
+                t.open.insert(id, Some(permit));
+            }
+            anyhow::Ok(())
+        });
+        if Instant::now() > deadline {
+            bail!("timed out while submitting workflows");
+        }
+    }
+    while let Some(r) = submitters.join_next().await {
+        r??;
+    }
+    // Wait for every end; when the stream skipped changes or went quiet,
+    // ask for the workflows still open.
+    let mut last_progress = (Instant::now(), open_count(&tracker));
+    loop {
+        let open = open_count(&tracker);
+        if open == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{open} workflow(s) had not ended after {} s",
+                timeout.as_secs()
+            );
+        }
+        if open != last_progress.1 {
+            last_progress = (Instant::now(), open);
+        } else if last_progress.0.elapsed() > Duration::from_secs(3) {
+            let ids: Vec<String> = tracker
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .open
+                .keys()
+                .cloned()
+                .collect();
+            for id in ids {
+                let w = manager
+                    .clone()
+                    .get_workflow(pb::GetWorkflowRequest {
+                        workflow_id: id.clone(),
+                    })
+                    .await
+                    .map_err(crate::client::status)?
+                    .into_inner();
+                if matches!(w.state.as_str(), "completed" | "failed" | "cancelled") {
+                    let mut t = tracker
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    t.open.remove(&id);
+                    t.ended.insert(
+                        id,
+                        (
+                            w.state,
+                            ms(&w.created_at).unwrap_or(0.0),
+                            ms(&w.finished_at).unwrap_or(0.0),
+                        ),
+                    );
+                }
+            }
+            last_progress = (Instant::now(), open_count(&tracker));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    watcher.abort();
+    let ended = std::mem::take(
+        &mut tracker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .ended,
+    );
+    Ok((ended, wall))
+}
+
+async fn stats(nodes: &[NodeRef]) -> anyhow::Result<Vec<pb::NodeStats>> {
+    let mut out = Vec::new();
+    for n in nodes {
+        out.push(
+            NodeServiceClient::new(connect(&n.url).await?)
+                .get_stats(pb::GetStatsRequest {})
+                .await
+                .map_err(crate::client::status)
+                .with_context(|| format!("cannot read the counters of {}", n.name))?
+                .into_inner(),
+        );
+    }
+    Ok(out)
+}
+
+/// What `caroni bench` reports (`-o json` prints it as is).
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub topology: String,
+    pub agents: usize,
+    pub slots: usize,
+    pub steps: usize,
+    pub workflows: usize,
+    pub concurrency: usize,
+    pub body: String,
+    pub completed: usize,
+    pub failed: usize,
+    pub failed_attempts: u64,
+    pub latency_ms: Latency,
+    pub steps_per_second: f64,
+    pub wall_seconds: f64,
+    pub messages_per_step: f64,
+    pub requests_published_per_step: f64,
+    pub synced_writes_per_step: f64,
+    pub floor_ms: f64,
+    pub p50_over_floor: f64,
+    pub nodes: Vec<NodeReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeReport {
+    pub name: String,
+    pub cpu_seconds: f64,
+    pub peak_rss_mb: f64,
+    pub rss_mb: f64,
+    pub steps: u64,
+    pub steps_share: f64,
+}
+
+pub async fn bench(args: BenchArgs, format: Format) -> anyhow::Result<ExitCode> {
+    if args.steps == 0 || args.workflows == 0 {
+        bail!("--steps and --workflows must be at least 1");
+    }
+    let (topo, nodes, topology) = match &args.target {
+        Some(url) => {
+            let mut nodes = vec![NodeRef {
+                name: "manager".into(),
+                url: url.clone(),
+                is_agent: args.agent_api.is_empty(),
+            }];
+            for (i, a) in args.agent_api.iter().enumerate() {
+                nodes.push(NodeRef {
+                    name: format!("agent{}", i + 1),
+                    url: a.clone(),
+                    is_agent: true,
+                });
+            }
+            (None, nodes, format!("running nodes at {url}"))
+        }
+        None => {
+            let (t, n) = start_topology(&args).await?;
+            let how = if args.in_process {
+                "in one process"
+            } else {
+                "separate caroni-node processes"
+            };
+            (
+                Some(t),
+                n,
+                format!("1 manager + {} agent(s), {how}, loopback", args.agents),
+            )
+        }
+    };
+    let body = body(&args);
+    let manager = ManagerServiceClient::new(connect(&nodes[0].url).await?);
+    manager
+        .clone()
+        .put_template(pb::PutTemplateRequest {
+            name: TEMPLATE.into(),
+            cwl: template(args.steps),
+        })
+        .await
+        .map_err(crate::client::status)?;
+    for n in nodes.iter().filter(|n| n.is_agent) {
+        let mut agent = AgentServiceClient::new(connect(&n.url).await?);
+        let exists = agent
+            .get_job_type(pb::GetJobTypeRequest {
+                name: JOB_TYPE.into(),
+            })
+            .await
+            .is_ok();
+        agent
+            .put_job_type(pb::PutJobTypeRequest {
+                job_type: Some(pb::JobType {
+                    name: JOB_TYPE.into(),
+                    inputs: vec!["x".into()],
+                    outputs: vec!["out".into()],
+                    body: body.clone(),
+                    timeout_seconds: 600,
+                    max_output_bytes: 0,
+                    updated_at: None,
+                }),
+                replace: exists,
+            })
+            .await
+            .map_err(crate::client::status)
+            .with_context(|| format!("cannot register the bench job type on {}", n.name))?;
+    }
+    let timeout = Duration::from_secs(args.timeout);
+    run_workflows(&manager, 3, 1, timeout, "warmup").await?;
+    let before = stats(&nodes).await?;
+    let (ended, wall) =
+        run_workflows(&manager, args.workflows, args.concurrency, timeout, "bench").await?;
+    let after = stats(&nodes).await?;
+    let b = body.clone();
+    let steps = args.steps;
+    let floor = tokio::task::spawn_blocking(move || floor_ms(&b, steps, 20)).await??;
+    drop(topo);
+
+    let mut lat: Vec<f64> = ended.values().map(|(_, c, f)| f - c).collect();
+    let first = ended.values().map(|v| v.1).fold(f64::MAX, f64::min);
+    let last = ended.values().map(|v| v.2).fold(0.0, f64::max);
+    let completed = ended.values().filter(|v| v.0 == "completed").count();
+    let total_steps = (completed * args.steps) as f64;
+    let d = |f: fn(&pb::NodeStats) -> u64| -> u64 {
+        after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| f(a).saturating_sub(f(b)))
+            .sum()
+    };
+    let agent_steps: u64 = nodes
+        .iter()
+        .zip(after.iter().zip(&before))
+        .filter(|(n, _)| n.is_agent)
+        .map(|(_, (a, b))| a.jobs_completed.saturating_sub(b.jobs_completed))
+        .sum();
+    let per_step = |n: u64| {
+        if total_steps > 0.0 {
+            n as f64 / total_steps
+        } else {
+            0.0
+        }
+    };
+    let p50 = percentile(&mut lat, 0.5);
+    let report = Report {
+        topology,
+        agents: nodes.iter().filter(|n| n.is_agent).count(),
+        slots: args.slots,
+        steps: args.steps,
+        workflows: args.workflows,
+        concurrency: args.concurrency,
+        body: body.clone(),
+        completed,
+        failed: ended.len() - completed,
+        failed_attempts: d(|s| s.jobs_failed),
+        latency_ms: Latency {
+            p50,
+            p90: percentile(&mut lat, 0.9),
+            p99: percentile(&mut lat, 0.99),
+            max: percentile(&mut lat, 1.0),
+        },
+        steps_per_second: if last > first {
+            total_steps / ((last - first) / 1000.0)
+        } else {
+            0.0
+        },
+        wall_seconds: wall,
+        messages_per_step: per_step(d(|s| s.messages_delivered)),
+        requests_published_per_step: per_step(d(|s| s.requests_published)),
+        synced_writes_per_step: per_step(d(|s| s.synced_writes)),
+        floor_ms: floor,
+        p50_over_floor: if floor > 0.0 { p50 / floor } else { 0.0 },
+        nodes: nodes
+            .iter()
+            .zip(after.iter().zip(&before))
+            .map(|(n, (a, b))| {
+                let steps = a.jobs_completed.saturating_sub(b.jobs_completed);
+                NodeReport {
+                    name: n.name.clone(),
+                    cpu_seconds: a.cpu_seconds - b.cpu_seconds,
+                    peak_rss_mb: a.peak_rss_bytes as f64 / 1048576.0,
+                    rss_mb: a.rss_bytes as f64 / 1048576.0,
+                    steps,
+                    steps_share: if agent_steps > 0 {
+                        steps as f64 / agent_steps as f64
+                    } else {
+                        0.0
+                    },
+                }
+            })
+            .collect(),
+    };
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Table => print_report(&report),
+    }
+    Ok(
+        if report.failed == 0 && report.completed == args.workflows {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
+}
+
+fn print_report(r: &Report) {
+    let conc = if r.concurrency == 0 {
+        "all at once".to_string()
+    } else {
+        r.concurrency.to_string()
+    };
+    println!("caroni bench: {}", r.topology);
+    println!(
+        "  {} workflows of {} steps, concurrency {conc}, {} slot(s) per agent",
+        r.workflows, r.steps, r.slots
+    );
+    println!("  job body: {}", r.body);
+    println!(
+        "  completed {}  failed {}  failed attempts {}",
+        r.completed, r.failed, r.failed_attempts
+    );
+    println!(
+        "  end-to-end latency (manager timestamps): p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+        r.latency_ms.p50, r.latency_ms.p90, r.latency_ms.p99, r.latency_ms.max
+    );
+    println!(
+        "  floor ({} sequential spawns of the body): {:.1} ms; p50 / floor = {:.2}",
+        r.steps, r.floor_ms, r.p50_over_floor
+    );
+    println!(
+        "  throughput: {:.1} steps/s ({:.2} s wall for the client)",
+        r.steps_per_second, r.wall_seconds
+    );
+    println!(
+        "  per step: {:.2} direct messages, {:.2} gossip publications, {:.2} synced writes",
+        r.messages_per_step, r.requests_published_per_step, r.synced_writes_per_step
+    );
+    let mut t = crate::output::table(&["node", "CPU s", "peak RSS MB", "RSS MB", "steps", "share"]);
+    for n in &r.nodes {
+        t.add_row(vec![
+            n.name.clone(),
+            format!("{:.2}", n.cpu_seconds),
+            format!("{:.1}", n.peak_rss_mb),
+            format!("{:.1}", n.rss_mb),
+            n.steps.to_string(),
+            format!("{:.0} %", n.steps_share * 100.0),
+        ]);
+    }
+    println!("{t}");
+}
