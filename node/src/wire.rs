@@ -44,7 +44,7 @@ impl caroni_store::wire::Wire for NodeWire {
 
     fn publish(&self, req: JobRequest) {
         let signer = self.outbox.signer().clone();
-        let me = signer.node_id().to_base58();
+        let me = signer.node_name().to_string();
         if let Some(agent) = self.local_agent.get() {
             // Gossip never comes back to its sender: serve our own agent
             // directly (dropped when it is busy, like gossip).
@@ -77,7 +77,7 @@ fn inbound(msg: Verified) -> Result<Inbound, InboxError> {
     let m = Msg::try_from(msg.payload).map_err(|e| InboxError::Refused(e.to_string()))?;
     Ok(Inbound {
         id: msg.id,
-        from: msg.sender.to_base58(),
+        from: msg.sender_name,
         endpoint: msg.sender_endpoint,
         msg: m,
     })

@@ -191,6 +191,7 @@ fn an_envelope_with_a_bad_signature_is_refused_and_the_node_goes_on() {
             body: msg.encode_to_vec(),
             signature: vec![7; 64],
             public_key: key.0,
+            batch: false,
         };
         let url = format!("http://127.0.0.1:{}", node.ports.peer);
         let mut client = tokio::time::timeout(

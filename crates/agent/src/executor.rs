@@ -47,12 +47,31 @@ pub trait Executor: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub struct BashExecutor {
     work_root: PathBuf,
+    bash: PathBuf,
+}
+
+/// The PATH jobs run with.
+const JOB_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// bash's absolute path. Naming the program by path (not by name with a
+/// PATH of our own in the environment) lets the standard library start it
+/// with `posix_spawn` (a vfork) instead of `fork`, which copies the agent's
+/// page tables: a third of the agent's CPU under load, measured.
+fn find_bash() -> PathBuf {
+    JOB_PATH
+        .split(':')
+        .map(|d| PathBuf::from(d).join("bash"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("bash"))
 }
 
 impl BashExecutor {
     /// Working directories are created under `work_root`.
     pub fn new(work_root: PathBuf) -> Self {
-        Self { work_root }
+        Self {
+            work_root,
+            bash: find_bash(),
+        }
     }
 }
 
@@ -117,20 +136,28 @@ impl Executor for BashExecutor {
     async fn run(&self, spec: RunSpec, cancel: CancellationToken) -> RunResult {
         let dir = self.work_root.join(spec.job_id.to_string());
         // A fresh directory: remove leftovers of an earlier run first.
-        let _ = tokio::fs::remove_dir_all(&dir).await;
-        if let Err(e) = tokio::fs::create_dir_all(&dir).await {
+        let fresh = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || {
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(&dir)
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+        };
+        if let Err(e) = fresh {
             return failed(
                 format!("cannot create the working directory {}: {e}", dir.display()),
                 None,
                 b"",
             );
         }
-        let mut cmd = tokio::process::Command::new("bash");
+        let mut cmd = tokio::process::Command::new(&self.bash);
         cmd.arg("-c")
             .arg(&spec.body)
             .current_dir(&dir)
             .env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("PATH", JOB_PATH)
             .env("HOME", &dir)
             .env("TMPDIR", &dir)
             .env("LANG", "C.UTF-8")

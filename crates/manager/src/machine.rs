@@ -15,8 +15,11 @@ use crate::model::{
 /// Default attempts per step.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 /// First re-publication delay of an unanswered request; doubles up to
-/// [`REPUBLISH_MAX_MS`].
-pub const REPUBLISH_MIN_MS: u64 = 250;
+/// [`REPUBLISH_MAX_MS`]. Agents answer a request once (the answer is
+/// durable in their outbox), so a re-publication only reaches agents that
+/// missed the gossip or joined later; under load an early one is pure
+/// cost.
+pub const REPUBLISH_MIN_MS: u64 = 1_000;
 /// Longest re-publication delay.
 pub const REPUBLISH_MAX_MS: u64 = 4_000;
 
@@ -224,7 +227,13 @@ impl Workflow {
             return;
         }
         req.publish_count += 1;
-        let delay = (REPUBLISH_MIN_MS << (req.publish_count - 1).min(10)).min(REPUBLISH_MAX_MS);
+        let known = ctx.peers.known_agents();
+        let delay = if known > 0 && req.answered.len() >= known {
+            // Every agent we know has answered: only a newcomer could.
+            REPUBLISH_MAX_MS
+        } else {
+            (REPUBLISH_MIN_MS << (req.publish_count - 1).min(10)).min(REPUBLISH_MAX_MS)
+        };
         req.next_publish_at_ms = ctx.now_ms + delay;
         fx.push(Effect::Publish(JobRequest {
             request_id: req.id,
@@ -486,15 +495,10 @@ impl Workflow {
     /// Records that the agent holds the job of attempt `k` of step `n`.
     fn accept_attempt(&mut self, n: usize, k: usize, fx: &mut Vec<Effect>) {
         let a = &mut self.steps[n].attempts[k];
+        // No status request here: the agent reports every change of the
+        // job by itself, and the lease probes a job that falls silent.
         a.accepted = true;
         a.last_probe_ms = a.last_heard_ms;
-        if let Some(job_id) = a.job_id {
-            fx.push(Effect::Send(Outbound {
-                to: a.agent.clone(),
-                endpoint: a.endpoint.clone(),
-                msg: Msg::StatusRequest { job_id },
-            }));
-        }
         if self.steps[n].state == StepState::Fulfilling {
             self.steps[n].state = StepState::Fulfilled;
         }

@@ -15,6 +15,8 @@ pub struct Verified {
     pub id: uuid::Uuid,
     /// Sender node id.
     pub sender: PeerId,
+    /// The same, in its text form.
+    pub sender_name: String,
     /// Sender's peer endpoint.
     pub sender_endpoint: String,
     /// Milliseconds since the Unix epoch when it was sent.
@@ -28,6 +30,7 @@ pub struct Verified {
 pub struct Signer {
     key: Keypair,
     id: PeerId,
+    name: String,
     endpoint: String,
 }
 
@@ -41,12 +44,22 @@ impl Signer {
     /// `endpoint` is this node's advertised peer endpoint.
     pub fn new(key: Keypair, endpoint: String) -> Self {
         let id = key.public().to_peer_id();
-        Self { key, id, endpoint }
+        Self {
+            key,
+            id,
+            name: id.to_base58(),
+            endpoint,
+        }
     }
 
     /// This node's id.
     pub fn node_id(&self) -> PeerId {
         self.id
+    }
+
+    /// This node's id, in its text form.
+    pub fn node_name(&self) -> &str {
+        &self.name
     }
 
     /// This node's advertised endpoint.
@@ -66,17 +79,42 @@ impl Signer {
     /// concatenated encodings, so the header fields and the stored payload
     /// field are joined without decoding the payload again.
     pub fn seal_encoded(&self, id: uuid::Uuid, payload: &[u8]) -> Result<Envelope, Error> {
+        let body = self.message_bytes(id, payload);
+        self.sign_body(body, false)
+    }
+
+    /// Seals several messages (ids and payloads as stored) in one envelope
+    /// under one signature; a single message is sealed on its own.
+    pub fn seal_batch(&self, messages: &[(uuid::Uuid, &[u8])]) -> Result<Envelope, Error> {
+        if let [(id, payload)] = messages {
+            return self.seal_encoded(*id, payload);
+        }
+        let mut body = Vec::new();
+        for (id, payload) in messages {
+            let m = self.message_bytes(*id, payload);
+            prost::encoding::encode_key(1, prost::encoding::WireType::LengthDelimited, &mut body);
+            prost::encoding::encode_varint(m.len() as u64, &mut body);
+            body.extend_from_slice(&m);
+        }
+        self.sign_body(body, true)
+    }
+
+    fn message_bytes(&self, id: uuid::Uuid, payload: &[u8]) -> Vec<u8> {
         let head = Message {
             message_id: id.to_string(),
-            sender: self.id.to_base58(),
+            sender: self.name.clone(),
             sent_at: Some(caroni_proto::timestamp(std::time::SystemTime::now())),
             sender_endpoint: self.endpoint.clone(),
             payload: None,
         };
         let mut body = Vec::with_capacity(head.encoded_len() + payload.len());
-        head.encode(&mut body)
-            .map_err(|e| Error::Sign(e.to_string()))?;
+        // Encoding into a Vec cannot run out of space.
+        let _ = head.encode(&mut body);
         body.extend_from_slice(payload);
+        body
+    }
+
+    fn sign_body(&self, body: Vec<u8>, batch: bool) -> Result<Envelope, Error> {
         let signature = self
             .key
             .sign(&body)
@@ -85,6 +123,7 @@ impl Signer {
             body,
             signature,
             public_key: self.key.public().encode_protobuf(),
+            batch,
         })
     }
 }
@@ -107,21 +146,108 @@ pub fn decode_payload(bytes: &[u8]) -> Result<Payload, Error> {
         .ok_or_else(|| Error::Refused("stored message without payload".into()))
 }
 
-/// Verifies an envelope and decodes its message. Nothing in it is trusted
-/// before this returns `Ok`.
-pub fn open(env: &Envelope) -> Result<Verified, Error> {
-    let key = PublicKey::try_decode_protobuf(&env.public_key)
-        .map_err(|e| Error::Refused(format!("unreadable public key: {e}")))?;
-    if !key.verify(&env.body, &env.signature) {
-        return Err(Error::Refused("bad signature".into()));
+/// A sender's key as decoded once: decoding an ed25519 key decompresses a
+/// curve point, which costs about as much as half a verification.
+#[derive(Clone)]
+struct KnownKey {
+    key: PublicKey,
+    id: PeerId,
+    name: String,
+}
+
+/// Keys seen recently, by their encoding. Bounded: cleared when full.
+fn known_key(encoded: &[u8]) -> Result<KnownKey, Error> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    const MAX_KEYS: usize = 4096;
+    static KEYS: OnceLock<Mutex<HashMap<Vec<u8>, KnownKey>>> = OnceLock::new();
+    let keys = KEYS.get_or_init(Mutex::default);
+    if let Some(k) = keys
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(encoded)
+    {
+        return Ok(k.clone());
     }
+    let key = PublicKey::try_decode_protobuf(encoded)
+        .map_err(|e| Error::Refused(format!("unreadable public key: {e}")))?;
+    let id = key.to_peer_id();
+    let known = KnownKey {
+        key,
+        id,
+        name: id.to_base58(),
+    };
+    let mut map = keys
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if map.len() >= MAX_KEYS {
+        map.clear();
+    }
+    map.insert(encoded.to_vec(), known.clone());
+    Ok(known)
+}
+
+/// Verifies an envelope holding one message and decodes it. Nothing in it
+/// is trusted before this returns `Ok`. Batches are refused here (gossip
+/// never carries them); [`open_all`] takes both forms.
+pub fn open(env: &Envelope) -> Result<Verified, Error> {
+    if env.batch {
+        return Err(Error::Refused(
+            "a batch envelope where one message was expected".into(),
+        ));
+    }
+    let signer = verified_signer(env)?;
     let msg = Message::decode(env.body.as_slice())
         .map_err(|e| Error::Refused(format!("undecodable message: {e}")))?;
-    let sender: PeerId = msg
-        .sender
-        .parse()
-        .map_err(|_| Error::Refused(format!("sender `{}` is not a node id", msg.sender)))?;
-    if sender != key.to_peer_id() {
+    checked(&signer, msg)
+}
+
+/// Verifies an envelope (one message or a batch) and decodes every message
+/// in it; one bad message refuses the whole envelope.
+pub fn open_all(env: &Envelope) -> Result<Vec<Verified>, Error> {
+    if !env.batch {
+        return open(env).map(|v| vec![v]);
+    }
+    let signer = verified_signer(env)?;
+    let batch = caroni_proto::v1::MessageBatch::decode(env.body.as_slice())
+        .map_err(|e| Error::Refused(format!("undecodable message batch: {e}")))?;
+    batch
+        .messages
+        .into_iter()
+        .map(|m| checked(&signer, m))
+        .collect()
+}
+
+/// The ids an envelope claims, read without trusting it: only so that a
+/// sender can drop what was refused.
+pub fn claimed_ids(env: &Envelope) -> Vec<String> {
+    if env.batch {
+        caroni_proto::v1::MessageBatch::decode(env.body.as_slice())
+            .map(|b| b.messages.into_iter().map(|m| m.message_id).collect())
+            .unwrap_or_default()
+    } else {
+        Message::decode(env.body.as_slice())
+            .map(|m| vec![m.message_id])
+            .unwrap_or_default()
+    }
+}
+
+fn verified_signer(env: &Envelope) -> Result<KnownKey, Error> {
+    let signer = known_key(&env.public_key)?;
+    if !signer.key.verify(&env.body, &env.signature) {
+        return Err(Error::Refused("bad signature".into()));
+    }
+    Ok(signer)
+}
+
+fn checked(signer: &KnownKey, msg: Message) -> Result<Verified, Error> {
+    if msg.sender != signer.name {
+        if msg.sender.parse::<PeerId>().is_err() {
+            return Err(Error::Refused(format!(
+                "sender `{}` is not a node id",
+                msg.sender
+            )));
+        }
         return Err(Error::Refused(
             "the signing key does not belong to the claimed sender".into(),
         ));
@@ -135,7 +261,8 @@ pub fn open(env: &Envelope) -> Result<Verified, Error> {
         .ok_or_else(|| Error::Refused("message without payload".into()))?;
     Ok(Verified {
         id,
-        sender,
+        sender: signer.id,
+        sender_name: signer.name.clone(),
         sender_endpoint: msg.sender_endpoint,
         sent_at_ms: msg
             .sent_at
@@ -175,6 +302,26 @@ mod tests {
         assert_eq!(v.id, id);
         assert_eq!(v.payload, payload());
         assert!(v.sent_at_ms > 0);
+    }
+
+    #[test]
+    fn a_batch_opens_into_its_messages_under_one_signature() {
+        let s = Signer::new(Keypair::generate_ed25519(), "http://127.0.0.1:1".into());
+        let stored = encode_payload(payload());
+        let ids: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::now_v7()).collect();
+        let parts: Vec<(uuid::Uuid, &[u8])> = ids.iter().map(|i| (*i, &stored[..])).collect();
+        let env = s.seal_batch(&parts).expect("seal");
+        assert!(env.batch);
+        let got: Vec<uuid::Uuid> = open_all(&env).expect("open").iter().map(|v| v.id).collect();
+        assert_eq!(got, ids);
+        assert_eq!(claimed_ids(&env).len(), 3);
+        assert!(open(&env).is_err(), "a batch is not a single message");
+        let mut bad = env.clone();
+        let last = bad.body.len() - 1;
+        bad.body[last] ^= 1;
+        assert!(open_all(&bad).is_err());
+        // One message is sealed on its own.
+        assert!(!s.seal_batch(&parts[..1]).expect("seal").batch);
     }
 
     #[test]

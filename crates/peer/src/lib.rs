@@ -15,7 +15,7 @@ pub mod envelope;
 pub mod outbox;
 pub mod server;
 
-pub use envelope::{open, Signer, Verified};
+pub use envelope::{open, open_all, Signer, Verified};
 pub use outbox::{Outbox, PeerStatus};
 pub use server::{Applying, Inbox, InboxError, PeerServer};
 

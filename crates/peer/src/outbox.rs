@@ -66,6 +66,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Acks gathered into one delete batch.
 const ACK_BATCH: usize = 512;
+/// Most messages sealed in one envelope.
+const BATCH: usize = 128;
 
 /// What `caroni peers` shows about one destination.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -502,7 +504,9 @@ impl Sender {
         let me = self.outbox.inner.signer.node_id();
         let my_endpoint = self.outbox.inner.signer.endpoint().to_string();
         loop {
-            // Send what the window allows, urgent lane first.
+            // Send what the window allows, urgent lane first; to a remote
+            // peer, what is ready goes in batches under one signature.
+            let mut batch: Vec<(uuid::Uuid, Vec<u8>)> = Vec::new();
             while in_flight.len() < WINDOW {
                 let next = {
                     let mut q = self.dest.lock();
@@ -519,15 +523,13 @@ impl Sender {
                 }
                 let closed = || format!("stream to {} closed", link.endpoint);
                 match &link.tx {
-                    Tx::Remote(tx) => {
-                        let env = self
-                            .outbox
-                            .inner
-                            .signer
-                            .seal_encoded(entry.message_id, &entry.payload)
-                            .map_err(|e| e.to_string())?;
+                    Tx::Remote(_) => {
                         in_flight.insert(entry.message_id, key);
-                        tx.send(env).await.map_err(|_| closed())?;
+                        batch.push((entry.message_id, entry.payload));
+                        if batch.len() >= BATCH {
+                            self.send_batch(&link.tx, &link.endpoint, &mut batch)
+                                .await?;
+                        }
                     }
                     Tx::Local(tx) => {
                         let payload = match envelope::decode_payload(&entry.payload) {
@@ -542,6 +544,7 @@ impl Sender {
                         let msg = Verified {
                             id: entry.message_id,
                             sender: me,
+                            sender_name: self.outbox.inner.me.clone(),
                             sender_endpoint: my_endpoint.clone(),
                             sent_at_ms: caroni_types::now_ms(),
                             payload,
@@ -552,6 +555,8 @@ impl Sender {
                     }
                 }
             }
+            self.send_batch(&link.tx, &link.endpoint, &mut batch)
+                .await?;
             tokio::select! {
                 ack = link.acks.next() => {
                     let mut acks = vec![ack];
@@ -589,6 +594,33 @@ impl Sender {
                 _ = cancel.cancelled() => return Ok(()),
             }
         }
+    }
+
+    /// Seals the gathered messages in one envelope and sends it.
+    async fn send_batch(
+        &self,
+        to: &Tx,
+        endpoint: &str,
+        batch: &mut Vec<(uuid::Uuid, Vec<u8>)>,
+    ) -> Result<(), String> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let Tx::Remote(tx) = to else {
+            return Ok(());
+        };
+        let parts: Vec<(uuid::Uuid, &[u8])> =
+            batch.iter().map(|(id, p)| (*id, p.as_slice())).collect();
+        let env = self
+            .outbox
+            .inner
+            .signer
+            .seal_batch(&parts)
+            .map_err(|e| e.to_string())?;
+        batch.clear();
+        tx.send(env)
+            .await
+            .map_err(|_| format!("stream to {endpoint} closed"))
     }
 
     /// Deletes acknowledged rows. Not synced: a row whose deletion is lost

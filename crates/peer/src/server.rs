@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{open, Liveness, Verified};
+use crate::{open_all, Liveness, Verified};
 
 /// Largest number of messages of one stream handed to the engines and not
 /// yet acknowledged.
@@ -133,28 +133,34 @@ impl PeerService for PeerServer {
         req: Request<Streaming<Envelope>>,
     ) -> Result<Response<Self::DeliverStream>, Status> {
         let liveness = self.liveness.clone();
-        let incoming = req
-            .into_inner()
-            .map_while(|item| item.ok())
-            .map(move |env| match open(&env) {
-                Ok(msg) => {
-                    liveness.heard(&msg.sender.to_base58());
-                    Incoming::Verified(Box::new(msg))
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "refused an envelope");
-                    // The id is read unverified, only so that the sender can
-                    // drop the message from its outbox.
-                    let message_id =
-                        <caroni_proto::v1::Message as prost::Message>::decode(env.body.as_slice())
-                            .map(|m| m.message_id)
-                            .unwrap_or_default();
-                    Incoming::Refused {
-                        message_id,
-                        error: e.to_string(),
+        let incoming =
+            req.into_inner()
+                .map_while(|item| item.ok())
+                .map(move |env| -> Vec<Incoming> {
+                    match open_all(&env) {
+                        Ok(msgs) => {
+                            if let Some(m) = msgs.first() {
+                                liveness.heard(&m.sender_name);
+                            }
+                            msgs.into_iter()
+                                .map(|m| Incoming::Verified(Box::new(m)))
+                                .collect()
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "refused an envelope");
+                            // The ids are read unverified, only so that the
+                            // sender can drop the messages from its outbox.
+                            crate::envelope::claimed_ids(&env)
+                                .into_iter()
+                                .map(|message_id| Incoming::Refused {
+                                    message_id,
+                                    error: e.to_string(),
+                                })
+                                .collect()
+                        }
                     }
-                }
-            });
+                });
+        let incoming = futures::StreamExt::flat_map(incoming, futures::stream::iter);
         let rx = pipeline(self.inbox.clone(), Box::pin(incoming));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),

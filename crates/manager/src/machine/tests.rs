@@ -354,7 +354,7 @@ fn requests_are_republished_with_backoff_until_answered() {
     let mut h = H::new(SIMPLE);
     h.with(|wf, ctx| wf.start(ctx));
     let mut times = Vec::new();
-    for _ in 0..200 {
+    for _ in 0..400 {
         h.now += 50;
         let fx = h.with(|wf, ctx| wf.tick(ctx));
         if fx
