@@ -3,7 +3,7 @@
 //!
 //! It starts the topology itself (one manager and `--agents N` agents as
 //! separate `caroni-node` processes on loopback, or `--in-process`), or
-//! uses running nodes (`--target URL` for the manager, `--agent-api URL`
+//! uses running nodes (`--node URL` for the manager, `--agent-api URL`
 //! for each agent). It registers a K-step chain template and its job type,
 //! runs `--workflows W` with `--concurrency C` (0: all at once), and prints
 //! end-to-end latency from the manager's own timestamps (created → ended),
@@ -56,11 +56,10 @@ pub struct BenchArgs {
     /// processes (CPU and memory are then those of the whole process).
     #[arg(long)]
     pub in_process: bool,
-    /// Use a running manager at this client API URL instead of starting
-    /// nodes.
-    #[arg(long)]
+    /// A running manager (the global --node), instead of starting nodes.
+    #[arg(skip)]
     pub target: Option<String>,
-    /// Client API URL of a running agent (with --target; repeatable). The
+    /// Client API URL of a running agent (with --node; repeatable). The
     /// bench job type is registered there and its counters are read.
     #[arg(long = "agent-api")]
     pub agent_api: Vec<String>,
@@ -299,17 +298,23 @@ fn template(steps: usize) -> String {
 }
 
 /// The floor: `steps` sequential spawns of the job body, as the agent
-/// runs it (bash -c, minimal environment), median of `runs`.
+/// runs it (bash -c, the same minimal environment and locale, a fresh
+/// directory), median of `runs`.
 fn floor_ms(body: &str, steps: usize, runs: usize) -> anyhow::Result<f64> {
     let mut times = Vec::with_capacity(runs);
+    let dir = tempfile::tempdir().context("cannot create a directory for the floor measurement")?;
     for _ in 0..runs {
         let start = Instant::now();
         for _ in 0..steps {
             let out = Command::new("bash")
                 .arg("-c")
                 .arg(body)
+                .current_dir(dir.path())
                 .env_clear()
                 .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+                .env("HOME", dir.path())
+                .env("TMPDIR", dir.path())
+                .env("LANG", "C.UTF-8")
                 .env("CARONI_ENV_x", "bench")
                 .stdin(Stdio::null())
                 .output()

@@ -25,14 +25,10 @@ use output::Format;
     after_help = "Examples:\n  caroni template add test_simple examples/templates/test_simple.cwl\n  caroni jobtype add examples/jobtypes/foojob0.yaml\n  caroni --node http://127.0.0.1:7070 -o json template list"
 )]
 struct Cli {
-    /// Client API URL of the node to talk to.
-    #[arg(
-        long,
-        global = true,
-        env = "CARONI_NODE",
-        default_value = "http://127.0.0.1:7070"
-    )]
-    node: String,
+    /// Client API URL of the node to talk to [default: http://127.0.0.1:7070].
+    /// `caroni bench` starts its own nodes unless this is given.
+    #[arg(long, global = true, env = "CARONI_NODE")]
+    node: Option<String>,
     /// API token, when the node requires one.
     #[arg(long, global = true, env = "CARONI_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -82,7 +78,7 @@ enum Command {
     /// Measure a mesh: latency, throughput, messages, writes, CPU and
     /// memory per node, against the floor of the job body itself.
     #[command(
-        after_help = "Examples:\n  caroni bench                                   # 1 manager + 2 agents, 100 workflows one at a time\n  caroni bench --workflows 1000 --concurrency 0  # a burst of 1,000\n  caroni bench --sleep 0.05 --agents 1 --workflows 200 --concurrency 0\n  caroni -o json bench --in-process"
+        after_help = "Examples:\n  caroni bench                                   # 1 manager + 2 agents, 100 workflows one at a time\n  caroni bench --workflows 1000 --concurrency 0  # a burst of 1,000\n  caroni bench --sleep 0.05 --agents 1 --workflows 200 --concurrency 0\n  caroni -o json bench --in-process\n  caroni --node http://10.0.0.5:7070 bench --agent-api http://10.0.0.6:7070   # running nodes"
     )]
     Bench(bench::BenchArgs),
     /// Run the demonstration workflow on an embedded manager and agent.
@@ -116,7 +112,13 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let ctx = client::Context::new(cli.node, cli.token, cli.output);
+    let target = cli.node.clone();
+    let ctx = client::Context::new(
+        cli.node
+            .unwrap_or_else(|| "http://127.0.0.1:7070".to_string()),
+        cli.token,
+        cli.output,
+    );
     match cli.command {
         Command::Template(c) => commands::template(&ctx, c).await,
         Command::JobType(c) => commands::job_type(&ctx, c).await,
@@ -131,6 +133,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Peers => workflow::peers(&ctx).await,
         Command::Health => ctx.health().await,
         Command::Demo { text } => demo::demo(text, ctx.format).await,
-        Command::Bench(args) => bench::bench(args, ctx.format).await,
+        Command::Bench(mut args) => {
+            args.target = target;
+            bench::bench(args, ctx.format).await
+        }
     }
 }

@@ -530,7 +530,11 @@ impl<E: Executor> Service<E> {
             }
             if j.state.is_final() {
                 self.jobs.remove(&j.id);
-                self.queue.retain(|_, id| *id != j.id);
+                if let Some(seq) = j.queue_seq {
+                    if self.queue.get(&seq) == Some(&j.id) {
+                        self.queue.remove(&seq);
+                    }
+                }
             } else {
                 self.jobs.insert(j.id, j);
             }

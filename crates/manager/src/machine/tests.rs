@@ -11,6 +11,28 @@ struct H {
     now: u64,
     next: u128,
     lease: u64,
+    window: u64,
+    peers: FakePeers,
+}
+
+/// The agents as a test wants the manager to see them.
+#[derive(Default)]
+struct FakePeers {
+    known: usize,
+    heard: BTreeMap<String, u64>,
+    live: BTreeMap<String, u32>,
+}
+
+impl Peers for FakePeers {
+    fn last_heard_ms(&self, agent: &str) -> Option<u64> {
+        self.heard.get(agent).copied()
+    }
+    fn known_agents(&self) -> usize {
+        self.known
+    }
+    fn live_jobs(&self, agent: &str) -> u32 {
+        self.live.get(agent).copied().unwrap_or(0)
+    }
 }
 
 impl H {
@@ -23,6 +45,8 @@ impl H {
             now: 1_000,
             next: 100,
             lease: 30_000,
+            window: 0,
+            peers: FakePeers::default(),
         }
     }
 
@@ -38,8 +62,8 @@ impl H {
             request_ttl_ms: 600_000,
             endpoint: "http://manager:1",
             new_id: &mut gen,
-            offer_window_ms: 0,
-            peers: &NoPeers,
+            offer_window_ms: self.window,
+            peers: &self.peers,
         };
         let r = f(&mut self.wf, &mut ctx);
         self.next = next;
@@ -463,4 +487,113 @@ fn an_expired_request_is_a_failed_attempt_and_is_replaced() {
         .iter()
         .any(|e| matches!(e, Effect::Publish(r) if r.request_id == h.request(0))));
     assert_eq!(h.wf.steps[0].state, StepState::Fulfilling);
+}
+
+fn load(slots: u32, free_slots: u32, queue_length: u32) -> Load {
+    Load {
+        slots,
+        free_slots,
+        queue_length,
+    }
+}
+
+fn offer_with(h: &mut H, n: usize, agent: &str, l: Load) -> Vec<Effect> {
+    let req = h.request(n);
+    let now = h.now;
+    h.with(|wf, ctx| {
+        wf.on_offer(
+            ctx,
+            agent,
+            &format!("http://{agent}"),
+            req,
+            Uuid::new_v4(),
+            now + 60_000,
+            l,
+        )
+    })
+}
+
+fn accepted_agent(fx: &[Effect]) -> Option<String> {
+    fx.iter().find_map(|e| match e {
+        Effect::Send(Outbound {
+            to,
+            msg: Msg::Accept { .. },
+            ..
+        }) => Some(to.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn offers_are_gathered_and_the_least_busy_agent_is_taken() {
+    let mut h = H::new(SIMPLE);
+    h.window = 5;
+    h.peers.known = 2;
+    h.with(|wf, ctx| wf.start(ctx));
+    // The busy agent answers first: nothing is decided yet.
+    let fx = offer_with(&mut h, 0, AGENT, load(2, 0, 4));
+    assert!(fx.is_empty(), "{fx:?}");
+    // Every known agent has answered: decided at once, no waiting.
+    let fx = offer_with(&mut h, 0, AGENT_B, load(2, 2, 0));
+    assert_eq!(accepted_agent(&fx).as_deref(), Some(AGENT_B));
+    assert!(fx.iter().any(|e| matches!(e,
+        Effect::Send(Outbound { to, msg: Msg::Reject { .. }, .. }) if to == AGENT)));
+    // The manager's own count of jobs it placed counts when it is larger
+    // than what the offer says.
+    h.peers.live.insert(AGENT_B.into(), 10);
+    offer_with(&mut h, 1, AGENT_B, load(2, 2, 0));
+    let fx = offer_with(&mut h, 1, AGENT, load(2, 1, 0));
+    assert_eq!(accepted_agent(&fx).as_deref(), Some(AGENT));
+}
+
+#[test]
+fn the_window_closes_on_time_when_an_agent_stays_silent() {
+    let mut h = H::new(SIMPLE);
+    h.window = 5;
+    h.peers.known = 2;
+    h.with(|wf, ctx| wf.start(ctx));
+    assert!(offer_with(&mut h, 0, AGENT, load(2, 0, 9)).is_empty());
+    let due = h.wf.next_deadline(h.lease, &h.peers).expect("a deadline");
+    assert_eq!(due, h.now + 5, "the window is a timer");
+    h.now += 5;
+    let fx = h.with(|wf, ctx| wf.tick(ctx));
+    assert_eq!(accepted_agent(&fx).as_deref(), Some(AGENT));
+}
+
+#[test]
+fn a_request_only_one_agent_answers_is_not_delayed() {
+    let mut h = H::new(SIMPLE);
+    h.window = 5;
+    h.peers.known = 2;
+    h.with(|wf, ctx| wf.start(ctx));
+    // The other agent declines: that closes the window too.
+    let req = h.request(0);
+    h.with(|wf, ctx| wf.on_decline(ctx, AGENT_B, req, "no job type foojob0"));
+    let fx = offer_with(&mut h, 0, AGENT, load(1, 0, 3));
+    assert_eq!(accepted_agent(&fx).as_deref(), Some(AGENT));
+    // With one known agent, its offer is taken at once.
+    h.peers.known = 1;
+    let fx = offer_with(&mut h, 1, AGENT, load(1, 0, 3));
+    assert_eq!(accepted_agent(&fx).as_deref(), Some(AGENT));
+}
+
+#[test]
+fn an_agent_that_is_heard_from_keeps_its_jobs_past_the_lease() {
+    let mut h = H::new(SIMPLE);
+    h.with(|wf, ctx| wf.start(ctx));
+    let (j0, _) = h.fulfil(0, AGENT);
+    // The job's own news is queued behind a long backlog, but the agent
+    // acks our messages: two leases pass without a failed attempt.
+    for _ in 0..6 {
+        h.now += h.lease / 3;
+        h.peers.heard.insert(AGENT.into(), h.now);
+        h.with(|wf, ctx| wf.tick(ctx));
+    }
+    assert_eq!(h.wf.steps[0].attempts.len(), 1);
+    assert!(h.wf.steps[0].attempts[0].is_live(), "job {j0} is kept");
+    // Once the agent itself falls silent for a lease, the job is lost.
+    h.now += h.lease;
+    h.with(|wf, ctx| wf.tick(ctx));
+    assert_eq!(h.wf.steps[0].attempts[0].state, JobState::Failed);
+    assert!(h.wf.steps[0].attempts[0].message.contains("silent"));
 }
