@@ -30,6 +30,8 @@ use crate::output::Format;
 
 const JOB_TYPE: &str = "bench_step";
 const TEMPLATE: &str = "bench_chain";
+/// RunWorkflow calls in flight at once while submitting.
+const SUBMIT_CALLS: usize = 256;
 
 /// Options of `caroni bench`.
 #[derive(Debug, clap::Args)]
@@ -402,19 +404,25 @@ async fn run_workflows(
     let start = Instant::now();
     let deadline = start + timeout;
     let mut submitters = tokio::task::JoinSet::new();
+    // Calls in flight at once: a burst is submitted as fast as the manager
+    // takes it, without opening thousands of HTTP/2 streams at once.
+    let calls = Arc::new(Semaphore::new(SUBMIT_CALLS));
     for i in 0..count {
         let permit = permits.clone().acquire_owned().await?;
+        let call = calls.clone().acquire_owned().await?;
         let mut m = manager.clone();
         let t = tracker.clone();
         let label = label.to_string();
         submitters.spawn(async move {
+            let _call = call;
             let id = m
                 .run_workflow(pb::RunWorkflowRequest {
                     template: TEMPLATE.into(),
                     inputs: [("msg".to_string(), format!("{label}{i}"))].into(),
                 })
                 .await
-                .map_err(crate::client::status)?
+                .map_err(crate::client::status)
+                .context("cannot submit a workflow")?
                 .into_inner()
                 .workflow_id;
             let mut t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

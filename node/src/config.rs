@@ -67,7 +67,7 @@ pub struct Config {
 /// Defaults of the tuning settings, shared with embedded nodes.
 pub const DEFAULT_MAX_OPEN_REQUESTS: usize = 512;
 /// See [`Config::offer_window_ms`].
-pub const DEFAULT_OFFER_WINDOW_MS: u64 = 5;
+pub const DEFAULT_OFFER_WINDOW_MS: u64 = 20;
 
 /// Command-line flags of `caroni-node`; each also reads `CARONI_<NAME>`.
 #[derive(Debug, Default, clap::Parser)]
@@ -123,7 +123,7 @@ pub struct Flags {
     #[arg(long, env = "CARONI_MAX_OPEN_REQUESTS")]
     pub max_open_requests: Option<usize>,
     /// Milliseconds to gather offers before taking the least busy agent;
-    /// 0 takes the first offer [default: 5].
+    /// 0 takes the first offer [default: 20].
     #[arg(long, env = "CARONI_OFFER_WINDOW_MS")]
     pub offer_window_ms: Option<u64>,
     /// Log format [default: text]. Filter with RUST_LOG.

@@ -249,6 +249,8 @@ struct AgentBook {
     answered: HashMap<String, u64>,
     /// Live jobs this manager placed on each agent.
     jobs: HashMap<String, u32>,
+    /// Silence after which an agent no longer counts as known (the lease).
+    quiet_ms: u64,
 }
 
 struct PeerView<'a> {
@@ -261,7 +263,18 @@ impl Peers for PeerView<'_> {
         self.wire.last_heard_ms(agent)
     }
     fn known_agents(&self) -> usize {
-        self.book.answered.len()
+        // Agents that answered lately and have not gone quiet: a stopped
+        // agent must not hold every request for the whole offer window.
+        let now = caroni_types::now_ms();
+        self.book
+            .answered
+            .keys()
+            .filter(|a| {
+                self.wire
+                    .last_heard_ms(a)
+                    .is_none_or(|t| now.saturating_sub(t) < self.book.quiet_ms)
+            })
+            .count()
     }
     fn live_jobs(&self, agent: &str) -> u32 {
         self.book.jobs.get(agent).copied().unwrap_or(0)
@@ -312,6 +325,7 @@ impl Service {
         let (tx, rx) = mpsc::channel(GROUP);
         let (events, _) = broadcast::channel(4096);
         let stats = Arc::new(Stats::default());
+        let quiet_ms = opts.lease.as_millis() as u64;
         let mut s = Self {
             opts,
             store: store.clone(),
@@ -326,7 +340,10 @@ impl Service {
             open_requests: 0,
             deadline_of: HashMap::new(),
             deadlines: BTreeSet::new(),
-            agents: AgentBook::default(),
+            agents: AgentBook {
+                quiet_ms,
+                ..AgentBook::default()
+            },
             parsed: HashMap::new(),
         };
         let n = records::migrate(&store)?;
