@@ -38,6 +38,10 @@ impl caroni_store::wire::Wire for NodeWire {
         self.outbox.notify(staged);
     }
 
+    fn unstage(&self, batch: &mut Batch, staged: &Staged) {
+        self.outbox.unstage(batch, staged);
+    }
+
     fn last_heard_ms(&self, node: &str) -> Option<u64> {
         self.liveness.last_heard_ms(node)
     }

@@ -144,7 +144,11 @@ impl Handle {
 #[derive(Default)]
 struct Group {
     batch: Batch,
-    staged: Vec<wire::Staged>,
+    staged: Vec<Option<wire::Staged>>,
+    /// The last status staged in this group for each job: a later status
+    /// of the same job replaces it (the manager takes the newest state;
+    /// `queued` then `running` in one group is sent as `running`).
+    last_status: HashMap<Uuid, usize>,
     applied: HashSet<Uuid>,
     replies: Vec<(DeliverReply, Result<Delivered, DeliverError>)>,
     commands: usize,
@@ -491,7 +495,18 @@ impl<E: Executor> Service<E> {
         let g = &mut self.group;
         for e in &fx {
             if let Effect::Send(out) = e {
-                g.staged.push(self.wire.stage(&mut g.batch, out)?);
+                let staged = self.wire.stage(&mut g.batch, out)?;
+                if let Msg::Status(s) = &out.msg {
+                    if let Some(prev) = g
+                        .last_status
+                        .insert(s.job_id, g.staged.len())
+                        .and_then(|i| g.staged.get_mut(i))
+                        .and_then(Option::take)
+                    {
+                        self.wire.unstage(&mut g.batch, &prev);
+                    }
+                }
+                g.staged.push(Some(staged));
             }
             if let (Effect::Enqueue(_), Some(j)) = (e, job.as_mut()) {
                 j.queue_seq = Some(self.next_queue_seq);
@@ -556,7 +571,7 @@ impl<E: Executor> Service<E> {
         };
         match written {
             Ok(()) => {
-                self.wire.notify(g.staged);
+                self.wire.notify(g.staged.into_iter().flatten().collect());
                 for (tx, r) in g.replies {
                     let _ = tx.send(r);
                 }
@@ -682,20 +697,29 @@ mod tests {
     use caroni_types::JobTypeDef;
     use std::sync::Mutex;
 
-    /// Records what the service sends.
+    /// Records what the service sends (what it announces once written).
     #[derive(Default)]
     struct FakeWire(Mutex<Vec<Outbound>>);
 
     impl wire::Wire for FakeWire {
         fn stage(&self, _: &mut Batch, out: &Outbound) -> Result<wire::Staged, String> {
-            self.0.lock().map_err(|e| e.to_string())?.push(out.clone());
             Ok(wire::Staged {
                 to: out.to.clone(),
                 endpoint: out.endpoint.clone(),
-                item: None,
+                item: Some(Arc::new(out.clone())),
             })
         }
-        fn notify(&self, _: Vec<wire::Staged>) {}
+        fn notify(&self, staged: Vec<wire::Staged>) {
+            let mut sent = self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for s in staged {
+                if let Some(out) = s.item.and_then(|i| i.downcast::<Outbound>().ok()) {
+                    sent.push((*out).clone());
+                }
+            }
+        }
         fn publish(&self, _: JobRequest) {}
     }
 
@@ -827,6 +851,27 @@ mod tests {
             .expect("a job starts")
             .expect("id");
         assert_eq!(first, jobs[1], "the ready job of manager B runs first");
+        // Queued and started in one group: the manager hears `running`
+        // only (the newer status replaces the older one in the batch).
+        let statuses = || -> Vec<JobState> {
+            wire.0
+                .lock()
+                .expect("lock")
+                .iter()
+                .filter_map(|o| match &o.msg {
+                    Msg::Status(s) if s.job_id == jobs[1] => Some(s.state),
+                    _ => None,
+                })
+                .collect()
+        };
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while statuses().is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("a status in time");
+        assert_eq!(statuses(), [JobState::Running]);
         assert_eq!(
             handle.get_job(jobs[0]).expect("read").map(|j| j.state),
             Some(JobState::Pending)

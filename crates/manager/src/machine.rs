@@ -539,10 +539,17 @@ impl Workflow {
         }
     }
 
-    /// Sends every known input value of step `n` to its accepted job.
+    /// Sends every known input value of step `n` to its accepted job (when
+    /// data starts flowing, or to a job that replaces a failed one).
     fn send_values(&self, n: usize, fx: &mut Vec<Effect>) {
         let step = &self.steps[n];
-        if step.values.is_empty() || step.state == StepState::Completed {
+        self.send_items(n, step.values.clone(), fx);
+    }
+
+    /// Sends `items` (input name → value) to step `n`'s accepted job.
+    fn send_items(&self, n: usize, items: BTreeMap<String, String>, fx: &mut Vec<Effect>) {
+        let step = &self.steps[n];
+        if items.is_empty() || step.state == StepState::Completed {
             return;
         }
         if let Some(a) = step.current().filter(|a| a.accepted) {
@@ -552,7 +559,7 @@ impl Workflow {
                     endpoint: a.endpoint.clone(),
                     msg: Msg::Data {
                         job_id,
-                        items: step.values.clone(),
+                        items,
                         outputs: false,
                     },
                 }));
@@ -667,19 +674,19 @@ impl Workflow {
                 output: output.clone(),
             };
             for m in 0..self.steps.len() {
-                let mut changed = false;
-                let names: Vec<String> = self.steps[m]
+                // Only the values that arrive now: what the job had before
+                // was sent before (values are sent once).
+                let items: BTreeMap<String, String> = self.steps[m]
                     .inputs
                     .iter()
                     .filter(|i| i.source.as_ref() == Some(&from))
-                    .map(|i| i.name.clone())
+                    .map(|i| (i.name.clone(), value.clone()))
                     .collect();
-                for name in names {
-                    self.steps[m].values.insert(name, value.clone());
-                    changed = true;
+                for (name, v) in &items {
+                    self.steps[m].values.insert(name.clone(), v.clone());
                 }
-                if changed && self.started {
-                    self.send_values(m, fx);
+                if self.started {
+                    self.send_items(m, items, fx);
                 }
             }
             for (wid, src) in &self.output_sources {

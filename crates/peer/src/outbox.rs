@@ -241,6 +241,17 @@ impl Outbox {
         })
     }
 
+    /// Takes back a message staged in `batch` before the batch is written.
+    pub fn unstage(&self, batch: &mut Batch, staged: &Staged) {
+        if let Some(item) = staged
+            .item
+            .as_ref()
+            .and_then(|i| i.downcast_ref::<(Vec<u8>, Entry)>())
+        {
+            batch.delete(OUTBOX, &item.0);
+        }
+    }
+
     /// Hands the messages staged in a batch that is now written to their
     /// senders.
     pub fn notify(&self, staged: Vec<Staged>) {

@@ -28,6 +28,11 @@ pub trait Wire: Send + Sync + 'static {
     fn stage(&self, batch: &mut Batch, out: &Outbound) -> Result<Staged, String>;
     /// Wakes the senders once the batch holding `staged` is written.
     fn notify(&self, staged: Vec<Staged>);
+    /// Takes back a message staged in `batch` (not yet written), because a
+    /// later message of the same batch supersedes it.
+    fn unstage(&self, batch: &mut Batch, staged: &Staged) {
+        let _ = (batch, staged);
+    }
     /// Publishes a request on gossip (and to a local agent, if any).
     fn publish(&self, req: JobRequest);
     /// When node `node` was last heard from (a message or an ack), in ms

@@ -597,3 +597,40 @@ fn an_agent_that_is_heard_from_keeps_its_jobs_past_the_lease() {
     assert_eq!(h.wf.steps[0].attempts[0].state, JobState::Failed);
     assert!(h.wf.steps[0].attempts[0].message.contains("silent"));
 }
+
+#[test]
+fn a_join_gets_each_value_once() {
+    const DIAMOND: &str = include_str!("../../../../examples/templates/diamond.cwl");
+    let parsed = caroni_cwl::parse(DIAMOND).expect("template");
+    let inputs = BTreeMap::from([("text".to_string(), "ab".to_string())]);
+    let mut h = H::new(SIMPLE);
+    h.wf = Workflow::create(Uuid::from_u128(2), "d", &parsed, inputs, 1_000).expect("create");
+    h.with(|wf, ctx| wf.start(ctx));
+    let idx = |h: &H, id: &str| h.wf.steps.iter().position(|s| s.id == id).expect("step");
+    let mut jobs = BTreeMap::new();
+    for id in ["split", "upper", "reverse", "join", "finalize"] {
+        let n = idx(&h, id);
+        jobs.insert(id, h.fulfil(n, AGENT).0);
+    }
+    let both = BTreeMap::from([
+        ("left".to_string(), "a".to_string()),
+        ("right".to_string(), "b".to_string()),
+    ]);
+    let split = jobs["split"];
+    h.with(|wf, ctx| wf.on_data(ctx, AGENT, split, &both))
+        .expect("data");
+    h.status(AGENT, split, JobState::Completed, 10)
+        .expect("split");
+    assert_eq!(h.wf.steps[idx(&h, "split")].state, StepState::Completed);
+    let fx = h.complete(AGENT, jobs["upper"], "upper", "A");
+    assert_eq!(
+        data_to(&fx, jobs["join"]),
+        Some(BTreeMap::from([("a".to_string(), "A".to_string())]))
+    );
+    let fx = h.complete(AGENT, jobs["reverse"], "reversed", "b");
+    assert_eq!(
+        data_to(&fx, jobs["join"]),
+        Some(BTreeMap::from([("b".to_string(), "b".to_string())])),
+        "only the new value goes to the join"
+    );
+}
