@@ -687,6 +687,27 @@ mod tests {
         }
     }
 
+    /// A peer service on a free loopback port, until the token is cancelled.
+    async fn serve(inbox: Arc<Gated>) -> (std::net::SocketAddr, CancellationToken) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = PeerServer::new(inbox, Liveness::default());
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(PeerServiceServer::new(server))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    c.cancelled_owned(),
+                )
+                .await
+        });
+        (addr, cancel)
+    }
+
     fn status_request(n: u64) -> Payload {
         Payload::JobStatusRequest(JobStatusRequest {
             job_id: n.to_string(),
@@ -711,22 +732,7 @@ mod tests {
             got: Mutex::default(),
             gate,
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let server = PeerServer::new(inbox.clone(), Liveness::default());
-        let cancel = CancellationToken::new();
-        let c = cancel.clone();
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(PeerServiceServer::new(server))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    c.cancelled_owned(),
-                )
-                .await
-        });
+        let (addr, cancel) = serve(inbox.clone()).await;
 
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("store");
@@ -789,22 +795,7 @@ mod tests {
             got: Mutex::default(),
             gate,
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let server = PeerServer::new(inbox.clone(), Liveness::default());
-        let cancel = CancellationToken::new();
-        let c = cancel.clone();
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(PeerServiceServer::new(server))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    c.cancelled_owned(),
-                )
-                .await
-        });
+        let (addr, cancel) = serve(inbox.clone()).await;
         let dir = tempfile::tempdir().expect("tempdir");
         let key = Keypair::generate_ed25519();
         let peer = Keypair::generate_ed25519()
