@@ -32,15 +32,33 @@ pub fn timestamp_ms(ms: u64) -> prost_types::Timestamp {
 }
 
 /// Converts a protobuf timestamp to milliseconds since the Unix epoch
-/// (negative instants become 0).
+/// (negative instants become 0, instants past the range saturate). Every
+/// operation is checked: the values come from peers.
 pub fn timestamp_to_ms(t: &prost_types::Timestamp) -> u64 {
-    let ms = t.seconds.saturating_mul(1000) + i64::from(t.nanos / 1_000_000);
+    let ms = t
+        .seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(t.nanos / 1_000_000));
     u64::try_from(ms).unwrap_or(0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extreme_timestamps_from_peers_saturate_instead_of_panicking() {
+        let far = prost_types::Timestamp {
+            seconds: i64::MAX,
+            nanos: 999_999_999,
+        };
+        assert_eq!(timestamp_to_ms(&far), i64::MAX as u64);
+        let past = prost_types::Timestamp {
+            seconds: i64::MIN,
+            nanos: -999_999_999,
+        };
+        assert_eq!(timestamp_to_ms(&past), 0);
+    }
 
     #[test]
     fn timestamps_round_trip_in_milliseconds() {
