@@ -27,6 +27,24 @@ fn req(keys: &[&str]) -> JobRequest {
     }
 }
 
+/// Answers `req(keys)` from manager M at `now` with default circumstances.
+fn answer(
+    def: Option<&JobTypeDef>,
+    prior: Option<&Offer>,
+    keys: &[&str],
+    now: u64,
+) -> Option<(Option<Offer>, Outbound)> {
+    answer_request(
+        def,
+        prior,
+        M,
+        &req(keys),
+        now,
+        Uuid::new_v4,
+        Answering::default(),
+    )
+}
+
 fn job() -> Job {
     let (offer, _) = answer_request(
         Some(&def()),
@@ -67,93 +85,31 @@ fn job() -> Job {
 
 #[test]
 fn offers_for_matching_inputs_declines_otherwise() {
-    let a = answer_request(
-        Some(&def()),
-        None,
-        M,
-        &req(&["text"]),
-        10,
-        Uuid::new_v4,
-        Answering::default(),
-    )
-    .expect("answer");
+    let a = answer(Some(&def()), None, &["text"], 10).expect("answer");
     assert!(matches!(a.1.msg, Msg::Offer { .. }));
-    let a = answer_request(
-        Some(&def()),
-        None,
-        M,
-        &req(&["other"]),
-        10,
-        Uuid::new_v4,
-        Answering::default(),
-    )
-    .expect("answer");
+    let a = answer(Some(&def()), None, &["other"], 10).expect("answer");
     assert!(
         matches!(&a.1.msg, Msg::Decline { reason, .. } if reason.contains("takes inputs [text]"))
     );
-    let a = answer_request(
-        None,
-        None,
-        M,
-        &req(&["text"]),
-        10,
-        Uuid::new_v4,
-        Answering::default(),
-    )
-    .expect("answer");
+    let a = answer(None, None, &["text"], 10).expect("answer");
     assert!(
         matches!(&a.1.msg, Msg::Decline { reason, .. } if reason.contains("no job type named foojob1"))
     );
     assert!(
-        answer_request(
-            Some(&def()),
-            None,
-            M,
-            &req(&["text"]),
-            2_000_000,
-            Uuid::new_v4,
-            Answering::default()
-        )
-        .is_none(),
+        answer(Some(&def()), None, &["text"], 2_000_000).is_none(),
         "expired request"
     );
 }
 
 #[test]
 fn a_republished_request_is_not_answered_again() {
-    let (offer, _) = answer_request(
-        Some(&def()),
-        None,
-        M,
-        &req(&["text"]),
-        10,
-        Uuid::new_v4,
-        Answering::default(),
-    )
-    .expect("answer");
+    let (offer, _) = answer(Some(&def()), None, &["text"], 10).expect("answer");
     let offer = offer.expect("offer");
     // The offer waits in the outbox: a re-publication adds nothing.
-    let again = answer_request(
-        Some(&def()),
-        Some(&offer),
-        M,
-        &req(&["text"]),
-        20,
-        Uuid::new_v4,
-        Answering::default(),
-    );
+    let again = answer(Some(&def()), Some(&offer), &["text"], 20);
     assert!(again.is_none());
     // Once the offer has expired, a new one is made.
-    let later = answer_request(
-        Some(&def()),
-        Some(&offer),
-        M,
-        &req(&["text"]),
-        offer.expires_at_ms,
-        Uuid::new_v4,
-        Answering::default(),
-    )
-    .expect("answer");
+    let later = answer(Some(&def()), Some(&offer), &["text"], offer.expires_at_ms).expect("answer");
     assert!(matches!(later.1.msg, Msg::Offer { offer_id, .. } if offer_id != offer.offer_id));
     // A decline is said once per request.
     let declined = Answering {
@@ -189,16 +145,7 @@ fn an_offer_carries_the_agents_load() {
 
 #[test]
 fn only_the_offered_manager_may_accept() {
-    let (offer, _) = answer_request(
-        Some(&def()),
-        None,
-        M,
-        &req(&["text"]),
-        10,
-        Uuid::new_v4,
-        Answering::default(),
-    )
-    .expect("answer");
+    let (offer, _) = answer(Some(&def()), None, &["text"], 10).expect("answer");
     let offer = offer.expect("offer");
     let e = accept(
         Some(&offer),
