@@ -46,30 +46,57 @@ impl caroni_store::wire::Wire for NodeWire {
         self.liveness.last_heard_ms(node)
     }
 
-    fn publish(&self, req: JobRequest) {
+    fn publish(&self, reqs: Vec<JobRequest>) {
         let signer = self.outbox.signer().clone();
-        let me = signer.node_name().to_string();
         if let Some(agent) = self.local_agent.get() {
             // Gossip never comes back to its sender: serve our own agent
             // directly (dropped when it is busy, like gossip).
-            agent.gossip(me.clone(), req.clone());
+            for req in &reqs {
+                agent.gossip(signer.node_name().to_string(), req.clone());
+            }
         }
         self.published
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(reqs.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let mesh = self.mesh.clone();
         tokio::spawn(async move {
-            let request_id = req.request_id;
-            let data = match signer.seal(Payload::from(Msg::Request(req))) {
-                Ok((_, env)) => env.encode_to_vec(),
-                Err(e) => return tracing::error!(error = %e, "cannot sign a request"),
-            };
-            if let Err(e) = mesh.publish(data).await {
-                // Retried by the manager's re-publication schedule.
-                tracing::debug!(request = %request_id, error = %e, "publish failed; will re-publish");
+            // Requests of one manager batch go out together, under one
+            // signature, in gossip messages well below the 64 KiB limit.
+            let encoded: Vec<(uuid::Uuid, Vec<u8>)> = reqs
+                .into_iter()
+                .map(|r| {
+                    let p = caroni_peer::envelope::encode_payload(Payload::from(Msg::Request(r)));
+                    (uuid::Uuid::now_v7(), p)
+                })
+                .collect();
+            let mut chunk: Vec<(uuid::Uuid, &[u8])> = Vec::new();
+            let mut bytes = 0;
+            for (i, (id, p)) in encoded.iter().enumerate() {
+                chunk.push((*id, p.as_slice()));
+                bytes += p.len();
+                let next = encoded.get(i + 1).map_or(0, |(_, n)| n.len());
+                let last = i + 1 == encoded.len();
+                if last || chunk.len() >= GOSSIP_BATCH || bytes + next > GOSSIP_BATCH_BYTES {
+                    let data = match signer.seal_batch(&chunk) {
+                        Ok(env) => env.encode_to_vec(),
+                        Err(e) => return tracing::error!(error = %e, "cannot sign requests"),
+                    };
+                    if let Err(e) = mesh.publish(data).await {
+                        // Retried by the manager's re-publication schedule.
+                        tracing::debug!(requests = chunk.len(), error = %e, "publish failed; will re-publish");
+                    }
+                    chunk.clear();
+                    bytes = 0;
+                }
             }
         });
     }
 }
+
+/// Most requests in one gossip message (each is a few hundred bytes).
+const GOSSIP_BATCH: usize = 64;
+/// Most request bytes in one gossip message: gossipsub drops messages over
+/// 64 KiB, and the envelope adds its own.
+const GOSSIP_BATCH_BYTES: usize = 32 * 1024;
 
 /// Routes verified direct messages to the manager or the agent engine.
 pub struct PeerInbox {
@@ -167,28 +194,32 @@ pub async fn gossip_loop(
                 continue;
             }
         };
-        let verified = match caroni_peer::open(&env) {
+        let verified = match caroni_peer::open_all(&env) {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(peer = %from, error = %e, "refused gossip");
                 continue;
             }
         };
-        match inbound(verified) {
-            Ok(Inbound {
-                from,
-                msg: Msg::Request(req),
-                ..
-            }) => {
-                if !agent.gossip(from, req) {
-                    tracing::debug!("agent busy; dropped a gossip request (it is re-published)");
+        for v in verified {
+            match inbound(v) {
+                Ok(Inbound {
+                    from,
+                    msg: Msg::Request(req),
+                    ..
+                }) => {
+                    if !agent.gossip(from, req) {
+                        tracing::debug!(
+                            "agent busy; dropped a gossip request (it is re-published)"
+                        );
+                    }
                 }
+                Ok(other) => tracing::warn!(
+                    kind = other.msg.name(),
+                    "only job requests travel on gossip"
+                ),
+                Err(e) => tracing::warn!(error = %e, "refused gossip"),
             }
-            Ok(other) => tracing::warn!(
-                kind = other.msg.name(),
-                "only job requests travel on gossip"
-            ),
-            Err(e) => tracing::warn!(error = %e, "refused gossip"),
         }
     }
 }

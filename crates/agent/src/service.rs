@@ -720,7 +720,7 @@ mod tests {
                 }
             }
         }
-        fn publish(&self, _: JobRequest) {}
+        fn publish(&self, _: Vec<JobRequest>) {}
     }
 
     /// Records which jobs start, and never finishes them.

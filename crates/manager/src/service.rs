@@ -790,8 +790,8 @@ impl Service {
         match written {
             Ok(()) => {
                 self.wire.notify(g.staged);
-                for req in g.publish {
-                    self.wire.publish(req);
+                if !g.publish.is_empty() {
+                    self.wire.publish(g.publish);
                 }
                 for r in g.replies {
                     r.send(Ok(()));

@@ -33,8 +33,9 @@ pub trait Wire: Send + Sync + 'static {
     fn unstage(&self, batch: &mut Batch, staged: &Staged) {
         let _ = (batch, staged);
     }
-    /// Publishes a request on gossip (and to a local agent, if any).
-    fn publish(&self, req: JobRequest);
+    /// Publishes requests on gossip (and to a local agent, if any); the
+    /// transport may pack several in one gossip message.
+    fn publish(&self, reqs: Vec<JobRequest>);
     /// When node `node` was last heard from (a message or an ack), in ms
     /// since the epoch; `None` when never since this node started.
     fn last_heard_ms(&self, node: &str) -> Option<u64> {
