@@ -17,6 +17,7 @@ use tracing::Instrument;
 pub mod api;
 pub mod config;
 pub mod identity;
+mod supervise;
 pub mod wire;
 
 pub use config::{Config, Flags, LogFormat};
@@ -28,7 +29,14 @@ pub struct NodeHandle {
     /// Bound client API address.
     pub api_addr: SocketAddr,
     cancel: CancellationToken,
-    tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+    tasks: supervise::Tasks,
+    health: Health,
+}
+
+/// The node's health as `grpc.health.v1` reports it.
+struct Health {
+    reporter: tonic_health::server::HealthReporter,
+    services: Vec<&'static str>,
 }
 
 impl std::fmt::Debug for NodeHandle {
@@ -46,11 +54,53 @@ impl NodeHandle {
         self.cancel.cancel();
     }
 
+    /// Runs `task` under the node's supervision, like its own tasks: if it
+    /// fails, panics or returns before the node is shut down, the node
+    /// reports NOT_SERVING and [`NodeHandle::stopped`] returns the error.
+    pub fn supervise(
+        &mut self,
+        name: &'static str,
+        task: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    ) {
+        self.tasks.spawn(name, task);
+    }
+
+    /// Returns when a task of the node stops on its own (an error, a panic,
+    /// or an early return): health turns NOT_SERVING and the error says
+    /// which task and why; the caller then shuts the node down (as
+    /// `caroni-node` does, exiting with the error). Returns `Ok` once every
+    /// task has ended after a shutdown. Cancel-safe.
+    pub async fn stopped(&mut self) -> anyhow::Result<()> {
+        while let Some(res) = self.tasks.next().await {
+            if let Err(e) = res {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "a task of the node stopped; the node stops"
+                );
+                self.not_serving().await;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn not_serving(&self) {
+        use tonic_health::ServingStatus;
+        let h = &self.health;
+        h.reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        for name in &h.services {
+            h.reporter
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+    }
+
     /// Waits until every task has stopped; the first error wins.
     pub async fn wait(mut self) -> anyhow::Result<()> {
         let mut first = Ok(());
-        while let Some(res) = self.tasks.join_next().await {
-            let res = res.map_err(anyhow::Error::from).and_then(|r| r);
+        while let Some(res) = self.tasks.next().await {
             if let Err(e) = res {
                 self.cancel.cancel();
                 if first.is_ok() {
@@ -106,7 +156,7 @@ impl Node {
         };
 
         let cancel = CancellationToken::new();
-        let mut tasks = tokio::task::JoinSet::new();
+        let mut tasks = supervise::Tasks::new(cancel.clone());
         let signer = caroni_peer::Signer::new(key.clone(), advertise.clone());
         let liveness = caroni_peer::Liveness::default();
         let outbox =
@@ -123,7 +173,7 @@ impl Node {
         mesh_loop.listen()?;
         let span = tracing::info_span!("mesh", node = %node_id);
         let c = cancel.clone();
-        tasks.spawn(async move {
+        tasks.spawn("mesh", async move {
             mesh_loop.run(c).instrument(span).await;
             Ok(())
         });
@@ -148,7 +198,7 @@ impl Node {
             )?;
             let c = cancel.clone();
             let span = tracing::info_span!("agent", node = %node_id);
-            tasks.spawn(async move {
+            tasks.spawn("agent", async move {
                 svc.run(c).instrument(span).await;
                 Ok(())
             });
@@ -171,7 +221,7 @@ impl Node {
             )?;
             let c = cancel.clone();
             let span = tracing::info_span!("manager", node = %node_id);
-            tasks.spawn(async move {
+            tasks.spawn("manager", async move {
                 svc.run(c).instrument(span).await;
                 Ok(())
             });
@@ -184,7 +234,7 @@ impl Node {
         // outbox is expected to bridge, then forgotten (checked hourly).
         let prune_store = store.clone();
         let c = cancel.clone();
-        tasks.spawn(async move {
+        tasks.spawn("applied-id pruning", async move {
             let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
             loop {
                 tokio::select! {
@@ -207,11 +257,15 @@ impl Node {
             }
         });
 
-        let g = tokio::spawn(wire::gossip_loop(mesh_events, agent.clone()));
+        // The gossip listener runs in the node's task set like every other
+        // long-running task: if it dies, the node says so and stops.
         let c = cancel.clone();
-        tasks.spawn(async move {
-            c.cancelled().await;
-            g.abort();
+        let gossip_agent = agent.clone();
+        tasks.spawn("gossip listener", async move {
+            tokio::select! {
+                _ = wire::gossip_loop(mesh_events, gossip_agent) => {}
+                _ = c.cancelled() => {}
+            }
             Ok(())
         });
 
@@ -231,7 +285,7 @@ impl Node {
             );
         let incoming = nodelay(peer_listener);
         let c = cancel.clone();
-        tasks.spawn(async move {
+        tasks.spawn("peer server", async move {
             peer_server
                 .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
                 .await
@@ -262,14 +316,15 @@ impl Node {
             manager: api::ManagerApi::new(store.clone(), manager),
             agent: api::AgentApi::new(store, agent),
         };
-        let api = serve_api(api_listener, &config, apis, cancel.clone()).await?;
-        tasks.spawn(api);
+        let (api, health) = serve_api(api_listener, &config, apis, cancel.clone()).await?;
+        tasks.spawn("client API", api);
         tracing::info!(node_id = %node_id, api = %api_addr, peer = %advertise, role = ?config.role, "node started");
         Ok(NodeHandle {
             node_id,
             api_addr,
             cancel,
             tasks,
+            health,
         })
     }
 }
@@ -279,13 +334,18 @@ async fn serve_api(
     config: &Config,
     apis: api::Apis,
     cancel: CancellationToken,
-) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>>> {
+) -> anyhow::Result<(
+    impl std::future::Future<Output = anyhow::Result<()>>,
+    Health,
+)> {
     use pb::{
         agent_service_server::AgentServiceServer, manager_service_server::ManagerServiceServer,
         node_service_server::NodeServiceServer,
     };
     let token = api::TokenCheck::new(config.api_token.as_deref());
+    use tonic::server::NamedService;
     let (health, health_service) = tonic_health::server::health_reporter();
+    let mut services = vec![<NodeServiceServer<api::NodeApi> as NamedService>::NAME];
     health
         .set_serving::<NodeServiceServer<api::NodeApi>>()
         .await;
@@ -293,12 +353,15 @@ async fn serve_api(
         health
             .set_serving::<ManagerServiceServer<api::ManagerApi>>()
             .await;
+        services.push(<ManagerServiceServer<api::ManagerApi> as NamedService>::NAME);
     }
     if config.role.is_agent() {
         health
             .set_serving::<AgentServiceServer<api::AgentApi>>()
             .await;
+        services.push(<AgentServiceServer<api::AgentApi> as NamedService>::NAME);
     }
+    let reporter = health.clone();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(caroni_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -323,12 +386,15 @@ async fn serve_api(
         ))
         .add_service(AgentServiceServer::with_interceptor(apis.agent, token));
     let incoming = nodelay(listener);
-    Ok(async move {
-        router
-            .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
-            .await
-            .context("client API server failed")
-    })
+    Ok((
+        async move {
+            router
+                .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+                .await
+                .context("client API server failed")
+        },
+        Health { reporter, services },
+    ))
 }
 
 /// Accepted connections with Nagle's algorithm off: tonic sets TCP_NODELAY

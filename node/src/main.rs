@@ -46,15 +46,20 @@ fn init_tracing(format: LogFormat) {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(config = %config.summary(), "effective configuration");
-    let node = Node::start(config).await?;
+    let mut node = Node::start(config).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
-        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
-    }
+    let failed = tokio::select! {
+        _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT received, shutting down"); None }
+        _ = term.recv() => { tracing::info!("SIGTERM received, shutting down"); None }
+        r = node.stopped() => r.err(),
+    };
     node.shutdown();
-    node.wait().await?;
+    let rest = node.wait().await;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    rest?;
     tracing::info!("node stopped");
     Ok(())
 }
