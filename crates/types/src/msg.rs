@@ -77,8 +77,35 @@ impl Load {
     /// agent said (its offer may be older than the jobs it was given
     /// since). Lower is better.
     pub fn per_slot(&self, known: u32) -> f64 {
-        let busy = (self.slots.saturating_sub(self.free_slots) + self.queue_length).max(known);
+        // Checked arithmetic: the fields come from a peer.
+        let busy = self
+            .slots
+            .saturating_sub(self.free_slots)
+            .saturating_add(self.queue_length)
+            .max(known);
         f64::from(busy) / f64::from(self.slots.max(1))
+    }
+}
+
+#[cfg(test)]
+mod load_tests {
+    use super::Load;
+
+    #[test]
+    fn extreme_loads_from_peers_do_not_overflow() {
+        let l = Load {
+            slots: 1,
+            free_slots: 0,
+            queue_length: u32::MAX,
+        };
+        assert_eq!(l.per_slot(0), f64::from(u32::MAX));
+        let idle = Load {
+            slots: 0,
+            free_slots: 9,
+            queue_length: 0,
+        };
+        assert_eq!(idle.per_slot(0), 0.0);
+        assert_eq!(idle.per_slot(2), 2.0);
     }
 }
 
