@@ -81,7 +81,8 @@ pub struct BenchArgs {
 struct Topology {
     children: Vec<(String, Child)>,
     embedded: Vec<caroni_node::NodeHandle>,
-    _dir: tempfile::TempDir,
+    /// Data directories and logs; removed after the nodes are killed.
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Topology {
@@ -148,8 +149,9 @@ async fn start_topology(args: &BenchArgs) -> anyhow::Result<(Topology, Vec<NodeR
     let mut topo = Topology {
         children: Vec::new(),
         embedded: Vec::new(),
-        _dir: tempfile::tempdir()?,
+        dir,
     };
+    let root = topo.dir.path().to_path_buf();
     let mut nodes = Vec::new();
     let mut manager_p2p = 0;
     for i in 0..=args.agents {
@@ -162,7 +164,7 @@ async fn start_topology(args: &BenchArgs) -> anyhow::Result<(Topology, Vec<NodeR
         if i == 0 {
             manager_p2p = ports.p2p;
         }
-        let data_dir = dir.path().join(&name);
+        let data_dir = root.join(&name);
         let bootstrap = (i > 0).then(|| format!("/ip4/127.0.0.1/tcp/{manager_p2p}"));
         if args.in_process {
             let config = caroni_node::Config {
@@ -185,7 +187,7 @@ async fn start_topology(args: &BenchArgs) -> anyhow::Result<(Topology, Vec<NodeR
             topo.embedded.push(caroni_node::Node::start(config).await?);
         } else {
             let bin = node_bin(args)?;
-            let log = std::fs::File::create(dir.path().join(format!("{name}.log")))?;
+            let log = std::fs::File::create(root.join(format!("{name}.log")))?;
             let mut cmd = Command::new(&bin);
             cmd.arg("--data-dir")
                 .arg(&data_dir)
@@ -216,8 +218,6 @@ async fn start_topology(args: &BenchArgs) -> anyhow::Result<(Topology, Vec<NodeR
             is_agent: i > 0,
         });
     }
-    // Keep the data directories until the nodes are gone.
-    topo._dir = dir;
     for n in &nodes {
         wait_ready(&n.url, &n.name, &mut topo).await?;
     }
@@ -255,7 +255,14 @@ async fn wait_ready(url: &str, name: &str, topo: &mut Topology) -> anyhow::Resul
         }
         for (n, c) in &mut topo.children {
             if let Ok(Some(status)) = c.try_wait() {
-                bail!("the {n} node exited at start ({status}); its log is in the bench's temporary directory");
+                let log = std::fs::read_to_string(topo.dir.path().join(format!("{n}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                bail!(
+                    "the {n} node exited at start ({status}); the end of its log:\n{}",
+                    tail.join("\n")
+                );
             }
         }
         if Instant::now() > deadline {

@@ -114,16 +114,9 @@ fn inbound(msg: Verified) -> Result<Inbound, InboxError> {
     })
 }
 
-fn agent_err(e: caroni_agent::service::DeliverError) -> InboxError {
-    use caroni_agent::service::DeliverError;
-    match e {
-        DeliverError::Refused(e) => InboxError::Refused(e),
-        DeliverError::Retry(e) => InboxError::Retry(e),
-    }
-}
-
-fn manager_err(e: caroni_manager::service::DeliverError) -> InboxError {
-    use caroni_manager::service::DeliverError;
+/// The engines' refusal or retry, as the transport says it.
+fn inbox_err(e: caroni_store::wire::DeliverError) -> InboxError {
+    use caroni_store::wire::DeliverError;
     match e {
         DeliverError::Refused(e) => InboxError::Refused(e),
         DeliverError::Retry(e) => InboxError::Retry(e),
@@ -148,7 +141,7 @@ impl Inbox for PeerInbox {
                         msg.msg.name()
                     )));
                 };
-                let rx = agent.submit(msg).await.map_err(agent_err)?;
+                let rx = agent.submit(msg).await.map_err(inbox_err)?;
                 let fut: Applying = Box::pin(async move {
                     use caroni_agent::service::Delivered;
                     match rx.await {
@@ -156,7 +149,7 @@ impl Inbox for PeerInbox {
                         Ok(Ok(Delivered::NotMine)) => {
                             Err(InboxError::Refused("not a message for an agent".into()))
                         }
-                        Ok(Err(e)) => Err(agent_err(e)),
+                        Ok(Err(e)) => Err(inbox_err(e)),
                         Err(_) => Err(InboxError::Retry(GONE.into())),
                     }
                 });
@@ -168,10 +161,10 @@ impl Inbox for PeerInbox {
                     msg.msg.name()
                 )));
             };
-            let rx = manager.submit(msg).await.map_err(manager_err)?;
+            let rx = manager.submit(msg).await.map_err(inbox_err)?;
             let fut: Applying = Box::pin(async move {
                 match rx.await {
-                    Ok(r) => r.map_err(manager_err),
+                    Ok(r) => r.map_err(inbox_err),
                     Err(_) => Err(InboxError::Retry(GONE.into())),
                 }
             });

@@ -41,16 +41,8 @@ pub enum Delivered {
     NotMine,
 }
 
-/// Why a message was not applied.
-#[derive(Debug, thiserror::Error)]
-pub enum DeliverError {
-    /// Never acceptable.
-    #[error("{0}")]
-    Refused(String),
-    /// Try again later.
-    #[error("{0}")]
-    Retry(String),
-}
+/// Why a message was not applied (shared by both engines).
+pub use caroni_store::wire::DeliverError;
 
 /// Options.
 #[derive(Debug, Clone)]

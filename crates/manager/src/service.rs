@@ -54,16 +54,8 @@ pub struct Options {
     pub offer_window: Duration,
 }
 
-/// Why a message was not applied.
-#[derive(Debug, thiserror::Error)]
-pub enum DeliverError {
-    /// Never acceptable.
-    #[error("{0}")]
-    Refused(String),
-    /// Try again later.
-    #[error("{0}")]
-    Retry(String),
-}
+/// Why a message was not applied (shared by both engines).
+pub use caroni_store::wire::DeliverError;
 
 type DeliverReply = oneshot::Sender<Result<(), DeliverError>>;
 

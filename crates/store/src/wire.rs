@@ -44,6 +44,19 @@ pub trait Wire: Send + Sync + 'static {
     }
 }
 
+/// Why an engine did not apply a direct message: never acceptable
+/// (`Refused`, the sender drops it) or not now (`Retry`, it is sent again).
+/// One type for both engines, mapped to the transport's in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliverError {
+    /// Never acceptable.
+    #[error("{0}")]
+    Refused(String),
+    /// Try again later.
+    #[error("{0}")]
+    Retry(String),
+}
+
 /// Marker stored for an applied inbound message.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Applied {
