@@ -467,6 +467,7 @@ pub async fn peers(ctx: &Context) -> anyhow::Result<ExitCode> {
             "node_id": p.node_id, "p2p_address": p.p2p_address, "p2p_connected": p.p2p_connected,
             "endpoint": p.endpoint, "queued": p.queued, "delivered": p.delivered,
             "stream_open": p.stream_open, "last_error": p.last_error,
+            "dropped": p.dropped, "confirmed": p.confirmed,
         })).collect::<Vec<_>>()));
     } else {
         let mut t = output::table(&[
@@ -475,6 +476,7 @@ pub async fn peers(ctx: &Context) -> anyhow::Result<ExitCode> {
             "endpoint",
             "queued",
             "delivered",
+            "dropped",
             "stream",
             "last error",
         ]);
@@ -489,6 +491,7 @@ pub async fn peers(ctx: &Context) -> anyhow::Result<ExitCode> {
                 p.endpoint.clone(),
                 p.queued.to_string(),
                 p.delivered.to_string(),
+                p.dropped.to_string(),
                 if p.stream_open {
                     "open".into()
                 } else {

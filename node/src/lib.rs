@@ -114,6 +114,8 @@ impl NodeHandle {
 
 /// How long applied-message ids are remembered.
 const APPLIED_RETENTION_MS: u64 = 30 * 24 * 3600 * 1000;
+/// Most concurrent streams on one peer connection.
+const PEER_STREAMS_PER_CONNECTION: u32 = 16;
 
 /// Namespace for starting nodes.
 #[derive(Debug)]
@@ -261,9 +263,10 @@ impl Node {
         // long-running task: if it dies, the node says so and stops.
         let c = cancel.clone();
         let gossip_agent = agent.clone();
+        let gossip_outbox = outbox.clone();
         tasks.spawn("gossip listener", async move {
             tokio::select! {
-                _ = wire::gossip_loop(mesh_events, gossip_agent) => {}
+                _ = wire::gossip_loop(mesh_events, gossip_agent, gossip_outbox) => {}
                 _ = c.cancelled() => {}
             }
             Ok(())
@@ -272,16 +275,21 @@ impl Node {
         let inbox: Arc<dyn caroni_peer::Inbox> = Arc::new(wire::PeerInbox {
             manager: manager.clone(),
             agent: agent.clone(),
+            outbox: outbox.clone(),
         });
         // Messages between the manager and the agent of this node go in
         // process, through the same outbox and inbox.
         outbox.set_local(inbox.clone());
+        // A sender uses one stream per destination: a connection with more
+        // open streams than this is not a well-behaved peer.
         let peer_server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .max_concurrent_streams(PEER_STREAMS_PER_CONNECTION)
             .add_service(
                 caroni_proto::v1::peer_service_server::PeerServiceServer::new(
                     caroni_peer::PeerServer::new(inbox, liveness.clone()),
-                ),
+                )
+                .max_decoding_message_size(caroni_peer::outbox::MAX_ENVELOPE),
             );
         let incoming = nodelay(peer_listener);
         let c = cancel.clone();

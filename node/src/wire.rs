@@ -46,6 +46,10 @@ impl caroni_store::wire::Wire for NodeWire {
         self.liveness.last_heard_ms(node)
     }
 
+    fn knows(&self, node: &str) -> bool {
+        self.outbox.confirmed(node)
+    }
+
     fn publish(&self, reqs: Vec<JobRequest>) {
         let signer = self.outbox.signer().clone();
         if let Some(agent) = self.local_agent.get() {
@@ -102,6 +106,8 @@ const GOSSIP_BATCH_BYTES: usize = 32 * 1024;
 pub struct PeerInbox {
     pub manager: Option<caroni_manager::service::Handle>,
     pub agent: Option<caroni_agent::service::Handle>,
+    /// Learns where senders are from what they sign.
+    pub outbox: Outbox,
 }
 
 fn inbound(msg: Verified) -> Result<Inbound, InboxError> {
@@ -128,6 +134,8 @@ const GONE: &str = "the engine stopped before answering";
 impl Inbox for PeerInbox {
     fn submit(&self, msg: Verified) -> BoxFuture<'_, Result<Applying, InboxError>> {
         Box::pin(async move {
+            self.outbox
+                .learn(&msg.sender_name, &msg.sender_endpoint, msg.sent_at_ms);
             let msg = inbound(msg)?;
             if matches!(msg.msg, Msg::Request(_)) {
                 return Err(InboxError::Refused(
@@ -177,6 +185,7 @@ impl Inbox for PeerInbox {
 pub async fn gossip_loop(
     mut events: mpsc::Receiver<caroni_mesh::Event>,
     agent: Option<caroni_agent::service::Handle>,
+    outbox: Outbox,
 ) {
     while let Some(caroni_mesh::Event::Gossip { data, from }) = events.recv().await {
         let Some(agent) = &agent else { continue };
@@ -195,12 +204,20 @@ pub async fn gossip_loop(
             }
         };
         for v in verified {
+            outbox.learn(&v.sender_name, &v.sender_endpoint, v.sent_at_ms);
             match inbound(v) {
                 Ok(Inbound {
                     from,
+                    endpoint,
                     msg: Msg::Request(req),
                     ..
                 }) => {
+                    // The answer goes to the signer, where the signer says
+                    // it is: a request cannot name another reply address.
+                    if req.manager_endpoint != endpoint {
+                        tracing::warn!(peer = %from, "refused a job request whose reply endpoint is not its sender's");
+                        continue;
+                    }
                     if !agent.gossip(from, req) {
                         tracing::debug!(
                             "agent busy; dropped a gossip request (it is re-published)"

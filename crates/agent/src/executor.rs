@@ -2,6 +2,14 @@
 //! each input as `CARONI_ENV_<name>` and a minimal, explicit environment.
 //! The process runs in its own process group so that a kill or a timeout
 //! stops it and every child it started.
+//!
+//! The timeout covers the whole job, not only bash: a child that left the
+//! group (`setsid`) and keeps stdout open is found by the job id in its
+//! environment and killed when the time is up. stdout is read up to the
+//! job type's limit and stderr into a bounded tail, so no job can make the
+//! agent hold more than those bounds. An input value too large for the
+//! environment (over [`ENV_VALUE_MAX`] bytes) is written to a file in the
+//! working directory instead, named by `CARONI_FILE_<input>`.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -50,6 +58,11 @@ pub struct BashExecutor {
     bash: PathBuf,
 }
 
+/// Largest input value passed in the environment; larger ones go in a
+/// file named by `CARONI_FILE_<input>` (Linux refuses one environment
+/// string over 128 KiB).
+pub const ENV_VALUE_MAX: usize = 64 * 1024;
+
 /// The PATH jobs run with.
 const JOB_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
@@ -78,6 +91,69 @@ impl BashExecutor {
 fn tail(bytes: &[u8]) -> String {
     let start = bytes.len().saturating_sub(STDERR_TAIL_BYTES);
     String::from_utf8_lossy(&bytes[start..]).into_owned()
+}
+
+/// Reads a pipe to its end, keeping only its last [`STDERR_TAIL_BYTES`].
+async fn read_tail(mut r: impl tokio::io::AsyncRead + Unpin) -> Vec<u8> {
+    let mut kept: std::collections::VecDeque<u8> = std::collections::VecDeque::new();
+    let mut chunk = [0u8; 8192];
+    while let Ok(n) = r.read(&mut chunk).await {
+        if n == 0 {
+            break;
+        }
+        kept.extend(&chunk[..n]);
+        let extra = kept.len().saturating_sub(STDERR_TAIL_BYTES);
+        kept.drain(..extra);
+    }
+    kept.into()
+}
+
+/// Reads stdout up to `limit + 1` bytes, then keeps draining (and
+/// discarding) so that the job is not killed by a full pipe: an over-long
+/// output is reported as such, not as a signal.
+async fn read_limited(mut r: impl tokio::io::AsyncRead + Unpin, limit: u64) -> (Vec<u8>, bool) {
+    let mut buf = Vec::new();
+    let mut over = false;
+    let mut chunk = [0u8; 8192];
+    while let Ok(n) = r.read(&mut chunk).await {
+        if n == 0 {
+            break;
+        }
+        if over {
+            continue;
+        }
+        let room = usize::try_from(limit.saturating_sub(buf.len() as u64)).unwrap_or(usize::MAX);
+        if n > room {
+            buf.extend_from_slice(&chunk[..room]);
+            over = true;
+        } else {
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+    (buf, over)
+}
+
+/// Kills every process whose environment holds this job's id: the ones
+/// that left the job's process group too. Linux only (reads `/proc`).
+fn kill_job_processes(job_id: uuid::Uuid) {
+    let marker = format!("CARONI_JOB_ID={job_id}");
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(p.path().join("environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|v| v == marker.as_bytes()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 fn failed(message: String, exit_status: Option<i32>, stderr: &[u8]) -> RunResult {
@@ -114,6 +190,11 @@ pub fn parse_outputs(
     let mut missing = Vec::new();
     for name in outputs {
         match map.get(name) {
+            Some(serde_json::Value::String(s)) if s.contains('\0') => {
+                return Err(format!(
+                    "output {name} contains a NUL character; values must be text without NUL"
+                ));
+            }
             Some(serde_json::Value::String(s)) => {
                 out.insert(name.clone(), s.clone());
             }
@@ -152,6 +233,8 @@ impl Executor for BashExecutor {
                 b"",
             );
         }
+        let started = tokio::time::Instant::now();
+        let deadline = started + spec.timeout;
         let mut cmd = tokio::process::Command::new(&self.bash);
         cmd.arg("-c")
             .arg(&spec.body)
@@ -168,38 +251,53 @@ impl Executor for BashExecutor {
             .process_group(0)
             .kill_on_drop(true);
         for (k, v) in &spec.inputs {
-            cmd.env(format!("CARONI_ENV_{k}"), v);
+            if v.len() > ENV_VALUE_MAX {
+                let file = dir.join(format!("caroni-input-{k}"));
+                if let Err(e) = tokio::fs::write(&file, v).await {
+                    let _ = tokio::fs::remove_dir_all(&dir).await;
+                    return failed(
+                        format!("cannot write input {k} to {}: {e}", file.display()),
+                        None,
+                        b"",
+                    );
+                }
+                cmd.env(format!("CARONI_FILE_{k}"), &file);
+            } else {
+                cmd.env(format!("CARONI_ENV_{k}"), v);
+            }
         }
         for (k, v) in &spec.job_kvs {
-            if caroni_types::validate_env_name(k).is_ok() {
+            if caroni_types::validate_env_name(k).is_ok() && v.len() <= ENV_VALUE_MAX {
                 cmd.env(format!("CARONI_KV_{k}"), v);
             }
         }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
-            Err(e) => return failed(format!("cannot start bash: {e}"), None, b""),
+            Err(e) => {
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+                return failed(format!("cannot start bash: {e}"), None, b"");
+            }
         };
         let pid = child.id();
         let limit = spec.max_output_bytes;
-        let mut stdout = child.stdout.take();
-        let mut stderr = child.stderr.take();
-        let out_task = tokio::spawn(async move {
-            let mut buf = Vec::new();
-            if let Some(s) = stdout.as_mut() {
-                let _ = s.take(limit + 1).read_to_end(&mut buf).await;
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let mut out_task = tokio::spawn(async move {
+            match stdout {
+                Some(s) => read_limited(s, limit).await,
+                None => (Vec::new(), false),
             }
-            buf
         });
-        let err_task = tokio::spawn(async move {
-            let mut buf = Vec::new();
-            if let Some(s) = stderr.as_mut() {
-                let _ = s.read_to_end(&mut buf).await;
+        let mut err_task = tokio::spawn(async move {
+            match stderr {
+                Some(s) => read_tail(s).await,
+                None => Vec::new(),
             }
-            buf
         });
+        let timed_out = || format!("timed out after {} s", spec.timeout.as_secs());
         let status = tokio::select! {
             s = child.wait() => Ok(s),
-            _ = tokio::time::sleep(spec.timeout) => Err(format!("timed out after {} s", spec.timeout.as_secs())),
+            _ = tokio::time::sleep_until(deadline) => Err(timed_out()),
             _ = cancel.cancelled() => Err("killed".to_string()),
         };
         if status.is_err() {
@@ -208,8 +306,41 @@ impl Executor for BashExecutor {
         }
         // Children that outlive bash must not keep the pipes open.
         kill_group(pid);
-        let stdout = out_task.await.unwrap_or_default();
-        let stderr = err_task.await.unwrap_or_default();
+        // The pipes close when the last process holding them ends; one that
+        // left the group is killed when the job's time is up.
+        let mut status = status;
+        let outputs = tokio::select! {
+            r = async { ((&mut out_task).await, (&mut err_task).await) } => Some(r),
+            _ = tokio::time::sleep_until(deadline) => None,
+            _ = cancel.cancelled() => None,
+        };
+        let (stdout, over, stderr) = match outputs {
+            Some((out, err)) => {
+                let (out, over) = out.unwrap_or_default();
+                (out, over, err.unwrap_or_default())
+            }
+            None => {
+                let job = spec.job_id;
+                let _ = tokio::task::spawn_blocking(move || kill_job_processes(job)).await;
+                if status.is_ok() {
+                    status = Err(if cancel.is_cancelled() {
+                        "killed".to_string()
+                    } else {
+                        format!(
+                            "{} (a process it started kept its output open)",
+                            timed_out()
+                        )
+                    });
+                }
+                let err = tokio::time::timeout(Duration::from_secs(2), err_task)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
+                out_task.abort();
+                (Vec::new(), false, err)
+            }
+        };
         let _ = tokio::fs::remove_dir_all(&dir).await;
         let status = match status {
             Ok(Ok(s)) => s,
@@ -218,6 +349,13 @@ impl Executor for BashExecutor {
             }
             Err(why) => return failed(why, None, &stderr),
         };
+        if over {
+            return failed(
+                format!("stdout is larger than the job type's limit of {limit} bytes"),
+                status.code(),
+                &stderr,
+            );
+        }
         if !status.success() {
             let code = status.code();
             let msg = match code {
@@ -225,13 +363,6 @@ impl Executor for BashExecutor {
                 None => "killed by a signal".to_string(),
             };
             return failed(msg, code, &stderr);
-        }
-        if stdout.len() as u64 > limit {
-            return failed(
-                format!("stdout is larger than the job type's limit of {limit} bytes"),
-                Some(0),
-                &stderr,
-            );
         }
         match parse_outputs(&stdout, &spec.outputs) {
             Ok(outputs) => RunResult::Completed {
@@ -301,6 +432,94 @@ mod tests {
         assert!(
             matches!(&r, RunResult::Failed { message, .. } if message.contains("lacks the declared output(s) jobout")),
             "{r:?}"
+        );
+    }
+
+    /// A child that leaves the process group and keeps stdout open does
+    /// not outlive the job's timeout; it is killed.
+    #[tokio::test]
+    async fn the_timeout_covers_children_that_left_the_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let marker = uuid::Uuid::new_v4().to_string();
+        let mut s = spec(&format!(
+            "setsid bash -c 'sleep 60; echo {marker}' & sleep 0.3; echo started"
+        ));
+        s.timeout = Duration::from_secs(1);
+        let job = s.job_id;
+        let r = BashExecutor::new(dir.path().into())
+            .run(s, CancellationToken::new())
+            .await;
+        assert!(
+            matches!(&r, RunResult::Failed { message, .. } if message.contains("timed out") && message.contains("kept its output open")),
+            "{r:?}"
+        );
+        // The straggler is gone (it may take a moment to be reaped).
+        let mut alive = true;
+        for _ in 0..50 {
+            alive = std::fs::read_dir("/proc")
+                .expect("proc")
+                .flatten()
+                .any(|p| {
+                    std::fs::read(p.path().join("cmdline"))
+                        .map(|c| String::from_utf8_lossy(&c).contains(&marker))
+                        .unwrap_or(false)
+                        && std::fs::read_to_string(p.path().join("stat"))
+                            .map(|st| !st.contains(") Z "))
+                            .unwrap_or(false)
+                });
+            if !alive {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!alive, "the setsid child of job {job} still runs");
+    }
+
+    /// stderr is kept as a bounded tail however much is written; stdout
+    /// over the limit is the output-limit error, not a signal.
+    #[tokio::test]
+    async fn output_bounds_are_enforced_and_named() {
+        let r = run("head -c 50000000 /dev/zero | tr '\\0' x >&2; echo end >&2; exit 1").await;
+        match &r {
+            RunResult::Failed { stderr_tail, .. } => {
+                assert!(
+                    stderr_tail.len() <= STDERR_TAIL_BYTES,
+                    "{}",
+                    stderr_tail.len()
+                );
+                assert!(stderr_tail.ends_with("end\n"), "{stderr_tail:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = spec("yes | head -c 5000000; echo '{}'");
+        s.max_output_bytes = 1000;
+        let r = BashExecutor::new(dir.path().into())
+            .run(s, CancellationToken::new())
+            .await;
+        assert!(
+            matches!(&r, RunResult::Failed { message, .. } if message.contains("larger than the job type's limit of 1000 bytes")),
+            "{r:?}"
+        );
+    }
+
+    /// A value too large for the environment arrives as a file.
+    #[tokio::test]
+    async fn a_large_input_arrives_as_a_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = spec(r#"printf '{"jobout": "%s"}' "$(wc -c < "$CARONI_FILE_message")""#);
+        s.inputs.insert("message".into(), "y".repeat(300_000));
+        let r = BashExecutor::new(dir.path().into())
+            .run(s, CancellationToken::new())
+            .await;
+        assert!(
+            matches!(&r, RunResult::Completed { outputs, .. } if outputs["jobout"] == "300000"),
+            "{r:?}"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).expect("dir").count(),
+            0,
+            "the working directory is removed"
         );
     }
 

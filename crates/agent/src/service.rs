@@ -447,7 +447,14 @@ impl<E: Executor> Service<E> {
                     let fx = job.on_status_request(&msg.from).map_err(refused)?;
                     (None, None, fx)
                 }
-                None => (None, None, vec![Effect::Send(unknown_job(&msg, *job_id))]),
+                None if self.wire.knows(&msg.from) => {
+                    (None, None, vec![Effect::Send(unknown_job(&msg, *job_id))])
+                }
+                None => {
+                    return Err(DeliverError::Refused(format!(
+                        "this agent does not know job {job_id}"
+                    )))
+                }
             },
             Msg::Kill { job_id, reason } => match self.job(*job_id) {
                 Some(mut job) => {

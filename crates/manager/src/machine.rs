@@ -91,7 +91,16 @@ pub enum CreateError {
     /// An input the template does not declare.
     #[error("unknown workflow input `{0}`; the template's inputs are: {1}")]
     UnknownInput(String, String),
+    /// A value no job could be given.
+    #[error("workflow input `{0}` {1}")]
+    BadValue(String, String),
 }
+
+/// Largest workflow input value, in bytes. Values travel in messages of
+/// at most 4 MiB together with the rest of a job's data.
+pub const MAX_INPUT_BYTES: usize = 1 << 20;
+/// Largest sum of a workflow's input values, in bytes.
+pub const MAX_INPUTS_BYTES: usize = 2 << 20;
 
 impl Workflow {
     /// A new workflow from a validated template.
@@ -103,10 +112,35 @@ impl Workflow {
         now_ms: u64,
     ) -> Result<Self, CreateError> {
         let declared: Vec<&str> = wf.inputs.iter().map(|i| i.id.as_str()).collect();
-        for k in given.keys() {
+        for (k, v) in &given {
             if !declared.contains(&k.as_str()) {
-                return Err(CreateError::UnknownInput(k.clone(), declared.join(", ")));
+                return Err(CreateError::UnknownInput(
+                    k.chars().take(64).collect(),
+                    declared.join(", "),
+                ));
             }
+            if v.contains('\0') {
+                return Err(CreateError::BadValue(
+                    k.clone(),
+                    "contains a NUL character; values must be text without NUL".into(),
+                ));
+            }
+            if v.len() > MAX_INPUT_BYTES {
+                return Err(CreateError::BadValue(
+                    k.clone(),
+                    format!(
+                        "is {} bytes long; at most {MAX_INPUT_BYTES} bytes are accepted (pass a path or URL to larger data)",
+                        v.len()
+                    ),
+                ));
+            }
+        }
+        let total: usize = given.values().map(String::len).sum();
+        if total > MAX_INPUTS_BYTES {
+            return Err(CreateError::BadValue(
+                "values".into(),
+                format!("add up to {total} bytes; at most {MAX_INPUTS_BYTES} bytes are accepted"),
+            ));
         }
         let mut inputs = BTreeMap::new();
         for i in &wf.inputs {

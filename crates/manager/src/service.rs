@@ -701,6 +701,15 @@ impl Service {
                 }),
                 _ => None,
             };
+            if reply.is_some() && !self.wire.knows(&msg.from) {
+                // A stranger is answered in the ack, not at an address it
+                // chose.
+                return Err(DeliverError::Refused(format!(
+                    "no live workflow of this manager has this {} (message {})",
+                    msg.msg.name(),
+                    msg.id
+                )));
+            }
             if let Some(m) = reply {
                 let out = Outbound {
                     to: msg.from.clone(),

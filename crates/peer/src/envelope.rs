@@ -220,8 +220,11 @@ pub fn open_all(env: &Envelope) -> Result<Vec<Verified>, Error> {
 
 /// The ids an envelope claims, read without trusting it: only so that a
 /// sender can drop what was refused.
+///
+/// Ids longer than a UUID are left out: an ack never echoes more than a
+/// UUID's worth of what a stranger wrote.
 pub fn claimed_ids(env: &Envelope) -> Vec<String> {
-    if env.batch {
+    let ids = if env.batch {
         caroni_proto::v1::MessageBatch::decode(env.body.as_slice())
             .map(|b| b.messages.into_iter().map(|m| m.message_id).collect())
             .unwrap_or_default()
@@ -229,7 +232,8 @@ pub fn claimed_ids(env: &Envelope) -> Vec<String> {
         Message::decode(env.body.as_slice())
             .map(|m| vec![m.message_id])
             .unwrap_or_default()
-    }
+    };
+    ids.into_iter().filter(|id| id.len() <= MAX_ID).collect()
 }
 
 fn verified_signer(env: &Envelope) -> Result<KnownKey, Error> {
@@ -240,22 +244,44 @@ fn verified_signer(env: &Envelope) -> Result<KnownKey, Error> {
     Ok(signer)
 }
 
+/// Longest message id accepted: a UUID in its text form.
+const MAX_ID: usize = 36;
+
+/// At most `n` characters of what a peer sent, for an error message.
+fn clip(s: &str, n: usize) -> String {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
 fn checked(signer: &KnownKey, msg: Message) -> Result<Verified, Error> {
+    // Compared, never parsed: a sender field is only ever the signer's own
+    // node id, so no work grows with what a stranger wrote there.
     if msg.sender != signer.name {
-        if msg.sender.parse::<PeerId>().is_err() {
-            return Err(Error::Refused(format!(
-                "sender `{}` is not a node id",
-                msg.sender
-            )));
-        }
-        return Err(Error::Refused(
-            "the signing key does not belong to the claimed sender".into(),
-        ));
+        return Err(Error::Refused(format!(
+            "the signing key ({}) does not belong to the claimed sender `{}`",
+            signer.name,
+            clip(&msg.sender, 64)
+        )));
+    }
+    if msg.message_id.len() > MAX_ID {
+        return Err(Error::Refused(format!(
+            "message id `{}` is not a UUID",
+            clip(&msg.message_id, MAX_ID)
+        )));
     }
     let id = msg
         .message_id
         .parse()
         .map_err(|_| Error::Refused(format!("message id `{}` is not a UUID", msg.message_id)))?;
+    if msg.sender_endpoint.len() > crate::outbox::MAX_ENDPOINT {
+        return Err(Error::Refused(format!(
+            "sender endpoint is {} bytes long; at most {} are accepted",
+            msg.sender_endpoint.len(),
+            crate::outbox::MAX_ENDPOINT
+        )));
+    }
     let payload = msg
         .payload
         .ok_or_else(|| Error::Refused("message without payload".into()))?;
@@ -346,5 +372,57 @@ mod tests {
             .expect_err("impostor")
             .to_string()
             .contains("does not belong"));
+    }
+
+    /// Absurdly long fields are refused without being parsed (a 4 MiB
+    /// sender parsed as a node id took minutes), and refusals never echo
+    /// them in full.
+    #[test]
+    fn long_fields_are_refused_quickly_and_not_echoed() {
+        let s = Signer::new(Keypair::generate_ed25519(), "http://x:1".into());
+        let long = "1".repeat(4 << 20);
+        let sign = |msg: Message| {
+            let body = msg.encode_to_vec();
+            Envelope {
+                signature: Keypair::sign(&s.key, &body).expect("sign"),
+                public_key: s.key.public().encode_protobuf(),
+                body,
+                batch: false,
+            }
+        };
+        let good =
+            || Message::decode(s.seal(payload()).expect("seal").1.body.as_slice()).expect("decode");
+        for (what, msg) in [
+            (
+                "sender",
+                Message {
+                    sender: long.clone(),
+                    ..good()
+                },
+            ),
+            (
+                "message id",
+                Message {
+                    message_id: long.clone(),
+                    ..good()
+                },
+            ),
+            (
+                "endpoint",
+                Message {
+                    sender_endpoint: long.clone(),
+                    ..good()
+                },
+            ),
+        ] {
+            let env = sign(msg);
+            let err = open(&env).expect_err(what).to_string();
+            assert!(
+                err.len() < 300,
+                "{what}: the refusal echoes {} bytes",
+                err.len()
+            );
+            assert!(claimed_ids(&env).iter().all(|id| id.len() <= 36), "{what}");
+        }
     }
 }

@@ -22,6 +22,16 @@
 //! A message for this node itself (a node in both roles) is handed to the
 //! local inbox in process: no sockets, no signature, the same durability
 //! (the row is deleted only when the engine has written its effects).
+//!
+//! Addresses follow the peers' own signed word: table `PEERS` holds, for
+//! every destination, the endpoint it last gave in a signed message (see
+//! [`Outbox::learn`]) and whether it has ever acknowledged a message
+//! ("confirmed"). A sender always dials the latest address, so queued rows
+//! follow a node that comes back elsewhere. What a destination may hold is
+//! bounded ([`Limits`]): count and bytes per destination, fewer for one
+//! that never confirmed, a cap on how many such destinations exist at all,
+//! and a time to live for their messages. A sender with nothing to do for
+//! a while stops; the next message starts a new one.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,6 +61,67 @@ struct Entry {
 
 const OUTBOX: Table<Entry> = Table::new(tables::OUTBOX_V2, "outbox");
 
+/// Where a destination is, as it last said itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Address {
+    endpoint: String,
+    /// When it said so (its clock, ms since the epoch).
+    said_at_ms: u64,
+    /// It has acknowledged at least one message.
+    confirmed: bool,
+}
+
+const ADDRESSES: Table<Address> = Table::new(tables::PEERS, "peer addresses");
+
+/// Longest endpoint accepted from a peer.
+pub const MAX_ENDPOINT: usize = 256;
+
+/// Bounds on what the outbox holds for its destinations.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most messages queued for a confirmed destination.
+    pub max_queued: u64,
+    /// Most bytes queued for a confirmed destination.
+    pub max_bytes: u64,
+    /// Most messages queued for a destination that never acknowledged one.
+    pub max_queued_unconfirmed: u64,
+    /// Most bytes queued for such a destination.
+    pub max_bytes_unconfirmed: u64,
+    /// Most destinations that never acknowledged a message.
+    pub max_unconfirmed_peers: usize,
+    /// How long a message to a never-confirmed destination may wait.
+    pub unconfirmed_ttl: Duration,
+    /// A sender idle this long (nothing queued) stops.
+    pub idle: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_queued: 200_000,
+            max_bytes: 256 << 20,
+            max_queued_unconfirmed: 10_000,
+            max_bytes_unconfirmed: 8 << 20,
+            max_unconfirmed_peers: 256,
+            unconfirmed_ttl: Duration::from_secs(600),
+            idle: Duration::from_secs(300),
+        }
+    }
+}
+
+/// When a message was staged: its id is a UUID v7.
+fn staged_at_ms(id: &uuid::Uuid) -> u64 {
+    id.get_timestamp().map_or(0, |t| {
+        let (secs, nanos) = t.to_unix();
+        secs.saturating_mul(1000)
+            .saturating_add(u64::from(nanos / 1_000_000))
+    })
+}
+
+fn entry_size(e: &Entry) -> u64 {
+    (e.payload.len() + e.endpoint.len()) as u64
+}
+
 /// Rows of the first outbox format: the whole signed envelope, as JSON.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct LegacyEntry {
@@ -68,6 +139,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const ACK_BATCH: usize = 512;
 /// Most messages sealed in one envelope.
 const BATCH: usize = 128;
+/// Most payload bytes sealed in one envelope (a larger message goes alone).
+const BATCH_BYTES: usize = 1 << 20;
+/// Largest message staged: a receiver takes envelopes of up to
+/// [`MAX_ENVELOPE`] bytes, and the header and signature need room.
+pub const MAX_MESSAGE: usize = MAX_ENVELOPE - 64 * 1024;
+/// Largest envelope a node receives (and sends).
+pub const MAX_ENVELOPE: usize = 16 << 20;
 
 /// What `caroni peers` shows about one destination.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -84,6 +162,11 @@ pub struct PeerStatus {
     pub last_error: String,
     /// Messages delivered since start.
     pub delivered: u64,
+    /// Messages not queued since start because a limit was reached, or
+    /// dropped when their time to live passed.
+    pub dropped: u64,
+    /// The destination has acknowledged a message.
+    pub confirmed: bool,
 }
 
 #[derive(Default)]
@@ -92,6 +175,10 @@ struct Queue {
     bulk: VecDeque<(Vec<u8>, Entry)>,
     /// Rows exist on disk that are not in the lanes.
     spilled: bool,
+    /// Bytes of the queued rows.
+    bytes: u64,
+    /// The sender stopped (idle); a new message needs a new destination.
+    closed: bool,
     status: PeerStatus,
 }
 
@@ -116,6 +203,8 @@ impl Queue {
 struct Dest {
     queue: Mutex<Queue>,
     notify: Notify,
+    /// The destination gave a new address.
+    moved: Notify,
 }
 
 impl Dest {
@@ -132,6 +221,8 @@ struct Inner {
     me: String,
     seq: AtomicU64,
     dests: Mutex<HashMap<String, Arc<Dest>>>,
+    book: Mutex<HashMap<String, Address>>,
+    limits: Limits,
     local: OnceLock<Arc<dyn Inbox>>,
     liveness: Liveness,
     cancel: CancellationToken,
@@ -158,25 +249,43 @@ fn is_bulk(p: &Payload) -> bool {
 }
 
 impl Outbox {
-    /// Opens the outbox and starts a sender for every destination that has
-    /// messages left from before a restart. Rows of the first format are
-    /// converted first.
+    /// Opens the outbox with the default [`Limits`] and starts a sender for
+    /// every destination that has messages left from before a restart.
+    /// Rows of the first format are converted first.
     pub fn start(
         store: Store,
         signer: Signer,
         liveness: Liveness,
         cancel: CancellationToken,
     ) -> Result<Self, Error> {
+        Self::start_with(store, signer, liveness, cancel, Limits::default())
+    }
+
+    /// [`Outbox::start`] with chosen limits.
+    pub fn start_with(
+        store: Store,
+        signer: Signer,
+        liveness: Liveness,
+        cancel: CancellationToken,
+        limits: Limits,
+    ) -> Result<Self, Error> {
         migrate_legacy(&store)?;
         let mut max_seq = 0;
-        let mut depth: HashMap<String, (u64, String)> = HashMap::new();
+        let mut depth: HashMap<String, (u64, u64, String)> = HashMap::new();
         for (k, e) in store.scan(OUTBOX, &[])? {
             let mut r = Reader::new(&k);
             if let (Some(dest), Some(seq)) = (r.str(), r.u64()) {
                 max_seq = max_seq.max(seq);
                 let d = depth.entry(dest.to_string()).or_default();
                 d.0 += 1;
-                d.1 = e.endpoint.clone();
+                d.1 += entry_size(&e);
+                d.2 = e.endpoint.clone();
+            }
+        }
+        let mut book = HashMap::new();
+        for (k, a) in store.scan(ADDRESSES, &[])? {
+            if let Some(node) = Reader::new(&k).str() {
+                book.insert(node.to_string(), a);
             }
         }
         let outbox = Self {
@@ -186,16 +295,20 @@ impl Outbox {
                 signer,
                 seq: AtomicU64::new(max_seq + 1),
                 dests: Mutex::new(HashMap::new()),
+                book: Mutex::new(book),
+                limits,
                 local: OnceLock::new(),
                 liveness,
                 cancel,
             }),
         };
-        for (dest, (n, endpoint)) in depth {
+        for (dest, (n, bytes, endpoint)) in depth {
             tracing::info!(peer = %dest, queued = n, "resuming delivery of queued messages");
+            let endpoint = outbox.endpoint_of(&dest).unwrap_or(endpoint);
             let d = outbox.dest(&dest);
             let mut q = d.lock();
             q.spilled = true;
+            q.bytes = bytes;
             q.status.queued = n;
             q.status.endpoint = endpoint;
             drop(q);
@@ -215,9 +328,11 @@ impl Outbox {
         &self.inner.signer
     }
 
-    /// Adds `payload` for node `to` (reachable at `endpoint`) to `batch`.
+    /// Adds `payload` for node `to` to `batch`; `endpoint` is where the
+    /// caller believes `to` is, used only until `to` has said where it is.
     /// Call [`Outbox::notify`] with the returned handle after the batch is
-    /// written.
+    /// written. A message past the destination's [`Limits`] is not staged
+    /// (the handle is empty, the drop is counted and logged).
     pub fn stage(
         &self,
         batch: &mut Batch,
@@ -225,20 +340,115 @@ impl Outbox {
         endpoint: &str,
         payload: Payload,
     ) -> Result<Staged, Error> {
+        let bulk = is_bulk(&payload);
+        let payload = envelope::encode_payload(payload);
+        let endpoint = self.address_for(batch, to, endpoint);
+        let size = (payload.len() + endpoint.len()) as u64;
+        let too_large = (payload.len() > MAX_MESSAGE).then(|| {
+            format!(
+                "a message of {} bytes is larger than the {MAX_MESSAGE} bytes a peer accepts",
+                payload.len()
+            )
+        });
+        if let Some(why) = too_large.or_else(|| self.over_limit(to, size)) {
+            self.dropped(to, 1, &why);
+            return Ok(Staged {
+                to: to.to_string(),
+                endpoint,
+                item: None,
+            });
+        }
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         let key = Key::new().str(to).u64(seq).finish();
         let entry = Entry {
-            endpoint: endpoint.to_string(),
+            endpoint: endpoint.clone(),
             message_id: uuid::Uuid::now_v7(),
-            bulk: is_bulk(&payload),
-            payload: envelope::encode_payload(payload),
+            bulk,
+            payload,
         };
         batch.put(OUTBOX, &key, &entry);
         Ok(Staged {
             to: to.to_string(),
-            endpoint: endpoint.to_string(),
+            endpoint,
             item: Some(Arc::new((key, entry))),
         })
+    }
+
+    /// The endpoint to use for `to`: the address book's, else `endpoint`,
+    /// which then enters the book (in `batch`).
+    fn address_for(&self, batch: &mut Batch, to: &str, endpoint: &str) -> String {
+        let mut book = self.book();
+        if let Some(a) = book.get(to).filter(|a| !a.endpoint.is_empty()) {
+            return a.endpoint.clone();
+        }
+        if to != self.inner.me && !endpoint.is_empty() {
+            let a = Address {
+                endpoint: endpoint.to_string(),
+                said_at_ms: 0,
+                confirmed: book.get(to).is_some_and(|a| a.confirmed),
+            };
+            batch.put(ADDRESSES, &Key::new().str(to).finish(), &a);
+            book.insert(to.to_string(), a);
+        }
+        endpoint.to_string()
+    }
+
+    /// Why a message of `size` bytes for `to` is not to be queued, if so.
+    fn over_limit(&self, to: &str, size: u64) -> Option<String> {
+        if to == self.inner.me {
+            return None;
+        }
+        let l = &self.inner.limits;
+        let confirmed = self.confirmed(to);
+        let (max_n, max_b) = if confirmed {
+            (l.max_queued, l.max_bytes)
+        } else {
+            (l.max_queued_unconfirmed, l.max_bytes_unconfirmed)
+        };
+        let dests = self.lock();
+        match dests.get(to) {
+            Some(d) => {
+                let q = d.lock();
+                (q.status.queued >= max_n || q.bytes.saturating_add(size) > max_b).then(|| {
+                    format!(
+                        "its queue is full ({} messages, {} bytes; limit {max_n} messages, {max_b} bytes{})",
+                        q.status.queued,
+                        q.bytes,
+                        if confirmed { "" } else { " while it has never acknowledged a message" }
+                    )
+                })
+            }
+            None if !confirmed => {
+                let book = self.book();
+                let strangers = dests
+                    .keys()
+                    .filter(|k| !book.get(*k).is_some_and(|a| a.confirmed))
+                    .count();
+                (strangers >= l.max_unconfirmed_peers).then(|| {
+                    format!(
+                        "{strangers} peers that never acknowledged a message already have queues (limit {})",
+                        l.max_unconfirmed_peers
+                    )
+                })
+            }
+            None => None,
+        }
+    }
+
+    fn dropped(&self, to: &str, n: u64, why: &str) {
+        let first = match self.lock().get(to) {
+            Some(d) => {
+                let mut q = d.lock();
+                q.status.dropped += n;
+                q.status.dropped == n
+            }
+            None => true,
+        };
+        if first {
+            tracing::warn!(peer = %to, messages = n, reason = %why, "dropping messages for a peer");
+        } else {
+            tracing::debug!(peer = %to, messages = n, reason = %why, "dropping messages for a peer");
+        }
     }
 
     /// Takes back a message staged in `batch` before the batch is written.
@@ -256,26 +466,110 @@ impl Outbox {
     /// senders.
     pub fn notify(&self, staged: Vec<Staged>) {
         for s in staged {
-            let d = self.dest(&s.to);
+            let Some(item) = s.item.and_then(|i| i.downcast::<(Vec<u8>, Entry)>().ok()) else {
+                continue;
+            };
+            let (key, entry) = Arc::unwrap_or_clone(item);
+            let endpoint = self.endpoint_of(&s.to).unwrap_or(s.endpoint);
+            let d = loop {
+                let d = self.dest(&s.to);
+                if !d.lock().closed {
+                    break d;
+                }
+            };
             let mut q = d.lock();
             q.status.queued += 1;
-            q.status.endpoint = s.endpoint;
-            match s.item.and_then(|i| i.downcast::<(Vec<u8>, Entry)>().ok()) {
-                Some(item) => {
-                    let (key, entry) = Arc::unwrap_or_clone(item);
-                    q.push(key, entry);
-                }
-                None => q.spilled = true,
-            }
+            q.bytes += entry_size(&entry);
+            q.status.endpoint = endpoint;
+            q.push(key, entry);
             drop(q);
             d.notify.notify_one();
         }
+    }
+
+    /// Records where node `node` says it is, in a message it signed at
+    /// `said_at_ms` (its clock). Only destinations are tracked; a newer
+    /// word moves the destination's queue to the new endpoint at once.
+    pub fn learn(&self, node: &str, endpoint: &str, said_at_ms: u64) {
+        if node == self.inner.me
+            || endpoint.is_empty()
+            || endpoint.len() > MAX_ENDPOINT
+            || !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return;
+        }
+        let moved = {
+            let mut book = self.book();
+            let Some(a) = book.get_mut(node) else { return };
+            if a.endpoint == endpoint {
+                a.said_at_ms = a.said_at_ms.max(said_at_ms);
+                return;
+            }
+            if said_at_ms < a.said_at_ms {
+                return;
+            }
+            a.endpoint = endpoint.to_string();
+            a.said_at_ms = said_at_ms;
+            a.clone()
+        };
+        tracing::info!(peer = %node, endpoint = %endpoint, "peer is at a new address");
+        self.persist(node, &moved);
+        if let Some(d) = self.lock().get(node).cloned() {
+            d.lock().status.endpoint = endpoint.to_string();
+            d.moved.notify_one();
+        }
+    }
+
+    /// True when `node` has acknowledged a message from this node (or is
+    /// this node).
+    pub fn confirmed(&self, node: &str) -> bool {
+        node == self.inner.me || self.book().get(node).is_some_and(|a| a.confirmed)
+    }
+
+    fn confirm(&self, node: &str) {
+        let a = {
+            let mut book = self.book();
+            match book.get_mut(node) {
+                Some(a) if !a.confirmed => {
+                    a.confirmed = true;
+                    a.clone()
+                }
+                _ => return,
+            }
+        };
+        self.persist(node, &a);
+    }
+
+    fn persist(&self, node: &str, a: &Address) {
+        // Not synced: a lost update is learned again from the next message.
+        let mut b = Batch::default();
+        b.put(ADDRESSES, &Key::new().str(node).finish(), a);
+        if let Err(e) = self.inner.store.write_relaxed(b) {
+            tracing::warn!(peer = %node, error = %e, "cannot record a peer's address");
+        }
+    }
+
+    fn endpoint_of(&self, node: &str) -> Option<String> {
+        self.book()
+            .get(node)
+            .map(|a| a.endpoint.clone())
+            .filter(|e| !e.is_empty())
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, HashMap<String, Address>> {
+        self.inner
+            .book
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Delivery state of every destination.
     pub fn status(&self) -> Vec<PeerStatus> {
         let dests: Vec<Arc<Dest>> = self.lock().values().cloned().collect();
         let mut all: Vec<_> = dests.iter().map(|d| d.lock().status.clone()).collect();
+        for st in &mut all {
+            st.confirmed = self.confirmed(&st.node_id);
+        }
         all.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         all
     }
@@ -302,6 +596,7 @@ impl Outbox {
                 ..Default::default()
             }),
             notify: Notify::new(),
+            moved: Notify::new(),
         });
         dests.insert(to.to_string(), d.clone());
         let sender = Sender {
@@ -377,12 +672,16 @@ struct Sender {
     dest: Arc<Dest>,
 }
 
+/// What a sender remembers of a message it sent and that is not yet
+/// acknowledged: its row key and size.
+type InFlight = HashMap<uuid::Uuid, (Vec<u8>, u64)>;
+
 impl Sender {
     async fn run(self) {
         let cancel = self.outbox.inner.cancel.clone();
         let mut backoff = BACKOFF_MIN;
         loop {
-            if cancel.is_cancelled() {
+            if cancel.is_cancelled() || self.dest.lock().closed {
                 return;
             }
             match self.session().await {
@@ -398,19 +697,78 @@ impl Sender {
                         q.urgent.clear();
                         q.bulk.clear();
                     }
+                    if !self.outbox.confirmed(&self.to) {
+                        self.expire();
+                    }
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff) => {
+                            backoff = (backoff * 2).min(BACKOFF_MAX);
+                        }
+                        // A new address: try it now.
+                        _ = self.dest.moved.notified() => backoff = BACKOFF_MIN,
                         _ = cancel.cancelled() => return,
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
         }
     }
 
+    /// Deletes rows for a never-confirmed destination that waited longer
+    /// than their time to live.
+    fn expire(&self) {
+        let ttl = self.outbox.inner.limits.unconfirmed_ttl.as_millis() as u64;
+        let before = caroni_types::now_ms().saturating_sub(ttl);
+        let prefix = Key::new().str(&self.to).finish();
+        let rows = match self.outbox.inner.store.scan(OUTBOX, &prefix) {
+            Ok(r) => r,
+            Err(e) => {
+                return tracing::warn!(error = %e, "cannot read the outbox to expire messages")
+            }
+        };
+        let old: Vec<(Vec<u8>, u64)> = rows
+            .into_iter()
+            .filter(|(_, e)| staged_at_ms(&e.message_id) < before)
+            .map(|(k, e)| (k, entry_size(&e)))
+            .collect();
+        if old.is_empty() {
+            return;
+        }
+        let n = old.len() as u64;
+        self.remove(&old, false);
+        self.outbox.dropped(
+            &self.to,
+            n,
+            "it never acknowledged a message and they waited past their time to live",
+        );
+    }
+
+    /// Stops this sender when it has nothing left to send (true if so).
+    fn reap(&self) -> bool {
+        let mut dests = self.outbox.lock();
+        let mut q = self.dest.lock();
+        if q.len() > 0 || q.spilled || q.status.queued > 0 {
+            return false;
+        }
+        q.closed = true;
+        dests.remove(&self.to);
+        drop(q);
+        drop(dests);
+        if !self.outbox.confirmed(&self.to) {
+            // A stranger's address is not kept once nothing is queued for it.
+            self.outbox.book().remove(&self.to);
+            let mut b = Batch::default();
+            b.delete(ADDRESSES, &Key::new().str(&self.to).finish());
+            if let Err(e) = self.outbox.inner.store.write_relaxed(b) {
+                tracing::debug!(error = %e, "cannot forget an address");
+            }
+        }
+        tracing::debug!("sender idle; stopped");
+        true
+    }
+
     /// Reads rows not in flight back from the table into the lanes (after
     /// a restart, a broken stream or a spill).
-    fn refill(&self, in_flight: &HashMap<uuid::Uuid, Vec<u8>>) -> Result<(), String> {
+    fn refill(&self, in_flight: &InFlight) -> Result<(), String> {
         self.dest.lock().spilled = false;
         let prefix = Key::new().str(&self.to).finish();
         let limit = in_flight.len() + MEM_QUEUE;
@@ -465,7 +823,9 @@ impl Sender {
             .connect()
             .await
             .map_err(|e| format!("cannot connect to {endpoint}: {e}"))?;
-        let mut client = PeerServiceClient::new(channel);
+        let mut client = PeerServiceClient::new(channel)
+            .max_encoding_message_size(MAX_ENVELOPE)
+            .max_decoding_message_size(MAX_ENVELOPE);
         let (tx, rx) = mpsc::channel::<Envelope>(WINDOW);
         let acks = client
             .deliver(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -479,10 +839,11 @@ impl Sender {
         })
     }
 
-    /// One stream: returns Ok when cancelled, Err on any delivery failure.
+    /// One stream: returns Ok when cancelled or reaped, Err on any
+    /// delivery failure.
     async fn session(&self) -> Result<(), String> {
         let cancel = self.outbox.inner.cancel.clone();
-        let mut in_flight: HashMap<uuid::Uuid, Vec<u8>> = HashMap::new();
+        let mut in_flight = InFlight::new();
         // Wait for work before connecting.
         loop {
             let (spilled, empty, endpoint) = {
@@ -501,6 +862,11 @@ impl Sender {
             }
             tokio::select! {
                 _ = self.dest.notify.notified() => {}
+                _ = tokio::time::sleep(self.outbox.inner.limits.idle) => {
+                    if self.reap() {
+                        return Ok(());
+                    }
+                }
                 _ = cancel.cancelled() => return Ok(()),
             }
         }
@@ -509,7 +875,7 @@ impl Sender {
     async fn stream(
         &self,
         link: &mut Link,
-        in_flight: &mut HashMap<uuid::Uuid, Vec<u8>>,
+        in_flight: &mut InFlight,
         cancel: &CancellationToken,
     ) -> Result<(), String> {
         let me = self.outbox.inner.signer.node_id();
@@ -518,6 +884,7 @@ impl Sender {
             // Send what the window allows, urgent lane first; to a remote
             // peer, what is ready goes in batches under one signature.
             let mut batch: Vec<(uuid::Uuid, Vec<u8>)> = Vec::new();
+            let mut batch_bytes = 0;
             while in_flight.len() < WINDOW {
                 let next = {
                     let mut q = self.dest.lock();
@@ -533,11 +900,19 @@ impl Sender {
                     continue;
                 }
                 let closed = || format!("stream to {} closed", link.endpoint);
+                let size = entry_size(&entry);
                 match &link.tx {
                     Tx::Remote(_) => {
-                        in_flight.insert(entry.message_id, key);
+                        if batch_bytes + entry.payload.len() > BATCH_BYTES {
+                            self.send_batch(&link.tx, &link.endpoint, &mut batch)
+                                .await?;
+                            batch_bytes = 0;
+                        }
+                        in_flight.insert(entry.message_id, (key, size));
+                        batch_bytes += entry.payload.len();
                         batch.push((entry.message_id, entry.payload));
                         if batch.len() >= BATCH {
+                            batch_bytes = 0;
                             self.send_batch(&link.tx, &link.endpoint, &mut batch)
                                 .await?;
                         }
@@ -547,11 +922,11 @@ impl Sender {
                             Ok(p) => p,
                             Err(e) => {
                                 tracing::warn!(message = %entry.message_id, error = %e, "dropping an unreadable outbox row");
-                                self.delete(&[key]);
+                                self.remove(&[(key, size)], false);
                                 continue;
                             }
                         };
-                        in_flight.insert(entry.message_id, key);
+                        in_flight.insert(entry.message_id, (key, size));
                         let msg = Verified {
                             id: entry.message_id,
                             sender: me,
@@ -582,11 +957,11 @@ impl Sender {
                         let ack = match ack {
                             Some(Ok(a)) => a,
                             Some(Err(e)) => {
-                                self.delete(&done);
+                                self.remove(&done, true);
                                 return Err(format!("stream to {} failed: {}", link.endpoint, e.message()));
                             }
                             None => {
-                                self.delete(&done);
+                                self.remove(&done, true);
                                 return Err(format!("stream to {} closed", link.endpoint));
                             }
                         };
@@ -594,14 +969,18 @@ impl Sender {
                             tracing::warn!(message = %ack.message_id, error = %ack.error, "peer refused a message for good; dropping it");
                         }
                         let Ok(id) = ack.message_id.parse::<uuid::Uuid>() else { continue };
-                        if let Some(key) = in_flight.remove(&id) {
-                            done.push(key);
+                        if let Some(row) = in_flight.remove(&id) {
+                            done.push(row);
                         }
                     }
-                    self.delete(&done);
+                    self.remove(&done, true);
                     self.outbox.inner.liveness.heard(&self.to);
+                    self.outbox.confirm(&self.to);
                 }
                 _ = self.dest.notify.notified() => {}
+                _ = self.dest.moved.notified() => {
+                    return Err(format!("the peer moved away from {}", link.endpoint));
+                }
                 _ = cancel.cancelled() => return Ok(()),
             }
         }
@@ -634,22 +1013,27 @@ impl Sender {
             .map_err(|_| format!("stream to {endpoint} closed"))
     }
 
-    /// Deletes acknowledged rows. Not synced: a row whose deletion is lost
-    /// in a crash is sent again and acknowledged without effect.
-    fn delete(&self, keys: &[Vec<u8>]) {
-        if keys.is_empty() {
+    /// Deletes rows: acknowledged (`delivered`) or dropped. Not synced: a
+    /// row whose deletion is lost in a crash is sent again and acknowledged
+    /// without effect.
+    fn remove(&self, rows: &[(Vec<u8>, u64)], delivered: bool) {
+        if rows.is_empty() {
             return;
         }
         let mut b = Batch::default();
-        for k in keys {
+        for (k, _) in rows {
             b.delete(OUTBOX, k);
         }
         if let Err(e) = self.outbox.inner.store.write_relaxed(b) {
-            tracing::warn!(error = %e, "cannot delete delivered outbox rows; they will be sent again");
+            tracing::warn!(error = %e, "cannot delete outbox rows; they will be sent again");
         }
+        let bytes: u64 = rows.iter().map(|(_, n)| n).sum();
         let mut q = self.dest.lock();
-        q.status.queued = q.status.queued.saturating_sub(keys.len() as u64);
-        q.status.delivered += keys.len() as u64;
+        q.status.queued = q.status.queued.saturating_sub(rows.len() as u64);
+        q.bytes = q.bytes.saturating_sub(bytes);
+        if delivered {
+            q.status.delivered += rows.len() as u64;
+        }
     }
 }
 
@@ -827,6 +1211,132 @@ mod tests {
             inbox.got.lock().map(|g| g.len() == 10).unwrap_or(false)
         })
         .await;
+        cancel.cancel();
+    }
+
+    fn closed_endpoint() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", l.local_addr().expect("addr"))
+    }
+
+    fn new_peer() -> String {
+        Keypair::generate_ed25519()
+            .public()
+            .to_peer_id()
+            .to_base58()
+    }
+
+    fn stage_one(outbox: &Outbox, to: &str, endpoint: &str, n: u64) {
+        let mut b = Batch::default();
+        let staged = outbox
+            .stage(&mut b, to, endpoint, status_request(n))
+            .expect("stage");
+        outbox.inner.store.write(b).expect("write");
+        outbox.notify(vec![staged]);
+    }
+
+    fn rows_for(outbox: &Outbox, to: &str) -> usize {
+        outbox
+            .inner
+            .store
+            .scan(OUTBOX, &Key::new().str(to).finish())
+            .map(|r| r.len())
+            .unwrap_or(usize::MAX)
+    }
+
+    /// Messages queued for a peer at an address where nothing answers go
+    /// to the address the peer gives next, at once, without a restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_messages_follow_a_peer_to_its_new_address() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let signer = Signer::new(Keypair::generate_ed25519(), "http://127.0.0.1:1".into());
+        let cancel = CancellationToken::new();
+        let outbox =
+            Outbox::start(store, signer, Liveness::default(), cancel.clone()).expect("outbox");
+        let peer = new_peer();
+        for n in 0..5 {
+            stage_one(&outbox, &peer, &closed_endpoint(), n);
+        }
+        wait_until("the old address fails", || {
+            outbox.status().iter().any(|s| !s.last_error.is_empty())
+        })
+        .await;
+        let (_open, gate) = watch::channel(true);
+        let inbox = Arc::new(Gated {
+            got: Mutex::default(),
+            gate,
+        });
+        let (addr, server) = serve(inbox.clone()).await;
+        let moved_to = format!("http://{addr}");
+        // An older word does not move it; the newer one does.
+        outbox.learn(&peer, "http://127.0.0.1:2", 10);
+        outbox.learn(&peer, &moved_to, caroni_types::now_ms());
+        outbox.learn(&peer, "http://127.0.0.1:3", 20);
+        wait_until("the queue arrives at the new address", || {
+            inbox.got.lock().map(|g| g.len() == 5).unwrap_or(false)
+        })
+        .await;
+        wait_until("the outbox drains", || rows_for(&outbox, &peer) == 0).await;
+        let st = outbox.status();
+        assert_eq!(st[0].endpoint, moved_to);
+        assert!(st[0].confirmed, "it acknowledged, so it is confirmed");
+        // A message staged with the stale address goes to the new one too.
+        stage_one(&outbox, &peer, "http://127.0.0.1:2", 99);
+        wait_until("a message staged with a stale address arrives", || {
+            inbox.got.lock().map(|g| g.len() == 6).unwrap_or(false)
+        })
+        .await;
+        cancel.cancel();
+        server.cancel();
+    }
+
+    /// A destination that never acknowledged anything gets a bounded
+    /// queue; so does the number of such destinations; its messages expire
+    /// and its sender stops.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_strangers_queue_is_bounded_expires_and_its_sender_stops() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let signer = Signer::new(Keypair::generate_ed25519(), "http://127.0.0.1:1".into());
+        let cancel = CancellationToken::new();
+        let limits = Limits {
+            max_queued_unconfirmed: 10,
+            max_unconfirmed_peers: 2,
+            unconfirmed_ttl: Duration::from_millis(1500),
+            idle: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let outbox = Outbox::start_with(store, signer, Liveness::default(), cancel.clone(), limits)
+            .expect("outbox");
+        let (p1, p2, p3) = (new_peer(), new_peer(), new_peer());
+        let nowhere = closed_endpoint();
+        for n in 0..15 {
+            stage_one(&outbox, &p1, &nowhere, n);
+        }
+        stage_one(&outbox, &p2, &nowhere, 0);
+        stage_one(&outbox, &p3, &nowhere, 0);
+        let st = outbox.status();
+        let s1 = st.iter().find(|s| s.node_id == p1).expect("p1");
+        assert_eq!((s1.queued, s1.dropped), (10, 5), "{s1:?}");
+        assert_eq!(rows_for(&outbox, &p1), 10);
+        assert!(
+            st.iter().all(|s| s.node_id != p3),
+            "a third stranger gets no queue"
+        );
+        assert_eq!(rows_for(&outbox, &p3), 0);
+        wait_until(
+            "the strangers' messages expire and their senders stop",
+            || {
+                outbox.status().is_empty()
+                    && rows_for(&outbox, &p1) == 0
+                    && rows_for(&outbox, &p2) == 0
+            },
+        )
+        .await;
+        // Room again for a new stranger.
+        stage_one(&outbox, &p3, &nowhere, 1);
+        assert_eq!(rows_for(&outbox, &p3), 1);
         cancel.cancel();
     }
 }

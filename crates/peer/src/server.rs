@@ -23,6 +23,13 @@ use crate::{open_all, Liveness, Verified};
 /// yet acknowledged.
 pub const WINDOW: usize = 1024;
 
+/// Most delivery streams a node serves at once (each holds at most
+/// [`WINDOW`] acks of bounded size).
+pub const MAX_STREAMS: usize = 1024;
+
+/// Longest error text in an ack.
+const MAX_ACK_ERROR: usize = 512;
+
 /// Why a message was not applied.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum InboxError {
@@ -52,7 +59,13 @@ pub trait Inbox: Send + Sync + 'static {
 /// sender knows it by.
 pub(crate) enum Incoming {
     Verified(Box<Verified>),
-    Refused { message_id: String, error: String },
+    Refused {
+        message_id: String,
+        error: String,
+    },
+    /// The stream broke (an envelope over the size limit, a bad frame):
+    /// what was read before is answered, then the stream ends with this.
+    Broken(Status),
 }
 
 /// Feeds `incoming` to `inbox` and yields an ack per message, in order.
@@ -68,14 +81,22 @@ where
         let mut applying =
             FuturesOrdered::<BoxFuture<'static, (String, Result<(), InboxError>)>>::new();
         let mut open = true;
+        let mut broken: Option<Status> = None;
         loop {
             tokio::select! {
                 biased;
                 Some((id, result)) = applying.next(), if !applying.is_empty() => {
                     let ack = match result {
                         Ok(()) => Ack { message_id: id, accepted: true, error: String::new() },
-                        Err(InboxError::Refused(e)) => {
+                        Err(InboxError::Refused(mut e)) => {
                             tracing::warn!(message = %id, error = %e, "refused a message");
+                            if e.len() > MAX_ACK_ERROR {
+                                let mut end = MAX_ACK_ERROR;
+                                while !e.is_char_boundary(end) {
+                                    end -= 1;
+                                }
+                                e.truncate(end);
+                            }
                             Ack { message_id: id, accepted: false, error: e }
                         }
                         Err(InboxError::Retry(e)) => {
@@ -89,6 +110,10 @@ where
                 }
                 item = incoming.next(), if open && applying.len() < WINDOW => match item {
                     None => open = false,
+                    Some(Incoming::Broken(status)) => {
+                        open = false;
+                        broken = Some(status);
+                    }
                     Some(Incoming::Refused { message_id, error }) => {
                         applying.push_back(Box::pin(async move {
                             (message_id, Err(InboxError::Refused(error)))
@@ -102,7 +127,12 @@ where
                         }
                     }
                 },
-                else => return,
+                else => {
+                    if let Some(status) = broken {
+                        let _ = tx.send(Err(status)).await;
+                    }
+                    return;
+                }
             }
         }
     });
@@ -113,12 +143,17 @@ where
 pub struct PeerServer {
     inbox: Arc<dyn Inbox>,
     liveness: Liveness,
+    streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl PeerServer {
     /// Serves `inbox`; every message received marks its sender alive.
     pub fn new(inbox: Arc<dyn Inbox>, liveness: Liveness) -> Self {
-        Self { inbox, liveness }
+        Self {
+            inbox,
+            liveness,
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+        }
     }
 }
 
@@ -132,34 +167,48 @@ impl PeerService for PeerServer {
         &self,
         req: Request<Streaming<Envelope>>,
     ) -> Result<Response<Self::DeliverStream>, Status> {
+        let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "this node already serves {MAX_STREAMS} delivery streams; retry later"
+            ))
+        })?;
         let liveness = self.liveness.clone();
-        let incoming =
-            req.into_inner()
-                .map_while(|item| item.ok())
-                .map(move |env| -> Vec<Incoming> {
-                    match open_all(&env) {
-                        Ok(msgs) => {
-                            if let Some(m) = msgs.first() {
-                                liveness.heard(&m.sender_name);
-                            }
-                            msgs.into_iter()
-                                .map(|m| Incoming::Verified(Box::new(m)))
-                                .collect()
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "refused an envelope");
-                            // The ids are read unverified, only so that the
-                            // sender can drop the messages from its outbox.
-                            crate::envelope::claimed_ids(&env)
-                                .into_iter()
-                                .map(|message_id| Incoming::Refused {
-                                    message_id,
-                                    error: e.to_string(),
-                                })
-                                .collect()
-                        }
+        let incoming = req.into_inner().map(move |item| -> Vec<Incoming> {
+            // The permit lives as long as the stream is read.
+            let _held = &permit;
+            let env = match item {
+                Ok(env) => env,
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), "a delivery stream broke");
+                    return vec![Incoming::Broken(Status::invalid_argument(format!(
+                        "the stream was closed: {}",
+                        status.message()
+                    )))];
+                }
+            };
+            match open_all(&env) {
+                Ok(msgs) => {
+                    if let Some(m) = msgs.first() {
+                        liveness.heard(&m.sender_name);
                     }
-                });
+                    msgs.into_iter()
+                        .map(|m| Incoming::Verified(Box::new(m)))
+                        .collect()
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "refused an envelope");
+                    // The ids are read unverified, only so that the
+                    // sender can drop the messages from its outbox.
+                    crate::envelope::claimed_ids(&env)
+                        .into_iter()
+                        .map(|message_id| Incoming::Refused {
+                            message_id,
+                            error: e.to_string(),
+                        })
+                        .collect()
+                }
+            }
+        });
         let incoming = futures::StreamExt::flat_map(incoming, futures::stream::iter);
         let rx = pipeline(self.inbox.clone(), Box::pin(incoming));
         Ok(Response::new(Box::pin(

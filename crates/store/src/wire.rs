@@ -42,6 +42,15 @@ pub trait Wire: Send + Sync + 'static {
         let _ = node;
         None
     }
+    /// True when `node` has acknowledged a message from this node. An
+    /// engine answers a message about something it does not know with a
+    /// message of its own only to such a peer; a stranger gets the answer
+    /// in the acknowledgement, so that no key can make this node send to an
+    /// address of its choosing.
+    fn knows(&self, node: &str) -> bool {
+        let _ = node;
+        true
+    }
 }
 
 /// Why an engine did not apply a direct message: never acceptable

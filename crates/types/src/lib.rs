@@ -16,6 +16,12 @@ pub const DEFAULT_TIMEOUT_SECONDS: u32 = 300;
 pub const MAX_TIMEOUT_SECONDS: u32 = 86_400;
 /// Default largest stdout a job may print.
 pub const DEFAULT_MAX_OUTPUT_BYTES: u64 = 1 << 20;
+/// Largest output limit a job type may set: a job's outputs travel in one
+/// message, and messages between nodes are at most 16 MiB.
+pub const MAX_OUTPUT_BYTES: u64 = 4 << 20;
+/// Largest job body: bash receives it as one argument, and Linux refuses
+/// one argument over 128 KiB.
+pub const MAX_BODY_BYTES: usize = 100 * 1024;
 
 /// A job type: what an agent can run. Data, not code in the agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +70,12 @@ pub enum JobTypeError {
         "no outputs declared; a job must print a JSON object with at least one declared output"
     )]
     NoOutputs,
+    /// The body cannot be given to bash.
+    #[error("body {0}")]
+    Body(String),
+    /// The output limit is too large.
+    #[error("output limit of {0} bytes is too large; at most {MAX_OUTPUT_BYTES} bytes (0 means the default, {DEFAULT_MAX_OUTPUT_BYTES})")]
+    OutputLimit(u64),
 }
 
 impl JobTypeDef {
@@ -88,6 +100,17 @@ impl JobTypeDef {
         if self.body.trim().is_empty() {
             return Err(JobTypeError::EmptyBody);
         }
+        if self.body.contains('\0') {
+            return Err(JobTypeError::Body(
+                "contains a NUL character, which bash cannot be given".into(),
+            ));
+        }
+        if self.body.len() > MAX_BODY_BYTES {
+            return Err(JobTypeError::Body(format!(
+                "is {} bytes long; at most {MAX_BODY_BYTES} bytes (put a longer script in a file on the agent and call it)",
+                self.body.len()
+            )));
+        }
         if self.timeout_seconds == 0 {
             self.timeout_seconds = DEFAULT_TIMEOUT_SECONDS;
         }
@@ -96,6 +119,9 @@ impl JobTypeDef {
         }
         if self.max_output_bytes == 0 {
             self.max_output_bytes = DEFAULT_MAX_OUTPUT_BYTES;
+        }
+        if self.max_output_bytes > MAX_OUTPUT_BYTES {
+            return Err(JobTypeError::OutputLimit(self.max_output_bytes));
         }
         Ok(self)
     }
@@ -206,7 +232,13 @@ mod tests {
         assert!(e.to_string().contains("listed twice"));
         let mut d = def("ok", &[], &["o"]);
         d.body = "  ".into();
-        assert_eq!(d.normalize(), Err(JobTypeError::EmptyBody));
+        assert_eq!(d.clone().normalize(), Err(JobTypeError::EmptyBody));
+        d.body = "echo a\0b".into();
+        assert!(matches!(d.clone().normalize(), Err(JobTypeError::Body(m)) if m.contains("NUL")));
+        d.body = "#".repeat(MAX_BODY_BYTES + 1);
+        assert!(
+            matches!(d.clone().normalize(), Err(JobTypeError::Body(m)) if m.contains("at most"))
+        );
         let mut d = def("ok", &[], &["o"]);
         d.timeout_seconds = 100_000;
         assert!(d

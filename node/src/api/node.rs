@@ -148,6 +148,8 @@ impl NodeService for NodeApi {
             e.delivered = s.delivered;
             e.stream_open = s.connected;
             e.last_error = s.last_error;
+            e.dropped = s.dropped;
+            e.confirmed = s.confirmed;
         }
         Ok(Response::new(pb::ListPeersResponse {
             peers: peers.into_values().collect(),
