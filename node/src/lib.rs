@@ -34,9 +34,56 @@ pub struct NodeHandle {
 }
 
 /// The node's health as `grpc.health.v1` reports it.
+#[derive(Clone)]
 struct Health {
     reporter: tonic_health::server::HealthReporter,
     services: Vec<&'static str>,
+}
+
+impl Health {
+    async fn set(&self, status: tonic_health::ServingStatus) {
+        self.reporter.set_service_status("", status).await;
+        for name in &self.services {
+            self.reporter.set_service_status(name, status).await;
+        }
+    }
+}
+
+/// Reports NOT_SERVING while storage fails and SERVING once it works
+/// again, probing it every second meanwhile (a probe also reopens a
+/// database that a failed write left unusable).
+async fn storage_health(
+    store: caroni_store::Store,
+    health: Health,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    use tonic_health::ServingStatus;
+    let mut changes = store.health();
+    loop {
+        let failing = changes.borrow_and_update().clone();
+        match &failing {
+            Some(e) => {
+                tracing::warn!(error = %e, "storage fails; reporting NOT_SERVING");
+                health.set(ServingStatus::NotServing).await;
+            }
+            None => health.set(ServingStatus::Serving).await,
+        }
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                r = changes.changed() => {
+                    r.context("the store is gone")?;
+                    break;
+                }
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)), if failing.is_some() => {
+                    let s = store.clone();
+                    if let Ok(Ok(())) = tokio::task::spawn_blocking(move || s.probe()).await {
+                        tracing::info!("storage works again; reporting SERVING");
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for NodeHandle {
@@ -85,16 +132,9 @@ impl NodeHandle {
     }
 
     async fn not_serving(&self) {
-        use tonic_health::ServingStatus;
-        let h = &self.health;
-        h.reporter
-            .set_service_status("", ServingStatus::NotServing)
+        self.health
+            .set(tonic_health::ServingStatus::NotServing)
             .await;
-        for name in &h.services {
-            h.reporter
-                .set_service_status(name, ServingStatus::NotServing)
-                .await;
-        }
     }
 
     /// Waits until every task has stopped; the first error wins.
@@ -322,10 +362,15 @@ impl Node {
                 },
             ),
             manager: api::ManagerApi::new(store.clone(), manager),
-            agent: api::AgentApi::new(store, agent),
+            agent: api::AgentApi::new(store.clone(), agent),
         };
+        let health_store = store;
         let (api, health) = serve_api(api_listener, &config, apis, cancel.clone()).await?;
         tasks.spawn("client API", api);
+        tasks.spawn(
+            "storage health",
+            storage_health(health_store, health.clone(), cancel.clone()),
+        );
         tracing::info!(node_id = %node_id, api = %api_addr, peer = %advertise, role = ?config.role, "node started");
         Ok(NodeHandle {
             node_id,

@@ -144,6 +144,9 @@ struct Group {
     applied: HashSet<Uuid>,
     replies: Vec<(DeliverReply, Result<Delivered, DeliverError>)>,
     commands: usize,
+    /// Results of jobs that ended in this group: applied again after a
+    /// failed write, so that no ended job stays `running`.
+    results: Vec<(Uuid, RunResult)>,
 }
 
 /// The agent service.
@@ -247,6 +250,7 @@ impl<E: Executor> Service<E> {
         self.schedule();
         self.flush().await;
         let mut cleanup = tokio::time::interval(Duration::from_secs(30));
+        let mut backoff = wire::Backoff::default();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -266,7 +270,10 @@ impl<E: Executor> Service<E> {
                 self.finished(id, result);
             }
             self.schedule();
-            self.flush().await;
+            let ok = self.flush().await;
+            if !backoff.after(ok, &cancel).await {
+                break;
+            }
         }
         for token in self.running.values() {
             token.cancel();
@@ -386,15 +393,19 @@ impl<E: Executor> Service<E> {
                 job_id,
                 request_id,
             } => {
-                let offer = self.offers.get(request_id).cloned().or_else(|| {
-                    self.store
+                let retry = |e: caroni_store::Error| DeliverError::Retry(e.to_string());
+                let offer = match self.offers.get(request_id) {
+                    Some(o) => Some(o.clone()),
+                    None => self
+                        .store
                         .get(OFFERS, &Key::new().uuid(request_id).finish())
-                        .ok()
-                        .flatten()
-                });
-                let def = offer
-                    .as_ref()
-                    .and_then(|o| job_types::find(&self.store, &o.job_type).ok().flatten());
+                        .map_err(retry)?,
+                };
+                let def = match &offer {
+                    Some(o) => job_types::find(&self.store, &o.job_type)
+                        .map_err(|e| DeliverError::Retry(e.to_string()))?,
+                    None => None,
+                };
                 match machine::accept(
                     offer.as_ref(),
                     def.as_ref(),
@@ -434,7 +445,7 @@ impl<E: Executor> Service<E> {
                 items,
                 outputs: false,
             } => {
-                let Some(mut job) = self.job(*job_id) else {
+                let Some(mut job) = self.job(*job_id)? else {
                     return Err(DeliverError::Refused(format!(
                         "this agent holds no job {job_id}"
                     )));
@@ -442,7 +453,7 @@ impl<E: Executor> Service<E> {
                 let fx = job.on_data(&msg.from, items).map_err(refused)?;
                 (Some(job), None, fx)
             }
-            Msg::StatusRequest { job_id } => match self.job(*job_id) {
+            Msg::StatusRequest { job_id } => match self.job(*job_id)? {
                 Some(job) => {
                     let fx = job.on_status_request(&msg.from).map_err(refused)?;
                     (None, None, fx)
@@ -456,7 +467,7 @@ impl<E: Executor> Service<E> {
                     )))
                 }
             },
-            Msg::Kill { job_id, reason } => match self.job(*job_id) {
+            Msg::Kill { job_id, reason } => match self.job(*job_id)? {
                 Some(mut job) => {
                     let fx = job.on_kill(&msg.from, reason, now).map_err(refused)?;
                     tracing::info!(job = %job_id, reason = %reason, "job killed by its manager");
@@ -471,14 +482,16 @@ impl<E: Executor> Service<E> {
         Ok(Delivered::Applied)
     }
 
-    /// A job, live in memory or finished on disk.
-    fn job(&self, id: Uuid) -> Option<Job> {
-        self.jobs.get(&id).cloned().or_else(|| {
-            self.store
+    /// A job, live in memory or finished on disk. A storage error is a
+    /// retry for the sender, never "no such job".
+    fn job(&self, id: Uuid) -> Result<Option<Job>, DeliverError> {
+        match self.jobs.get(&id) {
+            Some(j) => Ok(Some(j.clone())),
+            None => self
+                .store
                 .get(JOBS, &Key::new().uuid(&id).finish())
-                .ok()
-                .flatten()
-        })
+                .map_err(|e| DeliverError::Retry(e.to_string())),
+        }
     }
 
     /// Adds a change and the messages it causes to the group's batch and
@@ -557,11 +570,13 @@ impl<E: Executor> Service<E> {
     }
 
     /// Writes the group in one synced batch, then announces its messages
-    /// and answers its senders.
-    async fn flush(&mut self) {
+    /// and answers its senders. False when the write failed: the state is
+    /// reloaded from disk, senders are told to retry, and the results of
+    /// jobs that ended are applied again to the next group.
+    async fn flush(&mut self) -> bool {
         let g = std::mem::take(&mut self.group);
         if g.batch.is_empty() && g.replies.is_empty() {
-            return;
+            return true;
         }
         let written = if g.batch.is_empty() {
             Ok(())
@@ -584,8 +599,13 @@ impl<E: Executor> Service<E> {
                 if let Err(e) = self.load() {
                     tracing::error!(error = %e, "cannot reload the agent's state");
                 }
+                for (id, result) in g.results {
+                    self.finished(id, result);
+                }
+                return false;
             }
         }
+        true
     }
 
     /// Starts queued jobs, oldest first, while slots are free. A job's
@@ -662,6 +682,7 @@ impl<E: Executor> Service<E> {
         let Some(mut job) = self.jobs.get(&id).cloned() else {
             return;
         };
+        self.group.results.push((id, result.clone()));
         let fx = job.on_finished(result, now_ms());
         match job.state {
             JobState::Completed => self.stats.completed.fetch_add(1, Ordering::Relaxed),

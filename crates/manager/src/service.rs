@@ -432,6 +432,7 @@ impl Service {
         let mut g = Group::default();
         self.admit(&mut g);
         self.flush(g).await;
+        let mut backoff = caroni_store::wire::Backoff::default();
         loop {
             let sleep = match self.deadlines.first() {
                 Some((at, _)) => Duration::from_millis(at.saturating_sub(caroni_types::now_ms())),
@@ -456,7 +457,12 @@ impl Service {
             }
             self.tick(&mut g);
             self.admit(&mut g);
-            self.flush(g).await;
+            let ok = self.flush(g).await;
+            // Storage fails: wait before the next try instead of spinning
+            // on the same due timers.
+            if !backoff.after(ok, &cancel).await {
+                return;
+            }
         }
     }
 
@@ -767,9 +773,11 @@ impl Service {
 
     /// Writes the group in one synced batch; then answers, sends and
     /// publishes. On failure, answers "retry" and reloads from disk.
-    async fn flush(&mut self, mut g: Group) {
+    /// Writes the group; false when the write failed (the state was
+    /// reloaded from disk and every sender told to retry).
+    async fn flush(&mut self, mut g: Group) -> bool {
         if g.changed.is_empty() && g.batch.is_empty() && g.replies.is_empty() {
-            return;
+            return true;
         }
         for id in &g.changed {
             if let Some(wf) = self.live.get(id).or_else(|| g.finished.get(id)) {
@@ -788,6 +796,7 @@ impl Service {
                 .write_blocking(std::mem::take(&mut g.batch))
                 .await
         };
+        let ok = written.is_ok();
         match written {
             Ok(()) => {
                 self.wire.notify(g.staged);
@@ -837,5 +846,6 @@ impl Service {
         if self.agents.answered.values().any(|t| *t < horizon) {
             self.agents.answered.retain(|_, t| *t >= horizon);
         }
+        ok
     }
 }

@@ -51,6 +51,11 @@ pub enum Error {
     /// A read or write failed.
     #[error("storage error: {0}")]
     Db(#[from] rocksdb::Error),
+    /// Storage failed earlier and is not back yet.
+    #[error(
+        "storage is unavailable: {0}; free space or fix the disk, the node recovers by itself"
+    )]
+    Unavailable(String),
     /// A stored value could not be decoded.
     #[error("corrupt value in table {table}: {reason}")]
     Decode {
@@ -139,11 +144,50 @@ struct Counters {
 }
 
 /// The node's database. Cheap to clone.
+///
+/// A failed write (a full disk, an I/O error) puts RocksDB in a state where
+/// every later write fails, even once the cause is gone. The store then
+/// reports itself failing ([`Store::health`]) and, on the next write at
+/// least [`REOPEN_EVERY`] later, closes and reopens the database (replaying
+/// its log) so that it recovers once the disk does. Nothing written before
+/// the failure is lost; the failed batch itself was not written, and the
+/// engines answer "retry" for it.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<rocksdb::DB>,
+    db: Arc<std::sync::RwLock<Option<Arc<rocksdb::DB>>>>,
     path: PathBuf,
     counters: Arc<Counters>,
+    health: Arc<tokio::sync::watch::Sender<Option<String>>>,
+    last_reopen: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+}
+
+/// Least time between two attempts to reopen a failing database.
+pub const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn open_db(path: &Path) -> Result<rocksdb::DB> {
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(true);
+    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    opts.set_keep_log_file_num(3);
+    opts.set_max_total_wal_size(64 << 20);
+    // Most point reads are misses (a new message id, an unknown job):
+    // a bloom filter answers them without reading a block.
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    opts.set_block_based_table_factory(&table);
+    rocksdb::DB::open(&opts, path).map_err(|e| {
+        let reason = e.to_string();
+        if reason.contains("LOCK")
+            && (reason.contains("lock") || reason.contains("Resource temporarily unavailable"))
+        {
+            Error::Locked { path: path.into() }
+        } else {
+            Error::Open {
+                path: path.into(),
+                reason,
+            }
+        }
+    })
 }
 
 impl std::fmt::Debug for Store {
@@ -155,39 +199,127 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let mut opts = rocksdb::Options::default();
-        opts.create_if_missing(true);
-        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        opts.set_keep_log_file_num(3);
-        opts.set_max_total_wal_size(64 << 20);
-        // Most point reads are misses (a new message id, an unknown job):
-        // a bloom filter answers them without reading a block.
-        let mut table = rocksdb::BlockBasedOptions::default();
-        table.set_bloom_filter(10.0, false);
-        opts.set_block_based_table_factory(&table);
-        let db = rocksdb::DB::open(&opts, path).map_err(|e| {
-            let reason = e.to_string();
-            if reason.contains("LOCK")
-                && (reason.contains("lock") || reason.contains("Resource temporarily unavailable"))
-            {
-                Error::Locked { path: path.into() }
-            } else {
-                Error::Open {
-                    path: path.into(),
-                    reason,
-                }
-            }
-        })?;
+        let db = open_db(path)?;
         Ok(Self {
-            db: Arc::new(db),
+            db: Arc::new(std::sync::RwLock::new(Some(Arc::new(db)))),
             path: path.into(),
             counters: Arc::default(),
+            health: Arc::new(tokio::sync::watch::channel(None).0),
+            last_reopen: Arc::default(),
         })
+    }
+
+    fn db(&self) -> Result<Arc<rocksdb::DB>> {
+        self.db
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| {
+                Error::Unavailable(
+                    self.health
+                        .borrow()
+                        .clone()
+                        .unwrap_or_else(|| "the database is closed".into()),
+                )
+            })
+    }
+
+    /// `None` while storage works; the last write error while it fails.
+    /// Subscribe to hear of changes.
+    pub fn health(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.health.subscribe()
+    }
+
+    /// Records the outcome of a write.
+    fn outcome<T>(&self, r: std::result::Result<T, rocksdb::Error>) -> Result<T> {
+        match r {
+            Ok(v) => {
+                self.health.send_if_modified(|h| h.take().is_some());
+                Ok(v)
+            }
+            Err(e) => {
+                let text = e.to_string();
+                let first = self.health.send_if_modified(|h| {
+                    let first = h.is_none();
+                    *h = Some(text.clone());
+                    first
+                });
+                if first {
+                    tracing::error!(error = %text, "storage write failed; the node reports NOT_SERVING until storage works again");
+                }
+                Err(Error::Db(e))
+            }
+        }
+    }
+
+    /// While failing, closes and reopens the database (at most once per
+    /// [`REOPEN_EVERY`]). Waits at most 2 s for reads in flight to finish.
+    fn recover_if_failing(&self) {
+        if self.health.borrow().is_none() {
+            return;
+        }
+        {
+            let mut last = self
+                .last_reopen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let mut slot = self
+            .db
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(db) = slot.take() {
+            let mut held = Some(db);
+            for _ in 0..200 {
+                match held.take().map(Arc::try_unwrap) {
+                    Some(Ok(d)) => {
+                        drop(d);
+                        break;
+                    }
+                    Some(Err(still_used)) => {
+                        held = Some(still_used);
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    None => break,
+                }
+            }
+            if let Some(db) = held {
+                tracing::warn!("cannot reopen the database yet: it is still in use");
+                *slot = Some(db);
+                return;
+            }
+        }
+        match open_db(&self.path) {
+            Ok(db) => {
+                tracing::info!("database reopened after a storage failure");
+                *slot = Some(Arc::new(db));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reopen the database yet");
+                self.health.send_replace(Some(e.to_string()));
+            }
+        }
+    }
+
+    /// Checks that storage can be written again (a small relaxed write),
+    /// reopening the database if needed. For a health loop.
+    pub fn probe(&self) -> Result<()> {
+        let mut b = Batch::default();
+        b.put(
+            Table::<u64>::new(tables::META, "meta"),
+            b"probe",
+            &caroni_types::now_ms(),
+        );
+        self.write_relaxed(b)
     }
 
     /// Reads one value.
     pub fn get<V: DeserializeOwned>(&self, table: Table<V>, key: &[u8]) -> Result<Option<V>> {
-        match self.db.get_pinned(table.key(key))? {
+        match self.db()?.get_pinned(table.key(key))? {
             Some(bytes) => Ok(Some(decode(table.name, &bytes)?)),
             None => Ok(None),
         }
@@ -195,7 +327,7 @@ impl Store {
 
     /// True when the key exists.
     pub fn contains<V>(&self, table: Table<V>, key: &[u8]) -> Result<bool> {
-        Ok(self.db.get_pinned(table.key(key))?.is_some())
+        Ok(self.db()?.get_pinned(table.key(key))?.is_some())
     }
 
     /// Every entry of `table` whose key starts with `key_prefix`, in key
@@ -237,7 +369,8 @@ impl Store {
             None => prefix.clone(),
         };
         let mut out = Vec::new();
-        let iter = self.db.iterator(rocksdb::IteratorMode::From(
+        let db = self.db()?;
+        let iter = db.iterator(rocksdb::IteratorMode::From(
             &start,
             rocksdb::Direction::Forward,
         ));
@@ -257,7 +390,8 @@ impl Store {
     pub fn scan_last<V: DeserializeOwned>(&self, table: Table<V>, limit: usize) -> Result<Vec<V>> {
         let end = [table.prefix.saturating_add(1)];
         let mut out = Vec::new();
-        let iter = self.db.iterator(rocksdb::IteratorMode::From(
+        let db = self.db()?;
+        let iter = db.iterator(rocksdb::IteratorMode::From(
             &end,
             rocksdb::Direction::Reverse,
         ));
@@ -282,7 +416,9 @@ impl Store {
         let mut opts = rocksdb::WriteOptions::default();
         opts.set_sync(true);
         let ops = batch.inner.len() as u64;
-        self.db.write_opt(batch.inner, &opts)?;
+        self.recover_if_failing();
+        let r = self.db()?.write_opt(batch.inner, &opts);
+        self.outcome(r)?;
         self.counters.synced_writes.fetch_add(1, Ordering::Relaxed);
         self.counters.synced_ops.fetch_add(ops, Ordering::Relaxed);
         Ok(())
@@ -313,7 +449,9 @@ impl Store {
     /// that may be lost in a crash without harm (e.g. deleting an outbox
     /// entry that was acknowledged: it would be re-sent and deduplicated).
     pub fn write_relaxed(&self, batch: Batch) -> Result<()> {
-        self.db.write(batch.inner)?;
+        self.recover_if_failing();
+        let r = self.db()?.write(batch.inner);
+        self.outcome(r)?;
         self.counters.relaxed_writes.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -459,5 +597,86 @@ mod tests {
         s.write(b).expect("write");
         let st = s.stats();
         assert_eq!((st.synced_writes, st.synced_ops), (1, 2));
+    }
+}
+
+#[cfg(test)]
+mod full_disk {
+    use super::*;
+
+    const T: Table<String> = Table::new(0x7f, "test");
+
+    /// A small tmpfs of our own (root only); `None` where it cannot be had.
+    struct Tmpfs(tempfile::TempDir);
+    impl Tmpfs {
+        fn mount(mb: u32) -> Option<Self> {
+            let dir = tempfile::tempdir().ok()?;
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+                .arg(dir.path())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            ok.then_some(Self(dir))
+        }
+    }
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    fn put(s: &Store, key: &str, bytes: usize) -> Result<()> {
+        let mut b = Batch::default();
+        b.put(T, key.as_bytes(), &"x".repeat(bytes));
+        s.write(b)
+    }
+
+    /// A full disk fails writes and marks the store failing; once space is
+    /// back the store reopens itself, writes work, health clears, and
+    /// nothing written before the failure is lost.
+    #[test]
+    fn a_full_disk_fails_writes_then_the_store_recovers_by_itself() {
+        let Some(fs) = Tmpfs::mount(16) else {
+            eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+            return;
+        };
+        let s = Store::open(&fs.0.path().join("db")).expect("open");
+        put(&s, "before", 10).expect("a write before the disk fills");
+        let filler = fs.0.path().join("filler");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&filler).expect("filler");
+            let chunk = vec![7u8; 1 << 16];
+            while f.write_all(&chunk).is_ok() {}
+        }
+        let mut failed = false;
+        for n in 0..200 {
+            if put(&s, &format!("k{n}"), 100_000).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed, "writes to a full disk must fail");
+        assert!(s.health().borrow().is_some(), "the store says it fails");
+        std::fs::remove_file(&filler).expect("free space");
+        let mut recovered = false;
+        for _ in 0..50 {
+            if put(&s, "after", 10).is_ok() {
+                recovered = true;
+                break;
+            }
+            std::thread::sleep(REOPEN_EVERY / 4);
+        }
+        assert!(recovered, "writes work again once space is back");
+        assert!(s.health().borrow().is_none(), "health clears");
+        assert_eq!(
+            s.get(T, b"before").expect("read").as_deref(),
+            Some("x".repeat(10).as_str())
+        );
     }
 }

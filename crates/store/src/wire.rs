@@ -66,6 +66,32 @@ pub enum DeliverError {
     Retry(String),
 }
 
+/// How an engine waits after a failed write before it tries again: from
+/// 100 ms, doubling, up to 10 s; back to nothing after a success.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    /// Records a write's outcome and, after a failure, waits. Returns false
+    /// when cancelled meanwhile.
+    pub async fn after(&mut self, ok: bool, cancel: &tokio_util::sync::CancellationToken) -> bool {
+        if ok {
+            self.failures = 0;
+            return true;
+        }
+        self.failures = self.failures.saturating_add(1);
+        let wait = std::time::Duration::from_millis(100)
+            .saturating_mul(1u32 << self.failures.min(7))
+            .min(std::time::Duration::from_secs(10));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => true,
+            _ = cancel.cancelled() => false,
+        }
+    }
+}
+
 /// Marker stored for an applied inbound message.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Applied {
