@@ -183,6 +183,7 @@ async fn start_topology(args: &BenchArgs) -> anyhow::Result<(Topology, Vec<NodeR
                 max_open_requests: caroni_node::config::DEFAULT_MAX_OPEN_REQUESTS,
                 offer_window_ms: caroni_node::config::DEFAULT_OFFER_WINDOW_MS,
                 log_format: caroni_node::LogFormat::Text,
+                new_identity: false,
             };
             topo.embedded.push(caroni_node::Node::start(config).await?);
         } else {

@@ -9,6 +9,10 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::output::Format;
 
+/// Largest response the CLI reads: a workflow shown whole carries every
+/// value of its steps (each output up to 4 MiB).
+const MAX_RESPONSE: usize = 64 << 20;
+
 /// What every command needs.
 pub struct Context {
     pub node: String,
@@ -51,11 +55,14 @@ impl Context {
     }
 
     pub async fn manager(&self) -> anyhow::Result<ManagerServiceClient<Channel>> {
-        Ok(ManagerServiceClient::new(self.channel().await?))
+        Ok(
+            ManagerServiceClient::new(self.channel().await?)
+                .max_decoding_message_size(MAX_RESPONSE),
+        )
     }
 
     pub async fn agent(&self) -> anyhow::Result<AgentServiceClient<Channel>> {
-        Ok(AgentServiceClient::new(self.channel().await?))
+        Ok(AgentServiceClient::new(self.channel().await?).max_decoding_message_size(MAX_RESPONSE))
     }
 
     /// Asks `grpc.health.v1.Health/Check` for the whole server.

@@ -51,6 +51,7 @@ pub async fn demo(text: String, format: Format) -> anyhow::Result<ExitCode> {
         max_open_requests: caroni_node::config::DEFAULT_MAX_OPEN_REQUESTS,
         offer_window_ms: caroni_node::config::DEFAULT_OFFER_WINDOW_MS,
         log_format: LogFormat::Text,
+        new_identity: false,
     };
     let node = Node::start(config).await?;
     let ctx = Context::new(format!("http://{}", node.api_addr), None, format);

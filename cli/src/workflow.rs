@@ -310,12 +310,15 @@ pub async fn workflow(ctx: &Context, cmd: WorkflowCmd) -> anyhow::Result<ExitCod
     let mut client = ctx.manager().await?;
     match cmd {
         WorkflowCmd::List { limit } => {
-            let all = client
+            let resp = client
                 .list_workflows(ctx.request(pb::ListWorkflowsRequest { limit }))
                 .await
                 .map_err(status)?
-                .into_inner()
-                .workflows;
+                .into_inner();
+            if resp.truncated {
+                eprintln!("caroni: older workflows were left out to keep the answer under 3 MiB; ask for fewer with --limit");
+            }
+            let all = resp.workflows;
             if ctx.format == Format::Json {
                 output::json(&json!(all.iter().map(workflow_json).collect::<Vec<_>>()));
             } else {
@@ -397,12 +400,15 @@ pub async fn job(ctx: &Context, cmd: JobCmd) -> anyhow::Result<ExitCode> {
     let mut client = ctx.agent().await?;
     match cmd {
         JobCmd::List { limit } => {
-            let jobs = client
+            let resp = client
                 .list_jobs(ctx.request(pb::ListJobsRequest { limit }))
                 .await
                 .map_err(status)?
-                .into_inner()
-                .jobs;
+                .into_inner();
+            if resp.truncated {
+                eprintln!("caroni: older jobs were left out to keep the answer under 3 MiB; ask for fewer with --limit");
+            }
+            let jobs = resp.jobs;
             if ctx.format == Format::Json {
                 output::json(&json!(jobs.iter().map(job_json).collect::<Vec<_>>()));
             } else {

@@ -62,6 +62,9 @@ pub struct Config {
     pub offer_window_ms: u64,
     /// Log format.
     pub log_format: LogFormat,
+    /// Start with this key even though the data directory holds the state
+    /// of another node id (a lost or replaced `node.key`).
+    pub new_identity: bool,
 }
 
 /// Defaults of the tuning settings, shared with embedded nodes.
@@ -129,6 +132,11 @@ pub struct Flags {
     /// Log format [default: text]. Filter with RUST_LOG.
     #[arg(long, env = "CARONI_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Start although the data directory holds the state of another node
+    /// id (its `node.key` was lost or replaced). Peers know the old id:
+    /// jobs and workflows they hold for it are not this node's.
+    #[arg(long)]
+    pub new_identity: bool,
 }
 
 /// The TOML file: every key optional.
@@ -223,6 +231,7 @@ impl Config {
                 .or(file.offer_window_ms)
                 .unwrap_or(DEFAULT_OFFER_WINDOW_MS),
             log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
+            new_identity: flags.new_identity,
         };
         config.check()?;
         Ok(config)

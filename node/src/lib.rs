@@ -173,6 +173,7 @@ impl Node {
         let key = identity::load_or_create(&config.data_dir)?;
         let node_id = key.public().to_peer_id().to_string();
         let store = caroni_store::Store::open(&config.data_dir.join("db"))?;
+        identity::check_owner(&store, &node_id, &config.data_dir, config.new_identity)?;
 
         let api_listener = TcpListener::bind(config.api_listen)
             .await

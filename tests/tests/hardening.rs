@@ -170,3 +170,141 @@ fn a_full_disk_is_reported_and_the_node_recovers_when_space_returns() {
     let w = n.wait(&id, LIMIT);
     assert_eq!(w["outputs"]["result"], "prependFREED append", "{w:#}");
 }
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Status codes, not only texts: what cannot be done now is
+/// FAILED_PRECONDITION, what is absent NOT_FOUND, bad input
+/// INVALID_ARGUMENT; inputs that no job could be given are refused at the
+/// API, and large values never break `workflow list`.
+#[test]
+fn the_api_answers_bad_requests_with_the_right_code_and_stays_usable() {
+    use caroni_proto::v1::{self as pb, manager_service_client::ManagerServiceClient};
+    use tonic::Code;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    n.add_demo_template();
+    n.add_job_types(&["foojob0.yaml", "foojob1.yaml", "foojob2.yaml"]);
+    let done = n.run("test_simple", &["start_message=codes"]);
+    n.wait(&done, LIMIT);
+    runtime().block_on(async {
+        let mut m = ManagerServiceClient::connect(n.url())
+            .await
+            .expect("connect")
+            .max_decoding_message_size(64 << 20);
+        let code = |r: Result<tonic::Response<_>, tonic::Status>| match r {
+            Ok(_) => Code::Ok,
+            Err(s) => s.code(),
+        };
+        let cancel = |id: &str| pb::GetWorkflowRequest {
+            workflow_id: id.to_string(),
+        };
+        assert_eq!(
+            code(
+                m.cancel_workflow(cancel(&done))
+                    .await
+                    .map(|_| tonic::Response::new(()))
+            ),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(
+                m.cancel_workflow(cancel(&uuid_like()))
+                    .await
+                    .map(|_| tonic::Response::new(()))
+            ),
+            Code::NotFound
+        );
+        for name in [".", ".."] {
+            let r = m
+                .put_template(pb::PutTemplateRequest {
+                    name: name.into(),
+                    cwl: "class: Workflow".into(),
+                })
+                .await;
+            assert_eq!(
+                code(r.map(|_| tonic::Response::new(()))),
+                Code::InvalidArgument,
+                "{name}"
+            );
+        }
+        let run = |v: String| pb::RunWorkflowRequest {
+            template: "test_simple".into(),
+            inputs: [("start_message".to_string(), v)].into_iter().collect(),
+        };
+        for (what, v) in [
+            ("a NUL", "a\0b".to_string()),
+            ("2 MiB", "x".repeat(2 << 20)),
+        ] {
+            let e = m.run_workflow(run(v)).await.expect_err(what);
+            assert_eq!(e.code(), Code::InvalidArgument, "{what}: {}", e.message());
+            assert!(
+                e.message().contains("start_message"),
+                "{what}: {}",
+                e.message()
+            );
+        }
+        // Values as large as accepted: four workflows of 1 MiB of input.
+        for _ in 0..4 {
+            m.run_workflow(run("y".repeat(1 << 20)))
+                .await
+                .expect("a 1 MiB input is accepted");
+        }
+    });
+    // The list stays under the message limit and shows the values short.
+    let list = n.json(&["workflow", "list", "--limit", "100000"]);
+    let list = list.as_array().expect("list");
+    assert_eq!(list.len(), 5, "{list:?}");
+    let text = serde_json::to_string(list).expect("json");
+    assert!(
+        text.len() < 100_000,
+        "the list carries {} bytes",
+        text.len()
+    );
+}
+
+fn uuid_like() -> String {
+    "01900000-0000-7000-8000-000000000000".into()
+}
+
+/// Output piped into a reader that stops early ends the CLI quietly.
+#[test]
+fn the_cli_piped_into_a_closed_reader_does_not_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    let mut child = std::process::Command::new(caroni_tests::bin("caroni"))
+        .args(["--node", &n.url(), "node", "info"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(141), "{err}");
+}
+
+/// A node whose key file was deleted while it was stopped refuses to start
+/// on its old state as somebody else, and says what to do; with
+/// `--new-identity` it starts.
+#[test]
+fn a_lost_key_is_refused_loudly_unless_told() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("n");
+    let mut n = NodeProc::start(&data, "both", &[]).expect("node");
+    let old = n.node_id();
+    n.kill();
+    std::fs::remove_file(data.join("node.key")).expect("lose the key");
+    let e = format!("{:#}", n.spawn().expect_err("refused"));
+    assert!(e.contains(&old) && e.contains("--new-identity"), "{e}");
+    n.kill();
+    n.extra.push("--new-identity".into());
+    n.spawn().expect("starts when told");
+    assert_ne!(n.node_id(), old);
+}

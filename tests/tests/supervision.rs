@@ -24,6 +24,7 @@ fn config(dir: &std::path::Path) -> Config {
         max_open_requests: caroni_node::config::DEFAULT_MAX_OPEN_REQUESTS,
         offer_window_ms: caroni_node::config::DEFAULT_OFFER_WINDOW_MS,
         log_format: LogFormat::Text,
+        new_identity: false,
     }
 }
 

@@ -256,3 +256,25 @@ fn max_attempts_hint() {
     );
     assert_eq!(parse(&doc).expect("parses").max_attempts, Some(2));
 }
+
+/// Deep nesting is refused before parsing (200 KB of `[` took 44 s to
+/// parse), and the demo templates are far below the bound.
+#[test]
+fn deep_nesting_is_refused_before_parsing() {
+    let deep = "[".repeat(200_000);
+    let e = parse(&deep).expect_err("deep");
+    assert!(e.to_string().contains("nest deeper"), "{e}");
+    let quoted = format!("class: Workflow\nlabel: \"{}\"\n", "[".repeat(1000));
+    assert!(
+        !parse(&quoted)
+            .map_err(|e| e.to_string())
+            .err()
+            .unwrap_or_default()
+            .contains("nest deeper"),
+        "brackets inside a string are text"
+    );
+    for text in [SIMPLE, DIAMOND] {
+        assert!(nesting(text) <= MAX_NESTING / 2, "{}", nesting(text));
+        parse(text).expect("the examples parse");
+    }
+}

@@ -14,7 +14,7 @@ pub enum NameError {
     NotEnv(String),
     /// Not a valid template name.
     #[error(
-        "`{0}` is not a valid template name: use only ASCII letters, digits, `_`, `-` and `.`"
+        "`{0}` is not a valid template name: start with an ASCII letter, digit or `_`, then use only ASCII letters, digits, `_`, `-` and `.`"
     )]
     BadTemplate(String),
 }
@@ -46,9 +46,14 @@ pub fn validate_template_name(name: &str) -> Result<(), NameError> {
     if name.len() > 128 {
         return Err(NameError::TooLong(name.into(), 128));
     }
-    if !name
+    let first_ok = name
         .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !first_ok
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
     {
         return Err(NameError::BadTemplate(name.into()));
     }
@@ -73,6 +78,9 @@ mod tests {
     fn template_names() {
         assert_eq!(validate_template_name("test_simple-2.v1"), Ok(()));
         assert!(validate_template_name("a/b").is_err());
+        for bad in [".", "..", "-x", ".hidden"] {
+            assert!(validate_template_name(bad).is_err(), "{bad}");
+        }
         assert!(validate_template_name("").is_err());
     }
 }

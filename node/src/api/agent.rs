@@ -127,17 +127,23 @@ impl AgentService for AgentApi {
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let a = require_role(self.agent.as_ref(), "agent")?.clone();
-        let limit = match req.into_inner().limit {
-            0 => 100,
-            n => n as usize,
-        };
+        let limit = super::list_limit(req.into_inner().limit);
         let jobs = tokio::task::spawn_blocking(move || a.list_jobs(limit))
             .await
             .map_err(internal)?
             .map_err(internal)?;
-        Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs.into_iter().map(job_to_pb).collect(),
-        }))
+        let mut jobs: Vec<pb::Job> = jobs
+            .into_iter()
+            .map(|j| {
+                let mut j = job_to_pb(j);
+                for v in j.inputs.values_mut().chain(j.outputs.values_mut()) {
+                    *v = super::list_value(v);
+                }
+                j
+            })
+            .collect();
+        let truncated = super::fit(&mut jobs);
+        Ok(Response::new(pb::ListJobsResponse { jobs, truncated }))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {

@@ -199,13 +199,22 @@ impl ManagerService for ManagerApi {
         req: Request<pb::ListWorkflowsRequest>,
     ) -> Result<Response<pb::ListWorkflowsResponse>, Status> {
         let m = require_role(self.manager.as_ref(), "manager")?.clone();
-        let limit = match req.into_inner().limit {
-            0 => 100,
-            n => n as usize,
-        };
+        let limit = super::list_limit(req.into_inner().limit);
         let all = blocking(move || m.list(limit)).await?;
+        let mut workflows: Vec<pb::Workflow> = all
+            .iter()
+            .map(|w| {
+                let mut w = workflow_to_pb(w, false);
+                for v in w.inputs.values_mut().chain(w.outputs.values_mut()) {
+                    *v = super::list_value(v);
+                }
+                w
+            })
+            .collect();
+        let truncated = super::fit(&mut workflows);
         Ok(Response::new(pb::ListWorkflowsResponse {
-            workflows: all.iter().map(|w| workflow_to_pb(w, false)).collect(),
+            workflows,
+            truncated,
         }))
     }
 

@@ -21,6 +21,50 @@ pub struct Apis {
     pub agent: AgentApi,
 }
 
+/// Most items one list call returns, whatever `limit` asks for.
+pub(crate) const MAX_LIST: usize = 1000;
+/// Most bytes of one list response: gRPC clients refuse messages over
+/// 4 MiB by default.
+pub(crate) const MAX_LIST_BYTES: usize = 3 << 20;
+/// Longest value shown in a list; `show` gives it whole.
+const LIST_VALUE_BYTES: usize = 1024;
+
+/// The `limit` a list call asked for, defaulted and capped.
+pub(crate) fn list_limit(asked: u32) -> usize {
+    match asked {
+        0 => 100,
+        n => (n as usize).min(MAX_LIST),
+    }
+}
+
+/// A value as a list shows it: whole when short, else its start and size.
+pub(crate) fn list_value(v: &str) -> String {
+    if v.len() <= LIST_VALUE_BYTES {
+        return v.to_string();
+    }
+    let mut end = 256;
+    while !v.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes; `show` gives it whole)", &v[..end], v.len())
+}
+
+/// Keeps items while their encoded sizes add up to at most
+/// [`MAX_LIST_BYTES`]; true when some were left out.
+pub(crate) fn fit<T: prost::Message>(items: &mut Vec<T>) -> bool {
+    let mut total = 0;
+    let keep = items
+        .iter()
+        .take_while(|i| {
+            total += i.encoded_len() + 8;
+            total <= MAX_LIST_BYTES
+        })
+        .count();
+    let cut = keep < items.len();
+    items.truncate(keep);
+    cut
+}
+
 /// Maps engine errors to gRPC statuses, in one place, keeping the message a
 /// user can act on.
 pub(crate) trait IntoStatus {
