@@ -181,6 +181,8 @@ impl Inbox for PeerInbox {
     }
 }
 
+static REFUSED_GOSSIP: caroni_peer::Refusals = caroni_peer::Refusals::new();
+
 /// Hands verified gossip requests to the agent.
 pub async fn gossip_loop(
     mut events: mpsc::Receiver<caroni_mesh::Event>,
@@ -192,14 +194,14 @@ pub async fn gossip_loop(
         let env = match Envelope::decode(data.as_slice()) {
             Ok(e) => e,
             Err(e) => {
-                tracing::warn!(peer = %from, error = %e, "undecodable gossip");
+                caroni_peer::refusal!(REFUSED_GOSSIP, peer = %from, error = %e, "undecodable gossip");
                 continue;
             }
         };
         let verified = match caroni_peer::open_all(&env) {
             Ok(v) => v,
             Err(e) => {
-                tracing::warn!(peer = %from, error = %e, "refused gossip");
+                caroni_peer::refusal!(REFUSED_GOSSIP, peer = %from, error = %e, "refused gossip");
                 continue;
             }
         };
@@ -215,7 +217,11 @@ pub async fn gossip_loop(
                     // The answer goes to the signer, where the signer says
                     // it is: a request cannot name another reply address.
                     if req.manager_endpoint != endpoint {
-                        tracing::warn!(peer = %from, "refused a job request whose reply endpoint is not its sender's");
+                        caroni_peer::refusal!(REFUSED_GOSSIP, peer = %from, "refused a job request whose reply endpoint is not its sender's");
+                        continue;
+                    }
+                    if let Err(why) = req.check(caroni_types::now_ms()) {
+                        caroni_peer::refusal!(REFUSED_GOSSIP, peer = %from, reason = %why, "refused a job request");
                         continue;
                     }
                     if !agent.gossip(from, req) {
@@ -224,11 +230,12 @@ pub async fn gossip_loop(
                         );
                     }
                 }
-                Ok(other) => tracing::warn!(
+                Ok(other) => caroni_peer::refusal!(
+                    REFUSED_GOSSIP,
                     kind = other.msg.name(),
                     "only job requests travel on gossip"
                 ),
-                Err(e) => tracing::warn!(error = %e, "refused gossip"),
+                Err(e) => caroni_peer::refusal!(REFUSED_GOSSIP, error = %e, "refused gossip"),
             }
         }
     }

@@ -421,7 +421,17 @@ impl<E: Executor> Service<E> {
                         tracing::debug!(job = %job.id, job_type = %job.job_type, manager = %job.manager, "job accepted");
                         (Some(*job), Some(used), fx)
                     }
-                    AcceptOutcome::Answer(out) => (None, None, vec![Effect::Send(out)]),
+                    AcceptOutcome::Answer(out) if self.wire.knows(&msg.from) => {
+                        (None, None, vec![Effect::Send(out)])
+                    }
+                    // A stranger is answered in the ack, not at an
+                    // address it chose.
+                    AcceptOutcome::Answer(out) => {
+                        return Err(DeliverError::Refused(match out.msg {
+                            Msg::Status(s) => s.message,
+                            other => format!("not accepted ({})", other.name()),
+                        }))
+                    }
                 }
             }
             Msg::Reject { request_id, .. } => {

@@ -143,6 +143,8 @@ pub struct EventLoop {
     bootstrap_connected: HashMap<PeerId, Multiaddr>,
     connected: HashMap<PeerId, Multiaddr>,
     listen: Multiaddr,
+    /// Gossip messages dropped because the listener was busy.
+    dropped: u64,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -226,6 +228,7 @@ pub fn new(
             bootstrap_connected: HashMap::new(),
             connected: HashMap::new(),
             listen,
+            dropped: 0,
         },
     ))
 }
@@ -322,13 +325,22 @@ impl EventLoop {
                 message,
                 ..
             })) => {
-                let _ = self
-                    .events
-                    .send(Event::Gossip {
+                // Never block the swarm on a busy listener: a dropped
+                // request is re-published by its manager.
+                if let Err(mpsc::error::TrySendError::Full(_)) =
+                    self.events.try_send(Event::Gossip {
                         data: message.data,
                         from: propagation_source,
                     })
-                    .await;
+                {
+                    self.dropped += 1;
+                    if self.dropped.is_power_of_two() {
+                        tracing::warn!(
+                            dropped = self.dropped,
+                            "gossip listener busy; dropping gossip messages (requests are re-published)"
+                        );
+                    }
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {

@@ -55,6 +55,43 @@ impl Liveness {
     }
 }
 
+/// Logs refusals of what peers sent without letting a flood of them flood
+/// the log: the 1st, 2nd, 4th, 8th, … of a kind at WARN with the count so
+/// far, the rest at DEBUG.
+#[derive(Debug, Default)]
+pub struct Refusals(std::sync::atomic::AtomicU64);
+
+impl Refusals {
+    /// A counter for one kind of refusal.
+    pub const fn new() -> Self {
+        Self(std::sync::atomic::AtomicU64::new(0))
+    }
+
+    /// Counts one refusal; true when it is to be logged at WARN.
+    pub fn loud(&self) -> bool {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        n.is_power_of_two()
+    }
+
+    /// Refusals so far.
+    pub fn count(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Logs a refusal at WARN (rarely) or DEBUG, with the running count.
+#[macro_export]
+macro_rules! refusal {
+    ($counter:expr, $($arg:tt)+) => {{
+        let c: &$crate::Refusals = &$counter;
+        if c.loud() {
+            tracing::warn!(refused_so_far = c.count(), $($arg)+);
+        } else {
+            tracing::debug!($($arg)+);
+        }
+    }};
+}
+
 /// Transport errors.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

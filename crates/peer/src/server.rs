@@ -27,6 +27,10 @@ pub const WINDOW: usize = 1024;
 /// [`WINDOW`] acks of bounded size).
 pub const MAX_STREAMS: usize = 1024;
 
+static REFUSED_MESSAGES: crate::Refusals = crate::Refusals::new();
+static REFUSED_ENVELOPES: crate::Refusals = crate::Refusals::new();
+static BROKEN_STREAMS: crate::Refusals = crate::Refusals::new();
+
 /// Longest error text in an ack.
 const MAX_ACK_ERROR: usize = 512;
 
@@ -89,7 +93,7 @@ where
                     let ack = match result {
                         Ok(()) => Ack { message_id: id, accepted: true, error: String::new() },
                         Err(InboxError::Refused(mut e)) => {
-                            tracing::warn!(message = %id, error = %e, "refused a message");
+                            crate::refusal!(REFUSED_MESSAGES, message = %id, error = %e, "refused a message");
                             if e.len() > MAX_ACK_ERROR {
                                 let mut end = MAX_ACK_ERROR;
                                 while !e.is_char_boundary(end) {
@@ -179,7 +183,7 @@ impl PeerService for PeerServer {
             let env = match item {
                 Ok(env) => env,
                 Err(status) => {
-                    tracing::warn!(error = %status.message(), "a delivery stream broke");
+                    crate::refusal!(BROKEN_STREAMS, error = %status.message(), "a delivery stream broke");
                     return vec![Incoming::Broken(Status::invalid_argument(format!(
                         "the stream was closed: {}",
                         status.message()
@@ -196,7 +200,7 @@ impl PeerService for PeerServer {
                         .collect()
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "refused an envelope");
+                    crate::refusal!(REFUSED_ENVELOPES, error = %e, "refused an envelope");
                     // The ids are read unverified, only so that the
                     // sender can drop the messages from its outbox.
                     crate::envelope::claimed_ids(&env)

@@ -60,6 +60,55 @@ pub struct JobRequest {
     pub publish_count: u32,
 }
 
+/// Most names or parameters in one request.
+const MAX_REQUEST_FIELDS: usize = 256;
+/// Most bytes of a request's static parameters.
+const MAX_REQUEST_KV_BYTES: usize = 64 * 1024;
+/// Furthest a request may expire in the future.
+const MAX_REQUEST_LIFETIME_MS: u64 = 30 * 24 * 3600 * 1000;
+
+impl JobRequest {
+    /// Checks what no honest manager would send: names that cannot be job
+    /// types or inputs, absurd sizes, an expiry in the past or beyond 30
+    /// days, a reply endpoint that is not an http(s) URL of sane length. An
+    /// agent drops such a request without answering.
+    pub fn check(&self, now_ms: u64) -> Result<(), String> {
+        crate::validate_env_name(&self.job_type).map_err(|e| format!("job type {e}"))?;
+        for (kind, names) in [
+            ("input", &self.parameter_keys),
+            ("output", &self.output_keys),
+        ] {
+            if names.len() > MAX_REQUEST_FIELDS {
+                return Err(format!(
+                    "{} {kind} names (at most {MAX_REQUEST_FIELDS})",
+                    names.len()
+                ));
+            }
+            for n in names {
+                crate::validate_env_name(n).map_err(|e| format!("{kind} {e}"))?;
+            }
+        }
+        let kv_bytes: usize = self.job_kvs.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if self.job_kvs.len() > MAX_REQUEST_FIELDS || kv_bytes > MAX_REQUEST_KV_BYTES {
+            return Err(format!(
+                "{} static parameters of {kv_bytes} bytes (at most {MAX_REQUEST_FIELDS} and {MAX_REQUEST_KV_BYTES})",
+                self.job_kvs.len()
+            ));
+        }
+        let e = &self.manager_endpoint;
+        if e.len() > 256 || !(e.starts_with("http://") || e.starts_with("https://")) {
+            return Err("the manager endpoint is not an http(s) URL of at most 256 bytes".into());
+        }
+        if self.expires_at_ms <= now_ms {
+            return Err("it has expired".into());
+        }
+        if self.expires_at_ms - now_ms > MAX_REQUEST_LIFETIME_MS {
+            return Err("it expires more than 30 days from now".into());
+        }
+        Ok(())
+    }
+}
+
 /// How busy an agent is, as it says in its offers; the manager takes the
 /// offer of the least busy agent.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
