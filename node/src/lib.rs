@@ -427,6 +427,9 @@ async fn serve_api(
 
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .layer(tower::util::MapResponseLayer::new(
+            undecodable_is_invalid_argument::<tonic::body::Body>,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -449,6 +452,21 @@ async fn serve_api(
         },
         Health { reporter, services },
     ))
+}
+
+/// A request that does not decode (a `string` field that is not UTF-8, a
+/// malformed message) is the caller's fault: tonic answers it INTERNAL;
+/// this says INVALID_ARGUMENT, keeping tonic's message.
+fn undecodable_is_invalid_argument<B>(mut resp: http::Response<B>) -> http::Response<B> {
+    let h = resp.headers_mut();
+    let decode_error = h.get("grpc-status").is_some_and(|v| v == "13")
+        && h.get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| m.contains("decode"));
+    if decode_error {
+        h.insert("grpc-status", http::HeaderValue::from_static("3"));
+    }
+    resp
 }
 
 /// Accepted connections with Nagle's algorithm off: tonic sets TCP_NODELAY

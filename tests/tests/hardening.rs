@@ -308,3 +308,46 @@ fn a_lost_key_is_refused_loudly_unless_told() {
     n.spawn().expect("starts when told");
     assert_ne!(n.node_id(), old);
 }
+
+/// `PutTemplateRequest` with the document as raw bytes, to send what a
+/// `string` field must never hold.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawPutTemplate {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(bytes = "vec", tag = "2")]
+    cwl: Vec<u8>,
+}
+
+/// A template that is not UTF-8, sent over raw gRPC, is INVALID_ARGUMENT
+/// (the caller's fault), not INTERNAL.
+#[test]
+fn an_undecodable_request_is_invalid_argument() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = NodeProc::start(&dir.path().join("n"), "manager", &[]).expect("node");
+    let status = runtime().block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(n.url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.expect("ready");
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+            "/caroni.v1.ManagerService/PutTemplate",
+        );
+        let codec =
+            tonic_prost::ProstCodec::<RawPutTemplate, caroni_proto::v1::Template>::default();
+        let req = RawPutTemplate {
+            name: "latin1".into(),
+            cwl: b"class: Workflow\nlabel: caf\xe9\n".to_vec(),
+        };
+        grpc.unary(tonic::Request::new(req), path, codec)
+            .await
+            .expect_err("refused")
+    });
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("UTF-8"), "{}", status.message());
+    // The node goes on.
+    n.add_demo_template();
+}

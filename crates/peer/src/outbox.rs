@@ -1339,4 +1339,31 @@ mod tests {
         assert_eq!(rows_for(&outbox, &p3), 1);
         cancel.cancel();
     }
+
+    /// A message larger than any peer accepts is refused when staged and
+    /// counted; it never reaches a queue where it would block the rest.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_oversized_message_is_refused_at_staging() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let signer = Signer::new(Keypair::generate_ed25519(), "http://127.0.0.1:1".into());
+        let cancel = CancellationToken::new();
+        let outbox =
+            Outbox::start(store, signer, Liveness::default(), cancel.clone()).expect("outbox");
+        let peer = new_peer();
+        let nowhere = closed_endpoint();
+        stage_one(&outbox, &peer, &nowhere, 1);
+        let huge = Payload::JobKill(caroni_proto::v1::JobKill {
+            job_id: "j".into(),
+            reason: "x".repeat(MAX_MESSAGE + 1),
+        });
+        let mut b = Batch::default();
+        let staged = outbox.stage(&mut b, &peer, &nowhere, huge).expect("stage");
+        assert!(staged.item.is_none(), "not staged");
+        assert!(b.is_empty(), "nothing written for it");
+        outbox.notify(vec![staged]);
+        let st = outbox.status();
+        assert_eq!((st[0].queued, st[0].dropped), (1, 1), "{st:?}");
+        cancel.cancel();
+    }
 }
