@@ -393,6 +393,22 @@ impl NodeProc {
         ]);
     }
 
+    /// Adds the demo's job types with step 2 (`foojob1`) slowed down by
+    /// `sleep_s` seconds, so that a test can act while it runs.
+    pub fn add_demo_job_types_with_slow_step2(&self, dir: &Path, sleep_s: u32) {
+        self.add_job_types(&["foojob0.yaml", "foojob2.yaml"]);
+        self.put_job_type(
+            dir,
+            "foojob1",
+            &["text"],
+            &["outSB"],
+            &format!(
+                r#"sleep {sleep_s}; jq -cn --arg t "$CARONI_ENV_text" '{{outSB: ("prepend" + $t)}}'"#
+            ),
+            false,
+        );
+    }
+
     /// Polls `workflow show` until `pred` holds (bounded by `limit`).
     pub fn wait_until(
         &self,

@@ -200,15 +200,7 @@ fn a_stopped_agent_resumes_without_losing_an_attempt() {
     let m = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
     let a = NodeProc::agent_of(&m, &dir.path().join("a"), &[]).expect("agent");
     m.add_demo_template();
-    a.add_job_types(&["foojob0.yaml", "foojob2.yaml"]);
-    a.put_job_type(
-        dir.path(),
-        "foojob1",
-        &["text"],
-        &["outSB"],
-        r#"sleep 1; jq -cn --arg t "$CARONI_ENV_text" '{outSB: ("prepend" + $t)}'"#,
-        false,
-    );
+    a.add_demo_job_types_with_slow_step2(dir.path(), 1);
     let id = m.run("test_simple", &["start_message=paused"]);
     m.wait_until(&id, LIMIT, "step2 running", |w| {
         step(w, "step2")["state"] == "running"
@@ -233,15 +225,7 @@ fn a_lost_agent_costs_one_attempt_and_the_other_takes_over() {
     let mut agents = Vec::new();
     for name in ["a", "b"] {
         let a = NodeProc::agent_of(&m, &dir.path().join(name), &[]).expect("agent");
-        a.add_job_types(&["foojob0.yaml", "foojob2.yaml"]);
-        a.put_job_type(
-            dir.path(),
-            "foojob1",
-            &["text"],
-            &["outSB"],
-            r#"sleep 4; jq -cn --arg t "$CARONI_ENV_text" '{outSB: ("prepend" + $t)}'"#,
-            false,
-        );
+        a.add_demo_job_types_with_slow_step2(dir.path(), 4);
         agents.push(a);
     }
     m.add_demo_template();

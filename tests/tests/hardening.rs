@@ -16,15 +16,7 @@ fn an_agent_that_comes_back_at_another_address_is_reached_there() {
     let m = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
     let mut a = NodeProc::agent_of(&m, &dir.path().join("a"), &[]).expect("agent");
     m.add_demo_template();
-    a.add_job_types(&["foojob0.yaml", "foojob2.yaml"]);
-    a.put_job_type(
-        dir.path(),
-        "foojob1",
-        &["text"],
-        &["outSB"],
-        r#"sleep 2; jq -cn --arg t "$CARONI_ENV_text" '{outSB: ("prepend" + $t)}'"#,
-        false,
-    );
+    a.add_demo_job_types_with_slow_step2(dir.path(), 2);
     let id = m.run("test_simple", &["start_message=moved"]);
     m.wait_until(&id, LIMIT, "step2 running", |w| {
         step(w, "step2")["state"] == "running"
@@ -136,19 +128,27 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// The data directory's disk fills up: `caroni run` fails with the reason
-/// and health says NOT_SERVING; once space is freed the node recovers by
-/// itself (no restart): health says SERVING and the demo completes.
+/// The data directory's disk fills up while a job runs: `caroni run` fails
+/// with the reason and health says NOT_SERVING; once space is freed the
+/// node recovers by itself (no restart): health says SERVING, the job that
+/// ended meanwhile counts (no new attempt) and new workflows complete.
 #[test]
 fn a_full_disk_is_reported_and_the_node_recovers_when_space_returns() {
     let Some(fs) = Tmpfs::mount(64) else {
         eprintln!("skipped: cannot mount a tmpfs here (needs root)");
         return;
     };
+    let files = tempfile::tempdir().expect("tempdir");
     let n = NodeProc::start(&fs.path, "both", &[]).expect("node");
     n.add_demo_template();
-    n.add_job_types(&["foojob0.yaml", "foojob1.yaml", "foojob2.yaml"]);
+    n.add_demo_job_types_with_slow_step2(files.path(), 3);
     assert!(health(&n).contains("\"SERVING\""), "{}", health(&n));
+    // A job that ends while the disk is full: its result is kept and
+    // written once the disk has room again.
+    let during = n.run("test_simple", &["start_message=during"]);
+    n.wait_until(&during, LIMIT, "step2 running", |w| {
+        step(w, "step2")["state"] == "running"
+    });
     let filler = Filler::start(&fs.path);
     // Writes fail until the node notices; then it says why, and health
     // turns NOT_SERVING.
@@ -166,6 +166,9 @@ fn a_full_disk_is_reported_and_the_node_recovers_when_space_returns() {
         let h = health(&n);
         h.contains("\"SERVING\"") && !h.contains("NOT_SERVING")
     });
+    let w = n.wait(&during, LIMIT);
+    assert_eq!(w["outputs"]["result"], "prependDURING append", "{w:#}");
+    assert_eq!(step(&w, "step2")["attempts"], 1, "{w:#}");
     let id = n.run("test_simple", &["start_message=freed"]);
     let w = n.wait(&id, LIMIT);
     assert_eq!(w["outputs"]["result"], "prependFREED append", "{w:#}");
@@ -349,5 +352,46 @@ fn an_undecodable_request_is_invalid_argument() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("UTF-8"), "{}", status.message());
     // The node goes on.
+    n.add_demo_template();
+}
+
+/// An envelope over the peer port's size limit ends the stream with an
+/// error that says so (it used to close silently); the node goes on.
+#[test]
+fn an_oversized_envelope_is_answered_with_an_error() {
+    use caroni_proto::v1 as pb;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    let status = runtime().block_on(async {
+        let url = format!("http://127.0.0.1:{}", n.ports.peer);
+        let mut client = pb::peer_service_client::PeerServiceClient::connect(url)
+            .await
+            .expect("connect");
+        let env = pb::Envelope {
+            body: vec![0; 50 << 20],
+            ..Default::default()
+        };
+        let stream = tokio_stream::iter(vec![env]);
+        match client.deliver(stream).await {
+            Err(s) => s,
+            Ok(resp) => {
+                let mut acks = resp.into_inner();
+                loop {
+                    match tokio::time::timeout(Duration::from_secs(30), acks.message())
+                        .await
+                        .expect("an answer in time")
+                    {
+                        Ok(Some(_)) => {}
+                        Ok(None) => panic!("the stream closed without an error"),
+                        Err(s) => break s,
+                    }
+                }
+            }
+        }
+    });
+    assert!(
+        status.message().contains("too large") || status.message().contains("length"),
+        "{status:?}"
+    );
     n.add_demo_template();
 }

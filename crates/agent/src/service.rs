@@ -167,6 +167,10 @@ pub struct Service<E> {
     declined: HashMap<Uuid, u64>,
     group: Group,
     stats: Arc<Stats>,
+    /// The state in memory is unreliable until a reload succeeds.
+    stale: bool,
+    /// Results of jobs whose end could not be written yet.
+    retry_results: Vec<(Uuid, RunResult)>,
 }
 
 fn now_ms() -> u64 {
@@ -205,9 +209,29 @@ impl<E: Executor> Service<E> {
             declined: HashMap::new(),
             group: Group::default(),
             stats,
+            stale: false,
+            retry_results: Vec::new(),
         };
         s.load()?;
         Ok((s, handle))
+    }
+
+    /// Reloads the state after a failed write; until that succeeds the
+    /// agent takes no command (see [`Service::run`]). Results of jobs that
+    /// ended meanwhile are applied again once it has.
+    fn reload(&mut self) {
+        match self.load() {
+            Ok(()) => {
+                self.stale = false;
+                for (id, result) in std::mem::take(&mut self.retry_results) {
+                    self.finished(id, result);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reload the agent's state; will try again");
+                self.stale = true;
+            }
+        }
     }
 
     /// (Re)reads live offers and jobs from disk.
@@ -252,6 +276,33 @@ impl<E: Executor> Service<E> {
         let mut cleanup = tokio::time::interval(Duration::from_secs(30));
         let mut backoff = wire::Backoff::default();
         loop {
+            if self.stale {
+                self.reload();
+                if self.stale {
+                    // Answer at once meanwhile: nobody waits on a disk.
+                    let until = tokio::time::Instant::now() + backoff.delay(false);
+                    loop {
+                        tokio::select! {
+                            _ = cancel.cancelled() => break,
+                            _ = tokio::time::sleep_until(until) => break,
+                            Some(cmd) = self.rx.recv() => {
+                                if let Cmd::Deliver(_, reply) = cmd {
+                                    let _ = reply.send(Err(DeliverError::Retry(format!(
+                                        "the agent cannot read its state from storage now ({}); retry later",
+                                        self.store.health().borrow().as_deref().unwrap_or("unknown error")
+                                    ))));
+                                }
+                            }
+                        }
+                    }
+                    if cancel.is_cancelled() {
+                        break;
+                    }
+                    continue;
+                }
+                self.schedule();
+                self.flush().await;
+            }
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 Some(cmd) = self.rx.recv() => {
@@ -606,12 +657,8 @@ impl<E: Executor> Service<E> {
                 for (tx, r) in g.replies {
                     let _ = tx.send(r.and(Err(DeliverError::Retry(e.clone()))));
                 }
-                if let Err(e) = self.load() {
-                    tracing::error!(error = %e, "cannot reload the agent's state");
-                }
-                for (id, result) in g.results {
-                    self.finished(id, result);
-                }
+                self.retry_results.extend(g.results);
+                self.reload();
                 return false;
             }
         }

@@ -186,6 +186,20 @@ impl Handle {
 }
 
 /// A command's answer, given once its group is written.
+/// The answer while the manager cannot trust its state.
+const STALE: &str = "the manager cannot read its state from storage now (see the node's log and health); it recovers by itself when storage works again, retry then";
+
+impl Cmd {
+    /// Answers without applying: the manager cannot now.
+    fn refuse(self, why: &str) {
+        match self {
+            Cmd::Run(_, _, tx) => Reply::Run(tx, Ok(Uuid::nil())).send(Err(why)),
+            Cmd::Cancel(_, tx) => Reply::Cancel(tx, Ok(())).send(Err(why)),
+            Cmd::Deliver(_, tx) => Reply::Deliver(tx, Ok(())).send(Err(why)),
+        }
+    }
+}
+
 enum Reply {
     Run(oneshot::Sender<Result<Uuid, Error>>, Result<Uuid, Error>),
     Cancel(oneshot::Sender<Result<(), Error>>, Result<(), Error>),
@@ -294,6 +308,9 @@ pub struct Service {
     agents: AgentBook,
     /// Parsed templates by name, with the version they were parsed from.
     parsed: HashMap<String, (u64, Arc<caroni_cwl::Workflow>)>,
+    /// A failed write left the state in memory unreliable and reloading
+    /// it failed too.
+    stale: bool,
 }
 
 fn open_requests(wf: &Workflow) -> usize {
@@ -337,6 +354,7 @@ impl Service {
                 ..AgentBook::default()
             },
             parsed: HashMap::new(),
+            stale: false,
         };
         let n = records::migrate(&store)?;
         if n > 0 {
@@ -358,6 +376,19 @@ impl Service {
     }
 
     /// (Re)reads every live workflow from disk.
+    /// Reloads the live state after a failed write. Until that succeeds
+    /// the state in memory is not to be trusted: [`Service::run`] takes no
+    /// command and fires no timer, and tries again after a back-off.
+    fn reload(&mut self) {
+        match self.load() {
+            Ok(()) => self.stale = false,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reload the manager's state; will try again");
+                self.stale = true;
+            }
+        }
+    }
+
     fn load(&mut self) -> Result<(), Error> {
         self.live.clear();
         self.by_request.clear();
@@ -434,6 +465,29 @@ impl Service {
         self.flush(g).await;
         let mut backoff = caroni_store::wire::Backoff::default();
         loop {
+            if self.stale {
+                self.reload();
+                if self.stale {
+                    // Answer at once meanwhile: nobody waits on a disk.
+                    let until = tokio::time::Instant::now() + backoff.delay(false);
+                    let why = format!(
+                        "{STALE} ({})",
+                        self.store
+                            .health()
+                            .borrow()
+                            .as_deref()
+                            .unwrap_or("unknown error")
+                    );
+                    loop {
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep_until(until) => break,
+                            Some(cmd) = self.rx.recv() => cmd.refuse(&why),
+                        }
+                    }
+                    continue;
+                }
+            }
             let sleep = match self.deadlines.first() {
                 Some((at, _)) => Duration::from_millis(at.saturating_sub(caroni_types::now_ms())),
                 None => Duration::from_secs(3600),
@@ -830,9 +884,7 @@ impl Service {
                 for r in g.replies {
                     r.send(Err(&e));
                 }
-                if let Err(e) = self.load() {
-                    tracing::error!(error = %e, "cannot reload the manager's state");
-                }
+                self.reload();
             }
         }
         self.stats

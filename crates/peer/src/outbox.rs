@@ -1214,6 +1214,17 @@ mod tests {
         cancel.cancel();
     }
 
+    /// An outbox on a fresh store, with a fresh key.
+    fn test_outbox(limits: Limits) -> (tempfile::TempDir, Outbox, CancellationToken) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let signer = Signer::new(Keypair::generate_ed25519(), "http://127.0.0.1:1".into());
+        let cancel = CancellationToken::new();
+        let outbox = Outbox::start_with(store, signer, Liveness::default(), cancel.clone(), limits)
+            .expect("outbox");
+        (dir, outbox, cancel)
+    }
+
     fn closed_endpoint() -> String {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         format!("http://{}", l.local_addr().expect("addr"))
@@ -1248,12 +1259,7 @@ mod tests {
     /// to the address the peer gives next, at once, without a restart.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn queued_messages_follow_a_peer_to_its_new_address() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("store");
-        let signer = Signer::new(Keypair::generate_ed25519(), "http://127.0.0.1:1".into());
-        let cancel = CancellationToken::new();
-        let outbox =
-            Outbox::start(store, signer, Liveness::default(), cancel.clone()).expect("outbox");
+        let (_dir, outbox, cancel) = test_outbox(Limits::default());
         let peer = new_peer();
         for n in 0..5 {
             stage_one(&outbox, &peer, &closed_endpoint(), n);
@@ -1296,10 +1302,6 @@ mod tests {
     /// and its sender stops.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_strangers_queue_is_bounded_expires_and_its_sender_stops() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("store");
-        let signer = Signer::new(Keypair::generate_ed25519(), "http://127.0.0.1:1".into());
-        let cancel = CancellationToken::new();
         let limits = Limits {
             max_queued_unconfirmed: 10,
             max_unconfirmed_peers: 2,
@@ -1307,8 +1309,7 @@ mod tests {
             idle: Duration::from_millis(300),
             ..Limits::default()
         };
-        let outbox = Outbox::start_with(store, signer, Liveness::default(), cancel.clone(), limits)
-            .expect("outbox");
+        let (_dir, outbox, cancel) = test_outbox(limits);
         let (p1, p2, p3) = (new_peer(), new_peer(), new_peer());
         let nowhere = closed_endpoint();
         for n in 0..15 {
@@ -1344,12 +1345,7 @@ mod tests {
     /// counted; it never reaches a queue where it would block the rest.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_oversized_message_is_refused_at_staging() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("store");
-        let signer = Signer::new(Keypair::generate_ed25519(), "http://127.0.0.1:1".into());
-        let cancel = CancellationToken::new();
-        let outbox =
-            Outbox::start(store, signer, Liveness::default(), cancel.clone()).expect("outbox");
+        let (_dir, outbox, cancel) = test_outbox(Limits::default());
         let peer = new_peer();
         let nowhere = closed_endpoint();
         stage_one(&outbox, &peer, &nowhere, 1);

@@ -74,17 +74,26 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// Records a write's outcome; how long to wait before the next try
+    /// (zero after a success).
+    pub fn delay(&mut self, ok: bool) -> std::time::Duration {
+        if ok {
+            self.failures = 0;
+            return std::time::Duration::ZERO;
+        }
+        self.failures = self.failures.saturating_add(1);
+        std::time::Duration::from_millis(100)
+            .saturating_mul(1u32 << self.failures.min(7))
+            .min(std::time::Duration::from_secs(10))
+    }
+
     /// Records a write's outcome and, after a failure, waits. Returns false
     /// when cancelled meanwhile.
     pub async fn after(&mut self, ok: bool, cancel: &tokio_util::sync::CancellationToken) -> bool {
-        if ok {
-            self.failures = 0;
+        let wait = self.delay(ok);
+        if wait.is_zero() {
             return true;
         }
-        self.failures = self.failures.saturating_add(1);
-        let wait = std::time::Duration::from_millis(100)
-            .saturating_mul(1u32 << self.failures.min(7))
-            .min(std::time::Duration::from_secs(10));
         tokio::select! {
             _ = tokio::time::sleep(wait) => true,
             _ = cancel.cancelled() => false,
