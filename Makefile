@@ -3,7 +3,7 @@
 #   make test   – set up, build, run every test
 TEXT ?= caronirocks
 
-.PHONY: setup demo test check bench
+.PHONY: setup demo test check bench fuzz
 
 setup:
 	@scripts/setup.sh
@@ -25,3 +25,10 @@ check: setup
 # end-to-end benchmark is `caroni bench` (see README).
 bench: setup
 	cargo bench --profile dev -p caroni-tests --bench micro
+
+# Decoder properties at full count: 100,000 cases each of envelopes (bytes
+# and signed absurd messages), protocol payloads, CWL documents, job-type
+# files and configuration files; prints each one's count and time. `make
+# test` runs the same properties with 2,000 cases.
+fuzz: setup
+	CARONI_FUZZ_CASES=$${CARONI_FUZZ_CASES:-100000} cargo nextest run --workspace --no-fail-fast --no-capture -E 'test(/never_panic/)'

@@ -85,3 +85,53 @@ pub fn parse(text: &str, is_toml: bool, path: &Path) -> anyhow::Result<Vec<pb::J
         })
         .collect())
 }
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    /// Any job-type file text, YAML or TOML, gives job types or an error,
+    /// never a panic (`make fuzz` runs 100,000 cases).
+    #[test]
+    fn job_type_files_never_panic() {
+        let cases = std::env::var("CARONI_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2000);
+        let start = std::time::Instant::now();
+        let key = prop_oneof![
+            Just("name"),
+            Just("inputs"),
+            Just("outputs"),
+            Just("body"),
+            Just("timeout"),
+            Just("max_output_bytes"),
+            Just("job_type"),
+            Just("other"),
+        ];
+        let value = prop_oneof![
+            any::<i64>().prop_map(|n| n.to_string()),
+            ".{0,30}".prop_map(|s| format!("{s:?}")),
+            Just("[a, b]".to_string()),
+            Just("[\"a\", 1]".to_string()),
+            Just("{ x: 1 }".to_string()),
+            ".{0,20}",
+        ];
+        let path = std::path::Path::new("fuzz.yaml");
+        proptest!(
+            ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() },
+            |(lines in proptest::collection::vec((key, value), 0..7), raw in ".{0,200}")| {
+                let yaml: String = lines.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
+                let toml: String = lines.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
+                let _ = super::parse(&yaml, false, path);
+                let _ = super::parse(&toml, true, path);
+                let _ = super::parse(&raw, false, path);
+                let _ = super::parse(&raw, true, path);
+            }
+        );
+        println!(
+            "job-type files: {cases} cases in {:.1} s, no panic",
+            start.elapsed().as_secs_f64()
+        );
+    }
+}

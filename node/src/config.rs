@@ -378,4 +378,56 @@ mod tests {
         let e = Config::load(flags).expect_err("typo");
         assert!(e.to_string().contains("unknown field `slot`"), "{e}");
     }
+
+    /// Any configuration file text gives a configuration or an error,
+    /// never a panic (`make fuzz` runs 100,000 cases).
+    #[test]
+    fn configuration_files_never_panic() {
+        use proptest::prelude::*;
+        let cases = std::env::var("CARONI_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2000);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("caroni.toml");
+        let start = std::time::Instant::now();
+        let keys = prop_oneof![
+            Just("role"),
+            Just("api_listen"),
+            Just("peer_listen"),
+            Just("peer_advertise"),
+            Just("p2p_listen"),
+            Just("bootstrap"),
+            Just("mdns"),
+            Just("slots"),
+            Just("lease_seconds"),
+            Just("request_ttl_seconds"),
+            Just("api_token"),
+            Just("max_open_requests"),
+            Just("offer_window_ms"),
+            Just("log_format"),
+            Just("data_dir"),
+        ];
+        let value = prop_oneof![
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<bool>().prop_map(|b| b.to_string()),
+            ".{0,40}".prop_map(|s| format!("{s:?}")),
+            Just("[\"a\", 1]".to_string()),
+            ".{0,20}",
+        ];
+        proptest!(
+            ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() },
+            |(lines in proptest::collection::vec((keys, value), 0..6), raw in ".{0,200}")| {
+                let text: String = lines.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
+                for t in [text, raw] {
+                    std::fs::write(&path, t).expect("write");
+                    let _ = Config::load(Flags { config: Some(path.clone()), ..Flags::default() });
+                }
+            }
+        );
+        println!(
+            "configuration files: {cases} cases in {:.1} s, no panic",
+            start.elapsed().as_secs_f64()
+        );
+    }
 }
