@@ -342,7 +342,8 @@ impl Outbox {
     ) -> Result<Staged, Error> {
         let bulk = is_bulk(&payload);
         let payload = envelope::encode_payload(payload);
-        let endpoint = self.address_for(batch, to, endpoint);
+        let known = self.endpoint_of(to);
+        let endpoint = known.clone().unwrap_or_else(|| endpoint.to_string());
         let size = (payload.len() + endpoint.len()) as u64;
         let too_large = (payload.len() > MAX_MESSAGE).then(|| {
             format!(
@@ -357,6 +358,9 @@ impl Outbox {
                 endpoint,
                 item: None,
             });
+        }
+        if known.is_none() {
+            self.remember(batch, to, &endpoint);
         }
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         let key = Key::new().str(to).u64(seq).finish();
@@ -374,23 +378,20 @@ impl Outbox {
         })
     }
 
-    /// The endpoint to use for `to`: the address book's, else `endpoint`,
-    /// which then enters the book (in `batch`).
-    fn address_for(&self, batch: &mut Batch, to: &str, endpoint: &str) -> String {
+    /// Enters `to` at `endpoint` in the address book (in `batch`), where
+    /// it stays until `to` says otherwise.
+    fn remember(&self, batch: &mut Batch, to: &str, endpoint: &str) {
+        if to == self.inner.me || endpoint.is_empty() {
+            return;
+        }
         let mut book = self.book();
-        if let Some(a) = book.get(to).filter(|a| !a.endpoint.is_empty()) {
-            return a.endpoint.clone();
-        }
-        if to != self.inner.me && !endpoint.is_empty() {
-            let a = Address {
-                endpoint: endpoint.to_string(),
-                said_at_ms: 0,
-                confirmed: book.get(to).is_some_and(|a| a.confirmed),
-            };
-            batch.put(ADDRESSES, &Key::new().str(to).finish(), &a);
-            book.insert(to.to_string(), a);
-        }
-        endpoint.to_string()
+        let a = Address {
+            endpoint: endpoint.to_string(),
+            said_at_ms: 0,
+            confirmed: book.get(to).is_some_and(|a| a.confirmed),
+        };
+        batch.put(ADDRESSES, &Key::new().str(to).finish(), &a);
+        book.insert(to.to_string(), a);
     }
 
     /// Why a message of `size` bytes for `to` is not to be queued, if so.
@@ -1326,6 +1327,10 @@ mod tests {
             "a third stranger gets no queue"
         );
         assert_eq!(rows_for(&outbox, &p3), 0);
+        assert!(
+            outbox.endpoint_of(&p3).is_none(),
+            "a dropped stranger is not remembered"
+        );
         wait_until(
             "the strangers' messages expire and their senders stop",
             || {
