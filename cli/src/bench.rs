@@ -168,22 +168,14 @@ async fn start_topology(args: &BenchArgs) -> anyhow::Result<(Topology, Vec<NodeR
         let bootstrap = (i > 0).then(|| format!("/ip4/127.0.0.1/tcp/{manager_p2p}"));
         if args.in_process {
             let config = caroni_node::Config {
-                data_dir,
                 role: role.parse().map_err(anyhow::Error::msg)?,
                 api_listen: format!("127.0.0.1:{}", ports.api).parse()?,
-                api_token: None,
                 peer_listen: format!("127.0.0.1:{}", ports.peer).parse()?,
                 peer_advertise: format!("http://127.0.0.1:{}", ports.peer),
                 p2p_listen: format!("/ip4/127.0.0.1/tcp/{}", ports.p2p),
                 bootstrap: bootstrap.into_iter().collect(),
-                mdns: false,
                 slots: args.slots,
-                lease_seconds: 30,
-                request_ttl_seconds: 600,
-                max_open_requests: caroni_node::config::DEFAULT_MAX_OPEN_REQUESTS,
-                offer_window_ms: caroni_node::config::DEFAULT_OFFER_WINDOW_MS,
-                log_format: caroni_node::LogFormat::Text,
-                new_identity: false,
+                ..caroni_node::Config::embedded(data_dir)
             };
             topo.embedded.push(caroni_node::Node::start(config).await?);
         } else {

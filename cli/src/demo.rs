@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context as _;
-use caroni_node::{Config, LogFormat, Node};
+use caroni_node::{Config, Node};
 use caroni_proto::v1 as pb;
 
 use crate::client::{status, Context};
@@ -35,24 +35,7 @@ pub async fn demo(text: String, format: Format) -> anyhow::Result<ExitCode> {
         .prefix("caroni-demo-")
         .tempdir()
         .context("cannot create a temporary directory for the demo")?;
-    let config = Config {
-        data_dir: dir.path().join("node"),
-        role: caroni_types::Role::Both,
-        api_listen: "127.0.0.1:0".parse()?,
-        api_token: None,
-        peer_listen: "127.0.0.1:0".parse()?,
-        peer_advertise: "http://127.0.0.1:0".into(),
-        p2p_listen: "/ip4/127.0.0.1/tcp/0".into(),
-        bootstrap: Vec::new(),
-        mdns: false,
-        slots: 2,
-        lease_seconds: 30,
-        request_ttl_seconds: 600,
-        max_open_requests: caroni_node::config::DEFAULT_MAX_OPEN_REQUESTS,
-        offer_window_ms: caroni_node::config::DEFAULT_OFFER_WINDOW_MS,
-        log_format: LogFormat::Text,
-        new_identity: false,
-    };
+    let config = Config::embedded(dir.path().join("node"));
     let node = Node::start(config).await?;
     let ctx = Context::new(format!("http://{}", node.api_addr), None, format);
     let result = run(&ctx, text).await;

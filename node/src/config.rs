@@ -175,6 +175,31 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// A node in both roles on `data_dir`, every listener on a free
+    /// loopback port, no mDNS, default tuning: what an embedded node
+    /// (`caroni demo`, `caroni bench --in-process`, tests) starts from.
+    pub fn embedded(data_dir: PathBuf) -> Self {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            data_dir,
+            role: Role::Both,
+            api_listen: loopback,
+            api_token: None,
+            peer_listen: loopback,
+            peer_advertise: "http://127.0.0.1:0".into(),
+            p2p_listen: "/ip4/127.0.0.1/tcp/0".into(),
+            bootstrap: Vec::new(),
+            mdns: false,
+            slots: 2,
+            lease_seconds: 30,
+            request_ttl_seconds: 600,
+            max_open_requests: DEFAULT_MAX_OPEN_REQUESTS,
+            offer_window_ms: DEFAULT_OFFER_WINDOW_MS,
+            log_format: LogFormat::Text,
+            new_identity: false,
+        }
+    }
+
     /// Merges flags (with their environment variables) over the TOML file
     /// over the defaults, and checks the result.
     pub fn load(flags: Flags) -> Result<Self, ConfigError> {

@@ -4,27 +4,13 @@
 
 use std::time::Duration;
 
-use caroni_node::{Config, LogFormat, Node};
+use caroni_node::{Config, Node};
 use caroni_tests::caroni;
 
 fn config(dir: &std::path::Path) -> Config {
     Config {
-        data_dir: dir.join("node"),
-        role: caroni_types::Role::Both,
-        api_listen: "127.0.0.1:0".parse().expect("addr"),
-        api_token: None,
-        peer_listen: "127.0.0.1:0".parse().expect("addr"),
-        peer_advertise: "http://127.0.0.1:0".into(),
-        p2p_listen: "/ip4/127.0.0.1/tcp/0".into(),
-        bootstrap: Vec::new(),
-        mdns: false,
         slots: 1,
-        lease_seconds: 30,
-        request_ttl_seconds: 600,
-        max_open_requests: caroni_node::config::DEFAULT_MAX_OPEN_REQUESTS,
-        offer_window_ms: caroni_node::config::DEFAULT_OFFER_WINDOW_MS,
-        log_format: LogFormat::Text,
-        new_identity: false,
+        ..Config::embedded(dir.join("node"))
     }
 }
 
