@@ -4,6 +4,16 @@
 # CARONI_FIXTURES: space-separated job-type files under examples/jobtypes to
 # load on an agent; CARONI_TEMPLATES=1 loads the demo templates on a manager.
 set -u
+# With TLS on the client API, wait (bounded) for its certificate: in the
+# compose deployment a one-shot service writes it into a shared volume.
+if [ -n "${CARONI_API_TLS_CERT:-}" ]; then
+  for ((i = 0; i < 600; i++)); do
+    [ -s "$CARONI_API_TLS_CERT" ] && [ -s "${CARONI_API_TLS_KEY:-/nonexistent}" ] && break
+    sleep 0.1
+  done
+fi
+# An empty CARONI_MESH_KEY means no private mesh.
+[ -n "${CARONI_MESH_KEY:-}" ] || unset CARONI_MESH_KEY
 caroni-node "$@" &
 node=$!
 trap 'kill -TERM $node; wait $node; exit $?' TERM INT

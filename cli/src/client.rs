@@ -18,6 +18,8 @@ pub struct Context {
     pub node: String,
     token: Option<String>,
     pub format: Format,
+    /// CA certificate (PEM) that signed the node's API certificate.
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 impl Context {
@@ -26,11 +28,52 @@ impl Context {
             node,
             token,
             format,
+            tls_ca: None,
         }
     }
 
+    /// Trusts the CA in the PEM file `ca` for `https://` node URLs.
+    pub fn with_tls_ca(mut self, ca: Option<std::path::PathBuf>) -> Self {
+        self.tls_ca = ca;
+        self
+    }
+
+    /// A TLS client configuration trusting the CA file.
+    fn tls_config(&self) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+        let Some(ca) = &self.tls_ca else {
+            anyhow::bail!(
+                "{} is an https:// URL: give the CA that signed the node's certificate with --tls-ca FILE (or CARONI_TLS_CA)",
+                self.node
+            );
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(ca)
+            .and_then(|c| c.collect::<Result<Vec<_>, _>>())
+            .with_context(|| {
+                format!(
+                    "--tls-ca {}: cannot read a PEM certificate from it",
+                    ca.display()
+                )
+            })?;
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            anyhow::bail!("--tls-ca {} holds no usable CA certificate", ca.display());
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(std::sync::Arc::new(config))
+    }
+
     async fn channel(&self) -> anyhow::Result<Channel> {
-        let endpoint = Endpoint::from_shared(self.node.clone())
+        let tls = self.node.starts_with("https://");
+        let uri = caroni_peer::tls::plain_uri(&self.node);
+        let endpoint = Endpoint::from_shared(uri)
             .with_context(|| {
                 format!(
                     "`{}` is not a valid node URL; use e.g. http://127.0.0.1:7070",
@@ -38,7 +81,15 @@ impl Context {
                 )
             })?
             .connect_timeout(std::time::Duration::from_secs(5));
-        endpoint.connect().await.with_context(|| {
+        let connected = if tls {
+            let config = self.tls_config()?;
+            endpoint
+                .connect_with_connector(caroni_peer::tls::connector(config, None))
+                .await
+        } else {
+            endpoint.connect().await
+        };
+        connected.map_err(|e| anyhow::anyhow!(caroni_peer::error_chain(&e))).with_context(|| {
             format!("cannot reach the node at {}; is caroni-node running there? (set --node or CARONI_NODE)", self.node)
         })
     }

@@ -13,6 +13,7 @@ mod commands;
 mod demo;
 mod jobtype_file;
 mod output;
+mod trust;
 mod workflow;
 
 use output::Format;
@@ -32,6 +33,10 @@ struct Cli {
     /// API token, when the node requires one.
     #[arg(long, global = true, env = "CARONI_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// node URL (the node's
+    /// --api-tls-cert is signed by it; `caroni tls-cert` makes both).
+    #[arg(long, global = true, env = "CARONI_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -81,6 +86,23 @@ enum Command {
         after_help = "Examples:\n  caroni bench                                   # 1 manager + 2 agents, 100 workflows one at a time\n  caroni bench --workflows 1000 --concurrency 0  # a burst of 1,000\n  caroni bench --sleep 0.05 --agents 1 --workflows 200 --concurrency 0\n  caroni -o json bench --in-process\n  caroni --node http://10.0.0.5:7070 bench --agent-api http://10.0.0.6:7070   # running nodes"
     )]
     Bench(bench::BenchArgs),
+    /// Make a certificate for a node's client API (TLS), signed by a CA
+    /// made in the same directory on first use.
+    #[command(
+        name = "tls-cert",
+        after_help = "Example:\n  caroni tls-cert --dir tls --host manager.example.org --host 10.0.0.5\n  caroni-node --api-tls-cert tls/manager.example.org.pem --api-tls-key tls/manager.example.org.key …\n  caroni --node https://manager.example.org:7070 --tls-ca tls/ca.pem workflow list"
+    )]
+    TlsCert(trust::TlsCertArgs),
+    /// Make a pre-shared key for a private mesh (every node gets the same
+    /// file with --mesh-key); printed unless a file is named.
+    #[command(
+        name = "mesh-key",
+        after_help = "Example:\n  caroni mesh-key mesh.key\n  caroni-node --mesh-key mesh.key …"
+    )]
+    MeshKey {
+        /// File to write (created with mode 0600, never overwritten).
+        file: Option<std::path::PathBuf>,
+    },
     /// Run the demonstration workflow on an embedded manager and agent.
     #[command(after_help = "Example:\n  caroni demo caronirocks\n  → prependCARONIROCKS append")]
     Demo {
@@ -138,7 +160,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| "http://127.0.0.1:7070".to_string()),
         cli.token,
         cli.output,
-    );
+    )
+    .with_tls_ca(cli.tls_ca);
     match cli.command {
         Command::Template(c) => commands::template(&ctx, c).await,
         Command::JobType(c) => commands::job_type(&ctx, c).await,
@@ -152,6 +175,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Job(c) => workflow::job(&ctx, c).await,
         Command::Peers => workflow::peers(&ctx).await,
         Command::Health => ctx.health().await,
+        Command::TlsCert(args) => trust::tls_cert(args),
+        Command::MeshKey { file } => trust::mesh_key(file),
         Command::Demo { text } => demo::demo(text, ctx.format).await,
         Command::Bench(mut args) => {
             args.target = target;

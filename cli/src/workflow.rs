@@ -102,6 +102,9 @@ pub fn workflow_json(w: &pb::Workflow) -> serde_json::Value {
                 "message": a.message, "stderr_tail": a.stderr_tail, "superseded": a.superseded,
                 "started_at": ts(&a.started_at), "ended_at": ts(&a.ended_at),
             })).collect::<Vec<_>>(),
+            "declines": s.declines.iter().map(|d| json!({
+                "agent": d.agent, "reason": d.reason,
+            })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "dataflows": w.dataflows.iter().map(|d| json!({
             "source": d.source, "destination": d.destination, "value": d.value,
@@ -177,6 +180,18 @@ fn print_workflow(w: &pb::Workflow) {
             ]);
         }
         println!("failed attempts:\n{a}");
+    }
+    let declines: Vec<_> = w
+        .steps
+        .iter()
+        .flat_map(|s| s.declines.iter().map(move |d| (s, d)))
+        .collect();
+    if !declines.is_empty() {
+        let mut t = output::table(&["step", "agent", "declined because"]);
+        for (s, d) in declines {
+            t.add_row(vec![s.id.clone(), d.agent.clone(), d.reason.clone()]);
+        }
+        println!("declines:\n{t}");
     }
     print_outputs(w);
 }
@@ -474,6 +489,7 @@ pub async fn peers(ctx: &Context) -> anyhow::Result<ExitCode> {
             "endpoint": p.endpoint, "queued": p.queued, "delivered": p.delivered,
             "stream_open": p.stream_open, "last_error": p.last_error,
             "dropped": p.dropped, "confirmed": p.confirmed,
+            "refused": p.refused, "last_refusal": p.last_refusal,
         })).collect::<Vec<_>>()));
     } else {
         let mut t = output::table(&[
@@ -483,8 +499,9 @@ pub async fn peers(ctx: &Context) -> anyhow::Result<ExitCode> {
             "queued",
             "delivered",
             "dropped",
+            "refused",
             "stream",
-            "last error",
+            "last error / refusal",
         ]);
         for p in &peers {
             t.add_row(vec![
@@ -498,12 +515,17 @@ pub async fn peers(ctx: &Context) -> anyhow::Result<ExitCode> {
                 p.queued.to_string(),
                 p.delivered.to_string(),
                 p.dropped.to_string(),
+                p.refused.to_string(),
                 if p.stream_open {
                     "open".into()
                 } else {
                     "closed".into()
                 },
-                p.last_error.clone(),
+                if p.last_error.is_empty() {
+                    p.last_refusal.clone()
+                } else {
+                    p.last_error.clone()
+                },
             ]);
         }
         println!("{t}");

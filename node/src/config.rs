@@ -65,6 +65,18 @@ pub struct Config {
     /// Start with this key even though the data directory holds the state
     /// of another node id (a lost or replaced `node.key`).
     pub new_identity: bool,
+    /// TLS on node links, with certificates derived from node keys.
+    pub peer_tls: bool,
+    /// The private mesh's pre-shared key file (swarm.key format).
+    pub mesh_key: Option<PathBuf>,
+    /// An agent serves only these managers (node ids); empty: every one.
+    pub serve_managers: Vec<String>,
+    /// A manager takes offers only from these agents; empty: every one.
+    pub use_agents: Vec<String>,
+    /// PEM certificate chain of the client API (TLS when set).
+    pub api_tls_cert: Option<PathBuf>,
+    /// PEM private key of the client API's certificate.
+    pub api_tls_key: Option<PathBuf>,
 }
 
 /// Defaults of the tuning settings, shared with embedded nodes.
@@ -137,6 +149,31 @@ pub struct Flags {
     /// jobs and workflows they hold for it are not this node's.
     #[arg(long)]
     pub new_identity: bool,
+    /// TLS on node links: each node's certificate is derived from its node
+    /// key and checked against the node id it claims [default: true]. Every
+    /// node of a mesh must have the same setting.
+    #[arg(long, env = "CARONI_PEER_TLS")]
+    pub peer_tls: Option<bool>,
+    /// Pre-shared key file of a private mesh (libp2p swarm.key format,
+    /// written by `caroni mesh-key`): nodes without it can neither join
+    /// the gossip nor deliver a message.
+    #[arg(long, env = "CARONI_MESH_KEY")]
+    pub mesh_key: Option<PathBuf>,
+    /// Agent: serve only these managers (node ids, comma-separated);
+    /// others' requests are declined with the reason.
+    #[arg(long, env = "CARONI_SERVE_MANAGERS", value_delimiter = ',')]
+    pub serve_managers: Vec<String>,
+    /// Manager: take offers only from these agents (node ids,
+    /// comma-separated); others' offers are refused.
+    #[arg(long, env = "CARONI_USE_AGENTS", value_delimiter = ',')]
+    pub use_agents: Vec<String>,
+    /// PEM certificate (chain) for TLS on the client API; needs
+    /// --api-tls-key. `caroni tls-cert` makes one.
+    #[arg(long, env = "CARONI_API_TLS_CERT")]
+    pub api_tls_cert: Option<PathBuf>,
+    /// PEM private key of --api-tls-cert.
+    #[arg(long, env = "CARONI_API_TLS_KEY")]
+    pub api_tls_key: Option<PathBuf>,
 }
 
 /// The TOML file: every key optional.
@@ -158,6 +195,12 @@ struct FileConfig {
     max_open_requests: Option<usize>,
     offer_window_ms: Option<u64>,
     log_format: Option<LogFormat>,
+    peer_tls: Option<bool>,
+    mesh_key: Option<PathBuf>,
+    serve_managers: Option<Vec<String>>,
+    use_agents: Option<Vec<String>>,
+    api_tls_cert: Option<PathBuf>,
+    api_tls_key: Option<PathBuf>,
 }
 
 /// A configuration that cannot be used.
@@ -197,6 +240,12 @@ impl Config {
             offer_window_ms: DEFAULT_OFFER_WINDOW_MS,
             log_format: LogFormat::Text,
             new_identity: false,
+            peer_tls: true,
+            mesh_key: None,
+            serve_managers: Vec::new(),
+            use_agents: Vec::new(),
+            api_tls_cert: None,
+            api_tls_key: None,
         }
     }
 
@@ -211,6 +260,18 @@ impl Config {
             .peer_listen
             .or(file.peer_listen)
             .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 7071)));
+        let peer_tls = flags.peer_tls.or(file.peer_tls).unwrap_or(true);
+        let ids = |flag: Vec<String>, file: Option<Vec<String>>| -> Vec<String> {
+            if flag.is_empty() {
+                file.unwrap_or_default()
+            } else {
+                flag
+            }
+            .into_iter()
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect()
+        };
         let config = Config {
             data_dir: flags
                 .data_dir
@@ -224,7 +285,7 @@ impl Config {
             api_token: flags.api_token.or(file.api_token).filter(|t| !t.is_empty()),
             peer_advertise: match flags.peer_advertise.or(file.peer_advertise) {
                 Some(a) => a,
-                None => default_advertise(peer_listen),
+                None => default_advertise(peer_listen, peer_tls),
             },
             peer_listen,
             p2p_listen: flags
@@ -257,6 +318,12 @@ impl Config {
                 .unwrap_or(DEFAULT_OFFER_WINDOW_MS),
             log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
             new_identity: flags.new_identity,
+            peer_tls,
+            mesh_key: flags.mesh_key.or(file.mesh_key),
+            serve_managers: ids(flags.serve_managers, file.serve_managers),
+            use_agents: ids(flags.use_agents, file.use_agents),
+            api_tls_cert: flags.api_tls_cert.or(file.api_tls_cert),
+            api_tls_key: flags.api_tls_key.or(file.api_tls_key),
         };
         config.check()?;
         Ok(config)
@@ -301,6 +368,39 @@ impl Config {
                 self.peer_advertise
             )));
         }
+        if self.api_tls_cert.is_some() != self.api_tls_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "TLS on the client API needs both --api-tls-cert and --api-tls-key".into(),
+            ));
+        }
+        for (flag, ids, role_ok, role) in [
+            (
+                "--serve-managers",
+                &self.serve_managers,
+                self.role.is_agent(),
+                "an agent",
+            ),
+            (
+                "--use-agents",
+                &self.use_agents,
+                self.role.is_manager(),
+                "a manager",
+            ),
+        ] {
+            if !ids.is_empty() && !role_ok {
+                return Err(ConfigError::Invalid(format!(
+                    "{flag} applies to {role}; this node's role is {:?}",
+                    self.role
+                )));
+            }
+            for id in ids {
+                if id.parse::<libp2p::PeerId>().is_err() {
+                    return Err(ConfigError::Invalid(format!(
+                        "{flag}: `{id}` is not a node id (a base58 PeerId such as `caroni info` shows)"
+                    )));
+                }
+            }
+        }
         if advertise_is_wildcard(&self.peer_advertise) {
             return Err(ConfigError::Invalid(format!(
                 "--peer-advertise `{}` is a wildcard address other nodes cannot dial; give this node's reachable address",
@@ -335,10 +435,11 @@ fn advertise_is_wildcard(url: &str) -> bool {
 /// The endpoint to advertise for a listen address: the address itself when
 /// it is specific, else this host's name resolved to an address (the
 /// container's address in Docker), else loopback.
-fn default_advertise(listen: SocketAddr) -> String {
+fn default_advertise(listen: SocketAddr, tls: bool) -> String {
     let port = listen.port();
+    let scheme = if tls { "https" } else { "http" };
     if !listen.ip().is_unspecified() {
-        return format!("http://{listen}");
+        return format!("{scheme}://{listen}");
     }
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
@@ -349,8 +450,8 @@ fn default_advertise(listen: SocketAddr) -> String {
         .and_then(|mut addrs| addrs.find(|a| a.is_ipv4() && !a.ip().is_loopback()))
         .map(|a| a.ip());
     match resolved {
-        Some(ip) => format!("http://{ip}:{port}"),
-        None => format!("http://127.0.0.1:{port}"),
+        Some(ip) => format!("{scheme}://{ip}:{port}"),
+        None => format!("{scheme}://127.0.0.1:{port}"),
     }
 }
 
@@ -432,6 +533,12 @@ mod tests {
             Just("offer_window_ms"),
             Just("log_format"),
             Just("data_dir"),
+            Just("peer_tls"),
+            Just("mesh_key"),
+            Just("serve_managers"),
+            Just("use_agents"),
+            Just("api_tls_cert"),
+            Just("api_tls_key"),
         ];
         let value = prop_oneof![
             any::<i64>().prop_map(|n| n.to_string()),

@@ -198,9 +198,12 @@ impl Node {
             None => config.peer_advertise.clone(),
         };
 
+        let links = links(&config, &key)?;
         let cancel = CancellationToken::new();
         let mut tasks = supervise::Tasks::new(cancel.clone());
-        let signer = caroni_peer::Signer::new(key.clone(), advertise.clone());
+        let signer =
+            caroni_peer::Signer::new(key.clone(), advertise.clone()).with_links(links.clone());
+        let refusals = caroni_peer::PeerRefusals::default();
         let liveness = caroni_peer::Liveness::default();
         let outbox =
             caroni_peer::Outbox::start(store.clone(), signer, liveness.clone(), cancel.clone())?;
@@ -211,6 +214,7 @@ impl Node {
                 listen: config.p2p_listen.clone(),
                 bootstrap: config.bootstrap.clone(),
                 mdns: config.mdns,
+                psk: links.mesh_key.as_ref().map(|k| k.psk()),
             },
         )?;
         mesh_loop.listen()?;
@@ -227,6 +231,7 @@ impl Node {
             local_agent: std::sync::OnceLock::new(),
             liveness: liveness.clone(),
             published: Default::default(),
+            refusals: refusals.clone(),
         });
 
         let agent = if config.role.is_agent() {
@@ -234,6 +239,7 @@ impl Node {
                 caroni_agent::service::Options {
                     node_id: node_id.clone(),
                     slots: config.slots,
+                    serve_managers: allowlist(&config.serve_managers),
                 },
                 store.clone(),
                 wire.clone(),
@@ -258,6 +264,7 @@ impl Node {
                     request_ttl: std::time::Duration::from_secs(config.request_ttl_seconds),
                     max_open_requests: config.max_open_requests,
                     offer_window: std::time::Duration::from_millis(config.offer_window_ms),
+                    use_agents: allowlist(&config.use_agents),
                 },
                 store.clone(),
                 wire.clone(),
@@ -328,18 +335,38 @@ impl Node {
             .max_concurrent_streams(PEER_STREAMS_PER_CONNECTION)
             .add_service(
                 caroni_proto::v1::peer_service_server::PeerServiceServer::new(
-                    caroni_peer::PeerServer::new(inbox, liveness.clone()),
+                    caroni_peer::PeerServer::new(inbox, liveness.clone()).guarded(
+                        node_id.clone(),
+                        links.mesh_key.clone(),
+                        refusals.clone(),
+                    ),
                 )
                 .max_decoding_message_size(caroni_peer::outbox::MAX_ENVELOPE),
             );
-        let incoming = nodelay(peer_listener);
         let c = cancel.clone();
-        tasks.spawn("peer server", async move {
-            peer_server
-                .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
-                .await
-                .context("peer server failed")
-        });
+        match &links.tls {
+            Some(tls) => {
+                let incoming = caroni_peer::tls::accept(peer_listener, tls.server_config(), "peer");
+                tasks.spawn("peer server", async move {
+                    peer_server
+                        .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
+                        .await
+                        .context("peer server failed")
+                });
+            }
+            None => {
+                tracing::warn!(
+                    "node links are plaintext (--peer-tls false): anyone on the path can read them"
+                );
+                let incoming = nodelay(peer_listener);
+                tasks.spawn("peer server", async move {
+                    peer_server
+                        .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
+                        .await
+                        .context("peer server failed")
+                });
+            }
+        }
 
         let info = pb::NodeInfo {
             node_id: node_id.clone(),
@@ -442,16 +469,100 @@ async fn serve_api(
             token.clone(),
         ))
         .add_service(AgentServiceServer::with_interceptor(apis.agent, token));
-    let incoming = nodelay(listener);
-    Ok((
-        async move {
-            router
-                .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
-                .await
-                .context("client API server failed")
-        },
-        Health { reporter, services },
+    let tls = match (&config.api_tls_cert, &config.api_tls_key) {
+        (Some(cert), Some(key)) => Some(api_tls(cert, key)?),
+        _ => None,
+    };
+    let serve: futures::future::BoxFuture<'static, anyhow::Result<()>> = match tls {
+        Some(tls) => {
+            let incoming = caroni_peer::tls::accept(listener, tls, "client API");
+            Box::pin(async move {
+                router
+                    .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+                    .await
+                    .context("client API server failed")
+            })
+        }
+        None => {
+            let incoming = nodelay(listener);
+            Box::pin(async move {
+                router
+                    .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+                    .await
+                    .context("client API server failed")
+            })
+        }
+    };
+    Ok((serve, Health { reporter, services }))
+}
+
+/// The client API's TLS configuration from PEM files.
+fn api_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| {
+            format!(
+                "--api-tls-cert {}: cannot read a PEM certificate from it",
+                cert.display()
+            )
+        })?;
+    if chain.is_empty() {
+        anyhow::bail!("--api-tls-cert {} holds no PEM certificate", cert.display());
+    }
+    let private = PrivateKeyDer::from_pem_file(key).with_context(|| {
+        format!(
+            "--api-tls-key {}: cannot read a PEM private key from it",
+            key.display()
+        )
+    })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
     ))
+    .with_safe_default_protocol_versions()
+    .context("TLS setup")?
+    .with_no_client_auth()
+    .with_single_cert(chain, private)
+    .with_context(|| {
+        format!(
+            "--api-tls-cert {} and --api-tls-key {} do not make a usable pair",
+            cert.display(),
+            key.display()
+        )
+    })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The node's link security from its configuration: TLS credentials
+/// derived from the node key, and the private mesh's key if any.
+fn links(config: &Config, key: &libp2p::identity::Keypair) -> anyhow::Result<caroni_peer::Links> {
+    let tls = if config.peer_tls {
+        Some(Arc::new(caroni_peer::PeerTls::new(key)?))
+    } else {
+        None
+    };
+    let mesh_key = match &config.mesh_key {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --mesh-key {}", path.display()))?;
+            let k = caroni_peer::MeshKey::parse(&text)
+                .with_context(|| format!("--mesh-key {}", path.display()))?;
+            tracing::info!(fingerprint = %k.fingerprint(), "this mesh is private");
+            Some(k)
+        }
+        None => None,
+    };
+    Ok(caroni_peer::Links { tls, mesh_key })
+}
+
+/// An allowlist of node ids; empty means everyone.
+fn allowlist(ids: &[String]) -> Option<std::collections::HashSet<String>> {
+    (!ids.is_empty()).then(|| ids.iter().cloned().collect())
 }
 
 /// A request that does not decode (a `string` field that is not UTF-8, a

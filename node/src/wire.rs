@@ -20,7 +20,11 @@ pub struct NodeWire {
     pub liveness: Liveness,
     /// Job requests published on gossip.
     pub published: std::sync::atomic::AtomicU64,
+    /// What this node refused of each peer.
+    pub refusals: caroni_peer::PeerRefusals,
 }
+
+static ALLOWLIST_REFUSALS: caroni_peer::Refusals = caroni_peer::Refusals::new();
 
 impl caroni_store::wire::Wire for NodeWire {
     fn stage(&self, batch: &mut Batch, out: &Outbound) -> Result<Staged, String> {
@@ -48,6 +52,11 @@ impl caroni_store::wire::Wire for NodeWire {
 
     fn knows(&self, node: &str) -> bool {
         self.outbox.confirmed(node)
+    }
+
+    fn refused(&self, peer: &str, reason: &str) {
+        caroni_peer::refusal!(ALLOWLIST_REFUSALS, peer = %peer, "refused a peer: {reason}");
+        self.refusals.note(peer, reason);
     }
 
     fn publish(&self, reqs: Vec<JobRequest>) {

@@ -67,13 +67,27 @@ pub struct NodeProc {
     pub extra: Vec<String>,
     /// API token passed to the CLI (taken from `--api-token` in `extra`).
     pub token: Option<String>,
+    /// CA the CLI trusts when the API has TLS (`--api-tls-cert` in `extra`).
+    pub tls_ca: Option<PathBuf>,
     log: PathBuf,
 }
 
 impl NodeProc {
     /// Starts a node and waits (at most 60 s) until its API answers.
     pub fn start(data_dir: &Path, role: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_ca(data_dir, role, extra, None)
+    }
+
+    /// [`NodeProc::start`] for a node whose client API has TLS with a
+    /// certificate signed by the CA in `ca` (PEM), which the CLI trusts.
+    pub fn start_with_ca(
+        data_dir: &Path,
+        role: &str,
+        extra: &[&str],
+        ca: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         let mut n = Self {
+            tls_ca: ca.map(Path::to_path_buf),
             child: None,
             ports: Ports::pick(),
             data_dir: data_dir.to_path_buf(),
@@ -176,19 +190,32 @@ impl NodeProc {
 
     /// Client API URL.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.ports.api)
+        let scheme = if self.tls_ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.ports.api)
+    }
+
+    /// `caroni --node URL` with the token and the CA, if any.
+    pub fn cli_command(&self) -> Command {
+        let mut cmd = Command::new(bin("caroni"));
+        cmd.arg("--node").arg(self.url());
+        if let Some(t) = &self.token {
+            cmd.arg("--token").arg(t);
+        }
+        if let Some(ca) = &self.tls_ca {
+            cmd.arg("--tls-ca").arg(ca);
+        }
+        cmd
     }
 
     /// Runs `caroni --node URL ARGS…` (bounded to 60 s).
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
-        match &self.token {
-            Some(t) => {
-                let mut all = vec!["--token", t.as_str()];
-                all.extend_from_slice(args);
-                caroni(&self.url(), &all)
-            }
-            None => caroni(&self.url(), args),
-        }
+        let mut cmd = self.cli_command();
+        cmd.args(args);
+        run_bounded(cmd, Duration::from_secs(60))
     }
 
     /// Runs the CLI, requires success, returns stdout.
@@ -226,6 +253,28 @@ impl Drop for NodeProc {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A client of a node's peer port, dialled as the node with `key` would:
+/// over TLS, presenting `key`'s certificate and accepting only node
+/// `node_id`'s.
+pub async fn peer_client(
+    port: u16,
+    node_id: &str,
+    key: &libp2p::identity::Keypair,
+) -> anyhow::Result<
+    caroni_proto::v1::peer_service_client::PeerServiceClient<tonic::transport::Channel>,
+> {
+    let config = caroni_peer::PeerTls::new(key)?.client_config(node_id)?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(caroni_peer::tls::connector(
+            config,
+            Some("caroni-node".into()),
+        ))
+        .await
+        .map_err(|e| anyhow::anyhow!(caroni_peer::error_chain(&e)))?;
+    Ok(caroni_proto::v1::peer_service_client::PeerServiceClient::new(channel))
 }
 
 /// Runs the `caroni` binary against `node`, killed after 60 s.
@@ -289,6 +338,15 @@ pub fn run_bounded(mut cmd: Command, limit: Duration) -> anyhow::Result<Output> 
     })
 }
 
+/// A program on PATH.
+pub fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
 /// Path of an example file.
 pub fn example(p: &str) -> String {
     repo().join("examples").join(p).display().to_string()
@@ -326,10 +384,8 @@ impl NodeProc {
 
     /// Follows a workflow until it ends (bounded by `limit`); returns it as JSON.
     pub fn wait(&self, id: &str, limit: Duration) -> serde_json::Value {
-        let mut cmd = Command::new(bin("caroni"));
-        cmd.arg("--node")
-            .arg(self.url())
-            .args(["-o", "json", "workflow", "watch", id]);
+        let mut cmd = self.cli_command();
+        cmd.args(["-o", "json", "workflow", "watch", id]);
         let out = run_bounded(cmd, limit).unwrap_or_else(|e| {
             panic!(
                 "workflow {id} did not end: {e}\nnow: {}\nlog:\n{}",

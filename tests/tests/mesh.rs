@@ -173,6 +173,7 @@ fn an_envelope_with_a_bad_signature_is_refused_and_the_node_goes_on() {
     let node = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
     node.add_demo_template();
     node.add_job_types(&["foojob0.yaml", "foojob1.yaml", "foojob2.yaml"]);
+    let node_id = node.node_id();
 
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let acks = rt.block_on(async {
@@ -193,10 +194,10 @@ fn an_envelope_with_a_bad_signature_is_refused_and_the_node_goes_on() {
             public_key: key.0,
             batch: false,
         };
-        let url = format!("http://127.0.0.1:{}", node.ports.peer);
+        let stranger = libp2p::identity::Keypair::generate_ed25519();
         let mut client = tokio::time::timeout(
             Duration::from_secs(10),
-            pb::peer_service_client::PeerServiceClient::connect(url),
+            caroni_tests::peer_client(node.ports.peer, &node_id, &stranger),
         )
         .await
         .expect("connect in time")

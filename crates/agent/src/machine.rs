@@ -122,6 +122,8 @@ pub struct Answering {
     pub load: Load,
     /// The agent declined this request before.
     pub declined_before: bool,
+    /// The manager is not one this agent serves (`--serve-managers`).
+    pub not_served: bool,
 }
 
 /// Answers a request: a new offer or a decline. `None` when nothing is to
@@ -164,6 +166,11 @@ pub fn answer_request(
             }),
         ))
     };
+    if how.not_served {
+        return decline(format!(
+            "this agent does not serve manager {manager}: it serves only the managers in its --serve-managers list"
+        ));
+    }
     let Some(def) = def else {
         return decline(format!("no job type named {}", req.job_type));
     };

@@ -51,6 +51,17 @@ pub struct Options {
     pub node_id: String,
     /// Concurrent jobs.
     pub slots: usize,
+    /// The managers served (`--serve-managers`); `None` serves every one.
+    pub serve_managers: Option<std::collections::HashSet<String>>,
+}
+
+impl Options {
+    /// True when this agent serves manager `node`.
+    pub fn serves(&self, node: &str) -> bool {
+        self.serve_managers
+            .as_ref()
+            .is_none_or(|list| list.contains(node))
+    }
 }
 
 type DeliverReply = oneshot::Sender<Result<Delivered, DeliverError>>;
@@ -412,7 +423,14 @@ impl<E: Executor> Service<E> {
         let how = Answering {
             load: self.load_now(),
             declined_before: self.declined.contains_key(&req.request_id),
+            not_served: !self.opts.serves(from),
         };
+        if how.not_served && !how.declined_before {
+            self.wire.refused(
+                from,
+                "not in this agent's --serve-managers: its requests are declined",
+            );
+        }
         let Some((offer, out)) =
             machine::answer_request(def.as_ref(), prior, from, req, now_ms(), Uuid::new_v4, how)
         else {
@@ -437,6 +455,14 @@ impl<E: Executor> Service<E> {
             Err(e) => return Err(DeliverError::Retry(e.to_string())),
         }
         let now = now_ms();
+        if matches!(msg.msg, Msg::Accept { .. }) && !self.opts.serves(&msg.from) {
+            let why = format!(
+                "this agent does not serve manager {}: it serves only the managers in its --serve-managers list",
+                msg.from
+            );
+            self.wire.refused(&msg.from, &why);
+            return Err(DeliverError::Refused(why));
+        }
         let refused = |e: machine::Refusal| DeliverError::Refused(e.0);
         let (job, offer, fx) = match &msg.msg {
             Msg::Accept {
@@ -850,6 +876,7 @@ mod tests {
             Options {
                 node_id: "me".into(),
                 slots: 1,
+                serve_managers: None,
             },
             store,
             wire.clone(),

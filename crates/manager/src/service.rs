@@ -52,6 +52,9 @@ pub struct Options {
     pub max_open_requests: usize,
     /// How long to gather offers before taking the least busy agent.
     pub offer_window: Duration,
+    /// The agents whose offers are taken (`--use-agents`); `None` takes
+    /// every agent's.
+    pub use_agents: Option<std::collections::HashSet<String>>,
 }
 
 /// Why a message was not applied (shared by both engines).
@@ -716,6 +719,45 @@ impl Service {
             Ok(true) => return Ok(()),
             Ok(false) => {}
             Err(e) => return Err(DeliverError::Retry(e.to_string())),
+        }
+        if let Msg::Offer {
+            offer_id,
+            request_id,
+            ..
+        } = &msg.msg
+        {
+            let used = self
+                .opts
+                .use_agents
+                .as_ref()
+                .is_none_or(|list| list.contains(&msg.from));
+            if !used {
+                let why = format!(
+                    "this manager does not use agent {}: it takes offers only from the agents in its --use-agents list",
+                    msg.from
+                );
+                self.wire.refused(&msg.from, &why);
+                if !self.wire.knows(&msg.from) {
+                    return Err(DeliverError::Refused(why));
+                }
+                // The agent lets go of its offer.
+                let out = Outbound {
+                    to: msg.from.clone(),
+                    endpoint: msg.endpoint.clone(),
+                    msg: Msg::Reject {
+                        offer_id: *offer_id,
+                        request_id: *request_id,
+                    },
+                };
+                g.staged.push(
+                    self.wire
+                        .stage(&mut g.batch, &out)
+                        .map_err(DeliverError::Retry)?,
+                );
+                wire::mark_applied(&mut g.batch, &msg.id);
+                g.applied.insert(msg.id);
+                return Ok(());
+            }
         }
         let key = match &msg.msg {
             Msg::Offer { request_id, .. } | Msg::Decline { request_id, .. } => {

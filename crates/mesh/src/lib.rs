@@ -16,6 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
+use libp2p::core::{muxing::StreamMuxerBox, transport::Boxed, upgrade, Transport};
 use libp2p::{
     gossipsub, identify, identity::Keypair, mdns, multiaddr::Protocol, noise,
     swarm::behaviour::toggle::Toggle, swarm::NetworkBehaviour, swarm::SwarmEvent, tcp, yamux,
@@ -56,6 +57,9 @@ pub struct Options {
     pub bootstrap: Vec<String>,
     /// mDNS discovery on the LAN.
     pub mdns: bool,
+    /// A private mesh's pre-shared key: every connection starts with
+    /// libp2p's `pnet` handshake, so a node without the key cannot connect.
+    pub psk: Option<libp2p::pnet::PreSharedKey>,
 }
 
 /// Something the mesh heard.
@@ -145,6 +149,10 @@ pub struct EventLoop {
     listen: Multiaddr,
     /// Gossip messages dropped because the listener was busy.
     dropped: u64,
+    /// Connections that failed since start.
+    failed_connections: u64,
+    /// The private mesh key's fingerprint, for logs.
+    psk_fingerprint: Option<String>,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -180,13 +188,10 @@ pub fn new(
         .flood_publish(true)
         .build()
         .map_err(|e| Error::Transport(e.to_string()))?;
+    let psk = opts.psk;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
+        .with_other_transport(|key| transport(key, psk).map_err(Box::from))
         .map_err(|e| Error::Transport(e.to_string()))?
         .with_behaviour(|key| {
             let gossipsub = gossipsub::Behaviour::new(
@@ -229,8 +234,35 @@ pub fn new(
             connected: HashMap::new(),
             listen,
             dropped: 0,
+            failed_connections: 0,
+            psk_fingerprint: psk.map(|k| k.fingerprint().to_string()),
         },
     ))
+}
+
+/// TCP, then (in a private mesh) the `pnet` handshake, then noise and
+/// yamux.
+fn transport(
+    key: &Keypair,
+    psk: Option<libp2p::pnet::PreSharedKey>,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, noise::Error> {
+    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    let noise = noise::Config::new(key)?;
+    Ok(match psk {
+        Some(psk) => tcp
+            .and_then(move |socket, _| libp2p::pnet::PnetConfig::new(psk).handshake(socket))
+            .upgrade(upgrade::Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+        None => tcp
+            .upgrade(upgrade::Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+    })
 }
 
 impl EventLoop {
@@ -318,6 +350,22 @@ impl EventLoop {
         }
     }
 
+    /// Logs a connection that failed (the 1st, 2nd, 4th, … at WARN): in a
+    /// private mesh, most likely a node without the mesh's key.
+    fn failed_connection(&mut self, with: &str, error: &str) {
+        self.failed_connections += 1;
+        let n = self.failed_connections;
+        let hint = match &self.psk_fingerprint {
+            Some(f) => format!("this mesh is private (--mesh-key fingerprint {f}): a node without this key cannot join its gossip"),
+            None => "this mesh is open (no --mesh-key); a private mesh's node cannot connect to it".to_string(),
+        };
+        if n.is_power_of_two() {
+            tracing::warn!(peer = %with, failed_so_far = n, error = %error, "a gossip connection failed its handshake or could not be made; {hint}");
+        } else {
+            tracing::debug!(peer = %with, error = %error, "a gossip connection failed");
+        }
+    }
+
     async fn swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         match ev {
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
@@ -377,6 +425,15 @@ impl EventLoop {
             }
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "libp2p listening");
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => self.failed_connection(&send_back_addr.to_string(), &error.to_string()),
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                let to = peer_id.map(|p| p.to_base58()).unwrap_or_default();
+                self.failed_connection(&to, &error.to_string());
             }
             _ => {}
         }

@@ -32,6 +32,7 @@ pub struct Signer {
     id: PeerId,
     name: String,
     endpoint: String,
+    links: crate::tls::Links,
 }
 
 impl std::fmt::Debug for Signer {
@@ -49,7 +50,19 @@ impl Signer {
             id,
             name: id.to_base58(),
             endpoint,
+            links: crate::tls::Links::default(),
         }
+    }
+
+    /// The same, securing its links with `links` (TLS, the mesh key).
+    pub fn with_links(mut self, links: crate::tls::Links) -> Self {
+        self.links = links;
+        self
+    }
+
+    /// How this node's links are secured.
+    pub fn links(&self) -> &crate::tls::Links {
+        &self.links
     }
 
     /// This node's id.

@@ -14,10 +14,12 @@
 pub mod envelope;
 pub mod outbox;
 pub mod server;
+pub mod tls;
 
 pub use envelope::{open, open_all, Signer, Verified};
 pub use outbox::{Outbox, PeerStatus};
 pub use server::{Applying, Inbox, InboxError, PeerServer};
+pub use tls::{Links, MeshKey, PeerTls};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -52,6 +54,53 @@ impl Liveness {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(node)
             .copied()
+    }
+}
+
+/// Most peers whose refusals are counted one by one.
+const MAX_REFUSED_PEERS: usize = 4096;
+/// Longest refusal reason kept.
+const MAX_REFUSAL_TEXT: usize = 512;
+
+/// What this node refused of each peer since it started (a stream without
+/// the mesh key, an envelope not of the link's node, a manager an agent
+/// does not serve, an offer from an agent a manager does not use): how
+/// many times and the last reason, for `caroni peers`. Bounded: beyond
+/// [`MAX_REFUSED_PEERS`] peers, new ones are only logged. Cheap to clone.
+#[derive(Clone, Default, Debug)]
+pub struct PeerRefusals(Arc<Mutex<HashMap<String, (u64, String)>>>);
+
+impl PeerRefusals {
+    /// Counts one refusal of `peer` for `reason`.
+    pub fn note(&self, peer: &str, reason: &str) {
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if m.len() >= MAX_REFUSED_PEERS && !m.contains_key(peer) {
+            return;
+        }
+        let mut end = reason.len().min(MAX_REFUSAL_TEXT);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let e = m.entry(peer.to_string()).or_default();
+        e.0 += 1;
+        e.1 = reason[..end].to_string();
+    }
+
+    /// Every peer refused: (node id, count, last reason), by node id.
+    pub fn all(&self) -> Vec<(String, u64, String)> {
+        let m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut v: Vec<_> = m
+            .iter()
+            .map(|(k, (n, r))| (k.clone(), *n, r.clone()))
+            .collect();
+        v.sort();
+        v
     }
 }
 
@@ -90,6 +139,22 @@ macro_rules! refusal {
             tracing::debug!($($arg)+);
         }
     }};
+}
+
+/// An error with its causes, `: `-separated: tonic's transport errors
+/// say only "transport error" at the top.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// Transport errors.

@@ -815,21 +815,41 @@ impl Sender {
                 });
             }
         }
-        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        let links = self.outbox.inner.signer.links().clone();
+        let me = self.outbox.inner.me.clone();
+        let dial = tonic::transport::Endpoint::from_shared(crate::tls::plain_uri(endpoint))
             .map_err(|e| format!("bad endpoint {endpoint}: {e}"))?
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .map_err(|e| format!("cannot connect to {endpoint}: {e}"))?;
+            .keep_alive_timeout(Duration::from_secs(10));
+        let channel = match &links.tls {
+            Some(tls) => {
+                let config = tls.client_config(&self.to).map_err(|e| e.to_string())?;
+                dial.connect_with_connector(crate::tls::connector(
+                    config,
+                    Some("caroni-node".into()),
+                ))
+                .await
+            }
+            None => dial.connect().await,
+        }
+        .map_err(|e| format!("cannot connect to {endpoint}: {}", crate::error_chain(&e)))?;
         let mut client = PeerServiceClient::new(channel)
             .max_encoding_message_size(MAX_ENVELOPE)
             .max_decoding_message_size(MAX_ENVELOPE);
         let (tx, rx) = mpsc::channel::<Envelope>(WINDOW);
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if let Ok(v) = me.parse() {
+            req.metadata_mut().insert(crate::tls::NODE_HEADER, v);
+        }
+        if let Some(key) = &links.mesh_key {
+            if let Ok(v) = key.proof(&me, &self.to).parse() {
+                req.metadata_mut().insert(crate::tls::MESH_HEADER, v);
+            }
+        }
         let acks = client
-            .deliver(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .deliver(req)
             .await
             .map_err(|e| format!("stream refused by {endpoint}: {}", e.message()))?
             .into_inner();
@@ -1091,6 +1111,173 @@ mod tests {
                 .await
         });
         (addr, cancel)
+    }
+
+    /// A peer service of node `key` over TLS (with `mesh_key`, if any).
+    async fn serve_tls(
+        inbox: Arc<Gated>,
+        key: &Keypair,
+        mesh_key: Option<crate::MeshKey>,
+    ) -> (std::net::SocketAddr, CancellationToken, crate::PeerRefusals) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let refusals = crate::PeerRefusals::default();
+        let server = PeerServer::new(inbox, Liveness::default()).guarded(
+            key.public().to_peer_id().to_base58(),
+            mesh_key,
+            refusals.clone(),
+        );
+        let tls = crate::PeerTls::new(key).expect("tls");
+        let incoming = crate::tls::accept(listener, tls.server_config(), "test");
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(PeerServiceServer::new(server))
+                .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
+                .await
+        });
+        (addr, cancel, refusals)
+    }
+
+    /// Sends one message from a new node with `links` to `peer` at `addr`;
+    /// returns the destination's status once it was delivered or failed.
+    async fn send_one(
+        key: Keypair,
+        links: crate::Links,
+        peer: &str,
+        addr: std::net::SocketAddr,
+    ) -> PeerStatus {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let signer = Signer::new(key, "https://127.0.0.1:1".into()).with_links(links);
+        let cancel = CancellationToken::new();
+        let outbox =
+            Outbox::start(store, signer, Liveness::default(), cancel.clone()).expect("outbox");
+        let mut b = Batch::default();
+        let staged = outbox
+            .stage(&mut b, peer, &format!("https://{addr}"), status_request(1))
+            .expect("stage");
+        outbox.inner.store.write(b).expect("write");
+        outbox.notify(vec![staged]);
+        let st = || {
+            outbox
+                .status()
+                .into_iter()
+                .find(|s| s.node_id == peer)
+                .expect("destination")
+        };
+        wait_until("delivered or failed", || {
+            let s = st();
+            s.delivered > 0 || !s.last_error.is_empty()
+        })
+        .await;
+        cancel.cancel();
+        st()
+    }
+
+    fn tls_links(key: &Keypair, mesh_key: Option<crate::MeshKey>) -> crate::Links {
+        crate::Links {
+            tls: Some(Arc::new(crate::PeerTls::new(key).expect("tls"))),
+            mesh_key,
+        }
+    }
+
+    /// Over TLS, a node reaches the node it means to reach, and no other
+    /// node's certificate passes for it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_links_reach_only_the_node_named() {
+        let (_open, gate) = watch::channel(true);
+        let inbox = Arc::new(Gated {
+            got: Mutex::default(),
+            gate,
+        });
+        let server_key = Keypair::generate_ed25519();
+        let server_id = server_key.public().to_peer_id().to_base58();
+        let (addr, cancel, _) = serve_tls(inbox.clone(), &server_key, None).await;
+
+        let key = Keypair::generate_ed25519();
+        let ok = send_one(key.clone(), tls_links(&key, None), &server_id, addr).await;
+        assert_eq!(ok.delivered, 1, "{ok:?}");
+        assert_eq!(inbox.got.lock().map(|g| g.len()).unwrap_or(0), 1);
+
+        // The same address, taken for another node: refused in the handshake.
+        let other = Keypair::generate_ed25519()
+            .public()
+            .to_peer_id()
+            .to_base58();
+        let key = Keypair::generate_ed25519();
+        let wrong = send_one(key.clone(), tls_links(&key, None), &other, addr).await;
+        assert_eq!(wrong.delivered, 0);
+        assert!(
+            wrong
+                .last_error
+                .contains(&format!("is {server_id}, not {other}")),
+            "{wrong:?}"
+        );
+        // A plaintext sender does not get through.
+        let plain = send_one(
+            Keypair::generate_ed25519(),
+            crate::Links::default(),
+            &server_id,
+            addr,
+        )
+        .await;
+        assert_eq!(plain.delivered, 0, "{plain:?}");
+        cancel.cancel();
+    }
+
+    /// A private mesh's listener takes streams only from nodes that prove
+    /// its key, and counts the others' refusals.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_private_mesh_refuses_streams_without_its_key() {
+        let (_open, gate) = watch::channel(true);
+        let inbox = Arc::new(Gated {
+            got: Mutex::default(),
+            gate,
+        });
+        let mesh = crate::MeshKey::generate().expect("key");
+        let server_key = Keypair::generate_ed25519();
+        let server_id = server_key.public().to_peer_id().to_base58();
+        let (addr, cancel, refusals) =
+            serve_tls(inbox.clone(), &server_key, Some(mesh.clone())).await;
+
+        let stranger = Keypair::generate_ed25519();
+        let st = send_one(
+            stranger.clone(),
+            tls_links(&stranger, None),
+            &server_id,
+            addr,
+        )
+        .await;
+        assert_eq!(st.delivered, 0);
+        assert!(st.last_error.contains("did not prove"), "{st:?}");
+        let other = Keypair::generate_ed25519();
+        let another = crate::MeshKey::generate().expect("key");
+        let st = send_one(
+            other.clone(),
+            tls_links(&other, Some(another)),
+            &server_id,
+            addr,
+        )
+        .await;
+        assert!(st.last_error.contains("is wrong"), "{st:?}");
+        let member = Keypair::generate_ed25519();
+        let st = send_one(
+            member.clone(),
+            tls_links(&member, Some(mesh)),
+            &server_id,
+            addr,
+        )
+        .await;
+        assert_eq!(st.delivered, 1, "{st:?}");
+        let refused: Vec<String> = refusals.all().into_iter().map(|(n, _, _)| n).collect();
+        assert!(refused.contains(&stranger.public().to_peer_id().to_base58()));
+        assert!(refused.contains(&other.public().to_peer_id().to_base58()));
+        assert!(!refused.contains(&member.public().to_peer_id().to_base58()));
+        cancel.cancel();
     }
 
     fn status_request(n: u64) -> Payload {

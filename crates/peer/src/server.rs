@@ -17,7 +17,8 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{open_all, Liveness, Verified};
+use crate::tls::{LinkInfo, MeshKey, MESH_HEADER, NODE_HEADER};
+use crate::{open_all, Liveness, PeerRefusals, Verified};
 
 /// Largest number of messages of one stream handed to the engines and not
 /// yet acknowledged.
@@ -30,6 +31,10 @@ pub const MAX_STREAMS: usize = 1024;
 static REFUSED_MESSAGES: crate::Refusals = crate::Refusals::new();
 static REFUSED_ENVELOPES: crate::Refusals = crate::Refusals::new();
 static BROKEN_STREAMS: crate::Refusals = crate::Refusals::new();
+static REFUSED_STREAMS: crate::Refusals = crate::Refusals::new();
+
+/// Longest node id accepted in a header (a base58 PeerId is 52 bytes).
+const MAX_NODE_ID: usize = 128;
 
 /// Longest error text in an ack.
 const MAX_ACK_ERROR: usize = 512;
@@ -148,6 +153,11 @@ pub struct PeerServer {
     inbox: Arc<dyn Inbox>,
     liveness: Liveness,
     streams: Arc<tokio::sync::Semaphore>,
+    /// This node's id.
+    me: String,
+    /// The private mesh's key: streams must prove it.
+    mesh_key: Option<MeshKey>,
+    refusals: PeerRefusals,
 }
 
 impl PeerServer {
@@ -157,7 +167,73 @@ impl PeerServer {
             inbox,
             liveness,
             streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
+            me: String::new(),
+            mesh_key: None,
+            refusals: PeerRefusals::default(),
         }
+    }
+
+    /// Serves node `me`: with `mesh_key`, a stream that does not prove the
+    /// key is refused; refusals are counted in `refusals`.
+    pub fn guarded(
+        mut self,
+        me: String,
+        mesh_key: Option<MeshKey>,
+        refusals: PeerRefusals,
+    ) -> Self {
+        self.me = me;
+        self.mesh_key = mesh_key;
+        self.refusals = refusals;
+        self
+    }
+
+    /// The node a stream comes from: the one its TLS certificate names
+    /// (which the claim in its header, if any, must match), else the claim
+    /// of a plaintext link. Checks the mesh key's proof.
+    fn admit<T>(&self, req: &Request<T>) -> Result<Option<String>, Status> {
+        let header = |name: &str| {
+            req.metadata()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let claimed = header(NODE_HEADER).filter(|c| c.len() <= MAX_NODE_ID);
+        let certified = req
+            .extensions()
+            .get::<LinkInfo>()
+            .and_then(|l| l.node.clone());
+        let peer = match (certified, claimed) {
+            (Some(n), Some(c)) if n != c => {
+                let why = format!(
+                    "the stream says it comes from node {c}, but its TLS certificate is node {n}'s"
+                );
+                crate::refusal!(REFUSED_STREAMS, peer = %n, "refused a delivery stream: {why}");
+                self.refusals.note(&n, &why);
+                return Err(Status::permission_denied(why));
+            }
+            (Some(n), _) => Some(n),
+            (None, c) => c,
+        };
+        if let Some(key) = &self.mesh_key {
+            let proof = header(MESH_HEADER).unwrap_or_default();
+            let proven = peer
+                .as_deref()
+                .is_some_and(|p| key.check(p, &self.me, &proof));
+            if !proven {
+                let who = peer.clone().unwrap_or_else(|| "an unnamed node".into());
+                let why = if proof.is_empty() {
+                    "this mesh is private and the stream did not prove its pre-shared key (the sender runs without --mesh-key)".to_string()
+                } else {
+                    "this mesh is private and the stream's proof of its pre-shared key is wrong (the sender's --mesh-key is another key)".to_string()
+                };
+                crate::refusal!(REFUSED_STREAMS, peer = %who, fingerprint = %key.fingerprint(), "refused a delivery stream from node {who}: {why}");
+                if let Some(p) = &peer {
+                    self.refusals.note(p, &why);
+                }
+                return Err(Status::permission_denied(why));
+            }
+        }
+        Ok(peer)
     }
 }
 
@@ -171,12 +247,14 @@ impl PeerService for PeerServer {
         &self,
         req: Request<Streaming<Envelope>>,
     ) -> Result<Response<Self::DeliverStream>, Status> {
+        let peer = self.admit(&req)?;
         let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "this node already serves {MAX_STREAMS} delivery streams; retry later"
             ))
         })?;
         let liveness = self.liveness.clone();
+        let refusals = self.refusals.clone();
         let incoming = req.into_inner().map(move |item| -> Vec<Incoming> {
             // The permit lives as long as the stream is read.
             let _held = &permit;
@@ -191,6 +269,18 @@ impl PeerService for PeerServer {
                 }
             };
             match open_all(&env) {
+                Ok(msgs) if peer.as_ref().is_some_and(|p| msgs.iter().any(|m| &m.sender_name != p)) => {
+                    let p = peer.as_deref().unwrap_or_default();
+                    let e = format!("the envelope is not signed by node {p}, the node this link comes from");
+                    crate::refusal!(REFUSED_ENVELOPES, peer = %p, "refused an envelope: {e}");
+                    refusals.note(p, &e);
+                    msgs.into_iter()
+                        .map(|m| Incoming::Refused {
+                            message_id: m.id.to_string(),
+                            error: e.clone(),
+                        })
+                        .collect()
+                }
                 Ok(msgs) => {
                     if let Some(m) = msgs.first() {
                         liveness.heard(&m.sender_name);

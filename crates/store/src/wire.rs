@@ -47,6 +47,12 @@ pub trait Wire: Send + Sync + 'static {
     /// message of its own only to such a peer; a stranger gets the answer
     /// in the acknowledgement, so that no key can make this node send to an
     /// address of its choosing.
+    /// Records that this node refused what `peer` asked, and why (an
+    /// allowlist): counted per peer for `caroni peers` and logged.
+    fn refused(&self, peer: &str, reason: &str) {
+        let _ = (peer, reason);
+    }
+
     fn knows(&self, node: &str) -> bool {
         let _ = node;
         true

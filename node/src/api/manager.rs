@@ -115,6 +115,17 @@ pub fn workflow_to_pb(w: &Workflow, full: bool) -> pb::Workflow {
                     } else {
                         Vec::new()
                     },
+                    declines: match (&s.request, full) {
+                        (Some(r), true) => r
+                            .declines
+                            .iter()
+                            .map(|(agent, reason)| pb::Decline {
+                                agent: agent.clone(),
+                                reason: reason.clone(),
+                            })
+                            .collect(),
+                        _ => Vec::new(),
+                    },
                 }
             })
             .collect(),

@@ -151,6 +151,14 @@ impl NodeService for NodeApi {
             e.dropped = s.dropped;
             e.confirmed = s.confirmed;
         }
+        for (node, count, reason) in self.stats.wire.refusals.all() {
+            let e = peers.entry(node.clone()).or_insert_with(|| pb::Peer {
+                node_id: node,
+                ..Default::default()
+            });
+            e.refused = count;
+            e.last_refusal = reason;
+        }
         Ok(Response::new(pb::ListPeersResponse {
             peers: peers.into_values().collect(),
         }))

@@ -120,6 +120,32 @@ fn a_republished_request_is_not_answered_again() {
 }
 
 #[test]
+fn a_manager_not_served_is_declined_with_the_reason() {
+    let how = Answering {
+        not_served: true,
+        ..Default::default()
+    };
+    let (offer, out) = answer_request(
+        Some(&def()),
+        None,
+        M,
+        &req(&["text"]),
+        10,
+        Uuid::new_v4,
+        how,
+    )
+    .expect("an answer");
+    assert!(offer.is_none());
+    match out.msg {
+        Msg::Decline { reason, .. } => {
+            assert!(reason.contains("--serve-managers"), "{reason}");
+            assert!(reason.contains(M), "{reason}");
+        }
+        other => panic!("expected a decline, got {other:?}"),
+    }
+}
+
+#[test]
 fn an_offer_carries_the_agents_load() {
     let load = Load {
         slots: 4,
@@ -128,7 +154,7 @@ fn an_offer_carries_the_agents_load() {
     };
     let how = Answering {
         load,
-        declined_before: false,
+        ..Default::default()
     };
     let (_, out) = answer_request(
         Some(&def()),
