@@ -396,7 +396,7 @@ impl Config {
             for id in ids {
                 if id.parse::<libp2p::PeerId>().is_err() {
                     return Err(ConfigError::Invalid(format!(
-                        "{flag}: `{id}` is not a node id (a base58 PeerId such as `caroni info` shows)"
+                        "{flag}: `{id}` is not a node id (a base58 PeerId such as `caroni node info` shows)"
                     )));
                 }
             }
