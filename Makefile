@@ -11,7 +11,8 @@ setup:
 demo: setup
 	cargo run -q -p caroni-cli --bin caroni -- demo $(TEXT)
 
-test: setup
+test:
+	@scripts/setup.sh --test
 	cargo build --workspace --bins
 	@if docker info >/dev/null 2>&1; then deploy/build-image.sh; else echo "no Docker engine reachable: the multi-host tests will be skipped"; fi
 	cargo nextest run --workspace --no-fail-fast

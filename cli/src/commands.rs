@@ -81,16 +81,7 @@ pub enum NodeCmd {
 }
 
 fn template_json(t: &pb::Template) -> serde_json::Value {
-    json!({
-        "name": t.name,
-        "inputs": t.inputs,
-        "outputs": t.outputs,
-        "steps": t.steps.iter().map(|s| json!({
-            "id": s.id, "job_type": s.job_type, "inputs": s.inputs, "outputs": s.outputs,
-        })).collect::<Vec<_>>(),
-        "updated_at": output::time(t.updated_at.as_ref()),
-        "cwl": if t.cwl.is_empty() { serde_json::Value::Null } else { json!(t.cwl) },
-    })
+    caroni_node::api::json::template(t)
 }
 
 fn print_template(ctx: &Context, t: &pb::Template) {
@@ -182,15 +173,7 @@ pub async fn template(ctx: &Context, cmd: TemplateCmd) -> anyhow::Result<ExitCod
 }
 
 fn job_type_json(j: &pb::JobType) -> serde_json::Value {
-    json!({
-        "name": j.name,
-        "inputs": j.inputs,
-        "outputs": j.outputs,
-        "body": j.body,
-        "timeout_seconds": j.timeout_seconds,
-        "max_output_bytes": j.max_output_bytes,
-        "updated_at": output::time(j.updated_at.as_ref()),
-    })
+    caroni_node::api::json::job_type(j)
 }
 
 pub async fn job_type(ctx: &Context, cmd: JobTypeCmd) -> anyhow::Result<ExitCode> {
@@ -300,15 +283,7 @@ pub async fn node(ctx: &Context, cmd: NodeCmd) -> anyhow::Result<ExitCode> {
                 .map_err(status)?
                 .into_inner();
             if ctx.format == Format::Json {
-                output::json(&json!({
-                    "node_id": info.node_id,
-                    "roles": info.roles,
-                    "api_listen": info.api_listen,
-                    "peer_endpoint": info.peer_endpoint,
-                    "p2p_listen": info.p2p_listen,
-                    "version": info.version,
-                    "data_dir": info.data_dir,
-                }));
+                output::json(&caroni_node::api::json::node_info(&info));
             } else {
                 let mut t = output::table(&["field", "value"]);
                 t.add_row(vec!["node id".to_string(), info.node_id]);

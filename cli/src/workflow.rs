@@ -84,32 +84,7 @@ fn ts(t: &Option<prost_types::Timestamp>) -> String {
 }
 
 pub fn workflow_json(w: &pb::Workflow) -> serde_json::Value {
-    json!({
-        "id": w.id,
-        "template": w.template,
-        "state": w.state,
-        "message": w.message,
-        "created_at": ts(&w.created_at),
-        "updated_at": ts(&w.updated_at),
-        "finished_at": ts(&w.finished_at),
-        "inputs": w.inputs,
-        "outputs": w.outputs,
-        "steps": w.steps.iter().map(|s| json!({
-            "id": s.id, "job_type": s.job_type, "state": s.state, "attempts": s.attempts,
-            "job_id": s.job_id, "agent": s.agent, "request_id": s.request_id, "request_state": s.request_state,
-            "attempt_history": s.attempt_history.iter().map(|a| json!({
-                "job_id": a.job_id, "agent": a.agent, "state": a.state, "exit_status": a.exit_status,
-                "message": a.message, "stderr_tail": a.stderr_tail, "superseded": a.superseded,
-                "started_at": ts(&a.started_at), "ended_at": ts(&a.ended_at),
-            })).collect::<Vec<_>>(),
-            "declines": s.declines.iter().map(|d| json!({
-                "agent": d.agent, "reason": d.reason,
-            })).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
-        "dataflows": w.dataflows.iter().map(|d| json!({
-            "source": d.source, "destination": d.destination, "value": d.value,
-        })).collect::<Vec<_>>(),
-    })
+    caroni_node::api::json::workflow(w)
 }
 
 fn short(id: &str) -> String {
@@ -403,12 +378,7 @@ pub async fn workflow(ctx: &Context, cmd: WorkflowCmd) -> anyhow::Result<ExitCod
 }
 
 fn job_json(j: &pb::Job) -> serde_json::Value {
-    json!({
-        "id": j.id, "manager": j.manager, "job_type": j.job_type, "state": j.state,
-        "inputs": j.inputs, "outputs": j.outputs, "exit_status": j.exit_status,
-        "message": j.message, "stderr_tail": j.stderr_tail,
-        "created_at": ts(&j.created_at), "started_at": ts(&j.started_at), "ended_at": ts(&j.ended_at),
-    })
+    caroni_node::api::json::job(j)
 }
 
 pub async fn job(ctx: &Context, cmd: JobCmd) -> anyhow::Result<ExitCode> {
@@ -484,13 +454,10 @@ pub async fn peers(ctx: &Context) -> anyhow::Result<ExitCode> {
         .into_inner()
         .peers;
     if ctx.format == Format::Json {
-        output::json(&json!(peers.iter().map(|p| json!({
-            "node_id": p.node_id, "p2p_address": p.p2p_address, "p2p_connected": p.p2p_connected,
-            "endpoint": p.endpoint, "queued": p.queued, "delivered": p.delivered,
-            "stream_open": p.stream_open, "last_error": p.last_error,
-            "dropped": p.dropped, "confirmed": p.confirmed,
-            "refused": p.refused, "last_refusal": p.last_refusal,
-        })).collect::<Vec<_>>()));
+        output::json(&json!(peers
+            .iter()
+            .map(caroni_node::api::json::peer)
+            .collect::<Vec<_>>()));
     } else {
         let mut t = output::table(&[
             "node id",

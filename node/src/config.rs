@@ -77,6 +77,8 @@ pub struct Config {
     pub api_tls_cert: Option<PathBuf>,
     /// PEM private key of the client API's certificate.
     pub api_tls_key: Option<PathBuf>,
+    /// The web console's address; `None` (`off`) disables it.
+    pub console_listen: Option<SocketAddr>,
 }
 
 /// Defaults of the tuning settings, shared with embedded nodes.
@@ -174,6 +176,10 @@ pub struct Flags {
     /// PEM private key of --api-tls-cert.
     #[arg(long, env = "CARONI_API_TLS_KEY")]
     pub api_tls_key: Option<PathBuf>,
+    /// Web console address, or `off` [default: 127.0.0.1:7073]. Off
+    /// loopback it needs --api-token, which its login page asks for.
+    #[arg(long, env = "CARONI_CONSOLE_LISTEN")]
+    pub console_listen: Option<String>,
 }
 
 /// The TOML file: every key optional.
@@ -201,6 +207,7 @@ struct FileConfig {
     use_agents: Option<Vec<String>>,
     api_tls_cert: Option<PathBuf>,
     api_tls_key: Option<PathBuf>,
+    console_listen: Option<String>,
 }
 
 /// A configuration that cannot be used.
@@ -246,6 +253,7 @@ impl Config {
             use_agents: Vec::new(),
             api_tls_cert: None,
             api_tls_key: None,
+            console_listen: None,
         }
     }
 
@@ -324,6 +332,20 @@ impl Config {
             use_agents: ids(flags.use_agents, file.use_agents),
             api_tls_cert: flags.api_tls_cert.or(file.api_tls_cert),
             api_tls_key: flags.api_tls_key.or(file.api_tls_key),
+            console_listen: match flags
+                .console_listen
+                .or(file.console_listen)
+                .as_deref()
+                .map(str::trim)
+            {
+                None | Some("") => Some(SocketAddr::from(([127, 0, 0, 1], 7073))),
+                Some("off") => None,
+                Some(a) => Some(a.parse().map_err(|_| {
+                    ConfigError::Invalid(format!(
+                        "--console-listen `{a}` is not an address such as 127.0.0.1:7073, nor `off`"
+                    ))
+                })?),
+            },
         };
         config.check()?;
         Ok(config)
@@ -367,6 +389,13 @@ impl Config {
                 "--peer-advertise `{}` must be a URL such as http://10.0.0.5:7071",
                 self.peer_advertise
             )));
+        }
+        if let Some(c) = self.console_listen {
+            if !c.ip().is_loopback() && self.api_token.is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "--console-listen {c} is not a loopback address; exposing the console needs a token (its login page asks for it): set --api-token or CARONI_API_TOKEN, or --console-listen off"
+                )));
+            }
         }
         if self.api_tls_cert.is_some() != self.api_tls_key.is_some() {
             return Err(ConfigError::Invalid(
@@ -496,6 +525,36 @@ mod tests {
     }
 
     #[test]
+    fn the_console_is_on_loopback_by_default_and_needs_a_token_elsewhere() {
+        let c = Config::load(Flags::parse_from(["caroni-node"])).expect("defaults");
+        assert_eq!(
+            c.console_listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 7073)))
+        );
+        let c = Config::load(Flags::parse_from([
+            "caroni-node",
+            "--console-listen",
+            "off",
+        ]))
+        .expect("off");
+        assert_eq!(c.console_listen, None);
+        let e = Config::load(Flags::parse_from([
+            "caroni-node",
+            "--console-listen",
+            "0.0.0.0:7073",
+        ]))
+        .expect_err("needs a token");
+        assert!(e.to_string().contains("needs a token"), "{e}");
+        let e = Config::load(Flags::parse_from([
+            "caroni-node",
+            "--console-listen",
+            "nowhere",
+        ]))
+        .expect_err("bad address");
+        assert!(e.to_string().contains("`nowhere`"), "{e}");
+    }
+
+    #[test]
     fn unknown_file_keys_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("node.toml");
@@ -539,6 +598,7 @@ mod tests {
             Just("use_agents"),
             Just("api_tls_cert"),
             Just("api_tls_key"),
+            Just("console_listen"),
         ];
         let value = prop_oneof![
             any::<i64>().prop_map(|n| n.to_string()),

@@ -16,6 +16,7 @@ use tracing::Instrument;
 
 pub mod api;
 pub mod config;
+pub mod console;
 pub mod identity;
 mod supervise;
 pub mod wire;
@@ -28,6 +29,8 @@ pub struct NodeHandle {
     pub node_id: String,
     /// Bound client API address.
     pub api_addr: SocketAddr,
+    /// Bound console address, when the console is on.
+    pub console_addr: Option<SocketAddr>,
     cancel: CancellationToken,
     tasks: supervise::Tasks,
     health: Health,
@@ -389,8 +392,28 @@ impl Node {
                     agent: agent.clone(),
                 },
             ),
-            manager: api::ManagerApi::new(store.clone(), manager),
-            agent: api::AgentApi::new(store.clone(), agent),
+            manager: api::ManagerApi::new(store.clone(), manager.clone()),
+            agent: api::AgentApi::new(store.clone(), agent.clone()),
+        };
+        let console_addr = match config.console_listen {
+            Some(addr) => {
+                let (bound, serve) = console::serve(
+                    addr,
+                    console::Sources {
+                        node: apis.node.clone(),
+                        manager: apis.manager.clone(),
+                        agent: apis.agent.clone(),
+                        manager_handle: manager,
+                        agent_handle: agent,
+                        token: config.api_token.clone(),
+                    },
+                    cancel.clone(),
+                )
+                .await?;
+                tasks.spawn("console", serve);
+                Some(bound)
+            }
+            None => None,
         };
         let health_store = store;
         let (api, health) = serve_api(api_listener, &config, apis, cancel.clone()).await?;
@@ -399,10 +422,11 @@ impl Node {
             "storage health",
             storage_health(health_store, health.clone(), cancel.clone()),
         );
-        tracing::info!(node_id = %node_id, api = %api_addr, peer = %advertise, role = ?config.role, "node started");
+        tracing::info!(node_id = %node_id, api = %api_addr, peer = %advertise, console = ?console_addr, role = ?config.role, "node started");
         Ok(NodeHandle {
             node_id,
             api_addr,
+            console_addr,
             cancel,
             tasks,
             health,

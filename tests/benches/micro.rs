@@ -155,6 +155,7 @@ fn engines(c: &mut Criterion) {
                 expires_at_ms: 1_000_000,
                 manager_endpoint: "http://m:1".into(),
                 publish_count: 1,
+                workflow_id: None,
             };
             let (offer, _) = agent::answer_request(
                 Some(&def),

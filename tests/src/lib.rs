@@ -46,6 +46,7 @@ pub struct Ports {
     pub api: u16,
     pub peer: u16,
     pub p2p: u16,
+    pub console: u16,
 }
 
 impl Ports {
@@ -54,6 +55,7 @@ impl Ports {
             api: free_port(),
             peer: free_port(),
             p2p: free_port(),
+            console: free_port(),
         }
     }
 }
@@ -134,6 +136,8 @@ impl NodeProc {
             .arg(format!("/ip4/127.0.0.1/tcp/{}", self.ports.p2p))
             .arg("--mdns")
             .arg("false")
+            .arg("--console-listen")
+            .arg(format!("127.0.0.1:{}", self.ports.console))
             .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -186,6 +190,11 @@ impl NodeProc {
     /// The node's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Console URL.
+    pub fn console_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.console)
     }
 
     /// Client API URL.

@@ -110,6 +110,8 @@ fn any_payload() -> impl Strategy<Value = Payload> {
                     publish_count,
                 )| {
                     Payload::JobFulfillmentRequest(pb::JobFulfillmentRequest {
+                        // Arbitrary text as the workflow id too.
+                        workflow_id: request_id.chars().rev().collect(),
                         request_id,
                         job_type,
                         parameter_keys,

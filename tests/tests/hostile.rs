@@ -230,6 +230,7 @@ fn gossip_payloads(victim: &str, n: u64) -> pb::Message {
         }),
         manager_endpoint: victim.to_string(),
         publish_count: 1,
+        workflow_id: id(),
     };
     let mut sender_endpoint = victim.to_string();
     match n % 5 {

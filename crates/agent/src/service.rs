@@ -28,6 +28,10 @@ use crate::machine::{self, AcceptOutcome, Answering, Effect, Job, Offer, RunResu
 
 const OFFERS: Table<Offer> = Table::new(tables::AGENT_OFFERS, "agent_offers");
 const JOBS: Table<Job> = Table::new(tables::AGENT_JOBS, "agent_jobs");
+/// The workflow each offered request is for, as its manager said (kept
+/// with the jobs; a request from a manager that does not say has none).
+const REQUEST_WORKFLOWS: Table<Uuid> =
+    Table::new(tables::AGENT_REQUEST_WORKFLOWS, "agent_request_workflows");
 
 /// Most commands applied in one batch.
 pub const GROUP: usize = 1024;
@@ -88,6 +92,16 @@ pub struct Handle {
     tx: mpsc::Sender<Cmd>,
     store: Store,
     stats: Arc<Stats>,
+    events: tokio::sync::broadcast::Sender<JobChange>,
+}
+
+/// A job whose record changed, once the change is written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobChange {
+    /// The job.
+    pub id: Uuid,
+    /// Its state after the change.
+    pub state: caroni_types::msg::JobState,
 }
 
 impl std::fmt::Debug for Handle {
@@ -141,6 +155,22 @@ impl Handle {
     pub fn stats(&self) -> &Stats {
         &self.stats
     }
+
+    /// The workflow a job serves, when its manager said.
+    pub fn workflow_of(&self, job: &Job) -> Option<Uuid> {
+        self.store
+            .get(
+                REQUEST_WORKFLOWS,
+                &Key::new().uuid(&job.request_id).finish(),
+            )
+            .ok()
+            .flatten()
+    }
+
+    /// Jobs as they change (once each change is written).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<JobChange> {
+        self.events.subscribe()
+    }
 }
 
 /// What one group changed, written in one batch.
@@ -158,6 +188,8 @@ struct Group {
     /// Results of jobs that ended in this group: applied again after a
     /// failed write, so that no ended job stays `running`.
     results: Vec<(Uuid, RunResult)>,
+    /// Jobs changed in this group, announced once it is written.
+    changed: Vec<JobChange>,
 }
 
 /// The agent service.
@@ -178,6 +210,7 @@ pub struct Service<E> {
     declined: HashMap<Uuid, u64>,
     group: Group,
     stats: Arc<Stats>,
+    events: tokio::sync::broadcast::Sender<JobChange>,
     /// The state in memory is unreliable until a reload succeeds.
     stale: bool,
     /// Results of jobs whose end could not be written yet.
@@ -199,10 +232,12 @@ impl<E: Executor> Service<E> {
         let (tx, rx) = mpsc::channel(GROUP);
         let (done_tx, done_rx) = mpsc::channel(256);
         let stats = Arc::new(Stats::default());
+        let (events, _) = tokio::sync::broadcast::channel(4096);
         let handle = Handle {
             tx,
             store: store.clone(),
             stats: stats.clone(),
+            events: events.clone(),
         };
         let mut s = Self {
             opts,
@@ -220,6 +255,7 @@ impl<E: Executor> Service<E> {
             declined: HashMap::new(),
             group: Group::default(),
             stats,
+            events,
             stale: false,
             retry_results: Vec::new(),
         };
@@ -439,6 +475,13 @@ impl<E: Executor> Service<E> {
         if matches!(out.msg, Msg::Decline { .. }) {
             self.declined.insert(req.request_id, req.expires_at_ms);
         }
+        if let (Some(_), Some(w)) = (&offer, req.workflow_id) {
+            self.group.batch.put(
+                REQUEST_WORKFLOWS,
+                &Key::new().uuid(&req.request_id).finish(),
+                &w,
+            );
+        }
         tracing::debug!(request = %req.request_id, answer = out.msg.name(), "answering a request");
         if let Err(e) = self.commit(None, None, offer, vec![Effect::Send(out)]) {
             tracing::error!(error = %e, "cannot answer a request");
@@ -614,6 +657,10 @@ impl<E: Executor> Service<E> {
         }
         if let Some(j) = &job {
             g.batch.put(JOBS, &Key::new().uuid(&j.id).finish(), j);
+            g.changed.push(JobChange {
+                id: j.id,
+                state: j.state,
+            });
         }
         if let Some(o) = &offer {
             g.batch
@@ -675,6 +722,9 @@ impl<E: Executor> Service<E> {
                 self.wire.notify(g.staged.into_iter().flatten().collect());
                 for (tx, r) in g.replies {
                     let _ = tx.send(r);
+                }
+                for c in g.changed {
+                    let _ = self.events.send(c);
                 }
             }
             Err(e) => {
@@ -897,6 +947,7 @@ mod tests {
                 expires_at_ms: now_ms() + 60_000,
                 manager_endpoint: format!("http://{manager}"),
                 publish_count: 1,
+                workflow_id: None,
             };
             assert!(handle.gossip(manager.into(), req.clone()));
             // The offer is staged once the gossip is handled; read it back.

@@ -278,6 +278,7 @@ impl Workflow {
             expires_at_ms: req.expires_at_ms,
             manager_endpoint: ctx.endpoint.to_string(),
             publish_count: req.publish_count,
+            workflow_id: Some(self.id),
         }));
     }
 

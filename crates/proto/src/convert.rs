@@ -51,6 +51,7 @@ impl From<Msg> for Payload {
                 expires_at: Some(crate::timestamp_ms(r.expires_at_ms)),
                 manager_endpoint: r.manager_endpoint,
                 publish_count: r.publish_count,
+                workflow_id: r.workflow_id.map(|w| w.to_string()).unwrap_or_default(),
             }),
             Msg::Offer {
                 offer_id,
@@ -138,6 +139,10 @@ impl TryFrom<Payload> for Msg {
                     expires_at_ms: ms(&r.expires_at),
                     manager_endpoint: r.manager_endpoint,
                     publish_count: r.publish_count,
+                    workflow_id: match r.workflow_id.as_str() {
+                        "" => None,
+                        w => Some(uuid(M, "workflow_id", w)?),
+                    },
                 })
             }
             Payload::JobFulfillmentOffer(o) => {
@@ -234,6 +239,7 @@ mod tests {
                 expires_at_ms: 1_700_000_000_123,
                 manager_endpoint: "http://m:1".into(),
                 publish_count: 2,
+                workflow_id: Some(id()),
             }),
             Msg::Offer {
                 offer_id: id(),

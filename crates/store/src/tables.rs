@@ -27,6 +27,8 @@ pub const AGENT_OFFERS: u8 = 0x20;
 pub const AGENT_JOBS: u8 = 0x21;
 /// The agent's FIFO run queue: key = sequence (u64) → job uuid.
 pub const AGENT_QUEUE: u8 = 0x22;
+/// The workflow each offered request is for (agent): key = request uuid.
+pub const AGENT_REQUEST_WORKFLOWS: u8 = 0x23;
 
 /// Retired (format 1 outbox: signed envelopes as JSON); read once to convert.
 pub const OUTBOX: u8 = 0x30;
@@ -54,6 +56,7 @@ mod tests {
             super::AGENT_OFFERS,
             super::AGENT_JOBS,
             super::AGENT_QUEUE,
+            super::AGENT_REQUEST_WORKFLOWS,
             super::OUTBOX,
             super::OUTBOX_V2,
             super::APPLIED,

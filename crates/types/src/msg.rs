@@ -58,6 +58,8 @@ pub struct JobRequest {
     pub manager_endpoint: String,
     /// 1 for the first publication.
     pub publish_count: u32,
+    /// The workflow the job is for, when the manager says.
+    pub workflow_id: Option<Uuid>,
 }
 
 /// Most names or parameters in one request.

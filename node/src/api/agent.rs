@@ -31,8 +31,9 @@ impl AgentApi {
 }
 
 /// Domain → wire.
-pub fn job_to_pb(j: Job) -> pb::Job {
+pub fn job_to_pb(j: Job, workflow: Option<uuid::Uuid>) -> pb::Job {
     pb::Job {
+        workflow_id: workflow.map(|w| w.to_string()).unwrap_or_default(),
         id: j.id.to_string(),
         manager: j.manager,
         job_type: j.job_type,
@@ -128,14 +129,23 @@ impl AgentService for AgentApi {
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let a = require_role(self.agent.as_ref(), "agent")?.clone();
         let limit = super::list_limit(req.into_inner().limit);
-        let jobs = tokio::task::spawn_blocking(move || a.list_jobs(limit))
-            .await
-            .map_err(internal)?
-            .map_err(internal)?;
+        let jobs = tokio::task::spawn_blocking(move || {
+            a.list_jobs(limit).map(|jobs| {
+                jobs.into_iter()
+                    .map(|j| {
+                        let w = a.workflow_of(&j);
+                        (j, w)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
         let mut jobs: Vec<pb::Job> = jobs
             .into_iter()
-            .map(|j| {
-                let mut j = job_to_pb(j);
+            .map(|(j, w)| {
+                let mut j = job_to_pb(j, w);
                 for v in j.inputs.values_mut().chain(j.outputs.values_mut()) {
                     *v = super::list_value(v);
                 }
@@ -150,7 +160,10 @@ impl AgentService for AgentApi {
         let a = require_role(self.agent.as_ref(), "agent")?;
         let id = parse_id("job", &req.into_inner().job_id)?;
         match a.get_job(id).map_err(internal)? {
-            Some(j) => Ok(Response::new(job_to_pb(j))),
+            Some(j) => {
+                let w = a.workflow_of(&j);
+                Ok(Response::new(job_to_pb(j, w)))
+            }
             None => Err(Status::not_found(format!(
                 "no job {id} on this agent; `caroni job list` shows them"
             ))),

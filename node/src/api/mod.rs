@@ -4,6 +4,7 @@
 use tonic::{Request, Status};
 
 mod agent;
+pub mod json;
 mod manager;
 pub mod node;
 

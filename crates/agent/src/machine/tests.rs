@@ -24,6 +24,7 @@ fn req(keys: &[&str]) -> JobRequest {
         expires_at_ms: 1_000_000,
         manager_endpoint: "http://m:1".into(),
         publish_count: 1,
+        workflow_id: None,
     }
 }
 

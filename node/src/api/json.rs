@@ -1,0 +1,101 @@
+//! The client API's messages as JSON: what `caroni -o json` prints and the
+//! console's data endpoints serve, in one shape for both.
+
+use caroni_proto::v1 as pb;
+use serde_json::{json, Value};
+
+/// A timestamp as RFC 3339 text; empty when absent.
+pub fn time(t: Option<&prost_types::Timestamp>) -> String {
+    t.map(|t| t.to_string()).unwrap_or_default()
+}
+
+fn ts(t: &Option<prost_types::Timestamp>) -> String {
+    time(t.as_ref())
+}
+
+/// A workflow (attempts, declines and dataflows when shown whole).
+pub fn workflow(w: &pb::Workflow) -> Value {
+    json!({
+        "id": w.id,
+        "template": w.template,
+        "state": w.state,
+        "message": w.message,
+        "created_at": ts(&w.created_at),
+        "updated_at": ts(&w.updated_at),
+        "finished_at": ts(&w.finished_at),
+        "inputs": w.inputs,
+        "outputs": w.outputs,
+        "steps": w.steps.iter().map(|s| json!({
+            "id": s.id, "job_type": s.job_type, "state": s.state, "attempts": s.attempts,
+            "job_id": s.job_id, "agent": s.agent, "request_id": s.request_id, "request_state": s.request_state,
+            "attempt_history": s.attempt_history.iter().map(|a| json!({
+                "job_id": a.job_id, "agent": a.agent, "state": a.state, "exit_status": a.exit_status,
+                "message": a.message, "stderr_tail": a.stderr_tail, "superseded": a.superseded,
+                "started_at": ts(&a.started_at), "ended_at": ts(&a.ended_at),
+            })).collect::<Vec<_>>(),
+            "declines": s.declines.iter().map(|d| json!({
+                "agent": d.agent, "reason": d.reason,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "dataflows": w.dataflows.iter().map(|d| json!({
+            "source": d.source, "destination": d.destination, "value": d.value,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// A template (with its CWL when shown whole).
+pub fn template(t: &pb::Template) -> Value {
+    json!({
+        "name": t.name,
+        "inputs": t.inputs,
+        "outputs": t.outputs,
+        "steps": t.steps.iter().map(|s| json!({
+            "id": s.id, "job_type": s.job_type, "inputs": s.inputs, "outputs": s.outputs,
+        })).collect::<Vec<_>>(),
+        "updated_at": ts(&t.updated_at),
+        "cwl": if t.cwl.is_empty() { Value::Null } else { json!(t.cwl) },
+    })
+}
+
+/// A job type.
+pub fn job_type(j: &pb::JobType) -> Value {
+    json!({
+        "name": j.name,
+        "inputs": j.inputs,
+        "outputs": j.outputs,
+        "body": j.body,
+        "timeout_seconds": j.timeout_seconds,
+        "max_output_bytes": j.max_output_bytes,
+        "updated_at": ts(&j.updated_at),
+    })
+}
+
+/// A job on an agent.
+pub fn job(j: &pb::Job) -> Value {
+    json!({
+        "id": j.id, "manager": j.manager, "workflow_id": j.workflow_id, "job_type": j.job_type,
+        "state": j.state, "inputs": j.inputs, "outputs": j.outputs, "exit_status": j.exit_status,
+        "message": j.message, "stderr_tail": j.stderr_tail,
+        "created_at": ts(&j.created_at), "started_at": ts(&j.started_at), "ended_at": ts(&j.ended_at),
+    })
+}
+
+/// A peer as `caroni peers` shows it.
+pub fn peer(p: &pb::Peer) -> Value {
+    json!({
+        "node_id": p.node_id, "p2p_address": p.p2p_address, "p2p_connected": p.p2p_connected,
+        "endpoint": p.endpoint, "queued": p.queued, "delivered": p.delivered,
+        "stream_open": p.stream_open, "last_error": p.last_error,
+        "dropped": p.dropped, "confirmed": p.confirmed,
+        "refused": p.refused, "last_refusal": p.last_refusal,
+    })
+}
+
+/// A node's identity and addresses.
+pub fn node_info(i: &pb::NodeInfo) -> Value {
+    json!({
+        "node_id": i.node_id, "roles": i.roles, "api_listen": i.api_listen,
+        "peer_endpoint": i.peer_endpoint, "p2p_listen": i.p2p_listen,
+        "version": i.version, "data_dir": i.data_dir,
+    })
+}

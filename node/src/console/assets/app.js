@@ -1,0 +1,522 @@
+// Caroni console: one page, hash routes, JSON from /api, live updates from
+// /events (Server-Sent Events). No build step, no dependencies.
+"use strict";
+
+const main = document.getElementById("main");
+const nav = document.getElementById("nav");
+const live = document.getElementById("live");
+const banner = document.getElementById("banner");
+let node = null; // {info, peers, stats}
+let view = null; // {route, refresh(kind, data), editing}
+let pending = null;
+
+function esc(v) {
+  return String(v === undefined || v === null ? "" : v)
+    .replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;")
+    .replace(/"/g, "&quot;").replace(/'/g, "&#39;");
+}
+function badge(state) { return `<span class="badge ${esc(state)}" data-state="${esc(state)}">${esc(state || "—")}</span>`; }
+function short(id) { id = String(id || ""); return id.length > 14 ? "…" + id.slice(-8) : id; }
+function when(t) { return t ? esc(t.replace("T", " ").replace(/\.\d+Z$/, "Z")) : "—"; }
+function ms(t) { return t ? Date.parse(t) : NaN; }
+
+async function api(path, opts) {
+  opts = opts || {};
+  const headers = { "accept": "application/json" };
+  if (opts.body !== undefined) headers["content-type"] = "application/json";
+  if (opts.method && opts.method !== "GET") headers["x-caroni-console"] = "1";
+  const resp = await fetch(path, { method: opts.method || "GET", headers, credentials: "same-origin",
+    body: opts.body === undefined ? undefined : JSON.stringify(opts.body) });
+  if (resp.status === 401) { location.href = "/login"; throw new Error("log in first"); }
+  const text = await resp.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch (_) { data = null; }
+  if (!resp.ok) {
+    const msg = (data && data.error) || text || resp.statusText;
+    const e = new Error(msg); e.status = resp.status; throw e;
+  }
+  return data;
+}
+
+function route() {
+  const h = location.hash.replace(/^#/, "") || "/";
+  const [path, query] = h.split("?");
+  const params = new URLSearchParams(query || "");
+  const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
+  return { path, parts, params };
+}
+
+function isManager() { return node && node.info.roles.includes("manager"); }
+function isAgent() { return node && node.info.roles.includes("agent"); }
+
+function renderNav() {
+  const r = route();
+  const links = [];
+  if (isManager()) links.push(["#/workflows", "Workflows"], ["#/templates", "Templates"], ["#/run", "Start a workflow"]);
+  if (isAgent()) links.push(["#/jobs", "Jobs"], ["#/jobtypes", "Job types"]);
+  links.push(["#/node", "Node"]);
+  nav.innerHTML = links.map(([h, t]) => {
+    const active = ("#" + r.path).startsWith(h) ? "active" : "";
+    return `<a href="${h}" class="${active}">${esc(t)}</a>`;
+  }).join("");
+}
+
+function fail(e) {
+  main.innerHTML = `<h1>Something went wrong</h1><p class="error" id="page-error">${esc(e.message)}</p><p><a href="#/">Back</a></p>`;
+}
+
+async function show() {
+  const r = route();
+  renderNav();
+  view = { route: r, match: null, load: null, editing: false };
+  const [first, second] = r.parts;
+  try {
+    if (!first) { location.hash = isManager() ? "#/workflows" : (isAgent() ? "#/jobs" : "#/node"); return; }
+    if (first === "workflows") await workflowsPage(r.params);
+    else if (first === "workflow" && second) await workflowPage(second);
+    else if (first === "templates") await templatesPage();
+    else if (first === "template" && second) await templatePage(second);
+    else if (first === "run") await runPage(r.params.get("template"));
+    else if (first === "jobs") await jobsPage();
+    else if (first === "job" && second) await jobPage(second);
+    else if (first === "jobtypes") await jobTypesPage();
+    else if (first === "jobtype" && second) await jobTypePage(second);
+    else if (first === "node") await nodePage();
+    else main.innerHTML = `<h1>No such page</h1><p class="error" id="page-error">This console has no page at ${esc(location.hash)}.</p>`;
+  } catch (e) { fail(e); }
+}
+
+// ---------- manager pages ----------
+
+const WF_STATES = ["", "created", "running", "completed", "failed", "cancelled"];
+
+async function workflowsPage(params) {
+  const state = params.get("state") || "", template = params.get("template") || "";
+  const page = Number(params.get("page") || "1");
+  const load = async () => {
+    const q = new URLSearchParams({ state, template, page: String(page) });
+    const d = await api("/api/workflows?" + q);
+    const opts = (list, cur) => list.map(v => `<option value="${esc(v)}" ${v === cur ? "selected" : ""}>${esc(v || "any")}</option>`).join("");
+    const rows = d.items.map(w => `<tr class="wf-row" data-id="${esc(w.id)}">
+        <td class="mono"><a href="#/workflow/${esc(w.id)}">${esc(w.id)}</a></td>
+        <td>${esc(w.template)}</td><td>${badge(w.state)}</td>
+        <td>${when(w.created_at)}</td><td>${when(w.finished_at)}</td><td>${esc(w.message)}</td></tr>`).join("");
+    const nav = (p, t) => `<a class="button secondary" href="#/workflows?${new URLSearchParams({ state, template, page: String(p) })}">${t}</a>`;
+    main.innerHTML = `<h1>Workflows</h1>
+      <div class="toolbar">
+        <label>State <select id="f-state">${opts(WF_STATES, state)}</select></label>
+        <label>Template <select id="f-template">${opts([""].concat(d.templates), template)}</select></label>
+        <a class="button" href="#/run">Start a workflow</a>
+        <span class="muted">${d.total} matching (newest ${d.window} searched)</span>
+      </div>
+      <table id="workflows"><thead><tr><th>id</th><th>template</th><th>state</th><th>created</th><th>finished</th><th>message</th></tr></thead>
+      <tbody>${rows || `<tr><td colspan="6" class="muted">No workflows.</td></tr>`}</tbody></table>
+      <div class="pager">${d.page > 1 ? nav(d.page - 1, "‹ newer") : ""}<span>page ${d.page} of ${d.pages}</span>${d.page < d.pages ? nav(d.page + 1, "older ›") : ""}</div>`;
+    const go = () => {
+      location.hash = "#/workflows?" + new URLSearchParams({
+        state: document.getElementById("f-state").value,
+        template: document.getElementById("f-template").value, page: "1" });
+    };
+    document.getElementById("f-state").onchange = go;
+    document.getElementById("f-template").onchange = go;
+  };
+  await load();
+  view.match = (kind) => kind === "workflow" || kind === "resync";
+  view.load = load;
+}
+
+// Layered drawing of the workflow graph: inputs, steps by depth, outputs.
+function dagSvg(w) {
+  const steps = new Map(w.steps.map(s => [s.id, s]));
+  const nodes = new Map(); // id -> {kind, label, sub, state}
+  const edges = [];
+  const ref = (endpoint, isSource) => {
+    const i = endpoint.indexOf("/");
+    if (i > 0 && steps.has(endpoint.slice(0, i))) return { node: "step:" + endpoint.slice(0, i), port: endpoint.slice(i + 1) };
+    const id = (isSource ? "in:" : "out:") + endpoint;
+    if (!nodes.has(id)) nodes.set(id, { kind: isSource ? "input" : "output", label: endpoint, sub: isSource ? "input" : "output" });
+    return { node: id, port: "" };
+  };
+  for (const s of w.steps) nodes.set("step:" + s.id, { kind: "step", label: s.id, sub: s.job_type, state: s.state, step: s });
+  for (const d of w.dataflows) {
+    const a = ref(d.source, true), b = ref(d.destination, false);
+    const label = [a.port, b.port].filter(Boolean).join(" → ");
+    edges.push({ from: a.node, to: b.node, label, value: d.value });
+  }
+  const level = new Map();
+  const depth = (id, seen) => {
+    if (level.has(id)) return level.get(id);
+    if (seen.has(id)) return 0;
+    seen.add(id);
+    const ins = edges.filter(e => e.to === id);
+    let l = nodes.get(id).kind === "input" ? 0 : 1;
+    for (const e of ins) l = Math.max(l, depth(e.from, seen) + 1);
+    level.set(id, l);
+    return l;
+  };
+  for (const id of nodes.keys()) depth(id, new Set());
+  const maxStep = Math.max(1, ...[...nodes].filter(([, n]) => n.kind !== "output").map(([id]) => level.get(id)));
+  for (const [id, n] of nodes) if (n.kind === "output") level.set(id, maxStep + 1);
+  const cols = new Map();
+  for (const [id] of nodes) { const l = level.get(id); if (!cols.has(l)) cols.set(l, []); cols.get(l).push(id); }
+  const W = 200, H = 52, GX = 120, GY = 34;
+  const pos = new Map();
+  const ncols = Math.max(...cols.keys()) + 1;
+  let maxRows = 1;
+  for (const [l, ids] of cols) { maxRows = Math.max(maxRows, ids.length); ids.forEach((id, i) => pos.set(id, { x: 20 + l * (W + GX), y: 20 + i * (H + GY) })); }
+  const width = 40 + ncols * (W + GX) - GX, height = 40 + maxRows * (H + GY) - GY;
+  const colour = s => getComputedStyle(document.documentElement).getPropertyValue("--" + s).trim() || "#9aa3b2";
+  let svg = `<svg id="dag" xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}">
+    <defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#7b8494"/></marker></defs>`;
+  for (const e of edges) {
+    const a = pos.get(e.from), b = pos.get(e.to);
+    if (!a || !b) continue;
+    const x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x, y2 = b.y + H / 2, mx = (x1 + x2) / 2;
+    const title = e.value === null || e.value === undefined ? "not yet delivered" : e.value;
+    svg += `<g class="edge" data-from="${esc(e.from)}" data-to="${esc(e.to)}"><title>${esc(title)}</title>
+      <path d="M ${x1} ${y1} C ${mx} ${y1}, ${mx} ${y2}, ${x2} ${y2}" marker-end="url(#arrow)"/>
+      <text x="${mx}" y="${(y1 + y2) / 2 - 4}" text-anchor="middle">${esc(e.label)}</text></g>`;
+  }
+  for (const [id, n] of nodes) {
+    const p = pos.get(id);
+    const fill = n.kind === "step" ? colour(n.state) : "#eef1f6";
+    const text = n.kind === "step" ? "#fff" : "#1d2330";
+    const data = n.kind === "step" ? `data-step="${esc(n.label)}" data-state="${esc(n.state)}"` : `data-${n.kind}="${esc(n.label)}"`;
+    svg += `<g class="node ${n.kind}" ${data} transform="translate(${p.x},${p.y})">
+      <rect width="${W}" height="${H}" fill="${fill}"/>
+      <text x="10" y="20" fill="${text}" font-weight="600">${esc(n.label)}</text>
+      <text x="10" y="38" fill="${text}">${esc(n.sub)}${n.kind === "step" ? " · " + esc(n.state) : ""}</text>${n.kind === "step" && n.step.agent ? `<title>agent ${esc(n.step.agent)}</title>` : ""}</g>`;
+  }
+  return svg + "</svg>";
+}
+
+// One bar per attempt, on a common time axis.
+function timelineSvg(w) {
+  const rows = [];
+  for (const s of w.steps) s.attempt_history.forEach((a, i) => rows.push({ s, a, i }));
+  if (!rows.length) return `<p class="muted">No attempts yet.</p>`;
+  const now = Date.now();
+  const t0 = Math.min(ms(w.created_at), ...rows.map(r => ms(r.a.started_at)).filter(x => !isNaN(x)));
+  const t1 = Math.max(t0 + 1, ...rows.map(r => isNaN(ms(r.a.ended_at)) ? (w.finished_at ? ms(w.finished_at) : now) : ms(r.a.ended_at)));
+  const L = 230, R = 40, width = 900, rowH = 24, height = 30 + rows.length * rowH;
+  const x = t => L + (t - t0) / (t1 - t0) * (width - L - R);
+  const colour = s => getComputedStyle(document.documentElement).getPropertyValue("--" + s).trim() || "#9aa3b2";
+  let svg = `<svg id="timeline" xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}">`;
+  svg += `<text x="${L}" y="14" fill="#6b7280">0 ms</text><text x="${width - R}" y="14" text-anchor="end" fill="#6b7280">${Math.round(t1 - t0)} ms</text>`;
+  rows.forEach((r, k) => {
+    const y = 24 + k * rowH;
+    const start = ms(r.a.started_at), end = isNaN(ms(r.a.ended_at)) ? (w.finished_at ? ms(w.finished_at) : now) : ms(r.a.ended_at);
+    const xs = isNaN(start) ? L : x(start), xe = Math.max(xs + 3, x(end));
+    svg += `<g class="bar" data-step="${esc(r.s.id)}" data-attempt="${r.i + 1}" data-state="${esc(r.a.state)}">
+      <title>${esc(r.s.id)} attempt ${r.i + 1}: ${esc(r.a.state)} on ${esc(r.a.agent)} (${Math.round(end - start)} ms)</title>
+      <text x="6" y="${y + 14}">${esc(r.s.id)} #${r.i + 1} ${esc(short(r.a.agent))}</text>
+      <rect x="${xs}" y="${y}" width="${xe - xs}" height="${rowH - 8}" fill="${colour(r.a.state)}" rx="3"/></g>`;
+  });
+  return svg + "</svg>";
+}
+
+async function workflowPage(id) {
+  const load = async () => {
+    const w = await api("/api/workflows/" + encodeURIComponent(id));
+    const ended = ["completed", "failed", "cancelled"].includes(w.state);
+    const kv = o => Object.keys(o || {}).sort().map(k => `<tr><td class="mono">${esc(k)}</td><td class="mono">${esc(o[k])}</td></tr>`).join("")
+      || `<tr><td colspan="2" class="muted">none</td></tr>`;
+    const attempts = [];
+    for (const s of w.steps) s.attempt_history.forEach((a, i) => attempts.push(`<tr class="attempt-row" data-step="${esc(s.id)}" data-attempt="${i + 1}" data-state="${esc(a.state)}">
+      <td>${esc(s.id)}</td><td>${i + 1}${a.superseded ? ' <span class="muted">(superseded)</span>' : ""}</td><td class="mono" title="${esc(a.agent)}">${esc(a.agent)}</td>
+      <td class="mono">${esc(a.job_id)}</td><td>${badge(a.state)}</td><td>${a.exit_status === null || a.exit_status === undefined ? "—" : esc(a.exit_status)}</td>
+      <td>${esc(a.message)}</td><td>${when(a.started_at)}</td><td>${when(a.ended_at)}</td></tr>
+      ${a.stderr_tail ? `<tr class="stderr-row" data-step="${esc(s.id)}" data-attempt="${i + 1}"><td colspan="9"><pre class="stderr">${esc(a.stderr_tail)}</pre></td></tr>` : ""}`));
+    const declines = [];
+    for (const s of w.steps) for (const d of (s.declines || [])) declines.push(`<tr><td>${esc(s.id)}</td><td class="mono">${esc(d.agent)}</td><td>${esc(d.reason)}</td></tr>`);
+    const flows = w.dataflows.map(d => `<tr><td class="mono">${esc(d.source)}</td><td class="mono">${esc(d.destination)}</td>
+      <td class="mono">${d.value === null || d.value === undefined ? '<span class="muted">—</span>' : esc(d.value)}</td></tr>`).join("");
+    main.innerHTML = `<h1>Workflow <span class="mono">${esc(w.id)}</span></h1>
+      <div class="toolbar"><span id="wf-state">${badge(w.state)}</span>
+        <span>template <a href="#/template/${encodeURIComponent(w.template)}">${esc(w.template)}</a></span>
+        <span class="muted">created ${when(w.created_at)}${w.finished_at ? ", finished " + when(w.finished_at) : ""}</span>
+        ${ended ? "" : `<button class="danger" id="cancel">Cancel</button>`}</div>
+      ${w.message ? `<p class="error" id="wf-message">${esc(w.message)}</p>` : ""}
+      <div id="action-error"></div>
+      <h2>Graph</h2><div class="graph">${dagSvg(w)}</div>
+      <h2>Outputs</h2><table id="outputs"><tbody>${kv(w.outputs)}</tbody></table>
+      <h2>Inputs</h2><table id="inputs"><tbody>${kv(w.inputs)}</tbody></table>
+      <h2>Steps</h2><table id="steps"><thead><tr><th>step</th><th>job type</th><th>state</th><th>attempts</th><th>agent</th><th>job</th></tr></thead><tbody>
+      ${w.steps.map(s => `<tr data-step="${esc(s.id)}" data-state="${esc(s.state)}"><td>${esc(s.id)}</td><td>${esc(s.job_type)}</td><td>${badge(s.state)}</td><td>${esc(s.attempts)}</td><td class="mono">${esc(s.agent)}</td><td class="mono">${esc(s.job_id)}</td></tr>`).join("")}</tbody></table>
+      <h2>Timeline</h2><div class="graph">${timelineSvg(w)}</div>
+      <h2>Attempts</h2><table id="attempts"><thead><tr><th>step</th><th>#</th><th>agent</th><th>job</th><th>state</th><th>exit</th><th>error</th><th>started</th><th>ended</th></tr></thead>
+      <tbody>${attempts.join("") || `<tr><td colspan="9" class="muted">No attempts yet.</td></tr>`}</tbody></table>
+      ${declines.length ? `<h2>Declines</h2><table id="declines"><thead><tr><th>step</th><th>agent</th><th>declined because</th></tr></thead><tbody>${declines.join("")}</tbody></table>` : ""}
+      <h2>Dataflows</h2><table id="dataflows"><thead><tr><th>source</th><th>destination</th><th>value</th></tr></thead><tbody>${flows}</tbody></table>`;
+    const c = document.getElementById("cancel");
+    if (c) c.onclick = async () => {
+      if (!confirm("Cancel this workflow? Running jobs are killed.")) return;
+      c.disabled = true;
+      try { await api(`/api/workflows/${encodeURIComponent(id)}/cancel`, { method: "POST", body: {} }); await load(); }
+      catch (e) { document.getElementById("action-error").innerHTML = `<p class="error">${esc(e.message)}</p>`; c.disabled = false; }
+    };
+  };
+  await load();
+  view.match = (kind, data) => (kind === "workflow" && data.id === id) || kind === "resync";
+  view.load = load;
+}
+
+function yaml(text) {
+  return text.split("\n").map(line => {
+    let code = line, comment = "";
+    const m = line.match(/^((?:[^#'"]|'[^']*'|"[^"]*")*?)(\s#.*|^#.*)$/);
+    if (m) { code = m[1]; comment = m[2]; }
+    let out = esc(code)
+      .replace(/^(\s*-?\s*)([\w.$-]+)(:)(?=\s|$)/, '$1<span class="k">$2</span>$3')
+      .replace(/(&quot;[^&]*?&quot;|&#39;[^&]*?&#39;)/g, '<span class="s">$1</span>')
+      .replace(/(:\s+)(-?\d+(?:\.\d+)?|true|false|null)\s*$/, '$1<span class="n">$2</span>');
+    return out + (comment ? `<span class="c">${esc(comment)}</span>` : "");
+  }).join("\n");
+}
+
+async function templatesPage() {
+  const load = async () => {
+    const ts = await api("/api/templates");
+    const rows = ts.map(t => `<tr><td><a href="#/template/${encodeURIComponent(t.name)}">${esc(t.name)}</a></td>
+      <td>${esc(t.inputs.join(", "))}</td><td>${esc(t.outputs.join(", "))}</td><td>${esc(t.steps.length)}</td><td>${when(t.updated_at)}</td>
+      <td><a href="#/run?template=${encodeURIComponent(t.name)}">start</a></td></tr>`).join("");
+    if (view.editing) return;
+    main.innerHTML = `<h1>Templates</h1>
+      <table id="templates"><thead><tr><th>name</th><th>inputs</th><th>outputs</th><th>steps</th><th>updated</th><th></th></tr></thead>
+      <tbody>${rows || `<tr><td colspan="6" class="muted">No templates.</td></tr>`}</tbody></table>
+      <h2>Add or replace a template</h2>
+      <form class="stack" id="template-form">
+        <label><span>Name</span><input id="t-name" required maxlength="128"></label>
+        <label><span>CWL (YAML or JSON)</span><textarea id="t-cwl" required></textarea></label>
+        <div id="form-error"></div><button type="submit" id="t-save">Save template</button>
+      </form>`;
+    const f = document.getElementById("template-form");
+    f.oninput = () => { view.editing = true; };
+    f.onsubmit = async ev => {
+      ev.preventDefault();
+      try {
+        const t = await api("/api/templates", { method: "POST", body: { name: document.getElementById("t-name").value, cwl: document.getElementById("t-cwl").value } });
+        view.editing = false;
+        location.hash = "#/template/" + encodeURIComponent(t.name);
+      } catch (e) { document.getElementById("form-error").innerHTML = `<p class="error">${esc(e.message)}</p>`; }
+    };
+  };
+  await load();
+  view.match = kind => kind === "template";
+  view.load = load;
+}
+
+async function templatePage(name) {
+  const t = await api("/api/templates/" + encodeURIComponent(name));
+  main.innerHTML = `<h1>Template ${esc(t.name)}</h1>
+    <div class="toolbar"><a class="button" href="#/run?template=${encodeURIComponent(t.name)}">Start a workflow from it</a>
+      <span class="muted">updated ${when(t.updated_at)}</span></div>
+    <dl class="grid"><dt>inputs</dt><dd>${esc(t.inputs.join(", "))}</dd><dt>outputs</dt><dd>${esc(t.outputs.join(", "))}</dd></dl>
+    <h2>Steps</h2><table><thead><tr><th>step</th><th>job type</th><th>inputs</th><th>outputs</th></tr></thead><tbody>
+    ${t.steps.map(s => `<tr><td>${esc(s.id)}</td><td>${esc(s.job_type)}</td><td>${esc(s.inputs.join(", "))}</td><td>${esc(s.outputs.join(", "))}</td></tr>`).join("")}</tbody></table>
+    <h2>CWL</h2><pre class="yaml" id="cwl">${yaml(t.cwl || "")}</pre>`;
+}
+
+async function runPage(chosen) {
+  const ts = await api("/api/templates");
+  if (!ts.length) { main.innerHTML = `<h1>Start a workflow</h1><p class="muted">No templates yet: <a href="#/templates">add one</a>.</p>`; return; }
+  const name = chosen && ts.some(t => t.name === chosen) ? chosen : ts[0].name;
+  const t = ts.find(x => x.name === name);
+  main.innerHTML = `<h1>Start a workflow</h1>
+    <form class="stack" id="run-form">
+      <label><span>Template</span><select id="run-template">${ts.map(x => `<option ${x.name === name ? "selected" : ""}>${esc(x.name)}</option>`).join("")}</select></label>
+      ${t.inputs.map(i => `<label><span>${esc(i)}</span><input name="in-${esc(i)}" data-input="${esc(i)}" required></label>`).join("")}
+      <div id="form-error"></div><button type="submit" id="run-submit">Start</button>
+    </form>`;
+  document.getElementById("run-template").onchange = ev => { location.hash = "#/run?template=" + encodeURIComponent(ev.target.value); };
+  document.getElementById("run-form").onsubmit = async ev => {
+    ev.preventDefault();
+    const inputs = {};
+    document.querySelectorAll("#run-form [data-input]").forEach(el => { inputs[el.dataset.input] = el.value; });
+    try {
+      const r = await api("/api/workflows", { method: "POST", body: { template: name, inputs } });
+      location.hash = "#/workflow/" + r.workflow_id;
+    } catch (e) { document.getElementById("form-error").innerHTML = `<p class="error">${esc(e.message)}</p>`; }
+  };
+  view.editing = true;
+}
+
+// ---------- agent pages ----------
+
+async function jobsPage() {
+  const load = async () => {
+    const d = await api("/api/jobs");
+    const rows = d.items.map(j => `<tr class="job-row" data-id="${esc(j.id)}" data-state="${esc(j.state)}">
+      <td class="mono"><a href="#/job/${esc(j.id)}">${esc(short(j.id))}</a></td><td>${esc(j.job_type)}</td><td>${badge(j.state)}</td>
+      <td class="mono">${esc(j.workflow_id || "—")}</td><td class="mono" title="${esc(j.manager)}">${esc(short(j.manager))}</td>
+      <td>${when(j.created_at)}</td><td>${when(j.started_at)}</td><td>${when(j.ended_at)}</td><td>${esc(j.message)}</td></tr>`).join("");
+    main.innerHTML = `<h1>Jobs</h1>${d.truncated ? `<p class="muted">Older jobs left out.</p>` : ""}
+      <table id="jobs"><thead><tr><th>job</th><th>job type</th><th>state</th><th>workflow</th><th>manager</th><th>created</th><th>started</th><th>ended</th><th>error</th></tr></thead>
+      <tbody>${rows || `<tr><td colspan="9" class="muted">No jobs yet.</td></tr>`}</tbody></table>`;
+  };
+  await load();
+  view.match = kind => kind === "job" || kind === "resync";
+  view.load = load;
+}
+
+async function jobPage(id) {
+  const load = async () => {
+    const j = await api("/api/jobs/" + encodeURIComponent(id));
+    const kv = o => Object.keys(o || {}).sort().map(k => `<tr><td class="mono">${esc(k)}</td><td class="mono">${esc(o[k])}</td></tr>`).join("") || `<tr><td class="muted" colspan="2">none</td></tr>`;
+    main.innerHTML = `<h1>Job <span class="mono">${esc(j.id)}</span></h1>
+      <dl class="grid"><dt>state</dt><dd id="job-state">${badge(j.state)}</dd><dt>job type</dt><dd><a href="#/jobtype/${encodeURIComponent(j.job_type)}">${esc(j.job_type)}</a></dd>
+      <dt>workflow</dt><dd class="mono">${esc(j.workflow_id || "—")}</dd><dt>manager</dt><dd class="mono">${esc(j.manager)}</dd>
+      <dt>exit status</dt><dd>${j.exit_status === null || j.exit_status === undefined ? "—" : esc(j.exit_status)}</dd><dt>error</dt><dd>${esc(j.message) || "—"}</dd>
+      <dt>created</dt><dd>${when(j.created_at)}</dd><dt>started</dt><dd>${when(j.started_at)}</dd><dt>ended</dt><dd>${when(j.ended_at)}</dd></dl>
+      <h2>Inputs</h2><table><tbody>${kv(j.inputs)}</tbody></table>
+      <h2>Outputs</h2><table><tbody>${kv(j.outputs)}</tbody></table>
+      <h2>stderr (tail)</h2><pre class="stderr">${esc(j.stderr_tail) || " "}</pre>`;
+  };
+  await load();
+  view.match = (kind, data) => (kind === "job" && data.id === id) || kind === "resync";
+  view.load = load;
+}
+
+async function jobTypesPage() {
+  const load = async () => {
+    const ts = await api("/api/jobtypes");
+    if (view.editing) return;
+    main.innerHTML = `<h1>Job types</h1>
+      <table id="jobtypes"><thead><tr><th>name</th><th>inputs</th><th>outputs</th><th>timeout</th><th>updated</th></tr></thead>
+      <tbody>${ts.map(t => `<tr><td><a href="#/jobtype/${encodeURIComponent(t.name)}">${esc(t.name)}</a></td><td>${esc(t.inputs.join(", "))}</td>
+        <td>${esc(t.outputs.join(", "))}</td><td>${esc(t.timeout_seconds)} s</td><td>${when(t.updated_at)}</td></tr>`).join("") || `<tr><td colspan="5" class="muted">No job types.</td></tr>`}</tbody></table>
+      <h2>Add a job type</h2>${jobTypeForm({ name: "", inputs: [], outputs: [], body: "", timeout_seconds: 300, max_output_bytes: 0 }, true)}`;
+    wireJobTypeForm(null);
+  };
+  await load();
+  view.match = kind => kind === "jobtype";
+  view.load = load;
+}
+
+function jobTypeForm(t, create) {
+  return `<form class="stack" id="jobtype-form">
+    ${create ? `<label><span>Name</span><input id="jt-name" required maxlength="64"></label>` : ""}
+    <label><span>Inputs (comma-separated)</span><input id="jt-inputs" value="${esc(t.inputs.join(", "))}"></label>
+    <label><span>Outputs (comma-separated)</span><input id="jt-outputs" value="${esc(t.outputs.join(", "))}"></label>
+    <label><span>Timeout (seconds)</span><input id="jt-timeout" type="number" min="0" value="${esc(t.timeout_seconds)}"></label>
+    <label><span>Largest stdout (bytes, 0 = default)</span><input id="jt-max-output" type="number" min="0" value="${esc(t.max_output_bytes)}"></label>
+    <label><span>Body (bash)</span><textarea id="jt-body" spellcheck="false">${esc(t.body)}</textarea></label>
+    <div id="form-error"></div><div id="form-ok"></div>
+    <button type="submit" id="save">${create ? "Add job type" : "Save"}</button>
+    ${create ? "" : `<button type="button" class="secondary" id="edit-cancel">Cancel</button>`}
+  </form>`;
+}
+
+function wireJobTypeForm(name, done) {
+  const f = document.getElementById("jobtype-form");
+  f.oninput = () => { view.editing = true; };
+  const list = id => document.getElementById(id).value.split(",").map(s => s.trim()).filter(Boolean);
+  f.onsubmit = async ev => {
+    ev.preventDefault();
+    const n = name || document.getElementById("jt-name").value.trim();
+    const body = { inputs: list("jt-inputs"), outputs: list("jt-outputs"), body: document.getElementById("jt-body").value,
+      timeout_seconds: Number(document.getElementById("jt-timeout").value || 0),
+      max_output_bytes: Number(document.getElementById("jt-max-output").value || 0), create: !name };
+    document.getElementById("form-error").innerHTML = "";
+    document.getElementById("form-ok").innerHTML = "";
+    try {
+      await api("/api/jobtypes/" + encodeURIComponent(n), { method: "PUT", body });
+      view.editing = false;
+      if (done) done(); else location.hash = "#/jobtype/" + encodeURIComponent(n);
+    } catch (e) { document.getElementById("form-error").innerHTML = `<p class="error" id="save-error">${esc(e.message)}</p>`; }
+  };
+  const c = document.getElementById("edit-cancel");
+  if (c) c.onclick = () => { view.editing = false; if (done) done(true); };
+}
+
+async function jobTypePage(name) {
+  let saved = false;
+  const load = async () => {
+    const t = await api("/api/jobtypes/" + encodeURIComponent(name));
+    if (view.editing) return;
+    main.innerHTML = `<h1>Job type ${esc(t.name)}</h1>
+      <div class="toolbar"><button id="edit">Edit</button><span class="muted">updated ${when(t.updated_at)}</span></div>
+      ${saved ? `<p class="ok" id="saved">Saved.</p>` : ""}
+      <dl class="grid"><dt>inputs</dt><dd>${esc(t.inputs.join(", "))}</dd><dt>outputs</dt><dd>${esc(t.outputs.join(", "))}</dd>
+      <dt>timeout</dt><dd>${esc(t.timeout_seconds)} s</dd><dt>largest stdout</dt><dd>${esc(t.max_output_bytes)} bytes</dd></dl>
+      <h2>Body</h2><pre id="jt-body-view">${esc(t.body)}</pre>`;
+    document.getElementById("edit").onclick = () => {
+      view.editing = true;
+      main.innerHTML = `<h1>Edit job type ${esc(t.name)}</h1>${jobTypeForm(t, false)}`;
+      wireJobTypeForm(t.name, cancelled => { saved = !cancelled; view.editing = false; load(); });
+    };
+  };
+  await load();
+  view.match = (kind, data) => kind === "jobtype" && data.name === name;
+  view.load = load;
+}
+
+// ---------- node page ----------
+
+async function nodePage() {
+  const load = async () => {
+    const d = await api("/api/node");
+    node = d;
+    const i = d.info, s = d.stats;
+    main.innerHTML = `<h1>Node</h1>
+      <dl class="grid"><dt>node id</dt><dd class="mono" id="node-id">${esc(i.node_id)}</dd><dt>roles</dt><dd>${esc(i.roles.join(", "))}</dd>
+      <dt>client API</dt><dd class="mono">${esc(i.api_listen)}</dd><dt>peer endpoint</dt><dd class="mono">${esc(i.peer_endpoint)}</dd>
+      <dt>libp2p</dt><dd class="mono">${esc(i.p2p_listen.join(", "))}</dd><dt>version</dt><dd>${esc(i.version)}</dd><dt>data dir</dt><dd class="mono">${esc(i.data_dir)}</dd></dl>
+      <h2>Counters</h2><dl class="grid">
+      <dt>workflows</dt><dd>${s.workflows_live} live, ${s.workflows_waiting} waiting, ${s.workflows_completed} completed, ${s.workflows_failed} failed</dd>
+      <dt>jobs</dt><dd>${s.jobs_completed} completed, ${s.jobs_failed} failed</dd>
+      <dt>messages delivered</dt><dd>${s.messages_delivered}</dd><dt>requests published</dt><dd>${s.requests_published}</dd>
+      <dt>synced writes</dt><dd>${s.synced_writes}</dd><dt>CPU</dt><dd>${s.cpu_seconds.toFixed(2)} s</dd><dt>memory</dt><dd>${(s.rss_bytes / 1048576).toFixed(1)} MiB</dd></dl>
+      <h2>Peers</h2><table id="peers"><thead><tr><th>node id</th><th>gossip</th><th>endpoint</th><th>queued</th><th>delivered</th><th>dropped</th><th>refused</th><th>stream</th><th>last error / refusal</th></tr></thead><tbody>
+      ${d.peers.map(p => `<tr data-peer="${esc(p.node_id)}"><td class="mono">${esc(p.node_id)}</td><td class="mono">${p.p2p_connected ? esc(p.p2p_address) : "—"}</td>
+        <td class="mono">${esc(p.endpoint)}</td><td>${esc(p.queued)}</td><td>${esc(p.delivered)}</td><td>${esc(p.dropped)}</td><td>${esc(p.refused)}</td>
+        <td>${p.stream_open ? "open" : "closed"}</td><td>${esc(p.last_error || p.last_refusal)}</td></tr>`).join("") || `<tr><td colspan="9" class="muted">No peers.</td></tr>`}</tbody></table>`;
+  };
+  await load();
+  view.match = kind => kind === "tick";
+  view.load = load;
+}
+
+// ---------- live updates ----------
+
+function connect() {
+  const es = new EventSource("/events");
+  const on = () => { live.textContent = "live"; live.className = "live on"; banner.hidden = true; };
+  const off = () => {
+    live.textContent = "reconnecting…"; live.className = "live off";
+    banner.hidden = false; banner.id = "banner"; banner.textContent = "The live connection to the node is lost; reconnecting…";
+  };
+  es.onopen = () => { on(); if (view && view.load && !view.editing) view.load().catch(() => {}); };
+  es.onerror = () => {
+    off();
+    if (es.readyState === EventSource.CLOSED) setTimeout(async () => {
+      try { await api("/api/node"); } catch (_) { /* redirected on 401 */ }
+      connect();
+    }, 1000);
+  };
+  for (const kind of ["workflow", "job", "jobtype", "template", "tick", "resync"]) {
+    es.addEventListener(kind, ev => {
+      let data = {};
+      try { data = JSON.parse(ev.data); } catch (_) { /* keep {} */ }
+      if (!view || !view.match || view.editing || !view.match(kind, data)) return;
+      // Coalesce bursts of relevant events: one reload per 50 ms at most.
+      if (pending) return;
+      const v = view;
+      pending = setTimeout(async () => {
+        pending = null;
+        if (v !== view || v.editing) return;
+        try { await v.load(); } catch (e) { /* the next event retries */ }
+      }, kind === "tick" ? 0 : 50);
+    });
+  }
+}
+
+async function start() {
+  try { node = await api("/api/node"); } catch (e) { fail(e); return; }
+  document.getElementById("logout-form").hidden = false;
+  window.addEventListener("hashchange", show);
+  connect();
+  await show();
+}
+
+start();

@@ -1,0 +1,375 @@
+//! The web console in a real headless Chromium (Debian's `chromium` and
+//! `chromium-driver`, installed by `make setup`), driven over WebDriver with
+//! fantoccini against real `caroni-node` processes: clicks and typing as a
+//! person would. Each test saves a screenshot of the page it ends on under
+//! `<target>/console-screenshots/`.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use caroni_tests::{free_port, NodeProc};
+use fantoccini::{Client, ClientBuilder, Locator};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A chromedriver process and a browser session, ended on drop.
+struct Browser {
+    client: Option<Client>,
+    driver: Child,
+    rt: tokio::runtime::Runtime,
+    name: &'static str,
+}
+
+impl Browser {
+    fn start(name: &'static str) -> Self {
+        let driver_bin = caroni_tests::which("chromedriver").expect(
+            "chromedriver is not on PATH; run `make setup` (apt: chromium chromium-driver)",
+        );
+        let port = free_port();
+        let driver = Command::new(driver_bin)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let client = rt.block_on(async {
+            let mut caps = serde_json::Map::new();
+            caps.insert(
+                "goog:chromeOptions".into(),
+                serde_json::json!({
+                    "binary": caroni_tests::which("chromium").map(|p| p.display().to_string()).unwrap_or_else(|| "/usr/bin/chromium".into()),
+                    "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1300,1100"],
+                }),
+            );
+            let start = Instant::now();
+            loop {
+                let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+                match ClientBuilder::new(connector)
+                    .capabilities(caps.clone())
+                    .connect(&format!("http://127.0.0.1:{port}"))
+                    .await
+                {
+                    Ok(c) => break c,
+                    Err(e) => {
+                        assert!(start.elapsed() < LIMIT, "no WebDriver session: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        });
+        Self {
+            client: Some(client),
+            driver,
+            rt,
+            name,
+        }
+    }
+
+    fn c(&self) -> &Client {
+        self.client.as_ref().expect("session")
+    }
+
+    fn goto(&self, url: &str) {
+        self.rt.block_on(self.c().goto(url)).expect("goto");
+    }
+
+    /// Waits for the first element matching `css` (bounded).
+    fn find(&self, css: &str) -> fantoccini::elements::Element {
+        self.rt
+            .block_on(
+                self.c()
+                    .wait()
+                    .at_most(LIMIT)
+                    .for_element(Locator::Css(css)),
+            )
+            .unwrap_or_else(|e| panic!("no element {css}: {e}\npage: {}", self.text()))
+    }
+
+    fn click(&self, css: &str) {
+        let e = self.find(css);
+        self.rt.block_on(e.click()).expect("click");
+    }
+
+    fn type_into(&self, css: &str, text: &str) {
+        let e = self.find(css);
+        self.rt.block_on(e.clear()).expect("clear");
+        self.rt.block_on(e.send_keys(text)).expect("type");
+    }
+
+    fn text_of(&self, css: &str) -> String {
+        let e = self.find(css);
+        self.rt.block_on(e.text()).expect("text")
+    }
+
+    /// The page's visible text.
+    fn text(&self) -> String {
+        self.rt
+            .block_on(self.c().execute("return document.body.innerText", vec![]))
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default()
+    }
+
+    /// Number of elements matching `css` now.
+    fn count(&self, css: &str) -> usize {
+        self.rt
+            .block_on(self.c().execute(
+                "return document.querySelectorAll(arguments[0]).length",
+                vec![serde_json::json!(css)],
+            ))
+            .ok()
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0) as usize
+    }
+
+    /// Polls until `pred` holds on the page (bounded), without reloading it.
+    fn until(&self, what: &str, pred: impl Fn(&Self) -> bool) {
+        let start = Instant::now();
+        while !pred(self) {
+            assert!(
+                start.elapsed() < LIMIT,
+                "timed out waiting for {what}; page:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn hash(&self) -> String {
+        self.rt
+            .block_on(self.c().current_url())
+            .map(|u| u.fragment().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    }
+
+    /// Saves a screenshot of the page as it is now.
+    fn screenshot(&self) -> PathBuf {
+        let dir = caroni_tests::bin_dir()
+            .parent()
+            .map(|p| p.join("console-screenshots"))
+            .unwrap_or_else(|| PathBuf::from("console-screenshots"));
+        std::fs::create_dir_all(&dir).expect("screenshot dir");
+        let path = dir.join(format!("{}.png", self.name));
+        let png = self.rt.block_on(self.c().screenshot()).expect("screenshot");
+        std::fs::write(&path, png).expect("write screenshot");
+        eprintln!("screenshot: {}", path.display());
+        path
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            let _ = self
+                .rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(10), c.close()).await });
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+const BROKEN_BODY: &str =
+    "sleep 3\necho 'foojob2 is broken on purpose' >&2\necho 'this is not JSON'";
+
+/// The original's failure drill, entirely in the browser: break `foojob2`
+/// on the agent's console, start the demo on the manager's console, see
+/// attempt 1 fail with its stderr, fix the body, see the workflow complete.
+#[test]
+fn the_failure_drill_in_the_browser() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
+    let a = NodeProc::agent_of(&m, &dir.path().join("a"), &[]).expect("agent");
+    m.add_demo_template();
+    a.add_job_types(&["foojob0.yaml", "foojob1.yaml", "foojob2.yaml"]);
+    let b = Browser::start("failure_drill");
+
+    // Agent console: break foojob2.
+    b.goto(&format!("{}/#/jobtype/foojob2", a.console_url()));
+    let original = b.text_of("#jt-body-view");
+    assert!(original.contains("append"), "{original}");
+    b.click("#edit");
+    b.type_into("#jt-body", BROKEN_BODY);
+    b.click("#save");
+    b.find("#saved");
+    assert!(b.text_of("#jt-body-view").contains("broken on purpose"));
+
+    // Manager console: start the demo from the form.
+    b.goto(&format!("{}/#/run?template=test_simple", m.console_url()));
+    b.type_into("input[data-input=start_message]", "caronirocks");
+    b.click("#run-submit");
+    b.until("the workflow page", |b| b.hash().starts_with("/workflow/"));
+    let workflow_url = format!("{}/#{}", m.console_url(), b.hash());
+    // Attempt 1 of step3 fails, with its stderr, without reloading.
+    b.find(".attempt-row[data-step=step3][data-attempt='1'][data-state=failed]");
+    b.until("stderr of attempt 1", |b| {
+        b.text().contains("foojob2 is broken on purpose")
+    });
+    assert!(
+        b.text().contains("stdout is not a JSON object"),
+        "{}",
+        b.text()
+    );
+
+    // Agent console: fix the body.
+    b.goto(&format!("{}/#/jobtype/foojob2", a.console_url()));
+    b.click("#edit");
+    b.type_into("#jt-body", &original);
+    b.click("#save");
+    b.find("#saved");
+
+    // Manager console: the workflow completes with the demo's result.
+    b.goto(&workflow_url);
+    b.until("the workflow to complete", |b| {
+        b.count("#wf-state [data-state=completed]") == 1
+    });
+    assert!(
+        b.text_of("#outputs").contains("prependCARONIROCKS append"),
+        "{}",
+        b.text()
+    );
+    assert!(b.count(".attempt-row[data-step=step3]") >= 2);
+    assert_eq!(b.count("#dag g.node.step[data-state=completed]"), 3);
+    b.screenshot();
+}
+
+/// Two agents with complementary job types: the workflow page names both,
+/// and its graph shows every step completed.
+#[test]
+fn two_agents_on_one_workflow_page() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
+    let a = NodeProc::agent_of(&m, &dir.path().join("a"), &[]).expect("agent a");
+    let c = NodeProc::agent_of(&m, &dir.path().join("c"), &[]).expect("agent c");
+    m.add_demo_template();
+    a.add_job_types(&["foojob0.yaml", "foojob1.yaml"]);
+    c.add_job_types(&["foojob2.yaml"]);
+    let (a_id, c_id) = (a.node_id(), c.node_id());
+    let b = Browser::start("two_agents");
+
+    b.goto(&format!("{}/#/run", m.console_url()));
+    b.type_into("input[data-input=start_message]", "two agents");
+    b.click("#run-submit");
+    b.until("the workflow page", |b| b.hash().starts_with("/workflow/"));
+    b.until("every step completed in the graph", |b| {
+        b.count("#dag g.node.step[data-state=completed]") == 3
+    });
+    let attempts = b.text_of("#attempts");
+    assert!(
+        attempts.contains(&a_id) && attempts.contains(&c_id),
+        "{attempts}"
+    );
+    assert!(b.text_of("#outputs").contains("prependTWO AGENTS append"));
+    // Edges carry the dataflow's ports.
+    assert!(b.count("#dag g.edge") >= 4, "{}", b.text());
+    assert_eq!(b.count("#timeline g.bar[data-state=completed]"), 3);
+
+    // The list, filtered by state, shows it; the agent's jobs name the workflow.
+    let id = b.hash().trim_start_matches("/workflow/").to_string();
+    b.goto(&format!("{}/#/workflows?state=completed", m.console_url()));
+    b.find(&format!("tr.wf-row[data-id='{id}']"));
+    b.goto(&format!("{}/#/jobs", c.console_url()));
+    b.until("the agent's job", |b| b.text().contains(&id));
+    b.goto(&format!("{}/#/workflow/{id}", m.console_url()));
+    b.find("#dag g.node.step[data-state=completed]");
+    b.screenshot();
+}
+
+/// With a token, the console asks for it once: a wrong one is refused with
+/// a message, the right one opens the pages, and the session cookie is
+/// HttpOnly and SameSite=Strict; data endpoints refuse requests without it.
+#[test]
+fn a_token_protected_console_refuses_a_wrong_token_and_serves_the_right_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n =
+        NodeProc::start(&dir.path().join("n"), "both", &["--api-token", "s3cret"]).expect("node");
+    let b = Browser::start("token");
+
+    b.goto(&format!("{}/api/workflows", n.console_url()));
+    assert!(b.text().contains("log in first"), "{}", b.text());
+    b.goto(&format!("{}/#/workflows", n.console_url()));
+    b.find("#token");
+    b.type_into("#token", "wrong");
+    b.click("#login");
+    assert!(b.text_of("#login-error").contains("not this node's token"));
+    b.type_into("#token", "s3cret");
+    b.click("#login");
+    b.find("#workflows");
+    b.find("#live.on");
+    let cookies = b.rt.block_on(b.c().get_all_cookies()).expect("cookies");
+    let session = cookies
+        .iter()
+        .find(|c| c.name() == "caroni_session")
+        .expect("a session cookie");
+    assert_eq!(session.http_only(), Some(true));
+    assert_eq!(format!("{:?}", session.same_site()), "Some(Strict)");
+    assert!(session.max_age().is_some() || session.expires().is_some());
+    b.screenshot();
+}
+
+/// Unknown ids, invalid edits and oversized forms give a clear message and
+/// change nothing; a lost live connection is shown and recovers by itself.
+#[test]
+fn bad_input_is_answered_clearly_and_the_live_connection_recovers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    n.add_demo_template();
+    n.add_job_types(&["foojob0.yaml", "foojob1.yaml", "foojob2.yaml"]);
+    let b = Browser::start("bad_input");
+
+    b.goto(&format!(
+        "{}/#/workflow/0190f5c2-7d1e-7a8b-9c3d-2e4f5a6b7c8d",
+        n.console_url()
+    ));
+    assert!(
+        b.text_of("#page-error").contains("no workflow"),
+        "{}",
+        b.text()
+    );
+    b.goto(&format!("{}/#/workflow/not-an-id", n.console_url()));
+    assert!(b.text_of("#page-error").contains("not a workflow id"));
+
+    // An invalid edit: the message of the API, and nothing changes.
+    b.goto(&format!("{}/#/jobtype/foojob1", n.console_url()));
+    let before = b.text_of("#jt-body-view");
+    b.click("#edit");
+    b.type_into("#jt-outputs", "");
+    b.type_into("#jt-body", "echo '{}'");
+    b.click("#save");
+    assert!(
+        b.text_of("#save-error").contains("no outputs declared"),
+        "{}",
+        b.text()
+    );
+    // Leaving the form shows the job type as the agent has it: unchanged.
+    b.click("#edit-cancel");
+    assert_eq!(b.text_of("#jt-body-view"), before);
+
+    // An oversized form is refused with its status; templates unchanged.
+    let status = b
+        .rt
+        .block_on(b.c().execute_async(
+            "const done = arguments[arguments.length - 1];
+             fetch('/api/templates', {method: 'POST', headers: {'content-type': 'application/json', 'x-caroni-console': '1'},
+               body: JSON.stringify({name: 'huge', cwl: 'x'.repeat(3 * 1024 * 1024)})})
+               .then(r => done(r.status)).catch(e => done(String(e)));",
+            vec![],
+        ))
+        .expect("fetch");
+    assert_eq!(status, serde_json::json!(413));
+    assert!(!n.ok(&["template", "list"]).contains("huge"));
+
+    // The live connection: lost when the node stops, back when it returns.
+    b.goto(&format!("{}/#/workflows", n.console_url()));
+    b.find("#live.on");
+    n.kill();
+    b.find("#live.off");
+    assert!(b.text().contains("reconnecting"), "{}", b.text());
+    n.spawn().expect("restart");
+    b.find("#live.on");
+    let id = n.run("test_simple", &["start_message=back"]);
+    b.find(&format!("tr.wf-row[data-id='{id}']"));
+    b.screenshot();
+}
