@@ -103,6 +103,17 @@ enum Command {
         /// File to write (created with mode 0600, never overwritten).
         file: Option<std::path::PathBuf>,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Examples:\n  caroni completions bash > /etc/bash_completion.d/caroni\n  caroni completions zsh > \"${fpath[1]}/_caroni\"\n  caroni completions fish > ~/.config/fish/completions/caroni.fish"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), generated from these definitions.
+    #[command(after_help = "Example:\n  caroni man > caroni.1 && man ./caroni.1")]
+    Man,
     /// Run the demonstration workflow on an embedded manager and agent.
     #[command(after_help = "Example:\n  caroni demo caronirocks\n  → prependCARONIROCKS append")]
     Demo {
@@ -175,6 +186,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Job(c) => workflow::job(&ctx, c).await,
         Command::Peers => workflow::peers(&ctx).await,
         Command::Health => ctx.health().await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "caroni", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            let mut out = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+            std::io::Write::write_all(&mut std::io::stdout(), &out)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::TlsCert(args) => trust::tls_cert(args),
         Command::MeshKey { file } => trust::mesh_key(file),
         Command::Demo { text } => demo::demo(text, ctx.format).await,

@@ -260,3 +260,49 @@ fn the_api_token_is_enforced() {
         caroni_tests::caroni(&node.url(), &["--token", "wrong", "template", "list"]).expect("cli");
     assert!(String::from_utf8_lossy(&out.stderr).contains("wrong API token"));
 }
+
+/// `caroni completions bash` completes in a real bash: the subcommands of
+/// `caroni wor…` and `caroni workflow s…`. `caroni man` is a roff page
+/// listing the subcommands.
+#[test]
+fn shell_completions_complete_and_the_man_page_renders() {
+    let script = std::env::temp_dir().join(format!(
+        "caroni-completion-{}.bash",
+        caroni_tests::free_port()
+    ));
+    let mut cmd = Command::new(bin("caroni"));
+    cmd.args(["completions", "bash"]);
+    let out = run_bounded(cmd, Duration::from_secs(30)).expect("completions");
+    assert!(out.status.success());
+    std::fs::write(&script, &out.stdout).expect("write script");
+    let complete = |words: &str| -> String {
+        let probe = format!(
+            "source {}; COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); \
+             COMP_LINE=\"{words}\"; COMP_POINT=${{#COMP_LINE}}; \
+             _caroni caroni \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"; \
+             printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            script.display()
+        );
+        let mut cmd = Command::new("bash");
+        cmd.args(["-c", &probe]);
+        let out = run_bounded(cmd, Duration::from_secs(30)).expect("bash");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let first = complete("caroni wor");
+    assert!(first.lines().any(|l| l == "workflow"), "{first}");
+    let second = complete("caroni workflow s");
+    assert!(second.lines().any(|l| l == "show"), "{second}");
+    let _ = std::fs::remove_file(&script);
+
+    let mut cmd = Command::new(bin("caroni"));
+    cmd.arg("man");
+    let out = run_bounded(cmd, Duration::from_secs(30)).expect("man");
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH caroni"),
+        "{page}"
+    );
+    for word in ["SUBCOMMANDS", "workflow", "tls\\-cert", "completions"] {
+        assert!(page.contains(word), "no {word} in the man page");
+    }
+}
