@@ -13,6 +13,7 @@ command -v make >/dev/null 2>&1 || need_apt+=(make)
 # With --test: the console's browser tests drive a real headless Chromium
 # over WebDriver (not needed to run the demo).
 if [ "${1:-}" = "--test" ]; then
+  python3 -c 'import prometheus_client' 2>/dev/null || python3 -m pip install --quiet prometheus-client
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 fi

@@ -28,6 +28,12 @@ static ALLOWLIST_REFUSALS: caroni_peer::Refusals = caroni_peer::Refusals::new();
 
 impl caroni_store::wire::Wire for NodeWire {
     fn stage(&self, batch: &mut Batch, out: &Outbound) -> Result<Staged, String> {
+        if matches!(out.msg, Msg::Accept { .. }) {
+            caroni_store::metrics::METRICS
+                .offers
+                .get_or_create(&caroni_store::metrics::label("outcome", "accepted"))
+                .inc();
+        }
         self.outbox
             .stage(
                 batch,
@@ -70,6 +76,17 @@ impl caroni_store::wire::Wire for NodeWire {
         }
         self.published
             .fetch_add(reqs.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        for r in &reqs {
+            let kind = if r.publish_count > 1 {
+                "republished"
+            } else {
+                "first"
+            };
+            caroni_store::metrics::METRICS
+                .gossip_published
+                .get_or_create(&caroni_store::metrics::label("kind", kind))
+                .inc();
+        }
         let mesh = self.mesh.clone();
         tokio::spawn(async move {
             // Requests of one manager batch go out together, under one
@@ -223,6 +240,7 @@ pub async fn gossip_loop(
                     msg: Msg::Request(req),
                     ..
                 }) => {
+                    caroni_store::metrics::METRICS.gossip_received.inc();
                     // The answer goes to the signer, where the signer says
                     // it is: a request cannot name another reply address.
                     if req.manager_endpoint != endpoint {

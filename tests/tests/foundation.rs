@@ -306,3 +306,53 @@ fn shell_completions_complete_and_the_man_page_renders() {
         assert!(page.contains(word), "no {word} in the man page");
     }
 }
+
+/// `/metrics` on the console listener, parsed by a real Prometheus
+/// text-format parser (`prometheus_client`'s), shows the counters moving
+/// after a workflow.
+#[test]
+fn metrics_are_scraped_and_move_after_a_workflow() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    n.add_demo_template();
+    n.add_job_types(&["foojob0.yaml", "foojob1.yaml", "foojob2.yaml"]);
+    let scrape = || -> serde_json::Value {
+        let parse = format!(
+            "import json, urllib.request\n\
+             from prometheus_client.parser import text_string_to_metric_families\n\
+             text = urllib.request.urlopen('{}/metrics', timeout=10).read().decode()\n\
+             out = {{}}\n\
+             for f in text_string_to_metric_families(text):\n\
+             \x20   for s in f.samples:\n\
+             \x20       key = s.name + ''.join(sorted('{{%s=%s}}' % kv for kv in s.labels.items()))\n\
+             \x20       out[key] = s.value\n\
+             print(json.dumps(out))\n",
+            n.console_url()
+        );
+        let mut cmd = Command::new("python3");
+        cmd.args(["-c", &parse]);
+        let out = run_bounded(cmd, Duration::from_secs(30)).expect("python3");
+        assert!(
+            out.status.success(),
+            "the scrape did not parse (pip install prometheus-client; make test does): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    let v = |m: &serde_json::Value, k: &str| m[k].as_f64().unwrap_or(0.0);
+    let before = scrape();
+    let id = n.run("test_simple", &["start_message=metrics"]);
+    let w = n.wait(&id, Duration::from_secs(60));
+    assert_eq!(w["state"], "completed");
+    let after = scrape();
+    let ended = "caroni_workflows_ended_total{state=completed}";
+    assert_eq!(v(&after, ended), v(&before, ended) + 1.0, "{after:#}");
+    let runs = "caroni_job_runs_total{state=completed}";
+    assert_eq!(v(&after, runs), v(&before, runs) + 3.0);
+    let made = "caroni_offers_total{outcome=made}";
+    assert!(v(&after, made) >= v(&before, made) + 3.0, "{after:#}");
+    let syncs = "caroni_store_sync_duration_seconds_count";
+    assert!(v(&after, syncs) > v(&before, syncs));
+    let wf = "caroni_workflow_duration_seconds_count{state=completed}";
+    assert_eq!(v(&after, wf), v(&before, wf) + 1.0);
+}

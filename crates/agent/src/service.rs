@@ -217,6 +217,21 @@ pub struct Service<E> {
     retry_results: Vec<(Uuid, RunResult)>,
 }
 
+/// A failed run's reason as a bounded metric label.
+fn failure_reason(message: &str, exit_status: Option<i32>) -> &'static str {
+    if message.contains("timed out") {
+        "timeout"
+    } else if message.contains("cancel") || message.contains("killed") {
+        "killed"
+    } else if exit_status.is_some_and(|c| c != 0) {
+        "exit_status"
+    } else if message.contains("stdout") || message.contains("output") {
+        "output"
+    } else {
+        "other"
+    }
+}
+
 fn now_ms() -> u64 {
     caroni_types::now_ms()
 }
@@ -475,6 +490,11 @@ impl<E: Executor> Service<E> {
         if matches!(out.msg, Msg::Decline { .. }) {
             self.declined.insert(req.request_id, req.expires_at_ms);
         }
+        let outcome = if offer.is_some() { "made" } else { "declined" };
+        caroni_store::metrics::METRICS
+            .offers
+            .get_or_create(&caroni_store::metrics::label("outcome", outcome))
+            .inc();
         if let (Some(_), Some(w)) = (&offer, req.workflow_id) {
             self.group.batch.put(
                 REQUEST_WORKFLOWS,
@@ -819,7 +839,14 @@ impl<E: Executor> Service<E> {
         let fx = job.on_finished(result, now_ms());
         match job.state {
             JobState::Completed => self.stats.completed.fetch_add(1, Ordering::Relaxed),
-            _ => self.stats.failed.fetch_add(1, Ordering::Relaxed),
+            _ => {
+                let reason = failure_reason(&job.message, job.exit_status);
+                caroni_store::metrics::METRICS
+                    .job_failures
+                    .get_or_create(&caroni_store::metrics::label("reason", reason))
+                    .inc();
+                self.stats.failed.fetch_add(1, Ordering::Relaxed)
+            }
         };
         tracing::debug!(job = %id, state = job.state.as_str(), message = %job.message, "job finished");
         if let Err(e) = self.commit(None, Some(job), None, fx) {

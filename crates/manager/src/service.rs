@@ -913,6 +913,15 @@ impl Service {
                     }
                 }
                 for wf in g.finished.values() {
+                    if let Some(end) = wf.finished_at_ms {
+                        caroni_store::metrics::METRICS
+                            .workflow_seconds
+                            .get_or_create(&caroni_store::metrics::label(
+                                "state",
+                                wf.state.as_str(),
+                            ))
+                            .observe(end.saturating_sub(wf.created_at_ms) as f64 / 1000.0);
+                    }
                     match wf.state {
                         WorkflowState::Completed => &self.stats.completed,
                         _ => &self.stats.failed,

@@ -992,6 +992,14 @@ impl Sender {
                         let Ok(id) = ack.message_id.parse::<uuid::Uuid>() else { continue };
                         if let Some(row) = in_flight.remove(&id) {
                             done.push(row);
+                            if let Some(ts) = id.get_timestamp() {
+                                let (s, n) = ts.to_unix();
+                                let staged = s as f64 + f64::from(n) / 1e9;
+                                let now = caroni_types::now_ms() as f64 / 1000.0;
+                                caroni_store::metrics::METRICS
+                                    .delivery_seconds
+                                    .observe((now - staged).max(0.0));
+                            }
                         }
                     }
                     self.remove(&done, true);

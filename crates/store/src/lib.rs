@@ -23,6 +23,7 @@ use std::sync::Arc;
 use serde::{de::DeserializeOwned, Serialize};
 
 pub mod keys;
+pub mod metrics;
 pub mod tables;
 pub mod wire;
 
@@ -417,8 +418,13 @@ impl Store {
         opts.set_sync(true);
         let ops = batch.inner.len() as u64;
         self.recover_if_failing();
+        let started = std::time::Instant::now();
         let r = self.db()?.write_opt(batch.inner, &opts);
         self.outcome(r)?;
+        metrics::METRICS
+            .store_sync_seconds
+            .observe(started.elapsed().as_secs_f64());
+        metrics::METRICS.store_batch_ops.observe(ops as f64);
         self.counters.synced_writes.fetch_add(1, Ordering::Relaxed);
         self.counters.synced_ops.fetch_add(ops, Ordering::Relaxed);
         Ok(())

@@ -124,6 +124,7 @@ fn router(console: Console) -> Router {
         .route("/assets/app.js", get(app_js))
         .route("/assets/style.css", get(style))
         .route("/events", get(events))
+        .route("/metrics", get(metrics))
         .route("/api/node", get(node))
         .route("/api/workflows", get(list_workflows).post(run_workflow))
         .route("/api/workflows/{id}", get(get_workflow))
@@ -209,9 +210,16 @@ impl Console {
 /// a cross-site form cannot send.
 async fn guard(State(c): State<Console>, request: Request, next: Next) -> Response {
     let path = request.uri().path().to_string();
-    let open = path == "/login" || path == "/assets/style.css";
+    let bearer = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .zip(c.0.src.token.as_deref())
+        .is_some_and(|(given, token)| same(given.as_bytes(), token.as_bytes()));
+    let open = path == "/login" || path == "/assets/style.css" || (path == "/metrics" && bearer);
     if !open && !c.logged_in(request.headers()) {
-        return if path.starts_with("/api/") || path == "/events" {
+        return if path.starts_with("/api/") || path == "/events" || path == "/metrics" {
             Failure(
                 StatusCode::UNAUTHORIZED,
                 "log in first: open the console's login page and give the node's --api-token"
@@ -620,4 +628,117 @@ async fn put_job_type(
             .into_inner();
     let _ = c.0.edits.send(("jobtype", j.name.clone()));
     Ok(Json(js::job_type(&j)))
+}
+
+/// The node's metrics in the Prometheus text format: what the engines
+/// record as they work (histograms, counters) and what is read at scrape
+/// time (workflows, jobs, outbox queues per peer). Off loopback, scrapers
+/// authenticate with `Authorization: Bearer TOKEN`.
+async fn metrics(State(c): State<Console>) -> Result<Response, Failure> {
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    use std::sync::atomic::Ordering::Relaxed;
+    type Labels = Vec<(String, String)>;
+    let l = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+    let mut registry = prometheus_client::registry::Registry::with_prefix("caroni");
+    caroni_store::metrics::register(&mut registry);
+
+    let workflows = Family::<Labels, Gauge>::default();
+    let workflows_ended = Family::<Labels, Counter>::default();
+    if let Some(m) = &c.0.src.manager_handle {
+        let s = m.stats();
+        let live = s.live.load(Relaxed) as i64;
+        let waiting = s.waiting.load(Relaxed) as i64;
+        workflows.get_or_create(&l("state", "waiting")).set(waiting);
+        workflows
+            .get_or_create(&l("state", "running"))
+            .set(live.saturating_sub(waiting));
+        workflows_ended
+            .get_or_create(&l("state", "completed"))
+            .inc_by(s.completed.load(Relaxed));
+        workflows_ended
+            .get_or_create(&l("state", "failed"))
+            .inc_by(s.failed.load(Relaxed));
+    }
+    registry.register(
+        "workflows",
+        "Live workflows on this manager, by state",
+        workflows,
+    );
+    registry.register(
+        "workflows_ended",
+        "Workflows that ended since this node started, by final state",
+        workflows_ended,
+    );
+    let jobs_ended = Family::<Labels, Counter>::default();
+    if let Some(a) = &c.0.src.agent_handle {
+        let s = a.stats();
+        jobs_ended
+            .get_or_create(&l("state", "completed"))
+            .inc_by(s.completed.load(Relaxed));
+        jobs_ended
+            .get_or_create(&l("state", "failed"))
+            .inc_by(s.failed.load(Relaxed));
+    }
+    registry.register(
+        "job_runs",
+        "Job runs that ended on this agent since it started, by state",
+        jobs_ended,
+    );
+
+    let peers =
+        c.0.src
+            .node
+            .list_peers(req(pb::ListPeersRequest {}))
+            .await?
+            .into_inner()
+            .peers;
+    let queued = Family::<Labels, Gauge>::default();
+    let delivered = Family::<Labels, Counter>::default();
+    let dropped = Family::<Labels, Counter>::default();
+    let refused = Family::<Labels, Counter>::default();
+    for p in &peers {
+        let peer = l("peer", &p.node_id);
+        if !p.endpoint.is_empty() {
+            queued.get_or_create(&peer).set(p.queued as i64);
+            delivered.get_or_create(&peer).inc_by(p.delivered);
+            dropped.get_or_create(&peer).inc_by(p.dropped);
+        }
+        if p.refused > 0 {
+            refused.get_or_create(&peer).inc_by(p.refused);
+        }
+    }
+    registry.register(
+        "outbox_queued_messages",
+        "Direct messages waiting in the outbox, per peer",
+        queued,
+    );
+    registry.register(
+        "outbox_delivered_messages",
+        "Direct messages acknowledged by the peer since this node started",
+        delivered,
+    );
+    registry.register(
+        "outbox_dropped_messages",
+        "Direct messages not queued or expired (a queue bound), per peer",
+        dropped,
+    );
+    registry.register(
+        "peer_refusals",
+        "What this node refused of each peer since it started",
+        refused,
+    );
+
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)
+        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
