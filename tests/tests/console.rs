@@ -87,20 +87,46 @@ impl Browser {
             .unwrap_or_else(|e| panic!("no element {css}: {e}\npage: {}", self.text()))
     }
 
+    /// Runs `act` on the element, finding it again when a live update
+    /// replaced it in between (a stale element), as a person would.
+    fn act(
+        &self,
+        css: &str,
+        what: &str,
+        act: impl Fn(&fantoccini::elements::Element) -> Result<(), fantoccini::error::CmdError>,
+    ) {
+        let mut tries = 0;
+        loop {
+            let e = self.find(css);
+            match act(&e) {
+                Ok(()) => return,
+                Err(e) if e.is_stale_element_reference() && tries < 20 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("{what} {css}: {e}"),
+            }
+        }
+    }
+
     fn click(&self, css: &str) {
-        let e = self.find(css);
-        self.rt.block_on(e.click()).expect("click");
+        self.act(css, "click", |e| self.rt.block_on(e.click()));
     }
 
     fn type_into(&self, css: &str, text: &str) {
-        let e = self.find(css);
-        self.rt.block_on(e.clear()).expect("clear");
-        self.rt.block_on(e.send_keys(text)).expect("type");
+        self.act(css, "type into", |e| {
+            self.rt.block_on(e.clear())?;
+            self.rt.block_on(e.send_keys(text))
+        });
     }
 
     fn text_of(&self, css: &str) -> String {
-        let e = self.find(css);
-        self.rt.block_on(e.text()).expect("text")
+        let text = std::cell::RefCell::new(String::new());
+        self.act(css, "read", |e| {
+            *text.borrow_mut() = self.rt.block_on(e.text())?;
+            Ok(())
+        });
+        text.into_inner()
     }
 
     /// The page's visible text.
