@@ -34,6 +34,27 @@ fn a_burst_completes_and_spreads_over_both_agents() {
     let m = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
     let a1 = NodeProc::agent_of(&m, &dir.path().join("a1"), &[]).expect("agent 1");
     let a2 = NodeProc::agent_of(&m, &dir.path().join("a2"), &[]).expect("agent 2");
+    // Both agents hear the gossip before the burst: an agent still
+    // connecting would hear only re-publications, after its peer took all.
+    let ids = [a1.node_id(), a2.node_id()];
+    let start = std::time::Instant::now();
+    loop {
+        let peers = m.json(&["peers"]);
+        let connected = |id: &str| {
+            peers.as_array().is_some_and(|ps| {
+                ps.iter()
+                    .any(|p| p["node_id"] == id && p["p2p_connected"] == true)
+            })
+        };
+        if ids.iter().all(|id| connected(id)) {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "the agents never connected to the manager's gossip: {peers:#}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let r = bench_json(&[
         "-o",
         "json",
