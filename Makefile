@@ -1,6 +1,6 @@
 # The two commands of the README, plus the checks CI runs.
 #   make demo   – set up, build, run the demo workflow (TEXT=caronirocks)
-#   make test   – set up, build, run every test
+#   make test   – set up, build, run every test (Rust, then the Python client's)
 TEXT ?= caronirocks
 
 .PHONY: setup demo test check bench fuzz
@@ -9,13 +9,15 @@ setup:
 	@scripts/setup.sh
 
 demo: setup
-	cargo run -q -p caroni-cli --bin caroni -- demo $(TEXT)
+	@scripts/first-build-note.sh
+	cargo run -p caroni-cli --bin caroni -- demo $(TEXT)
 
 test:
 	@scripts/setup.sh --test
 	cargo build --workspace --bins
 	@if docker info >/dev/null 2>&1; then deploy/build-image.sh; else echo "no Docker engine reachable: the multi-host tests will be skipped"; fi
 	cargo nextest run --workspace --no-fail-fast
+	scripts/python-client-test.sh
 
 check: setup
 	cargo fmt --all -- --check

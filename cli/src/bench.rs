@@ -104,10 +104,23 @@ struct NodeRef {
     is_agent: bool,
 }
 
+/// A loopback port that was free a moment ago and that this bench has not
+/// handed out before: every port is picked before the nodes bind them, and
+/// the kernel may offer a closed probe's port again.
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
 }
 
 fn node_bin(args: &BenchArgs) -> anyhow::Result<PathBuf> {

@@ -27,19 +27,26 @@ pub struct NodeWire {
 static ALLOWLIST_REFUSALS: caroni_peer::Refusals = caroni_peer::Refusals::new();
 
 impl caroni_store::wire::Wire for NodeWire {
-    fn stage(&self, batch: &mut Batch, out: &Outbound) -> Result<Staged, String> {
+    fn stage(
+        &self,
+        batch: &mut Batch,
+        out: &Outbound,
+        trace: Option<uuid::Uuid>,
+    ) -> Result<Staged, String> {
         if matches!(out.msg, Msg::Accept { .. }) {
             caroni_store::metrics::METRICS
                 .offers
                 .get_or_create(&caroni_store::metrics::label("outcome", "accepted"))
                 .inc();
         }
+        tracing::debug!(target: "caroni::message", workflow = %caroni_types::msg::Trace(trace), to = %out.to, kind = out.msg.name(), "sending");
         self.outbox
             .stage(
                 batch,
                 &out.to,
                 &out.endpoint,
                 Payload::from(out.msg.clone()),
+                trace,
             )
             .map_err(|e| e.to_string())
     }
@@ -94,7 +101,11 @@ impl caroni_store::wire::Wire for NodeWire {
             let encoded: Vec<(uuid::Uuid, Vec<u8>)> = reqs
                 .into_iter()
                 .map(|r| {
-                    let p = caroni_peer::envelope::encode_payload(Payload::from(Msg::Request(r)));
+                    let trace = r.workflow_id;
+                    let p = caroni_peer::envelope::encode_payload(
+                        Payload::from(Msg::Request(r)),
+                        trace,
+                    );
                     (uuid::Uuid::now_v7(), p)
                 })
                 .collect();
@@ -142,6 +153,7 @@ fn inbound(msg: Verified) -> Result<Inbound, InboxError> {
         id: msg.id,
         from: msg.sender_name,
         endpoint: msg.sender_endpoint,
+        trace: msg.trace,
         msg: m,
     })
 }

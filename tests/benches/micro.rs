@@ -23,10 +23,12 @@ fn envelopes(c: &mut Criterion) {
         libp2p::identity::Keypair::generate_ed25519(),
         "http://127.0.0.1:7071".into(),
     );
-    let payload =
-        caroni_peer::envelope::encode_payload(Payload::JobStatusRequest(JobStatusRequest {
+    let payload = caroni_peer::envelope::encode_payload(
+        Payload::JobStatusRequest(JobStatusRequest {
             job_id: Uuid::now_v7().to_string(),
-        }));
+        }),
+        Some(Uuid::now_v7()),
+    );
     let id = Uuid::now_v7();
     c.bench_function("envelope/seal (sign)", |b| {
         b.iter(|| signer.seal_encoded(id, &payload))

@@ -71,6 +71,9 @@ pub struct NodeProc {
     pub token: Option<String>,
     /// CA the CLI trusts when the API has TLS (`--api-tls-cert` in `extra`).
     pub tls_ca: Option<PathBuf>,
+    /// Environment of the process beyond `RUST_LOG=info` (which it may
+    /// override).
+    pub env: Vec<(String, String)>,
     log: PathBuf,
 }
 
@@ -88,7 +91,31 @@ impl NodeProc {
         extra: &[&str],
         ca: Option<&Path>,
     ) -> anyhow::Result<Self> {
+        Self::start_full(data_dir, role, extra, ca, &[])
+    }
+
+    /// [`NodeProc::start`] with environment variables (`RUST_LOG`, say).
+    pub fn start_with_env(
+        data_dir: &Path,
+        role: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        Self::start_full(data_dir, role, extra, None, env)
+    }
+
+    fn start_full(
+        data_dir: &Path,
+        role: &str,
+        extra: &[&str],
+        ca: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut n = Self {
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             tls_ca: ca.map(Path::to_path_buf),
             child: None,
             ports: Ports::pick(),
@@ -140,6 +167,7 @@ impl NodeProc {
             .arg(format!("127.0.0.1:{}", self.ports.console))
             .args(&self.extra)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

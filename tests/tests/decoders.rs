@@ -210,14 +210,16 @@ fn any_message() -> impl Strategy<Value = pb::Message> {
         prop_oneof![Just(me), any_text()],
         any_timestamp(),
         any_text(),
+        prop_oneof![Just(uuid::Uuid::now_v7().to_string()), any_text()],
         proptest::option::of(any_payload()),
     )
         .prop_map(
-            |(message_id, sender, sent_at, sender_endpoint, payload)| pb::Message {
+            |(message_id, sender, sent_at, sender_endpoint, trace_id, payload)| pb::Message {
                 message_id,
                 sender,
                 sent_at,
                 sender_endpoint,
+                trace_id,
                 payload,
             },
         )

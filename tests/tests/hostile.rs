@@ -133,6 +133,8 @@ fn absurd(key: &Keypair, victim: &str, n: u64) -> pb::Envelope {
             nanos: i32::MAX,
         }),
         sender_endpoint: victim.to_string(),
+        // A trace that is no UUID is ignored, never trusted.
+        trace_id: "\u{202e}".repeat(1000),
         payload: Some(forged(n)),
     };
     let m = match n % 3 {
@@ -256,6 +258,7 @@ fn gossip_payloads(victim: &str, n: u64) -> pb::Message {
         sender: key.public().to_peer_id().to_base58(),
         sent_at: None,
         sender_endpoint,
+        trace_id: String::new(),
         payload: Some(Payload::JobFulfillmentRequest(req)),
     }
 }

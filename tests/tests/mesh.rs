@@ -183,6 +183,7 @@ fn an_envelope_with_a_bad_signature_is_refused_and_the_node_goes_on() {
             sender: key.1.clone(),
             sent_at: None,
             sender_endpoint: "http://127.0.0.1:1".into(),
+            trace_id: String::new(),
             payload: Some(Payload::JobKill(pb::JobKill {
                 job_id: "0190f5c2-7d1e-7a8b-9c3d-2e4f5a6b7c8d".into(),
                 reason: "forged".into(),

@@ -302,7 +302,7 @@ fn deliver_as(
             },
         );
         let staged = outbox
-            .stage(&mut b, &target_id, &endpoint, payload)
+            .stage(&mut b, &target_id, &endpoint, payload, None)
             .expect("stage");
         store.write(b).expect("write");
         outbox.notify(vec![staged]);

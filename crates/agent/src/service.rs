@@ -158,13 +158,7 @@ impl Handle {
 
     /// The workflow a job serves, when its manager said.
     pub fn workflow_of(&self, job: &Job) -> Option<Uuid> {
-        self.store
-            .get(
-                REQUEST_WORKFLOWS,
-                &Key::new().uuid(&job.request_id).finish(),
-            )
-            .ok()
-            .flatten()
+        workflow_of(&self.store, job)
     }
 
     /// Jobs as they change (once each change is written).
@@ -423,7 +417,8 @@ impl<E: Executor> Service<E> {
             if was_running {
                 tracing::warn!(job = %id, "job was running when the agent stopped; it runs again");
             }
-            if let Err(e) = self.commit(None, Some(job), None, fx) {
+            let trace = workflow_of(&self.store, &job);
+            if let Err(e) = self.commit(None, Some(job), None, fx, trace) {
                 tracing::error!(error = %e, "cannot recover a job");
             }
         }
@@ -502,13 +497,16 @@ impl<E: Executor> Service<E> {
                 &w,
             );
         }
-        tracing::debug!(request = %req.request_id, answer = out.msg.name(), "answering a request");
-        if let Err(e) = self.commit(None, None, offer, vec![Effect::Send(out)]) {
+        tracing::debug!(workflow = %caroni_types::msg::Trace(req.workflow_id), request = %req.request_id, answer = out.msg.name(), "answering a request");
+        let trace = req.workflow_id;
+        if let Err(e) = self.commit(None, None, offer, vec![Effect::Send(out)], trace) {
             tracing::error!(error = %e, "cannot answer a request");
         }
     }
 
     fn deliver(&mut self, msg: Inbound) -> Result<Delivered, DeliverError> {
+        let span = msg.span();
+        let _in = span.enter();
         if self.group.applied.contains(&msg.id) {
             return Ok(Delivered::Applied);
         }
@@ -627,7 +625,7 @@ impl<E: Executor> Service<E> {
             },
             _ => return Ok(Delivered::NotMine),
         };
-        self.commit(Some(msg.id), job, offer, fx)
+        self.commit(Some(msg.id), job, offer, fx, msg.trace)
             .map_err(DeliverError::Retry)?;
         Ok(Delivered::Applied)
     }
@@ -646,18 +644,21 @@ impl<E: Executor> Service<E> {
 
     /// Adds a change and the messages it causes to the group's batch and
     /// applies it in memory; the group is written by [`Service::flush`].
+    /// `trace` is the workflow the messages are about (for the receiver's
+    /// logs).
     fn commit(
         &mut self,
         applied: Option<Uuid>,
         job: Option<Job>,
         offer: Option<Offer>,
         fx: Vec<Effect>,
+        trace: Option<Uuid>,
     ) -> Result<(), String> {
         let mut job = job;
         let g = &mut self.group;
         for e in &fx {
             if let Effect::Send(out) = e {
-                let staged = self.wire.stage(&mut g.batch, out)?;
+                let staged = self.wire.stage(&mut g.batch, out, trace)?;
                 if let Msg::Status(s) = &out.msg {
                     if let Some(prev) = g
                         .last_status
@@ -791,7 +792,8 @@ impl<E: Executor> Service<E> {
                     );
                     let mut all = fx;
                     all.append(&mut fx2);
-                    let _ = self.commit(None, Some(job2), None, all);
+                    let trace = workflow_of(&self.store, &job2);
+                    let _ = self.commit(None, Some(job2), None, all, trace);
                     continue;
                 }
                 Err(e) => {
@@ -810,7 +812,8 @@ impl<E: Executor> Service<E> {
                 timeout: Duration::from_secs(u64::from(def.timeout_seconds)),
                 max_output_bytes: def.max_output_bytes,
             };
-            if let Err(e) = self.commit(None, Some(job), None, fx) {
+            let workflow = workflow_of(&self.store, &job);
+            if let Err(e) = self.commit(None, Some(job), None, fx, workflow) {
                 tracing::error!(error = %e, "cannot start a job");
                 continue;
             }
@@ -818,7 +821,15 @@ impl<E: Executor> Service<E> {
             self.running.insert(id, token.clone());
             let exec = self.executor.clone();
             let done = self.done_tx.clone();
-            let span = tracing::info_span!("job", node = %self.opts.node_id, job = %id);
+            let span = tracing::info_span!(
+                "job",
+                node = %self.opts.node_id,
+                job = %id,
+                workflow = tracing::field::Empty
+            );
+            if let Some(w) = workflow {
+                span.record("workflow", tracing::field::display(w));
+            }
             tokio::spawn(
                 async move {
                     tracing::debug!("job started");
@@ -848,11 +859,23 @@ impl<E: Executor> Service<E> {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed)
             }
         };
-        tracing::debug!(job = %id, state = job.state.as_str(), message = %job.message, "job finished");
-        if let Err(e) = self.commit(None, Some(job), None, fx) {
+        let trace = workflow_of(&self.store, &job);
+        tracing::debug!(workflow = %caroni_types::msg::Trace(trace), job = %id, state = job.state.as_str(), reason = %job.message, "job finished");
+        if let Err(e) = self.commit(None, Some(job), None, fx, trace) {
             tracing::error!(error = %e, "cannot record a finished job");
         }
     }
+}
+
+/// The workflow a job serves, as its request said (kept per request).
+fn workflow_of(store: &Store, job: &Job) -> Option<Uuid> {
+    store
+        .get(
+            REQUEST_WORKFLOWS,
+            &Key::new().uuid(&job.request_id).finish(),
+        )
+        .ok()
+        .flatten()
 }
 
 fn unknown_job(msg: &Inbound, job_id: Uuid) -> caroni_types::msg::Outbound {
@@ -882,7 +905,12 @@ mod tests {
     struct FakeWire(Mutex<Vec<Outbound>>);
 
     impl wire::Wire for FakeWire {
-        fn stage(&self, _: &mut Batch, out: &Outbound) -> Result<wire::Staged, String> {
+        fn stage(
+            &self,
+            _: &mut Batch,
+            out: &Outbound,
+            _: Option<Uuid>,
+        ) -> Result<wire::Staged, String> {
             Ok(wire::Staged {
                 to: out.to.clone(),
                 endpoint: out.endpoint.clone(),
@@ -923,6 +951,7 @@ mod tests {
             id: Uuid::new_v4(),
             from: from.into(),
             endpoint: format!("http://{from}"),
+            trace: None,
             msg,
         }
     }

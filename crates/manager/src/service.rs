@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::machine::{Ctx, Effect, Peers, Refusal};
-use crate::model::{RequestState, Workflow, WorkflowState};
+use crate::model::{RequestState, StepState, Workflow, WorkflowState};
 use crate::{records, templates, Error};
 
 /// Most commands applied in one batch.
@@ -69,7 +69,7 @@ enum Cmd {
         oneshot::Sender<Result<Uuid, Error>>,
     ),
     Cancel(Uuid, oneshot::Sender<Result<(), Error>>),
-    Deliver(Inbound, DeliverReply),
+    Deliver(Box<Inbound>, DeliverReply),
 }
 
 /// A change of a workflow, as announced to watchers once written.
@@ -148,7 +148,7 @@ impl Handle {
     ) -> Result<oneshot::Receiver<Result<(), DeliverError>>, DeliverError> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Cmd::Deliver(msg, tx))
+            .send(Cmd::Deliver(Box::new(msg), tx))
             .await
             .map_err(|_| DeliverError::Retry(STOPPED.into()))?;
         Ok(rx)
@@ -301,6 +301,9 @@ pub struct Service {
     live: HashMap<Uuid, Workflow>,
     by_request: HashMap<Uuid, Uuid>,
     by_job: HashMap<Uuid, Uuid>,
+    /// When each live step had all its inputs (ms), for the step latency
+    /// histogram; kept in memory only.
+    ready_at: HashMap<(Uuid, usize), u64>,
     /// Workflows waiting in `created` for admission, oldest first.
     waiting: VecDeque<Uuid>,
     /// Requests out now (state `fulfilling`) over all live workflows.
@@ -348,6 +351,7 @@ impl Service {
             live: HashMap::new(),
             by_request: HashMap::new(),
             by_job: HashMap::new(),
+            ready_at: HashMap::new(),
             waiting: VecDeque::new(),
             open_requests: 0,
             deadline_of: HashMap::new(),
@@ -534,7 +538,7 @@ impl Service {
                 g.replies.push(Reply::Cancel(reply, r));
             }
             Cmd::Deliver(msg, reply) => {
-                let r = self.deliver(msg, g);
+                let r = self.deliver(*msg, g);
                 g.replies.push(Reply::Deliver(reply, r));
             }
         }
@@ -569,9 +573,22 @@ impl Service {
         };
         let changed = wf != before;
         if changed {
+            let now = caroni_types::now_ms();
             for (n, (a, b)) in before.steps.iter().zip(&wf.steps).enumerate() {
-                if a != b {
-                    g.changed_steps.insert((id, n));
+                if a == b {
+                    continue;
+                }
+                g.changed_steps.insert((id, n));
+                if b.state == StepState::Completed && a.state != StepState::Completed {
+                    if let Some(ready) = self.ready_at.remove(&(id, n)) {
+                        caroni_store::metrics::METRICS
+                            .step_seconds
+                            .observe(now.saturating_sub(ready) as f64 / 1000.0);
+                    }
+                } else if b.state != StepState::Completed
+                    && b.inputs.iter().all(|i| b.values.contains_key(&i.name))
+                {
+                    self.ready_at.entry((id, n)).or_insert(now);
                 }
             }
         }
@@ -585,7 +602,10 @@ impl Service {
             g.changed.insert(id);
         }
         if wf.state.is_final() {
-            tracing::info!(workflow = %id, state = wf.state.as_str(), message = %wf.message, "workflow finished");
+            tracing::info!(workflow = %id, state = wf.state.as_str(), reason = %wf.message, "workflow finished");
+            for n in 0..wf.steps.len() {
+                self.ready_at.remove(&(id, n));
+            }
             for step in &wf.steps {
                 for a in &step.attempts {
                     if let Some(j) = a.job_id {
@@ -603,10 +623,15 @@ impl Service {
         }
     }
 
-    fn effects(&self, fx: Vec<Effect>, g: &mut Group) -> Result<(), String> {
+    /// Stages the messages of workflow `id`'s change (traced with its id)
+    /// and collects its publications.
+    fn effects(&self, id: Uuid, fx: Vec<Effect>, g: &mut Group) -> Result<(), String> {
         for e in fx {
             match e {
-                Effect::Send(out) => g.staged.push(self.wire.stage(&mut g.batch, &out)?),
+                Effect::Send(out) => {
+                    g.staged
+                        .push(self.wire.stage(&mut g.batch, &out, Some(id))?)
+                }
                 Effect::Publish(req) => g.publish.push(req),
             }
         }
@@ -665,7 +690,7 @@ impl Service {
             self.waiting.pop_front();
             let fx = self.change(id, g, |wf, ctx| wf.start(ctx));
             if let Some((fx, _)) = fx {
-                if let Err(e) = self.effects(fx, g) {
+                if let Err(e) = self.effects(id, fx, g) {
                     tracing::error!(error = %e, "cannot stage a workflow's messages");
                 }
             }
@@ -690,7 +715,7 @@ impl Service {
             .change(id, g, |wf, ctx| wf.cancel(ctx, "cancelled by a user"))
             .ok_or_else(|| Error::NotFound(format!("no workflow {id}")))?;
         tracing::info!(workflow = %id, "workflow cancelled");
-        self.effects(fx, g).map_err(Error::Unavailable)
+        self.effects(id, fx, g).map_err(Error::Unavailable)
     }
 
     /// Applies every due timer.
@@ -704,14 +729,31 @@ impl Service {
             .collect();
         for id in due {
             if let Some((fx, _)) = self.change(id, g, |wf, ctx| wf.tick(ctx)) {
-                if let Err(e) = self.effects(fx, g) {
+                if let Err(e) = self.effects(id, fx, g) {
                     tracing::error!(error = %e, "cannot stage a timer's messages");
                 }
             }
         }
     }
 
+    /// Stages `m` for the sender of `msg`, under the same trace.
+    fn reply(&self, msg: &Inbound, m: Msg, g: &mut Group) -> Result<(), DeliverError> {
+        let out = Outbound {
+            to: msg.from.clone(),
+            endpoint: msg.endpoint.clone(),
+            msg: m,
+        };
+        let staged = self
+            .wire
+            .stage(&mut g.batch, &out, msg.trace)
+            .map_err(DeliverError::Retry)?;
+        g.staged.push(staged);
+        Ok(())
+    }
+
     fn deliver(&mut self, msg: Inbound, g: &mut Group) -> Result<(), DeliverError> {
+        let span = msg.span();
+        let _in = span.enter();
         if g.applied.contains(&msg.id) {
             return Ok(());
         }
@@ -741,19 +783,11 @@ impl Service {
                     return Err(DeliverError::Refused(why));
                 }
                 // The agent lets go of its offer.
-                let out = Outbound {
-                    to: msg.from.clone(),
-                    endpoint: msg.endpoint.clone(),
-                    msg: Msg::Reject {
-                        offer_id: *offer_id,
-                        request_id: *request_id,
-                    },
+                let reject = Msg::Reject {
+                    offer_id: *offer_id,
+                    request_id: *request_id,
                 };
-                g.staged.push(
-                    self.wire
-                        .stage(&mut g.batch, &out)
-                        .map_err(DeliverError::Retry)?,
-                );
+                self.reply(&msg, reject, g)?;
                 wire::mark_applied(&mut g.batch, &msg.id);
                 g.applied.insert(msg.id);
                 return Ok(());
@@ -813,16 +847,7 @@ impl Service {
                 )));
             }
             if let Some(m) = reply {
-                let out = Outbound {
-                    to: msg.from.clone(),
-                    endpoint: msg.endpoint.clone(),
-                    msg: m,
-                };
-                g.staged.push(
-                    self.wire
-                        .stage(&mut g.batch, &out)
-                        .map_err(DeliverError::Retry)?,
-                );
+                self.reply(&msg, m, g)?;
             }
             wire::mark_applied(&mut g.batch, &msg.id);
             g.applied.insert(msg.id);
@@ -861,7 +886,7 @@ impl Service {
             })
             .ok_or_else(|| DeliverError::Retry("workflow vanished".into()))?;
         let fx = fx?;
-        self.effects(fx, g).map_err(DeliverError::Retry)?;
+        self.effects(id, fx, g).map_err(DeliverError::Retry)?;
         wire::mark_applied(&mut g.batch, &msg.id);
         g.applied.insert(msg.id);
         Ok(())

@@ -21,6 +21,9 @@ pub struct Verified {
     pub sender_endpoint: String,
     /// Milliseconds since the Unix epoch when it was sent.
     pub sent_at_ms: u64,
+    /// The workflow the sender says the message is about (for logs; a
+    /// value that is not a UUID is ignored).
+    pub trace: Option<uuid::Uuid>,
     /// The protocol payload.
     pub payload: Payload,
 }
@@ -83,7 +86,7 @@ impl Signer {
     /// Wraps `payload` in a new message with a fresh id and signs it.
     pub fn seal(&self, payload: Payload) -> Result<(uuid::Uuid, Envelope), Error> {
         let id = uuid::Uuid::now_v7();
-        let env = self.seal_encoded(id, &encode_payload(payload))?;
+        let env = self.seal_encoded(id, &encode_payload(payload, None))?;
         Ok((id, env))
     }
 
@@ -118,6 +121,7 @@ impl Signer {
             sender: self.name.clone(),
             sent_at: Some(caroni_proto::timestamp(std::time::SystemTime::now())),
             sender_endpoint: self.endpoint.clone(),
+            trace_id: String::new(),
             payload: None,
         };
         let mut body = Vec::with_capacity(head.encoded_len() + payload.len());
@@ -141,22 +145,35 @@ impl Signer {
     }
 }
 
-/// The protobuf encoding of a `Message` holding only `payload`: what an
-/// outbox row stores, to be sealed with [`Signer::seal_encoded`].
-pub fn encode_payload(payload: Payload) -> Vec<u8> {
+/// The protobuf encoding of a `Message` holding only `payload` and the
+/// workflow it is about (`trace`): what an outbox row stores, to be sealed
+/// with [`Signer::seal_encoded`].
+pub fn encode_payload(payload: Payload, trace: Option<uuid::Uuid>) -> Vec<u8> {
     Message {
         payload: Some(payload),
+        trace_id: trace.map(|t| t.to_string()).unwrap_or_default(),
         ..Default::default()
     }
     .encode_to_vec()
 }
 
-/// Reads a payload stored by [`encode_payload`].
-pub fn decode_payload(bytes: &[u8]) -> Result<Payload, Error> {
-    Message::decode(bytes)
-        .map_err(|e| Error::Refused(format!("undecodable stored message: {e}")))?
+/// Reads a payload and its trace stored by [`encode_payload`].
+pub fn decode_payload(bytes: &[u8]) -> Result<(Payload, Option<uuid::Uuid>), Error> {
+    let m = Message::decode(bytes)
+        .map_err(|e| Error::Refused(format!("undecodable stored message: {e}")))?;
+    let trace = trace_of(&m.trace_id);
+    let payload = m
         .payload
-        .ok_or_else(|| Error::Refused("stored message without payload".into()))
+        .ok_or_else(|| Error::Refused("stored message without payload".into()))?;
+    Ok((payload, trace))
+}
+
+/// A trace id as a peer wrote it: a UUID, or nothing.
+fn trace_of(s: &str) -> Option<uuid::Uuid> {
+    if s.is_empty() || s.len() > MAX_ID {
+        return None;
+    }
+    s.parse().ok()
 }
 
 /// A sender's key as decoded once: decoding an ed25519 key decompresses a
@@ -308,6 +325,7 @@ fn checked(signer: &KnownKey, msg: Message) -> Result<Verified, Error> {
             .as_ref()
             .map(caroni_proto::timestamp_to_ms)
             .unwrap_or(0),
+        trace: trace_of(&msg.trace_id),
         payload,
     })
 }
@@ -332,21 +350,40 @@ mod tests {
     }
 
     #[test]
-    fn a_stored_payload_seals_into_an_envelope_that_opens_with_its_id() {
+    fn a_stored_payload_seals_into_an_envelope_that_opens_with_its_id_and_trace() {
         let s = Signer::new(Keypair::generate_ed25519(), "http://127.0.0.1:1".into());
         let id = uuid::Uuid::now_v7();
-        let stored = encode_payload(payload());
-        assert_eq!(decode_payload(&stored).expect("decode"), payload());
+        let workflow = uuid::Uuid::now_v7();
+        let stored = encode_payload(payload(), Some(workflow));
+        assert_eq!(
+            decode_payload(&stored).expect("decode"),
+            (payload(), Some(workflow))
+        );
         let v = open(&s.seal_encoded(id, &stored).expect("seal")).expect("open");
         assert_eq!(v.id, id);
         assert_eq!(v.payload, payload());
+        assert_eq!(v.trace, Some(workflow), "the trace travels in the envelope");
         assert!(v.sent_at_ms > 0);
+        // No trace, or one that is not a UUID, is none (never refused).
+        let untraced = open(
+            &s.seal_encoded(id, &encode_payload(payload(), None))
+                .expect("seal"),
+        );
+        assert_eq!(untraced.expect("open").trace, None);
+        let odd = Message {
+            trace_id: "not-a-uuid".into(),
+            payload: Some(payload()),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let v = open(&s.seal_encoded(id, &odd).expect("seal")).expect("open");
+        assert_eq!((v.trace, v.payload), (None, payload()));
     }
 
     #[test]
     fn a_batch_opens_into_its_messages_under_one_signature() {
         let s = Signer::new(Keypair::generate_ed25519(), "http://127.0.0.1:1".into());
-        let stored = encode_payload(payload());
+        let stored = encode_payload(payload(), None);
         let ids: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::now_v7()).collect();
         let parts: Vec<(uuid::Uuid, &[u8])> = ids.iter().map(|i| (*i, &stored[..])).collect();
         let env = s.seal_batch(&parts).expect("seal");

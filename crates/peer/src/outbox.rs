@@ -330,6 +330,8 @@ impl Outbox {
 
     /// Adds `payload` for node `to` to `batch`; `endpoint` is where the
     /// caller believes `to` is, used only until `to` has said where it is.
+    /// `trace` is the workflow the message is about, if any (it travels in
+    /// the envelope for the receiver's logs).
     /// Call [`Outbox::notify`] with the returned handle after the batch is
     /// written. A message past the destination's [`Limits`] is not staged
     /// (the handle is empty, the drop is counted and logged).
@@ -339,9 +341,10 @@ impl Outbox {
         to: &str,
         endpoint: &str,
         payload: Payload,
+        trace: Option<uuid::Uuid>,
     ) -> Result<Staged, Error> {
         let bulk = is_bulk(&payload);
-        let payload = envelope::encode_payload(payload);
+        let payload = envelope::encode_payload(payload, trace);
         let known = self.endpoint_of(to);
         let endpoint = known.clone().unwrap_or_else(|| endpoint.to_string());
         let size = (payload.len() + endpoint.len()) as u64;
@@ -627,11 +630,11 @@ fn migrate_legacy(store: &Store) -> Result<(), Error> {
                 endpoint: e.endpoint.clone(),
                 message_id: v.id,
                 bulk: is_bulk(&v.payload),
-                payload: envelope::encode_payload(v.payload),
+                payload: envelope::encode_payload(v.payload, v.trace),
             });
         match converted {
             Some(entry) => b.put(OUTBOX, key, &entry),
-            None => tracing::warn!(message = %e.message_id, "dropping an unreadable outbox row"),
+            None => tracing::warn!(message_id = %e.message_id, "dropping an unreadable outbox row"),
         }
     }
     tracing::info!(
@@ -939,10 +942,10 @@ impl Sender {
                         }
                     }
                     Tx::Local(tx) => {
-                        let payload = match envelope::decode_payload(&entry.payload) {
+                        let (payload, trace) = match envelope::decode_payload(&entry.payload) {
                             Ok(p) => p,
                             Err(e) => {
-                                tracing::warn!(message = %entry.message_id, error = %e, "dropping an unreadable outbox row");
+                                tracing::warn!(message_id = %entry.message_id, error = %e, "dropping an unreadable outbox row");
                                 self.remove(&[(key, size)], false);
                                 continue;
                             }
@@ -954,6 +957,7 @@ impl Sender {
                             sender_name: self.outbox.inner.me.clone(),
                             sender_endpoint: my_endpoint.clone(),
                             sent_at_ms: caroni_types::now_ms(),
+                            trace,
                             payload,
                         };
                         tx.send(Incoming::Verified(Box::new(msg)))
@@ -987,7 +991,7 @@ impl Sender {
                             }
                         };
                         if !ack.accepted {
-                            tracing::warn!(message = %ack.message_id, error = %ack.error, "peer refused a message for good; dropping it");
+                            tracing::warn!(message_id = %ack.message_id, error = %ack.error, "peer refused a message for good; dropping it");
                         }
                         let Ok(id) = ack.message_id.parse::<uuid::Uuid>() else { continue };
                         if let Some(row) = in_flight.remove(&id) {
@@ -1166,7 +1170,13 @@ mod tests {
             Outbox::start(store, signer, Liveness::default(), cancel.clone()).expect("outbox");
         let mut b = Batch::default();
         let staged = outbox
-            .stage(&mut b, peer, &format!("https://{addr}"), status_request(1))
+            .stage(
+                &mut b,
+                peer,
+                &format!("https://{addr}"),
+                status_request(1),
+                None,
+            )
             .expect("stage");
         outbox.inner.store.write(b).expect("write");
         outbox.notify(vec![staged]);
@@ -1329,7 +1339,7 @@ mod tests {
             let staged: Vec<_> = (from..to)
                 .map(|n| {
                     outbox
-                        .stage(&mut b, &peer, &endpoint, status_request(n))
+                        .stage(&mut b, &peer, &endpoint, status_request(n), None)
                         .expect("stage")
                 })
                 .collect();
@@ -1392,7 +1402,13 @@ mod tests {
             let mut b = Batch::default();
             for n in 0..10 {
                 outbox
-                    .stage(&mut b, &peer, &format!("http://{addr}"), status_request(n))
+                    .stage(
+                        &mut b,
+                        &peer,
+                        &format!("http://{addr}"),
+                        status_request(n),
+                        None,
+                    )
                     .expect("stage");
             }
             store.write(b).expect("write");
@@ -1436,7 +1452,7 @@ mod tests {
     fn stage_one(outbox: &Outbox, to: &str, endpoint: &str, n: u64) {
         let mut b = Batch::default();
         let staged = outbox
-            .stage(&mut b, to, endpoint, status_request(n))
+            .stage(&mut b, to, endpoint, status_request(n), None)
             .expect("stage");
         outbox.inner.store.write(b).expect("write");
         outbox.notify(vec![staged]);
@@ -1554,7 +1570,9 @@ mod tests {
             reason: "x".repeat(MAX_MESSAGE + 1),
         });
         let mut b = Batch::default();
-        let staged = outbox.stage(&mut b, &peer, &nowhere, huge).expect("stage");
+        let staged = outbox
+            .stage(&mut b, &peer, &nowhere, huge, None)
+            .expect("stage");
         assert!(staged.item.is_none(), "not staged");
         assert!(b.is_empty(), "nothing written for it");
         outbox.notify(vec![staged]);

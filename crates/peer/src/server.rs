@@ -98,7 +98,7 @@ where
                     let ack = match result {
                         Ok(()) => Ack { message_id: id, accepted: true, error: String::new() },
                         Err(InboxError::Refused(mut e)) => {
-                            crate::refusal!(REFUSED_MESSAGES, message = %id, error = %e, "refused a message");
+                            crate::refusal!(REFUSED_MESSAGES, message_id = %id, error = %e, "refused a message");
                             if e.len() > MAX_ACK_ERROR {
                                 let mut end = MAX_ACK_ERROR;
                                 while !e.is_char_boundary(end) {

@@ -135,7 +135,9 @@ impl PeerTls {
         let mut server = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError(e.to_string()))?
-            .with_client_cert_verifier(Arc::new(AnyNode(provider())))
+            .with_client_cert_verifier(Arc::new(AnyNode {
+                provider: provider(),
+            }))
             .with_single_cert(vec![cert.clone()], PrivateKeyDer::Pkcs8(pkcs8.clone_key()))
             .map_err(|e| TlsError(format!("cannot use the node's certificate: {e}")))?;
         server.alpn_protocols = vec![b"h2".to_vec()];
@@ -195,6 +197,39 @@ fn tls13_only() -> rustls::Error {
     rustls::Error::General("node links use TLS 1.3 only".into())
 }
 
+/// The handshake signatures both verifiers accept: TLS 1.3 with ed25519
+/// (node keys) only.
+macro_rules! node_link_signatures {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            _message: &[u8],
+            _cert: &CertificateDer<'_>,
+            _dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Err(tls13_only())
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            vec![SignatureScheme::ED25519]
+        }
+    };
+}
+
 /// Accepts the certificate of one node only.
 #[derive(Debug)]
 struct ExpectNode {
@@ -221,37 +256,14 @@ impl ServerCertVerifier for ExpectNode {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(tls13_only())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
-    }
+    node_link_signatures!();
 }
 
 /// Requires a client certificate carrying some node's ed25519 key.
 #[derive(Debug)]
-struct AnyNode(Arc<CryptoProvider>);
+struct AnyNode {
+    provider: Arc<CryptoProvider>,
+}
 
 impl ClientCertVerifier for AnyNode {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -268,32 +280,7 @@ impl ClientCertVerifier for AnyNode {
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(tls13_only())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
-    }
+    node_link_signatures!();
 }
 
 /// A private mesh's pre-shared key (libp2p `pnet` swarm.key format).

@@ -24,6 +24,9 @@ pub struct Metrics {
     pub delivery_seconds: Histogram,
     /// Seconds from a workflow's creation to its end, by final state.
     pub workflow_seconds: Family<Vec<(String, String)>, Histogram>,
+    /// Seconds from the moment a step had all its inputs to its completion
+    /// at the manager.
+    pub step_seconds: Histogram,
     /// Job requests published on gossip: first publication or re-publication.
     pub gossip_published: Family<Vec<(String, String)>, Counter>,
     /// Job requests received on gossip.
@@ -46,6 +49,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     workflow_seconds: Family::new_with_constructor(|| {
         Histogram::new(exponential_buckets(0.001, 2.0, 20))
     }),
+    step_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
     gossip_published: Family::default(),
     gossip_received: Counter::default(),
     offers: Family::default(),
@@ -80,6 +84,11 @@ pub fn register(registry: &mut Registry) {
         "workflow_duration_seconds",
         "Time from a workflow's creation to its end, by final state",
         m.workflow_seconds.clone(),
+    );
+    registry.register(
+        "step_duration_seconds",
+        "Time from the moment a step has all its inputs to its completion at the manager: data to the agent, queue, run, results, and any retries",
+        m.step_seconds.clone(),
     );
     registry.register(
         "gossip_requests_published",

@@ -24,8 +24,15 @@ pub struct Staged {
 
 /// The node's transport, as the engines see it.
 pub trait Wire: Send + Sync + 'static {
-    /// Seals `out` and adds it to `batch`.
-    fn stage(&self, batch: &mut Batch, out: &Outbound) -> Result<Staged, String>;
+    /// Seals `out` and adds it to `batch`. `trace` is the workflow it is
+    /// about, if any: it travels with the message so that the receiver's
+    /// log lines name the workflow.
+    fn stage(
+        &self,
+        batch: &mut Batch,
+        out: &Outbound,
+        trace: Option<uuid::Uuid>,
+    ) -> Result<Staged, String>;
     /// Wakes the senders once the batch holding `staged` is written.
     fn notify(&self, staged: Vec<Staged>);
     /// Takes back a message staged in `batch` (not yet written), because a

@@ -289,8 +289,44 @@ pub struct Inbound {
     pub from: String,
     /// Sender's peer endpoint.
     pub endpoint: String,
+    /// The workflow the sender says it is about (logs only).
+    pub trace: Option<Uuid>,
     /// The message.
     pub msg: Msg,
+}
+
+/// A workflow id for a log field: the UUID, or nothing when there is none.
+#[derive(Clone, Copy, Debug)]
+pub struct Trace(pub Option<Uuid>);
+
+impl std::fmt::Display for Trace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(id) => id.fmt(f),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Inbound {
+    /// A span for handling this message (and a `received` event in it): its kind, its sender and the
+    /// workflow it is about (the envelope's trace), so that what the
+    /// receiver logs meanwhile can be followed across nodes. Target
+    /// `caroni::message`, level DEBUG (`RUST_LOG=caroni=debug`).
+    pub fn span(&self) -> tracing::Span {
+        let span = tracing::debug_span!(
+            target: "caroni::message",
+            "message",
+            kind = self.msg.name(),
+            from = %self.from,
+            workflow = tracing::field::Empty
+        );
+        if let Some(t) = self.trace {
+            span.record("workflow", tracing::field::display(t));
+        }
+        span.in_scope(|| tracing::debug!(target: "caroni::message", id = %self.id, "received"));
+        span
+    }
 }
 
 /// A message to send directly.

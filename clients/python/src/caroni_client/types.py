@@ -1,0 +1,320 @@
+"""Plain, typed views of the node's messages (the generated protobuf classes
+stay available through ``caroni_client.pb``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Dict, List, Optional
+
+from ._generated.caroni.v1 import agent_pb2, manager_pb2, node_pb2
+
+#: Workflow states after which nothing changes any more.
+TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
+
+
+def _time(msg, name: str) -> Optional[datetime]:
+    if not msg.HasField(name):
+        return None
+    ts = getattr(msg, name)
+    return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=timezone.utc)
+
+
+def _opt(msg, name: str):
+    return getattr(msg, name) if msg.HasField(name) else None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt at a step: the job an agent ran."""
+
+    job_id: str
+    agent: str
+    state: str
+    exit_status: Optional[int]
+    message: str
+    stderr_tail: str
+    started_at: Optional[datetime]
+    ended_at: Optional[datetime]
+    superseded: bool
+
+    @classmethod
+    def from_pb(cls, m: manager_pb2.Attempt) -> "Attempt":
+        return cls(
+            job_id=m.job_id,
+            agent=m.agent,
+            state=m.state,
+            exit_status=_opt(m, "exit_status"),
+            message=m.message,
+            stderr_tail=m.stderr_tail,
+            started_at=_time(m, "started_at"),
+            ended_at=_time(m, "ended_at"),
+            superseded=m.superseded,
+        )
+
+
+@dataclass(frozen=True)
+class Decline:
+    """An agent's refusal of a step's job request, with its reason."""
+
+    agent: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a workflow."""
+
+    id: str
+    job_type: str
+    state: str
+    attempts: int
+    job_id: str
+    agent: str
+    request_id: str
+    request_state: str
+    attempt_history: List[Attempt]
+    declines: List[Decline]
+
+    @classmethod
+    def from_pb(cls, m: manager_pb2.WorkflowStep) -> "Step":
+        return cls(
+            id=m.id,
+            job_type=m.job_type,
+            state=m.state,
+            attempts=m.attempts,
+            job_id=m.job_id,
+            agent=m.agent,
+            request_id=m.request_id,
+            request_state=m.request_state,
+            attempt_history=[Attempt.from_pb(a) for a in m.attempt_history],
+            declines=[Decline(d.agent, d.reason) for d in m.declines],
+        )
+
+
+@dataclass(frozen=True)
+class Dataflow:
+    """A dataflow edge and its value once delivered."""
+
+    source: str
+    destination: str
+    value: Optional[str]
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """A workflow run as the manager sees it."""
+
+    id: str
+    template: str
+    state: str
+    message: str
+    created_at: Optional[datetime]
+    updated_at: Optional[datetime]
+    finished_at: Optional[datetime]
+    inputs: Dict[str, str]
+    outputs: Dict[str, str]
+    steps: List[Step]
+    dataflows: List[Dataflow]
+
+    @property
+    def ended(self) -> bool:
+        """True once the workflow is completed, failed or cancelled."""
+        return self.state in TERMINAL_STATES
+
+    def step(self, step_id: str) -> Step:
+        """The step with this id (KeyError if there is none)."""
+        for s in self.steps:
+            if s.id == step_id:
+                return s
+        raise KeyError(f"workflow {self.id} has no step {step_id!r}")
+
+    @classmethod
+    def from_pb(cls, m: manager_pb2.Workflow) -> "Workflow":
+        return cls(
+            id=m.id,
+            template=m.template,
+            state=m.state,
+            message=m.message,
+            created_at=_time(m, "created_at"),
+            updated_at=_time(m, "updated_at"),
+            finished_at=_time(m, "finished_at"),
+            inputs=dict(m.inputs),
+            outputs=dict(m.outputs),
+            steps=[Step.from_pb(s) for s in m.steps],
+            dataflows=[
+                Dataflow(d.source, d.destination, _opt(d, "value")) for d in m.dataflows
+            ],
+        )
+
+
+@dataclass(frozen=True)
+class TemplateStep:
+    """A step of a template as the node's CWL parser understood it."""
+
+    id: str
+    job_type: str
+    inputs: List[str]
+    outputs: List[str]
+
+
+@dataclass(frozen=True)
+class Template:
+    """A registered workflow template."""
+
+    name: str
+    cwl: str
+    inputs: List[str]
+    outputs: List[str]
+    steps: List[TemplateStep]
+    updated_at: Optional[datetime]
+
+    @classmethod
+    def from_pb(cls, m: manager_pb2.Template) -> "Template":
+        return cls(
+            name=m.name,
+            cwl=m.cwl,
+            inputs=list(m.inputs),
+            outputs=list(m.outputs),
+            steps=[
+                TemplateStep(s.id, s.job_type, list(s.inputs), list(s.outputs))
+                for s in m.steps
+            ],
+            updated_at=_time(m, "updated_at"),
+        )
+
+
+@dataclass(frozen=True)
+class JobType:
+    """What an agent can run: a bash body with named inputs and outputs.
+
+    ``timeout_seconds`` 0 and ``max_output_bytes`` 0 mean the agent's
+    defaults (300 s, 1 MiB).
+    """
+
+    name: str
+    inputs: List[str]
+    outputs: List[str]
+    body: str
+    timeout_seconds: int = 0
+    max_output_bytes: int = 0
+    updated_at: Optional[datetime] = field(default=None, compare=False)
+
+    def to_pb(self) -> agent_pb2.JobType:
+        return agent_pb2.JobType(
+            name=self.name,
+            inputs=self.inputs,
+            outputs=self.outputs,
+            body=self.body,
+            timeout_seconds=self.timeout_seconds,
+            max_output_bytes=self.max_output_bytes,
+        )
+
+    @classmethod
+    def from_pb(cls, m: agent_pb2.JobType) -> "JobType":
+        return cls(
+            name=m.name,
+            inputs=list(m.inputs),
+            outputs=list(m.outputs),
+            body=m.body,
+            timeout_seconds=m.timeout_seconds,
+            max_output_bytes=m.max_output_bytes,
+            updated_at=_time(m, "updated_at"),
+        )
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job held by an agent."""
+
+    id: str
+    manager: str
+    workflow_id: str
+    job_type: str
+    state: str
+    inputs: Dict[str, str]
+    outputs: Dict[str, str]
+    exit_status: Optional[int]
+    message: str
+    stderr_tail: str
+    created_at: Optional[datetime]
+    started_at: Optional[datetime]
+    ended_at: Optional[datetime]
+
+    @classmethod
+    def from_pb(cls, m: agent_pb2.Job) -> "Job":
+        return cls(
+            id=m.id,
+            manager=m.manager,
+            workflow_id=m.workflow_id,
+            job_type=m.job_type,
+            state=m.state,
+            inputs=dict(m.inputs),
+            outputs=dict(m.outputs),
+            exit_status=_opt(m, "exit_status"),
+            message=m.message,
+            stderr_tail=m.stderr_tail,
+            created_at=_time(m, "created_at"),
+            started_at=_time(m, "started_at"),
+            ended_at=_time(m, "ended_at"),
+        )
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Who a node is and how it is reachable."""
+
+    node_id: str
+    roles: List[str]
+    api_listen: str
+    peer_endpoint: str
+    p2p_listen: List[str]
+    version: str
+    data_dir: str
+
+    @classmethod
+    def from_pb(cls, m: node_pb2.NodeInfo) -> "NodeInfo":
+        return cls(
+            node_id=m.node_id,
+            roles=list(m.roles),
+            api_listen=m.api_listen,
+            peer_endpoint=m.peer_endpoint,
+            p2p_listen=list(m.p2p_listen),
+            version=m.version,
+            data_dir=m.data_dir,
+        )
+
+
+@dataclass(frozen=True)
+class Peer:
+    """What a node knows about another node."""
+
+    node_id: str
+    p2p_address: str
+    p2p_connected: bool
+    endpoint: str
+    queued: int
+    delivered: int
+    stream_open: bool
+    last_error: str
+    dropped: int
+    confirmed: bool
+    refused: int
+    last_refusal: str
+
+    @classmethod
+    def from_pb(cls, m: node_pb2.Peer) -> "Peer":
+        return cls(
+            node_id=m.node_id,
+            p2p_address=m.p2p_address,
+            p2p_connected=m.p2p_connected,
+            endpoint=m.endpoint,
+            queued=m.queued,
+            delivered=m.delivered,
+            stream_open=m.stream_open,
+            last_error=m.last_error,
+            dropped=m.dropped,
+            confirmed=m.confirmed,
+            refused=m.refused,
+            last_refusal=m.last_refusal,
+        )
