@@ -633,7 +633,7 @@ pub async fn bench(args: BenchArgs, format: Format) -> anyhow::Result<ExitCode> 
                     body: body.clone(),
                     timeout_seconds: 600,
                     max_output_bytes: 0,
-                    updated_at: None,
+                    ..Default::default()
                 }),
                 replace: exists,
             })

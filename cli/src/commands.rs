@@ -217,6 +217,26 @@ pub async fn job_type(ctx: &Context, cmd: JobTypeCmd) -> anyhow::Result<ExitCode
                 println!("inputs:  {}", j.inputs.join(", "));
                 println!("outputs: {}", j.outputs.join(", "));
                 println!("timeout: {} s", j.timeout_seconds);
+                if let Some(d) = &j.docker {
+                    println!("executor: docker, image {} network {}", d.image, d.network);
+                } else if let Some(s) = &j.slurm {
+                    println!(
+                        "executor: slurm, partition {} time limit {} in flight {}",
+                        if s.partition.is_empty() {
+                            "(default)"
+                        } else {
+                            &s.partition
+                        },
+                        if s.time_limit.is_empty() {
+                            "(default)"
+                        } else {
+                            &s.time_limit
+                        },
+                        s.max_in_flight
+                    );
+                } else {
+                    println!("executor: bash");
+                }
                 println!("max output: {} bytes", j.max_output_bytes);
                 println!("updated: {}", output::time(j.updated_at.as_ref()));
                 println!("--- body ---\n{}", j.body.trim_end());

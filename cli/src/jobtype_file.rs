@@ -20,13 +20,142 @@ struct Def {
     timeout: Option<u32>,
     #[serde(default)]
     max_output_bytes: Option<u64>,
+    /// bash (default), docker or slurm; the keys below set it up.
+    #[serde(default)]
+    executor: Option<String>,
+    /// docker: the image.
+    #[serde(default)]
+    image: Option<String>,
+    /// docker: CPUs (1.5); slurm: --cpus-per-task.
+    #[serde(default)]
+    cpus: Option<f64>,
+    /// docker: `512m`; slurm: --mem (`512M`).
+    #[serde(default)]
+    memory: Option<String>,
+    /// docker: the network (default none).
+    #[serde(default)]
+    network: Option<String>,
+    /// docker: names of the agent's environment variables passed in.
+    #[serde(default)]
+    env: Vec<String>,
+    /// slurm: --partition.
+    #[serde(default)]
+    partition: Option<String>,
+    /// slurm: --time.
+    #[serde(default)]
+    time_limit: Option<String>,
+    /// slurm: further sbatch arguments.
+    #[serde(default)]
+    sbatch: Vec<String>,
+    /// slurm: Slurm jobs kept submitted at once.
+    #[serde(default)]
+    max_in_flight: Option<u32>,
+}
+
+const KEYS: &str = "name, inputs, outputs, body, timeout, max_output_bytes, executor (bash, docker, slurm), image, cpus, memory, network, env (docker), partition, time_limit, cpus, memory, sbatch, max_in_flight (slurm)";
+
+impl Def {
+    /// The wire form; the error names a key that does not fit the executor.
+    fn into_pb(self, path: &Path) -> anyhow::Result<pb::JobType> {
+        let executor = self.executor.clone().unwrap_or_else(|| "bash".into());
+        let name = self.name.clone();
+        let misplaced = |key: &str, belongs: &str| {
+            anyhow::anyhow!(
+                "{}: job type {name}: `{key}` is a setting of the {belongs} executor, but the executor is {executor}; add `executor: {belongs}` or remove `{key}`",
+                path.display()
+            )
+        };
+        let docker_keys = [
+            ("image", self.image.is_some()),
+            ("network", self.network.is_some()),
+            ("env", !self.env.is_empty()),
+        ];
+        let slurm_keys = [
+            ("partition", self.partition.is_some()),
+            ("time_limit", self.time_limit.is_some()),
+            ("sbatch", !self.sbatch.is_empty()),
+            ("max_in_flight", self.max_in_flight.is_some()),
+        ];
+        let (mut docker, mut slurm) = (None, None);
+        match executor.as_str() {
+            "bash" => {
+                if let Some((k, _)) = docker_keys.iter().find(|(_, set)| *set) {
+                    return Err(misplaced(k, "docker"));
+                }
+                if let Some((k, _)) = slurm_keys.iter().find(|(_, set)| *set) {
+                    return Err(misplaced(k, "slurm"));
+                }
+                for (k, set) in [
+                    ("cpus", self.cpus.is_some()),
+                    ("memory", self.memory.is_some()),
+                ] {
+                    if set {
+                        bail!(
+                            "{}: job type {name}: `{k}` needs `executor: docker` or `executor: slurm`",
+                            path.display()
+                        );
+                    }
+                }
+            }
+            "docker" => {
+                if let Some((k, _)) = slurm_keys.iter().find(|(_, set)| *set) {
+                    return Err(misplaced(k, "slurm"));
+                }
+                docker = Some(pb::DockerExecutor {
+                    image: self.image.unwrap_or_default(),
+                    cpus: self.cpus.unwrap_or(0.0),
+                    memory: self.memory.unwrap_or_default(),
+                    network: self.network.unwrap_or_default(),
+                    env: self.env,
+                });
+            }
+            "slurm" => {
+                if let Some((k, _)) = docker_keys.iter().find(|(_, set)| *set) {
+                    return Err(misplaced(k, "docker"));
+                }
+                let cpus = match self.cpus {
+                    None => 0,
+                    Some(c) if c >= 1.0 && c.fract() == 0.0 && c <= f64::from(u32::MAX) => c as u32,
+                    Some(c) => bail!(
+                        "{}: job type {name}: cpus {c} is not a whole number of CPUs, which Slurm's --cpus-per-task needs",
+                        path.display()
+                    ),
+                };
+                slurm = Some(pb::SlurmExecutor {
+                    partition: self.partition.unwrap_or_default(),
+                    time_limit: self.time_limit.unwrap_or_default(),
+                    cpus,
+                    memory: self.memory.unwrap_or_default(),
+                    sbatch: self.sbatch,
+                    max_in_flight: self.max_in_flight.unwrap_or(0),
+                });
+            }
+            other => bail!(
+                "{}: job type {name}: executor `{}` is not one of bash, docker, slurm",
+                path.display(),
+                other.escape_debug()
+            ),
+        }
+        Ok(pb::JobType {
+            name: self.name,
+            inputs: self.inputs,
+            outputs: self.outputs,
+            body: self.body,
+            timeout_seconds: self.timeout.unwrap_or(0),
+            max_output_bytes: self.max_output_bytes.unwrap_or(0),
+            updated_at: None,
+            executor,
+            docker,
+            slurm,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum File {
     Many { job_type: Vec<Def> },
-    One(Def),
+    One(Box<Def>),
 }
 
 /// Reads every job type in `path`.
@@ -50,7 +179,10 @@ pub fn parse(text: &str, is_toml: bool, path: &Path) -> anyhow::Result<Vec<pb::J
                     .err()
                     .map(|e| e.to_string())
                     .unwrap_or_default();
-                bail!("{} is not a valid job-type file: {e}expected keys: name, inputs, outputs, body, timeout", path.display())
+                bail!(
+                    "{} is not a valid job-type file: {e}expected keys: {KEYS}",
+                    path.display()
+                )
             }
         }
     } else {
@@ -61,29 +193,21 @@ pub fn parse(text: &str, is_toml: bool, path: &Path) -> anyhow::Result<Vec<pb::J
                     .err()
                     .map(|e| e.to_string())
                     .unwrap_or_default();
-                bail!("{} is not a valid job-type file: {e}; expected keys: name, inputs, outputs, body, timeout", path.display())
+                bail!(
+                    "{} is not a valid job-type file: {e}; expected keys: {KEYS}",
+                    path.display()
+                )
             }
         }
     };
     let defs = match file {
         File::Many { job_type } => job_type,
-        File::One(d) => vec![d],
+        File::One(d) => vec![*d],
     };
     if defs.is_empty() {
         bail!("{} defines no job type", path.display());
     }
-    Ok(defs
-        .into_iter()
-        .map(|d| pb::JobType {
-            name: d.name,
-            inputs: d.inputs,
-            outputs: d.outputs,
-            body: d.body,
-            timeout_seconds: d.timeout.unwrap_or(0),
-            max_output_bytes: d.max_output_bytes.unwrap_or(0),
-            updated_at: None,
-        })
-        .collect())
+    defs.into_iter().map(|d| d.into_pb(path)).collect()
 }
 
 #[cfg(test)]
@@ -106,6 +230,11 @@ mod props {
             Just("body"),
             Just("timeout"),
             Just("max_output_bytes"),
+            Just("executor"),
+            Just("image"),
+            Just("cpus"),
+            Just("memory"),
+            Just("sbatch"),
             Just("job_type"),
             Just("other"),
         ];

@@ -423,6 +423,14 @@ pub async fn job(ctx: &Context, cmd: JobCmd) -> anyhow::Result<ExitCode> {
             } else {
                 println!("job {}  type {}  state {}", j.id, j.job_type, j.state);
                 println!("manager: {}", j.manager);
+                match (j.executor.as_str(), j.external_id.as_str()) {
+                    ("", _) => {}
+                    ("slurm", id) if !id.is_empty() => println!("executor: slurm (Slurm job {id})"),
+                    ("docker", id) if !id.is_empty() => {
+                        println!("executor: docker (container {id})")
+                    }
+                    (e, _) => println!("executor: {e}"),
+                }
                 if let Some(c) = j.exit_status {
                     println!("exit status: {c}");
                 }

@@ -238,6 +238,11 @@ impl Node {
         });
 
         let agent = if config.role.is_agent() {
+            let executors = caroni_agent::executor::Executors::new(
+                node_id.clone(),
+                config.data_dir.join("work"),
+            );
+            executors.start().await;
             let (svc, handle) = caroni_agent::service::Service::new(
                 caroni_agent::service::Options {
                     node_id: node_id.clone(),
@@ -246,7 +251,7 @@ impl Node {
                 },
                 store.clone(),
                 wire.clone(),
-                caroni_agent::executor::BashExecutor::new(config.data_dir.join("work")),
+                executors,
             )?;
             let c = cancel.clone();
             let span = tracing::info_span!("agent", node = %node_id);

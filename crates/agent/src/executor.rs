@@ -39,6 +39,18 @@ pub struct RunSpec {
     pub timeout: Duration,
     /// Largest stdout accepted.
     pub max_output_bytes: u64,
+    /// Where it runs (the job type's executor when the job started).
+    pub executor: caroni_types::ExecutorSpec,
+}
+
+/// Where a job runs, as `caroni job show` tells it: kept per job.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Execution {
+    /// bash, docker or slurm.
+    pub executor: String,
+    /// The container's name (docker) or the Slurm job id (slurm), once
+    /// known.
+    pub external_id: String,
 }
 
 /// Runs job bodies.
@@ -49,6 +61,93 @@ pub trait Executor: Send + Sync + 'static {
         spec: RunSpec,
         cancel: CancellationToken,
     ) -> impl Future<Output = RunResult> + Send;
+
+    /// Why jobs with this executor cannot run now (a daemon down, a
+    /// command missing), if so: the agent declines their requests with it.
+    fn unavailable(&self, executor: &caroni_types::ExecutorSpec) -> Option<String> {
+        let _ = executor;
+        None
+    }
+
+    /// Where the job runs, known before it starts (the container's name).
+    fn external_id(&self, spec: &RunSpec) -> String {
+        let _ = spec;
+        String::new()
+    }
+}
+
+/// Every executor, chosen per job by its job type's `executor`.
+#[derive(Clone, Debug)]
+pub struct Executors {
+    bash: BashExecutor,
+    docker: crate::docker::DockerExecutor,
+}
+
+impl Executors {
+    /// `node_id` labels containers; working directories go under
+    /// `work_root`.
+    pub fn new(node_id: String, work_root: PathBuf) -> Self {
+        Self {
+            bash: BashExecutor::new(work_root.clone()),
+            docker: crate::docker::DockerExecutor::new(node_id, work_root.join("docker")),
+        }
+    }
+
+    /// Checks which executors can run now, removes containers left by an
+    /// earlier run of this agent, and keeps checking every 5 s. Call once,
+    /// in the runtime, before jobs run.
+    pub async fn start(&self) {
+        if self.docker.refresh().await.is_ok() {
+            match self.docker.reap().await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(containers = n, "removed containers left by an earlier run")
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot look for leftover containers"),
+            }
+        }
+        let docker = self.docker.clone();
+        tokio::spawn(async move {
+            let mut was_ok = docker.unavailable().is_none();
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let ok = docker.refresh().await.is_ok();
+                if ok != was_ok {
+                    tracing::info!(available = ok, "the Docker executor's daemon changed");
+                    was_ok = ok;
+                }
+            }
+        });
+    }
+}
+
+impl Executor for Executors {
+    async fn run(&self, spec: RunSpec, cancel: CancellationToken) -> RunResult {
+        match spec.executor.clone() {
+            caroni_types::ExecutorSpec::Bash => self.bash.run(spec, cancel).await,
+            caroni_types::ExecutorSpec::Docker(d) => self.docker.run(spec, &d, cancel).await,
+            caroni_types::ExecutorSpec::Slurm(_) => {
+                failed("this agent has no Slurm executor yet".into(), None, b"")
+            }
+        }
+    }
+
+    fn unavailable(&self, executor: &caroni_types::ExecutorSpec) -> Option<String> {
+        match executor {
+            caroni_types::ExecutorSpec::Bash => None,
+            caroni_types::ExecutorSpec::Docker(_) => self.docker.unavailable(),
+            caroni_types::ExecutorSpec::Slurm(_) => {
+                Some("this agent has no Slurm executor yet".into())
+            }
+        }
+    }
+
+    fn external_id(&self, spec: &RunSpec) -> String {
+        match spec.executor {
+            caroni_types::ExecutorSpec::Docker(_) => crate::docker::container_name(spec.job_id),
+            _ => String::new(),
+        }
+    }
 }
 
 /// The bash executor.
@@ -88,7 +187,7 @@ impl BashExecutor {
     }
 }
 
-fn tail(bytes: &[u8]) -> String {
+pub(crate) fn tail(bytes: &[u8]) -> String {
     let start = bytes.len().saturating_sub(STDERR_TAIL_BYTES);
     String::from_utf8_lossy(&bytes[start..]).into_owned()
 }
@@ -156,7 +255,7 @@ fn kill_job_processes(job_id: uuid::Uuid) {
     }
 }
 
-fn failed(message: String, exit_status: Option<i32>, stderr: &[u8]) -> RunResult {
+pub(crate) fn failed(message: String, exit_status: Option<i32>, stderr: &[u8]) -> RunResult {
     RunResult::Failed {
         message,
         exit_status,
@@ -387,6 +486,7 @@ mod tests {
             outputs: vec!["jobout".into()],
             timeout: Duration::from_secs(10),
             max_output_bytes: 1 << 20,
+            executor: Default::default(),
         }
     }
 

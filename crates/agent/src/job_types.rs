@@ -2,19 +2,34 @@
 //! started: a job copies the body it runs when it starts.
 
 use caroni_store::{keys::Key, tables, Store, Table};
-use caroni_types::JobTypeDef;
+use caroni_types::{ExecutorSpec, JobTypeDef};
 
 use crate::{Error, Result};
 
 const JOB_TYPES: Table<JobTypeDef> = Table::new(tables::JOB_TYPES, "job_types");
+/// Kept apart from the definitions (whose stored form predates executors);
+/// absent means bash.
+const EXECUTORS: Table<ExecutorSpec> = Table::new(tables::JOB_TYPE_EXECUTORS, "job_type_executors");
 
 fn key(name: &str) -> Vec<u8> {
     Key::new().str(name).finish()
 }
 
-/// Creates (`replace == false`) or replaces (`replace == true`) a job type.
+/// Creates (`replace == false`) or replaces (`replace == true`) a job type
+/// run by bash.
 pub fn put(store: &Store, def: JobTypeDef, replace: bool) -> Result<JobTypeDef> {
+    put_with(store, def, ExecutorSpec::Bash, replace).map(|(d, _)| d)
+}
+
+/// Creates or replaces a job type with its executor, in one write.
+pub fn put_with(
+    store: &Store,
+    def: JobTypeDef,
+    executor: ExecutorSpec,
+    replace: bool,
+) -> Result<(JobTypeDef, ExecutorSpec)> {
     let mut def = def.normalize()?;
+    let executor = executor.normalize().map_err(Error::BadInput)?;
     let exists = store.contains(JOB_TYPES, &key(&def.name))?;
     match (exists, replace) {
         (true, false) => {
@@ -32,8 +47,19 @@ pub fn put(store: &Store, def: JobTypeDef, replace: bool) -> Result<JobTypeDef> 
         _ => {}
     }
     def.updated_at_ms = caroni_types::now_ms();
-    store.put(JOB_TYPES, &key(&def.name), &def)?;
-    Ok(def)
+    let mut b = caroni_store::Batch::default();
+    b.put(JOB_TYPES, &key(&def.name), &def);
+    match &executor {
+        ExecutorSpec::Bash => b.delete(EXECUTORS, &key(&def.name)),
+        other => b.put(EXECUTORS, &key(&def.name), other),
+    }
+    store.write(b)?;
+    Ok((def, executor))
+}
+
+/// The executor of a job type (bash when it names none).
+pub fn executor_of(store: &Store, name: &str) -> Result<ExecutorSpec> {
+    Ok(store.get(EXECUTORS, &key(name))?.unwrap_or_default())
 }
 
 /// All job types, by name.
@@ -64,6 +90,7 @@ pub fn delete(store: &Store, name: &str) -> Result<()> {
     get(store, name)?;
     let mut b = caroni_store::Batch::default();
     b.delete(JOB_TYPES, &key(name));
+    b.delete(EXECUTORS, &key(name));
     store.write(b)?;
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! This crate owns the agent's rules and its tables. It must not depend on
 //! libp2p or tonic: the node wires it to the network.
 
+pub mod docker;
 pub mod executor;
 pub mod job_types;
 pub mod machine;
@@ -15,6 +16,9 @@ pub enum Error {
     /// The job type definition is invalid.
     #[error("invalid job type: {0}")]
     InvalidJobType(#[from] caroni_types::JobTypeError),
+    /// The executor settings are invalid.
+    #[error("invalid job type: {0}")]
+    BadInput(String),
     /// Something does not exist.
     #[error("{0}")]
     NotFound(String),

@@ -116,7 +116,7 @@ pub enum RunResult {
 }
 
 /// What the agent knows beyond the request when it answers one.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Answering {
     /// How busy the agent is now (carried in the offer).
     pub load: Load,
@@ -124,6 +124,8 @@ pub struct Answering {
     pub declined_before: bool,
     /// The manager is not one this agent serves (`--serve-managers`).
     pub not_served: bool,
+    /// Why the job type's executor cannot run jobs now, if so.
+    pub unavailable: Option<String>,
 }
 
 /// Answers a request: a new offer or a decline. `None` when nothing is to
@@ -174,6 +176,9 @@ pub fn answer_request(
     let Some(def) = def else {
         return decline(format!("no job type named {}", req.job_type));
     };
+    if let Some(why) = &how.unavailable {
+        return decline(format!("job type {} cannot run here now: {why}", def.name));
+    }
     let mut have = def.inputs.clone();
     have.sort();
     let mut want = req.parameter_keys.clone();

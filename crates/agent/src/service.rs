@@ -22,12 +22,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::executor::{Executor, RunSpec};
+use crate::executor::{Execution, Executor, RunSpec};
 use crate::job_types;
 use crate::machine::{self, AcceptOutcome, Answering, Effect, Job, Offer, RunResult};
 
 const OFFERS: Table<Offer> = Table::new(tables::AGENT_OFFERS, "agent_offers");
 const JOBS: Table<Job> = Table::new(tables::AGENT_JOBS, "agent_jobs");
+/// Where each job runs (executor and container name or Slurm job id).
+pub(crate) const EXECUTIONS: Table<Execution> =
+    Table::new(tables::AGENT_JOB_EXECUTIONS, "agent_job_executions");
 /// The workflow each offered request is for, as its manager said (kept
 /// with the jobs; a request from a manager that does not say has none).
 const REQUEST_WORKFLOWS: Table<Uuid> =
@@ -159,6 +162,21 @@ impl Handle {
     /// The workflow a job serves, when its manager said.
     pub fn workflow_of(&self, job: &Job) -> Option<Uuid> {
         workflow_of(&self.store, job)
+    }
+
+    /// Where a job runs or ran: recorded when it started; before that, its
+    /// job type's executor.
+    pub fn execution_of(&self, job: &Job) -> Option<Execution> {
+        let key = Key::new().uuid(&job.id).finish();
+        match self.store.get(EXECUTIONS, &key) {
+            Ok(Some(x)) => Some(x),
+            _ => job_types::executor_of(&self.store, &job.job_type)
+                .ok()
+                .map(|e| Execution {
+                    executor: e.name().to_string(),
+                    external_id: String::new(),
+                }),
+        }
     }
 
     /// Jobs as they change (once each change is written).
@@ -465,8 +483,13 @@ impl<E: Executor> Service<E> {
                 return;
             }
         };
+        let unavailable = match (&def, job_types::executor_of(&self.store, &req.job_type)) {
+            (Some(_), Ok(e)) => self.executor.unavailable(&e),
+            _ => None,
+        };
         let prior = self.offers.get(&req.request_id);
         let how = Answering {
+            unavailable,
             load: self.load_now(),
             declined_before: self.declined.contains_key(&req.request_id),
             not_served: !self.opts.serves(from),
@@ -802,6 +825,14 @@ impl<E: Executor> Service<E> {
                     return;
                 }
             };
+            let executor = match job_types::executor_of(&self.store, &job.job_type) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read job types");
+                    self.queue.insert(job.queue_seq.unwrap_or(0), id);
+                    return;
+                }
+            };
             let fx = job.on_started(now_ms());
             let spec = RunSpec {
                 job_id: id,
@@ -811,7 +842,16 @@ impl<E: Executor> Service<E> {
                 outputs: def.outputs.clone(),
                 timeout: Duration::from_secs(u64::from(def.timeout_seconds)),
                 max_output_bytes: def.max_output_bytes,
+                executor,
             };
+            // Where it runs, written with its start.
+            let execution = Execution {
+                executor: spec.executor.name().to_string(),
+                external_id: self.executor.external_id(&spec),
+            };
+            self.group
+                .batch
+                .put(EXECUTIONS, &Key::new().uuid(&id).finish(), &execution);
             let workflow = workflow_of(&self.store, &job);
             if let Err(e) = self.commit(None, Some(job), None, fx, workflow) {
                 tracing::error!(error = %e, "cannot start a job");

@@ -9,6 +9,9 @@ pub const META: u8 = 0x01;
 pub const TEMPLATES: u8 = 0x02;
 /// Job types (agent): key = name.
 pub const JOB_TYPES: u8 = 0x03;
+/// The executor of each job type that has one other than bash (agent):
+/// key = name.
+pub const JOB_TYPE_EXECUTORS: u8 = 0x04;
 
 /// Retired (whole workflow records); read once to convert.
 pub const WORKFLOWS: u8 = 0x10;
@@ -29,6 +32,9 @@ pub const AGENT_JOBS: u8 = 0x21;
 pub const AGENT_QUEUE: u8 = 0x22;
 /// The workflow each offered request is for (agent): key = request uuid.
 pub const AGENT_REQUEST_WORKFLOWS: u8 = 0x23;
+/// Where each job runs when not under bash (agent): key = job uuid; value
+/// = executor name and container name or Slurm job id.
+pub const AGENT_JOB_EXECUTIONS: u8 = 0x24;
 
 /// Retired (format 1 outbox: signed envelopes as JSON); read once to convert.
 pub const OUTBOX: u8 = 0x30;

@@ -6,8 +6,12 @@
 
 use serde::{Deserialize, Serialize};
 
+mod executor;
 pub mod msg;
 mod names;
+pub use executor::{
+    parse_cpus, parse_memory, DockerSpec, ExecutorSpec, SlurmSpec, DEFAULT_SLURM_IN_FLIGHT,
+};
 pub use names::{validate_env_name, validate_template_name, NameError};
 
 /// Default wall-clock limit of one job run.

@@ -3,7 +3,7 @@
 use caroni_agent::job_types;
 use caroni_proto::v1::{self as pb, agent_service_server::AgentService};
 use caroni_store::Store;
-use caroni_types::JobTypeDef;
+use caroni_types::{DockerSpec, ExecutorSpec, JobTypeDef, SlurmSpec};
 use tonic::{Request, Response, Status};
 
 use super::{blocking, internal, parse_id, require_role};
@@ -31,8 +31,15 @@ impl AgentApi {
 }
 
 /// Domain → wire.
-pub fn job_to_pb(j: Job, workflow: Option<uuid::Uuid>) -> pb::Job {
+pub fn job_to_pb(
+    j: Job,
+    workflow: Option<uuid::Uuid>,
+    execution: Option<caroni_agent::executor::Execution>,
+) -> pb::Job {
+    let execution = execution.unwrap_or_default();
     pb::Job {
+        executor: execution.executor,
+        external_id: execution.external_id,
         workflow_id: workflow.map(|w| w.to_string()).unwrap_or_default(),
         id: j.id.to_string(),
         manager: j.manager,
@@ -50,8 +57,35 @@ pub fn job_to_pb(j: Job, workflow: Option<uuid::Uuid>) -> pb::Job {
 }
 
 /// Domain → wire.
-pub fn job_type_to_pb(d: JobTypeDef) -> pb::JobType {
+pub fn job_type_to_pb(d: JobTypeDef, executor: ExecutorSpec) -> pb::JobType {
+    let (docker, slurm) = match &executor {
+        ExecutorSpec::Bash => (None, None),
+        ExecutorSpec::Docker(d) => (
+            Some(pb::DockerExecutor {
+                image: d.image.clone(),
+                cpus: d.nano_cpus.map_or(0.0, |n| n as f64 / 1e9),
+                memory: d.memory_bytes.map(|m| format!("{m}b")).unwrap_or_default(),
+                network: d.network.clone(),
+                env: d.env.clone(),
+            }),
+            None,
+        ),
+        ExecutorSpec::Slurm(s) => (
+            None,
+            Some(pb::SlurmExecutor {
+                partition: s.partition.clone().unwrap_or_default(),
+                time_limit: s.time_limit.clone().unwrap_or_default(),
+                cpus: s.cpus.unwrap_or(0),
+                memory: s.memory.clone().unwrap_or_default(),
+                sbatch: s.sbatch.clone(),
+                max_in_flight: s.max_in_flight,
+            }),
+        ),
+    };
     pb::JobType {
+        executor: executor.name().into(),
+        docker,
+        slurm,
         name: d.name,
         inputs: d.inputs,
         outputs: d.outputs,
@@ -62,8 +96,47 @@ pub fn job_type_to_pb(d: JobTypeDef) -> pb::JobType {
     }
 }
 
-fn job_type_from_pb(j: pb::JobType) -> JobTypeDef {
-    JobTypeDef {
+/// Wire → domain; the error names the setting that is wrong.
+fn job_type_from_pb(j: pb::JobType) -> Result<(JobTypeDef, ExecutorSpec), Status> {
+    let bad = |e: String| Status::invalid_argument(format!("invalid job type: {e}"));
+    let non_empty = |s: String| (!s.is_empty()).then_some(s);
+    let executor = match j.executor.as_str() {
+        "" | "bash" => ExecutorSpec::Bash,
+        "docker" => {
+            let d = j.docker.clone().unwrap_or_default();
+            ExecutorSpec::Docker(DockerSpec {
+                image: d.image,
+                nano_cpus: match d.cpus {
+                    0.0 => None,
+                    c => Some(caroni_types::parse_cpus(c).map_err(bad)?),
+                },
+                memory_bytes: match d.memory.as_str() {
+                    "" => None,
+                    m => Some(caroni_types::parse_memory(m).map_err(bad)?),
+                },
+                network: d.network,
+                env: d.env,
+            })
+        }
+        "slurm" => {
+            let s = j.slurm.clone().unwrap_or_default();
+            ExecutorSpec::Slurm(SlurmSpec {
+                partition: non_empty(s.partition),
+                time_limit: non_empty(s.time_limit),
+                cpus: (s.cpus > 0).then_some(s.cpus),
+                memory: non_empty(s.memory),
+                sbatch: s.sbatch,
+                max_in_flight: s.max_in_flight,
+            })
+        }
+        other => {
+            return Err(bad(format!(
+                "executor `{}` is not one of bash, docker, slurm",
+                other.escape_debug()
+            )))
+        }
+    };
+    let def = JobTypeDef {
         name: j.name,
         inputs: j.inputs,
         outputs: j.outputs,
@@ -71,7 +144,8 @@ fn job_type_from_pb(j: pb::JobType) -> JobTypeDef {
         timeout_seconds: j.timeout_seconds,
         max_output_bytes: j.max_output_bytes,
         updated_at_ms: 0,
-    }
+    };
+    Ok((def, executor))
 }
 
 #[tonic::async_trait]
@@ -82,14 +156,15 @@ impl AgentService for AgentApi {
     ) -> Result<Response<pb::JobType>, Status> {
         let store = self.store()?;
         let req = req.into_inner();
-        let def = req
+        let (def, executor) = req
             .job_type
             .map(job_type_from_pb)
-            .ok_or_else(|| Status::invalid_argument("job_type is missing from the request"))?;
+            .ok_or_else(|| Status::invalid_argument("job_type is missing from the request"))??;
         let replace = req.replace;
-        let def = blocking(move || job_types::put(&store, def, replace)).await?;
-        tracing::info!(job_type = %def.name, replace, "job type stored");
-        Ok(Response::new(job_type_to_pb(def)))
+        let (def, executor) =
+            blocking(move || job_types::put_with(&store, def, executor, replace)).await?;
+        tracing::info!(job_type = %def.name, executor = executor.name(), replace, "job type stored");
+        Ok(Response::new(job_type_to_pb(def, executor)))
     }
 
     async fn list_job_types(
@@ -97,9 +172,15 @@ impl AgentService for AgentApi {
         _: Request<pb::ListJobTypesRequest>,
     ) -> Result<Response<pb::ListJobTypesResponse>, Status> {
         let store = self.store()?;
-        let all = blocking(move || job_types::list(&store)).await?;
+        let all = blocking(move || {
+            job_types::list(&store)?
+                .into_iter()
+                .map(|d| Ok((job_types::executor_of(&store, &d.name)?, d)))
+                .collect::<caroni_agent::Result<Vec<_>>>()
+        })
+        .await?;
         Ok(Response::new(pb::ListJobTypesResponse {
-            job_types: all.into_iter().map(job_type_to_pb).collect(),
+            job_types: all.into_iter().map(|(e, d)| job_type_to_pb(d, e)).collect(),
         }))
     }
 
@@ -109,8 +190,13 @@ impl AgentService for AgentApi {
     ) -> Result<Response<pb::JobType>, Status> {
         let store = self.store()?;
         let name = req.into_inner().name;
-        let d = blocking(move || job_types::get(&store, &name)).await?;
-        Ok(Response::new(job_type_to_pb(d)))
+        let (d, e) = blocking(move || -> caroni_agent::Result<_> {
+            let d = job_types::get(&store, &name)?;
+            let e = job_types::executor_of(&store, &d.name)?;
+            Ok((d, e))
+        })
+        .await?;
+        Ok(Response::new(job_type_to_pb(d, e)))
     }
 
     async fn delete_job_type(
@@ -134,7 +220,8 @@ impl AgentService for AgentApi {
                 jobs.into_iter()
                     .map(|j| {
                         let w = a.workflow_of(&j);
-                        (j, w)
+                        let x = a.execution_of(&j);
+                        (j, w, x)
                     })
                     .collect::<Vec<_>>()
             })
@@ -144,8 +231,8 @@ impl AgentService for AgentApi {
         .map_err(internal)?;
         let mut jobs: Vec<pb::Job> = jobs
             .into_iter()
-            .map(|(j, w)| {
-                let mut j = job_to_pb(j, w);
+            .map(|(j, w, x)| {
+                let mut j = job_to_pb(j, w, x);
                 for v in j.inputs.values_mut().chain(j.outputs.values_mut()) {
                     *v = super::list_value(v);
                 }
@@ -162,7 +249,8 @@ impl AgentService for AgentApi {
         match a.get_job(id).map_err(internal)? {
             Some(j) => {
                 let w = a.workflow_of(&j);
-                Ok(Response::new(job_to_pb(j, w)))
+                let x = a.execution_of(&j);
+                Ok(Response::new(job_to_pb(j, w, x)))
             }
             None => Err(Status::not_found(format!(
                 "no job {id} on this agent; `caroni job list` shows them"

@@ -66,6 +66,14 @@ pub fn job_type(j: &pb::JobType) -> Value {
         "body": j.body,
         "timeout_seconds": j.timeout_seconds,
         "max_output_bytes": j.max_output_bytes,
+        "executor": if j.executor.is_empty() { "bash" } else { j.executor.as_str() },
+        "docker": j.docker.as_ref().map(|d| json!({
+            "image": d.image, "cpus": d.cpus, "memory": d.memory, "network": d.network, "env": d.env,
+        })),
+        "slurm": j.slurm.as_ref().map(|s| json!({
+            "partition": s.partition, "time_limit": s.time_limit, "cpus": s.cpus,
+            "memory": s.memory, "sbatch": s.sbatch, "max_in_flight": s.max_in_flight,
+        })),
         "updated_at": ts(&j.updated_at),
     })
 }
@@ -76,6 +84,7 @@ pub fn job(j: &pb::Job) -> Value {
         "id": j.id, "manager": j.manager, "workflow_id": j.workflow_id, "job_type": j.job_type,
         "state": j.state, "inputs": j.inputs, "outputs": j.outputs, "exit_status": j.exit_status,
         "message": j.message, "stderr_tail": j.stderr_tail,
+        "executor": j.executor, "external_id": j.external_id,
         "created_at": ts(&j.created_at), "started_at": ts(&j.started_at), "ended_at": ts(&j.ended_at),
     })
 }

@@ -91,7 +91,7 @@ impl IntoStatus for caroni_agent::Error {
     fn into_status(self) -> Status {
         use caroni_agent::Error as E;
         match self {
-            E::InvalidJobType(_) => Status::invalid_argument(self.to_string()),
+            E::InvalidJobType(_) | E::BadInput(_) => Status::invalid_argument(self.to_string()),
             E::NotFound(_) => Status::not_found(self.to_string()),
             E::AlreadyExists(_) => Status::already_exists(self.to_string()),
             E::Store(e) => internal(e),

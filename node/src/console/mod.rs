@@ -609,6 +609,18 @@ async fn put_job_type(
     Path(name): Path<String>,
     Json(b): Json<JobTypeBody>,
 ) -> Answer {
+    // An edit keeps the job type's executor and its settings.
+    let kept = if b.create {
+        None
+    } else {
+        c.0.src
+            .agent
+            .get_job_type(req(pb::GetJobTypeRequest { name: name.clone() }))
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    }
+    .unwrap_or_default();
     let j =
         c.0.src
             .agent
@@ -621,6 +633,9 @@ async fn put_job_type(
                     timeout_seconds: b.timeout_seconds,
                     max_output_bytes: b.max_output_bytes,
                     updated_at: None,
+                    executor: kept.executor,
+                    docker: kept.docker,
+                    slurm: kept.slurm,
                 }),
                 replace: !b.create,
             }))

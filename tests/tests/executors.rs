@@ -1,0 +1,225 @@
+//! Executors with real engines: job types that run in Docker containers
+//! (through the Engine API), next to bash ones, on real `caroni-node`
+//! processes. Skipped, with a message, when no Docker engine is reachable
+//! or the image `caroni:local` (deploy/build-image.sh, run by `make test`)
+//! is missing.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use caroni_tests::{run_bounded, step, NodeProc};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+fn docker(args: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new("docker");
+    cmd.args(args);
+    match run_bounded(cmd, Duration::from_secs(60)) {
+        Ok(o) => (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        ),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+/// True when the engine and the image are here; says why not otherwise.
+fn docker_usable(test: &str) -> bool {
+    if !docker(&["info"]).0 {
+        eprintln!("SKIPPED {test}: no Docker engine is reachable");
+        return false;
+    }
+    if !docker(&["image", "inspect", "caroni:local"]).0 {
+        eprintln!("SKIPPED {test}: image caroni:local is missing; deploy/build-image.sh builds it (make test does)");
+        return false;
+    }
+    true
+}
+
+/// Containers (running or not) labelled with this job.
+fn containers_of(job: &str) -> Vec<String> {
+    let (ok, out) = docker(&[
+        "ps",
+        "-a",
+        "-q",
+        "--filter",
+        &format!("label=org.caroni.job={job}"),
+    ]);
+    assert!(ok, "docker ps failed: {out}");
+    out.lines().map(str::to_string).collect()
+}
+
+fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write");
+    p.display().to_string()
+}
+
+const SLEEPER: &str = "name: nap
+executor: docker
+image: caroni:local
+inputs: [seconds]
+outputs: [done]
+timeout: 120
+body: |
+  sleep \"$CARONI_ENV_seconds\"; echo '{\"done\": \"yes\"}'
+";
+
+const NAP_CWL: &str = "cwlVersion: v1.2
+class: Workflow
+inputs:
+  seconds: string
+outputs:
+  done:
+    type: string
+    outputSource: nap/done
+steps:
+  nap:
+    run:
+      class: CommandLineTool
+      inputs:
+        seconds: string
+      outputs:
+        done: string
+    hints:
+      CaroniRequirement:
+        CaroniJobName: nap
+    in:
+      seconds: seconds
+    out: [done]
+";
+
+#[test]
+fn the_demo_runs_with_one_step_in_a_container() {
+    if !docker_usable("the_demo_runs_with_one_step_in_a_container") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    n.add_demo_template();
+    n.add_job_types(&["foojob0.yaml", "foojob1_docker.yaml", "foojob2.yaml"]);
+    let shown = n.json(&["jobtype", "show", "foojob1"]);
+    assert_eq!(shown["executor"], "docker", "{shown:#}");
+    assert_eq!(shown["docker"]["image"], "caroni:local");
+    assert_eq!(shown["docker"]["network"], "none");
+
+    let id = n.run("test_simple", &["start_message=caronirocks"]);
+    let w = n.wait(&id, LIMIT);
+    assert_eq!(w["state"], "completed", "{w:#}");
+    assert_eq!(w["outputs"]["result"], "prependCARONIROCKS append");
+    // Step 2 ran in a container that is gone now; steps 1 and 3 under bash.
+    let job = step(&w, "step2")["job_id"]
+        .as_str()
+        .expect("job id")
+        .to_string();
+    let j = n.json(&["job", "show", &job]);
+    assert_eq!(j["executor"], "docker", "{j:#}");
+    assert_eq!(j["external_id"], format!("caroni-{job}"));
+    assert!(
+        containers_of(&job).is_empty(),
+        "the container was not removed"
+    );
+    let first = step(&w, "step1")["job_id"]
+        .as_str()
+        .expect("job id")
+        .to_string();
+    assert_eq!(n.json(&["job", "show", &first])["executor"], "bash");
+}
+
+#[test]
+fn a_cancelled_container_is_gone_within_seconds() {
+    if !docker_usable("a_cancelled_container_is_gone_within_seconds") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    let jt = write(dir.path(), "nap.yaml", SLEEPER);
+    n.ok(&["jobtype", "add", &jt]);
+    let cwl = write(dir.path(), "nap.cwl", NAP_CWL);
+    n.ok(&["template", "add", "nap", &cwl]);
+
+    let id = n.run("nap", &["seconds=100"]);
+    let w = n.wait_until(&id, LIMIT, "the container to run", |w| {
+        step(w, "nap")["state"] == "running"
+    });
+    let job = step(&w, "nap")["job_id"].as_str().expect("job").to_string();
+    let start = Instant::now();
+    while containers_of(&job).is_empty() {
+        assert!(start.elapsed() < LIMIT, "no container for job {job}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    n.ok(&["workflow", "cancel", &id]);
+    let cancelled = Instant::now();
+    while !containers_of(&job).is_empty() {
+        assert!(
+            cancelled.elapsed() < Duration::from_secs(5),
+            "the container of job {job} is still there 5 s after the cancel"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let j = n.json(&["job", "show", &job]);
+    assert_eq!(j["state"], "failed", "{j:#}");
+    assert!(
+        j["message"].as_str().is_some_and(|m| m.contains("killed")),
+        "{j:#}"
+    );
+}
+
+#[test]
+fn a_missing_image_fails_the_job_with_its_name_and_a_down_daemon_is_declined() {
+    if !docker_usable("a_missing_image_fails_the_job_with_its_name_and_a_down_daemon_is_declined") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    let jt = write(
+        dir.path(),
+        "nap.yaml",
+        &SLEEPER.replace("caroni:local", "caroni-no-such-image:7"),
+    );
+    n.ok(&["jobtype", "add", &jt]);
+    let cwl = write(dir.path(), "nap.cwl", NAP_CWL);
+    n.ok(&["template", "add", "nap", &cwl]);
+    let id = n.run("nap", &["seconds=1"]);
+    let w = n.wait_until(&id, LIMIT, "a failed attempt", |w| {
+        step(w, "nap")["attempt_history"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["state"] == "failed"))
+    });
+    let attempt = &step(&w, "nap")["attempt_history"][0];
+    let msg = attempt["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("caroni-no-such-image:7") && msg.contains("cannot be pulled"),
+        "{attempt:#}"
+    );
+    // It may have failed for good already (no agent can run the step).
+    let _ = n.cli(&["workflow", "cancel", &id]);
+
+    // An agent whose Docker daemon is unreachable declines, saying why.
+    let m = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
+    let boot = m.p2p_addr();
+    let a = NodeProc::start_with_env(
+        &dir.path().join("a"),
+        "agent",
+        &["--bootstrap", &boot],
+        &[("DOCKER_HOST", "unix:///nonexistent/docker.sock")],
+    )
+    .expect("agent");
+    let jt = write(dir.path(), "nap2.yaml", SLEEPER);
+    a.ok(&["jobtype", "add", &jt]);
+    m.ok(&["template", "add", "nap", &cwl]);
+    let id = m.run("nap", &["seconds=1"]);
+    let w = m.wait_until(&id, LIMIT, "a decline", |w| {
+        step(w, "nap")["declines"]
+            .as_array()
+            .is_some_and(|d| !d.is_empty())
+    });
+    let reason = step(&w, "nap")["declines"][0]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains("cannot run here now") && reason.contains("Docker daemon"),
+        "{reason}"
+    );
+}
