@@ -16,7 +16,8 @@ test:
 	@scripts/setup.sh --test
 	cargo build --workspace --bins
 	@if docker info >/dev/null 2>&1; then deploy/build-image.sh; else echo "no Docker engine reachable: the multi-host tests will be skipped"; fi
-	cargo nextest run --workspace --no-fail-fast
+	@# A real single-node Slurm cluster for the Slurm executor's tests.
+	conf=$$(scripts/slurm-up.sh) && SLURM_CONF=$$conf cargo nextest run --workspace --no-fail-fast
 	scripts/python-client-test.sh
 
 check: setup

@@ -241,6 +241,7 @@ impl Node {
             let executors = caroni_agent::executor::Executors::new(
                 node_id.clone(),
                 config.data_dir.join("work"),
+                store.clone(),
             );
             executors.start().await;
             let (svc, handle) = caroni_agent::service::Service::new(

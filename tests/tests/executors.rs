@@ -223,3 +223,187 @@ fn a_missing_image_fails_the_job_with_its_name_and_a_down_daemon_is_declined() {
         "{reason}"
     );
 }
+
+// ---- Slurm: a real single-node cluster (scripts/slurm-up.sh, run by
+// `make test`, which sets SLURM_CONF for the tests and the nodes).
+
+/// True when a Slurm controller answers; says why not otherwise.
+fn slurm_usable(test: &str) -> bool {
+    let mut cmd = Command::new("sinfo");
+    cmd.arg("-h");
+    match run_bounded(cmd, Duration::from_secs(20)) {
+        Ok(o) if o.status.success() => true,
+        _ => {
+            eprintln!("SKIPPED {test}: no Slurm cluster answers; scripts/slurm-up.sh starts one (make test does) and prints the SLURM_CONF to set");
+            false
+        }
+    }
+}
+
+/// `squeue` lines (`id|state`) of the Slurm jobs named for a Caroni job.
+fn slurm_jobs_of(job: &str, states: &str) -> Vec<String> {
+    let mut cmd = Command::new("squeue");
+    cmd.args(["-h", "-t", states, "-o", "%i|%T", "--name"])
+        .arg(format!("caroni-{job}"));
+    let o = run_bounded(cmd, Duration::from_secs(20)).expect("squeue");
+    assert!(
+        o.status.success(),
+        "squeue: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+const SLURM_NAP: &str = "name: nap
+executor: slurm
+time_limit: \"10\"
+max_in_flight: 4
+inputs: [seconds]
+outputs: [done]
+timeout: 600
+body: |
+  sleep \"$CARONI_ENV_seconds\"; echo '{\"done\": \"yes\"}'
+";
+
+/// Waits until the step's current job runs as a Slurm job; returns the
+/// Caroni job id and the Slurm job id.
+fn running_on_slurm(n: &NodeProc, id: &str) -> (String, String) {
+    let w = n.wait_until(id, LIMIT, "the step to run", |w| {
+        step(w, "nap")["state"] == "running"
+    });
+    let job = step(&w, "nap")["job_id"].as_str().expect("job").to_string();
+    let start = Instant::now();
+    loop {
+        let running = slurm_jobs_of(&job, "RUNNING");
+        if let Some(line) = running.first() {
+            let slurm = line.split('|').next().unwrap_or_default().to_string();
+            return (job, slurm);
+        }
+        assert!(start.elapsed() < LIMIT, "job {job} never ran on Slurm");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_demo_runs_on_bash_a_container_and_slurm() {
+    if !slurm_usable("the_demo_runs_on_bash_a_container_and_slurm") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    n.add_demo_template();
+    let middle =
+        if docker_usable("the_demo_runs_on_bash_a_container_and_slurm (its container step)") {
+            "foojob1_docker.yaml"
+        } else {
+            "foojob1.yaml"
+        };
+    n.add_job_types(&["foojob0.yaml", middle, "foojob2_slurm.yaml"]);
+    let id = n.run("test_simple", &["start_message=caronirocks"]);
+    let w = n.wait(&id, LIMIT);
+    assert_eq!(w["state"], "completed", "{w:#}");
+    assert_eq!(w["outputs"]["result"], "prependCARONIROCKS append");
+    let job = step(&w, "step3")["job_id"]
+        .as_str()
+        .expect("job")
+        .to_string();
+    let j = n.json(&["job", "show", &job]);
+    assert_eq!(j["executor"], "slurm", "{j:#}");
+    let slurm = j["external_id"].as_str().unwrap_or_default().to_string();
+    assert!(!slurm.is_empty(), "{j:#}");
+    // Slurm ran it once, under the recorded id, and it completed.
+    assert_eq!(slurm_jobs_of(&job, "all"), [format!("{slurm}|COMPLETED")]);
+    let text = n.ok(&["job", "show", &job]);
+    assert!(text.contains(&format!("Slurm job {slurm}")), "{text}");
+}
+
+#[test]
+fn a_slurm_time_limit_is_a_timeout_attempt_and_the_fixed_type_completes() {
+    if !slurm_usable("a_slurm_time_limit_is_a_timeout_attempt_and_the_fixed_type_completes") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    // One minute of Slurm time for a job that would sleep ten.
+    let slow = SLURM_NAP.replace("time_limit: \"10\"", "time_limit: \"1\"");
+    let jt = write(dir.path(), "nap.yaml", &slow);
+    n.ok(&["jobtype", "add", &jt]);
+    let cwl = write(dir.path(), "nap.cwl", NAP_CWL);
+    n.ok(&["template", "add", "nap", &cwl]);
+    let id = n.run("nap", &["seconds=600"]);
+    let (_, first) = running_on_slurm(&n, &id);
+    // Fixed while attempt 1 runs: it keeps its body, the next one is quick.
+    let fixed = write(
+        dir.path(),
+        "nap-fixed.yaml",
+        &SLURM_NAP.replace("sleep \"$CARONI_ENV_seconds\"; ", ""),
+    );
+    n.ok(&["jobtype", "update", &fixed]);
+    let w = n.wait(&id, Duration::from_secs(240));
+    assert_eq!(w["state"], "completed", "{w:#}");
+    let attempts = step(&w, "nap")["attempt_history"]
+        .as_array()
+        .expect("attempts")
+        .clone();
+    assert!(attempts.len() >= 2, "{w:#}");
+    let msg = attempts[0]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("TIMEOUT") && msg.contains(&first),
+        "attempt 1 should be Slurm's timeout of job {first}: {:#}",
+        attempts[0]
+    );
+}
+
+#[test]
+fn cancelling_a_running_slurm_job_scancels_it_within_seconds() {
+    if !slurm_usable("cancelling_a_running_slurm_job_scancels_it_within_seconds") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    let jt = write(dir.path(), "nap.yaml", SLURM_NAP);
+    n.ok(&["jobtype", "add", &jt]);
+    let cwl = write(dir.path(), "nap.cwl", NAP_CWL);
+    n.ok(&["template", "add", "nap", &cwl]);
+    let id = n.run("nap", &["seconds=300"]);
+    let (job, slurm) = running_on_slurm(&n, &id);
+    n.ok(&["workflow", "cancel", &id]);
+    let cancelled = Instant::now();
+    while !slurm_jobs_of(&job, "PENDING,RUNNING,COMPLETING").is_empty() {
+        assert!(
+            cancelled.elapsed() < Duration::from_secs(5),
+            "Slurm job {slurm} still queued or running 5 s after the cancel"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_agent_killed_during_a_slurm_job_reattaches_to_it_after_a_restart() {
+    if !slurm_usable("an_agent_killed_during_a_slurm_job_reattaches_to_it_after_a_restart") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
+    let boot = m.p2p_addr();
+    let mut a =
+        NodeProc::start(&dir.path().join("a"), "agent", &["--bootstrap", &boot]).expect("agent");
+    let jt = write(dir.path(), "nap.yaml", SLURM_NAP);
+    a.ok(&["jobtype", "add", &jt]);
+    let cwl = write(dir.path(), "nap.cwl", NAP_CWL);
+    m.ok(&["template", "add", "nap", &cwl]);
+    let id = m.run("nap", &["seconds=6"]);
+    let (job, slurm) = running_on_slurm(&m, &id);
+    a.kill(); // SIGKILL while Slurm runs the job
+    a.spawn().expect("restart the agent");
+    let w = m.wait(&id, LIMIT);
+    assert_eq!(w["state"], "completed", "{w:#}");
+    assert_eq!(w["outputs"]["done"], "yes");
+    // Not submitted again: one Slurm job for it, the same id.
+    assert_eq!(slurm_jobs_of(&job, "all"), [format!("{slurm}|COMPLETED")]);
+    let j = a.json(&["job", "show", &job]);
+    assert_eq!(j["external_id"], slurm.as_str(), "{j:#}");
+}

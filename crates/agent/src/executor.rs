@@ -81,15 +81,17 @@ pub trait Executor: Send + Sync + 'static {
 pub struct Executors {
     bash: BashExecutor,
     docker: crate::docker::DockerExecutor,
+    slurm: crate::slurm::SlurmExecutor,
 }
 
 impl Executors {
     /// `node_id` labels containers; working directories go under
-    /// `work_root`.
-    pub fn new(node_id: String, work_root: PathBuf) -> Self {
+    /// `work_root`; Slurm job ids are recorded in `store`.
+    pub fn new(node_id: String, work_root: PathBuf, store: caroni_store::Store) -> Self {
         Self {
             bash: BashExecutor::new(work_root.clone()),
             docker: crate::docker::DockerExecutor::new(node_id, work_root.join("docker")),
+            slurm: crate::slurm::SlurmExecutor::new(work_root.join("slurm"), store),
         }
     }
 
@@ -106,16 +108,23 @@ impl Executors {
                 Err(e) => tracing::warn!(error = %e, "cannot look for leftover containers"),
             }
         }
-        let docker = self.docker.clone();
+        self.slurm.refresh().await;
+        self.slurm.spawn_poller();
+        let (docker, slurm) = (self.docker.clone(), self.slurm.clone());
         tokio::spawn(async move {
-            let mut was_ok = docker.unavailable().is_none();
+            let mut was = (docker.unavailable(), slurm.unavailable());
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
-                let ok = docker.refresh().await.is_ok();
-                if ok != was_ok {
-                    tracing::info!(available = ok, "the Docker executor's daemon changed");
-                    was_ok = ok;
+                let _ = docker.refresh().await;
+                slurm.refresh().await;
+                let now = (docker.unavailable(), slurm.unavailable());
+                if now.0.is_some() != was.0.is_some() {
+                    tracing::info!(why = ?now.0, "the Docker executor's availability changed");
                 }
+                if now.1.is_some() != was.1.is_some() {
+                    tracing::info!(why = ?now.1, "the Slurm executor's availability changed");
+                }
+                was = now;
             }
         });
     }
@@ -126,9 +135,7 @@ impl Executor for Executors {
         match spec.executor.clone() {
             caroni_types::ExecutorSpec::Bash => self.bash.run(spec, cancel).await,
             caroni_types::ExecutorSpec::Docker(d) => self.docker.run(spec, &d, cancel).await,
-            caroni_types::ExecutorSpec::Slurm(_) => {
-                failed("this agent has no Slurm executor yet".into(), None, b"")
-            }
+            caroni_types::ExecutorSpec::Slurm(s) => self.slurm.run(spec, &s, cancel).await,
         }
     }
 
@@ -136,9 +143,7 @@ impl Executor for Executors {
         match executor {
             caroni_types::ExecutorSpec::Bash => None,
             caroni_types::ExecutorSpec::Docker(_) => self.docker.unavailable(),
-            caroni_types::ExecutorSpec::Slurm(_) => {
-                Some("this agent has no Slurm executor yet".into())
-            }
+            caroni_types::ExecutorSpec::Slurm(_) => self.slurm.unavailable(),
         }
     }
 

@@ -9,6 +9,7 @@ pub mod executor;
 pub mod job_types;
 pub mod machine;
 pub mod service;
+pub mod slurm;
 
 /// Agent errors, phrased for the user.
 #[derive(Debug, thiserror::Error)]

@@ -218,6 +218,12 @@ pub struct Service<E> {
     queue: BTreeMap<u64, Uuid>,
     next_queue_seq: u64,
     running: HashMap<Uuid, CancellationToken>,
+    /// Running jobs of Slurm job types, with their type (not in local
+    /// slots; bounded per type by `max_in_flight`).
+    slurm_running: HashMap<Uuid, String>,
+    /// True once a Slurm job type was seen (scheduling then looks past a
+    /// full set of local slots).
+    slurm_seen: bool,
     /// Requests declined, until they expire (ms): declined once only.
     declined: HashMap<Uuid, u64>,
     group: Group,
@@ -279,6 +285,8 @@ impl<E: Executor> Service<E> {
             queue: BTreeMap::new(),
             next_queue_seq: 1,
             running: HashMap::new(),
+            slurm_running: HashMap::new(),
+            slurm_seen: false,
             declined: HashMap::new(),
             group: Group::default(),
             stats,
@@ -468,9 +476,10 @@ impl<E: Executor> Service<E> {
     fn load_now(&self) -> Load {
         let slots = self.opts.slots as u32;
         let running = self.running.len() as u32;
+        let local = running.saturating_sub(self.slurm_running.len() as u32);
         Load {
             slots,
-            free_slots: slots.saturating_sub(running),
+            free_slots: slots.saturating_sub(local),
             queue_length: (self.jobs.len() as u32).saturating_sub(running),
         }
     }
@@ -483,14 +492,31 @@ impl<E: Executor> Service<E> {
                 return;
             }
         };
-        let unavailable = match (&def, job_types::executor_of(&self.store, &req.job_type)) {
-            (Some(_), Ok(e)) => self.executor.unavailable(&e),
-            _ => None,
+        let executor = job_types::executor_of(&self.store, &req.job_type).unwrap_or_default();
+        let unavailable = def
+            .as_ref()
+            .and_then(|_| self.executor.unavailable(&executor));
+        // An offer tells the capacity of the executor that would run it.
+        let load = match &executor {
+            caroni_types::ExecutorSpec::Slurm(s) => {
+                self.slurm_seen = true;
+                let n = self
+                    .slurm_running
+                    .values()
+                    .filter(|t| **t == req.job_type)
+                    .count() as u32;
+                Load {
+                    slots: s.max_in_flight,
+                    free_slots: s.max_in_flight.saturating_sub(n),
+                    queue_length: 0,
+                }
+            }
+            _ => self.load_now(),
         };
         let prior = self.offers.get(&req.request_id);
         let how = Answering {
             unavailable,
-            load: self.load_now(),
+            load,
             declined_before: self.declined.contains_key(&req.request_id),
             not_served: !self.opts.serves(from),
         };
@@ -789,8 +815,29 @@ impl<E: Executor> Service<E> {
     /// process starts before its `running` state is written: if the agent
     /// dies first, the job re-runs after the restart, as for any job that
     /// was running (see ARCHITECTURE.md, Guarantees).
+    ///
+    /// Jobs of Slurm job types do not take local slots: at most their
+    /// type's `max_in_flight` are submitted at once. A job that does not
+    /// fit now stays queued in its place; at most 64 are looked past per
+    /// call.
     fn schedule(&mut self) {
-        while self.running.len() < self.opts.slots {
+        let mut skipped = Vec::new();
+        self.start_queued(&mut skipped);
+        for (seq, id) in skipped {
+            self.queue.insert(seq, id);
+        }
+    }
+
+    fn start_queued(&mut self, skipped: &mut Vec<(u64, Uuid)>) {
+        loop {
+            let local = self
+                .running
+                .keys()
+                .filter(|k| !self.slurm_running.contains_key(k))
+                .count();
+            if skipped.len() >= 64 || (local >= self.opts.slots && !self.slurm_seen) {
+                return;
+            }
             let Some((_, id)) = self.queue.pop_first() else {
                 return;
             };
@@ -833,6 +880,24 @@ impl<E: Executor> Service<E> {
                     return;
                 }
             };
+            let fits = match &executor {
+                caroni_types::ExecutorSpec::Slurm(s) => {
+                    self.slurm_seen = true;
+                    let of_type = self
+                        .slurm_running
+                        .values()
+                        .filter(|t| **t == job.job_type)
+                        .count();
+                    of_type < s.max_in_flight as usize
+                }
+                _ => local < self.opts.slots,
+            };
+            if !fits {
+                skipped.push((job.queue_seq.unwrap_or(0), id));
+                continue;
+            }
+            let slurm_type = matches!(executor, caroni_types::ExecutorSpec::Slurm(_))
+                .then(|| job.job_type.clone());
             let fx = job.on_started(now_ms());
             let spec = RunSpec {
                 job_id: id,
@@ -844,14 +909,17 @@ impl<E: Executor> Service<E> {
                 max_output_bytes: def.max_output_bytes,
                 executor,
             };
-            // Where it runs, written with its start.
-            let execution = Execution {
-                executor: spec.executor.name().to_string(),
-                external_id: self.executor.external_id(&spec),
-            };
-            self.group
-                .batch
-                .put(EXECUTIONS, &Key::new().uuid(&id).finish(), &execution);
+            // Where it runs, written with its start (a Slurm job's id is
+            // written by its executor once sbatch has given it).
+            if !matches!(spec.executor, caroni_types::ExecutorSpec::Slurm(_)) {
+                let execution = Execution {
+                    executor: spec.executor.name().to_string(),
+                    external_id: self.executor.external_id(&spec),
+                };
+                self.group
+                    .batch
+                    .put(EXECUTIONS, &Key::new().uuid(&id).finish(), &execution);
+            }
             let workflow = workflow_of(&self.store, &job);
             if let Err(e) = self.commit(None, Some(job), None, fx, workflow) {
                 tracing::error!(error = %e, "cannot start a job");
@@ -859,6 +927,9 @@ impl<E: Executor> Service<E> {
             }
             let token = CancellationToken::new();
             self.running.insert(id, token.clone());
+            if let Some(t) = slurm_type {
+                self.slurm_running.insert(id, t);
+            }
             let exec = self.executor.clone();
             let done = self.done_tx.clone();
             let span = tracing::info_span!(
@@ -883,6 +954,7 @@ impl<E: Executor> Service<E> {
 
     fn finished(&mut self, id: Uuid, result: RunResult) {
         self.running.remove(&id);
+        self.slurm_running.remove(&id);
         let Some(mut job) = self.jobs.get(&id).cloned() else {
             return;
         };

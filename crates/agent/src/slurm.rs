@@ -1,0 +1,541 @@
+//! The Slurm executor: each Caroni job is one Slurm batch job submitted
+//! with `sbatch`, named `caroni-<job id>`. Its working directory (inputs,
+//! the body, stdout, stderr and the exit status the batch script writes)
+//! lives under the agent's data directory, which compute nodes must see at
+//! the same path (a shared file system; on a single-node cluster it is
+//! local). The Slurm job id is stored with the job as soon as `sbatch`
+//! returns; an agent that restarts finds its Slurm job by that id, or by
+//! name when it died between `sbatch` and that write, and waits for it
+//! instead of submitting it again. The states of every watched Slurm job
+//! come from one `scontrol -o show job` per second, whatever their number;
+//! `scancel` stops one on kill, cancel or timeout.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use caroni_store::{keys::Key, Store};
+use caroni_types::SlurmSpec;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::executor::{failed, parse_outputs, tail, Execution, RunSpec, ENV_VALUE_MAX};
+use crate::machine::RunResult;
+
+/// How often the states of watched Slurm jobs are read.
+const POLL: Duration = Duration::from_secs(1);
+/// How long one Slurm command may take.
+const COMMAND_LIMIT: Duration = Duration::from_secs(30);
+
+/// What Slurm says of one job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlurmJob {
+    /// Slurm job id.
+    pub id: String,
+    /// Job name.
+    pub name: String,
+    /// PENDING, RUNNING, COMPLETED, FAILED, TIMEOUT, …
+    pub state: String,
+    /// Why it is in that state.
+    pub reason: String,
+    /// The exit code Slurm recorded (`ExitCode=a:b`, the `a`).
+    pub exit_code: Option<i32>,
+}
+
+impl SlurmJob {
+    fn ended(&self) -> bool {
+        !matches!(
+            self.state.as_str(),
+            "PENDING"
+                | "RUNNING"
+                | "CONFIGURING"
+                | "COMPLETING"
+                | "SUSPENDED"
+                | "REQUEUED"
+                | "RESIZING"
+                | "SIGNALING"
+                | "STAGE_OUT"
+                | "STOPPED"
+                | "REQUEUE_HOLD"
+                | "REQUEUE_FED"
+                | "RESV_DEL_HOLD"
+                | "SPECIAL_EXIT"
+        )
+    }
+}
+
+/// Parses `scontrol -o show job` output: one job per line.
+pub fn parse_jobs(text: &str) -> Vec<SlurmJob> {
+    text.lines()
+        .filter_map(|line| {
+            let mut f: HashMap<&str, &str> = HashMap::new();
+            for part in line.split(' ') {
+                if let Some((k, v)) = part.split_once('=') {
+                    f.entry(k).or_insert(v);
+                }
+            }
+            let id = f.get("JobId")?.to_string();
+            Some(SlurmJob {
+                id,
+                name: f.get("JobName").unwrap_or(&"").to_string(),
+                state: f.get("JobState").unwrap_or(&"").to_string(),
+                reason: f.get("Reason").unwrap_or(&"").to_string(),
+                exit_code: f
+                    .get("ExitCode")
+                    .and_then(|c| c.split(':').next())
+                    .and_then(|c| c.parse().ok()),
+            })
+        })
+        .collect()
+}
+
+/// Runs a command with a time limit; stdout on success, else why not.
+async fn command(program: &str, args: &[String]) -> Result<String, String> {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = match tokio::time::timeout(COMMAND_LIMIT, cmd.output()).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return Err(format!(
+            "{program} is not on this agent's PATH; install Slurm's client commands (slurm-client)"
+        )),
+        Ok(Err(e)) => return Err(format!("cannot run {program}: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "{program} did not finish within {} s",
+                COMMAND_LIMIT.as_secs()
+            ))
+        }
+    };
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{program} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The Slurm job name of a Caroni job.
+pub fn job_name(job_id: uuid::Uuid) -> String {
+    format!("caroni-{job_id}")
+}
+
+type Watchers = HashMap<String, watch::Sender<Option<SlurmJob>>>;
+
+/// Runs jobs as Slurm batch jobs.
+#[derive(Clone)]
+pub struct SlurmExecutor {
+    work_root: PathBuf,
+    store: Store,
+    watchers: Arc<Mutex<Watchers>>,
+    unavailable: Arc<Mutex<Option<String>>>,
+}
+
+impl std::fmt::Debug for SlurmExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlurmExecutor").finish()
+    }
+}
+
+fn quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+}
+
+impl SlurmExecutor {
+    /// Working directories go under `work_root`; Slurm job ids are
+    /// recorded in `store`.
+    pub fn new(work_root: PathBuf, store: Store) -> Self {
+        Self {
+            work_root,
+            store,
+            watchers: Arc::default(),
+            unavailable: Arc::new(Mutex::new(Some("not checked yet".into()))),
+        }
+    }
+
+    /// Why jobs cannot be submitted now, if so.
+    pub fn unavailable(&self) -> Option<String> {
+        self.unavailable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Asks the controller whether it answers; records and returns why not.
+    pub async fn refresh(&self) -> Option<String> {
+        let why = match command("sbatch", &["--version".into()]).await {
+            Err(e) => Some(e),
+            Ok(_) => command("scontrol", &["ping".into()])
+                .await
+                .err()
+                .map(|e| format!("the Slurm controller does not answer ({e})")),
+        };
+        *self
+            .unavailable
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = why.clone();
+        why
+    }
+
+    /// Reads the states of every watched Slurm job, once per second, with
+    /// one `scontrol` call. Runs until the runtime stops.
+    pub fn spawn_poller(&self) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(POLL).await;
+                let watched = {
+                    let mut w = me
+                        .watchers
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    w.retain(|_, tx| !tx.is_closed());
+                    !w.is_empty()
+                };
+                if !watched {
+                    continue;
+                }
+                let jobs =
+                    match command("scontrol", &["-o".into(), "show".into(), "job".into()]).await {
+                        Ok(text) => parse_jobs(&text),
+                        Err(e) if e.contains("No jobs in the system") => Vec::new(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read the Slurm jobs' states");
+                            continue;
+                        }
+                    };
+                let by_id: HashMap<&str, &SlurmJob> =
+                    jobs.iter().map(|j| (j.id.as_str(), j)).collect();
+                let w = me
+                    .watchers
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                for (id, tx) in w.iter() {
+                    let _ = tx.send(by_id.get(id.as_str()).map(|j| (*j).clone()));
+                }
+            }
+        });
+    }
+
+    fn record(&self, job: uuid::Uuid, slurm_id: &str) -> Result<(), String> {
+        self.store
+            .put(
+                crate::service::EXECUTIONS,
+                &Key::new().uuid(&job).finish(),
+                &Execution {
+                    executor: "slurm".into(),
+                    external_id: slurm_id.to_string(),
+                },
+            )
+            .map_err(|e| format!("cannot record the Slurm job id: {e}"))
+    }
+
+    /// The Slurm job already submitted for this Caroni job, if any: by the
+    /// recorded id, else by name (submitted, then the agent died before
+    /// recording it).
+    async fn existing(&self, job: uuid::Uuid) -> Option<String> {
+        let recorded: Option<Execution> = self
+            .store
+            .get(crate::service::EXECUTIONS, &Key::new().uuid(&job).finish())
+            .ok()
+            .flatten();
+        if let Some(x) = recorded.filter(|x| x.executor == "slurm" && !x.external_id.is_empty()) {
+            return Some(x.external_id);
+        }
+        let out = command(
+            "squeue",
+            &[
+                "-h".into(),
+                "-t".into(),
+                "all".into(),
+                "-o".into(),
+                "%i".into(),
+                "--name".into(),
+                job_name(job),
+            ],
+        )
+        .await
+        .ok()?;
+        let id = out
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())?
+            .to_string();
+        let _ = self.record(job, &id);
+        Some(id)
+    }
+
+    async fn submit(&self, spec: &RunSpec, s: &SlurmSpec, dir: &Path) -> Result<String, String> {
+        let _ = tokio::fs::remove_dir_all(dir).await;
+        let inputs = dir.join("inputs");
+        tokio::fs::create_dir_all(&inputs)
+            .await
+            .map_err(|e| format!("cannot create {}: {e}", inputs.display()))?;
+        let mut script = format!(
+            "#!/bin/bash\n# Caroni job {id}\nDIR={dir}\ncd \"$DIR\" || exit 97\nexport CARONI_JOB_ID={id} LANG=C.UTF-8\n",
+            id = spec.job_id,
+            dir = quote(dir)
+        );
+        for (k, v) in &spec.inputs {
+            tokio::fs::write(inputs.join(k), v)
+                .await
+                .map_err(|e| format!("cannot write input {k}: {e}"))?;
+            if v.len() > ENV_VALUE_MAX {
+                script.push_str(&format!("export CARONI_FILE_{k}=\"$DIR/inputs/{k}\"\n"));
+            } else {
+                script.push_str(&format!(
+                    "IFS= read -r -d '' CARONI_ENV_{k} < \"$DIR/inputs/{k}\"; export CARONI_ENV_{k}\n"
+                ));
+            }
+        }
+        for (k, v) in &spec.job_kvs {
+            if caroni_types::validate_env_name(k).is_ok() && v.len() <= ENV_VALUE_MAX {
+                let f = inputs.join(format!("kv-{k}"));
+                tokio::fs::write(&f, v)
+                    .await
+                    .map_err(|e| format!("cannot write parameter {k}: {e}"))?;
+                script.push_str(&format!(
+                    "IFS= read -r -d '' CARONI_KV_{k} < \"$DIR/inputs/kv-{k}\"; export CARONI_KV_{k}\n"
+                ));
+            }
+        }
+        script.push_str(
+            "bash \"$DIR/body.sh\" > \"$DIR/stdout\" 2> \"$DIR/stderr\"\ncode=$?\necho \"$code\" > \"$DIR/exit.tmp\" && mv \"$DIR/exit.tmp\" \"$DIR/exit\"\nexit \"$code\"\n",
+        );
+        tokio::fs::write(dir.join("body.sh"), &spec.body)
+            .await
+            .map_err(|e| format!("cannot write the body: {e}"))?;
+        let batch = dir.join("batch.sh");
+        tokio::fs::write(&batch, script)
+            .await
+            .map_err(|e| format!("cannot write the batch script: {e}"))?;
+        let mut args: Vec<String> = vec![
+            "--parsable".into(),
+            "--job-name".into(),
+            job_name(spec.job_id),
+            "--output".into(),
+            dir.join("slurm.out").display().to_string(),
+            "--chdir".into(),
+            dir.display().to_string(),
+        ];
+        if let Some(p) = &s.partition {
+            args.extend(["--partition".into(), p.clone()]);
+        }
+        if let Some(t) = &s.time_limit {
+            args.extend(["--time".into(), t.clone()]);
+        }
+        if let Some(c) = s.cpus {
+            args.extend(["--cpus-per-task".into(), c.to_string()]);
+        }
+        if let Some(m) = &s.memory {
+            args.extend(["--mem".into(), m.clone()]);
+        }
+        args.extend(s.sbatch.iter().cloned());
+        args.push(batch.display().to_string());
+        let out = command("sbatch", &args).await?;
+        let id = out.trim().split(';').next().unwrap_or_default().to_string();
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit() || c == '_') {
+            return Err(format!("sbatch printed no job id: {}", out.trim()));
+        }
+        // At once: a restart from here on finds it instead of submitting
+        // again.
+        self.record(spec.job_id, &id)?;
+        Ok(id)
+    }
+
+    async fn scancel(&self, id: &str) {
+        if let Err(e) = command("scancel", &[id.to_string()]).await {
+            tracing::warn!(slurm_job = id, error = %e, "scancel failed");
+        }
+    }
+
+    /// Runs (or re-attaches to) the Slurm job of `spec`.
+    pub async fn run(&self, spec: RunSpec, s: &SlurmSpec, cancel: CancellationToken) -> RunResult {
+        let dir = self.work_root.join(spec.job_id.to_string());
+        let id = match self.existing(spec.job_id).await {
+            Some(id) => {
+                tracing::info!(job = %spec.job_id, slurm_job = %id, "re-attached to the job's Slurm job");
+                id
+            }
+            None => match self.submit(&spec, s, &dir).await {
+                Ok(id) => {
+                    tracing::debug!(job = %spec.job_id, slurm_job = %id, "submitted to Slurm");
+                    id
+                }
+                Err(e) => return failed(e, None, b""),
+            },
+        };
+        let r = self.wait(&spec, &id, &dir, cancel).await;
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        r
+    }
+
+    async fn wait(
+        &self,
+        spec: &RunSpec,
+        id: &str,
+        dir: &Path,
+        cancel: CancellationToken,
+    ) -> RunResult {
+        let (tx, mut rx) = watch::channel(None);
+        self.watchers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.to_string(), tx);
+        let deadline = tokio::time::Instant::now() + spec.timeout;
+        let mut unseen = 0u32;
+        let last = loop {
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        break None;
+                    }
+                    let now = rx.borrow_and_update().clone();
+                    match now {
+                        Some(j) if j.ended() => break Some(j),
+                        Some(_) => unseen = 0,
+                        None => {
+                            // Gone from the controller (finished long
+                            // ago): the files the script wrote tell.
+                            unseen += 1;
+                            if unseen >= 5 {
+                                break None;
+                            }
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    self.scancel(id).await;
+                    self.unwatch(id);
+                    return failed(format!("timed out after {} s (Slurm job {id} cancelled)", spec.timeout.as_secs()), None, &read_tail(dir, "stderr").await);
+                }
+                _ = cancel.cancelled() => {
+                    self.scancel(id).await;
+                    self.unwatch(id);
+                    return failed(format!("killed (Slurm job {id} cancelled)"), None, b"");
+                }
+            }
+        };
+        self.unwatch(id);
+        let stderr = read_tail(dir, "stderr").await;
+        let exit: Option<i32> = tokio::fs::read_to_string(dir.join("exit"))
+            .await
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        let state = match &last {
+            Some(j) => j.state.as_str(),
+            None if exit.is_some() => "COMPLETED",
+            None => {
+                return failed(
+                    format!("Slurm no longer knows job {id} and it left no exit status"),
+                    None,
+                    &stderr,
+                )
+            }
+        };
+        let code = exit.or(last.as_ref().and_then(|j| j.exit_code));
+        let reason = last.as_ref().map(|j| j.reason.clone()).unwrap_or_default();
+        match state {
+            "COMPLETED" | "FAILED" if code != Some(0) || state == "FAILED" => failed(
+                match code {
+                    Some(c) => format!("exit status {c} (Slurm job {id} {state})"),
+                    None => format!("Slurm job {id} {state} ({reason})"),
+                },
+                code,
+                &stderr,
+            ),
+            "COMPLETED" => {
+                let limit = spec.max_output_bytes;
+                let out = match tokio::fs::read(dir.join("stdout")).await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        return failed(format!("cannot read the job's stdout: {e}"), code, &stderr)
+                    }
+                };
+                if out.len() as u64 > limit {
+                    return failed(
+                        format!("stdout is larger than the job type's limit of {limit} bytes"),
+                        code,
+                        &stderr,
+                    );
+                }
+                match parse_outputs(&out, &spec.outputs) {
+                    Ok(outputs) => RunResult::Completed {
+                        outputs,
+                        stderr_tail: tail(&stderr),
+                    },
+                    Err(msg) => failed(msg, Some(0), &stderr),
+                }
+            }
+            "TIMEOUT" => failed(
+                format!("timed out: Slurm job {id} reached its time limit (TIMEOUT)"),
+                code,
+                &stderr,
+            ),
+            "OUT_OF_MEMORY" => failed(
+                format!("Slurm job {id} ran out of memory (OUT_OF_MEMORY)"),
+                code,
+                &stderr,
+            ),
+            "CANCELLED" => failed(
+                format!("Slurm job {id} was cancelled outside Caroni (CANCELLED)"),
+                code,
+                &stderr,
+            ),
+            "NODE_FAIL" => failed(
+                format!("Slurm job {id} failed with its node (NODE_FAIL)"),
+                code,
+                &stderr,
+            ),
+            other => failed(
+                format!("Slurm job {id} ended {other} ({reason})"),
+                code,
+                &stderr,
+            ),
+        }
+    }
+
+    fn unwatch(&self, id: &str) {
+        self.watchers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id);
+    }
+}
+
+async fn read_tail(dir: &Path, name: &str) -> Vec<u8> {
+    let bytes = tokio::fs::read(dir.join(name)).await.unwrap_or_default();
+    let start = bytes
+        .len()
+        .saturating_sub(crate::machine::STDERR_TAIL_BYTES);
+    bytes[start..].to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scontrol_lines_parse_into_states_and_exit_codes() {
+        let text = "JobId=7 JobName=caroni-x UserId=root(0) JobState=TIMEOUT Reason=TimeLimit Dependency=(null) ExitCode=0:15 RunTime=00:01:00\n\
+                    JobId=8 JobName=other JobState=RUNNING Reason=None ExitCode=0:0\n\
+                    garbage line\n";
+        let jobs = parse_jobs(text);
+        assert_eq!(jobs.len(), 2);
+        assert_eq!(
+            (
+                jobs[0].id.as_str(),
+                jobs[0].state.as_str(),
+                jobs[0].exit_code
+            ),
+            ("7", "TIMEOUT", Some(0))
+        );
+        assert!(jobs[0].ended());
+        assert!(!jobs[1].ended());
+    }
+}
