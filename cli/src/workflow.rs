@@ -103,8 +103,20 @@ fn print_workflow(w: &pb::Workflow) {
     if !w.message.is_empty() {
         println!("message: {}", w.message);
     }
-    let mut t = output::table(&["step", "job type", "state", "attempts", "job", "agent"]);
+    let mut t = output::table(&[
+        "step", "job type", "state", "attempts", "job", "agent", "runs on",
+    ]);
     for s in &w.steps {
+        // Where the current attempt runs, as its agent reported.
+        let runs_on = s
+            .attempt_history
+            .last()
+            .map(|a| match (a.executor.as_str(), a.external_id.as_str()) {
+                ("slurm", id) if !id.is_empty() => format!("slurm job {id}"),
+                ("docker", id) if !id.is_empty() => format!("docker {id}"),
+                (e, _) => e.to_string(),
+            })
+            .unwrap_or_default();
         t.add_row(vec![
             s.id.clone(),
             s.job_type.clone(),
@@ -112,6 +124,7 @@ fn print_workflow(w: &pb::Workflow) {
             s.attempts.to_string(),
             s.job_id.clone(),
             s.agent.clone(),
+            runs_on,
         ]);
     }
     println!("{t}");

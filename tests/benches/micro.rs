@@ -121,6 +121,8 @@ fn manager_workflow(parsed: &caroni_cwl::Workflow) -> Workflow {
                 exit_status: Some(0),
                 stderr_tail: String::new(),
                 sequence: 5,
+                executor: String::new(),
+                external_id: String::new(),
             },
         );
     }

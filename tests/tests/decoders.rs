@@ -176,10 +176,12 @@ fn any_payload() -> impl Strategy<Value = Payload> {
                     Payload::JobStatusUpdate(pb::JobStatusUpdate {
                         job_id,
                         state,
-                        message,
+                        message: message.clone(),
                         exit_status,
-                        stderr_tail,
+                        stderr_tail: stderr_tail.clone(),
                         sequence,
+                        executor: message.chars().rev().collect(),
+                        external_id: stderr_tail.chars().take(300).collect(),
                     })
                 }
             ),

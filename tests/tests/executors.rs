@@ -318,6 +318,13 @@ fn the_demo_runs_on_bash_a_container_and_slurm() {
     assert_eq!(slurm_jobs_of(&job, "all"), [format!("{slurm}|COMPLETED")]);
     let text = n.ok(&["job", "show", &job]);
     assert!(text.contains(&format!("Slurm job {slurm}")), "{text}");
+    // The manager names the executor and the Slurm job too.
+    let attempt = &step(&w, "step3")["attempt_history"][0];
+    assert_eq!(attempt["executor"], "slurm", "{attempt:#}");
+    assert_eq!(attempt["external_id"], slurm.as_str());
+    let shown = n.ok(&["workflow", "show", &id]);
+    assert!(shown.contains(&format!("slurm job {slurm}")), "{shown}");
+    assert_eq!(step(&w, "step1")["attempt_history"][0]["executor"], "bash");
 }
 
 #[test]

@@ -240,6 +240,8 @@ pub fn accept(
                 exit_status: None,
                 stderr_tail: String::new(),
                 sequence: u64::MAX,
+                executor: String::new(),
+                external_id: String::new(),
             }),
         })
     };
@@ -313,6 +315,8 @@ impl Job {
                 exit_status: self.exit_status,
                 stderr_tail: self.stderr_tail.clone(),
                 sequence: self.seq,
+                executor: String::new(),
+                external_id: String::new(),
             }),
         }
     }

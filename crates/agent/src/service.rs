@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use caroni_store::{keys::Key, tables, wire, Batch, Store, Table};
-use caroni_types::msg::{Inbound, JobRequest, JobState, Load, Msg};
+use caroni_types::msg::{Inbound, JobRequest, JobState, Load, Msg, Outbound};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -691,6 +691,21 @@ impl<E: Executor> Service<E> {
         }
     }
 
+    /// Where a job runs: as recorded when it started, else its job type's
+    /// executor; `None` for a job this agent does not hold.
+    fn runs_on(&self, job_id: Uuid) -> Option<Execution> {
+        let key = Key::new().uuid(&job_id).finish();
+        if let Ok(Some(x)) = self.store.get(EXECUTIONS, &key) {
+            return Some(x);
+        }
+        let job = self.jobs.get(&job_id)?;
+        let e = job_types::executor_of(&self.store, &job.job_type).ok()?;
+        Some(Execution {
+            executor: e.name().to_string(),
+            external_id: String::new(),
+        })
+    }
+
     /// Adds a change and the messages it causes to the group's batch and
     /// applies it in memory; the group is written by [`Service::flush`].
     /// `trace` is the workflow the messages are about (for the receiver's
@@ -704,6 +719,20 @@ impl<E: Executor> Service<E> {
         trace: Option<Uuid>,
     ) -> Result<(), String> {
         let mut job = job;
+        let mut fx = fx;
+        // Status updates say where the job runs (for `workflow show`).
+        for e in &mut fx {
+            if let Effect::Send(Outbound {
+                msg: Msg::Status(s),
+                ..
+            }) = e
+            {
+                if let Some(x) = self.runs_on(s.job_id) {
+                    s.executor = x.executor;
+                    s.external_id = x.external_id;
+                }
+            }
+        }
         let g = &mut self.group;
         for e in &fx {
             if let Effect::Send(out) = e {
@@ -1001,6 +1030,8 @@ fn unknown_job(msg: &Inbound, job_id: Uuid) -> caroni_types::msg::Outbound {
             exit_status: None,
             stderr_tail: String::new(),
             sequence: u64::MAX,
+            executor: String::new(),
+            external_id: String::new(),
         }),
     }
 }

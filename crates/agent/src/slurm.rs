@@ -98,9 +98,11 @@ async fn command(program: &str, args: &[String]) -> Result<String, String> {
         .kill_on_drop(true);
     let out = match tokio::time::timeout(COMMAND_LIMIT, cmd.output()).await {
         Ok(Ok(o)) => o,
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return Err(format!(
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!(
             "{program} is not on this agent's PATH; install Slurm's client commands (slurm-client)"
-        )),
+        ))
+        }
         Ok(Err(e)) => return Err(format!("cannot run {program}: {e}")),
         Err(_) => {
             return Err(format!(

@@ -10,6 +10,8 @@ mod records;
 pub mod service;
 pub mod templates;
 
+pub use records::{runs_on, RunsOn};
+
 /// Manager errors, phrased for the user.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

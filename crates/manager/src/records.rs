@@ -224,3 +224,42 @@ mod tests {
         assert_eq!(migrate(&store).expect("again"), 0);
     }
 }
+
+/// Where a job runs, as its agent reported in its status updates: the
+/// executor (bash, docker, slurm) and the container's name or Slurm job id.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunsOn {
+    /// bash, docker or slurm.
+    pub executor: String,
+    /// Container name or Slurm job id; empty when not (yet) known.
+    pub external_id: String,
+}
+
+const RUNS_ON: Table<RunsOn> = Table::new(tables::MANAGER_JOB_EXECUTIONS, "manager_job_executions");
+
+impl RunsOn {
+    /// What an agent said, if it is something to show: a known executor
+    /// and a short printable id (a peer's text is never trusted further).
+    pub fn reported(executor: &str, external_id: &str) -> Option<Self> {
+        let known = matches!(executor, "bash" | "docker" | "slurm");
+        let printable =
+            external_id.len() <= 128 && external_id.chars().all(|c| c.is_ascii_graphic());
+        (known && printable).then(|| Self {
+            executor: executor.to_string(),
+            external_id: external_id.to_string(),
+        })
+    }
+}
+
+/// Records where `job` runs.
+pub fn put_runs_on(batch: &mut Batch, job: &Uuid, r: &RunsOn) {
+    batch.put(RUNS_ON, &Key::new().uuid(job).finish(), r);
+}
+
+/// Where `job` runs, if its agent said.
+pub fn runs_on(store: &Store, job: &Uuid) -> Option<RunsOn> {
+    store
+        .get(RUNS_ON, &Key::new().uuid(job).finish())
+        .ok()
+        .flatten()
+}

@@ -853,6 +853,11 @@ impl Service {
             g.applied.insert(msg.id);
             return Ok(());
         };
+        if let Msg::Status(s) = &msg.msg {
+            if let Some(r) = records::RunsOn::reported(&s.executor, &s.external_id) {
+                records::put_runs_on(&mut g.batch, &s.job_id, &r);
+            }
+        }
         let refused = |e: Refusal| DeliverError::Refused(e.0);
         let (fx, _) = self
             .change(id, g, |wf, ctx| -> Result<Vec<Effect>, DeliverError> {

@@ -102,6 +102,8 @@ impl From<Msg> for Payload {
                 exit_status: s.exit_status,
                 stderr_tail: s.stderr_tail,
                 sequence: s.sequence,
+                executor: s.executor,
+                external_id: s.external_id,
             }),
             Msg::Data {
                 job_id,
@@ -206,6 +208,8 @@ impl TryFrom<Payload> for Msg {
                     exit_status: s.exit_status,
                     stderr_tail: s.stderr_tail,
                     sequence: s.sequence,
+                    executor: s.executor,
+                    external_id: s.external_id,
                 })
             }
             Payload::JobDataAvailable(d) => Msg::Data {
@@ -276,6 +280,8 @@ mod tests {
                 exit_status: Some(1),
                 stderr_tail: "oops".into(),
                 sequence: 4,
+                executor: String::new(),
+                external_id: String::new(),
             }),
             Msg::Data {
                 job_id: id(),

@@ -23,6 +23,8 @@ pub const WORKFLOW_STEPS: u8 = 0x15;
 pub const REQUESTS: u8 = 0x12;
 /// Jobs known to the manager: key = job uuid.
 pub const MANAGER_JOBS: u8 = 0x13;
+/// Where each job runs, as its agent reported (manager): key = job uuid.
+pub const MANAGER_JOB_EXECUTIONS: u8 = 0x16;
 
 /// Offers made by the agent: key = request uuid.
 pub const AGENT_OFFERS: u8 = 0x20;

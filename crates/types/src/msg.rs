@@ -175,6 +175,13 @@ pub struct StatusUpdate {
     pub stderr_tail: String,
     /// Per-job counter; older updates are ignored.
     pub sequence: u64,
+    /// The executor that runs the job (bash, docker, slurm); empty when
+    /// the agent does not say.
+    #[serde(default)]
+    pub executor: String,
+    /// The container's name or the Slurm job id, once known.
+    #[serde(default)]
+    pub external_id: String,
 }
 
 /// One protocol message.

@@ -31,6 +31,7 @@ pub fn workflow(w: &pb::Workflow) -> Value {
             "attempt_history": s.attempt_history.iter().map(|a| json!({
                 "job_id": a.job_id, "agent": a.agent, "state": a.state, "exit_status": a.exit_status,
                 "message": a.message, "stderr_tail": a.stderr_tail, "superseded": a.superseded,
+                "executor": a.executor, "external_id": a.external_id,
                 "started_at": ts(&a.started_at), "ended_at": ts(&a.ended_at),
             })).collect::<Vec<_>>(),
             "declines": s.declines.iter().map(|d| json!({

@@ -60,6 +60,27 @@ fn to_pb(r: TemplateRecord, with_text: bool) -> pb::Template {
     }
 }
 
+/// The workflow whole, with where each attempt ran as its agent reported.
+pub fn full_workflow_pb(store: &Store, w: &Workflow) -> pb::Workflow {
+    let mut out = workflow_to_pb(w, true);
+    for a in out
+        .steps
+        .iter_mut()
+        .flat_map(|s| s.attempt_history.iter_mut())
+    {
+        if let Some(r) = a
+            .job_id
+            .parse()
+            .ok()
+            .and_then(|j| caroni_manager::runs_on(store, &j))
+        {
+            a.executor = r.executor;
+            a.external_id = r.external_id;
+        }
+    }
+    out
+}
+
 /// Domain → wire; `full` adds attempts and dataflows.
 pub fn workflow_to_pb(w: &Workflow, full: bool) -> pb::Workflow {
     pb::Workflow {
@@ -110,6 +131,8 @@ pub fn workflow_to_pb(w: &Workflow, full: bool) -> pb::Workflow {
                                 started_at: Some(timestamp_ms(a.started_at_ms)),
                                 ended_at: a.ended_at_ms.map(timestamp_ms),
                                 superseded: a.superseded,
+                                executor: String::new(),
+                                external_id: String::new(),
                             })
                             .collect()
                     } else {
@@ -236,7 +259,7 @@ impl ManagerService for ManagerApi {
         let m = require_role(self.manager.as_ref(), "manager")?.clone();
         let id = parse_id("workflow", &req.into_inner().workflow_id)?;
         let w = blocking(move || m.get(id)).await?;
-        Ok(Response::new(workflow_to_pb(&w, true)))
+        Ok(Response::new(full_workflow_pb(&self.store, &w)))
     }
 
     type WatchWorkflowsStream =
@@ -253,9 +276,10 @@ impl ManagerService for ManagerApi {
         let mut changes = m.subscribe();
         let first = m.get(id).map_err(IntoStatus::into_status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let store = self.store.clone();
         tokio::spawn(async move {
             let mut last = first;
-            if tx.send(Ok(workflow_to_pb(&last, true))).await.is_err() {
+            if tx.send(Ok(full_workflow_pb(&store, &last))).await.is_err() {
                 return;
             }
             while !last.state.is_final() {
@@ -267,7 +291,7 @@ impl ManagerService for ManagerApi {
                 let Ok(now) = m.get(id) else { return };
                 if now != last {
                     last = now;
-                    if tx.send(Ok(workflow_to_pb(&last, true))).await.is_err() {
+                    if tx.send(Ok(full_workflow_pb(&store, &last))).await.is_err() {
                         return;
                     }
                 }
@@ -322,6 +346,6 @@ impl ManagerService for ManagerApi {
         m.cancel(id).await.map_err(IntoStatus::into_status)?;
         let w = m.get(id).map_err(IntoStatus::into_status)?;
         debug_assert_eq!(w.state, WorkflowState::Cancelled);
-        Ok(Response::new(workflow_to_pb(&w, true)))
+        Ok(Response::new(full_workflow_pb(&self.store, &w)))
     }
 }

@@ -151,6 +151,8 @@ proptest! {
                         exit_status: None,
                         stderr_tail: String::new(),
                         sequence: seq + 1,
+                        executor: String::new(),
+                        external_id: String::new(),
                     })
                 }),
                 Op::Data { pick } => (!jobs.is_empty()).then(|| {

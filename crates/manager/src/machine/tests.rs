@@ -125,6 +125,8 @@ impl H {
             exit_status: None,
             stderr_tail: String::new(),
             sequence: seq,
+            executor: String::new(),
+            external_id: String::new(),
         };
         self.with(|wf, ctx| wf.on_status(ctx, agent, &up))
     }
