@@ -414,3 +414,52 @@ fn an_agent_killed_during_a_slurm_job_reattaches_to_it_after_a_restart() {
     let j = a.json(&["job", "show", &job]);
     assert_eq!(j["external_id"], slurm.as_str(), "{j:#}");
 }
+
+#[test]
+fn an_agent_killed_during_a_container_job_reaps_it_and_runs_the_job_again() {
+    if !docker_usable("an_agent_killed_during_a_container_job_reaps_it_and_runs_the_job_again") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
+    let boot = m.p2p_addr();
+    let mut a =
+        NodeProc::start(&dir.path().join("a"), "agent", &["--bootstrap", &boot]).expect("agent");
+    let jt = write(dir.path(), "nap.yaml", SLEEPER);
+    a.ok(&["jobtype", "add", &jt]);
+    let cwl = write(dir.path(), "nap.cwl", NAP_CWL);
+    m.ok(&["template", "add", "nap", &cwl]);
+    let id = m.run("nap", &["seconds=4"]);
+    let w = m.wait_until(&id, LIMIT, "the container to run", |w| {
+        step(w, "nap")["state"] == "running"
+    });
+    let job = step(&w, "nap")["job_id"].as_str().expect("job").to_string();
+    let start = Instant::now();
+    let before = loop {
+        if let Some(c) = containers_of(&job).first() {
+            break c.clone();
+        }
+        assert!(start.elapsed() < LIMIT, "no container for job {job}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    a.kill(); // SIGKILL: the container outlives the agent
+    assert_eq!(
+        containers_of(&job),
+        [before.clone()],
+        "the container should outlive the agent"
+    );
+    a.spawn().expect("restart the agent");
+    // The restarted agent removed the orphan and ran the job again.
+    let w = m.wait(&id, LIMIT);
+    assert_eq!(w["state"], "completed", "{w:#}");
+    assert_eq!(w["outputs"]["done"], "yes");
+    assert!(
+        containers_of(&job).is_empty(),
+        "a container of job {job} is left"
+    );
+    assert!(
+        a.log_text()
+            .contains("removed containers left by an earlier run"),
+        "the agent did not say it reaped the container"
+    );
+}
