@@ -49,6 +49,17 @@ fn containers_of(job: &str) -> Vec<String> {
     out.lines().map(str::to_string).collect()
 }
 
+/// Adds the job type `nap` (from `job_type`, a job-type file's text) to
+/// `agent` and the one-step template `nap` to `manager`; returns the
+/// template file.
+fn nap(dir: &std::path::Path, agent: &NodeProc, manager: &NodeProc, job_type: &str) -> String {
+    let jt = write(dir, "nap.yaml", job_type);
+    agent.ok(&["jobtype", "add", &jt]);
+    let cwl = write(dir, "nap.cwl", NAP_CWL);
+    manager.ok(&["template", "add", "nap", &cwl]);
+    cwl
+}
+
 fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, text).expect("write");
@@ -133,10 +144,7 @@ fn a_cancelled_container_is_gone_within_seconds() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
-    let jt = write(dir.path(), "nap.yaml", SLEEPER);
-    n.ok(&["jobtype", "add", &jt]);
-    let cwl = write(dir.path(), "nap.cwl", NAP_CWL);
-    n.ok(&["template", "add", "nap", &cwl]);
+    nap(dir.path(), &n, &n, SLEEPER);
 
     let id = n.run("nap", &["seconds=100"]);
     let w = n.wait_until(&id, LIMIT, "the container to run", |w| {
@@ -172,14 +180,12 @@ fn a_missing_image_fails_the_job_with_its_name_and_a_down_daemon_is_declined() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
-    let jt = write(
+    let cwl = nap(
         dir.path(),
-        "nap.yaml",
+        &n,
+        &n,
         &SLEEPER.replace("caroni:local", "caroni-no-such-image:7"),
     );
-    n.ok(&["jobtype", "add", &jt]);
-    let cwl = write(dir.path(), "nap.cwl", NAP_CWL);
-    n.ok(&["template", "add", "nap", &cwl]);
     let id = n.run("nap", &["seconds=1"]);
     let w = n.wait_until(&id, LIMIT, "a failed attempt", |w| {
         step(w, "nap")["attempt_history"]
@@ -336,10 +342,7 @@ fn a_slurm_time_limit_is_a_timeout_attempt_and_the_fixed_type_completes() {
     let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
     // One minute of Slurm time for a job that would sleep ten.
     let slow = SLURM_NAP.replace("time_limit: \"10\"", "time_limit: \"1\"");
-    let jt = write(dir.path(), "nap.yaml", &slow);
-    n.ok(&["jobtype", "add", &jt]);
-    let cwl = write(dir.path(), "nap.cwl", NAP_CWL);
-    n.ok(&["template", "add", "nap", &cwl]);
+    nap(dir.path(), &n, &n, &slow);
     let id = n.run("nap", &["seconds=600"]);
     let (_, first) = running_on_slurm(&n, &id);
     // Fixed while attempt 1 runs: it keeps its body, the next one is quick.
@@ -371,10 +374,7 @@ fn cancelling_a_running_slurm_job_scancels_it_within_seconds() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
-    let jt = write(dir.path(), "nap.yaml", SLURM_NAP);
-    n.ok(&["jobtype", "add", &jt]);
-    let cwl = write(dir.path(), "nap.cwl", NAP_CWL);
-    n.ok(&["template", "add", "nap", &cwl]);
+    nap(dir.path(), &n, &n, SLURM_NAP);
     let id = n.run("nap", &["seconds=300"]);
     let (job, slurm) = running_on_slurm(&n, &id);
     n.ok(&["workflow", "cancel", &id]);
@@ -398,10 +398,7 @@ fn an_agent_killed_during_a_slurm_job_reattaches_to_it_after_a_restart() {
     let boot = m.p2p_addr();
     let mut a =
         NodeProc::start(&dir.path().join("a"), "agent", &["--bootstrap", &boot]).expect("agent");
-    let jt = write(dir.path(), "nap.yaml", SLURM_NAP);
-    a.ok(&["jobtype", "add", &jt]);
-    let cwl = write(dir.path(), "nap.cwl", NAP_CWL);
-    m.ok(&["template", "add", "nap", &cwl]);
+    nap(dir.path(), &a, &m, SLURM_NAP);
     let id = m.run("nap", &["seconds=6"]);
     let (job, slurm) = running_on_slurm(&m, &id);
     a.kill(); // SIGKILL while Slurm runs the job
@@ -425,10 +422,7 @@ fn an_agent_killed_during_a_container_job_reaps_it_and_runs_the_job_again() {
     let boot = m.p2p_addr();
     let mut a =
         NodeProc::start(&dir.path().join("a"), "agent", &["--bootstrap", &boot]).expect("agent");
-    let jt = write(dir.path(), "nap.yaml", SLEEPER);
-    a.ok(&["jobtype", "add", &jt]);
-    let cwl = write(dir.path(), "nap.cwl", NAP_CWL);
-    m.ok(&["template", "add", "nap", &cwl]);
+    nap(dir.path(), &a, &m, SLEEPER);
     let id = m.run("nap", &["seconds=4"]);
     let w = m.wait_until(&id, LIMIT, "the container to run", |w| {
         step(w, "nap")["state"] == "running"
@@ -445,7 +439,7 @@ fn an_agent_killed_during_a_container_job_reaps_it_and_runs_the_job_again() {
     a.kill(); // SIGKILL: the container outlives the agent
     assert_eq!(
         containers_of(&job),
-        [before.clone()],
+        [before],
         "the container should outlive the agent"
     );
     a.spawn().expect("restart the agent");
