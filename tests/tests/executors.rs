@@ -457,3 +457,32 @@ fn an_agent_killed_during_a_container_job_reaps_it_and_runs_the_job_again() {
         "the agent did not say it reaped the container"
     );
 }
+
+#[test]
+fn a_container_past_its_timeout_is_killed_and_removed() {
+    if !docker_usable("a_container_past_its_timeout_is_killed_and_removed") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    nap(
+        dir.path(),
+        &n,
+        &n,
+        &SLEEPER.replace("timeout: 120", "timeout: 2"),
+    );
+    let id = n.run("nap", &["seconds=100"]);
+    let w = n.wait_until(&id, LIMIT, "a failed attempt", |w| {
+        step(w, "nap")["attempt_history"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["state"] == "failed"))
+    });
+    let attempt = step(&w, "nap")["attempt_history"][0].clone();
+    assert_eq!(attempt["message"], "timed out after 2 s", "{attempt:#}");
+    let job = attempt["job_id"].as_str().expect("job").to_string();
+    assert!(
+        containers_of(&job).is_empty(),
+        "the timed-out container is left"
+    );
+    let _ = n.cli(&["workflow", "cancel", &id]);
+}
