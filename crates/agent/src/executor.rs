@@ -15,6 +15,8 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
@@ -82,7 +84,14 @@ pub struct Executors {
     bash: BashExecutor,
     docker: crate::docker::DockerExecutor,
     slurm: crate::slurm::SlurmExecutor,
+    /// Set once a job type of that executor was asked about: only those
+    /// are checked again every 5 s (no pings or `scontrol` runs on an
+    /// agent that uses neither).
+    wanted: Arc<[AtomicBool; 2]>,
 }
+
+const DOCKER: usize = 0;
+const SLURM: usize = 1;
 
 impl Executors {
     /// `node_id` labels containers; working directories go under
@@ -92,6 +101,7 @@ impl Executors {
             bash: BashExecutor::new(work_root.clone()),
             docker: crate::docker::DockerExecutor::new(node_id, work_root.join("docker")),
             slurm: crate::slurm::SlurmExecutor::new(work_root.join("slurm"), store),
+            wanted: Arc::new([AtomicBool::new(false), AtomicBool::new(false)]),
         }
     }
 
@@ -108,15 +118,25 @@ impl Executors {
                 Err(e) => tracing::warn!(error = %e, "cannot look for leftover containers"),
             }
         }
-        self.slurm.refresh().await;
         self.slurm.spawn_poller();
+        // Checked in the background: a silent controller must not delay
+        // the node's start (until then Slurm job types are declined).
+        let first = self.slurm.clone();
+        tokio::spawn(async move {
+            first.refresh().await;
+        });
         let (docker, slurm) = (self.docker.clone(), self.slurm.clone());
+        let wanted = self.wanted.clone();
         tokio::spawn(async move {
             let mut was = (docker.unavailable(), slurm.unavailable());
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
-                let _ = docker.refresh().await;
-                slurm.refresh().await;
+                if wanted[DOCKER].load(Ordering::Relaxed) {
+                    let _ = docker.refresh().await;
+                }
+                if wanted[SLURM].load(Ordering::Relaxed) {
+                    slurm.refresh().await;
+                }
                 let now = (docker.unavailable(), slurm.unavailable());
                 if now.0.is_some() != was.0.is_some() {
                     tracing::info!(why = ?now.0, "the Docker executor's availability changed");
@@ -140,6 +160,15 @@ impl Executor for Executors {
     }
 
     fn unavailable(&self, executor: &caroni_types::ExecutorSpec) -> Option<String> {
+        match executor {
+            caroni_types::ExecutorSpec::Docker(_) => {
+                self.wanted[DOCKER].store(true, Ordering::Relaxed)
+            }
+            caroni_types::ExecutorSpec::Slurm(_) => {
+                self.wanted[SLURM].store(true, Ordering::Relaxed)
+            }
+            caroni_types::ExecutorSpec::Bash => {}
+        }
         match executor {
             caroni_types::ExecutorSpec::Bash => None,
             caroni_types::ExecutorSpec::Docker(_) => self.docker.unavailable(),
