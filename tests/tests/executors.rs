@@ -60,6 +60,35 @@ fn nap(dir: &std::path::Path, agent: &NodeProc, manager: &NodeProc, job_type: &s
     cwl
 }
 
+/// Removes, when dropped, the containers that the agents added to it
+/// started: a test that ends with a job in a container SIGKILLs its node,
+/// which leaves the container (a restarted agent would reap it). Declared
+/// before the nodes, so that it drops after them.
+#[derive(Default)]
+struct Reap(std::cell::RefCell<Vec<String>>);
+
+impl Reap {
+    fn add(&self, agent: &NodeProc) {
+        self.0.borrow_mut().push(agent.node_id());
+    }
+}
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        for id in self.0.borrow().iter() {
+            let (_, ids) = docker(&[
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=org.caroni.agent={id}"),
+            ]);
+            for c in ids.lines() {
+                let _ = docker(&["rm", "-f", c]);
+            }
+        }
+    }
+}
+
 fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, text).expect("write");
@@ -105,8 +134,10 @@ fn the_demo_runs_with_one_step_in_a_container() {
     if !docker_usable("the_demo_runs_with_one_step_in_a_container") {
         return;
     }
+    let reap = Reap::default();
     let dir = tempfile::tempdir().expect("tempdir");
     let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    reap.add(&n);
     n.add_demo_template();
     n.add_job_types(&["foojob0.yaml", "foojob1_docker.yaml", "foojob2.yaml"]);
     let shown = n.json(&["jobtype", "show", "foojob1"]);
@@ -142,8 +173,10 @@ fn a_cancelled_container_is_gone_within_seconds() {
     if !docker_usable("a_cancelled_container_is_gone_within_seconds") {
         return;
     }
+    let reap = Reap::default();
     let dir = tempfile::tempdir().expect("tempdir");
     let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    reap.add(&n);
     nap(dir.path(), &n, &n, SLEEPER);
 
     let id = n.run("nap", &["seconds=100"]);
@@ -178,8 +211,10 @@ fn a_missing_image_fails_the_job_with_its_name_and_a_down_daemon_is_declined() {
     if !docker_usable("a_missing_image_fails_the_job_with_its_name_and_a_down_daemon_is_declined") {
         return;
     }
+    let reap = Reap::default();
     let dir = tempfile::tempdir().expect("tempdir");
     let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    reap.add(&n);
     let cwl = nap(
         dir.path(),
         &n,
@@ -211,6 +246,7 @@ fn a_missing_image_fails_the_job_with_its_name_and_a_down_daemon_is_declined() {
         &[("DOCKER_HOST", "unix:///nonexistent/docker.sock")],
     )
     .expect("agent");
+    reap.add(&a);
     let jt = write(dir.path(), "nap2.yaml", SLEEPER);
     a.ok(&["jobtype", "add", &jt]);
     m.ok(&["template", "add", "nap", &cwl]);
@@ -298,8 +334,10 @@ fn the_demo_runs_on_bash_a_container_and_slurm() {
     if !slurm_usable("the_demo_runs_on_bash_a_container_and_slurm") {
         return;
     }
+    let reap = Reap::default();
     let dir = tempfile::tempdir().expect("tempdir");
     let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    reap.add(&n);
     n.add_demo_template();
     let middle =
         if docker_usable("the_demo_runs_on_bash_a_container_and_slurm (its container step)") {
@@ -417,11 +455,13 @@ fn an_agent_killed_during_a_container_job_reaps_it_and_runs_the_job_again() {
     if !docker_usable("an_agent_killed_during_a_container_job_reaps_it_and_runs_the_job_again") {
         return;
     }
+    let reap = Reap::default();
     let dir = tempfile::tempdir().expect("tempdir");
     let m = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
     let boot = m.p2p_addr();
     let mut a =
         NodeProc::start(&dir.path().join("a"), "agent", &["--bootstrap", &boot]).expect("agent");
+    reap.add(&a);
     nap(dir.path(), &a, &m, SLEEPER);
     let id = m.run("nap", &["seconds=4"]);
     let w = m.wait_until(&id, LIMIT, "the container to run", |w| {
@@ -463,8 +503,10 @@ fn a_container_past_its_timeout_is_killed_and_removed() {
     if !docker_usable("a_container_past_its_timeout_is_killed_and_removed") {
         return;
     }
+    let reap = Reap::default();
     let dir = tempfile::tempdir().expect("tempdir");
     let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    reap.add(&n);
     nap(
         dir.path(),
         &n,

@@ -146,6 +146,11 @@ pub struct EventLoop {
     /// Bootstrap addresses with a live connection, by peer.
     bootstrap_connected: HashMap<PeerId, Multiaddr>,
     connected: HashMap<PeerId, Multiaddr>,
+    /// Peers mDNS found and has not expired: dialled again while
+    /// disconnected (a first dial can fail, when both sides dial at once or
+    /// one is not listening yet, and mDNS announces again only minutes
+    /// later).
+    discovered: HashMap<PeerId, Vec<Multiaddr>>,
     listen: Multiaddr,
     /// Gossip messages dropped because the listener was busy.
     dropped: u64,
@@ -232,6 +237,7 @@ pub fn new(
             bootstrap,
             bootstrap_connected: HashMap::new(),
             connected: HashMap::new(),
+            discovered: HashMap::new(),
             listen,
             dropped: 0,
             failed_connections: 0,
@@ -308,6 +314,27 @@ impl EventLoop {
             if let Err(e) = self.swarm.dial(addr.clone()) {
                 tracing::debug!(%addr, error = %e, "bootstrap dial failed");
             }
+        }
+        let lost: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .discovered
+            .iter()
+            .filter(|(p, _)| !self.connected.contains_key(p))
+            .map(|(p, a)| (*p, a.clone()))
+            .collect();
+        for (peer, addrs) in lost {
+            self.dial_discovered(peer, addrs);
+        }
+    }
+
+    /// Dials a peer mDNS found, unless a connection or a dial to it is
+    /// already under way.
+    fn dial_discovered(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, error = %e, "dial of a discovered peer failed");
         }
     }
 
@@ -392,9 +419,23 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
+                    let known = self.discovered.entry(peer).or_default();
+                    if !known.contains(&addr) {
+                        known.push(addr.clone());
+                    }
                     if !self.connected.contains_key(&peer) {
                         tracing::debug!(%peer, %addr, "mDNS discovered a peer");
-                        let _ = self.swarm.dial(addr.with(Protocol::P2p(peer)));
+                        self.dial_discovered(peer, vec![addr]);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(gone))) => {
+                for (peer, addr) in gone {
+                    if let Some(known) = self.discovered.get_mut(&peer) {
+                        known.retain(|a| *a != addr);
+                        if known.is_empty() {
+                            self.discovered.remove(&peer);
+                        }
                     }
                 }
             }
