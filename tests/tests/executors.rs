@@ -89,6 +89,30 @@ impl Drop for Reap {
     }
 }
 
+/// A node with both roles for a Docker test; its containers are removed
+/// after it is killed (fields drop in this order).
+struct DockerNode {
+    n: NodeProc,
+    _reap: Reap,
+    dir: tempfile::TempDir,
+}
+
+/// A [`DockerNode`], or `None` (with a message) where Docker is not usable.
+fn docker_node(test: &str) -> Option<DockerNode> {
+    if !docker_usable(test) {
+        return None;
+    }
+    let reap = Reap::default();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    reap.add(&n);
+    Some(DockerNode {
+        n,
+        _reap: reap,
+        dir,
+    })
+}
+
 fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, text).expect("write");
@@ -131,13 +155,10 @@ steps:
 
 #[test]
 fn the_demo_runs_with_one_step_in_a_container() {
-    if !docker_usable("the_demo_runs_with_one_step_in_a_container") {
+    let Some(t) = docker_node("the_demo_runs_with_one_step_in_a_container") else {
         return;
-    }
-    let reap = Reap::default();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
-    reap.add(&n);
+    };
+    let n = &t.n;
     n.add_demo_template();
     n.add_job_types(&["foojob0.yaml", "foojob1_docker.yaml", "foojob2.yaml"]);
     let shown = n.json(&["jobtype", "show", "foojob1"]);
@@ -170,14 +191,11 @@ fn the_demo_runs_with_one_step_in_a_container() {
 
 #[test]
 fn a_cancelled_container_is_gone_within_seconds() {
-    if !docker_usable("a_cancelled_container_is_gone_within_seconds") {
+    let Some(t) = docker_node("a_cancelled_container_is_gone_within_seconds") else {
         return;
-    }
-    let reap = Reap::default();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
-    reap.add(&n);
-    nap(dir.path(), &n, &n, SLEEPER);
+    };
+    let (n, dir) = (&t.n, &t.dir);
+    nap(dir.path(), n, n, SLEEPER);
 
     let id = n.run("nap", &["seconds=100"]);
     let w = n.wait_until(&id, LIMIT, "the container to run", |w| {
@@ -208,17 +226,16 @@ fn a_cancelled_container_is_gone_within_seconds() {
 
 #[test]
 fn a_missing_image_fails_the_job_with_its_name_and_a_down_daemon_is_declined() {
-    if !docker_usable("a_missing_image_fails_the_job_with_its_name_and_a_down_daemon_is_declined") {
+    let Some(t) =
+        docker_node("a_missing_image_fails_the_job_with_its_name_and_a_down_daemon_is_declined")
+    else {
         return;
-    }
-    let reap = Reap::default();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
-    reap.add(&n);
+    };
+    let (n, dir) = (&t.n, &t.dir);
     let cwl = nap(
         dir.path(),
-        &n,
-        &n,
+        n,
+        n,
         &SLEEPER.replace("caroni:local", "caroni-no-such-image:7"),
     );
     let id = n.run("nap", &["seconds=1"]);
@@ -246,7 +263,6 @@ fn a_missing_image_fails_the_job_with_its_name_and_a_down_daemon_is_declined() {
         &[("DOCKER_HOST", "unix:///nonexistent/docker.sock")],
     )
     .expect("agent");
-    reap.add(&a);
     let jt = write(dir.path(), "nap2.yaml", SLEEPER);
     a.ok(&["jobtype", "add", &jt]);
     m.ok(&["template", "add", "nap", &cwl]);
@@ -500,17 +516,14 @@ fn an_agent_killed_during_a_container_job_reaps_it_and_runs_the_job_again() {
 
 #[test]
 fn a_container_past_its_timeout_is_killed_and_removed() {
-    if !docker_usable("a_container_past_its_timeout_is_killed_and_removed") {
+    let Some(t) = docker_node("a_container_past_its_timeout_is_killed_and_removed") else {
         return;
-    }
-    let reap = Reap::default();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
-    reap.add(&n);
+    };
+    let (n, dir) = (&t.n, &t.dir);
     nap(
         dir.path(),
-        &n,
-        &n,
+        n,
+        n,
         &SLEEPER.replace("timeout: 120", "timeout: 2"),
     );
     let id = n.run("nap", &["seconds=100"]);
