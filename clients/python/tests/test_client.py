@@ -50,6 +50,16 @@ steps:
 """
 
 
+#: Sleeps for its input `seconds`, then outputs done=yes.
+SLEEPER = JobType(
+    name="py_sleeper",
+    inputs=["seconds"],
+    outputs=["done"],
+    body='sleep "$CARONI_ENV_seconds"; echo \'{"done": "yes"}\'',
+    timeout_seconds=120,
+)
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:8]}"
 
@@ -90,14 +100,8 @@ def test_run_with_wait_returns_the_ended_workflow(client: Client, demo_cwl: str)
 
 def test_cancel_stops_a_slow_workflow_and_kills_its_job(node: Node, client: Client):
     client.put_job_type(
-        JobType(
-            name="py_sleeper",
-            inputs=["seconds"],
-            outputs=["done"],
-            body='sleep "$CARONI_ENV_seconds"; echo \'{"done": "yes"}\'',
-            timeout_seconds=120,
-        ),
-        replace="py_sleeper" in [j.name for j in client.job_types()],
+        SLEEPER,
+        replace=SLEEPER.name in [j.name for j in client.job_types()],
     )
     client.put_template("py_slow", SLOW_CWL)
     wid = client.run("py_slow", {"seconds": "60"})
@@ -233,14 +237,7 @@ def test_watch_goes_on_across_a_node_restart(tmp_path):
     n = Node(tmp_path / "restart", "both")
     try:
         c = n.client
-        c.put_job_type(
-            JobType(
-                name="py_sleeper",
-                inputs=["seconds"],
-                outputs=["done"],
-                body='sleep "$CARONI_ENV_seconds"; echo \'{"done": "yes"}\'',
-            )
-        )
+        c.put_job_type(SLEEPER)
         c.put_template("py_slow", SLOW_CWL)
         wid = c.run("py_slow", {"seconds": "2"})
         states = []

@@ -166,7 +166,16 @@ impl DockerExecutor {
             Ok(Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
             })) => {
-                if let Err(why) = pull(docker, &d.image).await {
+                // Within the job's own time limit too.
+                let pulled = tokio::time::timeout_at(deadline, pull(docker, &d.image))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(format!(
+                            "the job's {} s ran out while pulling",
+                            spec.timeout.as_secs()
+                        ))
+                    });
+                if let Err(why) = pulled {
                     return failed(
                         format!(
                             "image {} is not on this agent's Docker host and cannot be pulled: {why}",
