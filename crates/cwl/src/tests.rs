@@ -278,3 +278,127 @@ fn deep_nesting_is_refused_before_parsing() {
         parse(text).expect("the examples parse");
     }
 }
+
+/// The nesting bound holds whatever comes before the brackets: a quote or
+/// `#` inside a plain scalar, a quote after `:`, a line break YAML knows
+/// but `str::lines` does not, a tag (the probe's bypasses took 40–45 s of
+/// CPU for 200 KB); each is refused before the parser runs.
+#[test]
+fn nesting_limit_holds_for_every_input() {
+    let deep = "[".repeat(100_000);
+    for prefix in [
+        "[a'",
+        "[a\"",
+        "[a#",
+        "x: [a'",
+        "{k:'",
+        "[k:\"",
+        "[# c\u{2028}",
+        "# c\r[",
+        "[!<x>",
+        "[!t ",
+        "- [a'b ",
+        "[\"x\":'",
+        "|\n",
+        "a: |x\n",
+        "['a'''",
+        "[\"a\\\\\"",
+    ] {
+        let text = format!("{prefix}{deep}");
+        let start = std::time::Instant::now();
+        let e = parse(&text).expect_err(prefix);
+        assert!(e.to_string().contains("nest deeper"), "{prefix:?}: {e}");
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "{prefix:?} took {:?}",
+            start.elapsed()
+        );
+    }
+    // Text that only looks deep is not refused for it.
+    for text in [
+        "class: Workflow\nlabel: \"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\"\n".to_string(),
+        format!(
+            "class: Workflow\ndoc: |\n  {}\n  {}\n",
+            "[".repeat(40),
+            "{".repeat(40)
+        ),
+        format!("class: Workflow\n# {}\n", "[".repeat(40)),
+        format!("class: Workflow\nlabel: a[{}\n", "[".repeat(40)),
+    ] {
+        assert!(nesting(&text) < MAX_NESTING, "{text:?}: {}", nesting(&text));
+    }
+}
+
+/// Whatever the text, the parser never sees collections nested deeper
+/// than the pre-check counted (2,000 cases; `make fuzz` runs 100,000).
+#[test]
+fn nesting_count_never_underestimates_the_parser_never_panic() {
+    use proptest::prelude::*;
+    fn depth(v: &serde_yaml_ng::Value) -> usize {
+        use serde_yaml_ng::Value as V;
+        match v {
+            V::Sequence(s) => 1 + s.iter().map(depth).max().unwrap_or(0),
+            V::Mapping(m) => {
+                1 + m
+                    .iter()
+                    .map(|(k, v)| depth(k).max(depth(v)))
+                    .max()
+                    .unwrap_or(0)
+            }
+            V::Tagged(t) => depth(&t.value),
+            _ => 0,
+        }
+    }
+    let cases = std::env::var("CARONI_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let piece = prop_oneof![
+        Just("["),
+        Just("]"),
+        Just("{"),
+        Just("}"),
+        Just(","),
+        Just(": "),
+        Just(":"),
+        Just("'"),
+        Just("\""),
+        Just("#"),
+        Just(" "),
+        Just("\n"),
+        Just("\n  "),
+        Just("a"),
+        Just("- "),
+        Just("? "),
+        Just("|"),
+        Just(">"),
+        Just("!t "),
+        Just("!<[]> "),
+        Just("\\"),
+        Just("\t"),
+        Just("\u{2028}"),
+        Just("&a "),
+        Just("*a"),
+        Just("''"),
+    ];
+    let parsed = std::cell::Cell::new(0u32);
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&proptest::collection::vec(piece, 0..40), |pieces| {
+            let text: String = pieces.concat();
+            if let Ok(v) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&text) {
+                parsed.set(parsed.get() + 1);
+                let (real, counted) = (depth(&v), nesting(&text));
+                prop_assert!(
+                    real <= counted + 2,
+                    "{text:?}: parser {real}, counted {counted}"
+                );
+            }
+            Ok(())
+        })
+        .expect("the count bounds the parser's depth");
+    eprintln!("{cases} texts, {} of them YAML", parsed.get());
+}
