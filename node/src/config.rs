@@ -79,6 +79,10 @@ pub struct Config {
     pub api_tls_key: Option<PathBuf>,
     /// The web console's address; `None` (`off`) disables it.
     pub console_listen: Option<SocketAddr>,
+    /// Host names the console answers to besides IP addresses and
+    /// `localhost` (requests naming any other host are refused: DNS
+    /// rebinding).
+    pub console_hosts: Vec<String>,
 }
 
 /// Defaults of the tuning settings, shared with embedded nodes.
@@ -180,6 +184,15 @@ pub struct Flags {
     /// loopback it needs --api-token, which its login page asks for.
     #[arg(long, env = "CARONI_CONSOLE_LISTEN")]
     pub console_listen: Option<String>,
+    /// A host name the console is opened by (besides IP addresses and
+    /// localhost, which always work); repeat for several (environment:
+    /// comma-separated).
+    #[arg(
+        long = "console-host",
+        env = "CARONI_CONSOLE_HOSTS",
+        value_delimiter = ','
+    )]
+    pub console_hosts: Vec<String>,
 }
 
 /// The TOML file: every key optional.
@@ -208,6 +221,7 @@ struct FileConfig {
     api_tls_cert: Option<PathBuf>,
     api_tls_key: Option<PathBuf>,
     console_listen: Option<String>,
+    console_hosts: Option<Vec<String>>,
 }
 
 /// A configuration that cannot be used.
@@ -254,6 +268,7 @@ impl Config {
             api_tls_cert: None,
             api_tls_key: None,
             console_listen: None,
+            console_hosts: Vec::new(),
         }
     }
 
@@ -345,6 +360,11 @@ impl Config {
                         "--console-listen `{a}` is not an address such as 127.0.0.1:7073, nor `off`"
                     ))
                 })?),
+            },
+            console_hosts: if flags.console_hosts.is_empty() {
+                file.console_hosts.unwrap_or_default()
+            } else {
+                flags.console_hosts
             },
         };
         config.check()?;

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub mod api;
+pub mod attempts;
 pub mod config;
 pub mod console;
 pub mod identity;
@@ -167,12 +168,7 @@ pub struct Node;
 impl Node {
     /// Opens storage, binds every listener and starts every task.
     pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
-        std::fs::create_dir_all(&config.data_dir).with_context(|| {
-            format!(
-                "cannot create the data directory {}",
-                config.data_dir.display()
-            )
-        })?;
+        private_dir(&config.data_dir)?;
         let key = identity::load_or_create(&config.data_dir)?;
         let node_id = key.public().to_peer_id().to_string();
         let store = caroni_store::Store::open(&config.data_dir.join("db"))?;
@@ -412,6 +408,7 @@ impl Node {
                         manager_handle: manager,
                         agent_handle: agent,
                         token: config.api_token.clone(),
+                        hosts: config.console_hosts.clone(),
                     },
                     cancel.clone(),
                 )
@@ -482,8 +479,11 @@ async fn serve_api(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    // Pings keep live streams (watches) from counting as idle at the gate.
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(API_KEEPALIVE))
+        .http2_keepalive_timeout(Some(API_KEEPALIVE))
         .layer(tower::util::MapResponseLayer::new(
             undecodable_is_invalid_argument::<tonic::body::Body>,
         ))
@@ -503,6 +503,8 @@ async fn serve_api(
         (Some(cert), Some(key)) => Some(api_tls(cert, key)?),
         _ => None,
     };
+    let listener =
+        caroni_peer::GatedListener::new(listener, "client API", caroni_peer::GateLimits::default());
     let serve: futures::future::BoxFuture<'static, anyhow::Result<()>> = match tls {
         Some(tls) => {
             let incoming = caroni_peer::tls::accept(listener, tls, "client API");
@@ -514,7 +516,7 @@ async fn serve_api(
             })
         }
         None => {
-            let incoming = nodelay(listener);
+            let incoming = listener.incoming();
             Box::pin(async move {
                 router
                     .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
@@ -524,6 +526,53 @@ async fn serve_api(
         }
     };
     Ok((serve, Health { reporter, services }))
+}
+
+/// Creates the data directory readable by its owner only (0700), or warns
+/// when an existing one is open to other users: it holds the node key,
+/// every workflow's values and the jobs' inputs.
+fn private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("cannot read the data directory {}", dir.display()))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            data_dir = %dir.display(),
+            mode = format!("{mode:o}"),
+            "the data directory is open to other users; it holds the node key and every value: run `chmod 700 {}`",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Interval of HTTP/2 pings on client API connections, well inside the
+/// gate's idle timeout.
+const API_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Raises the soft limit of open files to the hard limit, so that the
+/// connection bounds of the listeners, not the default 1024, decide.
+pub fn raise_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
+            } else {
+                tracing::debug!(from = soft, to = hard, "raised the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
 }
 
 /// The client API's TLS configuration from PEM files.

@@ -23,6 +23,11 @@ struct Browser {
 
 impl Browser {
     fn start(name: &'static str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    /// A browser with extra Chromium switches.
+    fn start_with(name: &'static str, switches: &[&str]) -> Self {
         let driver_bin = caroni_tests::which("chromedriver").expect(
             "chromedriver is not on PATH; run `make setup` (apt: chromium chromium-driver)",
         );
@@ -36,11 +41,13 @@ impl Browser {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let client = rt.block_on(async {
             let mut caps = serde_json::Map::new();
+            let mut args = vec!["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1300,1100"];
+            args.extend_from_slice(switches);
             caps.insert(
                 "goog:chromeOptions".into(),
                 serde_json::json!({
                     "binary": caroni_tests::which("chromium").map(|p| p.display().to_string()).unwrap_or_else(|| "/usr/bin/chromium".into()),
-                    "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1300,1100"],
+                    "args": args,
                 }),
             );
             let start = Instant::now();
@@ -304,8 +311,8 @@ fn two_agents_on_one_workflow_page() {
 }
 
 /// With a token, the console asks for it once: a wrong one is refused with
-/// a message, the right one opens the pages, and the session cookie is
-/// HttpOnly and SameSite=Strict; data endpoints refuse requests without it.
+/// a message, the right one opens the pages (the live stream included);
+/// data endpoints refuse requests without it, and logging out ends it.
 #[test]
 fn a_token_protected_console_refuses_a_wrong_token_and_serves_the_right_one() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -324,14 +331,202 @@ fn a_token_protected_console_refuses_a_wrong_token_and_serves_the_right_one() {
     b.click("#login");
     b.find("#workflows");
     b.find("#live.on");
+    b.screenshot();
+    b.click("#logout");
+    b.find("#token");
+    b.goto(&format!("{}/#/workflows", n.console_url()));
+    b.find("#token");
+}
+
+/// A tiny web server on another port of the same host: it records the
+/// head of every request and serves `page`. Stopped on drop.
+struct OtherSite {
+    addr: std::net::SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl OtherSite {
+    fn start(page: String) -> Self {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.set_nonblocking(true).expect("nonblocking");
+        let addr = l.local_addr().expect("addr");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s2, st2) = (seen.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !st2.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut c, _)) => {
+                        let _ = c.set_nonblocking(false);
+                        let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                        let mut buf = vec![0u8; 16384];
+                        let n = c.read(&mut buf).unwrap_or(0);
+                        let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        s2.lock().expect("seen").push(head);
+                        let _ = write!(
+                            c,
+                            "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                            page.len()
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Self {
+            addr,
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().expect("seen").clone()
+    }
+}
+
+impl Drop for OtherSite {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Issue 19, item 1: after a login on the console at 127.0.0.1:P, a page
+/// served from another port of the same host receives no usable
+/// credential: the browser sends it no cookie, it cannot read the
+/// session, and the console's API refuses what it can send.
+#[test]
+fn safety_01_a_console_login_gives_no_credential_to_another_port_of_the_host() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n =
+        NodeProc::start(&dir.path().join("n"), "both", &["--api-token", "s3cret"]).expect("node");
+    let page = format!(
+        "<!doctype html><p id=r>waiting</p><script>
+         const s = localStorage.getItem('caroni-session');
+         fetch('{}/api/workflows', {{credentials: 'include'}})
+           .then(r => 'status ' + r.status, () => 'blocked')
+           .then(a => {{ document.getElementById('r').textContent = 'stored=' + s + ' api=' + a; }});
+         </script>",
+        n.console_url()
+    );
+    let other = OtherSite::start(page);
+    let b = Browser::start("no_credential_elsewhere");
+
+    b.goto(&format!("{}/#/workflows", n.console_url()));
+    b.type_into("#token", "s3cret");
+    b.click("#login");
+    b.find("#workflows");
+    b.find("#live.on");
     let cookies = b.rt.block_on(b.c().get_all_cookies()).expect("cookies");
-    let session = cookies
-        .iter()
-        .find(|c| c.name() == "caroni_session")
-        .expect("a session cookie");
-    assert_eq!(session.http_only(), Some(true));
-    assert_eq!(format!("{:?}", session.same_site()), "Some(Strict)");
-    assert!(session.max_age().is_some() || session.expires().is_some());
+    assert!(cookies.is_empty(), "the console set cookies: {cookies:?}");
+    let session =
+        b.rt.block_on(
+            b.c()
+                .execute("return localStorage.getItem('caroni-session')", vec![]),
+        )
+        .expect("script");
+    let session = session
+        .as_str()
+        .expect("a session in localStorage")
+        .to_string();
+    assert!(session.len() >= 32, "{session}");
+
+    // The other site: the browser sends it nothing of the console's.
+    b.goto(&format!("http://{}/", other.addr));
+    b.until("the other page's verdict", |b| b.text().contains("stored="));
+    assert!(b.text().contains("stored=null"), "{}", b.text());
+    let seen = other.seen();
+    assert!(!seen.is_empty());
+    for head in &seen {
+        assert!(
+            !head.contains(&session),
+            "the session reached another port:\n{head}"
+        );
+        assert!(
+            !head.to_ascii_lowercase().contains("\ncookie:"),
+            "a cookie reached another port:\n{head}"
+        );
+    }
+    // What another site could replay is refused; the session header is
+    // the credential, and only the console's page holds it.
+    let cookie = format!("caroni_session={session}");
+    let replay = caroni_tests::http(
+        &n.console_addr(),
+        "GET",
+        "/api/workflows",
+        &[("cookie", &cookie)],
+        "",
+    )
+    .expect("replay");
+    assert_eq!(replay.status, 401, "{}", replay.body);
+    let own = caroni_tests::http(
+        &n.console_addr(),
+        "GET",
+        "/api/workflows",
+        &[("x-caroni-session", &session)],
+        "",
+    )
+    .expect("own");
+    assert_eq!(own.status, 200, "{}", own.body);
+    b.screenshot();
+}
+
+/// Issue 19, item 2: a page at a name that resolves to the console's
+/// address (DNS rebinding, simulated with Chromium's resolver rules) is
+/// refused, so its scripts cannot read or change anything; the console's
+/// IP address keeps working, and a `--console-host` name is served.
+#[test]
+fn safety_02_a_rebound_host_name_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = NodeProc::start(
+        &dir.path().join("n"),
+        "both",
+        &["--console-host", "caroni.test"],
+    )
+    .expect("node");
+    n.add_demo_template();
+    let b = Browser::start_with(
+        "rebinding",
+        &["--host-resolver-rules=MAP rebind.test 127.0.0.1, MAP caroni.test 127.0.0.1"],
+    );
+    let port = n.ports.console;
+    b.goto(&format!("http://rebind.test:{port}/#/workflows"));
+    b.until("the refusal", |b| {
+        b.text().contains("does not serve the host")
+    });
+    assert!(
+        b.text().contains(&format!("rebind.test:{port}")),
+        "{}",
+        b.text()
+    );
+    assert_eq!(b.count("#workflows"), 0);
+    let api = caroni_tests::http(
+        &n.console_addr(),
+        "POST",
+        "/api/workflows",
+        &[
+            ("host", &format!("rebind.test:{port}")),
+            ("content-type", "application/json"),
+            ("x-caroni-console", "1"),
+        ],
+        r#"{"template":"test_simple","inputs":{"start_message":"x"}}"#,
+    )
+    .expect("post");
+    assert_eq!(api.status, 421, "{}", api.body);
+    assert!(!n.ok(&["workflow", "list"]).contains("test_simple"));
+    // The configured name and the address itself are served.
+    b.goto(&format!("http://caroni.test:{port}/#/workflows"));
+    b.find("#workflows");
+    b.goto(&format!("{}/#/workflows", n.console_url()));
+    b.find("#workflows");
     b.screenshot();
 }
 

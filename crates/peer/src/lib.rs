@@ -12,11 +12,13 @@
 //! This crate knows nothing of workflows or jobs.
 
 pub mod envelope;
+pub mod gate;
 pub mod outbox;
 pub mod server;
 pub mod tls;
 
 pub use envelope::{open, open_all, Signer, Verified};
+pub use gate::{GateLimits, Gated, GatedListener};
 pub use outbox::{Outbox, PeerStatus};
 pub use server::{Applying, Inbox, InboxError, PeerServer};
 pub use tls::{Links, MeshKey, PeerTls};

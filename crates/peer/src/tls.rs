@@ -394,12 +394,39 @@ pub struct LinkInfo {
 }
 
 /// A connection accepted over TLS.
-pub struct TlsConn {
-    inner: tokio_rustls::server::TlsStream<TcpStream>,
+pub struct TlsConn<S = TcpStream> {
+    inner: tokio_rustls::server::TlsStream<S>,
     info: LinkInfo,
 }
 
-impl tonic::transport::server::Connected for TlsConn {
+/// What TLS connections are accepted from: a TCP listener, or one behind
+/// a [`crate::gate::GatedListener`].
+pub trait Listener: Send + Sync + 'static {
+    /// The connection.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The next connection and its remote address.
+    fn next_conn(
+        &self,
+    ) -> impl std::future::Future<Output = std::io::Result<(Self::Io, SocketAddr)>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Io = TcpStream;
+    async fn next_conn(&self) -> std::io::Result<(TcpStream, SocketAddr)> {
+        let (tcp, remote) = self.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        Ok((tcp, remote))
+    }
+}
+
+impl Listener for crate::gate::GatedListener {
+    type Io = crate::gate::Gated<TcpStream>;
+    async fn next_conn(&self) -> std::io::Result<(Self::Io, SocketAddr)> {
+        Ok(self.accept().await)
+    }
+}
+
+impl<S> tonic::transport::server::Connected for TlsConn<S> {
     type ConnectInfo = LinkInfo;
 
     fn connect_info(&self) -> LinkInfo {
@@ -407,7 +434,7 @@ impl tonic::transport::server::Connected for TlsConn {
     }
 }
 
-impl AsyncRead for TlsConn {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsConn<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -417,7 +444,7 @@ impl AsyncRead for TlsConn {
     }
 }
 
-impl AsyncWrite for TlsConn {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsConn<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -452,19 +479,19 @@ impl AsyncWrite for TlsConn {
 /// [`MAX_HANDSHAKES`] at once), yielding the connections that complete
 /// one. A failed handshake (a plaintext client, a refused certificate) is
 /// logged and dropped. `what` names the listener in logs.
-pub fn accept(
-    listener: TcpListener,
+pub fn accept<L: Listener>(
+    listener: L,
     config: Arc<ServerConfig>,
     what: &'static str,
-) -> impl tokio_stream::Stream<Item = std::io::Result<TlsConn>> {
-    let (tx, rx) = mpsc::channel::<std::io::Result<TlsConn>>(64);
+) -> impl tokio_stream::Stream<Item = std::io::Result<TlsConn<L::Io>>> {
+    let (tx, rx) = mpsc::channel::<std::io::Result<TlsConn<L::Io>>>(64);
     tokio::spawn(async move {
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         loop {
             let (tcp, remote) = tokio::select! {
                 _ = tx.closed() => return,
-                r = listener.accept() => match r {
+                r = listener.next_conn() => match r {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!(listener = what, error = %e, "cannot accept a connection");
@@ -473,7 +500,6 @@ pub fn accept(
                     }
                 },
             };
-            let _ = tcp.set_nodelay(true);
             let Ok(permit) = handshakes.clone().try_acquire_owned() else {
                 crate::refusal!(FAILED_HANDSHAKES, listener = what, remote = %remote, "closed a connection: {MAX_HANDSHAKES} TLS handshakes are already in progress");
                 continue;

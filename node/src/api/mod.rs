@@ -118,17 +118,21 @@ where
     }
 }
 
-/// Checks the bearer token when one is configured.
+/// Checks the bearer token when one is configured, in constant time, and
+/// makes an address that keeps giving wrong ones wait (see
+/// [`crate::attempts`]).
 #[derive(Clone)]
 pub struct TokenCheck {
-    expected: Option<String>,
+    expected: Option<std::sync::Arc<str>>,
+    attempts: std::sync::Arc<crate::attempts::Attempts>,
 }
 
 impl TokenCheck {
     /// `None` accepts every caller (loopback-only API).
     pub fn new(token: Option<&str>) -> Self {
         Self {
-            expected: token.map(|t| format!("Bearer {t}")),
+            expected: token.map(std::sync::Arc::from),
+            attempts: std::sync::Arc::new(crate::attempts::Attempts::new("client API call")),
         }
     }
 }
@@ -138,15 +142,31 @@ impl tonic::service::Interceptor for TokenCheck {
         let Some(expected) = &self.expected else {
             return Ok(req);
         };
-        match req
+        let addr = req
+            .extensions()
+            .get::<caroni_peer::tls::LinkInfo>()
+            .map(|l| l.remote.ip())
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        if let Err(wait) = self.attempts.check(addr) {
+            return Err(Status::resource_exhausted(
+                wait.message(self.attempts.what()),
+            ));
+        }
+        let given = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-        {
-            Some(got) if got == expected => Ok(req),
-            Some(_) => Err(Status::unauthenticated(
-                "wrong API token; check --token or CARONI_TOKEN",
-            )),
+            .map(|v| v.strip_prefix("Bearer ").unwrap_or(v));
+        match given {
+            Some(got) if crate::attempts::token_matches(got.as_bytes(), expected.as_bytes()) => {
+                Ok(req)
+            }
+            Some(_) => {
+                self.attempts.failed(addr);
+                Err(Status::unauthenticated(
+                    "wrong API token; check --token or CARONI_TOKEN",
+                ))
+            }
             None => Err(Status::unauthenticated(
                 "this node's API needs a token: pass --token or set CARONI_TOKEN",
             )),

@@ -7,24 +7,24 @@
 //!   type, a template) as soon as the change is written.
 //! - The data endpoints call the client API's own services in process, so
 //!   validation, limits and messages are the API's.
-//! - With `--api-token`, the console asks for the token once (login page)
-//!   and keeps a session in an `HttpOnly`, `SameSite=Strict` cookie that
-//!   expires after 12 hours; every data request and the event stream check
-//!   it. Requests that change something must also carry the header
-//!   `x-caroni-console` (which a cross-site form cannot set).
+//! - Who may use it and from where (sessions, hosts, framing, forged
+//!   requests, guessing) is [`auth`]'s; its connections are bounded by a
+//!   gate like the client API's.
+
+mod auth;
+mod metrics;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{header, HeaderMap, Method, StatusCode};
-use axum::middleware::Next;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Form, Json, Router};
+use axum::{Json, Router};
 use caroni_proto::v1 as pb;
 use caroni_proto::v1::{
     agent_service_server::AgentService, manager_service_server::ManagerService,
@@ -40,24 +40,16 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{json as js, AgentApi, ManagerApi, NodeApi};
 
 const INDEX: &str = include_str!("assets/index.html");
-const LOGIN: &str = include_str!("assets/login.html");
 const APP_JS: &str = include_str!("assets/app.js");
 const STYLE: &str = include_str!("assets/style.css");
 
-/// How long a login lasts.
-const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
-/// Most sessions kept; the oldest go first.
-const MAX_SESSIONS: usize = 1024;
 /// Largest request body (a CWL document is at most 1 MiB, a job type's
 /// body 100 KiB).
 const MAX_BODY: usize = 2 << 20;
-/// Name of the session cookie.
-const COOKIE: &str = "caroni_session";
-/// Header required on requests that change something.
-const CSRF_HEADER: &str = "x-caroni-console";
 /// Most workflows the list pages through (the newest ones).
 const LIST_WINDOW: u32 = 1000;
-/// Interval of the `tick` event (the node page's counters).
+/// Interval of the `tick` event (the node page's counters); it also keeps
+/// the event stream from counting as idle at the gate.
 const TICK: Duration = Duration::from_secs(1);
 
 /// What the console needs of the node.
@@ -74,12 +66,14 @@ pub struct Sources {
     pub agent_handle: Option<caroni_agent::service::Handle>,
     /// The token the login page asks for (none: no login).
     pub token: Option<String>,
+    /// `Host` names the console answers besides IP addresses and
+    /// `localhost` (`--console-host`).
+    pub hosts: Vec<String>,
 }
 
 struct Inner {
     src: Sources,
-    /// Session id → expiry (ms since the epoch).
-    sessions: Mutex<HashMap<String, u64>>,
+    auth: auth::Auth,
     /// Changes made through the console that no engine announces.
     edits: broadcast::Sender<(&'static str, String)>,
 }
@@ -102,29 +96,34 @@ pub async fn serve(
     })?;
     let bound = listener.local_addr()?;
     let (edits, _) = broadcast::channel(256);
-    let console = Console(Arc::new(Inner {
-        src,
-        sessions: Mutex::new(HashMap::new()),
-        edits,
-    }));
+    let auth = auth::Auth::new(src.token.clone(), src.hosts.clone());
+    let console = Console(Arc::new(Inner { src, auth, edits }));
     let app = router(console);
+    let listener = Gate(caroni_peer::GatedListener::new(
+        listener,
+        "console",
+        caroni_peer::GateLimits::default(),
+    ));
     Ok((bound, async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(cancel.cancelled_owned())
-            .await
-            .context("console server failed")
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<auth::Client>(),
+        )
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+        .context("console server failed")
     }))
 }
 
 fn router(console: Console) -> Router {
     Router::new()
         .route("/", get(index))
-        .route("/login", get(login_page).post(login))
-        .route("/logout", post(logout))
+        .route("/login", get(auth::login_needed).post(auth::login))
+        .route("/logout", post(auth::logout))
         .route("/assets/app.js", get(app_js))
         .route("/assets/style.css", get(style))
         .route("/events", get(events))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics::metrics))
         .route("/api/node", get(node))
         .route("/api/workflows", get(list_workflows).post(run_workflow))
         .route("/api/workflows/{id}", get(get_workflow))
@@ -136,13 +135,12 @@ fn router(console: Console) -> Router {
         .route("/api/jobtypes", get(list_job_types))
         .route("/api/jobtypes/{name}", get(get_job_type).put(put_job_type))
         .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(console.clone(), guard))
+        .layer(axum::middleware::from_fn_with_state(
+            console.clone(),
+            auth::guard,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(console)
-}
-
-fn now_ms() -> u64 {
-    caroni_types::now_ms()
 }
 
 /// An error as the pages show it: `{"error": …}` with an HTTP status.
@@ -176,150 +174,32 @@ fn req<T>(msg: T) -> tonic::Request<T> {
     tonic::Request::new(msg)
 }
 
-fn session_of(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
-        .map(|(_, v)| v.to_string())
-}
+/// The console's listener: connections bounded like the client API's.
+struct Gate(caroni_peer::GatedListener);
 
-impl Console {
-    fn logged_in(&self, headers: &HeaderMap) -> bool {
-        if self.0.src.token.is_none() {
-            return true;
-        }
-        let Some(id) = session_of(headers) else {
-            return false;
-        };
-        let mut s = self
-            .0
-            .sessions
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = now_ms();
-        s.retain(|_, until| *until > now);
-        s.contains_key(&id)
+impl axum::serve::Listener for Gate {
+    type Io = caroni_peer::Gated<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
+        self.0.accept().await
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.local_addr()
     }
 }
 
-/// Checks the session (when a token is set) and, on changes, the header
-/// a cross-site form cannot send.
-async fn guard(State(c): State<Console>, request: Request, next: Next) -> Response {
-    let path = request.uri().path().to_string();
-    let bearer = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .zip(c.0.src.token.as_deref())
-        .is_some_and(|(given, token)| same(given.as_bytes(), token.as_bytes()));
-    let open = path == "/login" || path == "/assets/style.css" || (path == "/metrics" && bearer);
-    if !open && !c.logged_in(request.headers()) {
-        return if path.starts_with("/api/") || path == "/events" || path == "/metrics" {
-            Failure(
-                StatusCode::UNAUTHORIZED,
-                "log in first: open the console's login page and give the node's --api-token"
-                    .into(),
-            )
-            .into_response()
-        } else {
-            Redirect::to("/login").into_response()
-        };
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Gate>>
+    for auth::Client
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Gate>) -> Self {
+        auth::Client(*stream.remote_addr())
     }
-    let changes = !matches!(*request.method(), Method::GET | Method::HEAD);
-    if changes && path.starts_with("/api/") && !request.headers().contains_key(CSRF_HEADER) {
-        return Failure(
-            StatusCode::FORBIDDEN,
-            format!("requests that change something must carry the header {CSRF_HEADER}"),
-        )
-        .into_response();
-    }
-    let mut resp = next.run(request).await;
-    resp.headers_mut().insert(
-        header::CACHE_CONTROL,
-        header::HeaderValue::from_static("no-store"),
-    );
-    resp
 }
 
 async fn index() -> Html<&'static str> {
     Html(INDEX)
-}
-
-async fn login_page(State(c): State<Console>) -> Response {
-    if c.0.src.token.is_none() {
-        return Redirect::to("/").into_response();
-    }
-    Html(LOGIN.replace("{{error}}", "")).into_response()
-}
-
-#[derive(Deserialize)]
-struct LoginForm {
-    token: String,
-}
-
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-async fn login(State(c): State<Console>, Form(f): Form<LoginForm>) -> Response {
-    let Some(token) = &c.0.src.token else {
-        return Redirect::to("/").into_response();
-    };
-    if !same(f.token.as_bytes(), token.as_bytes()) {
-        tracing::warn!("console login refused: wrong token");
-        return (
-            StatusCode::UNAUTHORIZED,
-            Html(LOGIN.replace(
-                "{{error}}",
-                "<p class=\"error\" id=\"login-error\">That is not this node's token (--api-token). Try again.</p>",
-            )),
-        )
-            .into_response();
-    }
-    let id = format!(
-        "{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    );
-    {
-        let mut s =
-            c.0.sessions
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if s.len() >= MAX_SESSIONS {
-            if let Some(oldest) = s.iter().min_by_key(|(_, t)| **t).map(|(k, _)| k.clone()) {
-                s.remove(&oldest);
-            }
-        }
-        s.insert(id.clone(), now_ms() + SESSION_TTL.as_millis() as u64);
-    }
-    let cookie = format!(
-        "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
-        SESSION_TTL.as_secs()
-    );
-    ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
-}
-
-async fn logout(State(c): State<Console>, headers: HeaderMap) -> Response {
-    if let Some(id) = session_of(&headers) {
-        c.0.sessions
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&id);
-    }
-    (
-        [(
-            header::SET_COOKIE,
-            format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
-        )],
-        Redirect::to("/login"),
-    )
-        .into_response()
 }
 
 async fn app_js() -> Response {
@@ -643,117 +523,4 @@ async fn put_job_type(
             .into_inner();
     let _ = c.0.edits.send(("jobtype", j.name.clone()));
     Ok(Json(js::job_type(&j)))
-}
-
-/// The node's metrics in the Prometheus text format: what the engines
-/// record as they work (histograms, counters) and what is read at scrape
-/// time (workflows, jobs, outbox queues per peer). Off loopback, scrapers
-/// authenticate with `Authorization: Bearer TOKEN`.
-async fn metrics(State(c): State<Console>) -> Result<Response, Failure> {
-    use prometheus_client::metrics::counter::Counter;
-    use prometheus_client::metrics::family::Family;
-    use prometheus_client::metrics::gauge::Gauge;
-    use std::sync::atomic::Ordering::Relaxed;
-    type Labels = Vec<(String, String)>;
-    let l = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
-    let mut registry = prometheus_client::registry::Registry::with_prefix("caroni");
-    caroni_store::metrics::register(&mut registry);
-
-    let workflows = Family::<Labels, Gauge>::default();
-    let workflows_ended = Family::<Labels, Counter>::default();
-    if let Some(m) = &c.0.src.manager_handle {
-        let s = m.stats();
-        let live = s.live.load(Relaxed) as i64;
-        let waiting = s.waiting.load(Relaxed) as i64;
-        workflows.get_or_create(&l("state", "waiting")).set(waiting);
-        workflows
-            .get_or_create(&l("state", "running"))
-            .set(live.saturating_sub(waiting));
-        workflows_ended
-            .get_or_create(&l("state", "completed"))
-            .inc_by(s.completed.load(Relaxed));
-        workflows_ended
-            .get_or_create(&l("state", "failed"))
-            .inc_by(s.failed.load(Relaxed));
-    }
-    registry.register(
-        "workflows",
-        "Live workflows on this manager, by state",
-        workflows,
-    );
-    registry.register(
-        "workflows_ended",
-        "Workflows that ended since this node started, by final state",
-        workflows_ended,
-    );
-    let jobs_ended = Family::<Labels, Counter>::default();
-    if let Some(a) = &c.0.src.agent_handle {
-        let s = a.stats();
-        jobs_ended
-            .get_or_create(&l("state", "completed"))
-            .inc_by(s.completed.load(Relaxed));
-        jobs_ended
-            .get_or_create(&l("state", "failed"))
-            .inc_by(s.failed.load(Relaxed));
-    }
-    registry.register(
-        "job_runs",
-        "Job runs that ended on this agent since it started, by state",
-        jobs_ended,
-    );
-
-    let peers =
-        c.0.src
-            .node
-            .list_peers(req(pb::ListPeersRequest {}))
-            .await?
-            .into_inner()
-            .peers;
-    let queued = Family::<Labels, Gauge>::default();
-    let delivered = Family::<Labels, Counter>::default();
-    let dropped = Family::<Labels, Counter>::default();
-    let refused = Family::<Labels, Counter>::default();
-    for p in &peers {
-        let peer = l("peer", &p.node_id);
-        if !p.endpoint.is_empty() {
-            queued.get_or_create(&peer).set(p.queued as i64);
-            delivered.get_or_create(&peer).inc_by(p.delivered);
-            dropped.get_or_create(&peer).inc_by(p.dropped);
-        }
-        if p.refused > 0 {
-            refused.get_or_create(&peer).inc_by(p.refused);
-        }
-    }
-    registry.register(
-        "outbox_queued_messages",
-        "Direct messages waiting in the outbox, per peer",
-        queued,
-    );
-    registry.register(
-        "outbox_delivered_messages",
-        "Direct messages acknowledged by the peer since this node started",
-        delivered,
-    );
-    registry.register(
-        "outbox_dropped_messages",
-        "Direct messages not queued or expired (a queue bound), per peer",
-        dropped,
-    );
-    registry.register(
-        "peer_refusals",
-        "What this node refused of each peer since it started",
-        refused,
-    );
-
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &registry)
-        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response())
 }

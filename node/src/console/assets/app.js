@@ -20,14 +20,28 @@ function short(id) { id = String(id || ""); return id.length > 14 ? "…" + id.s
 function when(t) { return t ? esc(t.replace("T", " ").replace(/\.\d+Z$/, "Z")) : "—"; }
 function ms(t) { return t ? Date.parse(t) : NaN; }
 
+// The session id lives in this origin's localStorage (scheme, host and
+// port): no other page can read it and the browser never sends it by
+// itself. It travels as a header on every request.
+const SESSION_KEY = "caroni-session";
+function session() { try { return localStorage.getItem(SESSION_KEY) || ""; } catch (_) { return ""; } }
+function setSession(id) { try { if (id) localStorage.setItem(SESSION_KEY, id); else localStorage.removeItem(SESSION_KEY); } catch (_) { /* private mode */ } }
+function authHeaders(h) {
+  const s = session();
+  if (s) h["x-caroni-session"] = s;
+  return h;
+}
+
+class LoginNeeded extends Error {}
+
 async function api(path, opts) {
   opts = opts || {};
-  const headers = { "accept": "application/json" };
+  const headers = authHeaders({ "accept": "application/json" });
   if (opts.body !== undefined) headers["content-type"] = "application/json";
   if (opts.method && opts.method !== "GET") headers["x-caroni-console"] = "1";
-  const resp = await fetch(path, { method: opts.method || "GET", headers, credentials: "same-origin",
+  const resp = await fetch(path, { method: opts.method || "GET", headers, credentials: "omit",
     body: opts.body === undefined ? undefined : JSON.stringify(opts.body) });
-  if (resp.status === 401) { location.href = "/login"; throw new Error("log in first"); }
+  if (resp.status === 401 && path !== "/login") { setSession(""); showLogin(); throw new LoginNeeded("log in first"); }
   const text = await resp.text();
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch (_) { data = null; }
@@ -36,6 +50,41 @@ async function api(path, opts) {
     const e = new Error(msg); e.status = resp.status; throw e;
   }
   return data;
+}
+
+let stream = null; // the live connection's AbortController
+
+function showLogin(error) {
+  if (stream) { stream.abort(); stream = null; }
+  window.removeEventListener("hashchange", show);
+  document.body.classList.add("login");
+  nav.innerHTML = "";
+  document.getElementById("logout").hidden = true;
+  live.hidden = true;
+  main.innerHTML = `<h1>Caroni console</h1>
+    <p>This node's console needs its API token (the node's <code>--api-token</code>).</p>
+    ${error ? `<p class="error" id="login-error">${esc(error)}</p>` : ""}
+    <form id="login-form" class="stack">
+      <label>Token <input type="password" name="token" id="token" autocomplete="current-password" autofocus required maxlength="4096"></label>
+      <button type="submit" id="login">Log in</button>
+    </form>`;
+  document.getElementById("login-form").onsubmit = async ev => {
+    ev.preventDefault();
+    const token = document.getElementById("token").value;
+    try {
+      const d = await api("/login", { method: "POST", body: { token } });
+      setSession(d.session);
+      document.body.classList.remove("login");
+      live.hidden = false;
+      await start();
+    } catch (e) { showLogin(e.message); }
+  };
+}
+
+async function logout() {
+  try { await api("/logout", { method: "POST", body: {} }); } catch (_) { /* ended anyway */ }
+  setSession("");
+  showLogin();
 }
 
 function route() {
@@ -62,6 +111,7 @@ function renderNav() {
 }
 
 function fail(e) {
+  if (e instanceof LoginNeeded) return;
   main.innerHTML = `<h1>Something went wrong</h1><p class="error" id="page-error">${esc(e.message)}</p><p><a href="#/">Back</a></p>`;
 }
 
@@ -479,44 +529,74 @@ async function nodePage() {
 
 // ---------- live updates ----------
 
+// Server-Sent Events read over fetch, so that the session header goes
+// with them (EventSource cannot send headers).
 function connect() {
-  const es = new EventSource("/events");
+  const ctl = new AbortController();
+  stream = ctl;
   const on = () => { live.textContent = "live"; live.className = "live on"; banner.hidden = true; };
   const off = () => {
     live.textContent = "reconnecting…"; live.className = "live off";
     banner.hidden = false; banner.id = "banner"; banner.textContent = "The live connection to the node is lost; reconnecting…";
   };
-  es.onopen = () => { on(); if (view && view.load && !view.editing) view.load().catch(() => {}); };
-  es.onerror = () => {
+  const dispatch = (kind, raw) => {
+    let data = {};
+    try { data = JSON.parse(raw); } catch (_) { /* keep {} */ }
+    if (!view || !view.match || view.editing || !view.match(kind, data)) return;
+    // Coalesce bursts of relevant events: one reload per 50 ms at most.
+    if (pending) return;
+    const v = view;
+    pending = setTimeout(async () => {
+      pending = null;
+      if (v !== view || v.editing) return;
+      try { await v.load(); } catch (e) { /* the next event retries */ }
+    }, kind === "tick" ? 0 : 50);
+  };
+  const retry = () => {
+    if (stream !== ctl) return;
     off();
-    if (es.readyState === EventSource.CLOSED) setTimeout(async () => {
-      try { await api("/api/node"); } catch (_) { /* redirected on 401 */ }
-      connect();
+    setTimeout(async () => {
+      if (stream !== ctl) return;
+      try { await api("/api/node"); } catch (e) { if (e instanceof LoginNeeded) return; }
+      if (stream === ctl) connect();
     }, 1000);
   };
-  for (const kind of ["workflow", "job", "jobtype", "template", "tick", "resync"]) {
-    es.addEventListener(kind, ev => {
-      let data = {};
-      try { data = JSON.parse(ev.data); } catch (_) { /* keep {} */ }
-      if (!view || !view.match || view.editing || !view.match(kind, data)) return;
-      // Coalesce bursts of relevant events: one reload per 50 ms at most.
-      if (pending) return;
-      const v = view;
-      pending = setTimeout(async () => {
-        pending = null;
-        if (v !== view || v.editing) return;
-        try { await v.load(); } catch (e) { /* the next event retries */ }
-      }, kind === "tick" ? 0 : 50);
-    });
-  }
+  (async () => {
+    const resp = await fetch("/events", { headers: authHeaders({ "accept": "text/event-stream" }), credentials: "omit", signal: ctl.signal });
+    if (resp.status === 401) { setSession(""); showLogin(); return; }
+    if (!resp.ok || !resp.body) throw new Error("event stream refused: " + resp.status);
+    on();
+    if (view && view.load && !view.editing) view.load().catch(() => {});
+    const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buf = "", kind = "message", data = [];
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += value;
+      let nl;
+      while ((nl = buf.indexOf("\n")) >= 0) {
+        const line = buf.slice(0, nl).replace(/\r$/, "");
+        buf = buf.slice(nl + 1);
+        if (line === "") {
+          if (data.length) dispatch(kind, data.join("\n"));
+          kind = "message"; data = [];
+        } else if (line.startsWith("event:")) kind = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+      }
+    }
+    throw new Error("event stream ended");
+  })().catch(() => retry());
 }
 
 async function start() {
-  try { node = await api("/api/node"); } catch (e) { fail(e); return; }
-  document.getElementById("logout-form").hidden = false;
+  try { node = await api("/api/node"); } catch (e) { if (!(e instanceof LoginNeeded)) fail(e); return; }
+  const needsLogin = await api("/login").then(d => d.token_required).catch(() => false);
+  document.getElementById("logout").hidden = !needsLogin;
+  window.removeEventListener("hashchange", show);
   window.addEventListener("hashchange", show);
   connect();
   await show();
 }
 
+document.getElementById("logout").onclick = logout;
 start();
