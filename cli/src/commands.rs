@@ -88,9 +88,9 @@ fn print_template(ctx: &Context, t: &pb::Template) {
     if ctx.format == Format::Json {
         return output::json(&template_json(t));
     }
-    println!("template {}", t.name);
-    println!("inputs:  {}", t.inputs.join(", "));
-    println!("outputs: {}", t.outputs.join(", "));
+    say!("template {}", t.name);
+    say!("inputs:  {}", t.inputs.join(", "));
+    say!("outputs: {}", t.outputs.join(", "));
     let mut table = output::table(&["step", "job type", "inputs", "outputs"]);
     for s in &t.steps {
         table.add_row(vec![
@@ -100,9 +100,9 @@ fn print_template(ctx: &Context, t: &pb::Template) {
             s.outputs.join(", "),
         ]);
     }
-    println!("{table}");
+    say!("{table}");
     if !t.cwl.is_empty() {
-        println!("--- CWL ---\n{}", t.cwl.trim_end());
+        say!("--- CWL ---\n{}", t.cwl.trim_end());
     }
 }
 
@@ -123,7 +123,7 @@ pub async fn template(ctx: &Context, cmd: TemplateCmd) -> anyhow::Result<ExitCod
                     ..t
                 }));
             } else {
-                println!("template {} registered ({} steps)", t.name, t.steps.len());
+                say!("template {} registered ({} steps)", t.name, t.steps.len());
             }
         }
         TemplateCmd::List => {
@@ -146,7 +146,7 @@ pub async fn template(ctx: &Context, cmd: TemplateCmd) -> anyhow::Result<ExitCod
                         output::time(t.updated_at.as_ref()),
                     ]);
                 }
-                println!("{table}");
+                say!("{table}");
             }
         }
         TemplateCmd::Show { name } => {
@@ -165,7 +165,7 @@ pub async fn template(ctx: &Context, cmd: TemplateCmd) -> anyhow::Result<ExitCod
             if ctx.format == Format::Json {
                 output::json(&json!({"removed": name}));
             } else {
-                println!("template {name} removed");
+                say!("template {name} removed");
             }
         }
     }
@@ -201,7 +201,7 @@ pub async fn job_type(ctx: &Context, cmd: JobTypeCmd) -> anyhow::Result<ExitCode
                         output::time(j.updated_at.as_ref()),
                     ]);
                 }
-                println!("{table}");
+                say!("{table}");
             }
         }
         JobTypeCmd::Show { name } => {
@@ -213,14 +213,14 @@ pub async fn job_type(ctx: &Context, cmd: JobTypeCmd) -> anyhow::Result<ExitCode
             if ctx.format == Format::Json {
                 output::json(&job_type_json(&j));
             } else {
-                println!("job type {}", j.name);
-                println!("inputs:  {}", j.inputs.join(", "));
-                println!("outputs: {}", j.outputs.join(", "));
-                println!("timeout: {} s", j.timeout_seconds);
+                say!("job type {}", j.name);
+                say!("inputs:  {}", j.inputs.join(", "));
+                say!("outputs: {}", j.outputs.join(", "));
+                say!("timeout: {} s", j.timeout_seconds);
                 if let Some(d) = &j.docker {
-                    println!("executor: docker, image {} network {}", d.image, d.network);
+                    say!("executor: docker, image {} network {}", d.image, d.network);
                 } else if let Some(s) = &j.slurm {
-                    println!(
+                    say!(
                         "executor: slurm, partition {} time limit {} in flight {}",
                         if s.partition.is_empty() {
                             "(default)"
@@ -235,11 +235,11 @@ pub async fn job_type(ctx: &Context, cmd: JobTypeCmd) -> anyhow::Result<ExitCode
                         s.max_in_flight
                     );
                 } else {
-                    println!("executor: bash");
+                    say!("executor: bash");
                 }
-                println!("max output: {} bytes", j.max_output_bytes);
-                println!("updated: {}", output::time(j.updated_at.as_ref()));
-                println!("--- body ---\n{}", j.body.trim_end());
+                say!("max output: {} bytes", j.max_output_bytes);
+                say!("updated: {}", output::time(j.updated_at.as_ref()));
+                say!("--- body ---\n{}", j.body.trim_end());
             }
         }
         JobTypeCmd::Rm { name } => {
@@ -250,7 +250,7 @@ pub async fn job_type(ctx: &Context, cmd: JobTypeCmd) -> anyhow::Result<ExitCode
             if ctx.format == Format::Json {
                 output::json(&json!({"removed": name}));
             } else {
-                println!("job type {name} removed");
+                say!("job type {name} removed");
             }
         }
     }
@@ -278,7 +278,7 @@ async fn put_job_types(
             .map_err(|e| status(e).context(format!("job type `{name}`")))?
             .into_inner();
         if ctx.format == Format::Table {
-            println!(
+            say!(
                 "job type {} {}",
                 j.name,
                 if replace { "updated" } else { "added" }
@@ -313,7 +313,7 @@ pub async fn node(ctx: &Context, cmd: NodeCmd) -> anyhow::Result<ExitCode> {
                 t.add_row(vec!["p2p listen".to_string(), info.p2p_listen.join(", ")]);
                 t.add_row(vec!["version".to_string(), info.version]);
                 t.add_row(vec!["data dir".to_string(), info.data_dir]);
-                println!("{t}");
+                say!("{t}");
             }
         }
     }

@@ -83,14 +83,14 @@ async fn run(ctx: &Context, text: String) -> anyhow::Result<ExitCode> {
         v["elapsed_ms"] = serde_json::json!(elapsed.as_secs_f64() * 1000.0);
         crate::output::json(&v);
     } else if w.state == "completed" {
-        println!("{}", w.outputs.get("result").cloned().unwrap_or_default());
-        eprintln!(
+        say!("{}", w.outputs.get("result").cloned().unwrap_or_default());
+        tell!(
             "(workflow {} completed in {:.1} ms)",
             w.id,
             elapsed.as_secs_f64() * 1000.0
         );
     } else {
-        eprintln!("workflow {} {}: {}", w.id, w.state, w.message);
+        tell!("workflow {} {}: {}", w.id, w.state, w.message);
     }
     Ok(if w.state == "completed" {
         ExitCode::SUCCESS

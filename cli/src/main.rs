@@ -7,12 +7,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+#[macro_use]
+mod output;
 mod bench;
 mod client;
 mod commands;
 mod demo;
 mod jobtype_file;
-mod output;
 mod trust;
 mod workflow;
 
@@ -158,7 +159,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("caroni: {e:#}");
+            tell!("caroni: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -96,12 +96,14 @@ fn short(id: &str) -> String {
 }
 
 fn print_workflow(w: &pb::Workflow) {
-    println!(
+    say!(
         "workflow {}  template {}  state {}",
-        w.id, w.template, w.state
+        w.id,
+        w.template,
+        w.state
     );
     if !w.message.is_empty() {
-        println!("message: {}", w.message);
+        say!("message: {}", w.message);
     }
     let mut t = output::table(&[
         "step", "job type", "state", "attempts", "job", "agent", "runs on",
@@ -127,7 +129,7 @@ fn print_workflow(w: &pb::Workflow) {
             runs_on,
         ]);
     }
-    println!("{t}");
+    say!("{t}");
     let mut d = output::table(&["source", "destination", "value"]);
     for f in &w.dataflows {
         d.add_row(vec![
@@ -136,7 +138,7 @@ fn print_workflow(w: &pb::Workflow) {
             f.value.clone().unwrap_or_else(|| "—".into()),
         ]);
     }
-    println!("{d}");
+    say!("{d}");
     let failed: Vec<_> = w
         .steps
         .iter()
@@ -167,7 +169,7 @@ fn print_workflow(w: &pb::Workflow) {
                 tail,
             ]);
         }
-        println!("failed attempts:\n{a}");
+        say!("failed attempts:\n{a}");
     }
     let declines: Vec<_> = w
         .steps
@@ -179,18 +181,18 @@ fn print_workflow(w: &pb::Workflow) {
         for (s, d) in declines {
             t.add_row(vec![s.id.clone(), d.agent.clone(), d.reason.clone()]);
         }
-        println!("declines:\n{t}");
+        say!("declines:\n{t}");
     }
     print_outputs(w);
 }
 
 fn print_outputs(w: &pb::Workflow) {
     if !w.outputs.is_empty() {
-        println!("outputs:");
+        say!("outputs:");
         let mut keys: Vec<_> = w.outputs.keys().collect();
         keys.sort();
         for k in keys {
-            println!("  {k}: {}", w.outputs[k]);
+            say!("  {k}: {}", w.outputs[k]);
         }
     }
 }
@@ -241,12 +243,12 @@ pub async fn follow(ctx: &Context, id: &str, quiet: bool) -> anyhow::Result<pb::
                     let _ = write!(err, "\x1b[{drawn}A\x1b[J");
                 }
                 for l in &lines {
-                    let _ = writeln!(err, "{l}");
+                    let _ = writeln!(err, "{}", crate::output::clean(l));
                 }
                 drawn = lines.len();
             } else {
                 for l in lines.iter().filter(|l| !last_lines.contains(l)) {
-                    let _ = writeln!(err, "{}", l.trim_start());
+                    let _ = writeln!(err, "{}", crate::output::clean(l.trim_start()));
                 }
             }
             last_lines = lines;
@@ -290,19 +292,19 @@ pub async fn run(
         if ctx.format == Format::Json {
             output::json(&json!({"workflow_id": id}));
         } else {
-            println!("{id}");
+            say!("{id}");
         }
         return Ok(ExitCode::SUCCESS);
     }
     if ctx.format == Format::Table {
-        eprintln!("workflow {id} started");
+        tell!("workflow {id} started");
     }
     let w = follow(ctx, &id, ctx.format == Format::Json).await?;
     if ctx.format == Format::Json {
         output::json(&workflow_json(&w));
     } else {
         if w.state != "completed" {
-            eprintln!("workflow {} {}: {}", w.id, w.state, w.message);
+            tell!("workflow {} {}: {}", w.id, w.state, w.message);
         }
         print_outputs(&w);
     }
@@ -319,7 +321,7 @@ pub async fn workflow(ctx: &Context, cmd: WorkflowCmd) -> anyhow::Result<ExitCod
                 .map_err(status)?
                 .into_inner();
             if resp.truncated {
-                eprintln!("caroni: older workflows were left out to keep the answer under 3 MiB; ask for fewer with --limit");
+                tell!("caroni: older workflows were left out to keep the answer under 3 MiB; ask for fewer with --limit");
             }
             let all = resp.workflows;
             if ctx.format == Format::Json {
@@ -348,7 +350,7 @@ pub async fn workflow(ctx: &Context, cmd: WorkflowCmd) -> anyhow::Result<ExitCod
                             .join(", "),
                     ]);
                 }
-                println!("{t}");
+                say!("{t}");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -383,7 +385,7 @@ pub async fn workflow(ctx: &Context, cmd: WorkflowCmd) -> anyhow::Result<ExitCod
             if ctx.format == Format::Json {
                 output::json(&workflow_json(&w));
             } else {
-                println!("workflow {} {}", w.id, w.state);
+                say!("workflow {} {}", w.id, w.state);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -404,7 +406,7 @@ pub async fn job(ctx: &Context, cmd: JobCmd) -> anyhow::Result<ExitCode> {
                 .map_err(status)?
                 .into_inner();
             if resp.truncated {
-                eprintln!("caroni: older jobs were left out to keep the answer under 3 MiB; ask for fewer with --limit");
+                tell!("caroni: older jobs were left out to keep the answer under 3 MiB; ask for fewer with --limit");
             }
             let jobs = resp.jobs;
             if ctx.format == Format::Json {
@@ -422,7 +424,7 @@ pub async fn job(ctx: &Context, cmd: JobCmd) -> anyhow::Result<ExitCode> {
                         j.message.clone(),
                     ]);
                 }
-                println!("{t}");
+                say!("{t}");
             }
         }
         JobCmd::Show { id } => {
@@ -434,30 +436,30 @@ pub async fn job(ctx: &Context, cmd: JobCmd) -> anyhow::Result<ExitCode> {
             if ctx.format == Format::Json {
                 output::json(&job_json(&j));
             } else {
-                println!("job {}  type {}  state {}", j.id, j.job_type, j.state);
-                println!("manager: {}", j.manager);
+                say!("job {}  type {}  state {}", j.id, j.job_type, j.state);
+                say!("manager: {}", j.manager);
                 match (j.executor.as_str(), j.external_id.as_str()) {
                     ("", _) => {}
-                    ("slurm", id) if !id.is_empty() => println!("executor: slurm (Slurm job {id})"),
+                    ("slurm", id) if !id.is_empty() => say!("executor: slurm (Slurm job {id})"),
                     ("docker", id) if !id.is_empty() => {
-                        println!("executor: docker (container {id})")
+                        say!("executor: docker (container {id})")
                     }
-                    (e, _) => println!("executor: {e}"),
+                    (e, _) => say!("executor: {e}"),
                 }
                 if let Some(c) = j.exit_status {
-                    println!("exit status: {c}");
+                    say!("exit status: {c}");
                 }
                 if !j.message.is_empty() {
-                    println!("message: {}", j.message);
+                    say!("message: {}", j.message);
                 }
                 for (k, v) in &j.inputs {
-                    println!("input  {k} = {v}");
+                    say!("input  {k} = {v}");
                 }
                 for (k, v) in &j.outputs {
-                    println!("output {k} = {v}");
+                    say!("output {k} = {v}");
                 }
                 if !j.stderr_tail.is_empty() {
-                    println!("--- stderr (tail) ---\n{}", j.stderr_tail.trim_end());
+                    say!("--- stderr (tail) ---\n{}", j.stderr_tail.trim_end());
                 }
             }
         }
@@ -516,7 +518,7 @@ pub async fn peers(ctx: &Context) -> anyhow::Result<ExitCode> {
                 },
             ]);
         }
-        println!("{t}");
+        say!("{t}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -235,3 +235,110 @@ fn safety_06_idle_connections_do_not_take_the_node_down() {
     );
     assert_eq!(closed, idle.iter().step_by(400).count());
 }
+
+fn demo_node(dir: &std::path::Path) -> NodeProc {
+    let n = NodeProc::start(&dir.join("n"), "both", &[]).expect("node");
+    n.add_demo_template();
+    n.add_job_types(&["foojob0.yaml", "foojob1.yaml", "foojob2.yaml"]);
+    n
+}
+
+/// Item 11: the demo with a 70,000-character input (its bodies read
+/// `$CARONI_ENV_*`) completes with the whole value, not `prepend append`.
+#[test]
+fn safety_11_the_demo_carries_a_70000_character_input_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = demo_node(dir.path());
+    let input = format!("start_message={}", "r".repeat(70_000));
+    let id = n.run("test_simple", &[&input]);
+    let w = n.wait(&id, Duration::from_secs(60));
+    assert_eq!(w["state"], "completed", "{}", w["message"]);
+    let result = w["outputs"]["result"].as_str().expect("result");
+    assert_eq!(result, format!("prepend{} append", "R".repeat(70_000)));
+}
+
+/// Item 13: escape sequences in inputs, outputs and a job's stderr reach
+/// the terminal as visible escapes in `workflow show` and `workflow
+/// list`; JSON output keeps them exact.
+#[test]
+fn safety_13_control_characters_never_reach_the_terminal_raw() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = demo_node(dir.path());
+    let evil = "\u{1b}]0;owned\u{7}\u{1b}[2Jtitle\u{9b}31m";
+    let done = n.run("test_simple", &[&format!("start_message={evil}")]);
+    assert_eq!(n.wait(&done, Duration::from_secs(60))["state"], "completed");
+    n.put_job_type(
+        dir.path(),
+        "foojob2",
+        &["final_text"],
+        &["out"],
+        r"printf '\033]52;c;b3duZWQ=\a\033[2J' >&2; exit 3",
+        true,
+    );
+    let failed = n.run("test_simple", &[&format!("start_message={evil}")]);
+    let w = n.wait(&failed, Duration::from_secs(60));
+    assert_eq!(w["state"], "failed");
+    // JSON: exact.
+    assert!(w.to_string().contains(r"\u001b]0;owned\u0007"), "{w}");
+    let expect = [
+        (vec!["workflow", "show", done.as_str()], r"\x1b]0;OWNED\x07"),
+        (vec!["workflow", "list"], r"\x1b]0;OWNED\x07"),
+        (
+            vec!["workflow", "show", failed.as_str()],
+            r"\x1b]52;c;b3duZWQ=\x07",
+        ),
+    ];
+    for (args, shown) in expect {
+        let out = n.cli(&args).expect("cli");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !out.stdout.iter().any(|b| *b == 0x1b || *b == 0x07),
+            "{args:?} printed a raw control character:\n{text}"
+        );
+        assert!(!text.contains('\u{9b}'), "{args:?}: raw CSI");
+        assert!(
+            text.contains(shown),
+            "{args:?} does not show {shown}:\n{text}"
+        );
+    }
+}
+
+/// Item 14: the data directory is its owner's only (0700) and the
+/// node's files 0600; an existing directory open to others is warned of.
+#[test]
+fn safety_14_the_data_directory_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = demo_node(dir.path());
+    let id = n.run("test_simple", &["start_message=private"]);
+    assert_eq!(n.wait(&id, Duration::from_secs(60))["state"], "completed");
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&n.data_dir), 0o700);
+    let mut files = 0;
+    let mut stack = vec![n.data_dir.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                assert_eq!(mode(&p) & 0o077, 0, "{} is {:o}", p.display(), mode(&p));
+                stack.push(p);
+            } else {
+                files += 1;
+                assert_eq!(mode(&p) & 0o077, 0, "{} is {:o}", p.display(), mode(&p));
+            }
+        }
+    }
+    assert!(files > 5, "only {files} files");
+    // A directory opened to others by hand: the node says so at start.
+    let wide = dir.path().join("wide");
+    std::fs::create_dir(&wide).expect("mkdir");
+    std::fs::set_permissions(&wide, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let w = NodeProc::start(&wide, "both", &[]).expect("node");
+    assert!(
+        w.log_text()
+            .contains("the data directory is open to other users"),
+        "{}",
+        w.log_text()
+    );
+}

@@ -22,7 +22,7 @@ use caroni_types::DockerSpec;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::executor::{failed, parse_outputs, tail, RunSpec, ENV_VALUE_MAX};
+use crate::executor::{env_plan, failed, parse_outputs, tail, RunSpec, ENV_VALUE_MAX};
 use crate::machine::RunResult;
 
 /// Label holding the Caroni job id.
@@ -194,8 +194,12 @@ impl DockerExecutor {
             "LANG=C.UTF-8".to_string(),
         ];
         let mut binds = Vec::new();
+        let to_files = match env_plan(&spec) {
+            Ok(f) => f,
+            Err(msg) => return failed(msg, None, b""),
+        };
         for (k, v) in &spec.inputs {
-            if v.len() > ENV_VALUE_MAX {
+            if to_files.contains(k) {
                 if let Err(e) = tokio::fs::create_dir_all(dir).await {
                     return failed(format!("cannot create {}: {e}", dir.display()), None, b"");
                 }
@@ -209,6 +213,9 @@ impl DockerExecutor {
             }
         }
         if tokio::fs::metadata(dir).await.is_ok() {
+            // Readable by the image's user, whoever it is: the data
+            // directory above (0700) keeps other users of the host out.
+            readable_by_all(dir).await;
             binds.push(format!("{}:/caroni/inputs:ro", dir.display()));
         }
         for (k, v) in &spec.job_kvs {
@@ -402,5 +409,17 @@ async fn pull(docker: &Docker, image: &str) -> Result<(), String> {
     match pulled {
         Ok(r) => r,
         Err(_) => Err("the pull did not finish within 60 s".into()),
+    }
+}
+
+/// Opens `dir` and its files for reading by every user (0755/0644).
+async fn readable_by_all(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).await;
+    if let Ok(mut entries) = tokio::fs::read_dir(dir).await {
+        while let Ok(Some(e)) = entries.next_entry().await {
+            let _ =
+                tokio::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o644)).await;
+        }
     }
 }

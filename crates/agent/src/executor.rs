@@ -191,13 +191,76 @@ pub struct BashExecutor {
     bash: PathBuf,
 }
 
-/// Largest input value passed in the environment; larger ones go in a
-/// file named by `CARONI_FILE_<input>` (Linux refuses one environment
-/// string over 128 KiB).
+/// Largest value of one environment string (`NAME=value`): Linux refuses
+/// longer ones (`MAX_ARG_STRLEN`, 32 pages) with "Argument list too long".
+const ENV_STRING_MAX: usize = 128 * 1024 - 1;
+/// Largest static parameter passed in the environment.
 pub const ENV_VALUE_MAX: usize = 64 * 1024;
+/// What the environment and arguments of a job may take together, of the
+/// kernel's `ARG_MAX`, leaving room for the variables a job always gets.
+const ENV_RESERVE: usize = 64 * 1024;
+
+/// The kernel's limit on a new program's arguments and environment.
+fn arg_max() -> usize {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::ARG_MAX)
+        .ok()
+        .flatten()
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(2 << 20)
+}
+
+/// Which inputs go in the environment as `CARONI_ENV_<input>` and which,
+/// too large for it, in files named by `CARONI_FILE_<input>`: the
+/// smallest first while each string and their sum fit the kernel's limits
+/// (with the body, which is an argument). A body that reads
+/// `$CARONI_ENV_<input>` of an input that does not fit fails here with a
+/// message naming the input and its file variable: it never sees an empty
+/// value.
+pub(crate) fn env_plan(spec: &RunSpec) -> Result<std::collections::BTreeSet<String>, String> {
+    let kvs: usize = spec
+        .job_kvs
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 20)
+        .sum();
+    let mut room = arg_max()
+        .saturating_sub(ENV_RESERVE + spec.body.len() + kvs)
+        .min(arg_max());
+    let mut by_size: Vec<(&String, &String)> = spec.inputs.iter().collect();
+    by_size.sort_by_key(|(k, v)| (v.len(), *k));
+    let mut files = std::collections::BTreeSet::new();
+    for (k, v) in by_size {
+        // "CARONI_ENV_" + name + "=" + value + NUL, and its pointer.
+        let cost = 11 + k.len() + 1 + v.len() + 1 + 8;
+        if cost - 8 <= ENV_STRING_MAX && cost <= room {
+            room -= cost;
+            continue;
+        }
+        if reads_env_var(&spec.body, k) {
+            return Err(format!(
+                "input `{k}` is {} bytes, more than the environment can hold (at most {} bytes per value, about {} bytes for all of a job's inputs): the body reads $CARONI_ENV_{k}; read the file named by $CARONI_FILE_{k} instead",
+                v.len(),
+                ENV_STRING_MAX - 12 - k.len(),
+                arg_max().saturating_sub(ENV_RESERVE),
+            ));
+        }
+        files.insert(k.clone());
+    }
+    Ok(files)
+}
+
+/// True when `body` names `CARONI_ENV_<input>` (not a longer name).
+fn reads_env_var(body: &str, input: &str) -> bool {
+    let name = format!("CARONI_ENV_{input}");
+    body.match_indices(&name).any(|(at, _)| {
+        !body[at + name.len()..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+    })
+}
 
 /// The PATH jobs run with.
-const JOB_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+pub(crate) const JOB_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// bash's absolute path. Naming the program by path (not by name with a
 /// PATH of our own in the environment) lets the standard library start it
@@ -383,8 +446,15 @@ impl Executor for BashExecutor {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        let to_files = match env_plan(&spec) {
+            Ok(f) => f,
+            Err(msg) => {
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+                return failed(msg, None, b"");
+            }
+        };
         for (k, v) in &spec.inputs {
-            if v.len() > ENV_VALUE_MAX {
+            if to_files.contains(k) {
                 let file = dir.join(format!("caroni-input-{k}"));
                 if let Err(e) = tokio::fs::write(&file, v).await {
                     let _ = tokio::fs::remove_dir_all(&dir).await;
@@ -654,6 +724,55 @@ mod tests {
             std::fs::read_dir(dir.path()).expect("dir").count(),
             0,
             "the working directory is removed"
+        );
+    }
+
+    /// Issue 19, item 11: a 70,000-byte input (over the old 64 KiB bound)
+    /// reaches a body that reads `$CARONI_ENV_<input>` whole; one that
+    /// fits no environment fails the job naming the input and its file.
+    #[tokio::test]
+    async fn safety_11_a_large_input_is_never_silently_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = spec(r#"printf '{"jobout": "%s"}' "${#CARONI_ENV_message}""#);
+        s.inputs.insert("message".into(), "z".repeat(70_000));
+        let r = BashExecutor::new(dir.path().into())
+            .run(s.clone(), CancellationToken::new())
+            .await;
+        assert!(
+            matches!(&r, RunResult::Completed { outputs, .. } if outputs["jobout"] == "70000"),
+            "{r:?}"
+        );
+        s.inputs.insert("message".into(), "z".repeat(200_000));
+        let r = BashExecutor::new(dir.path().into())
+            .run(s, CancellationToken::new())
+            .await;
+        assert!(
+            matches!(&r, RunResult::Failed { message, .. }
+                if message.contains("input `message` is 200000 bytes") && message.contains("$CARONI_FILE_message")),
+            "{r:?}"
+        );
+    }
+
+    /// Issue 19, item 12: 32 inputs of 64 KiB (2 MiB, the manager's total
+    /// bound) run: what the environment cannot hold goes to files, and a
+    /// body that reads the files sees every byte.
+    #[tokio::test]
+    async fn safety_12_inputs_within_the_accepted_limits_can_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = spec(
+            r#"n=0; for v in ${!CARONI_ENV_*}; do val=${!v}; n=$((n + ${#val})); done
+               for f in ${!CARONI_FILE_*}; do n=$((n + $(wc -c < "${!f}"))); done
+               printf '{"jobout": "%s"}' "$n""#,
+        );
+        s.inputs = (0..32)
+            .map(|i| (format!("in{i:02}"), "q".repeat(64 * 1024)))
+            .collect();
+        let r = BashExecutor::new(dir.path().into())
+            .run(s, CancellationToken::new())
+            .await;
+        assert!(
+            matches!(&r, RunResult::Completed { outputs, .. } if outputs["jobout"] == (32 * 64 * 1024).to_string()),
+            "{r:?}"
         );
     }
 

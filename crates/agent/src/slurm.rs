@@ -20,7 +20,7 @@ use caroni_types::SlurmSpec;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::executor::{failed, parse_outputs, tail, Execution, RunSpec, ENV_VALUE_MAX};
+use crate::executor::{env_plan, failed, parse_outputs, tail, Execution, RunSpec, ENV_VALUE_MAX};
 use crate::machine::RunResult;
 
 /// How often the states of watched Slurm jobs are read.
@@ -278,20 +278,26 @@ impl SlurmExecutor {
         tokio::fs::create_dir_all(&inputs)
             .await
             .map_err(|e| format!("cannot create {}: {e}", inputs.display()))?;
+        // The body sees exactly the documented environment (as bash jobs
+        // do) plus the SLURM_* variables of its allocation: `env -i`, with
+        // the Caroni variables built up in an array. sbatch runs with
+        // --export=NIL, so nothing of the agent's environment travels.
         let mut script = format!(
-            "#!/bin/bash\n# Caroni job {id}\nDIR={dir}\ncd \"$DIR\" || exit 97\nexport CARONI_JOB_ID={id} LANG=C.UTF-8\n",
+            "#!/bin/bash\n# Caroni job {id}\nexport PATH={path}\nDIR={dir}\ncd \"$DIR\" || exit 97\nE=(PATH={path} \"HOME=$DIR\" \"TMPDIR=$DIR\" LANG=C.UTF-8 CARONI_JOB_ID={id})\n",
             id = spec.job_id,
-            dir = quote(dir)
+            dir = quote(dir),
+            path = crate::executor::JOB_PATH,
         );
+        let to_files = env_plan(spec)?;
         for (k, v) in &spec.inputs {
             tokio::fs::write(inputs.join(k), v)
                 .await
                 .map_err(|e| format!("cannot write input {k}: {e}"))?;
-            if v.len() > ENV_VALUE_MAX {
-                script.push_str(&format!("export CARONI_FILE_{k}=\"$DIR/inputs/{k}\"\n"));
+            if to_files.contains(k) {
+                script.push_str(&format!("E+=(\"CARONI_FILE_{k}=$DIR/inputs/{k}\")\n"));
             } else {
                 script.push_str(&format!(
-                    "IFS= read -r -d '' CARONI_ENV_{k} < \"$DIR/inputs/{k}\"; export CARONI_ENV_{k}\n"
+                    "IFS= read -r -d '' v < \"$DIR/inputs/{k}\"; E+=(\"CARONI_ENV_{k}=$v\")\n"
                 ));
             }
         }
@@ -302,12 +308,12 @@ impl SlurmExecutor {
                     .await
                     .map_err(|e| format!("cannot write parameter {k}: {e}"))?;
                 script.push_str(&format!(
-                    "IFS= read -r -d '' CARONI_KV_{k} < \"$DIR/inputs/kv-{k}\"; export CARONI_KV_{k}\n"
+                    "IFS= read -r -d '' v < \"$DIR/inputs/kv-{k}\"; E+=(\"CARONI_KV_{k}=$v\")\n"
                 ));
             }
         }
         script.push_str(
-            "bash \"$DIR/body.sh\" > \"$DIR/stdout\" 2> \"$DIR/stderr\"\ncode=$?\necho \"$code\" > \"$DIR/exit.tmp\" && mv \"$DIR/exit.tmp\" \"$DIR/exit\"\nexit \"$code\"\n",
+            "while IFS='=' read -r -d '' n v; do case \"$n\" in SLURM_*) E+=(\"$n=$v\");; esac; done < <(env -0)\nunset v n\nenv -i \"${E[@]}\" /bin/bash \"$DIR/body.sh\" > \"$DIR/stdout\" 2> \"$DIR/stderr\"\ncode=$?\necho \"$code\" > \"$DIR/exit.tmp\" && mv \"$DIR/exit.tmp\" \"$DIR/exit\"\nexit \"$code\"\n",
         );
         tokio::fs::write(dir.join("body.sh"), &spec.body)
             .await
@@ -318,6 +324,7 @@ impl SlurmExecutor {
             .map_err(|e| format!("cannot write the batch script: {e}"))?;
         let mut args: Vec<String> = vec![
             "--parsable".into(),
+            "--export=NIL".into(),
             "--job-name".into(),
             job_name(spec.job_id),
             "--output".into(),
@@ -453,19 +460,19 @@ impl SlurmExecutor {
             ),
             "COMPLETED" => {
                 let limit = spec.max_output_bytes;
-                let out = match tokio::fs::read(dir.join("stdout")).await {
-                    Ok(o) => o,
+                let out = match read_bounded(&dir.join("stdout"), limit).await {
+                    Ok(Some(o)) => o,
+                    Ok(None) => {
+                        return failed(
+                            format!("stdout is larger than the job type's limit of {limit} bytes"),
+                            code,
+                            &stderr,
+                        )
+                    }
                     Err(e) => {
                         return failed(format!("cannot read the job's stdout: {e}"), code, &stderr)
                     }
                 };
-                if out.len() as u64 > limit {
-                    return failed(
-                        format!("stdout is larger than the job type's limit of {limit} bytes"),
-                        code,
-                        &stderr,
-                    );
-                }
                 match parse_outputs(&out, &spec.outputs) {
                     Ok(outputs) => RunResult::Completed {
                         outputs,
@@ -510,12 +517,40 @@ impl SlurmExecutor {
     }
 }
 
+/// The last [`crate::machine::STDERR_TAIL_BYTES`] of a file the job
+/// wrote, read from there on: a job's gigabytes of output never enter the
+/// agent's memory.
 async fn read_tail(dir: &Path, name: &str) -> Vec<u8> {
-    let bytes = tokio::fs::read(dir.join(name)).await.unwrap_or_default();
-    let start = bytes
-        .len()
-        .saturating_sub(crate::machine::STDERR_TAIL_BYTES);
-    bytes[start..].to_vec()
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let Ok(mut f) = tokio::fs::File::open(dir.join(name)).await else {
+        return Vec::new();
+    };
+    let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let keep = crate::machine::STDERR_TAIL_BYTES as u64;
+    if f.seek(std::io::SeekFrom::Start(len.saturating_sub(keep)))
+        .await
+        .is_err()
+    {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let _ = f.take(keep).read_to_end(&mut out).await;
+    out
+}
+
+/// The whole file when it holds at most `limit` bytes, `None` when it
+/// holds more (without reading it).
+async fn read_bounded(path: &Path, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use tokio::io::AsyncReadExt;
+    let f = tokio::fs::File::open(path).await?;
+    if f.metadata().await?.len() > limit {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    f.take(limit.saturating_add(1))
+        .read_to_end(&mut out)
+        .await?;
+    Ok((out.len() as u64 <= limit).then_some(out))
 }
 
 #[cfg(test)]
