@@ -541,3 +541,118 @@ fn a_container_past_its_timeout_is_killed_and_removed() {
     );
     let _ = n.cli(&["workflow", "cancel", &id]);
 }
+
+/// Peak and current resident memory of a process (kB), from /proc.
+fn memory_kb(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Issue 19, item 9: a Slurm job that writes 300 MB to stderr, and one
+/// that writes 300 MB to stdout, do not enter the agent's memory: only
+/// stderr's tail is read, and an over-long stdout is refused unread.
+#[test]
+fn safety_09_slurm_output_is_read_bounded() {
+    if !slurm_usable("safety_09_slurm_output_is_read_bounded") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    let noisy = SLURM_NAP.replace(
+        "sleep \"$CARONI_ENV_seconds\"; echo '{\"done\": \"yes\"}'",
+        "head -c 300000000 /dev/zero | tr '\\0' e >&2; echo tail-of-stderr >&2\n  if [ \"$CARONI_ENV_seconds\" = out ]; then head -c 300000000 /dev/zero | tr '\\0' o; fi\n  echo '{\"done\": \"yes\"}'",
+    );
+    assert!(noisy.contains("300000000"), "{noisy}");
+    nap(dir.path(), &n, &n, &noisy);
+    let (peak_before, _) = memory_kb(n.pid());
+    let id = n.run("nap", &["seconds=err"]);
+    let w = n.wait(&id, LIMIT);
+    assert_eq!(w["state"], "completed", "{w:#}");
+    let job = step(&w, "nap")["job_id"].as_str().expect("job").to_string();
+    let j = n.json(&["job", "show", &job]);
+    assert!(
+        j["stderr_tail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("tail-of-stderr"),
+        "{j:#}"
+    );
+    let id = n.run("nap", &["seconds=out"]);
+    let w = n.wait(&id, LIMIT);
+    assert_eq!(w["state"], "failed", "{w:#}");
+    assert!(
+        w.to_string()
+            .contains("stdout is larger than the job type's limit"),
+        "{w:#}"
+    );
+    let (peak_after, rss) = memory_kb(n.pid());
+    eprintln!(
+        "agent peak RSS {} MB before, {} MB after Slurm jobs wrote 600 MB to stderr and 300 MB to stdout (now {} MB)",
+        peak_before / 1024,
+        peak_after / 1024,
+        rss / 1024
+    );
+    assert!(
+        peak_after < peak_before + 100 * 1024,
+        "the agent's peak memory grew from {peak_before} kB to {peak_after} kB"
+    );
+}
+
+/// Issue 19, item 10: a Slurm job sees the documented environment (and
+/// its allocation's SLURM_* variables), never the agent's: no token, no
+/// secret of the agent's environment.
+#[test]
+fn safety_10_slurm_jobs_see_only_the_documented_environment() {
+    if !slurm_usable("safety_10_slurm_jobs_see_only_the_documented_environment") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = NodeProc::start_with_env(
+        &dir.path().join("n"),
+        "both",
+        &["--api-token", "agent-token-1234"],
+        &[
+            ("CARONI_API_TOKEN_COPY", "agent-token-1234"),
+            ("SECRET_SAUCE", "ketchup-9876"),
+        ],
+    )
+    .expect("node");
+    let env_job = SLURM_NAP.replace(
+        "sleep \"$CARONI_ENV_seconds\"; echo '{\"done\": \"yes\"}'",
+        "jq -cn --arg e \"$(env -0 | tr '\\0' '\\n' | cut -d= -f1 | sort | tr '\\n' ' ')\" --arg v \"$(env)\" '{done: ($e + \"|\" + $v)}'",
+    );
+    nap(dir.path(), &n, &n, &env_job);
+    let id = n.run("nap", &["seconds=1"]);
+    let w = n.wait(&id, LIMIT);
+    assert_eq!(w["state"], "completed", "{w:#}");
+    let done = w["outputs"]["done"].as_str().expect("done");
+    assert!(!done.contains("agent-token-1234"), "{done}");
+    assert!(!done.contains("ketchup-9876"), "{done}");
+    let (names, _) = done.split_once('|').expect("names|values");
+    for name in names.split_whitespace() {
+        let documented = matches!(
+            name,
+            "PATH" | "HOME" | "TMPDIR" | "LANG" | "PWD" | "SHLVL" | "_" | "OLDPWD"
+        ) || name.starts_with("CARONI_ENV_")
+            || name.starts_with("CARONI_FILE_")
+            || name.starts_with("CARONI_KV_")
+            || name == "CARONI_JOB_ID"
+            || name.starts_with("SLURM_");
+        assert!(
+            documented,
+            "undocumented variable {name} in a Slurm job: {names}"
+        );
+    }
+    assert!(
+        names.contains("CARONI_ENV_seconds") && names.contains("CARONI_JOB_ID"),
+        "{names}"
+    );
+}
