@@ -342,3 +342,90 @@ fn safety_14_the_data_directory_is_private() {
         w.log_text()
     );
 }
+
+/// `write_bytes` of a process (what it sent to storage), from /proc.
+fn written(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("write_bytes:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn rss_mb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        / 1024
+}
+
+/// Item 8: 60 workflows with a 1 MiB input each, waiting for a job type
+/// no agent has (their requests re-published every few seconds, an agent
+/// declining): while they wait, the manager writes almost nothing (no
+/// value is written again) and its memory does not grow.
+#[test]
+fn safety_08_waiting_workflows_with_large_inputs_cause_no_write_storm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
+    let a = NodeProc::agent_of(&m, &dir.path().join("a"), &[]).expect("agent");
+    m.add_demo_template();
+    a.add_job_types(&["foojob1.yaml", "foojob2.yaml"]);
+    let body = serde_json::json!({
+        "template": "test_simple",
+        "inputs": { "start_message": "w".repeat(1 << 20) },
+    })
+    .to_string();
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for _ in 0..60 {
+        let a = http(
+            &m.console_addr(),
+            "POST",
+            "/api/workflows",
+            &[
+                ("content-type", "application/json"),
+                ("x-caroni-console", "1"),
+            ],
+            &body,
+        )
+        .expect("start");
+        assert_eq!(a.status, 200, "{}", a.body);
+        let v: serde_json::Value = serde_json::from_str(&a.body).expect("json");
+        ids.push(v["workflow_id"].as_str().expect("id").to_string());
+    }
+    eprintln!("60 workflows of 1 MiB started in {:?}", started.elapsed());
+    // Let the creation's writes settle, then watch the waiting.
+    std::thread::sleep(Duration::from_secs(3));
+    let (w0, r0) = (written(m.pid()), rss_mb(m.pid()));
+    std::thread::sleep(Duration::from_secs(15));
+    let (w1, r1) = (written(m.pid()), rss_mb(m.pid()));
+    let w = m.json(&["workflow", "show", &ids[0]]);
+    let step1 = caroni_tests::step(&w, "step1");
+    assert_eq!(step1["state"], "fulfilling", "{w:#}");
+    assert!(
+        w.to_string().contains("foojob0"),
+        "the step waits for its job type: {w:#}"
+    );
+    let mb = (w1 - w0) as f64 / 1e6;
+    let stats = http(&m.console_addr(), "GET", "/api/node", &[], "").expect("node");
+    let stats: serde_json::Value = serde_json::from_str(&stats.body).expect("json");
+    eprintln!(
+        "15 s of waiting: {mb:.1} MB written; manager RSS {r0} MB -> {r1} MB; {} requests published so far",
+        stats["stats"]["requests_published"]
+    );
+    assert!(mb < 30.0, "{mb:.1} MB written in 15 s of waiting");
+    assert!(
+        r1 <= r0 + 20,
+        "RSS grew from {r0} MB to {r1} MB while waiting"
+    );
+}

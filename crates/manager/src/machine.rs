@@ -9,7 +9,8 @@ use caroni_types::msg::{JobRequest, JobState, Load, Msg, Outbound, StatusUpdate}
 use uuid::Uuid;
 
 use crate::model::{
-    Attempt, Candidate, Request, RequestState, Step, StepInput, StepState, Workflow, WorkflowState,
+    Attempt, Candidate, Request, RequestState, Step, StepInput, StepState, Value, Workflow,
+    WorkflowState,
 };
 
 /// Default attempts per step.
@@ -146,7 +147,7 @@ impl Workflow {
         for i in &wf.inputs {
             match given.get(&i.id).or(i.default.as_ref()) {
                 Some(v) => {
-                    inputs.insert(i.id.clone(), v.clone());
+                    inputs.insert(i.id.clone(), Value::from(v.as_str()));
                 }
                 None => return Err(CreateError::MissingInput(i.id.clone())),
             }
@@ -164,7 +165,7 @@ impl Workflow {
                     };
                     if let Some(v) = v.or_else(|| match &i.source {
                         Some(Source::StepOutput { .. }) => None,
-                        _ => i.default.clone(),
+                        _ => i.default.as_deref().map(Value::from),
                     }) {
                         values.insert(i.name.clone(), v);
                     }
@@ -582,7 +583,7 @@ impl Workflow {
     }
 
     /// Sends `items` (input name → value) to step `n`'s accepted job.
-    fn send_items(&self, n: usize, items: BTreeMap<String, String>, fx: &mut Vec<Effect>) {
+    fn send_items(&self, n: usize, items: BTreeMap<String, Value>, fx: &mut Vec<Effect>) {
         let step = &self.steps[n];
         if items.is_empty() || step.state == StepState::Completed {
             return;
@@ -594,7 +595,7 @@ impl Workflow {
                     endpoint: a.endpoint.clone(),
                     msg: Msg::Data {
                         job_id,
-                        items,
+                        items: items.into_iter().map(|(k, v)| (k, v.to_string())).collect(),
                         outputs: false,
                     },
                 }));
@@ -619,7 +620,8 @@ impl Workflow {
         }
         for (name, value) in items {
             if step.outputs.contains(name) {
-                step.results.insert(name.clone(), value.clone());
+                step.results
+                    .insert(name.clone(), Value::from(value.as_str()));
             }
         }
         self.touch(ctx);
@@ -711,7 +713,7 @@ impl Workflow {
             for m in 0..self.steps.len() {
                 // Only the values that arrive now: what the job had before
                 // was sent before (values are sent once).
-                let items: BTreeMap<String, String> = self.steps[m]
+                let items: BTreeMap<String, Value> = self.steps[m]
                     .inputs
                     .iter()
                     .filter(|i| i.source.as_ref() == Some(&from))

@@ -9,6 +9,11 @@ use uuid::Uuid;
 
 pub use caroni_types::msg::JobState;
 
+/// A value (a workflow input, a step's input or result, a workflow
+/// output): shared, so that copying a workflow record to compare it
+/// before and after a change never copies its values (up to 1 MiB each).
+pub type Value = std::sync::Arc<str>;
+
 /// Workflow states (the original's, plus `cancelled`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -215,9 +220,9 @@ pub struct Step {
     /// State.
     pub state: StepState,
     /// Input values known so far.
-    pub values: BTreeMap<String, String>,
+    pub values: BTreeMap<String, Value>,
     /// Outputs received from the current job.
-    pub results: BTreeMap<String, String>,
+    pub results: BTreeMap<String, Value>,
     /// The current request.
     pub request: Option<Request>,
     /// Every attempt, oldest first.
@@ -246,7 +251,7 @@ pub struct Dataflow {
     /// `step/input` or `output` (workflow output).
     pub destination: String,
     /// The value, once known.
-    pub value: Option<String>,
+    pub value: Option<Value>,
 }
 
 /// A workflow run.
@@ -269,11 +274,11 @@ pub struct Workflow {
     /// Attempts allowed per step.
     pub max_attempts: u32,
     /// Workflow inputs (given or defaulted).
-    pub inputs: BTreeMap<String, String>,
+    pub inputs: BTreeMap<String, Value>,
     /// Workflow outputs: id → source.
     pub output_sources: Vec<(String, Source)>,
     /// Workflow outputs collected so far.
-    pub outputs: BTreeMap<String, String>,
+    pub outputs: BTreeMap<String, Value>,
     /// Steps in topological order.
     pub steps: Vec<Step>,
     /// True once data was first sent (every step was fulfilled).

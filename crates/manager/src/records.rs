@@ -1,21 +1,166 @@
 //! How workflows are laid out on disk: a head record per workflow (state,
-//! inputs, outputs, times) and one record per step (its request, values,
-//! results and attempts), so that a message writes the step it changed and
-//! the head, not the whole workflow. Records of the first layout (one
-//! whole workflow per key) are converted at start.
+//! times), one record per step (its request, results' names, attempts),
+//! and one record per value (a workflow input or output, a step's input
+//! or result). A message writes what it changed: the head and the step it
+//! touched, and only the values it set, so that a workflow with large
+//! values that waits and re-publishes its requests writes a few hundred
+//! bytes, not its values again. Records of earlier layouts (one whole
+//! workflow per key; heads and steps with their values) are converted at
+//! start.
 
 use std::collections::BTreeMap;
 
 use caroni_cwl::Source;
-use caroni_store::{keys::Key, tables, Batch, Store, Table};
+use caroni_store::{keys::Key, keys::Reader, tables, Batch, Store, Table};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::model::{Step, Workflow, WorkflowState};
+use crate::model::{Attempt, Request, Step, StepInput, StepState, Value, Workflow, WorkflowState};
 
-/// A workflow without its steps, as stored.
+/// A workflow head as stored: no values, no steps.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Head<S = String, O = Vec<(String, Source)>> {
+    id: Uuid,
+    template: S,
+    state: WorkflowState,
+    message: S,
+    created_at_ms: u64,
+    updated_at_ms: u64,
+    finished_at_ms: Option<u64>,
+    max_attempts: u32,
+    output_sources: O,
+    step_count: u32,
+    started: bool,
+}
+
+/// A step as stored: no values.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct StepRecord<
+    S = String,
+    M = BTreeMap<String, String>,
+    I = Vec<StepInput>,
+    V = Vec<String>,
+    R = Option<Request>,
+    A = Vec<Attempt>,
+> {
+    id: S,
+    job_type: S,
+    job_kvs: M,
+    inputs: I,
+    outputs: V,
+    state: StepState,
+    request: R,
+    attempts: A,
+}
+
+type HeadRef<'a> = Head<&'a str, &'a Vec<(String, Source)>>;
+type StepRef<'a> = StepRecord<
+    &'a str,
+    &'a BTreeMap<String, String>,
+    &'a Vec<StepInput>,
+    &'a Vec<String>,
+    &'a Option<Request>,
+    &'a Vec<Attempt>,
+>;
+
+fn head_ref(wf: &Workflow) -> HeadRef<'_> {
+    Head {
+        id: wf.id,
+        template: &wf.template,
+        state: wf.state,
+        message: &wf.message,
+        created_at_ms: wf.created_at_ms,
+        updated_at_ms: wf.updated_at_ms,
+        finished_at_ms: wf.finished_at_ms,
+        max_attempts: wf.max_attempts,
+        output_sources: &wf.output_sources,
+        step_count: wf.steps.len() as u32,
+        started: wf.started,
+    }
+}
+
+fn step_ref(s: &Step) -> StepRef<'_> {
+    let Step {
+        id,
+        job_type,
+        job_kvs,
+        inputs,
+        outputs,
+        state,
+        values: _,
+        results: _,
+        request,
+        attempts,
+    } = s;
+    StepRecord {
+        id,
+        job_type,
+        job_kvs,
+        inputs,
+        outputs,
+        state: *state,
+        request,
+        attempts,
+    }
+}
+
+/// Which value of a workflow.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum ValueKey {
+    /// A workflow input.
+    Input(String),
+    /// A workflow output.
+    Output(String),
+    /// An input of step `n`.
+    StepValue(usize, String),
+    /// A result of step `n`'s current job.
+    StepResult(usize, String),
+}
+
+impl ValueKey {
+    fn key(&self, wf: &Uuid) -> Vec<u8> {
+        let (kind, n, name) = match self {
+            ValueKey::Input(k) => (0, 0, k),
+            ValueKey::Output(k) => (1, 0, k),
+            ValueKey::StepValue(n, k) => (2, *n as u64, k),
+            ValueKey::StepResult(n, k) => (3, *n as u64, k),
+        };
+        Key::new().uuid(wf).u64(kind).u64(n).str(name).finish()
+    }
+
+    fn of(key: &[u8]) -> Option<Self> {
+        let mut r = Reader::new(key);
+        r.uuid()?;
+        let kind = r.u64()?;
+        let n = usize::try_from(r.u64()?).ok()?;
+        let name = r.str()?.to_string();
+        Some(match kind {
+            0 => ValueKey::Input(name),
+            1 => ValueKey::Output(name),
+            2 => ValueKey::StepValue(n, name),
+            3 => ValueKey::StepResult(n, name),
+            _ => return None,
+        })
+    }
+
+    fn get<'a>(&self, wf: &'a Workflow) -> Option<&'a Value> {
+        match self {
+            ValueKey::Input(k) => wf.inputs.get(k),
+            ValueKey::Output(k) => wf.outputs.get(k),
+            ValueKey::StepValue(n, k) => wf.steps.get(*n)?.values.get(k),
+            ValueKey::StepResult(n, k) => wf.steps.get(*n)?.results.get(k),
+        }
+    }
+}
+
+const HEADS: Table<Head> = Table::new(tables::WORKFLOW_HEADS_V3, "workflow_heads");
+const STEPS: Table<StepRecord> = Table::new(tables::WORKFLOW_STEPS_V3, "workflow_steps");
+const VALUES: Table<String> = Table::new(tables::WORKFLOW_VALUES, "workflow_values");
+const LEGACY: Table<Workflow> = Table::new(tables::WORKFLOWS, "workflows (whole records)");
+
+/// The second layout: heads and steps with their values.
 #[derive(Debug, Deserialize)]
-struct Head {
+struct HeadV2 {
     id: Uuid,
     template: String,
     state: WorkflowState,
@@ -24,34 +169,14 @@ struct Head {
     updated_at_ms: u64,
     finished_at_ms: Option<u64>,
     max_attempts: u32,
-    inputs: BTreeMap<String, String>,
+    inputs: BTreeMap<String, Value>,
     output_sources: Vec<(String, Source)>,
-    outputs: BTreeMap<String, String>,
+    outputs: BTreeMap<String, Value>,
     step_count: u32,
     started: bool,
 }
-
-/// The same fields, borrowed, for writing (field order must match [`Head`]).
-#[derive(Serialize)]
-struct HeadRef<'a> {
-    id: &'a Uuid,
-    template: &'a str,
-    state: WorkflowState,
-    message: &'a str,
-    created_at_ms: u64,
-    updated_at_ms: u64,
-    finished_at_ms: Option<u64>,
-    max_attempts: u32,
-    inputs: &'a BTreeMap<String, String>,
-    output_sources: &'a Vec<(String, Source)>,
-    outputs: &'a BTreeMap<String, String>,
-    step_count: u32,
-    started: bool,
-}
-
-const HEADS: Table<Head> = Table::new(tables::WORKFLOW_HEADS, "workflow_heads");
-const STEPS: Table<Step> = Table::new(tables::WORKFLOW_STEPS, "workflow_steps");
-const LEGACY: Table<Workflow> = Table::new(tables::WORKFLOWS, "workflows (whole records)");
+const HEADS_V2: Table<HeadV2> = Table::new(tables::WORKFLOW_HEADS, "workflow_heads (with values)");
+const STEPS_V2: Table<Step> = Table::new(tables::WORKFLOW_STEPS, "workflow_steps (with values)");
 
 fn head_key(id: &Uuid) -> Vec<u8> {
     Key::new().uuid(id).finish()
@@ -63,30 +188,118 @@ fn step_key(id: &Uuid, n: usize) -> Vec<u8> {
 
 /// Writes the head of `wf`.
 pub(crate) fn put_head(b: &mut Batch, wf: &Workflow) {
-    let head = HeadRef {
-        id: &wf.id,
-        template: &wf.template,
-        state: wf.state,
-        message: &wf.message,
-        created_at_ms: wf.created_at_ms,
-        updated_at_ms: wf.updated_at_ms,
-        finished_at_ms: wf.finished_at_ms,
-        max_attempts: wf.max_attempts,
-        inputs: &wf.inputs,
-        output_sources: &wf.output_sources,
-        outputs: &wf.outputs,
-        step_count: wf.steps.len() as u32,
-        started: wf.started,
-    };
-    let heads: Table<HeadRef<'_>> = Table::new(tables::WORKFLOW_HEADS, "workflow_heads");
-    b.put(heads, &head_key(&wf.id), &head);
+    let heads: Table<HeadRef<'_>> = Table::new(tables::WORKFLOW_HEADS_V3, "workflow_heads");
+    b.put(heads, &head_key(&wf.id), &head_ref(wf));
 }
 
-/// Writes step `n` of `wf`.
+/// Writes step `n` of `wf` (without its values).
 pub(crate) fn put_step(b: &mut Batch, wf: &Workflow, n: usize) {
     if let Some(step) = wf.steps.get(n) {
-        b.put(STEPS, &step_key(&wf.id, n), step);
+        let steps: Table<StepRef<'_>> = Table::new(tables::WORKFLOW_STEPS_V3, "workflow_steps");
+        b.put(steps, &step_key(&wf.id, n), &step_ref(step));
     }
+}
+
+/// Writes one value of `wf` as it is now, or deletes it when `wf` no
+/// longer has it.
+pub(crate) fn put_value(b: &mut Batch, wf: &Workflow, which: &ValueKey) {
+    let key = which.key(&wf.id);
+    match which.get(wf) {
+        Some(v) => {
+            let values: Table<&str> = Table::new(tables::WORKFLOW_VALUES, "workflow_values");
+            b.put(values, &key, &&**v)
+        }
+        None => b.delete(VALUES, &key),
+    }
+}
+
+/// Every value of `wf`.
+pub(crate) fn value_keys(wf: &Workflow) -> Vec<ValueKey> {
+    let mut out: Vec<ValueKey> = wf.inputs.keys().cloned().map(ValueKey::Input).collect();
+    out.extend(wf.outputs.keys().cloned().map(ValueKey::Output));
+    for (n, s) in wf.steps.iter().enumerate() {
+        out.extend(s.values.keys().map(|k| ValueKey::StepValue(n, k.clone())));
+        out.extend(s.results.keys().map(|k| ValueKey::StepResult(n, k.clone())));
+    }
+    out
+}
+
+/// True when the head records of `a` and `b` are the same.
+pub(crate) fn same_head(a: &Workflow, b: &Workflow) -> bool {
+    head_ref(a) == head_ref(b)
+}
+
+/// True when the step records of `a` and `b` are the same, leaving out
+/// the re-publication schedule of their request (when it next goes out,
+/// how often it went): a restarted manager publishes every open request
+/// at once anyway, so a re-publication alone writes nothing.
+pub(crate) fn same_step(a: &Step, b: &Step) -> bool {
+    let (ra, rb) = (step_ref(a), step_ref(b));
+    let schedule_free = |r: &Option<Request>| {
+        r.clone().map(|mut r| {
+            r.publish_count = 0;
+            r.next_publish_at_ms = 0;
+            r
+        })
+    };
+    ra.id == rb.id
+        && ra.job_type == rb.job_type
+        && ra.job_kvs == rb.job_kvs
+        && ra.inputs == rb.inputs
+        && ra.outputs == rb.outputs
+        && ra.state == rb.state
+        && ra.attempts == rb.attempts
+        && (ra.request == rb.request || schedule_free(ra.request) == schedule_free(rb.request))
+}
+
+/// The values whose records differ between `before` and `after` (set,
+/// changed or removed).
+pub(crate) fn changed_values(before: &Workflow, after: &Workflow) -> Vec<ValueKey> {
+    fn diff(
+        a: &BTreeMap<String, Value>,
+        b: &BTreeMap<String, Value>,
+        key: impl Fn(&String) -> ValueKey,
+        out: &mut Vec<ValueKey>,
+    ) {
+        for (k, v) in b {
+            if a.get(k)
+                .is_none_or(|old| !(std::sync::Arc::ptr_eq(old, v) || old == v))
+            {
+                out.push(key(k));
+            }
+        }
+        for k in a.keys().filter(|k| !b.contains_key(*k)) {
+            out.push(key(k));
+        }
+    }
+    let mut out = Vec::new();
+    diff(
+        &before.inputs,
+        &after.inputs,
+        |k| ValueKey::Input(k.clone()),
+        &mut out,
+    );
+    diff(
+        &before.outputs,
+        &after.outputs,
+        |k| ValueKey::Output(k.clone()),
+        &mut out,
+    );
+    for (n, (a, b)) in before.steps.iter().zip(&after.steps).enumerate() {
+        diff(
+            &a.values,
+            &b.values,
+            |k| ValueKey::StepValue(n, k.clone()),
+            &mut out,
+        );
+        diff(
+            &a.results,
+            &b.results,
+            |k| ValueKey::StepResult(n, k.clone()),
+            &mut out,
+        );
+    }
+    out
 }
 
 /// Writes the whole workflow.
@@ -95,10 +308,13 @@ pub(crate) fn put(b: &mut Batch, wf: &Workflow) {
     for n in 0..wf.steps.len() {
         put_step(b, wf, n);
     }
+    for k in value_keys(wf) {
+        put_value(b, wf, &k);
+    }
 }
 
-fn with_steps(store: &Store, h: Head) -> caroni_store::Result<Workflow> {
-    let steps: Vec<Step> = store
+fn assemble(store: &Store, h: Head) -> caroni_store::Result<Workflow> {
+    let steps: Vec<StepRecord> = store
         .scan(STEPS, &head_key(&h.id))?
         .into_iter()
         .map(|(_, s)| s)
@@ -114,7 +330,7 @@ fn with_steps(store: &Store, h: Head) -> caroni_store::Result<Workflow> {
             ),
         });
     }
-    Ok(Workflow {
+    let mut wf = Workflow {
         id: h.id,
         template: h.template,
         state: h.state,
@@ -123,18 +339,60 @@ fn with_steps(store: &Store, h: Head) -> caroni_store::Result<Workflow> {
         updated_at_ms: h.updated_at_ms,
         finished_at_ms: h.finished_at_ms,
         max_attempts: h.max_attempts,
-        inputs: h.inputs,
+        inputs: BTreeMap::new(),
         output_sources: h.output_sources,
-        outputs: h.outputs,
-        steps,
+        outputs: BTreeMap::new(),
+        steps: steps
+            .into_iter()
+            .map(|s| Step {
+                id: s.id,
+                job_type: s.job_type,
+                job_kvs: s.job_kvs,
+                inputs: s.inputs,
+                outputs: s.outputs,
+                state: s.state,
+                values: BTreeMap::new(),
+                results: BTreeMap::new(),
+                request: s.request,
+                attempts: s.attempts,
+            })
+            .collect(),
         started: h.started,
-    })
+    };
+    for (key, v) in store.scan(VALUES, &head_key(&wf.id))? {
+        let v = Value::from(v);
+        match ValueKey::of(&key) {
+            Some(ValueKey::Input(k)) => {
+                wf.inputs.insert(k, v);
+            }
+            Some(ValueKey::Output(k)) => {
+                wf.outputs.insert(k, v);
+            }
+            Some(ValueKey::StepValue(n, k)) => {
+                if let Some(s) = wf.steps.get_mut(n) {
+                    s.values.insert(k, v);
+                }
+            }
+            Some(ValueKey::StepResult(n, k)) => {
+                if let Some(s) = wf.steps.get_mut(n) {
+                    s.results.insert(k, v);
+                }
+            }
+            None => {
+                return Err(caroni_store::Error::Decode {
+                    table: "workflow_values",
+                    reason: format!("workflow {} has a value key that does not decode", wf.id),
+                })
+            }
+        }
+    }
+    Ok(wf)
 }
 
 /// One workflow.
 pub(crate) fn get(store: &Store, id: &Uuid) -> caroni_store::Result<Option<Workflow>> {
     match store.get(HEADS, &head_key(id))? {
-        Some(h) => Ok(Some(with_steps(store, h)?)),
+        Some(h) => Ok(Some(assemble(store, h)?)),
         None => Ok(None),
     }
 }
@@ -144,7 +402,7 @@ pub(crate) fn list_last(store: &Store, limit: usize) -> caroni_store::Result<Vec
     store
         .scan_last(HEADS, limit)?
         .into_iter()
-        .map(|h| with_steps(store, h))
+        .map(|h| assemble(store, h))
         .collect()
 }
 
@@ -153,18 +411,17 @@ pub(crate) fn live(store: &Store) -> caroni_store::Result<Vec<Workflow>> {
     let mut out = Vec::new();
     for (_, h) in store.scan(HEADS, &[])? {
         if !h.state.is_final() {
-            out.push(with_steps(store, h)?);
+            out.push(assemble(store, h)?);
         }
     }
     Ok(out)
 }
 
-/// Converts whole-workflow records of the first layout.
+/// Converts the records of earlier layouts (whole workflows; heads and
+/// steps with their values); returns how many workflows were converted.
 pub(crate) fn migrate(store: &Store) -> caroni_store::Result<usize> {
+    let mut converted = 0;
     let old = store.scan(LEGACY, &[])?;
-    if old.is_empty() {
-        return Ok(0);
-    }
     for chunk in old.chunks(512) {
         let mut b = Batch::default();
         for (key, wf) in chunk {
@@ -173,7 +430,40 @@ pub(crate) fn migrate(store: &Store) -> caroni_store::Result<usize> {
         }
         store.write(b)?;
     }
-    Ok(old.len())
+    converted += old.len();
+    loop {
+        let heads = store.scan_limit(HEADS_V2, &[], 256)?;
+        if heads.is_empty() {
+            break;
+        }
+        let mut b = Batch::default();
+        for (key, h) in heads {
+            let steps = store.scan(STEPS_V2, &key)?;
+            let wf = Workflow {
+                id: h.id,
+                template: h.template,
+                state: h.state,
+                message: h.message,
+                created_at_ms: h.created_at_ms,
+                updated_at_ms: h.updated_at_ms,
+                finished_at_ms: h.finished_at_ms,
+                max_attempts: h.max_attempts,
+                inputs: h.inputs,
+                output_sources: h.output_sources,
+                outputs: h.outputs,
+                steps: steps.iter().map(|(_, s)| s.clone()).collect(),
+                started: h.started,
+            };
+            put(&mut b, &wf);
+            for (k, _) in &steps {
+                b.delete(STEPS_V2, k);
+            }
+            b.delete(HEADS_V2, &key);
+            converted += 1;
+        }
+        store.write(b)?;
+    }
+    Ok(converted)
 }
 
 #[cfg(test)]
@@ -189,7 +479,7 @@ mod tests {
     }
 
     #[test]
-    fn a_workflow_round_trips_through_head_and_step_records() {
+    fn a_workflow_round_trips_through_head_step_and_value_records() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("store");
         let mut wf = workflow();
@@ -197,13 +487,17 @@ mod tests {
         put(&mut b, &wf);
         store.write(b).expect("write");
         assert_eq!(get(&store, &wf.id).expect("get"), Some(wf.clone()));
-        // A change of one step writes that step and the head only.
-        wf.steps[1].values.insert("text".into(), "v".into());
+        // A new value of one step writes that value, its step and the head.
+        let before = wf.clone();
+        wf.steps[1].values.insert("text".into(), Value::from("v"));
         wf.updated_at_ms = 9;
+        let values = changed_values(&before, &wf);
+        assert_eq!(values, vec![ValueKey::StepValue(1, "text".into())]);
         let mut b = Batch::default();
         put_head(&mut b, &wf);
         put_step(&mut b, &wf, 1);
-        assert_eq!(b.len(), 2);
+        put_value(&mut b, &wf, &values[0]);
+        assert_eq!(b.len(), 3);
         store.write(b).expect("write");
         assert_eq!(get(&store, &wf.id).expect("get"), Some(wf.clone()));
         assert_eq!(live(&store).expect("live"), vec![wf.clone()]);
@@ -211,16 +505,89 @@ mod tests {
     }
 
     #[test]
-    fn whole_records_of_the_first_layout_are_converted() {
+    fn a_republication_changes_no_record() {
+        let mut wf = workflow();
+        wf.steps[0].request = Some(Request {
+            id: Uuid::now_v7(),
+            state: crate::model::RequestState::Fulfilling,
+            created_at_ms: 1,
+            expires_at_ms: 100,
+            publish_count: 1,
+            next_publish_at_ms: 10,
+            declines: Vec::new(),
+            candidates: Vec::new(),
+            answered: Vec::new(),
+            decide_at_ms: None,
+        });
+        let before = wf.clone();
+        if let Some(r) = wf.steps[0].request.as_mut() {
+            r.publish_count = 2;
+            r.next_publish_at_ms = 30;
+        }
+        assert!(same_step(&before.steps[0], &wf.steps[0]));
+        assert!(changed_values(&before, &wf).is_empty());
+        if let Some(r) = wf.steps[0].request.as_mut() {
+            r.declines.push(("agent".into(), "no such job type".into()));
+        }
+        assert!(!same_step(&before.steps[0], &wf.steps[0]));
+    }
+
+    #[test]
+    fn records_of_earlier_layouts_are_converted() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("store");
-        let wf = workflow();
+        let first = workflow();
+        let second = workflow();
         let mut b = Batch::default();
-        b.put(LEGACY, &head_key(&wf.id), &wf);
+        b.put(LEGACY, &head_key(&first.id), &first);
+        // The second layout, as it was written: heads with values.
+        #[derive(Serialize)]
+        struct HeadV2Ref<'a> {
+            id: &'a Uuid,
+            template: &'a str,
+            state: WorkflowState,
+            message: &'a str,
+            created_at_ms: u64,
+            updated_at_ms: u64,
+            finished_at_ms: Option<u64>,
+            max_attempts: u32,
+            inputs: &'a BTreeMap<String, Value>,
+            output_sources: &'a Vec<(String, Source)>,
+            outputs: &'a BTreeMap<String, Value>,
+            step_count: u32,
+            started: bool,
+        }
+        let w = &second;
+        let heads: Table<HeadV2Ref<'_>> = Table::new(tables::WORKFLOW_HEADS, "v2");
+        b.put(
+            heads,
+            &head_key(&w.id),
+            &HeadV2Ref {
+                id: &w.id,
+                template: &w.template,
+                state: w.state,
+                message: &w.message,
+                created_at_ms: w.created_at_ms,
+                updated_at_ms: w.updated_at_ms,
+                finished_at_ms: w.finished_at_ms,
+                max_attempts: w.max_attempts,
+                inputs: &w.inputs,
+                output_sources: &w.output_sources,
+                outputs: &w.outputs,
+                step_count: w.steps.len() as u32,
+                started: w.started,
+            },
+        );
+        for (n, s) in w.steps.iter().enumerate() {
+            b.put(STEPS_V2, &step_key(&w.id, n), s);
+        }
         store.write(b).expect("write");
-        assert_eq!(migrate(&store).expect("migrate"), 1);
-        assert_eq!(get(&store, &wf.id).expect("get"), Some(wf));
+        assert_eq!(migrate(&store).expect("migrate"), 2);
+        assert_eq!(get(&store, &first.id).expect("get"), Some(first));
+        assert_eq!(get(&store, &second.id).expect("get"), Some(second));
         assert!(store.scan(LEGACY, &[]).expect("scan").is_empty());
+        assert!(store.scan(HEADS_V2, &[]).expect("scan").is_empty());
+        assert!(store.scan(STEPS_V2, &[]).expect("scan").is_empty());
         assert_eq!(migrate(&store).expect("again"), 0);
     }
 }

@@ -245,6 +245,8 @@ struct Group {
     changed: BTreeSet<Uuid>,
     /// Their steps that changed.
     changed_steps: BTreeSet<(Uuid, usize)>,
+    /// Their values that were set, changed or removed.
+    changed_values: BTreeSet<(Uuid, records::ValueKey)>,
     finished: HashMap<Uuid, Workflow>,
     /// Message ids applied in this group (not yet visible in the store).
     applied: HashSet<Uuid>,
@@ -571,27 +573,32 @@ impl Service {
             };
             f(&mut wf, &mut ctx)
         };
-        let changed = wf != before;
-        if changed {
-            let now = caroni_types::now_ms();
-            for (n, (a, b)) in before.steps.iter().zip(&wf.steps).enumerate() {
-                if a == b {
-                    continue;
+        // What must be written: the head, the steps and the values whose
+        // records changed (a re-publication alone changes none).
+        let values = records::changed_values(&before, &wf);
+        let head = !records::same_head(&before, &wf);
+        let mut steps = false;
+        let now = caroni_types::now_ms();
+        for (n, (a, b)) in before.steps.iter().zip(&wf.steps).enumerate() {
+            if records::same_step(a, b) {
+                continue;
+            }
+            steps = true;
+            g.changed_steps.insert((id, n));
+            if b.state == StepState::Completed && a.state != StepState::Completed {
+                if let Some(ready) = self.ready_at.remove(&(id, n)) {
+                    caroni_store::metrics::METRICS
+                        .step_seconds
+                        .observe(now.saturating_sub(ready) as f64 / 1000.0);
                 }
-                g.changed_steps.insert((id, n));
-                if b.state == StepState::Completed && a.state != StepState::Completed {
-                    if let Some(ready) = self.ready_at.remove(&(id, n)) {
-                        caroni_store::metrics::METRICS
-                            .step_seconds
-                            .observe(now.saturating_sub(ready) as f64 / 1000.0);
-                    }
-                } else if b.state != StepState::Completed
-                    && b.inputs.iter().all(|i| b.values.contains_key(&i.name))
-                {
-                    self.ready_at.entry((id, n)).or_insert(now);
-                }
+            } else if b.state != StepState::Completed
+                && b.inputs.iter().all(|i| b.values.contains_key(&i.name))
+            {
+                self.ready_at.entry((id, n)).or_insert(now);
             }
         }
+        let changed = head || steps || !values.is_empty();
+        g.changed_values.extend(values.into_iter().map(|v| (id, v)));
         self.put_back(wf, changed, g);
         Some((r, changed))
     }
@@ -665,6 +672,8 @@ impl Service {
         tracing::debug!(workflow = %id, template, "workflow created");
         g.changed.insert(id);
         g.changed_steps.extend((0..wf.steps.len()).map(|n| (id, n)));
+        g.changed_values
+            .extend(records::value_keys(&wf).into_iter().map(|v| (id, v)));
         self.waiting.push_back(id);
         self.insert_live(wf);
         Ok(id)
@@ -913,6 +922,11 @@ impl Service {
         for (id, n) in &g.changed_steps {
             if let Some(wf) = self.live.get(id).or_else(|| g.finished.get(id)) {
                 records::put_step(&mut g.batch, wf, *n);
+            }
+        }
+        for (id, v) in &g.changed_values {
+            if let Some(wf) = self.live.get(id).or_else(|| g.finished.get(id)) {
+                records::put_value(&mut g.batch, wf, v);
             }
         }
         let written = if g.batch.is_empty() {

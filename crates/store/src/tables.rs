@@ -15,10 +15,20 @@ pub const JOB_TYPE_EXECUTORS: u8 = 0x04;
 
 /// Retired (whole workflow records); read once to convert.
 pub const WORKFLOWS: u8 = 0x10;
-/// Workflow heads (manager): key = workflow uuid.
+/// Retired (workflow heads with their input and output values); read once
+/// to convert.
 pub const WORKFLOW_HEADS: u8 = 0x14;
-/// Workflow steps (manager): key = workflow uuid, step index (u64).
+/// Retired (workflow steps with their values); read once to convert.
 pub const WORKFLOW_STEPS: u8 = 0x15;
+/// Workflow heads without values (manager): key = workflow uuid.
+pub const WORKFLOW_HEADS_V3: u8 = 0x17;
+/// Workflow steps without values (manager): key = workflow uuid, step
+/// index (u64).
+pub const WORKFLOW_STEPS_V3: u8 = 0x18;
+/// Workflow values, one record each, written when set (manager): key =
+/// workflow uuid, kind (u64: 0 input, 1 output, 2 step input, 3 step
+/// result), step index (u64), name.
+pub const WORKFLOW_VALUES: u8 = 0x19;
 /// Job requests (manager): key = request uuid.
 pub const REQUESTS: u8 = 0x12;
 /// Jobs known to the manager: key = job uuid.
@@ -59,6 +69,12 @@ mod tests {
             super::WORKFLOWS,
             super::WORKFLOW_HEADS,
             super::WORKFLOW_STEPS,
+            super::WORKFLOW_HEADS_V3,
+            super::WORKFLOW_STEPS_V3,
+            super::WORKFLOW_VALUES,
+            super::JOB_TYPE_EXECUTORS,
+            super::MANAGER_JOB_EXECUTIONS,
+            super::AGENT_JOB_EXECUTIONS,
             super::REQUESTS,
             super::MANAGER_JOBS,
             super::AGENT_OFFERS,

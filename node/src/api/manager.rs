@@ -91,8 +91,16 @@ pub fn workflow_to_pb(w: &Workflow, full: bool) -> pb::Workflow {
         created_at: Some(timestamp_ms(w.created_at_ms)),
         updated_at: Some(timestamp_ms(w.updated_at_ms)),
         finished_at: w.finished_at_ms.map(timestamp_ms),
-        inputs: w.inputs.clone().into_iter().collect(),
-        outputs: w.outputs.clone().into_iter().collect(),
+        inputs: w
+            .inputs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect(),
+        outputs: w
+            .outputs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect(),
         steps: w
             .steps
             .iter()
@@ -158,7 +166,7 @@ pub fn workflow_to_pb(w: &Workflow, full: bool) -> pb::Workflow {
                 .map(|d| pb::Dataflow {
                     source: d.source,
                     destination: d.destination,
-                    value: d.value,
+                    value: d.value.map(|v| v.to_string()),
                 })
                 .collect()
         } else {

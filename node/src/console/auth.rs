@@ -138,9 +138,7 @@ impl Auth {
             }),
         };
         let name = name.trim_end_matches('.').to_ascii_lowercase();
-        name.parse::<IpAddr>().is_ok()
-            || name == "localhost"
-            || self.hosts.contains(&name)
+        name.parse::<IpAddr>().is_ok() || name == "localhost" || self.hosts.contains(&name)
     }
 }
 

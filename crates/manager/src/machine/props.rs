@@ -118,7 +118,7 @@ proptest! {
         let mut now = 0u64;
         let mut next = 1000u128;
         let mut log: Vec<Event> = Vec::new();
-        let mut completed_results: BTreeMap<usize, BTreeMap<String, String>> = BTreeMap::new();
+        let mut completed_results: BTreeMap<usize, BTreeMap<String, crate::model::Value>> = BTreeMap::new();
         macro_rules! ctx {
             ($gen:ident) => {
                 Ctx { now_ms: now, lease_ms: 30_000, request_ttl_ms: 600_000, endpoint: "http://m", new_id: &mut $gen, offer_window_ms: 0, peers: &NoPeers }

@@ -283,7 +283,7 @@ fn data_flows_only_once_every_step_is_fulfilled_then_completes() {
     h.complete(AGENT, j2, "out", "prependCARONIROCKS append");
     assert_eq!(h.wf.state, WorkflowState::Completed);
     assert_eq!(
-        h.wf.outputs.get("result").map(String::as_str),
+        h.wf.outputs.get("result").map(|v| &**v),
         Some("prependCARONIROCKS append")
     );
     assert!(h.wf.dataflows().iter().all(|d| d.value.is_some()));
