@@ -7,9 +7,9 @@
 //! group (`setsid`) and keeps stdout open is found by the job id in its
 //! environment and killed when the time is up. stdout is read up to the
 //! job type's limit and stderr into a bounded tail, so no job can make the
-//! agent hold more than those bounds. An input value too large for the
-//! environment (over [`ENV_VALUE_MAX`] bytes) is written to a file in the
-//! working directory instead, named by `CARONI_FILE_<input>`.
+//! agent hold more than those bounds. An input value the environment
+//! cannot hold (see [`env_plan`]) is written to a file in the working
+//! directory instead, named by `CARONI_FILE_<input>`.
 
 use std::collections::BTreeMap;
 use std::future::Future;

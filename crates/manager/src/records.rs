@@ -439,6 +439,17 @@ pub(crate) fn migrate(store: &Store) -> caroni_store::Result<usize> {
         let mut b = Batch::default();
         for (key, h) in heads {
             let steps = store.scan(STEPS_V2, &key)?;
+            if steps.len() != h.step_count as usize {
+                return Err(caroni_store::Error::Decode {
+                    table: "workflow_steps (with values)",
+                    reason: format!(
+                        "workflow {} has {} step record(s), its head says {}",
+                        h.id,
+                        steps.len(),
+                        h.step_count
+                    ),
+                });
+            }
             let wf = Workflow {
                 id: h.id,
                 template: h.template,
