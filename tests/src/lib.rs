@@ -660,3 +660,22 @@ impl NodeProc {
             .context("no session in the login answer")
     }
 }
+
+/// A number field of `/proc/<pid>/<file>` (`status`: `VmRSS:` in kB;
+/// `io`: `write_bytes:`), 0 when the process or field is gone.
+pub fn proc_field(pid: u32, file: &str, name: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Resident memory of a process, in MB.
+pub fn rss_mb(pid: u32) -> u64 {
+    proc_field(pid, "status", "VmRSS:") / 1024
+}

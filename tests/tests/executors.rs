@@ -544,16 +544,10 @@ fn a_container_past_its_timeout_is_killed_and_removed() {
 
 /// Peak and current resident memory of a process (kB), from /proc.
 fn memory_kb(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmHWM:"), field("VmRSS:"))
+    (
+        caroni_tests::proc_field(pid, "status", "VmHWM:"),
+        caroni_tests::proc_field(pid, "status", "VmRSS:"),
+    )
 }
 
 /// Issue 19, item 9: a Slurm job that writes 300 MB to stderr, and one

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use caroni_peer::Signer;
 use caroni_proto::v1::{self as pb, message::Payload};
-use caroni_tests::NodeProc;
+use caroni_tests::{rss_mb, NodeProc};
 use libp2p::identity::Keypair;
 use prost::Message as _;
 
@@ -18,18 +18,6 @@ const FLOOD: Duration = Duration::from_secs(30);
 const LIMIT: Duration = Duration::from_secs(180);
 /// The bound README.md states for a node under this flood.
 const RSS_BOUND_MB: u64 = 300;
-
-fn rss_mb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb / 1024)
-}
 
 /// A listener that only counts who connects to it: the address the flood
 /// names as its reply endpoint.

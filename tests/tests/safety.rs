@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use caroni_tests::{caroni, http, run_bounded, NodeProc};
+use caroni_tests::{caroni, http, rss_mb, run_bounded, NodeProc};
 
 fn token_node(dir: &std::path::Path) -> NodeProc {
     NodeProc::start(&dir.join("n"), "both", &["--api-token", "s3cret"]).expect("node")
@@ -65,14 +65,17 @@ fn safety_04_logout_is_protected_against_cross_site_forms() {
     )
     .expect("login");
     assert_eq!(a.status, 403, "{}", a.body);
-    let still = http(
-        &n.console_addr(),
-        "GET",
-        "/api/node",
-        &[("x-caroni-session", &session)],
-        "",
-    )
-    .expect("api");
+    let node_page = || {
+        http(
+            &n.console_addr(),
+            "GET",
+            "/api/node",
+            &[("x-caroni-session", &session)],
+            "",
+        )
+        .expect("api")
+    };
+    let still = node_page();
     assert_eq!(still.status, 200, "the session ended: {}", still.body);
     // The console's own logout (session and header) ends it.
     let a = http(
@@ -84,15 +87,7 @@ fn safety_04_logout_is_protected_against_cross_site_forms() {
     )
     .expect("logout");
     assert_eq!(a.status, 200, "{}", a.body);
-    let after = http(
-        &n.console_addr(),
-        "GET",
-        "/api/node",
-        &[("x-caroni-session", &session)],
-        "",
-    )
-    .expect("api");
-    assert_eq!(after.status, 401);
+    assert_eq!(node_page().status, 401);
 }
 
 fn warn_lines(n: &NodeProc, what: &str) -> usize {
@@ -343,32 +338,6 @@ fn safety_14_the_data_directory_is_private() {
     );
 }
 
-/// `write_bytes` of a process (what it sent to storage), from /proc.
-fn written(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/io"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("write_bytes:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn rss_mb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        / 1024
-}
-
 /// Item 8: 60 workflows with a 1 MiB input each, waiting for a job type
 /// no agent has (their requests re-published every few seconds, an agent
 /// declining): while they wait, the manager writes almost nothing (no
@@ -406,6 +375,7 @@ fn safety_08_waiting_workflows_with_large_inputs_cause_no_write_storm() {
     eprintln!("60 workflows of 1 MiB started in {:?}", started.elapsed());
     // Let the creation's writes settle, then watch the waiting.
     std::thread::sleep(Duration::from_secs(3));
+    let written = |pid| caroni_tests::proc_field(pid, "io", "write_bytes:");
     let (w0, r0) = (written(m.pid()), rss_mb(m.pid()));
     std::thread::sleep(Duration::from_secs(15));
     let (w1, r1) = (written(m.pid()), rss_mb(m.pid()));

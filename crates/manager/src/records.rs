@@ -313,23 +313,24 @@ pub(crate) fn put(b: &mut Batch, wf: &Workflow) {
     }
 }
 
+/// A workflow's step records are as many as its head says.
+fn same_count(table: &'static str, id: &Uuid, found: usize, said: u32) -> caroni_store::Result<()> {
+    if found == said as usize {
+        return Ok(());
+    }
+    Err(caroni_store::Error::Decode {
+        table,
+        reason: format!("workflow {id} has {found} step record(s), its head says {said}"),
+    })
+}
+
 fn assemble(store: &Store, h: Head) -> caroni_store::Result<Workflow> {
     let steps: Vec<StepRecord> = store
         .scan(STEPS, &head_key(&h.id))?
         .into_iter()
         .map(|(_, s)| s)
         .collect();
-    if steps.len() != h.step_count as usize {
-        return Err(caroni_store::Error::Decode {
-            table: "workflow_steps",
-            reason: format!(
-                "workflow {} has {} step record(s), its head says {}",
-                h.id,
-                steps.len(),
-                h.step_count
-            ),
-        });
-    }
+    same_count("workflow_steps", &h.id, steps.len(), h.step_count)?;
     let mut wf = Workflow {
         id: h.id,
         template: h.template,
@@ -439,17 +440,12 @@ pub(crate) fn migrate(store: &Store) -> caroni_store::Result<usize> {
         let mut b = Batch::default();
         for (key, h) in heads {
             let steps = store.scan(STEPS_V2, &key)?;
-            if steps.len() != h.step_count as usize {
-                return Err(caroni_store::Error::Decode {
-                    table: "workflow_steps (with values)",
-                    reason: format!(
-                        "workflow {} has {} step record(s), its head says {}",
-                        h.id,
-                        steps.len(),
-                        h.step_count
-                    ),
-                });
-            }
+            same_count(
+                "workflow_steps (with values)",
+                &h.id,
+                steps.len(),
+                h.step_count,
+            )?;
             let wf = Workflow {
                 id: h.id,
                 template: h.template,
