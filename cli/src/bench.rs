@@ -237,11 +237,13 @@ async fn start_topology(args: &BenchArgs) -> anyhow::Result<(Topology, Vec<NodeR
             .await?
             .into_inner()
             .peers;
-        if peers.iter().filter(|p| p.p2p_connected).count() >= args.agents {
+        // Subscribed, not only connected: until the manager's gossip knows
+        // an agent's subscription, that agent hears nothing it publishes.
+        if peers.iter().filter(|p| p.gossip_subscribed).count() >= args.agents {
             break;
         }
         if Instant::now() > deadline {
-            bail!("the agents did not connect to the manager within 30 s");
+            bail!("the agents did not join the manager's gossip within 30 s");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

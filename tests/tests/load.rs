@@ -34,8 +34,9 @@ fn a_burst_completes_and_spreads_over_both_agents() {
     let m = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
     let a1 = NodeProc::agent_of(&m, &dir.path().join("a1"), &[]).expect("agent 1");
     let a2 = NodeProc::agent_of(&m, &dir.path().join("a2"), &[]).expect("agent 2");
-    // Both agents hear the gossip before the burst: an agent still
-    // connecting would hear only re-publications, after its peer took all.
+    // Both agents hear the gossip before the burst (connected, and their
+    // subscription known to the manager's gossip): an agent still joining
+    // would hear only re-publications, after its peer took all.
     let ids = [a1.node_id(), a2.node_id()];
     let start = std::time::Instant::now();
     loop {
@@ -43,7 +44,7 @@ fn a_burst_completes_and_spreads_over_both_agents() {
         let connected = |id: &str| {
             peers.as_array().is_some_and(|ps| {
                 ps.iter()
-                    .any(|p| p["node_id"] == id && p["p2p_connected"] == true)
+                    .any(|p| p["node_id"] == id && p["gossip_subscribed"] == true)
             })
         };
         if ids.iter().all(|id| connected(id)) {

@@ -229,6 +229,52 @@ fn safety_06_idle_connections_do_not_take_the_node_down() {
         t.elapsed()
     );
     assert_eq!(closed, idle.iter().step_by(400).count());
+    drop(idle);
+
+    // Slow clients: one that trickles a request's head into the console,
+    // one that trickles less than an HTTP/2 preface into the API; the
+    // node closes both (within 10 s, the bound on a head and on the first
+    // bytes) though neither is ever idle.
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    for (addr, start, trickle) in [
+        (
+            n.console_addr(),
+            &b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n"[..],
+            &[b'x'; 64][..],
+        ),
+        (api.clone(), &preface[..1], &preface[1..]),
+    ] {
+        use std::io::Write;
+        let mut s = TcpStream::connect(&addr).expect("connect");
+        s.write_all(start).expect("write");
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+        let t = Instant::now();
+        let mut bytes = trickle.iter();
+        let closed = loop {
+            let Some(byte) = bytes.next() else {
+                panic!(
+                    "{addr}: a client trickling a byte every 0.5 s stayed open for {:?}",
+                    t.elapsed()
+                );
+            };
+            if s.write_all(&[*byte]).is_err() {
+                break t.elapsed();
+            }
+            let mut b = [0u8; 256];
+            match s.read(&mut b) {
+                Ok(0) => break t.elapsed(),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break t.elapsed(),
+                Ok(_) => {}
+            }
+        };
+        eprintln!("{addr}: a client trickling a byte every 0.5 s was closed after {closed:?}");
+    }
 }
 
 fn demo_node(dir: &std::path::Path) -> NodeProc {

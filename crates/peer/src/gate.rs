@@ -13,6 +13,11 @@
 //!   [`GateLimits::idle`] is closed. Servers behind a gate send HTTP/2
 //!   keep-alive pings (or, for the console's event stream, a tick every
 //!   second), so that live streams are never idle.
+//! - A connection that has not sent [`GateLimits::first_bytes`] bytes
+//!   within [`GateLimits::first_within`] of being accepted (less than an
+//!   HTTP/2 preface, less than an HTTP/1 request line and `Host`) is
+//!   closed: a client that trickles a byte now and then is not idle, but
+//!   it is not a client either.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -38,6 +43,10 @@ pub struct GateLimits {
     pub per_address: usize,
     /// Closed after this long without a byte either way.
     pub idle: Duration,
+    /// Bytes a client must send within [`GateLimits::first_within`].
+    pub first_bytes: usize,
+    /// See [`GateLimits::first_bytes`].
+    pub first_within: Duration,
 }
 
 impl Default for GateLimits {
@@ -46,6 +55,8 @@ impl Default for GateLimits {
             per_listener: 1024,
             per_address: 256,
             idle: Duration::from_secs(30),
+            first_bytes: 24,
+            first_within: Duration::from_secs(10),
         }
     }
 }
@@ -237,19 +248,24 @@ pub struct Gated<S> {
     inner: S,
     remote: SocketAddr,
     ticket: Ticket,
-    idle: Duration,
+    limits: GateLimits,
+    /// Bytes received so far, up to [`GateLimits::first_bytes`].
+    received: usize,
+    accepted: tokio::time::Instant,
     timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl<S> Gated<S> {
     fn new(inner: S, remote: SocketAddr, ticket: Ticket) -> Self {
-        let idle = ticket.shared.limits.idle;
+        let limits = ticket.shared.limits;
         Self {
             inner,
             remote,
             ticket,
-            idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            limits,
+            received: 0,
+            accepted: tokio::time::Instant::now(),
+            timer: Box::pin(tokio::time::sleep(limits.first_within.min(limits.idle))),
         }
     }
 
@@ -279,18 +295,28 @@ impl<S> Gated<S> {
             if self.timer.as_mut().poll(cx).is_pending() {
                 return None;
             }
+            let now = tokio::time::Instant::now();
+            let first_due = self.accepted + self.limits.first_within;
+            let slow = self.received < self.limits.first_bytes;
+            if slow && now >= first_due {
+                return Some(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "closed a connection that sent too little in its first seconds",
+                ));
+            }
             let last = self.ticket.ctl.last_ms.load(Ordering::Relaxed);
             let quiet = self.ticket.shared.now_ms().saturating_sub(last);
-            if quiet >= self.idle.as_millis() as u64 {
+            if quiet >= self.limits.idle.as_millis() as u64 {
                 return Some(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "idle connection closed",
                 ));
             }
-            let rest = self.idle - Duration::from_millis(quiet);
-            self.timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + rest);
+            let mut next = now + (self.limits.idle - Duration::from_millis(quiet));
+            if slow {
+                next = next.min(first_due);
+            }
+            self.timer.as_mut().reset(next);
         }
     }
 }
@@ -305,8 +331,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Gated<S> {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before {
+                let n = buf.filled().len() - before;
+                if n > 0 {
                     this.touch();
+                    this.received = this.received.saturating_add(n);
                 }
                 Poll::Ready(Ok(()))
             }
@@ -436,11 +464,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_trickling_connection_is_closed_and_a_talking_one_is_not() {
+        let (addr, task) = gate(GateLimits {
+            first_bytes: 24,
+            first_within: Duration::from_millis(400),
+            ..GateLimits::default()
+        })
+        .await;
+        let mut slow = TcpStream::connect(addr).await.expect("connect");
+        let mut fine = TcpStream::connect(addr).await.expect("connect");
+        fine.write_all(&[b'x'; 24]).await.expect("write");
+        let mut b = [0u8; 24];
+        fine.read_exact(&mut b).await.expect("echo");
+        let start = std::time::Instant::now();
+        let mut closed = false;
+        while start.elapsed() < Duration::from_secs(5) && !closed {
+            if slow.write_all(b"y").await.is_err() {
+                closed = true;
+                break;
+            }
+            let mut one = [0u8; 1];
+            match tokio::time::timeout(Duration::from_millis(100), slow.read(&mut one)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => closed = true,
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        assert!(
+            closed,
+            "a connection trickling a byte every 100 ms stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        fine.write_all(b"z").await.expect("still open");
+        let mut one = [0u8; 1];
+        fine.read_exact(&mut one).await.expect("echo");
+        task.abort();
+    }
+
+    #[tokio::test]
     async fn a_flood_from_one_address_evicts_its_own_quietest_connections() {
         let (addr, task) = gate(GateLimits {
             per_listener: 64,
             per_address: 8,
             idle: Duration::from_secs(60),
+            ..GateLimits::default()
         })
         .await;
         let mut flood = Vec::new();

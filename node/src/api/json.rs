@@ -93,7 +93,7 @@ pub fn job(j: &pb::Job) -> Value {
 /// A peer as `caroni peers` shows it.
 pub fn peer(p: &pb::Peer) -> Value {
     json!({
-        "node_id": p.node_id, "p2p_address": p.p2p_address, "p2p_connected": p.p2p_connected,
+        "node_id": p.node_id, "p2p_address": p.p2p_address, "p2p_connected": p.p2p_connected, "gossip_subscribed": p.gossip_subscribed,
         "endpoint": p.endpoint, "queued": p.queued, "delivered": p.delivered,
         "stream_open": p.stream_open, "last_error": p.last_error,
         "dropped": p.dropped, "confirmed": p.confirmed,

@@ -134,6 +134,7 @@ impl NodeService for NodeApi {
                     node_id: id,
                     p2p_address: p.address,
                     p2p_connected: true,
+                    gossip_subscribed: p.subscribed,
                     ..Default::default()
                 },
             );

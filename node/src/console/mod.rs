@@ -48,6 +48,8 @@ const STYLE: &str = include_str!("assets/style.css");
 const MAX_BODY: usize = 2 << 20;
 /// Most workflows the list pages through (the newest ones).
 const LIST_WINDOW: u32 = 1000;
+/// Longest wait for a request's head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Interval of the `tick` event (the node page's counters); it also keeps
 /// the event stream from counting as idle at the gate.
 const TICK: Duration = Duration::from_secs(1);
@@ -99,19 +101,47 @@ pub async fn serve(
     let auth = auth::Auth::new(src.token.clone(), src.hosts.clone());
     let console = Console(Arc::new(Inner { src, auth, edits }));
     let app = router(console);
-    let listener = Gate(caroni_peer::GatedListener::new(
-        listener,
-        "console",
-        caroni_peer::GateLimits::default(),
-    ));
+    let listener =
+        caroni_peer::GatedListener::new(listener, "console", caroni_peer::GateLimits::default());
     Ok((bound, async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<auth::Client>(),
-        )
-        .with_graceful_shutdown(cancel.cancelled_owned())
-        .await
-        .context("console server failed")
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let (io, remote) = tokio::select! {
+                _ = cancel.cancelled() => break,
+                c = listener.accept() => c,
+            };
+            while conns.try_join_next().is_some() {}
+            let svc = tower::ServiceExt::map_request(
+                app.clone(),
+                move |mut r: http::Request<hyper::body::Incoming>| {
+                    r.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(auth::Client(remote)));
+                    r
+                },
+            );
+            // A request's head must arrive within HEADER_TIMEOUT: a client
+            // that trickles it is closed.
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(io),
+                    hyper_util::service::TowerToHyperService::new(svc),
+                );
+            let stop = cancel.clone();
+            conns.spawn(async move {
+                let mut conn = std::pin::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = stop.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+                    }
+                }
+            });
+        }
+        conns.shutdown().await;
+        Ok(())
     }))
 }
 
@@ -172,30 +202,6 @@ type Answer = Result<Json<Value>, Failure>;
 
 fn req<T>(msg: T) -> tonic::Request<T> {
     tonic::Request::new(msg)
-}
-
-/// The console's listener: connections bounded like the client API's.
-struct Gate(caroni_peer::GatedListener);
-
-impl axum::serve::Listener for Gate {
-    type Io = caroni_peer::Gated<tokio::net::TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
-        self.0.accept().await
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.0.local_addr()
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Gate>>
-    for auth::Client
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, Gate>) -> Self {
-        auth::Client(*stream.remote_addr())
-    }
 }
 
 async fn index() -> Html<&'static str> {
