@@ -445,3 +445,50 @@ fn safety_08_waiting_workflows_with_large_inputs_cause_no_write_storm() {
         "RSS grew from {r0} MB to {r1} MB while waiting"
     );
 }
+
+/// Item 8, memory: workflows that wait for admission keep their large
+/// values on disk only and read them back when admitted, across a restart
+/// of the manager too: each completes with its own whole value.
+#[test]
+fn safety_08_workflows_waiting_for_admission_keep_their_values_on_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut n = NodeProc::start(&dir.path().join("n"), "both", &["--max-open-requests", "3"])
+        .expect("node");
+    n.add_demo_template();
+    n.add_demo_job_types_with_slow_step2(dir.path(), 1);
+    let value = |i: usize| format!("{i}-{}", "v".repeat(100_000));
+    let start = |n: &NodeProc, i: usize| {
+        let body = serde_json::json!({
+            "template": "test_simple",
+            "inputs": { "start_message": value(i) },
+        })
+        .to_string();
+        let a = http(
+            &n.console_addr(),
+            "POST",
+            "/api/workflows",
+            &[
+                ("content-type", "application/json"),
+                ("x-caroni-console", "1"),
+            ],
+            &body,
+        )
+        .expect("start");
+        assert_eq!(a.status, 200, "{}", a.body);
+        let v: serde_json::Value = serde_json::from_str(&a.body).expect("json");
+        v["workflow_id"].as_str().expect("id").to_string()
+    };
+    let ids: Vec<String> = (0..4).map(|i| start(&n, i)).collect();
+    // One runs, three wait; a restart reloads the waiting ones from disk.
+    n.kill();
+    n.spawn().expect("restart");
+    for (i, id) in ids.iter().enumerate() {
+        let w = n.wait(id, Duration::from_secs(120));
+        assert_eq!(w["state"], "completed", "{}", w["message"]);
+        let want = format!("prepend{} append", value(i).to_uppercase());
+        assert!(
+            w["outputs"]["result"] == want.as_str(),
+            "workflow {i} lost or mixed up its value"
+        );
+    }
+}

@@ -308,6 +308,10 @@ pub struct Service {
     ready_at: HashMap<(Uuid, usize), u64>,
     /// Workflows waiting in `created` for admission, oldest first.
     waiting: VecDeque<Uuid>,
+    /// Waiting workflows whose values are on disk only (their copy here
+    /// holds none), read back when admitted: memory does not grow with
+    /// the values of workflows that wait.
+    shelved: HashSet<Uuid>,
     /// Requests out now (state `fulfilling`) over all live workflows.
     open_requests: usize,
     /// Next timer of each live workflow, and the same ordered by time.
@@ -320,6 +324,9 @@ pub struct Service {
     /// it failed too.
     stale: bool,
 }
+
+/// Values held by a waiting workflow above which they wait on disk only.
+const SHELVE_BYTES: usize = 64 * 1024;
 
 fn open_requests(wf: &Workflow) -> usize {
     wf.steps
@@ -355,6 +362,7 @@ impl Service {
             by_job: HashMap::new(),
             ready_at: HashMap::new(),
             waiting: VecDeque::new(),
+            shelved: HashSet::new(),
             open_requests: 0,
             deadline_of: HashMap::new(),
             deadlines: BTreeSet::new(),
@@ -403,17 +411,65 @@ impl Service {
         self.by_request.clear();
         self.by_job.clear();
         self.waiting.clear();
+        self.shelved.clear();
         self.open_requests = 0;
         self.deadline_of.clear();
         self.deadlines.clear();
         self.agents.jobs.clear();
         for wf in records::live(&self.store)? {
+            let id = wf.id;
             if wf.state == WorkflowState::Created {
-                self.waiting.push_back(wf.id);
+                self.waiting.push_back(id);
             }
             self.insert_live(wf);
+            self.shelve(&id);
         }
         Ok(())
+    }
+
+    /// Drops the values of a workflow that waits for admission from
+    /// memory, when they are large; call only once they are on disk.
+    fn shelve(&mut self, id: &Uuid) {
+        let Some(wf) = self.live.get_mut(id) else {
+            return;
+        };
+        let held: usize = wf.inputs.values().map(|v| v.len()).sum();
+        if wf.state != WorkflowState::Created || held < SHELVE_BYTES || self.shelved.contains(id) {
+            return;
+        }
+        wf.inputs.clear();
+        for s in &mut wf.steps {
+            s.values.clear();
+            s.results.clear();
+        }
+        self.shelved.insert(*id);
+    }
+
+    /// Reads a shelved workflow's values back; false when storage fails
+    /// (it stays shelved and waits).
+    fn unshelve(&mut self, id: &Uuid) -> bool {
+        if !self.shelved.contains(id) {
+            return true;
+        }
+        match records::get(&self.store, id) {
+            Ok(Some(full)) => {
+                self.shelved.remove(id);
+                // Nothing but the values differs: a waiting workflow has
+                // no request, job or timer in the indexes.
+                if let Some(wf) = self.live.get_mut(id) {
+                    *wf = full;
+                }
+                true
+            }
+            Ok(None) => {
+                tracing::error!(workflow = %id, "a waiting workflow is not on disk");
+                false
+            }
+            Err(e) => {
+                tracing::error!(workflow = %id, error = %e, "cannot read a waiting workflow's values; it waits");
+                false
+            }
+        }
     }
 
     fn insert_live(&mut self, wf: Workflow) {
@@ -609,6 +665,7 @@ impl Service {
             g.changed.insert(id);
         }
         if wf.state.is_final() {
+            self.shelved.remove(&id);
             tracing::info!(workflow = %id, state = wf.state.as_str(), reason = %wf.message, "workflow finished");
             for n in 0..wf.steps.len() {
                 self.ready_at.remove(&(id, n));
@@ -694,6 +751,9 @@ impl Service {
             if self.open_requests > 0
                 && self.open_requests + wf.steps.len() > self.opts.max_open_requests
             {
+                return;
+            }
+            if !self.unshelve(&id) {
                 return;
             }
             self.waiting.pop_front();
@@ -939,6 +999,9 @@ impl Service {
         let ok = written.is_ok();
         match written {
             Ok(()) => {
+                for id in &g.changed {
+                    self.shelve(id);
+                }
                 self.wire.notify(g.staged);
                 if !g.publish.is_empty() {
                     self.wire.publish(g.publish);
