@@ -1,8 +1,9 @@
 //! Issue 19: the defects a hostile probe found, each against real
 //! `caroni-node` processes on loopback. Items 1 and 2 (the console in a
 //! browser) are in `console.rs`; the CWL nesting bound (item 7) is a
-//! property test of `caroni-cwl`; the Slurm items (9, 10) are in
-//! `executors.rs`.
+//! property test of `caroni-cwl` (`safety_07_…`); the Slurm items (9,
+//! 10) are in `executors.rs`; items 11 and 12 also have unit tests in
+//! `caroni-agent`'s executor (`safety_11_…`, `safety_12_…`).
 
 use std::io::Read;
 use std::net::TcpStream;

@@ -284,7 +284,7 @@ fn deep_nesting_is_refused_before_parsing() {
 /// but `str::lines` does not, a tag (the probe's bypasses took 40–45 s of
 /// CPU for 200 KB); each is refused before the parser runs.
 #[test]
-fn nesting_limit_holds_for_every_input() {
+fn safety_07_the_nesting_bound_holds_for_every_input() {
     let deep = "[".repeat(100_000);
     for prefix in [
         "[a'",
@@ -332,7 +332,7 @@ fn nesting_limit_holds_for_every_input() {
 /// Whatever the text, the parser never sees collections nested deeper
 /// than the pre-check counted (2,000 cases; `make fuzz` runs 100,000).
 #[test]
-fn nesting_count_never_underestimates_the_parser_never_panic() {
+fn safety_07_the_nesting_count_never_underestimates_the_parser_never_panic() {
     use proptest::prelude::*;
     fn depth(v: &serde_yaml_ng::Value) -> usize {
         use serde_yaml_ng::Value as V;
