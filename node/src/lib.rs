@@ -174,23 +174,19 @@ impl Node {
         let store = caroni_store::Store::open(&config.data_dir.join("db"))?;
         identity::check_owner(&store, &node_id, &config.data_dir, config.new_identity)?;
 
-        let api_listener = TcpListener::bind(config.api_listen)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot listen on --api-listen {}; is another node using this port?",
-                    config.api_listen
-                )
-            })?;
+        let api_listener = listen(config.api_listen).with_context(|| {
+            format!(
+                "cannot listen on --api-listen {}; is another node using this port?",
+                config.api_listen
+            )
+        })?;
         let api_addr = api_listener.local_addr()?;
-        let peer_listener = TcpListener::bind(config.peer_listen)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot listen on --peer-listen {}; is another node using this port?",
-                    config.peer_listen
-                )
-            })?;
+        let peer_listener = listen(config.peer_listen).with_context(|| {
+            format!(
+                "cannot listen on --peer-listen {}; is another node using this port?",
+                config.peer_listen
+            )
+        })?;
         let peer_addr = peer_listener.local_addr()?;
         let advertise = match config.peer_advertise.strip_suffix(":0") {
             Some(host) => format!("{host}:{}", peer_addr.port()),
@@ -552,6 +548,23 @@ fn private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Connections the kernel queues for a listener before it accepts them:
+/// a burst of connects (a flood, a load test) waits there instead of
+/// having its SYNs dropped and retried a second later.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a TCP listener with [`LISTEN_BACKLOG`].
+pub(crate) fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Interval of HTTP/2 pings on client API connections, well inside the

@@ -32,7 +32,6 @@ use caroni_proto::v1::{
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -93,7 +92,7 @@ pub async fn serve(
     impl std::future::Future<Output = anyhow::Result<()>>,
 )> {
     use anyhow::Context as _;
-    let listener = TcpListener::bind(addr).await.with_context(|| {
+    let listener = crate::listen(addr).with_context(|| {
         format!("cannot listen on --console-listen {addr}; is another node using this port? (`off` disables the console)")
     })?;
     let bound = listener.local_addr()?;
