@@ -4,12 +4,11 @@
 //! This crate owns the agent's rules and its tables. It must not depend on
 //! libp2p or tonic: the node wires it to the network.
 
-pub mod docker;
 pub mod executor;
 pub mod job_types;
 pub mod machine;
+mod records;
 pub mod service;
-pub mod slurm;
 
 /// Agent errors, phrased for the user.
 #[derive(Debug, thiserror::Error)]

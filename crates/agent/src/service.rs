@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use caroni_store::{keys::Key, tables, wire, Batch, Store, Table};
+use caroni_store::{keys::Key, wire, Batch, Store};
 use caroni_types::msg::{Inbound, JobRequest, JobState, Load, Msg, Outbound};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -25,16 +25,7 @@ use uuid::Uuid;
 use crate::executor::{Execution, Executor, RunSpec};
 use crate::job_types;
 use crate::machine::{self, AcceptOutcome, Answering, Effect, Job, Offer, RunResult};
-
-const OFFERS: Table<Offer> = Table::new(tables::AGENT_OFFERS, "agent_offers");
-const JOBS: Table<Job> = Table::new(tables::AGENT_JOBS, "agent_jobs");
-/// Where each job runs (executor and container name or Slurm job id).
-pub(crate) const EXECUTIONS: Table<Execution> =
-    Table::new(tables::AGENT_JOB_EXECUTIONS, "agent_job_executions");
-/// The workflow each offered request is for, as its manager said (kept
-/// with the jobs; a request from a manager that does not say has none).
-const REQUEST_WORKFLOWS: Table<Uuid> =
-    Table::new(tables::AGENT_REQUEST_WORKFLOWS, "agent_request_workflows");
+use crate::records::{EXECUTIONS, JOBS, OFFERS, REQUEST_WORKFLOWS};
 
 /// Most commands applied in one batch.
 pub const GROUP: usize = 1024;

@@ -1,5 +1,5 @@
-//! Running a job's body: `bash -c BODY` in a fresh working directory, with
-//! each input as `CARONI_ENV_<name>` and a minimal, explicit environment.
+//! The bash executor: a job's body as `bash -c BODY` in a fresh working
+//! directory, with each input as `CARONI_ENV_<name>` and a minimal, explicit environment.
 //! The process runs in its own process group so that a kill or a timeout
 //! stops it and every child it started.
 //!
@@ -11,178 +11,16 @@
 //! cannot hold (see [`env_plan`]) is written to a file in the working
 //! directory instead, named by `CARONI_FILE_<input>`.
 
-use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
+use super::output::{env_plan, failed, parse_outputs, tail, ENV_VALUE_MAX, JOB_PATH};
+use super::{Executor, RunSpec};
 use crate::machine::{RunResult, STDERR_TAIL_BYTES};
-
-/// Everything needed to run one job.
-#[derive(Clone, Debug)]
-pub struct RunSpec {
-    /// Job id (also the working directory's name).
-    pub job_id: uuid::Uuid,
-    /// The bash body, as it was when the job started.
-    pub body: String,
-    /// Input values.
-    pub inputs: BTreeMap<String, String>,
-    /// Static parameters, as `CARONI_KV_<key>` where the key allows it.
-    pub job_kvs: BTreeMap<String, String>,
-    /// Declared outputs.
-    pub outputs: Vec<String>,
-    /// Wall-clock limit.
-    pub timeout: Duration,
-    /// Largest stdout accepted.
-    pub max_output_bytes: u64,
-    /// Where it runs (the job type's executor when the job started).
-    pub executor: caroni_types::ExecutorSpec,
-}
-
-/// Where a job runs, as `caroni job show` tells it: kept per job.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Execution {
-    /// bash, docker or slurm.
-    pub executor: String,
-    /// The container's name (docker) or the Slurm job id (slurm), once
-    /// known.
-    pub external_id: String,
-}
-
-/// Runs job bodies.
-pub trait Executor: Send + Sync + 'static {
-    /// Runs `spec` until it ends, times out or `cancel` fires.
-    fn run(
-        &self,
-        spec: RunSpec,
-        cancel: CancellationToken,
-    ) -> impl Future<Output = RunResult> + Send;
-
-    /// Why jobs with this executor cannot run now (a daemon down, a
-    /// command missing), if so: the agent declines their requests with it.
-    fn unavailable(&self, executor: &caroni_types::ExecutorSpec) -> Option<String> {
-        let _ = executor;
-        None
-    }
-
-    /// Where the job runs, known before it starts (the container's name).
-    fn external_id(&self, spec: &RunSpec) -> String {
-        let _ = spec;
-        String::new()
-    }
-}
-
-/// Every executor, chosen per job by its job type's `executor`.
-#[derive(Clone, Debug)]
-pub struct Executors {
-    bash: BashExecutor,
-    docker: crate::docker::DockerExecutor,
-    slurm: crate::slurm::SlurmExecutor,
-    /// Set once a job type of that executor was asked about: only those
-    /// are checked again every 5 s (no pings or `scontrol` runs on an
-    /// agent that uses neither).
-    wanted: Arc<[AtomicBool; 2]>,
-}
-
-const DOCKER: usize = 0;
-const SLURM: usize = 1;
-
-impl Executors {
-    /// `node_id` labels containers; working directories go under
-    /// `work_root`; Slurm job ids are recorded in `store`.
-    pub fn new(node_id: String, work_root: PathBuf, store: caroni_store::Store) -> Self {
-        Self {
-            bash: BashExecutor::new(work_root.clone()),
-            docker: crate::docker::DockerExecutor::new(node_id, work_root.join("docker")),
-            slurm: crate::slurm::SlurmExecutor::new(work_root.join("slurm"), store),
-            wanted: Arc::new([AtomicBool::new(false), AtomicBool::new(false)]),
-        }
-    }
-
-    /// Checks which executors can run now, removes containers left by an
-    /// earlier run of this agent, and keeps checking every 5 s. Call once,
-    /// in the runtime, before jobs run.
-    pub async fn start(&self) {
-        if self.docker.refresh().await.is_ok() {
-            match self.docker.reap().await {
-                Ok(0) => {}
-                Ok(n) => {
-                    tracing::info!(containers = n, "removed containers left by an earlier run")
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot look for leftover containers"),
-            }
-        }
-        self.slurm.spawn_poller();
-        // Checked in the background: a silent controller must not delay
-        // the node's start (until then Slurm job types are declined).
-        let first = self.slurm.clone();
-        tokio::spawn(async move {
-            first.refresh().await;
-        });
-        let (docker, slurm) = (self.docker.clone(), self.slurm.clone());
-        let wanted = self.wanted.clone();
-        tokio::spawn(async move {
-            let mut was = (docker.unavailable(), slurm.unavailable());
-            loop {
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                if wanted[DOCKER].load(Ordering::Relaxed) {
-                    let _ = docker.refresh().await;
-                }
-                if wanted[SLURM].load(Ordering::Relaxed) {
-                    slurm.refresh().await;
-                }
-                let now = (docker.unavailable(), slurm.unavailable());
-                if now.0.is_some() != was.0.is_some() {
-                    tracing::info!(why = ?now.0, "the Docker executor's availability changed");
-                }
-                if now.1.is_some() != was.1.is_some() {
-                    tracing::info!(why = ?now.1, "the Slurm executor's availability changed");
-                }
-                was = now;
-            }
-        });
-    }
-}
-
-impl Executor for Executors {
-    async fn run(&self, spec: RunSpec, cancel: CancellationToken) -> RunResult {
-        match spec.executor.clone() {
-            caroni_types::ExecutorSpec::Bash => self.bash.run(spec, cancel).await,
-            caroni_types::ExecutorSpec::Docker(d) => self.docker.run(spec, &d, cancel).await,
-            caroni_types::ExecutorSpec::Slurm(s) => self.slurm.run(spec, &s, cancel).await,
-        }
-    }
-
-    fn unavailable(&self, executor: &caroni_types::ExecutorSpec) -> Option<String> {
-        match executor {
-            caroni_types::ExecutorSpec::Docker(_) => {
-                self.wanted[DOCKER].store(true, Ordering::Relaxed)
-            }
-            caroni_types::ExecutorSpec::Slurm(_) => {
-                self.wanted[SLURM].store(true, Ordering::Relaxed)
-            }
-            caroni_types::ExecutorSpec::Bash => {}
-        }
-        match executor {
-            caroni_types::ExecutorSpec::Bash => None,
-            caroni_types::ExecutorSpec::Docker(_) => self.docker.unavailable(),
-            caroni_types::ExecutorSpec::Slurm(_) => self.slurm.unavailable(),
-        }
-    }
-
-    fn external_id(&self, spec: &RunSpec) -> String {
-        match spec.executor {
-            caroni_types::ExecutorSpec::Docker(_) => crate::docker::container_name(spec.job_id),
-            _ => String::new(),
-        }
-    }
-}
 
 /// The bash executor.
 #[derive(Clone, Debug)]
@@ -190,77 +28,6 @@ pub struct BashExecutor {
     work_root: PathBuf,
     bash: PathBuf,
 }
-
-/// Largest value of one environment string (`NAME=value`): Linux refuses
-/// longer ones (`MAX_ARG_STRLEN`, 32 pages) with "Argument list too long".
-const ENV_STRING_MAX: usize = 128 * 1024 - 1;
-/// Largest static parameter passed in the environment.
-pub const ENV_VALUE_MAX: usize = 64 * 1024;
-/// What the environment and arguments of a job may take together, of the
-/// kernel's `ARG_MAX`, leaving room for the variables a job always gets.
-const ENV_RESERVE: usize = 64 * 1024;
-
-/// The kernel's limit on a new program's arguments and environment.
-fn arg_max() -> usize {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::ARG_MAX)
-        .ok()
-        .flatten()
-        .and_then(|n| usize::try_from(n).ok())
-        .unwrap_or(2 << 20)
-}
-
-/// Which inputs go in the environment as `CARONI_ENV_<input>` and which,
-/// too large for it, in files named by `CARONI_FILE_<input>`: the
-/// smallest first while each string and their sum fit the kernel's limits
-/// (with the body, which is an argument). A body that reads
-/// `$CARONI_ENV_<input>` of an input that does not fit fails here with a
-/// message naming the input and its file variable: it never sees an empty
-/// value.
-pub(crate) fn env_plan(spec: &RunSpec) -> Result<std::collections::BTreeSet<String>, String> {
-    let kvs: usize = spec
-        .job_kvs
-        .iter()
-        .map(|(k, v)| k.len() + v.len() + 20)
-        .sum();
-    let mut room = arg_max()
-        .saturating_sub(ENV_RESERVE + spec.body.len() + kvs)
-        .min(arg_max());
-    let mut by_size: Vec<(&String, &String)> = spec.inputs.iter().collect();
-    by_size.sort_by_key(|(k, v)| (v.len(), *k));
-    let mut files = std::collections::BTreeSet::new();
-    for (k, v) in by_size {
-        // "CARONI_ENV_" + name + "=" + value + NUL, and its pointer.
-        let cost = 11 + k.len() + 1 + v.len() + 1 + 8;
-        if cost - 8 <= ENV_STRING_MAX && cost <= room {
-            room -= cost;
-            continue;
-        }
-        if reads_env_var(&spec.body, k) {
-            return Err(format!(
-                "input `{k}` is {} bytes, more than the environment can hold (at most {} bytes per value, about {} bytes for all of a job's inputs): the body reads $CARONI_ENV_{k}; read the file named by $CARONI_FILE_{k} instead",
-                v.len(),
-                ENV_STRING_MAX - 12 - k.len(),
-                arg_max().saturating_sub(ENV_RESERVE),
-            ));
-        }
-        files.insert(k.clone());
-    }
-    Ok(files)
-}
-
-/// True when `body` names `CARONI_ENV_<input>` (not a longer name).
-fn reads_env_var(body: &str, input: &str) -> bool {
-    let name = format!("CARONI_ENV_{input}");
-    body.match_indices(&name).any(|(at, _)| {
-        !body[at + name.len()..]
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
-    })
-}
-
-/// The PATH jobs run with.
-pub(crate) const JOB_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// bash's absolute path. Naming the program by path (not by name with a
 /// PATH of our own in the environment) lets the standard library start it
@@ -282,11 +49,6 @@ impl BashExecutor {
             bash: find_bash(),
         }
     }
-}
-
-pub(crate) fn tail(bytes: &[u8]) -> String {
-    let start = bytes.len().saturating_sub(STDERR_TAIL_BYTES);
-    String::from_utf8_lossy(&bytes[start..]).into_owned()
 }
 
 /// Reads a pipe to its end, keeping only its last [`STDERR_TAIL_BYTES`].
@@ -352,14 +114,6 @@ fn kill_job_processes(job_id: uuid::Uuid) {
     }
 }
 
-pub(crate) fn failed(message: String, exit_status: Option<i32>, stderr: &[u8]) -> RunResult {
-    RunResult::Failed {
-        message,
-        exit_status,
-        stderr_tail: tail(stderr),
-    }
-}
-
 fn kill_group(pid: Option<u32>) {
     if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
         let _ = nix::sys::signal::killpg(
@@ -367,46 +121,6 @@ fn kill_group(pid: Option<u32>) {
             nix::sys::signal::Signal::SIGKILL,
         );
     }
-}
-
-/// Checks stdout: one JSON object with every declared output.
-pub fn parse_outputs(
-    stdout: &[u8],
-    outputs: &[String],
-) -> Result<BTreeMap<String, String>, String> {
-    let text = String::from_utf8_lossy(stdout);
-    let value: serde_json::Value = serde_json::from_str(text.trim()).map_err(|e| {
-        let shown: String = text.chars().take(200).collect();
-        format!("stdout is not a JSON object ({e}); it began with: {shown:?}")
-    })?;
-    let serde_json::Value::Object(map) = value else {
-        return Err("stdout is JSON but not an object; print {\"output\": \"value\", …}".into());
-    };
-    let mut out = BTreeMap::new();
-    let mut missing = Vec::new();
-    for name in outputs {
-        match map.get(name) {
-            Some(serde_json::Value::String(s)) if s.contains('\0') => {
-                return Err(format!(
-                    "output {name} contains a NUL character; values must be text without NUL"
-                ));
-            }
-            Some(serde_json::Value::String(s)) => {
-                out.insert(name.clone(), s.clone());
-            }
-            Some(serde_json::Value::Null) | None => missing.push(name.as_str()),
-            Some(other) => {
-                out.insert(name.clone(), other.to_string());
-            }
-        }
-    }
-    if !missing.is_empty() {
-        return Err(format!(
-            "stdout's JSON object lacks the declared output(s) {}",
-            missing.join(", ")
-        ));
-    }
-    Ok(out)
 }
 
 impl Executor for BashExecutor {
@@ -580,6 +294,7 @@ impl Executor for BashExecutor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn spec(body: &str) -> RunSpec {
         RunSpec {

@@ -22,7 +22,8 @@ use caroni_types::DockerSpec;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::executor::{env_plan, failed, parse_outputs, tail, RunSpec, ENV_VALUE_MAX};
+use super::output::{env_plan, failed, parse_outputs, tail, ENV_VALUE_MAX};
+use super::RunSpec;
 use crate::machine::RunResult;
 
 /// Label holding the Caroni job id.

@@ -20,7 +20,8 @@ use caroni_types::SlurmSpec;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::executor::{env_plan, failed, parse_outputs, tail, Execution, RunSpec, ENV_VALUE_MAX};
+use super::output::{env_plan, failed, parse_outputs, tail, ENV_VALUE_MAX};
+use super::{Execution, RunSpec};
 use crate::machine::RunResult;
 
 /// How often the states of watched Slurm jobs are read.
@@ -227,7 +228,7 @@ impl SlurmExecutor {
     fn record(&self, job: uuid::Uuid, slurm_id: &str) -> Result<(), String> {
         self.store
             .put(
-                crate::service::EXECUTIONS,
+                crate::records::EXECUTIONS,
                 &Key::new().uuid(&job).finish(),
                 &Execution {
                     executor: "slurm".into(),
@@ -243,7 +244,7 @@ impl SlurmExecutor {
     async fn existing(&self, job: uuid::Uuid) -> Option<String> {
         let recorded: Option<Execution> = self
             .store
-            .get(crate::service::EXECUTIONS, &Key::new().uuid(&job).finish())
+            .get(crate::records::EXECUTIONS, &Key::new().uuid(&job).finish())
             .ok()
             .flatten();
         if let Some(x) = recorded.filter(|x| x.executor == "slurm" && !x.external_id.is_empty()) {
@@ -286,7 +287,7 @@ impl SlurmExecutor {
             "#!/bin/bash\n# Caroni job {id}\nexport PATH={path}\nDIR={dir}\ncd \"$DIR\" || exit 97\nE=(PATH={path} \"HOME=$DIR\" \"TMPDIR=$DIR\" LANG=C.UTF-8 CARONI_JOB_ID={id})\n",
             id = spec.job_id,
             dir = quote(dir),
-            path = crate::executor::JOB_PATH,
+            path = super::output::JOB_PATH,
         );
         let to_files = env_plan(spec)?;
         for (k, v) in &spec.inputs {
