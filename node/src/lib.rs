@@ -229,84 +229,11 @@ impl Node {
             refusals: refusals.clone(),
         });
 
-        let agent = if config.role.is_agent() {
-            let executors = caroni_agent::executor::Executors::new(
-                node_id.clone(),
-                config.data_dir.join("work"),
-                store.clone(),
-            );
-            executors.start().await;
-            let (svc, handle) = caroni_agent::service::Service::new(
-                caroni_agent::service::Options {
-                    node_id: node_id.clone(),
-                    slots: config.slots,
-                    serve_managers: allowlist(&config.serve_managers),
-                },
-                store.clone(),
-                wire.clone(),
-                executors,
-            )?;
-            let c = cancel.clone();
-            let span = tracing::info_span!("agent", node = %node_id);
-            tasks.spawn("agent", async move {
-                svc.run(c).instrument(span).await;
-                Ok(())
-            });
-            let _ = wire.local_agent.set(handle.clone());
-            Some(handle)
-        } else {
-            None
-        };
-        let manager = if config.role.is_manager() {
-            let (svc, handle) = caroni_manager::service::Service::new(
-                caroni_manager::service::Options {
-                    endpoint: advertise.clone(),
-                    lease: std::time::Duration::from_secs(config.lease_seconds),
-                    request_ttl: std::time::Duration::from_secs(config.request_ttl_seconds),
-                    max_open_requests: config.max_open_requests,
-                    offer_window: std::time::Duration::from_millis(config.offer_window_ms),
-                    use_agents: allowlist(&config.use_agents),
-                },
-                store.clone(),
-                wire.clone(),
-            )?;
-            let c = cancel.clone();
-            let span = tracing::info_span!("manager", node = %node_id);
-            tasks.spawn("manager", async move {
-                svc.run(c).instrument(span).await;
-                Ok(())
-            });
-            Some(handle)
-        } else {
-            None
-        };
-
-        // Applied-message ids are kept 30 days, far beyond any outage an
-        // outbox is expected to bridge, then forgotten (checked hourly).
-        let prune_store = store.clone();
-        let c = cancel.clone();
-        tasks.spawn("applied-id pruning", async move {
-            let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
-            loop {
-                tokio::select! {
-                    _ = c.cancelled() => return Ok(()),
-                    _ = every.tick() => {}
-                }
-                let s = prune_store.clone();
-                let horizon = caroni_types::now_ms().saturating_sub(APPLIED_RETENTION_MS);
-                match tokio::task::spawn_blocking(move || {
-                    caroni_store::wire::prune_applied(&s, horizon)
-                })
-                .await
-                {
-                    Ok(Ok(n)) if n > 0 => {
-                        tracing::info!(forgotten = n, "pruned old applied-message ids")
-                    }
-                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot prune applied-message ids"),
-                    _ => {}
-                }
-            }
-        });
+        let agent = start_agent(&config, &node_id, &store, &wire, &mut tasks, &cancel).await?;
+        let manager = start_manager(
+            &config, &node_id, &advertise, &store, &wire, &mut tasks, &cancel,
+        )?;
+        spawn_pruning(&store, &mut tasks, &cancel);
 
         // The gossip listener runs in the node's task set like every other
         // long-running task: if it dies, the node says so and stops.
@@ -321,53 +248,23 @@ impl Node {
             Ok(())
         });
 
-        let inbox: Arc<dyn caroni_peer::Inbox> = Arc::new(wire::PeerInbox {
-            manager: manager.clone(),
-            agent: agent.clone(),
-            outbox: outbox.clone(),
-        });
-        // Messages between the manager and the agent of this node go in
-        // process, through the same outbox and inbox.
-        outbox.set_local(inbox.clone());
-        // A sender uses one stream per destination: a connection with more
-        // open streams than this is not a well-behaved peer.
-        let peer_server = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .max_concurrent_streams(PEER_STREAMS_PER_CONNECTION)
-            .add_service(
-                caroni_proto::v1::peer_service_server::PeerServiceServer::new(
-                    caroni_peer::PeerServer::new(inbox, liveness.clone()).guarded(
-                        node_id.clone(),
-                        links.mesh_key.clone(),
-                        refusals.clone(),
-                    ),
-                )
-                .max_decoding_message_size(caroni_peer::outbox::MAX_ENVELOPE),
-            );
-        let c = cancel.clone();
-        match &links.tls {
-            Some(tls) => {
-                let incoming = caroni_peer::tls::accept(peer_listener, tls.server_config(), "peer");
-                tasks.spawn("peer server", async move {
-                    peer_server
-                        .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
-                        .await
-                        .context("peer server failed")
-                });
-            }
-            None => {
-                tracing::warn!(
-                    "node links are plaintext (--peer-tls false): anyone on the path can read them"
-                );
-                let incoming = nodelay(peer_listener);
-                tasks.spawn("peer server", async move {
-                    peer_server
-                        .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
-                        .await
-                        .context("peer server failed")
-                });
-            }
-        }
+        serve_peers(
+            PeerParts {
+                listener: peer_listener,
+                node_id: &node_id,
+                links: &links,
+                liveness: &liveness,
+                refusals: &refusals,
+                outbox: &outbox,
+            },
+            wire::PeerInbox {
+                manager: manager.clone(),
+                agent: agent.clone(),
+                outbox: outbox.clone(),
+            },
+            &mut tasks,
+            &cancel,
+        );
 
         let info = pb::NodeInfo {
             node_id: node_id.clone(),
@@ -430,6 +327,186 @@ impl Node {
             tasks,
             health,
         })
+    }
+}
+
+/// The agent engine with its executors, when the node has the role.
+async fn start_agent(
+    config: &Config,
+    node_id: &str,
+    store: &caroni_store::Store,
+    wire: &Arc<wire::NodeWire>,
+    tasks: &mut supervise::Tasks,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Option<caroni_agent::service::Handle>> {
+    if !config.role.is_agent() {
+        return Ok(None);
+    }
+    {
+        let executors = caroni_agent::executor::Executors::new(
+            node_id.to_string(),
+            config.data_dir.join("work"),
+            store.clone(),
+        );
+        executors.start().await;
+        let (svc, handle) = caroni_agent::service::Service::new(
+            caroni_agent::service::Options {
+                node_id: node_id.to_string(),
+                slots: config.slots,
+                serve_managers: allowlist(&config.serve_managers),
+            },
+            store.clone(),
+            wire.clone(),
+            executors,
+        )?;
+        let c = cancel.clone();
+        let span = tracing::info_span!("agent", node = %node_id);
+        tasks.spawn("agent", async move {
+            svc.run(c).instrument(span).await;
+            Ok(())
+        });
+        let _ = wire.local_agent.set(handle.clone());
+        Ok(Some(handle))
+    }
+}
+
+/// The manager engine, when the node has the role.
+fn start_manager(
+    config: &Config,
+    node_id: &str,
+    advertise: &str,
+    store: &caroni_store::Store,
+    wire: &Arc<wire::NodeWire>,
+    tasks: &mut supervise::Tasks,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Option<caroni_manager::service::Handle>> {
+    if !config.role.is_manager() {
+        return Ok(None);
+    }
+    {
+        let (svc, handle) = caroni_manager::service::Service::new(
+            caroni_manager::service::Options {
+                endpoint: advertise.to_string(),
+                lease: std::time::Duration::from_secs(config.lease_seconds),
+                request_ttl: std::time::Duration::from_secs(config.request_ttl_seconds),
+                max_open_requests: config.max_open_requests,
+                offer_window: std::time::Duration::from_millis(config.offer_window_ms),
+                use_agents: allowlist(&config.use_agents),
+            },
+            store.clone(),
+            wire.clone(),
+        )?;
+        let c = cancel.clone();
+        let span = tracing::info_span!("manager", node = %node_id);
+        tasks.spawn("manager", async move {
+            svc.run(c).instrument(span).await;
+            Ok(())
+        });
+        Ok(Some(handle))
+    }
+}
+
+/// Applied-message ids are kept 30 days, far beyond any outage an outbox
+/// is expected to bridge, then forgotten (checked hourly).
+fn spawn_pruning(
+    store: &caroni_store::Store,
+    tasks: &mut supervise::Tasks,
+    cancel: &CancellationToken,
+) {
+    let prune_store = store.clone();
+    let c = cancel.clone();
+    tasks.spawn("applied-id pruning", async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+        loop {
+            tokio::select! {
+                _ = c.cancelled() => return Ok(()),
+                _ = every.tick() => {}
+            }
+            let s = prune_store.clone();
+            let horizon = caroni_types::now_ms().saturating_sub(APPLIED_RETENTION_MS);
+            match tokio::task::spawn_blocking(move || {
+                caroni_store::wire::prune_applied(&s, horizon)
+            })
+            .await
+            {
+                Ok(Ok(n)) if n > 0 => {
+                    tracing::info!(forgotten = n, "pruned old applied-message ids")
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot prune applied-message ids"),
+                _ => {}
+            }
+        }
+    });
+}
+
+/// What the peer service needs of the transport.
+struct PeerParts<'a> {
+    listener: TcpListener,
+    node_id: &'a str,
+    links: &'a caroni_peer::Links,
+    liveness: &'a caroni_peer::Liveness,
+    refusals: &'a caroni_peer::PeerRefusals,
+    outbox: &'a caroni_peer::Outbox,
+}
+
+/// The peer service: what other nodes deliver, into the engines (and the
+/// node's own messages between its roles, in process).
+fn serve_peers(
+    p: PeerParts<'_>,
+    inbox: wire::PeerInbox,
+    tasks: &mut supervise::Tasks,
+    cancel: &CancellationToken,
+) {
+    let PeerParts {
+        listener,
+        node_id,
+        links,
+        liveness,
+        refusals,
+        outbox,
+    } = p;
+    let inbox: Arc<dyn caroni_peer::Inbox> = Arc::new(inbox);
+    // Messages between the manager and the agent of this node go in
+    // process, through the same outbox and inbox.
+    outbox.set_local(inbox.clone());
+    // A sender uses one stream per destination: a connection with more
+    // open streams than this is not a well-behaved peer.
+    let peer_server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(PEER_STREAMS_PER_CONNECTION)
+        .add_service(
+            caroni_proto::v1::peer_service_server::PeerServiceServer::new(
+                caroni_peer::PeerServer::new(inbox, liveness.clone()).guarded(
+                    node_id.to_string(),
+                    links.mesh_key.clone(),
+                    refusals.clone(),
+                ),
+            )
+            .max_decoding_message_size(caroni_peer::outbox::MAX_ENVELOPE),
+        );
+    let c = cancel.clone();
+    match &links.tls {
+        Some(tls) => {
+            let incoming = caroni_peer::tls::accept(listener, tls.server_config(), "peer");
+            tasks.spawn("peer server", async move {
+                peer_server
+                    .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
+                    .await
+                    .context("peer server failed")
+            });
+        }
+        None => {
+            tracing::warn!(
+                "node links are plaintext (--peer-tls false): anyone on the path can read them"
+            );
+            let incoming = nodelay(listener);
+            tasks.spawn("peer server", async move {
+                peer_server
+                    .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
+                    .await
+                    .context("peer server failed")
+            });
+        }
     }
 }
 
