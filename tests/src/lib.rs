@@ -638,6 +638,26 @@ impl NodeProc {
         format!("127.0.0.1:{}", self.ports.console)
     }
 
+    /// Starts a workflow through the console's API (which takes values too
+    /// large for a command line); returns its id.
+    pub fn console_run(&self, template: &str, inputs: serde_json::Value) -> String {
+        let body = serde_json::json!({ "template": template, "inputs": inputs }).to_string();
+        let a = http(
+            &self.console_addr(),
+            "POST",
+            "/api/workflows",
+            &[
+                ("content-type", "application/json"),
+                ("x-caroni-console", "1"),
+            ],
+            &body,
+        )
+        .expect("start through the console");
+        assert_eq!(a.status, 200, "{}", a.body);
+        let v: serde_json::Value = serde_json::from_str(&a.body).expect("json");
+        v["workflow_id"].as_str().expect("id").to_string()
+    }
+
     /// Logs in to the console with `token` and returns the session id.
     pub fn console_login(&self, token: &str) -> anyhow::Result<String> {
         let a = http(

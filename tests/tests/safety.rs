@@ -396,29 +396,11 @@ fn safety_08_waiting_workflows_with_large_inputs_cause_no_write_storm() {
     let a = NodeProc::agent_of(&m, &dir.path().join("a"), &[]).expect("agent");
     m.add_demo_template();
     a.add_job_types(&["foojob1.yaml", "foojob2.yaml"]);
-    let body = serde_json::json!({
-        "template": "test_simple",
-        "inputs": { "start_message": "w".repeat(1 << 20) },
-    })
-    .to_string();
+    let input = serde_json::json!({ "start_message": "w".repeat(1 << 20) });
     let started = Instant::now();
-    let mut ids = Vec::new();
-    for _ in 0..60 {
-        let a = http(
-            &m.console_addr(),
-            "POST",
-            "/api/workflows",
-            &[
-                ("content-type", "application/json"),
-                ("x-caroni-console", "1"),
-            ],
-            &body,
-        )
-        .expect("start");
-        assert_eq!(a.status, 200, "{}", a.body);
-        let v: serde_json::Value = serde_json::from_str(&a.body).expect("json");
-        ids.push(v["workflow_id"].as_str().expect("id").to_string());
-    }
+    let ids: Vec<String> = (0..60)
+        .map(|_| m.console_run("test_simple", input.clone()))
+        .collect();
     eprintln!("60 workflows of 1 MiB started in {:?}", started.elapsed());
     // Let the creation's writes settle, then watch the waiting.
     std::thread::sleep(Duration::from_secs(3));
@@ -459,25 +441,10 @@ fn safety_08_workflows_waiting_for_admission_keep_their_values_on_disk() {
     n.add_demo_job_types_with_slow_step2(dir.path(), 1);
     let value = |i: usize| format!("{i}-{}", "v".repeat(100_000));
     let start = |n: &NodeProc, i: usize| {
-        let body = serde_json::json!({
-            "template": "test_simple",
-            "inputs": { "start_message": value(i) },
-        })
-        .to_string();
-        let a = http(
-            &n.console_addr(),
-            "POST",
-            "/api/workflows",
-            &[
-                ("content-type", "application/json"),
-                ("x-caroni-console", "1"),
-            ],
-            &body,
+        n.console_run(
+            "test_simple",
+            serde_json::json!({ "start_message": value(i) }),
         )
-        .expect("start");
-        assert_eq!(a.status, 200, "{}", a.body);
-        let v: serde_json::Value = serde_json::from_str(&a.body).expect("json");
-        v["workflow_id"].as_str().expect("id").to_string()
     };
     let ids: Vec<String> = (0..4).map(|i| start(&n, i)).collect();
     // One runs, three wait; a restart reloads the waiting ones from disk.
