@@ -29,9 +29,11 @@ pub const WORKFLOW_STEPS_V3: u8 = 0x18;
 /// workflow uuid, kind (u64: 0 input, 1 output, 2 step input, 3 step
 /// result), step index (u64), name.
 pub const WORKFLOW_VALUES: u8 = 0x19;
-/// Job requests (manager): key = request uuid.
+/// Reserved, never written (requests live in their workflow's step
+/// records); kept so that the prefix is never reused.
 pub const REQUESTS: u8 = 0x12;
-/// Jobs known to the manager: key = job uuid.
+/// Reserved, never written (jobs live in their workflow's step records);
+/// kept so that the prefix is never reused.
 pub const MANAGER_JOBS: u8 = 0x13;
 /// Where each job runs, as its agent reported (manager): key = job uuid.
 pub const MANAGER_JOB_EXECUTIONS: u8 = 0x16;
