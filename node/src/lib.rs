@@ -342,32 +342,30 @@ async fn start_agent(
     if !config.role.is_agent() {
         return Ok(None);
     }
-    {
-        let executors = caroni_agent::executor::Executors::new(
-            node_id.to_string(),
-            config.data_dir.join("work"),
-            store.clone(),
-        );
-        executors.start().await;
-        let (svc, handle) = caroni_agent::service::Service::new(
-            caroni_agent::service::Options {
-                node_id: node_id.to_string(),
-                slots: config.slots,
-                serve_managers: allowlist(&config.serve_managers),
-            },
-            store.clone(),
-            wire.clone(),
-            executors,
-        )?;
-        let c = cancel.clone();
-        let span = tracing::info_span!("agent", node = %node_id);
-        tasks.spawn("agent", async move {
-            svc.run(c).instrument(span).await;
-            Ok(())
-        });
-        let _ = wire.local_agent.set(handle.clone());
-        Ok(Some(handle))
-    }
+    let executors = caroni_agent::executor::Executors::new(
+        node_id.to_string(),
+        config.data_dir.join("work"),
+        store.clone(),
+    );
+    executors.start().await;
+    let (svc, handle) = caroni_agent::service::Service::new(
+        caroni_agent::service::Options {
+            node_id: node_id.to_string(),
+            slots: config.slots,
+            serve_managers: allowlist(&config.serve_managers),
+        },
+        store.clone(),
+        wire.clone(),
+        executors,
+    )?;
+    let c = cancel.clone();
+    let span = tracing::info_span!("agent", node = %node_id);
+    tasks.spawn("agent", async move {
+        svc.run(c).instrument(span).await;
+        Ok(())
+    });
+    let _ = wire.local_agent.set(handle.clone());
+    Ok(Some(handle))
 }
 
 /// The manager engine, when the node has the role.
@@ -383,27 +381,25 @@ fn start_manager(
     if !config.role.is_manager() {
         return Ok(None);
     }
-    {
-        let (svc, handle) = caroni_manager::service::Service::new(
-            caroni_manager::service::Options {
-                endpoint: advertise.to_string(),
-                lease: std::time::Duration::from_secs(config.lease_seconds),
-                request_ttl: std::time::Duration::from_secs(config.request_ttl_seconds),
-                max_open_requests: config.max_open_requests,
-                offer_window: std::time::Duration::from_millis(config.offer_window_ms),
-                use_agents: allowlist(&config.use_agents),
-            },
-            store.clone(),
-            wire.clone(),
-        )?;
-        let c = cancel.clone();
-        let span = tracing::info_span!("manager", node = %node_id);
-        tasks.spawn("manager", async move {
-            svc.run(c).instrument(span).await;
-            Ok(())
-        });
-        Ok(Some(handle))
-    }
+    let (svc, handle) = caroni_manager::service::Service::new(
+        caroni_manager::service::Options {
+            endpoint: advertise.to_string(),
+            lease: std::time::Duration::from_secs(config.lease_seconds),
+            request_ttl: std::time::Duration::from_secs(config.request_ttl_seconds),
+            max_open_requests: config.max_open_requests,
+            offer_window: std::time::Duration::from_millis(config.offer_window_ms),
+            use_agents: allowlist(&config.use_agents),
+        },
+        store.clone(),
+        wire.clone(),
+    )?;
+    let c = cancel.clone();
+    let span = tracing::info_span!("manager", node = %node_id);
+    tasks.spawn("manager", async move {
+        svc.run(c).instrument(span).await;
+        Ok(())
+    });
+    Ok(Some(handle))
 }
 
 /// Applied-message ids are kept 30 days, far beyond any outage an outbox

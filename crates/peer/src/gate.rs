@@ -207,11 +207,6 @@ impl GatedListener {
         self.listener.local_addr()
     }
 
-    /// Connections open now.
-    pub fn open(&self) -> usize {
-        self.shared.lock().conns.len()
-    }
-
     /// The next connection (Nagle's algorithm off). Errors of `accept`
     /// itself (out of file descriptors) are logged and waited out, never
     /// returned.
@@ -267,11 +262,6 @@ impl<S> Gated<S> {
             accepted: tokio::time::Instant::now(),
             timer: Box::pin(tokio::time::sleep(limits.first_within.min(limits.idle))),
         }
-    }
-
-    /// The client's address.
-    pub fn remote(&self) -> SocketAddr {
-        self.remote
     }
 
     fn touch(&self) {
