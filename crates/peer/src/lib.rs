@@ -20,7 +20,7 @@ pub mod tls;
 pub use envelope::{open, open_all, Signer, Verified};
 pub use gate::{GateLimits, Gated, GatedListener};
 pub use outbox::{Outbox, PeerStatus};
-pub use server::{Applying, Inbox, InboxError, PeerServer};
+pub use server::{Applying, DeliverError, Inbox, PeerServer};
 pub use tls::{Links, MeshKey, PeerTls};
 
 use std::collections::HashMap;

@@ -39,29 +39,18 @@ const MAX_NODE_ID: usize = 128;
 /// Longest error text in an ack.
 const MAX_ACK_ERROR: usize = 512;
 
-/// Why a message was not applied.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum InboxError {
-    /// Never acceptable (no right to say it, malformed); acknowledged as
-    /// refused so the sender drops it.
-    #[error("{0}")]
-    Refused(String),
-    /// Could not be applied now (storage trouble, shutting down); the
-    /// stream is closed so the sender retries later.
-    #[error("{0}")]
-    Retry(String),
-}
+pub use caroni_types::delivery::DeliverError;
 
 /// Resolves once a submitted message and its effects are durably written
 /// (or it was a duplicate).
-pub type Applying = BoxFuture<'static, Result<(), InboxError>>;
+pub type Applying = BoxFuture<'static, Result<(), DeliverError>>;
 
 /// Where verified messages go.
 pub trait Inbox: Send + Sync + 'static {
     /// Queues one verified message for its engine, in order with the
     /// messages submitted before it, and returns what resolves once it is
     /// applied. Returns only after the message is queued.
-    fn submit(&self, msg: Verified) -> BoxFuture<'_, Result<Applying, InboxError>>;
+    fn submit(&self, msg: Verified) -> BoxFuture<'_, Result<Applying, DeliverError>>;
 }
 
 /// One message read from a stream: verified, or refused with the id the
@@ -88,7 +77,7 @@ where
     tokio::spawn(async move {
         let mut incoming = incoming;
         let mut applying =
-            FuturesOrdered::<BoxFuture<'static, (String, Result<(), InboxError>)>>::new();
+            FuturesOrdered::<BoxFuture<'static, (String, Result<(), DeliverError>)>>::new();
         let mut open = true;
         let mut broken: Option<Status> = None;
         loop {
@@ -97,7 +86,7 @@ where
                 Some((id, result)) = applying.next(), if !applying.is_empty() => {
                     let ack = match result {
                         Ok(()) => Ack { message_id: id, accepted: true, error: String::new() },
-                        Err(InboxError::Refused(mut e)) => {
+                        Err(DeliverError::Refused(mut e)) => {
                             crate::refusal!(REFUSED_MESSAGES, message_id = %id, error = %e, "refused a message");
                             if e.len() > MAX_ACK_ERROR {
                                 let mut end = MAX_ACK_ERROR;
@@ -108,7 +97,7 @@ where
                             }
                             Ack { message_id: id, accepted: false, error: e }
                         }
-                        Err(InboxError::Retry(e)) => {
+                        Err(DeliverError::Retry(e)) => {
                             let _ = tx.send(Err(Status::unavailable(e))).await;
                             return;
                         }
@@ -125,7 +114,7 @@ where
                     }
                     Some(Incoming::Refused { message_id, error }) => {
                         applying.push_back(Box::pin(async move {
-                            (message_id, Err(InboxError::Refused(error)))
+                            (message_id, Err(DeliverError::Refused(error)))
                         }));
                     }
                     Some(Incoming::Verified(msg)) => {

@@ -23,9 +23,21 @@ use std::sync::Arc;
 use serde::{de::DeserializeOwned, Serialize};
 
 pub mod keys;
-pub mod metrics;
 pub mod tables;
-pub mod wire;
+pub mod applied;
+
+/// A message staged in a batch (a transactional outbox row), to announce
+/// to its sender once the batch is written.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    /// Destination node id.
+    pub to: String,
+    /// Destination endpoint.
+    pub endpoint: String,
+    /// The transport's own copy of the staged row, so that its sender need
+    /// not read it back from the table.
+    pub item: Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>,
+}
 
 /// Current value format version (first byte of every value): postcard.
 pub const VALUE_FORMAT: u8 = 2;
@@ -421,10 +433,10 @@ impl Store {
         let started = std::time::Instant::now();
         let r = self.db()?.write_opt(batch.inner, &opts);
         self.outcome(r)?;
-        metrics::METRICS
+        caroni_metrics::METRICS
             .store_sync_seconds
             .observe(started.elapsed().as_secs_f64());
-        metrics::METRICS.store_batch_ops.observe(ops as f64);
+        caroni_metrics::METRICS.store_batch_ops.observe(ops as f64);
         self.counters.synced_writes.fetch_add(1, Ordering::Relaxed);
         self.counters.synced_ops.fetch_add(ops, Ordering::Relaxed);
         Ok(())

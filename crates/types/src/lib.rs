@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod delivery;
 mod executor;
 pub mod msg;
 mod names;

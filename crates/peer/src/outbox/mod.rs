@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use caroni_proto::v1::message::Payload;
-use caroni_store::{keys::Key, keys::Reader, wire::Staged, Batch, Store};
+use caroni_store::{keys::Key, keys::Reader, Batch, Staged, Store};
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;

@@ -358,7 +358,7 @@ impl Sender {
                                 let (s, n) = ts.to_unix();
                                 let staged = s as f64 + f64::from(n) / 1e9;
                                 let now = caroni_types::now_ms() as f64 / 1000.0;
-                                caroni_store::metrics::METRICS
+                                caroni_metrics::METRICS
                                     .delivery_seconds
                                     .observe((now - staged).max(0.0));
                             }

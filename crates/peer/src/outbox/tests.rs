@@ -5,7 +5,7 @@ use libp2p::identity::Keypair;
 use std::collections::BTreeSet;
 use tokio::sync::watch;
 
-use crate::{Applying, InboxError, PeerServer};
+use crate::{Applying, DeliverError, PeerServer};
 
 /// Records what it receives; holds every ack until the gate opens.
 struct Gated {
@@ -14,7 +14,7 @@ struct Gated {
 }
 
 impl Inbox for Gated {
-    fn submit(&self, msg: Verified) -> BoxFuture<'_, Result<Applying, InboxError>> {
+    fn submit(&self, msg: Verified) -> BoxFuture<'_, Result<Applying, DeliverError>> {
         self.got
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
