@@ -421,7 +421,7 @@ fn spawn_pruning(
             let s = prune_store.clone();
             let horizon = caroni_types::now_ms().saturating_sub(APPLIED_RETENTION_MS);
             match tokio::task::spawn_blocking(move || {
-                caroni_store::wire::prune_applied(&s, horizon)
+                caroni_store::applied::prune_applied(&s, horizon)
             })
             .await
             {

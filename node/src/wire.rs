@@ -1,12 +1,16 @@
-//! The node's transport as the engines see it ([`caroni_store::wire::Wire`]),
-//! the inbox that routes verified peer messages to the engines, and the
-//! gossip listener.
+//! The node's transport as the engines see it ([`caroni_engine::Wire`]),
+//! the inbox that routes verified peer messages to the engine of their
+//! kind, and the gossip listener. Routing is all they decide: the checks
+//! of what a message may say are the engines' machines' (a request's reply
+//! endpoint, its fields, requests only over gossip), so that this node's
+//! own requests, handed to its own agent, pass the same checks.
 
 use std::sync::{Arc, OnceLock};
 
-use caroni_peer::{Applying, Inbox, InboxError, Liveness, Outbox, Verified};
+use caroni_peer::{Applying, Inbox, DeliverError, Liveness, Outbox, Verified};
 use caroni_proto::v1::{message::Payload, Envelope};
-use caroni_store::{wire::Staged, Batch};
+use caroni_engine::Staged;
+use caroni_store::Batch;
 use caroni_types::msg::{Inbound, JobRequest, Msg, Outbound};
 use futures::future::BoxFuture;
 use prost::Message as _;
@@ -26,7 +30,7 @@ pub struct NodeWire {
 
 static ALLOWLIST_REFUSALS: caroni_peer::Refusals = caroni_peer::Refusals::new();
 
-impl caroni_store::wire::Wire for NodeWire {
+impl caroni_engine::Wire for NodeWire {
     fn stage(
         &self,
         batch: &mut Batch,
@@ -34,9 +38,9 @@ impl caroni_store::wire::Wire for NodeWire {
         trace: Option<uuid::Uuid>,
     ) -> Result<Staged, String> {
         if matches!(out.msg, Msg::Accept { .. }) {
-            caroni_store::metrics::METRICS
+            caroni_metrics::METRICS
                 .offers
-                .get_or_create(&caroni_store::metrics::label("outcome", "accepted"))
+                .get_or_create(&caroni_metrics::label("outcome", "accepted"))
                 .inc();
         }
         tracing::debug!(target: "caroni::message", workflow = %caroni_types::msg::Trace(trace), to = %out.to, kind = out.msg.name(), "sending");
@@ -72,13 +76,18 @@ impl caroni_store::wire::Wire for NodeWire {
         self.refusals.note(peer, reason);
     }
 
+    fn dropped(&self, peer: &str, reason: &str) {
+        caroni_peer::refusal!(REFUSED_GOSSIP, peer = %peer, "refused gossip: {reason}");
+    }
+
     fn publish(&self, reqs: Vec<JobRequest>) {
         let signer = self.outbox.signer().clone();
         if let Some(agent) = self.local_agent.get() {
             // Gossip never comes back to its sender: serve our own agent
             // directly (dropped when it is busy, like gossip).
             for req in &reqs {
-                agent.gossip(signer.node_name().to_string(), req.clone());
+                let endpoint = req.manager_endpoint.clone();
+                agent.gossip(signer.node_name().to_string(), endpoint, req.clone());
             }
         }
         self.published
@@ -89,9 +98,9 @@ impl caroni_store::wire::Wire for NodeWire {
             } else {
                 "first"
             };
-            caroni_store::metrics::METRICS
+            caroni_metrics::METRICS
                 .gossip_published
-                .get_or_create(&caroni_store::metrics::label("kind", kind))
+                .get_or_create(&caroni_metrics::label("kind", kind))
                 .inc();
         }
         let mesh = self.mesh.clone();
@@ -147,8 +156,8 @@ pub struct PeerInbox {
     pub outbox: Outbox,
 }
 
-fn inbound(msg: Verified) -> Result<Inbound, InboxError> {
-    let m = Msg::try_from(msg.payload).map_err(|e| InboxError::Refused(e.to_string()))?;
+fn inbound(msg: Verified) -> Result<Inbound, DeliverError> {
+    let m = Msg::try_from(msg.payload).map_err(|e| DeliverError::Refused(e.to_string()))?;
     Ok(Inbound {
         id: msg.id,
         from: msg.sender_name,
@@ -158,60 +167,46 @@ fn inbound(msg: Verified) -> Result<Inbound, InboxError> {
     })
 }
 
-/// The engines' refusal or retry, as the transport says it.
-fn inbox_err(e: caroni_store::wire::DeliverError) -> InboxError {
-    use caroni_store::wire::DeliverError;
-    match e {
-        DeliverError::Refused(e) => InboxError::Refused(e),
-        DeliverError::Retry(e) => InboxError::Retry(e),
-    }
-}
-
 const GONE: &str = "the engine stopped before answering";
 
 impl Inbox for PeerInbox {
-    fn submit(&self, msg: Verified) -> BoxFuture<'_, Result<Applying, InboxError>> {
+    fn submit(&self, msg: Verified) -> BoxFuture<'_, Result<Applying, DeliverError>> {
         Box::pin(async move {
             self.outbox
                 .learn(&msg.sender_name, &msg.sender_endpoint, msg.sent_at_ms);
             let msg = inbound(msg)?;
-            if matches!(msg.msg, Msg::Request(_)) {
-                return Err(InboxError::Refused(
-                    "job requests travel on gossip, not direct".into(),
-                ));
-            }
             if msg.msg.for_agent() {
                 let Some(agent) = &self.agent else {
-                    return Err(InboxError::Refused(format!(
+                    return Err(DeliverError::Refused(format!(
                         "this node is not an agent; it does not take {}",
                         msg.msg.name()
                     )));
                 };
-                let rx = agent.submit(msg).await.map_err(inbox_err)?;
+                let rx = agent.submit(msg).await?;
                 let fut: Applying = Box::pin(async move {
                     use caroni_agent::service::Delivered;
                     match rx.await {
                         Ok(Ok(Delivered::Applied)) => Ok(()),
                         Ok(Ok(Delivered::NotMine)) => {
-                            Err(InboxError::Refused("not a message for an agent".into()))
+                            Err(DeliverError::Refused("not a message for an agent".into()))
                         }
-                        Ok(Err(e)) => Err(inbox_err(e)),
-                        Err(_) => Err(InboxError::Retry(GONE.into())),
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err(DeliverError::Retry(GONE.into())),
                     }
                 });
                 return Ok(fut);
             }
             let Some(manager) = &self.manager else {
-                return Err(InboxError::Refused(format!(
+                return Err(DeliverError::Refused(format!(
                     "this node is not a manager; it does not take {}",
                     msg.msg.name()
                 )));
             };
-            let rx = manager.submit(msg).await.map_err(inbox_err)?;
+            let rx = manager.submit(msg).await?;
             let fut: Applying = Box::pin(async move {
                 match rx.await {
-                    Ok(r) => r.map_err(inbox_err),
-                    Err(_) => Err(InboxError::Retry(GONE.into())),
+                    Ok(r) => r,
+                    Err(_) => Err(DeliverError::Retry(GONE.into())),
                 }
             });
             Ok(fut)
@@ -252,18 +247,8 @@ pub async fn gossip_loop(
                     msg: Msg::Request(req),
                     ..
                 }) => {
-                    caroni_store::metrics::METRICS.gossip_received.inc();
-                    // The answer goes to the signer, where the signer says
-                    // it is: a request cannot name another reply address.
-                    if req.manager_endpoint != endpoint {
-                        caroni_peer::refusal!(REFUSED_GOSSIP, peer = %from, "refused a job request whose reply endpoint is not its sender's");
-                        continue;
-                    }
-                    if let Err(why) = req.check(caroni_types::now_ms()) {
-                        caroni_peer::refusal!(REFUSED_GOSSIP, peer = %from, reason = %why, "refused a job request");
-                        continue;
-                    }
-                    if !agent.gossip(from, req) {
+                    caroni_metrics::METRICS.gossip_received.inc();
+                    if !agent.gossip(from, endpoint, req) {
                         tracing::debug!(
                             "agent busy; dropped a gossip request (it is re-published)"
                         );

@@ -4,6 +4,7 @@
 //! This crate owns the agent's rules and its tables. It must not depend on
 //! libp2p or tonic: the node wires it to the network.
 
+pub mod engine;
 pub mod executor;
 pub mod job_types;
 pub mod machine;

@@ -78,10 +78,9 @@ pub struct Job {
     pub stderr_tail: String,
 }
 
-/// The sender has no right to say this.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Refusal(pub String);
+/// Why a message was refused: the sender has no right to say it (one
+/// type across the crates).
+pub use caroni_types::delivery::Refusal;
 
 /// What the service must do besides persisting.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,72 +1,54 @@
-//! The agent service: owns the agent's live records, applies messages
-//! through the pure machine, and schedules jobs FIFO within its slots.
-//!
-//! Group commit, as in the manager: every command waiting in the channel
-//! (and every job that finished meanwhile) is applied in memory, their
-//! changes and messages are written in one synced batch on a blocking
-//! thread, and only then are the messages announced and the senders
-//! answered. A failed write answers "retry" and reloads from disk.
+//! The agent service: the [`Agent`] machine driven by the shared commit
+//! driver ([`caroni_engine::driver`]), with what it decides persisted and
+//! performed. Each group's jobs, offers and messages are written in one
+//! synced batch; runs the machine starts are spawned just before that
+//! write (a job's process starts before its `running` state is written: if
+//! the agent dies first, the job re-runs after the restart, as for any
+//! job that was running; see ARCHITECTURE.md, Guarantees), runs it stops
+//! are cancelled; once written, the messages are announced and the
+//! senders answered. A failed write answers "retry", reloads from disk,
+//! and applies the results of runs that ended meanwhile again.
 //!
 //! Gossip requests are taken with `try_send`: when the agent is busy a
 //! request is dropped, not queued (the manager re-publishes it).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use caroni_store::{keys::Key, wire, Batch, Store};
-use caroni_types::msg::{Inbound, JobRequest, JobState, Load, Msg, Outbound};
+use caroni_engine::{driver, Staged, Wire};
+use caroni_store::{applied, keys::Key, Batch, Store};
+use caroni_types::msg::{Inbound, JobRequest};
+use caroni_types::{ExecutorSpec, JobTypeDef};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+pub use crate::engine::{Delivered, JobChange, Options};
+use crate::engine::{Agent, Input, Now, Out, World};
 use crate::executor::{Execution, Executor, RunSpec};
 use crate::job_types;
-use crate::machine::{self, AcceptOutcome, Answering, Effect, Job, Offer, RunResult};
+use crate::machine::{Job, Offer, RunResult};
 use crate::records::{EXECUTIONS, JOBS, OFFERS, REQUEST_WORKFLOWS};
 
 /// Most commands applied in one batch.
-pub const GROUP: usize = 1024;
+pub use caroni_engine::GROUP;
 
-/// The outcome of handing a message to the agent.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Delivered {
-    /// Applied (or a duplicate of one applied before).
-    Applied,
-    /// Not about a job of this agent; another engine may take it.
-    NotMine,
-}
-
-/// Why a message was not applied (shared by both engines).
-pub use caroni_store::wire::DeliverError;
-
-/// Options.
-#[derive(Debug, Clone)]
-pub struct Options {
-    /// This node's id.
-    pub node_id: String,
-    /// Concurrent jobs.
-    pub slots: usize,
-    /// The managers served (`--serve-managers`); `None` serves every one.
-    pub serve_managers: Option<std::collections::HashSet<String>>,
-}
-
-impl Options {
-    /// True when this agent serves manager `node`.
-    pub fn serves(&self, node: &str) -> bool {
-        self.serve_managers
-            .as_ref()
-            .is_none_or(|list| list.contains(node))
-    }
-}
+/// Why a message was not applied (one type across the crates).
+pub use caroni_types::delivery::DeliverError;
 
 type DeliverReply = oneshot::Sender<Result<Delivered, DeliverError>>;
 
-enum Cmd {
-    Deliver(Inbound, DeliverReply),
-    Gossip(String, JobRequest),
+/// A command for the service (built by [`Handle`] and by ended runs).
+pub enum Cmd {
+    /// Apply a peer's message.
+    Deliver(Box<Inbound>, DeliverReply),
+    /// A request heard on gossip: its signer, the endpoint the signer
+    /// gave, the request.
+    Gossip(String, String, JobRequest),
+    /// A run ended.
+    Finished(Uuid, RunResult),
 }
 
 const STOPPED: &str = "agent shutting down";
@@ -89,15 +71,6 @@ pub struct Handle {
     events: tokio::sync::broadcast::Sender<JobChange>,
 }
 
-/// A job whose record changed, once the change is written.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct JobChange {
-    /// The job.
-    pub id: Uuid,
-    /// Its state after the change.
-    pub state: caroni_types::msg::JobState,
-}
-
 impl std::fmt::Debug for Handle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("agent::Handle").finish()
@@ -113,7 +86,7 @@ impl Handle {
     ) -> Result<oneshot::Receiver<Result<Delivered, DeliverError>>, DeliverError> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Cmd::Deliver(msg, tx))
+            .send(Cmd::Deliver(Box::new(msg), tx))
             .await
             .map_err(|_| DeliverError::Retry(STOPPED.into()))?;
         Ok(rx)
@@ -127,10 +100,12 @@ impl Handle {
             .map_err(|_| DeliverError::Retry(STOPPED.into()))?
     }
 
-    /// A request heard on gossip from manager `from`. Dropped when the
-    /// agent is busy (returns false): requests are re-published.
-    pub fn gossip(&self, from: String, req: JobRequest) -> bool {
-        self.tx.try_send(Cmd::Gossip(from, req)).is_ok()
+    /// A request heard on gossip from manager `from`, which signed it
+    /// giving `endpoint` as its own (checked against the request's reply
+    /// endpoint). Dropped when the agent is busy (returns false): requests
+    /// are re-published.
+    pub fn gossip(&self, from: String, endpoint: String, req: JobRequest) -> bool {
+        self.tx.try_send(Cmd::Gossip(from, endpoint, req)).is_ok()
     }
 
     /// Jobs, newest first, at most `limit`. Job ids are UUID v7 chosen by
@@ -152,7 +127,7 @@ impl Handle {
 
     /// The workflow a job serves, when its manager said.
     pub fn workflow_of(&self, job: &Job) -> Option<Uuid> {
-        workflow_of(&self.store, job)
+        workflow_of(&self.store, &job.request_id)
     }
 
     /// Where a job runs or ran: recorded when it started; before that, its
@@ -176,73 +151,77 @@ impl Handle {
     }
 }
 
-/// What one group changed, written in one batch.
+/// What one group decided, and what it staged.
 #[derive(Default)]
-struct Group {
-    batch: Batch,
-    staged: Vec<Option<wire::Staged>>,
-    /// The last status staged in this group for each job: a later status
-    /// of the same job replaces it (the manager takes the newest state;
-    /// `queued` then `running` in one group is sent as `running`).
-    last_status: HashMap<Uuid, usize>,
-    applied: HashSet<Uuid>,
+pub struct Group {
+    out: Out,
     replies: Vec<(DeliverReply, Result<Delivered, DeliverError>)>,
-    commands: usize,
-    /// Results of jobs that ended in this group: applied again after a
-    /// failed write, so that no ended job stays `running`.
-    results: Vec<(Uuid, RunResult)>,
-    /// Jobs changed in this group, announced once it is written.
-    changed: Vec<JobChange>,
+    staged: Vec<Staged>,
+}
+
+/// The store, the transport and the executors, as the machine reads them.
+struct NodeWorld<'a, E> {
+    store: &'a Store,
+    wire: &'a dyn Wire,
+    executor: &'a E,
+}
+
+impl<E: Executor> World for NodeWorld<'_, E> {
+    fn is_applied(&self, id: &Uuid) -> Result<bool, String> {
+        applied::is_applied(self.store, id).map_err(|e| e.to_string())
+    }
+    fn job_type(&self, name: &str) -> Result<Option<(JobTypeDef, ExecutorSpec)>, String> {
+        let Some(def) = job_types::find(self.store, name).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let executor = job_types::executor_of(self.store, name).map_err(|e| e.to_string())?;
+        Ok(Some((def, executor)))
+    }
+    fn offer(&self, request_id: &Uuid) -> Result<Option<Offer>, String> {
+        self.store
+            .get(OFFERS, &Key::new().uuid(request_id).finish())
+            .map_err(|e| e.to_string())
+    }
+    fn job(&self, id: &Uuid) -> Result<Option<Job>, String> {
+        self.store
+            .get(JOBS, &Key::new().uuid(id).finish())
+            .map_err(|e| e.to_string())
+    }
+    fn execution(&self, job: &Uuid) -> Option<Execution> {
+        self.store
+            .get(EXECUTIONS, &Key::new().uuid(job).finish())
+            .ok()
+            .flatten()
+    }
+    fn workflow_of(&self, request: &Uuid) -> Option<Uuid> {
+        workflow_of(self.store, request)
+    }
+    fn unavailable(&self, executor: &ExecutorSpec) -> Option<String> {
+        self.executor.unavailable(executor)
+    }
+    fn external_id(&self, spec: &RunSpec) -> String {
+        self.executor.external_id(spec)
+    }
+    fn knows(&self, node: &str) -> bool {
+        self.wire.knows(node)
+    }
 }
 
 /// The agent service.
 pub struct Service<E> {
-    opts: Options,
+    machine: Agent,
+    node_id: String,
     store: Store,
-    wire: Arc<dyn wire::Wire>,
+    wire: Arc<dyn Wire>,
     executor: Arc<E>,
-    rx: mpsc::Receiver<Cmd>,
-    done_tx: mpsc::Sender<(Uuid, RunResult)>,
-    done_rx: mpsc::Receiver<(Uuid, RunResult)>,
-    offers: HashMap<Uuid, Offer>,
-    jobs: HashMap<Uuid, Job>,
-    queue: BTreeMap<u64, Uuid>,
-    next_queue_seq: u64,
-    running: HashMap<Uuid, CancellationToken>,
-    /// Running jobs of Slurm job types, with their type (not in local
-    /// slots; bounded per type by `max_in_flight`).
-    slurm_running: HashMap<Uuid, String>,
-    /// True once a Slurm job type was seen (scheduling then looks past a
-    /// full set of local slots).
-    slurm_seen: bool,
-    /// Requests declined, until they expire (ms): declined once only.
-    declined: HashMap<Uuid, u64>,
-    group: Group,
+    tx: mpsc::Sender<Cmd>,
+    rx: Option<mpsc::Receiver<Cmd>>,
+    /// The processes of running jobs.
+    tokens: HashMap<Uuid, CancellationToken>,
     stats: Arc<Stats>,
     events: tokio::sync::broadcast::Sender<JobChange>,
-    /// The state in memory is unreliable until a reload succeeds.
-    stale: bool,
-    /// Results of jobs whose end could not be written yet.
+    /// Results of runs whose end could not be written yet.
     retry_results: Vec<(Uuid, RunResult)>,
-}
-
-/// A failed run's reason as a bounded metric label.
-fn failure_reason(message: &str, exit_status: Option<i32>) -> &'static str {
-    if message.contains("timed out") {
-        "timeout"
-    } else if message.contains("cancel") || message.contains("killed") {
-        "killed"
-    } else if exit_status.is_some_and(|c| c != 0) {
-        "exit_status"
-    } else if message.contains("stdout") || message.contains("output") {
-        "output"
-    } else {
-        "other"
-    }
-}
-
-fn now_ms() -> u64 {
-    caroni_types::now_ms()
 }
 
 impl<E: Executor> Service<E> {
@@ -250,786 +229,266 @@ impl<E: Executor> Service<E> {
     pub fn new(
         opts: Options,
         store: Store,
-        wire: Arc<dyn wire::Wire>,
+        wire: Arc<dyn Wire>,
         executor: E,
     ) -> caroni_store::Result<(Self, Handle)> {
         let (tx, rx) = mpsc::channel(GROUP);
-        let (done_tx, done_rx) = mpsc::channel(256);
         let stats = Arc::new(Stats::default());
         let (events, _) = tokio::sync::broadcast::channel(4096);
         let handle = Handle {
-            tx,
+            tx: tx.clone(),
             store: store.clone(),
             stats: stats.clone(),
             events: events.clone(),
         };
         let mut s = Self {
-            opts,
+            node_id: opts.node_id.clone(),
+            machine: Agent::new(opts),
             store,
             wire,
             executor: Arc::new(executor),
-            rx,
-            done_tx,
-            done_rx,
-            offers: HashMap::new(),
-            jobs: HashMap::new(),
-            queue: BTreeMap::new(),
-            next_queue_seq: 1,
-            running: HashMap::new(),
-            slurm_running: HashMap::new(),
-            slurm_seen: false,
-            declined: HashMap::new(),
-            group: Group::default(),
+            tx,
+            rx: Some(rx),
+            tokens: HashMap::new(),
             stats,
             events,
-            stale: false,
             retry_results: Vec::new(),
         };
         s.load()?;
         Ok((s, handle))
     }
 
-    /// Reloads the state after a failed write; until that succeeds the
-    /// agent takes no command (see [`Service::run`]). Results of jobs that
-    /// ended meanwhile are applied again once it has.
-    fn reload(&mut self) {
-        match self.load() {
-            Ok(()) => {
-                self.stale = false;
-                for (id, result) in std::mem::take(&mut self.retry_results) {
-                    self.finished(id, result);
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot reload the agent's state; will try again");
-                self.stale = true;
-            }
-        }
-    }
-
-    /// (Re)reads live offers and jobs from disk.
     fn load(&mut self) -> caroni_store::Result<()> {
-        let now = now_ms();
-        self.offers = self
-            .store
-            .scan(OFFERS, &[])?
-            .into_iter()
-            .map(|(_, o)| (o.request_id, o))
-            .filter(|(_, o)| o.job_id.is_none() && o.expires_at_ms > now)
-            .collect();
-        self.jobs = self
-            .store
-            .scan(JOBS, &[])?
-            .into_iter()
-            .map(|(_, j)| (j.id, j))
-            .filter(|(_, j)| !j.state.is_final())
-            .collect();
-        self.next_queue_seq = self
-            .jobs
-            .values()
-            .filter_map(|j| j.queue_seq)
-            .max()
-            .unwrap_or(0)
-            + 1;
-        self.queue = self
-            .jobs
-            .values()
-            .filter(|j| j.state == JobState::Queued && !self.running.contains_key(&j.id))
-            .filter_map(|j| j.queue_seq.map(|q| (q, j.id)))
-            .collect();
+        let offers = self.store.scan(OFFERS, &[])?.into_iter().map(|(_, o)| o).collect();
+        let jobs = self.store.scan(JOBS, &[])?.into_iter().map(|(_, j)| j).collect();
+        self.machine.load(offers, jobs, caroni_types::now_ms());
         Ok(())
     }
 
     /// Runs until cancelled.
     pub async fn run(mut self, cancel: CancellationToken) {
-        self.queue.clear();
-        self.recover();
-        self.schedule();
-        self.flush().await;
-        let mut cleanup = tokio::time::interval(Duration::from_secs(30));
-        let mut backoff = wire::Backoff::default();
-        loop {
-            if self.stale {
-                self.reload();
-                if self.stale {
-                    // Answer at once meanwhile: nobody waits on a disk.
-                    let until = tokio::time::Instant::now() + backoff.delay(false);
-                    loop {
-                        tokio::select! {
-                            _ = cancel.cancelled() => break,
-                            _ = tokio::time::sleep_until(until) => break,
-                            Some(cmd) = self.rx.recv() => {
-                                if let Cmd::Deliver(_, reply) = cmd {
-                                    let _ = reply.send(Err(DeliverError::Retry(format!(
-                                        "the agent cannot read its state from storage now ({}); retry later",
-                                        self.store.health().borrow().as_deref().unwrap_or("unknown error")
-                                    ))));
-                                }
-                            }
-                        }
-                    }
-                    if cancel.is_cancelled() {
-                        break;
-                    }
-                    continue;
-                }
-                self.schedule();
-                self.flush().await;
+        let Some(rx) = self.rx.take() else {
+            return;
+        };
+        let store = self.store.clone();
+        driver::run(self, rx, store, cancel, "agent").await;
+    }
+
+    fn input(&mut self, input: Input, g: &mut Group) -> Result<Delivered, DeliverError> {
+        let world = NodeWorld {
+            store: &self.store,
+            wire: self.wire.as_ref(),
+            executor: self.executor.as_ref(),
+        };
+        let mut gen = Uuid::new_v4;
+        let mut now = Now {
+            ms: caroni_types::now_ms(),
+            new_id: &mut gen,
+        };
+        self.machine.handle(input, &mut now, &world, &mut g.out)
+    }
+
+    /// Spawns a run the machine started.
+    fn spawn(&mut self, spec: RunSpec, workflow: Option<Uuid>) {
+        let id = spec.job_id;
+        let token = CancellationToken::new();
+        self.tokens.insert(id, token.clone());
+        let exec = self.executor.clone();
+        let done = self.tx.clone();
+        let span = tracing::info_span!(
+            "job",
+            node = %self.node_id,
+            job = %id,
+            workflow = tracing::field::Empty
+        );
+        if let Some(w) = workflow {
+            span.record("workflow", tracing::field::display(w));
+        }
+        tokio::spawn(
+            async move {
+                tracing::debug!("job started");
+                let result = exec.run(spec, token).await;
+                let _ = done.send(Cmd::Finished(id, result)).await;
             }
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                Some(cmd) = self.rx.recv() => {
-                    self.apply(cmd);
-                    while self.group.commands < GROUP {
-                        match self.rx.try_recv() {
-                            Ok(cmd) => self.apply(cmd),
-                            Err(_) => break,
-                        }
-                    }
-                }
-                Some((id, result)) = self.done_rx.recv() => self.finished(id, result),
-                _ = cleanup.tick() => self.forget_expired(),
+            .instrument(span),
+        );
+    }
+}
+
+impl<E: Executor> driver::Engine for Service<E> {
+    type Cmd = Cmd;
+    type Group = Group;
+
+    fn apply(&mut self, cmd: Cmd, g: &mut Group) {
+        match cmd {
+            Cmd::Deliver(msg, reply) => {
+                let r = self.input(Input::Deliver(*msg), g);
+                g.replies.push((reply, r));
             }
-            while let Ok((id, result)) = self.done_rx.try_recv() {
-                self.finished(id, result);
+            Cmd::Gossip(from, endpoint, req) => {
+                let _ = self.input(
+                    Input::Gossip {
+                        from,
+                        endpoint,
+                        req,
+                    },
+                    g,
+                );
             }
-            self.schedule();
-            let ok = self.flush().await;
-            if !backoff.after(ok, &cancel).await {
-                break;
+            Cmd::Finished(id, result) => {
+                self.tokens.remove(&id);
+                let _ = self.input(Input::Finished(id, result), g);
             }
         }
-        for token in self.running.values() {
+    }
+
+    fn settle(&mut self, g: &mut Group) {
+        // Runs that ended while the state could not be written.
+        for (id, result) in std::mem::take(&mut self.retry_results) {
+            let _ = self.input(Input::Finished(id, result), g);
+        }
+        let world = NodeWorld {
+            store: &self.store,
+            wire: self.wire.as_ref(),
+            executor: self.executor.as_ref(),
+        };
+        let mut gen = Uuid::new_v4;
+        let mut now = Now {
+            ms: caroni_types::now_ms(),
+            new_id: &mut gen,
+        };
+        self.machine.settle(&mut now, &world, &mut g.out);
+    }
+
+    fn seal(&mut self, g: &mut Group) -> Batch {
+        let mut batch = Batch::default();
+        let out = &mut g.out;
+        for (id, job) in &out.jobs {
+            batch.put(JOBS, &Key::new().uuid(id).finish(), job);
+        }
+        for r in &out.forget_offers {
+            batch.delete(OFFERS, &Key::new().uuid(r).finish());
+        }
+        for o in &out.offers {
+            batch.put(OFFERS, &Key::new().uuid(&o.request_id).finish(), o);
+        }
+        for (r, w) in &out.request_workflows {
+            batch.put(REQUEST_WORKFLOWS, &Key::new().uuid(r).finish(), w);
+        }
+        for (id, x) in &out.executions {
+            batch.put(EXECUTIONS, &Key::new().uuid(id).finish(), x);
+        }
+        for (o, trace) in out.send.iter().flatten() {
+            match self.wire.stage(&mut batch, o, *trace) {
+                Ok(s) => g.staged.push(s),
+                Err(e) => tracing::error!(error = %e, to = %o.to, "cannot stage a message"),
+            }
+        }
+        for id in &out.applied {
+            applied::mark_applied(&mut batch, id);
+        }
+        // Runs start before their `running` state is written and stop at
+        // once (this is the blocking thread of the group: the runtime is
+        // at hand to spawn on).
+        for id in std::mem::take(&mut out.stop) {
+            if let Some(t) = self.tokens.remove(&id) {
+                t.cancel();
+            }
+        }
+        for s in std::mem::take(&mut out.start) {
+            self.spawn(s.spec, s.workflow);
+        }
+        batch
+    }
+
+    fn written(&mut self, g: Group) {
+        self.wire.notify(g.staged);
+        for (peer, why) in &g.out.refused {
+            self.wire.refused(peer, why);
+        }
+        for (peer, why) in &g.out.dropped {
+            self.wire.dropped(peer, why);
+        }
+        for (tx, r) in g.replies {
+            let _ = tx.send(r);
+        }
+        for c in g.out.changed {
+            let _ = self.events.send(c);
+        }
+        let m = &caroni_metrics::METRICS;
+        let label = |k, v| caroni_metrics::label(k, v);
+        if g.out.offers_made > 0 {
+            m.offers.get_or_create(&label("outcome", "made")).inc_by(g.out.offers_made);
+        }
+        if g.out.declines > 0 {
+            m.offers.get_or_create(&label("outcome", "declined")).inc_by(g.out.declines);
+        }
+        for f in &g.out.failures {
+            m.job_failures.get_or_create(&label("reason", f.as_str())).inc();
+        }
+        self.stats
+            .completed
+            .fetch_add(g.out.completed, Ordering::Relaxed);
+        self.stats
+            .failed
+            .fetch_add(g.out.failures.len() as u64, Ordering::Relaxed);
+    }
+
+    fn failed(&mut self, g: Group, why: &str) {
+        for (tx, r) in g.replies {
+            let _ = tx.send(r.and(Err(DeliverError::Retry(why.to_string()))));
+        }
+        self.retry_results.extend(g.out.results);
+    }
+
+    fn reload(&mut self) -> Result<(), String> {
+        self.load().map_err(|e| e.to_string())
+    }
+
+    fn refuse(&mut self, cmd: Cmd, why: &str) {
+        match cmd {
+            Cmd::Deliver(_, reply) => {
+                let _ = reply.send(Err(DeliverError::Retry(why.to_string())));
+            }
+            // Dropped like any gossip the agent cannot take now.
+            Cmd::Gossip(..) => {}
+            // Kept, and applied once the state is back.
+            Cmd::Finished(id, result) => {
+                self.tokens.remove(&id);
+                self.retry_results.push((id, result));
+            }
+        }
+    }
+
+    fn next_timer(&self) -> Option<u64> {
+        self.machine.next_timer()
+    }
+
+    fn stop(&mut self) {
+        for token in self.tokens.values() {
             token.cancel();
         }
     }
-
-    fn apply(&mut self, cmd: Cmd) {
-        self.group.commands += 1;
-        match cmd {
-            Cmd::Deliver(msg, reply) => {
-                let r = self.deliver(msg);
-                self.group.replies.push((reply, r));
-            }
-            Cmd::Gossip(from, req) => self.on_request(&from, &req),
-        }
-    }
-
-    fn recover(&mut self) {
-        let mut ids: Vec<(u64, Uuid)> = self
-            .jobs
-            .values()
-            .map(|j| (j.queue_seq.unwrap_or(0), j.id))
-            .collect();
-        ids.sort();
-        for (_, id) in ids {
-            let Some(mut job) = self.jobs.get(&id).cloned() else {
-                continue;
-            };
-            let was_running = job.state == JobState::Running;
-            let fx = job.on_restart();
-            if fx.is_empty() {
-                continue;
-            }
-            if was_running {
-                tracing::warn!(job = %id, "job was running when the agent stopped; it runs again");
-            }
-            let trace = workflow_of(&self.store, &job);
-            if let Err(e) = self.commit(None, Some(job), None, fx, trace) {
-                tracing::error!(error = %e, "cannot recover a job");
-            }
-        }
-    }
-
-    fn forget_expired(&mut self) {
-        let now = now_ms();
-        self.declined.retain(|_, until| *until > now);
-        let expired: Vec<Offer> = self
-            .offers
-            .values()
-            .filter(|o| o.expires_at_ms <= now)
-            .cloned()
-            .collect();
-        if expired.is_empty() {
-            return;
-        }
-        let mut b = Batch::default();
-        for o in &expired {
-            b.delete(OFFERS, &Key::new().uuid(&o.request_id).finish());
-            self.offers.remove(&o.request_id);
-        }
-        if let Err(e) = self.store.write_relaxed(b) {
-            tracing::warn!(error = %e, "cannot forget expired offers");
-        }
-    }
-
-    /// How busy this agent is, for its offers.
-    fn load_now(&self) -> Load {
-        let slots = self.opts.slots as u32;
-        let running = self.running.len() as u32;
-        let local = running.saturating_sub(self.slurm_running.len() as u32);
-        Load {
-            slots,
-            free_slots: slots.saturating_sub(local),
-            queue_length: (self.jobs.len() as u32).saturating_sub(running),
-        }
-    }
-
-    fn on_request(&mut self, from: &str, req: &JobRequest) {
-        let def = match job_types::find(&self.store, &req.job_type) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read job types");
-                return;
-            }
-        };
-        let executor = job_types::executor_of(&self.store, &req.job_type).unwrap_or_default();
-        let unavailable = def
-            .as_ref()
-            .and_then(|_| self.executor.unavailable(&executor));
-        // An offer tells the capacity of the executor that would run it.
-        let load = match &executor {
-            caroni_types::ExecutorSpec::Slurm(s) => {
-                self.slurm_seen = true;
-                let n = self
-                    .slurm_running
-                    .values()
-                    .filter(|t| **t == req.job_type)
-                    .count() as u32;
-                Load {
-                    slots: s.max_in_flight,
-                    free_slots: s.max_in_flight.saturating_sub(n),
-                    queue_length: 0,
-                }
-            }
-            _ => self.load_now(),
-        };
-        let prior = self.offers.get(&req.request_id);
-        let how = Answering {
-            unavailable,
-            load,
-            declined_before: self.declined.contains_key(&req.request_id),
-            not_served: !self.opts.serves(from),
-        };
-        if how.not_served && !how.declined_before {
-            self.wire.refused(
-                from,
-                "not in this agent's --serve-managers: its requests are declined",
-            );
-        }
-        let Some((offer, out)) =
-            machine::answer_request(def.as_ref(), prior, from, req, now_ms(), Uuid::new_v4, how)
-        else {
-            return;
-        };
-        if matches!(out.msg, Msg::Decline { .. }) {
-            self.declined.insert(req.request_id, req.expires_at_ms);
-        }
-        let outcome = if offer.is_some() { "made" } else { "declined" };
-        caroni_store::metrics::METRICS
-            .offers
-            .get_or_create(&caroni_store::metrics::label("outcome", outcome))
-            .inc();
-        if let (Some(_), Some(w)) = (&offer, req.workflow_id) {
-            self.group.batch.put(
-                REQUEST_WORKFLOWS,
-                &Key::new().uuid(&req.request_id).finish(),
-                &w,
-            );
-        }
-        tracing::debug!(workflow = %caroni_types::msg::Trace(req.workflow_id), request = %req.request_id, answer = out.msg.name(), "answering a request");
-        let trace = req.workflow_id;
-        if let Err(e) = self.commit(None, None, offer, vec![Effect::Send(out)], trace) {
-            tracing::error!(error = %e, "cannot answer a request");
-        }
-    }
-
-    fn deliver(&mut self, msg: Inbound) -> Result<Delivered, DeliverError> {
-        let span = msg.span();
-        let _in = span.enter();
-        if self.group.applied.contains(&msg.id) {
-            return Ok(Delivered::Applied);
-        }
-        match wire::is_applied(&self.store, &msg.id) {
-            Ok(true) => return Ok(Delivered::Applied),
-            Ok(false) => {}
-            Err(e) => return Err(DeliverError::Retry(e.to_string())),
-        }
-        let now = now_ms();
-        if matches!(msg.msg, Msg::Accept { .. }) && !self.opts.serves(&msg.from) {
-            let why = format!(
-                "this agent does not serve manager {}: it serves only the managers in its --serve-managers list",
-                msg.from
-            );
-            self.wire.refused(&msg.from, &why);
-            return Err(DeliverError::Refused(why));
-        }
-        let refused = |e: machine::Refusal| DeliverError::Refused(e.0);
-        let (job, offer, fx) = match &msg.msg {
-            Msg::Accept {
-                offer_id,
-                job_id,
-                request_id,
-            } => {
-                let retry = |e: caroni_store::Error| DeliverError::Retry(e.to_string());
-                let offer = match self.offers.get(request_id) {
-                    Some(o) => Some(o.clone()),
-                    None => self
-                        .store
-                        .get(OFFERS, &Key::new().uuid(request_id).finish())
-                        .map_err(retry)?,
-                };
-                let def = match &offer {
-                    Some(o) => job_types::find(&self.store, &o.job_type)
-                        .map_err(|e| DeliverError::Retry(e.to_string()))?,
-                    None => None,
-                };
-                match machine::accept(
-                    offer.as_ref(),
-                    def.as_ref(),
-                    &msg.from,
-                    &msg.endpoint,
-                    *offer_id,
-                    *job_id,
-                    now,
-                )
-                .map_err(refused)?
-                {
-                    AcceptOutcome::Created(job, used, fx) => {
-                        tracing::debug!(job = %job.id, job_type = %job.job_type, manager = %job.manager, "job accepted");
-                        (Some(*job), Some(used), fx)
-                    }
-                    AcceptOutcome::Answer(out) if self.wire.knows(&msg.from) => {
-                        (None, None, vec![Effect::Send(out)])
-                    }
-                    // A stranger is answered in the ack, not at an
-                    // address it chose.
-                    AcceptOutcome::Answer(out) => {
-                        return Err(DeliverError::Refused(match out.msg {
-                            Msg::Status(s) => s.message,
-                            other => format!("not accepted ({})", other.name()),
-                        }))
-                    }
-                }
-            }
-            Msg::Reject { request_id, .. } => {
-                if let Some(o) = self.offers.get(request_id) {
-                    if o.manager != msg.from {
-                        return Err(DeliverError::Refused(
-                            "only the manager an offer was made to may reject it".into(),
-                        ));
-                    }
-                }
-                self.offers.remove(request_id);
-                self.group
-                    .batch
-                    .delete(OFFERS, &Key::new().uuid(request_id).finish());
-                wire::mark_applied(&mut self.group.batch, &msg.id);
-                self.group.applied.insert(msg.id);
-                return Ok(Delivered::Applied);
-            }
-            Msg::Data {
-                job_id,
-                items,
-                outputs: false,
-            } => {
-                let Some(mut job) = self.job(*job_id)? else {
-                    return Err(DeliverError::Refused(format!(
-                        "this agent holds no job {job_id}"
-                    )));
-                };
-                let fx = job.on_data(&msg.from, items).map_err(refused)?;
-                (Some(job), None, fx)
-            }
-            Msg::StatusRequest { job_id } => match self.job(*job_id)? {
-                Some(job) => {
-                    let fx = job.on_status_request(&msg.from).map_err(refused)?;
-                    (None, None, fx)
-                }
-                None if self.wire.knows(&msg.from) => {
-                    (None, None, vec![Effect::Send(unknown_job(&msg, *job_id))])
-                }
-                None => {
-                    return Err(DeliverError::Refused(format!(
-                        "this agent does not know job {job_id}"
-                    )))
-                }
-            },
-            Msg::Kill { job_id, reason } => match self.job(*job_id)? {
-                Some(mut job) => {
-                    let fx = job.on_kill(&msg.from, reason, now).map_err(refused)?;
-                    tracing::info!(job = %job_id, reason = %reason, "job killed by its manager");
-                    (Some(job), None, fx)
-                }
-                None => (None, None, Vec::new()),
-            },
-            _ => return Ok(Delivered::NotMine),
-        };
-        self.commit(Some(msg.id), job, offer, fx, msg.trace)
-            .map_err(DeliverError::Retry)?;
-        Ok(Delivered::Applied)
-    }
-
-    /// A job, live in memory or finished on disk. A storage error is a
-    /// retry for the sender, never "no such job".
-    fn job(&self, id: Uuid) -> Result<Option<Job>, DeliverError> {
-        match self.jobs.get(&id) {
-            Some(j) => Ok(Some(j.clone())),
-            None => self
-                .store
-                .get(JOBS, &Key::new().uuid(&id).finish())
-                .map_err(|e| DeliverError::Retry(e.to_string())),
-        }
-    }
-
-    /// Where a job runs: as recorded when it started, else its job type's
-    /// executor; `None` for a job this agent does not hold.
-    fn runs_on(&self, job_id: Uuid) -> Option<Execution> {
-        let key = Key::new().uuid(&job_id).finish();
-        if let Ok(Some(x)) = self.store.get(EXECUTIONS, &key) {
-            return Some(x);
-        }
-        let job = self.jobs.get(&job_id)?;
-        let e = job_types::executor_of(&self.store, &job.job_type).ok()?;
-        Some(Execution {
-            executor: e.name().to_string(),
-            external_id: String::new(),
-        })
-    }
-
-    /// Adds a change and the messages it causes to the group's batch and
-    /// applies it in memory; the group is written by [`Service::flush`].
-    /// `trace` is the workflow the messages are about (for the receiver's
-    /// logs).
-    fn commit(
-        &mut self,
-        applied: Option<Uuid>,
-        job: Option<Job>,
-        offer: Option<Offer>,
-        fx: Vec<Effect>,
-        trace: Option<Uuid>,
-    ) -> Result<(), String> {
-        let mut job = job;
-        let mut fx = fx;
-        // Status updates say where the job runs (for `workflow show`).
-        for e in &mut fx {
-            if let Effect::Send(Outbound {
-                msg: Msg::Status(s),
-                ..
-            }) = e
-            {
-                if let Some(x) = self.runs_on(s.job_id) {
-                    s.executor = x.executor;
-                    s.external_id = x.external_id;
-                }
-            }
-        }
-        let g = &mut self.group;
-        for e in &fx {
-            if let Effect::Send(out) = e {
-                let staged = self.wire.stage(&mut g.batch, out, trace)?;
-                if let Msg::Status(s) = &out.msg {
-                    if let Some(prev) = g
-                        .last_status
-                        .insert(s.job_id, g.staged.len())
-                        .and_then(|i| g.staged.get_mut(i))
-                        .and_then(Option::take)
-                    {
-                        self.wire.unstage(&mut g.batch, &prev);
-                    }
-                }
-                g.staged.push(Some(staged));
-            }
-            if let (Effect::Enqueue(_), Some(j)) = (e, job.as_mut()) {
-                j.queue_seq = Some(self.next_queue_seq);
-                self.next_queue_seq += 1;
-            }
-        }
-        if let Some(j) = &job {
-            g.batch.put(JOBS, &Key::new().uuid(&j.id).finish(), j);
-            g.changed.push(JobChange {
-                id: j.id,
-                state: j.state,
-            });
-        }
-        if let Some(o) = &offer {
-            g.batch
-                .put(OFFERS, &Key::new().uuid(&o.request_id).finish(), o);
-        }
-        if let Some(id) = applied {
-            wire::mark_applied(&mut g.batch, &id);
-            g.applied.insert(id);
-        }
-        if let Some(o) = offer {
-            self.offers.insert(o.request_id, o);
-        }
-        if let Some(j) = job {
-            for e in &fx {
-                match e {
-                    Effect::Enqueue(id) => {
-                        if let Some(seq) = j.queue_seq {
-                            self.queue.insert(seq, *id);
-                        }
-                    }
-                    Effect::StopProcess(id) => {
-                        if let Some(t) = self.running.remove(id) {
-                            t.cancel();
-                        }
-                    }
-                    Effect::Send(_) => {}
-                }
-            }
-            if j.state.is_final() {
-                self.jobs.remove(&j.id);
-                if let Some(seq) = j.queue_seq {
-                    if self.queue.get(&seq) == Some(&j.id) {
-                        self.queue.remove(&seq);
-                    }
-                }
-            } else {
-                self.jobs.insert(j.id, j);
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes the group in one synced batch, then announces its messages
-    /// and answers its senders. False when the write failed: the state is
-    /// reloaded from disk, senders are told to retry, and the results of
-    /// jobs that ended are applied again to the next group.
-    async fn flush(&mut self) -> bool {
-        let g = std::mem::take(&mut self.group);
-        if g.batch.is_empty() && g.replies.is_empty() {
-            return true;
-        }
-        let written = if g.batch.is_empty() {
-            Ok(())
-        } else {
-            self.store.write_blocking(g.batch).await
-        };
-        match written {
-            Ok(()) => {
-                self.wire.notify(g.staged.into_iter().flatten().collect());
-                for (tx, r) in g.replies {
-                    let _ = tx.send(r);
-                }
-                for c in g.changed {
-                    let _ = self.events.send(c);
-                }
-            }
-            Err(e) => {
-                let e = format!("cannot write the agent's state: {e}");
-                tracing::error!(error = %e, "group not written; reloading from disk");
-                for (tx, r) in g.replies {
-                    let _ = tx.send(r.and(Err(DeliverError::Retry(e.clone()))));
-                }
-                self.retry_results.extend(g.results);
-                self.reload();
-                return false;
-            }
-        }
-        true
-    }
-
-    /// Starts queued jobs, oldest first, while slots are free. A job's
-    /// process starts before its `running` state is written: if the agent
-    /// dies first, the job re-runs after the restart, as for any job that
-    /// was running (see ARCHITECTURE.md, Guarantees).
-    ///
-    /// Jobs of Slurm job types do not take local slots: at most their
-    /// type's `max_in_flight` are submitted at once. A job that does not
-    /// fit now stays queued in its place; at most 64 are looked past per
-    /// call.
-    fn schedule(&mut self) {
-        let mut skipped = Vec::new();
-        self.start_queued(&mut skipped);
-        for (seq, id) in skipped {
-            self.queue.insert(seq, id);
-        }
-    }
-
-    fn start_queued(&mut self, skipped: &mut Vec<(u64, Uuid)>) {
-        loop {
-            let local = self
-                .running
-                .keys()
-                .filter(|k| !self.slurm_running.contains_key(k))
-                .count();
-            if skipped.len() >= 64 || (local >= self.opts.slots && !self.slurm_seen) {
-                return;
-            }
-            let Some((_, id)) = self.queue.pop_first() else {
-                return;
-            };
-            let Some(mut job) = self.jobs.get(&id).cloned() else {
-                continue;
-            };
-            let def = match job_types::find(&self.store, &job.job_type) {
-                Ok(Some(d)) => d,
-                Ok(None) => {
-                    let fx = job.on_started(now_ms());
-                    let mut job2 = job.clone();
-                    let mut fx2 = job2.on_finished(
-                        RunResult::Failed {
-                            message: format!(
-                                "job type {} was removed from this agent",
-                                job.job_type
-                            ),
-                            exit_status: None,
-                            stderr_tail: String::new(),
-                        },
-                        now_ms(),
-                    );
-                    let mut all = fx;
-                    all.append(&mut fx2);
-                    let trace = workflow_of(&self.store, &job2);
-                    let _ = self.commit(None, Some(job2), None, all, trace);
-                    continue;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read job types");
-                    self.queue.insert(job.queue_seq.unwrap_or(0), id);
-                    return;
-                }
-            };
-            let executor = match job_types::executor_of(&self.store, &job.job_type) {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read job types");
-                    self.queue.insert(job.queue_seq.unwrap_or(0), id);
-                    return;
-                }
-            };
-            let fits = match &executor {
-                caroni_types::ExecutorSpec::Slurm(s) => {
-                    self.slurm_seen = true;
-                    let of_type = self
-                        .slurm_running
-                        .values()
-                        .filter(|t| **t == job.job_type)
-                        .count();
-                    of_type < s.max_in_flight as usize
-                }
-                _ => local < self.opts.slots,
-            };
-            if !fits {
-                skipped.push((job.queue_seq.unwrap_or(0), id));
-                continue;
-            }
-            let slurm_type = matches!(executor, caroni_types::ExecutorSpec::Slurm(_))
-                .then(|| job.job_type.clone());
-            let fx = job.on_started(now_ms());
-            let spec = RunSpec {
-                job_id: id,
-                body: def.body.clone(),
-                inputs: job.values.clone(),
-                job_kvs: job.job_kvs.clone(),
-                outputs: def.outputs.clone(),
-                timeout: Duration::from_secs(u64::from(def.timeout_seconds)),
-                max_output_bytes: def.max_output_bytes,
-                executor,
-            };
-            // Where it runs, written with its start (a Slurm job's id is
-            // written by its executor once sbatch has given it).
-            if !matches!(spec.executor, caroni_types::ExecutorSpec::Slurm(_)) {
-                let execution = Execution {
-                    executor: spec.executor.name().to_string(),
-                    external_id: self.executor.external_id(&spec),
-                };
-                self.group
-                    .batch
-                    .put(EXECUTIONS, &Key::new().uuid(&id).finish(), &execution);
-            }
-            let workflow = workflow_of(&self.store, &job);
-            if let Err(e) = self.commit(None, Some(job), None, fx, workflow) {
-                tracing::error!(error = %e, "cannot start a job");
-                continue;
-            }
-            let token = CancellationToken::new();
-            self.running.insert(id, token.clone());
-            if let Some(t) = slurm_type {
-                self.slurm_running.insert(id, t);
-            }
-            let exec = self.executor.clone();
-            let done = self.done_tx.clone();
-            let span = tracing::info_span!(
-                "job",
-                node = %self.opts.node_id,
-                job = %id,
-                workflow = tracing::field::Empty
-            );
-            if let Some(w) = workflow {
-                span.record("workflow", tracing::field::display(w));
-            }
-            tokio::spawn(
-                async move {
-                    tracing::debug!("job started");
-                    let result = exec.run(spec, token).await;
-                    let _ = done.send((id, result)).await;
-                }
-                .instrument(span),
-            );
-        }
-    }
-
-    fn finished(&mut self, id: Uuid, result: RunResult) {
-        self.running.remove(&id);
-        self.slurm_running.remove(&id);
-        let Some(mut job) = self.jobs.get(&id).cloned() else {
-            return;
-        };
-        self.group.results.push((id, result.clone()));
-        let fx = job.on_finished(result, now_ms());
-        match job.state {
-            JobState::Completed => self.stats.completed.fetch_add(1, Ordering::Relaxed),
-            _ => {
-                let reason = failure_reason(&job.message, job.exit_status);
-                caroni_store::metrics::METRICS
-                    .job_failures
-                    .get_or_create(&caroni_store::metrics::label("reason", reason))
-                    .inc();
-                self.stats.failed.fetch_add(1, Ordering::Relaxed)
-            }
-        };
-        let trace = workflow_of(&self.store, &job);
-        tracing::debug!(workflow = %caroni_types::msg::Trace(trace), job = %id, state = job.state.as_str(), reason = %job.message, "job finished");
-        if let Err(e) = self.commit(None, Some(job), None, fx, trace) {
-            tracing::error!(error = %e, "cannot record a finished job");
-        }
-    }
 }
 
-/// The workflow a job serves, as its request said (kept per request).
-fn workflow_of(store: &Store, job: &Job) -> Option<Uuid> {
+/// The workflow a request is for, as its manager said (kept per request).
+fn workflow_of(store: &Store, request: &Uuid) -> Option<Uuid> {
     store
-        .get(
-            REQUEST_WORKFLOWS,
-            &Key::new().uuid(&job.request_id).finish(),
-        )
+        .get(REQUEST_WORKFLOWS, &Key::new().uuid(request).finish())
         .ok()
         .flatten()
-}
-
-fn unknown_job(msg: &Inbound, job_id: Uuid) -> caroni_types::msg::Outbound {
-    caroni_types::msg::Outbound {
-        to: msg.from.clone(),
-        endpoint: msg.endpoint.clone(),
-        msg: Msg::Status(caroni_types::msg::StatusUpdate {
-            job_id,
-            state: JobState::Failed,
-            message: "this agent does not know the job (it may have lost its data)".into(),
-            exit_status: None,
-            stderr_tail: String::new(),
-            sequence: u64::MAX,
-            executor: String::new(),
-            external_id: String::new(),
-        }),
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use caroni_types::msg::{JobState, Msg};
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    fn now_ms() -> u64 {
+        caroni_types::now_ms()
+    }
     use caroni_types::msg::Outbound;
     use caroni_types::JobTypeDef;
     use std::sync::Mutex;
@@ -1038,20 +497,20 @@ mod tests {
     #[derive(Default)]
     struct FakeWire(Mutex<Vec<Outbound>>);
 
-    impl wire::Wire for FakeWire {
+    impl Wire for FakeWire {
         fn stage(
             &self,
             _: &mut Batch,
             out: &Outbound,
             _: Option<Uuid>,
-        ) -> Result<wire::Staged, String> {
-            Ok(wire::Staged {
+        ) -> Result<Staged, String> {
+            Ok(Staged {
                 to: out.to.clone(),
                 endpoint: out.endpoint.clone(),
                 item: Some(Arc::new(out.clone())),
             })
         }
-        fn notify(&self, staged: Vec<wire::Staged>) {
+        fn notify(&self, staged: Vec<Staged>) {
             let mut sent = self
                 .0
                 .lock()
@@ -1139,7 +598,7 @@ mod tests {
                 publish_count: 1,
                 workflow_id: None,
             };
-            assert!(handle.gossip(manager.into(), req.clone()));
+            assert!(handle.gossip(manager.into(), format!("http://{manager}"), req.clone()));
             // The offer is staged once the gossip is handled; read it back.
             let offer = tokio::time::timeout(Duration::from_secs(5), async {
                 loop {

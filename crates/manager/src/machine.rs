@@ -78,10 +78,35 @@ pub enum Effect {
     Publish(JobRequest),
 }
 
-/// Why a message was refused: the sender has no right to say it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Refusal(pub String);
+/// Why a message was refused: the sender has no right to say it (one
+/// type across the crates).
+pub use caroni_types::delivery::Refusal;
+
+/// When each timer of one step is due (ms since the epoch).
+#[derive(Debug, Default)]
+struct StepTimers {
+    /// The open request expires.
+    expire: Option<u64>,
+    /// The offer window of the open request closes.
+    decide: Option<u64>,
+    /// The open request is published again.
+    publish: Option<u64>,
+    /// The current job counts as lost.
+    lost: Option<u64>,
+    /// The current job is asked about.
+    probe: Option<u64>,
+    /// When its agent was last heard from (for the lost job's message).
+    agent_heard: u64,
+}
+
+impl StepTimers {
+    fn first(&self) -> Option<u64> {
+        [self.expire, self.decide, self.publish, self.lost, self.probe]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+}
 
 /// Why a workflow cannot be created.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -819,21 +844,58 @@ impl Workflow {
         fx
     }
 
+    /// When each timer of step `n` is due (ms): the one function of the
+    /// state that both [`Workflow::tick`] (what is due now) and
+    /// [`Workflow::next_deadline`] (when to wake) read, so the two never
+    /// disagree.
+    fn timers(&self, n: usize, lease_ms: u64, peers: &dyn Peers) -> StepTimers {
+        let mut t = StepTimers::default();
+        let step = &self.steps[n];
+        if let Some(r) = step
+            .request
+            .as_ref()
+            .filter(|r| r.state == RequestState::Fulfilling)
+        {
+            t.expire = Some(r.expires_at_ms);
+            t.decide = r.decide_at_ms;
+            t.publish = Some(r.next_publish_at_ms);
+        }
+        if let Some(a) = step.current() {
+            // The job's own silence, and the agent's: an agent that is
+            // heard from (its messages, its acks) holds its jobs even when
+            // their news waits in a long queue. Lost after a lease of the
+            // agent's silence; probed a third of a lease into it, or once
+            // a lease about a silent job of a live agent.
+            let probe_every = (lease_ms / 3).max(1);
+            let agent_heard = peers
+                .last_heard_ms(&a.agent)
+                .unwrap_or(0)
+                .max(a.last_heard_ms);
+            t.agent_heard = agent_heard;
+            t.lost = Some(agent_heard + lease_ms);
+            if a.job_id.is_some() {
+                let silent_agent = agent_heard.max(a.last_probe_ms) + probe_every;
+                let live_agent = (a.last_heard_ms + probe_every).max(a.last_probe_ms + lease_ms);
+                t.probe = Some(silent_agent.min(live_agent));
+            }
+        }
+        t
+    }
+
     /// Timers: re-publication, request expiry, lease probes and lost jobs.
     pub fn tick(&mut self, ctx: &mut Ctx<'_>) -> Vec<Effect> {
         let mut fx = Vec::new();
         if self.state.is_final() {
             return fx;
         }
-        let probe_every = (ctx.lease_ms / 3).max(1);
+        let now = ctx.now_ms;
+        let due = |at: Option<u64>| at.is_some_and(|at| at <= now);
         for n in 0..self.steps.len() {
             if self.state.is_final() {
                 break;
             }
-            let expired = self.steps[n].request.as_ref().is_some_and(|r| {
-                r.state == RequestState::Fulfilling && r.expires_at_ms <= ctx.now_ms
-            });
-            if expired {
+            let t = self.timers(n, ctx.lease_ms, ctx.peers);
+            if due(t.expire) {
                 let req_id = self.steps[n]
                     .request
                     .as_ref()
@@ -867,11 +929,7 @@ impl Workflow {
                 self.fail_attempt(n, ctx, &msg, &mut fx);
                 continue;
             }
-            let window_closed = self.steps[n].request.as_ref().is_some_and(|r| {
-                r.state == RequestState::Fulfilling
-                    && r.decide_at_ms.is_some_and(|t| t <= ctx.now_ms)
-            });
-            if window_closed {
+            if due(t.decide) {
                 self.decide(n, ctx, &mut fx);
                 // All gathered offers may have expired: publish again.
                 if let Some(r) = self.steps[n].request.as_mut() {
@@ -881,28 +939,13 @@ impl Workflow {
                 }
             }
             self.publish_due(n, ctx, &mut fx);
+            // Deciding may have placed a job: its timers, afresh.
+            let t = self.timers(n, ctx.lease_ms, ctx.peers);
             let Some(a) = self.steps[n].current().cloned() else {
                 continue;
             };
-            // The job's own silence, and the agent's: an agent that is
-            // heard from (its messages, its acks) holds its jobs even when
-            // their news waits in a long queue.
-            let job_silent = ctx.now_ms.saturating_sub(a.last_heard_ms);
-            let agent_heard = ctx
-                .peers
-                .last_heard_ms(&a.agent)
-                .unwrap_or(0)
-                .max(a.last_heard_ms);
-            let silent = ctx.now_ms.saturating_sub(agent_heard);
-            let probe_due = ctx.now_ms.saturating_sub(a.last_probe_ms)
-                >= if silent >= probe_every {
-                    probe_every
-                } else {
-                    // The agent is alive: ask about the job itself only
-                    // once a lease (it may have lost the job's data).
-                    ctx.lease_ms
-                };
-            if silent >= ctx.lease_ms {
+            if due(t.lost) {
+                let silent = ctx.now_ms.saturating_sub(t.agent_heard);
                 let msg = format!(
                     "agent {} was silent for {} s (lease {} s); counted as lost",
                     a.agent,
@@ -910,7 +953,7 @@ impl Workflow {
                     ctx.lease_ms / 1000
                 );
                 self.fail_attempt(n, ctx, &msg, &mut fx);
-            } else if job_silent >= probe_every && probe_due {
+            } else if due(t.probe) {
                 if let (Some(job_id), Some(cur)) = (a.job_id, self.steps[n].attempts.last_mut()) {
                     cur.last_probe_ms = ctx.now_ms;
                     fx.push(Effect::Send(Outbound {
@@ -932,38 +975,8 @@ impl Workflow {
         if self.state.is_final() {
             return None;
         }
-        let probe_every = (lease_ms / 3).max(1);
-        self.steps
-            .iter()
-            .filter_map(|s| {
-                let req = s
-                    .request
-                    .as_ref()
-                    .filter(|r| r.state == RequestState::Fulfilling)
-                    .map(|r| {
-                        r.next_publish_at_ms
-                            .min(r.expires_at_ms)
-                            .min(r.decide_at_ms.unwrap_or(u64::MAX))
-                    });
-                let lease = s.current().map(|a| {
-                    // Mirrors `tick`: lost a lease after the agent was last
-                    // heard; probed a third of a lease after that, or once
-                    // a lease about a silent job of a live agent.
-                    let agent_heard = peers
-                        .last_heard_ms(&a.agent)
-                        .unwrap_or(0)
-                        .max(a.last_heard_ms);
-                    let lost = agent_heard + lease_ms;
-                    let probe_silent_agent = agent_heard.max(a.last_probe_ms) + probe_every;
-                    let probe_live_agent =
-                        (a.last_heard_ms + probe_every).max(a.last_probe_ms + lease_ms);
-                    lost.min(probe_silent_agent).min(probe_live_agent)
-                });
-                match (req, lease) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                }
-            })
+        (0..self.steps.len())
+            .filter_map(|n| self.timers(n, lease_ms, peers).first())
             .min()
     }
 

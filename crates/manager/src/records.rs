@@ -106,7 +106,7 @@ fn step_ref(s: &Step) -> StepRef<'_> {
 
 /// Which value of a workflow.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum ValueKey {
+pub enum ValueKey {
     /// A workflow input.
     Input(String),
     /// A workflow output.

@@ -20,7 +20,7 @@ pub(super) async fn metrics(State(c): State<Console>) -> Result<Response, Failur
     type Labels = Vec<(String, String)>;
     let l = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
     let mut registry = prometheus_client::registry::Registry::with_prefix("caroni");
-    caroni_store::metrics::register(&mut registry);
+    caroni_metrics::register(&mut registry);
 
     let workflows = Family::<Labels, Gauge>::default();
     let workflows_ended = Family::<Labels, Counter>::default();
