@@ -30,9 +30,11 @@ check: setup
 bench: setup
 	cargo bench --profile dev -p caroni-tests --bench micro
 
-# Decoder properties at full count: 100,000 cases each of envelopes (bytes
+# Decoder properties at full count, then the protocol simulator over
+# 50,000 seeds (CARONI_SIM_SEEDS). Decoder properties: 100,000 cases each of envelopes (bytes
 # and signed absurd messages), protocol payloads, CWL documents, job-type
 # files and configuration files; prints each one's count and time. `make
 # test` runs the same properties with 2,000 cases.
 fuzz: setup
 	CARONI_FUZZ_CASES=$${CARONI_FUZZ_CASES:-100000} cargo nextest run --workspace --no-fail-fast --no-capture -E 'test(/never_panic/)'
+	CARONI_SIM_SEEDS=$${CARONI_SIM_SEEDS:-50000} cargo nextest run --workspace --no-fail-fast --no-capture -E 'package(caroni-sim) and test(/seeded_faults/)'

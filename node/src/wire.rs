@@ -7,9 +7,9 @@
 
 use std::sync::{Arc, OnceLock};
 
-use caroni_peer::{Applying, Inbox, DeliverError, Liveness, Outbox, Verified};
-use caroni_proto::v1::{message::Payload, Envelope};
 use caroni_engine::Staged;
+use caroni_peer::{Applying, DeliverError, Inbox, Liveness, Outbox, Verified};
+use caroni_proto::v1::{message::Payload, Envelope};
 use caroni_store::Batch;
 use caroni_types::msg::{Inbound, JobRequest, Msg, Outbound};
 use futures::future::BoxFuture;

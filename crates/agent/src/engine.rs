@@ -77,7 +77,8 @@ pub trait World {
     fn knows(&self, node: &str) -> bool;
 }
 
-/// An input of the machine.
+/// An input of the machine (taken by value, applied at once).
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Input {
     /// A direct message from a peer, its sender verified.
@@ -485,9 +486,15 @@ impl Agent {
                 "not in this agent's --serve-managers: its requests are declined".into(),
             ));
         }
-        let Some((offer, answer)) =
-            machine::answer_request(def.as_ref(), prior, from, req, now.ms, &mut *now.new_id, how)
-        else {
+        let Some((offer, answer)) = machine::answer_request(
+            def.as_ref(),
+            prior,
+            from,
+            req,
+            now.ms,
+            &mut *now.new_id,
+            how,
+        ) else {
             return;
         };
         if matches!(answer.msg, Msg::Decline { .. }) {
@@ -828,7 +835,14 @@ impl Agent {
         }
     }
 
-    fn finished(&mut self, id: Uuid, result: RunResult, now_ms: u64, world: &dyn World, out: &mut Out) {
+    fn finished(
+        &mut self,
+        id: Uuid,
+        result: RunResult,
+        now_ms: u64,
+        world: &dyn World,
+        out: &mut Out,
+    ) {
         self.running.remove(&id);
         self.slurm_running.remove(&id);
         let Some(mut job) = self.jobs.get(&id).cloned() else {
@@ -838,7 +852,9 @@ impl Agent {
         let fx = job.on_finished(result, now_ms);
         match job.state {
             JobState::Completed => out.completed += 1,
-            _ => out.failures.push(Failure::of(&job.message, job.exit_status)),
+            _ => out
+                .failures
+                .push(Failure::of(&job.message, job.exit_status)),
         }
         let trace = world.workflow_of(&job.request_id);
         tracing::debug!(workflow = %caroni_types::msg::Trace(trace), job = %id, state = job.state.as_str(), reason = %job.message, "job finished");

@@ -25,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-pub use crate::engine::{Delivered, JobChange, Options};
 use crate::engine::{Agent, Input, Now, Out, World};
+pub use crate::engine::{Delivered, JobChange, Options};
 use crate::executor::{Execution, Executor, RunSpec};
 use crate::job_types;
 use crate::machine::{Job, Offer, RunResult};
@@ -259,8 +259,18 @@ impl<E: Executor> Service<E> {
     }
 
     fn load(&mut self) -> caroni_store::Result<()> {
-        let offers = self.store.scan(OFFERS, &[])?.into_iter().map(|(_, o)| o).collect();
-        let jobs = self.store.scan(JOBS, &[])?.into_iter().map(|(_, j)| j).collect();
+        let offers = self
+            .store
+            .scan(OFFERS, &[])?
+            .into_iter()
+            .map(|(_, o)| o)
+            .collect();
+        let jobs = self
+            .store
+            .scan(JOBS, &[])?
+            .into_iter()
+            .map(|(_, j)| j)
+            .collect();
         self.machine.load(offers, jobs, caroni_types::now_ms());
         Ok(())
     }
@@ -418,13 +428,19 @@ impl<E: Executor> driver::Engine for Service<E> {
         let m = &caroni_metrics::METRICS;
         let label = |k, v| caroni_metrics::label(k, v);
         if g.out.offers_made > 0 {
-            m.offers.get_or_create(&label("outcome", "made")).inc_by(g.out.offers_made);
+            m.offers
+                .get_or_create(&label("outcome", "made"))
+                .inc_by(g.out.offers_made);
         }
         if g.out.declines > 0 {
-            m.offers.get_or_create(&label("outcome", "declined")).inc_by(g.out.declines);
+            m.offers
+                .get_or_create(&label("outcome", "declined"))
+                .inc_by(g.out.declines);
         }
         for f in &g.out.failures {
-            m.job_failures.get_or_create(&label("reason", f.as_str())).inc();
+            m.job_failures
+                .get_or_create(&label("reason", f.as_str()))
+                .inc();
         }
         self.stats
             .completed
@@ -498,12 +514,7 @@ mod tests {
     struct FakeWire(Mutex<Vec<Outbound>>);
 
     impl Wire for FakeWire {
-        fn stage(
-            &self,
-            _: &mut Batch,
-            out: &Outbound,
-            _: Option<Uuid>,
-        ) -> Result<Staged, String> {
+        fn stage(&self, _: &mut Batch, out: &Outbound, _: Option<Uuid>) -> Result<Staged, String> {
             Ok(Staged {
                 to: out.to.clone(),
                 endpoint: out.endpoint.clone(),

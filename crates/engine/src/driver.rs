@@ -185,27 +185,27 @@ pub async fn run<E: Engine>(
         if std::mem::take(&mut first) {
             // Nothing to wait for.
         } else {
-        let sleep = match engine.next_timer() {
-            Some(at) => Duration::from_millis(at.saturating_sub(caroni_types::now_ms())),
-            None => Duration::from_secs(3600),
-        };
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            cmd = rx.recv() => match cmd {
-                Some(cmd) => {
-                    cmds.push(cmd);
-                    while cmds.len() < GROUP {
-                        match rx.try_recv() {
-                            Ok(cmd) => cmds.push(cmd),
-                            Err(_) => break,
+            let sleep = match engine.next_timer() {
+                Some(at) => Duration::from_millis(at.saturating_sub(caroni_types::now_ms())),
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => {
+                        cmds.push(cmd);
+                        while cmds.len() < GROUP {
+                            match rx.try_recv() {
+                                Ok(cmd) => cmds.push(cmd),
+                                Err(_) => break,
+                            }
                         }
                     }
-                }
-                None => break,
-            },
-            _ = tokio::time::sleep(sleep) => {}
-        }
+                    None => break,
+                },
+                _ = tokio::time::sleep(sleep) => {}
+            }
         }
         let Some(t) = trip(engine, std::mem::take(&mut cmds), store.clone()).await else {
             return;

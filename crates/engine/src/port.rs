@@ -3,8 +3,8 @@
 //! outbox) and announced after the batch is written; gossip publication is
 //! best effort (the manager re-publishes until a request is answered).
 
-pub use caroni_store::Staged;
 use caroni_store::Batch;
+pub use caroni_store::Staged;
 use caroni_types::msg::{JobRequest, Outbound};
 
 /// The node's transport, as the engines see it.
@@ -57,4 +57,3 @@ pub trait Wire: Send + Sync + 'static {
         true
     }
 }
-

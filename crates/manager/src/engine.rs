@@ -69,7 +69,8 @@ pub trait World {
     fn last_heard_ms(&self, node: &str) -> Option<u64>;
 }
 
-/// An input of the machine.
+/// An input of the machine (taken by value, applied at once).
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Input {
     /// A client starts a workflow from a parsed template.
@@ -471,7 +472,9 @@ impl Manager {
         let span = msg.span();
         let _in = span.enter();
         // Duplicates: applied in this group or an earlier one.
-        if out.applied_set.contains(&msg.id) || world.is_applied(&msg.id).map_err(DeliverError::Retry)? {
+        if out.applied_set.contains(&msg.id)
+            || world.is_applied(&msg.id).map_err(DeliverError::Retry)?
+        {
             return Ok(());
         }
         // The allowlist: offers of other agents are let go (rejected), a
@@ -536,31 +539,39 @@ impl Manager {
             }
         }
         let fx = self
-            .change(id, now, world, out, |wf, ctx| -> Result<Vec<Effect>, DeliverError> {
-                Ok(match &msg.msg {
-                    Msg::Offer {
-                        offer_id,
-                        request_id,
-                        expires_at_ms,
-                        load,
-                    } => wf.on_offer(
-                        ctx,
-                        &msg.from,
-                        &msg.endpoint,
-                        *request_id,
-                        *offer_id,
-                        *expires_at_ms,
-                        *load,
-                    ),
-                    Msg::Decline { request_id, reason } => {
-                        wf.on_decline(ctx, &msg.from, *request_id, reason)
-                    }
-                    Msg::Accepted { job_id, .. } => wf.on_accepted(ctx, &msg.from, *job_id)?,
-                    Msg::Data { job_id, items, .. } => wf.on_data(ctx, &msg.from, *job_id, items)?,
-                    Msg::Status(s) => wf.on_status(ctx, &msg.from, s)?,
-                    _ => Vec::new(),
-                })
-            })
+            .change(
+                id,
+                now,
+                world,
+                out,
+                |wf, ctx| -> Result<Vec<Effect>, DeliverError> {
+                    Ok(match &msg.msg {
+                        Msg::Offer {
+                            offer_id,
+                            request_id,
+                            expires_at_ms,
+                            load,
+                        } => wf.on_offer(
+                            ctx,
+                            &msg.from,
+                            &msg.endpoint,
+                            *request_id,
+                            *offer_id,
+                            *expires_at_ms,
+                            *load,
+                        ),
+                        Msg::Decline { request_id, reason } => {
+                            wf.on_decline(ctx, &msg.from, *request_id, reason)
+                        }
+                        Msg::Accepted { job_id, .. } => wf.on_accepted(ctx, &msg.from, *job_id)?,
+                        Msg::Data { job_id, items, .. } => {
+                            wf.on_data(ctx, &msg.from, *job_id, items)?
+                        }
+                        Msg::Status(s) => wf.on_status(ctx, &msg.from, s)?,
+                        _ => Vec::new(),
+                    })
+                },
+            )
             .ok_or_else(|| DeliverError::Retry("workflow vanished".into()))??;
         self.effects(id, fx, out);
         out.applied(msg.id);
@@ -570,7 +581,12 @@ impl Manager {
     /// A message about no live workflow of ours: tell the agent to let go
     /// (reject the offer, kill the job), in the ack when it is a stranger
     /// (never at an address it chose).
-    fn not_ours(&self, msg: &Inbound, world: &dyn World, out: &mut Out) -> Result<(), DeliverError> {
+    fn not_ours(
+        &self,
+        msg: &Inbound,
+        world: &dyn World,
+        out: &mut Out,
+    ) -> Result<(), DeliverError> {
         let answer = match &msg.msg {
             Msg::Offer {
                 offer_id,
@@ -711,8 +727,7 @@ impl Manager {
             return;
         };
         let held: usize = wf.inputs.values().map(|v| v.len()).sum();
-        if wf.state != WorkflowState::Created || held < SHELVE_BYTES || self.shelved.contains(id)
-        {
+        if wf.state != WorkflowState::Created || held < SHELVE_BYTES || self.shelved.contains(id) {
             return;
         }
         wf.inputs.clear();

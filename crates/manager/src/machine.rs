@@ -101,10 +101,16 @@ struct StepTimers {
 
 impl StepTimers {
     fn first(&self) -> Option<u64> {
-        [self.expire, self.decide, self.publish, self.lost, self.probe]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.expire,
+            self.decide,
+            self.publish,
+            self.lost,
+            self.probe,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 }
 

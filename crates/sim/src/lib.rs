@@ -100,7 +100,7 @@ impl Dice {
         }
     }
     fn chance(&mut self, p: f64) -> bool {
-        (self.0.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 1.0 < p
+        ((self.0.next_u64() >> 11) as f64 / ((1u64 << 53) as f64)) < p
     }
     fn uuid(&mut self) -> Uuid {
         uuid::Builder::from_random_bytes(
@@ -116,26 +116,58 @@ struct Staged {
     id: Uuid,
     out: Outbound,
     trace: Option<Uuid>,
+    /// When it was staged (ms).
+    at: u64,
 }
 
+/// Messages to a peer that never acknowledged one expire after this long,
+/// as in the real outbox.
+const UNCONFIRMED_TTL_MS: u64 = 10 * 60 * 1000;
+
+// Events are queued by value; boxing the larger ones buys nothing here.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Event {
     /// A transmission of a direct message arrives.
-    Arrive { from: String, to: String, at_endpoint: String, msg: Staged, sender_endpoint: String },
+    Arrive {
+        from: String,
+        to: String,
+        at_endpoint: String,
+        msg: Staged,
+        sender_endpoint: String,
+    },
     /// An acknowledgement (or a refusal in it) arrives back at the sender.
-    Ack { to: String, id: Uuid, refused: Option<String> },
+    Ack {
+        to: String,
+        id: Uuid,
+        refused: Option<String>,
+    },
     /// A gossip request arrives at an agent.
-    Gossip { to: String, from: String, endpoint: String, req: JobRequest },
+    Gossip {
+        to: String,
+        from: String,
+        endpoint: String,
+        req: JobRequest,
+    },
     /// A node's timer (settle).
     Wake { node: String },
     /// A run ended (of a given incarnation of the agent).
-    RunEnd { node: String, life: u64, job: Uuid, result: RunResult },
+    RunEnd {
+        node: String,
+        life: u64,
+        job: Uuid,
+        result: RunResult,
+    },
     /// The outbox sender of a node re-sends what is unacknowledged.
     Resend { node: String },
     /// A node restarts.
     Restart { node: String },
     /// A client starts a workflow.
-    Run { node: String, template: usize, input: String },
+    Run {
+        node: String,
+        template: usize,
+        input: String,
+    },
     /// A client cancels a workflow.
     Cancel { node: String, pick: u64 },
     /// The stranger forges a message.
@@ -255,6 +287,13 @@ pub struct Sim {
     seen_offers: Vec<(String, Uuid, Uuid)>,
     findings: Findings,
     counts: Counts,
+    /// Per sender and receiver, the last arrival scheduled: one stream
+    /// per pair delivers in order.
+    pair_at: HashMap<(String, String), u64>,
+    /// Pairs whose stream broke (a lost transmission, a receiver down or
+    /// asking to retry): nothing more goes through until the sender
+    /// re-sends what is unacknowledged, in order.
+    broken: HashSet<(String, String)>,
     /// Events by kind (with `CARONI_SIM_VERBOSE`).
     kinds: BTreeMap<String, u64>,
 }
@@ -307,7 +346,10 @@ fn compute(job_type: &str, i: &BTreeMap<String, String>) -> BTreeMap<String, Str
 /// A template's expected output for an input.
 fn expected(template: usize, input: &str) -> (String, String) {
     match template {
-        0 => ("result".into(), format!("prepend{} append", input.to_uppercase())),
+        0 => (
+            "result".into(),
+            format!("prepend{} append", input.to_uppercase()),
+        ),
         _ => {
             let rev: String = input.chars().rev().collect();
             ("final".into(), format!("[{}+{rev}]", input.to_uppercase()))
@@ -409,7 +451,9 @@ impl Sim {
         let mut dice = Dice(rand_pcg::Pcg64Mcg::seed_from_u64(seed));
         let templates = TEMPLATES
             .iter()
-            .map(|t| Arc::new(caroni_cwl::parse(t).unwrap_or_else(|e| panic!("a demo template: {e}"))))
+            .map(|t| {
+                Arc::new(caroni_cwl::parse(t).unwrap_or_else(|e| panic!("a demo template: {e}")))
+            })
             .collect();
         let mut nodes = BTreeMap::new();
         for m in 0..cfg.managers {
@@ -417,7 +461,11 @@ impl Sim {
             let endpoint = format!("http://{name}:1");
             nodes.insert(
                 name.clone(),
-                Node::new(&name, &endpoint, Role::Manager(None, ManagerDisk::default())),
+                Node::new(
+                    &name,
+                    &endpoint,
+                    Role::Manager(None, ManagerDisk::default()),
+                ),
             );
         }
         for a in 0..cfg.agents {
@@ -446,19 +494,32 @@ impl Sim {
             findings: Findings::default(),
             counts: Counts::default(),
             kinds: BTreeMap::new(),
+            pair_at: HashMap::new(),
+            broken: HashSet::new(),
         };
         std::mem::swap(&mut sim.dice, &mut dice);
         let names: Vec<String> = sim.nodes.keys().cloned().collect();
         for n in &names {
             sim.boot(n);
         }
-        let managers: Vec<String> = names.iter().filter(|n| n.starts_with("manager")).cloned().collect();
+        let managers: Vec<String> = names
+            .iter()
+            .filter(|n| n.starts_with("manager"))
+            .cloned()
+            .collect();
         for w in 0..sim.cfg.workflows {
             let at = sim.now + sim.dice.below(sim.cfg.fault_ms / 2);
             let node = managers[w % managers.len()].clone();
             let template = sim.dice.below(2) as usize;
             let input = format!("w{w}s{}", sim.dice.below(1000));
-            sim.push(at, Event::Run { node, template, input });
+            sim.push(
+                at,
+                Event::Run {
+                    node,
+                    template,
+                    input,
+                },
+            );
         }
         if sim.dice.chance(0.5) {
             let at = sim.now + sim.dice.below(sim.cfg.fault_ms / 2);
@@ -475,7 +536,11 @@ impl Sim {
 
     fn push(&mut self, at: u64, event: Event) {
         self.seq += 1;
-        self.queue.push(Queued { at, seq: self.seq, event });
+        self.queue.push(Queued {
+            at,
+            seq: self.seq,
+            event,
+        });
     }
 
     fn faults(&self) -> bool {
@@ -485,13 +550,27 @@ impl Sim {
     /// (Re)starts a node's machine from its disk.
     fn boot(&mut self, name: &str) {
         let now = self.now;
-        let Some(node) = self.nodes.get_mut(name) else { return };
+        let Some(node) = self.nodes.get_mut(name) else {
+            return;
+        };
         node.up = true;
         node.life += 1;
         node.heard.clear();
         node.wake_at = None;
-        let Node { role, applied, confirmed, heard, endpoint, name: node_name, .. } = node;
-        let peers = Peers { applied, confirmed, heard };
+        let Node {
+            role,
+            applied,
+            confirmed,
+            heard,
+            endpoint,
+            name: node_name,
+            ..
+        } = node;
+        let peers = Peers {
+            applied,
+            confirmed,
+            heard,
+        };
         match role {
             Role::Manager(m, disk) => {
                 let mut machine = Manager::new(manager_options(endpoint));
@@ -518,7 +597,12 @@ impl Sim {
         // The first group: what is due at start.
         self.settle(name);
         let at = self.now + 50;
-        self.push(at, Event::Resend { node: name.to_string() });
+        self.push(
+            at,
+            Event::Resend {
+                node: name.to_string(),
+            },
+        );
     }
 
     /// Runs the simulation to its end and checks it.
@@ -536,7 +620,13 @@ impl Sim {
                 *self.kinds.entry(kind).or_default() += 1;
             }
             self.step(q.event);
-            if self.all_ended() && !self.faults() && self.queue.iter().all(|q| !matches!(q.event, Event::Run { .. })) {
+            if self.all_ended()
+                && !self.faults()
+                && self
+                    .queue
+                    .iter()
+                    .all(|q| !matches!(q.event, Event::Run { .. }))
+            {
                 break;
             }
         }
@@ -548,7 +638,9 @@ impl Sim {
         self.started.len() == self.cfg.workflows
             && self.started.iter().all(|(id, (m, _))| {
                 self.nodes.get(m).is_some_and(|n| match &n.role {
-                    Role::Manager(_, disk) => disk.workflows.get(id).is_some_and(|w| w.state.is_final()),
+                    Role::Manager(_, disk) => {
+                        disk.workflows.get(id).is_some_and(|w| w.state.is_final())
+                    }
                     Role::Agent(..) => false,
                 })
             })
@@ -556,11 +648,17 @@ impl Sim {
 
     fn step(&mut self, event: Event) {
         match event {
-            Event::Arrive { from, to, at_endpoint, msg, sender_endpoint } => {
-                self.arrive(from, to, at_endpoint, msg, sender_endpoint)
-            }
+            Event::Arrive {
+                from,
+                to,
+                at_endpoint,
+                msg,
+                sender_endpoint,
+            } => self.arrive(from, to, at_endpoint, msg, sender_endpoint),
             Event::Ack { to, id, refused } => {
-                let Some(node) = self.nodes.get_mut(&to) else { return };
+                let Some(node) = self.nodes.get_mut(&to) else {
+                    return;
+                };
                 if !node.up {
                     return;
                 }
@@ -581,18 +679,35 @@ impl Sim {
                     node.heard.insert(p, self.now);
                 }
             }
-            Event::Gossip { to, from, endpoint, req } => {
-                let Some(node) = self.nodes.get_mut(&to) else { return };
+            Event::Gossip {
+                to,
+                from,
+                endpoint,
+                req,
+            } => {
+                let Some(node) = self.nodes.get_mut(&to) else {
+                    return;
+                };
                 if !node.up || !matches!(node.role, Role::Agent(..)) {
                     return;
                 }
                 // Learnt from what the signer signed, as for direct
                 // messages.
                 node.book.insert(from.clone(), endpoint.clone());
-                self.agent_input(&to, agent::Input::Gossip { from, endpoint, req });
+                self.agent_input(
+                    &to,
+                    agent::Input::Gossip {
+                        from,
+                        endpoint,
+                        req,
+                    },
+                );
             }
             Event::Wake { node } => {
-                let due = self.nodes.get(&node).is_some_and(|n| n.up && n.wake_at.is_some_and(|w| w <= self.now));
+                let due = self
+                    .nodes
+                    .get(&node)
+                    .is_some_and(|n| n.up && n.wake_at.is_some_and(|w| w <= self.now));
                 if due {
                     if let Some(n) = self.nodes.get_mut(&node) {
                         n.wake_at = None;
@@ -600,8 +715,16 @@ impl Sim {
                     self.settle(&node);
                 }
             }
-            Event::RunEnd { node, life, job, result } => {
-                let alive = self.nodes.get(&node).is_some_and(|n| n.up && n.life == life);
+            Event::RunEnd {
+                node,
+                life,
+                job,
+                result,
+            } => {
+                let alive = self
+                    .nodes
+                    .get(&node)
+                    .is_some_and(|n| n.up && n.life == life);
                 if alive {
                     if matches!(result, RunResult::Completed { .. }) {
                         self.completed_runs.insert(job);
@@ -617,11 +740,22 @@ impl Sim {
                 }
                 self.boot(&node);
             }
-            Event::Run { node, template, input } => {
+            Event::Run {
+                node,
+                template,
+                input,
+            } => {
                 if !self.nodes.get(&node).is_some_and(|n| n.up) {
                     // The client retries later.
                     let at = self.now + 1_000;
-                    self.push(at, Event::Run { node, template, input });
+                    self.push(
+                        at,
+                        Event::Run {
+                            node,
+                            template,
+                            input,
+                        },
+                    );
                     return;
                 }
                 let parsed = self.templates[template].clone();
@@ -631,14 +765,24 @@ impl Sim {
                 };
                 let answer = self.manager_input(
                     &node,
-                    manager::Input::Run { template: format!("t{template}"), parsed, inputs },
+                    manager::Input::Run {
+                        template: format!("t{template}"),
+                        parsed,
+                        inputs,
+                    },
                 );
                 if let Some(manager::Answer::Run(Ok(id))) = answer {
-                    self.started.insert(id, (node, expected(template, &input).1));
+                    self.started
+                        .insert(id, (node, expected(template, &input).1));
                 }
             }
             Event::Cancel { node, pick } => {
-                let ids: Vec<Uuid> = self.started.iter().filter(|(_, (m, _))| *m == node).map(|(id, _)| *id).collect();
+                let ids: Vec<Uuid> = self
+                    .started
+                    .iter()
+                    .filter(|(_, (m, _))| *m == node)
+                    .map(|(id, _)| *id)
+                    .collect();
                 if ids.is_empty() || !self.nodes.get(&node).is_some_and(|n| n.up) {
                     return;
                 }
@@ -668,9 +812,19 @@ impl Sim {
 
     /// A transmission arrives: applied (or refused) and acknowledged, or
     /// lost when the node is down or the address is no longer its own.
-    fn arrive(&mut self, from: String, to: String, at_endpoint: String, msg: Staged, sender_endpoint: String) {
-        let Some(node) = self.nodes.get_mut(&to) else { return };
+    fn arrive(
+        &mut self,
+        from: String,
+        to: String,
+        at_endpoint: String,
+        msg: Staged,
+        sender_endpoint: String,
+    ) {
+        let Some(node) = self.nodes.get_mut(&to) else {
+            return;
+        };
         if !node.up || node.endpoint != at_endpoint {
+            self.broken.insert((from, to));
             return;
         }
         // Learnt from what the sender signed.
@@ -684,17 +838,27 @@ impl Sim {
             msg: msg.out.msg.clone(),
         };
         let r = if inbound.msg.for_agent() {
-            match self.nodes.get(&to).map(|n| matches!(n.role, Role::Agent(..))) {
+            match self
+                .nodes
+                .get(&to)
+                .map(|n| matches!(n.role, Role::Agent(..)))
+            {
                 Some(true) => match self.agent_input(&to, agent::Input::Deliver(inbound)) {
                     Some(Ok(agent::Delivered::Applied)) => Ok(()),
-                    Some(Ok(agent::Delivered::NotMine)) => Err(DeliverError::Refused("not for an agent".into())),
+                    Some(Ok(agent::Delivered::NotMine)) => {
+                        Err(DeliverError::Refused("not for an agent".into()))
+                    }
                     Some(Err(e)) => Err(e),
                     None => return,
                 },
                 _ => Err(DeliverError::Refused("not an agent".into())),
             }
         } else {
-            match self.nodes.get(&to).map(|n| matches!(n.role, Role::Manager(..))) {
+            match self
+                .nodes
+                .get(&to)
+                .map(|n| matches!(n.role, Role::Manager(..)))
+            {
                 Some(true) => match self.manager_input(&to, manager::Input::Deliver(inbound)) {
                     Some(manager::Answer::Deliver(r)) => r,
                     _ => return,
@@ -704,9 +868,15 @@ impl Sim {
         };
         let refused = match r {
             Ok(()) => None,
-            Err(DeliverError::Retry(_)) => return,
+            Err(DeliverError::Retry(_)) => {
+                self.broken.insert((from, to));
+                return;
+            }
             Err(DeliverError::Refused(why)) => {
-                let known = self.nodes.get(&to).is_some_and(|n| n.confirmed.contains(&from));
+                let known = self
+                    .nodes
+                    .get(&to)
+                    .is_some_and(|n| n.confirmed.contains(&from));
                 if from == MALLORY {
                     self.counts.forgeries_refused += 1;
                 } else if !known {
@@ -728,22 +898,52 @@ impl Sim {
         }
         let at = self.now + 1 + self.dice.below(20);
         if !self.dice.chance(self.cfg.drop) || !self.faults() {
-            self.push(at, Event::Ack { to: from, id: msg.id, refused });
+            self.push(
+                at,
+                Event::Ack {
+                    to: from,
+                    id: msg.id,
+                    refused,
+                },
+            );
         }
     }
 
     /// Sends every unacknowledged message of a node again (the outbox
     /// sender), to the address it knows.
     fn resend(&mut self, name: &str) {
-        let Some(node) = self.nodes.get(name) else { return };
+        let now = self.now;
+        let Some(node) = self.nodes.get_mut(name) else {
+            return;
+        };
         if !node.up {
             return;
+        }
+        let confirmed = &node.confirmed;
+        node.outbox.retain(|s| {
+            confirmed.contains(&s.out.to) || now.saturating_sub(s.at) < UNCONFIRMED_TTL_MS
+        });
+        let node = &*node;
+        let mine: Vec<(String, String)> = self
+            .broken
+            .iter()
+            .filter(|(f, _)| f == name)
+            .cloned()
+            .collect();
+        for p in mine {
+            self.broken.remove(&p);
         }
         let sends: Vec<(String, String, Staged)> = node
             .outbox
             .iter()
+            // The stranger takes nothing it is sent.
+            .filter(|s| s.out.to != MALLORY)
             .map(|s| {
-                let endpoint = node.book.get(&s.out.to).cloned().unwrap_or_else(|| s.out.endpoint.clone());
+                let endpoint = node
+                    .book
+                    .get(&s.out.to)
+                    .cloned()
+                    .unwrap_or_else(|| s.out.endpoint.clone());
                 (s.out.to.clone(), endpoint, s.clone())
             })
             .collect();
@@ -752,17 +952,33 @@ impl Sim {
             self.transmit(name, &to, &endpoint, s, &me);
         }
         let at = self.now + 200 + self.dice.below(300);
-        self.push(at, Event::Resend { node: name.to_string() });
+        self.push(
+            at,
+            Event::Resend {
+                node: name.to_string(),
+            },
+        );
     }
 
     fn transmit(&mut self, from: &str, to: &str, endpoint: &str, s: Staged, me: &str) {
         let faults = self.faults();
-        if faults && self.dice.chance(self.cfg.drop) {
+        let pair = (from.to_string(), to.to_string());
+        if self.broken.contains(&pair) {
             return;
         }
-        let copies = if faults && self.dice.chance(self.cfg.duplicate) { 2 } else { 1 };
+        if faults && self.dice.chance(self.cfg.drop) {
+            self.broken.insert(pair);
+            return;
+        }
+        let copies = if faults && self.dice.chance(self.cfg.duplicate) {
+            2
+        } else {
+            1
+        };
         for _ in 0..copies {
             let at = self.now + 1 + self.dice.below(if faults { 50 } else { 5 });
+            let at = at.max(self.pair_at.get(&pair).copied().unwrap_or(0));
+            self.pair_at.insert(pair.clone(), at);
             self.push(
                 at,
                 Event::Arrive {
@@ -777,7 +993,10 @@ impl Sim {
     }
 
     fn settle(&mut self, name: &str) {
-        let is_manager = self.nodes.get(name).is_some_and(|n| matches!(n.role, Role::Manager(..)));
+        let is_manager = self
+            .nodes
+            .get(name)
+            .is_some_and(|n| matches!(n.role, Role::Manager(..)));
         if is_manager {
             self.manager_group(name, |m, now, world, out| {
                 m.settle(now, world, out);
@@ -792,10 +1011,16 @@ impl Sim {
     }
 
     fn manager_input(&mut self, name: &str, input: manager::Input) -> Option<manager::Answer> {
-        self.manager_group(name, |m, now, world, out| Some(m.handle(input, now, world, out)))
+        self.manager_group(name, |m, now, world, out| {
+            Some(m.handle(input, now, world, out))
+        })
     }
 
-    fn agent_input(&mut self, name: &str, input: agent::Input) -> Option<Result<agent::Delivered, DeliverError>> {
+    fn agent_input(
+        &mut self,
+        name: &str,
+        input: agent::Input,
+    ) -> Option<Result<agent::Delivered, DeliverError>> {
         let r = self.agent_group(name, |a, now, world, out| a.handle(input, now, world, out));
         Some(r)
     }
@@ -805,15 +1030,28 @@ impl Sim {
     fn manager_group(
         &mut self,
         name: &str,
-        f: impl FnOnce(&mut Manager, &mut manager::Now<'_>, &dyn manager::World, &mut manager::Out) -> Option<manager::Answer>,
+        f: impl FnOnce(
+            &mut Manager,
+            &mut manager::Now<'_>,
+            &dyn manager::World,
+            &mut manager::Out,
+        ) -> Option<manager::Answer>,
     ) -> Option<manager::Answer> {
         let now = self.now;
-        let mut dice = std::mem::replace(&mut self.dice, Dice(rand_pcg::Pcg64Mcg::seed_from_u64(0)));
+        let mut dice =
+            std::mem::replace(&mut self.dice, Dice(rand_pcg::Pcg64Mcg::seed_from_u64(0)));
         let Some(node) = self.nodes.get_mut(name) else {
             self.dice = dice;
             return None;
         };
-        let Node { role, applied: node_applied, confirmed, heard, outbox, .. } = node;
+        let Node {
+            role,
+            applied: node_applied,
+            confirmed,
+            heard,
+            outbox,
+            ..
+        } = node;
         let Role::Manager(slot, disk) = role else {
             self.dice = dice;
             return None;
@@ -824,9 +1062,19 @@ impl Sim {
         };
         let mut out = manager::Out::default();
         let answer = {
-            let world = MWorld { peers: Peers { applied: node_applied, confirmed, heard }, disk };
+            let world = MWorld {
+                peers: Peers {
+                    applied: node_applied,
+                    confirmed,
+                    heard,
+                },
+                disk,
+            };
             let mut gen = || dice.uuid();
-            let mut clock = manager::Now { ms: now, new_id: &mut gen };
+            let mut clock = manager::Now {
+                ms: now,
+                new_id: &mut gen,
+            };
             let a = f(&mut m, &mut clock, &world, &mut out);
             m.settle(&mut clock, &world, &mut out);
             a
@@ -840,7 +1088,12 @@ impl Sim {
         m.written(&out);
         let mut staged = Vec::new();
         for (o, trace) in out.send {
-            staged.push(Staged { id: dice.uuid(), out: o, trace });
+            staged.push(Staged {
+                id: dice.uuid(),
+                out: o,
+                trace,
+                at: now,
+            });
         }
         for id in &out.applied {
             node_applied.insert(*id);
@@ -852,20 +1105,41 @@ impl Sim {
         let publish = out.publish;
         self.dice = dice;
         for id in applied {
-            *self.applied_count.entry((name.to_string(), id)).or_default() += 1;
+            *self
+                .applied_count
+                .entry((name.to_string(), id))
+                .or_default() += 1;
         }
         self.performed(name, staged, next);
         // Gossip, best effort, to every agent.
         for req in publish {
-            self.seen_requests.push((req.request_id, req.job_type.clone()));
-            let endpoint = self.nodes.get(name).map(|n| n.endpoint.clone()).unwrap_or_default();
-            let agents: Vec<String> = self.nodes.keys().filter(|n| n.starts_with("agent")).cloned().collect();
+            self.seen_requests
+                .push((req.request_id, req.job_type.clone()));
+            let endpoint = self
+                .nodes
+                .get(name)
+                .map(|n| n.endpoint.clone())
+                .unwrap_or_default();
+            let agents: Vec<String> = self
+                .nodes
+                .keys()
+                .filter(|n| n.starts_with("agent"))
+                .cloned()
+                .collect();
             for a in agents {
                 if self.faults() && self.dice.chance(self.cfg.drop * 4.0) {
                     continue;
                 }
                 let at = self.now + 1 + self.dice.below(30);
-                self.push(at, Event::Gossip { to: a, from: name.to_string(), endpoint: endpoint.clone(), req: req.clone() });
+                self.push(
+                    at,
+                    Event::Gossip {
+                        to: a,
+                        from: name.to_string(),
+                        endpoint: endpoint.clone(),
+                        req: req.clone(),
+                    },
+                );
             }
         }
         answer
@@ -875,17 +1149,30 @@ impl Sim {
     fn agent_group(
         &mut self,
         name: &str,
-        f: impl FnOnce(&mut Agent, &mut agent::Now<'_>, &dyn agent::World, &mut agent::Out) -> Result<agent::Delivered, DeliverError>,
+        f: impl FnOnce(
+            &mut Agent,
+            &mut agent::Now<'_>,
+            &dyn agent::World,
+            &mut agent::Out,
+        ) -> Result<agent::Delivered, DeliverError>,
     ) -> Result<agent::Delivered, DeliverError> {
         let now = self.now;
         let types = job_types();
-        let mut dice = std::mem::replace(&mut self.dice, Dice(rand_pcg::Pcg64Mcg::seed_from_u64(0)));
+        let mut dice =
+            std::mem::replace(&mut self.dice, Dice(rand_pcg::Pcg64Mcg::seed_from_u64(0)));
         let Some(node) = self.nodes.get_mut(name) else {
             self.dice = dice;
             return Err(DeliverError::Retry("no node".into()));
         };
         let life = node.life;
-        let Node { role, applied: node_applied, confirmed, heard, outbox, .. } = node;
+        let Node {
+            role,
+            applied: node_applied,
+            confirmed,
+            heard,
+            outbox,
+            ..
+        } = node;
         let Role::Agent(slot, disk) = role else {
             self.dice = dice;
             return Err(DeliverError::Retry("not an agent".into()));
@@ -896,9 +1183,20 @@ impl Sim {
         };
         let mut out = agent::Out::default();
         let answer = {
-            let world = AWorld { peers: Peers { applied: node_applied, confirmed, heard }, disk, types: &types };
+            let world = AWorld {
+                peers: Peers {
+                    applied: node_applied,
+                    confirmed,
+                    heard,
+                },
+                disk,
+                types: &types,
+            };
             let mut gen = || dice.uuid();
-            let mut clock = agent::Now { ms: now, new_id: &mut gen };
+            let mut clock = agent::Now {
+                ms: now,
+                new_id: &mut gen,
+            };
             let r = f(&mut a, &mut clock, &world, &mut out);
             a.settle(&mut clock, &world, &mut out);
             r
@@ -923,19 +1221,29 @@ impl Sim {
         }
         let mut staged = Vec::new();
         for (o, trace) in out.send.into_iter().flatten() {
-            staged.push(Staged { id: dice.uuid(), out: o, trace });
+            staged.push(Staged {
+                id: dice.uuid(),
+                out: o,
+                trace,
+                at: now,
+            });
         }
         outbox.extend(staged.iter().cloned());
         let next = a.next_timer();
         *slot = Some(a);
         self.dice = dice;
         for id in out.applied {
-            *self.applied_count.entry((name.to_string(), id)).or_default() += 1;
+            *self
+                .applied_count
+                .entry((name.to_string(), id))
+                .or_default() += 1;
         }
         for s in out.start {
             let id = s.spec.job_id;
             if self.completed_runs.contains(&id) {
-                self.findings.violations.push(format!("{name} started job {id} again after it completed"));
+                self.findings
+                    .violations
+                    .push(format!("{name} started job {id} again after it completed"));
             }
             let job_type = self
                 .nodes
@@ -946,12 +1254,27 @@ impl Sim {
                 })
                 .unwrap_or_default();
             let result = if self.dice.chance(self.cfg.job_failure) {
-                RunResult::Failed { message: "exit status 1".into(), exit_status: Some(1), stderr_tail: String::new() }
+                RunResult::Failed {
+                    message: "exit status 1".into(),
+                    exit_status: Some(1),
+                    stderr_tail: String::new(),
+                }
             } else {
-                RunResult::Completed { outputs: compute(&job_type, &s.spec.inputs), stderr_tail: String::new() }
+                RunResult::Completed {
+                    outputs: compute(&job_type, &s.spec.inputs),
+                    stderr_tail: String::new(),
+                }
             };
             let at = self.now + 1 + self.dice.below(200);
-            self.push(at, Event::RunEnd { node: name.to_string(), life, job: id, result });
+            self.push(
+                at,
+                Event::RunEnd {
+                    node: name.to_string(),
+                    life,
+                    job: id,
+                    result,
+                },
+            );
         }
         self.performed(name, staged, next);
         answer
@@ -960,7 +1283,8 @@ impl Sim {
     /// After a group is written: its messages go out, its timer is set.
     fn performed(&mut self, name: &str, staged: Vec<Staged>, next: Option<u64>) {
         for s in &staged {
-            if s.out.to == MALLORY && !matches!(s.out.msg, Msg::Offer { .. } | Msg::Decline { .. }) {
+            if s.out.to == MALLORY && !matches!(s.out.msg, Msg::Offer { .. } | Msg::Decline { .. })
+            {
                 self.findings.violations.push(format!(
                     "{name} sent {} to the stranger, which never acknowledged anything",
                     s.out.msg.name()
@@ -973,12 +1297,20 @@ impl Sim {
                 ));
             }
             match &s.out.msg {
-                Msg::Accept { offer_id, job_id, .. } => {
+                Msg::Accept {
+                    offer_id, job_id, ..
+                } => {
                     self.seen_jobs.push((s.out.to.clone(), *job_id));
-                    self.seen_offers.push((s.out.to.clone(), *offer_id, *job_id));
+                    self.seen_offers
+                        .push((s.out.to.clone(), *offer_id, *job_id));
                 }
-                Msg::Offer { offer_id, request_id, .. } => {
-                    self.seen_offers.push((name.to_string(), *offer_id, *request_id));
+                Msg::Offer {
+                    offer_id,
+                    request_id,
+                    ..
+                } => {
+                    self.seen_offers
+                        .push((name.to_string(), *offer_id, *request_id));
                 }
                 _ => {}
             }
@@ -991,18 +1323,29 @@ impl Sim {
             if s.out.to == MALLORY {
                 continue;
             }
-            let endpoint = book.get(&s.out.to).cloned().unwrap_or_else(|| s.out.endpoint.clone());
+            let endpoint = book
+                .get(&s.out.to)
+                .cloned()
+                .unwrap_or_else(|| s.out.endpoint.clone());
             let to = s.out.to.clone();
             self.transmit(name, &to, &endpoint, s, &me);
         }
         if let Some(at) = next {
             let at = at.max(self.now + 1);
-            let queue_it = self.nodes.get(name).is_some_and(|n| n.wake_at.is_none_or(|w| w > at));
+            let queue_it = self
+                .nodes
+                .get(name)
+                .is_some_and(|n| n.wake_at.is_none_or(|w| w > at));
             if queue_it {
                 if let Some(n) = self.nodes.get_mut(name) {
                     n.wake_at = Some(at);
                 }
-                self.push(at, Event::Wake { node: name.to_string() });
+                self.push(
+                    at,
+                    Event::Wake {
+                        node: name.to_string(),
+                    },
+                );
             }
         }
     }
@@ -1033,20 +1376,50 @@ impl Sim {
                 executor: String::new(),
                 external_id: String::new(),
             }),
-            1 => Msg::Data { job_id: job, items: BTreeMap::from([("out".into(), "forged".into())]), outputs: true },
-            2 => Msg::Data { job_id: job, items: BTreeMap::from([("x".into(), "forged".into())]), outputs: false },
-            3 => Msg::Kill { job_id: job, reason: "forged".into() },
-            4 => Msg::Accept { offer_id, request_id, job_id: self.dice.uuid() },
-            5 => Msg::Reject { offer_id, request_id },
-            6 => Msg::Accepted { job_id: job, offer_id },
+            1 => Msg::Data {
+                job_id: job,
+                items: BTreeMap::from([("out".into(), "forged".into())]),
+                outputs: true,
+            },
+            2 => Msg::Data {
+                job_id: job,
+                items: BTreeMap::from([("x".into(), "forged".into())]),
+                outputs: false,
+            },
+            3 => Msg::Kill {
+                job_id: job,
+                reason: "forged".into(),
+            },
+            4 => Msg::Accept {
+                offer_id,
+                request_id,
+                job_id: self.dice.uuid(),
+            },
+            5 => Msg::Reject {
+                offer_id,
+                request_id,
+            },
+            6 => Msg::Accepted {
+                job_id: job,
+                offer_id,
+            },
             _ => Msg::StatusRequest { job_id: job },
         };
         let s = Staged {
             id: self.dice.uuid(),
-            out: Outbound { to: to.clone(), endpoint: String::new(), msg },
+            out: Outbound {
+                to: to.clone(),
+                endpoint: String::new(),
+                msg,
+            },
             trace: None,
+            at: self.now,
         };
-        let endpoint = self.nodes.get(&to).map(|n| n.endpoint.clone()).unwrap_or_default();
+        let endpoint = self
+            .nodes
+            .get(&to)
+            .map(|n| n.endpoint.clone())
+            .unwrap_or_default();
         // It signs the address it wants answers sent to.
         self.transmit(MALLORY, &to, &endpoint, s, EVIL);
         // And gossips a request whose reply address is not its own.
@@ -1062,10 +1435,21 @@ impl Sim {
                 publish_count: 1,
                 workflow_id: None,
             };
-            let agents: Vec<String> = names.into_iter().filter(|n| n.starts_with("agent")).collect();
+            let agents: Vec<String> = names
+                .into_iter()
+                .filter(|n| n.starts_with("agent"))
+                .collect();
             for a in agents {
                 let at = self.now + 1 + self.dice.below(30);
-                self.push(at, Event::Gossip { to: a, from: MALLORY.into(), endpoint: "http://mallory:1".into(), req: req.clone() });
+                self.push(
+                    at,
+                    Event::Gossip {
+                        to: a,
+                        from: MALLORY.into(),
+                        endpoint: "http://mallory:1".into(),
+                        req: req.clone(),
+                    },
+                );
             }
         }
     }
@@ -1074,24 +1458,48 @@ impl Sim {
     fn check(&mut self) {
         let seed = self.seed;
         if std::env::var_os("CARONI_SIM_VERBOSE").is_some() {
-            println!("seed {seed}: ended at {} ms, events {:?}", self.now - 1_000_000, self.kinds);
+            println!(
+                "seed {seed}: ended at {} ms, events {:?}",
+                self.now - 1_000_000,
+                self.kinds
+            );
         }
         let mut v = Vec::new();
         if self.started.len() != self.cfg.workflows {
-            v.push(format!("{} of {} workflows were started", self.started.len(), self.cfg.workflows));
+            v.push(format!(
+                "{} of {} workflows were started",
+                self.started.len(),
+                self.cfg.workflows
+            ));
         }
         for (id, (m, want)) in &self.started {
-            let Some(Role::Manager(_, disk)) = self.nodes.get(m).map(|n| &n.role) else { continue };
+            let Some(Role::Manager(_, disk)) = self.nodes.get(m).map(|n| &n.role) else {
+                continue;
+            };
             let Some(wf) = disk.workflows.get(id) else {
                 v.push(format!("workflow {id} is not on {m}'s disk"));
                 continue;
             };
             if std::env::var_os("CARONI_SIM_VERBOSE").is_some() {
-                println!("workflow {id} on {m}: {} {:?}", wf.state.as_str(), wf.message);
+                println!(
+                    "workflow {id} on {m}: {} {:?}",
+                    wf.state.as_str(),
+                    wf.message
+                );
                 for st in &wf.steps {
-                    println!("  step {} {:?} request {:?}", st.id, st.state, st.request.as_ref().map(|r| (r.state, r.publish_count, r.expires_at_ms)));
+                    println!(
+                        "  step {} {:?} request {:?}",
+                        st.id,
+                        st.state,
+                        st.request
+                            .as_ref()
+                            .map(|r| (r.state, r.publish_count, r.expires_at_ms))
+                    );
                     for a in &st.attempts {
-                        println!("    attempt {:?} on {} {:?} {}", a.job_id, a.agent, a.state, a.message);
+                        println!(
+                            "    attempt {:?} on {} {:?} {}",
+                            a.job_id, a.agent, a.state, a.message
+                        );
                     }
                 }
             }
@@ -1100,7 +1508,9 @@ impl Sim {
                     self.counts.completed += 1;
                     let got: Vec<String> = wf.outputs.values().map(|x| x.to_string()).collect();
                     if got != [want.clone()] {
-                        v.push(format!("workflow {id} completed with {got:?}, not [{want:?}]"));
+                        v.push(format!(
+                            "workflow {id} completed with {got:?}, not [{want:?}]"
+                        ));
                     }
                     for s in &wf.steps {
                         let ok: Vec<_> = s
@@ -1109,7 +1519,11 @@ impl Sim {
                             .filter(|a| a.state == JobState::Completed && !a.superseded)
                             .collect();
                         if ok.len() != 1 {
-                            v.push(format!("step {} of completed workflow {id} has {} successful jobs", s.id, ok.len()));
+                            v.push(format!(
+                                "step {} of completed workflow {id} has {} successful jobs",
+                                s.id,
+                                ok.len()
+                            ));
                         }
                         for a in ok {
                             let held = self.nodes.get(&a.agent).and_then(|n| match &n.role {
@@ -1117,7 +1531,10 @@ impl Sim {
                                 _ => None,
                             });
                             if held.is_none_or(|j| j.state != JobState::Completed) {
-                                v.push(format!("step {} of workflow {id}: its job is not completed on {}", s.id, a.agent));
+                                v.push(format!(
+                                    "step {} of workflow {id}: its job is not completed on {}",
+                                    s.id, a.agent
+                                ));
                             }
                         }
                     }
@@ -1134,7 +1551,9 @@ impl Sim {
         }
         self.findings.violations.extend(v);
         if !self.findings.violations.is_empty() {
-            self.findings.violations.insert(0, format!("seed {seed} (replay: CARONI_SIM_SEED={seed})"));
+            self.findings
+                .violations
+                .insert(0, format!("seed {seed} (replay: CARONI_SIM_SEED={seed})"));
         }
     }
 }

@@ -8,7 +8,10 @@ use super::*;
 const DEFAULT_SEEDS: u64 = 2000;
 
 fn seeds() -> (u64, u64) {
-    if let Some(one) = std::env::var("CARONI_SIM_SEED").ok().and_then(|s| s.parse().ok()) {
+    if let Some(one) = std::env::var("CARONI_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
         return (one, 1);
     }
     let n = std::env::var("CARONI_SIM_SEEDS")
@@ -64,7 +67,11 @@ fn without_faults_every_workflow_completes() {
     for seed in 0..50 {
         let (f, c) = Sim::new(seed, cfg.clone()).run();
         assert!(f.violations.is_empty(), "{}", f.violations.join("\n"));
-        assert_eq!(c.completed + c.cancelled, cfg.workflows as u64, "seed {seed}");
+        assert_eq!(
+            c.completed + c.cancelled,
+            cfg.workflows as u64,
+            "seed {seed}"
+        );
     }
 }
 
@@ -73,5 +80,8 @@ fn without_faults_every_workflow_completes() {
 fn a_seed_replays_exactly() {
     let a = Sim::new(7, Config::default()).run().1;
     let b = Sim::new(7, Config::default()).run().1;
-    assert_eq!((a.events, a.completed, a.crashes), (b.events, b.completed, b.crashes));
+    assert_eq!(
+        (a.events, a.completed, a.crashes),
+        (b.events, b.completed, b.crashes)
+    );
 }

@@ -22,9 +22,9 @@ use std::sync::Arc;
 
 use serde::{de::DeserializeOwned, Serialize};
 
+pub mod applied;
 pub mod keys;
 pub mod tables;
-pub mod applied;
 
 /// A message staged in a batch (a transactional outbox row), to announce
 /// to its sender once the batch is written.
