@@ -1,0 +1,261 @@
+//! Answers: requests heard on gossip (an offer or a decline, declined
+//! once), and direct messages (accept, reject, data, status requests,
+//! kills) with the rights, allowlist and stranger rules.
+
+use caroni_types::delivery::DeliverError;
+use caroni_types::msg::{Inbound, JobRequest, JobState, Load, Msg, Outbound, StatusUpdate};
+use caroni_types::ExecutorSpec;
+use uuid::Uuid;
+
+use super::{Agent, Delivered, Now, Out, World};
+use crate::machine::{self, AcceptOutcome, Answering, Effect, Job};
+
+impl Agent {
+    /// How busy this agent is, for its offers.
+    pub(super) fn load_now(&self) -> Load {
+        let slots = self.opts.slots as u32;
+        let running = self.running.len() as u32;
+        let local = running.saturating_sub(self.slurm_running.len() as u32);
+        Load {
+            slots,
+            free_slots: slots.saturating_sub(local),
+            queue_length: (self.jobs.len() as u32).saturating_sub(running),
+        }
+    }
+
+    pub(super) fn on_request(
+        &mut self,
+        from: &str,
+        req: &JobRequest,
+        now: &mut Now<'_>,
+        world: &dyn World,
+        out: &mut Out,
+    ) {
+        let found = match world.job_type(&req.job_type) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read job types");
+                return;
+            }
+        };
+        let (def, executor) = match found {
+            Some((d, e)) => (Some(d), e),
+            None => (None, ExecutorSpec::default()),
+        };
+        let unavailable = def.as_ref().and_then(|_| world.unavailable(&executor));
+        // An offer tells the capacity of the executor that would run it.
+        let load = match &executor {
+            ExecutorSpec::Slurm(s) => {
+                self.slurm_seen = true;
+                let n = self
+                    .slurm_running
+                    .values()
+                    .filter(|t| **t == req.job_type)
+                    .count() as u32;
+                Load {
+                    slots: s.max_in_flight,
+                    free_slots: s.max_in_flight.saturating_sub(n),
+                    queue_length: 0,
+                }
+            }
+            _ => self.load_now(),
+        };
+        let prior = self.offers.get(&req.request_id);
+        let how = Answering {
+            unavailable,
+            load,
+            declined_before: self.declined.contains_key(&req.request_id),
+            not_served: !self.opts.serves(from),
+        };
+        if how.not_served && !how.declined_before {
+            out.refused.push((
+                from.to_string(),
+                "not in this agent's --serve-managers: its requests are declined".into(),
+            ));
+        }
+        let Some((offer, answer)) = machine::answer_request(
+            def.as_ref(),
+            prior,
+            from,
+            req,
+            now.ms,
+            &mut *now.new_id,
+            how,
+        ) else {
+            return;
+        };
+        if matches!(answer.msg, Msg::Decline { .. }) {
+            self.declined.insert(req.request_id, req.expires_at_ms);
+            out.declines += 1;
+        } else {
+            out.offers_made += 1;
+        }
+        if let (Some(_), Some(w)) = (&offer, req.workflow_id) {
+            out.request_workflows.push((req.request_id, w));
+        }
+        tracing::debug!(workflow = %caroni_types::msg::Trace(req.workflow_id), request = %req.request_id, answer = answer.msg.name(), "answering a request");
+        if let Some(o) = offer {
+            out.offers.push(o.clone());
+            self.offers.insert(o.request_id, o);
+        }
+        out.send(answer, req.workflow_id);
+    }
+
+    pub(super) fn deliver(
+        &mut self,
+        msg: Inbound,
+        now_ms: u64,
+        world: &dyn World,
+        out: &mut Out,
+    ) -> Result<Delivered, DeliverError> {
+        let span = msg.span();
+        let _in = span.enter();
+        let retry = DeliverError::Retry;
+        if out.applied_set.contains(&msg.id) || world.is_applied(&msg.id).map_err(retry)? {
+            return Ok(Delivered::Applied);
+        }
+        if matches!(msg.msg, Msg::Accept { .. }) && !self.opts.serves(&msg.from) {
+            let why = format!(
+                "this agent does not serve manager {}: it serves only the managers in its --serve-managers list",
+                msg.from
+            );
+            out.refused.push((msg.from.clone(), why.clone()));
+            return Err(DeliverError::Refused(why));
+        }
+        let (job, fx) = match &msg.msg {
+            Msg::Accept {
+                offer_id,
+                job_id,
+                request_id,
+            } => {
+                let offer = match self.offers.get(request_id) {
+                    Some(o) => Some(o.clone()),
+                    None => world.offer(request_id).map_err(retry)?,
+                };
+                let def = match &offer {
+                    Some(o) => world.job_type(&o.job_type).map_err(retry)?.map(|(d, _)| d),
+                    None => None,
+                };
+                match machine::accept(
+                    offer.as_ref(),
+                    def.as_ref(),
+                    &msg.from,
+                    &msg.endpoint,
+                    *offer_id,
+                    *job_id,
+                    now_ms,
+                )? {
+                    AcceptOutcome::Created(job, used, fx) => {
+                        tracing::debug!(job = %job.id, job_type = %job.job_type, manager = %job.manager, "job accepted");
+                        out.offers.push(used.clone());
+                        self.offers.insert(used.request_id, used);
+                        (Some(*job), fx)
+                    }
+                    AcceptOutcome::Answer(answer) if world.knows(&msg.from) => {
+                        (None, vec![Effect::Send(answer)])
+                    }
+                    // A stranger is answered in the ack, not at an
+                    // address it chose.
+                    AcceptOutcome::Answer(answer) => {
+                        return Err(DeliverError::Refused(match answer.msg {
+                            Msg::Status(s) => s.message,
+                            other => format!("not accepted ({})", other.name()),
+                        }))
+                    }
+                }
+            }
+            Msg::Reject {
+                offer_id,
+                request_id,
+            } => {
+                // The offer as held, or as stored once it left memory
+                // (accepted, or reloaded after it expired).
+                let offer = match self.offers.get(request_id) {
+                    Some(o) => Some(o.clone()),
+                    None => world.offer(request_id).map_err(retry)?,
+                };
+                if let Some(o) = offer.filter(|o| o.offer_id == *offer_id) {
+                    if o.manager != msg.from {
+                        return Err(DeliverError::Refused(
+                            "only the manager an offer was made to may reject it".into(),
+                        ));
+                    }
+                    // An accepted offer stays: it answers a re-sent accept.
+                    if o.job_id.is_none() {
+                        self.offers.remove(request_id);
+                        out.forget_offers.push(*request_id);
+                    }
+                }
+                out.applied(msg.id);
+                return Ok(Delivered::Applied);
+            }
+            Msg::Data {
+                job_id,
+                items,
+                outputs: false,
+            } => {
+                let Some(mut job) = self.job(*job_id, world)? else {
+                    return Err(DeliverError::Refused(format!(
+                        "this agent holds no job {job_id}"
+                    )));
+                };
+                let fx = job.on_data(&msg.from, items)?;
+                (Some(job), fx)
+            }
+            Msg::StatusRequest { job_id } => match self.job(*job_id, world)? {
+                Some(job) => (None, job.on_status_request(&msg.from)?),
+                None if world.knows(&msg.from) => {
+                    (None, vec![Effect::Send(unknown_job(&msg, *job_id))])
+                }
+                None => {
+                    return Err(DeliverError::Refused(format!(
+                        "this agent does not know job {job_id}"
+                    )))
+                }
+            },
+            Msg::Kill { job_id, reason } => match self.job(*job_id, world)? {
+                Some(mut job) => {
+                    let fx = job.on_kill(&msg.from, reason, now_ms)?;
+                    tracing::info!(job = %job_id, reason = %reason, "job killed by its manager");
+                    (Some(job), fx)
+                }
+                None => (None, Vec::new()),
+            },
+            Msg::Request(_) => {
+                return Err(DeliverError::Refused(
+                    "job requests travel on gossip, not direct".into(),
+                ))
+            }
+            _ => return Ok(Delivered::NotMine),
+        };
+        self.commit(job, fx, msg.trace, world, out);
+        out.applied(msg.id);
+        Ok(Delivered::Applied)
+    }
+
+    /// A job, live in memory or finished on disk. A storage error is a
+    /// retry for the sender, never "no such job".
+    pub(super) fn job(&self, id: Uuid, world: &dyn World) -> Result<Option<Job>, DeliverError> {
+        match self.jobs.get(&id) {
+            Some(j) => Ok(Some(j.clone())),
+            None => world.job(&id).map_err(DeliverError::Retry),
+        }
+    }
+}
+
+fn unknown_job(msg: &Inbound, job_id: Uuid) -> Outbound {
+    Outbound {
+        to: msg.from.clone(),
+        endpoint: msg.endpoint.clone(),
+        msg: Msg::Status(StatusUpdate {
+            job_id,
+            state: JobState::Failed,
+            message: "this agent does not know the job (it may have lost its data)".into(),
+            exit_status: None,
+            stderr_tail: String::new(),
+            sequence: u64::MAX,
+            executor: String::new(),
+            external_id: String::new(),
+        }),
+    }
+}

@@ -1,0 +1,390 @@
+//! The agent as one IO-less machine over its offers and live jobs.
+//!
+//! [`Agent::handle`] takes one input — a direct message with its verified
+//! sender, a gossip request, a finished run — with the time and a source of
+//! fresh ids, and appends what it decided to an [`Out`] collector: jobs and
+//! offers to persist, messages to send, the answer (a refusal with its
+//! reason), runs to start or stop. [`Agent::settle`] makes the scheduling
+//! decision (which queued job runs next under the slots, the executors'
+//! limits and the queue order) and forgets expired offers;
+//! [`Agent::next_timer`] says when that is next due. Every rule that spans
+//! jobs lives here: `--serve-managers`, who may reject an offer, the
+//! stranger rule (a message about a job this agent does not know is
+//! answered in the ack, never at an address the sender chose), the
+//! declined-once memory, duplicates. The rules of one job and one offer
+//! live in [`crate::machine`].
+//!
+//! What memory does not hold (job types, finished jobs, accepted or
+//! expired offers, applied ids, whether an executor can run now) the
+//! machine reads through [`World`]; it never writes.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use caroni_types::delivery::DeliverError;
+use caroni_types::msg::{Inbound, JobRequest, JobState, Msg, Outbound};
+use caroni_types::{ExecutorSpec, JobTypeDef};
+use uuid::Uuid;
+
+use crate::executor::{Execution, RunSpec};
+
+mod answer;
+mod run;
+use crate::machine::{Job, Offer, RunResult};
+
+/// How often expired offers and declines are forgotten.
+const CLEANUP_MS: u64 = 30_000;
+/// Most queued jobs looked past per scheduling decision.
+const LOOK_PAST: usize = 64;
+
+/// The agent's options.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// This node's id.
+    pub node_id: String,
+    /// Concurrent jobs.
+    pub slots: usize,
+    /// The managers served (`--serve-managers`); `None` serves every one.
+    pub serve_managers: Option<HashSet<String>>,
+}
+
+impl Options {
+    /// True when this agent serves manager `node`.
+    pub fn serves(&self, node: &str) -> bool {
+        self.serve_managers
+            .as_ref()
+            .is_none_or(|list| list.contains(node))
+    }
+}
+
+/// What the machine reads beyond its memory. Errors are storage errors:
+/// the input is answered "retry later", never "no such thing".
+pub trait World {
+    /// The message id was applied in an earlier group.
+    fn is_applied(&self, id: &Uuid) -> Result<bool, String>;
+    /// A job type and its executor.
+    fn job_type(&self, name: &str) -> Result<Option<(JobTypeDef, ExecutorSpec)>, String>;
+    /// An offer as stored (accepted or expired ones are not in memory).
+    fn offer(&self, request_id: &Uuid) -> Result<Option<Offer>, String>;
+    /// A job as stored (finished ones are not in memory).
+    fn job(&self, id: &Uuid) -> Result<Option<Job>, String>;
+    /// Where a job runs, as recorded when it started.
+    fn execution(&self, job: &Uuid) -> Option<Execution>;
+    /// The workflow a request is for, as its manager said.
+    fn workflow_of(&self, request: &Uuid) -> Option<Uuid>;
+    /// Why the executor cannot run jobs now, if so.
+    fn unavailable(&self, executor: &ExecutorSpec) -> Option<String>;
+    /// Where a run will be, known before it starts (a container's name).
+    fn external_id(&self, spec: &RunSpec) -> String;
+    /// The peer has acknowledged a message of this node (not a stranger).
+    fn knows(&self, node: &str) -> bool;
+}
+
+/// An input of the machine (taken by value, applied at once).
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Input {
+    /// A direct message from a peer, its sender verified.
+    Deliver(Inbound),
+    /// A job request heard on gossip, or handed over by this node's own
+    /// manager (through the same checks).
+    Gossip {
+        /// Its signer.
+        from: String,
+        /// The endpoint its signer gave for itself.
+        endpoint: String,
+        /// The request.
+        req: JobRequest,
+    },
+    /// A run ended.
+    Finished(Uuid, RunResult),
+}
+
+/// The outcome of handing a message to the agent.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Delivered {
+    /// Applied (or a duplicate of one applied before).
+    Applied,
+    /// Not about a job of this agent; another engine may take it.
+    NotMine,
+}
+
+/// A job whose record changed, once the change is written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobChange {
+    /// The job.
+    pub id: Uuid,
+    /// Its state after the change.
+    pub state: JobState,
+}
+
+/// A run to start.
+#[derive(Debug)]
+pub struct Start {
+    /// What to run.
+    pub spec: RunSpec,
+    /// The workflow it serves, when its manager said.
+    pub workflow: Option<Uuid>,
+}
+
+/// What a group of inputs decided, to persist and then perform.
+#[derive(Debug, Default)]
+pub struct Out {
+    /// Jobs to write (the newest copy of each).
+    pub jobs: BTreeMap<Uuid, Job>,
+    /// Offers to write.
+    pub offers: Vec<Offer>,
+    /// Offers to delete, by request.
+    pub forget_offers: Vec<Uuid>,
+    /// The workflow of each request offered for.
+    pub request_workflows: Vec<(Uuid, Uuid)>,
+    /// Where started jobs run.
+    pub executions: Vec<(Uuid, Execution)>,
+    /// Messages to stage, with the workflow they are about; a status
+    /// superseded by a newer one of the same job in the group is `None`
+    /// (the manager takes the newest state).
+    pub send: Vec<Option<(Outbound, Option<Uuid>)>>,
+    last_status: HashMap<Uuid, usize>,
+    /// Message ids applied in this group.
+    pub applied: Vec<Uuid>,
+    applied_set: HashSet<Uuid>,
+    /// Runs to start.
+    pub start: Vec<Start>,
+    /// Runs to stop.
+    pub stop: Vec<Uuid>,
+    /// Jobs that changed.
+    pub changed: Vec<JobChange>,
+    /// Runs that ended in this group: applied again after a failed write,
+    /// so that no ended job stays `running`.
+    pub results: Vec<(Uuid, RunResult)>,
+    /// Peers refused by an allowlist, and why.
+    pub refused: Vec<(String, String)>,
+    /// Gossip dropped unanswered, its signer and why.
+    pub dropped: Vec<(String, String)>,
+    /// Offers made and declines sent.
+    pub offers_made: u64,
+    /// Declines sent.
+    pub declines: u64,
+    /// Runs that ended completed.
+    pub completed: u64,
+    /// Runs that ended failed, by reason.
+    pub failures: Vec<Failure>,
+}
+
+impl Out {
+    fn send(&mut self, out: Outbound, trace: Option<Uuid>) {
+        if let Msg::Status(s) = &out.msg {
+            if let Some(prev) = self.last_status.insert(s.job_id, self.send.len()) {
+                if let Some(slot) = self.send.get_mut(prev) {
+                    *slot = None;
+                }
+            }
+        }
+        self.send.push(Some((out, trace)));
+    }
+
+    fn applied(&mut self, id: Uuid) {
+        if self.applied_set.insert(id) {
+            self.applied.push(id);
+        }
+    }
+}
+
+/// Why a run failed, as a bounded metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// It outlived its timeout.
+    Timeout,
+    /// It was killed (cancelled by its manager, or the agent stopped).
+    Killed,
+    /// It exited with a non-zero status.
+    ExitStatus,
+    /// Its stdout was not what its job type declares.
+    Output,
+    /// Anything else (could not start, job type removed).
+    Other,
+}
+
+impl Failure {
+    /// The label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::Timeout => "timeout",
+            Failure::Killed => "killed",
+            Failure::ExitStatus => "exit_status",
+            Failure::Output => "output",
+            Failure::Other => "other",
+        }
+    }
+
+    /// The kind of a failed run, from what the executor said.
+    pub fn of(message: &str, exit_status: Option<i32>) -> Self {
+        if message.contains("timed out") {
+            Failure::Timeout
+        } else if message.contains("cancel") || message.contains("killed") {
+            Failure::Killed
+        } else if exit_status.is_some_and(|c| c != 0) {
+            Failure::ExitStatus
+        } else if message.contains("stdout") || message.contains("output") {
+            Failure::Output
+        } else {
+            Failure::Other
+        }
+    }
+}
+
+/// Time and fresh ids for one call.
+pub struct Now<'a> {
+    /// Now, ms since the epoch.
+    pub ms: u64,
+    /// Fresh ids.
+    pub new_id: &'a mut dyn FnMut() -> Uuid,
+}
+
+/// The agent: offers, live jobs, the run queue and what runs.
+pub struct Agent {
+    opts: Options,
+    offers: HashMap<Uuid, Offer>,
+    jobs: HashMap<Uuid, Job>,
+    queue: BTreeMap<u64, Uuid>,
+    next_queue_seq: u64,
+    /// Jobs whose process runs now (kept across a reload: the processes
+    /// do not stop when a write fails).
+    running: HashSet<Uuid>,
+    /// Running jobs of Slurm job types, with their type (not in local
+    /// slots; bounded per type by `max_in_flight`).
+    slurm_running: HashMap<Uuid, String>,
+    /// True once a Slurm job type was seen (scheduling then looks past a
+    /// full set of local slots).
+    slurm_seen: bool,
+    /// Requests declined, until they expire (ms): declined once only.
+    declined: HashMap<Uuid, u64>,
+    /// When expired offers are next forgotten.
+    cleanup_at: u64,
+    /// Jobs to look at again after a restart (running ones re-run).
+    recover: bool,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("jobs", &self.jobs.len())
+            .field("queued", &self.queue.len())
+            .field("running", &self.running.len())
+            .finish()
+    }
+}
+
+impl Agent {
+    /// An agent with nothing; [`Agent::load`] gives it its records.
+    pub fn new(opts: Options) -> Self {
+        Self {
+            opts,
+            offers: HashMap::new(),
+            jobs: HashMap::new(),
+            queue: BTreeMap::new(),
+            next_queue_seq: 1,
+            running: HashSet::new(),
+            slurm_running: HashMap::new(),
+            slurm_seen: false,
+            declined: HashMap::new(),
+            cleanup_at: 0,
+            recover: true,
+        }
+    }
+
+    /// Replaces the live records with the stored ones: open offers and
+    /// jobs not yet final. Runs still going keep their place.
+    pub fn load(&mut self, offers: Vec<Offer>, jobs: Vec<Job>, now_ms: u64) {
+        self.offers = offers
+            .into_iter()
+            .filter(|o| o.job_id.is_none() && o.expires_at_ms > now_ms)
+            .map(|o| (o.request_id, o))
+            .collect();
+        self.jobs = jobs
+            .into_iter()
+            .filter(|j| !j.state.is_final())
+            .map(|j| (j.id, j))
+            .collect();
+        self.next_queue_seq = self
+            .jobs
+            .values()
+            .filter_map(|j| j.queue_seq)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        self.queue = self
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Queued && !self.running.contains(&j.id))
+            .filter_map(|j| j.queue_seq.map(|q| (q, j.id)))
+            .collect();
+    }
+
+    /// Live (not final) jobs.
+    pub fn live_jobs(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Jobs whose process runs now.
+    pub fn running(&self) -> impl Iterator<Item = &Uuid> {
+        self.running.iter()
+    }
+
+    /// When [`Agent::settle`] next has something to do.
+    pub fn next_timer(&self) -> Option<u64> {
+        Some(self.cleanup_at)
+    }
+
+    /// Applies one input. The answer is for a delivered message.
+    pub fn handle(
+        &mut self,
+        input: Input,
+        now: &mut Now<'_>,
+        world: &dyn World,
+        out: &mut Out,
+    ) -> Result<Delivered, DeliverError> {
+        match input {
+            Input::Deliver(msg) => self.deliver(msg, now.ms, world, out),
+            Input::Gossip {
+                from,
+                endpoint,
+                req,
+            } => {
+                // The answer goes to the signer, where the signer says it
+                // is: a request cannot name another reply address; absurd
+                // fields are dropped unanswered.
+                if req.manager_endpoint != endpoint {
+                    out.dropped.push((
+                        from,
+                        "a job request whose reply endpoint is not its sender's".into(),
+                    ));
+                } else if let Err(why) = req.check(now.ms) {
+                    out.dropped.push((from, format!("a job request: {why}")));
+                } else {
+                    self.on_request(&from, &req, now, world, out);
+                }
+                Ok(Delivered::Applied)
+            }
+            Input::Finished(id, result) => {
+                self.finished(id, result, now.ms, world, out);
+                Ok(Delivered::Applied)
+            }
+        }
+    }
+
+    /// Does what is due: after a (re)start, the recovery of live jobs;
+    /// the forgetting of expired offers; the scheduling decision.
+    pub fn settle(&mut self, now: &mut Now<'_>, world: &dyn World, out: &mut Out) {
+        if std::mem::take(&mut self.recover) {
+            self.recover(world, out);
+        }
+        if now.ms >= self.cleanup_at {
+            self.cleanup_at = now.ms + CLEANUP_MS;
+            self.forget_expired(now.ms, out);
+        }
+        self.schedule(now.ms, world, out);
+    }
+}
+
+#[cfg(test)]
+mod tests;

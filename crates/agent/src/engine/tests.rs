@@ -1,0 +1,237 @@
+//! The agent machine's rules between jobs and peers, without network,
+//! storage or clock: a fake `World`, fixed time and ids.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use caroni_types::delivery::DeliverError;
+use caroni_types::msg::{Inbound, JobRequest, Msg};
+use caroni_types::{ExecutorSpec, JobTypeDef};
+use uuid::Uuid;
+
+use super::*;
+use crate::machine::Offer;
+
+const M: &str = "manager1";
+const EP: &str = "http://manager1:1";
+
+#[derive(Default)]
+struct Fake {
+    offers: HashMap<Uuid, Offer>,
+    known: HashSet<String>,
+}
+
+impl World for Fake {
+    fn is_applied(&self, _: &Uuid) -> Result<bool, String> {
+        Ok(false)
+    }
+    fn job_type(&self, name: &str) -> Result<Option<(JobTypeDef, ExecutorSpec)>, String> {
+        Ok((name == "work").then(|| {
+            (
+                JobTypeDef {
+                    name: "work".into(),
+                    inputs: vec!["x".into()],
+                    outputs: vec!["y".into()],
+                    body: "true".into(),
+                    timeout_seconds: 60,
+                    max_output_bytes: 1024,
+                    updated_at_ms: 0,
+                },
+                ExecutorSpec::Bash,
+            )
+        }))
+    }
+    fn offer(&self, r: &Uuid) -> Result<Option<Offer>, String> {
+        Ok(self.offers.get(r).cloned())
+    }
+    fn job(&self, _: &Uuid) -> Result<Option<Job>, String> {
+        Ok(None)
+    }
+    fn execution(&self, _: &Uuid) -> Option<Execution> {
+        None
+    }
+    fn workflow_of(&self, _: &Uuid) -> Option<Uuid> {
+        None
+    }
+    fn unavailable(&self, _: &ExecutorSpec) -> Option<String> {
+        None
+    }
+    fn external_id(&self, _: &RunSpec) -> String {
+        String::new()
+    }
+    fn knows(&self, node: &str) -> bool {
+        self.known.contains(node)
+    }
+}
+
+fn agent(serve: Option<&[&str]>) -> Agent {
+    Agent::new(Options {
+        node_id: "agent".into(),
+        slots: 1,
+        serve_managers: serve.map(|l| l.iter().map(|s| s.to_string()).collect()),
+    })
+}
+
+fn request(job_type: &str, endpoint: &str) -> JobRequest {
+    JobRequest {
+        request_id: Uuid::from_u128(1),
+        job_type: job_type.into(),
+        parameter_keys: vec!["x".into()],
+        output_keys: vec!["y".into()],
+        job_kvs: BTreeMap::new(),
+        expires_at_ms: 100_000,
+        manager_endpoint: endpoint.into(),
+        publish_count: 1,
+        workflow_id: None,
+    }
+}
+
+fn run(a: &mut Agent, w: &Fake, input: Input) -> (Result<Delivered, DeliverError>, Out) {
+    let mut n = 10u128;
+    let mut ids = || {
+        n += 1;
+        Uuid::from_u128(n)
+    };
+    let mut now = Now {
+        ms: 1_000,
+        new_id: &mut ids,
+    };
+    let mut out = Out::default();
+    let r = a.handle(input, &mut now, w, &mut out);
+    (r, out)
+}
+
+fn gossip(req: JobRequest, endpoint: &str) -> Input {
+    Input::Gossip {
+        from: M.into(),
+        endpoint: endpoint.into(),
+        req,
+    }
+}
+
+fn msg(from: &str, m: Msg) -> Input {
+    Input::Deliver(Inbound {
+        id: Uuid::new_v4(),
+        from: from.into(),
+        endpoint: format!("http://{from}:1"),
+        trace: None,
+        msg: m,
+    })
+}
+
+fn sent(out: &Out) -> Vec<&Msg> {
+    out.send.iter().flatten().map(|(o, _)| &o.msg).collect()
+}
+
+#[test]
+fn a_request_whose_reply_endpoint_is_not_its_signers_is_dropped_unanswered() {
+    let mut a = agent(None);
+    let (_, out) = run(
+        &mut a,
+        &Fake::default(),
+        gossip(request("work", "http://elsewhere:1"), EP),
+    );
+    assert!(sent(&out).is_empty());
+    assert_eq!(out.dropped.len(), 1);
+    let (_, out) = run(&mut a, &Fake::default(), gossip(request("work", EP), EP));
+    assert!(matches!(sent(&out)[..], [Msg::Offer { .. }]));
+}
+
+#[test]
+fn a_request_is_declined_once() {
+    let mut a = agent(None);
+    let w = Fake::default();
+    let (_, out) = run(&mut a, &w, gossip(request("nosuch", EP), EP));
+    assert!(matches!(sent(&out)[..], [Msg::Decline { .. }]));
+    let (_, out) = run(&mut a, &w, gossip(request("nosuch", EP), EP));
+    assert!(
+        sent(&out).is_empty(),
+        "a re-publication draws no second decline"
+    );
+}
+
+#[test]
+fn an_unserved_manager_is_declined_and_may_not_accept() {
+    let mut a = agent(Some(&["other"]));
+    let w = Fake::default();
+    let (_, out) = run(&mut a, &w, gossip(request("work", EP), EP));
+    assert!(matches!(sent(&out)[..], [Msg::Decline { .. }]));
+    assert_eq!(out.refused.len(), 1);
+    let (r, _) = run(
+        &mut a,
+        &w,
+        msg(
+            M,
+            Msg::Accept {
+                offer_id: Uuid::from_u128(11),
+                request_id: Uuid::from_u128(1),
+                job_id: Uuid::from_u128(99),
+            },
+        ),
+    );
+    assert!(matches!(r, Err(DeliverError::Refused(_))));
+}
+
+#[test]
+fn only_the_manager_an_offer_was_made_to_may_reject_it_even_once_it_left_memory() {
+    let mut a = agent(None);
+    let mut w = Fake::default();
+    let (_, out) = run(&mut a, &w, gossip(request("work", EP), EP));
+    let Msg::Offer { offer_id, .. } = sent(&out)[0].clone() else {
+        panic!("an offer");
+    };
+    // Accepted: the used offer is stored; after a restart it is not in
+    // memory.
+    let mut used = out.offers[0].clone();
+    used.job_id = Some(Uuid::from_u128(99));
+    w.offers.insert(used.request_id, used.clone());
+    let mut a = agent(None);
+    let reject = |from: &str| {
+        msg(
+            from,
+            Msg::Reject {
+                offer_id,
+                request_id: Uuid::from_u128(1),
+            },
+        )
+    };
+    let (r, out) = run(&mut a, &w, reject("mallory"));
+    assert!(matches!(r, Err(DeliverError::Refused(_))), "{r:?}");
+    assert!(out.forget_offers.is_empty());
+    // Its own manager's late reject of an accepted offer keeps the record
+    // (it answers a re-sent accept).
+    let (r, out) = run(&mut a, &w, reject(M));
+    assert!(r.is_ok());
+    assert!(out.forget_offers.is_empty());
+}
+
+#[test]
+fn news_of_an_unknown_job_from_a_stranger_is_answered_in_the_ack() {
+    let mut a = agent(None);
+    let mut w = Fake::default();
+    let ask = |from: &str| {
+        msg(
+            from,
+            Msg::StatusRequest {
+                job_id: Uuid::from_u128(5),
+            },
+        )
+    };
+    let (r, out) = run(&mut a, &w, ask("stranger"));
+    assert!(matches!(r, Err(DeliverError::Refused(_))));
+    assert!(sent(&out).is_empty(), "nothing sent to an address it chose");
+    w.known.insert(M.into());
+    let (r, out) = run(&mut a, &w, ask(M));
+    assert!(r.is_ok());
+    assert!(matches!(sent(&out)[..], [Msg::Status(_)]));
+}
+
+#[test]
+fn requests_come_only_over_gossip() {
+    let mut a = agent(None);
+    let (r, _) = run(
+        &mut a,
+        &Fake::default(),
+        msg(M, Msg::Request(request("work", EP))),
+    );
+    assert!(matches!(r, Err(DeliverError::Refused(_))));
+}

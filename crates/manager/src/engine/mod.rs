@@ -1,0 +1,385 @@
+//! The manager as one IO-less machine over all its live workflows.
+//!
+//! [`Manager::handle`] takes one input (a client's run or cancel, a
+//! delivered message with its verified sender) with the time and a source
+//! of fresh ids, and writes what it decided into an [`Out`] collector:
+//! records to persist, messages to send, requests to publish, the answer
+//! (a refusal with its reason), peers to count as refused.
+//! [`Manager::settle`] does what is due (timers, admission) and
+//! [`Manager::next_timer`] says when that is next. Every rule that spans
+//! workflows lives here: routing by id, duplicates, the `--use-agents`
+//! allowlist, reject-or-kill for work no live workflow needs (and the
+//! stranger rule that answers those in the ack), admission. The rules of
+//! one workflow live in [`crate::machine`].
+//!
+//! The machine reads what its memory does not hold (applied ids,
+//! finished or waiting workflows, who the transport knows) through
+//! [`World`], which the service backs with the store and the transport and
+//! the simulator with its own model; it never writes.
+//!
+//! The indexes over live workflows (by request, by job, deadlines, live
+//! jobs per agent, open requests) are derived in one place,
+//! [`Index::add`]/[`Index::remove`], from the workflow itself.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use caroni_types::delivery::DeliverError;
+use caroni_types::msg::{Inbound, JobRequest, Outbound};
+use uuid::Uuid;
+
+use crate::machine::Peers;
+use crate::model::{Workflow, WorkflowState};
+use crate::records::{RunsOn, ValueKey};
+use crate::Error;
+
+mod lifecycle;
+mod route;
+
+/// How long an agent that answered requests counts as known.
+const AGENT_MEMORY_MS: u64 = 10 * 60 * 1000;
+/// Values held by a waiting workflow above which they wait on disk only.
+const SHELVE_BYTES: usize = 64 * 1024;
+
+/// The manager's options.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// This manager's peer endpoint.
+    pub endpoint: String,
+    /// Lease on live jobs.
+    pub lease: std::time::Duration,
+    /// Lifetime of a job request.
+    pub request_ttl: std::time::Duration,
+    /// Job requests out at once; further workflows wait in `created`.
+    pub max_open_requests: usize,
+    /// How long to gather offers before taking the least busy agent.
+    pub offer_window: std::time::Duration,
+    /// The agents whose offers are taken (`--use-agents`); `None` takes
+    /// every agent's.
+    pub use_agents: Option<HashSet<String>>,
+}
+
+/// What the machine reads beyond its memory. Errors are storage errors:
+/// the input is answered "retry later", never "no such thing".
+pub trait World {
+    /// The message id was applied in an earlier group.
+    fn is_applied(&self, id: &Uuid) -> Result<bool, String>;
+    /// A workflow as stored (finished ones, and waiting ones' values).
+    fn stored(&self, id: &Uuid) -> Result<Option<Workflow>, String>;
+    /// The peer has acknowledged a message of this node (not a stranger).
+    fn knows(&self, node: &str) -> bool;
+    /// When the peer was last heard from (a message or an ack), ms.
+    fn last_heard_ms(&self, node: &str) -> Option<u64>;
+}
+
+/// An input of the machine (taken by value, applied at once).
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Input {
+    /// A client starts a workflow from a parsed template.
+    Run {
+        /// The template's name.
+        template: String,
+        /// The template, parsed.
+        parsed: Arc<caroni_cwl::Workflow>,
+        /// The inputs given.
+        inputs: BTreeMap<String, String>,
+    },
+    /// A client cancels a workflow.
+    Cancel(Uuid),
+    /// A direct message from a peer, its sender verified.
+    Deliver(Inbound),
+}
+
+/// The machine's answer to an input.
+#[derive(Debug)]
+pub enum Answer {
+    /// To [`Input::Run`]: the new workflow's id.
+    Run(Result<Uuid, Error>),
+    /// To [`Input::Cancel`].
+    Cancel(Result<(), Error>),
+    /// To [`Input::Deliver`]: applied (or a duplicate), refused or retry.
+    Deliver(Result<(), DeliverError>),
+}
+
+/// What a group of inputs decided, to persist and then perform (an action
+/// collector: the machine only appends).
+#[derive(Debug, Default)]
+pub struct Out {
+    /// Workflows that changed (their head is written, watchers told).
+    pub heads: BTreeSet<Uuid>,
+    /// Steps whose record changed.
+    pub steps: BTreeSet<(Uuid, usize)>,
+    /// Values set, changed or removed.
+    pub values: BTreeSet<(Uuid, ValueKey)>,
+    /// Workflows that ended in this group (no longer live).
+    pub finished: HashMap<Uuid, Workflow>,
+    /// Messages to stage, with the workflow they are about.
+    pub send: Vec<(Outbound, Option<Uuid>)>,
+    /// Requests to publish on gossip.
+    pub publish: Vec<JobRequest>,
+    /// Message ids applied in this group, to mark in its batch.
+    pub applied: Vec<Uuid>,
+    applied_set: HashSet<Uuid>,
+    /// Where jobs run, as their agents reported.
+    pub runs_on: Vec<(Uuid, RunsOn)>,
+    /// Peers refused by an allowlist, and why (counted per peer).
+    pub refused: Vec<(String, String)>,
+    /// Seconds from a step's last input to its completion.
+    pub step_seconds: Vec<f64>,
+}
+
+impl Out {
+    fn applied(&mut self, id: Uuid) {
+        if self.applied_set.insert(id) {
+            self.applied.push(id);
+        }
+    }
+
+    /// Every workflow a record of which changed.
+    pub fn touched(&self) -> BTreeSet<Uuid> {
+        let mut ids = self.heads.clone();
+        ids.extend(self.steps.iter().map(|(id, _)| *id));
+        ids.extend(self.values.iter().map(|(id, _)| *id));
+        ids
+    }
+}
+
+/// The indexes over live workflows, derived from each workflow in one
+/// place: a workflow is added once it is (back) in the live set and
+/// removed before it changes.
+#[derive(Debug, Default)]
+struct Index {
+    by_request: HashMap<Uuid, Uuid>,
+    by_job: HashMap<Uuid, Uuid>,
+    /// Live jobs this manager placed on each agent.
+    agent_jobs: HashMap<String, u32>,
+    /// Requests out now (state `fulfilling`).
+    open_requests: usize,
+    /// Next timer of each live workflow, and the same ordered by time.
+    deadline_of: HashMap<Uuid, u64>,
+    deadlines: BTreeSet<(u64, Uuid)>,
+}
+
+impl Index {
+    fn add(&mut self, wf: &Workflow, deadline: Option<u64>) {
+        for step in &wf.steps {
+            if let Some(r) = &step.request {
+                self.by_request.insert(r.id, wf.id);
+            }
+            for a in &step.attempts {
+                if let Some(j) = a.job_id {
+                    self.by_job.insert(j, wf.id);
+                }
+            }
+        }
+        for (_, a) in wf.live_jobs() {
+            *self.agent_jobs.entry(a.agent.clone()).or_default() += 1;
+        }
+        self.open_requests += wf.open_requests().count();
+        if let Some(d) = deadline {
+            self.deadline_of.insert(wf.id, d);
+            self.deadlines.insert((d, wf.id));
+        }
+    }
+
+    /// Takes out what depends on the workflow's current state; `ended`
+    /// also forgets its ids.
+    fn remove(&mut self, wf: &Workflow, ended: bool) {
+        for (_, a) in wf.live_jobs() {
+            if let Some(n) = self.agent_jobs.get_mut(&a.agent) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        self.open_requests = self
+            .open_requests
+            .saturating_sub(wf.open_requests().count());
+        if let Some(d) = self.deadline_of.remove(&wf.id) {
+            self.deadlines.remove(&(d, wf.id));
+        }
+        if ended {
+            for step in &wf.steps {
+                for a in &step.attempts {
+                    if let Some(j) = a.job_id {
+                        self.by_job.remove(&j);
+                    }
+                    self.by_request.remove(&a.request_id);
+                }
+                if let Some(r) = &step.request {
+                    self.by_request.remove(&r.id);
+                }
+            }
+        }
+    }
+}
+
+/// What the machine knows of the agents, for one workflow's rules.
+struct PeerView<'a> {
+    answered: &'a HashMap<String, u64>,
+    agent_jobs: &'a HashMap<String, u32>,
+    world: &'a dyn World,
+    now_ms: u64,
+    quiet_ms: u64,
+}
+
+impl Peers for PeerView<'_> {
+    fn last_heard_ms(&self, agent: &str) -> Option<u64> {
+        self.world.last_heard_ms(agent)
+    }
+    fn known_agents(&self) -> usize {
+        // Agents that answered lately and have not gone quiet: a stopped
+        // agent must not hold every request for the whole offer window.
+        self.answered
+            .keys()
+            .filter(|a| {
+                self.world
+                    .last_heard_ms(a)
+                    .is_none_or(|t| self.now_ms.saturating_sub(t) < self.quiet_ms)
+            })
+            .count()
+    }
+    fn live_jobs(&self, agent: &str) -> u32 {
+        self.agent_jobs.get(agent).copied().unwrap_or(0)
+    }
+}
+
+/// The manager: every live workflow and the rules between them.
+pub struct Manager {
+    opts: Options,
+    live: HashMap<Uuid, Workflow>,
+    index: Index,
+    /// Agents that answered requests, and when they last did.
+    answered: HashMap<String, u64>,
+    /// Workflows waiting in `created` for admission, oldest first.
+    waiting: VecDeque<Uuid>,
+    /// Waiting workflows whose values are on disk only (their copy here
+    /// holds none), read back when admitted.
+    shelved: HashSet<Uuid>,
+    /// When each live step had all its inputs (ms), for the step latency
+    /// histogram; memory only.
+    ready_at: HashMap<(Uuid, usize), u64>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("live", &self.live.len())
+            .field("waiting", &self.waiting.len())
+            .finish()
+    }
+}
+
+/// Time and fresh ids for one call.
+pub struct Now<'a> {
+    /// Now, ms since the epoch.
+    pub ms: u64,
+    /// Fresh ids (UUID v7 in a node; seeded in the simulator).
+    pub new_id: &'a mut dyn FnMut() -> Uuid,
+}
+
+impl Manager {
+    /// An empty manager.
+    pub fn new(opts: Options) -> Self {
+        Self {
+            opts,
+            live: HashMap::new(),
+            index: Index::default(),
+            answered: HashMap::new(),
+            waiting: VecDeque::new(),
+            shelved: HashSet::new(),
+            ready_at: HashMap::new(),
+        }
+    }
+
+    /// Replaces the live state with `live` (the non-final workflows as
+    /// stored), as after a start or a failed write. Waiting workflows
+    /// with large values keep them on disk only.
+    pub fn load(&mut self, live: Vec<Workflow>, world: &dyn World, now_ms: u64) {
+        self.live.clear();
+        self.index = Index::default();
+        self.waiting.clear();
+        self.shelved.clear();
+        for wf in live {
+            let id = wf.id;
+            if wf.state == WorkflowState::Created {
+                self.waiting.push_back(id);
+            }
+            self.insert_live(wf, world, now_ms);
+            self.shelve(&id);
+        }
+    }
+
+    /// Live workflows.
+    pub fn live(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Live workflows waiting for admission.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Job requests out now.
+    pub fn open_requests(&self) -> usize {
+        self.index.open_requests
+    }
+
+    /// A live workflow, or one that ended in `out`'s group.
+    pub fn workflow<'a>(&'a self, id: &Uuid, out: &'a Out) -> Option<&'a Workflow> {
+        self.live.get(id).or_else(|| out.finished.get(id))
+    }
+
+    /// When [`Manager::settle`] next has something to do.
+    pub fn next_timer(&self) -> Option<u64> {
+        self.index.deadlines.first().map(|(at, _)| *at)
+    }
+
+    /// Applies one input.
+    pub fn handle(
+        &mut self,
+        input: Input,
+        now: &mut Now<'_>,
+        world: &dyn World,
+        out: &mut Out,
+    ) -> Answer {
+        match input {
+            Input::Run {
+                template,
+                parsed,
+                inputs,
+            } => Answer::Run(self.start(&template, &parsed, inputs, now, world, out)),
+            Input::Cancel(id) => Answer::Cancel(self.cancel(id, now, world, out)),
+            Input::Deliver(msg) => Answer::Deliver(self.deliver(msg, now, world, out)),
+        }
+    }
+
+    /// Does what is due: timers, then admission of waiting workflows.
+    pub fn settle(&mut self, now: &mut Now<'_>, world: &dyn World, out: &mut Out) {
+        let due: Vec<Uuid> = self
+            .index
+            .deadlines
+            .iter()
+            .take_while(|(at, _)| *at <= now.ms)
+            .map(|(_, id)| *id)
+            .collect();
+        for id in due {
+            if let Some(fx) = self.change(id, now, world, out, |wf, ctx| wf.tick(ctx)) {
+                self.effects(id, fx, out);
+            }
+        }
+        self.admit(now, world, out);
+        // Forget agents that stopped answering long ago.
+        let horizon = now.ms.saturating_sub(AGENT_MEMORY_MS);
+        if self.answered.values().any(|t| *t < horizon) {
+            self.answered.retain(|_, t| *t >= horizon);
+        }
+    }
+
+    /// After the group is written: drop the values of waiting workflows
+    /// from memory when they are large (they are on disk now).
+    pub fn written(&mut self, out: &Out) {
+        for id in &out.heads {
+            self.shelve(id);
+        }
+    }
+}
