@@ -383,3 +383,6 @@ impl Manager {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
