@@ -22,144 +22,97 @@ pub enum LogFormat {
     Json,
 }
 
-/// The effective configuration of a node.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Config {
-    /// Directory holding the node key and the RocksDB database.
-    pub data_dir: PathBuf,
-    /// manager, agent or both.
-    pub role: Role,
-    /// Client API address (gRPC). Loopback by default.
-    pub api_listen: SocketAddr,
-    /// Bearer token required on the client API; needed when it is not on loopback.
-    #[serde(skip_serializing)]
-    pub api_token: Option<String>,
-    /// Node-to-node gRPC address.
-    pub peer_listen: SocketAddr,
-    /// Endpoint other nodes are told to dial (`http://host:port`); derived
-    /// from `peer_listen` when it is not a wildcard, else from the host name.
-    pub peer_advertise: String,
-    /// libp2p listen multiaddr.
-    pub p2p_listen: String,
-    /// libp2p multiaddrs of peers to dial at start (repeatable).
-    pub bootstrap: Vec<String>,
-    /// Discover peers on the LAN with mDNS.
-    pub mdns: bool,
-    /// Concurrent jobs an agent runs.
-    pub slots: usize,
-    /// Seconds a manager waits for news of a live job before it counts the
-    /// job as lost.
-    pub lease_seconds: u64,
-    /// Seconds a job request stays open without an offer before it counts as
-    /// a failed attempt and is replaced.
-    pub request_ttl_seconds: u64,
-    /// Job requests a manager keeps out at once; further workflows wait,
-    /// in order, in `created` (admission control).
-    pub max_open_requests: usize,
-    /// Milliseconds a manager gathers offers for a request before it takes
-    /// the least busy agent (0: the first offer). It decides at once when
-    /// every agent it knows has answered.
-    pub offer_window_ms: u64,
-    /// Log format.
-    pub log_format: LogFormat,
-    /// Start with this key even though the data directory holds the state
-    /// of another node id (a lost or replaced `node.key`).
-    pub new_identity: bool,
-    /// TLS on node links, with certificates derived from node keys.
-    pub peer_tls: bool,
-    /// The private mesh's pre-shared key file (swarm.key format).
-    pub mesh_key: Option<PathBuf>,
-    /// An agent serves only these managers (node ids); empty: every one.
-    pub serve_managers: Vec<String>,
-    /// A manager takes offers only from these agents; empty: every one.
-    pub use_agents: Vec<String>,
-    /// PEM certificate chain of the client API (TLS when set).
-    pub api_tls_cert: Option<PathBuf>,
-    /// PEM private key of the client API's certificate.
-    pub api_tls_key: Option<PathBuf>,
-    /// The web console's address; `None` (`off`) disables it.
-    pub console_listen: Option<SocketAddr>,
-    /// Host names the console answers to besides IP addresses and
-    /// `localhost` (requests naming any other host are refused: DNS
-    /// rebinding).
-    pub console_hosts: Vec<String>,
-}
-
-/// Defaults of the tuning settings, shared with embedded nodes.
-pub const DEFAULT_MAX_OPEN_REQUESTS: usize = 512;
-/// See [`Config::offer_window_ms`].
-pub const DEFAULT_OFFER_WINDOW_MS: u64 = 20;
-
-/// Command-line flags of `caroni-node`; each also reads `CARONI_<NAME>`.
-#[derive(Debug, Default, clap::Parser)]
+/// Every setting of a node, declared once: the field's name is its TOML
+/// key, its `#[arg]` gives its flag, its `CARONI_*` variable and its
+/// default (the engines' tuning defaults are the engines' own constants).
+/// [`Config::load`] merges defaults < TOML file < environment < flags:
+/// clap reads flags and variables and says where each value came from; the
+/// file fills only what came from a default.
+#[derive(Clone, Debug, Serialize, clap::Parser)]
 #[command(
     name = "caroni-node",
     version,
     about = "Caroni node: a manager, an agent or both, in one daemon",
     after_help = "Example:\n  caroni-node --data-dir /var/lib/caroni --role both \\\n    --peer-listen 0.0.0.0:7071 --peer-advertise http://10.0.0.5:7071 \\\n    --bootstrap /ip4/10.0.0.6/tcp/7072\n\nPrecedence: defaults < --config FILE (TOML, same keys with underscores) < CARONI_* environment < flags."
 )]
-pub struct Flags {
+pub struct Config {
     /// TOML configuration file.
     #[arg(long, env = "CARONI_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Data directory [default: ./caroni-data].
-    #[arg(long, env = "CARONI_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Role: manager, agent or both [default: both].
-    #[arg(long, env = "CARONI_ROLE")]
-    pub role: Option<Role>,
-    /// Client API address [default: 127.0.0.1:7070].
-    #[arg(long, env = "CARONI_API_LISTEN")]
-    pub api_listen: Option<SocketAddr>,
+    /// Directory holding the node key and the RocksDB database.
+    #[arg(long, env = "CARONI_DATA_DIR", default_value = "caroni-data")]
+    pub data_dir: PathBuf,
+    /// Role: manager, agent or both.
+    #[arg(long, env = "CARONI_ROLE", default_value = "both")]
+    pub role: Role,
+    /// Client API address (gRPC). Loopback by default.
+    #[arg(long, env = "CARONI_API_LISTEN", default_value = "127.0.0.1:7070")]
+    pub api_listen: SocketAddr,
     /// Token clients must present (required when --api-listen is not loopback).
     #[arg(long, env = "CARONI_API_TOKEN", hide_env_values = true)]
+    #[serde(skip_serializing)]
     pub api_token: Option<String>,
-    /// Node-to-node gRPC address [default: 0.0.0.0:7071].
-    #[arg(long, env = "CARONI_PEER_LISTEN")]
-    pub peer_listen: Option<SocketAddr>,
-    /// Endpoint other nodes dial to reach this one, e.g. http://10.0.0.5:7071.
-    #[arg(long, env = "CARONI_PEER_ADVERTISE")]
-    pub peer_advertise: Option<String>,
-    /// libp2p listen multiaddr [default: /ip4/0.0.0.0/tcp/7072].
-    #[arg(long, env = "CARONI_P2P_LISTEN")]
-    pub p2p_listen: Option<String>,
+    /// Node-to-node gRPC address.
+    #[arg(long, env = "CARONI_PEER_LISTEN", default_value = "0.0.0.0:7071")]
+    pub peer_listen: SocketAddr,
+    /// Endpoint other nodes dial to reach this one, e.g.
+    /// http://10.0.0.5:7071 [default: --peer-listen when it is not a
+    /// wildcard, else this host's address].
+    #[arg(
+        long,
+        env = "CARONI_PEER_ADVERTISE",
+        default_value = "",
+        hide_default_value = true
+    )]
+    pub peer_advertise: String,
+    /// libp2p listen multiaddr.
+    #[arg(
+        long,
+        env = "CARONI_P2P_LISTEN",
+        default_value = "/ip4/0.0.0.0/tcp/7072"
+    )]
+    pub p2p_listen: String,
     /// libp2p multiaddr of a peer to dial at start; repeat for several
     /// (environment: comma-separated).
     #[arg(long, env = "CARONI_BOOTSTRAP", value_delimiter = ',')]
     pub bootstrap: Vec<String>,
-    /// Turn mDNS discovery on or off [default: true].
-    #[arg(long, env = "CARONI_MDNS")]
-    pub mdns: Option<bool>,
-    /// Concurrent jobs on an agent [default: 2].
-    #[arg(long, env = "CARONI_SLOTS")]
-    pub slots: Option<usize>,
-    /// Lease on live jobs, in seconds [default: 30].
-    #[arg(long, env = "CARONI_LEASE_SECONDS")]
-    pub lease_seconds: Option<u64>,
-    /// Lifetime of an unanswered job request, in seconds [default: 600].
-    #[arg(long, env = "CARONI_REQUEST_TTL_SECONDS")]
-    pub request_ttl_seconds: Option<u64>,
-    /// Job requests a manager keeps out at once; more workflows wait in
-    /// `created` [default: 512].
-    #[arg(long, env = "CARONI_MAX_OPEN_REQUESTS")]
-    pub max_open_requests: Option<usize>,
+    /// Turn mDNS discovery on or off.
+    #[arg(long, env = "CARONI_MDNS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub mdns: bool,
+    /// Concurrent jobs on an agent.
+    #[arg(long, env = "CARONI_SLOTS", default_value_t = caroni_agent::engine::DEFAULT_SLOTS)]
+    pub slots: usize,
+    /// Lease on live jobs, in seconds: a manager counts a job as lost after
+    /// its agent was silent this long.
+    #[arg(long, env = "CARONI_LEASE_SECONDS", default_value_t = caroni_manager::engine::DEFAULT_LEASE_SECONDS)]
+    pub lease_seconds: u64,
+    /// Lifetime of an unanswered job request, in seconds; then it counts as
+    /// a failed attempt and is replaced.
+    #[arg(long, env = "CARONI_REQUEST_TTL_SECONDS", default_value_t = caroni_manager::engine::DEFAULT_REQUEST_TTL_SECONDS)]
+    pub request_ttl_seconds: u64,
+    /// Job requests a manager keeps out at once; more workflows wait, in
+    /// order, in `created` (admission control).
+    #[arg(long, env = "CARONI_MAX_OPEN_REQUESTS", default_value_t = caroni_manager::engine::DEFAULT_MAX_OPEN_REQUESTS)]
+    pub max_open_requests: usize,
     /// Milliseconds to gather offers before taking the least busy agent;
-    /// 0 takes the first offer [default: 20].
-    #[arg(long, env = "CARONI_OFFER_WINDOW_MS")]
-    pub offer_window_ms: Option<u64>,
-    /// Log format [default: text]. Filter with RUST_LOG.
-    #[arg(long, env = "CARONI_LOG_FORMAT")]
-    pub log_format: Option<LogFormat>,
+    /// 0 takes the first offer. A manager decides at once when every agent
+    /// it knows has answered.
+    #[arg(long, env = "CARONI_OFFER_WINDOW_MS", default_value_t = caroni_manager::engine::DEFAULT_OFFER_WINDOW_MS)]
+    pub offer_window_ms: u64,
+    /// Log format. Filter with RUST_LOG.
+    #[arg(long, env = "CARONI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Start although the data directory holds the state of another node
     /// id (its `node.key` was lost or replaced). Peers know the old id:
     /// jobs and workflows they hold for it are not this node's.
     #[arg(long)]
     pub new_identity: bool,
     /// TLS on node links: each node's certificate is derived from its node
-    /// key and checked against the node id it claims [default: true]. Every
-    /// node of a mesh must have the same setting.
-    #[arg(long, env = "CARONI_PEER_TLS")]
-    pub peer_tls: Option<bool>,
+    /// key and checked against the node id it claims. Every node of a mesh
+    /// must have the same setting.
+    #[arg(long, env = "CARONI_PEER_TLS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub peer_tls: bool,
     /// Pre-shared key file of a private mesh (libp2p swarm.key format,
     /// written by `caroni mesh-key`): nodes without it can neither join
     /// the gossip nor deliver a message.
@@ -180,10 +133,10 @@ pub struct Flags {
     /// PEM private key of --api-tls-cert.
     #[arg(long, env = "CARONI_API_TLS_KEY")]
     pub api_tls_key: Option<PathBuf>,
-    /// Web console address, or `off` [default: 127.0.0.1:7073]. Off
-    /// loopback it needs --api-token, which its login page asks for.
-    #[arg(long, env = "CARONI_CONSOLE_LISTEN")]
-    pub console_listen: Option<String>,
+    /// Web console address, or `off`. Off loopback it needs --api-token,
+    /// which its login page asks for.
+    #[arg(long, env = "CARONI_CONSOLE_LISTEN", default_value = "127.0.0.1:7073")]
+    pub console_listen: Listen,
     /// A host name the console is opened by (besides IP addresses and
     /// localhost, which always work); repeat for several (environment:
     /// comma-separated).
@@ -195,34 +148,34 @@ pub struct Flags {
     pub console_hosts: Vec<String>,
 }
 
-/// The TOML file: every key optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    data_dir: Option<PathBuf>,
-    role: Option<Role>,
-    api_listen: Option<SocketAddr>,
-    api_token: Option<String>,
-    peer_listen: Option<SocketAddr>,
-    peer_advertise: Option<String>,
-    p2p_listen: Option<String>,
-    bootstrap: Option<Vec<String>>,
-    mdns: Option<bool>,
-    slots: Option<usize>,
-    lease_seconds: Option<u64>,
-    request_ttl_seconds: Option<u64>,
-    max_open_requests: Option<usize>,
-    offer_window_ms: Option<u64>,
-    log_format: Option<LogFormat>,
-    peer_tls: Option<bool>,
-    mesh_key: Option<PathBuf>,
-    serve_managers: Option<Vec<String>>,
-    use_agents: Option<Vec<String>>,
-    api_tls_cert: Option<PathBuf>,
-    api_tls_key: Option<PathBuf>,
-    console_listen: Option<String>,
-    console_hosts: Option<Vec<String>>,
+/// An address to listen on, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "off" => Ok(Listen(None)),
+            a => a
+                .parse()
+                .map(|a| Listen(Some(a)))
+                .map_err(|_| format!("`{a}` is not an address such as 127.0.0.1:7073, nor `off`")),
+        }
+    }
 }
+
+impl Serialize for Listen {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(a) => s.collect_str(&a),
+            None => s.serialize_str("off"),
+        }
+    }
+}
+
+/// Settings given only as flags, never in the file.
+const FLAG_ONLY: [&str; 2] = ["config", "new_identity"];
 
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -240,135 +193,130 @@ pub enum ConfigError {
 
 impl Config {
     /// A node in both roles on `data_dir`, every listener on a free
-    /// loopback port, no mDNS, default tuning: what an embedded node
-    /// (`caroni demo`, `caroni bench --in-process`, tests) starts from.
+    /// loopback port, no mDNS, no console, default tuning: what an
+    /// embedded node (`caroni demo`, `caroni bench --in-process`, tests)
+    /// starts from.
     pub fn embedded(data_dir: PathBuf) -> Self {
+        use clap::Parser;
+        let mut c = Self::parse_from(["caroni-node"]);
         let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-        Self {
-            data_dir,
-            role: Role::Both,
-            api_listen: loopback,
-            api_token: None,
-            peer_listen: loopback,
-            peer_advertise: "http://127.0.0.1:0".into(),
-            p2p_listen: "/ip4/127.0.0.1/tcp/0".into(),
-            bootstrap: Vec::new(),
-            mdns: false,
-            slots: 2,
-            lease_seconds: 30,
-            request_ttl_seconds: 600,
-            max_open_requests: DEFAULT_MAX_OPEN_REQUESTS,
-            offer_window_ms: DEFAULT_OFFER_WINDOW_MS,
-            log_format: LogFormat::Text,
-            new_identity: false,
-            peer_tls: true,
-            mesh_key: None,
-            serve_managers: Vec::new(),
-            use_agents: Vec::new(),
-            api_tls_cert: None,
-            api_tls_key: None,
-            console_listen: None,
-            console_hosts: Vec::new(),
+        c.data_dir = data_dir;
+        c.role = Role::Both;
+        c.api_listen = loopback;
+        c.api_token = None;
+        c.peer_listen = loopback;
+        c.peer_advertise = "http://127.0.0.1:0".into();
+        c.p2p_listen = "/ip4/127.0.0.1/tcp/0".into();
+        c.mdns = false;
+        c.console_listen = Listen(None);
+        c
+    }
+
+    /// Reads the command line `args` (and the `CARONI_*` environment) and
+    /// the TOML file it names, merges them over the defaults and checks
+    /// the result. `--help`, `--version` and malformed flags print and
+    /// exit, as clap does.
+    pub fn load<I, T>(args: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches};
+        let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        let matches = match Self::command().try_get_matches_from(args.clone()) {
+            Ok(m) => m,
+            Err(e) if e.use_stderr() => return Err(ConfigError::Invalid(e.to_string())),
+            // --help, --version.
+            Err(e) => e.exit(),
+        };
+        let mut config =
+            Self::from_arg_matches(&matches).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if let Some(path) = config.config.clone() {
+            config = Self::with_file(&path, &args, &matches)?;
+        }
+        config.api_token = config.api_token.filter(|t| !t.is_empty());
+        if config.peer_advertise.trim().is_empty() {
+            config.peer_advertise = default_advertise(config.peer_listen, config.peer_tls);
+        }
+        for ids in [
+            &mut config.bootstrap,
+            &mut config.serve_managers,
+            &mut config.use_agents,
+        ] {
+            *ids = ids
+                .iter()
+                .map(|a| a.trim().to_string())
+                .filter(|a| !a.is_empty())
+                .collect();
+        }
+        config.check()?;
+        Ok(config)
+    }
+
+    /// The file fills what neither a flag nor a variable gave: its
+    /// settings become flags placed before the command line's, and the
+    /// whole is parsed once more by the same declaration (so a value in
+    /// the file is checked exactly as the flag's).
+    fn with_file(
+        path: &Path,
+        args: &[std::ffi::OsString],
+        matches: &clap::ArgMatches,
+    ) -> Result<Self, ConfigError> {
+        use clap::parser::ValueSource;
+        use clap::{CommandFactory, FromArgMatches};
+        let invalid = |e: String| ConfigError::Parse(path.into(), e);
+        let file = read_file(path)?;
+        let cmd = Self::command();
+        let mut merged = vec![args
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "caroni-node".into())];
+        for (key, value) in &file {
+            let long = cmd
+                .get_arguments()
+                .filter(|a| !FLAG_ONLY.contains(&a.get_id().as_str()))
+                .find(|a| a.get_id() == key.as_str())
+                .and_then(|a| a.get_long());
+            let Some(long) = long else {
+                return Err(invalid(format!(
+                    "unknown field `{key}`; the keys are the flags' names with underscores (`caroni-node --help`)"
+                )));
+            };
+            let given = matches!(
+                matches.value_source(key.as_str()),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            );
+            if !given {
+                merged
+                    .push(format!("--{long}={}", file_value(key, value).map_err(invalid)?).into());
+            }
+        }
+        merged.extend(args.iter().skip(1).cloned());
+        let matches = Self::command()
+            .try_get_matches_from(merged)
+            .map_err(|e| invalid(e.to_string()))?;
+        Self::from_arg_matches(&matches).map_err(|e| invalid(e.to_string()))
+    }
+
+    /// The manager engine's options, composed from this configuration.
+    pub fn manager_options(&self, endpoint: &str) -> caroni_manager::engine::Options {
+        caroni_manager::engine::Options {
+            endpoint: endpoint.to_string(),
+            lease: std::time::Duration::from_secs(self.lease_seconds),
+            request_ttl: std::time::Duration::from_secs(self.request_ttl_seconds),
+            max_open_requests: self.max_open_requests,
+            offer_window: std::time::Duration::from_millis(self.offer_window_ms),
+            use_agents: allowlist(&self.use_agents),
         }
     }
 
-    /// Merges flags (with their environment variables) over the TOML file
-    /// over the defaults, and checks the result.
-    pub fn load(flags: Flags) -> Result<Self, ConfigError> {
-        let file = match &flags.config {
-            Some(path) => read_file(path)?,
-            None => FileConfig::default(),
-        };
-        let peer_listen = flags
-            .peer_listen
-            .or(file.peer_listen)
-            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 7071)));
-        let peer_tls = flags.peer_tls.or(file.peer_tls).unwrap_or(true);
-        let ids = |flag: Vec<String>, file: Option<Vec<String>>| -> Vec<String> {
-            if flag.is_empty() {
-                file.unwrap_or_default()
-            } else {
-                flag
-            }
-            .into_iter()
-            .map(|a| a.trim().to_string())
-            .filter(|a| !a.is_empty())
-            .collect()
-        };
-        let config = Config {
-            data_dir: flags
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from("caroni-data")),
-            role: flags.role.or(file.role).unwrap_or_default(),
-            api_listen: flags
-                .api_listen
-                .or(file.api_listen)
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7070))),
-            api_token: flags.api_token.or(file.api_token).filter(|t| !t.is_empty()),
-            peer_advertise: match flags.peer_advertise.or(file.peer_advertise) {
-                Some(a) => a,
-                None => default_advertise(peer_listen, peer_tls),
-            },
-            peer_listen,
-            p2p_listen: flags
-                .p2p_listen
-                .or(file.p2p_listen)
-                .unwrap_or_else(|| "/ip4/0.0.0.0/tcp/7072".into()),
-            bootstrap: if flags.bootstrap.is_empty() {
-                file.bootstrap.unwrap_or_default()
-            } else {
-                flags.bootstrap
-            }
-            .into_iter()
-            .map(|a| a.trim().to_string())
-            .filter(|a| !a.is_empty())
-            .collect(),
-            mdns: flags.mdns.or(file.mdns).unwrap_or(true),
-            slots: flags.slots.or(file.slots).unwrap_or(2),
-            lease_seconds: flags.lease_seconds.or(file.lease_seconds).unwrap_or(30),
-            request_ttl_seconds: flags
-                .request_ttl_seconds
-                .or(file.request_ttl_seconds)
-                .unwrap_or(600),
-            max_open_requests: flags
-                .max_open_requests
-                .or(file.max_open_requests)
-                .unwrap_or(DEFAULT_MAX_OPEN_REQUESTS),
-            offer_window_ms: flags
-                .offer_window_ms
-                .or(file.offer_window_ms)
-                .unwrap_or(DEFAULT_OFFER_WINDOW_MS),
-            log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
-            new_identity: flags.new_identity,
-            peer_tls,
-            mesh_key: flags.mesh_key.or(file.mesh_key),
-            serve_managers: ids(flags.serve_managers, file.serve_managers),
-            use_agents: ids(flags.use_agents, file.use_agents),
-            api_tls_cert: flags.api_tls_cert.or(file.api_tls_cert),
-            api_tls_key: flags.api_tls_key.or(file.api_tls_key),
-            console_listen: match flags
-                .console_listen
-                .or(file.console_listen)
-                .as_deref()
-                .map(str::trim)
-            {
-                None | Some("") => Some(SocketAddr::from(([127, 0, 0, 1], 7073))),
-                Some("off") => None,
-                Some(a) => Some(a.parse().map_err(|_| {
-                    ConfigError::Invalid(format!(
-                        "--console-listen `{a}` is not an address such as 127.0.0.1:7073, nor `off`"
-                    ))
-                })?),
-            },
-            console_hosts: if flags.console_hosts.is_empty() {
-                file.console_hosts.unwrap_or_default()
-            } else {
-                flags.console_hosts
-            },
-        };
-        config.check()?;
-        Ok(config)
+    /// The agent engine's options, composed from this configuration.
+    pub fn agent_options(&self, node_id: &str) -> caroni_agent::engine::Options {
+        caroni_agent::engine::Options {
+            node_id: node_id.to_string(),
+            slots: self.slots,
+            serve_managers: allowlist(&self.serve_managers),
+        }
     }
 
     fn check(&self) -> Result<(), ConfigError> {
@@ -410,7 +358,7 @@ impl Config {
                 self.peer_advertise
             )));
         }
-        if let Some(c) = self.console_listen {
+        if let Some(c) = self.console_listen.0 {
             if !c.ip().is_loopback() && self.api_token.is_none() {
                 return Err(ConfigError::Invalid(format!(
                     "--console-listen {c} is not a loopback address; exposing the console needs a token (its login page asks for it): set --api-token or CARONI_API_TOKEN, or --console-listen off"
@@ -465,9 +413,35 @@ impl Config {
     }
 }
 
-fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
     toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e.to_string()))
+}
+
+/// A TOML value as the flag's text: scalars as they are, arrays joined by
+/// commas (the lists' delimiter).
+fn file_value(key: &str, v: &toml::Value) -> Result<String, String> {
+    Ok(match v {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Integer(n) => n.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        toml::Value::Array(items) => items
+            .iter()
+            .map(|i| match i {
+                toml::Value::String(s) => Ok(s.clone()),
+                other => Err(format!(
+                    "`{key}` must be a list of strings, not one holding {other}"
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?
+            .join(","),
+        other => return Err(format!("`{key}` cannot be a {}", other.type_str())),
+    })
+}
+
+/// A list of node ids as an allowlist; empty: everyone.
+fn allowlist(ids: &[String]) -> Option<std::collections::HashSet<String>> {
+    (!ids.is_empty()).then(|| ids.iter().cloned().collect())
 }
 
 fn advertise_is_wildcard(url: &str) -> bool {
@@ -507,7 +481,6 @@ fn default_advertise(listen: SocketAddr, tls: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
     #[test]
     fn flags_beat_the_file_which_beats_defaults() {
@@ -518,59 +491,76 @@ mod tests {
             "role = \"agent\"\nslots = 7\napi_listen = \"127.0.0.1:9000\"\n",
         )
         .expect("write");
-        let flags = Flags::parse_from([
+        let c = Config::load([
             "caroni-node",
             "--config",
             file.to_str().expect("utf8"),
             "--slots",
             "3",
-        ]);
-        let c = Config::load(flags).expect("valid");
+        ])
+        .expect("valid");
         assert_eq!(c.role, Role::Agent); // from the file
         assert_eq!(c.slots, 3); // flag beats file
         assert_eq!(c.api_listen.port(), 9000); // file beats default
         assert_eq!(c.lease_seconds, 30); // default
     }
 
+    /// One declaration gives the flag, the variable, the file key and the
+    /// default: the environment beats the file, a flag beats both, and a
+    /// bad value in the file is refused naming the file.
+    #[test]
+    fn the_environment_beats_the_file_and_file_values_are_checked_as_flags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("node.toml");
+        std::fs::write(
+            &file,
+            "lease_seconds = 7\nmax_open_requests = 9\nuse_agents = []\nrole = \"manager\"\n",
+        )
+        .expect("write");
+        // Each test runs in its own process (nextest): the variable is ours.
+        std::env::set_var("CARONI_LEASE_SECONDS", "11");
+        let path = file.to_str().expect("utf8");
+        let c = Config::load(["caroni-node", "--config", path]).expect("valid");
+        assert_eq!(c.lease_seconds, 11, "the environment beats the file");
+        assert_eq!(c.max_open_requests, 9, "the file beats the default");
+        assert_eq!(c.role, Role::Manager);
+        let c = Config::load(["caroni-node", "--config", path, "--lease-seconds", "13"])
+            .expect("valid");
+        assert_eq!(c.lease_seconds, 13, "a flag beats the environment");
+        assert_eq!(c.manager_options("http://m:1").lease.as_secs(), 13);
+        std::fs::write(&file, "slots = \"many\"\n").expect("write");
+        let e = Config::load(["caroni-node", "--config", path]).expect_err("not a number");
+        let e = e.to_string();
+        assert!(e.contains("node.toml") && e.contains("many"), "{e}");
+    }
+
     #[test]
     fn exposed_api_without_token_is_refused() {
-        let flags = Flags::parse_from(["caroni-node", "--api-listen", "0.0.0.0:7070"]);
-        let e = Config::load(flags).expect_err("needs token");
+        let e =
+            Config::load(["caroni-node", "--api-listen", "0.0.0.0:7070"]).expect_err("needs token");
         assert!(e.to_string().contains("needs a token"), "{e}");
-        let flags = Flags::parse_from(["caroni-node", "--peer-advertise", "http://0.0.0.0:7071"]);
-        assert!(Config::load(flags)
-            .expect_err("wildcard")
-            .to_string()
-            .contains("wildcard"));
+        assert!(
+            Config::load(["caroni-node", "--peer-advertise", "http://0.0.0.0:7071"])
+                .expect_err("wildcard")
+                .to_string()
+                .contains("wildcard")
+        );
     }
 
     #[test]
     fn the_console_is_on_loopback_by_default_and_needs_a_token_elsewhere() {
-        let c = Config::load(Flags::parse_from(["caroni-node"])).expect("defaults");
+        let c = Config::load(["caroni-node"]).expect("defaults");
         assert_eq!(
-            c.console_listen,
+            c.console_listen.0,
             Some(SocketAddr::from(([127, 0, 0, 1], 7073)))
         );
-        let c = Config::load(Flags::parse_from([
-            "caroni-node",
-            "--console-listen",
-            "off",
-        ]))
-        .expect("off");
-        assert_eq!(c.console_listen, None);
-        let e = Config::load(Flags::parse_from([
-            "caroni-node",
-            "--console-listen",
-            "0.0.0.0:7073",
-        ]))
-        .expect_err("needs a token");
+        let c = Config::load(["caroni-node", "--console-listen", "off"]).expect("off");
+        assert_eq!(c.console_listen.0, None);
+        let e = Config::load(["caroni-node", "--console-listen", "0.0.0.0:7073"])
+            .expect_err("needs a token");
         assert!(e.to_string().contains("needs a token"), "{e}");
-        let e = Config::load(Flags::parse_from([
-            "caroni-node",
-            "--console-listen",
-            "nowhere",
-        ]))
-        .expect_err("bad address");
+        let e =
+            Config::load(["caroni-node", "--console-listen", "nowhere"]).expect_err("bad address");
         assert!(e.to_string().contains("`nowhere`"), "{e}");
     }
 
@@ -579,8 +569,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("node.toml");
         std::fs::write(&file, "slot = 3\n").expect("write");
-        let flags = Flags::parse_from(["caroni-node", "--config", file.to_str().expect("utf8")]);
-        let e = Config::load(flags).expect_err("typo");
+        let e = Config::load(["caroni-node", "--config", file.to_str().expect("utf8")])
+            .expect_err("typo");
         assert!(e.to_string().contains("unknown field `slot`"), "{e}");
     }
 
@@ -633,7 +623,7 @@ mod tests {
                 let text: String = lines.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
                 for t in [text, raw] {
                     std::fs::write(&path, t).expect("write");
-                    let _ = Config::load(Flags { config: Some(path.clone()), ..Flags::default() });
+                    let _ = Config::load(["caroni-node".as_ref(), "--config".as_ref(), path.as_os_str()]);
                 }
             }
         );

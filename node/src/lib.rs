@@ -22,7 +22,7 @@ pub mod identity;
 mod supervise;
 pub mod wire;
 
-pub use config::{Config, Flags, LogFormat};
+pub use config::{Config, Listen, LogFormat};
 
 /// A running node.
 pub struct NodeHandle {
@@ -290,7 +290,7 @@ impl Node {
             manager: api::ManagerApi::new(store.clone(), manager.clone()),
             agent: api::AgentApi::new(store.clone(), agent.clone()),
         };
-        let console_addr = match config.console_listen {
+        let console_addr = match config.console_listen.0 {
             Some(addr) => {
                 let (bound, serve) = console::serve(
                     addr,
@@ -349,11 +349,7 @@ async fn start_agent(
     );
     executors.start().await;
     let (svc, handle) = caroni_agent::service::Service::new(
-        caroni_agent::service::Options {
-            node_id: node_id.to_string(),
-            slots: config.slots,
-            serve_managers: allowlist(&config.serve_managers),
-        },
+        config.agent_options(node_id),
         store.clone(),
         wire.clone(),
         executors,
@@ -382,14 +378,7 @@ fn start_manager(
         return Ok(None);
     }
     let (svc, handle) = caroni_manager::service::Service::new(
-        caroni_manager::service::Options {
-            endpoint: advertise.to_string(),
-            lease: std::time::Duration::from_secs(config.lease_seconds),
-            request_ttl: std::time::Duration::from_secs(config.request_ttl_seconds),
-            max_open_requests: config.max_open_requests,
-            offer_window: std::time::Duration::from_millis(config.offer_window_ms),
-            use_agents: allowlist(&config.use_agents),
-        },
+        config.manager_options(advertise),
         store.clone(),
         wire.clone(),
     )?;
@@ -726,10 +715,6 @@ fn links(config: &Config, key: &libp2p::identity::Keypair) -> anyhow::Result<car
 }
 
 /// An allowlist of node ids; empty means everyone.
-fn allowlist(ids: &[String]) -> Option<std::collections::HashSet<String>> {
-    (!ids.is_empty()).then(|| ids.iter().cloned().collect())
-}
-
 /// A request that does not decode (a `string` field that is not UTF-8, a
 /// malformed message) is the caller's fault: tonic answers it INTERNAL;
 /// this says INVALID_ARGUMENT, keeping tonic's message.

@@ -2,13 +2,11 @@
 //! the library.
 
 use anyhow::Context;
-use caroni_node::{Config, Flags, LogFormat, Node};
-use clap::Parser;
+use caroni_node::{Config, LogFormat, Node};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
-    let flags = Flags::parse();
-    let config = match Config::load(flags) {
+    let config = match Config::load(std::env::args_os()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("caroni-node: {e}");

@@ -36,7 +36,11 @@ const CLEANUP_MS: u64 = 30_000;
 /// Most queued jobs looked past per scheduling decision.
 const LOOK_PAST: usize = 64;
 
-/// The agent's options.
+/// Default concurrent jobs.
+pub const DEFAULT_SLOTS: usize = 2;
+
+/// The agent's options (the node composes them from its configuration,
+/// whose defaults are the constants above).
 #[derive(Debug, Clone)]
 pub struct Options {
     /// This node's id.

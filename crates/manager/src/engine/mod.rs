@@ -41,7 +41,17 @@ const AGENT_MEMORY_MS: u64 = 10 * 60 * 1000;
 /// Values held by a waiting workflow above which they wait on disk only.
 const SHELVE_BYTES: usize = 64 * 1024;
 
-/// The manager's options.
+/// Default lease on live jobs (s).
+pub const DEFAULT_LEASE_SECONDS: u64 = 30;
+/// Default lifetime of an unanswered request (s).
+pub const DEFAULT_REQUEST_TTL_SECONDS: u64 = 600;
+/// Default bound on requests out at once.
+pub const DEFAULT_MAX_OPEN_REQUESTS: usize = 512;
+/// Default offer window (ms).
+pub const DEFAULT_OFFER_WINDOW_MS: u64 = 20;
+
+/// The manager's options (the node composes them from its configuration,
+/// whose defaults are the constants above).
 #[derive(Debug, Clone)]
 pub struct Options {
     /// This manager's peer endpoint.
