@@ -168,157 +168,46 @@ pub struct Node;
 impl Node {
     /// Opens storage, binds every listener and starts every task.
     pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
-        private_dir(&config.data_dir)?;
-        let key = identity::load_or_create(&config.data_dir)?;
-        let node_id = key.public().to_peer_id().to_string();
-        let store = caroni_store::Store::open(&config.data_dir.join("db"))?;
-        identity::check_owner(&store, &node_id, &config.data_dir, config.new_identity)?;
-
-        let api_listener = listen(config.api_listen).with_context(|| {
-            format!(
-                "cannot listen on --api-listen {}; is another node using this port?",
-                config.api_listen
-            )
-        })?;
-        let api_addr = api_listener.local_addr()?;
-        let peer_listener = listen(config.peer_listen).with_context(|| {
-            format!(
-                "cannot listen on --peer-listen {}; is another node using this port?",
-                config.peer_listen
-            )
-        })?;
-        let peer_addr = peer_listener.local_addr()?;
-        let advertise = match config.peer_advertise.strip_suffix(":0") {
-            Some(host) => format!("{host}:{}", peer_addr.port()),
-            None => config.peer_advertise.clone(),
-        };
-
-        let links = links(&config, &key)?;
         let cancel = CancellationToken::new();
         let mut tasks = supervise::Tasks::new(cancel.clone());
-        let signer =
-            caroni_peer::Signer::new(key.clone(), advertise.clone()).with_links(links.clone());
-        let refusals = caroni_peer::PeerRefusals::default();
-        let liveness = caroni_peer::Liveness::default();
-        let outbox =
-            caroni_peer::Outbox::start(store.clone(), signer, liveness.clone(), cancel.clone())?;
-
-        let (mesh, mesh_events, mut mesh_loop) = caroni_mesh::new(
-            key,
-            caroni_mesh::Options {
-                listen: config.p2p_listen.clone(),
-                bootstrap: config.bootstrap.clone(),
-                mdns: config.mdns,
-                psk: links.mesh_key.as_ref().map(|k| k.psk()),
-            },
-        )?;
-        mesh_loop.listen()?;
-        let span = tracing::info_span!("mesh", node = %node_id);
-        let c = cancel.clone();
-        tasks.spawn("mesh", async move {
-            mesh_loop.run(c).instrument(span).await;
-            Ok(())
-        });
-
-        let wire = Arc::new(wire::NodeWire {
-            outbox: outbox.clone(),
-            mesh: mesh.clone(),
-            local_agent: std::sync::OnceLock::new(),
-            liveness: liveness.clone(),
-            published: Default::default(),
-            refusals: refusals.clone(),
-        });
-
-        let agent = start_agent(&config, &node_id, &store, &wire, &mut tasks, &cancel).await?;
-        let manager = start_manager(
-            &config, &node_id, &advertise, &store, &wire, &mut tasks, &cancel,
-        )?;
-        spawn_pruning(&store, &mut tasks, &cancel);
-
-        // The gossip listener runs in the node's task set like every other
-        // long-running task: if it dies, the node says so and stops.
-        let c = cancel.clone();
-        let gossip_agent = agent.clone();
-        let gossip_outbox = outbox.clone();
-        tasks.spawn("gossip listener", async move {
-            tokio::select! {
-                _ = wire::gossip_loop(mesh_events, gossip_agent, gossip_outbox) => {}
-                _ = c.cancelled() => {}
-            }
-            Ok(())
-        });
-
+        let storage = open_storage(&config)?;
+        let mut net = start_transport(&config, &storage, &mut tasks, &cancel)?;
+        let gossip = net.mesh_events.take();
+        let engines = start_engines(&config, &storage, &net, gossip, &mut tasks, &cancel).await?;
         serve_peers(
             PeerParts {
-                listener: peer_listener,
-                node_id: &node_id,
-                links: &links,
-                liveness: &liveness,
-                refusals: &refusals,
-                outbox: &outbox,
+                listener: net.peer_listener,
+                node_id: &storage.node_id,
+                links: &net.links,
+                liveness: &net.liveness,
+                refusals: &net.refusals,
+                outbox: &net.outbox,
             },
             wire::PeerInbox {
-                manager: manager.clone(),
-                agent: agent.clone(),
-                outbox: outbox.clone(),
+                manager: engines.manager.clone(),
+                agent: engines.agent.clone(),
+                outbox: net.outbox.clone(),
             },
             &mut tasks,
             &cancel,
         );
-
-        let info = pb::NodeInfo {
-            node_id: node_id.clone(),
-            roles: config.role.names().into_iter().map(String::from).collect(),
-            api_listen: api_addr.to_string(),
-            peer_endpoint: advertise.clone(),
-            p2p_listen: vec![],
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            data_dir: config.data_dir.display().to_string(),
-        };
-        let apis = api::Apis {
-            node: api::NodeApi::new(
-                info,
-                mesh,
-                outbox,
-                api::node::StatsSource {
-                    store: store.clone(),
-                    wire: wire.clone(),
-                    manager: manager.clone(),
-                    agent: agent.clone(),
-                },
-            ),
-            manager: api::ManagerApi::new(store.clone(), manager.clone()),
-            agent: api::AgentApi::new(store.clone(), agent.clone()),
-        };
-        let console_addr = match config.console_listen.0 {
-            Some(addr) => {
-                let (bound, serve) = console::serve(
-                    addr,
-                    console::Sources {
-                        node: apis.node.clone(),
-                        manager: apis.manager.clone(),
-                        agent: apis.agent.clone(),
-                        manager_handle: manager,
-                        agent_handle: agent,
-                        token: config.api_token.clone(),
-                        hosts: config.console_hosts.clone(),
-                    },
-                    cancel.clone(),
-                )
-                .await?;
-                tasks.spawn("console", serve);
-                Some(bound)
-            }
-            None => None,
-        };
-        let health_store = store;
-        let (api, health) = serve_api(api_listener, &config, apis, cancel.clone()).await?;
-        tasks.spawn("client API", api);
-        tasks.spawn(
-            "storage health",
-            storage_health(health_store, health.clone(), cancel.clone()),
-        );
-        tracing::info!(node_id = %node_id, api = %api_addr, peer = %advertise, console = ?console_addr, role = ?config.role, "node started");
+        let node_id = storage.node_id.clone();
+        let (api_addr, console_addr, health) = start_api(
+            &config,
+            storage,
+            NetParts {
+                api_listener: net.api_listener,
+                advertise: net.advertise.clone(),
+                mesh: net.mesh,
+                outbox: net.outbox,
+                wire: net.wire,
+            },
+            engines,
+            &mut tasks,
+            &cancel,
+        )
+        .await?;
+        tracing::info!(node_id = %node_id, api = %api_addr, peer = %net.advertise, console = ?console_addr, role = ?config.role, "node started");
         Ok(NodeHandle {
             node_id,
             api_addr,
@@ -328,6 +217,237 @@ impl Node {
             health,
         })
     }
+}
+
+/// The node's identity and its database.
+struct Storage {
+    key: libp2p::identity::Keypair,
+    node_id: String,
+    store: caroni_store::Store,
+}
+
+/// Opens the private data directory, the node key and the database, and
+/// checks that the database is this key's.
+fn open_storage(config: &Config) -> anyhow::Result<Storage> {
+    private_dir(&config.data_dir)?;
+    let key = identity::load_or_create(&config.data_dir)?;
+    let node_id = key.public().to_peer_id().to_string();
+    let store = caroni_store::Store::open(&config.data_dir.join("db"))?;
+    identity::check_owner(&store, &node_id, &config.data_dir, config.new_identity)?;
+    Ok(Storage {
+        key,
+        node_id,
+        store,
+    })
+}
+
+/// The transport: listeners, the outbox, the mesh and the engines' port.
+struct Transport {
+    api_listener: tokio::net::TcpListener,
+    peer_listener: tokio::net::TcpListener,
+    advertise: String,
+    links: caroni_peer::Links,
+    liveness: caroni_peer::Liveness,
+    refusals: caroni_peer::PeerRefusals,
+    outbox: caroni_peer::Outbox,
+    mesh: caroni_mesh::Client,
+    mesh_events: Option<tokio::sync::mpsc::Receiver<caroni_mesh::Event>>,
+    wire: Arc<wire::NodeWire>,
+}
+
+/// Binds the listeners and starts the outbox and the mesh.
+fn start_transport(
+    config: &Config,
+    storage: &Storage,
+    tasks: &mut supervise::Tasks,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Transport> {
+    let api_listener = listen(config.api_listen).with_context(|| {
+        format!(
+            "cannot listen on --api-listen {}; is another node using this port?",
+            config.api_listen
+        )
+    })?;
+    let peer_listener = listen(config.peer_listen).with_context(|| {
+        format!(
+            "cannot listen on --peer-listen {}; is another node using this port?",
+            config.peer_listen
+        )
+    })?;
+    let peer_addr = peer_listener.local_addr()?;
+    let advertise = match config.peer_advertise.strip_suffix(":0") {
+        Some(host) => format!("{host}:{}", peer_addr.port()),
+        None => config.peer_advertise.clone(),
+    };
+    let key = storage.key.clone();
+    let links = links(config, &key)?;
+    let signer = caroni_peer::Signer::new(key.clone(), advertise.clone()).with_links(links.clone());
+    let refusals = caroni_peer::PeerRefusals::default();
+    let liveness = caroni_peer::Liveness::default();
+    let outbox = caroni_peer::Outbox::start(
+        storage.store.clone(),
+        signer,
+        liveness.clone(),
+        cancel.clone(),
+    )?;
+    let (mesh, mesh_events, mut mesh_loop) = caroni_mesh::new(
+        key,
+        caroni_mesh::Options {
+            listen: config.p2p_listen.clone(),
+            bootstrap: config.bootstrap.clone(),
+            mdns: config.mdns,
+            psk: links.mesh_key.as_ref().map(|k| k.psk()),
+        },
+    )?;
+    mesh_loop.listen()?;
+    let span = tracing::info_span!("mesh", node = %storage.node_id);
+    let c = cancel.clone();
+    tasks.spawn("mesh", async move {
+        mesh_loop.run(c).instrument(span).await;
+        Ok(())
+    });
+    let wire = Arc::new(wire::NodeWire {
+        outbox: outbox.clone(),
+        mesh: mesh.clone(),
+        local_agent: std::sync::OnceLock::new(),
+        liveness: liveness.clone(),
+        published: Default::default(),
+        refusals: refusals.clone(),
+    });
+    Ok(Transport {
+        api_listener,
+        peer_listener,
+        advertise,
+        links,
+        liveness,
+        refusals,
+        outbox,
+        mesh,
+        mesh_events: Some(mesh_events),
+        wire,
+    })
+}
+
+/// The engines this node's role runs.
+struct Engines {
+    manager: Option<caroni_manager::service::Handle>,
+    agent: Option<caroni_agent::service::Handle>,
+}
+
+/// Starts the engines of the node's role, the applied-id pruning and the
+/// gossip listener.
+async fn start_engines(
+    config: &Config,
+    storage: &Storage,
+    net: &Transport,
+    gossip: Option<tokio::sync::mpsc::Receiver<caroni_mesh::Event>>,
+    tasks: &mut supervise::Tasks,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Engines> {
+    let (store, node_id) = (&storage.store, storage.node_id.as_str());
+    let agent = start_agent(config, node_id, store, &net.wire, tasks, cancel).await?;
+    let manager = start_manager(
+        config,
+        node_id,
+        &net.advertise,
+        store,
+        &net.wire,
+        tasks,
+        cancel,
+    )?;
+    spawn_pruning(store, tasks, cancel);
+    // The gossip listener runs in the node's task set like every other
+    // long-running task: if it dies, the node says so and stops.
+    let c = cancel.clone();
+    let gossip_agent = agent.clone();
+    let gossip_outbox = net.outbox.clone();
+    tasks.spawn("gossip listener", async move {
+        let Some(events) = gossip else {
+            return Ok(());
+        };
+        tokio::select! {
+            _ = wire::gossip_loop(events, gossip_agent, gossip_outbox) => {}
+            _ = c.cancelled() => {}
+        }
+        Ok(())
+    });
+    Ok(Engines { manager, agent })
+}
+
+/// What the client API and the console need of the transport.
+struct NetParts {
+    api_listener: tokio::net::TcpListener,
+    advertise: String,
+    mesh: caroni_mesh::Client,
+    outbox: caroni_peer::Outbox,
+    wire: Arc<wire::NodeWire>,
+}
+
+/// The client API, the console and the storage health probe. Returns the
+/// API's address, the console's and the node's health.
+async fn start_api(
+    config: &Config,
+    storage: Storage,
+    net: NetParts,
+    engines: Engines,
+    tasks: &mut supervise::Tasks,
+    cancel: &CancellationToken,
+) -> anyhow::Result<(std::net::SocketAddr, Option<std::net::SocketAddr>, Health)> {
+    let Storage { node_id, store, .. } = storage;
+    let Engines { manager, agent } = engines;
+    let api_addr = net.api_listener.local_addr()?;
+    let info = pb::NodeInfo {
+        node_id: node_id.clone(),
+        roles: config.role.names().into_iter().map(String::from).collect(),
+        api_listen: api_addr.to_string(),
+        peer_endpoint: net.advertise.clone(),
+        p2p_listen: vec![],
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        data_dir: config.data_dir.display().to_string(),
+    };
+    let apis = api::Apis {
+        node: api::NodeApi::new(
+            info,
+            net.mesh,
+            net.outbox,
+            api::node::StatsSource {
+                store: store.clone(),
+                wire: net.wire.clone(),
+                manager: manager.clone(),
+                agent: agent.clone(),
+            },
+        ),
+        manager: api::ManagerApi::new(store.clone(), manager.clone()),
+        agent: api::AgentApi::new(store.clone(), agent.clone()),
+    };
+    let console_addr = match config.console_listen.0 {
+        Some(addr) => {
+            let (bound, serve) = console::serve(
+                addr,
+                console::Sources {
+                    node: apis.node.clone(),
+                    manager: apis.manager.clone(),
+                    agent: apis.agent.clone(),
+                    manager_handle: manager,
+                    agent_handle: agent,
+                    token: config.api_token.clone(),
+                    hosts: config.console_hosts.clone(),
+                },
+                cancel.clone(),
+            )
+            .await?;
+            tasks.spawn("console", serve);
+            Some(bound)
+        }
+        None => None,
+    };
+    let (api, health) = serve_api(net.api_listener, config, apis, cancel.clone()).await?;
+    tasks.spawn("client API", api);
+    tasks.spawn(
+        "storage health",
+        storage_health(store, health.clone(), cancel.clone()),
+    );
+    Ok((api_addr, console_addr, health))
 }
 
 /// The agent engine with its executors, when the node has the role.

@@ -7,6 +7,10 @@ use prost::Message as _;
 
 use crate::Error;
 
+/// Longest endpoint accepted from a peer (a wire bound, checked when an
+/// envelope is opened).
+pub const MAX_ENDPOINT: usize = 256;
+
 /// A verified message: the signature checked, the sender's key matching the
 /// claimed node id.
 #[derive(Debug, Clone)]
@@ -305,11 +309,11 @@ fn checked(signer: &KnownKey, msg: Message) -> Result<Verified, Error> {
         .message_id
         .parse()
         .map_err(|_| Error::Refused(format!("message id `{}` is not a UUID", msg.message_id)))?;
-    if msg.sender_endpoint.len() > crate::outbox::MAX_ENDPOINT {
+    if msg.sender_endpoint.len() > MAX_ENDPOINT {
         return Err(Error::Refused(format!(
             "sender endpoint is {} bytes long; at most {} are accepted",
             msg.sender_endpoint.len(),
-            crate::outbox::MAX_ENDPOINT
+            MAX_ENDPOINT
         )));
     }
     let payload = msg

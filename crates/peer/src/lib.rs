@@ -13,14 +13,16 @@
 
 pub mod envelope;
 pub mod gate;
+pub mod inbox;
 pub mod outbox;
 pub mod server;
 pub mod tls;
 
 pub use envelope::{open, open_all, Signer, Verified};
 pub use gate::{GateLimits, Gated, GatedListener};
+pub use inbox::{Applying, DeliverError, Inbox};
 pub use outbox::{Outbox, PeerStatus};
-pub use server::{Applying, DeliverError, Inbox, PeerServer};
+pub use server::PeerServer;
 pub use tls::{Links, MeshKey, PeerTls};
 
 use std::collections::HashMap;

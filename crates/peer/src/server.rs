@@ -1,141 +1,29 @@
-//! The receiving side: `PeerService.Deliver`, and the pipeline shared with
-//! in-process delivery.
-//!
-//! A stream's envelopes are verified and handed to the engines in arrival
-//! order without waiting for each one to be written: the engines gather
-//! whatever is queued into one synced batch (group commit), and the acks
-//! follow in order as the batches land. At most [`WINDOW`] messages of one
-//! stream are in the engines at once.
+//! The receiving side over the network: `PeerService.Deliver`. A
+//! stream's envelopes are checked (stream rights, mesh key, size) and
+//! verified here, then handed to the [`crate::inbox`] pipeline, which the
+//! in-process delivery shares.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use caroni_proto::v1::{peer_service_server::PeerService, Ack, Envelope};
-use futures::future::BoxFuture;
-use futures::stream::FuturesOrdered;
-use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::inbox::{pipeline, Inbox, Incoming};
 use crate::tls::{LinkInfo, MeshKey, MESH_HEADER, NODE_HEADER};
-use crate::{open_all, Liveness, PeerRefusals, Verified};
-
-/// Largest number of messages of one stream handed to the engines and not
-/// yet acknowledged.
-pub const WINDOW: usize = 1024;
+use crate::{open_all, Liveness, PeerRefusals};
 
 /// Most delivery streams a node serves at once (each holds at most
-/// [`WINDOW`] acks of bounded size).
+/// [`crate::inbox::WINDOW`] acks of bounded size).
 pub const MAX_STREAMS: usize = 1024;
 
-static REFUSED_MESSAGES: crate::Refusals = crate::Refusals::new();
 static REFUSED_ENVELOPES: crate::Refusals = crate::Refusals::new();
 static BROKEN_STREAMS: crate::Refusals = crate::Refusals::new();
 static REFUSED_STREAMS: crate::Refusals = crate::Refusals::new();
 
 /// Longest node id accepted in a header (a base58 PeerId is 52 bytes).
 const MAX_NODE_ID: usize = 128;
-
-/// Longest error text in an ack.
-const MAX_ACK_ERROR: usize = 512;
-
-pub use caroni_types::delivery::DeliverError;
-
-/// Resolves once a submitted message and its effects are durably written
-/// (or it was a duplicate).
-pub type Applying = BoxFuture<'static, Result<(), DeliverError>>;
-
-/// Where verified messages go.
-pub trait Inbox: Send + Sync + 'static {
-    /// Queues one verified message for its engine, in order with the
-    /// messages submitted before it, and returns what resolves once it is
-    /// applied. Returns only after the message is queued.
-    fn submit(&self, msg: Verified) -> BoxFuture<'_, Result<Applying, DeliverError>>;
-}
-
-/// One message read from a stream: verified, or refused with the id the
-/// sender knows it by.
-pub(crate) enum Incoming {
-    Verified(Box<Verified>),
-    Refused {
-        message_id: String,
-        error: String,
-    },
-    /// The stream broke (an envelope over the size limit, a bad frame):
-    /// what was read before is answered, then the stream ends with this.
-    Broken(Status),
-}
-
-/// Feeds `incoming` to `inbox` and yields an ack per message, in order.
-/// The stream of acks ends with an `unavailable` status when the inbox asks
-/// for a retry (the sender reconnects and re-sends).
-pub(crate) fn pipeline<S>(inbox: Arc<dyn Inbox>, incoming: S) -> mpsc::Receiver<Result<Ack, Status>>
-where
-    S: Stream<Item = Incoming> + Send + Unpin + 'static,
-{
-    let (tx, rx) = mpsc::channel::<Result<Ack, Status>>(WINDOW);
-    tokio::spawn(async move {
-        let mut incoming = incoming;
-        let mut applying =
-            FuturesOrdered::<BoxFuture<'static, (String, Result<(), DeliverError>)>>::new();
-        let mut open = true;
-        let mut broken: Option<Status> = None;
-        loop {
-            tokio::select! {
-                biased;
-                Some((id, result)) = applying.next(), if !applying.is_empty() => {
-                    let ack = match result {
-                        Ok(()) => Ack { message_id: id, accepted: true, error: String::new() },
-                        Err(DeliverError::Refused(mut e)) => {
-                            crate::refusal!(REFUSED_MESSAGES, message_id = %id, error = %e, "refused a message");
-                            if e.len() > MAX_ACK_ERROR {
-                                let mut end = MAX_ACK_ERROR;
-                                while !e.is_char_boundary(end) {
-                                    end -= 1;
-                                }
-                                e.truncate(end);
-                            }
-                            Ack { message_id: id, accepted: false, error: e }
-                        }
-                        Err(DeliverError::Retry(e)) => {
-                            let _ = tx.send(Err(Status::unavailable(e))).await;
-                            return;
-                        }
-                    };
-                    if tx.send(Ok(ack)).await.is_err() {
-                        return;
-                    }
-                }
-                item = incoming.next(), if open && applying.len() < WINDOW => match item {
-                    None => open = false,
-                    Some(Incoming::Broken(status)) => {
-                        open = false;
-                        broken = Some(status);
-                    }
-                    Some(Incoming::Refused { message_id, error }) => {
-                        applying.push_back(Box::pin(async move {
-                            (message_id, Err(DeliverError::Refused(error)))
-                        }));
-                    }
-                    Some(Incoming::Verified(msg)) => {
-                        let id = msg.id.to_string();
-                        match inbox.submit(*msg).await {
-                            Ok(fut) => applying.push_back(Box::pin(async move { (id, fut.await) })),
-                            Err(e) => applying.push_back(Box::pin(async move { (id, Err(e)) })),
-                        }
-                    }
-                },
-                else => {
-                    if let Some(status) = broken {
-                        let _ = tx.send(Err(status)).await;
-                    }
-                    return;
-                }
-            }
-        }
-    });
-    rx
-}
 
 /// The peer gRPC service.
 pub struct PeerServer {

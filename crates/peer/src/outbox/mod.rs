@@ -49,11 +49,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::server::{pipeline, Incoming, WINDOW};
+use crate::envelope::MAX_ENDPOINT;
+use crate::inbox::{pipeline, Incoming, WINDOW};
 use crate::{envelope, Error, Inbox, Liveness, Signer, Verified};
-
-/// Longest endpoint accepted from a peer.
-pub const MAX_ENDPOINT: usize = 256;
 
 /// Bounds on what the outbox holds for its destinations.
 #[derive(Debug, Clone, Copy)]
