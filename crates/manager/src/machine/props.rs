@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 
 use super::*;
+use caroni_types::msg::{JobState, Load, StatusUpdate};
 
 const SIMPLE: &str = include_str!("../../../../examples/templates/test_simple.cwl");
 const AGENTS: [&str; 3] = ["agentA", "agentB", "agentC"];

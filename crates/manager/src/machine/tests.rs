@@ -1,4 +1,5 @@
 use super::*;
+use caroni_types::msg::{JobState, Load, Msg, StatusUpdate};
 use std::collections::BTreeMap;
 
 const SIMPLE: &str = include_str!("../../../../examples/templates/test_simple.cwl");

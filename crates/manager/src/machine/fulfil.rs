@@ -1,0 +1,247 @@
+//! Fulfilment: a step's request, published with back-off; offers gathered
+//! over the offer window and the least busy agent taken; declines noted.
+
+use caroni_types::msg::{JobRequest, JobState, Load, Msg, Outbound};
+use uuid::Uuid;
+
+use super::{Ctx, Effect, REPUBLISH_MAX_MS, REPUBLISH_MIN_MS};
+use crate::model::{Attempt, Candidate, Request, RequestState, StepState, Workflow};
+
+impl Workflow {
+    pub(super) fn new_request(&mut self, n: usize, ctx: &mut Ctx<'_>, fx: &mut Vec<Effect>) {
+        let id = (ctx.new_id)();
+        let step = &mut self.steps[n];
+        step.state = StepState::Fulfilling;
+        step.results.clear();
+        step.request = Some(Request {
+            id,
+            state: RequestState::Fulfilling,
+            created_at_ms: ctx.now_ms,
+            expires_at_ms: ctx.now_ms + ctx.request_ttl_ms,
+            publish_count: 0,
+            next_publish_at_ms: ctx.now_ms,
+            declines: Vec::new(),
+            candidates: Vec::new(),
+            answered: Vec::new(),
+            decide_at_ms: None,
+        });
+        self.publish_due(n, ctx, fx);
+    }
+
+    /// Publishes the step's request if it is due, and schedules the next
+    /// publication with exponential backoff.
+    pub(super) fn publish_due(&mut self, n: usize, ctx: &Ctx<'_>, fx: &mut Vec<Effect>) {
+        let step = &mut self.steps[n];
+        let Some(req) = step.request.as_mut() else {
+            return;
+        };
+        if req.state != RequestState::Fulfilling || req.next_publish_at_ms > ctx.now_ms {
+            return;
+        }
+        req.publish_count += 1;
+        let known = ctx.peers.known_agents();
+        let delay = if known > 0 && req.answered.len() >= known {
+            // Every agent we know has answered: only a newcomer could.
+            REPUBLISH_MAX_MS
+        } else {
+            (REPUBLISH_MIN_MS << (req.publish_count - 1).min(10)).min(REPUBLISH_MAX_MS)
+        };
+        req.next_publish_at_ms = ctx.now_ms + delay;
+        fx.push(Effect::Publish(JobRequest {
+            request_id: req.id,
+            job_type: step.job_type.clone(),
+            parameter_keys: step.inputs.iter().map(|i| i.name.clone()).collect(),
+            output_keys: step.outputs.clone(),
+            job_kvs: step.job_kvs.clone(),
+            expires_at_ms: req.expires_at_ms,
+            manager_endpoint: ctx.endpoint.to_string(),
+            publish_count: req.publish_count,
+            workflow_id: Some(self.id),
+        }));
+    }
+
+    pub(super) fn find_request(&self, request_id: Uuid) -> Option<usize> {
+        self.steps
+            .iter()
+            .position(|s| s.request.as_ref().is_some_and(|r| r.id == request_id))
+    }
+
+    /// An agent offers to serve a request. The offer is gathered with the
+    /// others for the request; the request is decided (the least busy
+    /// agent taken, the others rejected) at once when every known agent
+    /// has answered or no window is set, else when the window closes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_offer(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        agent: &str,
+        endpoint: &str,
+        request_id: Uuid,
+        offer_id: Uuid,
+        expires_at_ms: u64,
+        load: Load,
+    ) -> Vec<Effect> {
+        let reject = || {
+            vec![Effect::Send(Outbound {
+                to: agent.to_string(),
+                endpoint: endpoint.to_string(),
+                msg: Msg::Reject {
+                    offer_id,
+                    request_id,
+                },
+            })]
+        };
+        // A re-sent offer we already accepted or hold: nothing new.
+        if self
+            .steps
+            .iter()
+            .any(|s| s.attempts.iter().any(|a| a.offer_id == Some(offer_id)))
+        {
+            return Vec::new();
+        }
+        let Some(n) = self.find_request(request_id) else {
+            return reject();
+        };
+        let open = !self.state.is_final()
+            && self.steps[n].state == StepState::Fulfilling
+            && self.steps[n].request.as_ref().is_some_and(|r| {
+                r.state == RequestState::Fulfilling && r.expires_at_ms > ctx.now_ms
+            });
+        if !open || expires_at_ms <= ctx.now_ms {
+            return reject();
+        }
+        let Some(req) = self.steps[n].request.as_mut() else {
+            return reject();
+        };
+        if req.candidates.iter().any(|c| c.offer_id == offer_id) {
+            return Vec::new();
+        }
+        req.candidates.push(Candidate {
+            agent: agent.to_string(),
+            endpoint: endpoint.to_string(),
+            offer_id,
+            expires_at_ms,
+            load,
+        });
+        if !req.answered.iter().any(|a| a == agent) {
+            req.answered.push(agent.to_string());
+        }
+        let everyone = req.answered.len() >= ctx.peers.known_agents();
+        if ctx.offer_window_ms == 0 || everyone {
+            let mut fx = Vec::new();
+            self.decide(n, ctx, &mut fx);
+            return fx;
+        }
+        if req.decide_at_ms.is_none() {
+            req.decide_at_ms = Some(ctx.now_ms + ctx.offer_window_ms);
+        }
+        Vec::new()
+    }
+
+    /// Takes the least busy of the offers gathered for step `n`'s request
+    /// and rejects the others.
+    pub(super) fn decide(&mut self, n: usize, ctx: &mut Ctx<'_>, fx: &mut Vec<Effect>) {
+        let Some(req) = self.steps[n].request.as_mut() else {
+            return;
+        };
+        req.decide_at_ms = None;
+        let candidates = std::mem::take(&mut req.candidates);
+        let request_id = req.id;
+        let now = ctx.now_ms;
+        let best = candidates
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.expires_at_ms > now)
+            .min_by(|(i, a), (j, b)| {
+                let la = a.load.per_slot(ctx.peers.live_jobs(&a.agent));
+                let lb = b.load.per_slot(ctx.peers.live_jobs(&b.agent));
+                la.total_cmp(&lb).then(i.cmp(j))
+            })
+            .map(|(i, _)| i);
+        for (i, c) in candidates.into_iter().enumerate() {
+            if Some(i) == best {
+                fx.push(self.accept_offer(n, ctx, c));
+            } else {
+                fx.push(Effect::Send(Outbound {
+                    to: c.agent,
+                    endpoint: c.endpoint,
+                    msg: Msg::Reject {
+                        offer_id: c.offer_id,
+                        request_id,
+                    },
+                }));
+            }
+        }
+    }
+
+    /// Turns an offer into the step's new attempt and accepts it.
+    pub(super) fn accept_offer(&mut self, n: usize, ctx: &mut Ctx<'_>, c: Candidate) -> Effect {
+        let job_id = (ctx.new_id)();
+        let step = &mut self.steps[n];
+        let mut request_id = Uuid::nil();
+        if let Some(r) = step.request.as_mut() {
+            r.state = RequestState::Fulfilled;
+            request_id = r.id;
+        }
+        step.attempts.push(Attempt {
+            job_id: Some(job_id),
+            request_id,
+            offer_id: Some(c.offer_id),
+            agent: c.agent.clone(),
+            endpoint: c.endpoint.clone(),
+            state: JobState::Pending,
+            accepted: false,
+            superseded: false,
+            started_at_ms: ctx.now_ms,
+            ended_at_ms: None,
+            last_heard_ms: ctx.now_ms,
+            last_probe_ms: ctx.now_ms,
+            status_seq: 0,
+            exit_status: None,
+            message: String::new(),
+            stderr_tail: String::new(),
+        });
+        self.touch(ctx);
+        Effect::Send(Outbound {
+            to: c.agent,
+            endpoint: c.endpoint,
+            msg: Msg::Accept {
+                offer_id: c.offer_id,
+                request_id,
+                job_id,
+            },
+        })
+    }
+
+    /// An agent declines a request. Declines never end a request; the last
+    /// one of the known agents to answer closes the offer window.
+    pub fn on_decline(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        agent: &str,
+        request_id: Uuid,
+        reason: &str,
+    ) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        let Some(n) = self.find_request(request_id) else {
+            return fx;
+        };
+        let Some(r) = self.steps[n].request.as_mut() else {
+            return fx;
+        };
+        r.declines.push((agent.to_string(), reason.to_string()));
+        if r.declines.len() > 8 {
+            r.declines.remove(0);
+        }
+        if !r.answered.iter().any(|a| a == agent) {
+            r.answered.push(agent.to_string());
+        }
+        if r.state == RequestState::Fulfilling
+            && !r.candidates.is_empty()
+            && r.answered.len() >= ctx.peers.known_agents()
+        {
+            self.decide(n, ctx, &mut fx);
+        }
+        fx
+    }
+}

@@ -1,0 +1,409 @@
+//! Starting a node, part by part: storage (identity and database), the
+//! transport (listeners, outbox, mesh, the engines' port), the engines of
+//! its role, the peer service, and the client API with the console.
+//! `Node::start` composes them in that order.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use caroni_proto::v1 as pb;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::*;
+
+/// The node's identity and its database.
+pub(super) struct Storage {
+    pub(super) key: libp2p::identity::Keypair,
+    pub(super) node_id: String,
+    pub(super) store: caroni_store::Store,
+}
+
+/// Opens the private data directory, the node key and the database, and
+/// checks that the database is this key's.
+pub(super) fn open_storage(config: &Config) -> anyhow::Result<Storage> {
+    private_dir(&config.data_dir)?;
+    let key = identity::load_or_create(&config.data_dir)?;
+    let node_id = key.public().to_peer_id().to_string();
+    let store = caroni_store::Store::open(&config.data_dir.join("db"))?;
+    identity::check_owner(&store, &node_id, &config.data_dir, config.new_identity)?;
+    Ok(Storage {
+        key,
+        node_id,
+        store,
+    })
+}
+
+/// The transport: listeners, the outbox, the mesh and the engines' port.
+pub(super) struct Transport {
+    pub(super) api_listener: tokio::net::TcpListener,
+    pub(super) peer_listener: tokio::net::TcpListener,
+    pub(super) advertise: String,
+    pub(super) links: caroni_peer::Links,
+    pub(super) liveness: caroni_peer::Liveness,
+    pub(super) refusals: caroni_peer::PeerRefusals,
+    pub(super) outbox: caroni_peer::Outbox,
+    pub(super) mesh: caroni_mesh::Client,
+    pub(super) mesh_events: Option<tokio::sync::mpsc::Receiver<caroni_mesh::Event>>,
+    pub(super) wire: Arc<wire::NodeWire>,
+}
+
+/// Binds the listeners and starts the outbox and the mesh.
+pub(super) fn start_transport(
+    config: &Config,
+    storage: &Storage,
+    tasks: &mut supervise::Tasks,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Transport> {
+    let api_listener = listen(config.api_listen).with_context(|| {
+        format!(
+            "cannot listen on --api-listen {}; is another node using this port?",
+            config.api_listen
+        )
+    })?;
+    let peer_listener = listen(config.peer_listen).with_context(|| {
+        format!(
+            "cannot listen on --peer-listen {}; is another node using this port?",
+            config.peer_listen
+        )
+    })?;
+    let peer_addr = peer_listener.local_addr()?;
+    let advertise = match config.peer_advertise.strip_suffix(":0") {
+        Some(host) => format!("{host}:{}", peer_addr.port()),
+        None => config.peer_advertise.clone(),
+    };
+    let key = storage.key.clone();
+    let links = links(config, &key)?;
+    let signer = caroni_peer::Signer::new(key.clone(), advertise.clone()).with_links(links.clone());
+    let refusals = caroni_peer::PeerRefusals::default();
+    let liveness = caroni_peer::Liveness::default();
+    let outbox = caroni_peer::Outbox::start(
+        storage.store.clone(),
+        signer,
+        liveness.clone(),
+        cancel.clone(),
+    )?;
+    let (mesh, mesh_events, mut mesh_loop) = caroni_mesh::new(
+        key,
+        caroni_mesh::Options {
+            listen: config.p2p_listen.clone(),
+            bootstrap: config.bootstrap.clone(),
+            mdns: config.mdns,
+            psk: links.mesh_key.as_ref().map(|k| k.psk()),
+        },
+    )?;
+    mesh_loop.listen()?;
+    let span = tracing::info_span!("mesh", node = %storage.node_id);
+    let c = cancel.clone();
+    tasks.spawn("mesh", async move {
+        mesh_loop.run(c).instrument(span).await;
+        Ok(())
+    });
+    let wire = Arc::new(wire::NodeWire {
+        outbox: outbox.clone(),
+        mesh: mesh.clone(),
+        local_agent: std::sync::OnceLock::new(),
+        liveness: liveness.clone(),
+        published: Default::default(),
+        refusals: refusals.clone(),
+    });
+    Ok(Transport {
+        api_listener,
+        peer_listener,
+        advertise,
+        links,
+        liveness,
+        refusals,
+        outbox,
+        mesh,
+        mesh_events: Some(mesh_events),
+        wire,
+    })
+}
+
+/// The engines this node's role runs.
+pub(super) struct Engines {
+    pub(super) manager: Option<caroni_manager::service::Handle>,
+    pub(super) agent: Option<caroni_agent::service::Handle>,
+}
+
+/// Starts the engines of the node's role, the applied-id pruning and the
+/// gossip listener.
+pub(super) async fn start_engines(
+    config: &Config,
+    storage: &Storage,
+    net: &Transport,
+    gossip: Option<tokio::sync::mpsc::Receiver<caroni_mesh::Event>>,
+    tasks: &mut supervise::Tasks,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Engines> {
+    let (store, node_id) = (&storage.store, storage.node_id.as_str());
+    let agent = start_agent(config, node_id, store, &net.wire, tasks, cancel).await?;
+    let manager = start_manager(
+        config,
+        node_id,
+        &net.advertise,
+        store,
+        &net.wire,
+        tasks,
+        cancel,
+    )?;
+    spawn_pruning(store, tasks, cancel);
+    // The gossip listener runs in the node's task set like every other
+    // long-running task: if it dies, the node says so and stops.
+    let c = cancel.clone();
+    let gossip_agent = agent.clone();
+    let gossip_outbox = net.outbox.clone();
+    tasks.spawn("gossip listener", async move {
+        let Some(events) = gossip else {
+            return Ok(());
+        };
+        tokio::select! {
+            _ = wire::gossip_loop(events, gossip_agent, gossip_outbox) => {}
+            _ = c.cancelled() => {}
+        }
+        Ok(())
+    });
+    Ok(Engines { manager, agent })
+}
+
+/// What the client API and the console need of the transport.
+pub(super) struct NetParts {
+    pub(super) api_listener: tokio::net::TcpListener,
+    pub(super) advertise: String,
+    pub(super) mesh: caroni_mesh::Client,
+    pub(super) outbox: caroni_peer::Outbox,
+    pub(super) wire: Arc<wire::NodeWire>,
+}
+
+/// The client API, the console and the storage health probe. Returns the
+/// API's address, the console's and the node's health.
+pub(super) async fn start_api(
+    config: &Config,
+    storage: Storage,
+    net: NetParts,
+    engines: Engines,
+    tasks: &mut supervise::Tasks,
+    cancel: &CancellationToken,
+) -> anyhow::Result<(std::net::SocketAddr, Option<std::net::SocketAddr>, Health)> {
+    let Storage { node_id, store, .. } = storage;
+    let Engines { manager, agent } = engines;
+    let api_addr = net.api_listener.local_addr()?;
+    let info = pb::NodeInfo {
+        node_id: node_id.clone(),
+        roles: config.role.names().into_iter().map(String::from).collect(),
+        api_listen: api_addr.to_string(),
+        peer_endpoint: net.advertise.clone(),
+        p2p_listen: vec![],
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        data_dir: config.data_dir.display().to_string(),
+    };
+    let apis = api::Apis {
+        node: api::NodeApi::new(
+            info,
+            net.mesh,
+            net.outbox,
+            api::node::StatsSource {
+                store: store.clone(),
+                wire: net.wire.clone(),
+                manager: manager.clone(),
+                agent: agent.clone(),
+            },
+        ),
+        manager: api::ManagerApi::new(store.clone(), manager.clone()),
+        agent: api::AgentApi::new(store.clone(), agent.clone()),
+    };
+    let console_addr = match config.console_listen.0 {
+        Some(addr) => {
+            let (bound, serve) = console::serve(
+                addr,
+                console::Sources {
+                    node: apis.node.clone(),
+                    manager: apis.manager.clone(),
+                    agent: apis.agent.clone(),
+                    manager_handle: manager,
+                    agent_handle: agent,
+                    token: config.api_token.clone(),
+                    hosts: config.console_hosts.clone(),
+                },
+                cancel.clone(),
+            )
+            .await?;
+            tasks.spawn("console", serve);
+            Some(bound)
+        }
+        None => None,
+    };
+    let (api, health) = serve_api(net.api_listener, config, apis, cancel.clone()).await?;
+    tasks.spawn("client API", api);
+    tasks.spawn(
+        "storage health",
+        storage_health(store, health.clone(), cancel.clone()),
+    );
+    Ok((api_addr, console_addr, health))
+}
+
+/// The agent engine with its executors, when the node has the role.
+pub(super) async fn start_agent(
+    config: &Config,
+    node_id: &str,
+    store: &caroni_store::Store,
+    wire: &Arc<wire::NodeWire>,
+    tasks: &mut supervise::Tasks,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Option<caroni_agent::service::Handle>> {
+    if !config.role.is_agent() {
+        return Ok(None);
+    }
+    let executors = caroni_agent::executor::Executors::new(
+        node_id.to_string(),
+        config.data_dir.join("work"),
+        store.clone(),
+    );
+    executors.start().await;
+    let (svc, handle) = caroni_agent::service::Service::new(
+        config.agent_options(node_id),
+        store.clone(),
+        wire.clone(),
+        executors,
+    )?;
+    let c = cancel.clone();
+    let span = tracing::info_span!("agent", node = %node_id);
+    tasks.spawn("agent", async move {
+        svc.run(c).instrument(span).await;
+        Ok(())
+    });
+    let _ = wire.local_agent.set(handle.clone());
+    Ok(Some(handle))
+}
+
+/// The manager engine, when the node has the role.
+pub(super) fn start_manager(
+    config: &Config,
+    node_id: &str,
+    advertise: &str,
+    store: &caroni_store::Store,
+    wire: &Arc<wire::NodeWire>,
+    tasks: &mut supervise::Tasks,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Option<caroni_manager::service::Handle>> {
+    if !config.role.is_manager() {
+        return Ok(None);
+    }
+    let (svc, handle) = caroni_manager::service::Service::new(
+        config.manager_options(advertise),
+        store.clone(),
+        wire.clone(),
+    )?;
+    let c = cancel.clone();
+    let span = tracing::info_span!("manager", node = %node_id);
+    tasks.spawn("manager", async move {
+        svc.run(c).instrument(span).await;
+        Ok(())
+    });
+    Ok(Some(handle))
+}
+
+/// Applied-message ids are kept 30 days, far beyond any outage an outbox
+/// is expected to bridge, then forgotten (checked hourly).
+pub(super) fn spawn_pruning(
+    store: &caroni_store::Store,
+    tasks: &mut supervise::Tasks,
+    cancel: &CancellationToken,
+) {
+    let prune_store = store.clone();
+    let c = cancel.clone();
+    tasks.spawn("applied-id pruning", async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+        loop {
+            tokio::select! {
+                _ = c.cancelled() => return Ok(()),
+                _ = every.tick() => {}
+            }
+            let s = prune_store.clone();
+            let horizon = caroni_types::now_ms().saturating_sub(APPLIED_RETENTION_MS);
+            match tokio::task::spawn_blocking(move || {
+                caroni_store::applied::prune_applied(&s, horizon)
+            })
+            .await
+            {
+                Ok(Ok(n)) if n > 0 => {
+                    tracing::info!(forgotten = n, "pruned old applied-message ids")
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot prune applied-message ids"),
+                _ => {}
+            }
+        }
+    });
+}
+
+/// What the peer service needs of the transport.
+pub(super) struct PeerParts<'a> {
+    pub(super) listener: TcpListener,
+    pub(super) node_id: &'a str,
+    pub(super) links: &'a caroni_peer::Links,
+    pub(super) liveness: &'a caroni_peer::Liveness,
+    pub(super) refusals: &'a caroni_peer::PeerRefusals,
+    pub(super) outbox: &'a caroni_peer::Outbox,
+}
+
+/// The peer service: what other nodes deliver, into the engines (and the
+/// node's own messages between its roles, in process).
+pub(super) fn serve_peers(
+    p: PeerParts<'_>,
+    inbox: wire::PeerInbox,
+    tasks: &mut supervise::Tasks,
+    cancel: &CancellationToken,
+) {
+    let PeerParts {
+        listener,
+        node_id,
+        links,
+        liveness,
+        refusals,
+        outbox,
+    } = p;
+    let inbox: Arc<dyn caroni_peer::Inbox> = Arc::new(inbox);
+    // Messages between the manager and the agent of this node go in
+    // process, through the same outbox and inbox.
+    outbox.set_local(inbox.clone());
+    // A sender uses one stream per destination: a connection with more
+    // open streams than this is not a well-behaved peer.
+    let peer_server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(PEER_STREAMS_PER_CONNECTION)
+        .add_service(
+            caroni_proto::v1::peer_service_server::PeerServiceServer::new(
+                caroni_peer::PeerServer::new(inbox, liveness.clone()).guarded(
+                    node_id.to_string(),
+                    links.mesh_key.clone(),
+                    refusals.clone(),
+                ),
+            )
+            .max_decoding_message_size(caroni_peer::outbox::MAX_ENVELOPE),
+        );
+    let c = cancel.clone();
+    match &links.tls {
+        Some(tls) => {
+            let incoming = caroni_peer::tls::accept(listener, tls.server_config(), "peer");
+            tasks.spawn("peer server", async move {
+                peer_server
+                    .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
+                    .await
+                    .context("peer server failed")
+            });
+        }
+        None => {
+            tracing::warn!(
+                "node links are plaintext (--peer-tls false): anyone on the path can read them"
+            );
+            let incoming = nodelay(listener);
+            tasks.spawn("peer server", async move {
+                peer_server
+                    .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
+                    .await
+                    .context("peer server failed")
+            });
+        }
+    }
+}
