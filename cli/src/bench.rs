@@ -10,6 +10,10 @@
 //! steps per second, messages and synced writes per step, CPU and memory
 //! per node, how the steps spread over the agents, and the floor measured
 //! in the same run: K sequential spawns of the same job body.
+//!
+//! (Over 600 lines: topology, load, measurement and report of one
+//! command; the report's figures are read against the code that takes
+//! them.)
 
 use std::collections::HashMap;
 use std::path::PathBuf;

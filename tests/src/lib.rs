@@ -1,6 +1,9 @@
 //! Helpers for end-to-end tests: real `caroni-node` processes on free
 //! loopback ports, driven with the real `caroni` binary. Every wait is
 //! bounded and every process is killed when its guard drops.
+//!
+//! (Over 600 lines: the shared helpers of every end-to-end test, in one
+//! place so that none is written twice.)
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

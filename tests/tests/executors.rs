@@ -3,6 +3,8 @@
 //! processes. Skipped, with a message, when no Docker engine is reachable
 //! or the image `caroni:local` (deploy/build-image.sh, run by `make test`)
 //! is missing.
+//!
+//! (Over 600 lines: one file per subject, as every file under `tests/`.)
 
 use std::process::Command;
 use std::time::{Duration, Instant};

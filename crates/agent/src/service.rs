@@ -285,17 +285,24 @@ impl<E: Executor> Service<E> {
     }
 
     fn input(&mut self, input: Input, g: &mut Group) -> Result<Delivered, DeliverError> {
+        self.step(|a, now, world| a.handle(input, now, world, &mut g.out))
+    }
+
+    /// Runs `f` on the machine with the clock and the node's world.
+    fn step<R>(&mut self, f: impl FnOnce(&mut Agent, &mut Now<'_>, &dyn World) -> R) -> R {
+        let Self {
+            machine,
+            store,
+            wire,
+            executor,
+            ..
+        } = self;
         let world = NodeWorld {
-            store: &self.store,
-            wire: self.wire.as_ref(),
-            executor: self.executor.as_ref(),
+            store,
+            wire: wire.as_ref(),
+            executor: executor.as_ref(),
         };
-        let mut gen = Uuid::new_v4;
-        let mut now = Now {
-            ms: caroni_types::now_ms(),
-            new_id: &mut gen,
-        };
-        self.machine.handle(input, &mut now, &world, &mut g.out)
+        caroni_types::wall_clock(Uuid::new_v4, |now| f(machine, now, &world))
     }
 
     /// Spawns a run the machine started.
@@ -357,17 +364,7 @@ impl<E: Executor> driver::Engine for Service<E> {
         for (id, result) in std::mem::take(&mut self.retry_results) {
             let _ = self.input(Input::Finished(id, result), g);
         }
-        let world = NodeWorld {
-            store: &self.store,
-            wire: self.wire.as_ref(),
-            executor: self.executor.as_ref(),
-        };
-        let mut gen = Uuid::new_v4;
-        let mut now = Now {
-            ms: caroni_types::now_ms(),
-            new_id: &mut gen,
-        };
-        self.machine.settle(&mut now, &world, &mut g.out);
+        self.step(|a, now, world| a.settle(now, world, &mut g.out));
     }
 
     fn seal(&mut self, g: &mut Group) -> Batch {

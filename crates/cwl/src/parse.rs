@@ -1,4 +1,7 @@
 //! Walks the YAML value tree of a CWL document and builds a [`Workflow`].
+//!
+//! (Over 600 lines: one walk over the document, each part of CWL a
+//! function; the next issues split it by CWL class as they grow it.)
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 

@@ -7,6 +7,10 @@
 //! bytes, not its values again. Records of earlier layouts (one whole
 //! workflow per key; heads and steps with their values) are converted at
 //! start.
+//!
+//! (Over 600 lines: the current layout, its codecs and the conversion of
+//! the two earlier layouts belong together, so that a change of one is
+//! seen with the others.)
 
 use std::collections::BTreeMap;
 

@@ -334,6 +334,21 @@ impl Service {
         Ok(wf)
     }
 
+    /// Runs `f` on the machine with the clock and the node's world.
+    fn step<R>(&mut self, f: impl FnOnce(&mut Manager, &mut Now<'_>, &dyn World) -> R) -> R {
+        let Self {
+            machine,
+            store,
+            wire,
+            ..
+        } = self;
+        let world = NodeWorld {
+            store,
+            wire: wire.as_ref(),
+        };
+        caroni_types::wall_clock(Uuid::now_v7, |now| f(machine, now, &world))
+    }
+
     fn stats_now(&self) {
         self.stats
             .live
@@ -369,30 +384,12 @@ impl driver::Engine for Service {
         let (pending, Some(input)) = input else {
             return;
         };
-        let world = NodeWorld {
-            store: &self.store,
-            wire: self.wire.as_ref(),
-        };
-        let mut gen = Uuid::now_v7;
-        let mut now = Now {
-            ms: caroni_types::now_ms(),
-            new_id: &mut gen,
-        };
-        let answer = self.machine.handle(input, &mut now, &world, &mut g.out);
+        let answer = self.step(|m, now, world| m.handle(input, now, world, &mut g.out));
         g.replies.push(Reply(pending, answer));
     }
 
     fn settle(&mut self, g: &mut Group) {
-        let world = NodeWorld {
-            store: &self.store,
-            wire: self.wire.as_ref(),
-        };
-        let mut gen = Uuid::now_v7;
-        let mut now = Now {
-            ms: caroni_types::now_ms(),
-            new_id: &mut gen,
-        };
-        self.machine.settle(&mut now, &world, &mut g.out);
+        self.step(|m, now, world| m.settle(now, world, &mut g.out));
     }
 
     fn seal(&mut self, g: &mut Group) -> Batch {

@@ -24,6 +24,9 @@
 //! `x-caroni-mesh` header of its delivery stream; the listener refuses a
 //! stream without the right value. Inside TLS the value is secret, and it
 //! is good only between these two nodes.
+//!
+//! (Over 600 lines: certificates, the verifiers on both sides, the mesh
+//! key and their tests are one trust decision, read together.)
 
 use std::net::SocketAddr;
 use std::pin::Pin;

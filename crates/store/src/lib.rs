@@ -14,6 +14,10 @@
 //! (see `caroni-manager` and `caroni-agent`). The store counts its synced
 //! writes for `caroni bench`. This crate knows nothing of engines, gRPC or
 //! libp2p.
+//!
+//! (Over 600 lines: the store's handle, its recovery from a failed disk
+//! and its tests are one piece; the tables and keys have files of their
+//! own.)
 
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};

@@ -186,6 +186,36 @@ impl std::str::FromStr for Role {
 /// Values stay comparable with timestamps stored before a restart, which
 /// re-anchors on the wall clock.
 pub fn now_ms() -> u64 {
+    now_ms_anchored()
+}
+
+/// Time and fresh ids, as the engines' machines take them: passed in, so
+/// that a machine reads no clock and draws no randomness of its own (the
+/// simulator passes a virtual clock and seeded ids).
+pub struct Now<'a> {
+    /// Now, ms since the epoch.
+    pub ms: u64,
+    /// Fresh ids.
+    pub new_id: &'a mut dyn FnMut() -> uuid::Uuid,
+}
+
+impl std::fmt::Debug for Now<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Now").field("ms", &self.ms).finish()
+    }
+}
+
+/// Runs `f` with this process's clock ([`now_ms`]) and ids from `new_id`.
+pub fn wall_clock<R>(new_id: fn() -> uuid::Uuid, f: impl FnOnce(&mut Now<'_>) -> R) -> R {
+    let mut gen = new_id;
+    let mut now = Now {
+        ms: now_ms(),
+        new_id: &mut gen,
+    };
+    f(&mut now)
+}
+
+fn now_ms_anchored() -> u64 {
     static ANCHOR: std::sync::OnceLock<(u64, std::time::Instant)> = std::sync::OnceLock::new();
     let (wall, at) = ANCHOR.get_or_init(|| {
         let wall = std::time::SystemTime::now()

@@ -236,13 +236,8 @@ impl Failure {
     }
 }
 
-/// Time and fresh ids for one call.
-pub struct Now<'a> {
-    /// Now, ms since the epoch.
-    pub ms: u64,
-    /// Fresh ids.
-    pub new_id: &'a mut dyn FnMut() -> Uuid,
-}
+/// Time and fresh ids for one call (one type for both engines).
+pub use caroni_types::Now;
 
 /// The agent: offers, live jobs, the run queue and what runs.
 pub struct Agent {

@@ -279,13 +279,8 @@ impl std::fmt::Debug for Manager {
     }
 }
 
-/// Time and fresh ids for one call.
-pub struct Now<'a> {
-    /// Now, ms since the epoch.
-    pub ms: u64,
-    /// Fresh ids (UUID v7 in a node; seeded in the simulator).
-    pub new_id: &'a mut dyn FnMut() -> Uuid,
-}
+/// Time and fresh ids for one call (one type for both engines).
+pub use caroni_types::Now;
 
 impl Manager {
     /// An empty manager.

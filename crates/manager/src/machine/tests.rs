@@ -1,3 +1,6 @@
+//! Unit tests of one workflow's rules, one test per rule (over 600 lines:
+//! the rules are many, and each test reads alone).
+
 use super::*;
 use caroni_types::msg::{JobState, Load, Msg, StatusUpdate};
 use std::collections::BTreeMap;
