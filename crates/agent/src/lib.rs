@@ -1,8 +1,11 @@
 //! The agent engine: job types, offers, jobs, the run queue and the bash
 //! executor.
 //!
-//! This crate owns the agent's rules and its tables. It must not depend on
-//! libp2p or tonic: the node wires it to the network.
+//! This crate owns the agent's rules and its tables: [`engine`] the rules
+//! between jobs and peers (and the scheduling decision), [`machine`] the
+//! rules of one offer and one job, both IO-less; [`service`] drives them on
+//! the shared commit driver and runs what they start. It must not depend
+//! on libp2p or tonic: the node wires it to the network.
 
 pub mod engine;
 pub mod executor;

@@ -1,8 +1,10 @@
 //! The manager engine: workflow templates, workflows, steps, job requests
 //! and the routing of data along dataflows.
 //!
-//! This crate owns the manager's rules and its tables. It must not depend on
-//! libp2p or tonic: the node wires it to the network.
+//! This crate owns the manager's rules and its tables: [`engine`] the rules
+//! between workflows and peers, [`machine`] the rules of one workflow, both
+//! IO-less; [`service`] drives them on the shared commit driver. It must
+//! not depend on libp2p or tonic: the node wires it to the network.
 
 pub mod engine;
 pub mod machine;

@@ -11,7 +11,7 @@
 //! state change and the messages it causes (the outbox) commit together.
 //! RocksDB groups concurrent synchronous writes into one log sync (group
 //! commit); the engines go further and gather many commands into one batch
-//! (see `caroni-manager` and `caroni-agent`). The store counts its synced
+//! (the commit driver of `caroni-engine`). The store counts its synced
 //! writes for `caroni bench`. This crate knows nothing of engines, gRPC or
 //! libp2p.
 //!
