@@ -36,5 +36,5 @@ bench: setup
 # files and configuration files; prints each one's count and time. `make
 # test` runs the same properties with 2,000 cases.
 fuzz: setup
-	CARONI_FUZZ_CASES=$${CARONI_FUZZ_CASES:-100000} cargo nextest run --workspace --no-fail-fast --no-capture -E 'test(/never_panic/)'
-	CARONI_SIM_SEEDS=$${CARONI_SIM_SEEDS:-50000} cargo nextest run --workspace --no-fail-fast --no-capture -E 'package(caroni-sim) and test(/seeded_faults/)'
+	CARONI_FUZZ_CASES=$${CARONI_FUZZ_CASES:-100000} cargo nextest run --profile fuzz --workspace --no-fail-fast --no-capture -E 'test(/never_panic/)'
+	CARONI_SIM_SEEDS=$${CARONI_SIM_SEEDS:-50000} cargo nextest run --profile fuzz --workspace --no-fail-fast --no-capture -E 'package(caroni-sim) and test(/seeded_faults/)'

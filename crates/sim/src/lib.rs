@@ -526,25 +526,58 @@ impl Node {
     }
 }
 
-/// Runs seeds `from..from + n`; returns the first failure's findings and
-/// the totals.
+/// Runs seeds `from..from + n`, spread over the machine's cores (each
+/// seed's run is its own and deterministic); returns the findings of the
+/// seeds that broke a guarantee, in seed order, and the totals.
 pub fn run_seeds(from: u64, n: u64, cfg: &Config) -> (Vec<Findings>, Counts) {
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get() as u64);
+    let parts: Vec<(Vec<(u64, Findings)>, Counts)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    let mut failures = Vec::new();
+                    let mut total = Counts::default();
+                    let mut seed = from + t;
+                    while seed < from + n {
+                        let (f, c) = Sim::new(seed, cfg.clone()).run();
+                        total.add(&c);
+                        if !f.violations.is_empty() {
+                            failures.push((seed, f));
+                        }
+                        seed += threads;
+                    }
+                    (failures, total)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h.join() {
+                Ok(part) => part,
+                Err(e) => std::panic::resume_unwind(e),
+            })
+            .collect()
+    });
     let mut failures = Vec::new();
     let mut total = Counts::default();
-    for seed in from..from + n {
-        let (f, c) = Sim::new(seed, cfg.clone()).run();
-        total.events += c.events;
-        total.completed += c.completed;
-        total.failed += c.failed;
-        total.cancelled += c.cancelled;
-        total.crashes += c.crashes;
-        total.forgeries_refused += c.forgeries_refused;
-        total.answered_in_ack += c.answered_in_ack;
-        if !f.violations.is_empty() {
-            failures.push(f);
-        }
+    for (f, c) in parts {
+        failures.extend(f);
+        total.add(&c);
     }
-    (failures, total)
+    failures.sort_by_key(|(seed, _)| *seed);
+    (failures.into_iter().map(|(_, f)| f).collect(), total)
+}
+
+impl Counts {
+    fn add(&mut self, c: &Counts) {
+        self.events += c.events;
+        self.completed += c.completed;
+        self.failed += c.failed;
+        self.cancelled += c.cancelled;
+        self.crashes += c.crashes;
+        self.forgeries_refused += c.forgeries_refused;
+        self.answered_in_ack += c.answered_in_ack;
+    }
 }
 
 #[cfg(test)]
