@@ -111,7 +111,39 @@ pub enum RunResult {
         exit_status: Option<i32>,
         /// Tail of stderr.
         stderr_tail: String,
+        /// The kind of failure, as the executor knew it.
+        kind: Failure,
     },
+}
+
+/// Why a run failed, as the executor that ran it knew it (and as a bounded
+/// metric label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// It outlived its timeout.
+    Timeout,
+    /// It was killed: cancelled by its manager, stopped by the agent, out
+    /// of memory in its container, cancelled in Slurm.
+    Killed,
+    /// It exited with a non-zero status.
+    ExitStatus,
+    /// It exited 0 but its stdout was not what its job type declares.
+    Output,
+    /// Anything else (it could not start, its job type was removed).
+    Other,
+}
+
+impl Failure {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::Timeout => "timeout",
+            Failure::Killed => "killed",
+            Failure::ExitStatus => "exit_status",
+            Failure::Output => "output",
+            Failure::Other => "other",
+        }
+    }
 }
 
 /// What the agent knows beyond the request when it answers one.
@@ -434,6 +466,7 @@ impl Job {
                 message,
                 exit_status,
                 stderr_tail,
+                ..
             } => {
                 self.exit_status = exit_status;
                 self.stderr_tail = stderr_tail;

@@ -287,6 +287,7 @@ impl Sim {
                     message: "exit status 1".into(),
                     exit_status: Some(1),
                     stderr_tail: String::new(),
+                    kind: caroni_agent::machine::Failure::ExitStatus,
                 }
             } else {
                 RunResult::Completed {

@@ -193,48 +193,8 @@ impl Out {
     }
 }
 
-/// Why a run failed, as a bounded metric label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Failure {
-    /// It outlived its timeout.
-    Timeout,
-    /// It was killed (cancelled by its manager, or the agent stopped).
-    Killed,
-    /// It exited with a non-zero status.
-    ExitStatus,
-    /// Its stdout was not what its job type declares.
-    Output,
-    /// Anything else (could not start, job type removed).
-    Other,
-}
-
-impl Failure {
-    /// The label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Failure::Timeout => "timeout",
-            Failure::Killed => "killed",
-            Failure::ExitStatus => "exit_status",
-            Failure::Output => "output",
-            Failure::Other => "other",
-        }
-    }
-
-    /// The kind of a failed run, from what the executor said.
-    pub fn of(message: &str, exit_status: Option<i32>) -> Self {
-        if message.contains("timed out") {
-            Failure::Timeout
-        } else if message.contains("cancel") || message.contains("killed") {
-            Failure::Killed
-        } else if exit_status.is_some_and(|c| c != 0) {
-            Failure::ExitStatus
-        } else if message.contains("stdout") || message.contains("output") {
-            Failure::Output
-        } else {
-            Failure::Other
-        }
-    }
-}
+/// Why a run failed (typed by the executor that ran it).
+pub use crate::machine::Failure;
 
 /// Time and fresh ids for one call (one type for both engines).
 pub use caroni_types::Now;

@@ -184,6 +184,7 @@ impl Agent {
                             ),
                             exit_status: None,
                             stderr_tail: String::new(),
+                            kind: Failure::Other,
                         },
                         now_ms,
                     ));
@@ -260,13 +261,11 @@ impl Agent {
             return;
         };
         out.results.push((id, result.clone()));
-        let fx = job.on_finished(result, now_ms);
-        match job.state {
-            JobState::Completed => out.completed += 1,
-            _ => out
-                .failures
-                .push(Failure::of(&job.message, job.exit_status)),
+        match &result {
+            RunResult::Completed { .. } => out.completed += 1,
+            RunResult::Failed { kind, .. } => out.failures.push(*kind),
         }
+        let fx = job.on_finished(result, now_ms);
         let trace = world.workflow_of(&job.request_id);
         tracing::debug!(workflow = %caroni_types::msg::Trace(trace), job = %id, state = job.state.as_str(), reason = %job.message, "job finished");
         self.commit(Some(job), fx, trace, world, out);

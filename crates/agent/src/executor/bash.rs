@@ -18,9 +18,9 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
-use super::output::{env_plan, failed, parse_outputs, tail, ENV_VALUE_MAX, JOB_PATH};
+use super::output::{env_plan, failed, failed_as, parse_outputs, tail, ENV_VALUE_MAX, JOB_PATH};
 use super::{Executor, RunSpec};
-use crate::machine::{RunResult, STDERR_TAIL_BYTES};
+use crate::machine::{Failure, RunResult, STDERR_TAIL_BYTES};
 
 /// The bash executor.
 #[derive(Clone, Debug)]
@@ -214,8 +214,8 @@ impl Executor for BashExecutor {
         let timed_out = || format!("timed out after {} s", spec.timeout.as_secs());
         let status = tokio::select! {
             s = child.wait() => Ok(s),
-            _ = tokio::time::sleep_until(deadline) => Err(timed_out()),
-            _ = cancel.cancelled() => Err("killed".to_string()),
+            _ = tokio::time::sleep_until(deadline) => Err((Failure::Timeout, timed_out())),
+            _ = cancel.cancelled() => Err((Failure::Killed, "killed".to_string())),
         };
         if status.is_err() {
             kill_group(pid);
@@ -241,11 +241,14 @@ impl Executor for BashExecutor {
                 let _ = tokio::task::spawn_blocking(move || kill_job_processes(job)).await;
                 if status.is_ok() {
                     status = Err(if cancel.is_cancelled() {
-                        "killed".to_string()
+                        (Failure::Killed, "killed".to_string())
                     } else {
-                        format!(
-                            "{} (a process it started kept its output open)",
-                            timed_out()
+                        (
+                            Failure::Timeout,
+                            format!(
+                                "{} (a process it started kept its output open)",
+                                timed_out()
+                            ),
                         )
                     });
                 }
@@ -264,7 +267,7 @@ impl Executor for BashExecutor {
             Ok(Err(e)) => {
                 return failed(format!("cannot wait for the process: {e}"), None, &stderr)
             }
-            Err(why) => return failed(why, None, &stderr),
+            Err((kind, why)) => return failed_as(kind, why, None, &stderr),
         };
         if over {
             return failed(
@@ -275,11 +278,10 @@ impl Executor for BashExecutor {
         }
         if !status.success() {
             let code = status.code();
-            let msg = match code {
-                Some(c) => format!("exit status {c}"),
-                None => "killed by a signal".to_string(),
+            return match code {
+                Some(c) => failed(format!("exit status {c}"), code, &stderr),
+                None => failed_as(Failure::Killed, "killed by a signal".into(), None, &stderr),
             };
-            return failed(msg, code, &stderr);
         }
         match parse_outputs(&stdout, &spec.outputs) {
             Ok(outputs) => RunResult::Completed {
@@ -339,12 +341,12 @@ mod tests {
     async fn failures_say_what_was_wrong() {
         let r = run("echo oops >&2; exit 3").await;
         assert!(
-            matches!(&r, RunResult::Failed { message, exit_status: Some(3), stderr_tail } if message == "exit status 3" && stderr_tail.contains("oops")),
+            matches!(&r, RunResult::Failed { message, exit_status: Some(3), stderr_tail, kind: Failure::ExitStatus } if message == "exit status 3" && stderr_tail.contains("oops")),
             "{r:?}"
         );
         let r = run("echo not json").await;
         assert!(
-            matches!(&r, RunResult::Failed { message, .. } if message.contains("stdout is not a JSON object")),
+            matches!(&r, RunResult::Failed { message, kind: Failure::Output, .. } if message.contains("stdout is not a JSON object")),
             "{r:?}"
         );
         let r = run(r#"echo '{"other": 1}'"#).await;
@@ -369,7 +371,7 @@ mod tests {
             .run(s, CancellationToken::new())
             .await;
         assert!(
-            matches!(&r, RunResult::Failed { message, .. } if message.contains("timed out") && message.contains("kept its output open")),
+            matches!(&r, RunResult::Failed { message, kind: Failure::Timeout, .. } if message.contains("timed out") && message.contains("kept its output open")),
             "{r:?}"
         );
         // The straggler is gone (it may take a moment to be reaped).
@@ -501,7 +503,7 @@ mod tests {
             .run(s, CancellationToken::new())
             .await;
         assert!(
-            matches!(&r, RunResult::Failed { message, .. } if message.contains("timed out")),
+            matches!(&r, RunResult::Failed { message, kind: Failure::Timeout, .. } if message.contains("timed out")),
             "{r:?}"
         );
         assert!(

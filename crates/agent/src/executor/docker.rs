@@ -22,9 +22,9 @@ use caroni_types::DockerSpec;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::output::{env_plan, failed, parse_outputs, tail, ENV_VALUE_MAX};
+use super::output::{env_plan, failed, failed_as, parse_outputs, tail, ENV_VALUE_MAX};
 use super::RunSpec;
-use crate::machine::RunResult;
+use crate::machine::{Failure, RunResult};
 
 /// Label holding the Caroni job id.
 pub const JOB_LABEL: &str = "org.caroni.job";
@@ -320,15 +320,15 @@ impl DockerExecutor {
         let ended = tokio::select! {
             r = read => Ok(r),
             _ = tokio::time::sleep_until(deadline) => {
-                Err(format!("timed out after {} s", spec.timeout.as_secs()))
+                Err((Failure::Timeout, format!("timed out after {} s", spec.timeout.as_secs())))
             }
-            _ = cancel.cancelled() => Err("killed".to_string()),
+            _ = cancel.cancelled() => Err((Failure::Killed, "killed".to_string())),
         };
         let (stdout, stderr, over) = match ended {
             Ok(r) => r,
-            Err(why) => {
+            Err((kind, why)) => {
                 let _ = remove(docker, name).await;
-                return failed(why, None, b"");
+                return failed_as(kind, why, None, b"");
             }
         };
         // The log stream ends when the container stops; its state says how.
@@ -341,7 +341,8 @@ impl DockerExecutor {
         };
         let code = state.exit_code.and_then(|c| i32::try_from(c).ok());
         if state.oom_killed == Some(true) {
-            return failed(
+            return failed_as(
+                Failure::Killed,
                 "killed for exceeding the job type's memory limit".into(),
                 code,
                 &stderr,

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::executor::RunSpec;
-use crate::machine::{RunResult, STDERR_TAIL_BYTES};
+use crate::machine::{Failure, RunResult, STDERR_TAIL_BYTES};
 
 /// Largest value of one environment string (`NAME=value`): Linux refuses
 /// longer ones (`MAX_ARG_STRLEN`, 32 pages) with "Argument list too long".
@@ -82,11 +82,31 @@ pub(crate) fn tail(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[start..]).into_owned()
 }
 
+/// A failed run whose kind follows from its exit status: a body that
+/// exited 0 failed by its stdout, one that exited otherwise by its status,
+/// one that did not exit for another reason (use [`failed_as`] for
+/// timeouts and kills).
 pub(crate) fn failed(message: String, exit_status: Option<i32>, stderr: &[u8]) -> RunResult {
+    let kind = match exit_status {
+        Some(0) => Failure::Output,
+        Some(_) => Failure::ExitStatus,
+        None => Failure::Other,
+    };
+    failed_as(kind, message, exit_status, stderr)
+}
+
+/// A failed run of a given kind.
+pub(crate) fn failed_as(
+    kind: Failure,
+    message: String,
+    exit_status: Option<i32>,
+    stderr: &[u8],
+) -> RunResult {
     RunResult::Failed {
         message,
         exit_status,
         stderr_tail: tail(stderr),
+        kind,
     }
 }
 

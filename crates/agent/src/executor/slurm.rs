@@ -20,9 +20,9 @@ use caroni_types::SlurmSpec;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::output::{env_plan, failed, parse_outputs, tail, ENV_VALUE_MAX};
+use super::output::{env_plan, failed, failed_as, parse_outputs, tail, ENV_VALUE_MAX};
 use super::{Execution, RunSpec};
-use crate::machine::RunResult;
+use crate::machine::{Failure, RunResult};
 
 /// How often the states of watched Slurm jobs are read.
 const POLL: Duration = Duration::from_secs(1);
@@ -422,12 +422,12 @@ impl SlurmExecutor {
                 _ = tokio::time::sleep_until(deadline) => {
                     self.scancel(id).await;
                     self.unwatch(id);
-                    return failed(format!("timed out after {} s (Slurm job {id} cancelled)", spec.timeout.as_secs()), None, &read_tail(dir, "stderr").await);
+                    return failed_as(Failure::Timeout, format!("timed out after {} s (Slurm job {id} cancelled)", spec.timeout.as_secs()), None, &read_tail(dir, "stderr").await);
                 }
                 _ = cancel.cancelled() => {
                     self.scancel(id).await;
                     self.unwatch(id);
-                    return failed(format!("killed (Slurm job {id} cancelled)"), None, b"");
+                    return failed_as(Failure::Killed, format!("killed (Slurm job {id} cancelled)"), None, b"");
                 }
             }
         };
@@ -451,7 +451,12 @@ impl SlurmExecutor {
         let code = exit.or(last.as_ref().and_then(|j| j.exit_code));
         let reason = last.as_ref().map(|j| j.reason.clone()).unwrap_or_default();
         match state {
-            "COMPLETED" | "FAILED" if code != Some(0) || state == "FAILED" => failed(
+            "COMPLETED" | "FAILED" if code != Some(0) || state == "FAILED" => failed_as(
+                if code.is_some_and(|c| c != 0) {
+                    Failure::ExitStatus
+                } else {
+                    Failure::Other
+                },
                 match code {
                     Some(c) => format!("exit status {c} (Slurm job {id} {state})"),
                     None => format!("Slurm job {id} {state} ({reason})"),
@@ -482,7 +487,8 @@ impl SlurmExecutor {
                     Err(msg) => failed(msg, Some(0), &stderr),
                 }
             }
-            "TIMEOUT" => failed(
+            "TIMEOUT" => failed_as(
+                Failure::Timeout,
                 format!("timed out: Slurm job {id} reached its time limit (TIMEOUT)"),
                 code,
                 &stderr,
@@ -492,7 +498,8 @@ impl SlurmExecutor {
                 code,
                 &stderr,
             ),
-            "CANCELLED" => failed(
+            "CANCELLED" => failed_as(
+                Failure::Killed,
                 format!("Slurm job {id} was cancelled outside Caroni (CANCELLED)"),
                 code,
                 &stderr,

@@ -50,6 +50,7 @@ impl Executor for FakeExec {
             message: "killed".into(),
             exit_status: None,
             stderr_tail: String::new(),
+            kind: crate::machine::Failure::Killed,
         }
     }
 }
