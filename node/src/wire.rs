@@ -84,9 +84,10 @@ impl caroni_engine::Wire for NodeWire {
         let signer = self.outbox.signer().clone();
         if let Some(agent) = self.local_agent.get() {
             // Gossip never comes back to its sender: serve our own agent
-            // directly (dropped when it is busy, like gossip).
+            // directly (dropped when it is busy, like gossip), with the
+            // endpoint this node signs, through the same checks.
             for req in &reqs {
-                let endpoint = req.manager_endpoint.clone();
+                let endpoint = signer.endpoint().to_string();
                 agent.gossip(signer.node_name().to_string(), endpoint, req.clone());
             }
         }

@@ -109,7 +109,7 @@ impl Sim {
             a
         };
         // Written: records, applied ids, outbox.
-        for id in out.touched().iter().chain(out.finished.keys()) {
+        for id in out.heads.iter().chain(out.finished.keys()) {
             if let Some(wf) = m.workflow(id, &out) {
                 disk.workflows.insert(*id, wf.clone());
             }

@@ -34,20 +34,21 @@ fn the_environment_beats_the_file_and_file_values_are_checked_as_flags() {
     let file = dir.path().join("node.toml");
     std::fs::write(
         &file,
-        "lease_seconds = 7\nmax_open_requests = 9\nuse_agents = []\nrole = \"manager\"\n",
+        "offer_window_ms = 7\nmax_open_requests = 9\nuse_agents = []\nrole = \"manager\"\n",
     )
     .expect("write");
-    // Each test runs in its own process (nextest): the variable is ours.
-    std::env::set_var("CARONI_LEASE_SECONDS", "11");
+    // Each test runs in its own process under nextest; no other test
+    // reads this setting, so `cargo test`'s threads are safe too.
+    std::env::set_var("CARONI_OFFER_WINDOW_MS", "11");
     let path = file.to_str().expect("utf8");
     let c = Config::load(["caroni-node", "--config", path]).expect("valid");
-    assert_eq!(c.lease_seconds, 11, "the environment beats the file");
+    assert_eq!(c.offer_window_ms, 11, "the environment beats the file");
     assert_eq!(c.max_open_requests, 9, "the file beats the default");
     assert_eq!(c.role, Role::Manager);
     let c =
-        Config::load(["caroni-node", "--config", path, "--lease-seconds", "13"]).expect("valid");
-    assert_eq!(c.lease_seconds, 13, "a flag beats the environment");
-    assert_eq!(c.manager_options("http://m:1").lease.as_secs(), 13);
+        Config::load(["caroni-node", "--config", path, "--offer-window-ms", "13"]).expect("valid");
+    assert_eq!(c.offer_window_ms, 13, "a flag beats the environment");
+    assert_eq!(c.manager_options("http://m:1").offer_window.as_millis(), 13);
     std::fs::write(&file, "slots = \"many\"\n").expect("write");
     let e = Config::load(["caroni-node", "--config", path]).expect_err("not a number");
     let e = e.to_string();

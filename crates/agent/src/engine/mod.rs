@@ -164,7 +164,7 @@ pub struct Out {
     pub refused: Vec<(String, String)>,
     /// Gossip dropped unanswered, its signer and why.
     pub dropped: Vec<(String, String)>,
-    /// Offers made and declines sent.
+    /// Offers made.
     pub offers_made: u64,
     /// Declines sent.
     pub declines: u64,
@@ -277,16 +277,6 @@ impl Agent {
             .filter(|j| j.state == JobState::Queued && !self.running.contains(&j.id))
             .filter_map(|j| j.queue_seq.map(|q| (q, j.id)))
             .collect();
-    }
-
-    /// Live (not final) jobs.
-    pub fn live_jobs(&self) -> usize {
-        self.jobs.len()
-    }
-
-    /// Jobs whose process runs now.
-    pub fn running(&self) -> impl Iterator<Item = &Uuid> {
-        self.running.iter()
     }
 
     /// When [`Agent::settle`] next has something to do.

@@ -116,7 +116,8 @@ pub enum Answer {
 /// collector: the machine only appends).
 #[derive(Debug, Default)]
 pub struct Out {
-    /// Workflows that changed (their head is written, watchers told).
+    /// Workflows that changed in any record (their head is written,
+    /// watchers told): every id of `steps` and `values` is here too.
     pub heads: BTreeSet<Uuid>,
     /// Steps whose record changed.
     pub steps: BTreeSet<(Uuid, usize)>,
@@ -144,14 +145,6 @@ impl Out {
         if self.applied_set.insert(id) {
             self.applied.push(id);
         }
-    }
-
-    /// Every workflow a record of which changed.
-    pub fn touched(&self) -> BTreeSet<Uuid> {
-        let mut ids = self.heads.clone();
-        ids.extend(self.steps.iter().map(|(id, _)| *id));
-        ids.extend(self.values.iter().map(|(id, _)| *id));
-        ids
     }
 }
 
@@ -322,11 +315,6 @@ impl Manager {
     /// Live workflows waiting for admission.
     pub fn waiting(&self) -> usize {
         self.waiting.len()
-    }
-
-    /// Job requests out now.
-    pub fn open_requests(&self) -> usize {
-        self.index.open_requests
     }
 
     /// A live workflow, or one that ended in `out`'s group.
