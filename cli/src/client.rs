@@ -70,7 +70,7 @@ impl Context {
         Ok(std::sync::Arc::new(config))
     }
 
-    async fn channel(&self) -> anyhow::Result<Channel> {
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
         let tls = self.node.starts_with("https://");
         let uri = caroni_peer::tls::plain_uri(&self.node);
         let endpoint = Endpoint::from_shared(uri)

@@ -13,6 +13,7 @@ mod bench;
 mod client;
 mod commands;
 mod demo;
+mod files;
 mod jobtype_file;
 mod trust;
 mod workflow;

@@ -46,6 +46,24 @@ pub enum WorkflowCmd {
         /// Workflow id.
         id: String,
     },
+    /// Download a workflow's File outputs (streamed, resumed, checked).
+    #[command(
+        after_help = "Examples:\n  caroni workflow download 0190f5c2-7d1e-7a8b-9c3d-2e4f5a6b7c8d\n  caroni workflow download 0190f5c2-7d1e-7a8b-9c3d-2e4f5a6b7c8d counts --to counts.txt\n(-o is the output format, as everywhere: -o json prints what was written.)"
+    )]
+    Download {
+        /// Workflow id.
+        id: String,
+        /// Only this output (all File outputs when not given).
+        #[arg(value_name = "OUTPUT")]
+        name: Option<String>,
+        /// Write the file here (one file only).
+        #[arg(long = "to", value_name = "PATH", conflicts_with = "outdir")]
+        path: Option<std::path::PathBuf>,
+        /// Write the files into this directory (created), each under its
+        /// own name (a `File[]` output in a directory named after it).
+        #[arg(long, default_value = ".")]
+        outdir: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,7 +153,10 @@ fn print_workflow(w: &pb::Workflow) {
         d.add_row(vec![
             f.source.clone(),
             f.destination.clone(),
-            f.value.clone().unwrap_or_else(|| "—".into()),
+            f.value
+                .as_deref()
+                .map(crate::files::show_value)
+                .unwrap_or_else(|| "—".into()),
         ]);
     }
     say!("{d}");
@@ -192,7 +213,7 @@ fn print_outputs(w: &pb::Workflow) {
         let mut keys: Vec<_> = w.outputs.keys().collect();
         keys.sort();
         for k in keys {
-            say!("  {k}: {}", w.outputs[k]);
+            say!("  {k}: {}", crate::files::show_value(&w.outputs[k]));
         }
     }
 }
@@ -276,7 +297,8 @@ pub async fn run(
     inputs: Vec<String>,
     wait: bool,
 ) -> anyhow::Result<ExitCode> {
-    let inputs = parse_inputs(&inputs)?;
+    let mut inputs = parse_inputs(&inputs)?;
+    crate::files::upload_inputs(ctx, &mut inputs).await?;
     let id = ctx
         .manager()
         .await?
@@ -345,7 +367,7 @@ pub async fn workflow(ctx: &Context, cmd: WorkflowCmd) -> anyhow::Result<ExitCod
                         ts(&w.created_at),
                         w.outputs
                             .iter()
-                            .map(|(k, v)| format!("{k}={v}"))
+                            .map(|(k, v)| format!("{k}={}", crate::files::show_value(v)))
                             .collect::<Vec<_>>()
                             .join(", "),
                     ]);
@@ -375,6 +397,77 @@ pub async fn workflow(ctx: &Context, cmd: WorkflowCmd) -> anyhow::Result<ExitCod
                 print_outputs(&w);
             }
             Ok(exit_for(&w))
+        }
+        WorkflowCmd::Download {
+            id,
+            name: output,
+            path,
+            outdir,
+        } => {
+            let w = client
+                .get_workflow(ctx.request(pb::GetWorkflowRequest { workflow_id: id }))
+                .await
+                .map_err(status)?
+                .into_inner();
+            let mut files = crate::files::file_outputs(&w);
+            if let Some(o) = &output {
+                if !w.outputs.contains_key(o) {
+                    bail!(
+                        "workflow {} has no output `{o}` (yet); its outputs: {}",
+                        w.id,
+                        w.outputs.keys().cloned().collect::<Vec<_>>().join(", ")
+                    );
+                }
+                files.retain(|(k, _)| k == o);
+                if files.is_empty() {
+                    bail!("output `{o}` is not a File; `caroni workflow show` prints its value");
+                }
+            }
+            if files.is_empty() {
+                bail!(
+                    "workflow {} has no File outputs (yet; it is {})",
+                    w.id,
+                    w.state
+                );
+            }
+            let total: usize = files.iter().map(|(_, f)| f.len()).sum();
+            if path.is_some() && total != 1 {
+                bail!("--to names one file, but {total} are to be downloaded; use --outdir");
+            }
+            let mut written = Vec::new();
+            for (name, refs) in &files {
+                for f in refs {
+                    let to = match &path {
+                        Some(p) => p.clone(),
+                        None if refs.len() > 1 => {
+                            let d = outdir.join(name);
+                            std::fs::create_dir_all(&d)
+                                .with_context(|| format!("cannot create {}", d.display()))?;
+                            d.join(&f.basename)
+                        }
+                        None => {
+                            std::fs::create_dir_all(&outdir)
+                                .with_context(|| format!("cannot create {}", outdir.display()))?;
+                            outdir.join(&f.basename)
+                        }
+                    };
+                    crate::files::download(ctx, f, &to).await.with_context(|| {
+                        format!("output {name}: cannot download {}", f.basename)
+                    })?;
+                    written.push(json!({"output": name, "path": to.display().to_string(), "sha256": f.sha256, "size": f.size}));
+                    if ctx.format == Format::Table {
+                        say!(
+                            "{name}: {} ({})",
+                            to.display(),
+                            caroni_types::file::human_bytes(f.size)
+                        );
+                    }
+                }
+            }
+            if ctx.format == Format::Json {
+                output::json(&json!(written));
+            }
+            Ok(ExitCode::SUCCESS)
         }
         WorkflowCmd::Cancel { id } => {
             let w = client

@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "caroni/v1/manager.proto",
         "caroni/v1/agent.proto",
         "caroni/v1/node.proto",
+        "caroni/v1/files.proto",
     ];
     let fds = protox::compile(files, [&root])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);

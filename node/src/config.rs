@@ -95,6 +95,11 @@ pub struct Config {
     /// order, in `created` (admission control).
     #[arg(long, env = "CARONI_MAX_OPEN_REQUESTS", default_value_t = caroni_manager::engine::DEFAULT_MAX_OPEN_REQUESTS)]
     pub max_open_requests: usize,
+    /// Most bytes of files (whole and partly received) the node keeps in
+    /// its blob store under --data-dir; a transfer or upload that would go
+    /// over is refused with a clear error. 0: no limit but the disk's.
+    #[arg(long, env = "CARONI_BLOB_DISK_BYTES", default_value_t = 0)]
+    pub blob_disk_bytes: u64,
     /// Milliseconds to gather offers before taking the least busy agent;
     /// 0 takes the first offer. A manager decides at once when every agent
     /// it knows has answered.

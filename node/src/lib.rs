@@ -186,11 +186,13 @@ impl Node {
                 liveness: &net.liveness,
                 refusals: &net.refusals,
                 outbox: &net.outbox,
+                blobs: &storage.blobs,
             },
             wire::PeerInbox {
                 manager: engines.manager.clone(),
                 agent: engines.agent.clone(),
                 outbox: net.outbox.clone(),
+                fetcher: net.fetcher.clone(),
             },
             &mut tasks,
             &cancel,
@@ -233,15 +235,21 @@ async fn serve_api(
     Health,
 )> {
     use pb::{
-        agent_service_server::AgentServiceServer, manager_service_server::ManagerServiceServer,
-        node_service_server::NodeServiceServer,
+        agent_service_server::AgentServiceServer, file_service_server::FileServiceServer,
+        manager_service_server::ManagerServiceServer, node_service_server::NodeServiceServer,
     };
     let token = api::TokenCheck::new(config.api_token.as_deref());
     use tonic::server::NamedService;
     let (health, health_service) = tonic_health::server::health_reporter();
-    let mut services = vec![<NodeServiceServer<api::NodeApi> as NamedService>::NAME];
+    let mut services = vec![
+        <NodeServiceServer<api::NodeApi> as NamedService>::NAME,
+        <FileServiceServer<api::FileApi> as NamedService>::NAME,
+    ];
     health
         .set_serving::<NodeServiceServer<api::NodeApi>>()
+        .await;
+    health
+        .set_serving::<FileServiceServer<api::FileApi>>()
         .await;
     if config.role.is_manager() {
         health
@@ -284,7 +292,15 @@ async fn serve_api(
             apis.manager,
             token.clone(),
         ))
-        .add_service(AgentServiceServer::with_interceptor(apis.agent, token));
+        .add_service(AgentServiceServer::with_interceptor(
+            apis.agent,
+            token.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            FileServiceServer::new(apis.files)
+                .max_decoding_message_size(caroni_blob::CHUNK + 64 * 1024),
+            token,
+        ));
     let tls = match (&config.api_tls_cert, &config.api_tls_key) {
         (Some(cert), Some(key)) => Some(api_tls(cert, key)?),
         _ => None,

@@ -17,6 +17,7 @@ pub(super) struct Storage {
     pub(super) key: libp2p::identity::Keypair,
     pub(super) node_id: String,
     pub(super) store: caroni_store::Store,
+    pub(super) blobs: caroni_blob::Blobs,
 }
 
 /// Opens the private data directory, the node key and the database, and
@@ -27,10 +28,13 @@ pub(super) fn open_storage(config: &Config) -> anyhow::Result<Storage> {
     let node_id = key.public().to_peer_id().to_string();
     let store = caroni_store::Store::open(&config.data_dir.join("db"))?;
     identity::check_owner(&store, &node_id, &config.data_dir, config.new_identity)?;
+    let blobs = caroni_blob::Blobs::open(&config.data_dir, store.clone(), config.blob_disk_bytes)
+        .context("cannot open the blob store under --data-dir")?;
     Ok(Storage {
         key,
         node_id,
         store,
+        blobs,
     })
 }
 
@@ -46,6 +50,7 @@ pub(super) struct Transport {
     pub(super) mesh: caroni_mesh::Client,
     pub(super) mesh_events: Option<tokio::sync::mpsc::Receiver<caroni_mesh::Event>>,
     pub(super) wire: Arc<wire::NodeWire>,
+    pub(super) fetcher: caroni_peer::blobs::Fetcher,
 }
 
 /// Binds the listeners and starts the outbox and the mesh.
@@ -79,10 +84,11 @@ pub(super) fn start_transport(
     let liveness = caroni_peer::Liveness::default();
     let outbox = caroni_peer::Outbox::start(
         storage.store.clone(),
-        signer,
+        signer.clone(),
         liveness.clone(),
         cancel.clone(),
     )?;
+    let fetcher = caroni_peer::blobs::Fetcher::new(signer, outbox.clone(), storage.blobs.clone());
     let (mesh, mesh_events, mut mesh_loop) = caroni_mesh::new(
         key,
         caroni_mesh::Options {
@@ -106,6 +112,7 @@ pub(super) fn start_transport(
         liveness: liveness.clone(),
         published: Default::default(),
         refusals: refusals.clone(),
+        blobs: storage.blobs.clone(),
     });
     Ok(Transport {
         api_listener,
@@ -118,6 +125,7 @@ pub(super) fn start_transport(
         mesh,
         mesh_events: Some(mesh_events),
         wire,
+        fetcher,
     })
 }
 
@@ -138,7 +146,7 @@ pub(super) async fn start_engines(
     cancel: &CancellationToken,
 ) -> anyhow::Result<Engines> {
     let (store, node_id) = (&storage.store, storage.node_id.as_str());
-    let agent = start_agent(config, node_id, store, &net.wire, tasks, cancel).await?;
+    let agent = start_agent(config, storage, &net.wire, tasks, cancel).await?;
     let manager = start_manager(
         config,
         node_id,
@@ -186,7 +194,12 @@ pub(super) async fn start_api(
     tasks: &mut supervise::Tasks,
     cancel: &CancellationToken,
 ) -> anyhow::Result<(std::net::SocketAddr, Option<std::net::SocketAddr>, Health)> {
-    let Storage { node_id, store, .. } = storage;
+    let Storage {
+        node_id,
+        store,
+        blobs,
+        ..
+    } = storage;
     let Engines { manager, agent } = engines;
     let api_addr = net.api_listener.local_addr()?;
     let info = pb::NodeInfo {
@@ -212,6 +225,7 @@ pub(super) async fn start_api(
         ),
         manager: api::ManagerApi::new(store.clone(), manager.clone()),
         agent: api::AgentApi::new(store.clone(), agent.clone()),
+        files: api::FileApi::new(blobs),
     };
     let console_addr = match config.console_listen.0 {
         Some(addr) => {
@@ -246,8 +260,7 @@ pub(super) async fn start_api(
 /// The agent engine with its executors, when the node has the role.
 pub(super) async fn start_agent(
     config: &Config,
-    node_id: &str,
-    store: &caroni_store::Store,
+    storage: &Storage,
     wire: &Arc<wire::NodeWire>,
     tasks: &mut supervise::Tasks,
     cancel: &CancellationToken,
@@ -255,10 +268,12 @@ pub(super) async fn start_agent(
     if !config.role.is_agent() {
         return Ok(None);
     }
+    let (node_id, store) = (storage.node_id.as_str(), &storage.store);
     let executors = caroni_agent::executor::Executors::new(
         node_id.to_string(),
         config.data_dir.join("work"),
         store.clone(),
+        Some(storage.blobs.clone()),
     );
     executors.start().await;
     let (svc, handle) = caroni_agent::service::Service::new(
@@ -345,6 +360,7 @@ pub(super) struct PeerParts<'a> {
     pub(super) liveness: &'a caroni_peer::Liveness,
     pub(super) refusals: &'a caroni_peer::PeerRefusals,
     pub(super) outbox: &'a caroni_peer::Outbox,
+    pub(super) blobs: &'a caroni_blob::Blobs,
 }
 
 /// The peer service: what other nodes deliver, into the engines (and the
@@ -362,6 +378,7 @@ pub(super) fn serve_peers(
         liveness,
         refusals,
         outbox,
+        blobs,
     } = p;
     let inbox: Arc<dyn caroni_peer::Inbox> = Arc::new(inbox);
     // Messages between the manager and the agent of this node go in
@@ -374,11 +391,13 @@ pub(super) fn serve_peers(
         .max_concurrent_streams(PEER_STREAMS_PER_CONNECTION)
         .add_service(
             caroni_proto::v1::peer_service_server::PeerServiceServer::new(
-                caroni_peer::PeerServer::new(inbox, liveness.clone()).guarded(
-                    node_id.to_string(),
-                    links.mesh_key.clone(),
-                    refusals.clone(),
-                ),
+                caroni_peer::PeerServer::new(inbox, liveness.clone())
+                    .guarded(
+                        node_id.to_string(),
+                        links.mesh_key.clone(),
+                        refusals.clone(),
+                    )
+                    .with_blobs(Some(blobs.clone())),
             )
             .max_decoding_message_size(caroni_peer::outbox::MAX_ENVELOPE),
         );

@@ -26,6 +26,21 @@ pub struct NodeWire {
     pub published: std::sync::atomic::AtomicU64,
     /// What this node refused of each peer.
     pub refusals: caroni_peer::PeerRefusals,
+    /// The node's blob store.
+    pub blobs: caroni_blob::Blobs,
+}
+
+/// Every File reference in the values of a data message.
+fn file_refs<'a>(values: impl Iterator<Item = &'a String>) -> Vec<caroni_types::file::FileRef> {
+    values
+        .flat_map(|v| {
+            caroni_types::file::files_of(v)
+                .refs()
+                .into_iter()
+                .cloned()
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 static ALLOWLIST_REFUSALS: caroni_peer::Refusals = caroni_peer::Refusals::new();
@@ -36,7 +51,7 @@ impl caroni_engine::Wire for NodeWire {
         batch: &mut Batch,
         out: &Outbound,
         trace: Option<uuid::Uuid>,
-    ) -> Result<Staged, String> {
+    ) -> Result<Staged, caroni_engine::StageError> {
         if matches!(out.msg, Msg::Accept { .. }) {
             caroni_metrics::METRICS
                 .offers
@@ -44,6 +59,13 @@ impl caroni_engine::Wire for NodeWire {
                 .inc();
         }
         tracing::debug!(target: "caroni::message", workflow = %caroni_types::msg::Trace(trace), to = %out.to, kind = out.msg.name(), "sending");
+        // Giving a peer a File reference gives it the right to read the
+        // file from this node, in the same batch.
+        if let Msg::Data { items, .. } = &out.msg {
+            for f in file_refs(items.values()) {
+                caroni_blob::Blobs::grant(batch, &f.sha256, &out.to);
+            }
+        }
         self.outbox
             .stage(
                 batch,
@@ -52,7 +74,7 @@ impl caroni_engine::Wire for NodeWire {
                 Payload::from(out.msg.clone()),
                 trace,
             )
-            .map_err(|e| e.to_string())
+            .map_err(Into::into)
     }
 
     fn notify(&self, staged: Vec<Staged>) {
@@ -69,6 +91,10 @@ impl caroni_engine::Wire for NodeWire {
 
     fn knows(&self, node: &str) -> bool {
         self.outbox.confirmed(node)
+    }
+
+    fn holds_file(&self, file: &caroni_types::file::FileRef) -> bool {
+        self.blobs.holds(file)
     }
 
     fn refused(&self, peer: &str, reason: &str) {
@@ -155,6 +181,8 @@ pub struct PeerInbox {
     pub agent: Option<caroni_agent::service::Handle>,
     /// Learns where senders are from what they sign.
     pub outbox: Outbox,
+    /// Pulls the files a message refers to before it is submitted.
+    pub fetcher: caroni_peer::blobs::Fetcher,
 }
 
 fn inbound(msg: Verified) -> Result<Inbound, DeliverError> {
@@ -171,6 +199,40 @@ fn inbound(msg: Verified) -> Result<Inbound, DeliverError> {
 const GONE: &str = "the engine stopped before answering";
 
 impl Inbox for PeerInbox {
+    fn prepare(&self, msg: &Verified) -> Option<Applying> {
+        let Payload::JobDataAvailable(d) = &msg.payload else {
+            return None;
+        };
+        let refs = file_refs(d.items.iter().map(|i| &i.value));
+        if refs.is_empty() {
+            return None;
+        }
+        // A data message is applied once every file it names is here:
+        // an input is delivered when fetched and verified, and so is an
+        // output.
+        let fetcher = self.fetcher.clone();
+        let from = msg.sender_name.clone();
+        Some(Box::pin(async move {
+            for f in refs {
+                match fetcher.fetch(&from, &f).await {
+                    Ok(moved) if moved.received > 0 || moved.resumed_from > 0 => {
+                        tracing::debug!(peer = %from, file = %f.describe(), received = moved.received, resumed_from = moved.resumed_from, "fetched a file");
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.is_permanent() => {
+                        tracing::warn!(peer = %from, file = %f.describe(), error = %e, "cannot fetch a file; the message is refused");
+                        return Err(DeliverError::Refused(e.to_string()));
+                    }
+                    Err(e) => {
+                        tracing::debug!(peer = %from, file = %f.describe(), error = %e, "cannot fetch a file now; the sender sends again");
+                        return Err(DeliverError::Retry(e.to_string()));
+                    }
+                }
+            }
+            Ok(())
+        }))
+    }
+
     fn submit(&self, msg: Verified) -> BoxFuture<'_, Result<Applying, DeliverError>> {
         Box::pin(async move {
             self.outbox

@@ -29,7 +29,9 @@ pub fn put_with(
     replace: bool,
 ) -> Result<(JobTypeDef, ExecutorSpec)> {
     let mut def = def.normalize()?;
-    let executor = executor.normalize().map_err(Error::BadInput)?;
+    let executor = executor
+        .normalize()
+        .map_err(|e| Error::BadInput(e.to_string()))?;
     let exists = store.contains(JOB_TYPES, &key(&def.name))?;
     match (exists, replace) {
         (true, false) => {
@@ -58,7 +60,7 @@ pub fn put_with(
 }
 
 /// The executor of a job type (bash when it names none).
-pub fn executor_of(store: &Store, name: &str) -> Result<ExecutorSpec> {
+pub fn executor_of(store: &Store, name: &str) -> caroni_store::Result<ExecutorSpec> {
     Ok(store.get(EXECUTORS, &key(name))?.unwrap_or_default())
 }
 
@@ -72,8 +74,8 @@ pub fn list(store: &Store) -> Result<Vec<JobTypeDef>> {
 }
 
 /// One job type, if it exists.
-pub fn find(store: &Store, name: &str) -> Result<Option<JobTypeDef>> {
-    Ok(store.get(JOB_TYPES, &key(name))?)
+pub fn find(store: &Store, name: &str) -> caroni_store::Result<Option<JobTypeDef>> {
+    store.get(JOB_TYPES, &key(name))
 }
 
 /// One job type.

@@ -167,25 +167,22 @@ struct NodeWorld<'a, E> {
 }
 
 impl<E: Executor> World for NodeWorld<'_, E> {
-    fn is_applied(&self, id: &Uuid) -> Result<bool, String> {
-        applied::is_applied(self.store, id).map_err(|e| e.to_string())
+    fn is_applied(&self, id: &Uuid) -> caroni_store::Result<bool> {
+        applied::is_applied(self.store, id)
     }
-    fn job_type(&self, name: &str) -> Result<Option<(JobTypeDef, ExecutorSpec)>, String> {
-        let Some(def) = job_types::find(self.store, name).map_err(|e| e.to_string())? else {
+    fn job_type(&self, name: &str) -> caroni_store::Result<Option<(JobTypeDef, ExecutorSpec)>> {
+        let Some(def) = job_types::find(self.store, name)? else {
             return Ok(None);
         };
-        let executor = job_types::executor_of(self.store, name).map_err(|e| e.to_string())?;
+        let executor = job_types::executor_of(self.store, name)?;
         Ok(Some((def, executor)))
     }
-    fn offer(&self, request_id: &Uuid) -> Result<Option<Offer>, String> {
+    fn offer(&self, request_id: &Uuid) -> caroni_store::Result<Option<Offer>> {
         self.store
             .get(OFFERS, &Key::new().uuid(request_id).finish())
-            .map_err(|e| e.to_string())
     }
-    fn job(&self, id: &Uuid) -> Result<Option<Job>, String> {
-        self.store
-            .get(JOBS, &Key::new().uuid(id).finish())
-            .map_err(|e| e.to_string())
+    fn job(&self, id: &Uuid) -> caroni_store::Result<Option<Job>> {
+        self.store.get(JOBS, &Key::new().uuid(id).finish())
     }
     fn execution(&self, job: &Uuid) -> Option<Execution> {
         self.store
@@ -454,8 +451,8 @@ impl<E: Executor> driver::Engine for Service<E> {
         self.retry_results.extend(g.out.results);
     }
 
-    fn reload(&mut self) -> Result<(), String> {
-        self.load().map_err(|e| e.to_string())
+    fn reload(&mut self) -> caroni_store::Result<()> {
+        self.load()
     }
 
     fn refuse(&mut self, cmd: Cmd, why: &str) {

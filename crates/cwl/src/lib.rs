@@ -26,6 +26,31 @@ pub struct Workflow {
     pub max_attempts: Option<u32>,
 }
 
+/// What a port carries.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub enum Kind {
+    /// A string (other scalars in their string form).
+    #[default]
+    Value,
+    /// One file (`File`, `File?`): a reference to a blob.
+    File,
+    /// A list of files (`File[]`).
+    Files,
+}
+
+impl Kind {
+    /// The CWL spelling.
+    pub fn cwl(self) -> &'static str {
+        match self {
+            Kind::Value => "string",
+            Kind::File => "File",
+            Kind::Files => "File[]",
+        }
+    }
+}
+
 /// One workflow input.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkflowInput {
@@ -33,6 +58,8 @@ pub struct WorkflowInput {
     pub id: String,
     /// Default value, if the document gives one.
     pub default: Option<String>,
+    /// What it carries.
+    pub kind: Kind,
 }
 
 /// One workflow output.
@@ -42,6 +69,8 @@ pub struct WorkflowOutput {
     pub id: String,
     /// Where its value comes from.
     pub source: Source,
+    /// What it carries.
+    pub kind: Kind,
 }
 
 /// Where a value comes from.
@@ -80,6 +109,8 @@ pub struct Step {
     pub inputs: Vec<StepInput>,
     /// The step's outputs: its tool's declared outputs.
     pub outputs: Vec<String>,
+    /// What each output carries (outputs not listed carry strings).
+    pub output_kinds: BTreeMap<String, Kind>,
 }
 
 /// A bound input of a step.
@@ -91,6 +122,8 @@ pub struct StepInput {
     pub source: Option<Source>,
     /// Value used when there is no source (or the source's value is absent).
     pub default: Option<String>,
+    /// What it carries.
+    pub kind: Kind,
 }
 
 /// Why a document was refused. Every variant says where.

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde_yaml_ng::{Mapping, Value};
 
 use crate::{
-    get, invalid, unsupported, Error, Source, Step, StepInput, Workflow, WorkflowInput,
+    get, invalid, unsupported, Error, Kind, Source, Step, StepInput, Workflow, WorkflowInput,
     WorkflowOutput,
 };
 
@@ -98,20 +98,25 @@ fn mapping<'a>(v: &'a Value, at: &str) -> Result<&'a Mapping, Error> {
         .ok_or_else(|| invalid(at, "expected a mapping"))
 }
 
-/// Refuses a type outside the subset. Accepts `string`, `int`, `long`,
-/// `float`, `double`, `boolean`, optionally with `?`.
-fn check_type(ty: Option<&Value>, at: &str) -> Result<(), Error> {
-    let Some(ty) = ty else { return Ok(()) };
+/// Reads a port's type: `string`, `int`, `long`, `float`, `double`,
+/// `boolean`, `Any` (carried as strings), `File` and `File[]` (references to
+/// blobs), each optionally with `?`. Refuses the rest. `None` when no type
+/// is declared.
+fn check_type(ty: Option<&Value>, at: &str) -> Result<Option<Kind>, Error> {
+    let Some(ty) = ty else { return Ok(None) };
     let name = match ty {
         Value::String(s) => s.trim_end_matches('?').to_string(),
         Value::Mapping(m) => match get(m, "type").and_then(Value::as_str) {
-            Some("array") => {
-                return Err(unsupported(
-                    format!("{at}.type"),
-                    "the `array` type",
-                    "pass a string (for example JSON text) instead",
-                ))
-            }
+            Some("array") => match get(m, "items").and_then(Value::as_str) {
+                Some("File") => return Ok(Some(Kind::Files)),
+                _ => {
+                    return Err(unsupported(
+                        format!("{at}.type"),
+                        "an `array` type other than an array of File",
+                        "pass a string (for example JSON text) instead, or `File[]`",
+                    ))
+                }
+            },
             Some(other) => other.to_string(),
             None => return Err(invalid(format!("{at}.type"), "unreadable type")),
         },
@@ -119,24 +124,53 @@ fn check_type(ty: Option<&Value>, at: &str) -> Result<(), Error> {
             return Err(unsupported(
                 format!("{at}.type"),
                 "a union type",
-                "use a single scalar type such as `string`",
+                "use a single type such as `string` or `File`",
             ))
         }
         _ => return Err(invalid(format!("{at}.type"), "unreadable type")),
     };
     match name.as_str() {
-        "string" | "int" | "long" | "float" | "double" | "boolean" | "Any" => Ok(()),
-        "File" | "Directory" => Err(unsupported(
+        "string" | "int" | "long" | "float" | "double" | "boolean" | "Any" => Ok(Some(Kind::Value)),
+        "File" => Ok(Some(Kind::File)),
+        "File[]" => Ok(Some(Kind::Files)),
+        "Directory" | "Directory[]" => Err(unsupported(
             format!("{at}.type"),
             format!("the `{name}` type"),
-            "Caroni passes values, not files: use `string`",
+            "pass the directory's files as `File[]`",
         )),
         other => Err(unsupported(
             format!("{at}.type"),
             format!("the type `{other}`"),
-            "use `string` (other scalars are passed as their string form)",
+            "use `string` (other scalars are passed as their string form), `File` or `File[]`",
         )),
     }
+}
+
+/// A port's declared type and default; a File port has no default.
+fn port(body: &Value, at: &str) -> Result<(Option<Kind>, Option<String>), Error> {
+    let (kind, default) = match body {
+        Value::Mapping(b) => {
+            // `{type: array, items: File}` written on the port itself.
+            let ty = match get(b, "type") {
+                Some(Value::String(t)) if t == "array" => Some(body),
+                t => t,
+            };
+            (
+                check_type(ty, at)?,
+                get(b, "default").and_then(scalar_string),
+            )
+        }
+        ty @ Value::String(_) => (check_type(Some(ty), at)?, None),
+        _ => (None, None),
+    };
+    if default.is_some() && matches!(kind, Some(Kind::File | Kind::Files)) {
+        return Err(unsupported(
+            format!("{at}.default"),
+            "a default File",
+            "give the file when the workflow runs (caroni run … NAME=@path uploads it)",
+        ));
+    }
+    Ok((kind, default))
 }
 
 /// Refuses keys that name features outside the subset.
@@ -292,18 +326,12 @@ pub(crate) fn workflow(m: &Mapping) -> Result<Workflow, Error> {
     let mut inputs = Vec::new();
     for e in entries(get(m, "inputs").unwrap_or(&Value::Null), "inputs", false)? {
         claim(&e.id, &e.at)?;
-        let default = match e.body {
-            Value::Mapping(b) => {
-                check_type(get(b, "type"), &e.at)?;
-                get(b, "default").and_then(scalar_string)
-            }
-            ty @ Value::String(_) => {
-                check_type(Some(ty), &e.at)?;
-                None
-            }
-            _ => None,
-        };
-        inputs.push(WorkflowInput { id: e.id, default });
+        let (kind, default) = port(e.body, &e.at)?;
+        inputs.push(WorkflowInput {
+            id: e.id,
+            default,
+            kind: kind.unwrap_or_default(),
+        });
     }
 
     let steps_value = get(m, "steps")
@@ -316,16 +344,19 @@ pub(crate) fn workflow(m: &Mapping) -> Result<Workflow, Error> {
         ));
     }
     let mut steps = Vec::new();
+    let mut declared_inputs = BTreeMap::new();
     for e in &step_entries {
         claim(&e.id, &e.at)?;
-        steps.push(step(e)?);
+        let (s, declared) = step(e)?;
+        declared_inputs.insert(s.id.clone(), declared);
+        steps.push(s);
     }
 
     let mut outputs = Vec::new();
     for e in entries(get(m, "outputs").unwrap_or(&Value::Null), "outputs", false)? {
         claim(&e.id, &e.at)?;
         let b = mapping(e.body, &e.at)?;
-        check_type(get(b, "type"), &e.at)?;
+        let declared = check_type(get(b, "type"), &e.at)?;
         refuse_features(b, &e.at)?;
         let src = match get(b, "outputSource") {
             None | Some(Value::Null) => {
@@ -336,11 +367,14 @@ pub(crate) fn workflow(m: &Mapping) -> Result<Workflow, Error> {
             }
             Some(v) => scalar_string(v).ok_or_else(|| invalid(format!("{}.outputSource", e.at), "must be a string"))?,
         };
-        outputs.push(WorkflowOutput {
-            id: e.id.clone(),
-            source: parse_source(&src),
-        });
-        let _ = &e.at;
+        outputs.push((
+            WorkflowOutput {
+                id: e.id.clone(),
+                source: parse_source(&src),
+                kind: declared.unwrap_or_default(),
+            },
+            declared.is_some(),
+        ));
     }
 
     // Every source must exist.
@@ -372,9 +406,77 @@ pub(crate) fn workflow(m: &Mapping) -> Result<Workflow, Error> {
             }
         }
     }
-    for o in &outputs {
+    for (o, _) in &outputs {
         check(&o.source, &format!("outputs.{}.outputSource", o.id))?;
     }
+
+    // Every port carries what its source carries: an undeclared one takes
+    // its source's kind, a declared one must match it.
+    let input_kinds: BTreeMap<String, Kind> =
+        inputs.iter().map(|i| (i.id.clone(), i.kind)).collect();
+    let output_kinds: BTreeMap<(String, String), Kind> = steps
+        .iter()
+        .flat_map(|s| {
+            s.outputs.iter().map(|o| {
+                (
+                    (s.id.clone(), o.clone()),
+                    s.output_kinds.get(o).copied().unwrap_or_default(),
+                )
+            })
+        })
+        .collect();
+    let kind_of = |src: &Source| match src {
+        Source::Input(i) => input_kinds.get(i).copied().unwrap_or_default(),
+        Source::StepOutput { step, output } => output_kinds
+            .get(&(step.clone(), output.clone()))
+            .copied()
+            .unwrap_or_default(),
+    };
+    let mismatch = |at: String, src: &Source, have: Kind, want: Kind| {
+        invalid(
+            at,
+            format!(
+                "`{src}` carries {} but this is declared {}; declare both the same type",
+                have.cwl(),
+                want.cwl()
+            ),
+        )
+    };
+    for s in &mut steps {
+        let declared = declared_inputs.remove(&s.id).unwrap_or_default();
+        for i in &mut s.inputs {
+            let Some(src) = &i.source else { continue };
+            let have = kind_of(src);
+            if declared.get(&i.name).copied().unwrap_or(false) {
+                if have != i.kind {
+                    return Err(mismatch(
+                        format!("steps.{}.in.{}", s.id, i.name),
+                        src,
+                        have,
+                        i.kind,
+                    ));
+                }
+            } else {
+                i.kind = have;
+            }
+        }
+    }
+    let outputs = outputs
+        .into_iter()
+        .map(|(mut o, declared)| {
+            let have = kind_of(&o.source);
+            if declared && have != o.kind {
+                return Err(mismatch(
+                    format!("outputs.{}", o.id),
+                    &o.source,
+                    have,
+                    o.kind,
+                ));
+            }
+            o.kind = have;
+            Ok(o)
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
 
     let steps = topo_sort(steps)?;
     Ok(Workflow {
@@ -404,14 +506,17 @@ fn parse_source(s: &str) -> Source {
     }
 }
 
-fn step(e: &Entry<'_>) -> Result<Step, Error> {
+/// A step, and for each input whether its tool declares its type (an
+/// undeclared one carries what its source carries).
+fn step(e: &Entry<'_>) -> Result<(Step, BTreeMap<String, bool>), Error> {
     let at = &e.at;
     let b = mapping(e.body, at)?;
     refuse_features(b, at)?;
 
     // The tool: inline `run:` with its declared inputs and outputs.
-    let mut tool_inputs: Option<Vec<(String, Option<String>)>> = None;
-    let mut tool_outputs: Option<Vec<String>> = None;
+    type ToolInputs = Vec<(String, Option<String>, Option<Kind>)>;
+    let mut tool_inputs: Option<ToolInputs> = None;
+    let mut tool_outputs: Option<Vec<(String, Kind)>> = None;
     let mut requirement_holders = vec![(b, at.clone())];
     match get(b, "run") {
         None | Some(Value::Null) => {}
@@ -447,18 +552,8 @@ fn step(e: &Entry<'_>) -> Result<Step, Error> {
                 &format!("{run_at}.inputs"),
                 false,
             )? {
-                let default = match ie.body {
-                    Value::Mapping(ib) => {
-                        check_type(get(ib, "type"), &ie.at)?;
-                        get(ib, "default").and_then(scalar_string)
-                    }
-                    ty @ Value::String(_) => {
-                        check_type(Some(ty), &ie.at)?;
-                        None
-                    }
-                    _ => None,
-                };
-                ins.push((ie.id, default));
+                let (kind, default) = port(ie.body, &ie.at)?;
+                ins.push((ie.id, default, kind));
             }
             let mut outs = Vec::new();
             for oe in entries(
@@ -466,12 +561,12 @@ fn step(e: &Entry<'_>) -> Result<Step, Error> {
                 &format!("{run_at}.outputs"),
                 false,
             )? {
-                if let Value::Mapping(ob) = oe.body {
-                    check_type(get(ob, "type"), &oe.at)?;
-                } else if let ty @ Value::String(_) = oe.body {
-                    check_type(Some(ty), &oe.at)?;
-                }
-                outs.push(oe.id);
+                let kind = match oe.body {
+                    Value::Mapping(ob) => check_type(get(ob, "type"), &oe.at)?,
+                    ty @ Value::String(_) => check_type(Some(ty), &oe.at)?,
+                    _ => None,
+                };
+                outs.push((oe.id, kind.unwrap_or_default()));
             }
             tool_inputs = Some(ins);
             tool_outputs = Some(outs);
@@ -586,16 +681,16 @@ fn step(e: &Entry<'_>) -> Result<Step, Error> {
         outs.push(oe.id);
     }
 
-    let (inputs, outputs) = match (tool_inputs, tool_outputs) {
+    let (inputs, outputs, output_kinds) = match (tool_inputs, tool_outputs) {
         (Some(tin), Some(tout)) => {
             for name in bindings.keys() {
-                if !tin.iter().any(|(n, _)| n == name) {
+                if !tin.iter().any(|(n, _, _)| n == name) {
                     return Err(invalid(
                         format!("{at}.in.{name}"),
                         format!(
                             "the step's tool declares no input `{name}` (inputs: {})",
                             tin.iter()
-                                .map(|(n, _)| n.as_str())
+                                .map(|(n, _, _)| n.as_str())
                                 .collect::<Vec<_>>()
                                 .join(", ")
                         ),
@@ -603,7 +698,7 @@ fn step(e: &Entry<'_>) -> Result<Step, Error> {
                 }
             }
             for o in &outs {
-                if !tout.contains(o) {
+                if !tout.iter().any(|(n, _)| n == o) {
                     return Err(invalid(
                         format!("{at}.out"),
                         format!("the step's tool declares no output `{o}`"),
@@ -611,19 +706,28 @@ fn step(e: &Entry<'_>) -> Result<Step, Error> {
                 }
             }
             let mut inputs = Vec::new();
-            for (name, tool_default) in tin {
+            for (name, tool_default, kind) in tin {
                 let (source, default) = bindings.remove(&name).unwrap_or((None, None));
                 let default = default.or(tool_default);
                 if source.is_none() && default.is_none() {
                     return Err(invalid(format!("{at}.in"), format!("input `{name}` of the step's tool has no source and no default; bind it under `in:`")));
                 }
-                inputs.push(StepInput {
-                    name,
-                    source,
-                    default,
-                });
+                inputs.push((
+                    StepInput {
+                        name,
+                        source,
+                        default,
+                        kind: kind.unwrap_or_default(),
+                    },
+                    kind.is_some(),
+                ));
             }
-            (inputs, tout)
+            let kinds = tout
+                .iter()
+                .filter(|(_, k)| *k != Kind::Value)
+                .cloned()
+                .collect();
+            (inputs, tout.into_iter().map(|(n, _)| n).collect(), kinds)
         }
         _ => {
             let mut inputs = Vec::new();
@@ -635,29 +739,40 @@ fn step(e: &Entry<'_>) -> Result<Step, Error> {
                         "no source and no default",
                     ));
                 }
-                inputs.push(StepInput {
-                    name,
-                    source,
-                    default,
-                });
+                inputs.push((
+                    StepInput {
+                        name,
+                        source,
+                        default,
+                        kind: Kind::Value,
+                    },
+                    false,
+                ));
             }
             if outs.is_empty() {
                 return Err(invalid(format!("{at}.out"), "the step declares no outputs"));
             }
-            (inputs, outs)
+            (inputs, outs, BTreeMap::new())
         }
     };
-    for i in &inputs {
+    for (i, _) in &inputs {
         caroni_types::validate_env_name(&i.name)
             .map_err(|err| invalid(format!("{at}.in.{}", i.name), format!("input name {err}")))?;
     }
-    Ok(Step {
-        id: e.id.clone(),
-        job_type,
-        job_kvs,
-        inputs,
-        outputs,
-    })
+    Ok((
+        Step {
+            id: e.id.clone(),
+            job_type,
+            job_kvs,
+            inputs: inputs.iter().map(|(i, _)| i.clone()).collect(),
+            outputs,
+            output_kinds,
+        },
+        inputs
+            .into_iter()
+            .map(|(i, declared)| (i.name, declared))
+            .collect(),
+    ))
 }
 
 /// Orders steps so that each comes after the steps it reads from; refuses a

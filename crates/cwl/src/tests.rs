@@ -153,14 +153,75 @@ fn refuses_when() {
 }
 
 #[test]
-fn refuses_file_type() {
+fn refuses_directory_type() {
     let e = err("class: Workflow
-inputs: {x: File}
+inputs: {x: Directory}
 outputs: {y: {outputSource: s1/o}}
 steps:
   s1: {hints: {CaroniRequirement: {CaroniJobName: j}}, in: {i: x}, out: [o]}");
     assert!(
-        e.contains("inputs.x.type") && e.contains("`File` type"),
+        e.contains("inputs.x.type") && e.contains("`Directory` type"),
+        "{e}"
+    );
+}
+
+const FILES: &str = include_str!("../../../examples/templates/files_chain.cwl");
+
+#[test]
+fn file_ports_carry_their_kind_along_the_dataflows() {
+    let wf = parse(FILES).expect("files_chain parses");
+    assert_eq!(wf.inputs[0].kind, Kind::File);
+    assert!(wf.steps.iter().all(|s| s.inputs[0].kind == Kind::File));
+    assert!(wf
+        .steps
+        .iter()
+        .all(|s| s.output_kinds.get("out") == Some(&Kind::File)));
+    assert_eq!(wf.outputs[0].kind, Kind::File);
+    // `File[]`, optional files and arrays of File are read too; an
+    // undeclared step input takes its source's kind.
+    let wf = parse(
+        "class: Workflow
+inputs: {a: 'File[]', b: 'File?', c: {type: array, items: File}, d: string}
+outputs: {y: {outputSource: s1/o}}
+steps:
+  s1: {hints: {CaroniRequirement: {CaroniJobName: j}}, in: {i: a, k: b, l: c, m: d}, out: [o]}",
+    )
+    .expect("parses");
+    let kinds: Vec<Kind> = wf.steps[0].inputs.iter().map(|i| i.kind).collect();
+    assert_eq!(kinds, [Kind::Files, Kind::File, Kind::Files, Kind::Value]);
+}
+
+#[test]
+fn a_file_fed_to_a_string_port_is_refused_where_it_is() {
+    let e = err("class: Workflow
+inputs: {x: File}
+outputs: {y: {outputSource: s1/o}}
+steps:
+  s1:
+    run: {class: CommandLineTool, inputs: {i: string}, outputs: {o: string}}
+    hints: {CaroniRequirement: {CaroniJobName: j}}
+    in: {i: x}
+    out: [o]");
+    assert!(
+        e.contains("steps.s1.in.i") && e.contains("carries File") && e.contains("declared string"),
+        "{e}"
+    );
+    let e = err("class: Workflow
+inputs: {x: string}
+outputs: {y: {type: File, outputSource: s1/o}}
+steps:
+  s1: {hints: {CaroniRequirement: {CaroniJobName: j}}, in: {i: x}, out: [o]}");
+    assert!(
+        e.contains("outputs.y") && e.contains("declared File"),
+        "{e}"
+    );
+    let e = err("class: Workflow
+inputs: {x: {type: File, default: a.txt}}
+outputs: {y: {outputSource: s1/o}}
+steps:
+  s1: {hints: {CaroniRequirement: {CaroniJobName: j}}, in: {i: x}, out: [o]}");
+    assert!(
+        e.contains("inputs.x.default") && e.contains("default File"),
         "{e}"
     );
 }

@@ -50,7 +50,7 @@ pub trait Engine: Send + Sized + 'static {
     /// reloads the engine next.
     fn failed(&mut self, g: Self::Group, why: &str);
     /// Reads the state back from storage; an error leaves it stale.
-    fn reload(&mut self) -> Result<(), String>;
+    fn reload(&mut self) -> caroni_store::Result<()>;
     /// Answers a command without applying it: the engine is stale.
     fn refuse(&mut self, cmd: Self::Cmd, why: &str);
     /// When the next timer is due (ms since the epoch).
@@ -85,9 +85,9 @@ impl Backoff {
 struct Trip<E: Engine> {
     engine: E,
     group: E::Group,
-    written: Result<(), String>,
+    written: caroni_store::Result<()>,
     /// After a failed write: whether the reload worked.
-    reloaded: Result<(), String>,
+    reloaded: caroni_store::Result<()>,
 }
 
 /// Applies `cmds` (and what is due), seals and writes, on the blocking
@@ -103,7 +103,7 @@ async fn trip<E: Engine>(mut engine: E, cmds: Vec<E::Cmd>, store: Store) -> Opti
         let written = if batch.is_empty() {
             Ok(())
         } else {
-            store.write(batch).map_err(|e| e.to_string())
+            store.write(batch)
         };
         let reloaded = match &written {
             Ok(()) => Ok(()),
@@ -178,7 +178,7 @@ pub async fn run<E: Engine>(
             engine = e;
             if let Err(why) = reloaded {
                 tracing::error!(error = %why, "cannot reload the {what}'s state; will try again");
-                stale = Some(why);
+                stale = Some(why.to_string());
                 continue;
             }
         }
@@ -220,7 +220,7 @@ pub async fn run<E: Engine>(
                 engine.failed(t.group, &e);
                 if let Err(why) = t.reloaded {
                     tracing::error!(error = %why, "cannot reload the {what}'s state; will try again");
-                    stale = Some(why);
+                    stale = Some(why.to_string());
                     continue;
                 }
             }

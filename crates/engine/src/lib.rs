@@ -12,4 +12,4 @@ pub mod driver;
 mod port;
 
 pub use driver::{Backoff, Engine, GROUP};
-pub use port::{Staged, Wire};
+pub use port::{StageError, Staged, Wire};

@@ -7,6 +7,10 @@ use caroni_store::Batch;
 pub use caroni_store::Staged;
 use caroni_types::msg::{JobRequest, Outbound};
 
+/// Why a message could not be staged: the transport's own error (storage,
+/// signing), kept whole for the log.
+pub type StageError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The node's transport, as the engines see it.
 pub trait Wire: Send + Sync + 'static {
     /// Seals `out` and adds it to `batch`. `trace` is the workflow it is
@@ -17,7 +21,7 @@ pub trait Wire: Send + Sync + 'static {
         batch: &mut Batch,
         out: &Outbound,
         trace: Option<uuid::Uuid>,
-    ) -> Result<Staged, String>;
+    ) -> Result<Staged, StageError>;
     /// Wakes the senders once the batch holding `staged` is written.
     fn notify(&self, staged: Vec<Staged>);
     /// Takes back a message staged in `batch` (not yet written), because a
@@ -55,5 +59,12 @@ pub trait Wire: Send + Sync + 'static {
     fn knows(&self, node: &str) -> bool {
         let _ = node;
         true
+    }
+
+    /// True when this node's blob store (the data plane beside the
+    /// transport) holds `file` whole.
+    fn holds_file(&self, file: &caroni_types::file::FileRef) -> bool {
+        let _ = file;
+        false
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use caroni_cwl::Source;
+use caroni_cwl::{Kind, Source};
 use caroni_types::msg::{JobRequest, Outbound};
 use uuid::Uuid;
 
@@ -101,6 +101,31 @@ pub const MAX_INPUT_BYTES: usize = 1 << 20;
 /// Largest sum of a workflow's input values, in bytes.
 pub const MAX_INPUTS_BYTES: usize = 2 << 20;
 
+/// Checks that a given value is what its input carries: a File input
+/// takes one File reference, a `File[]` input a list of them (or `[]`),
+/// and any other input a value that is not a File reference (no string
+/// may pass for a file).
+fn check_kind(name: &str, kind: Kind, v: &str) -> Result<(), CreateError> {
+    use caroni_types::file::{files_of, Files};
+    let files = files_of(v);
+    let ok = match kind {
+        Kind::Value => files == Files::None,
+        Kind::File => matches!(files, Files::One(_)),
+        Kind::Files => matches!(files, Files::Many(_)) || v.trim() == "[]",
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(CreateError::BadValue(
+        name.to_string(),
+        match kind {
+            Kind::Value => "is a File reference, but the input is not declared `type: File`; declare it File or pass text".into(),
+            Kind::File => format!("is declared `File` but was given text, not a File reference; upload the file and pass its reference (caroni run TEMPLATE {name}=@path does both)"),
+            Kind::Files => format!("is declared `File[]` but was not given a JSON list of File references; give {name}=@path,@path to upload the files"),
+        },
+    ))
+}
+
 impl Workflow {
     /// A new workflow from a validated template.
     pub fn create(
@@ -143,6 +168,9 @@ impl Workflow {
         }
         let mut inputs = BTreeMap::new();
         for i in &wf.inputs {
+            if let Some(v) = given.get(&i.id) {
+                check_kind(&i.id, i.kind, v)?;
+            }
             match given.get(&i.id).or(i.default.as_ref()) {
                 Some(v) => {
                     inputs.insert(i.id.clone(), Value::from(v.as_str()));

@@ -238,17 +238,20 @@ struct NodeWorld<'a> {
 }
 
 impl World for NodeWorld<'_> {
-    fn is_applied(&self, id: &Uuid) -> Result<bool, String> {
-        applied::is_applied(self.store, id).map_err(|e| e.to_string())
+    fn is_applied(&self, id: &Uuid) -> caroni_store::Result<bool> {
+        applied::is_applied(self.store, id)
     }
-    fn stored(&self, id: &Uuid) -> Result<Option<Workflow>, String> {
-        records::get(self.store, id).map_err(|e| e.to_string())
+    fn stored(&self, id: &Uuid) -> caroni_store::Result<Option<Workflow>> {
+        records::get(self.store, id)
     }
     fn knows(&self, node: &str) -> bool {
         self.wire.knows(node)
     }
     fn last_heard_ms(&self, node: &str) -> Option<u64> {
         self.wire.last_heard_ms(node)
+    }
+    fn holds_file(&self, file: &caroni_types::file::FileRef) -> bool {
+        self.wire.holds_file(file)
     }
 }
 
@@ -298,7 +301,7 @@ impl Service {
         ))
     }
 
-    fn load(&mut self) -> Result<(), Error> {
+    fn load(&mut self) -> caroni_store::Result<()> {
         let live = records::live(&self.store)?;
         let world = NodeWorld {
             store: &self.store,
@@ -480,8 +483,8 @@ impl driver::Engine for Service {
         }
     }
 
-    fn reload(&mut self) -> Result<(), String> {
-        let r = self.load().map_err(|e| e.to_string());
+    fn reload(&mut self) -> caroni_store::Result<()> {
+        let r = self.load();
         self.stats_now();
         r
     }

@@ -135,6 +135,25 @@ impl Signer {
         body
     }
 
+    /// Signs a request to read blob `sha256` from `offset` of node
+    /// `holder`.
+    pub fn sign_blob_read(
+        &self,
+        sha256: &str,
+        offset: u64,
+        holder: &str,
+    ) -> Result<Envelope, Error> {
+        let read = caroni_proto::v1::BlobRead {
+            purpose: BLOB_READ_PURPOSE.into(),
+            sha256: sha256.into(),
+            offset,
+            reader: self.name.clone(),
+            holder: holder.into(),
+            issued_at_ms: caroni_types::now_ms(),
+        };
+        self.sign_body(read.encode_to_vec(), false)
+    }
+
     fn sign_body(&self, body: Vec<u8>, batch: bool) -> Result<Envelope, Error> {
         let signature = self
             .key
@@ -219,6 +238,45 @@ fn known_key(encoded: &[u8]) -> Result<KnownKey, Error> {
     }
     map.insert(encoded.to_vec(), known.clone());
     Ok(known)
+}
+
+/// What a signed blob read says it is for.
+pub const BLOB_READ_PURPOSE: &str = "caroni/v1/blob-read";
+/// How far a blob read's signing time may be from the holder's clock.
+const BLOB_READ_SKEW_MS: u64 = 5 * 60 * 1000;
+
+/// Verifies a signed blob read meant for node `me`; returns it with the
+/// reader's node id (its signer's).
+pub fn open_blob_read(
+    env: &Envelope,
+    me: &str,
+) -> Result<(String, caroni_proto::v1::BlobRead), Error> {
+    if env.batch {
+        return Err(Error::Refused("a batch envelope is not a blob read".into()));
+    }
+    let signer = verified_signer(env)?;
+    let read = caroni_proto::v1::BlobRead::decode(env.body.as_slice())
+        .map_err(|e| Error::Refused(format!("undecodable blob read: {e}")))?;
+    if read.purpose != BLOB_READ_PURPOSE {
+        return Err(Error::Refused("the envelope is not a blob read".into()));
+    }
+    if read.reader != signer.name {
+        return Err(Error::Refused(
+            "the blob read is not signed by its reader".into(),
+        ));
+    }
+    if read.holder != me {
+        return Err(Error::Refused(format!(
+            "the blob read is meant for node {}, not this one",
+            read.holder.chars().take(64).collect::<String>()
+        )));
+    }
+    if read.issued_at_ms.abs_diff(caroni_types::now_ms()) > BLOB_READ_SKEW_MS {
+        return Err(Error::Refused(
+            "the blob read was signed more than 5 minutes from this node's clock; check both clocks".into(),
+        ));
+    }
+    Ok((signer.name, read))
 }
 
 /// Verifies an envelope holding one message and decodes it. Nothing in it

@@ -40,6 +40,21 @@ pub trait Inbox: Send + Sync + 'static {
     /// messages submitted before it, and returns what resolves once it is
     /// applied. Returns only after the message is queued.
     fn submit(&self, msg: Verified) -> BoxFuture<'_, Result<Applying, DeliverError>>;
+
+    /// What must be done before `msg` is submitted, if anything: fetching
+    /// the files it refers to. The preparations of a stream's messages run
+    /// at once, but the messages are still submitted in order, each once
+    /// its own is done; a failed one answers the message with its error.
+    fn prepare(&self, msg: &Verified) -> Option<Applying> {
+        let _ = msg;
+        None
+    }
+}
+
+/// A message whose preparation ended.
+enum Prepared {
+    Ready(Box<Verified>, Result<(), DeliverError>),
+    Refused { message_id: String, error: String },
 }
 
 /// One message read from a stream: verified, or refused with the id the
@@ -65,6 +80,7 @@ where
     let (tx, rx) = mpsc::channel::<Result<Ack, Status>>(WINDOW);
     tokio::spawn(async move {
         let mut incoming = incoming;
+        let mut preparing = FuturesOrdered::<BoxFuture<'static, Prepared>>::new();
         let mut applying =
             FuturesOrdered::<BoxFuture<'static, (String, Result<(), DeliverError>)>>::new();
         let mut open = true;
@@ -95,24 +111,45 @@ where
                         return;
                     }
                 }
-                item = incoming.next(), if open && applying.len() < WINDOW => match item {
-                    None => open = false,
-                    Some(Incoming::Broken(status)) => {
-                        open = false;
-                        broken = Some(status);
-                    }
-                    Some(Incoming::Refused { message_id, error }) => {
+                Some(prepared) = preparing.next(), if !preparing.is_empty() => match prepared {
+                    Prepared::Refused { message_id, error } => {
                         applying.push_back(Box::pin(async move {
                             (message_id, Err(DeliverError::Refused(error)))
                         }));
                     }
-                    Some(Incoming::Verified(msg)) => {
+                    Prepared::Ready(msg, Err(e)) => {
+                        let id = msg.id.to_string();
+                        applying.push_back(Box::pin(async move { (id, Err(e)) }));
+                    }
+                    Prepared::Ready(msg, Ok(())) => {
                         let id = msg.id.to_string();
                         match inbox.submit(*msg).await {
                             Ok(fut) => applying.push_back(Box::pin(async move { (id, fut.await) })),
                             Err(e) => applying.push_back(Box::pin(async move { (id, Err(e)) })),
                         }
                     }
+                },
+                item = incoming.next(), if open && applying.len() + preparing.len() < WINDOW => match item {
+                    None => open = false,
+                    Some(Incoming::Broken(status)) => {
+                        open = false;
+                        broken = Some(status);
+                    }
+                    Some(Incoming::Refused { message_id, error }) => {
+                        preparing.push_back(Box::pin(futures::future::ready(Prepared::Refused {
+                            message_id,
+                            error,
+                        })));
+                    }
+                    Some(Incoming::Verified(msg)) => match inbox.prepare(&msg) {
+                        None => preparing.push_back(Box::pin(futures::future::ready(
+                            Prepared::Ready(msg, Ok(())),
+                        ))),
+                        Some(work) => preparing.push_back(Box::pin(async move {
+                            let r = work.await;
+                            Prepared::Ready(msg, r)
+                        })),
+                    },
                 },
                 else => {
                     if let Some(status) = broken {

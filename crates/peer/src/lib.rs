@@ -11,6 +11,7 @@
 //!
 //! This crate knows nothing of workflows or jobs.
 
+pub mod blobs;
 pub mod envelope;
 pub mod gate;
 pub mod inbox;

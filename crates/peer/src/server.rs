@@ -35,6 +35,8 @@ pub struct PeerServer {
     /// The private mesh's key: streams must prove it.
     mesh_key: Option<MeshKey>,
     refusals: PeerRefusals,
+    /// The blob store peers read from, if the node has one.
+    blobs: Option<caroni_blob::Blobs>,
 }
 
 impl PeerServer {
@@ -47,7 +49,14 @@ impl PeerServer {
             me: String::new(),
             mesh_key: None,
             refusals: PeerRefusals::default(),
+            blobs: None,
         }
+    }
+
+    /// Serves reads of `blobs` to the peers granted them.
+    pub fn with_blobs(mut self, blobs: Option<caroni_blob::Blobs>) -> Self {
+        self.blobs = blobs;
+        self
     }
 
     /// Serves node `me`: with `mesh_key`, a stream that does not prove the
@@ -119,6 +128,42 @@ type AckStream = Pin<Box<dyn Stream<Item = Result<Ack, Status>> + Send>>;
 #[tonic::async_trait]
 impl PeerService for PeerServer {
     type DeliverStream = AckStream;
+    type ReadBlobStream = crate::blobs::ChunkStream;
+
+    async fn read_blob(
+        &self,
+        req: Request<Envelope>,
+    ) -> Result<Response<Self::ReadBlobStream>, Status> {
+        let peer = self.admit(&req)?;
+        let blobs = self
+            .blobs
+            .as_ref()
+            .ok_or_else(|| Status::not_found("this node keeps no files"))?;
+        let (reader, read) = crate::envelope::open_blob_read(req.get_ref(), &self.me)
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        if peer.as_ref().is_some_and(|p| *p != reader) {
+            return Err(Status::permission_denied(
+                "the blob read is not signed by the node this link comes from",
+            ));
+        }
+        let granted = blobs
+            .granted(&read.sha256, &reader)
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        if !granted {
+            let why = format!(
+                "node {reader} was never given blob {} by this node",
+                read.sha256.chars().take(64).collect::<String>()
+            );
+            crate::refusal!(REFUSED_STREAMS, peer = %reader, "refused a blob read: {why}");
+            self.refusals.note(&reader, &why);
+            return Err(Status::permission_denied(why));
+        }
+        Ok(Response::new(crate::blobs::serve(
+            blobs,
+            &read.sha256,
+            read.offset,
+        )?))
+    }
 
     async fn deliver(
         &self,

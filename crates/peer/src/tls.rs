@@ -80,17 +80,20 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// The node id (base58 PeerId) whose key a certificate carries.
-pub fn node_of(cert: &CertificateDer<'_>) -> Result<String, String> {
+pub fn node_of(cert: &CertificateDer<'_>) -> Result<String, TlsError> {
     let ee = webpki::EndEntityCert::try_from(cert)
-        .map_err(|e| format!("the certificate is not valid X.509: {e}"))?;
+        .map_err(|e| TlsError(format!("the certificate is not valid X.509: {e}")))?;
     let spki = ee.subject_public_key_info();
     let key = spki
         .as_ref()
         .strip_prefix(&ED25519_SPKI[..])
         .filter(|k| k.len() == 32)
-        .ok_or("the certificate's key is not an ed25519 node key")?;
-    let key = libp2p::identity::ed25519::PublicKey::try_from_bytes(key)
-        .map_err(|e| format!("the certificate's key is not a valid ed25519 key: {e}"))?;
+        .ok_or_else(|| TlsError("the certificate's key is not an ed25519 node key".into()))?;
+    let key = libp2p::identity::ed25519::PublicKey::try_from_bytes(key).map_err(|e| {
+        TlsError(format!(
+            "the certificate's key is not a valid ed25519 key: {e}"
+        ))
+    })?;
     Ok(libp2p::identity::PublicKey::from(key)
         .to_peer_id()
         .to_base58())
@@ -184,7 +187,7 @@ impl PeerTls {
     }
 }
 
-fn refuse(msg: String) -> rustls::Error {
+fn refuse(msg: impl std::fmt::Display) -> rustls::Error {
     #[derive(Debug)]
     struct Refused(String);
     impl std::fmt::Display for Refused {
@@ -193,7 +196,9 @@ fn refuse(msg: String) -> rustls::Error {
         }
     }
     impl std::error::Error for Refused {}
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Refused(msg)))))
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Refused(
+        msg.to_string(),
+    )))))
 }
 
 fn tls13_only() -> rustls::Error {

@@ -89,10 +89,10 @@ pub(crate) struct Peers<'a> {
 }
 
 impl manager::World for MWorld<'_> {
-    fn is_applied(&self, id: &Uuid) -> Result<bool, String> {
+    fn is_applied(&self, id: &Uuid) -> caroni_store::Result<bool> {
         Ok(self.peers.applied.contains(id))
     }
-    fn stored(&self, id: &Uuid) -> Result<Option<Workflow>, String> {
+    fn stored(&self, id: &Uuid) -> caroni_store::Result<Option<Workflow>> {
         Ok(self.disk.workflows.get(id).cloned())
     }
     fn knows(&self, node: &str) -> bool {
@@ -100,6 +100,9 @@ impl manager::World for MWorld<'_> {
     }
     fn last_heard_ms(&self, node: &str) -> Option<u64> {
         self.peers.heard.get(node).copied()
+    }
+    fn holds_file(&self, _: &caroni_types::file::FileRef) -> bool {
+        false
     }
 }
 
@@ -110,20 +113,20 @@ pub(crate) struct AWorld<'a> {
 }
 
 impl agent::World for AWorld<'_> {
-    fn is_applied(&self, id: &Uuid) -> Result<bool, String> {
+    fn is_applied(&self, id: &Uuid) -> caroni_store::Result<bool> {
         Ok(self.peers.applied.contains(id))
     }
-    fn job_type(&self, name: &str) -> Result<Option<(JobTypeDef, ExecutorSpec)>, String> {
+    fn job_type(&self, name: &str) -> caroni_store::Result<Option<(JobTypeDef, ExecutorSpec)>> {
         Ok(self
             .types
             .iter()
             .find(|t| t.name == name)
             .map(|t| (t.clone(), ExecutorSpec::Bash)))
     }
-    fn offer(&self, request_id: &Uuid) -> Result<Option<Offer>, String> {
+    fn offer(&self, request_id: &Uuid) -> caroni_store::Result<Option<Offer>> {
         Ok(self.disk.offers.get(request_id).cloned())
     }
-    fn job(&self, id: &Uuid) -> Result<Option<Job>, String> {
+    fn job(&self, id: &Uuid) -> caroni_store::Result<Option<Job>> {
         Ok(self.disk.jobs.get(id).cloned())
     }
     fn execution(&self, job: &Uuid) -> Option<Execution> {

@@ -60,6 +60,13 @@ pub const APPLIED: u8 = 0x31;
 /// Known peer endpoints: key = node id (string).
 pub const PEERS: u8 = 0x32;
 
+/// The blob index: key = SHA-256 (hex); value = size, when stored, when
+/// last used.
+pub const BLOBS: u8 = 0x40;
+/// Who may read a blob from this node: key = SHA-256 (hex), node id;
+/// written with the message that gave that node the reference.
+pub const BLOB_GRANTS: u8 = 0x41;
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -78,6 +85,8 @@ mod tests {
             super::MANAGER_JOB_EXECUTIONS,
             super::AGENT_JOB_EXECUTIONS,
             super::REQUESTS,
+            super::BLOBS,
+            super::BLOB_GRANTS,
             super::MANAGER_JOBS,
             super::AGENT_OFFERS,
             super::AGENT_JOBS,

@@ -67,48 +67,51 @@ impl ExecutorSpec {
 
     /// Checks the settings and fills in defaults; the error says which
     /// setting is wrong and what it accepts.
-    pub fn normalize(self) -> Result<Self, String> {
+    pub fn normalize(self) -> Result<Self, SettingError> {
         match self {
             ExecutorSpec::Bash => Ok(ExecutorSpec::Bash),
             ExecutorSpec::Docker(mut d) => {
                 d.image = d.image.trim().to_string();
                 if d.image.is_empty() {
-                    return Err("the docker executor needs `image` (an image on the agent's Docker host that provides bash)".into());
+                    return Err(SettingError("the docker executor needs `image` (an image on the agent's Docker host that provides bash)".into()));
                 }
                 if d.image.len() > 255 || !d.image.chars().all(|c| c.is_ascii_graphic()) {
-                    return Err(format!(
+                    return Err(SettingError(format!(
                         "image `{}` is not an image reference (printable ASCII without spaces, at most 255 characters)",
                         d.image.escape_debug()
-                    ));
+                    )));
                 }
                 if d.network.is_empty() {
                     d.network = "none".into();
                 }
                 if !token(&d.network, 64) {
-                    return Err(format!(
+                    return Err(SettingError(format!(
                         "network `{}` is not a Docker network name",
                         d.network.escape_debug()
-                    ));
+                    )));
                 }
                 if d.nano_cpus == Some(0) {
-                    return Err("cpus must be more than 0".into());
+                    return Err(SettingError("cpus must be more than 0".into()));
                 }
                 if d.memory_bytes.is_some_and(|m| m < 6 * 1024 * 1024) {
-                    return Err("memory must be at least 6m (Docker's minimum)".into());
+                    return Err(SettingError(
+                        "memory must be at least 6m (Docker's minimum)".into(),
+                    ));
                 }
                 for name in &d.env {
-                    crate::validate_env_name(name)
-                        .map_err(|e| format!("env entry `{}` {e}", name.escape_debug()))?;
+                    crate::validate_env_name(name).map_err(|e| {
+                        SettingError(format!("env entry `{}` {e}", name.escape_debug()))
+                    })?;
                 }
                 Ok(ExecutorSpec::Docker(d))
             }
             ExecutorSpec::Slurm(mut s) => {
                 if let Some(p) = &s.partition {
                     if !token(p, 64) {
-                        return Err(format!(
+                        return Err(SettingError(format!(
                             "partition `{}` is not a Slurm partition name",
                             p.escape_debug()
-                        ));
+                        )));
                     }
                 }
                 if let Some(t) = &s.time_limit {
@@ -117,10 +120,10 @@ impl ExecutorSpec {
                         && t.chars()
                             .all(|c| c.is_ascii_digit() || c == ':' || c == '-');
                     if !ok {
-                        return Err(format!(
+                        return Err(SettingError(format!(
                             "time_limit `{}` is not in Slurm's format (MM, MM:SS, HH:MM:SS, D-HH:MM)",
                             t.escape_debug()
-                        ));
+                        )));
                     }
                 }
                 if let Some(m) = &s.memory {
@@ -129,31 +132,33 @@ impl ExecutorSpec {
                         && digits.chars().all(|c| c.is_ascii_digit())
                         && m.len() - digits.len() <= 1;
                     if !ok {
-                        return Err(format!(
+                        return Err(SettingError(format!(
                             "memory `{}` is not in Slurm's format (a number with K, M, G or T)",
                             m.escape_debug()
-                        ));
+                        )));
                     }
                 }
                 if s.cpus == Some(0) {
-                    return Err("cpus must be at least 1".into());
+                    return Err(SettingError("cpus must be at least 1".into()));
                 }
                 if s.sbatch.len() > 32 {
-                    return Err("at most 32 extra sbatch arguments".into());
+                    return Err(SettingError("at most 32 extra sbatch arguments".into()));
                 }
                 for a in &s.sbatch {
                     if a.is_empty() || a.len() > 256 || a.chars().any(char::is_control) {
-                        return Err(format!(
+                        return Err(SettingError(format!(
                             "sbatch argument `{}` is empty, too long or holds control characters",
                             a.escape_debug()
-                        ));
+                        )));
                     }
                 }
                 if s.max_in_flight == 0 {
                     s.max_in_flight = DEFAULT_SLURM_IN_FLIGHT;
                 }
                 if s.max_in_flight > MAX_SLURM_IN_FLIGHT {
-                    return Err(format!("max_in_flight is at most {MAX_SLURM_IN_FLIGHT}"));
+                    return Err(SettingError(format!(
+                        "max_in_flight is at most {MAX_SLURM_IN_FLIGHT}"
+                    )));
                 }
                 Ok(ExecutorSpec::Slurm(s))
             }
@@ -163,7 +168,7 @@ impl ExecutorSpec {
 
 /// Parses a memory size as Docker writes it: a number with an optional
 /// `b`, `k`, `m` or `g` suffix (1024-based).
-pub fn parse_memory(s: &str) -> Result<u64, String> {
+pub fn parse_memory(s: &str) -> Result<u64, SettingError> {
     let t = s.trim().to_ascii_lowercase();
     let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
         Some((i, _)) => t.split_at(i),
@@ -171,31 +176,36 @@ pub fn parse_memory(s: &str) -> Result<u64, String> {
     };
     let n: u64 = digits
         .parse()
-        .map_err(|_| format!("memory `{s}` is not a size like 512m or 2g"))?;
+        .map_err(|_| SettingError(format!("memory `{s}` is not a size like 512m or 2g")))?;
     let mult: u64 = match unit {
         "" | "b" => 1,
         "k" | "kb" => 1 << 10,
         "m" | "mb" => 1 << 20,
         "g" | "gb" => 1 << 30,
         _ => {
-            return Err(format!(
+            return Err(SettingError(format!(
                 "memory `{s}` has an unknown unit; use b, k, m or g"
-            ))
+            )))
         }
     };
     n.checked_mul(mult)
-        .ok_or_else(|| format!("memory `{s}` is too large"))
+        .ok_or_else(|| SettingError(format!("memory `{s}` is too large")))
 }
 
 /// Parses a CPU count (`1.5`) into Docker's billionths of a CPU.
-pub fn parse_cpus(cpus: f64) -> Result<u64, String> {
+pub fn parse_cpus(cpus: f64) -> Result<u64, SettingError> {
     if !cpus.is_finite() || cpus <= 0.0 || cpus > 1024.0 {
-        return Err(format!(
+        return Err(SettingError(format!(
             "cpus {cpus} is not a number of CPUs above 0 (at most 1024)"
-        ));
+        )));
     }
     Ok((cpus * 1e9).round() as u64)
 }
+
+/// Why an executor setting was refused: which setting, and what it accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SettingError(pub String);
 
 /// A short name without spaces or control characters.
 fn token(s: &str, max: usize) -> bool {
@@ -214,7 +224,7 @@ mod tests {
         let e = ExecutorSpec::Docker(DockerSpec::default())
             .normalize()
             .expect_err("no image");
-        assert!(e.contains("needs `image`"), "{e}");
+        assert!(e.0.contains("needs `image`"), "{e}");
         let d = ExecutorSpec::Docker(DockerSpec {
             image: "debian:bookworm-slim".into(),
             ..Default::default()
@@ -230,7 +240,7 @@ mod tests {
         })
         .normalize()
         .expect_err("bad time");
-        assert!(e.contains("time_limit"), "{e}");
+        assert!(e.0.contains("time_limit"), "{e}");
         let s = ExecutorSpec::Slurm(SlurmSpec::default())
             .normalize()
             .expect("ok");

@@ -8,10 +8,12 @@ use serde::{Deserialize, Serialize};
 
 pub mod delivery;
 mod executor;
+pub mod file;
 pub mod msg;
 mod names;
 pub use executor::{
-    parse_cpus, parse_memory, DockerSpec, ExecutorSpec, SlurmSpec, DEFAULT_SLURM_IN_FLIGHT,
+    parse_cpus, parse_memory, DockerSpec, ExecutorSpec, SettingError, SlurmSpec,
+    DEFAULT_SLURM_IN_FLIGHT,
 };
 pub use names::{validate_env_name, validate_template_name, NameError};
 

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::delivery::Refusal;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -74,38 +75,40 @@ impl JobRequest {
     /// types or inputs, absurd sizes, an expiry in the past or beyond 30
     /// days, a reply endpoint that is not an http(s) URL of sane length. An
     /// agent drops such a request without answering.
-    pub fn check(&self, now_ms: u64) -> Result<(), String> {
-        crate::validate_env_name(&self.job_type).map_err(|e| format!("job type {e}"))?;
+    pub fn check(&self, now_ms: u64) -> Result<(), Refusal> {
+        crate::validate_env_name(&self.job_type).map_err(|e| Refusal(format!("job type {e}")))?;
         for (kind, names) in [
             ("input", &self.parameter_keys),
             ("output", &self.output_keys),
         ] {
             if names.len() > MAX_REQUEST_FIELDS {
-                return Err(format!(
+                return Err(Refusal(format!(
                     "{} {kind} names (at most {MAX_REQUEST_FIELDS})",
                     names.len()
-                ));
+                )));
             }
             for n in names {
-                crate::validate_env_name(n).map_err(|e| format!("{kind} {e}"))?;
+                crate::validate_env_name(n).map_err(|e| Refusal(format!("{kind} {e}")))?;
             }
         }
         let kv_bytes: usize = self.job_kvs.iter().map(|(k, v)| k.len() + v.len()).sum();
         if self.job_kvs.len() > MAX_REQUEST_FIELDS || kv_bytes > MAX_REQUEST_KV_BYTES {
-            return Err(format!(
+            return Err(Refusal(format!(
                 "{} static parameters of {kv_bytes} bytes (at most {MAX_REQUEST_FIELDS} and {MAX_REQUEST_KV_BYTES})",
                 self.job_kvs.len()
-            ));
+            )));
         }
         let e = &self.manager_endpoint;
         if e.len() > 256 || !(e.starts_with("http://") || e.starts_with("https://")) {
-            return Err("the manager endpoint is not an http(s) URL of at most 256 bytes".into());
+            return Err(Refusal(
+                "the manager endpoint is not an http(s) URL of at most 256 bytes".into(),
+            ));
         }
         if self.expires_at_ms <= now_ms {
-            return Err("it has expired".into());
+            return Err(Refusal("it has expired".into()));
         }
         if self.expires_at_ms - now_ms > MAX_REQUEST_LIFETIME_MS {
-            return Err("it expires more than 30 days from now".into());
+            return Err(Refusal("it expires more than 30 days from now".into()));
         }
         Ok(())
     }

@@ -98,7 +98,8 @@ pub fn job_type_to_pb(d: JobTypeDef, executor: ExecutorSpec) -> pb::JobType {
 
 /// Wire → domain; the error names the setting that is wrong.
 fn job_type_from_pb(j: pb::JobType) -> Result<(JobTypeDef, ExecutorSpec), Status> {
-    let bad = |e: String| Status::invalid_argument(format!("invalid job type: {e}"));
+    let bad =
+        |e: caroni_types::SettingError| Status::invalid_argument(format!("invalid job type: {e}"));
     let non_empty = |s: String| (!s.is_empty()).then_some(s);
     let executor = match j.executor.as_str() {
         "" | "bash" => ExecutorSpec::Bash,
@@ -130,10 +131,10 @@ fn job_type_from_pb(j: pb::JobType) -> Result<(JobTypeDef, ExecutorSpec), Status
             })
         }
         other => {
-            return Err(bad(format!(
+            return Err(bad(caroni_types::SettingError(format!(
                 "executor `{}` is not one of bash, docker, slurm",
                 other.escape_debug()
-            )))
+            ))))
         }
     };
     let def = JobTypeDef {

@@ -4,11 +4,13 @@
 use tonic::{Request, Status};
 
 mod agent;
+mod files;
 pub mod json;
 mod manager;
 pub mod node;
 
 pub use agent::AgentApi;
+pub use files::FileApi;
 pub use manager::ManagerApi;
 pub use node::NodeApi;
 
@@ -20,6 +22,8 @@ pub struct Apis {
     pub manager: ManagerApi,
     /// Job types and jobs.
     pub agent: AgentApi,
+    /// Files into and out of the blob store.
+    pub files: FileApi,
 }
 
 /// Most items one list call returns, whatever `limit` asks for.

@@ -110,7 +110,7 @@ impl Agent {
     ) -> Result<Delivered, DeliverError> {
         let span = msg.span();
         let _in = span.enter();
-        let retry = DeliverError::Retry;
+        let retry = |e: caroni_store::Error| DeliverError::Retry(e.to_string());
         if out.applied_set.contains(&msg.id) || world.is_applied(&msg.id).map_err(retry)? {
             return Ok(Delivered::Applied);
         }
@@ -238,7 +238,9 @@ impl Agent {
     pub(super) fn job(&self, id: Uuid, world: &dyn World) -> Result<Option<Job>, DeliverError> {
         match self.jobs.get(&id) {
             Some(j) => Ok(Some(j.clone())),
-            None => world.job(&id).map_err(DeliverError::Retry),
+            None => world
+                .job(&id)
+                .map_err(|e| DeliverError::Retry(e.to_string())),
         }
     }
 }

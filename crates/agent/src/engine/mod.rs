@@ -64,13 +64,13 @@ impl Options {
 /// the input is answered "retry later", never "no such thing".
 pub trait World {
     /// The message id was applied in an earlier group.
-    fn is_applied(&self, id: &Uuid) -> Result<bool, String>;
+    fn is_applied(&self, id: &Uuid) -> caroni_store::Result<bool>;
     /// A job type and its executor.
-    fn job_type(&self, name: &str) -> Result<Option<(JobTypeDef, ExecutorSpec)>, String>;
+    fn job_type(&self, name: &str) -> caroni_store::Result<Option<(JobTypeDef, ExecutorSpec)>>;
     /// An offer as stored (accepted or expired ones are not in memory).
-    fn offer(&self, request_id: &Uuid) -> Result<Option<Offer>, String>;
+    fn offer(&self, request_id: &Uuid) -> caroni_store::Result<Option<Offer>>;
     /// A job as stored (finished ones are not in memory).
-    fn job(&self, id: &Uuid) -> Result<Option<Job>, String>;
+    fn job(&self, id: &Uuid) -> caroni_store::Result<Option<Job>>;
     /// Where a job runs, as recorded when it started.
     fn execution(&self, job: &Uuid) -> Option<Execution>;
     /// The workflow a request is for, as its manager said.

@@ -21,10 +21,10 @@ struct Fake {
 }
 
 impl World for Fake {
-    fn is_applied(&self, _: &Uuid) -> Result<bool, String> {
+    fn is_applied(&self, _: &Uuid) -> caroni_store::Result<bool> {
         Ok(false)
     }
-    fn job_type(&self, name: &str) -> Result<Option<(JobTypeDef, ExecutorSpec)>, String> {
+    fn job_type(&self, name: &str) -> caroni_store::Result<Option<(JobTypeDef, ExecutorSpec)>> {
         Ok((name == "work").then(|| {
             (
                 JobTypeDef {
@@ -40,10 +40,10 @@ impl World for Fake {
             )
         }))
     }
-    fn offer(&self, r: &Uuid) -> Result<Option<Offer>, String> {
+    fn offer(&self, r: &Uuid) -> caroni_store::Result<Option<Offer>> {
         Ok(self.offers.get(r).cloned())
     }
-    fn job(&self, _: &Uuid) -> Result<Option<Job>, String> {
+    fn job(&self, _: &Uuid) -> caroni_store::Result<Option<Job>> {
         Ok(None)
     }
     fn execution(&self, _: &Uuid) -> Option<Execution> {

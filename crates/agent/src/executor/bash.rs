@@ -27,6 +27,7 @@ use crate::machine::{Failure, RunResult, STDERR_TAIL_BYTES};
 pub struct BashExecutor {
     work_root: PathBuf,
     bash: PathBuf,
+    blobs: Option<caroni_blob::Blobs>,
 }
 
 /// bash's absolute path. Naming the program by path (not by name with a
@@ -47,7 +48,14 @@ impl BashExecutor {
         Self {
             work_root,
             bash: find_bash(),
+            blobs: None,
         }
+    }
+
+    /// File inputs are staged from, and File outputs stored into, `blobs`.
+    pub fn with_blobs(mut self, blobs: Option<caroni_blob::Blobs>) -> Self {
+        self.blobs = blobs;
+        self
     }
 }
 
@@ -164,11 +172,34 @@ impl Executor for BashExecutor {
             Ok(f) => f,
             Err(msg) => {
                 let _ = tokio::fs::remove_dir_all(&dir).await;
-                return failed(msg, None, b"");
+                return failed(msg.to_string(), None, b"");
+            }
+        };
+        let staged = {
+            let (blobs, inputs, d) = (self.blobs.clone(), spec.inputs.clone(), dir.clone());
+            tokio::task::spawn_blocking(move || {
+                super::files::stage(blobs.as_ref(), &inputs, &d, &d)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(super::files::FileError::Stage {
+                    input: String::new(),
+                    reason: e.to_string(),
+                })
+            })
+        };
+        let staged = match staged {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+                return failed(e.to_string(), None, b"");
             }
         };
         for (k, v) in &spec.inputs {
-            if to_files.contains(k) {
+            if let Some((path, env)) = staged.get(k) {
+                cmd.env(format!("CARONI_FILE_{k}"), path);
+                cmd.env(format!("CARONI_ENV_{k}"), env);
+            } else if to_files.contains(k) {
                 let file = dir.join(format!("caroni-input-{k}"));
                 if let Err(e) = tokio::fs::write(&file, v).await {
                     let _ = tokio::fs::remove_dir_all(&dir).await;
@@ -261,7 +292,24 @@ impl Executor for BashExecutor {
                 (Vec::new(), false, err)
             }
         };
+        let r = self.result(&spec, &dir, status, stdout, over, stderr).await;
         let _ = tokio::fs::remove_dir_all(&dir).await;
+        r
+    }
+}
+
+impl BashExecutor {
+    /// What an ended run yields; its working directory is still there.
+    async fn result(
+        &self,
+        spec: &RunSpec,
+        dir: &std::path::Path,
+        status: Result<std::io::Result<std::process::ExitStatus>, (Failure, String)>,
+        stdout: Vec<u8>,
+        over: bool,
+        stderr: Vec<u8>,
+    ) -> RunResult {
+        let limit = spec.max_output_bytes;
         let status = match status {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -283,12 +331,22 @@ impl Executor for BashExecutor {
                 None => failed_as(Failure::Killed, "killed by a signal".into(), None, &stderr),
             };
         }
-        match parse_outputs(&stdout, &spec.outputs) {
-            Ok(outputs) => RunResult::Completed {
+        let mut outputs = match parse_outputs(&stdout, &spec.outputs) {
+            Ok(o) => o,
+            Err(msg) => return failed(msg.to_string(), Some(0), &stderr),
+        };
+        let (blobs, d) = (self.blobs.clone(), dir.to_path_buf());
+        let collected = tokio::task::spawn_blocking(move || {
+            super::files::collect(blobs.as_ref(), &mut outputs, &d, None).map(|()| outputs)
+        })
+        .await;
+        match collected {
+            Ok(Ok(outputs)) => RunResult::Completed {
                 outputs,
                 stderr_tail: tail(&stderr),
             },
-            Err(msg) => failed(msg, Some(0), &stderr),
+            Ok(Err(e)) => failed_as(Failure::Output, e.to_string(), Some(0), &stderr),
+            Err(e) => failed(e.to_string(), Some(0), &stderr),
         }
     }
 }

@@ -38,9 +38,10 @@ const CALL_LIMIT: Duration = Duration::from_secs(30);
 pub struct DockerExecutor {
     node_id: String,
     work_root: PathBuf,
+    blobs: Option<caroni_blob::Blobs>,
     /// The client and why the daemon is unreachable, refreshed by
     /// [`DockerExecutor::refresh`].
-    state: Arc<Mutex<Result<Docker, String>>>,
+    state: Arc<Mutex<Result<Docker, DockerError>>>,
 }
 
 impl std::fmt::Debug for DockerExecutor {
@@ -51,13 +52,39 @@ impl std::fmt::Debug for DockerExecutor {
     }
 }
 
+/// The container's working directory: a host directory of the job, so
+/// that the files a job declares as outputs can be stored.
+const WORK_DIR: &str = "/caroni/work";
+
 /// The container name of a job.
 pub fn container_name(job_id: uuid::Uuid) -> String {
     format!("caroni-{job_id}")
 }
 
-fn daemon_error(e: &bollard::errors::Error) -> String {
-    format!("the Docker daemon is not reachable ({e}); start it or set DOCKER_HOST")
+/// Why the Docker daemon could not do what the agent asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DockerError {
+    /// Not pinged yet.
+    #[error("the Docker daemon has not been checked yet")]
+    NotChecked,
+    /// The daemon cannot be reached (its socket, `DOCKER_HOST`).
+    #[error("the Docker daemon is not reachable ({0}); start it or set DOCKER_HOST")]
+    Unreachable(String),
+    /// The daemon did not answer in time.
+    #[error("the Docker daemon did not answer {what} within {seconds} s")]
+    Timeout {
+        /// What was asked.
+        what: &'static str,
+        /// The bound.
+        seconds: u64,
+    },
+    /// The daemon refused or failed the call (bollard's message).
+    #[error("{0}")]
+    Api(String),
+}
+
+fn daemon_error(e: &bollard::errors::Error) -> DockerError {
+    DockerError::Unreachable(e.to_string())
 }
 
 impl DockerExecutor {
@@ -67,11 +94,18 @@ impl DockerExecutor {
         Self {
             node_id,
             work_root,
-            state: Arc::new(Mutex::new(Err("not checked yet".into()))),
+            blobs: None,
+            state: Arc::new(Mutex::new(Err(DockerError::NotChecked))),
         }
     }
 
-    fn client(&self) -> Result<Docker, String> {
+    /// File inputs are staged from, and File outputs stored into, `blobs`.
+    pub fn with_blobs(mut self, blobs: Option<caroni_blob::Blobs>) -> Self {
+        self.blobs = blobs;
+        self
+    }
+
+    fn client(&self) -> Result<Docker, DockerError> {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -80,16 +114,19 @@ impl DockerExecutor {
 
     /// Why jobs cannot run now (the daemon is down), if so.
     pub fn unavailable(&self) -> Option<String> {
-        self.client().err()
+        self.client().err().map(|e| e.to_string())
     }
 
     /// Pings the daemon and records the outcome; returns it.
-    pub async fn refresh(&self) -> Result<(), String> {
+    pub async fn refresh(&self) -> Result<(), DockerError> {
         let r = match Docker::connect_with_local_defaults() {
             Ok(d) => match tokio::time::timeout(Duration::from_secs(5), d.ping()).await {
                 Ok(Ok(_)) => Ok(d),
                 Ok(Err(e)) => Err(daemon_error(&e)),
-                Err(_) => Err("the Docker daemon did not answer a ping within 5 s".into()),
+                Err(_) => Err(DockerError::Timeout {
+                    what: "a ping",
+                    seconds: 5,
+                }),
             },
             Err(e) => Err(daemon_error(&e)),
         };
@@ -103,7 +140,7 @@ impl DockerExecutor {
 
     /// Removes the containers this agent started and that are left over
     /// (their jobs run again after a restart); returns how many.
-    pub async fn reap(&self) -> Result<usize, String> {
+    pub async fn reap(&self) -> Result<usize, DockerError> {
         let docker = self.client()?;
         let filters = HashMap::from([(
             "label".to_string(),
@@ -136,9 +173,9 @@ impl DockerExecutor {
             Err(_) => match self.refresh().await {
                 Ok(()) => match self.client() {
                     Ok(c) => c,
-                    Err(e) => return failed(e, None, b""),
+                    Err(e) => return failed(e.to_string(), None, b""),
                 },
-                Err(e) => return failed(e, None, b""),
+                Err(e) => return failed(e.to_string(), None, b""),
             },
         };
         let name = container_name(spec.job_id);
@@ -170,12 +207,10 @@ impl DockerExecutor {
                 // Within the job's own time limit too.
                 let pulled = tokio::time::timeout_at(deadline, pull(docker, &d.image))
                     .await
-                    .unwrap_or_else(|_| {
-                        Err(format!(
-                            "the job's {} s ran out while pulling",
-                            spec.timeout.as_secs()
-                        ))
-                    });
+                    .unwrap_or(Err(DockerError::Timeout {
+                        what: "the pull within the job's time limit",
+                        seconds: spec.timeout.as_secs(),
+                    }));
                 if let Err(why) = pulled {
                     return failed(
                         format!(
@@ -187,8 +222,8 @@ impl DockerExecutor {
                     );
                 }
             }
-            Ok(Err(e)) => return failed(daemon_error(&e), None, b""),
-            Err(e) => return failed(e, None, b""),
+            Ok(Err(e)) => return failed(daemon_error(&e).to_string(), None, b""),
+            Err(e) => return failed(e.to_string(), None, b""),
         }
         let mut env = vec![
             format!("CARONI_JOB_ID={}", spec.job_id),
@@ -197,10 +232,42 @@ impl DockerExecutor {
         let mut binds = Vec::new();
         let to_files = match env_plan(&spec) {
             Ok(f) => f,
-            Err(msg) => return failed(msg, None, b""),
+            Err(msg) => return failed(msg.to_string(), None, b""),
+        };
+        // File inputs in `files/` of the inputs mount; the working
+        // directory is `/caroni/work`, on the host, so that File outputs
+        // can be read from it.
+        let work = dir.join("work");
+        if let Err(e) = tokio::fs::create_dir_all(&work).await {
+            return failed(format!("cannot create {}: {e}", work.display()), None, b"");
+        }
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = tokio::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o777)).await;
+        }
+        binds.push(format!("{}:{WORK_DIR}", work.display()));
+        let staged = {
+            let (blobs, values, d) = (self.blobs.clone(), spec.inputs.clone(), dir.to_path_buf());
+            tokio::task::spawn_blocking(move || {
+                super::files::stage(
+                    blobs.as_ref(),
+                    &values,
+                    &d,
+                    std::path::Path::new("/caroni/inputs"),
+                )
+            })
+            .await
+        };
+        let staged = match staged {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return failed(e.to_string(), None, b""),
+            Err(e) => return failed(e.to_string(), None, b""),
         };
         for (k, v) in &spec.inputs {
-            if to_files.contains(k) {
+            if let Some((path, json)) = staged.get(k) {
+                env.push(format!("CARONI_FILE_{k}={}", path.display()));
+                env.push(format!("CARONI_ENV_{k}={json}"));
+            } else if to_files.contains(k) {
                 if let Err(e) = tokio::fs::create_dir_all(dir).await {
                     return failed(format!("cannot create {}: {e}", dir.display()), None, b"");
                 }
@@ -234,7 +301,7 @@ impl DockerExecutor {
             entrypoint: Some(vec!["bash".into(), "-c".into()]),
             cmd: Some(vec![spec.body.clone()]),
             env: Some(env),
-            working_dir: Some("/tmp".into()),
+            working_dir: Some(WORK_DIR.into()),
             labels: Some(HashMap::from([
                 (JOB_LABEL.to_string(), spec.job_id.to_string()),
                 (AGENT_LABEL.to_string(), self.node_id.clone()),
@@ -265,7 +332,7 @@ impl DockerExecutor {
                     b"",
                 )
             }
-            Err(e) => return failed(e, None, b""),
+            Err(e) => return failed(e.to_string(), None, b""),
         }
         match bounded(docker.start_container(name, None)).await {
             Ok(Ok(())) => {}
@@ -276,7 +343,7 @@ impl DockerExecutor {
                     b"",
                 )
             }
-            Err(e) => return failed(e, None, b""),
+            Err(e) => return failed(e.to_string(), None, b""),
         }
         let limit = spec.max_output_bytes;
         let logs = docker.logs(
@@ -337,7 +404,7 @@ impl DockerExecutor {
             Ok(Err(e)) => {
                 return failed(format!("cannot inspect the container: {e}"), None, &stderr)
             }
-            Err(e) => return failed(e, None, &stderr),
+            Err(e) => return failed(e.to_string(), None, &stderr),
         };
         let code = state.exit_code.and_then(|c| i32::try_from(c).ok());
         if state.oom_killed == Some(true) {
@@ -356,13 +423,31 @@ impl DockerExecutor {
             );
         }
         match code {
-            Some(0) => match parse_outputs(&stdout, &spec.outputs) {
-                Ok(outputs) => RunResult::Completed {
-                    outputs,
-                    stderr_tail: tail(&stderr),
-                },
-                Err(msg) => failed(msg, Some(0), &stderr),
-            },
+            Some(0) => {
+                let mut outputs = match parse_outputs(&stdout, &spec.outputs) {
+                    Ok(o) => o,
+                    Err(msg) => return failed(msg.to_string(), Some(0), &stderr),
+                };
+                let (blobs, work) = (self.blobs.clone(), dir.join("work"));
+                match tokio::task::spawn_blocking(move || {
+                    super::files::collect(
+                        blobs.as_ref(),
+                        &mut outputs,
+                        &work,
+                        Some(std::path::Path::new(WORK_DIR)),
+                    )
+                    .map(|()| outputs)
+                })
+                .await
+                {
+                    Ok(Ok(outputs)) => RunResult::Completed {
+                        outputs,
+                        stderr_tail: tail(&stderr),
+                    },
+                    Ok(Err(e)) => failed_as(Failure::Output, e.to_string(), Some(0), &stderr),
+                    Err(e) => failed(e.to_string(), Some(0), &stderr),
+                }
+            }
             Some(c) => failed(format!("exit status {c}"), Some(c), &stderr),
             None => failed(
                 "the container ended without an exit status".into(),
@@ -374,13 +459,13 @@ impl DockerExecutor {
 }
 
 /// A daemon call bounded by [`CALL_LIMIT`].
-async fn bounded<T>(f: impl std::future::Future<Output = T>) -> Result<T, String> {
-    tokio::time::timeout(CALL_LIMIT, f).await.map_err(|_| {
-        format!(
-            "the Docker daemon did not answer within {} s",
-            CALL_LIMIT.as_secs()
-        )
-    })
+async fn bounded<T>(f: impl std::future::Future<Output = T>) -> Result<T, DockerError> {
+    tokio::time::timeout(CALL_LIMIT, f)
+        .await
+        .map_err(|_| DockerError::Timeout {
+            what: "a call",
+            seconds: CALL_LIMIT.as_secs(),
+        })
 }
 
 async fn remove(docker: &Docker, name: &str) -> Result<(), bollard::errors::Error> {
@@ -395,7 +480,7 @@ async fn remove(docker: &Docker, name: &str) -> Result<(), bollard::errors::Erro
 }
 
 /// One pull attempt, bounded to 60 s; the error says why it failed.
-async fn pull(docker: &Docker, image: &str) -> Result<(), String> {
+async fn pull(docker: &Docker, image: &str) -> Result<(), DockerError> {
     let opts = bollard::query_parameters::CreateImageOptionsBuilder::default()
         .from_image(image)
         .build();
@@ -403,25 +488,55 @@ async fn pull(docker: &Docker, image: &str) -> Result<(), String> {
     let pulled = tokio::time::timeout(Duration::from_secs(60), async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(item) = stream.next().await {
-            item.map_err(|e| e.to_string())?;
+            item.map_err(|e| DockerError::Api(e.to_string()))?;
         }
-        Ok::<(), String>(())
+        Ok::<(), DockerError>(())
     })
     .await;
     match pulled {
         Ok(r) => r,
-        Err(_) => Err("the pull did not finish within 60 s".into()),
+        Err(_) => Err(DockerError::Timeout {
+            what: "the pull",
+            seconds: 60,
+        }),
     }
 }
 
 /// Opens `dir` and its files for reading by every user (0755/0644).
 async fn readable_by_all(dir: &std::path::Path) {
     use std::os::unix::fs::PermissionsExt;
-    let _ = tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).await;
-    if let Ok(mut entries) = tokio::fs::read_dir(dir).await {
-        while let Ok(Some(e)) = entries.next_entry().await {
-            let _ =
-                tokio::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o644)).await;
+    let dir = dir.to_path_buf();
+    let _ = tokio::task::spawn_blocking(move || {
+        let mode = |p: &std::path::Path, m: u32| {
+            let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+        };
+        mode(&dir, 0o755);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            match e.file_type() {
+                // The working directory is written by the image's user.
+                Ok(t) if t.is_dir() && e.file_name() == "work" => mode(&p, 0o777),
+                // Staged File inputs: directories open, files as stored
+                // (read-only for all).
+                Ok(t) if t.is_dir() => {
+                    let mut stack = vec![p];
+                    while let Some(d) = stack.pop() {
+                        mode(&d, 0o755);
+                        if let Ok(sub) = std::fs::read_dir(&d) {
+                            stack.extend(
+                                sub.flatten()
+                                    .filter(|x| x.file_type().is_ok_and(|t| t.is_dir()))
+                                    .map(|x| x.path()),
+                            );
+                        }
+                    }
+                }
+                _ => mode(&p, 0o644),
+            }
         }
-    }
+    })
+    .await;
 }

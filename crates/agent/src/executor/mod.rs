@@ -7,6 +7,7 @@
 
 pub mod bash;
 pub mod docker;
+pub mod files;
 pub mod output;
 pub mod slurm;
 
@@ -96,11 +97,18 @@ const SLURM: usize = 1;
 impl Executors {
     /// `node_id` labels containers; working directories go under
     /// `work_root`; Slurm job ids are recorded in `store`.
-    pub fn new(node_id: String, work_root: PathBuf, store: caroni_store::Store) -> Self {
+    pub fn new(
+        node_id: String,
+        work_root: PathBuf,
+        store: caroni_store::Store,
+        blobs: Option<caroni_blob::Blobs>,
+    ) -> Self {
         Self {
-            bash: BashExecutor::new(work_root.clone()),
-            docker: docker::DockerExecutor::new(node_id, work_root.join("docker")),
-            slurm: slurm::SlurmExecutor::new(work_root.join("slurm"), store),
+            bash: BashExecutor::new(work_root.clone()).with_blobs(blobs.clone()),
+            docker: docker::DockerExecutor::new(node_id, work_root.join("docker"))
+                .with_blobs(blobs.clone()),
+            slurm: slurm::SlurmExecutor::new(work_root.join("slurm"), store)
+                .with_blobs(blobs.clone()),
             wanted: Arc::new([AtomicBool::new(false), AtomicBool::new(false)]),
         }
     }

@@ -31,7 +31,7 @@ fn arg_max() -> usize {
 /// `$CARONI_ENV_<input>` of an input that does not fit fails here with a
 /// message naming the input and its file variable: it never sees an empty
 /// value.
-pub(crate) fn env_plan(spec: &RunSpec) -> Result<std::collections::BTreeSet<String>, String> {
+pub(crate) fn env_plan(spec: &RunSpec) -> Result<std::collections::BTreeSet<String>, TooLarge> {
     let kvs: usize = spec
         .job_kvs
         .iter()
@@ -51,16 +51,56 @@ pub(crate) fn env_plan(spec: &RunSpec) -> Result<std::collections::BTreeSet<Stri
             continue;
         }
         if reads_env_var(&spec.body, k) {
-            return Err(format!(
-                "input `{k}` is {} bytes, more than the environment can hold (at most {} bytes per value, about {} bytes for all of a job's inputs): the body reads $CARONI_ENV_{k}; read the file named by $CARONI_FILE_{k} instead",
-                v.len(),
-                ENV_STRING_MAX - 12 - k.len(),
-                arg_max().saturating_sub(ENV_RESERVE),
-            ));
+            return Err(TooLarge {
+                input: k.clone(),
+                bytes: v.len(),
+                per_value: ENV_STRING_MAX - 12 - k.len(),
+                all: arg_max().saturating_sub(ENV_RESERVE),
+            });
         }
         files.insert(k.clone());
     }
     Ok(files)
+}
+
+/// An input the body reads from the environment is too large for it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("input `{input}` is {bytes} bytes, more than the environment can hold (at most {per_value} bytes per value, about {all} bytes for all of a job's inputs): the body reads $CARONI_ENV_{input}; read the file named by $CARONI_FILE_{input} instead")]
+pub struct TooLarge {
+    /// The input.
+    pub input: String,
+    /// Its size.
+    pub bytes: usize,
+    /// The most one value may take.
+    pub per_value: usize,
+    /// About what all inputs may take together.
+    pub all: usize,
+}
+
+/// Why a job's stdout is not a valid answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OutputError {
+    /// Not JSON at all.
+    #[error("stdout is not a JSON object ({reason}); it began with: {began:?}")]
+    NotJson {
+        /// The parser's message.
+        reason: String,
+        /// The first 200 characters.
+        began: String,
+    },
+    /// JSON, but not an object.
+    #[error("stdout is JSON but not an object; print {{\"output\": \"value\", …}}")]
+    NotObject,
+    /// A value holds NUL.
+    #[error("output {0} contains a NUL character; values must be text without NUL")]
+    Nul(String),
+    /// A string shaped like a File reference: no string may pass for a
+    /// file.
+    #[error("output {0} is a string shaped like a File reference; declare a file as {{\"class\": \"File\", \"path\": \"…\"}}")]
+    Forged(String),
+    /// Declared outputs are missing (or null).
+    #[error("stdout's JSON object lacks the declared output(s) {}", .0.join(", "))]
+    Missing(Vec<String>),
 }
 
 /// True when `body` names `CARONI_ENV_<input>` (not a longer name).
@@ -114,38 +154,39 @@ pub(crate) fn failed_as(
 pub fn parse_outputs(
     stdout: &[u8],
     outputs: &[String],
-) -> Result<BTreeMap<String, String>, String> {
+) -> Result<BTreeMap<String, String>, OutputError> {
     let text = String::from_utf8_lossy(stdout);
-    let value: serde_json::Value = serde_json::from_str(text.trim()).map_err(|e| {
-        let shown: String = text.chars().take(200).collect();
-        format!("stdout is not a JSON object ({e}); it began with: {shown:?}")
-    })?;
+    let value: serde_json::Value =
+        serde_json::from_str(text.trim()).map_err(|e| OutputError::NotJson {
+            reason: e.to_string(),
+            began: text.chars().take(200).collect(),
+        })?;
     let serde_json::Value::Object(map) = value else {
-        return Err("stdout is JSON but not an object; print {\"output\": \"value\", …}".into());
+        return Err(OutputError::NotObject);
     };
     let mut out = BTreeMap::new();
     let mut missing = Vec::new();
     for name in outputs {
         match map.get(name) {
             Some(serde_json::Value::String(s)) if s.contains('\0') => {
-                return Err(format!(
-                    "output {name} contains a NUL character; values must be text without NUL"
-                ));
+                return Err(OutputError::Nul(name.clone()));
+            }
+            Some(serde_json::Value::String(s))
+                if caroni_types::file::files_of(s) != caroni_types::file::Files::None =>
+            {
+                return Err(OutputError::Forged(name.clone()));
             }
             Some(serde_json::Value::String(s)) => {
                 out.insert(name.clone(), s.clone());
             }
-            Some(serde_json::Value::Null) | None => missing.push(name.as_str()),
+            Some(serde_json::Value::Null) | None => missing.push(name.clone()),
             Some(other) => {
                 out.insert(name.clone(), other.to_string());
             }
         }
     }
     if !missing.is_empty() {
-        return Err(format!(
-            "stdout's JSON object lacks the declared output(s) {}",
-            missing.join(", ")
-        ));
+        return Err(OutputError::Missing(missing));
     }
     Ok(out)
 }

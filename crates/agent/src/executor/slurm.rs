@@ -91,8 +91,62 @@ pub fn parse_jobs(text: &str) -> Vec<SlurmJob> {
         .collect()
 }
 
+/// Why a Slurm command or a submission failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SlurmError {
+    /// The command is not installed.
+    #[error("{0} is not on this agent's PATH; install Slurm's client commands (slurm-client)")]
+    Missing(String),
+    /// The command could not be started.
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        /// The command.
+        program: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The command did not finish in time.
+    #[error("{program} did not finish within {seconds} s")]
+    Timeout {
+        /// The command.
+        program: String,
+        /// The bound.
+        seconds: u64,
+    },
+    /// The command exited non-zero.
+    #[error("{program} failed ({status}): {stderr}")]
+    Failed {
+        /// The command.
+        program: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// sbatch printed no job id.
+    #[error("sbatch printed no job id: {0}")]
+    NoJobId(String),
+    /// The job's files could not be written.
+    #[error("cannot write {what}: {source}")]
+    Write {
+        /// Which file.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// An input the body reads from the environment is too large.
+    #[error(transparent)]
+    TooLarge(#[from] super::output::TooLarge),
+    /// File inputs could not be staged.
+    #[error("{0}")]
+    Files(String),
+    /// The Slurm job id could not be recorded.
+    #[error("cannot record the Slurm job id: {0}")]
+    Record(#[from] caroni_store::Error),
+}
+
 /// Runs a command with a time limit; stdout on success, else why not.
-async fn command(program: &str, args: &[String]) -> Result<String, String> {
+async fn command(program: &str, args: &[String]) -> Result<String, SlurmError> {
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
         .stdin(std::process::Stdio::null())
@@ -100,26 +154,29 @@ async fn command(program: &str, args: &[String]) -> Result<String, String> {
     let out = match tokio::time::timeout(COMMAND_LIMIT, cmd.output()).await {
         Ok(Ok(o)) => o,
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(format!(
-            "{program} is not on this agent's PATH; install Slurm's client commands (slurm-client)"
-        ))
+            return Err(SlurmError::Missing(program.to_string()))
         }
-        Ok(Err(e)) => return Err(format!("cannot run {program}: {e}")),
+        Ok(Err(source)) => {
+            return Err(SlurmError::Spawn {
+                program: program.to_string(),
+                source,
+            })
+        }
         Err(_) => {
-            return Err(format!(
-                "{program} did not finish within {} s",
-                COMMAND_LIMIT.as_secs()
-            ))
+            return Err(SlurmError::Timeout {
+                program: program.to_string(),
+                seconds: COMMAND_LIMIT.as_secs(),
+            })
         }
     };
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Err(format!(
-            "{program} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(SlurmError::Failed {
+            program: program.to_string(),
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
@@ -135,6 +192,7 @@ type Watchers = HashMap<String, watch::Sender<Option<SlurmJob>>>;
 pub struct SlurmExecutor {
     work_root: PathBuf,
     store: Store,
+    blobs: Option<caroni_blob::Blobs>,
     watchers: Arc<Mutex<Watchers>>,
     unavailable: Arc<Mutex<Option<String>>>,
 }
@@ -156,9 +214,17 @@ impl SlurmExecutor {
         Self {
             work_root,
             store,
+            blobs: None,
             watchers: Arc::default(),
             unavailable: Arc::new(Mutex::new(Some("not checked yet".into()))),
         }
+    }
+
+    /// File inputs are staged from, and File outputs stored into, `blobs`
+    /// (the working directory is shared with the cluster's nodes).
+    pub fn with_blobs(mut self, blobs: Option<caroni_blob::Blobs>) -> Self {
+        self.blobs = blobs;
+        self
     }
 
     /// Why jobs cannot be submitted now, if so.
@@ -172,7 +238,7 @@ impl SlurmExecutor {
     /// Asks the controller whether it answers; records and returns why not.
     pub async fn refresh(&self) -> Option<String> {
         let why = match command("sbatch", &["--version".into()]).await {
-            Err(e) => Some(e),
+            Err(e) => Some(e.to_string()),
             Ok(_) => command("scontrol", &["ping".into()])
                 .await
                 .err()
@@ -206,7 +272,7 @@ impl SlurmExecutor {
                 let jobs =
                     match command("scontrol", &["-o".into(), "show".into(), "job".into()]).await {
                         Ok(text) => parse_jobs(&text),
-                        Err(e) if e.contains("No jobs in the system") => Vec::new(),
+                        Err(e) if e.to_string().contains("No jobs in the system") => Vec::new(),
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot read the Slurm jobs' states");
                             continue;
@@ -225,7 +291,7 @@ impl SlurmExecutor {
         });
     }
 
-    fn record(&self, job: uuid::Uuid, slurm_id: &str) -> Result<(), String> {
+    fn record(&self, job: uuid::Uuid, slurm_id: &str) -> Result<(), SlurmError> {
         self.store
             .put(
                 crate::records::EXECUTIONS,
@@ -235,7 +301,7 @@ impl SlurmExecutor {
                     external_id: slurm_id.to_string(),
                 },
             )
-            .map_err(|e| format!("cannot record the Slurm job id: {e}"))
+            .map_err(SlurmError::Record)
     }
 
     /// The Slurm job already submitted for this Caroni job, if any: by the
@@ -273,12 +339,20 @@ impl SlurmExecutor {
         Some(id)
     }
 
-    async fn submit(&self, spec: &RunSpec, s: &SlurmSpec, dir: &Path) -> Result<String, String> {
+    async fn submit(
+        &self,
+        spec: &RunSpec,
+        s: &SlurmSpec,
+        dir: &Path,
+    ) -> Result<String, SlurmError> {
         let _ = tokio::fs::remove_dir_all(dir).await;
         let inputs = dir.join("inputs");
         tokio::fs::create_dir_all(&inputs)
             .await
-            .map_err(|e| format!("cannot create {}: {e}", inputs.display()))?;
+            .map_err(|source| SlurmError::Write {
+                what: inputs.display().to_string(),
+                source,
+            })?;
         // The body sees exactly the documented environment (as bash jobs
         // do) plus the SLURM_* variables of its allocation: `env -i`, with
         // the Caroni variables built up in an array. sbatch runs with
@@ -290,11 +364,30 @@ impl SlurmExecutor {
             path = super::output::JOB_PATH,
         );
         let to_files = env_plan(spec)?;
+        let staged = {
+            let (blobs, values, d) = (self.blobs.clone(), spec.inputs.clone(), dir.to_path_buf());
+            tokio::task::spawn_blocking(move || {
+                super::files::stage(blobs.as_ref(), &values, &d, &d)
+            })
+            .await
+            .map_err(|e| SlurmError::Files(e.to_string()))?
+            .map_err(|e| SlurmError::Files(e.to_string()))?
+        };
         for (k, v) in &spec.inputs {
+            let (v, file) = match staged.get(k) {
+                Some((path, env)) => (env.as_str(), Some(path)),
+                None => (v.as_str(), None),
+            };
+            if let Some(path) = file {
+                script.push_str(&format!("E+=(CARONI_FILE_{k}={})\n", quote(path)));
+            }
             tokio::fs::write(inputs.join(k), v)
                 .await
-                .map_err(|e| format!("cannot write input {k}: {e}"))?;
-            if to_files.contains(k) {
+                .map_err(|source| SlurmError::Write {
+                    what: format!("input {k}"),
+                    source,
+                })?;
+            if to_files.contains(k) && file.is_none() {
                 script.push_str(&format!("E+=(\"CARONI_FILE_{k}=$DIR/inputs/{k}\")\n"));
             } else {
                 script.push_str(&format!(
@@ -307,7 +400,10 @@ impl SlurmExecutor {
                 let f = inputs.join(format!("kv-{k}"));
                 tokio::fs::write(&f, v)
                     .await
-                    .map_err(|e| format!("cannot write parameter {k}: {e}"))?;
+                    .map_err(|source| SlurmError::Write {
+                        what: format!("parameter {k}"),
+                        source,
+                    })?;
                 script.push_str(&format!(
                     "IFS= read -r -d '' v < \"$DIR/inputs/kv-{k}\"; E+=(\"CARONI_KV_{k}=$v\")\n"
                 ));
@@ -318,11 +414,17 @@ impl SlurmExecutor {
         );
         tokio::fs::write(dir.join("body.sh"), &spec.body)
             .await
-            .map_err(|e| format!("cannot write the body: {e}"))?;
+            .map_err(|source| SlurmError::Write {
+                what: "the body".into(),
+                source,
+            })?;
         let batch = dir.join("batch.sh");
         tokio::fs::write(&batch, script)
             .await
-            .map_err(|e| format!("cannot write the batch script: {e}"))?;
+            .map_err(|source| SlurmError::Write {
+                what: "the batch script".into(),
+                source,
+            })?;
         let mut args: Vec<String> = vec![
             "--parsable".into(),
             "--export=NIL".into(),
@@ -350,7 +452,7 @@ impl SlurmExecutor {
         let out = command("sbatch", &args).await?;
         let id = out.trim().split(';').next().unwrap_or_default().to_string();
         if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit() || c == '_') {
-            return Err(format!("sbatch printed no job id: {}", out.trim()));
+            return Err(SlurmError::NoJobId(out.trim().to_string()));
         }
         // At once: a restart from here on finds it instead of submitting
         // again.
@@ -377,7 +479,7 @@ impl SlurmExecutor {
                     tracing::debug!(job = %spec.job_id, slurm_job = %id, "submitted to Slurm");
                     id
                 }
-                Err(e) => return failed(e, None, b""),
+                Err(e) => return failed(e.to_string(), None, b""),
             },
         };
         let r = self.wait(&spec, &id, &dir, cancel).await;
@@ -479,12 +581,22 @@ impl SlurmExecutor {
                         return failed(format!("cannot read the job's stdout: {e}"), code, &stderr)
                     }
                 };
-                match parse_outputs(&out, &spec.outputs) {
-                    Ok(outputs) => RunResult::Completed {
+                let mut outputs = match parse_outputs(&out, &spec.outputs) {
+                    Ok(o) => o,
+                    Err(msg) => return failed(msg.to_string(), Some(0), &stderr),
+                };
+                let (blobs, d) = (self.blobs.clone(), dir.to_path_buf());
+                match tokio::task::spawn_blocking(move || {
+                    super::files::collect(blobs.as_ref(), &mut outputs, &d, None).map(|()| outputs)
+                })
+                .await
+                {
+                    Ok(Ok(outputs)) => RunResult::Completed {
                         outputs,
                         stderr_tail: tail(&stderr),
                     },
-                    Err(msg) => failed(msg, Some(0), &stderr),
+                    Ok(Err(e)) => failed_as(Failure::Output, e.to_string(), Some(0), &stderr),
+                    Err(e) => failed(e.to_string(), Some(0), &stderr),
                 }
             }
             "TIMEOUT" => failed_as(

@@ -18,7 +18,12 @@ use std::sync::Mutex;
 struct FakeWire(Mutex<Vec<Outbound>>);
 
 impl Wire for FakeWire {
-    fn stage(&self, _: &mut Batch, out: &Outbound, _: Option<Uuid>) -> Result<Staged, String> {
+    fn stage(
+        &self,
+        _: &mut Batch,
+        out: &Outbound,
+        _: Option<Uuid>,
+    ) -> Result<Staged, caroni_engine::StageError> {
         Ok(Staged {
             to: out.to.clone(),
             endpoint: out.endpoint.clone(),

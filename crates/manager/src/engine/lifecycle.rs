@@ -22,6 +22,17 @@ impl Manager {
         world: &dyn World,
         out: &mut Out,
     ) -> Result<Uuid, Error> {
+        // A file given must be here (uploaded) before anything starts.
+        for (name, v) in &inputs {
+            for f in caroni_types::file::files_of(v).refs() {
+                if !world.holds_file(f) {
+                    return Err(Error::BadInput(format!(
+                        "workflow input `{name}`: file {} is not on this manager; upload it first (caroni run TEMPLATE {name}=@path uploads and passes it)",
+                        f.describe()
+                    )));
+                }
+            }
+        }
         let id = (now.new_id)();
         let wf = Workflow::create(id, template, parsed, inputs, now.ms)
             .map_err(|e| Error::BadInput(e.to_string()))?;
@@ -73,7 +84,7 @@ impl Manager {
                 Some(wf) => wf.clone(),
                 None => world
                     .stored(&id)
-                    .map_err(Error::Unavailable)?
+                    .map_err(|e| Error::Unavailable(e.to_string()))?
                     .ok_or_else(|| {
                         Error::NotFound(format!(
                             "no workflow {id}; `caroni workflow list` shows them"

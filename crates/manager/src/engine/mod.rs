@@ -73,13 +73,15 @@ pub struct Options {
 /// the input is answered "retry later", never "no such thing".
 pub trait World {
     /// The message id was applied in an earlier group.
-    fn is_applied(&self, id: &Uuid) -> Result<bool, String>;
+    fn is_applied(&self, id: &Uuid) -> caroni_store::Result<bool>;
     /// A workflow as stored (finished ones, and waiting ones' values).
-    fn stored(&self, id: &Uuid) -> Result<Option<Workflow>, String>;
+    fn stored(&self, id: &Uuid) -> caroni_store::Result<Option<Workflow>>;
     /// The peer has acknowledged a message of this node (not a stranger).
     fn knows(&self, node: &str) -> bool;
     /// When the peer was last heard from (a message or an ack), ms.
     fn last_heard_ms(&self, node: &str) -> Option<u64>;
+    /// True when this node's blob store holds the file whole.
+    fn holds_file(&self, file: &caroni_types::file::FileRef) -> bool;
 }
 
 /// An input of the machine (taken by value, applied at once).

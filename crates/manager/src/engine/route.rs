@@ -23,7 +23,9 @@ impl Manager {
         let _in = span.enter();
         // Duplicates: applied in this group or an earlier one.
         if out.applied_set.contains(&msg.id)
-            || world.is_applied(&msg.id).map_err(DeliverError::Retry)?
+            || world
+                .is_applied(&msg.id)
+                .map_err(|e| DeliverError::Retry(e.to_string()))?
         {
             return Ok(());
         }

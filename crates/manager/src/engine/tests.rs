@@ -21,10 +21,10 @@ struct Fake {
 }
 
 impl World for Fake {
-    fn is_applied(&self, id: &Uuid) -> Result<bool, String> {
+    fn is_applied(&self, id: &Uuid) -> caroni_store::Result<bool> {
         Ok(self.applied.contains(id))
     }
-    fn stored(&self, id: &Uuid) -> Result<Option<Workflow>, String> {
+    fn stored(&self, id: &Uuid) -> caroni_store::Result<Option<Workflow>> {
         Ok(self.stored.get(id).cloned())
     }
     fn knows(&self, node: &str) -> bool {
@@ -32,6 +32,9 @@ impl World for Fake {
     }
     fn last_heard_ms(&self, _: &str) -> Option<u64> {
         None
+    }
+    fn holds_file(&self, _: &caroni_types::file::FileRef) -> bool {
+        false
     }
 }
 

@@ -475,6 +475,28 @@ fn missing_and_unknown_inputs_are_refused() {
 }
 
 #[test]
+fn values_must_be_what_their_inputs_carry() {
+    let files = caroni_cwl::parse(include_str!(
+        "../../../../examples/templates/files_chain.cwl"
+    ))
+    .expect("template");
+    let file = caroni_types::file::FileRef::new("ab".repeat(32), 3, "r.fq".into()).expect("ref");
+    let given = |v: &str| BTreeMap::from([("reads".to_string(), v.to_string())]);
+    let e = Workflow::create(Uuid::nil(), "t", &files, given("r.fq"), 0).expect_err("text");
+    assert!(
+        e.to_string()
+            .contains("workflow input `reads` is declared `File`"),
+        "{e}"
+    );
+    Workflow::create(Uuid::nil(), "t", &files, given(&file.to_text()), 0).expect("a reference");
+    // No string passes for a file.
+    let parsed = caroni_cwl::parse(SIMPLE).expect("template");
+    let given = BTreeMap::from([("start_message".to_string(), file.to_text())]);
+    let e = Workflow::create(Uuid::nil(), "t", &parsed, given, 0).expect_err("forged");
+    assert!(e.to_string().contains("is a File reference"), "{e}");
+}
+
+#[test]
 fn an_expired_request_is_a_failed_attempt_and_is_replaced() {
     let mut h = H::new(SIMPLE);
     h.with(|wf, ctx| wf.start(ctx));

@@ -508,7 +508,13 @@ impl Outbox {
         }
     }
 
-    fn endpoint_of(&self, node: &str) -> Option<String> {
+    /// Marks node `node` alive (it is sending this node something).
+    pub fn heard(&self, node: &str) {
+        self.inner.liveness.heard(node);
+    }
+
+    /// The address node `node` is reached at, if known.
+    pub fn endpoint_of(&self, node: &str) -> Option<String> {
         self.book()
             .get(node)
             .map(|a| a.endpoint.clone())
@@ -575,4 +581,6 @@ mod sender;
 mod tests;
 
 use rows::*;
+pub(crate) use sender::dial;
+pub use sender::LinkError;
 use sender::Sender;

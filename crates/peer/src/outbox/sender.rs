@@ -28,6 +28,74 @@ struct Link {
     endpoint: String,
 }
 
+/// Why a session with a destination ended: its rows are sent again after
+/// a back-off. Shown as the destination's `last_error` in `caroni peers`.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The destination's address is not a URL.
+    #[error("bad endpoint {endpoint}: {reason}")]
+    BadEndpoint { endpoint: String, reason: String },
+    /// No TLS configuration for the destination.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The connection could not be made.
+    #[error("cannot connect to {endpoint}: {reason}")]
+    Connect { endpoint: String, reason: String },
+    /// The peer refused the stream.
+    #[error("stream refused by {endpoint}: {reason}")]
+    Refused { endpoint: String, reason: String },
+    /// The stream failed midway.
+    #[error("stream to {endpoint} failed: {reason}")]
+    Failed { endpoint: String, reason: String },
+    /// The stream ended.
+    #[error("stream to {0} closed")]
+    Closed(String),
+    /// The destination announced another address.
+    #[error("the peer moved away from {0}")]
+    Moved(String),
+    /// Rows could not be read, or a batch not signed.
+    #[error(transparent)]
+    Local(#[from] Error),
+}
+
+impl From<caroni_store::Error> for LinkError {
+    fn from(e: caroni_store::Error) -> Self {
+        LinkError::Local(Error::Store(e))
+    }
+}
+
+/// A channel to node `to` at `endpoint`: over TLS (checking that the
+/// server is `to`) when the node has TLS.
+pub(crate) async fn dial(
+    links: &crate::tls::Links,
+    to: &str,
+    endpoint: &str,
+) -> Result<tonic::transport::Channel, LinkError> {
+    let dial = tonic::transport::Endpoint::from_shared(crate::tls::plain_uri(endpoint))
+        .map_err(|e| LinkError::BadEndpoint {
+            endpoint: endpoint.to_string(),
+            reason: e.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20));
+    match &links.tls {
+        Some(tls) => {
+            let config = tls.client_config(to)?;
+            dial.connect_with_connector(crate::tls::connector(config, Some("caroni-node".into())))
+                .await
+        }
+        None => dial.connect().await,
+    }
+    .map_err(|e| LinkError::Connect {
+        endpoint: endpoint.to_string(),
+        reason: crate::error_chain(&e),
+    })
+}
+
 pub(super) struct Sender {
     pub(super) outbox: Outbox,
     pub(super) to: String,
@@ -53,7 +121,7 @@ impl Sender {
                     {
                         let mut q = self.dest.lock();
                         q.status.connected = false;
-                        q.status.last_error = e.clone();
+                        q.status.last_error = e.to_string();
                         // Unacked messages must go again: read them back.
                         q.spilled = true;
                         q.urgent.clear();
@@ -130,16 +198,11 @@ impl Sender {
 
     /// Reads rows not in flight back from the table into the lanes (after
     /// a restart, a broken stream or a spill).
-    fn refill(&self, in_flight: &InFlight) -> Result<(), String> {
+    fn refill(&self, in_flight: &InFlight) -> Result<(), LinkError> {
         self.dest.lock().spilled = false;
         let prefix = Key::new().str(&self.to).finish();
         let limit = in_flight.len() + MEM_QUEUE;
-        let rows = self
-            .outbox
-            .inner
-            .store
-            .scan_limit(OUTBOX, &prefix, limit)
-            .map_err(|e| e.to_string())?;
+        let rows = self.outbox.inner.store.scan_limit(OUTBOX, &prefix, limit)?;
         let more = rows.len() >= limit;
         let mut q = self.dest.lock();
         // Rows notified while reading are in the lanes and maybe in
@@ -161,7 +224,7 @@ impl Sender {
         Ok(())
     }
 
-    async fn connect(&self, endpoint: &str) -> Result<Link, String> {
+    async fn connect(&self, endpoint: &str) -> Result<Link, LinkError> {
         if self.to == self.outbox.inner.me {
             if let Some(local) = self.outbox.inner.local.get() {
                 let (tx, rx) = mpsc::channel::<Incoming>(WINDOW);
@@ -178,24 +241,7 @@ impl Sender {
         }
         let links = self.outbox.inner.signer.links().clone();
         let me = self.outbox.inner.me.clone();
-        let dial = tonic::transport::Endpoint::from_shared(crate::tls::plain_uri(endpoint))
-            .map_err(|e| format!("bad endpoint {endpoint}: {e}"))?
-            .connect_timeout(Duration::from_secs(3))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10));
-        let channel = match &links.tls {
-            Some(tls) => {
-                let config = tls.client_config(&self.to).map_err(|e| e.to_string())?;
-                dial.connect_with_connector(crate::tls::connector(
-                    config,
-                    Some("caroni-node".into()),
-                ))
-                .await
-            }
-            None => dial.connect().await,
-        }
-        .map_err(|e| format!("cannot connect to {endpoint}: {}", crate::error_chain(&e)))?;
+        let channel = dial(&links, &self.to, endpoint).await?;
         let mut client = PeerServiceClient::new(channel)
             .max_encoding_message_size(MAX_ENVELOPE)
             .max_decoding_message_size(MAX_ENVELOPE);
@@ -212,7 +258,10 @@ impl Sender {
         let acks = client
             .deliver(req)
             .await
-            .map_err(|e| format!("stream refused by {endpoint}: {}", e.message()))?
+            .map_err(|e| LinkError::Refused {
+                endpoint: endpoint.to_string(),
+                reason: e.message().to_string(),
+            })?
             .into_inner();
         Ok(Link {
             tx: Tx::Remote(tx),
@@ -223,7 +272,7 @@ impl Sender {
 
     /// One stream: returns Ok when cancelled or reaped, Err on any
     /// delivery failure.
-    async fn session(&self) -> Result<(), String> {
+    async fn session(&self) -> Result<(), LinkError> {
         let cancel = self.outbox.inner.cancel.clone();
         let mut in_flight = InFlight::new();
         // Wait for work before connecting.
@@ -259,7 +308,7 @@ impl Sender {
         link: &mut Link,
         in_flight: &mut InFlight,
         cancel: &CancellationToken,
-    ) -> Result<(), String> {
+    ) -> Result<(), LinkError> {
         let me = self.outbox.inner.signer.node_id();
         let my_endpoint = self.outbox.inner.signer.endpoint().to_string();
         loop {
@@ -281,7 +330,7 @@ impl Sender {
                 if in_flight.contains_key(&entry.message_id) {
                     continue;
                 }
-                let closed = || format!("stream to {} closed", link.endpoint);
+                let closed = || LinkError::Closed(link.endpoint.clone());
                 let size = entry_size(&entry);
                 match &link.tx {
                     Tx::Remote(_) => {
@@ -341,11 +390,14 @@ impl Sender {
                             Some(Ok(a)) => a,
                             Some(Err(e)) => {
                                 self.remove(&done, true);
-                                return Err(format!("stream to {} failed: {}", link.endpoint, e.message()));
+                                return Err(LinkError::Failed {
+                                    endpoint: link.endpoint.clone(),
+                                    reason: e.message().to_string(),
+                                });
                             }
                             None => {
                                 self.remove(&done, true);
-                                return Err(format!("stream to {} closed", link.endpoint));
+                                return Err(LinkError::Closed(link.endpoint.clone()));
                             }
                         };
                         if !ack.accepted {
@@ -370,7 +422,7 @@ impl Sender {
                 }
                 _ = self.dest.notify.notified() => {}
                 _ = self.dest.moved.notified() => {
-                    return Err(format!("the peer moved away from {}", link.endpoint));
+                    return Err(LinkError::Moved(link.endpoint.clone()));
                 }
                 _ = cancel.cancelled() => return Ok(()),
             }
@@ -383,7 +435,7 @@ impl Sender {
         to: &Tx,
         endpoint: &str,
         batch: &mut Vec<(uuid::Uuid, Vec<u8>)>,
-    ) -> Result<(), String> {
+    ) -> Result<(), LinkError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -392,16 +444,11 @@ impl Sender {
         };
         let parts: Vec<(uuid::Uuid, &[u8])> =
             batch.iter().map(|(id, p)| (*id, p.as_slice())).collect();
-        let env = self
-            .outbox
-            .inner
-            .signer
-            .seal_batch(&parts)
-            .map_err(|e| e.to_string())?;
+        let env = self.outbox.inner.signer.seal_batch(&parts)?;
         batch.clear();
         tx.send(env)
             .await
-            .map_err(|_| format!("stream to {endpoint} closed"))
+            .map_err(|_| LinkError::Closed(endpoint.to_string()))
     }
 
     /// Deletes rows: acknowledged (`delivered`) or dropped. Not synced: a

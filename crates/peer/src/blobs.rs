@@ -1,0 +1,304 @@
+//! The data plane over the peer port: blobs move as pulls.
+//!
+//! - **Serving** (`PeerService.ReadBlob`): a peer may read a blob this node
+//!   gave it a reference to (a grant written with the message that carried
+//!   the reference); the read is signed by the reader and, on TLS links,
+//!   must come from the node its certificate names. The blob streams from
+//!   the asked offset in 1 MiB chunks.
+//! - **Fetching** ([`Fetcher`]): before a message carrying File references
+//!   is handed to its engine, the receiving node pulls every blob it does
+//!   not hold from the message's sender, resuming a partial transfer from
+//!   the bytes it already wrote, and checks the hash before keeping it. A
+//!   blob already held is never transferred again. Only known peers (that
+//!   acknowledged a message of this node) are fetched from, at the address
+//!   this node already has for them: no message can make this node connect
+//!   to an address a stranger named.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use caroni_blob::{BlobError, Blobs, CHUNK};
+use caroni_proto::v1::{peer_service_client::PeerServiceClient, BlobChunk};
+use caroni_types::file::FileRef;
+use tokio_stream::{Stream, StreamExt};
+use tonic::Status;
+
+use crate::outbox::{dial, LinkError};
+use crate::{Outbox, Signer};
+
+/// Longest a transfer may go without receiving a byte.
+pub const STALL: Duration = Duration::from_secs(30);
+/// Most blob transfers a node runs at once (fetching).
+pub const MAX_FETCHES: usize = 16;
+
+/// A stream of chunks.
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<BlobChunk, Status>> + Send>>;
+
+/// Streams blob `sha256` from `offset`, read on the blocking pool.
+pub fn serve(blobs: &Blobs, sha256: &str, offset: u64) -> Result<ChunkStream, Status> {
+    let size = blobs
+        .has(sha256)
+        .ok_or_else(|| Status::not_found(format!("no blob {sha256} on this node")))?;
+    if offset > size {
+        return Err(Status::out_of_range(format!(
+            "offset {offset} is past the blob's {size} bytes"
+        )));
+    }
+    let file = blobs
+        .open_read(sha256, offset)
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    blobs.touch(sha256);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<BlobChunk, Status>>(4);
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut file = file;
+        let mut at = offset;
+        loop {
+            let mut buf = vec![0u8; CHUNK];
+            let mut n = 0;
+            // Fill the chunk (short reads happen).
+            while n < CHUNK {
+                match file.read(&mut buf[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Status::unavailable(format!(
+                            "cannot read the blob: {e}"
+                        ))));
+                        return;
+                    }
+                }
+            }
+            if n == 0 {
+                return;
+            }
+            buf.truncate(n);
+            if tx
+                .blocking_send(Ok(BlobChunk {
+                    offset: at,
+                    data: buf,
+                }))
+                .is_err()
+            {
+                return;
+            }
+            at += n as u64;
+        }
+    });
+    Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+}
+
+/// Why a blob could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The peer is a stranger or has no address here.
+    #[error("files are fetched only from known peers; node {0} is not one (yet)")]
+    Stranger(String),
+    /// The peer cannot be reached now.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The peer refused or failed the read.
+    #[error("node {node} refused to send {file}: {reason}")]
+    Refused {
+        /// The peer.
+        node: String,
+        /// The file, described.
+        file: String,
+        /// Its answer.
+        reason: String,
+        /// True when asking again cannot help (no such blob, no right).
+        permanent: bool,
+    },
+    /// Nothing arrived for too long.
+    #[error("the transfer of {0} from node {1} stalled for {2} s")]
+    Stalled(String, String, u64),
+    /// The stream ended before the whole file.
+    #[error("the transfer of {file} from node {node} ended at byte {at} of {size}")]
+    Short {
+        /// The file.
+        file: String,
+        /// The peer.
+        node: String,
+        /// Bytes held.
+        at: u64,
+        /// Bytes wanted.
+        size: u64,
+    },
+    /// Storing it failed (disk, budget, wrong hash).
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    /// Signing the read failed.
+    #[error(transparent)]
+    Sign(#[from] crate::Error),
+}
+
+impl FetchError {
+    /// True when fetching again later cannot help.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            FetchError::Refused { permanent, .. } => *permanent,
+            FetchError::Blob(BlobError::HashMismatch { .. } | BlobError::TooLong { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+/// What a node's fetches share: one transfer per blob at a time, at most
+/// [`MAX_FETCHES`] at once.
+#[derive(Clone)]
+pub struct Fetcher {
+    signer: Signer,
+    outbox: Outbox,
+    blobs: Blobs,
+    running: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl std::fmt::Debug for Fetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetcher").finish()
+    }
+}
+
+/// What a finished fetch moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// Bytes received in this fetch.
+    pub received: u64,
+    /// Bytes an earlier, broken transfer had written (not sent again).
+    pub resumed_from: u64,
+}
+
+impl Fetcher {
+    /// Fetches into `blobs` through the links of `signer`, from peers known
+    /// to `outbox`.
+    pub fn new(signer: Signer, outbox: Outbox, blobs: Blobs) -> Self {
+        Self {
+            signer,
+            outbox,
+            blobs,
+            running: Arc::new(Mutex::new(HashMap::new())),
+            permits: Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES)),
+        }
+    }
+
+    /// The blob store fetched into.
+    pub fn blobs(&self) -> &Blobs {
+        &self.blobs
+    }
+
+    /// Makes sure `file` is held here, pulling it from node `from` if not.
+    pub async fn fetch(&self, from: &str, file: &FileRef) -> Result<Moved, FetchError> {
+        if self.blobs.holds(file) {
+            return Ok(Moved::default());
+        }
+        let lock = {
+            let mut map = self
+                .running
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            map.entry(file.sha256.clone()).or_default().clone()
+        };
+        let r = {
+            let _one = lock.lock().await;
+            if self.blobs.holds(file) {
+                Ok(Moved::default())
+            } else {
+                let _permit = self.permits.acquire().await.ok();
+                self.pull(from, file).await
+            }
+        };
+        let mut map = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map
+            .get(&file.sha256)
+            .is_some_and(|l| Arc::strong_count(l) <= 2)
+        {
+            map.remove(&file.sha256);
+        }
+        r
+    }
+
+    async fn pull(&self, from: &str, file: &FileRef) -> Result<Moved, FetchError> {
+        if !self.outbox.confirmed(from) {
+            return Err(FetchError::Stranger(from.to_string()));
+        }
+        let endpoint = self
+            .outbox
+            .endpoint_of(from)
+            .ok_or_else(|| FetchError::Stranger(from.to_string()))?;
+        let f = file.clone();
+        let mut partial = self.blobs.blocking(move |b| b.receive(&f)).await?;
+        let resumed_from = partial.offset();
+        let channel = dial(self.signer.links(), from, &endpoint).await?;
+        let mut client = PeerServiceClient::new(channel).max_decoding_message_size(CHUNK + 1024);
+        let read = self
+            .signer
+            .sign_blob_read(&file.sha256, partial.offset(), from)?;
+        let refused = |s: Status| FetchError::Refused {
+            node: from.to_string(),
+            file: file.describe(),
+            reason: s.message().to_string(),
+            permanent: matches!(
+                s.code(),
+                tonic::Code::NotFound | tonic::Code::PermissionDenied | tonic::Code::OutOfRange
+            ),
+        };
+        let mut stream = client.read_blob(read).await.map_err(refused)?.into_inner();
+        loop {
+            let next = tokio::time::timeout(STALL, stream.next())
+                .await
+                .map_err(|_| {
+                    FetchError::Stalled(file.describe(), from.to_string(), STALL.as_secs())
+                })?;
+            let chunk = match next {
+                None => break,
+                Some(Ok(c)) => c,
+                Some(Err(s)) => return Err(refused(s)),
+            };
+            if chunk.offset != partial.offset() {
+                return Err(FetchError::Refused {
+                    node: from.to_string(),
+                    file: file.describe(),
+                    reason: format!(
+                        "it sent bytes from {} where {} was expected",
+                        chunk.offset,
+                        partial.offset()
+                    ),
+                    permanent: false,
+                });
+            }
+            partial =
+                tokio::task::spawn_blocking(move || partial.write(&chunk.data).map(|()| partial))
+                    .await
+                    .map_err(|e| BlobError::Io {
+                        what: "write a chunk".into(),
+                        source: std::io::Error::other(e.to_string()),
+                    })??;
+            self.outbox.heard(from);
+        }
+        if !partial.is_complete() {
+            return Err(FetchError::Short {
+                file: file.describe(),
+                node: from.to_string(),
+                at: partial.offset(),
+                size: file.size,
+            });
+        }
+        let received = partial.offset() - resumed_from;
+        tokio::task::spawn_blocking(move || partial.finish())
+            .await
+            .map_err(|e| BlobError::Io {
+                what: "finish a blob".into(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
+        Ok(Moved {
+            received,
+            resumed_from,
+        })
+    }
+}

@@ -1,0 +1,270 @@
+//! File values: a reference to a blob named by its SHA-256, never the
+//! bytes. A File value travels and is stored as the canonical JSON text of
+//! its reference, `{"class":"File","sha256":"…","size":N,"basename":"…"}`;
+//! a `File[]` value as a JSON array of such references.
+//!
+//! The text is self-describing, so every layer (the manager's routing, the
+//! outbox, the agent's job records) carries File values exactly as it
+//! carries strings. It is unambiguous because no string can take that form
+//! by accident: the manager refuses a string input shaped like a reference
+//! (declare the input `type: File`), and an agent refuses a job's string
+//! output shaped like one (a job declares a File output as
+//! `{"class": "File", "path": …}`). So any value that parses as a
+//! reference is one.
+
+use serde::{Deserialize, Serialize};
+
+/// Longest basename accepted (bytes), as most filesystems allow.
+pub const MAX_BASENAME: usize = 255;
+/// Most files in one `File[]` value.
+pub const MAX_FILES_PER_VALUE: usize = 10_000;
+
+/// A reference to a file held in a node's blob store.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FileRef {
+    /// SHA-256 of the content, 64 lowercase hex digits.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// The file's name (no directory part).
+    pub basename: String,
+}
+
+/// The wire form: `class` first, no other keys.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wire<'a> {
+    class: &'a str,
+    sha256: &'a str,
+    size: u64,
+    basename: std::borrow::Cow<'a, str>,
+}
+
+/// Why a text is not a valid File reference, or a name not a valid
+/// basename.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct FileError(pub String);
+
+/// True for 64 lowercase hex digits.
+pub fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Checks a file's name: not empty, not `.` or `..`, no `/` or NUL, at
+/// most 255 bytes.
+pub fn check_basename(name: &str) -> Result<(), FileError> {
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(FileError(format!("`{name}` is not a file name")));
+    }
+    if name.len() > MAX_BASENAME {
+        return Err(FileError(format!(
+            "a file name of {} bytes is longer than {MAX_BASENAME}",
+            name.len()
+        )));
+    }
+    if name.contains(['/', '\0']) {
+        return Err(FileError(format!(
+            "file name `{}` holds `/` or NUL",
+            name.escape_debug()
+        )));
+    }
+    Ok(())
+}
+
+impl FileRef {
+    /// A reference, checked.
+    pub fn new(sha256: String, size: u64, basename: String) -> Result<Self, FileError> {
+        if !is_sha256(&sha256) {
+            return Err(FileError(format!(
+                "`{}` is not a SHA-256 (64 lowercase hex digits)",
+                sha256.escape_debug()
+            )));
+        }
+        check_basename(&basename)?;
+        Ok(Self {
+            sha256,
+            size,
+            basename,
+        })
+    }
+
+    /// The canonical text of the reference.
+    pub fn to_text(&self) -> String {
+        serde_json::to_string(&Wire {
+            class: "File",
+            sha256: &self.sha256,
+            size: self.size,
+            basename: std::borrow::Cow::Borrowed(&self.basename),
+        })
+        .unwrap_or_default()
+    }
+
+    /// The reference a text holds, if it is exactly one.
+    pub fn parse(text: &str) -> Option<Self> {
+        let t = text.trim_start();
+        if !t.starts_with('{') {
+            return None;
+        }
+        let w: Wire<'_> = serde_json::from_str(t).ok()?;
+        if w.class != "File" {
+            return None;
+        }
+        Self::new(w.sha256.to_string(), w.size, w.basename.into_owned()).ok()
+    }
+
+    /// Short form for people: `name (1.2 MB, sha256 ab12cd34…)`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({}, sha256 {}…)",
+            self.basename,
+            human_bytes(self.size),
+            &self.sha256[..12]
+        )
+    }
+}
+
+/// The text of a `File[]` value.
+pub fn list_text(files: &[FileRef]) -> String {
+    let mut s = String::from("[");
+    for (i, f) in files.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&f.to_text());
+    }
+    s.push(']');
+    s
+}
+
+/// What a value is: a string, one file, or a list of files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Files {
+    /// Not a file value.
+    None,
+    /// One File.
+    One(FileRef),
+    /// A `File[]` (possibly empty).
+    Many(Vec<FileRef>),
+}
+
+impl Files {
+    /// Every reference of the value.
+    pub fn refs(&self) -> Vec<&FileRef> {
+        match self {
+            Files::None => Vec::new(),
+            Files::One(f) => vec![f],
+            Files::Many(v) => v.iter().collect(),
+        }
+    }
+}
+
+/// The file references a value holds: one reference, or a JSON array of
+/// at least one reference and nothing else. `[]` is not a file value (an
+/// empty `File[]` holds no file, so nothing is transferred either way).
+pub fn files_of(text: &str) -> Files {
+    let t = text.trim_start();
+    if t.starts_with('{') {
+        return FileRef::parse(t).map_or(Files::None, Files::One);
+    }
+    if !t.starts_with("[{") {
+        return Files::None;
+    }
+    let Ok(items) = serde_json::from_str::<Vec<serde_json::Value>>(t) else {
+        return Files::None;
+    };
+    if items.is_empty() || items.len() > MAX_FILES_PER_VALUE {
+        return Files::None;
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for i in items {
+        let Some(f) = serde_json::to_string(&i)
+            .ok()
+            .and_then(|s| FileRef::parse(&s))
+        else {
+            return Files::None;
+        };
+        out.push(f);
+    }
+    Files::Many(out)
+}
+
+/// Bytes for people: `512 B`, `1.5 KiB`, `2.0 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> FileRef {
+        FileRef::new("ab".repeat(32), 1234, "reads.fq".into()).expect("valid")
+    }
+
+    #[test]
+    fn a_reference_round_trips_through_its_text() {
+        let f = sample();
+        let t = f.to_text();
+        assert_eq!(
+            t,
+            format!(
+                r#"{{"class":"File","sha256":"{}","size":1234,"basename":"reads.fq"}}"#,
+                "ab".repeat(32)
+            )
+        );
+        assert_eq!(FileRef::parse(&t), Some(f.clone()));
+        assert_eq!(files_of(&t), Files::One(f.clone()));
+        let l = list_text(&[f.clone(), f.clone()]);
+        assert_eq!(files_of(&l), Files::Many(vec![f.clone(), f]));
+    }
+
+    #[test]
+    fn only_exact_references_are_files() {
+        let sha = "ab".repeat(32);
+        for text in [
+            "reads.fq".to_string(),
+            "{}".into(),
+            "[]".into(),
+            r#"{"class":"Directory"}"#.into(),
+            format!(r#"{{"class":"File","sha256":"{sha}","size":1,"basename":"x","path":"/etc"}}"#),
+            format!(
+                r#"{{"class":"File","sha256":"{}","size":1,"basename":"x"}}"#,
+                "AB".repeat(32)
+            ),
+            format!(r#"{{"class":"File","sha256":"{sha}","size":-1,"basename":"x"}}"#),
+            format!(r#"{{"class":"File","sha256":"{sha}","size":1,"basename":"../x"}}"#),
+            format!(r#"{{"class":"File","sha256":"{sha}","size":1,"basename":".."}}"#),
+            format!(r#"[{{"class":"File","sha256":"{sha}","size":1,"basename":"x"}}, "y"]"#),
+        ] {
+            assert_eq!(files_of(&text), Files::None, "{text}");
+        }
+    }
+
+    #[test]
+    fn basenames_are_checked() {
+        assert!(check_basename("a.txt").is_ok());
+        for bad in ["", ".", "..", "a/b", "a\0b"] {
+            assert!(check_basename(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_basename(&"x".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn sizes_read_for_people() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+}

@@ -1,0 +1,286 @@
+//! Files end to end, with real `caroni-node` processes (node links on TLS,
+//! as by default): a file uploaded by the CLI goes through three steps on
+//! two separate agent processes by reference, and comes back whole; inputs
+//! are type-checked when a workflow starts; a job cannot declare a file
+//! outside its working directory; a peer reads only the files it was
+//! given.
+
+use std::path::Path;
+use std::time::Duration;
+
+use caroni_tests::{example, step, NodeProc};
+use sha2::Digest;
+
+fn sha256_hex(data: &[u8]) -> String {
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Deterministic bytes that do not compress.
+fn content(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn blobs_in(data_dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(dirs) = std::fs::read_dir(data_dir.join("blobs/objects")) {
+        for d in dirs.flatten() {
+            if let Ok(files) = std::fs::read_dir(d.path()) {
+                out.extend(
+                    files
+                        .flatten()
+                        .map(|f| f.file_name().to_string_lossy().into_owned()),
+                );
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_file_goes_through_three_steps_on_other_processes_and_comes_back_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manager = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
+    let a1 = NodeProc::agent_of(&manager, &dir.path().join("a1"), &[]).expect("agent 1");
+    let a2 = NodeProc::agent_of(&manager, &dir.path().join("a2"), &[]).expect("agent 2");
+    manager.ok(&[
+        "template",
+        "add",
+        "files_chain",
+        &example("templates/files_chain.cwl"),
+    ]);
+    a1.add_job_types(&["appendline.yaml"]);
+    a2.add_job_types(&["appendline.yaml"]);
+
+    let input = content((3 << 20) + 17);
+    let path = dir.path().join("reads.fq");
+    std::fs::write(&path, &input).expect("write");
+    let id = manager.run("files_chain", &[&format!("reads=@{}", path.display())]);
+    let w = manager.wait(&id, Duration::from_secs(120));
+    assert_eq!(
+        w["state"],
+        "completed",
+        "{w:#}\n{}",
+        manager.ok(&["workflow", "show", &id])
+    );
+
+    // The manager holds the input and every step's output; the agents
+    // fetched what they ran on.
+    let held = blobs_in(&dir.path().join("m"));
+    assert!(held.contains(&sha256_hex(&input)), "{held:?}");
+    assert_eq!(held.len(), 4, "the input and three outputs: {held:?}");
+    let on_agents = blobs_in(&dir.path().join("a1")).len() + blobs_in(&dir.path().join("a2")).len();
+    assert!(
+        on_agents >= 4,
+        "agents hold what they ran on and made: {on_agents}"
+    );
+
+    // `show` names the file by name, size and hash, not its bytes.
+    let shown = manager.ok(&["workflow", "show", &id]);
+    assert!(shown.contains("checked.txt (3.0 MiB, sha256 "), "{shown}");
+
+    let out = dir.path().join("result.txt");
+    manager.ok(&[
+        "workflow",
+        "download",
+        &id,
+        "checked",
+        "--to",
+        out.to_str().expect("utf8"),
+    ]);
+    let got = std::fs::read(&out).expect("downloaded");
+    assert_eq!(
+        &got[..input.len()],
+        &input[..],
+        "the input comes back first"
+    );
+    let added = String::from_utf8_lossy(&got[input.len()..]).into_owned();
+    let lines: Vec<&str> = added.lines().collect();
+    assert_eq!(lines.len(), 3, "one line per step: {added:?}");
+    assert!(
+        lines.iter().all(|l| l.starts_with("checked by ")),
+        "{added:?}"
+    );
+    // Downloading again into a directory gives the same bytes, under
+    // the file's own name.
+    let outdir = dir.path().join("outdir");
+    manager.ok(&[
+        "workflow",
+        "download",
+        &id,
+        "--outdir",
+        outdir.to_str().expect("utf8"),
+    ]);
+    assert_eq!(
+        std::fs::read(outdir.join("checked.txt")).expect("read"),
+        got
+    );
+    drop((a1, a2));
+}
+
+#[test]
+fn file_inputs_are_checked_when_a_workflow_starts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    node.ok(&[
+        "template",
+        "add",
+        "files_chain",
+        &example("templates/files_chain.cwl"),
+    ]);
+    node.add_demo_template();
+    // Text where a File is declared.
+    let e = node.fails(&["run", "files_chain", "reads=hello"]);
+    assert!(
+        e.contains("workflow input `reads` is declared `File`") && e.contains("=@path"),
+        "{e}"
+    );
+    // A reference to a file this manager does not hold.
+    let missing = format!(
+        r#"reads={{"class":"File","sha256":"{}","size":3,"basename":"x.fq"}}"#,
+        "ab".repeat(32)
+    );
+    let e = node.fails(&["run", "files_chain", &missing]);
+    assert!(
+        e.contains("workflow input `reads`") && e.contains("is not on this manager"),
+        "{e}"
+    );
+    // A file where text is declared: uploaded, then refused by type.
+    let path = dir.path().join("msg.txt");
+    std::fs::write(&path, "hello").expect("write");
+    let e = node.fails(&[
+        "run",
+        "test_simple",
+        &format!("start_message=@{}", path.display()),
+    ]);
+    assert!(
+        e.contains("start_message") && e.contains("is a File reference"),
+        "{e}"
+    );
+    // A missing local file is named before anything is sent.
+    let e = node.fails(&["run", "files_chain", "reads=@/nonexistent/reads.fq"]);
+    assert!(e.contains("/nonexistent/reads.fq"), "{e}");
+    assert!(
+        node.json(&["workflow", "list"])
+            .as_array()
+            .expect("list")
+            .is_empty(),
+        "no workflow was created"
+    );
+}
+
+#[test]
+fn a_job_cannot_declare_a_file_outside_its_working_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    node.ok(&[
+        "template",
+        "add",
+        "files_chain",
+        &example("templates/files_chain.cwl"),
+    ]);
+    node.put_job_type(
+        dir.path(),
+        "appendline",
+        &["data"],
+        &["out"],
+        r#"echo '{"out": {"class": "File", "path": "/etc/hostname"}}'"#,
+        false,
+    );
+    let path = dir.path().join("in.txt");
+    std::fs::write(&path, "x").expect("write");
+    let id = node.run("files_chain", &[&format!("reads=@{}", path.display())]);
+    let w = node.wait(&id, Duration::from_secs(120));
+    assert_eq!(w["state"], "failed", "{w:#}");
+    let attempts = step(&w, "step1")["attempt_history"].to_string();
+    assert!(
+        attempts.contains("/etc/hostname") && attempts.contains("outside the working directory"),
+        "{attempts}"
+    );
+}
+
+#[test]
+fn a_peer_reads_only_the_files_it_was_given() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    node.ok(&[
+        "template",
+        "add",
+        "files_chain",
+        &example("templates/files_chain.cwl"),
+    ]);
+    node.add_job_types(&["appendline.yaml"]);
+    let input = content(100_000);
+    let path = dir.path().join("secret.bin");
+    std::fs::write(&path, &input).expect("write");
+    let id = node.run("files_chain", &[&format!("reads=@{}", path.display())]);
+    assert_eq!(
+        node.wait(&id, Duration::from_secs(120))["state"],
+        "completed"
+    );
+    let node_id = node.node_id();
+    let sha = sha256_hex(&input);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let status = rt.block_on(async {
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let signer = caroni_peer::Signer::new(key.clone(), "http://127.0.0.1:1".into());
+        let mut client = caroni_tests::peer_client(node.ports.peer, &node_id, &key)
+            .await
+            .expect("connect");
+        // Signed correctly, but never given the file.
+        let read = signer.sign_blob_read(&sha, 0, &node_id).expect("sign");
+        let denied = client.read_blob(read).await.expect_err("refused");
+        // Signed by one key, sent over another key's link.
+        let other = caroni_peer::Signer::new(
+            libp2p::identity::Keypair::generate_ed25519(),
+            "http://127.0.0.1:1".into(),
+        );
+        let read = other.sign_blob_read(&sha, 0, &node_id).expect("sign");
+        let forged = client.read_blob(read).await.expect_err("refused");
+        // Meant for another node.
+        let read = signer
+            .sign_blob_read(&sha, 0, "someone-else")
+            .expect("sign");
+        let elsewhere = client.read_blob(read).await.expect_err("refused");
+        (denied, forged, elsewhere)
+    });
+    assert_eq!(
+        status.0.code(),
+        tonic::Code::PermissionDenied,
+        "{:?}",
+        status.0
+    );
+    assert!(status.0.message().contains("never given"), "{:?}", status.0);
+    assert_eq!(
+        status.1.code(),
+        tonic::Code::PermissionDenied,
+        "{:?}",
+        status.1
+    );
+    assert_eq!(
+        status.2.code(),
+        tonic::Code::PermissionDenied,
+        "{:?}",
+        status.2
+    );
+    assert!(
+        status.2.message().contains("meant for node"),
+        "{:?}",
+        status.2
+    );
+    // The node goes on.
+    node.ok(&["node", "info"]);
+}
