@@ -79,6 +79,16 @@ pub struct BenchArgs {
     /// "--max-open-requests 256"), split on spaces.
     #[arg(long, default_value = "")]
     pub node_flags: String,
+    /// The file workload: each workflow passes its own file of this size
+    /// (512k, 10m, 1g…) through the chain of `cat`-like steps, instead of a
+    /// string. Prints MB/s per hop beside `cp` + `sha256sum` of the same
+    /// file measured in the same run.
+    #[arg(long, value_parser = parse_size)]
+    pub file_size: Option<u64>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    caroni_types::parse_memory(s).map_err(|e| e.to_string())
 }
 
 /// Nodes the bench started; killed when dropped.
@@ -379,11 +389,12 @@ struct Tracker {
 
 async fn run_workflows(
     manager: &ManagerServiceClient<Channel>,
-    count: usize,
+    template: &str,
+    inputs: Vec<std::collections::BTreeMap<String, String>>,
     concurrency: usize,
     timeout: Duration,
-    label: &str,
 ) -> anyhow::Result<(Ended, f64)> {
+    let count = inputs.len();
     let tracker = Arc::new(Mutex::new(Tracker::default()));
     let open_count = |t: &Arc<Mutex<Tracker>>| {
         t.lock()
@@ -427,18 +438,18 @@ async fn run_workflows(
     // Calls in flight at once: a burst is submitted as fast as the manager
     // takes it, without opening thousands of HTTP/2 streams at once.
     let calls = Arc::new(Semaphore::new(SUBMIT_CALLS));
-    for i in 0..count {
+    for input in inputs {
         let permit = permits.clone().acquire_owned().await?;
         let call = calls.clone().acquire_owned().await?;
         let mut m = manager.clone();
         let t = tracker.clone();
-        let label = label.to_string();
+        let template = template.to_string();
         submitters.spawn(async move {
             let _call = call;
             let id = m
                 .run_workflow(pb::RunWorkflowRequest {
-                    template: TEMPLATE.into(),
-                    inputs: [("msg".to_string(), format!("{label}{i}"))].into(),
+                    template,
+                    inputs: input.into_iter().collect(),
                 })
                 .await
                 .map_err(crate::client::status)
@@ -539,6 +550,9 @@ async fn stats(nodes: &[NodeRef]) -> anyhow::Result<Vec<pb::NodeStats>> {
 /// What `caroni bench` reports (`-o json` prints it as is).
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// The file workload's figures, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileReport>,
     pub topology: String,
     pub agents: usize,
     pub slots: usize,
@@ -558,6 +572,20 @@ pub struct Report {
     pub floor_ms: f64,
     pub p50_over_floor: f64,
     pub nodes: Vec<NodeReport>,
+}
+
+/// What the file workload measured.
+#[derive(Debug, Serialize)]
+pub struct FileReport {
+    pub size_bytes: u64,
+    /// The CLI's uploads to the manager, all files together.
+    pub upload_mb_s: f64,
+    /// One hop (a step: input fetched, copied, output stored and fetched
+    /// back), median workflow: file size / (latency / steps).
+    pub hop_mb_s: f64,
+    /// `cp` + `sha256sum` of the same file on the same disk.
+    pub cp_sha_mb_s: f64,
+    pub hop_over_cp_sha: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -612,13 +640,21 @@ pub async fn bench(args: BenchArgs, format: Format) -> anyhow::Result<ExitCode> 
             )
         }
     };
-    let body = body(&args);
+    let (body, template_name, job_type, cwl) = match args.file_size {
+        Some(_) => (
+            crate::bench_files::body(),
+            crate::bench_files::TEMPLATE,
+            crate::bench_files::JOB_TYPE,
+            crate::bench_files::template(args.steps),
+        ),
+        None => (body(&args), TEMPLATE, JOB_TYPE, template(args.steps)),
+    };
     let manager = ManagerServiceClient::new(connect(&nodes[0].url).await?);
     manager
         .clone()
         .put_template(pb::PutTemplateRequest {
-            name: TEMPLATE.into(),
-            cwl: template(args.steps),
+            name: template_name.into(),
+            cwl,
         })
         .await
         .map_err(crate::client::status)?;
@@ -626,14 +662,14 @@ pub async fn bench(args: BenchArgs, format: Format) -> anyhow::Result<ExitCode> 
         let mut agent = AgentServiceClient::new(connect(&n.url).await?);
         let exists = agent
             .get_job_type(pb::GetJobTypeRequest {
-                name: JOB_TYPE.into(),
+                name: job_type.into(),
             })
             .await
             .is_ok();
         agent
             .put_job_type(pb::PutJobTypeRequest {
                 job_type: Some(pb::JobType {
-                    name: JOB_TYPE.into(),
+                    name: job_type.into(),
                     inputs: vec!["x".into()],
                     outputs: vec!["out".into()],
                     body: body.clone(),
@@ -648,14 +684,44 @@ pub async fn bench(args: BenchArgs, format: Format) -> anyhow::Result<ExitCode> 
             .with_context(|| format!("cannot register the bench job type on {}", n.name))?;
     }
     let timeout = Duration::from_secs(args.timeout);
-    run_workflows(&manager, 3, 1, timeout, "warmup").await?;
+    let strings = |label: &str, n: usize| {
+        (0..n)
+            .map(|i| std::collections::BTreeMap::from([("msg".to_string(), format!("{label}{i}"))]))
+            .collect::<Vec<_>>()
+    };
+    // Files are made where the bench keeps its nodes, or in a directory of
+    // its own for running nodes.
+    let scratch = tempfile::Builder::new()
+        .prefix("caroni-bench-files-")
+        .tempdir()
+        .context("cannot create a directory for the bench's files")?;
+    let (warmup, inputs, prepared) = match args.file_size {
+        Some(size) => {
+            let ch = connect(&nodes[0].url).await?;
+            let w = crate::bench_files::prepare(scratch.path(), 1024, 3, 1, ch.clone()).await?;
+            let p =
+                crate::bench_files::prepare(scratch.path(), size, args.workflows, 2, ch).await?;
+            let inputs = p.inputs.clone();
+            (w.inputs, inputs, Some(p))
+        }
+        None => (strings("warmup", 3), strings("bench", args.workflows), None),
+    };
+    run_workflows(&manager, template_name, warmup, 1, timeout).await?;
     let before = stats(&nodes).await?;
     let (ended, wall) =
-        run_workflows(&manager, args.workflows, args.concurrency, timeout, "bench").await?;
+        run_workflows(&manager, template_name, inputs, args.concurrency, timeout).await?;
     let after = stats(&nodes).await?;
     let b = body.clone();
     let steps = args.steps;
-    let floor = tokio::task::spawn_blocking(move || floor_ms(&b, steps, 20)).await??;
+    let floor = match &prepared {
+        Some(p) => {
+            let first = p.first.clone();
+            tokio::task::spawn_blocking(move || crate::bench_files::cp_sha_seconds(&first))
+                .await??
+                * 1000.0
+        }
+        None => tokio::task::spawn_blocking(move || floor_ms(&b, steps, 20)).await??,
+    };
     drop(topo);
 
     let mut lat: Vec<f64> = ended.values().map(|(_, c, f)| f - c).collect();
@@ -684,7 +750,26 @@ pub async fn bench(args: BenchArgs, format: Format) -> anyhow::Result<ExitCode> 
         }
     };
     let p50 = percentile(&mut lat, 0.5);
+    let file = match (args.file_size, &prepared) {
+        (Some(size), Some(p)) => {
+            let mb = size as f64 / 1e6;
+            let hop_s = p50 / 1000.0 / args.steps as f64;
+            Some(FileReport {
+                size_bytes: size,
+                upload_mb_s: mb * args.workflows as f64 / p.upload_seconds.max(1e-9),
+                hop_mb_s: mb / hop_s.max(1e-9),
+                cp_sha_mb_s: mb / (floor / 1000.0).max(1e-9),
+                hop_over_cp_sha: if floor > 0.0 {
+                    (mb / hop_s.max(1e-9)) / (mb / (floor / 1000.0))
+                } else {
+                    0.0
+                },
+            })
+        }
+        _ => None,
+    };
     let report = Report {
+        file,
         topology,
         agents: nodes.iter().filter(|n| n.is_agent).count(),
         slots: args.slots,
@@ -765,10 +850,24 @@ fn print_report(r: &Report) {
         "  end-to-end latency (manager timestamps): p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
         r.latency_ms.p50, r.latency_ms.p90, r.latency_ms.p99, r.latency_ms.max
     );
-    println!(
-        "  floor ({} sequential spawns of the body): {:.1} ms; p50 / floor = {:.2}",
-        r.steps, r.floor_ms, r.p50_over_floor
-    );
+    match &r.file {
+        Some(f) => {
+            println!(
+                "  files: {} each; uploads {:.1} MB/s; one hop (fetch in, copy, store, fetch out) {:.1} MB/s",
+                caroni_types::file::human_bytes(f.size_bytes),
+                f.upload_mb_s,
+                f.hop_mb_s
+            );
+            println!(
+                "  floor (cp + sha256sum of the same file, this disk): {:.1} ms = {:.1} MB/s; hop / floor = {:.2}",
+                r.floor_ms, f.cp_sha_mb_s, f.hop_over_cp_sha
+            );
+        }
+        None => println!(
+            "  floor ({} sequential spawns of the body): {:.1} ms; p50 / floor = {:.2}",
+            r.steps, r.floor_ms, r.p50_over_floor
+        ),
+    }
     println!(
         "  throughput: {:.1} steps/s ({:.2} s wall for the client)",
         r.steps_per_second, r.wall_seconds

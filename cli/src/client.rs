@@ -96,13 +96,12 @@ impl Context {
 
     /// Wraps a message into a request carrying the token.
     pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(msg);
-        if let Some(t) = &self.token {
-            if let Ok(v) = format!("Bearer {t}").parse() {
-                req.metadata_mut().insert("authorization", v);
-            }
-        }
-        req
+        with_token(msg, self.token.as_deref())
+    }
+
+    /// The API token, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
     }
 
     pub async fn manager(&self) -> anyhow::Result<ManagerServiceClient<Channel>> {
@@ -140,6 +139,17 @@ impl Context {
     pub async fn node_api(&self) -> anyhow::Result<NodeServiceClient<Channel>> {
         Ok(NodeServiceClient::new(self.channel().await?))
     }
+}
+
+/// A request carrying `token` as its bearer credential.
+pub fn with_token<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(t) = token {
+        if let Ok(v) = format!("Bearer {t}").parse() {
+            req.metadata_mut().insert("authorization", v);
+        }
+    }
+    req
 }
 
 /// Turns a gRPC error into the server's message for the user.

@@ -68,6 +68,15 @@ async fn hash_file(path: PathBuf) -> anyhow::Result<(String, u64)> {
 /// Uploads the file at `path` to the node (resuming what it holds of it)
 /// and returns its reference.
 pub async fn upload(ctx: &Context, path: &Path) -> anyhow::Result<FileRef> {
+    upload_over(ctx.channel().await?, ctx.token(), path).await
+}
+
+/// [`upload`] over a channel, with an API token if the node needs one.
+pub async fn upload_over(
+    channel: tonic::transport::Channel,
+    token: Option<&str>,
+    path: &Path,
+) -> anyhow::Result<FileRef> {
     let meta = std::fs::metadata(path).with_context(|| {
         format!(
             "cannot read {}; give the path of a file after @",
@@ -85,11 +94,14 @@ pub async fn upload(ctx: &Context, path: &Path) -> anyhow::Result<FileRef> {
     let (sha256, size) = hash_file(path.to_path_buf()).await?;
     let file = FileRef::new(sha256.clone(), size, basename)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let mut client = pb::file_service_client::FileServiceClient::new(ctx.channel().await?);
+    let mut client = pb::file_service_client::FileServiceClient::new(channel);
     let st = client
-        .upload_status(ctx.request(pb::UploadStatusRequest {
-            sha256: sha256.clone(),
-        }))
+        .upload_status(crate::client::with_token(
+            pb::UploadStatusRequest {
+                sha256: sha256.clone(),
+            },
+            token,
+        ))
         .await
         .map_err(status)?
         .into_inner();
@@ -137,7 +149,10 @@ pub async fn upload(ctx: &Context, path: &Path) -> anyhow::Result<FileRef> {
         })
     };
     let resp = client
-        .upload(ctx.request(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .upload(crate::client::with_token(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            token,
+        ))
         .await;
     let _ = reader.await;
     progress.finish_and_clear();

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 #[macro_use]
 mod output;
 mod bench;
+mod bench_files;
 mod client;
 mod commands;
 mod demo;

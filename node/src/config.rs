@@ -100,6 +100,16 @@ pub struct Config {
     /// over is refused with a clear error. 0: no limit but the disk's.
     #[arg(long, env = "CARONI_BLOB_DISK_BYTES", default_value_t = 0)]
     pub blob_disk_bytes: u64,
+    /// How long a file nothing live refers to is kept after its last use
+    /// (an ended workflow's files, an upload no workflow took): a duration
+    /// such as 7d, 12h or 30m.
+    #[arg(long, env = "CARONI_BLOB_RETENTION", default_value = "7d")]
+    pub blob_retention: String,
+    /// On a node that is an agent only: the most bytes of files it keeps
+    /// as a cache; past it, the least recently used files no live job needs
+    /// (unused for 10 minutes) are deleted. 0: no bound.
+    #[arg(long, env = "CARONI_BLOB_CACHE_BYTES", default_value_t = 10 << 30)]
+    pub blob_cache_bytes: u64,
     /// Milliseconds to gather offers before taking the least busy agent;
     /// 0 takes the first offer. A manager decides at once when every agent
     /// it knows has answered.
@@ -303,6 +313,16 @@ impl Config {
         Self::from_arg_matches(&matches).map_err(|e| invalid(e.to_string()))
     }
 
+    /// `--blob-retention` read as a duration.
+    pub fn blob_retention(&self) -> Result<std::time::Duration, ConfigError> {
+        humantime::parse_duration(self.blob_retention.trim()).map_err(|e| {
+            ConfigError::Invalid(format!(
+                "--blob-retention `{}` is not a duration ({e}); write e.g. 7d, 12h or 30m",
+                self.blob_retention
+            ))
+        })
+    }
+
     /// The manager engine's options, composed from this configuration.
     pub fn manager_options(&self, endpoint: &str) -> caroni_manager::engine::Options {
         caroni_manager::engine::Options {
@@ -334,6 +354,7 @@ impl Config {
         if self.slots == 0 {
             return Err(ConfigError::Invalid("--slots must be at least 1".into()));
         }
+        self.blob_retention()?;
         if self.request_ttl_seconds == 0 {
             return Err(ConfigError::Invalid(
                 "--request-ttl-seconds must be at least 1".into(),

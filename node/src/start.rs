@@ -225,8 +225,31 @@ pub(super) async fn start_api(
         ),
         manager: api::ManagerApi::new(store.clone(), manager.clone()),
         agent: api::AgentApi::new(store.clone(), agent.clone()),
-        files: api::FileApi::new(blobs),
+        files: api::FileApi::new(blobs.clone()),
     };
+    tasks.spawn(
+        "blob sweep",
+        sweep_blobs(
+            blobs,
+            store.clone(),
+            BlobRoles {
+                manager: config.role.is_manager(),
+                agent: config.role.is_agent(),
+            },
+            caroni_blob::SweepRules {
+                retention_ms: config.blob_retention()?.as_millis() as u64,
+                // The cache bound is an agent's: a manager keeps its
+                // workflows' files for the retention.
+                cache_bytes: if config.role.is_manager() {
+                    0
+                } else {
+                    config.blob_cache_bytes
+                },
+                min_age_ms: 10 * 60 * 1000,
+            },
+            cancel.clone(),
+        ),
+    );
     let console_addr = match config.console_listen.0 {
         Some(addr) => {
             let (bound, serve) = console::serve(
@@ -423,6 +446,58 @@ pub(super) fn serve_peers(
                     .await
                     .context("peer server failed")
             });
+        }
+    }
+}
+
+/// Which engines' live work pins files.
+struct BlobRoles {
+    manager: bool,
+    agent: bool,
+}
+
+/// How often the blob store is swept.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Deletes, once a minute, the files nothing live refers to once the rules
+/// say so (`caroni_blob::Blobs::sweep`).
+async fn sweep_blobs(
+    blobs: caroni_blob::Blobs,
+    store: caroni_store::Store,
+    roles: BlobRoles,
+    rules: caroni_blob::SweepRules,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(SWEEP_EVERY) => {}
+        }
+        let (b, s) = (blobs.clone(), store.clone());
+        let swept = tokio::task::spawn_blocking(move || -> anyhow::Result<caroni_blob::Swept> {
+            let now = caroni_types::now_ms();
+            let mut keep = std::collections::HashSet::new();
+            if roles.manager {
+                keep.extend(caroni_manager::records::live_files(&s)?);
+            }
+            if roles.agent {
+                keep.extend(caroni_agent::records::live_files(&s, now)?);
+            }
+            Ok(b.sweep(&keep, now, rules)?)
+        })
+        .await;
+        match swept {
+            Ok(Ok(s)) if s.blobs > 0 || s.partials > 0 => {
+                tracing::info!(
+                    files = s.blobs,
+                    bytes = s.bytes,
+                    partials = s.partials,
+                    "deleted files nothing live needs"
+                );
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot sweep the blob store; will try again"),
+            Err(e) => tracing::warn!(error = %e, "the blob sweep failed; will try again"),
         }
     }
 }

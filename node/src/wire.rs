@@ -215,8 +215,11 @@ impl Inbox for PeerInbox {
         Some(Box::pin(async move {
             for f in refs {
                 match fetcher.fetch(&from, &f).await {
-                    Ok(moved) if moved.received > 0 || moved.resumed_from > 0 => {
-                        tracing::debug!(peer = %from, file = %f.describe(), received = moved.received, resumed_from = moved.resumed_from, "fetched a file");
+                    Ok(moved) if moved.resumed_from > 0 => {
+                        tracing::info!(peer = %from, file = %f.describe(), received = moved.received, resumed_from = moved.resumed_from, "fetched a file, resuming a broken transfer");
+                    }
+                    Ok(moved) if moved.received > 0 => {
+                        tracing::debug!(peer = %from, file = %f.describe(), received = moved.received, "fetched a file");
                     }
                     Ok(_) => {}
                     Err(e) if e.is_permanent() => {

@@ -31,6 +31,24 @@ fn content(n: usize) -> Vec<u8> {
         .collect()
 }
 
+/// A log's text without its terminal colour codes.
+fn without_colours(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn blobs_in(data_dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     if let Ok(dirs) = std::fs::read_dir(data_dir.join("blobs/objects")) {
@@ -126,6 +144,65 @@ fn a_file_goes_through_three_steps_on_other_processes_and_comes_back_whole() {
         got
     );
     drop((a1, a2));
+}
+
+#[test]
+fn a_transfer_killed_midway_resumes_from_what_was_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manager = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
+    let mut agent = NodeProc::agent_of(&manager, &dir.path().join("a"), &[]).expect("agent");
+    manager.ok(&[
+        "template",
+        "add",
+        "files_chain",
+        &example("templates/files_chain.cwl"),
+    ]);
+    agent.add_job_types(&["appendline.yaml"]);
+    let size = 256usize << 20;
+    let input = content(size);
+    let sha = sha256_hex(&input);
+    let path = dir.path().join("big.bin");
+    std::fs::write(&path, &input).expect("write");
+    drop(input);
+    let id = manager.run("files_chain", &[&format!("reads=@{}", path.display())]);
+    // SIGKILL the agent while it is fetching the input.
+    let partial = dir.path().join("a/blobs/partial").join(&sha);
+    let start = std::time::Instant::now();
+    loop {
+        let have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+        if have > (size as u64) / 5 {
+            agent.kill();
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the agent never fetched a fifth of the file: {have} bytes"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let kept = std::fs::metadata(&partial)
+        .map(|m| m.len())
+        .expect("the partial file stays");
+    assert!(kept < size as u64, "the kill came before the end: {kept}");
+    agent.spawn().expect("restart");
+    let w = manager.wait(&id, Duration::from_secs(180));
+    assert_eq!(w["state"], "completed", "{w:#}");
+    assert_eq!(step(&w, "step1")["attempts"], 1, "{w:#}");
+    // The restarted agent asked for the bytes from where it stopped: the
+    // transfer resumed at the kept length and received only the rest.
+    let log = without_colours(&agent.log_text());
+    let line = log
+        .lines()
+        .find(|l| l.contains("resuming a broken transfer"))
+        .unwrap_or_else(|| panic!("no resumed transfer in the log:\n{log}"));
+    assert!(
+        line.contains(&format!("resumed_from={kept}")),
+        "kept {kept}: {line}"
+    );
+    assert!(
+        line.contains(&format!("received={}", size as u64 - kept)),
+        "{line}"
+    );
 }
 
 #[test]

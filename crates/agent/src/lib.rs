@@ -11,7 +11,7 @@ pub mod engine;
 pub mod executor;
 pub mod job_types;
 pub mod machine;
-mod records;
+pub mod records;
 pub mod service;
 
 /// Agent errors, phrased for the user.

@@ -19,3 +19,36 @@ pub(crate) const EXECUTIONS: Table<Execution> =
 /// with the jobs; a request from a manager that does not say has none).
 pub(crate) const REQUEST_WORKFLOWS: Table<Uuid> =
     Table::new(tables::AGENT_REQUEST_WORKFLOWS, "agent_request_workflows");
+
+/// How long a finished job's File outputs are kept for its manager to
+/// fetch, even when the cache is full.
+pub const OUTPUT_GRACE_MS: u64 = 60 * 60 * 1000;
+
+/// The SHA-256 of every file a job this agent holds still needs: the
+/// inputs and outputs of jobs that have not ended, and the outputs of jobs
+/// that ended less than [`OUTPUT_GRACE_MS`] ago (their manager may not
+/// have fetched them yet).
+pub fn live_files(
+    store: &caroni_store::Store,
+    now_ms: u64,
+) -> caroni_store::Result<std::collections::HashSet<String>> {
+    let mut out = std::collections::HashSet::new();
+    for (_, job) in store.scan(JOBS, &[])? {
+        let recent = job
+            .ended_at_ms
+            .is_some_and(|t| now_ms.saturating_sub(t) < OUTPUT_GRACE_MS);
+        let values: Vec<&String> = if !job.state.is_final() {
+            job.values.values().chain(job.outputs.values()).collect()
+        } else if recent {
+            job.outputs.values().collect()
+        } else {
+            continue;
+        };
+        for v in values {
+            for f in caroni_types::file::files_of(v).refs() {
+                out.insert(f.sha256.clone());
+            }
+        }
+    }
+    Ok(out)
+}

@@ -436,6 +436,117 @@ impl Blobs {
     }
 }
 
+/// What a sweep deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// Blobs deleted.
+    pub blobs: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Partial files of abandoned transfers deleted.
+    pub partials: usize,
+}
+
+/// What a sweep keeps and deletes.
+#[derive(Debug, Clone, Copy)]
+pub struct SweepRules {
+    /// Blobs nothing refers to are deleted once unused this long.
+    pub retention_ms: u64,
+    /// While more bytes than this are held (0: no bound), the least
+    /// recently used blobs nothing refers to are deleted, if unused for at
+    /// least `min_age_ms`.
+    pub cache_bytes: u64,
+    /// See `cache_bytes`.
+    pub min_age_ms: u64,
+}
+
+impl Blobs {
+    /// Deletes what is no longer needed: blobs not in `keep` (the files
+    /// live work refers to) by the rules, and partial files untouched for
+    /// the retention. Blobs in `keep` count as used now. Deleting is an
+    /// unlink: a transfer reading the blob or a job using its staged link
+    /// keeps its open file or its link.
+    pub fn sweep(
+        &self,
+        keep: &std::collections::HashSet<String>,
+        now_ms: u64,
+        rules: SweepRules,
+    ) -> Result<Swept> {
+        let mut swept = Swept::default();
+        let mut candidates = Vec::new();
+        let mut touched = Batch::default();
+        for (key, mut row) in self.inner.store.scan(BLOBS, &[])? {
+            let Ok(sha) = String::from_utf8(key.get(..64).unwrap_or_default().to_vec()) else {
+                continue;
+            };
+            if keep.contains(&sha) {
+                row.last_used_ms = now_ms;
+                touched.put(BLOBS, &Key::new().str(&sha).finish(), &row);
+            } else {
+                candidates.push((row.last_used_ms, sha, row.size));
+            }
+        }
+        if !touched.is_empty() {
+            self.inner.store.write_relaxed(touched)?;
+        }
+        candidates.sort();
+        let mut used = self.used();
+        for (last_used, sha, size) in candidates {
+            let idle = now_ms.saturating_sub(last_used);
+            let expired = idle > rules.retention_ms;
+            let over =
+                rules.cache_bytes > 0 && used > rules.cache_bytes && idle >= rules.min_age_ms;
+            if !(expired || over) {
+                continue;
+            }
+            self.delete(&sha, size)?;
+            used = used.saturating_sub(size);
+            swept.blobs += 1;
+            swept.bytes += size;
+        }
+        if let Ok(dir) = std::fs::read_dir(self.inner.root.join("partial")) {
+            for e in dir.flatten() {
+                let Ok(meta) = e.metadata() else { continue };
+                let idle_ms = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .map_or(0, |d| d.as_millis() as u64);
+                if idle_ms > rules.retention_ms {
+                    self.discard(&e.path(), meta.len());
+                    swept.partials += 1;
+                }
+            }
+        }
+        Ok(swept)
+    }
+
+    /// Removes a blob, its index row and its grants.
+    fn delete(&self, sha256: &str, size: u64) -> Result<()> {
+        match std::fs::remove_file(self.path(sha256)) {
+            Ok(()) => {
+                self.inner.used.fetch_sub(
+                    size.min(self.inner.used.load(Ordering::Relaxed)),
+                    Ordering::Relaxed,
+                );
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(format!("delete blob {sha256}"))(e)),
+        }
+        let mut b = Batch::default();
+        b.delete(BLOBS, &Key::new().str(sha256).finish());
+        for (k, _) in self
+            .inner
+            .store
+            .scan(GRANTS, &Key::new().str(sha256).finish())?
+        {
+            b.delete(GRANTS, &k);
+        }
+        self.inner.store.write_relaxed(b)?;
+        Ok(())
+    }
+}
+
 fn read_only() -> std::fs::Permissions {
     use std::os::unix::fs::PermissionsExt;
     std::fs::Permissions::from_mode(0o444)

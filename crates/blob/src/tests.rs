@@ -112,3 +112,58 @@ fn grants_name_a_blob_and_a_node() {
     assert!(!blobs.granted(&"ab".repeat(32), "node-b").expect("read"));
     assert!(!blobs.granted(&"cd".repeat(32), "node-a").expect("read"));
 }
+
+#[test]
+fn a_sweep_keeps_live_files_and_deletes_the_rest_by_the_rules() {
+    let (dir, blobs) = open(0);
+    let mut refs = Vec::new();
+    for i in 0..3 {
+        let p = dir.path().join(format!("f{i}"));
+        std::fs::write(&p, content(1000 + i)).expect("write");
+        refs.push(blobs.ingest(&p, "f", false).expect("ingest"));
+    }
+    let keep: std::collections::HashSet<String> = [refs[0].sha256.clone()].into();
+    let now = caroni_types::now_ms();
+    let rules = SweepRules {
+        retention_ms: 60_000,
+        cache_bytes: 0,
+        min_age_ms: 0,
+    };
+    // Within the retention nothing goes.
+    assert_eq!(blobs.sweep(&keep, now, rules).expect("sweep").blobs, 0);
+    // Past it, what nothing refers to goes, with its grant.
+    let mut b = Batch::default();
+    Blobs::grant(&mut b, &refs[1].sha256, "peer");
+    blobs.inner.store.write(b).expect("grant");
+    let later = now + 120_000;
+    let swept = blobs.sweep(&keep, later, rules).expect("sweep");
+    assert_eq!(swept.blobs, 2);
+    assert!(blobs.holds(&refs[0]), "a live file is kept");
+    assert!(!blobs.holds(&refs[1]) && !blobs.holds(&refs[2]));
+    assert!(!blobs.granted(&refs[1].sha256, "peer").expect("read"));
+    assert_eq!(blobs.used(), refs[0].size);
+}
+
+#[test]
+fn a_full_cache_evicts_the_least_recently_used_first() {
+    let (dir, blobs) = open(0);
+    let mut refs = Vec::new();
+    for i in 0..3 {
+        let p = dir.path().join(format!("f{i}"));
+        std::fs::write(&p, content(1000 + i)).expect("write");
+        refs.push(blobs.ingest(&p, "f", false).expect("ingest"));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    blobs.touch(&refs[0].sha256);
+    let rules = SweepRules {
+        retention_ms: u64::MAX,
+        cache_bytes: 2100,
+        min_age_ms: 0,
+    };
+    let swept = blobs
+        .sweep(&Default::default(), caroni_types::now_ms() + 10, rules)
+        .expect("sweep");
+    assert_eq!(swept.blobs, 1);
+    assert!(!blobs.holds(&refs[1]), "the least recently used goes first");
+    assert!(blobs.holds(&refs[0]) && blobs.holds(&refs[2]));
+}

@@ -9,7 +9,7 @@
 pub mod engine;
 pub mod machine;
 pub mod model;
-mod records;
+pub mod records;
 pub mod service;
 pub mod templates;
 

@@ -422,6 +422,25 @@ pub(crate) fn live(store: &Store) -> caroni_store::Result<Vec<Workflow>> {
     Ok(out)
 }
 
+/// The SHA-256 of every file a workflow that has not ended refers to (its
+/// inputs, outputs and step values): the blobs the manager must keep.
+pub fn live_files(store: &Store) -> caroni_store::Result<std::collections::HashSet<String>> {
+    let mut out = std::collections::HashSet::new();
+    for wf in live(store)? {
+        let values = wf.inputs.values().chain(wf.outputs.values()).chain(
+            wf.steps
+                .iter()
+                .flat_map(|s| s.values.values().chain(s.results.values())),
+        );
+        for v in values {
+            for f in caroni_types::file::files_of(v).refs() {
+                out.insert(f.sha256.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Converts the records of earlier layouts (whole workflows; heads and
 /// steps with their values); returns how many workflows were converted.
 pub(crate) fn migrate(store: &Store) -> caroni_store::Result<usize> {
