@@ -256,7 +256,8 @@ impl Blobs {
             .map_err(io(format!("open {}", path.display())))?;
         let mut hasher = Sha256::new();
         let mut have = 0u64;
-        let mut buf = vec![0; CHUNK];
+        let existing = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut buf = vec![0; (existing as usize).clamp(1, CHUNK)];
         file.seek(SeekFrom::Start(0)).map_err(io("seek"))?;
         loop {
             let n = file.read(&mut buf).map_err(io("read a partial blob"))?;
@@ -283,6 +284,8 @@ impl Blobs {
             written: have,
             resumed_at: have,
             file_ref: f.clone(),
+            flushed: have,
+            flushing: None,
         })
     }
 
@@ -308,8 +311,13 @@ impl Blobs {
                 let _ = d.sync_all();
             }
         }
+        // The index row is not synced: the file (synced, renamed, its
+        // directory synced) is the truth of what is held; the row serves
+        // the sweep and the budget, and a row lost with the machine's power
+        // only delays a deletion.
         let now = caroni_types::now_ms();
-        self.inner.store.put(
+        let mut b = Batch::default();
+        b.put(
             BLOBS,
             &Key::new().str(sha256).finish(),
             &BlobRow {
@@ -317,7 +325,8 @@ impl Blobs {
                 stored_at_ms: now,
                 last_used_ms: now,
             },
-        )?;
+        );
+        self.inner.store.write_relaxed(b)?;
         Ok(())
     }
 
@@ -343,10 +352,13 @@ impl Blobs {
             .root
             .join("tmp")
             .join(format!("{}-{}", std::process::id(), unique()));
+        // A file this process takes (a job's output) starts going to the
+        // disk while it is hashed.
+        let behind = if take { sync_behind(&src) } else { None };
         // Hashed first: content already here is neither copied nor moved.
         let mut hasher = Sha256::new();
         let mut size = 0u64;
-        let mut buf = vec![0; CHUNK];
+        let mut buf = vec![0; (meta.len() as usize).clamp(1, CHUNK)];
         loop {
             let n = src
                 .read(&mut buf)
@@ -363,6 +375,9 @@ impl Blobs {
             size,
             basename: basename.to_string(),
         };
+        if let Some(h) = behind {
+            let _ = h.join();
+        }
         if self.holds(&file_ref) {
             self.touch(&sha);
             return Ok(file_ref);
@@ -568,6 +583,25 @@ pub struct Partial {
     written: u64,
     resumed_at: u64,
     file_ref: FileRef,
+    /// Bytes handed to a background sync so far, and that sync: the disk
+    /// writes while the transfer goes on, so that the sync at the end has
+    /// little left to do.
+    flushed: u64,
+    flushing: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Bytes written between two background syncs of a partial blob.
+const FLUSH_EVERY: u64 = 32 << 20;
+
+/// Syncs `file` (a clone of a handle) on a thread of its own.
+fn sync_behind(file: &File) -> Option<std::thread::JoinHandle<()>> {
+    let f = file.try_clone().ok()?;
+    std::thread::Builder::new()
+        .name("blob-sync".into())
+        .spawn(move || {
+            let _ = f.sync_data();
+        })
+        .ok()
 }
 
 impl Partial {
@@ -595,6 +629,12 @@ impl Partial {
             .map_err(io(format!("write {}", self.path.display())))?;
         self.hasher.update(chunk);
         self.written += chunk.len() as u64;
+        if self.written - self.flushed >= FLUSH_EVERY
+            && self.flushing.as_ref().is_none_or(|h| h.is_finished())
+        {
+            self.flushed = self.written;
+            self.flushing = sync_behind(&self.file);
+        }
         self.blobs
             .inner
             .used
@@ -609,7 +649,10 @@ impl Partial {
 
     /// Checks the hash, syncs and installs the blob. A mismatch discards
     /// the partial (the next transfer starts from zero).
-    pub fn finish(self) -> Result<FileRef> {
+    pub fn finish(mut self) -> Result<FileRef> {
+        if let Some(h) = self.flushing.take() {
+            let _ = h.join();
+        }
         let got = hex(&self.hasher.finalize());
         if got != self.file_ref.sha256 {
             self.blobs.discard(&self.path, self.written);

@@ -35,6 +35,11 @@ pub struct Metrics {
     pub offers: Family<Vec<(String, String)>, Counter>,
     /// Job runs that ended failed on an agent, by reason.
     pub job_failures: Family<Vec<(String, String)>, Counter>,
+    /// Bytes of files received from peers (fetched).
+    pub blob_fetched_bytes: Counter,
+    /// Seconds spent fetching those bytes (from the read request to the
+    /// file synced in place), summed over transfers.
+    pub blob_fetch_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
 }
 
 fn seconds() -> Histogram {
@@ -54,6 +59,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     gossip_received: Counter::default(),
     offers: Family::default(),
     job_failures: Family::default(),
+    blob_fetched_bytes: Counter::default(),
+    blob_fetch_seconds: Counter::default(),
 });
 
 /// One label.
@@ -109,5 +116,15 @@ pub fn register(registry: &mut Registry) {
         "job_failures",
         "Job runs that ended failed on this agent, by reason",
         m.job_failures.clone(),
+    );
+    registry.register(
+        "blob_fetched_bytes",
+        "Bytes of files fetched from peers",
+        m.blob_fetched_bytes.clone(),
+    );
+    registry.register(
+        "blob_fetch_seconds",
+        "Seconds spent fetching files from peers, request to synced file, summed",
+        m.blob_fetch_seconds.clone(),
     );
 }

@@ -56,10 +56,14 @@ pub fn serve(blobs: &Blobs, sha256: &str, offset: u64) -> Result<ChunkStream, St
         let mut file = file;
         let mut at = offset;
         loop {
-            let mut buf = vec![0u8; CHUNK];
+            let want = usize::try_from(size - at).unwrap_or(CHUNK).min(CHUNK);
+            if want == 0 {
+                return;
+            }
+            let mut buf = vec![0u8; want];
             let mut n = 0;
             // Fill the chunk (short reads happen).
-            while n < CHUNK {
+            while n < want {
                 match file.read(&mut buf[n..]) {
                     Ok(0) => break,
                     Ok(k) => n += k,
@@ -154,6 +158,9 @@ pub struct Fetcher {
     blobs: Blobs,
     running: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
     permits: Arc<tokio::sync::Semaphore>,
+    /// One connection per peer and address, reused by every fetch (a TLS
+    /// handshake per file was most of the cost of small files).
+    channels: Arc<Mutex<HashMap<(String, String), tonic::transport::Channel>>>,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -181,6 +188,7 @@ impl Fetcher {
             blobs,
             running: Arc::new(Mutex::new(HashMap::new())),
             permits: Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES)),
+            channels: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -224,6 +232,15 @@ impl Fetcher {
     }
 
     async fn pull(&self, from: &str, file: &FileRef) -> Result<Moved, FetchError> {
+        let started = std::time::Instant::now();
+        let moved = self.transfer(from, file).await?;
+        let m = &caroni_metrics::METRICS;
+        m.blob_fetched_bytes.inc_by(moved.received);
+        m.blob_fetch_seconds.inc_by(started.elapsed().as_secs_f64());
+        Ok(moved)
+    }
+
+    async fn transfer(&self, from: &str, file: &FileRef) -> Result<Moved, FetchError> {
         if !self.outbox.confirmed(from) {
             return Err(FetchError::Stranger(from.to_string()));
         }
@@ -234,7 +251,29 @@ impl Fetcher {
         let f = file.clone();
         let mut partial = self.blobs.blocking(move |b| b.receive(&f)).await?;
         let resumed_from = partial.offset();
-        let channel = dial(self.signer.links(), from, &endpoint).await?;
+        let key = (from.to_string(), endpoint.clone());
+        let cached = self
+            .channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
+            .cloned();
+        let channel = match cached {
+            Some(c) => c,
+            None => {
+                let c = dial(self.signer.links(), from, &endpoint).await?;
+                let mut map = self
+                    .channels
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                // Bounded: the peers this node fetches from.
+                if map.len() >= 1024 {
+                    map.clear();
+                }
+                map.insert(key.clone(), c.clone());
+                c
+            }
+        };
         let mut client = PeerServiceClient::new(channel).max_decoding_message_size(CHUNK + 1024);
         let read = self
             .signer
@@ -248,7 +287,18 @@ impl Fetcher {
                 tonic::Code::NotFound | tonic::Code::PermissionDenied | tonic::Code::OutOfRange
             ),
         };
-        let mut stream = client.read_blob(read).await.map_err(refused)?.into_inner();
+        let mut stream = match client.read_blob(read).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown {
+                    self.channels
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove(&key);
+                }
+                return Err(refused(s));
+            }
+        };
         loop {
             let next = tokio::time::timeout(STALL, stream.next())
                 .await

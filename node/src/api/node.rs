@@ -105,6 +105,8 @@ impl NodeService for NodeApi {
             cpu_seconds,
             rss_bytes: rss_now(),
             peak_rss_bytes,
+            blob_fetched_bytes: caroni_metrics::METRICS.blob_fetched_bytes.get(),
+            blob_fetch_seconds: caroni_metrics::METRICS.blob_fetch_seconds.get(),
             ..Default::default()
         };
         if let Some(a) = &self.stats.agent {
