@@ -652,3 +652,79 @@ fn safety_10_slurm_jobs_see_only_the_documented_environment() {
         "{names}"
     );
 }
+
+/// Files through every executor: a bash step, a container step and a
+/// Slurm step each get the previous step's File as a path, append a line
+/// and declare the copy as their File output.
+#[test]
+fn files_go_through_bash_a_container_and_slurm() {
+    if !slurm_usable("files_go_through_bash_a_container_and_slurm") {
+        return;
+    }
+    let docker_ok =
+        docker_usable("files_go_through_bash_a_container_and_slurm (its container step)");
+    let reap = Reap::default();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    reap.add(&n);
+    let body = |tag: &str| {
+        format!(
+            "cat \"$CARONI_FILE_data\" > out.txt && echo {tag} >> out.txt && echo '{{\"out\": {{\"class\": \"File\", \"path\": \"out.txt\"}}}}'"
+        )
+    };
+    let write = |name: &str, executor: &str, tag: &str| {
+        let extra = match executor {
+            "docker" => "executor: docker\nimage: caroni:local\nnetwork: none\n",
+            "slurm" => "executor: slurm\npartition: debug\ntime_limit: \"5\"\n",
+            _ => "",
+        };
+        let yaml = format!(
+            "name: {name}\n{extra}inputs: [data]\noutputs: [out]\ntimeout: 120\nbody: |\n  {}\n",
+            body(tag)
+        );
+        let f = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&f, yaml).expect("write");
+        n.ok(&["jobtype", "add", f.to_str().expect("utf8")]);
+    };
+    write("on_bash", "bash", "bash");
+    if docker_ok {
+        write("on_docker", "docker", "docker");
+    } else {
+        write("on_docker", "bash", "docker");
+    }
+    write("on_slurm", "slurm", "slurm");
+    let cwl_step = |id: &str, job: &str, source: &str| {
+        format!("  {id}:\n    run:\n      class: CommandLineTool\n      inputs: {{data: File}}\n      outputs: {{out: File}}\n    hints:\n      CaroniRequirement: {{CaroniJobName: {job}}}\n    in: {{data: {source}}}\n    out: [out]\n")
+    };
+    let cwl = format!(
+        "cwlVersion: v1.2\nclass: Workflow\ninputs:\n  reads: File\noutputs:\n  result:\n    type: File\n    outputSource: s3/out\nsteps:\n{}{}{}",
+        cwl_step("s1", "on_bash", "reads"),
+        cwl_step("s2", "on_docker", "s1/out"),
+        cwl_step("s3", "on_slurm", "s2/out"),
+    );
+    let t = dir.path().join("three.cwl");
+    std::fs::write(&t, cwl).expect("write");
+    n.ok(&["template", "add", "three", t.to_str().expect("utf8")]);
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, "first line\n").expect("write");
+    let id = n.run("three", &[&format!("reads=@{}", input.display())]);
+    let w = n.wait(&id, LIMIT);
+    assert_eq!(w["state"], "completed", "{w:#}");
+    let out = dir.path().join("out.txt");
+    n.ok(&[
+        "workflow",
+        "download",
+        &id,
+        "--to",
+        out.to_str().expect("utf8"),
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(&out).expect("read"),
+        "first line\nbash\ndocker\nslurm\n"
+    );
+    let s2 = &step(&w, "s2")["attempt_history"][0];
+    if docker_ok {
+        assert_eq!(s2["executor"], "docker", "{s2:#}");
+    }
+    assert_eq!(step(&w, "s3")["attempt_history"][0]["executor"], "slurm");
+}
