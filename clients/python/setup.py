@@ -16,7 +16,12 @@ from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
 # The client API only: the peer protocol is node-to-node.
-PROTOS = ["caroni/v1/manager.proto", "caroni/v1/agent.proto", "caroni/v1/node.proto"]
+PROTOS = [
+    "caroni/v1/manager.proto",
+    "caroni/v1/agent.proto",
+    "caroni/v1/node.proto",
+    "caroni/v1/files.proto",
+]
 
 
 def proto_dir() -> Path:

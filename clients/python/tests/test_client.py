@@ -18,6 +18,7 @@ from caroni_client import (
     Unauthenticated,
     Unavailable,
     Workflow,
+    files_of,
 )
 
 from conftest import Node
@@ -249,3 +250,62 @@ def test_watch_goes_on_across_a_node_restart(tmp_path):
         assert c.show(wid).outputs == {"done": "yes"}
     finally:
         n.kill()
+
+
+FILES_CWL = """
+cwlVersion: v1.2
+class: Workflow
+$namespaces:
+  caroni: https://caroni.example/cwl#
+inputs:
+  data: File
+outputs:
+  copy:
+    type: File
+    outputSource: twice/out
+steps:
+  twice:
+    run:
+      class: CommandLineTool
+      inputs:
+        data: File
+      outputs:
+        out: File
+    hints:
+      caroni:CaroniRequirement:
+        CaroniJobName: py_twice
+    in:
+      data: data
+    out: [out]
+"""
+
+#: Writes its File input twice into one File output.
+TWICE = JobType(
+    name="py_twice",
+    inputs=["data"],
+    outputs=["out"],
+    body='cat "$CARONI_FILE_data" "$CARONI_FILE_data" > twice.bin; echo \'{"out": {"class": "File", "path": "twice.bin"}}\'',
+    timeout_seconds=120,
+)
+
+
+def test_files_are_uploaded_from_paths_and_downloaded_to_paths(client: Client, tmp_path):
+    client.put_job_type(TWICE, replace=TWICE.name in [j.name for j in client.job_types()])
+    client.put_template("py_files", FILES_CWL)
+    data = bytes(range(256)) * 4096 + b"end"
+    src = tmp_path / "input.bin"
+    src.write_bytes(data)
+    w = client.run("py_files", {"data": src}, wait=True, timeout=60)
+    assert w.state == "completed", w
+    (ref,) = files_of(w.outputs["copy"])
+    assert ref.basename == "twice.bin" and ref.size == 2 * len(data)
+    out = client.download(w.id, tmp_path / "copy.bin")
+    assert out.read_bytes() == data + data
+    assert not (tmp_path / "copy.bin.part").exists()
+    # A reference already uploaded is passed as it is; text is refused.
+    again = client.upload(src)
+    assert again.size == len(data)
+    w2 = client.run("py_files", {"data": again}, wait=True, timeout=60)
+    assert w2.state == "completed"
+    with pytest.raises(InvalidArgument, match="declared `File`"):
+        client.run("py_files", {"data": "not a file"})

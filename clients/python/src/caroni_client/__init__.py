@@ -26,6 +26,7 @@ from .types import (
     Attempt,
     Dataflow,
     Decline,
+    FileRef,
     Job,
     JobType,
     NodeInfo,
@@ -34,6 +35,7 @@ from .types import (
     Template,
     TemplateStep,
     Workflow,
+    files_of,
 )
 
 
@@ -47,6 +49,8 @@ class pb:  # noqa: N801 - a namespace, like a module
 
 __all__ = [
     "Client",
+    "FileRef",
+    "files_of",
     "CaroniError",
     "AlreadyExists",
     "DeadlineExceeded",

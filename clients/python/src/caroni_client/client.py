@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
-from typing import Dict, Iterator, List, Literal, Mapping, Optional, Union, overload
+from pathlib import Path
+from typing import (
+    Dict,
+    Iterator,
+    List,
+    Literal,
+    Mapping,
+    Optional,
+    Sequence,
+    Union,
+    overload,
+)
 from urllib.parse import urlparse
 
 import grpc
@@ -11,13 +24,22 @@ import grpc
 from ._generated.caroni.v1 import (
     agent_pb2,
     agent_pb2_grpc,
+    files_pb2,
+    files_pb2_grpc,
     manager_pb2,
     manager_pb2_grpc,
     node_pb2,
     node_pb2_grpc,
 )
 from .errors import CaroniError, Unavailable, from_rpc_error
-from .types import Job, JobType, NodeInfo, Peer, Template, Workflow
+from .types import FileRef, Job, JobType, NodeInfo, Peer, Template, Workflow, files_of
+
+#: Chunks of uploads and downloads (the node takes at most 1 MiB per message).
+CHUNK = 1 << 20
+
+#: A workflow input: text, or a file (a path, or a reference already
+#: uploaded), or a list of files for a ``File[]`` input.
+InputValue = Union[str, "os.PathLike[str]", FileRef, Sequence[Union["os.PathLike[str]", FileRef]]]
 
 #: The largest response accepted (the node keeps list responses under 3 MiB).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -69,6 +91,7 @@ class Client:
         self._manager = manager_pb2_grpc.ManagerServiceStub(self._channel)
         self._agent = agent_pb2_grpc.AgentServiceStub(self._channel)
         self._node = node_pb2_grpc.NodeServiceStub(self._channel)
+        self._files = files_pb2_grpc.FileServiceStub(self._channel)
 
     # -- plumbing -------------------------------------------------------
 
@@ -140,7 +163,7 @@ class Client:
     def run(
         self,
         template: str,
-        inputs: Mapping[str, str],
+        inputs: Mapping[str, InputValue],
         wait: Literal[False] = False,
         timeout: Optional[float] = None,
     ) -> str: ...
@@ -149,7 +172,7 @@ class Client:
     def run(
         self,
         template: str,
-        inputs: Mapping[str, str],
+        inputs: Mapping[str, InputValue],
         wait: Literal[True],
         timeout: Optional[float] = None,
     ) -> Workflow: ...
@@ -157,17 +180,21 @@ class Client:
     def run(
         self,
         template: str,
-        inputs: Mapping[str, str],
+        inputs: Mapping[str, InputValue],
         wait: bool = False,
         timeout: Optional[float] = None,
     ) -> Union[str, Workflow]:
         """Start a workflow from a template.
 
+        A value is text, or a file for a ``File`` input: a path
+        (``pathlib.Path``; uploaded first, streamed, never read whole) or a
+        ``FileRef`` already uploaded; a list of them for a ``File[]`` input.
         Returns its id once the workflow is durable on the manager; with
         ``wait=True``, watches it and returns the ended workflow instead
         (``timeout`` bounds the wait, in seconds).
         """
-        req = manager_pb2.RunWorkflowRequest(template=template, inputs=dict(inputs))
+        values = {name: self._value(v) for name, v in inputs.items()}
+        req = manager_pb2.RunWorkflowRequest(template=template, inputs=values)
         wid = self._call(self._manager.RunWorkflow, req, "RunWorkflow").workflow_id
         if not wait:
             return wid
@@ -176,6 +203,120 @@ class Client:
             pass
         assert last is not None  # watch yields at least the current state
         return last
+
+    def _value(self, v: InputValue) -> str:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, FileRef):
+            return v.to_value()
+        if isinstance(v, os.PathLike):
+            return self.upload(v).to_value()
+        refs = [x if isinstance(x, FileRef) else self.upload(x) for x in v]
+        return "[" + ",".join(r.to_value() for r in refs) + "]"
+
+    # -- files ----------------------------------------------------------
+
+    def upload(self, path: "os.PathLike[str]") -> FileRef:
+        """Store a file on the node; returns the reference to pass as a
+        ``File`` input. Streamed in 1 MiB chunks (the file is never held in
+        memory), resumed from what the node already holds, checked by its
+        SHA-256 on the node."""
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} is not a file")
+        h = hashlib.sha256()
+        size = 0
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(CHUNK), b""):
+                h.update(block)
+                size += len(block)
+        ref = FileRef(sha256=h.hexdigest(), size=size, basename=p.name)
+        st = self._call(
+            self._files.UploadStatus,
+            files_pb2.UploadStatusRequest(sha256=ref.sha256),
+            "UploadStatus",
+        )
+        if st.complete:
+            return ref
+        offset = min(st.committed, size)
+
+        def chunks():
+            with p.open("rb") as f:
+                f.seek(offset)
+                first = files_pb2.FileRef(sha256=ref.sha256, size=size, basename=ref.basename)
+                block = f.read(CHUNK)
+                yield files_pb2.UploadChunk(file=first, offset=offset, data=block)
+                while block:
+                    block = f.read(CHUNK)
+                    if block:
+                        yield files_pb2.UploadChunk(data=block)
+
+        try:
+            # No deadline: a large file takes as long as it takes.
+            got = self._files.Upload(chunks(), metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, "Upload") from None
+        if got.sha256 != ref.sha256:
+            raise CaroniError(f"the node stored {p} under another hash")
+        return ref
+
+    def download(
+        self,
+        what: Union[FileRef, str],
+        to: "os.PathLike[str]",
+        output: Optional[str] = None,
+    ) -> Path:
+        """Write a file to ``to``: a ``FileRef``, or the File output
+        ``output`` of workflow ``what`` (its only File output when not
+        given). Streamed, resumed from ``to + '.part'``, checked by its
+        SHA-256; the file appears at ``to`` only whole."""
+        if isinstance(what, FileRef):
+            ref = what
+        else:
+            w = self.show(what)
+            found = {k: files_of(v) for k, v in w.outputs.items()}
+            found = {k: v for k, v in found.items() if len(v) == 1}
+            if output is not None:
+                if output not in found:
+                    raise CaroniError(f"workflow {what} has no File output {output!r}")
+                ref = found[output][0]
+            elif len(found) == 1:
+                ref = next(iter(found.values()))[0]
+            else:
+                raise CaroniError(
+                    f"workflow {what} has {len(found)} File outputs; name one with output="
+                )
+        dest = Path(to)
+        part = dest.with_name(dest.name + ".part")
+        have = part.stat().st_size if part.exists() else 0
+        if have > ref.size:
+            part.unlink()
+            have = 0
+        h = hashlib.sha256()
+        if have:
+            with part.open("rb") as f:
+                for block in iter(lambda: f.read(CHUNK), b""):
+                    h.update(block)
+        req = files_pb2.DownloadRequest(sha256=ref.sha256, offset=have)
+        try:
+            with part.open("ab") as out:
+                for c in self._files.Download(req, metadata=self._metadata):
+                    if c.offset != have:
+                        raise CaroniError(f"the node sent bytes from {c.offset}, not {have}")
+                    out.write(c.data)
+                    h.update(c.data)
+                    have += len(c.data)
+                out.flush()
+                os.fsync(out.fileno())
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, "Download") from None
+        if have != ref.size:
+            raise CaroniError(f"the download stopped at byte {have} of {ref.size}; call again to resume")
+        if h.hexdigest() != ref.sha256:
+            part.unlink()
+            raise CaroniError(f"{ref.basename} did not hash to {ref.sha256}; it was deleted")
+        part.replace(dest)
+        return dest
 
     def show(self, workflow_id: str) -> Workflow:
         """One workflow with its steps, attempts, declines and dataflows."""

@@ -318,3 +318,66 @@ class Peer:
             refused=m.refused,
             last_refusal=m.last_refusal,
         )
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """A file in a node's blob store, as workflows pass it: by its SHA-256,
+    never by its bytes. ``str(f)`` is the value to give a ``File`` input."""
+
+    sha256: str
+    size: int
+    basename: str
+
+    def to_value(self) -> str:
+        """The canonical text of the reference (a workflow value)."""
+        import json
+
+        return json.dumps(
+            {"class": "File", "sha256": self.sha256, "size": self.size, "basename": self.basename},
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+
+    def __str__(self) -> str:
+        return self.to_value()
+
+    @classmethod
+    def parse(cls, value: str) -> "Optional[FileRef]":
+        """The reference a value holds, if it is exactly one."""
+        import json
+
+        t = value.lstrip()
+        if not t.startswith("{"):
+            return None
+        try:
+            d = json.loads(t)
+        except ValueError:
+            return None
+        if not isinstance(d, dict) or set(d) != {"class", "sha256", "size", "basename"}:
+            return None
+        if d["class"] != "File" or not isinstance(d["size"], int):
+            return None
+        sha = d["sha256"]
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            return None
+        return cls(sha256=sha, size=d["size"], basename=str(d["basename"]))
+
+
+def files_of(value: str) -> "List[FileRef]":
+    """Every file reference a value holds: one ``File``, or the items of a
+    ``File[]``; empty for any other value."""
+    import json
+
+    one = FileRef.parse(value)
+    if one is not None:
+        return [one]
+    t = value.lstrip()
+    if not t.startswith("[{"):
+        return []
+    try:
+        items = json.loads(t)
+    except ValueError:
+        return []
+    refs = [FileRef.parse(json.dumps(i, separators=(",", ":"), ensure_ascii=False)) for i in items]
+    return [r for r in refs if r is not None] if all(r is not None for r in refs) else []
