@@ -230,7 +230,7 @@ pub(super) async fn start_api(
     tasks.spawn(
         "blob sweep",
         sweep_blobs(
-            blobs,
+            blobs.clone(),
             store.clone(),
             BlobRoles {
                 manager: config.role.is_manager(),
@@ -260,6 +260,7 @@ pub(super) async fn start_api(
                     agent: apis.agent.clone(),
                     manager_handle: manager,
                     agent_handle: agent,
+                    blobs: blobs.clone(),
                     token: config.api_token.clone(),
                     hosts: config.console_hosts.clone(),
                 },

@@ -594,3 +594,86 @@ fn bad_input_is_answered_clearly_and_the_live_connection_recovers() {
     b.find(&format!("tr.wf-row[data-id='{id}']"));
     b.screenshot();
 }
+
+/// Files in the console: a file chosen in the start form is uploaded and
+/// passed; the workflow page shows the File output by name, size and hash,
+/// and its download link (signed, no session needed) gives the bytes; a
+/// link with a wrong signature is refused.
+#[test]
+fn files_are_uploaded_from_the_start_form_and_downloaded_from_the_workflow_page() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    n.ok(&[
+        "template",
+        "add",
+        "files_chain",
+        &caroni_tests::example("templates/files_chain.cwl"),
+    ]);
+    n.add_job_types(&["appendline.yaml"]);
+    let file = dir.path().join("reads.txt");
+    std::fs::write(&file, "hello files\n").expect("write");
+    let b = Browser::start("files");
+
+    b.goto(&format!("{}/#/run?template=files_chain", n.console_url()));
+    b.act("input[data-file-for=reads]", "choose a file for", |e| {
+        b.rt.block_on(e.send_keys(file.to_str().expect("utf8")))
+    });
+    b.click("#run-submit");
+    b.until("the workflow page", |b| b.hash().starts_with("/workflow/"));
+    b.until("the workflow to complete", |b| {
+        b.count("#wf-state [data-state=completed]") == 1
+    });
+    let outputs = b.text_of("#outputs");
+    assert!(
+        outputs.contains("checked.txt (") && outputs.contains("sha256"),
+        "{outputs}"
+    );
+    let inputs = b.text_of("#inputs");
+    assert!(inputs.contains("reads.txt (12 B"), "{inputs}");
+
+    // The page's download link: a signed URL, fetched as the browser would.
+    let got = b
+        .rt
+        .block_on(b.c().execute_async(
+            "const done = arguments[arguments.length - 1];
+             const a = document.querySelector('#outputs a.download');
+             api('/api/files/' + a.dataset.sha + '/link?name=' + encodeURIComponent(a.dataset.name), { method: 'POST', body: {} })
+               .then(r => fetch(r.url, { credentials: 'omit' }))
+               .then(x => x.text().then(t => done([x.status, x.headers.get('content-disposition'), t])))
+               .catch(e => done(['error', String(e)]));",
+            vec![],
+        ))
+        .expect("download");
+    assert_eq!(got[0], 200, "{got}");
+    assert!(
+        got[1].as_str().unwrap_or_default().contains("checked.txt"),
+        "{got}"
+    );
+    let text = got[2].as_str().unwrap_or_default().to_string();
+    assert!(text.starts_with("hello files\n"), "{text:?}");
+    assert_eq!(
+        text.lines().count(),
+        4,
+        "the file and one line per step: {text:?}"
+    );
+
+    // A forged or expired link is refused.
+    let sha =
+        b.rt.block_on(b.c().execute(
+            "return document.querySelector('#outputs a.download').dataset.sha",
+            vec![],
+        ))
+        .expect("sha");
+    let sha = sha.as_str().expect("sha");
+    let far = caroni_types::now_ms() + 60_000;
+    let forged = caroni_tests::http(
+        &n.console_addr(),
+        "GET",
+        &format!("/files/{sha}?name=x&exp={far}&sig=00"),
+        &[],
+        "",
+    )
+    .expect("http");
+    assert_eq!(forged.status, 403, "{forged:?}");
+    b.screenshot();
+}

@@ -172,6 +172,15 @@ impl Blobs {
             })?
     }
 
+    /// A fresh path in the store's `tmp/` (emptied at start), for a file
+    /// being received before it is stored with [`Blobs::ingest`].
+    pub fn scratch_path(&self) -> PathBuf {
+        self.inner
+            .root
+            .join("tmp")
+            .join(format!("{}-{}-in", std::process::id(), unique()))
+    }
+
     /// Where a whole blob lives.
     pub fn path(&self, sha256: &str) -> PathBuf {
         self.inner

@@ -12,6 +12,7 @@
 //!   gate like the client API's.
 
 mod auth;
+mod files;
 mod metrics;
 
 use std::collections::HashMap;
@@ -65,6 +66,8 @@ pub struct Sources {
     pub manager_handle: Option<caroni_manager::service::Handle>,
     /// Job changes, on an agent.
     pub agent_handle: Option<caroni_agent::service::Handle>,
+    /// The node's files (uploads, downloads).
+    pub blobs: caroni_blob::Blobs,
     /// The token the login page asks for (none: no login).
     pub token: Option<String>,
     /// `Host` names the console answers besides IP addresses and
@@ -75,6 +78,8 @@ pub struct Sources {
 struct Inner {
     src: Sources,
     auth: auth::Auth,
+    /// Signs download links; new in each process.
+    link_key: Vec<u8>,
     /// Changes made through the console that no engine announces.
     edits: broadcast::Sender<(&'static str, String)>,
 }
@@ -98,7 +103,16 @@ pub async fn serve(
     let bound = listener.local_addr()?;
     let (edits, _) = broadcast::channel(256);
     let auth = auth::Auth::new(src.token.clone(), src.hosts.clone());
-    let console = Console(Arc::new(Inner { src, auth, edits }));
+    let link_key = [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()]
+        .iter()
+        .flat_map(|u| u.as_bytes().to_vec())
+        .collect();
+    let console = Console(Arc::new(Inner {
+        src,
+        auth,
+        link_key,
+        edits,
+    }));
     let app = router(console);
     let listener =
         caroni_peer::GatedListener::new(listener, "console", caroni_peer::GateLimits::default());
@@ -163,6 +177,12 @@ fn router(console: Console) -> Router {
         .route("/api/jobs/{id}", get(get_job))
         .route("/api/jobtypes", get(list_job_types))
         .route("/api/jobtypes/{name}", get(get_job_type).put(put_job_type))
+        .route(
+            "/api/files",
+            post(files::upload).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/api/files/{sha}/link", post(files::link))
+        .route("/files/{sha}", get(files::download))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             console.clone(),

@@ -34,6 +34,61 @@ function authHeaders(h) {
 
 class LoginNeeded extends Error {}
 
+// File values: the text of a reference {class: File, sha256, size,
+// basename}, or a list of them. Shown by name, size and hash, with a link.
+function fileRefs(v) {
+  if (typeof v !== "string") return null;
+  const t = v.trim();
+  if (!t.startsWith("{") && !t.startsWith("[{")) return null;
+  let d;
+  try { d = JSON.parse(t); } catch (_) { return null; }
+  const one = x => x && typeof x === "object" && !Array.isArray(x) && Object.keys(x).length === 4 && x.class === "File"
+    && typeof x.sha256 === "string" && /^[0-9a-f]{64}$/.test(x.sha256) && Number.isInteger(x.size) && typeof x.basename === "string";
+  if (Array.isArray(d)) return d.length && d.every(one) ? d : null;
+  return one(d) ? [d] : null;
+}
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let v = n, i = 0;
+  while (v >= 1024 && i < units.length - 1) { v /= 1024; i++; }
+  return i ? v.toFixed(1) + " " + units[i] : n + " B";
+}
+function showValue(v) {
+  const refs = fileRefs(v);
+  if (!refs) return esc(v);
+  return refs.map(f => `<span class="file" title="sha256 ${esc(f.sha256)}">${esc(f.basename)} (${esc(bytes(f.size))}, sha256 ${esc(f.sha256.slice(0, 12))}…)</span>
+    <a href="#" class="download" data-sha="${esc(f.sha256)}" data-name="${esc(f.basename)}">download</a>`).join("<br>");
+}
+function plainValue(v) {
+  const refs = fileRefs(v);
+  return refs ? refs.map(f => `${f.basename} (${bytes(f.size)})`).join(", ") : v;
+}
+// A download goes through a signed link that the browser saves itself:
+// a plain link carries no session, and the file never sits in the page.
+document.addEventListener("click", async ev => {
+  const a = ev.target.closest ? ev.target.closest("a.download") : null;
+  if (!a) return;
+  ev.preventDefault();
+  try {
+    const r = await api(`/api/files/${encodeURIComponent(a.dataset.sha)}/link?name=${encodeURIComponent(a.dataset.name)}`, { method: "POST", body: {} });
+    const link = document.createElement("a");
+    link.href = r.url;
+    link.download = a.dataset.name;
+    document.body.appendChild(link);
+    link.click();
+    link.remove();
+  } catch (e) { if (!(e instanceof LoginNeeded)) alert(e.message); }
+});
+// Sends a chosen file to the node's blob store; resolves to its reference.
+async function uploadFile(file) {
+  const headers = authHeaders({ "accept": "application/json", "x-caroni-console": "1", "content-type": "application/octet-stream" });
+  const resp = await fetch("/api/files?name=" + encodeURIComponent(file.name), { method: "POST", headers, credentials: "omit", body: file });
+  if (resp.status === 401) { setSession(""); showLogin(); throw new LoginNeeded("log in first"); }
+  const data = await resp.json().catch(() => null);
+  if (!resp.ok) throw new Error((data && data.error) || resp.statusText);
+  return data;
+}
+
 async function api(path, opts) {
   opts = opts || {};
   const headers = authHeaders({ "accept": "application/json" });
@@ -222,7 +277,7 @@ function dagSvg(w) {
     const a = pos.get(e.from), b = pos.get(e.to);
     if (!a || !b) continue;
     const x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x, y2 = b.y + H / 2, mx = (x1 + x2) / 2;
-    const title = e.value === null || e.value === undefined ? "not yet delivered" : e.value;
+    const title = e.value === null || e.value === undefined ? "not yet delivered" : plainValue(e.value);
     svg += `<g class="edge" data-from="${esc(e.from)}" data-to="${esc(e.to)}"><title>${esc(title)}</title>
       <path d="M ${x1} ${y1} C ${mx} ${y1}, ${mx} ${y2}, ${x2} ${y2}" marker-end="url(#arrow)"/>
       <text x="${mx}" y="${(y1 + y2) / 2 - 4}" text-anchor="middle">${esc(e.label)}</text></g>`;
@@ -269,7 +324,7 @@ async function workflowPage(id) {
   const load = async () => {
     const w = await api("/api/workflows/" + encodeURIComponent(id));
     const ended = ["completed", "failed", "cancelled"].includes(w.state);
-    const kv = o => Object.keys(o || {}).sort().map(k => `<tr><td class="mono">${esc(k)}</td><td class="mono">${esc(o[k])}</td></tr>`).join("")
+    const kv = o => Object.keys(o || {}).sort().map(k => `<tr><td class="mono">${esc(k)}</td><td class="mono">${showValue(o[k])}</td></tr>`).join("")
       || `<tr><td colspan="2" class="muted">none</td></tr>`;
     const attempts = [];
     for (const s of w.steps) s.attempt_history.forEach((a, i) => attempts.push(`<tr class="attempt-row" data-step="${esc(s.id)}" data-attempt="${i + 1}" data-state="${esc(a.state)}">
@@ -280,7 +335,7 @@ async function workflowPage(id) {
     const declines = [];
     for (const s of w.steps) for (const d of (s.declines || [])) declines.push(`<tr><td>${esc(s.id)}</td><td class="mono">${esc(d.agent)}</td><td>${esc(d.reason)}</td></tr>`);
     const flows = w.dataflows.map(d => `<tr><td class="mono">${esc(d.source)}</td><td class="mono">${esc(d.destination)}</td>
-      <td class="mono">${d.value === null || d.value === undefined ? '<span class="muted">—</span>' : esc(d.value)}</td></tr>`).join("");
+      <td class="mono">${d.value === null || d.value === undefined ? '<span class="muted">—</span>' : showValue(d.value)}</td></tr>`).join("");
     main.innerHTML = `<h1>Workflow <span class="mono">${esc(w.id)}</span></h1>
       <div class="toolbar"><span id="wf-state">${badge(w.state)}</span>
         <span>template <a href="#/template/${encodeURIComponent(w.template)}">${esc(w.template)}</a></span>
@@ -375,7 +430,8 @@ async function runPage(chosen) {
   main.innerHTML = `<h1>Start a workflow</h1>
     <form class="stack" id="run-form">
       <label><span>Template</span><select id="run-template">${ts.map(x => `<option ${x.name === name ? "selected" : ""}>${esc(x.name)}</option>`).join("")}</select></label>
-      ${t.inputs.map(i => `<label><span>${esc(i)}</span><input name="in-${esc(i)}" data-input="${esc(i)}" required></label>`).join("")}
+      ${t.inputs.map(i => `<label><span>${esc(i)}</span><input name="in-${esc(i)}" data-input="${esc(i)}">
+        <input type="file" multiple data-file-for="${esc(i)}" title="or a file (several for a File[] input)"></label>`).join("")}
       <div id="form-error"></div><button type="submit" id="run-submit">Start</button>
     </form>`;
   document.getElementById("run-template").onchange = ev => { location.hash = "#/run?template=" + encodeURIComponent(ev.target.value); };
@@ -383,10 +439,18 @@ async function runPage(chosen) {
     ev.preventDefault();
     const inputs = {};
     document.querySelectorAll("#run-form [data-input]").forEach(el => { inputs[el.dataset.input] = el.value; });
+    const submit = document.getElementById("run-submit");
     try {
+      submit.disabled = true;
+      for (const el of document.querySelectorAll("#run-form [data-file-for]")) {
+        if (!el.files || !el.files.length) continue;
+        const refs = [];
+        for (const f of el.files) refs.push(await uploadFile(f));
+        inputs[el.dataset.fileFor] = refs.length === 1 ? refs[0].value : "[" + refs.map(r => r.value).join(",") + "]";
+      }
       const r = await api("/api/workflows", { method: "POST", body: { template: name, inputs } });
       location.hash = "#/workflow/" + r.workflow_id;
-    } catch (e) { document.getElementById("form-error").innerHTML = `<p class="error">${esc(e.message)}</p>`; }
+    } catch (e) { submit.disabled = false; document.getElementById("form-error").innerHTML = `<p class="error">${esc(e.message)}</p>`; }
   };
   view.editing = true;
 }
@@ -412,7 +476,7 @@ async function jobsPage() {
 async function jobPage(id) {
   const load = async () => {
     const j = await api("/api/jobs/" + encodeURIComponent(id));
-    const kv = o => Object.keys(o || {}).sort().map(k => `<tr><td class="mono">${esc(k)}</td><td class="mono">${esc(o[k])}</td></tr>`).join("") || `<tr><td class="muted" colspan="2">none</td></tr>`;
+    const kv = o => Object.keys(o || {}).sort().map(k => `<tr><td class="mono">${esc(k)}</td><td class="mono">${showValue(o[k])}</td></tr>`).join("") || `<tr><td class="muted" colspan="2">none</td></tr>`;
     main.innerHTML = `<h1>Job <span class="mono">${esc(j.id)}</span></h1>
       <dl class="grid"><dt>state</dt><dd id="job-state">${badge(j.state)}</dd><dt>job type</dt><dd><a href="#/jobtype/${encodeURIComponent(j.job_type)}">${esc(j.job_type)}</a></dd>
       <dt>workflow</dt><dd class="mono">${esc(j.workflow_id || "—")}</dd><dt>manager</dt><dd class="mono">${esc(j.manager)}</dd>
