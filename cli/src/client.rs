@@ -129,6 +129,30 @@ impl Context {
             .into_inner();
         let serving = resp.status == ServingStatus::Serving as i32;
         println!("{}", if serving { "SERVING" } else { "NOT_SERVING" });
+        // The file store against its budget (on stderr: stdout stays the
+        // one word scripts read): a node past it refuses transfers.
+        if let Ok(stats) = NodeServiceClient::new(self.channel().await?)
+            .get_stats(self.request(caroni_proto::v1::GetStatsRequest {}))
+            .await
+        {
+            let s = stats.into_inner();
+            let used = caroni_types::file::human_bytes(s.blob_bytes);
+            match s.blob_budget_bytes {
+                0 => eprintln!("files: {used} (no --blob-disk-bytes budget)"),
+                b => {
+                    let pct = s.blob_bytes as f64 * 100.0 / b as f64;
+                    eprintln!(
+                        "files: {used} of {} ({pct:.0} % of --blob-disk-bytes){}",
+                        caroni_types::file::human_bytes(b),
+                        if pct >= 90.0 {
+                            "; transfers and uploads that do not fit are refused"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            }
+        }
         Ok(if serving {
             std::process::ExitCode::SUCCESS
         } else {

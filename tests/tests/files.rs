@@ -361,3 +361,45 @@ fn a_peer_reads_only_the_files_it_was_given() {
     // The node goes on.
     node.ok(&["node", "info"]);
 }
+
+#[test]
+fn a_file_over_the_nodes_budget_is_refused_and_health_says_how_full_it_is() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeProc::start(
+        &dir.path().join("n"),
+        "both",
+        &["--blob-disk-bytes", "100000"],
+    )
+    .expect("node");
+    node.ok(&[
+        "template",
+        "add",
+        "files_chain",
+        &example("templates/files_chain.cwl"),
+    ]);
+    let small = dir.path().join("small.bin");
+    std::fs::write(&small, content(30_000)).expect("write");
+    let big = dir.path().join("big.bin");
+    std::fs::write(&big, content(200_000)).expect("write");
+    let e = node.fails(&["run", "files_chain", &format!("reads=@{}", big.display())]);
+    assert!(
+        e.contains("--blob-disk-bytes") && e.contains("big.bin"),
+        "{e}"
+    );
+    // What fits is taken; health says how full the store is.
+    let out = node
+        .cli(&["run", "files_chain", &format!("reads=@{}", small.display())])
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let health = node.cli(&["health"]).expect("health");
+    let said = String::from_utf8_lossy(&health.stderr).into_owned();
+    assert!(
+        said.contains("files: 29.3 KiB of 97.7 KiB (30 % of --blob-disk-bytes)"),
+        "{said}"
+    );
+    assert_eq!(String::from_utf8_lossy(&health.stdout).trim(), "SERVING");
+}

@@ -107,6 +107,8 @@ impl NodeService for NodeApi {
             peak_rss_bytes,
             blob_fetched_bytes: caroni_metrics::METRICS.blob_fetched_bytes.get(),
             blob_fetch_seconds: caroni_metrics::METRICS.blob_fetch_seconds.get(),
+            blob_bytes: self.stats.wire.blobs.used(),
+            blob_budget_bytes: self.stats.wire.blobs.budget(),
             ..Default::default()
         };
         if let Some(a) = &self.stats.agent {
