@@ -161,7 +161,14 @@ pub struct Fetcher {
     /// One connection per peer and address, reused by every fetch (a TLS
     /// handshake per file was most of the cost of small files).
     channels: Arc<Mutex<HashMap<(String, String), tonic::transport::Channel>>>,
+    /// (file, peer) pairs where the peer showed it holds the file.
+    proven: Arc<Mutex<std::collections::HashSet<(String, String)>>>,
 }
+
+/// Bytes a peer must send to show it holds a file this node holds too.
+const PROOF_BYTES: u64 = 4096;
+/// Most (file, peer) proofs remembered.
+const MAX_PROVEN: usize = 100_000;
 
 impl std::fmt::Debug for Fetcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -189,6 +196,7 @@ impl Fetcher {
             running: Arc::new(Mutex::new(HashMap::new())),
             permits: Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES)),
             channels: Arc::new(Mutex::new(HashMap::new())),
+            proven: Arc::new(Mutex::new(std::collections::HashSet::new())),
         }
     }
 
@@ -200,6 +208,10 @@ impl Fetcher {
     /// Makes sure `file` is held here, pulling it from node `from` if not.
     pub async fn fetch(&self, from: &str, file: &FileRef) -> Result<Moved, FetchError> {
         if self.blobs.holds(file) {
+            // Naming a file is no right to it: a peer that names a file
+            // this node holds shows it holds it too, so that no peer gets
+            // (or makes this node pass on) a file it only knows the hash of.
+            self.prove(from, file).await?;
             return Ok(Moved::default());
         }
         let lock = {
@@ -231,16 +243,107 @@ impl Fetcher {
         r
     }
 
-    async fn pull(&self, from: &str, file: &FileRef) -> Result<Moved, FetchError> {
-        let started = std::time::Instant::now();
-        let moved = self.transfer(from, file).await?;
-        let m = &caroni_metrics::METRICS;
-        m.blob_fetched_bytes.inc_by(moved.received);
-        m.blob_fetch_seconds.inc_by(started.elapsed().as_secs_f64());
-        Ok(moved)
+    /// Checks that node `from` holds `file` (which this node holds): it
+    /// reads 4 KiB at an offset the peer cannot guess and compares them
+    /// with its own bytes. Remembered per file and peer.
+    async fn prove(&self, from: &str, file: &FileRef) -> Result<(), FetchError> {
+        let key = (file.sha256.clone(), from.to_string());
+        if from == self.signer.node_name()
+            || file.size == 0
+            || self
+                .proven
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(&key)
+        {
+            return Ok(());
+        }
+        let offset = (uuid::Uuid::new_v4().as_u128() % u128::from(file.size)) as u64;
+        let want = PROOF_BYTES.min(file.size - offset) as usize;
+        let (blobs, sha) = (self.blobs.clone(), file.sha256.clone());
+        let local = blobs
+            .blocking(move |b| {
+                use std::io::Read;
+                let mut buf = vec![0; want];
+                b.open_read(&sha, offset)?
+                    .read_exact(&mut buf)
+                    .map_err(|source| BlobError::Io {
+                        what: "read a file to check a peer".into(),
+                        source,
+                    })?;
+                Ok(buf)
+            })
+            .await?;
+        let (mut client, _) = self.client(from).await?;
+        let read = self.signer.sign_blob_read(&file.sha256, offset, from)?;
+        let refused = |reason: String| FetchError::Refused {
+            node: from.to_string(),
+            file: file.describe(),
+            reason,
+            permanent: true,
+        };
+        let mut stream = client
+            .read_blob(read)
+            .await
+            .map_err(|s| {
+                refused(format!(
+                    "it could not show it holds the file: {}",
+                    s.message()
+                ))
+            })?
+            .into_inner();
+        let mut got = Vec::with_capacity(want);
+        while got.len() < want {
+            match tokio::time::timeout(STALL, stream.next()).await {
+                Ok(Some(Ok(c))) => got.extend_from_slice(&c.data),
+                Ok(Some(Err(s))) => {
+                    return Err(refused(format!(
+                        "it could not show it holds the file: {}",
+                        s.message()
+                    )))
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    return Err(FetchError::Stalled(
+                        file.describe(),
+                        from.to_string(),
+                        STALL.as_secs(),
+                    ))
+                }
+            }
+        }
+        got.truncate(want);
+        if got != local {
+            return Err(refused(
+                "it names the file but does not hold it (its bytes differ)".into(),
+            ));
+        }
+        self.remember(key);
+        Ok(())
     }
 
-    async fn transfer(&self, from: &str, file: &FileRef) -> Result<Moved, FetchError> {
+    fn remember(&self, key: (String, String)) {
+        let mut p = self
+            .proven
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if p.len() >= MAX_PROVEN {
+            p.clear();
+        }
+        p.insert(key);
+    }
+
+    /// A client of node `from`'s peer port over the connection kept for it.
+    async fn client(
+        &self,
+        from: &str,
+    ) -> Result<
+        (
+            PeerServiceClient<tonic::transport::Channel>,
+            (String, String),
+        ),
+        FetchError,
+    > {
         if !self.outbox.confirmed(from) {
             return Err(FetchError::Stranger(from.to_string()));
         }
@@ -248,9 +351,6 @@ impl Fetcher {
             .outbox
             .endpoint_of(from)
             .ok_or_else(|| FetchError::Stranger(from.to_string()))?;
-        let f = file.clone();
-        let mut partial = self.blobs.blocking(move |b| b.receive(&f)).await?;
-        let resumed_from = partial.offset();
         let key = (from.to_string(), endpoint.clone());
         let cached = self
             .channels
@@ -274,7 +374,27 @@ impl Fetcher {
                 c
             }
         };
-        let mut client = PeerServiceClient::new(channel).max_decoding_message_size(CHUNK + 1024);
+        Ok((
+            PeerServiceClient::new(channel).max_decoding_message_size(CHUNK + 1024),
+            key,
+        ))
+    }
+
+    async fn pull(&self, from: &str, file: &FileRef) -> Result<Moved, FetchError> {
+        let started = std::time::Instant::now();
+        let moved = self.transfer(from, file).await?;
+        self.remember((file.sha256.clone(), from.to_string()));
+        let m = &caroni_metrics::METRICS;
+        m.blob_fetched_bytes.inc_by(moved.received);
+        m.blob_fetch_seconds.inc_by(started.elapsed().as_secs_f64());
+        Ok(moved)
+    }
+
+    async fn transfer(&self, from: &str, file: &FileRef) -> Result<Moved, FetchError> {
+        let (mut client, key) = self.client(from).await?;
+        let f = file.clone();
+        let mut partial = self.blobs.blocking(move |b| b.receive(&f)).await?;
+        let resumed_from = partial.offset();
         let read = self
             .signer
             .sign_blob_read(&file.sha256, partial.offset(), from)?;
