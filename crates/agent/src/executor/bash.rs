@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
-use super::output::{env_plan, failed, failed_as, parse_outputs, tail, ENV_VALUE_MAX, JOB_PATH};
+use super::output::{env_plan, failed, failed_as, ENV_VALUE_MAX, JOB_PATH};
 use super::{Executor, RunSpec};
 use crate::machine::{Failure, RunResult, STDERR_TAIL_BYTES};
 
@@ -331,23 +331,15 @@ impl BashExecutor {
                 None => failed_as(Failure::Killed, "killed by a signal".into(), None, &stderr),
             };
         }
-        let mut outputs = match parse_outputs(&stdout, &spec.outputs) {
-            Ok(o) => o,
-            Err(msg) => return failed(msg.to_string(), Some(0), &stderr),
-        };
-        let (blobs, d) = (self.blobs.clone(), dir.to_path_buf());
-        let collected = tokio::task::spawn_blocking(move || {
-            super::files::collect(blobs.as_ref(), &mut outputs, &d, None).map(|()| outputs)
-        })
-        .await;
-        match collected {
-            Ok(Ok(outputs)) => RunResult::Completed {
-                outputs,
-                stderr_tail: tail(&stderr),
-            },
-            Ok(Err(e)) => failed_as(Failure::Output, e.to_string(), Some(0), &stderr),
-            Err(e) => failed(e.to_string(), Some(0), &stderr),
-        }
+        super::files::completed(
+            self.blobs.clone(),
+            &stdout,
+            spec,
+            dir.to_path_buf(),
+            None,
+            &stderr,
+        )
+        .await
     }
 }
 

@@ -22,7 +22,7 @@ use caroni_types::DockerSpec;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::output::{env_plan, failed, failed_as, parse_outputs, tail, ENV_VALUE_MAX};
+use super::output::{env_plan, failed, failed_as, ENV_VALUE_MAX};
 use super::RunSpec;
 use crate::machine::{Failure, RunResult};
 
@@ -424,29 +424,15 @@ impl DockerExecutor {
         }
         match code {
             Some(0) => {
-                let mut outputs = match parse_outputs(&stdout, &spec.outputs) {
-                    Ok(o) => o,
-                    Err(msg) => return failed(msg.to_string(), Some(0), &stderr),
-                };
-                let (blobs, work) = (self.blobs.clone(), dir.join("work"));
-                match tokio::task::spawn_blocking(move || {
-                    super::files::collect(
-                        blobs.as_ref(),
-                        &mut outputs,
-                        &work,
-                        Some(std::path::Path::new(WORK_DIR)),
-                    )
-                    .map(|()| outputs)
-                })
+                super::files::completed(
+                    self.blobs.clone(),
+                    &stdout,
+                    &spec,
+                    dir.join("work"),
+                    Some(std::path::Path::new(WORK_DIR)),
+                    &stderr,
+                )
                 .await
-                {
-                    Ok(Ok(outputs)) => RunResult::Completed {
-                        outputs,
-                        stderr_tail: tail(&stderr),
-                    },
-                    Ok(Err(e)) => failed_as(Failure::Output, e.to_string(), Some(0), &stderr),
-                    Err(e) => failed(e.to_string(), Some(0), &stderr),
-                }
             }
             Some(c) => failed(format!("exit status {c}"), Some(c), &stderr),
             None => failed(

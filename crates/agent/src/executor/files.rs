@@ -198,6 +198,41 @@ pub fn collect(
     Ok(())
 }
 
+/// What a run that exited 0 yields: its stdout's outputs with the files
+/// they declare stored (on the blocking pool), or the failure that says
+/// what was wrong. `dir` and `seen_from` as for [`collect`].
+pub(crate) async fn completed(
+    blobs: Option<Blobs>,
+    stdout: &[u8],
+    spec: &crate::executor::RunSpec,
+    dir: PathBuf,
+    seen_from: Option<&'static Path>,
+    stderr: &[u8],
+) -> crate::machine::RunResult {
+    use super::output::{failed, failed_as, parse_outputs, tail};
+    let mut outputs = match parse_outputs(stdout, &spec.outputs) {
+        Ok(o) => o,
+        Err(msg) => return failed(msg.to_string(), Some(0), stderr),
+    };
+    let collected = tokio::task::spawn_blocking(move || {
+        collect(blobs.as_ref(), &mut outputs, &dir, seen_from).map(|()| outputs)
+    })
+    .await;
+    match collected {
+        Ok(Ok(outputs)) => crate::machine::RunResult::Completed {
+            outputs,
+            stderr_tail: tail(stderr),
+        },
+        Ok(Err(e)) => failed_as(
+            crate::machine::Failure::Output,
+            e.to_string(),
+            Some(0),
+            stderr,
+        ),
+        Err(e) => failed(e.to_string(), Some(0), stderr),
+    }
+}
+
 fn ingest(
     blobs: &Blobs,
     printed: &str,

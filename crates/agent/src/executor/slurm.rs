@@ -20,7 +20,7 @@ use caroni_types::SlurmSpec;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::output::{env_plan, failed, failed_as, parse_outputs, tail, ENV_VALUE_MAX};
+use super::output::{env_plan, failed, failed_as, ENV_VALUE_MAX};
 use super::{Execution, RunSpec};
 use crate::machine::{Failure, RunResult};
 
@@ -581,23 +581,15 @@ impl SlurmExecutor {
                         return failed(format!("cannot read the job's stdout: {e}"), code, &stderr)
                     }
                 };
-                let mut outputs = match parse_outputs(&out, &spec.outputs) {
-                    Ok(o) => o,
-                    Err(msg) => return failed(msg.to_string(), Some(0), &stderr),
-                };
-                let (blobs, d) = (self.blobs.clone(), dir.to_path_buf());
-                match tokio::task::spawn_blocking(move || {
-                    super::files::collect(blobs.as_ref(), &mut outputs, &d, None).map(|()| outputs)
-                })
+                super::files::completed(
+                    self.blobs.clone(),
+                    &out,
+                    spec,
+                    dir.to_path_buf(),
+                    None,
+                    &stderr,
+                )
                 .await
-                {
-                    Ok(Ok(outputs)) => RunResult::Completed {
-                        outputs,
-                        stderr_tail: tail(&stderr),
-                    },
-                    Ok(Err(e)) => failed_as(Failure::Output, e.to_string(), Some(0), &stderr),
-                    Err(e) => failed(e.to_string(), Some(0), &stderr),
-                }
             }
             "TIMEOUT" => failed_as(
                 Failure::Timeout,
