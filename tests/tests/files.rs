@@ -49,6 +49,17 @@ fn without_colours(s: &str) -> String {
     out
 }
 
+/// `node` with the `files_chain` template.
+fn with_files_chain(node: NodeProc) -> NodeProc {
+    node.ok(&[
+        "template",
+        "add",
+        "files_chain",
+        &example("templates/files_chain.cwl"),
+    ]);
+    node
+}
+
 fn blobs_in(data_dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     if let Ok(dirs) = std::fs::read_dir(data_dir.join("blobs/objects")) {
@@ -208,13 +219,7 @@ fn a_transfer_killed_midway_resumes_from_what_was_written() {
 #[test]
 fn file_inputs_are_checked_when_a_workflow_starts() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
-    node.ok(&[
-        "template",
-        "add",
-        "files_chain",
-        &example("templates/files_chain.cwl"),
-    ]);
+    let node = with_files_chain(NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node"));
     node.add_demo_template();
     // Text where a File is declared.
     let e = node.fails(&["run", "files_chain", "reads=hello"]);
@@ -259,13 +264,7 @@ fn file_inputs_are_checked_when_a_workflow_starts() {
 #[test]
 fn a_job_cannot_declare_a_file_outside_its_working_directory() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
-    node.ok(&[
-        "template",
-        "add",
-        "files_chain",
-        &example("templates/files_chain.cwl"),
-    ]);
+    let node = with_files_chain(NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node"));
     node.put_job_type(
         dir.path(),
         "appendline",
@@ -289,13 +288,7 @@ fn a_job_cannot_declare_a_file_outside_its_working_directory() {
 #[test]
 fn a_peer_reads_only_the_files_it_was_given() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
-    node.ok(&[
-        "template",
-        "add",
-        "files_chain",
-        &example("templates/files_chain.cwl"),
-    ]);
+    let node = with_files_chain(NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node"));
     node.add_job_types(&["appendline.yaml"]);
     let input = content(100_000);
     let path = dir.path().join("secret.bin");

@@ -268,14 +268,11 @@ impl Blobs {
         let existing = file.metadata().map(|m| m.len()).unwrap_or(0);
         let mut buf = vec![0; (existing as usize).clamp(1, CHUNK)];
         file.seek(SeekFrom::Start(0)).map_err(io("seek"))?;
-        loop {
-            let n = file.read(&mut buf).map_err(io("read a partial blob"))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            have += n as u64;
-        }
+        each_block(&mut file, &mut buf, &path, |b| {
+            hasher.update(b);
+            have += b.len() as u64;
+            Ok(())
+        })?;
         if have > f.size {
             drop(file);
             self.discard(&path, have);
@@ -368,16 +365,11 @@ impl Blobs {
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         let mut buf = vec![0; (meta.len() as usize).clamp(1, CHUNK)];
-        loop {
-            let n = src
-                .read(&mut buf)
-                .map_err(io(format!("read {}", path.display())))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            size += n as u64;
-        }
+        each_block(&mut src, &mut buf, path, |b| {
+            hasher.update(b);
+            size += b.len() as u64;
+            Ok(())
+        })?;
         let sha = hex(&hasher.finalize());
         let file_ref = FileRef {
             sha256: sha.clone(),
@@ -403,16 +395,10 @@ impl Blobs {
             src.seek(SeekFrom::Start(0)).map_err(io("seek"))?;
             let mut out = File::create(&tmp).map_err(io(format!("create {}", tmp.display())))?;
             let mut check = Sha256::new();
-            loop {
-                let n = src
-                    .read(&mut buf)
-                    .map_err(io(format!("read {}", path.display())))?;
-                if n == 0 {
-                    break;
-                }
-                check.update(&buf[..n]);
-                out.write_all(&buf[..n]).map_err(io("write a blob"))?;
-            }
+            each_block(&mut src, &mut buf, path, |b| {
+                check.update(b);
+                out.write_all(b).map_err(io("write a blob"))
+            })?;
             out.sync_all().map_err(io("sync a blob"))?;
             if hex(&check.finalize()) != sha {
                 let _ = std::fs::remove_file(&tmp);
@@ -568,6 +554,24 @@ impl Blobs {
         }
         self.inner.store.write_relaxed(b)?;
         Ok(())
+    }
+}
+
+/// Reads `src` to its end in blocks of `buf`'s size, handing each to `f`.
+fn each_block(
+    src: &mut File,
+    buf: &mut [u8],
+    path: &Path,
+    mut f: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    loop {
+        let n = src
+            .read(buf)
+            .map_err(io(format!("read {}", path.display())))?;
+        if n == 0 {
+            return Ok(());
+        }
+        f(&buf[..n])?;
     }
 }
 
