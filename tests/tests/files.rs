@@ -217,6 +217,61 @@ fn a_transfer_killed_midway_resumes_from_what_was_written() {
 }
 
 #[test]
+fn a_manager_killed_while_it_fetches_an_output_resumes_and_runs_nothing_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut manager =
+        with_files_chain(NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager"));
+    let agent = NodeProc::agent_of(&manager, &dir.path().join("a"), &[]).expect("agent");
+    agent.add_job_types(&["appendline.yaml"]);
+    let size = 256usize << 20;
+    let input = content(size);
+    let input_sha = sha256_hex(&input);
+    let path = dir.path().join("big.bin");
+    std::fs::write(&path, &input).expect("write");
+    drop(input);
+    let id = manager.run("files_chain", &[&format!("reads=@{}", path.display())]);
+    // SIGKILL the manager while it fetches step 1's output (a partial file
+    // that is not the uploaded input).
+    let partials = dir.path().join("m/blobs/partial");
+    let start = std::time::Instant::now();
+    let kept = loop {
+        let fetching = std::fs::read_dir(&partials)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy() != input_sha)
+            .filter_map(|e| e.metadata().ok().map(|m| (e.file_name(), m.len())))
+            .find(|(_, n)| *n > (size as u64) / 5);
+        if let Some((name, _)) = fetching {
+            manager.kill();
+            break std::fs::metadata(partials.join(&name))
+                .map(|m| m.len())
+                .expect("the partial file stays");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the manager never fetched a fifth of an output"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    manager.spawn().expect("restart");
+    let w = manager.wait(&id, Duration::from_secs(180));
+    assert_eq!(w["state"], "completed", "{w:#}");
+    for s in ["step1", "step2", "step3"] {
+        assert_eq!(step(&w, s)["attempts"], 1, "{s} ran once: {w:#}");
+    }
+    let log = without_colours(&manager.log_text());
+    let line = log
+        .lines()
+        .find(|l| l.contains("resuming a broken transfer"))
+        .unwrap_or_else(|| panic!("no resumed transfer in the manager's log:\n{log}"));
+    assert!(
+        line.contains(&format!("resumed_from={kept}")),
+        "kept {kept}: {line}"
+    );
+}
+
+#[test]
 fn file_inputs_are_checked_when_a_workflow_starts() {
     let dir = tempfile::tempdir().expect("tempdir");
     let node = with_files_chain(NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node"));
