@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 use caroni_proto::v1 as pb;
-use caroni_types::file::{files_of, list_text, FileRef, Files};
+use caroni_types::file::{files_of, hex, list_text, FileRef, Files};
 use sha2::{Digest, Sha256};
 use tokio_stream::StreamExt;
 
@@ -17,14 +17,6 @@ use crate::client::{status, Context};
 
 /// Chunk size of uploads.
 const CHUNK: usize = 1 << 20;
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
 
 fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
     if !std::io::stderr().is_terminal() {
@@ -289,7 +281,7 @@ pub fn file_outputs(w: &pb::Workflow) -> Vec<(String, Vec<FileRef>)> {
         .iter()
         .filter_map(|(k, v)| match files_of(v) {
             Files::None => None,
-            f => Some((k.clone(), f.refs().into_iter().cloned().collect())),
+            f => Some((k.clone(), f.into_refs())),
         })
         .collect();
     out.sort();

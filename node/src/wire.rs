@@ -33,13 +33,7 @@ pub struct NodeWire {
 /// Every File reference in the values of a data message.
 fn file_refs<'a>(values: impl Iterator<Item = &'a String>) -> Vec<caroni_types::file::FileRef> {
     values
-        .flat_map(|v| {
-            caroni_types::file::files_of(v)
-                .refs()
-                .into_iter()
-                .cloned()
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|v| caroni_types::file::files_of(v).into_refs())
         .collect()
 }
 

@@ -12,10 +12,7 @@ use caroni_tests::{example, step, NodeProc};
 use sha2::Digest;
 
 fn sha256_hex(data: &[u8]) -> String {
-    sha2::Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    caroni_types::file::hex(&sha2::Sha256::digest(data))
 }
 
 /// Deterministic bytes that do not compress.

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use caroni_store::{keys::Key, tables, Batch, Store, Table};
-use caroni_types::file::FileRef;
+use caroni_types::file::{hex, FileRef};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -101,16 +101,6 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BlobError {
 
 /// Result alias.
 pub type Result<T, E = BlobError> = std::result::Result<T, E>;
-
-/// Hex of a digest.
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
 
 /// The node's blob store. Cheap to clone.
 #[derive(Clone, Debug)]

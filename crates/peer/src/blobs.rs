@@ -200,11 +200,6 @@ impl Fetcher {
         }
     }
 
-    /// The blob store fetched into.
-    pub fn blobs(&self) -> &Blobs {
-        &self.blobs
-    }
-
     /// Makes sure `file` is held here, pulling it from node `from` if not.
     pub async fn fetch(&self, from: &str, file: &FileRef) -> Result<Moved, FetchError> {
         if self.blobs.holds(file) {
@@ -274,7 +269,7 @@ impl Fetcher {
                 Ok(buf)
             })
             .await?;
-        let (mut client, _) = self.client(from).await?;
+        let mut client = self.client(from).await?;
         let read = self.signer.sign_blob_read(&file.sha256, offset, from)?;
         let refused = |reason: String| FetchError::Refused {
             node: from.to_string(),
@@ -337,13 +332,7 @@ impl Fetcher {
     async fn client(
         &self,
         from: &str,
-    ) -> Result<
-        (
-            PeerServiceClient<tonic::transport::Channel>,
-            (String, String),
-        ),
-        FetchError,
-    > {
+    ) -> Result<PeerServiceClient<tonic::transport::Channel>, FetchError> {
         if !self.outbox.confirmed(from) {
             return Err(FetchError::Stranger(from.to_string()));
         }
@@ -370,14 +359,11 @@ impl Fetcher {
                 if map.len() >= 1024 {
                     map.clear();
                 }
-                map.insert(key.clone(), c.clone());
+                map.insert(key, c.clone());
                 c
             }
         };
-        Ok((
-            PeerServiceClient::new(channel).max_decoding_message_size(CHUNK + 1024),
-            key,
-        ))
+        Ok(PeerServiceClient::new(channel).max_decoding_message_size(CHUNK + 1024))
     }
 
     async fn pull(&self, from: &str, file: &FileRef) -> Result<Moved, FetchError> {
@@ -391,7 +377,7 @@ impl Fetcher {
     }
 
     async fn transfer(&self, from: &str, file: &FileRef) -> Result<Moved, FetchError> {
-        let (mut client, key) = self.client(from).await?;
+        let mut client = self.client(from).await?;
         let f = file.clone();
         let mut partial = self.blobs.blocking(move |b| b.receive(&f)).await?;
         let resumed_from = partial.offset();
@@ -407,18 +393,8 @@ impl Fetcher {
                 tonic::Code::NotFound | tonic::Code::PermissionDenied | tonic::Code::OutOfRange
             ),
         };
-        let mut stream = match client.read_blob(read).await {
-            Ok(r) => r.into_inner(),
-            Err(s) => {
-                if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown {
-                    self.channels
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .remove(&key);
-                }
-                return Err(refused(s));
-            }
-        };
+        // A broken connection is re-established by the channel itself.
+        let mut stream = client.read_blob(read).await.map_err(refused)?.into_inner();
         loop {
             let next = tokio::time::timeout(STALL, stream.next())
                 .await

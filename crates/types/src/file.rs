@@ -157,6 +157,15 @@ impl Files {
             Files::Many(v) => v.iter().collect(),
         }
     }
+
+    /// Every reference of the value, owned.
+    pub fn into_refs(self) -> Vec<FileRef> {
+        match self {
+            Files::None => Vec::new(),
+            Files::One(f) => vec![f],
+            Files::Many(v) => v,
+        }
+    }
 }
 
 /// The file references a value holds: one reference, or a JSON array of
@@ -187,6 +196,17 @@ pub fn files_of(text: &str) -> Files {
         out.push(f);
     }
     Files::Many(out)
+}
+
+/// Lowercase hex of bytes (a digest).
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// Bytes for people: `512 B`, `1.5 KiB`, `2.0 GiB`.

@@ -36,11 +36,7 @@ fn signature(key: &[u8], sha: &str, name: &str, exp: u64) -> String {
         return String::new();
     };
     mac.update(format!("{sha}\n{name}\n{exp}").as_bytes());
-    mac.finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    caroni_types::file::hex(&mac.finalize().into_bytes())
 }
 
 #[derive(Deserialize)]
