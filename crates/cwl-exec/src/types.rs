@@ -1,0 +1,144 @@
+//! CWL types against values: whether a value is of a type (to pick the
+//! branch of a union, to check a job order), with named types from
+//! `SchemaDefRequirement`.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+/// Named types of a process (`SchemaDefRequirement`), by short name.
+#[derive(Clone, Debug, Default)]
+pub struct Names(HashMap<String, Value>);
+
+impl Names {
+    /// The named types `process` defines.
+    pub fn of(process: &Value) -> Self {
+        let mut map = HashMap::new();
+        if let Some(r) = crate::load::requirement(process, "SchemaDefRequirement") {
+            if let Some(Value::Array(types)) = r.get("types") {
+                for t in types {
+                    if let Some(n) = t.get("name").and_then(Value::as_str) {
+                        map.insert(crate::load::short_id(n), t.clone());
+                    }
+                }
+            }
+        }
+        Self(map)
+    }
+
+    /// `t` with a named type replaced by its definition.
+    pub fn resolve<'a>(&'a self, t: &'a Value) -> &'a Value {
+        if let Value::String(s) = t {
+            if let Some(d) = self.0.get(s) {
+                return d;
+            }
+        }
+        t
+    }
+}
+
+/// The `class` of a File or Directory object.
+pub fn class_of(v: &Value) -> Option<&str> {
+    v.get("class").and_then(Value::as_str)
+}
+
+/// True when `v` is of type `t`.
+pub fn matches(t: &Value, v: &Value, names: &Names) -> bool {
+    let t = names.resolve(t);
+    match t {
+        Value::String(s) => match s.as_str() {
+            "null" => v.is_null(),
+            "boolean" => v.is_boolean(),
+            "int" | "long" => v.is_i64() || v.is_u64(),
+            "float" | "double" => v.is_number(),
+            "string" => v.is_string(),
+            "File" => class_of(v) == Some("File"),
+            "Directory" => class_of(v) == Some("Directory"),
+            "Any" => !v.is_null(),
+            "stdout" | "stderr" | "stdin" => class_of(v) == Some("File"),
+            _ => false,
+        },
+        Value::Array(ts) => ts.iter().any(|t| matches(t, v, names)),
+        Value::Object(o) => match o.get("type").and_then(Value::as_str) {
+            Some("array") => match v {
+                Value::Array(items) => {
+                    let it = o.get("items").unwrap_or(&Value::Null);
+                    items.iter().all(|x| matches(it, x, names))
+                }
+                _ => false,
+            },
+            Some("record") => match v {
+                Value::Object(m) if class_of(v).is_none() => o
+                    .get("fields")
+                    .and_then(Value::as_array)
+                    .map(|fields| {
+                        fields.iter().all(|f| {
+                            let name = f.get("name").and_then(Value::as_str).unwrap_or("");
+                            let ft = f.get("type").unwrap_or(&Value::Null);
+                            matches(ft, m.get(name).unwrap_or(&Value::Null), names)
+                        })
+                    })
+                    .unwrap_or(true),
+                _ => false,
+            },
+            Some("enum") => match v {
+                Value::String(s) => o
+                    .get("symbols")
+                    .and_then(Value::as_array)
+                    .is_some_and(|syms| syms.iter().any(|x| x.as_str() == Some(s))),
+                _ => false,
+            },
+            _ => o.get("type").is_some_and(|inner| matches(inner, v, names)),
+        },
+        _ => false,
+    }
+}
+
+/// True when `null` is a value of `t` (an optional type).
+pub fn optional(t: &Value, names: &Names) -> bool {
+    matches(t, &Value::Null, names)
+}
+
+/// A short text of a type, for messages.
+pub fn describe(t: &Value) -> String {
+    match t {
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a.iter().map(describe).collect::<Vec<_>>().join(" | "),
+        Value::Object(o) => match o.get("type").and_then(Value::as_str) {
+            Some("array") => format!("{}[]", describe(o.get("items").unwrap_or(&Value::Null))),
+            Some(other) => other.to_string(),
+            None => "?".into(),
+        },
+        _ => "?".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::normalize_type;
+    use serde_json::json;
+
+    #[test]
+    fn values_match_their_types() {
+        let n = Names::default();
+        let t = |s: Value| normalize_type(&s);
+        assert!(matches(&t(json!("int?")), &json!(null), &n));
+        assert!(matches(&t(json!("int?")), &json!(3), &n));
+        assert!(!matches(&t(json!("int")), &json!(3.5), &n));
+        assert!(matches(&t(json!("float")), &json!(3), &n));
+        assert!(matches(&t(json!("string[]")), &json!(["a", "b"]), &n));
+        assert!(!matches(&t(json!("string[]")), &json!(["a", 1]), &n));
+        assert!(matches(
+            &t(json!("File")),
+            &json!({"class": "File", "path": "/x"}),
+            &n
+        ));
+        let e = t(json!({"type": "enum", "symbols": ["#main/x/a", "b"]}));
+        assert!(matches(&e, &json!("a"), &n));
+        assert!(!matches(&e, &json!("c"), &n));
+        let r = t(json!({"type": "record", "fields": {"a": "int", "b": "string?"}}));
+        assert!(matches(&r, &json!({"a": 1}), &n));
+        assert!(!matches(&r, &json!({"b": "x"}), &n));
+    }
+}
