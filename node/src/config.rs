@@ -105,6 +105,11 @@ pub struct Config {
     /// such as 7d, 12h or 30m.
     #[arg(long, env = "CARONI_BLOB_RETENTION", default_value = "7d")]
     pub blob_retention: String,
+    /// A file transfer that receives nothing for this long fails and is
+    /// tried again later from where it stopped: a duration such as 30s or
+    /// 2m (at least 1s).
+    #[arg(long, env = "CARONI_TRANSFER_STALL_TIMEOUT", default_value = "30s")]
+    pub transfer_stall_timeout: String,
     /// On a node that is an agent only: the most bytes of files it keeps
     /// as a cache; past it, the least recently used files no live job needs
     /// (unused for 10 minutes) are deleted. 0: no bound.
@@ -323,6 +328,16 @@ impl Config {
         })
     }
 
+    /// `--transfer-stall-timeout` read as a duration.
+    pub fn transfer_stall_timeout(&self) -> Result<std::time::Duration, ConfigError> {
+        humantime::parse_duration(self.transfer_stall_timeout.trim()).map_err(|e| {
+            ConfigError::Invalid(format!(
+                "--transfer-stall-timeout `{}` is not a duration ({e}); write e.g. 30s or 2m",
+                self.transfer_stall_timeout
+            ))
+        })
+    }
+
     /// The manager engine's options, composed from this configuration.
     pub fn manager_options(&self, endpoint: &str) -> caroni_manager::engine::Options {
         caroni_manager::engine::Options {
@@ -355,6 +370,7 @@ impl Config {
             return Err(ConfigError::Invalid("--slots must be at least 1".into()));
         }
         self.blob_retention()?;
+        self.transfer_stall_timeout()?;
         if self.request_ttl_seconds == 0 {
             return Err(ConfigError::Invalid(
                 "--request-ttl-seconds must be at least 1".into(),

@@ -88,7 +88,8 @@ pub(super) fn start_transport(
         liveness.clone(),
         cancel.clone(),
     )?;
-    let fetcher = caroni_peer::blobs::Fetcher::new(signer, outbox.clone(), storage.blobs.clone());
+    let fetcher = caroni_peer::blobs::Fetcher::new(signer, outbox.clone(), storage.blobs.clone())
+        .with_stall_timeout(config.transfer_stall_timeout()?);
     let (mesh, mesh_events, mut mesh_loop) = caroni_mesh::new(
         key,
         caroni_mesh::Options {

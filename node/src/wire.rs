@@ -8,7 +8,7 @@
 use std::sync::{Arc, OnceLock};
 
 use caroni_engine::Staged;
-use caroni_peer::{Applying, DeliverError, Inbox, Liveness, Outbox, Verified};
+use caroni_peer::{Applying, DeliverError, Inbox, Liveness, Outbox, Preparing, Verified};
 use caroni_proto::v1::{message::Payload, Envelope};
 use caroni_store::Batch;
 use caroni_types::msg::{Inbound, JobRequest, Msg, Outbound};
@@ -187,13 +187,14 @@ fn inbound(msg: Verified) -> Result<Inbound, DeliverError> {
         endpoint: msg.sender_endpoint,
         trace: msg.trace,
         msg: m,
+        unfetched: msg.unfetched,
     })
 }
 
 const GONE: &str = "the engine stopped before answering";
 
 impl Inbox for PeerInbox {
-    fn prepare(&self, msg: &Verified) -> Option<Applying> {
+    fn prepare(&self, msg: &Verified) -> Option<Preparing> {
         let Payload::JobDataAvailable(d) = &msg.payload else {
             return None;
         };
@@ -217,8 +218,14 @@ impl Inbox for PeerInbox {
                     }
                     Ok(_) => {}
                     Err(e) if e.is_permanent() => {
-                        tracing::warn!(peer = %from, file = %f.describe(), error = %e, "cannot fetch a file; the message is refused");
-                        return Err(DeliverError::Refused(e.to_string()));
+                        // Asking again cannot help: the job fails with the
+                        // reason, where its owner sees it.
+                        tracing::warn!(peer = %from, file = %f.describe(), error = %e, "cannot fetch a file; its job fails");
+                        return Ok(Some(e.to_string()));
+                    }
+                    Err(e @ caroni_peer::blobs::FetchError::Stalled(..)) => {
+                        tracing::warn!(peer = %from, file = %f.describe(), error = %e, "a file transfer stalled; the sender sends again and it resumes");
+                        return Err(DeliverError::Retry(e.to_string()));
                     }
                     Err(e) => {
                         tracing::debug!(peer = %from, file = %f.describe(), error = %e, "cannot fetch a file now; the sender sends again");
@@ -226,7 +233,7 @@ impl Inbox for PeerInbox {
                     }
                 }
             }
-            Ok(())
+            Ok(None)
         }))
     }
 

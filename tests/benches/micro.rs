@@ -110,7 +110,13 @@ fn manager_workflow(parsed: &caroni_cwl::Workflow) -> Workflow {
     }
     for (n, j) in jobs.iter().enumerate() {
         let out = wf.steps[n].outputs[0].clone();
-        let _ = wf.on_data(&mut ctx, "a", *j, &BTreeMap::from([(out, "v".to_string())]));
+        let _ = wf.on_data(
+            &mut ctx,
+            "a",
+            *j,
+            &BTreeMap::from([(out, "v".to_string())]),
+            None,
+        );
         let _ = wf.on_status(
             &mut ctx,
             "a",
@@ -188,6 +194,8 @@ fn engines(c: &mut Criterion) {
             let _ = job.on_data(
                 "m",
                 &BTreeMap::from([("text".to_string(), "x".to_string())]),
+                None,
+                0,
             );
             let _ = job.on_started(12);
             job.on_finished(

@@ -448,3 +448,160 @@ fn a_file_over_the_nodes_budget_is_refused_and_health_says_how_full_it_is() {
     );
     assert_eq!(String::from_utf8_lossy(&health.stdout).trim(), "SERVING");
 }
+
+/// The path of a blob in a node's store.
+fn object_path(data_dir: &Path, sha: &str) -> std::path::PathBuf {
+    data_dir.join("blobs/objects").join(&sha[..2]).join(sha)
+}
+
+/// Replaces a stored blob's bytes (the store keeps it read-only).
+fn overwrite(path: &Path, bytes: &[u8]) {
+    let mut perms = std::fs::metadata(path).expect("stored").permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(path, perms).expect("chmod");
+    std::fs::write(path, bytes).expect("overwrite");
+}
+
+#[test]
+fn a_holder_that_sends_wrong_bytes_fails_the_job_with_the_reason_and_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manager =
+        with_files_chain(NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager"));
+    let agent = NodeProc::agent_of(&manager, &dir.path().join("a"), &[]).expect("agent");
+    // Two inputs, started while no agent serves the job type.
+    let flipped = content(300_000);
+    let shorter = content(200_000);
+    let (p1, p2) = (
+        dir.path().join("flipped.bin"),
+        dir.path().join("shorter.bin"),
+    );
+    std::fs::write(&p1, &flipped).expect("write");
+    std::fs::write(&p2, &shorter).expect("write");
+    let w1 = manager.run("files_chain", &[&format!("reads=@{}", p1.display())]);
+    let w2 = manager.run("files_chain", &[&format!("reads=@{}", p2.display())]);
+    // The manager's copies go bad on its disk: one byte changed in one,
+    // the other cut short.
+    let mut bad = flipped.clone();
+    bad[150_000] ^= 0xff;
+    overwrite(
+        &object_path(&dir.path().join("m"), &sha256_hex(&flipped)),
+        &bad,
+    );
+    overwrite(
+        &object_path(&dir.path().join("m"), &sha256_hex(&shorter)),
+        &shorter[..120_000],
+    );
+    agent.add_job_types(&["appendline.yaml"]);
+
+    for (id, said) in [(&w1, "hashes to"), (&w2, "ended at byte 120000 of 200000")] {
+        let w = manager.wait(id, Duration::from_secs(120));
+        assert_eq!(w["state"], "failed", "{w:#}");
+        let attempts = step(&w, "step1")["attempt_history"].to_string();
+        assert!(
+            attempts.contains("input files cannot be fetched from the manager")
+                && attempts.contains(said),
+            "{attempts}"
+        );
+        assert!(
+            w["message"].as_str().unwrap_or("").contains("step1"),
+            "{w:#}"
+        );
+    }
+    // The agent ran nothing, keeps no part of either file, and goes on.
+    let a = dir.path().join("a");
+    let held = blobs_in(&a);
+    assert!(
+        !held.contains(&sha256_hex(&flipped)) && !held.contains(&sha256_hex(&shorter)),
+        "{held:?}"
+    );
+    let partial: Vec<_> = std::fs::read_dir(a.join("blobs/partial"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(partial.is_empty(), "partial files left: {partial:?}");
+    // Every job failed before it ran: each attempt of step 1 with the
+    // reason, the other steps' jobs when their workflow failed.
+    let jobs = agent.json(&["job", "list"]);
+    let jobs = jobs.as_array().expect("jobs");
+    assert!(
+        jobs.iter()
+            .all(|j| j["state"] == "failed" && j["started_at"].as_str().unwrap_or("").is_empty()),
+        "{jobs:#?}"
+    );
+    let said = |what: &str| {
+        jobs.iter()
+            .filter(|j| {
+                let m = j["message"].as_str().unwrap_or("");
+                m.contains("cannot be fetched from the manager") && m.contains(what)
+            })
+            .count()
+    };
+    assert_eq!(said("flipped.bin"), 5, "one per attempt: {jobs:#?}");
+    assert_eq!(said("shorter.bin"), 5, "one per attempt: {jobs:#?}");
+    // A good file goes through the same nodes.
+    let good = dir.path().join("good.bin");
+    std::fs::write(&good, content(1000)).expect("write");
+    let id = manager.run("files_chain", &[&format!("reads=@{}", good.display())]);
+    assert_eq!(
+        manager.wait(&id, Duration::from_secs(120))["state"],
+        "completed"
+    );
+}
+
+#[test]
+fn a_transfer_that_stalls_fails_after_the_timeout_and_resumes_when_the_holder_is_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manager =
+        with_files_chain(NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager"));
+    let agent = NodeProc::agent_of(
+        &manager,
+        &dir.path().join("a"),
+        &["--transfer-stall-timeout", "2s"],
+    )
+    .expect("agent");
+    agent.add_job_types(&["appendline.yaml"]);
+    let size = 256usize << 20;
+    let input = content(size);
+    let sha = sha256_hex(&input);
+    let path = dir.path().join("big.bin");
+    std::fs::write(&path, &input).expect("write");
+    drop(input);
+    let id = manager.run("files_chain", &[&format!("reads=@{}", path.display())]);
+    // Freeze the manager (SIGSTOP) while the agent is fetching from it:
+    // its connection stays open but sends nothing.
+    let partial = dir.path().join("a/blobs/partial").join(&sha);
+    let start = std::time::Instant::now();
+    while std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the agent never started to fetch"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    manager.signal("STOP");
+    let start = std::time::Instant::now();
+    let stalled = loop {
+        let log = without_colours(&agent.log_text());
+        if let Some(l) = log.lines().find(|l| l.contains("stalled for 2 s")) {
+            break l.to_string();
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            manager.signal("CONT");
+            panic!("no stall reported:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let kept = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+    manager.signal("CONT");
+    assert!(stalled.contains("big.bin"), "{stalled}");
+    assert!(kept < size as u64, "the stall came before the end: {kept}");
+    let w = manager.wait(&id, Duration::from_secs(180));
+    assert_eq!(w["state"], "completed", "{w:#}");
+    assert_eq!(step(&w, "step1")["attempts"], 1, "{w:#}");
+    let log = without_colours(&agent.log_text());
+    assert!(
+        log.lines()
+            .any(|l| l.contains("resuming a broken transfer")),
+        "the transfer went on from where it stopped:\n{log}"
+    );
+}

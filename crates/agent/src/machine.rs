@@ -380,14 +380,24 @@ impl Job {
 
     /// Input data from the owning manager. Values already present are
     /// ignored (re-sent data), as are names the job does not take.
+    /// `unfetched` says why the files they name cannot be fetched for
+    /// good: the job fails with it, and never runs.
     pub fn on_data(
         &mut self,
         from: &str,
         items: &BTreeMap<String, String>,
+        unfetched: Option<&str>,
+        now_ms: u64,
     ) -> Result<Vec<Effect>, Refusal> {
         self.check_owner(from)?;
         let mut fx = Vec::new();
         if self.state != JobState::Pending {
+            return Ok(fx);
+        }
+        if let Some(why) = unfetched {
+            self.message = format!("its input files cannot be fetched from the manager: {why}");
+            self.ended_at_ms = Some(now_ms);
+            self.set(JobState::Failed, &mut fx);
             return Ok(fx);
         }
         for (k, v) in items {

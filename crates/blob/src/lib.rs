@@ -645,6 +645,15 @@ impl Partial {
         Ok(())
     }
 
+    /// Deletes what was received: the holder's copy is not the file
+    /// announced, so the next transfer starts from zero.
+    pub fn abandon(mut self) {
+        if let Some(h) = self.flushing.take() {
+            let _ = h.join();
+        }
+        self.blobs.discard(&self.path, self.written);
+    }
+
     /// True once every announced byte was written.
     pub fn is_complete(&self) -> bool {
         self.written == self.file_ref.size

@@ -28,8 +28,9 @@ use tonic::Status;
 use crate::outbox::{dial, LinkError};
 use crate::{Outbox, Signer};
 
-/// Longest a transfer may go without receiving a byte.
-pub const STALL: Duration = Duration::from_secs(30);
+/// Longest a transfer may go without receiving a byte, by default
+/// (`--transfer-stall-timeout`).
+pub const DEFAULT_STALL: Duration = Duration::from_secs(30);
 /// Most blob transfers a node runs at once (fetching).
 pub const MAX_FETCHES: usize = 16;
 
@@ -118,8 +119,9 @@ pub enum FetchError {
     /// Nothing arrived for too long.
     #[error("the transfer of {0} from node {1} stalled for {2} s")]
     Stalled(String, String, u64),
-    /// The stream ended before the whole file.
-    #[error("the transfer of {file} from node {node} ended at byte {at} of {size}")]
+    /// The stream ended, without an error, before the whole file: the
+    /// holder's copy is shorter than announced. What arrived is discarded.
+    #[error("the transfer of {file} from node {node} ended at byte {at} of {size}: its copy is shorter than announced; what arrived was discarded")]
     Short {
         /// The file.
         file: String,
@@ -143,7 +145,8 @@ impl FetchError {
     pub fn is_permanent(&self) -> bool {
         match self {
             FetchError::Refused { permanent, .. } => *permanent,
-            FetchError::Blob(BlobError::HashMismatch { .. } | BlobError::TooLong { .. }) => true,
+            FetchError::Blob(BlobError::HashMismatch { .. } | BlobError::TooLong { .. })
+            | FetchError::Short { .. } => true,
             _ => false,
         }
     }
@@ -163,6 +166,8 @@ pub struct Fetcher {
     channels: Arc<Mutex<HashMap<(String, String), tonic::transport::Channel>>>,
     /// (file, peer) pairs where the peer showed it holds the file.
     proven: Arc<Mutex<std::collections::HashSet<(String, String)>>>,
+    /// Longest a transfer may go without receiving a byte.
+    stall: Duration,
 }
 
 /// Bytes a peer must send to show it holds a file this node holds too.
@@ -197,7 +202,15 @@ impl Fetcher {
             permits: Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES)),
             channels: Arc::new(Mutex::new(HashMap::new())),
             proven: Arc::new(Mutex::new(std::collections::HashSet::new())),
+            stall: DEFAULT_STALL,
         }
+    }
+
+    /// A transfer that receives nothing for `stall` fails (and is tried
+    /// again later, from where it stopped).
+    pub fn with_stall_timeout(mut self, stall: Duration) -> Self {
+        self.stall = stall.max(Duration::from_secs(1));
+        self
     }
 
     /// Makes sure `file` is held here, pulling it from node `from` if not.
@@ -289,7 +302,7 @@ impl Fetcher {
             .into_inner();
         let mut got = Vec::with_capacity(want);
         while got.len() < want {
-            match tokio::time::timeout(STALL, stream.next()).await {
+            match tokio::time::timeout(self.stall, stream.next()).await {
                 Ok(Some(Ok(c))) => got.extend_from_slice(&c.data),
                 Ok(Some(Err(s))) => {
                     return Err(refused(format!(
@@ -302,7 +315,7 @@ impl Fetcher {
                     return Err(FetchError::Stalled(
                         file.describe(),
                         from.to_string(),
-                        STALL.as_secs(),
+                        self.stall.as_secs(),
                     ))
                 }
             }
@@ -396,10 +409,10 @@ impl Fetcher {
         // A broken connection is re-established by the channel itself.
         let mut stream = client.read_blob(read).await.map_err(refused)?.into_inner();
         loop {
-            let next = tokio::time::timeout(STALL, stream.next())
+            let next = tokio::time::timeout(self.stall, stream.next())
                 .await
                 .map_err(|_| {
-                    FetchError::Stalled(file.describe(), from.to_string(), STALL.as_secs())
+                    FetchError::Stalled(file.describe(), from.to_string(), self.stall.as_secs())
                 })?;
             let chunk = match next {
                 None => break,
@@ -428,10 +441,15 @@ impl Fetcher {
             self.outbox.heard(from);
         }
         if !partial.is_complete() {
+            // The stream ended without an error: the holder has no more.
+            let at = partial.offset();
+            tokio::task::spawn_blocking(move || partial.abandon())
+                .await
+                .ok();
             return Err(FetchError::Short {
                 file: file.describe(),
                 node: from.to_string(),
-                at: partial.offset(),
+                at,
                 size: file.size,
             });
         }

@@ -30,6 +30,9 @@ pub struct Verified {
     pub trace: Option<uuid::Uuid>,
     /// The protocol payload.
     pub payload: Payload,
+    /// Set by the receiving node's preparation: why the files this message
+    /// names cannot be fetched for good. Never read from the wire.
+    pub unfetched: Option<String>,
 }
 
 /// Seals messages with this node's key.
@@ -389,6 +392,7 @@ fn checked(signer: &KnownKey, msg: Message) -> Result<Verified, Error> {
             .unwrap_or(0),
         trace: trace_of(&msg.trace_id),
         payload,
+        unfetched: None,
     })
 }
 

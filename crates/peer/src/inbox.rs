@@ -34,6 +34,12 @@ pub use caroni_types::delivery::DeliverError;
 /// (or it was a duplicate).
 pub type Applying = BoxFuture<'static, Result<(), DeliverError>>;
 
+/// Resolves once what a message needs before it is submitted is done:
+/// `Ok(None)` when it is ready, `Ok(Some(why))` when the files it names
+/// cannot be had for good (the message is submitted with that reason, so
+/// its engine fails the job), an error to answer the message with.
+pub type Preparing = BoxFuture<'static, Result<Option<String>, DeliverError>>;
+
 /// Where verified messages go.
 pub trait Inbox: Send + Sync + 'static {
     /// Queues one verified message for its engine, in order with the
@@ -45,7 +51,7 @@ pub trait Inbox: Send + Sync + 'static {
     /// the files it refers to. The preparations of a stream's messages run
     /// at once, but the messages are still submitted in order, each once
     /// its own is done; a failed one answers the message with its error.
-    fn prepare(&self, msg: &Verified) -> Option<Applying> {
+    fn prepare(&self, msg: &Verified) -> Option<Preparing> {
         let _ = msg;
         None
     }
@@ -53,7 +59,7 @@ pub trait Inbox: Send + Sync + 'static {
 
 /// A message whose preparation ended.
 enum Prepared {
-    Ready(Box<Verified>, Result<(), DeliverError>),
+    Ready(Box<Verified>, Result<Option<String>, DeliverError>),
     Refused { message_id: String, error: String },
 }
 
@@ -121,7 +127,8 @@ where
                         let id = msg.id.to_string();
                         applying.push_back(Box::pin(async move { (id, Err(e)) }));
                     }
-                    Prepared::Ready(msg, Ok(())) => {
+                    Prepared::Ready(mut msg, Ok(unfetched)) => {
+                        msg.unfetched = unfetched;
                         let id = msg.id.to_string();
                         match inbox.submit(*msg).await {
                             Ok(fut) => applying.push_back(Box::pin(async move { (id, fut.await) })),
@@ -143,7 +150,7 @@ where
                     }
                     Some(Incoming::Verified(msg)) => match inbox.prepare(&msg) {
                         None => preparing.push_back(Box::pin(futures::future::ready(
-                            Prepared::Ready(msg, Ok(())),
+                            Prepared::Ready(msg, Ok(None)),
                         ))),
                         Some(work) => preparing.push_back(Box::pin(async move {
                             let r = work.await;

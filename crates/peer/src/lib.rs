@@ -21,7 +21,7 @@ pub mod tls;
 
 pub use envelope::{open, open_all, Signer, Verified};
 pub use gate::{GateLimits, Gated, GatedListener};
-pub use inbox::{Applying, DeliverError, Inbox};
+pub use inbox::{Applying, DeliverError, Inbox, Preparing};
 pub use outbox::{Outbox, PeerStatus};
 pub use server::PeerServer;
 pub use tls::{Links, MeshKey, PeerTls};

@@ -37,6 +37,7 @@ impl Sim {
             endpoint: sender_endpoint,
             trace: msg.trace,
             msg: msg.out.msg.clone(),
+            unfetched: None,
         };
         let r = if inbound.msg.for_agent() {
             match self

@@ -303,6 +303,12 @@ pub struct Inbound {
     pub trace: Option<Uuid>,
     /// The message.
     pub msg: Msg,
+    /// Set by the receiving node, never by the sender: why the files a data
+    /// message names cannot be fetched for good (a wrong hash, more bytes
+    /// than declared, a holder that says it has no such file). The engine
+    /// fails the job with this reason instead of waiting for data that
+    /// will never arrive.
+    pub unfetched: Option<String>,
 }
 
 /// A workflow id for a log field: the UUID, or nothing when there is none.

@@ -199,7 +199,7 @@ impl Agent {
                         "this agent holds no job {job_id}"
                     )));
                 };
-                let fx = job.on_data(&msg.from, items)?;
+                let fx = job.on_data(&msg.from, items, msg.unfetched.as_deref(), now_ms)?;
                 (Some(job), fx)
             }
             Msg::StatusRequest { job_id } => match self.job(*job_id, world)? {

@@ -115,6 +115,7 @@ fn msg(from: &str, m: Msg) -> Input {
         endpoint: format!("http://{from}:1"),
         trace: None,
         msg: m,
+        unfetched: None,
     })
 }
 

@@ -212,22 +212,53 @@ fn queued_only_when_every_input_is_there_and_data_is_not_applied_twice() {
     let mut j = job();
     assert_eq!(j.state, JobState::Pending);
     let fx = j
-        .on_data(M, &BTreeMap::from([("text".into(), "a".into())]))
+        .on_data(M, &BTreeMap::from([("text".into(), "a".into())]), None, 0)
         .expect("data");
     assert_eq!(j.state, JobState::Queued);
     assert!(fx.contains(&Effect::Enqueue(j.id)));
     let fx = j
-        .on_data(M, &BTreeMap::from([("text".into(), "b".into())]))
+        .on_data(M, &BTreeMap::from([("text".into(), "b".into())]), None, 0)
         .expect("data");
     assert!(fx.is_empty());
     assert_eq!(j.values.get("text").map(String::as_str), Some("a"));
-    assert!(j.on_data("other", &BTreeMap::new()).is_err());
+    assert!(j.on_data("other", &BTreeMap::new(), None, 0).is_err());
+}
+
+#[test]
+fn inputs_that_cannot_be_fetched_fail_the_job_before_it_runs() {
+    let mut j = job();
+    let fx = j
+        .on_data(
+            M,
+            &BTreeMap::from([("text".into(), "a".into())]),
+            Some("more bytes than declared"),
+            7,
+        )
+        .expect("data");
+    assert_eq!(j.state, JobState::Failed);
+    assert!(!fx.contains(&Effect::Enqueue(j.id)), "it never runs");
+    assert!(
+        j.message.contains("cannot be fetched from the manager")
+            && j.message.contains("more bytes than declared"),
+        "{}",
+        j.message
+    );
+    assert!(fx.iter().any(|e| matches!(
+        e,
+        Effect::Send(Outbound {
+            msg: Msg::Status(StatusUpdate {
+                state: JobState::Failed,
+                ..
+            }),
+            ..
+        })
+    )));
 }
 
 #[test]
 fn run_completes_with_outputs_sent_before_status() {
     let mut j = job();
-    j.on_data(M, &BTreeMap::from([("text".into(), "a".into())]))
+    j.on_data(M, &BTreeMap::from([("text".into(), "a".into())]), None, 0)
         .expect("data");
     j.on_started(30);
     assert_eq!(j.state, JobState::Running);
@@ -260,7 +291,7 @@ fn run_completes_with_outputs_sent_before_status() {
 #[test]
 fn kill_stops_a_running_job_and_restart_requeues_it() {
     let mut j = job();
-    j.on_data(M, &BTreeMap::from([("text".into(), "a".into())]))
+    j.on_data(M, &BTreeMap::from([("text".into(), "a".into())]), None, 0)
         .expect("data");
     j.on_started(30);
     let mut r = j.clone();

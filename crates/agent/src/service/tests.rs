@@ -67,6 +67,7 @@ fn inbound(from: &str, msg: Msg) -> Inbound {
         endpoint: format!("http://{from}"),
         trace: None,
         msg,
+        unfetched: None,
     }
 }
 

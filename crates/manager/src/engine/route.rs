@@ -117,7 +117,7 @@ impl Manager {
                         }
                         Msg::Accepted { job_id, .. } => wf.on_accepted(ctx, &msg.from, *job_id)?,
                         Msg::Data { job_id, items, .. } => {
-                            wf.on_data(ctx, &msg.from, *job_id, items)?
+                            wf.on_data(ctx, &msg.from, *job_id, items, msg.unfetched.as_deref())?
                         }
                         Msg::Status(s) => wf.on_status(ctx, &msg.from, s)?,
                         _ => Vec::new(),

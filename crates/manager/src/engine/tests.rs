@@ -106,6 +106,7 @@ impl T {
             endpoint: format!("http://{from}:1"),
             trace: None,
             msg,
+            unfetched: None,
         }));
         let Answer::Deliver(r) = a else {
             panic!("deliver: {a:?}");

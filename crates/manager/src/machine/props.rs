@@ -190,7 +190,7 @@ proptest! {
                     }
                     Event::Data(from, job, items) => {
                         let superseded = before.find_job(*job).map(|(n, k)| !before.steps[n].attempts[k].is_live() || before.steps[n].state == StepState::Completed).unwrap_or(true);
-                        let _ = wf.on_data(&mut c, from, *job, items);
+                        let _ = wf.on_data(&mut c, from, *job, items, None);
                         if superseded {
                             if let Some((n, _)) = before.find_job(*job) {
                                 prop_assert_eq!(&wf.steps[n].results, &before.steps[n].results, "data of a superseded job changed results");

@@ -142,20 +142,31 @@ impl Workflow {
         }
     }
 
-    /// Outputs of a job.
+    /// Outputs of a job. `unfetched` says why the files they name cannot
+    /// be fetched from the agent for good: the attempt fails with it (and
+    /// the step is tried again as for any failure).
     pub fn on_data(
         &mut self,
         ctx: &mut Ctx<'_>,
         agent: &str,
         job_id: Uuid,
         items: &BTreeMap<String, String>,
+        unfetched: Option<&str>,
     ) -> Result<Vec<Effect>, Refusal> {
         let (n, k) = self.holder(agent, job_id)?;
         let step = &mut self.steps[n];
+        let last = k + 1 == step.attempts.len();
         let a = &mut step.attempts[k];
         a.last_heard_ms = ctx.now_ms;
         if a.superseded || self.state.is_final() || !a.is_live() {
             return Ok(Vec::new());
+        }
+        if let Some(why) = unfetched.filter(|_| last) {
+            let why = format!("its output files cannot be fetched from agent {agent}: {why}");
+            let mut fx = Vec::new();
+            self.fail_attempt(n, ctx, &why, &mut fx);
+            self.touch(ctx);
+            return Ok(fx);
         }
         for (name, value) in items {
             if step.outputs.contains(name) {

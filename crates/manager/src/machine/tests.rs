@@ -137,7 +137,7 @@ impl H {
 
     fn complete(&mut self, agent: &str, job: Uuid, output: &str, value: &str) -> Vec<Effect> {
         let items = BTreeMap::from([(output.to_string(), value.to_string())]);
-        self.with(|wf, ctx| wf.on_data(ctx, agent, job, &items))
+        self.with(|wf, ctx| wf.on_data(ctx, agent, job, &items, None))
             .expect("data");
         self.status(agent, job, JobState::Completed, 10)
             .expect("status")
@@ -367,6 +367,31 @@ fn completed_without_outputs_is_a_failed_attempt() {
     assert!(h.wf.steps[0].attempts[0]
         .message
         .contains("without output(s) jobout"));
+}
+
+#[test]
+fn outputs_that_cannot_be_fetched_fail_the_attempt_and_its_late_completion_is_ignored() {
+    let mut h = H::new(SIMPLE);
+    h.with(|wf, ctx| wf.start(ctx));
+    let (j0, _) = h.fulfil(0, AGENT);
+    let items = BTreeMap::from([("jobout".to_string(), "x".to_string())]);
+    let fx = h
+        .with(|wf, ctx| wf.on_data(ctx, AGENT, j0, &items, Some("the hash did not match")))
+        .expect("data");
+    assert_eq!(kills(&fx), [j0], "the agent is told to let the job go");
+    assert_eq!(publishes(&fx), 1, "the step is asked for again");
+    let a = &h.wf.steps[0].attempts[0];
+    assert_eq!(a.state, JobState::Failed);
+    assert!(
+        a.message.contains("cannot be fetched from agent")
+            && a.message.contains("hash did not match"),
+        "{}",
+        a.message
+    );
+    assert!(h.wf.steps[0].results.is_empty(), "nothing of it is kept");
+    // The agent's completion that follows changes nothing.
+    h.status(AGENT, j0, JobState::Completed, 5).expect("late");
+    assert_eq!(h.wf.steps[0].state, StepState::Fulfilling);
 }
 
 #[test]
@@ -645,7 +670,7 @@ fn a_join_gets_each_value_once() {
         ("right".to_string(), "b".to_string()),
     ]);
     let split = jobs["split"];
-    h.with(|wf, ctx| wf.on_data(ctx, AGENT, split, &both))
+    h.with(|wf, ctx| wf.on_data(ctx, AGENT, split, &both, None))
         .expect("data");
     h.status(AGENT, split, JobState::Completed, 10)
         .expect("split");

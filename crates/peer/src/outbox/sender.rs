@@ -366,6 +366,7 @@ impl Sender {
                             sent_at_ms: caroni_types::now_ms(),
                             trace,
                             payload,
+                            unfetched: None,
                         };
                         tx.send(Incoming::Verified(Box::new(msg)))
                             .await
