@@ -3,7 +3,7 @@
 #   make test   – set up, build, run every test (Rust, then the Python client's)
 TEXT ?= caronirocks
 
-.PHONY: setup demo test check bench fuzz
+.PHONY: setup demo test check bench fuzz conformance
 
 setup:
 	@scripts/setup.sh
@@ -38,3 +38,10 @@ bench: setup
 fuzz: setup
 	CARONI_FUZZ_CASES=$${CARONI_FUZZ_CASES:-100000} cargo nextest run --profile fuzz --workspace --no-fail-fast --no-capture -E 'test(/never_panic/)'
 	CARONI_SIM_SEEDS=$${CARONI_SIM_SEEDS:-50000} cargo nextest run --profile fuzz --workspace --no-fail-fast --no-capture -E 'package(caroni-sim) and test(/seeded_faults/)'
+
+# The CWL v1.2 conformance suite (CWL_CONFORMANCE, default ../shared/cwl-v1.2)
+# over one manager and two agents as separate processes; counts per tag,
+# JUnit report in conformance-results.xml. TAGS=required narrows it.
+conformance: setup
+	cargo build --workspace --bins
+	scripts/conformance.sh $(if $(TAGS),--tags $(TAGS))

@@ -13,6 +13,7 @@ mod bench;
 mod bench_files;
 mod client;
 mod commands;
+mod cwl_runner;
 mod demo;
 mod files;
 mod jobtype_file;
@@ -117,6 +118,13 @@ enum Command {
     /// Print the manual page (roff), generated from these definitions.
     #[command(after_help = "Example:\n  caroni man > caroni.1 && man ./caroni.1")]
     Man,
+    /// Run a CWL CommandLineTool with a job order (the cwl-runner
+    /// interface): on --node, or on an embedded node with a local agent.
+    #[command(
+        name = "cwl-runner",
+        after_help = "Examples:\n  caroni cwl-runner --outdir out tool.cwl job.yml\n  cwltest --test conformance_tests.yaml --tool scripts/caroni-cwl-runner"
+    )]
+    CwlRunner(cwl_runner::CwlRunnerArgs),
     /// Run the demonstration workflow on an embedded manager and agent.
     #[command(after_help = "Example:\n  caroni demo caronirocks\n  → prependCARONIROCKS append")]
     Demo {
@@ -205,6 +213,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::TlsCert(args) => trust::tls_cert(args),
         Command::MeshKey { file } => trust::mesh_key(file),
         Command::Demo { text } => demo::demo(text, ctx.format).await,
+        Command::CwlRunner(args) => {
+            let token = ctx.token().map(str::to_string);
+            cwl_runner::cwl_runner(args, target, token).await
+        }
         Command::Bench(mut args) => {
             args.target = target;
             bench::bench(args, ctx.format).await

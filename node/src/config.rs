@@ -105,6 +105,12 @@ pub struct Config {
     /// such as 7d, 12h or 30m.
     #[arg(long, env = "CARONI_BLOB_RETENTION", default_value = "7d")]
     pub blob_retention: String,
+    /// Which real CWL CommandLineTools this agent runs when managers send
+    /// them (running a tool is running the manager's code): `off` declines
+    /// them with the reason; `local` runs them on this host as this node's
+    /// user, each in a fresh directory.
+    #[arg(long, env = "CARONI_CWL_TOOLS", default_value = "off")]
+    pub cwl_tools: String,
     /// A file transfer that receives nothing for this long fails and is
     /// tried again later from where it stopped: a duration such as 30s or
     /// 2m (at least 1s).
@@ -356,6 +362,7 @@ impl Config {
             node_id: node_id.to_string(),
             slots: self.slots,
             serve_managers: allowlist(&self.serve_managers),
+            cwl_tools: self.cwl_tools.trim().parse().unwrap_or_default(),
         }
     }
 
@@ -371,6 +378,10 @@ impl Config {
         }
         self.blob_retention()?;
         self.transfer_stall_timeout()?;
+        self.cwl_tools
+            .trim()
+            .parse::<caroni_agent::cwl::CwlTools>()
+            .map_err(ConfigError::Invalid)?;
         if self.request_ttl_seconds == 0 {
             return Err(ConfigError::Invalid(
                 "--request-ttl-seconds must be at least 1".into(),

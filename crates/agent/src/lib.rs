@@ -7,6 +7,7 @@
 //! the shared commit driver and runs what they start. It must not depend
 //! on libp2p or tonic: the node wires it to the network.
 
+pub mod cwl;
 pub mod engine;
 pub mod executor;
 pub mod job_types;

@@ -53,6 +53,8 @@ fn main() {
         limits: Limits::default(),
         path_env: std::env::var("PATH").unwrap_or_default(),
         checksums: true,
+        cancel: None,
+        stderr_to: None,
     };
     let r = run(
         &Job {

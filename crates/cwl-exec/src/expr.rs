@@ -143,23 +143,8 @@ fn scan(s: &str, js: bool) -> Result<Vec<Piece<'_>>, ExprError> {
                 text.push('\\');
                 i += 2;
                 plain_from = i;
-                // fall through to the `$` below on the next turn, with no
-                // escape before it
-                if i + 1 < b.len() && (b[i + 1] == b'(' || (js && b[i + 1] == b'{')) {
-                    let end =
-                        closing(s, i + 1).ok_or_else(|| ExprError::Unterminated(s.to_string()))?;
-                    if !text.is_empty() {
-                        out.push(Piece::Text(std::mem::take(&mut text).into()));
-                    }
-                    let inner = &s[i + 2..end];
-                    out.push(if b[i + 1] == b'(' {
-                        Piece::Paren(inner)
-                    } else {
-                        Piece::Brace(inner)
-                    });
-                    i = end + 1;
-                    plain_from = i;
-                }
+                // The `$` that follows starts an expression on the next
+                // turn: no backslash escapes it any more.
                 continue;
             }
             i += 2;
@@ -718,6 +703,11 @@ mod tests {
         assert_eq!(
             e.interpolate("${ return 1; }", &Value::Null).expect("ok"),
             json!("${ return 1; }")
+        );
+        assert_eq!(
+            e.interpolate("a\\\\$(inputs.n)", &Value::Null).expect("ok"),
+            json!("a\\4"),
+            "two backslashes are one, and the expression stays"
         );
         let err = e
             .interpolate("$(inputs.n + 1)", &Value::Null)

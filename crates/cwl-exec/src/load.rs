@@ -495,6 +495,20 @@ fn normalize_process(p: &mut Value, ctx: &mut Ctx) -> Result<(), LoadError> {
     Ok(())
 }
 
+/// Normalises a process written inline (in a template): the same
+/// shorthands as [`load`], with no file to read (a `run:` that names a
+/// file is refused).
+pub fn normalize(mut process: Value) -> Result<Value, LoadError> {
+    let mut ctx = Ctx {
+        path: PathBuf::from("(inline)"),
+        dir: PathBuf::from("/nonexistent-inline-dir"),
+        graph: Vec::new(),
+        depth: 0,
+    };
+    normalize_process(&mut process, &mut ctx)?;
+    Ok(process)
+}
+
 /// Finds a requirement of `class` (requirements first, then hints).
 pub fn requirement<'a>(process: &'a Value, class: &str) -> Option<&'a Value> {
     for k in ["requirements", "hints"] {

@@ -76,6 +76,9 @@ pub enum ToolError {
         /// `permanentFailCodes` named it.
         permanent: bool,
     },
+    /// It was stopped from outside (`Options::cancel`).
+    #[error("the tool was stopped")]
+    Cancelled,
     /// It ran past `ToolTimeLimit`.
     #[error("the tool ran longer than its time limit of {0} s and was stopped")]
     TimeLimit(u64),
@@ -97,6 +100,11 @@ pub struct Options {
     pub path_env: String,
     /// Compute `checksum` of output files.
     pub checksums: bool,
+    /// Where the tool's stderr goes when it does not name a file for it
+    /// (inherited when `None`).
+    pub stderr_to: Option<PathBuf>,
+    /// Set to stop the tool (its whole process group) at once.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// The loaded process and the job order to run it on.
@@ -912,6 +920,9 @@ fn run_tool(
             }
         } else if is_out {
             cmd.stdout(Stdio::null());
+        } else if let Some(p) = &opts.stderr_to {
+            let f = std::fs::File::create(p).map_err(io_err("cannot create", p))?;
+            cmd.stderr(f);
         } else {
             cmd.stderr(Stdio::inherit());
         }
@@ -951,6 +962,15 @@ fn run_tool(
                     source,
                 })
             }
+        }
+        if opts
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            kill_group(&child);
+            let _ = child.wait();
+            return Err(ToolError::Cancelled);
         }
         if let Some(l) = limit {
             if started.elapsed() > l {

@@ -94,6 +94,34 @@ pub fn matches(t: &Value, v: &Value, names: &Names) -> bool {
     }
 }
 
+/// The typed value of a text as Caroni carries values: a string type
+/// takes the text as it is; any other type reads it as JSON (a File
+/// reference is JSON too). Text that is not JSON is a string where the
+/// type admits one.
+pub fn from_text(t: &Value, text: &str, names: &Names) -> Result<Value, String> {
+    let as_string = Value::String(text.to_string());
+    let string_first = matches(t, &as_string, names)
+        && !matches!(names.resolve(t), Value::String(s) if s == "Any");
+    if string_first && !is_union_with_non_string(t, names) {
+        return Ok(as_string);
+    }
+    match serde_json::from_str::<Value>(text) {
+        Ok(v) if matches(t, &v, names) => Ok(v),
+        _ if matches(t, &as_string, names) => Ok(as_string),
+        Ok(v) => Err(format!("{} is not of type {}", v, describe(t))),
+        Err(_) => Err(format!("`{text}` is not of type {}", describe(t))),
+    }
+}
+
+fn is_union_with_non_string(t: &Value, names: &Names) -> bool {
+    match names.resolve(t) {
+        Value::Array(branches) => branches
+            .iter()
+            .any(|b| !matches!(b, Value::String(s) if s == "string" || s == "null")),
+        _ => false,
+    }
+}
+
 /// True when `null` is a value of `t` (an optional type).
 pub fn optional(t: &Value, names: &Names) -> bool {
     matches(t, &Value::Null, names)
@@ -140,5 +168,27 @@ mod tests {
         let r = t(json!({"type": "record", "fields": {"a": "int", "b": "string?"}}));
         assert!(matches(&r, &json!({"a": 1}), &n));
         assert!(!matches(&r, &json!({"b": "x"}), &n));
+    }
+
+    #[test]
+    fn values_from_caroni_text() {
+        let n = Names::default();
+        let t = |s: Value| normalize_type(&s);
+        assert_eq!(from_text(&t(json!("string")), "3", &n), Ok(json!("3")));
+        assert_eq!(from_text(&t(json!("int")), "3", &n), Ok(json!(3)));
+        assert_eq!(from_text(&t(json!("int?")), "null", &n), Ok(json!(null)));
+        assert_eq!(
+            from_text(&t(json!("string[]")), r#"["a"]"#, &n),
+            Ok(json!(["a"]))
+        );
+        assert_eq!(
+            from_text(&t(json!(["null", "string", "int"])), "7", &n),
+            Ok(json!(7))
+        );
+        assert_eq!(
+            from_text(&t(json!(["null", "string", "int"])), "x", &n),
+            Ok(json!("x"))
+        );
+        assert!(from_text(&t(json!("int")), "seven", &n).is_err());
     }
 }

@@ -23,6 +23,8 @@ fn run_doc(dir: &Path, doc: &str, inputs: Value) -> Result<Value, ToolError> {
         limits: Limits::default(),
         path_env: std::env::var("PATH").unwrap_or_default(),
         checksums: true,
+        cancel: None,
+        stderr_to: None,
     };
     run(
         &Job {

@@ -517,6 +517,8 @@ fn step(e: &Entry<'_>) -> Result<(Step, BTreeMap<String, bool>), Error> {
     type ToolInputs = Vec<(String, Option<String>, Option<Kind>)>;
     let mut tool_inputs: Option<ToolInputs> = None;
     let mut tool_outputs: Option<Vec<(String, Kind)>> = None;
+    // A real CWL CommandLineTool (no CaroniRequirement): its JSON.
+    let mut cwl_tool: Option<String> = None;
     let mut requirement_holders = vec![(b, at.clone())];
     match get(b, "run") {
         None | Some(Value::Null) => {}
@@ -526,6 +528,13 @@ fn step(e: &Entry<'_>) -> Result<(Step, BTreeMap<String, bool>), Error> {
                 format!("an external tool reference (`{r}`)"),
                 "write the tool inline under `run:`",
             ))
+        }
+        Some(Value::Mapping(tool)) if is_real_tool(b, tool, at)? => {
+            let run_at = format!("{at}.run");
+            let (ins, outs, json) = real_tool(tool, &run_at)?;
+            tool_inputs = Some(ins);
+            tool_outputs = Some(outs);
+            cwl_tool = Some(json);
         }
         Some(Value::Mapping(tool)) => {
             let run_at = format!("{at}.run");
@@ -623,6 +632,10 @@ fn step(e: &Entry<'_>) -> Result<(Step, BTreeMap<String, bool>), Error> {
             }
         }
     }
+    if let Some(json) = &cwl_tool {
+        job_type = Some(caroni_types::CWL_TOOL_JOB_TYPE.to_string());
+        job_kvs = BTreeMap::from([(caroni_types::CWL_TOOL_KV.to_string(), json.clone())]);
+    }
     let job_type = job_type.ok_or_else(|| {
         invalid(at, format!("step `{}` names no job type; add `hints: {{caroni:CaroniRequirement: {{CaroniJobName: <job type>}}}}`", e.id))
     })?;
@@ -709,6 +722,20 @@ fn step(e: &Entry<'_>) -> Result<(Step, BTreeMap<String, bool>), Error> {
             for (name, tool_default, kind) in tin {
                 let (source, default) = bindings.remove(&name).unwrap_or((None, None));
                 let default = default.or(tool_default);
+                if source.is_none() && default.is_none() && cwl_tool.is_some() {
+                    // A real tool applies its own default, or checks that
+                    // the input may be absent, when it runs.
+                    inputs.push((
+                        StepInput {
+                            name,
+                            source: None,
+                            default: Some("null".into()),
+                            kind: Kind::Value,
+                        },
+                        true,
+                    ));
+                    continue;
+                }
                 if source.is_none() && default.is_none() {
                     return Err(invalid(format!("{at}.in"), format!("input `{name}` of the step's tool has no source and no default; bind it under `in:`")));
                 }
@@ -756,8 +783,12 @@ fn step(e: &Entry<'_>) -> Result<(Step, BTreeMap<String, bool>), Error> {
         }
     };
     for (i, _) in &inputs {
-        caroni_types::validate_env_name(&i.name)
-            .map_err(|err| invalid(format!("{at}.in.{}", i.name), format!("input name {err}")))?;
+        if cwl_tool.is_some() {
+            caroni_types::validate_cwl_name(&i.name)
+        } else {
+            caroni_types::validate_env_name(&i.name)
+        }
+        .map_err(|err| invalid(format!("{at}.in.{}", i.name), format!("input name {err}")))?;
     }
     Ok((
         Step {
@@ -773,6 +804,126 @@ fn step(e: &Entry<'_>) -> Result<(Step, BTreeMap<String, bool>), Error> {
             .map(|(i, declared)| (i.name, declared))
             .collect(),
     ))
+}
+
+/// True when the step runs a real CWL CommandLineTool: its `run` is a
+/// CommandLineTool and neither it nor the step names a Caroni job type.
+fn is_real_tool(step: &Mapping, tool: &Mapping, at: &str) -> Result<bool, Error> {
+    if get(tool, "class").and_then(Value::as_str) != Some("CommandLineTool") {
+        return Ok(false);
+    }
+    for (holder, hat) in [(step, at.to_string()), (tool, format!("{at}.run"))] {
+        if requirement_entries(holder, &hat)?
+            .iter()
+            .any(|(class, _, _)| is_caroni(class))
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// What a port of a real tool carries: a File (`File`, `File?`), a list of
+/// Files (`File[]`, optional or not), or a value as JSON text. Files
+/// nested in records or arrays of arrays, and Directories, are refused.
+fn real_kind(t: &serde_json::Value, at: &str) -> Result<Kind, Error> {
+    use serde_json::Value as J;
+    let branches: Vec<&J> = match t {
+        J::Array(a) => a.iter().filter(|b| b.as_str() != Some("null")).collect(),
+        other => vec![other],
+    };
+    let mentions = |what: &str| t.to_string().contains(&format!("\"{what}\""));
+    if mentions("Directory") {
+        return Err(unsupported(
+            format!("{at}.type"),
+            "a Directory",
+            "pass the directory's files as `File[]`",
+        ));
+    }
+    match branches.as_slice() {
+        [J::String(s)] if s == "File" => Ok(Kind::File),
+        [J::Object(o)]
+            if o.get("type").and_then(J::as_str) == Some("array")
+                && o.get("items").and_then(J::as_str) == Some("File") =>
+        {
+            Ok(Kind::Files)
+        }
+        _ if mentions("File") => Err(unsupported(
+            format!("{at}.type"),
+            "a File inside a union, record or nested array",
+            "declare the port `File`, `File?` or `File[]`",
+        )),
+        _ => Ok(Kind::Value),
+    }
+}
+
+/// A real CWL CommandLineTool written inline: its inputs (with their
+/// kinds; none has a default here, the tool applies its own), its outputs,
+/// and the tool as compact, normalised JSON for the request.
+#[allow(clippy::type_complexity)]
+fn real_tool(
+    tool: &Mapping,
+    at: &str,
+) -> Result<
+    (
+        Vec<(String, Option<String>, Option<Kind>)>,
+        Vec<(String, Kind)>,
+        String,
+    ),
+    Error,
+> {
+    let raw = serde_json::to_value(tool)
+        .map_err(|e| invalid(at, format!("the tool cannot be read as JSON: {e}")))?;
+    let norm = caroni_cwl_exec::load::normalize(raw).map_err(|e| invalid(at, e.to_string()))?;
+    let mut ins = Vec::new();
+    for p in norm
+        .get("inputs")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let id = p
+            .get("id")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
+        let kind = real_kind(
+            p.get("type").unwrap_or(&serde_json::Value::Null),
+            &format!("{at}.inputs.{id}"),
+        )?;
+        ins.push((id, None, Some(kind)));
+    }
+    let mut outs = Vec::new();
+    for p in norm
+        .get("outputs")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let id = p
+            .get("id")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
+        let t = p.get("type").cloned().unwrap_or(serde_json::Value::Null);
+        let kind = match t.as_str() {
+            Some("stdout" | "stderr") => Kind::File,
+            _ => real_kind(&t, &format!("{at}.outputs.{id}"))?,
+        };
+        outs.push((id, kind));
+    }
+    let json = norm.to_string();
+    if json.len() > caroni_types::MAX_CWL_TOOL_BYTES {
+        return Err(unsupported(
+            at,
+            format!("a tool of {} bytes as JSON", json.len()),
+            format!(
+                "keep a tool under {} KiB (move long scripts into files the tool reads)",
+                caroni_types::MAX_CWL_TOOL_BYTES / 1024
+            ),
+        ));
+    }
+    Ok((ins, outs, json))
 }
 
 /// Orders steps so that each comes after the steps it reads from; refuses a

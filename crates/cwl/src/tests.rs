@@ -463,3 +463,54 @@ fn safety_07_the_nesting_count_never_underestimates_the_parser_never_panic() {
         .expect("the count bounds the parser's depth");
     eprintln!("{cases} texts, {} of them YAML", parsed.get());
 }
+
+#[test]
+fn a_real_command_line_tool_becomes_a_request_that_carries_it() {
+    let wf = parse(
+        r#"
+class: Workflow
+inputs:
+  reads: File
+  n: int
+outputs:
+  counted: {type: File, outputSource: count/out}
+steps:
+  count:
+    run:
+      class: CommandLineTool
+      requirements:
+        InlineJavascriptRequirement: {}
+      baseCommand: [head, -n]
+      inputs:
+        lines: {type: int, inputBinding: {position: 1}}
+        in-file: {type: File, inputBinding: {position: 2}}
+        label: {type: string?}
+      outputs:
+        out: stdout
+    in: {lines: n, in-file: reads}
+    out: [out]
+"#,
+    )
+    .expect("a real tool step parses");
+    let s = &wf.steps[0];
+    assert_eq!(s.job_type, caroni_types::CWL_TOOL_JOB_TYPE);
+    let tool: serde_json::Value =
+        serde_json::from_str(&s.job_kvs[caroni_types::CWL_TOOL_KV]).expect("the tool as JSON");
+    assert_eq!(tool["baseCommand"], serde_json::json!(["head", "-n"]));
+    assert_eq!(
+        tool["inputs"][0]["id"], "in-file",
+        "normalised to a list: {tool}"
+    );
+    let kinds: BTreeMap<&str, Kind> = s.inputs.iter().map(|i| (i.name.as_str(), i.kind)).collect();
+    assert_eq!(kinds["in-file"], Kind::File);
+    assert_eq!(kinds["lines"], Kind::Value);
+    // An input left unbound travels as null: the tool decides.
+    let label = s.inputs.iter().find(|i| i.name == "label").expect("label");
+    assert_eq!(label.default.as_deref(), Some("null"));
+    assert_eq!(s.output_kinds.get("out"), Some(&Kind::File));
+    // A Caroni job type wins over a tool's command line, as before.
+    let e = err(
+        "class: Workflow\ninputs: {d: string}\noutputs: []\nsteps:\n  s:\n    run:\n      class: CommandLineTool\n      baseCommand: ls\n      inputs: {d: Directory}\n      outputs: []\n    in: {d: d}\n    out: []\n",
+    );
+    assert!(e.contains("Directory"), "{e}");
+}

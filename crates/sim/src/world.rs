@@ -162,5 +162,6 @@ pub(crate) fn agent_options(name: &str) -> agent::Options {
         node_id: name.to_string(),
         slots: 2,
         serve_managers: None,
+        cwl_tools: Default::default(),
     }
 }

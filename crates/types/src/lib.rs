@@ -15,10 +15,20 @@ pub use executor::{
     parse_cpus, parse_memory, DockerSpec, ExecutorSpec, SettingError, SlurmSpec,
     DEFAULT_SLURM_IN_FLIGHT,
 };
-pub use names::{validate_env_name, validate_template_name, NameError};
+pub use names::{validate_cwl_name, validate_env_name, validate_template_name, NameError};
 
 /// Default wall-clock limit of one job run.
 pub const DEFAULT_TIMEOUT_SECONDS: u32 = 300;
+
+/// The job type of a step that runs a real CWL CommandLineTool: no agent
+/// stores a job type of this name (`:` is not allowed in one); the tool
+/// travels as JSON in the request's static parameter [`CWL_TOOL_KV`].
+pub const CWL_TOOL_JOB_TYPE: &str = "cwl:CommandLineTool";
+/// The static parameter that carries a CWL tool.
+pub const CWL_TOOL_KV: &str = "cwl:tool";
+/// Largest CWL tool a request carries, as compact JSON (requests travel on
+/// gossip, in messages of at most 64 KiB).
+pub const MAX_CWL_TOOL_BYTES: usize = 48 * 1024;
 /// Largest accepted timeout.
 pub const MAX_TIMEOUT_SECONDS: u32 = 86_400;
 /// Default largest stdout a job may print.

@@ -76,7 +76,10 @@ impl JobRequest {
     /// days, a reply endpoint that is not an http(s) URL of sane length. An
     /// agent drops such a request without answering.
     pub fn check(&self, now_ms: u64) -> Result<(), Refusal> {
-        crate::validate_env_name(&self.job_type).map_err(|e| Refusal(format!("job type {e}")))?;
+        if self.job_type != crate::CWL_TOOL_JOB_TYPE {
+            crate::validate_env_name(&self.job_type)
+                .map_err(|e| Refusal(format!("job type {e}")))?;
+        }
         for (kind, names) in [
             ("input", &self.parameter_keys),
             ("output", &self.output_keys),
@@ -88,7 +91,12 @@ impl JobRequest {
                 )));
             }
             for n in names {
-                crate::validate_env_name(n).map_err(|e| Refusal(format!("{kind} {e}")))?;
+                if self.job_type == crate::CWL_TOOL_JOB_TYPE {
+                    crate::validate_cwl_name(n)
+                } else {
+                    crate::validate_env_name(n)
+                }
+                .map_err(|e| Refusal(format!("{kind} {e}")))?;
             }
         }
         let kv_bytes: usize = self.job_kvs.iter().map(|(k, v)| k.len() + v.len()).sum();

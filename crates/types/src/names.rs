@@ -17,6 +17,9 @@ pub enum NameError {
         "`{0}` is not a valid template name: start with an ASCII letter, digit or `_`, then use only ASCII letters, digits, `_`, `-` and `.`"
     )]
     BadTemplate(String),
+    /// Not usable as the name of a real CWL tool's parameter.
+    #[error("`{0}` cannot name a parameter here: use no `/`, no blanks or control characters, and not `.` or `..`")]
+    BadCwl(String),
 }
 
 /// Checks a job type, input or output name: it must form a valid
@@ -34,6 +37,27 @@ pub fn validate_env_name(name: &str) -> Result<(), NameError> {
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
     if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(NameError::NotEnv(name.into()));
+    }
+    Ok(())
+}
+
+/// Checks the name of a real CWL tool's input or output, as a request
+/// carries it: CWL ids may hold `-` and `.`, but never a path separator
+/// (a File input is staged in a directory of its name).
+pub fn validate_cwl_name(name: &str) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if name.len() > 128 {
+        return Err(NameError::TooLong(name.into(), 128));
+    }
+    if name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == '\\' || c.is_whitespace() || c.is_control())
+    {
+        return Err(NameError::BadCwl(name.into()));
     }
     Ok(())
 }
@@ -62,6 +86,16 @@ pub fn validate_template_name(name: &str) -> Result<(), NameError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cwl_names_allow_dots_and_dashes_but_never_paths() {
+        for ok in ["in-file", "args.py", "x_1", "a:b"] {
+            assert_eq!(validate_cwl_name(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "a/b", "..", ".", "a b", "a\\b", "a\nb"] {
+            assert!(validate_cwl_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
     use super::*;
 
     #[test]

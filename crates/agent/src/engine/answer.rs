@@ -31,7 +31,17 @@ impl Agent {
         world: &dyn World,
         out: &mut Out,
     ) {
-        let found = match world.job_type(&req.job_type) {
+        let mut not_here = None;
+        let found = if req.job_type == caroni_types::CWL_TOOL_JOB_TYPE {
+            // A real CWL tool: the job type is made from the tool, and
+            // `--cwl-tools` says whether it runs here.
+            let (def, why) = crate::cwl::job_type(&req.job_kvs, self.opts.cwl_tools);
+            not_here = why;
+            Ok(Some((def, ExecutorSpec::Bash)))
+        } else {
+            world.job_type(&req.job_type)
+        };
+        let found = match found {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read job types");
@@ -42,7 +52,8 @@ impl Agent {
             Some((d, e)) => (Some(d), e),
             None => (None, ExecutorSpec::default()),
         };
-        let unavailable = def.as_ref().and_then(|_| world.unavailable(&executor));
+        let unavailable =
+            not_here.or_else(|| def.as_ref().and_then(|_| world.unavailable(&executor)));
         // An offer tells the capacity of the executor that would run it.
         let load = match &executor {
             ExecutorSpec::Slurm(s) => {
@@ -133,6 +144,9 @@ impl Agent {
                     None => world.offer(request_id).map_err(retry)?,
                 };
                 let def = match &offer {
+                    Some(o) if o.job_type == caroni_types::CWL_TOOL_JOB_TYPE => {
+                        Some(crate::cwl::job_type(&o.job_kvs, self.opts.cwl_tools).0)
+                    }
                     Some(o) => world.job_type(&o.job_type).map_err(retry)?.map(|(d, _)| d),
                     None => None,
                 };

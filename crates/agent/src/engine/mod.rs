@@ -49,6 +49,8 @@ pub struct Options {
     pub slots: usize,
     /// The managers served (`--serve-managers`); `None` serves every one.
     pub serve_managers: Option<HashSet<String>>,
+    /// Which real CWL tools it runs (`--cwl-tools`).
+    pub cwl_tools: crate::cwl::CwlTools,
 }
 
 impl Options {

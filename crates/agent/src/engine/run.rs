@@ -172,7 +172,15 @@ impl Agent {
             let Some(mut job) = self.jobs.get(&id).cloned() else {
                 continue;
             };
-            let (def, executor) = match world.job_type(&job.job_type) {
+            let found = if job.job_type == caroni_types::CWL_TOOL_JOB_TYPE {
+                Ok(Some((
+                    crate::cwl::job_type(&job.job_kvs, self.opts.cwl_tools).0,
+                    ExecutorSpec::Bash,
+                )))
+            } else {
+                world.job_type(&job.job_type)
+            };
+            let (def, executor) = match found {
                 Ok(Some(found)) => found,
                 Ok(None) => {
                     let mut fx = job.on_started(now_ms);
@@ -225,6 +233,9 @@ impl Agent {
                 timeout: Duration::from_secs(u64::from(def.timeout_seconds)),
                 max_output_bytes: def.max_output_bytes,
                 executor,
+                cwl_tool: (job.job_type == caroni_types::CWL_TOOL_JOB_TYPE)
+                    .then(|| job.job_kvs.get(caroni_types::CWL_TOOL_KV).cloned())
+                    .flatten(),
             };
             // Where it runs, written with its start (a Slurm job's id is
             // written by its executor once sbatch has given it).

@@ -68,6 +68,7 @@ fn agent(serve: Option<&[&str]>) -> Agent {
         node_id: "agent".into(),
         slots: 1,
         serve_managers: serve.map(|l| l.iter().map(|s| s.to_string()).collect()),
+        cwl_tools: Default::default(),
     })
 }
 

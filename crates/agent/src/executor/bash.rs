@@ -358,6 +358,7 @@ mod tests {
             timeout: Duration::from_secs(10),
             max_output_bytes: 1 << 20,
             executor: Default::default(),
+            cwl_tool: None,
         }
     }
 

@@ -6,6 +6,7 @@
 //! stdout) is in [`output`].
 
 pub mod bash;
+pub mod cwl;
 pub mod docker;
 pub mod files;
 pub mod output;
@@ -44,6 +45,10 @@ pub struct RunSpec {
     pub max_output_bytes: u64,
     /// Where it runs (the job type's executor when the job started).
     pub executor: caroni_types::ExecutorSpec,
+    /// The real CWL tool it runs, as JSON, when its job type is
+    /// `CWL_TOOL_JOB_TYPE` (set by the agent from the job type, never from
+    /// what a manager chose to put in the static parameters).
+    pub cwl_tool: Option<String>,
 }
 
 /// Where a job runs, as `caroni job show` tells it: kept per job.
@@ -83,6 +88,7 @@ pub trait Executor: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub struct Executors {
     bash: BashExecutor,
+    cwl: cwl::CwlExecutor,
     docker: docker::DockerExecutor,
     slurm: slurm::SlurmExecutor,
     /// Set once a job type of that executor was asked about: only those
@@ -105,6 +111,7 @@ impl Executors {
     ) -> Self {
         Self {
             bash: BashExecutor::new(work_root.clone()).with_blobs(blobs.clone()),
+            cwl: cwl::CwlExecutor::new(work_root.join("cwl"), blobs.clone()),
             docker: docker::DockerExecutor::new(node_id, work_root.join("docker"))
                 .with_blobs(blobs.clone()),
             slurm: slurm::SlurmExecutor::new(work_root.join("slurm"), store)
@@ -160,6 +167,9 @@ impl Executors {
 
 impl Executor for Executors {
     async fn run(&self, spec: RunSpec, cancel: CancellationToken) -> RunResult {
+        if spec.cwl_tool.is_some() {
+            return self.cwl.run(spec, cancel).await;
+        }
         match spec.executor.clone() {
             caroni_types::ExecutorSpec::Bash => self.bash.run(spec, cancel).await,
             caroni_types::ExecutorSpec::Docker(d) => self.docker.run(spec, &d, cancel).await,

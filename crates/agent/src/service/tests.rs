@@ -98,6 +98,7 @@ async fn a_ready_job_runs_before_an_older_one_that_waits_for_data() {
             node_id: "me".into(),
             slots: 1,
             serve_managers: None,
+            cwl_tools: Default::default(),
         },
         store,
         wire.clone(),

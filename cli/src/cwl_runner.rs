@@ -1,0 +1,362 @@
+//! `caroni cwl-runner [--outdir DIR] [--quiet] PROCESS.cwl [JOB]`: the
+//! cwl-runner interface over a Caroni node. The process (a
+//! CommandLineTool, run as a one-step workflow) goes to the manager as a
+//! template; the job order's files are uploaded; an agent that runs CWL
+//! tools (`--cwl-tools local`) runs it; the outputs come back into
+//! `--outdir` and the output object is printed on stdout.
+//!
+//! The node is `--node`/`CARONI_NODE`, or else an embedded node with a
+//! local agent (as `caroni demo`), on temporary storage.
+//!
+//! Exit status: 0 on success, 33 for a feature this runner does not have
+//! (Workflows, ExpressionTools, requirements it does not know), 1 when the
+//! process or its inputs are wrong or the run fails.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use caroni_cwl_exec::types::{from_text, Names};
+use caroni_proto::v1 as pb;
+use caroni_types::file::{files_of, Files};
+use serde_json::{json, Map, Value};
+
+use crate::client::{status, Context};
+use crate::output::Format;
+
+/// Arguments, as cwltest and other drivers give them.
+#[derive(Debug, clap::Args)]
+pub struct CwlRunnerArgs {
+    /// Where output files are written [default: the current directory].
+    #[arg(long)]
+    pub outdir: Option<PathBuf>,
+    /// Print only the output object (no progress on stderr).
+    #[arg(long)]
+    pub quiet: bool,
+    /// The CWL document (`file.cwl`, or `file.cwl#id` in a packed one).
+    pub process: String,
+    /// The job order (YAML or JSON): the input values.
+    pub job: Option<PathBuf>,
+}
+
+/// Exit status for a feature this runner does not have.
+const UNSUPPORTED: u8 = 33;
+
+enum Outcome {
+    Done(Value),
+    Unsupported(String),
+    Failed(String),
+}
+
+pub async fn cwl_runner(
+    args: CwlRunnerArgs,
+    node: Option<String>,
+    token: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let outcome = match node {
+        Some(url) => {
+            let ctx = Context::new(url, token, Format::Json);
+            run(&ctx, &args).await?
+        }
+        None => {
+            let dir = tempfile::Builder::new()
+                .prefix("caroni-cwl-")
+                .tempdir()
+                .context("cannot create a temporary directory for the embedded node")?;
+            let mut config = caroni_node::Config::embedded(dir.path().join("node"));
+            config.cwl_tools = "local".into();
+            let node = caroni_node::Node::start(config).await?;
+            let ctx = Context::new(format!("http://{}", node.api_addr), None, Format::Json);
+            let r = run(&ctx, &args).await;
+            node.shutdown();
+            let _ = node.wait().await;
+            drop(dir);
+            r?
+        }
+    };
+    Ok(match outcome {
+        Outcome::Done(v) => {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            ExitCode::SUCCESS
+        }
+        Outcome::Unsupported(why) => {
+            eprintln!("unsupported: {why}");
+            ExitCode::from(UNSUPPORTED)
+        }
+        Outcome::Failed(why) => {
+            eprintln!("{why}");
+            ExitCode::FAILURE
+        }
+    })
+}
+
+/// What a port carries on the mesh.
+#[derive(Clone, Copy, PartialEq)]
+enum Carried {
+    File,
+    Files,
+    Text,
+}
+
+fn carried(t: &Value) -> Carried {
+    let branches: Vec<&Value> = match t {
+        Value::Array(a) => a.iter().filter(|b| b.as_str() != Some("null")).collect(),
+        other => vec![other],
+    };
+    match branches.as_slice() {
+        [Value::String(s)] if s == "File" || s == "stdout" || s == "stderr" => Carried::File,
+        [Value::Object(o)]
+            if o.get("type").and_then(Value::as_str) == Some("array")
+                && o.get("items").and_then(Value::as_str) == Some("File") =>
+        {
+            Carried::Files
+        }
+        _ => Carried::Text,
+    }
+}
+
+fn params(p: &Value, key: &str) -> Vec<(String, Value)> {
+    p.get(key)
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| {
+                    Some((
+                        x.get("id")?.as_str()?.to_string(),
+                        x.get("type")
+                            .cloned()
+                            .unwrap_or(Value::String("Any".into())),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The local file a File value of the job order names (a literal with
+/// `contents` is written to `scratch` first).
+fn local_file(v: &Value, base: &Path, scratch: &Path) -> anyhow::Result<PathBuf> {
+    if let Some(p) = caroni_cwl_exec::files::path_of(v, base) {
+        return Ok(p);
+    }
+    let contents = v
+        .get("contents")
+        .and_then(Value::as_str)
+        .context("a File in the job order has neither `location`, `path` nor `contents`")?;
+    let name = v
+        .get("basename")
+        .and_then(Value::as_str)
+        .unwrap_or("literal");
+    std::fs::create_dir_all(scratch)?;
+    let p = scratch.join(name);
+    std::fs::write(&p, contents)?;
+    Ok(p)
+}
+
+async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
+    let loaded = match caroni_cwl_exec::load(&args.process) {
+        Ok(l) => l,
+        Err(e) => return Ok(Outcome::Failed(e.to_string())),
+    };
+    let (job, job_dir) = match caroni_cwl_exec::load::load_job(args.job.as_deref()) {
+        Ok(j) => j,
+        Err(e) => return Ok(Outcome::Failed(e.to_string())),
+    };
+    let tool = caroni_cwl_exec::run::with_job_requirements(&loaded.process, &job);
+    match tool.get("class").and_then(Value::as_str) {
+        Some("CommandLineTool") => {}
+        Some(other) => {
+            return Ok(Outcome::Unsupported(format!(
+                "running a {other} (only CommandLineTools run on the mesh yet)"
+            )))
+        }
+        None => return Ok(Outcome::Failed("the document has no `class`".into())),
+    }
+    if let Err(e) = caroni_cwl_exec::run::check_requirements(&tool) {
+        return Ok(Outcome::Unsupported(e.to_string()));
+    }
+    let names = Names::of(&tool);
+    let scratch = tempfile::tempdir()?;
+
+    // Inputs: files uploaded, other values as text (JSON unless a string).
+    let mut inputs = std::collections::HashMap::new();
+    let mut wf_inputs = Map::new();
+    let mut step_in = Map::new();
+    let defaults: Map<String, Value> = tool
+        .get("inputs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some((
+                p.get("id")?.as_str()?.to_string(),
+                p.get("default")?.clone(),
+            ))
+        })
+        .collect();
+    for (id, ty) in params(&tool, "inputs") {
+        // A value of the job order, or a default File of the tool (its
+        // place is relative to the tool, which the agent does not have).
+        let (v, base) = match job.get(&id).filter(|v| !v.is_null()) {
+            Some(v) => (v, job_dir.as_path()),
+            None => match defaults.get(&id) {
+                Some(d) if carried(&ty) != Carried::Text => (d, loaded.dir.as_path()),
+                _ => continue,
+            },
+        };
+        let text = match carried(&ty) {
+            Carried::File => {
+                let p = local_file(v, base, scratch.path())?;
+                crate::files::upload(ctx, &p).await?.to_text()
+            }
+            Carried::Files => {
+                let mut refs = Vec::new();
+                for item in v.as_array().into_iter().flatten() {
+                    let p = local_file(item, base, scratch.path())?;
+                    refs.push(crate::files::upload(ctx, &p).await?);
+                }
+                caroni_types::file::list_text(&refs)
+            }
+            Carried::Text => match v {
+                Value::String(s) if from_text(&ty, s, &names).ok().as_ref() == Some(v) => s.clone(),
+                other => other.to_string(),
+            },
+        };
+        let wf_type = match carried(&ty) {
+            Carried::File => json!("File"),
+            Carried::Files => json!({"type": "array", "items": "File"}),
+            Carried::Text => json!("string"),
+        };
+        wf_inputs.insert(id.clone(), json!({ "type": wf_type }));
+        step_in.insert(id.clone(), json!(id));
+        inputs.insert(id, text);
+    }
+    let outputs = params(&tool, "outputs");
+    let mut wf_outputs = Map::new();
+    for (id, ty) in &outputs {
+        let t = match carried(ty) {
+            Carried::File => json!("File"),
+            Carried::Files => json!({"type": "array", "items": "File"}),
+            Carried::Text => json!("string"),
+        };
+        wf_outputs.insert(
+            id.clone(),
+            json!({"type": t, "outputSource": format!("tool/{id}")}),
+        );
+    }
+    let mut run_tool = tool.clone();
+    if let Value::Object(m) = &mut run_tool {
+        m.remove("cwlVersion");
+        m.remove("$schemas");
+    }
+    let template = serde_yaml_ng::to_string(&json!({
+        "cwlVersion": "v1.2",
+        "class": "Workflow",
+        "inputs": wf_inputs,
+        "outputs": wf_outputs,
+        "steps": {
+            "tool": {
+                "run": run_tool,
+                "in": step_in,
+                "out": outputs.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
+            }
+        }
+    }))
+    .context("cannot write the template")?;
+    let name = format!(
+        "cwl_{}",
+        &caroni_types::file::hex(&<sha2::Sha256 as sha2::Digest>::digest(template.as_bytes()))
+            [..16]
+    );
+    let mut manager = ctx.manager().await?;
+    match manager
+        .put_template(ctx.request(pb::PutTemplateRequest {
+            name: name.clone(),
+            cwl: template,
+        }))
+        .await
+    {
+        Ok(_) => {}
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+        Err(s) if s.code() == tonic::Code::InvalidArgument => {
+            let why = s.message().to_string();
+            return Ok(
+                if why.contains("not supported") || why.contains("unsupported") {
+                    Outcome::Unsupported(why)
+                } else {
+                    Outcome::Failed(why)
+                },
+            );
+        }
+        Err(s) => return Err(status(s)),
+    }
+    let id = match manager
+        .run_workflow(ctx.request(pb::RunWorkflowRequest {
+            template: name,
+            inputs,
+        }))
+        .await
+    {
+        Ok(r) => r.into_inner().workflow_id,
+        Err(s) if s.code() == tonic::Code::InvalidArgument => {
+            return Ok(Outcome::Failed(s.message().to_string()))
+        }
+        Err(s) => return Err(status(s)),
+    };
+    let w = crate::workflow::follow(ctx, &id, args.quiet).await?;
+    if w.state != "completed" {
+        return Ok(Outcome::Failed(format!(
+            "workflow {} {}: {}",
+            w.id, w.state, w.message
+        )));
+    }
+
+    // Outputs: files downloaded into --outdir, values read by their type.
+    let outdir = match &args.outdir {
+        Some(d) => d.clone(),
+        None => std::env::current_dir()?,
+    };
+    std::fs::create_dir_all(&outdir)
+        .with_context(|| format!("cannot create --outdir {}", outdir.display()))?;
+    let outdir = std::path::absolute(&outdir)?;
+    let mut result = Map::new();
+    for (id, ty) in &outputs {
+        let text = w.outputs.get(id).cloned().unwrap_or_else(|| "null".into());
+        let v = match files_of(&text) {
+            Files::One(f) => place(ctx, &f, &outdir).await?,
+            Files::Many(list) => {
+                let mut out = Vec::new();
+                for f in &list {
+                    out.push(place(ctx, f, &outdir).await?);
+                }
+                Value::Array(out)
+            }
+            Files::None if text == "null" => Value::Null,
+            Files::None => from_text(ty, &text, &names).unwrap_or(Value::String(text)),
+        };
+        result.insert(id.clone(), v);
+    }
+    Ok(Outcome::Done(Value::Object(result)))
+}
+
+/// Downloads a file into `outdir` (under a numbered directory when the
+/// name is taken) and describes it as a CWL File.
+async fn place(
+    ctx: &Context,
+    f: &caroni_types::file::FileRef,
+    outdir: &Path,
+) -> anyhow::Result<Value> {
+    let mut to = outdir.join(&f.basename);
+    let mut n = 1;
+    while to.exists() {
+        to = outdir.join(n.to_string()).join(&f.basename);
+        n += 1;
+    }
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    crate::files::download(ctx, f, &to).await?;
+    let mut v = json!({"class": "File", "location": format!("file://{}", to.display())});
+    caroni_cwl_exec::files::fill(&mut v, outdir, true, None)?;
+    Ok(v)
+}

@@ -1,0 +1,181 @@
+//! Real CWL CommandLineTools on this host (`--cwl-tools local`): the tool
+//! the job carries is run by `caroni-cwl-exec` in a fresh directory
+//! `<work>/cwl/<job id>`, with File inputs staged from the blob store
+//! under `inputs/` and the tool's output directory `out/`. Values arrive
+//! as text and are read by the tool's declared types; outputs leave as
+//! text, File outputs stored in the blob store as for every executor.
+//!
+//! Left out for now: secondary files of File values, Files inside records,
+//! Directories (refused by the manager), and running tools in Docker.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use caroni_blob::Blobs;
+use caroni_cwl_exec::types::{from_text, Names};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::output::{failed, failed_as, tail};
+use super::RunSpec;
+use crate::machine::{Failure, RunResult};
+
+/// Runs CWL tools under `work_root`.
+#[derive(Clone, Debug)]
+pub struct CwlExecutor {
+    work_root: PathBuf,
+    blobs: Option<Blobs>,
+}
+
+impl CwlExecutor {
+    /// Working directories go under `work_root`.
+    pub fn new(work_root: PathBuf, blobs: Option<Blobs>) -> Self {
+        Self { work_root, blobs }
+    }
+
+    /// Runs the job's tool until it ends, its time is up or `cancel` fires.
+    pub async fn run(&self, spec: RunSpec, cancel: CancellationToken) -> RunResult {
+        let stop = Arc::new(AtomicBool::new(false));
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let (stop, timed_out, timeout) = (stop.clone(), timed_out.clone(), spec.timeout);
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = tokio::time::sleep(timeout) => timed_out.store(true, Ordering::Relaxed),
+                }
+                stop.store(true, Ordering::Relaxed);
+            })
+        };
+        let dir = self.work_root.join(spec.job_id.to_string());
+        let blobs = self.blobs.clone();
+        let timeout = spec.timeout;
+        let r = tokio::task::spawn_blocking(move || run_blocking(&spec, &dir, blobs, stop)).await;
+        watcher.abort();
+        match r {
+            Ok(r) if timed_out.load(Ordering::Relaxed) => match r {
+                RunResult::Failed { stderr_tail, .. } => RunResult::Failed {
+                    message: format!("timed out after {} s", timeout.as_secs()),
+                    exit_status: None,
+                    stderr_tail,
+                    kind: Failure::Timeout,
+                },
+                done => done,
+            },
+            Ok(r) => r,
+            Err(e) => failed(format!("the run was lost: {e}"), None, b""),
+        }
+    }
+}
+
+fn run_blocking(
+    spec: &RunSpec,
+    dir: &std::path::Path,
+    blobs: Option<Blobs>,
+    stop: Arc<AtomicBool>,
+) -> RunResult {
+    let tool: Value = match spec.cwl_tool.as_deref().map(serde_json::from_str) {
+        Some(Ok(t)) => t,
+        Some(Err(e)) => return failed(format!("the job's CWL tool is not JSON: {e}"), None, b""),
+        None => return failed("the job carries no CWL tool".into(), None, b""),
+    };
+    let _ = std::fs::remove_dir_all(dir);
+    let (inputs_dir, outdir, tmpdir) = (dir.join("inputs"), dir.join("out"), dir.join("tmp"));
+    for d in [&inputs_dir, &outdir, &tmpdir] {
+        if let Err(e) = std::fs::create_dir_all(d) {
+            return failed(format!("cannot create {}: {e}", d.display()), None, b"");
+        }
+    }
+    let staged = match super::files::stage(blobs.as_ref(), &spec.inputs, &inputs_dir, &inputs_dir) {
+        Ok(s) => s,
+        Err(e) => return failed(e.to_string(), None, b""),
+    };
+    let names = Names::of(&tool);
+    let mut order = serde_json::Map::new();
+    for p in tool
+        .get("inputs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(id) = p.get("id").and_then(Value::as_str) else {
+            continue;
+        };
+        let ty = p
+            .get("type")
+            .cloned()
+            .unwrap_or(Value::String("Any".into()));
+        let v = match (staged.get(id), spec.inputs.get(id)) {
+            (Some((_, with_path)), _) => serde_json::from_str(with_path).unwrap_or(Value::Null),
+            (None, None) => Value::Null,
+            (None, Some(text)) if text == "null" => Value::Null,
+            (None, Some(text)) => match from_text(&ty, text, &names) {
+                Ok(v) => v,
+                Err(why) => return failed(format!("input `{id}`: {why}"), None, b""),
+            },
+        };
+        order.insert(id.to_string(), v);
+    }
+    let stderr_log = tmpdir.join("caroni-stderr.log");
+    let opts = caroni_cwl_exec::Options {
+        outdir: outdir.clone(),
+        tmpdir: tmpdir.clone(),
+        limits: caroni_cwl_exec::expr::Limits::default(),
+        path_env: super::output::JOB_PATH.to_string(),
+        checksums: false,
+        cancel: Some(stop),
+        stderr_to: Some(stderr_log.clone()),
+    };
+    let order = Value::Object(order);
+    let result = caroni_cwl_exec::run(
+        &caroni_cwl_exec::Job {
+            process: &tool,
+            process_dir: dir,
+            inputs: &order,
+            inputs_dir: &inputs_dir,
+        },
+        &opts,
+    );
+    let stderr = std::fs::read(&stderr_log).unwrap_or_default();
+    let out = match result {
+        Ok(out) => out,
+        Err(caroni_cwl_exec::ToolError::Exit { code, .. }) => {
+            return failed(
+                format!("the tool exited with status {code}"),
+                Some(code),
+                &stderr,
+            )
+        }
+        Err(caroni_cwl_exec::ToolError::Cancelled) => {
+            return failed_as(Failure::Killed, "stopped".into(), None, &stderr)
+        }
+        Err(e) => return failed(e.to_string(), None, &stderr),
+    };
+    let mut outputs = BTreeMap::new();
+    for name in &spec.outputs {
+        let v = out.get(name).cloned().unwrap_or(Value::Null);
+        let text = match &v {
+            Value::String(s)
+                if caroni_types::file::files_of(s) != caroni_types::file::Files::None =>
+            {
+                return failed(
+                    format!("output `{name}`: a string shaped like a file reference is not a file"),
+                    Some(0),
+                    &stderr,
+                )
+            }
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        outputs.insert(name.clone(), text);
+    }
+    match super::files::collect(blobs.as_ref(), &mut outputs, dir, None) {
+        Ok(()) => RunResult::Completed {
+            outputs,
+            stderr_tail: tail(&stderr),
+        },
+        Err(e) => failed_as(Failure::Output, e.to_string(), Some(0), &stderr),
+    }
+}

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The CWL v1.2 conformance suite over a real mesh: one manager and two
+# agents as separate caroni-node processes on loopback (agents with
+# --cwl-tools local), driven by cwltest (PyPI) through
+# `caroni --node … cwl-runner`. Prints passed / failed / unsupported per tag
+# and in total, and writes a JUnit report.
+#
+#   scripts/conformance.sh [--tags TAGS] [-j N] [--junit FILE]
+#
+# The suite is read where it is: CWL_CONFORMANCE (default ../shared/cwl-v1.2
+# next to this repository); nothing of it is copied here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+target="${CARGO_TARGET_DIR:-$repo/target}"
+bin="${CARONI_BIN_DIR:-$target/debug}"
+suite="${CWL_CONFORMANCE:-$repo/../shared/cwl-v1.2}"
+tags=""
+jobs=2
+junit="$repo/conformance-results.xml"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --tags) tags="$2"; shift 2 ;;
+    -j) jobs="$2"; shift 2 ;;
+    --junit) junit="$2"; shift 2 ;;
+    *) echo "conformance: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+[ -f "$suite/conformance_tests.yaml" ] || { echo "conformance: no suite at $suite (set CWL_CONFORMANCE)" >&2; exit 2; }
+[ -x "$bin/caroni-node" ] && [ -x "$bin/caroni" ] || { echo "conformance: build first (cargo build --workspace --bins)" >&2; exit 2; }
+
+work=$(mktemp -d /tmp/caroni-conformance.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+venv="${CWLTEST_VENV:-/var/cache/caroni-cwltest-venv}"
+if [ ! -x "$venv/bin/cwltest" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "cwltest==2.6.*"
+fi
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+start_node() { # name role extra...
+  local name=$1 role=$2; shift 2
+  local api; api=$(free_port)
+  local p2p; p2p=$(free_port)
+  RUST_LOG=warn "$bin/caroni-node" --data-dir "$work/$name" --role "$role" \
+    --api-listen "127.0.0.1:$api" --peer-listen "127.0.0.1:$(free_port)" \
+    --p2p-listen "/ip4/127.0.0.1/tcp/$p2p" --mdns false --console-listen off "$@" \
+    >"$work/$name.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 1 600); do
+    "$bin/caroni" --node "http://127.0.0.1:$api" node info >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  "$bin/caroni" --node "http://127.0.0.1:$api" node info >/dev/null
+  eval "${name}_api=$api ${name}_p2p=$p2p"
+}
+start_node manager manager
+start_node agent1 agent --cwl-tools local --bootstrap "/ip4/127.0.0.1/tcp/$manager_p2p"
+start_node agent2 agent --cwl-tools local --bootstrap "/ip4/127.0.0.1/tcp/$manager_p2p"
+
+runner="$work/caroni-cwl-runner"
+cat >"$runner" <<RUNNER
+#!/bin/sh
+exec "$bin/caroni" --node "http://127.0.0.1:$manager_api" cwl-runner "\$@"
+RUNNER
+chmod +x "$runner"
+
+args=(--test conformance_tests.yaml --tool "$runner" -j "$jobs" --timeout 300 --junit-xml "$junit")
+[ -n "$tags" ] && args+=(--tags "$tags")
+start=$(date +%s)
+set +e
+(cd "$suite" && "$venv/bin/cwltest" "${args[@]}") >"$work/cwltest.log" 2>&1
+rc=$?
+set -e
+end=$(date +%s)
+tail -n 1 "$work/cwltest.log"
+python3 "$repo/scripts/conformance_counts.py" "$junit"
+echo "wall time: $((end - start)) s (-j $jobs)"
+[ -n "${CONFORMANCE_LOG:-}" ] && cp "$work/cwltest.log" "$CONFORMANCE_LOG"
+exit 0

@@ -1,0 +1,151 @@
+//! Real CWL CommandLineTools on the mesh, with real `caroni-node`
+//! processes: `caroni cwl-runner` runs a tool on an agent that opted in
+//! (`--cwl-tools local`), with a file going in and out through the data
+//! plane; an agent that did not opt in declines with its reason.
+
+use std::path::Path;
+use std::time::Duration;
+
+use caroni_tests::{run_bounded, step, NodeProc};
+
+const WC_TOOL: &str = r#"
+cwlVersion: v1.2
+class: CommandLineTool
+baseCommand: [wc, -l]
+inputs:
+  text:
+    type: File
+    inputBinding: {position: 1}
+  label:
+    type: string
+    default: lines
+outputs:
+  counted:
+    type: stdout
+  label_back:
+    type: string
+    outputBinding:
+      outputEval: $(inputs.label)
+stdout: count.txt
+"#;
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write");
+    p.to_string_lossy().into_owned()
+}
+
+#[test]
+fn cwl_runner_runs_a_tool_on_an_agent_that_runs_cwl_tools() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manager = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
+    let _agent = NodeProc::agent_of(&manager, &dir.path().join("a"), &["--cwl-tools", "local"])
+        .expect("agent");
+    let tool = write(dir.path(), "wc.cwl", WC_TOOL);
+    write(dir.path(), "poem.txt", "one\ntwo\nthree\n");
+    let job = write(
+        dir.path(),
+        "job.yml",
+        "text: {class: File, location: poem.txt}\n",
+    );
+    let outdir = dir.path().join("out");
+    let mut cmd = manager.cli_command();
+    cmd.args(["cwl-runner", "--quiet", "--outdir"])
+        .arg(&outdir)
+        .args([&tool, &job]);
+    let out = run_bounded(cmd, Duration::from_secs(120)).expect("cwl-runner");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        manager.log_text()
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the output object");
+    assert_eq!(
+        v["label_back"], "lines",
+        "the tool's default applied: {v:#}"
+    );
+    let counted = &v["counted"];
+    assert_eq!(counted["class"], "File");
+    assert_eq!(counted["basename"], "count.txt");
+    let path = counted["path"].as_str().expect("path");
+    assert!(path.starts_with(&*outdir.to_string_lossy()), "{path}");
+    let text = std::fs::read_to_string(path).expect("downloaded");
+    assert!(text.starts_with("3 "), "{text:?}");
+    assert!(
+        counted["checksum"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("sha1$"),
+        "{counted}"
+    );
+}
+
+#[test]
+fn an_agent_that_does_not_run_cwl_tools_declines_with_its_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manager = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
+    let _agent = NodeProc::agent_of(&manager, &dir.path().join("a"), &[]).expect("agent");
+    let template = write(
+        dir.path(),
+        "wf.cwl",
+        r#"
+cwlVersion: v1.2
+class: Workflow
+inputs:
+  word: string
+outputs:
+  said:
+    type: File
+    outputSource: echo/said
+steps:
+  echo:
+    run:
+      class: CommandLineTool
+      baseCommand: echo
+      inputs:
+        word: {type: string, inputBinding: {}}
+      outputs:
+        said: stdout
+    in: {word: word}
+    out: [said]
+"#,
+    );
+    manager.ok(&["template", "add", "echo_tool", &template]);
+    let id = manager.run("echo_tool", &["word=hi"]);
+    let w = manager.wait_until(&id, Duration::from_secs(60), "a decline", |w| {
+        w.to_string().contains("--cwl-tools off")
+    });
+    let echo = step(&w, "echo").to_string();
+    assert!(echo.contains("does not run CWL tools"), "{echo}");
+    manager.ok(&["workflow", "cancel", &id]);
+}
+
+#[test]
+fn a_template_with_a_real_tool_is_checked_when_added() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manager = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
+    let template = write(
+        dir.path(),
+        "wf.cwl",
+        r#"
+cwlVersion: v1.2
+class: Workflow
+inputs:
+  d: Directory
+outputs: []
+steps:
+  ls:
+    run:
+      class: CommandLineTool
+      baseCommand: ls
+      inputs:
+        d: {type: Directory, inputBinding: {}}
+      outputs: []
+    in: {d: d}
+    out: []
+"#,
+    );
+    let e = manager.fails(&["template", "add", "ls_tool", &template]);
+    assert!(e.contains("Directory"), "{e}");
+}
