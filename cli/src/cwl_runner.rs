@@ -104,7 +104,9 @@ fn carried(t: &Value) -> Carried {
         other => vec![other],
     };
     match branches.as_slice() {
-        [Value::String(s)] if s == "File" || s == "stdout" || s == "stderr" => Carried::File,
+        [Value::String(s)] if matches!(s.as_str(), "File" | "stdin" | "stdout" | "stderr") => {
+            Carried::File
+        }
         [Value::Object(o)]
             if o.get("type").and_then(Value::as_str) == Some("array")
                 && o.get("items").and_then(Value::as_str) == Some("File") =>
@@ -182,6 +184,8 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
     let mut inputs = std::collections::HashMap::new();
     let mut wf_inputs = Map::new();
     let mut step_in = Map::new();
+    // The values given, for the output formats the runner computes.
+    let mut given = Map::new();
     let defaults: Map<String, Value> = tool
         .get("inputs")
         .and_then(Value::as_array)
@@ -227,9 +231,13 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
             Carried::Files => json!({"type": "array", "items": "File"}),
             Carried::Text => json!("string"),
         };
-        wf_inputs.insert(id.clone(), json!({ "type": wf_type }));
-        step_in.insert(id.clone(), json!(id));
-        inputs.insert(id, text);
+        // Workflow inputs get a prefix: a tool may name an input and an
+        // output alike, a workflow may not.
+        let wf_id = format!("in_{id}");
+        wf_inputs.insert(wf_id.clone(), json!({ "type": wf_type }));
+        step_in.insert(id.clone(), json!(wf_id));
+        inputs.insert(wf_id, text);
+        given.insert(id, v.clone());
     }
     let outputs = params(&tool, "outputs");
     let mut wf_outputs = Map::new();
@@ -319,6 +327,33 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
     std::fs::create_dir_all(&outdir)
         .with_context(|| format!("cannot create --outdir {}", outdir.display()))?;
     let outdir = std::path::absolute(&outdir)?;
+    // A File's `format` does not travel with it: the runner computes the
+    // declared one from the inputs, as the tool would.
+    let mut ev = caroni_cwl_exec::expr::Evaluator::new(
+        caroni_cwl_exec::load::requirement(&tool, "InlineJavascriptRequirement").is_some(),
+        caroni_cwl_exec::load::requirement(&tool, "InlineJavascriptRequirement")
+            .and_then(|r| r.get("expressionLib"))
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        caroni_cwl_exec::expr::Limits::default(),
+    );
+    let mut with_defaults = given.clone();
+    for (k, d) in &defaults {
+        with_defaults.entry(k.clone()).or_insert_with(|| d.clone());
+    }
+    ev.set_inputs(Value::Object(with_defaults));
+    let formats: Map<String, Value> = tool
+        .get("outputs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| Some((p.get("id")?.as_str()?.to_string(), p.get("format")?.clone())))
+        .collect();
     let mut result = Map::new();
     for (id, ty) in &outputs {
         let text = w.outputs.get(id).cloned().unwrap_or_else(|| "null".into());
@@ -334,9 +369,33 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
             Files::None if text == "null" => Value::Null,
             Files::None => from_text(ty, &text, &names).unwrap_or(Value::String(text)),
         };
+        let mut v = v;
+        if let Some(f) = formats.get(id) {
+            if let Ok(Value::String(f)) = ev.eval(f, &v) {
+                let f = expand_format(&tool, &f);
+                let _ = caroni_cwl_exec::files::visit_mut(&mut v, &mut |file| {
+                    file["format"] = Value::String(f.clone());
+                    Ok(())
+                });
+            }
+        }
         result.insert(id.clone(), v);
     }
     Ok(Outcome::Done(Value::Object(result)))
+}
+
+/// `prefix:name` expanded with the document's `$namespaces`.
+fn expand_format(tool: &Value, f: &str) -> String {
+    if let Some((prefix, rest)) = f.split_once(':') {
+        if let Some(ns) = tool
+            .get("$namespaces")
+            .and_then(|n| n.get(prefix))
+            .and_then(Value::as_str)
+        {
+            return format!("{ns}{rest}");
+        }
+    }
+    f.to_string()
 }
 
 /// Downloads a file into `outdir` (under a numbered directory when the

@@ -451,6 +451,26 @@ impl Evaluator {
         }
     }
 
+    /// Evaluates `v` as [`Evaluator::eval`] does, but blanks around a lone
+    /// expression make it text (an InitialWorkDir entry keeps its
+    /// trailing newline).
+    pub fn eval_exact(&mut self, v: &Value, this: &Value) -> Result<Value, ExprError> {
+        match v {
+            Value::String(s) if s.trim() != s.as_str() && has_expression(s) => {
+                let pieces = scan(s, self.js_wanted)?;
+                let mut out = String::new();
+                for p in &pieces {
+                    match p {
+                        Piece::Text(t) => out.push_str(t),
+                        other => out.push_str(&to_text(&self.piece(other, this)?)),
+                    }
+                }
+                Ok(Value::String(out))
+            }
+            other => self.eval(other, this),
+        }
+    }
+
     /// Interpolates `s`: one expression alone gives its value; expressions
     /// inside text are written into it.
     pub fn interpolate(&mut self, s: &str, this: &Value) -> Result<Value, ExprError> {

@@ -649,22 +649,15 @@ fn initial_workdir(
             let raw = e.get("entry").cloned().unwrap_or(Value::Null);
             let value = match &raw {
                 Value::String(s) if crate::expr::has_expression(s) => {
-                    let v = ev.eval(&raw, &Value::Null)?;
-                    // A whole-expression entry that is not a string nor a
-                    // file is written as JSON.
+                    let v = ev.eval_exact(&raw, &Value::Null)?;
+                    // An entry that gives neither text nor files is written
+                    // as JSON (CWL v1.2).
+                    let files = |x: &Value| x.get("class").is_some();
                     match v {
                         Value::String(_) | Value::Null => v,
-                        ref o if o.get("class").is_some() => v,
-                        Value::Array(ref a)
-                            if a.iter().all(|x| x.get("class").is_some()) && !a.is_empty() =>
-                        {
-                            v
-                        }
-                        other => Value::String(
-                            crate::expr::python_json(&other)
-                                .replace(", ", ",")
-                                .replace(": ", ":"),
-                        ),
+                        ref o if files(o) => v,
+                        Value::Array(ref a) if !a.is_empty() && a.iter().all(files) => v,
+                        other => Value::String(crate::expr::python_json(&other)),
                     }
                 }
                 other => other.clone(),

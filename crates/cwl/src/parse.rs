@@ -841,7 +841,7 @@ fn real_kind(t: &serde_json::Value, at: &str) -> Result<Kind, Error> {
         ));
     }
     match branches.as_slice() {
-        [J::String(s)] if s == "File" => Ok(Kind::File),
+        [J::String(s)] if s == "File" || s == "stdin" => Ok(Kind::File),
         [J::Object(o)]
             if o.get("type").and_then(J::as_str) == Some("array")
                 && o.get("items").and_then(J::as_str) == Some("File") =>
