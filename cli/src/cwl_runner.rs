@@ -167,15 +167,17 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
     let tool = caroni_cwl_exec::run::with_job_requirements(&loaded.process, &job);
     match tool.get("class").and_then(Value::as_str) {
         Some("CommandLineTool") => {}
-        Some(other) => {
-            return Ok(Outcome::Unsupported(format!(
-                "running a {other} (only CommandLineTools run on the mesh yet)"
-            )))
-        }
+        Some("Workflow") => {}
+        Some(other) => return Ok(Outcome::Unsupported(format!(
+            "running a {other} (only CommandLineTools and Workflows of them run on the mesh yet)"
+        ))),
         None => return Ok(Outcome::Failed("the document has no `class`".into())),
     }
-    if let Err(e) = caroni_cwl_exec::run::check_requirements(&tool) {
-        return Ok(Outcome::Unsupported(e.to_string()));
+    let is_workflow = tool.get("class").and_then(Value::as_str) == Some("Workflow");
+    if !is_workflow {
+        if let Err(e) = caroni_cwl_exec::run::check_requirements(&tool) {
+            return Ok(Outcome::Unsupported(e.to_string()));
+        }
     }
     let names = Names::of(&tool);
     let scratch = tempfile::tempdir()?;
@@ -204,10 +206,19 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
         let (v, base) = match job.get(&id).filter(|v| !v.is_null()) {
             Some(v) => (v, job_dir.as_path()),
             None => match defaults.get(&id) {
-                Some(d) if carried(&ty) != Carried::Text => (d, loaded.dir.as_path()),
+                Some(d) if carried(&ty) != Carried::Text || is_workflow => {
+                    (d, loaded.dir.as_path())
+                }
+                _ if is_workflow => (&Value::Null, job_dir.as_path()),
                 _ => continue,
             },
         };
+        if v.is_null() {
+            // An absent workflow input: null, which its steps' tools
+            // read as "not given".
+            wf_inputs.insert(id.clone(), json!({"type": "string", "default": "null"}));
+            continue;
+        }
         let text = match carried(&ty) {
             Carried::File => {
                 let p = local_file(v, base, scratch.path())?;
@@ -233,7 +244,11 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
         };
         // Workflow inputs get a prefix: a tool may name an input and an
         // output alike, a workflow may not.
-        let wf_id = format!("in_{id}");
+        let wf_id = if is_workflow {
+            id.clone()
+        } else {
+            format!("in_{id}")
+        };
         wf_inputs.insert(wf_id.clone(), json!({ "type": wf_type }));
         step_in.insert(id.clone(), json!(wf_id));
         inputs.insert(wf_id, text);
@@ -257,20 +272,27 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
         m.remove("cwlVersion");
         m.remove("$schemas");
     }
-    let template = serde_yaml_ng::to_string(&json!({
-        "cwlVersion": "v1.2",
-        "class": "Workflow",
-        "inputs": wf_inputs,
-        "outputs": wf_outputs,
-        "steps": {
-            "tool": {
-                "run": run_tool,
-                "in": step_in,
-                "out": outputs.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
-            }
+    let template = if is_workflow {
+        match workflow_template(&tool, wf_inputs) {
+            Ok(t) => serde_yaml_ng::to_string(&t).context("cannot write the template")?,
+            Err(why) => return Ok(Outcome::Unsupported(why)),
         }
-    }))
-    .context("cannot write the template")?;
+    } else {
+        serde_yaml_ng::to_string(&json!({
+            "cwlVersion": "v1.2",
+            "class": "Workflow",
+            "inputs": wf_inputs,
+            "outputs": wf_outputs,
+            "steps": {
+                "tool": {
+                    "run": run_tool,
+                    "in": step_in,
+                    "out": outputs.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
+                }
+            }
+        }))
+        .context("cannot write the template")?
+    };
     let name = format!(
         "cwl_{}",
         &caroni_types::file::hex(&<sha2::Sha256 as sha2::Digest>::digest(template.as_bytes()))
@@ -382,6 +404,203 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
         result.insert(id.clone(), v);
     }
     Ok(Outcome::Done(Value::Object(result)))
+}
+
+/// Requirements a Workflow states for its steps' tools (they inherit
+/// them); the rest (features of the workflow itself) stay where they are.
+const INHERITED: &[&str] = &[
+    "InlineJavascriptRequirement",
+    "SchemaDefRequirement",
+    "ShellCommandRequirement",
+    "InitialWorkDirRequirement",
+    "EnvVarRequirement",
+    "ResourceRequirement",
+    "ToolTimeLimit",
+    "NetworkAccess",
+    "DockerRequirement",
+    "SoftwareRequirement",
+    "LoadListingRequirement",
+    "WorkReuse",
+    "InplaceUpdateRequirement",
+];
+
+/// A source as a template names it: `x` (a workflow input) or
+/// `step/output`, whatever prefix the document gave it.
+fn short_source(s: &str, steps: &[String]) -> String {
+    let s = s.rsplit_once('#').map_or(s, |(_, f)| f);
+    let parts: Vec<&str> = s.split('/').collect();
+    if parts.len() >= 2 && steps.iter().any(|st| st == parts[parts.len() - 2]) {
+        format!("{}/{}", parts[parts.len() - 2], parts[parts.len() - 1])
+    } else {
+        parts.last().map(|p| p.to_string()).unwrap_or_default()
+    }
+}
+
+/// A loaded Workflow as a template: inputs and outputs by what they carry,
+/// tools inline with the requirements they inherit. Features the template
+/// dialect refuses (scatter, conditionals, multiple sources, expressions
+/// on steps) reach the manager, which says they are not supported.
+fn workflow_template(wf: &Value, inputs: Map<String, Value>) -> Result<Value, String> {
+    let steps = wf
+        .get("steps")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let step_ids: Vec<String> = steps
+        .iter()
+        .filter_map(|s| s.get("id").and_then(Value::as_str).map(str::to_string))
+        .collect();
+    let mut inherited: Vec<Value> = Vec::new();
+    let mut kept = Map::new();
+    for k in ["requirements", "hints"] {
+        let mut stay = Vec::new();
+        for r in wf.get(k).and_then(Value::as_array).into_iter().flatten() {
+            let class = r.get("class").and_then(Value::as_str).unwrap_or("");
+            if INHERITED.contains(&class) {
+                inherited.push(r.clone());
+            } else {
+                stay.push(r.clone());
+            }
+        }
+        if !stay.is_empty() {
+            kept.insert(k.to_string(), Value::Array(stay));
+        }
+    }
+    let mut out_steps = Map::new();
+    for s in &steps {
+        let id = s
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let mut run = s.get("run").cloned().unwrap_or(Value::Null);
+        if run.get("class").and_then(Value::as_str) == Some("Workflow") {
+            return Err(format!("step `{id}` runs a sub-workflow"));
+        }
+        if let Value::Object(m) = &mut run {
+            m.remove("cwlVersion");
+            m.remove("$dir");
+            // The step's and the workflow's requirements reach its tool,
+            // nearest first; the tool's own win.
+            let mut reqs: Vec<Value> = m
+                .get("requirements")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let step_reqs = s
+                .get("requirements")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            for r in step_reqs.iter().chain(inherited.iter()) {
+                let class = r.get("class").and_then(Value::as_str).unwrap_or("");
+                if INHERITED.contains(&class)
+                    && !reqs
+                        .iter()
+                        .any(|x| x.get("class").and_then(Value::as_str) == Some(class))
+                {
+                    reqs.push(r.clone());
+                }
+            }
+            m.insert("requirements".into(), Value::Array(reqs));
+            if let Some(ns) = wf.get("$namespaces") {
+                m.entry("$namespaces").or_insert(ns.clone());
+            }
+        }
+        let mut ins = Map::new();
+        for i in s.get("in").and_then(Value::as_array).into_iter().flatten() {
+            let Some(name) = i.get("id").and_then(Value::as_str) else {
+                continue;
+            };
+            let mut b = Map::new();
+            match i.get("source") {
+                Some(Value::String(src)) => {
+                    b.insert("source".into(), json!(short_source(src, &step_ids)));
+                }
+                Some(Value::Array(list)) if list.len() == 1 => {
+                    if let Some(src) = list[0].as_str() {
+                        b.insert("source".into(), json!(short_source(src, &step_ids)));
+                    }
+                }
+                Some(other) => {
+                    b.insert("source".into(), other.clone());
+                }
+                None => {}
+            }
+            if let Some(d) = i.get("default") {
+                b.insert(
+                    "default".into(),
+                    match d {
+                        Value::String(_) => d.clone(),
+                        other => json!(other.to_string()),
+                    },
+                );
+            }
+            for k in ["valueFrom", "linkMerge", "pickValue", "loadContents"] {
+                if let Some(v) = i.get(k) {
+                    b.insert(k.into(), v.clone());
+                }
+            }
+            ins.insert(name.to_string(), Value::Object(b));
+        }
+        let mut step = Map::new();
+        step.insert("run".into(), run);
+        step.insert("in".into(), Value::Object(ins));
+        step.insert("out".into(), s.get("out").cloned().unwrap_or(json!([])));
+        for k in ["scatter", "scatterMethod", "when"] {
+            if let Some(v) = s.get(k) {
+                step.insert(k.into(), v.clone());
+            }
+        }
+        if let Some(Value::Array(r)) = s.get("requirements") {
+            let features: Vec<Value> = r
+                .iter()
+                .filter(|x| {
+                    !INHERITED.contains(&x.get("class").and_then(Value::as_str).unwrap_or(""))
+                })
+                .cloned()
+                .collect();
+            if !features.is_empty() {
+                step.insert("requirements".into(), Value::Array(features));
+            }
+        }
+        out_steps.insert(id, Value::Object(step));
+    }
+    let mut outs = Map::new();
+    for o in wf
+        .get("outputs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(id) = o.get("id").and_then(Value::as_str) else {
+            continue;
+        };
+        let t = match carried(o.get("type").unwrap_or(&Value::Null)) {
+            Carried::File => json!("File"),
+            Carried::Files => json!({"type": "array", "items": "File"}),
+            Carried::Text => json!("string"),
+        };
+        let source = match o.get("outputSource") {
+            Some(Value::String(s)) => json!(short_source(s, &step_ids)),
+            Some(Value::Array(l)) if l.len() == 1 => {
+                json!(short_source(l[0].as_str().unwrap_or(""), &step_ids))
+            }
+            Some(other) => other.clone(),
+            None => return Err(format!("workflow output `{id}` has no outputSource")),
+        };
+        outs.insert(id.to_string(), json!({"type": t, "outputSource": source}));
+    }
+    let mut t = Map::new();
+    t.insert("cwlVersion".into(), json!("v1.2"));
+    t.insert("class".into(), json!("Workflow"));
+    t.insert("inputs".into(), Value::Object(inputs));
+    t.insert("outputs".into(), Value::Object(outs));
+    t.insert("steps".into(), Value::Object(out_steps));
+    for (k, v) in kept {
+        t.insert(k, v);
+    }
+    Ok(Value::Object(t))
 }
 
 /// `prefix:name` expanded with the document's `$namespaces`.

@@ -149,3 +149,49 @@ steps:
     let e = manager.fails(&["template", "add", "ls_tool", &template]);
     assert!(e.contains("Directory"), "{e}");
 }
+
+#[test]
+fn cwl_runner_runs_a_workflow_of_tools_in_other_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manager = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
+    let _a1 = NodeProc::agent_of(&manager, &dir.path().join("a1"), &["--cwl-tools", "local"])
+        .expect("agent 1");
+    let _a2 = NodeProc::agent_of(&manager, &dir.path().join("a2"), &["--cwl-tools", "local"])
+        .expect("agent 2");
+    write(
+        dir.path(),
+        "rev.cwl",
+        "cwlVersion: v1.2\nclass: CommandLineTool\nbaseCommand: rev\ninputs:\n  f: {type: File, inputBinding: {}}\noutputs:\n  out: stdout\nstdout: rev.txt\n",
+    );
+    write(
+        dir.path(),
+        "sort.cwl",
+        "cwlVersion: v1.2\nclass: CommandLineTool\nbaseCommand: sort\nrequirements:\n  InlineJavascriptRequirement: {}\ninputs:\n  f: {type: File, inputBinding: {position: 2}}\n  reverse: {type: boolean, inputBinding: {position: 1, prefix: -r}}\noutputs:\n  out: stdout\nstdout: $(inputs.f.nameroot + '.sorted')\n",
+    );
+    let wf = write(
+        dir.path(),
+        "wf.cwl",
+        "cwlVersion: v1.2\nclass: Workflow\ninputs:\n  text: File\n  descending: boolean\noutputs:\n  result: {type: File, outputSource: sorted/out}\nsteps:\n  reversed:\n    run: rev.cwl\n    in: {f: text}\n    out: [out]\n  sorted:\n    run: sort.cwl\n    in: {f: reversed/out, reverse: descending}\n    out: [out]\n",
+    );
+    write(dir.path(), "words.txt", "abc\nxyz\nmno\n");
+    let job = write(
+        dir.path(),
+        "job.json",
+        r#"{"text": {"class": "File", "path": "words.txt"}, "descending": true}"#,
+    );
+    let outdir = dir.path().join("out");
+    let mut cmd = manager.cli_command();
+    cmd.args(["cwl-runner", "--quiet", "--outdir"])
+        .arg(&outdir)
+        .args([&wf, &job]);
+    let out = run_bounded(cmd, Duration::from_secs(120)).expect("cwl-runner");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the output object");
+    assert_eq!(v["result"]["basename"], "rev.sorted", "{v:#}");
+    let text = std::fs::read_to_string(v["result"]["path"].as_str().expect("path")).expect("read");
+    assert_eq!(text, "zyx\nonm\ncba\n");
+}
