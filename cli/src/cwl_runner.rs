@@ -168,9 +168,11 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
     match tool.get("class").and_then(Value::as_str) {
         Some("CommandLineTool") => {}
         Some("Workflow") => {}
-        Some(other) => return Ok(Outcome::Unsupported(format!(
+        Some(other) => {
+            return Ok(Outcome::Unsupported(format!(
             "running a {other} (only CommandLineTools and Workflows of them run on the mesh yet)"
-        ))),
+        )))
+        }
         None => return Ok(Outcome::Failed("the document has no `class`".into())),
     }
     let is_workflow = tool.get("class").and_then(Value::as_str) == Some("Workflow");

@@ -696,6 +696,11 @@ fn step(e: &Entry<'_>) -> Result<(Step, BTreeMap<String, bool>), Error> {
 
     let (inputs, outputs, output_kinds) = match (tool_inputs, tool_outputs) {
         (Some(tin), Some(tout)) => {
+            if cwl_tool.is_some() {
+                // CWL: a step input the tool does not declare is not
+                // passed to it.
+                bindings.retain(|name, _| tin.iter().any(|(n, _, _)| n == name));
+            }
             for name in bindings.keys() {
                 if !tin.iter().any(|(n, _, _)| n == name) {
                     return Err(invalid(

@@ -153,6 +153,13 @@ fn run_blocking(
         }
         Err(e) => return failed(e.to_string(), None, &stderr),
     };
+    let output_types: BTreeMap<String, Value> = tool
+        .get("outputs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| Some((p.get("id")?.as_str()?.to_string(), p.get("type")?.clone())))
+        .collect();
     let mut outputs = BTreeMap::new();
     for name in &spec.outputs {
         let v = out.get(name).cloned().unwrap_or(Value::Null);
@@ -166,7 +173,16 @@ fn run_blocking(
                     &stderr,
                 )
             }
-            Value::String(s) => s.clone(),
+            // A string travels as it is where its type reads it back as
+            // that string (`string`); elsewhere (`Any`, unions) as JSON.
+            Value::String(s) => {
+                let ty = output_types.get(name).cloned().unwrap_or(Value::Null);
+                if from_text(&ty, s, &names).as_ref() == Ok(&v) {
+                    s.clone()
+                } else {
+                    v.to_string()
+                }
+            }
             other => other.to_string(),
         };
         outputs.insert(name.clone(), text);
