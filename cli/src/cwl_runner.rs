@@ -166,7 +166,7 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
     };
     let tool = caroni_cwl_exec::run::with_job_requirements(&loaded.process, &job);
     match tool.get("class").and_then(Value::as_str) {
-        Some("CommandLineTool") => {}
+        Some("CommandLineTool" | "ExpressionTool") => {}
         Some("Workflow") => {}
         Some(other) => {
             return Ok(Outcome::Unsupported(format!(

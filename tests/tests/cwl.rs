@@ -195,3 +195,29 @@ fn cwl_runner_runs_a_workflow_of_tools_in_other_files() {
     let text = std::fs::read_to_string(v["result"]["path"].as_str().expect("path")).expect("read");
     assert_eq!(text, "zyx\nonm\ncba\n");
 }
+
+#[test]
+fn cwl_runner_runs_an_expression_tool() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manager = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
+    let _agent = NodeProc::agent_of(&manager, &dir.path().join("a"), &["--cwl-tools", "local"])
+        .expect("agent");
+    let tool = write(
+        dir.path(),
+        "sum.cwl",
+        "cwlVersion: v1.2\nclass: ExpressionTool\nrequirements:\n  InlineJavascriptRequirement: {}\ninputs:\n  xs: int[]\noutputs:\n  total: int\n  words: string[]\nexpression: |\n  ${ return {total: inputs.xs.reduce(function (a, b) { return a + b; }, 0), words: ['a b', 'c']}; }\n",
+    );
+    let job = write(dir.path(), "job.json", r#"{"xs": [1, 2, 39]}"#);
+    let mut cmd = manager.cli_command();
+    cmd.args(["cwl-runner", "--quiet", "--outdir"])
+        .arg(dir.path().join("out"))
+        .args([&tool, &job]);
+    let out = run_bounded(cmd, Duration::from_secs(120)).expect("cwl-runner");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the output object");
+    assert_eq!(v, serde_json::json!({"total": 42, "words": ["a b", "c"]}));
+}

@@ -42,8 +42,11 @@ pub fn tool_of(kvs: &BTreeMap<String, String>) -> Result<Value, String> {
         .ok_or_else(|| format!("the request carries no CWL tool (`{CWL_TOOL_KV}`)"))?;
     let v: Value =
         serde_json::from_str(text).map_err(|e| format!("its CWL tool is not JSON: {e}"))?;
-    if v.get("class").and_then(Value::as_str) != Some("CommandLineTool") {
-        return Err("its CWL tool is not a CommandLineTool".into());
+    if !matches!(
+        v.get("class").and_then(Value::as_str),
+        Some("CommandLineTool" | "ExpressionTool")
+    ) {
+        return Err("its CWL tool is neither a CommandLineTool nor an ExpressionTool".into());
     }
     Ok(v)
 }

@@ -811,10 +811,14 @@ fn step(e: &Entry<'_>) -> Result<(Step, BTreeMap<String, bool>), Error> {
     ))
 }
 
-/// True when the step runs a real CWL CommandLineTool: its `run` is a
-/// CommandLineTool and neither it nor the step names a Caroni job type.
+/// True when the step runs a real CWL CommandLineTool or ExpressionTool
+/// (for now also run by an agent that runs CWL tools): its `run` is one
+/// and neither it nor the step names a Caroni job type.
 fn is_real_tool(step: &Mapping, tool: &Mapping, at: &str) -> Result<bool, Error> {
-    if get(tool, "class").and_then(Value::as_str) != Some("CommandLineTool") {
+    if !matches!(
+        get(tool, "class").and_then(Value::as_str),
+        Some("CommandLineTool" | "ExpressionTool")
+    ) {
         return Ok(false);
     }
     for (holder, hat) in [(step, at.to_string()), (tool, format!("{at}.run"))] {
