@@ -111,6 +111,13 @@ pub struct Config {
     /// user, each in a fresh directory.
     #[arg(long, env = "CARONI_CWL_TOOLS", default_value = "off")]
     pub cwl_tools: String,
+    /// Longest one CWL expression (JavaScript) may run before it is
+    /// stopped and its job fails: a duration such as 10s.
+    #[arg(long, env = "CARONI_CWL_EXPRESSION_TIMEOUT", default_value = "10s")]
+    pub cwl_expression_timeout: String,
+    /// Most memory one CWL tool's JavaScript may use, in bytes.
+    #[arg(long, env = "CARONI_CWL_EXPRESSION_MEMORY_BYTES", default_value_t = 256 << 20)]
+    pub cwl_expression_memory_bytes: u64,
     /// A file transfer that receives nothing for this long fails and is
     /// tried again later from where it stopped: a duration such as 30s or
     /// 2m (at least 1s).
@@ -334,6 +341,16 @@ impl Config {
         })
     }
 
+    /// `--cwl-expression-timeout` read as a duration.
+    pub fn cwl_expression_timeout(&self) -> Result<std::time::Duration, ConfigError> {
+        humantime::parse_duration(self.cwl_expression_timeout.trim()).map_err(|e| {
+            ConfigError::Invalid(format!(
+                "--cwl-expression-timeout `{}` is not a duration ({e}); write e.g. 10s or 500ms",
+                self.cwl_expression_timeout
+            ))
+        })
+    }
+
     /// `--transfer-stall-timeout` read as a duration.
     pub fn transfer_stall_timeout(&self) -> Result<std::time::Duration, ConfigError> {
         humantime::parse_duration(self.transfer_stall_timeout.trim()).map_err(|e| {
@@ -378,6 +395,12 @@ impl Config {
         }
         self.blob_retention()?;
         self.transfer_stall_timeout()?;
+        self.cwl_expression_timeout()?;
+        if self.cwl_expression_memory_bytes < 1 << 20 {
+            return Err(ConfigError::Invalid(
+                "--cwl-expression-memory-bytes must be at least 1048576 (1 MiB)".into(),
+            ));
+        }
         self.cwl_tools
             .trim()
             .parse::<caroni_agent::cwl::CwlTools>()

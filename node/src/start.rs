@@ -299,7 +299,11 @@ pub(super) async fn start_agent(
         config.data_dir.join("work"),
         store.clone(),
         Some(storage.blobs.clone()),
-    );
+    )
+    .with_cwl_limits(caroni_cwl_exec::expr::Limits {
+        time: config.cwl_expression_timeout()?,
+        memory_bytes: config.cwl_expression_memory_bytes as usize,
+    });
     executors.start().await;
     let (svc, handle) = caroni_agent::service::Service::new(
         config.agent_options(node_id),

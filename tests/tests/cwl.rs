@@ -221,3 +221,66 @@ fn cwl_runner_runs_an_expression_tool() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the output object");
     assert_eq!(v, serde_json::json!({"total": 42, "words": ["a b", "c"]}));
 }
+
+#[test]
+fn an_expression_that_never_ends_or_grows_without_bound_fails_its_job_and_the_agent_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manager = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
+    let _agent = NodeProc::agent_of(
+        &manager,
+        &dir.path().join("a"),
+        &[
+            "--cwl-tools",
+            "local",
+            "--cwl-expression-timeout",
+            "300ms",
+            "--cwl-expression-memory-bytes",
+            "16777216",
+        ],
+    )
+    .expect("agent");
+    let runner = |tool: &str| {
+        let mut cmd = manager.cli_command();
+        cmd.args(["cwl-runner", "--quiet", "--outdir"])
+            .arg(dir.path().join("out"))
+            .arg(tool);
+        run_bounded(cmd, Duration::from_secs(120)).expect("cwl-runner")
+    };
+    let forever = write(
+        dir.path(),
+        "forever.cwl",
+        "cwlVersion: v1.2\nclass: CommandLineTool\nrequirements:\n  InlineJavascriptRequirement: {}\nbaseCommand: echo\narguments: ['${ while (true) {} }']\ninputs: []\noutputs: []\n",
+    );
+    let out = runner(&forever);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("ran longer than its limit of 300ms"),
+        "{said}"
+    );
+    let greedy = write(
+        dir.path(),
+        "greedy.cwl",
+        "cwlVersion: v1.2\nclass: CommandLineTool\nrequirements:\n  InlineJavascriptRequirement: {}\nbaseCommand: echo\narguments: [\"${ var a = []; while (true) a.push('xxxxxxxxxxxxxxxx' + a.length); }\"]\ninputs: []\noutputs: []\n",
+    );
+    let out = runner(&greedy);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("more than its limit of 16 MiB")
+            || said.contains("ran longer than its limit"),
+        "{said}"
+    );
+    // The agent still runs tools.
+    let fine = write(
+        dir.path(),
+        "fine.cwl",
+        "cwlVersion: v1.2\nclass: CommandLineTool\nrequirements:\n  InlineJavascriptRequirement: {}\nbaseCommand: echo\narguments: ['$(1 + 1)']\ninputs: []\noutputs:\n  out: stdout\n",
+    );
+    let out = runner(&fine);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

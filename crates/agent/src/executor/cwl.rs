@@ -27,12 +27,23 @@ use crate::machine::{Failure, RunResult};
 pub struct CwlExecutor {
     work_root: PathBuf,
     blobs: Option<Blobs>,
+    limits: caroni_cwl_exec::expr::Limits,
 }
 
 impl CwlExecutor {
     /// Working directories go under `work_root`.
     pub fn new(work_root: PathBuf, blobs: Option<Blobs>) -> Self {
-        Self { work_root, blobs }
+        Self {
+            work_root,
+            blobs,
+            limits: caroni_cwl_exec::expr::Limits::default(),
+        }
+    }
+
+    /// Bounds of every expression a tool evaluates.
+    pub fn with_limits(mut self, limits: caroni_cwl_exec::expr::Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Runs the job's tool until it ends, its time is up or `cancel` fires.
@@ -52,7 +63,9 @@ impl CwlExecutor {
         let dir = self.work_root.join(spec.job_id.to_string());
         let blobs = self.blobs.clone();
         let timeout = spec.timeout;
-        let r = tokio::task::spawn_blocking(move || run_blocking(&spec, &dir, blobs, stop)).await;
+        let limits = self.limits;
+        let r = tokio::task::spawn_blocking(move || run_blocking(&spec, &dir, blobs, stop, limits))
+            .await;
         watcher.abort();
         match r {
             Ok(r) if timed_out.load(Ordering::Relaxed) => match r {
@@ -75,6 +88,7 @@ fn run_blocking(
     dir: &std::path::Path,
     blobs: Option<Blobs>,
     stop: Arc<AtomicBool>,
+    limits: caroni_cwl_exec::expr::Limits,
 ) -> RunResult {
     let tool: Value = match spec.cwl_tool.as_deref().map(serde_json::from_str) {
         Some(Ok(t)) => t,
@@ -122,7 +136,7 @@ fn run_blocking(
     let opts = caroni_cwl_exec::Options {
         outdir: outdir.clone(),
         tmpdir: tmpdir.clone(),
-        limits: caroni_cwl_exec::expr::Limits::default(),
+        limits,
         path_env: super::output::JOB_PATH.to_string(),
         checksums: false,
         cancel: Some(stop),

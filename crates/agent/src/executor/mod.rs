@@ -120,6 +120,12 @@ impl Executors {
         }
     }
 
+    /// Bounds of every CWL expression the tools evaluate.
+    pub fn with_cwl_limits(mut self, limits: caroni_cwl_exec::expr::Limits) -> Self {
+        self.cwl = self.cwl.with_limits(limits);
+        self
+    }
+
     /// Checks which executors can run now, removes containers left by an
     /// earlier run of this agent, and keeps checking every 5 s. Call once,
     /// in the runtime, before jobs run.
