@@ -274,6 +274,48 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
         m.remove("cwlVersion");
         m.remove("$schemas");
     }
+    if is_workflow
+        && tool
+            .get("steps")
+            .and_then(Value::as_array)
+            .is_none_or(|s| s.is_empty())
+    {
+        // Nothing to run: each output is a workflow input.
+        return passthrough(&tool, &job, &job_dir, &loaded.dir, args);
+    }
+    // File defaults of step inputs are uploaded: the manager holds every
+    // file a workflow reads.
+    let mut tool = tool;
+    if let Some(Value::Array(steps)) = tool.get_mut("steps") {
+        for s in steps {
+            for i in s
+                .get_mut("in")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                let Some(d) = i.get("default").cloned() else {
+                    continue;
+                };
+                let text = match carried_value(&d) {
+                    Carried::File => {
+                        let p = local_file(&d, &loaded.dir, scratch.path())?;
+                        crate::files::upload(ctx, &p).await?.to_text()
+                    }
+                    Carried::Files => {
+                        let mut refs = Vec::new();
+                        for item in d.as_array().into_iter().flatten() {
+                            let p = local_file(item, &loaded.dir, scratch.path())?;
+                            refs.push(crate::files::upload(ctx, &p).await?);
+                        }
+                        caroni_types::file::list_text(&refs)
+                    }
+                    Carried::Text => continue,
+                };
+                i["default"] = Value::String(text);
+            }
+        }
+    }
     let template = if is_workflow {
         match workflow_template(&tool, wf_inputs) {
             Ok(t) => serde_yaml_ng::to_string(&t).context("cannot write the template")?,
@@ -404,6 +446,96 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
             }
         }
         result.insert(id.clone(), v);
+    }
+    Ok(Outcome::Done(Value::Object(result)))
+}
+
+/// What a value is: a File, a list of Files, or anything else.
+fn carried_value(v: &Value) -> Carried {
+    let is_file = |x: &Value| x.get("class").and_then(Value::as_str) == Some("File");
+    match v {
+        x if is_file(x) => Carried::File,
+        Value::Array(a) if !a.is_empty() && a.iter().all(is_file) => Carried::Files,
+        _ => Carried::Text,
+    }
+}
+
+/// A workflow without steps: its outputs are its inputs (files copied
+/// into `--outdir`).
+fn passthrough(
+    wf: &Value,
+    job: &Value,
+    job_dir: &Path,
+    doc_dir: &Path,
+    args: &CwlRunnerArgs,
+) -> anyhow::Result<Outcome> {
+    let outdir = match &args.outdir {
+        Some(d) => d.clone(),
+        None => std::env::current_dir()?,
+    };
+    std::fs::create_dir_all(&outdir)?;
+    let outdir = std::path::absolute(&outdir)?;
+    let defaults: Map<String, Value> = wf
+        .get("inputs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some((
+                p.get("id")?.as_str()?.to_string(),
+                p.get("default")?.clone(),
+            ))
+        })
+        .collect();
+    let mut result = Map::new();
+    for o in wf
+        .get("outputs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(id) = o.get("id").and_then(Value::as_str) else {
+            continue;
+        };
+        let src = match o.get("outputSource") {
+            Some(Value::String(s)) => caroni_cwl_exec::load::short_id(s),
+            Some(Value::Array(l)) if l.len() == 1 => {
+                caroni_cwl_exec::load::short_id(l[0].as_str().unwrap_or(""))
+            }
+            _ => {
+                return Ok(Outcome::Unsupported(format!(
+                    "workflow output `{id}` without one outputSource"
+                )))
+            }
+        };
+        let (mut v, base) = match job.get(&src).filter(|v| !v.is_null()) {
+            Some(v) => (v.clone(), job_dir),
+            None => (defaults.get(&src).cloned().unwrap_or(Value::Null), doc_dir),
+        };
+        let mut failed = None;
+        let _ = caroni_cwl_exec::files::visit_mut(&mut v, &mut |f| {
+            if f.get("class").and_then(Value::as_str) != Some("File") {
+                return Ok(());
+            }
+            let Some(from) = caroni_cwl_exec::files::path_of(f, base) else {
+                return Ok(());
+            };
+            let name = from
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let to = outdir.join(&name);
+            if let Err(e) = std::fs::copy(&from, &to) {
+                failed = Some(format!("cannot copy {}: {e}", from.display()));
+                return Ok(());
+            }
+            *f = json!({"class": "File", "location": format!("file://{}", to.display())});
+            caroni_cwl_exec::files::fill(f, &outdir, true, None)
+        });
+        if let Some(why) = failed {
+            return Ok(Outcome::Failed(why));
+        }
+        result.insert(id.to_string(), v);
     }
     Ok(Outcome::Done(Value::Object(result)))
 }
