@@ -117,24 +117,6 @@ fn carried(t: &Value) -> Carried {
     }
 }
 
-fn params(p: &Value, key: &str) -> Vec<(String, Value)> {
-    p.get(key)
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| {
-                    Some((
-                        x.get("id")?.as_str()?.to_string(),
-                        x.get("type")
-                            .cloned()
-                            .unwrap_or(Value::String("Any".into())),
-                    ))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The local file a File value of the job order names (a literal with
 /// `contents` is written to `scratch` first).
 fn local_file(v: &Value, base: &Path, scratch: &Path) -> anyhow::Result<PathBuf> {
@@ -190,19 +172,8 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
     let mut step_in = Map::new();
     // The values given, for the output formats the runner computes.
     let mut given = Map::new();
-    let defaults: Map<String, Value> = tool
-        .get("inputs")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|p| {
-            Some((
-                p.get("id")?.as_str()?.to_string(),
-                p.get("default")?.clone(),
-            ))
-        })
-        .collect();
-    for (id, ty) in params(&tool, "inputs") {
+    let defaults = caroni_cwl_exec::load::defaults(&tool);
+    for (id, ty) in caroni_cwl_exec::load::params(&tool, "inputs") {
         // A value of the job order, or a default File of the tool (its
         // place is relative to the tool, which the agent does not have).
         let (v, base) = match job.get(&id).filter(|v| !v.is_null()) {
@@ -256,7 +227,7 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
         inputs.insert(wf_id, text);
         given.insert(id, v.clone());
     }
-    let outputs = params(&tool, "outputs");
+    let outputs = caroni_cwl_exec::load::params(&tool, "outputs");
     let mut wf_outputs = Map::new();
     for (id, ty) in &outputs {
         let t = match carried(ty) {
@@ -475,18 +446,7 @@ fn passthrough(
     };
     std::fs::create_dir_all(&outdir)?;
     let outdir = std::path::absolute(&outdir)?;
-    let defaults: Map<String, Value> = wf
-        .get("inputs")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|p| {
-            Some((
-                p.get("id")?.as_str()?.to_string(),
-                p.get("default")?.clone(),
-            ))
-        })
-        .collect();
+    let defaults = caroni_cwl_exec::load::defaults(wf);
     let mut result = Map::new();
     for o in wf
         .get("outputs")
@@ -540,24 +500,6 @@ fn passthrough(
     Ok(Outcome::Done(Value::Object(result)))
 }
 
-/// Requirements a Workflow states for its steps' tools (they inherit
-/// them); the rest (features of the workflow itself) stay where they are.
-const INHERITED: &[&str] = &[
-    "InlineJavascriptRequirement",
-    "SchemaDefRequirement",
-    "ShellCommandRequirement",
-    "InitialWorkDirRequirement",
-    "EnvVarRequirement",
-    "ResourceRequirement",
-    "ToolTimeLimit",
-    "NetworkAccess",
-    "DockerRequirement",
-    "SoftwareRequirement",
-    "LoadListingRequirement",
-    "WorkReuse",
-    "InplaceUpdateRequirement",
-];
-
 /// A source as a template names it: `x` (a workflow input) or
 /// `step/output`, whatever prefix the document gave it.
 fn short_source(s: &str, steps: &[String]) -> String {
@@ -590,7 +532,7 @@ fn workflow_template(wf: &Value, inputs: Map<String, Value>) -> Result<Value, St
         let mut stay = Vec::new();
         for r in wf.get(k).and_then(Value::as_array).into_iter().flatten() {
             let class = r.get("class").and_then(Value::as_str).unwrap_or("");
-            if INHERITED.contains(&class) {
+            if caroni_cwl_exec::run::TOOL_REQUIREMENTS.contains(&class) {
                 inherited.push(r.clone());
             } else {
                 stay.push(r.clone());
@@ -628,7 +570,7 @@ fn workflow_template(wf: &Value, inputs: Map<String, Value>) -> Result<Value, St
                 .unwrap_or_default();
             for r in step_reqs.iter().chain(inherited.iter()) {
                 let class = r.get("class").and_then(Value::as_str).unwrap_or("");
-                if INHERITED.contains(&class)
+                if caroni_cwl_exec::run::TOOL_REQUIREMENTS.contains(&class)
                     && !reqs
                         .iter()
                         .any(|x| x.get("class").and_then(Value::as_str) == Some(class))
@@ -690,7 +632,8 @@ fn workflow_template(wf: &Value, inputs: Map<String, Value>) -> Result<Value, St
             let features: Vec<Value> = r
                 .iter()
                 .filter(|x| {
-                    !INHERITED.contains(&x.get("class").and_then(Value::as_str).unwrap_or(""))
+                    !caroni_cwl_exec::run::TOOL_REQUIREMENTS
+                        .contains(&x.get("class").and_then(Value::as_str).unwrap_or(""))
                 })
                 .cloned()
                 .collect();

@@ -509,6 +509,42 @@ pub fn normalize(mut process: Value) -> Result<Value, LoadError> {
     Ok(process)
 }
 
+/// The `(id, type)` of a normalised process's `inputs` or `outputs`.
+pub fn params(process: &Value, key: &str) -> Vec<(String, Value)> {
+    process
+        .get(key)
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| {
+                    Some((
+                        x.get("id")?.as_str()?.to_string(),
+                        x.get("type")
+                            .cloned()
+                            .unwrap_or(Value::String("Any".into())),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The declared `default` of each input that has one.
+pub fn defaults(process: &Value) -> Map<String, Value> {
+    process
+        .get("inputs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some((
+                p.get("id")?.as_str()?.to_string(),
+                p.get("default")?.clone(),
+            ))
+        })
+        .collect()
+}
+
 /// Finds a requirement of `class` (requirements first, then hints).
 pub fn requirement<'a>(process: &'a Value, class: &str) -> Option<&'a Value> {
     for k in ["requirements", "hints"] {

@@ -17,9 +17,10 @@ use crate::files::{self, FileError};
 use crate::load::requirement;
 use crate::types::{matches, optional, Names};
 
-/// Requirements this runner understands. Any other one in `requirements`
-/// makes the process unsupported; in `hints` it is ignored.
-pub const SUPPORTED: &[&str] = &[
+/// Requirements of a tool this runner understands (a Workflow's steps
+/// inherit them). Any other one in `requirements` makes the process
+/// unsupported; in `hints` it is ignored.
+pub const TOOL_REQUIREMENTS: &[&str] = &[
     "InlineJavascriptRequirement",
     "SchemaDefRequirement",
     "ShellCommandRequirement",
@@ -33,6 +34,11 @@ pub const SUPPORTED: &[&str] = &[
     "LoadListingRequirement",
     "WorkReuse",
     "InplaceUpdateRequirement",
+];
+
+/// Requirements that name features of a Workflow; a tool may carry them
+/// (inherited) without effect.
+pub const WORKFLOW_FEATURES: &[&str] = &[
     "SubworkflowFeatureRequirement",
     "ScatterFeatureRequirement",
     "MultipleInputFeatureRequirement",
@@ -128,7 +134,7 @@ pub fn check_requirements(process: &Value) -> Result<(), ToolError> {
     if let Some(Value::Array(list)) = process.get("requirements") {
         for r in list {
             let c = class(r);
-            if !SUPPORTED.contains(&c) {
+            if !TOOL_REQUIREMENTS.contains(&c) && !WORKFLOW_FEATURES.contains(&c) {
                 return Err(ToolError::Unsupported(format!("requirement {c}")));
             }
         }

@@ -167,12 +167,8 @@ fn run_blocking(
         }
         Err(e) => return failed(e.to_string(), None, &stderr),
     };
-    let output_types: BTreeMap<String, Value> = tool
-        .get("outputs")
-        .and_then(Value::as_array)
+    let output_types: BTreeMap<String, Value> = caroni_cwl_exec::load::params(&tool, "outputs")
         .into_iter()
-        .flatten()
-        .filter_map(|p| Some((p.get("id")?.as_str()?.to_string(), p.get("type")?.clone())))
         .collect();
     let mut outputs = BTreeMap::new();
     for name in &spec.outputs {
