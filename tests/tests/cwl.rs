@@ -161,7 +161,7 @@ fn cwl_runner_runs_a_workflow_of_tools_in_other_files() {
     write(
         dir.path(),
         "rev.cwl",
-        "cwlVersion: v1.2\nclass: CommandLineTool\nbaseCommand: rev\ninputs:\n  f: {type: File, inputBinding: {}}\noutputs:\n  out: stdout\nstdout: rev.txt\n",
+        "cwlVersion: v1.2\nclass: CommandLineTool\nbaseCommand: tac\ninputs:\n  f: {type: File, inputBinding: {}}\noutputs:\n  out: stdout\nstdout: rev.txt\n",
     );
     write(
         dir.path(),
@@ -193,7 +193,7 @@ fn cwl_runner_runs_a_workflow_of_tools_in_other_files() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the output object");
     assert_eq!(v["result"]["basename"], "rev.sorted", "{v:#}");
     let text = std::fs::read_to_string(v["result"]["path"].as_str().expect("path")).expect("read");
-    assert_eq!(text, "zyx\nonm\ncba\n");
+    assert_eq!(text, "xyz\nmno\nabc\n");
 }
 
 #[test]
