@@ -366,19 +366,7 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
     let outdir = std::path::absolute(&outdir)?;
     // A File's `format` does not travel with it: the runner computes the
     // declared one from the inputs, as the tool would.
-    let mut ev = caroni_cwl_exec::expr::Evaluator::new(
-        caroni_cwl_exec::load::requirement(&tool, "InlineJavascriptRequirement").is_some(),
-        caroni_cwl_exec::load::requirement(&tool, "InlineJavascriptRequirement")
-            .and_then(|r| r.get("expressionLib"))
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default(),
-        caroni_cwl_exec::expr::Limits::default(),
-    );
+    let mut ev = caroni_cwl_exec::run::evaluator(&tool, caroni_cwl_exec::expr::Limits::default());
     let mut with_defaults = given.clone();
     for (k, d) in &defaults {
         with_defaults.entry(k.clone()).or_insert_with(|| d.clone());
@@ -409,7 +397,7 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
         let mut v = v;
         if let Some(f) = formats.get(id) {
             if let Ok(Value::String(f)) = ev.eval(f, &v) {
-                let f = expand_format(&tool, &f);
+                let f = caroni_cwl_exec::run::expand_format(&tool, &f);
                 let _ = caroni_cwl_exec::files::visit_mut(&mut v, &mut |file| {
                     file["format"] = Value::String(f.clone());
                     Ok(())
@@ -678,20 +666,6 @@ fn workflow_template(wf: &Value, inputs: Map<String, Value>) -> Result<Value, St
         t.insert(k, v);
     }
     Ok(Value::Object(t))
-}
-
-/// `prefix:name` expanded with the document's `$namespaces`.
-fn expand_format(tool: &Value, f: &str) -> String {
-    if let Some((prefix, rest)) = f.split_once(':') {
-        if let Some(ns) = tool
-            .get("$namespaces")
-            .and_then(|n| n.get(prefix))
-            .and_then(Value::as_str)
-        {
-            return format!("{ns}{rest}");
-        }
-    }
-    f.to_string()
 }
 
 /// Downloads a file into `outdir` (under a numbered directory when the

@@ -391,7 +391,9 @@ fn runtime_of(process: &Value, ev: &mut Evaluator, opts: &Options) -> Result<Val
     }))
 }
 
-fn evaluator(process: &Value, limits: Limits) -> Evaluator {
+/// An evaluator for `process`: JavaScript and its `expressionLib` when it
+/// has InlineJavascriptRequirement.
+pub fn evaluator(process: &Value, limits: Limits) -> Evaluator {
     let js = requirement(process, "InlineJavascriptRequirement");
     let lib: Vec<String> = js
         .and_then(|r| r.get("expressionLib"))
@@ -1044,7 +1046,7 @@ fn random_name() -> String {
 }
 
 /// Expands `prefix:name` with the document's `$namespaces`.
-fn expand_format(process: &Value, f: &str) -> String {
+pub fn expand_format(process: &Value, f: &str) -> String {
     if let Some((prefix, rest)) = f.split_once(':') {
         if let Some(ns) = process
             .get("$namespaces")
