@@ -29,6 +29,15 @@ outputs:
 stdout: count.txt
 "#;
 
+/// `caroni cwl-runner --quiet --outdir OUTDIR ARGS…` against `node`.
+fn cwl_runner(node: &NodeProc, outdir: &Path, args: &[&str]) -> std::process::Output {
+    let mut cmd = node.cli_command();
+    cmd.args(["cwl-runner", "--quiet", "--outdir"])
+        .arg(outdir)
+        .args(args);
+    run_bounded(cmd, Duration::from_secs(120)).expect("cwl-runner")
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, text).expect("write");
@@ -49,11 +58,7 @@ fn cwl_runner_runs_a_tool_on_an_agent_that_runs_cwl_tools() {
         "text: {class: File, location: poem.txt}\n",
     );
     let outdir = dir.path().join("out");
-    let mut cmd = manager.cli_command();
-    cmd.args(["cwl-runner", "--quiet", "--outdir"])
-        .arg(&outdir)
-        .args([&tool, &job]);
-    let out = run_bounded(cmd, Duration::from_secs(120)).expect("cwl-runner");
+    let out = cwl_runner(&manager, &outdir, &[&tool, &job]);
     assert!(
         out.status.success(),
         "{}\n{}",
@@ -180,11 +185,7 @@ fn cwl_runner_runs_a_workflow_of_tools_in_other_files() {
         r#"{"text": {"class": "File", "path": "words.txt"}, "descending": true}"#,
     );
     let outdir = dir.path().join("out");
-    let mut cmd = manager.cli_command();
-    cmd.args(["cwl-runner", "--quiet", "--outdir"])
-        .arg(&outdir)
-        .args([&wf, &job]);
-    let out = run_bounded(cmd, Duration::from_secs(120)).expect("cwl-runner");
+    let out = cwl_runner(&manager, &outdir, &[&wf, &job]);
     assert!(
         out.status.success(),
         "{}",
@@ -208,11 +209,7 @@ fn cwl_runner_runs_an_expression_tool() {
         "cwlVersion: v1.2\nclass: ExpressionTool\nrequirements:\n  InlineJavascriptRequirement: {}\ninputs:\n  xs: int[]\noutputs:\n  total: int\n  words: string[]\nexpression: |\n  ${ return {total: inputs.xs.reduce(function (a, b) { return a + b; }, 0), words: ['a b', 'c']}; }\n",
     );
     let job = write(dir.path(), "job.json", r#"{"xs": [1, 2, 39]}"#);
-    let mut cmd = manager.cli_command();
-    cmd.args(["cwl-runner", "--quiet", "--outdir"])
-        .arg(dir.path().join("out"))
-        .args([&tool, &job]);
-    let out = run_bounded(cmd, Duration::from_secs(120)).expect("cwl-runner");
+    let out = cwl_runner(&manager, &dir.path().join("out"), &[&tool, &job]);
     assert!(
         out.status.success(),
         "{}",
@@ -239,13 +236,7 @@ fn an_expression_that_never_ends_or_grows_without_bound_fails_its_job_and_the_ag
         ],
     )
     .expect("agent");
-    let runner = |tool: &str| {
-        let mut cmd = manager.cli_command();
-        cmd.args(["cwl-runner", "--quiet", "--outdir"])
-            .arg(dir.path().join("out"))
-            .arg(tool);
-        run_bounded(cmd, Duration::from_secs(120)).expect("cwl-runner")
-    };
+    let runner = |tool: &str| cwl_runner(&manager, &dir.path().join("out"), &[tool]);
     let forever = write(
         dir.path(),
         "forever.cwl",
