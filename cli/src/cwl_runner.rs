@@ -210,11 +210,7 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
                 other => other.to_string(),
             },
         };
-        let wf_type = match carried(&ty) {
-            Carried::File => json!("File"),
-            Carried::Files => json!({"type": "array", "items": "File"}),
-            Carried::Text => json!("string"),
-        };
+        let wf_type = template_type(carried(&ty));
         // Workflow inputs get a prefix: a tool may name an input and an
         // output alike, a workflow may not.
         let wf_id = if is_workflow {
@@ -230,11 +226,7 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
     let outputs = caroni_cwl_exec::load::params(&tool, "outputs");
     let mut wf_outputs = Map::new();
     for (id, ty) in &outputs {
-        let t = match carried(ty) {
-            Carried::File => json!("File"),
-            Carried::Files => json!({"type": "array", "items": "File"}),
-            Carried::Text => json!("string"),
-        };
+        let t = template_type(carried(ty));
         wf_outputs.insert(
             id.clone(),
             json!({"type": t, "outputSource": format!("tool/{id}")}),
@@ -357,13 +349,7 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
     }
 
     // Outputs: files downloaded into --outdir, values read by their type.
-    let outdir = match &args.outdir {
-        Some(d) => d.clone(),
-        None => std::env::current_dir()?,
-    };
-    std::fs::create_dir_all(&outdir)
-        .with_context(|| format!("cannot create --outdir {}", outdir.display()))?;
-    let outdir = std::path::absolute(&outdir)?;
+    let outdir = outdir_of(args)?;
     // A File's `format` does not travel with it: the runner computes the
     // declared one from the inputs, as the tool would.
     let mut ev = caroni_cwl_exec::run::evaluator(&tool, caroni_cwl_exec::expr::Limits::default());
@@ -409,6 +395,26 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Done(Value::Object(result)))
 }
 
+/// How a template declares a port that carries `c`.
+fn template_type(c: Carried) -> Value {
+    match c {
+        Carried::File => json!("File"),
+        Carried::Files => json!({"type": "array", "items": "File"}),
+        Carried::Text => json!("string"),
+    }
+}
+
+/// `--outdir` (the current directory by default), created, absolute.
+fn outdir_of(args: &CwlRunnerArgs) -> anyhow::Result<PathBuf> {
+    let outdir = match &args.outdir {
+        Some(d) => d.clone(),
+        None => std::env::current_dir()?,
+    };
+    std::fs::create_dir_all(&outdir)
+        .with_context(|| format!("cannot create --outdir {}", outdir.display()))?;
+    Ok(std::path::absolute(&outdir)?)
+}
+
 /// What a value is: a File, a list of Files, or anything else.
 fn carried_value(v: &Value) -> Carried {
     let is_file = |x: &Value| x.get("class").and_then(Value::as_str) == Some("File");
@@ -428,12 +434,7 @@ fn passthrough(
     doc_dir: &Path,
     args: &CwlRunnerArgs,
 ) -> anyhow::Result<Outcome> {
-    let outdir = match &args.outdir {
-        Some(d) => d.clone(),
-        None => std::env::current_dir()?,
-    };
-    std::fs::create_dir_all(&outdir)?;
-    let outdir = std::path::absolute(&outdir)?;
+    let outdir = outdir_of(args)?;
     let defaults = caroni_cwl_exec::load::defaults(wf);
     let mut result = Map::new();
     for o in wf
@@ -641,11 +642,7 @@ fn workflow_template(wf: &Value, inputs: Map<String, Value>) -> Result<Value, St
         let Some(id) = o.get("id").and_then(Value::as_str) else {
             continue;
         };
-        let t = match carried(o.get("type").unwrap_or(&Value::Null)) {
-            Carried::File => json!("File"),
-            Carried::Files => json!({"type": "array", "items": "File"}),
-            Carried::Text => json!("string"),
-        };
+        let t = template_type(carried(o.get("type").unwrap_or(&Value::Null)));
         let source = match o.get("outputSource") {
             Some(Value::String(s)) => json!(short_source(s, &step_ids)),
             Some(Value::Array(l)) if l.len() == 1 => {

@@ -57,6 +57,19 @@ fn with_files_chain(node: NodeProc) -> NodeProc {
     node
 }
 
+/// Starts `files_chain` on a 256 MiB file written under `dir`; returns the
+/// workflow id, the file's SHA-256 and its size.
+fn run_big_chain(manager: &NodeProc, dir: &Path) -> (String, String, usize) {
+    let size = 256usize << 20;
+    let input = content(size);
+    let sha = sha256_hex(&input);
+    let path = dir.join("big.bin");
+    std::fs::write(&path, &input).expect("write");
+    drop(input);
+    let id = manager.run("files_chain", &[&format!("reads=@{}", path.display())]);
+    (id, sha, size)
+}
+
 fn blobs_in(data_dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     if let Ok(dirs) = std::fs::read_dir(data_dir.join("blobs/objects")) {
@@ -166,13 +179,7 @@ fn a_transfer_killed_midway_resumes_from_what_was_written() {
         &example("templates/files_chain.cwl"),
     ]);
     agent.add_job_types(&["appendline.yaml"]);
-    let size = 256usize << 20;
-    let input = content(size);
-    let sha = sha256_hex(&input);
-    let path = dir.path().join("big.bin");
-    std::fs::write(&path, &input).expect("write");
-    drop(input);
-    let id = manager.run("files_chain", &[&format!("reads=@{}", path.display())]);
+    let (id, sha, size) = run_big_chain(&manager, dir.path());
     // SIGKILL the agent while it is fetching the input.
     let partial = dir.path().join("a/blobs/partial").join(&sha);
     let start = std::time::Instant::now();
@@ -220,13 +227,7 @@ fn a_manager_killed_while_it_fetches_an_output_resumes_and_runs_nothing_twice() 
         with_files_chain(NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager"));
     let agent = NodeProc::agent_of(&manager, &dir.path().join("a"), &[]).expect("agent");
     agent.add_job_types(&["appendline.yaml"]);
-    let size = 256usize << 20;
-    let input = content(size);
-    let input_sha = sha256_hex(&input);
-    let path = dir.path().join("big.bin");
-    std::fs::write(&path, &input).expect("write");
-    drop(input);
-    let id = manager.run("files_chain", &[&format!("reads=@{}", path.display())]);
+    let (id, input_sha, size) = run_big_chain(&manager, dir.path());
     // SIGKILL the manager while it fetches step 1's output (a partial file
     // that is not the uploaded input).
     let partials = dir.path().join("m/blobs/partial");
@@ -560,13 +561,7 @@ fn a_transfer_that_stalls_fails_after_the_timeout_and_resumes_when_the_holder_is
     )
     .expect("agent");
     agent.add_job_types(&["appendline.yaml"]);
-    let size = 256usize << 20;
-    let input = content(size);
-    let sha = sha256_hex(&input);
-    let path = dir.path().join("big.bin");
-    std::fs::write(&path, &input).expect("write");
-    drop(input);
-    let id = manager.run("files_chain", &[&format!("reads=@{}", path.display())]);
+    let (id, sha, size) = run_big_chain(&manager, dir.path());
     // Freeze the manager (SIGSTOP) while the agent is fetching from it:
     // its connection stays open but sends nothing.
     let partial = dir.path().join("a/blobs/partial").join(&sha);

@@ -885,36 +885,12 @@ fn real_tool(
         .map_err(|e| invalid(at, format!("the tool cannot be read as JSON: {e}")))?;
     let norm = caroni_cwl_exec::load::normalize(raw).map_err(|e| invalid(at, e.to_string()))?;
     let mut ins = Vec::new();
-    for p in norm
-        .get("inputs")
-        .and_then(|v| v.as_array())
-        .into_iter()
-        .flatten()
-    {
-        let id = p
-            .get("id")
-            .and_then(|v| v.as_str())
-            .unwrap_or("")
-            .to_string();
-        let kind = real_kind(
-            p.get("type").unwrap_or(&serde_json::Value::Null),
-            &format!("{at}.inputs.{id}"),
-        )?;
+    for (id, t) in caroni_cwl_exec::load::params(&norm, "inputs") {
+        let kind = real_kind(&t, &format!("{at}.inputs.{id}"))?;
         ins.push((id, None, Some(kind)));
     }
     let mut outs = Vec::new();
-    for p in norm
-        .get("outputs")
-        .and_then(|v| v.as_array())
-        .into_iter()
-        .flatten()
-    {
-        let id = p
-            .get("id")
-            .and_then(|v| v.as_str())
-            .unwrap_or("")
-            .to_string();
-        let t = p.get("type").cloned().unwrap_or(serde_json::Value::Null);
+    for (id, t) in caroni_cwl_exec::load::params(&norm, "outputs") {
         let kind = match t.as_str() {
             Some("stdout" | "stderr") => Kind::File,
             _ => real_kind(&t, &format!("{at}.outputs.{id}"))?,

@@ -108,19 +108,8 @@ fn run_blocking(
     };
     let names = Names::of(&tool);
     let mut order = serde_json::Map::new();
-    for p in tool
-        .get("inputs")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let Some(id) = p.get("id").and_then(Value::as_str) else {
-            continue;
-        };
-        let ty = p
-            .get("type")
-            .cloned()
-            .unwrap_or(Value::String("Any".into()));
+    for (id, ty) in caroni_cwl_exec::load::params(&tool, "inputs") {
+        let id = id.as_str();
         let v = match (staged.get(id), spec.inputs.get(id)) {
             (Some((_, with_path)), _) => serde_json::from_str(with_path).unwrap_or(Value::Null),
             (None, None) => Value::Null,
