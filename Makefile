@@ -19,6 +19,9 @@ test:
 	@# A real single-node Slurm cluster for the Slurm executor's tests.
 	conf=$$(scripts/slurm-up.sh) && SLURM_CONF=$$conf cargo nextest run --workspace --no-fail-fast
 	scripts/python-client-test.sh
+	@# The CWL conformance suite's `required` tag over a real mesh; fails when
+	@# a test the reference runner passes on the shared copy does not pass.
+	scripts/conformance.sh --tags required --gate --junit "$${TMPDIR:-/tmp}/caroni-required-conformance.xml"
 
 check: setup
 	cargo fmt --all -- --check

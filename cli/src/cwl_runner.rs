@@ -16,12 +16,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use caroni_cwl::Kind;
 use caroni_cwl_exec::types::{from_text, Names};
 use caroni_proto::v1 as pb;
-use caroni_types::file::{files_of, Files};
 use serde_json::{json, Map, Value};
 
 use crate::client::{status, Context};
+use crate::cwl_values;
 use crate::output::Format;
 
 /// Arguments, as cwltest and other drivers give them.
@@ -76,7 +77,7 @@ pub async fn cwl_runner(
     };
     Ok(match outcome {
         Outcome::Done(v) => {
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            println!("{}", caroni_cwl_exec::expr::output_json(&v));
             ExitCode::SUCCESS
         }
         Outcome::Unsupported(why) => {
@@ -90,51 +91,83 @@ pub async fn cwl_runner(
     })
 }
 
-/// What a port carries on the mesh.
-#[derive(Clone, Copy, PartialEq)]
-enum Carried {
-    File,
-    Files,
-    Text,
+/// Each port of `process` under `key`: id, type, and what it carries
+/// on the mesh.
+fn ports(process: &Value, key: &str) -> Vec<(String, Value, Kind)> {
+    process
+        .get(key)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some((
+                p.get("id")?.as_str()?.to_string(),
+                p.get("type").cloned().unwrap_or(json!("Any")),
+                caroni_cwl::port_kind(p),
+            ))
+        })
+        .collect()
 }
 
-fn carried(t: &Value) -> Carried {
-    let branches: Vec<&Value> = match t {
-        Value::Array(a) => a.iter().filter(|b| b.as_str() != Some("null")).collect(),
-        other => vec![other],
+/// Moves the File and Directory objects that `tool`'s
+/// InitialWorkDirRequirement names by place (relative to its document)
+/// into hidden inputs `caroni_doc_N` that the entries refer to; returns
+/// each input with the object it stands for.
+fn hoist_doc_files(tool: &mut Value, n: &mut usize) -> Vec<(String, Value)> {
+    let placed = |v: &Value| {
+        let mut found = false;
+        let mut probe = v.clone();
+        let _ = caroni_cwl_exec::files::visit_mut(&mut probe, &mut |f| {
+            found |= f.get("location").is_some() || f.get("path").is_some();
+            Ok(())
+        });
+        found
+            && matches!(
+                v.get("class").and_then(Value::as_str),
+                Some("File" | "Directory")
+            )
     };
-    match branches.as_slice() {
-        [Value::String(s)] if matches!(s.as_str(), "File" | "stdin" | "stdout" | "stderr") => {
-            Carried::File
+    let mut hoisted = Vec::new();
+    let Some(reqs) = tool.get_mut("requirements").and_then(Value::as_array_mut) else {
+        return hoisted;
+    };
+    for r in reqs.iter_mut() {
+        if r.get("class").and_then(Value::as_str) != Some("InitialWorkDirRequirement") {
+            continue;
         }
-        [Value::Object(o)]
-            if o.get("type").and_then(Value::as_str) == Some("array")
-                && o.get("items").and_then(Value::as_str) == Some("File") =>
-        {
-            Carried::Files
+        let Some(Value::Array(listing)) = r.get_mut("listing") else {
+            continue;
+        };
+        for e in listing.iter_mut() {
+            let id = format!("caroni_doc_{n}");
+            let reference = json!(format!("$(inputs.{id})"));
+            let obj = if e.get("entry").is_some_and(&placed) {
+                std::mem::replace(&mut e["entry"], reference)
+            } else if placed(e) {
+                std::mem::replace(e, json!({ "entry": reference }))
+            } else {
+                continue;
+            };
+            *n += 1;
+            hoisted.push((id, obj));
         }
-        _ => Carried::Text,
     }
+    if let Some(Value::Array(inputs)) = tool.get_mut("inputs") {
+        for (id, obj) in &hoisted {
+            let class = obj.get("class").cloned().unwrap_or(json!("File"));
+            inputs.push(json!({"id": id, "type": class}));
+        }
+    }
+    hoisted
 }
 
-/// The local file a File value of the job order names (a literal with
-/// `contents` is written to `scratch` first).
-fn local_file(v: &Value, base: &Path, scratch: &Path) -> anyhow::Result<PathBuf> {
-    if let Some(p) = caroni_cwl_exec::files::path_of(v, base) {
-        return Ok(p);
+/// The text a value travels as: a string as it is where its type reads
+/// it back (`string`), anything else as JSON.
+fn value_text(ty: &Value, v: &Value, names: &Names) -> String {
+    match v {
+        Value::String(s) if from_text(ty, s, names).ok().as_ref() == Some(v) => s.clone(),
+        other => other.to_string(),
     }
-    let contents = v
-        .get("contents")
-        .and_then(Value::as_str)
-        .context("a File in the job order has neither `location`, `path` nor `contents`")?;
-    let name = v
-        .get("basename")
-        .and_then(Value::as_str)
-        .unwrap_or("literal");
-    std::fs::create_dir_all(scratch)?;
-    let p = scratch.join(name);
-    std::fs::write(&p, contents)?;
-    Ok(p)
 }
 
 async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
@@ -173,15 +206,29 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
     // The values given, for the output formats the runner computes.
     let mut given = Map::new();
     let defaults = caroni_cwl_exec::load::defaults(&tool);
-    for (id, ty) in caroni_cwl_exec::load::params(&tool, "inputs") {
-        // A value of the job order, or a default File of the tool (its
-        // place is relative to the tool, which the agent does not have).
+    let secondary: Map<String, Value> = tool
+        .get("inputs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some((
+                p.get("id")?.as_str()?.to_string(),
+                p.get("secondaryFiles")?.clone(),
+            ))
+        })
+        .collect();
+    let mut sec_ev =
+        caroni_cwl_exec::run::evaluator(&tool, caroni_cwl_exec::expr::Limits::default());
+    sec_ev.set_inputs(job.clone());
+    for (id, ty, kind) in ports(&tool, "inputs") {
+        // A value of the job order, or a default of the tool that holds
+        // files (their place is relative to the tool, which the agent
+        // does not have).
         let (v, base) = match job.get(&id).filter(|v| !v.is_null()) {
             Some(v) => (v, job_dir.as_path()),
             None => match defaults.get(&id) {
-                Some(d) if carried(&ty) != Carried::Text || is_workflow => {
-                    (d, loaded.dir.as_path())
-                }
+                Some(d) if cwl_values::holds_files(d) || is_workflow => (d, loaded.dir.as_path()),
                 _ if is_workflow => (&Value::Null, job_dir.as_path()),
                 _ => continue,
             },
@@ -192,25 +239,18 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
             wf_inputs.insert(id.clone(), json!({"type": "string", "default": "null"}));
             continue;
         }
-        let text = match carried(&ty) {
-            Carried::File => {
-                let p = local_file(v, base, scratch.path())?;
-                crate::files::upload(ctx, &p).await?.to_text()
-            }
-            Carried::Files => {
-                let mut refs = Vec::new();
-                for item in v.as_array().into_iter().flatten() {
-                    let p = local_file(item, base, scratch.path())?;
-                    refs.push(crate::files::upload(ctx, &p).await?);
-                }
-                caroni_types::file::list_text(&refs)
-            }
-            Carried::Text => match v {
-                Value::String(s) if from_text(&ty, s, &names).ok().as_ref() == Some(v) => s.clone(),
-                other => other.to_string(),
-            },
-        };
-        let wf_type = template_type(carried(&ty));
+        // Secondary files the port's patterns name are found here, beside
+        // their primary, as the reference runner does before a run.
+        let mut local = v.clone();
+        if let Some(Value::Array(patterns)) = secondary.get(&id) {
+            let _ = caroni_cwl_exec::files::visit_mut(&mut local, &mut |f| {
+                caroni_cwl_exec::files::fill(f, base, false, None)
+            });
+            let _ = caroni_cwl_exec::run::add_secondary(&mut local, patterns, &mut sec_ev, false);
+        }
+        let sent = cwl_values::upload(ctx, &local, base, scratch.path(), &tool).await?;
+        let text = value_text(&ty, &sent, &names);
+        let wf_type = template_type(kind);
         // Workflow inputs get a prefix: a tool may name an input and an
         // output alike, a workflow may not.
         let wf_id = if is_workflow {
@@ -223,10 +263,10 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
         inputs.insert(wf_id, text);
         given.insert(id, v.clone());
     }
-    let outputs = caroni_cwl_exec::load::params(&tool, "outputs");
+    let outputs = ports(&tool, "outputs");
     let mut wf_outputs = Map::new();
-    for (id, ty) in &outputs {
-        let t = template_type(carried(ty));
+    for (id, _, kind) in &outputs {
+        let t = template_type(*kind);
         wf_outputs.insert(
             id.clone(),
             json!({"type": t, "outputSource": format!("tool/{id}")}),
@@ -246,9 +286,61 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
         // Nothing to run: each output is a workflow input.
         return passthrough(&tool, &job, &job_dir, &loaded.dir, args);
     }
+    // Files the documents name (a step tool's defaults, File and
+    // Directory entries of InitialWorkDirRequirement) are uploaded and
+    // given to the tool by its step: its agent has none of the documents'
+    // directories.
+    let doc_tool = tool.clone();
+    let mut tool = tool;
+    let mut hidden = 0;
+    if is_workflow {
+        if let Some(Value::Array(steps)) = tool.get_mut("steps") {
+            for s in steps.iter_mut() {
+                let Some(run) = s.get_mut("run") else {
+                    continue;
+                };
+                let doc_dir = run
+                    .get("$dir")
+                    .and_then(Value::as_str)
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| loaded.dir.clone());
+                let mut feeds = hoist_doc_files(run, &mut hidden);
+                for (id, d) in caroni_cwl_exec::load::defaults(run) {
+                    if cwl_values::holds_files(&d) {
+                        feeds.push((id, d));
+                    }
+                }
+                let mut given = Vec::new();
+                for (id, v) in feeds {
+                    let sent =
+                        cwl_values::upload(ctx, &v, &doc_dir, scratch.path(), &doc_tool).await?;
+                    given.push((id, sent.to_string()));
+                }
+                let ins = s
+                    .as_object_mut()
+                    .map(|m| m.entry("in").or_insert_with(|| json!([])));
+                if let Some(Value::Array(ins)) = ins {
+                    for (id, text) in given {
+                        match ins
+                            .iter_mut()
+                            .find(|i| i.get("id").and_then(Value::as_str) == Some(&id))
+                        {
+                            Some(i) if i.get("default").is_none() => i["default"] = json!(text),
+                            Some(_) => {}
+                            None => ins.push(json!({"id": id, "default": text})),
+                        }
+                    }
+                }
+            }
+        }
+    } else {
+        for (id, v) in hoist_doc_files(&mut run_tool, &mut hidden) {
+            let sent = cwl_values::upload(ctx, &v, &loaded.dir, scratch.path(), &doc_tool).await?;
+            step_in.insert(id, json!({"default": sent.to_string()}));
+        }
+    }
     // File defaults of step inputs are uploaded: the manager holds every
     // file a workflow reads.
-    let mut tool = tool;
     if let Some(Value::Array(steps)) = tool.get_mut("steps") {
         for s in steps {
             for i in s
@@ -260,22 +352,12 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
                 let Some(d) = i.get("default").cloned() else {
                     continue;
                 };
-                let text = match carried_value(&d) {
-                    Carried::File => {
-                        let p = local_file(&d, &loaded.dir, scratch.path())?;
-                        crate::files::upload(ctx, &p).await?.to_text()
-                    }
-                    Carried::Files => {
-                        let mut refs = Vec::new();
-                        for item in d.as_array().into_iter().flatten() {
-                            let p = local_file(item, &loaded.dir, scratch.path())?;
-                            refs.push(crate::files::upload(ctx, &p).await?);
-                        }
-                        caroni_types::file::list_text(&refs)
-                    }
-                    Carried::Text => continue,
-                };
-                i["default"] = Value::String(text);
+                if !cwl_values::holds_files(&d) {
+                    continue;
+                }
+                let sent =
+                    cwl_values::upload(ctx, &d, &loaded.dir, scratch.path(), &doc_tool).await?;
+                i["default"] = Value::String(sent.to_string());
             }
         }
     }
@@ -294,7 +376,7 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
                 "tool": {
                     "run": run_tool,
                     "in": step_in,
-                    "out": outputs.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
+                    "out": outputs.iter().map(|(id, _, _)| id.clone()).collect::<Vec<_>>(),
                 }
             }
         }))
@@ -366,19 +448,13 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
         .filter_map(|p| Some((p.get("id")?.as_str()?.to_string(), p.get("format")?.clone())))
         .collect();
     let mut result = Map::new();
-    for (id, ty) in &outputs {
+    for (id, ty, _) in &outputs {
         let text = w.outputs.get(id).cloned().unwrap_or_else(|| "null".into());
-        let v = match files_of(&text) {
-            Files::One(f) => place(ctx, &f, &outdir).await?,
-            Files::Many(list) => {
-                let mut out = Vec::new();
-                for f in &list {
-                    out.push(place(ctx, f, &outdir).await?);
-                }
-                Value::Array(out)
-            }
-            Files::None if text == "null" => Value::Null,
-            Files::None => from_text(ty, &text, &names).unwrap_or(Value::String(text)),
+        let v = if text == "null" {
+            Value::Null
+        } else {
+            let read = from_text(ty, &text, &names).unwrap_or(Value::String(text));
+            cwl_values::download(ctx, &read, &outdir).await?
         };
         let mut v = v;
         if let Some(f) = formats.get(id) {
@@ -395,12 +471,13 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Done(Value::Object(result)))
 }
 
-/// How a template declares a port that carries `c`.
-fn template_type(c: Carried) -> Value {
-    match c {
-        Carried::File => json!("File"),
-        Carried::Files => json!({"type": "array", "items": "File"}),
-        Carried::Text => json!("string"),
+/// How a template declares a port that carries `kind`.
+fn template_type(kind: Kind) -> Value {
+    match kind {
+        Kind::File => json!("File"),
+        Kind::Files => json!({"type": "array", "items": "File"}),
+        Kind::Data => json!("Any"),
+        Kind::Value => json!("string"),
     }
 }
 
@@ -413,16 +490,6 @@ fn outdir_of(args: &CwlRunnerArgs) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(&outdir)
         .with_context(|| format!("cannot create --outdir {}", outdir.display()))?;
     Ok(std::path::absolute(&outdir)?)
-}
-
-/// What a value is: a File, a list of Files, or anything else.
-fn carried_value(v: &Value) -> Carried {
-    let is_file = |x: &Value| x.get("class").and_then(Value::as_str) == Some("File");
-    match v {
-        x if is_file(x) => Carried::File,
-        Value::Array(a) if !a.is_empty() && a.iter().all(is_file) => Carried::Files,
-        _ => Carried::Text,
-    }
 }
 
 /// A workflow without steps: its outputs are its inputs (files copied
@@ -642,7 +709,7 @@ fn workflow_template(wf: &Value, inputs: Map<String, Value>) -> Result<Value, St
         let Some(id) = o.get("id").and_then(Value::as_str) else {
             continue;
         };
-        let t = template_type(carried(o.get("type").unwrap_or(&Value::Null)));
+        let t = template_type(caroni_cwl::port_kind(o));
         let source = match o.get("outputSource") {
             Some(Value::String(s)) => json!(short_source(s, &step_ids)),
             Some(Value::Array(l)) if l.len() == 1 => {
@@ -663,26 +730,4 @@ fn workflow_template(wf: &Value, inputs: Map<String, Value>) -> Result<Value, St
         t.insert(k, v);
     }
     Ok(Value::Object(t))
-}
-
-/// Downloads a file into `outdir` (under a numbered directory when the
-/// name is taken) and describes it as a CWL File.
-async fn place(
-    ctx: &Context,
-    f: &caroni_types::file::FileRef,
-    outdir: &Path,
-) -> anyhow::Result<Value> {
-    let mut to = outdir.join(&f.basename);
-    let mut n = 1;
-    while to.exists() {
-        to = outdir.join(n.to_string()).join(&f.basename);
-        n += 1;
-    }
-    if let Some(parent) = to.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    crate::files::download(ctx, f, &to).await?;
-    let mut v = json!({"class": "File", "location": format!("file://{}", to.display())});
-    caroni_cwl_exec::files::fill(&mut v, outdir, true, None)?;
-    Ok(v)
 }

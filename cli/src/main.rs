@@ -14,6 +14,7 @@ mod bench_files;
 mod client;
 mod commands;
 mod cwl_runner;
+mod cwl_values;
 mod demo;
 mod files;
 mod jobtype_file;

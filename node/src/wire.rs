@@ -33,7 +33,7 @@ pub struct NodeWire {
 /// Every File reference in the values of a data message.
 fn file_refs<'a>(values: impl Iterator<Item = &'a String>) -> Vec<caroni_types::file::FileRef> {
     values
-        .flat_map(|v| caroni_types::file::files_of(v).into_refs())
+        .flat_map(|v| caroni_types::file::refs_in(v.as_str()))
         .collect()
 }
 

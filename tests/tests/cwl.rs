@@ -137,6 +137,30 @@ fn a_template_with_a_real_tool_is_checked_when_added() {
 cwlVersion: v1.2
 class: Workflow
 inputs:
+  f: File
+outputs: []
+steps:
+  echo:
+    run:
+      class: CommandLineTool
+      baseCommand: echo
+      inputs:
+        word: {type: string, inputBinding: {}}
+      outputs: []
+    in: {word: f}
+    out: []
+"#,
+    );
+    let e = manager.fails(&["template", "add", "echo_tool", &template]);
+    assert!(e.contains("carries File") && e.contains("string"), "{e}");
+    // Given text where files must be references, the manager says so.
+    let template = write(
+        dir.path(),
+        "ls.cwl",
+        r#"
+cwlVersion: v1.2
+class: Workflow
+inputs:
   d: Directory
 outputs: []
 steps:
@@ -151,8 +175,147 @@ steps:
     out: []
 "#,
     );
-    let e = manager.fails(&["template", "add", "ls_tool", &template]);
-    assert!(e.contains("Directory"), "{e}");
+    manager.ok(&["template", "add", "ls_tool", &template]);
+    let e = manager.fails(&[
+        "run",
+        "ls_tool",
+        r#"d={"class":"Directory","location":"file:///etc","basename":"etc"}"#,
+    ]);
+    assert!(e.contains("not an uploaded reference"), "{e}");
+}
+
+/// Step `pack` makes a Directory (with a subdirectory) and a File with a
+/// secondary file from a record holding a File; step `look`, on whichever
+/// agent takes it, reads them all back.
+const PACK_TOOL: &str = r#"
+cwlVersion: v1.2
+class: CommandLineTool
+requirements:
+  ShellCommandRequirement: {}
+  InlineJavascriptRequirement: {}
+inputs:
+  r:
+    type:
+      type: record
+      fields:
+        name: string
+        seed: File
+arguments:
+  - shellQuote: false
+    valueFrom: >-
+      mkdir -p $(inputs.r.name)/sub &&
+      cp $(inputs.r.seed.path) $(inputs.r.name)/seed.txt &&
+      echo deep > $(inputs.r.name)/sub/deep.txt &&
+      echo main > main.dat && echo index > main.dat.idx
+outputs:
+  tree:
+    type: Directory
+    outputBinding: {glob: $(inputs.r.name)}
+  main:
+    type: File
+    secondaryFiles: [.idx]
+    outputBinding: {glob: main.dat}
+"#;
+
+const LOOK_TOOL: &str = r#"
+cwlVersion: v1.2
+class: CommandLineTool
+requirements:
+  ShellCommandRequirement: {}
+inputs:
+  d: Directory
+  m:
+    type: File
+    secondaryFiles: [.idx]
+arguments:
+  - shellQuote: false
+    valueFrom: >-
+      cd $(inputs.d.path) && find . -type f | sort && cat sub/deep.txt seed.txt &&
+      cat $(inputs.m.path).idx
+outputs:
+  report: stdout
+  same: {type: Directory, outputBinding: {outputEval: $(inputs.d)}}
+stdout: report.txt
+"#;
+
+#[test]
+fn directories_records_and_secondary_files_cross_the_mesh() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manager = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
+    let _a1 = NodeProc::agent_of(&manager, &dir.path().join("a1"), &["--cwl-tools", "local"])
+        .expect("agent 1");
+    let _a2 = NodeProc::agent_of(&manager, &dir.path().join("a2"), &["--cwl-tools", "local"])
+        .expect("agent 2");
+    write(dir.path(), "pack.cwl", PACK_TOOL);
+    write(dir.path(), "look.cwl", LOOK_TOOL);
+    let wf = write(
+        dir.path(),
+        "wf.cwl",
+        r#"
+cwlVersion: v1.2
+class: Workflow
+requirements:
+  InlineJavascriptRequirement: {}
+inputs:
+  r:
+    type:
+      type: record
+      fields:
+        name: string
+        seed: File
+outputs:
+  report: {type: File, outputSource: look/report}
+  tree: {type: Directory, outputSource: pack/tree}
+  again: {type: Directory, outputSource: look/same}
+  main: {type: File, outputSource: pack/main}
+steps:
+  pack: {run: pack.cwl, in: {r: r}, out: [tree, main]}
+  look: {run: look.cwl, in: {d: pack/tree, m: pack/main}, out: [report, same]}
+"#,
+    );
+    write(dir.path(), "seed.in", "sown\n");
+    let job = write(
+        dir.path(),
+        "job.yml",
+        "r: {name: crop, seed: {class: File, location: seed.in}}\n",
+    );
+    let outdir = dir.path().join("out");
+    let out = cwl_runner(&manager, &outdir, &[&wf, &job]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        manager.log_text()
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the output object");
+    let report =
+        std::fs::read_to_string(v["report"]["path"].as_str().expect("path")).expect("report");
+    assert_eq!(
+        report, "./seed.txt\n./sub/deep.txt\ndeep\nsown\nindex\n",
+        "{v:#}"
+    );
+    for out in ["tree", "again"] {
+        let tree = &v[out];
+        assert_eq!(tree["class"], "Directory", "{v:#}");
+        assert_eq!(tree["basename"], "crop", "{v:#}");
+        let at = Path::new(tree["path"].as_str().expect("path"));
+        assert!(at.starts_with(&outdir), "{at:?}");
+        let deep = std::fs::read_to_string(at.join("sub/deep.txt")).expect("deep file");
+        assert_eq!(deep, "deep\n");
+        let names: Vec<&str> = tree["listing"]
+            .as_array()
+            .expect("listing")
+            .iter()
+            .filter_map(|e| e["basename"].as_str())
+            .collect();
+        assert_eq!(names, ["seed.txt", "sub"], "{tree:#}");
+    }
+    let main = &v["main"];
+    let idx = &main["secondaryFiles"][0];
+    assert_eq!(idx["basename"], "main.dat.idx", "{main:#}");
+    let idx_text =
+        std::fs::read_to_string(idx["path"].as_str().expect("idx path")).expect("idx file");
+    assert_eq!(idx_text, "index\n");
 }
 
 #[test]

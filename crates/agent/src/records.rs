@@ -45,7 +45,7 @@ pub fn live_files(
             continue;
         };
         for v in values {
-            for f in caroni_types::file::files_of(v).refs() {
+            for f in caroni_types::file::refs_in(v) {
                 out.insert(f.sha256.clone());
             }
         }

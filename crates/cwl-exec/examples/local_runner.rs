@@ -67,7 +67,7 @@ fn main() {
     );
     let _ = std::fs::remove_dir_all(&tmp);
     match r {
-        Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+        Ok(v) => println!("{}", caroni_cwl_exec::expr::output_json(&v)),
         Err(ToolError::Unsupported(e)) => {
             eprintln!("unsupported: {e}");
             std::process::exit(33);

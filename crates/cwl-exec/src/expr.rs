@@ -136,29 +136,26 @@ fn scan(s: &str, js: bool) -> Result<Vec<Piece<'_>>, ExprError> {
     let mut i = 0;
     let mut plain_from = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 1 < b.len() && b[i + 1] == b'\\' {
-            // `\\` before an expression is one backslash.
-            if i + 2 < b.len() && b[i + 2] == b'$' {
+        // Backslashes as the reference runner reads them in a string that
+        // holds an expression: `\$(` and `\${` are that text, `\\` is one
+        // backslash, any other `\` stays.
+        if b[i] == b'\\' && i + 1 < b.len() {
+            if b[i + 1] == b'$' && i + 2 < b.len() && (b[i + 2] == b'(' || b[i + 2] == b'{') {
+                text.push_str(&s[plain_from..i]);
+                text.push('$');
+                i += 2;
+                plain_from = i;
+                // The `(` is text: step past it so it starts nothing.
+                continue;
+            }
+            if b[i + 1] == b'\\' {
                 text.push_str(&s[plain_from..i]);
                 text.push('\\');
                 i += 2;
                 plain_from = i;
-                // The `$` that follows starts an expression on the next
-                // turn: no backslash escapes it any more.
                 continue;
             }
-            i += 2;
-            continue;
-        }
-        if b[i] == b'\\'
-            && i + 2 < b.len()
-            && b[i + 1] == b'$'
-            && (b[i + 2] == b'(' || b[i + 2] == b'{')
-        {
-            text.push_str(&s[plain_from..i]);
-            text.push('$');
-            i += 2;
-            plain_from = i;
+            i += 1;
             continue;
         }
         if b[i] == b'$' && i + 1 < b.len() && (b[i + 1] == b'(' || (js && b[i + 1] == b'{')) {
@@ -667,8 +664,97 @@ fn run_script(js: &mut Js, src: &str, shown: &str, limits: &Limits) -> Result<St
     })
 }
 
+/// A CWL output object as the reference runner prints it: pretty JSON in
+/// which a whole number held as a float beyond 2^53 is written with all
+/// its digits (`1000000000000000000000000000000000000000000`, not `1e42`),
+/// as Python writes the integer its JSON reader made of those digits.
+pub fn output_json(v: &Value) -> String {
+    use serde::Serialize as _;
+    struct Digits<'a>(serde_json::ser::PrettyFormatter<'a>);
+    impl serde_json::ser::Formatter for Digits<'_> {
+        fn write_f64<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+            value: f64,
+        ) -> std::io::Result<()> {
+            if value.is_finite() && value.fract() == 0.0 && value.abs() >= 9_007_199_254_740_992.0 {
+                write!(w, "{value}")
+            } else {
+                serde_json::ser::CompactFormatter.write_f64(w, value)
+            }
+        }
+        fn begin_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+            self.0.begin_array(w)
+        }
+        fn end_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+            self.0.end_array(w)
+        }
+        fn begin_array_value<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+            first: bool,
+        ) -> std::io::Result<()> {
+            self.0.begin_array_value(w, first)
+        }
+        fn end_array_value<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+        ) -> std::io::Result<()> {
+            self.0.end_array_value(w)
+        }
+        fn begin_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+            self.0.begin_object(w)
+        }
+        fn end_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+            self.0.end_object(w)
+        }
+        fn begin_object_key<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+            first: bool,
+        ) -> std::io::Result<()> {
+            self.0.begin_object_key(w, first)
+        }
+        fn begin_object_value<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+        ) -> std::io::Result<()> {
+            self.0.begin_object_value(w)
+        }
+        fn end_object_value<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+        ) -> std::io::Result<()> {
+            self.0.end_object_value(w)
+        }
+    }
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(
+        &mut out,
+        Digits(serde_json::ser::PrettyFormatter::new()),
+    );
+    if v.serialize(&mut ser).is_err() {
+        return v.to_string();
+    }
+    String::from_utf8(out).unwrap_or_else(|_| v.to_string())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn outputs_print_big_whole_floats_with_all_their_digits() {
+        let v = json!({"big": 1e42, "small": 4.2, "int": 3, "neg": -1e20});
+        let text = output_json(&v);
+        assert!(
+            text.contains("\"big\": 1000000000000000000000000000000000000000000"),
+            "{text}"
+        );
+        assert!(text.contains("\"small\": 4.2"), "{text}");
+        assert!(text.contains("\"neg\": -100000000000000000000"), "{text}");
+        let back: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        assert_eq!(back["big"].as_f64(), Some(1e42));
+    }
+
     use super::*;
     use serde_json::json;
 
@@ -728,6 +814,18 @@ mod tests {
             e.interpolate("a\\\\$(inputs.n)", &Value::Null).expect("ok"),
             json!("a\\4"),
             "two backslashes are one, and the expression stays"
+        );
+        // As the reference runner reads them where a string holds an
+        // expression: `\\` is one backslash everywhere, `\$(` is text,
+        // a lone backslash stays; a string without one is left alone.
+        assert_eq!(
+            e.interpolate("'\\\\\\$(inputs.n)' '\\\\' '\\x' $(inputs.n)", &Value::Null)
+                .expect("ok"),
+            json!("'\\$(inputs.n)' '\\' '\\x' 4")
+        );
+        assert_eq!(
+            e.interpolate("a\\\\b", &Value::Null).expect("ok"),
+            json!("a\\\\b")
         );
         let err = e
             .interpolate("$(inputs.n + 1)", &Value::Null)

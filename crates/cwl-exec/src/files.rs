@@ -287,6 +287,29 @@ pub fn visit_mut(
     Ok(())
 }
 
+/// Visits the outermost File and Directory objects of `v` (in arrays and
+/// records), not what they hold: for work such as [`fill`] that treats
+/// an object's secondary files and listing itself.
+pub fn visit_top_mut(
+    v: &mut Value,
+    f: &mut dyn FnMut(&mut Value) -> Result<(), FileError>,
+) -> Result<(), FileError> {
+    match v {
+        Value::Object(m) => {
+            if matches!(
+                m.get("class").and_then(Value::as_str),
+                Some("File" | "Directory")
+            ) {
+                f(v)
+            } else {
+                m.values_mut().try_for_each(|x| visit_top_mut(x, f))
+            }
+        }
+        Value::Array(a) => a.iter_mut().try_for_each(|x| visit_top_mut(x, f)),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -207,7 +207,7 @@ pub fn complete_inputs(
             )));
         }
         let listing = load_listing(job.process, p);
-        files::visit_mut(&mut v, &mut |f| {
+        files::visit_top_mut(&mut v, &mut |f| {
             files::fill(f, base, false, listing.as_deref())
         })?;
         if !matches(&ty, &v, names) {
@@ -461,7 +461,7 @@ pub fn run(job: &Job<'_>, opts: &Options) -> Result<Value, ToolError> {
     let rt = runtime_of(job.process, &mut ev, opts)?;
     ev.set_runtime(rt);
     match class(job.process) {
-        "CommandLineTool" => run_tool(job.process, &inputs, &mut ev, &names, opts),
+        "CommandLineTool" => run_tool(job, &inputs, &mut ev, &names, opts),
         "ExpressionTool" => {
             let expr = job
                 .process
@@ -574,6 +574,15 @@ fn materialize(v: &mut Value, dir: &Path) -> Result<(), ToolError> {
     } else {
         std::fs::create_dir_all(&place).map_err(io_err("cannot create", &place))?;
         if let Some(Value::Array(list)) = v.get_mut("listing") {
+            // A File's secondary files go into the directory beside it.
+            let mut entries: Vec<Value> = Vec::new();
+            for e in list.iter() {
+                entries.push(e.clone());
+                if let Some(Value::Array(sf)) = e.get("secondaryFiles") {
+                    entries.extend(sf.iter().cloned());
+                }
+            }
+            *list = entries;
             for e in list {
                 materialize(e, &place)?;
                 if let Some(from) = files::path_of(e, &place) {
@@ -610,9 +619,27 @@ fn materialize(v: &mut Value, dir: &Path) -> Result<(), ToolError> {
     Ok(())
 }
 
+/// Checksums of Files found as secondary files of outputs (when the
+/// runner computes checksums).
+fn secondary_checksums(v: &mut Value, opts: &Options) -> Result<(), ToolError> {
+    if !opts.checksums {
+        return Ok(());
+    }
+    files::visit_mut(v, &mut |f| {
+        if f.get("class").and_then(Value::as_str) == Some("File") && f.get("checksum").is_none() {
+            if let Some(path) = f.get("path").and_then(Value::as_str).map(PathBuf::from) {
+                f["checksum"] = Value::String(files::checksum(&path)?);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
 /// Stages `InitialWorkDirRequirement.listing` into the output directory.
 fn initial_workdir(
     process: &Value,
+    doc_dir: &Path,
     ev: &mut Evaluator,
     opts: &Options,
     inputs: &mut Value,
@@ -644,7 +671,28 @@ fn initial_workdir(
                 let v = ev.eval(&e, &Value::Null)?;
                 push(v, &mut entries);
             }
-            other => push(other.clone(), &mut entries),
+            other => {
+                // Files and Directories written in the tool are where the
+                // document says, relative to it.
+                let mut e = other.clone();
+                let target = match e.get_mut("entry") {
+                    Some(inner @ Value::Object(_)) => inner,
+                    _ => &mut e,
+                };
+                files::visit_top_mut(target, &mut |f| {
+                    if let Some(p) = files::path_of(f, doc_dir) {
+                        if let Some(m) = f.as_object_mut() {
+                            m.remove("path");
+                            m.insert(
+                                "location".into(),
+                                Value::String(format!("file://{}", p.display())),
+                            );
+                        }
+                    }
+                    Ok(())
+                })?;
+                push(e, &mut entries)
+            }
         }
     }
     let scratch = opts.tmpdir.join("iwd-literals");
@@ -724,8 +772,10 @@ fn resolve_entry(outdir: &Path, name: &str) -> Result<PathBuf, ToolError> {
         if p.starts_with(outdir) {
             return Ok(p.to_path_buf());
         }
-        return Err(ToolError::Unsupported(format!(
-            "entryname `{name}` is an absolute path outside the output directory (only possible in a container)"
+        // Only a tool that requires a container may place files at
+        // absolute paths (inside it); none runs in one here.
+        return Err(ToolError::Process(format!(
+            "entryname `{name}` is an absolute path outside the output directory; only a tool that requires a container (DockerRequirement under `requirements`) may use one"
         )));
     }
     if p.components()
@@ -787,7 +837,7 @@ fn stage_object(
 }
 
 fn run_tool(
-    process: &Value,
+    job: &Job<'_>,
     inputs: &Value,
     ev: &mut Evaluator,
     names: &Names,
@@ -809,7 +859,8 @@ fn run_tool(
         return Err(e);
     }
     ev.set_inputs(inputs.clone());
-    initial_workdir(process, ev, opts, &mut inputs)?;
+    let process = job.process;
+    initial_workdir(process, job.process_dir, ev, opts, &mut inputs)?;
     ev.set_inputs(inputs.clone());
 
     let shell = requirement(process, "ShellCommandRequirement").is_some();
@@ -1121,15 +1172,15 @@ fn collect_outputs(
                     let fty = f.get("type").cloned().unwrap_or(Value::Null);
                     let binding = f.get("outputBinding").cloned().unwrap_or(Value::Null);
                     let mut fv = collect_binding(process, &f, &binding, &fty, ev, names, opts)?;
-                    if let Some(Value::Array(patterns)) = f.get("secondaryFiles") {
-                        let patterns =
-                            crate::load::normalize_secondary(&Value::Array(patterns.clone()));
+                    if let Some(sf) = f.get("secondaryFiles") {
+                        let patterns = crate::load::normalize_secondary(sf);
                         add_secondary(
                             &mut fv,
                             patterns.as_array().map(Vec::as_slice).unwrap_or(&[]),
                             ev,
                             false,
                         )?;
+                        secondary_checksums(&mut fv, opts)?;
                     }
                     if let Some(fmt) = f.get("format") {
                         if let Some(fs) = ev.eval(fmt, &fv)?.as_str() {
@@ -1157,17 +1208,7 @@ fn collect_outputs(
         };
         if let Some(Value::Array(patterns)) = p.get("secondaryFiles") {
             add_secondary(&mut v, patterns, ev, false)?;
-            files::visit_mut(&mut v, &mut |f| {
-                if opts.checksums
-                    && f.get("class").and_then(Value::as_str) == Some("File")
-                    && f.get("checksum").is_none()
-                {
-                    if let Some(path) = f.get("path").and_then(Value::as_str).map(PathBuf::from) {
-                        f["checksum"] = Value::String(files::checksum(&path)?);
-                    }
-                }
-                Ok(())
-            })?;
+            secondary_checksums(&mut v, opts)?;
         }
         if let Some(fmt) = p.get("format") {
             let fv = ev.eval(fmt, &v)?;
@@ -1251,8 +1292,12 @@ fn collect_binding(
                 .get("loadContents")
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
-        let listing =
-            load_listing(process, param).or_else(|| want_dirs.then(|| "deep_listing".to_string()));
+        let listing = binding
+            .get("loadListing")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .or_else(|| load_listing(process, param))
+            .or_else(|| want_dirs.then(|| "deep_listing".to_string()));
         for p in paths {
             let is_dir = p.is_dir();
             if (is_dir && !want_dirs && want_files && binding.get("outputEval").is_none())

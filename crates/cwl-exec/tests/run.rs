@@ -232,3 +232,60 @@ $graph:
     let text = std::fs::read_to_string(out["out"]["path"].as_str().expect("ok")).expect("ok");
     assert_eq!(text, "packed\n");
 }
+
+#[test]
+fn listings_load_as_deep_as_asked_and_secondary_files_follow_their_file() {
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir_all(dir.path().join("top/mid/low")).expect("mkdir");
+    write(dir.path(), "top/mid/low/leaf.txt", "leaf\n");
+    write(dir.path(), "a.txt", "a\n");
+    write(dir.path(), "a.txt.sec", "sec\n");
+    // Shallow: the entries of the directory, not theirs.
+    let out = run_doc(
+        dir.path(),
+        r#"
+cwlVersion: v1.2
+class: CommandLineTool
+requirements:
+  InlineJavascriptRequirement: {}
+  LoadListingRequirement: {loadListing: shallow_listing}
+inputs:
+  d: Directory
+outputs:
+  seen:
+    type: Any
+    outputBinding:
+      outputEval: $([inputs.d.listing.length, inputs.d.listing[0].listing === undefined])
+baseCommand: "true"
+"#,
+        json!({"d": {"class": "Directory", "location": "top"}}),
+    )
+    .expect("run");
+    assert_eq!(out["seen"], json!([1, true]), "{out:#}");
+    // A File staged in a Directory literal brings its secondary files.
+    let out = run_doc(
+        dir.path(),
+        r#"
+cwlVersion: v1.2
+class: CommandLineTool
+requirements:
+  InlineJavascriptRequirement: {}
+  InitialWorkDirRequirement:
+    listing:
+      - entryname: staged
+        entry: "${ return {class: 'Directory', listing: [inputs.f]}; }"
+inputs:
+  f: {type: File, secondaryFiles: [.sec]}
+outputs:
+  names:
+    type: string[]
+    outputBinding:
+      glob: staged/*
+      outputEval: $(self.map(function(x) { return x.basename; }))
+baseCommand: "true"
+"#,
+        json!({"f": {"class": "File", "location": "a.txt"}}),
+    )
+    .expect("run");
+    assert_eq!(out["names"], json!(["a.txt", "a.txt.sec"]), "{out:#}");
+}

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_yaml_ng::{Mapping, Value};
 
 mod parse;
+pub use parse::port_kind;
 
 /// A validated workflow template.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +39,11 @@ pub enum Kind {
     File,
     /// A list of files (`File[]`).
     Files,
+    /// A CWL value that holds Files or Directories anywhere (a Directory,
+    /// a record or nested array with files, a File with secondary files,
+    /// `Any` of a real tool): JSON whose File and Directory objects are
+    /// references (`caroni_types::file::data_refs`).
+    Data,
 }
 
 impl Kind {
@@ -47,7 +53,16 @@ impl Kind {
             Kind::Value => "string",
             Kind::File => "File",
             Kind::Files => "File[]",
+            Kind::Data => "a value with files",
         }
+    }
+
+    /// True when a port declared `self` may read from a source that
+    /// carries `have`. A value with files goes anywhere a value may be
+    /// read by its type (the consuming tool checks it when it runs); files
+    /// and text do not mix.
+    pub fn accepts(self, have: Kind) -> bool {
+        self == have || self == Kind::Data || have == Kind::Data
     }
 }
 

@@ -98,51 +98,94 @@ fn mapping<'a>(v: &'a Value, at: &str) -> Result<&'a Mapping, Error> {
         .ok_or_else(|| invalid(at, "expected a mapping"))
 }
 
-/// Reads a port's type: `string`, `int`, `long`, `float`, `double`,
-/// `boolean`, `Any` (carried as strings), `File` and `File[]` (references to
-/// blobs), each optionally with `?`. Refuses the rest. `None` when no type
-/// is declared.
+/// Reads a port's type: any CWL type written in the template (scalars,
+/// `File`, `Directory`, arrays, records, enums, unions, `Any`, each
+/// optionally with `?` or `[]`), classified by what it carries on the
+/// mesh (see [`classify`]). `None` when no type is declared.
 fn check_type(ty: Option<&Value>, at: &str) -> Result<Option<Kind>, Error> {
     let Some(ty) = ty else { return Ok(None) };
-    let name = match ty {
-        Value::String(s) => s.trim_end_matches('?').to_string(),
-        Value::Mapping(m) => match get(m, "type").and_then(Value::as_str) {
-            Some("array") => match get(m, "items").and_then(Value::as_str) {
-                Some("File") => return Ok(Some(Kind::Files)),
-                _ => {
-                    return Err(unsupported(
-                        format!("{at}.type"),
-                        "an `array` type other than an array of File",
-                        "pass a string (for example JSON text) instead, or `File[]`",
-                    ))
-                }
-            },
-            Some(other) => other.to_string(),
-            None => return Err(invalid(format!("{at}.type"), "unreadable type")),
-        },
-        Value::Sequence(_) => {
-            return Err(unsupported(
-                format!("{at}.type"),
-                "a union type",
-                "use a single type such as `string` or `File`",
-            ))
-        }
-        _ => return Err(invalid(format!("{at}.type"), "unreadable type")),
+    let json = serde_json::to_value(ty)
+        .map_err(|e| invalid(format!("{at}.type"), format!("unreadable type: {e}")))?;
+    let norm = caroni_cwl_exec::load::normalize_type(&json);
+    classify(&norm, false).map(Some).ok_or_else(|| {
+        unsupported(
+            format!("{at}.type"),
+            format!("the type `{}`", caroni_cwl_exec::types::describe(&norm)),
+            "use a CWL type: a scalar (`string`, `int`, `long`, `float`, `double`, `boolean`), `File`, `Directory`, an array, record, enum or union of them, or `Any`",
+        )
+    })
+}
+
+/// What a port of a (normalised) CWL type carries on the mesh: one File
+/// (`File`, `File?`, `stdin`/`stdout`/`stderr`), a list of Files
+/// (`File[]`, optional or not), a value with files anywhere (Directories,
+/// records or nested arrays holding files, `Any`), or a plain value.
+/// `None` for a type name that is not CWL's unless `named_ok` (a named
+/// type of a real tool's SchemaDefRequirement counts as a value with
+/// files: its definition is not looked into here).
+fn classify(t: &serde_json::Value, named_ok: bool) -> Option<Kind> {
+    use serde_json::Value as J;
+    let branches: Vec<&J> = match t {
+        J::Array(a) => a.iter().filter(|b| b.as_str() != Some("null")).collect(),
+        other => vec![other],
     };
-    match name.as_str() {
-        "string" | "int" | "long" | "float" | "double" | "boolean" | "Any" => Ok(Some(Kind::Value)),
-        "File" => Ok(Some(Kind::File)),
-        "File[]" => Ok(Some(Kind::Files)),
-        "Directory" | "Directory[]" => Err(unsupported(
-            format!("{at}.type"),
-            format!("the `{name}` type"),
-            "pass the directory's files as `File[]`",
-        )),
-        other => Err(unsupported(
-            format!("{at}.type"),
-            format!("the type `{other}`"),
-            "use `string` (other scalars are passed as their string form), `File` or `File[]`",
-        )),
+    match branches.as_slice() {
+        [J::String(s)] if matches!(s.as_str(), "File" | "stdin" | "stdout" | "stderr") => {
+            return Some(Kind::File)
+        }
+        [J::Object(o)]
+            if o.get("type").and_then(J::as_str) == Some("array")
+                && o.get("items").and_then(J::as_str) == Some("File") =>
+        {
+            return Some(Kind::Files)
+        }
+        _ => {}
+    }
+    let mut holds_files = false;
+    let known = walk_type(t, &mut |name| match name {
+        "File" | "Directory" | "stdin" | "stdout" | "stderr" => {
+            holds_files = true;
+            true
+        }
+        "Any" => {
+            holds_files = true;
+            true
+        }
+        "null" | "boolean" | "int" | "long" | "float" | "double" | "string" => true,
+        _ => {
+            holds_files |= named_ok;
+            named_ok
+        }
+    });
+    match (known, holds_files) {
+        (false, _) => None,
+        (true, true) => Some(Kind::Data),
+        (true, false) => Some(Kind::Value),
+    }
+}
+
+/// Calls `leaf` on every type name in a normalised type (array items,
+/// record fields, union branches; an enum is a value); false as soon as a
+/// call does or the type cannot be read.
+fn walk_type(t: &serde_json::Value, leaf: &mut dyn FnMut(&str) -> bool) -> bool {
+    use serde_json::Value as J;
+    match t {
+        J::String(s) => leaf(s),
+        J::Array(a) => a.iter().all(|b| walk_type(b, leaf)),
+        J::Object(o) => match o.get("type").and_then(J::as_str) {
+            Some("array") => o.get("items").is_some_and(|i| walk_type(i, leaf)),
+            Some("record") => o.get("fields").and_then(J::as_array).is_some_and(|fs| {
+                fs.iter()
+                    .all(|f| f.get("type").is_some_and(|ft| walk_type(ft, leaf)))
+            }),
+            Some("enum") => true,
+            Some(other) => leaf(other),
+            None => match o.get("type") {
+                Some(inner) => walk_type(inner, leaf),
+                None => false,
+            },
+        },
+        _ => false,
     }
 }
 
@@ -155,10 +198,15 @@ fn port(body: &Value, at: &str) -> Result<(Option<Kind>, Option<String>), Error>
                 Some(Value::String(t)) if t == "array" => Some(body),
                 t => t,
             };
-            (
-                check_type(ty, at)?,
-                get(b, "default").and_then(scalar_string),
-            )
+            let kind = check_type(ty, at)?;
+            // A port with secondary files carries them with its File.
+            let kind = match kind {
+                Some(Kind::File | Kind::Files) if get(b, "secondaryFiles").is_some() => {
+                    Some(Kind::Data)
+                }
+                k => k,
+            };
+            (kind, get(b, "default").and_then(scalar_string))
         }
         ty @ Value::String(_) => (check_type(Some(ty), at)?, None),
         _ => (None, None),
@@ -448,7 +496,10 @@ pub(crate) fn workflow(m: &Mapping) -> Result<Workflow, Error> {
             let Some(src) = &i.source else { continue };
             let have = kind_of(src);
             if declared.get(&i.name).copied().unwrap_or(false) {
-                if have != i.kind {
+                // A Caroni job type stages only plain File references.
+                let plain_files = s.job_type != caroni_types::CWL_TOOL_JOB_TYPE
+                    && matches!(i.kind, Kind::File | Kind::Files);
+                if !i.kind.accepts(have) || (plain_files && have == Kind::Data) {
                     return Err(mismatch(
                         format!("steps.{}.in.{}", s.id, i.name),
                         src,
@@ -465,7 +516,7 @@ pub(crate) fn workflow(m: &Mapping) -> Result<Workflow, Error> {
         .into_iter()
         .map(|(mut o, declared)| {
             let have = kind_of(&o.source);
-            if declared && have != o.kind {
+            if declared && !o.kind.accepts(have) {
                 return Err(mismatch(
                     format!("outputs.{}", o.id),
                     &o.source,
@@ -832,38 +883,17 @@ fn is_real_tool(step: &Mapping, tool: &Mapping, at: &str) -> Result<bool, Error>
     Ok(true)
 }
 
-/// What a port of a real tool carries: a File (`File`, `File?`), a list of
-/// Files (`File[]`, optional or not), or a value as JSON text. Files
-/// nested in records or arrays of arrays, and Directories, are refused.
-fn real_kind(t: &serde_json::Value, at: &str) -> Result<Kind, Error> {
-    use serde_json::Value as J;
-    let branches: Vec<&J> = match t {
-        J::Array(a) => a.iter().filter(|b| b.as_str() != Some("null")).collect(),
-        other => vec![other],
-    };
-    let mentions = |what: &str| t.to_string().contains(&format!("\"{what}\""));
-    if mentions("Directory") {
-        return Err(unsupported(
-            format!("{at}.type"),
-            "a Directory",
-            "pass the directory's files as `File[]`",
-        ));
+/// What a port of a real tool (normalised) carries on the mesh (see
+/// [`classify`]): a port with secondary files carries a value with files.
+pub fn port_kind(port: &serde_json::Value) -> Kind {
+    if port.get("secondaryFiles").is_some() {
+        return Kind::Data;
     }
-    match branches.as_slice() {
-        [J::String(s)] if s == "File" || s == "stdin" => Ok(Kind::File),
-        [J::Object(o)]
-            if o.get("type").and_then(J::as_str) == Some("array")
-                && o.get("items").and_then(J::as_str) == Some("File") =>
-        {
-            Ok(Kind::Files)
-        }
-        _ if mentions("File") => Err(unsupported(
-            format!("{at}.type"),
-            "a File inside a union, record or nested array",
-            "declare the port `File`, `File?` or `File[]`",
-        )),
-        _ => Ok(Kind::Value),
-    }
+    let t = port
+        .get("type")
+        .cloned()
+        .unwrap_or(serde_json::json!("Any"));
+    classify(&caroni_cwl_exec::load::normalize_type(&t), true).unwrap_or(Kind::Data)
 }
 
 /// A real CWL CommandLineTool written inline: its inputs (with their
@@ -884,19 +914,22 @@ fn real_tool(
     let raw = serde_json::to_value(tool)
         .map_err(|e| invalid(at, format!("the tool cannot be read as JSON: {e}")))?;
     let norm = caroni_cwl_exec::load::normalize(raw).map_err(|e| invalid(at, e.to_string()))?;
-    let mut ins = Vec::new();
-    for (id, t) in caroni_cwl_exec::load::params(&norm, "inputs") {
-        let kind = real_kind(&t, &format!("{at}.inputs.{id}"))?;
-        ins.push((id, None, Some(kind)));
-    }
-    let mut outs = Vec::new();
-    for (id, t) in caroni_cwl_exec::load::params(&norm, "outputs") {
-        let kind = match t.as_str() {
-            Some("stdout" | "stderr") => Kind::File,
-            _ => real_kind(&t, &format!("{at}.outputs.{id}"))?,
-        };
-        outs.push((id, kind));
-    }
+    let ports = |key: &str| -> Vec<(String, Kind)> {
+        norm.get(key)
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                let id = p.get("id")?.as_str()?.to_string();
+                Some((id, port_kind(p)))
+            })
+            .collect()
+    };
+    let ins = ports("inputs")
+        .into_iter()
+        .map(|(id, k)| (id, None, Some(k)))
+        .collect();
+    let outs = ports("outputs");
     let json = norm.to_string();
     if json.len() > caroni_types::MAX_CWL_TOOL_BYTES {
         return Err(unsupported(

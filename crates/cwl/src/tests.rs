@@ -153,16 +153,50 @@ fn refuses_when() {
 }
 
 #[test]
-fn refuses_directory_type() {
+fn every_cwl_type_is_read_by_what_it_carries() {
+    let wf = parse(
+        "class: Workflow
+inputs:
+  dir: Directory
+  maybe_dir: Directory?
+  rec: {type: {type: record, fields: {a: File, b: int}}}
+  nested: {type: {type: array, items: {type: array, items: File}}}
+  anything: Any
+  ints: int[]
+  pick: {type: {type: enum, symbols: [x, y]}}
+  either: [string, int]
+  indexed: {type: File, secondaryFiles: [.bai]}
+outputs: {y: {outputSource: s1/o}}
+steps:
+  s1:
+    hints: {CaroniRequirement: {CaroniJobName: j}}
+    in: {a: dir, b: maybe_dir, c: rec, d: nested, e: anything, f: ints, g: pick, h: either, i: indexed}
+    out: [o]",
+    )
+    .expect("parses");
+    let kinds: Vec<Kind> = wf.inputs.iter().map(|i| i.kind).collect();
+    use Kind::{Data, Value};
+    assert_eq!(
+        kinds,
+        [Data, Data, Data, Data, Data, Value, Value, Value, Data]
+    );
+    let e = err("class: Workflow
+inputs: {x: Fiel}
+outputs: {y: {outputSource: s1/o}}
+steps:
+  s1: {hints: {CaroniRequirement: {CaroniJobName: j}}, in: {i: x}, out: [o]}");
+    assert!(e.contains("inputs.x.type") && e.contains("`Fiel`"), "{e}");
+    // A job type stages plain File references only.
     let e = err("class: Workflow
 inputs: {x: Directory}
 outputs: {y: {outputSource: s1/o}}
 steps:
-  s1: {hints: {CaroniRequirement: {CaroniJobName: j}}, in: {i: x}, out: [o]}");
-    assert!(
-        e.contains("inputs.x.type") && e.contains("`Directory` type"),
-        "{e}"
-    );
+  s1:
+    hints: {CaroniRequirement: {CaroniJobName: j}}
+    run: {class: Operation, inputs: {i: File}, outputs: {o: string}}
+    in: {i: x}
+    out: [o]");
+    assert!(e.contains("steps.s1.in.i"), "{e}");
 }
 
 const FILES: &str = include_str!("../../../examples/templates/files_chain.cwl");
@@ -508,9 +542,9 @@ steps:
     let label = s.inputs.iter().find(|i| i.name == "label").expect("label");
     assert_eq!(label.default.as_deref(), Some("null"));
     assert_eq!(s.output_kinds.get("out"), Some(&Kind::File));
-    // A Caroni job type wins over a tool's command line, as before.
+    // Files and text do not mix.
     let e = err(
-        "class: Workflow\ninputs: {d: string}\noutputs: []\nsteps:\n  s:\n    run:\n      class: CommandLineTool\n      baseCommand: ls\n      inputs: {d: Directory}\n      outputs: []\n    in: {d: d}\n    out: []\n",
+        "class: Workflow\ninputs: {d: File}\noutputs: []\nsteps:\n  s:\n    run:\n      class: CommandLineTool\n      baseCommand: ls\n      inputs: {d: int}\n      outputs: []\n    in: {d: d}\n    out: []\n",
     );
-    assert!(e.contains("Directory"), "{e}");
+    assert!(e.contains("carries File"), "{e}");
 }

@@ -108,10 +108,27 @@ pub const MAX_INPUTS_BYTES: usize = 2 << 20;
 fn check_kind(name: &str, kind: Kind, v: &str) -> Result<(), CreateError> {
     use caroni_types::file::{files_of, Files};
     let files = files_of(v);
+    if kind == Kind::Data {
+        // JSON whose Files and Directories must all be references; any
+        // other text is a plain value, read by the consuming tool's type.
+        let t = v.trim_start();
+        if t.starts_with('{') || t.starts_with('[') {
+            if let Ok(json) = serde_json::from_str::<serde_json::Value>(t) {
+                caroni_types::file::data_refs(&json, &mut Vec::new()).map_err(|e| {
+                    CreateError::BadValue(
+                        name.to_string(),
+                        format!("holds a file that is not an uploaded reference: {e}"),
+                    )
+                })?;
+            }
+        }
+        return Ok(());
+    }
     let ok = match kind {
-        Kind::Value => files == Files::None,
+        Kind::Value => files == Files::None && caroni_types::file::refs_in(v).is_empty(),
         Kind::File => matches!(files, Files::One(_)),
         Kind::Files => matches!(files, Files::Many(_)) || v.trim() == "[]",
+        Kind::Data => true,
     };
     if ok {
         return Ok(());
@@ -122,6 +139,7 @@ fn check_kind(name: &str, kind: Kind, v: &str) -> Result<(), CreateError> {
             Kind::Value => "is a File reference, but the input is not declared `type: File`; declare it File or pass text".into(),
             Kind::File => format!("is declared `File` but was given text, not a File reference; upload the file and pass its reference (caroni run TEMPLATE {name}=@path does both)"),
             Kind::Files => format!("is declared `File[]` but was not given a JSON list of File references; give {name}=@path,@path to upload the files"),
+            Kind::Data => String::new(),
         },
     ))
 }
@@ -185,7 +203,9 @@ impl Workflow {
                 let mut values = BTreeMap::new();
                 for i in &s.inputs {
                     let v = match &i.source {
-                        Some(Source::Input(name)) => inputs.get(name).cloned(),
+                        Some(Source::Input(name)) => inputs
+                            .get(name)
+                            .map(|v| report::or_default(v, i.default.as_deref())),
                         Some(Source::StepOutput { .. }) => None,
                         None => None,
                     };

@@ -433,7 +433,7 @@ pub fn live_files(store: &Store) -> caroni_store::Result<std::collections::HashS
                 .flat_map(|s| s.values.values().chain(s.results.values())),
         );
         for v in values {
-            for f in caroni_types::file::files_of(v).refs() {
+            for f in caroni_types::file::refs_in(v) {
                 out.insert(f.sha256.clone());
             }
         }

@@ -1,7 +1,10 @@
 //! File values: a reference to a blob named by its SHA-256, never the
 //! bytes. A File value travels and is stored as the canonical JSON text of
-//! its reference, `{"class":"File","sha256":"…","size":N,"basename":"…"}`;
-//! a `File[]` value as a JSON array of such references.
+//! its reference, `{"class":"File","sha256":"…","size":N,"basename":"…"}`
+//! (a CWL tool's output may add its `format`, which the reference
+//! ignores); a `File[]` value as a JSON array of such references. CWL
+//! values that hold files elsewhere (Directories, records, secondary
+//! files) are JSON with references inside, see [`data_refs`].
 //!
 //! The text is self-describing, so every layer (the manager's routing, the
 //! outbox, the agent's job records) carries File values exactly as it
@@ -38,6 +41,11 @@ struct Wire<'a> {
     sha256: &'a str,
     size: u64,
     basename: std::borrow::Cow<'a, str>,
+    /// A CWL format IRI: carried in the text for CWL tools, not part of
+    /// the reference.
+    #[serde(default, skip_serializing)]
+    #[allow(dead_code)]
+    format: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// Why a text is not a valid File reference, or a name not a valid
@@ -96,6 +104,7 @@ impl FileRef {
             sha256: &self.sha256,
             size: self.size,
             basename: std::borrow::Cow::Borrowed(&self.basename),
+            format: None,
         })
         .unwrap_or_default()
     }
@@ -198,6 +207,117 @@ pub fn files_of(text: &str) -> Files {
     Files::Many(out)
 }
 
+/// CWL values that hold files ("data"): any JSON value whose File and
+/// Directory objects are references. A File is
+/// `{"class":"File","sha256":…,"size":N,"basename":…}` with, optionally,
+/// `format` (an IRI) and `secondaryFiles` (more Files and Directories); a
+/// Directory is `{"class":"Directory","basename":…,"listing":[…]}`, its
+/// listing the whole tree. Nothing else may sit in either object: a place
+/// on some host (`path`, `location`) means nothing to another node.
+///
+/// Checks every File and Directory object in `v` and collects the File
+/// references (secondary files and listings included) into `out`.
+pub fn data_refs(v: &serde_json::Value, out: &mut Vec<FileRef>) -> Result<(), FileError> {
+    use serde_json::Value as J;
+    match v {
+        J::Array(a) => a.iter().try_for_each(|x| data_refs(x, out)),
+        J::Object(m) => match m.get("class").and_then(J::as_str) {
+            Some("File") => {
+                for k in m.keys() {
+                    if !matches!(
+                        k.as_str(),
+                        "class" | "sha256" | "size" | "basename" | "format" | "secondaryFiles"
+                    ) {
+                        return Err(FileError(format!(
+                            "a File value holds `{k}`; a File on the mesh is a reference to uploaded content (sha256, size, basename, format, secondaryFiles)"
+                        )));
+                    }
+                }
+                let sha = m.get("sha256").and_then(J::as_str).unwrap_or_default();
+                let size = m.get("size").and_then(J::as_u64).ok_or_else(|| {
+                    FileError("a File value has no `size`; upload the file first".into())
+                })?;
+                let name = m.get("basename").and_then(J::as_str).unwrap_or_default();
+                out.push(FileRef::new(sha.to_string(), size, name.to_string())?);
+                if m.get("format").is_some_and(|f| !f.is_string()) {
+                    return Err(FileError("a File's `format` is not a string".into()));
+                }
+                match m.get("secondaryFiles") {
+                    None => Ok(()),
+                    Some(J::Array(a)) => a.iter().try_for_each(|x| data_entry(x, out)),
+                    Some(_) => Err(FileError("a File's `secondaryFiles` is not a list".into())),
+                }
+            }
+            Some("Directory") => {
+                for k in m.keys() {
+                    if !matches!(k.as_str(), "class" | "basename" | "listing") {
+                        return Err(FileError(format!(
+                            "a Directory value holds `{k}`; a Directory on the mesh is a basename and the listing of uploaded files"
+                        )));
+                    }
+                }
+                check_basename(m.get("basename").and_then(J::as_str).unwrap_or_default())?;
+                match m.get("listing") {
+                    Some(J::Array(a)) => a.iter().try_for_each(|x| data_entry(x, out)),
+                    _ => Err(FileError("a Directory value has no `listing` list".into())),
+                }
+            }
+            _ => m.values().try_for_each(|x| data_refs(x, out)),
+        },
+        _ => Ok(()),
+    }
+}
+
+/// One entry of a listing or of secondary files: a File or a Directory.
+fn data_entry(v: &serde_json::Value, out: &mut Vec<FileRef>) -> Result<(), FileError> {
+    match v.get("class").and_then(serde_json::Value::as_str) {
+        Some("File" | "Directory") => data_refs(v, out),
+        _ => Err(FileError(
+            "a listing or secondaryFiles entry is neither a File nor a Directory".into(),
+        )),
+    }
+}
+
+/// Every file reference a value holds, at any depth: a File, a `File[]`,
+/// or CWL data (see [`data_refs`]; objects that are not valid references
+/// are passed over here, and refused where values enter).
+pub fn refs_in(text: &str) -> Vec<FileRef> {
+    match files_of(text) {
+        Files::None => {}
+        f => return f.into_refs(),
+    }
+    let t = text.trim_start();
+    if !(t.starts_with('{') || t.starts_with('[')) {
+        return Vec::new();
+    }
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(t) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    collect_valid(&v, &mut out);
+    out
+}
+
+fn collect_valid(v: &serde_json::Value, out: &mut Vec<FileRef>) {
+    use serde_json::Value as J;
+    match v {
+        J::Array(a) => a.iter().for_each(|x| collect_valid(x, out)),
+        J::Object(m)
+            if matches!(
+                m.get("class").and_then(J::as_str),
+                Some("File" | "Directory")
+            ) =>
+        {
+            let mut found = Vec::new();
+            if data_refs(v, &mut found).is_ok() {
+                out.append(&mut found);
+            }
+        }
+        J::Object(m) => m.values().for_each(|x| collect_valid(x, out)),
+        _ => {}
+    }
+}
+
 /// Lowercase hex of bytes (a digest).
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
@@ -269,6 +389,36 @@ mod tests {
             format!(r#"[{{"class":"File","sha256":"{sha}","size":1,"basename":"x"}}, "y"]"#),
         ] {
             assert_eq!(files_of(&text), Files::None, "{text}");
+        }
+    }
+
+    #[test]
+    fn data_values_hold_references_at_any_depth() {
+        let f = sample().to_text();
+        let data = format!(
+            r#"{{"reads": [{{"class":"File","sha256":"{sha}","size":3,"basename":"a.bam","format":"http://edamontology.org/format_2572","secondaryFiles":[{{"class":"File","sha256":"{sha}","size":3,"basename":"a.bai"}}]}}], "ref": {{"class":"Directory","basename":"genome","listing":[{f}, {{"class":"Directory","basename":"sub","listing":[]}}]}}, "n": 3}}"#,
+            sha = "cd".repeat(32)
+        );
+        let v: serde_json::Value = serde_json::from_str(&data).expect("json");
+        let mut refs = Vec::new();
+        data_refs(&v, &mut refs).expect("valid data");
+        assert_eq!(refs.len(), 3);
+        assert_eq!(refs_in(&data).len(), 3);
+        assert_eq!(refs_in(&f), vec![sample()]);
+        assert!(refs_in("plain text").is_empty());
+        for bad in [
+            r#"{"class":"File","location":"file:///etc/passwd"}"#.to_string(),
+            r#"{"class":"Directory","basename":"d"}"#.into(),
+            r#"{"class":"Directory","basename":"..","listing":[]}"#.into(),
+            r#"{"class":"Directory","basename":"d","listing":["x"]}"#.into(),
+            format!(
+                r#"{{"class":"File","sha256":"{}","size":1,"basename":"x","path":"/etc"}}"#,
+                "ab".repeat(32)
+            ),
+        ] {
+            let v: serde_json::Value = serde_json::from_str(&bad).expect("json");
+            assert!(data_refs(&v, &mut Vec::new()).is_err(), "{bad}");
+            assert!(refs_in(&bad).is_empty(), "{bad}");
         }
     }
 

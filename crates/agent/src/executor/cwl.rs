@@ -1,12 +1,14 @@
 //! Real CWL CommandLineTools on this host (`--cwl-tools local`): the tool
 //! the job carries is run by `caroni-cwl-exec` in a fresh directory
-//! `<work>/cwl/<job id>`, with File inputs staged from the blob store
-//! under `inputs/` and the tool's output directory `out/`. Values arrive
+//! `<work>/cwl/<job id>`, with File and Directory inputs staged from the
+//! blob store under `inputs/` and the tool's output directory `out/`. Values arrive
 //! as text and are read by the tool's declared types; outputs leave as
 //! text, File outputs stored in the blob store as for every executor.
 //!
-//! Left out for now: secondary files of File values, Files inside records,
-//! Directories (refused by the manager), and running tools in Docker.
+//! Files and Directories anywhere in a value (records, arrays, secondary
+//! files, listings) are staged and collected by `cwl_values`.
+//!
+//! Left out for now: running tools in Docker.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -102,24 +104,22 @@ fn run_blocking(
             return failed(format!("cannot create {}: {e}", d.display()), None, b"");
         }
     }
-    let staged = match super::files::stage(blobs.as_ref(), &spec.inputs, &inputs_dir, &inputs_dir) {
-        Ok(s) => s,
-        Err(e) => return failed(e.to_string(), None, b""),
-    };
     let names = Names::of(&tool);
+    let mut stager = super::cwl_values::Stager::new(blobs.as_ref(), &inputs_dir);
     let mut order = serde_json::Map::new();
     for (id, ty) in caroni_cwl_exec::load::params(&tool, "inputs") {
-        let id = id.as_str();
-        let v = match (staged.get(id), spec.inputs.get(id)) {
-            (Some((_, with_path)), _) => serde_json::from_str(with_path).unwrap_or(Value::Null),
-            (None, None) => Value::Null,
-            (None, Some(text)) if text == "null" => Value::Null,
-            (None, Some(text)) => match from_text(&ty, text, &names) {
+        let v = match spec.inputs.get(id.as_str()) {
+            None => Value::Null,
+            Some(text) if text == "null" => Value::Null,
+            Some(text) => match from_text(&ty, text, &names) {
                 Ok(v) => v,
                 Err(why) => return failed(format!("input `{id}`: {why}"), None, b""),
             },
         };
-        order.insert(id.to_string(), v);
+        match stager.stage(v) {
+            Ok(v) => order.insert(id, v),
+            Err(why) => return failed(format!("input `{id}`: {why}"), None, b""),
+        };
     }
     let stderr_log = tmpdir.join("caroni-stderr.log");
     let opts = caroni_cwl_exec::Options {
@@ -160,12 +160,22 @@ fn run_blocking(
         .into_iter()
         .collect();
     let mut outputs = BTreeMap::new();
+    let mut collector = super::cwl_values::Collector::new(blobs.as_ref(), dir, &tmpdir);
     for name in &spec.outputs {
         let v = out.get(name).cloned().unwrap_or(Value::Null);
+        let v = match collector.collect(&v) {
+            Ok(v) => v,
+            Err(why) => {
+                return failed_as(
+                    Failure::Output,
+                    format!("output `{name}`: {why}"),
+                    Some(0),
+                    &stderr,
+                )
+            }
+        };
         let text = match &v {
-            Value::String(s)
-                if caroni_types::file::files_of(s) != caroni_types::file::Files::None =>
-            {
+            Value::String(s) if !caroni_types::file::refs_in(s).is_empty() => {
                 return failed(
                     format!("output `{name}`: a string shaped like a file reference is not a file"),
                     Some(0),
@@ -186,11 +196,8 @@ fn run_blocking(
         };
         outputs.insert(name.clone(), text);
     }
-    match super::files::collect(blobs.as_ref(), &mut outputs, dir, None) {
-        Ok(()) => RunResult::Completed {
-            outputs,
-            stderr_tail: tail(&stderr),
-        },
-        Err(e) => failed_as(Failure::Output, e.to_string(), Some(0), &stderr),
+    RunResult::Completed {
+        outputs,
+        stderr_tail: tail(&stderr),
     }
 }

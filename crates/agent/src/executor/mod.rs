@@ -7,6 +7,7 @@
 
 pub mod bash;
 pub mod cwl;
+mod cwl_values;
 pub mod docker;
 pub mod files;
 pub mod output;

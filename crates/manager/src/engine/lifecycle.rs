@@ -24,8 +24,8 @@ impl Manager {
     ) -> Result<Uuid, Error> {
         // A file given must be here (uploaded) before anything starts.
         for (name, v) in &inputs {
-            for f in caroni_types::file::files_of(v).refs() {
-                if !world.holds_file(f) {
+            for f in caroni_types::file::refs_in(v) {
+                if !world.holds_file(&f) {
                     return Err(Error::BadInput(format!(
                         "workflow input `{name}`: file {} is not on this manager; upload it first (caroni run TEMPLATE {name}=@path uploads and passes it)",
                         f.describe()

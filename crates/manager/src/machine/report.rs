@@ -267,7 +267,7 @@ impl Workflow {
                     .inputs
                     .iter()
                     .filter(|i| i.source.as_ref() == Some(&from))
-                    .map(|i| (i.name.clone(), value.clone()))
+                    .map(|i| (i.name.clone(), or_default(value, i.default.as_deref())))
                     .collect();
                 for (name, v) in &items {
                     self.steps[m].values.insert(name.clone(), v.clone());
@@ -373,5 +373,14 @@ impl Workflow {
             self.touch(ctx);
         }
         fx
+    }
+}
+
+/// A step input's value: its source's, or its default where the source
+/// gave null (CWL: "the default applies when the source is null").
+pub(super) fn or_default(value: &Value, default: Option<&str>) -> Value {
+    match default {
+        Some(d) if &**value == "null" => Value::from(d),
+        _ => value.clone(),
     }
 }
