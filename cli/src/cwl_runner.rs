@@ -242,11 +242,21 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
         // Secondary files the port's patterns name are found here, beside
         // their primary, as the reference runner does before a run.
         let mut local = v.clone();
-        if let Some(Value::Array(patterns)) = secondary.get(&id) {
-            let _ = caroni_cwl_exec::files::visit_mut(&mut local, &mut |f| {
+        if cwl_values::holds_files(&local) {
+            let _ = caroni_cwl_exec::files::visit_top_mut(&mut local, &mut |f| {
                 caroni_cwl_exec::files::fill(f, base, false, None)
             });
-            let _ = caroni_cwl_exec::run::add_secondary(&mut local, patterns, &mut sec_ev, false);
+            if let Some(Value::Array(patterns)) = secondary.get(&id) {
+                let _ =
+                    caroni_cwl_exec::run::add_secondary(&mut local, patterns, &mut sec_ev, false);
+            }
+            let _ = caroni_cwl_exec::run::add_field_secondary(
+                &mut local,
+                &ty,
+                &names,
+                &mut sec_ev,
+                false,
+            );
         }
         let sent = cwl_values::upload(ctx, &local, base, scratch.path(), &tool).await?;
         let text = value_text(&ty, &sent, &names);

@@ -108,11 +108,16 @@ fn plan(
                     .iter()
                     .map(|x| plan(x, base, scratch, process, files))
                     .collect::<anyhow::Result<Vec<_>>>()?;
-                Ok(json!({
+                let mut d = json!({
                     "class": "Directory",
                     "basename": name_of(v, place.as_deref()).unwrap_or_else(|| "dir".into()),
                     "listing": planned,
-                }))
+                });
+                if m.contains_key("listing") {
+                    // Given listed: a tool sees that listing.
+                    d["literal"] = json!(true);
+                }
+                Ok(d)
             }
             _ => m
                 .iter()

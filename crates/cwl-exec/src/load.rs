@@ -57,11 +57,53 @@ fn read_yaml(path: &Path) -> Result<Value, LoadError> {
 }
 
 /// Parses YAML (or JSON) text into JSON.
+///
+/// A whole number written with an exponent (`1.23e5`) is read as the
+/// integer it is: the reference runner writes such a number as the
+/// decimal it was written as (`123000`, not `123000.0` or `1.23e+05`),
+/// and an integer is a valid `float` and `double` in CWL.
 pub fn parse_yaml(text: &str, path: &Path) -> Result<Value, LoadError> {
-    serde_yaml_ng::from_str::<Value>(text).map_err(|e| LoadError::Syntax {
+    let mut v = serde_yaml_ng::from_str::<Value>(text).map_err(|e| LoadError::Syntax {
         path: path.to_path_buf(),
         why: e.to_string(),
-    })
+    })?;
+    let wholes = whole_exponent_numbers(text);
+    if !wholes.is_empty() {
+        integral_floats(&mut v, &wholes);
+    }
+    Ok(v)
+}
+
+/// The whole numbers (below 2^53) the text writes with an exponent.
+fn whole_exponent_numbers(text: &str) -> Vec<f64> {
+    let mut out = Vec::new();
+    for token in text.split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+')))
+    {
+        if !token.contains(['e', 'E'])
+            || !token.starts_with(|c: char| c.is_ascii_digit() || matches!(c, '-' | '+' | '.'))
+        {
+            continue;
+        }
+        if let Ok(f) = token.parse::<f64>() {
+            if f.is_finite() && f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+                out.push(f);
+            }
+        }
+    }
+    out
+}
+
+fn integral_floats(v: &mut Value, wholes: &[f64]) {
+    match v {
+        Value::Number(n) if n.is_f64() => {
+            if let Some(f) = n.as_f64().filter(|f| wholes.contains(f)) {
+                *v = Value::from(f as i64);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| integral_floats(x, wholes)),
+        Value::Object(m) => m.values_mut().for_each(|x| integral_floats(x, wholes)),
+        _ => {}
+    }
 }
 
 /// `p` made absolute against the current directory.
@@ -582,4 +624,24 @@ pub fn load_job(path: Option<&Path>) -> Result<(Value, PathBuf), LoadError> {
         });
     }
     Ok((v, dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_numbers_written_with_an_exponent_read_as_integers() {
+        let v = parse_yaml(
+            "a: 1.23e5\nb: 0.00001\nc: 2.0\nd: 1.23e-05\ne: [1E3, x1e5]\n",
+            Path::new("t.yml"),
+        )
+        .expect("parses");
+        assert_eq!(v["a"], serde_json::json!(123000));
+        assert!(v["a"].is_i64());
+        assert_eq!(v["b"].as_f64(), Some(0.00001));
+        assert!(v["c"].is_f64(), "2.0 stays a float: {v}");
+        assert!(v["d"].is_f64());
+        assert_eq!(v["e"], serde_json::json!([1000, "x1e5"]));
+    }
 }

@@ -272,6 +272,70 @@ fn short_json(v: &Value) -> String {
     }
 }
 
+/// Adds the secondary files a parameter's type names inside records
+/// (`secondaryFiles` of record fields, at any depth of records and
+/// arrays) to the Files of `v`, as [`add_secondary`] does for a
+/// parameter's own patterns.
+pub fn add_field_secondary(
+    v: &mut Value,
+    t: &Value,
+    names: &Names,
+    ev: &mut Evaluator,
+    required_check: bool,
+) -> Result<(), ToolError> {
+    let t = names.resolve(t).clone();
+    match (&t, v) {
+        (Value::Array(branches), v) => {
+            // A union: the first branch the value is.
+            if let Some(b) = branches.iter().find(|b| matches(b, v, names)) {
+                add_field_secondary(v, b, names, ev, required_check)?;
+            }
+            Ok(())
+        }
+        (Value::Object(o), Value::Array(items))
+            if o.get("type").and_then(Value::as_str) == Some("array") =>
+        {
+            let it = o.get("items").cloned().unwrap_or(Value::Null);
+            for x in items {
+                add_field_secondary(x, &it, names, ev, required_check)?;
+            }
+            Ok(())
+        }
+        (Value::Object(o), Value::Object(rec))
+            if o.get("type").and_then(Value::as_str) == Some("record") =>
+        {
+            for f in o
+                .get("fields")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let Some(name) = f.get("name").and_then(Value::as_str) else {
+                    continue;
+                };
+                let name = crate::load::short_id(name);
+                let Some(fv) = rec.get_mut(&name) else {
+                    continue;
+                };
+                if let Some(sf) = f.get("secondaryFiles") {
+                    let patterns = crate::load::normalize_secondary(sf);
+                    add_secondary(
+                        fv,
+                        patterns.as_array().map(Vec::as_slice).unwrap_or(&[]),
+                        ev,
+                        required_check,
+                    )?;
+                }
+                if let Some(ft) = f.get("type") {
+                    add_field_secondary(fv, ft, names, ev, required_check)?;
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Adds the secondary files `patterns` name to every File in `v` (those
 /// that exist; a missing required one is an error when `required_check`).
 pub fn add_secondary(

@@ -212,7 +212,9 @@ pub fn files_of(text: &str) -> Files {
 /// `{"class":"File","sha256":…,"size":N,"basename":…}` with, optionally,
 /// `format` (an IRI) and `secondaryFiles` (more Files and Directories); a
 /// Directory is `{"class":"Directory","basename":…,"listing":[…]}`, its
-/// listing the whole tree. Nothing else may sit in either object: a place
+/// listing the whole tree, with `"literal": true` when that listing is
+/// part of the value (a Directory literal, which a tool sees listed
+/// whatever its `loadListing`). Nothing else may sit in either object: a place
 /// on some host (`path`, `location`) means nothing to another node.
 ///
 /// Checks every File and Directory object in `v` and collects the File
@@ -250,7 +252,7 @@ pub fn data_refs(v: &serde_json::Value, out: &mut Vec<FileRef>) -> Result<(), Fi
             }
             Some("Directory") => {
                 for k in m.keys() {
-                    if !matches!(k.as_str(), "class" | "basename" | "listing") {
+                    if !matches!(k.as_str(), "class" | "basename" | "listing" | "literal") {
                         return Err(FileError(format!(
                             "a Directory value holds `{k}`; a Directory on the mesh is a basename and the listing of uploaded files"
                         )));

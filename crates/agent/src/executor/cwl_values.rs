@@ -62,15 +62,20 @@ impl<'a> Stager<'a> {
         let mut out = Map::new();
         if v.get("class").and_then(Value::as_str) == Some("Directory") {
             mkdir(&at)?;
+            let mut listing = Vec::new();
             for entry in v
                 .get("listing")
                 .and_then(Value::as_array)
                 .into_iter()
                 .flatten()
             {
-                self.place(entry, &at)?;
+                listing.push(self.place(entry, &at)?);
             }
             out.insert("class".into(), json!("Directory"));
+            if v.get("literal") == Some(&json!(true)) {
+                // A Directory literal: its listing is part of the value.
+                out.insert("listing".into(), Value::Array(listing));
+            }
         } else {
             let f = file_ref(v)?;
             let blobs = self
@@ -251,6 +256,7 @@ impl<'a> Collector<'a> {
             "class": "Directory",
             "basename": basename.unwrap_or("dir"),
             "listing": list,
+            "literal": true,
         }))
     }
 
