@@ -138,7 +138,12 @@ fn hoist_doc_files(tool: &mut Value, n: &mut usize) -> Vec<(String, Value)> {
         let Some(Value::Array(listing)) = r.get_mut("listing") else {
             continue;
         };
-        for e in listing.iter_mut() {
+        // Entries, and the items of entries that are lists.
+        let items = listing.iter_mut().flat_map(|e| match e {
+            Value::Array(inner) => inner.iter_mut().collect::<Vec<_>>(),
+            other => vec![other],
+        });
+        for e in items {
             let id = format!("caroni_doc_{n}");
             let reference = json!(format!("$(inputs.{id})"));
             let obj = if e.get("entry").is_some_and(&placed) {

@@ -31,6 +31,12 @@ pub async fn upload(
     let mut planned = plan(v, base, scratch, process, &mut files)?;
     let mut refs = Vec::with_capacity(files.len());
     for p in &files {
+        if !p.is_file() {
+            anyhow::bail!(
+                "{} is not a file: the job order or the document names it as a File",
+                p.display()
+            );
+        }
         refs.push(crate::files::upload(ctx, p).await?);
     }
     finish(&mut planned, &refs);

@@ -371,7 +371,13 @@ pub fn add_secondary(
                 let pattern = pat.get("pattern").cloned().unwrap_or(Value::Null);
                 let required = match pat.get("required") {
                     None | Some(Value::Null) => true,
-                    Some(r) => ev.eval(r, &this)?.as_bool().unwrap_or(true),
+                    // An expression that gives null requires nothing (as
+                    // the reference runner reads it: falsy).
+                    Some(r) => match ev.eval(r, &this)? {
+                        Value::Bool(b) => b,
+                        Value::Null => false,
+                        _ => true,
+                    },
                 };
                 let names: Vec<Value> = match &pattern {
                     Value::String(s) if crate::expr::has_expression(s) => {

@@ -126,7 +126,13 @@ fn run_blocking(
         outdir: outdir.clone(),
         tmpdir: tmpdir.clone(),
         limits,
-        path_env: super::output::JOB_PATH.to_string(),
+        // A local tool finds its programs as the agent's user does (as the
+        // reference runner passes its own PATH on); bash job types keep
+        // their fixed PATH.
+        path_env: std::env::var("PATH")
+            .ok()
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| super::output::JOB_PATH.to_string()),
         checksums: false,
         cancel: Some(stop),
         stderr_to: Some(stderr_log.clone()),
