@@ -108,7 +108,9 @@ pub struct Config {
     /// Which real CWL CommandLineTools this agent runs when managers send
     /// them (running a tool is running the manager's code): `off` declines
     /// them with the reason; `local` runs them on this host as this node's
-    /// user, each in a fresh directory.
+    /// user, each in a fresh directory (a DockerRequirement is a hint);
+    /// `container` runs only tools with a DockerRequirement, each in a
+    /// container of its image, which must be on this host's Docker engine.
     #[arg(long, env = "CARONI_CWL_TOOLS", default_value = "off")]
     pub cwl_tools: String,
     /// Longest one CWL expression (JavaScript) may run before it is

@@ -304,6 +304,12 @@ pub(super) async fn start_agent(
         time: config.cwl_expression_timeout()?,
         memory_bytes: config.cwl_expression_memory_bytes as usize,
     });
+    let executors =
+        if config.agent_options(node_id).cwl_tools == caroni_agent::cwl::CwlTools::Container {
+            executors.with_cwl_containers(node_id.to_string())
+        } else {
+            executors
+        };
     executors.start().await;
     let (svc, handle) = caroni_agent::service::Service::new(
         config.agent_options(node_id),

@@ -438,3 +438,112 @@ fn an_expression_that_never_ends_or_grows_without_bound_fails_its_job_and_the_ag
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// True when a Docker engine and the image `caroni-base:local` are here (make
+/// test builds it); says why not otherwise.
+fn docker_image_here(test: &str) -> bool {
+    let ok = |args: &[&str]| {
+        let mut cmd = std::process::Command::new("docker");
+        cmd.args(args);
+        run_bounded(cmd, Duration::from_secs(60)).is_ok_and(|o| o.status.success())
+    };
+    if !ok(&["info"]) {
+        eprintln!("SKIPPED {test}: no Docker engine is reachable");
+        return false;
+    }
+    if !ok(&["image", "inspect", "caroni-base:local"]) {
+        eprintln!("SKIPPED {test}: image caroni-base:local is missing; deploy/build-image.sh builds it (make test does)");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn an_agent_in_container_mode_runs_tools_in_their_image_and_declines_the_rest() {
+    if !docker_image_here(
+        "an_agent_in_container_mode_runs_tools_in_their_image_and_declines_the_rest",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manager = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
+    let _agent = NodeProc::agent_of(
+        &manager,
+        &dir.path().join("a"),
+        &["--cwl-tools", "container"],
+    )
+    .expect("agent");
+    let tool = write(
+        dir.path(),
+        "inside.cwl",
+        r#"
+cwlVersion: v1.2
+class: CommandLineTool
+requirements:
+  DockerRequirement: {dockerPull: "caroni-base:local"}
+  ShellCommandRequirement: {}
+inputs:
+  text: File
+arguments:
+  - shellQuote: false
+    valueFrom: >-
+      if test -f /.dockerenv; then echo in-a-container; fi;
+      wc -l < $(inputs.text.path)
+outputs:
+  said: stdout
+stdout: said.txt
+"#,
+    );
+    write(dir.path(), "poem.txt", "one\ntwo\nthree\n");
+    let job = write(
+        dir.path(),
+        "job.yml",
+        "text: {class: File, location: poem.txt}\n",
+    );
+    let outdir = dir.path().join("out");
+    let out = cwl_runner(&manager, &outdir, &[&tool, &job]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        manager.log_text()
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the output object");
+    let said = std::fs::read_to_string(v["said"]["path"].as_str().expect("path")).expect("read");
+    assert_eq!(said, "in-a-container\n3\n");
+    // A tool without a DockerRequirement is declined with the reason.
+    let template = write(
+        dir.path(),
+        "wf.cwl",
+        r#"
+cwlVersion: v1.2
+class: Workflow
+inputs:
+  word: string
+outputs:
+  said: {type: File, outputSource: echo/said}
+steps:
+  echo:
+    run:
+      class: CommandLineTool
+      baseCommand: echo
+      inputs:
+        word: {type: string, inputBinding: {}}
+      outputs:
+        said: stdout
+    in: {word: word}
+    out: [said]
+"#,
+    );
+    manager.ok(&["template", "add", "bare_echo", &template]);
+    let id = manager.run("bare_echo", &["word=hi"]);
+    let w = manager.wait_until(&id, Duration::from_secs(60), "a decline", |w| {
+        w.to_string().contains("--cwl-tools container")
+    });
+    let echo = step(&w, "echo").to_string();
+    assert!(
+        echo.contains("only CWL tools with a DockerRequirement"),
+        "{echo}"
+    );
+    manager.ok(&["workflow", "cancel", &id]);
+}

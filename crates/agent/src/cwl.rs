@@ -18,6 +18,10 @@ pub enum CwlTools {
     /// Every tool, on this host as the agent's user (a DockerRequirement
     /// is taken as a hint).
     Local,
+    /// Only tools with a DockerRequirement, each in a container of its
+    /// image (which must be on this agent's Docker host: none is pulled
+    /// beyond Docker's own attempt).
+    Container,
 }
 
 impl std::str::FromStr for CwlTools {
@@ -26,11 +30,10 @@ impl std::str::FromStr for CwlTools {
         match s {
             "off" => Ok(CwlTools::Off),
             "local" => Ok(CwlTools::Local),
-            "container" => Err(
-                "--cwl-tools container (tools in Docker only) is not built yet; use off or local"
-                    .into(),
-            ),
-            other => Err(format!("--cwl-tools `{other}`: write off or local")),
+            "container" => Ok(CwlTools::Container),
+            other => Err(format!(
+                "--cwl-tools `{other}`: write off, container or local"
+            )),
         }
     }
 }
@@ -89,6 +92,32 @@ pub fn job_type(kvs: &BTreeMap<String, String>, mode: CwlTools) -> (JobTypeDef, 
         CwlTools::Local => caroni_cwl_exec::run::check_requirements(&tool)
             .err()
             .map(|e| e.to_string()),
+        CwlTools::Container if caroni_cwl_exec::run::docker_image(&tool).is_none() => Some(
+            "this agent runs only CWL tools with a DockerRequirement (it runs with --cwl-tools container)"
+                .to_string(),
+        ),
+        CwlTools::Container => caroni_cwl_exec::run::check_requirements(&tool)
+            .err()
+            .map(|e| e.to_string()),
     };
     (def, why)
+}
+
+/// The executor a CWL tool's job is answered for: Docker (so that an
+/// unreachable engine is the reason to decline) in container mode.
+pub fn executor(kvs: &BTreeMap<String, String>, mode: CwlTools) -> caroni_types::ExecutorSpec {
+    match (
+        mode,
+        tool_of(kvs)
+            .ok()
+            .and_then(|t| caroni_cwl_exec::run::docker_image(&t)),
+    ) {
+        (CwlTools::Container, Some(image)) => {
+            caroni_types::ExecutorSpec::Docker(caroni_types::DockerSpec {
+                image,
+                ..Default::default()
+            })
+        }
+        _ => caroni_types::ExecutorSpec::Bash,
+    }
 }

@@ -55,6 +55,7 @@ fn main() {
         checksums: true,
         cancel: None,
         stderr_to: None,
+        container: None,
     };
     let r = run(
         &Job {

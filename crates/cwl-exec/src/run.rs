@@ -111,6 +111,96 @@ pub struct Options {
     pub stderr_to: Option<PathBuf>,
     /// Set to stop the tool (its whole process group) at once.
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Run the command line in a Docker container instead of on this
+    /// host.
+    pub container: Option<Container>,
+}
+
+/// How a tool runs in Docker: `docker run` of `image` with each of
+/// `mounts` bound at its own path (so every path the command line names
+/// is the same inside), the output directory as the working directory,
+/// and the tool's environment (not this host's `PATH`).
+#[derive(Clone, Debug)]
+pub struct Container {
+    /// The Docker CLI.
+    pub docker: String,
+    /// The image (the tool's `dockerPull` or `dockerImageId`).
+    pub image: String,
+    /// The container's name (stopped by it when the run is cancelled).
+    pub name: String,
+    /// Host directories bound at the same path, read-write.
+    pub mounts: Vec<PathBuf>,
+    /// `--user` (uid:gid), so that the files it writes are the caller's.
+    pub user: Option<String>,
+    /// `--label`s (key, value): who started it, to find it after a crash.
+    pub labels: Vec<(String, String)>,
+}
+
+/// The image a tool's DockerRequirement (requirement or hint) names.
+pub fn docker_image(process: &Value) -> Option<String> {
+    let r = requirement(process, "DockerRequirement").or_else(|| {
+        process
+            .get("hints")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .find(|h| h.get("class").and_then(Value::as_str) == Some("DockerRequirement"))
+    })?;
+    r.get("dockerImageId")
+        .or_else(|| r.get("dockerPull"))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+}
+
+/// The command that runs `argv` in `c` with `env`, from `outdir`.
+fn in_container(
+    c: &Container,
+    process: &Value,
+    argv: &[String],
+    env: &BTreeMap<String, String>,
+    outdir: &Path,
+) -> Vec<String> {
+    let mut full: Vec<String> = vec![
+        c.docker.clone(),
+        "run".into(),
+        "--rm".into(),
+        "--interactive".into(),
+        "--name".into(),
+        c.name.clone(),
+    ];
+    let network = requirement(process, "NetworkAccess")
+        .and_then(|r| r.get("networkAccess"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if !network {
+        full.extend(["--network".into(), "none".into()]);
+    }
+    if let Some(u) = &c.user {
+        full.extend(["--user".into(), u.clone()]);
+    }
+    for (k, v) in &c.labels {
+        full.extend(["--label".into(), format!("{k}={v}")]);
+    }
+    for m in &c.mounts {
+        full.extend(["--volume".into(), format!("{0}:{0}", m.display())]);
+    }
+    let mut workdir = outdir.display().to_string();
+    if let Some(d) = requirement(process, "DockerRequirement")
+        .and_then(|r| r.get("dockerOutputDirectory"))
+        .and_then(Value::as_str)
+    {
+        full.extend(["--volume".into(), format!("{}:{d}", outdir.display())]);
+        workdir = d.to_string();
+    }
+    full.extend(["--workdir".into(), workdir]);
+    for (k, v) in env {
+        if k != "PATH" {
+            full.extend(["--env".into(), format!("{k}={v}")]);
+        }
+    }
+    full.push(c.image.clone());
+    full.extend(argv.iter().cloned());
+    full
 }
 
 /// The loaded process and the job order to run it on.
@@ -1019,11 +1109,19 @@ fn run_tool(
         None => stdin_input,
     };
 
+    let argv = match &opts.container {
+        Some(c) => in_container(c, process, &argv, &env, &opts.outdir),
+        None => argv,
+    };
     let mut cmd = std::process::Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .current_dir(&opts.outdir)
         .env_clear()
         .envs(&env);
+    if opts.container.is_some() {
+        // The Docker CLI finds its engine as the caller does.
+        cmd.envs(std::env::vars().filter(|(k, _)| k.starts_with("DOCKER_")));
+    }
     cmd.stdin(match &stdin_path {
         Some(p) => Stdio::from(std::fs::File::open(p).map_err(io_err("cannot open stdin", p))?),
         None => Stdio::null(),
@@ -1090,13 +1188,13 @@ fn run_tool(
             .as_ref()
             .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
         {
-            kill_group(&child);
+            kill_group(&child, opts.container.as_ref());
             let _ = child.wait();
             return Err(ToolError::Cancelled);
         }
         if let Some(l) = limit {
             if started.elapsed() > l {
-                kill_group(&child);
+                kill_group(&child, opts.container.as_ref());
                 let _ = child.wait();
                 return Err(ToolError::TimeLimit(l.as_secs()));
             }
@@ -1150,7 +1248,15 @@ fn exit_code(status: &std::process::ExitStatus) -> i32 {
     status.code().unwrap_or(-1)
 }
 
-fn kill_group(child: &std::process::Child) {
+fn kill_group(child: &std::process::Child, container: Option<&Container>) {
+    // A container outlives its CLI: stop it by name first.
+    if let Some(c) = container {
+        let _ = std::process::Command::new(&c.docker)
+            .args(["kill", &c.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
     // The tool runs in a process group of its own: end all of it.
     let pid = child.id() as i32;
     let _ = std::process::Command::new("kill")

@@ -25,6 +25,7 @@ fn run_doc(dir: &Path, doc: &str, inputs: Value) -> Result<Value, ToolError> {
         checksums: true,
         cancel: None,
         stderr_to: None,
+        container: None,
     };
     run(
         &Job {

@@ -37,7 +37,10 @@ impl Agent {
             // `--cwl-tools` says whether it runs here.
             let (def, why) = crate::cwl::job_type(&req.job_kvs, self.opts.cwl_tools);
             not_here = why;
-            Ok(Some((def, ExecutorSpec::Bash)))
+            Ok(Some((
+                def,
+                crate::cwl::executor(&req.job_kvs, self.opts.cwl_tools),
+            )))
         } else {
             world.job_type(&req.job_type)
         };

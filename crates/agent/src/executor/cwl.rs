@@ -8,7 +8,10 @@
 //! Files and Directories anywhere in a value (records, arrays, secondary
 //! files, listings) are staged and collected by `cwl_values`.
 //!
-//! Left out for now: running tools in Docker.
+//! With `--cwl-tools container` the command line runs in a container of
+//! the tool's DockerRequirement image (`docker run`, the job's directory
+//! bound at its own path, no network unless NetworkAccess asks for it,
+//! as the agent's user), labelled so that a restart removes leftovers.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -30,6 +33,9 @@ pub struct CwlExecutor {
     work_root: PathBuf,
     blobs: Option<Blobs>,
     limits: caroni_cwl_exec::expr::Limits,
+    /// Set in container mode: the node id its containers are labelled
+    /// with (so that the Docker executor removes those left by a crash).
+    container_of: Option<String>,
 }
 
 impl CwlExecutor {
@@ -39,7 +45,15 @@ impl CwlExecutor {
             work_root,
             blobs,
             limits: caroni_cwl_exec::expr::Limits::default(),
+            container_of: None,
         }
+    }
+
+    /// Runs every tool in a container of its DockerRequirement's image
+    /// (`--cwl-tools container`), labelled as the agent `node_id`'s.
+    pub fn in_containers(mut self, node_id: String) -> Self {
+        self.container_of = Some(node_id);
+        self
     }
 
     /// Bounds of every expression a tool evaluates.
@@ -66,8 +80,11 @@ impl CwlExecutor {
         let blobs = self.blobs.clone();
         let timeout = spec.timeout;
         let limits = self.limits;
-        let r = tokio::task::spawn_blocking(move || run_blocking(&spec, &dir, blobs, stop, limits))
-            .await;
+        let container_of = self.container_of.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            run_blocking(&spec, &dir, blobs, stop, limits, container_of)
+        })
+        .await;
         watcher.abort();
         match r {
             Ok(r) if timed_out.load(Ordering::Relaxed) => match r {
@@ -91,6 +108,7 @@ fn run_blocking(
     blobs: Option<Blobs>,
     stop: Arc<AtomicBool>,
     limits: caroni_cwl_exec::expr::Limits,
+    container_of: Option<String>,
 ) -> RunResult {
     let tool: Value = match spec.cwl_tool.as_deref().map(serde_json::from_str) {
         Some(Ok(t)) => t,
@@ -121,6 +139,32 @@ fn run_blocking(
             Err(why) => return failed(format!("input `{id}`: {why}"), None, b""),
         };
     }
+    let container = match container_of {
+        None => None,
+        Some(node_id) => {
+            let Some(image) = caroni_cwl_exec::run::docker_image(&tool) else {
+                return failed(
+                    "this agent runs only CWL tools with a DockerRequirement (--cwl-tools container)"
+                        .into(),
+                    None,
+                    b"",
+                );
+            };
+            // The container writes as the agent's user, who made `dir`.
+            use std::os::unix::fs::MetadataExt;
+            let user = std::fs::metadata(dir)
+                .ok()
+                .map(|m| format!("{}:{}", m.uid(), m.gid()));
+            Some(caroni_cwl_exec::run::Container {
+                docker: "docker".into(),
+                image,
+                name: super::docker::container_name(spec.job_id),
+                mounts: vec![dir.to_path_buf()],
+                user,
+                labels: vec![(super::docker::AGENT_LABEL.to_string(), node_id)],
+            })
+        }
+    };
     let stderr_log = tmpdir.join("caroni-stderr.log");
     let opts = caroni_cwl_exec::Options {
         outdir: outdir.clone(),
@@ -136,6 +180,7 @@ fn run_blocking(
         checksums: false,
         cancel: Some(stop),
         stderr_to: Some(stderr_log.clone()),
+        container,
     };
     let order = Value::Object(order);
     let result = caroni_cwl_exec::run(

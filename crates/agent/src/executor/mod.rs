@@ -121,6 +121,13 @@ impl Executors {
         }
     }
 
+    /// Runs CWL tools in containers (`--cwl-tools container`), labelled
+    /// as this agent's.
+    pub fn with_cwl_containers(mut self, node_id: String) -> Self {
+        self.cwl = self.cwl.in_containers(node_id);
+        self
+    }
+
     /// Bounds of every CWL expression the tools evaluate.
     pub fn with_cwl_limits(mut self, limits: caroni_cwl_exec::expr::Limits) -> Self {
         self.cwl = self.cwl.with_limits(limits);
