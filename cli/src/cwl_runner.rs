@@ -211,18 +211,7 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
     // The values given, for the output formats the runner computes.
     let mut given = Map::new();
     let defaults = caroni_cwl_exec::load::defaults(&tool);
-    let secondary: Map<String, Value> = tool
-        .get("inputs")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|p| {
-            Some((
-                p.get("id")?.as_str()?.to_string(),
-                p.get("secondaryFiles")?.clone(),
-            ))
-        })
-        .collect();
+    let secondary = caroni_cwl_exec::load::input_fields(&tool, "secondaryFiles");
     let mut sec_ev =
         caroni_cwl_exec::run::evaluator(&tool, caroni_cwl_exec::expr::Limits::default());
     sec_ev.set_inputs(job.clone());

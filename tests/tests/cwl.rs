@@ -91,9 +91,21 @@ fn an_agent_that_does_not_run_cwl_tools_declines_with_its_reason() {
     let dir = tempfile::tempdir().expect("tempdir");
     let manager = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
     let _agent = NodeProc::agent_of(&manager, &dir.path().join("a"), &[]).expect("agent");
-    let template = write(
+    echo_is_declined(
+        &manager,
         dir.path(),
-        "wf.cwl",
+        "--cwl-tools off",
+        "does not run CWL tools",
+    );
+}
+
+/// Runs a workflow whose one step echoes a word with a tool that has no
+/// DockerRequirement, and checks that the step shows the agent's decline
+/// naming `flag` and saying `why`.
+fn echo_is_declined(manager: &NodeProc, dir: &Path, flag: &str, why: &str) {
+    let template = write(
+        dir,
+        "echo-wf.cwl",
         r#"
 cwlVersion: v1.2
 class: Workflow
@@ -119,10 +131,10 @@ steps:
     manager.ok(&["template", "add", "echo_tool", &template]);
     let id = manager.run("echo_tool", &["word=hi"]);
     let w = manager.wait_until(&id, Duration::from_secs(60), "a decline", |w| {
-        w.to_string().contains("--cwl-tools off")
+        w.to_string().contains(flag)
     });
     let echo = step(&w, "echo").to_string();
-    assert!(echo.contains("does not run CWL tools"), "{echo}");
+    assert!(echo.contains(why), "{echo}");
     manager.ok(&["workflow", "cancel", &id]);
 }
 
@@ -512,38 +524,10 @@ stdout: said.txt
     let said = std::fs::read_to_string(v["said"]["path"].as_str().expect("path")).expect("read");
     assert_eq!(said, "in-a-container\n3\n");
     // A tool without a DockerRequirement is declined with the reason.
-    let template = write(
+    echo_is_declined(
+        &manager,
         dir.path(),
-        "wf.cwl",
-        r#"
-cwlVersion: v1.2
-class: Workflow
-inputs:
-  word: string
-outputs:
-  said: {type: File, outputSource: echo/said}
-steps:
-  echo:
-    run:
-      class: CommandLineTool
-      baseCommand: echo
-      inputs:
-        word: {type: string, inputBinding: {}}
-      outputs:
-        said: stdout
-    in: {word: word}
-    out: [said]
-"#,
+        "--cwl-tools container",
+        "only CWL tools with a DockerRequirement",
     );
-    manager.ok(&["template", "add", "bare_echo", &template]);
-    let id = manager.run("bare_echo", &["word=hi"]);
-    let w = manager.wait_until(&id, Duration::from_secs(60), "a decline", |w| {
-        w.to_string().contains("--cwl-tools container")
-    });
-    let echo = step(&w, "echo").to_string();
-    assert!(
-        echo.contains("only CWL tools with a DockerRequirement"),
-        "{echo}"
-    );
-    manager.ok(&["workflow", "cancel", &id]);
 }

@@ -190,12 +190,12 @@ fn refusals_say_what_is_wrong() {
     let bad = dir.path().join("bad.cwl");
 
     // An invalid template: INVALID_ARGUMENT with the parser's message.
-    std::fs::write(&bad, "class: Workflow\ninputs: {x: Directory}\noutputs: {y: {outputSource: s/o}}\nsteps:\n  s: {hints: {CaroniRequirement: {CaroniJobName: j}}, in: {i: x}, out: [o]}\n").expect("write");
+    std::fs::write(&bad, "class: Workflow\ninputs: {x: Fiel}\noutputs: {y: {outputSource: s/o}}\nsteps:\n  s: {hints: {CaroniRequirement: {CaroniJobName: j}}, in: {i: x}, out: [o]}\n").expect("write");
     let e = node.fails(&["template", "add", "bad", bad.to_str().expect("utf8")]);
     assert!(
         e.contains("invalid argument")
             && e.contains("inputs.x.type")
-            && e.contains("`Directory` type"),
+            && e.contains("the type `Fiel`"),
         "{e}"
     );
     std::fs::write(&bad, "class: Workflow\ninputs: {x: string}\noutputs: {y: {outputSource: s/o}}\nsteps:\n  s: {in: {i: x}, out: [o]}\n").expect("write");

@@ -573,17 +573,18 @@ pub fn params(process: &Value, key: &str) -> Vec<(String, Value)> {
 
 /// The declared `default` of each input that has one.
 pub fn defaults(process: &Value) -> Map<String, Value> {
+    input_fields(process, "default")
+}
+
+/// The field `field` (`default`, `secondaryFiles`, …) of each input that
+/// has one, by input id.
+pub fn input_fields(process: &Value, field: &str) -> Map<String, Value> {
     process
         .get("inputs")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter_map(|p| {
-            Some((
-                p.get("id")?.as_str()?.to_string(),
-                p.get("default")?.clone(),
-            ))
-        })
+        .filter_map(|p| Some((p.get("id")?.as_str()?.to_string(), p.get(field)?.clone())))
         .collect()
 }
 
