@@ -106,12 +106,49 @@ fn print_template(ctx: &Context, t: &pb::Template) {
     }
 }
 
+/// The template as one document: a workflow whose steps `run:` other
+/// files, or a packed (`$graph`) document, or one with `$import` /
+/// `$include`, is loaded as the cwl-runner loads it (relative to its
+/// file) and stored with those tools inline. Any other text is stored as
+/// written.
+fn self_contained(file: &std::path::Path, text: String) -> anyhow::Result<String> {
+    let refers = text.contains("$graph")
+        || text.contains("$import")
+        || text.contains("$include")
+        || text.lines().any(|l| {
+            l.trim_start()
+                .strip_prefix("run:")
+                .is_some_and(|r| !r.trim().is_empty() && !r.trim().starts_with('{'))
+        });
+    if !refers {
+        return Ok(text);
+    }
+    let loaded =
+        caroni_cwl_exec::load(&file.to_string_lossy()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut process = loaded.process;
+    strip_dirs(&mut process);
+    serde_yaml_ng::to_string(&process).context("cannot write the template with its tools inline")
+}
+
+/// Removes the loader's `$dir` notes (where each tool's file was).
+fn strip_dirs(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.remove("$dir");
+            m.values_mut().for_each(strip_dirs);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(strip_dirs),
+        _ => {}
+    }
+}
+
 pub async fn template(ctx: &Context, cmd: TemplateCmd) -> anyhow::Result<ExitCode> {
     let mut client = ctx.manager().await?;
     match cmd {
         TemplateCmd::Add { name, file } => {
             let cwl = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read the CWL file {}", file.display()))?;
+            let cwl = self_contained(&file, cwl)?;
             let t = client
                 .put_template(ctx.request(pb::PutTemplateRequest { name, cwl }))
                 .await

@@ -370,6 +370,11 @@ fn cwl_runner_runs_a_workflow_of_tools_in_other_files() {
     assert_eq!(v["result"]["basename"], "rev.sorted", "{v:#}");
     let text = std::fs::read_to_string(v["result"]["path"].as_str().expect("path")).expect("read");
     assert_eq!(text, "xyz\nmno\nabc\n");
+    // The same document is a template: its tools are stored inline.
+    manager.ok(&["template", "add", "rev_sort", &wf]);
+    let shown = manager.ok(&["template", "show", "rev_sort"]);
+    assert!(shown.contains("tac") && shown.contains("sort"), "{shown}");
+    assert!(!shown.contains("rev.cwl"), "{shown}");
 }
 
 #[test]
