@@ -167,10 +167,14 @@ fn hoist_doc_files(tool: &mut Value, n: &mut usize) -> Vec<(String, Value)> {
 }
 
 /// The text a value travels as: a string as it is where its type reads
-/// it back (`string`), anything else as JSON.
+/// it back (`string`; not the string "null"), anything else as JSON.
 fn value_text(ty: &Value, v: &Value, names: &Names) -> String {
     match v {
-        Value::String(s) if from_text(ty, s, names).ok().as_ref() == Some(v) => s.clone(),
+        // The text `null` is an absent value on the mesh: the string
+        // "null" travels as JSON.
+        Value::String(s) if s != "null" && from_text(ty, s, names).ok().as_ref() == Some(v) => {
+            s.clone()
+        }
         other => other.to_string(),
     }
 }
@@ -230,7 +234,8 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
         if v.is_null() {
             // An absent workflow input: null, which its steps' tools
             // read as "not given".
-            wf_inputs.insert(id.clone(), json!({"type": "string", "default": "null"}));
+            // (`Any`: it may feed a port of any type.)
+            wf_inputs.insert(id.clone(), json!({"type": "Any", "default": "null"}));
             continue;
         }
         // Secondary files the port's patterns name are found here, beside

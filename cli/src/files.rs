@@ -87,67 +87,80 @@ pub async fn upload_over(
     let file = FileRef::new(sha256.clone(), size, basename)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let mut client = pb::file_service_client::FileServiceClient::new(channel);
-    let st = client
-        .upload_status(crate::client::with_token(
-            pb::UploadStatusRequest {
+    // Another upload of the same content may be under way (two runs of
+    // one workflow): the node then holds more than this upload was told,
+    // refuses it, and this one starts again from where the node is.
+    let mut attempt = 0;
+    let resp = loop {
+        let st = client
+            .upload_status(crate::client::with_token(
+                pb::UploadStatusRequest {
+                    sha256: sha256.clone(),
+                },
+                token,
+            ))
+            .await
+            .map_err(status)?
+            .into_inner();
+        if st.complete {
+            return Ok(file);
+        }
+        let offset = st.committed.min(size);
+        let progress = bar(size, &file.basename);
+        progress.set_position(offset);
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadChunk>(4);
+        let reader = {
+            let path = path.to_path_buf();
+            let first = pb::FileRef {
                 sha256: sha256.clone(),
-            },
-            token,
-        ))
-        .await
-        .map_err(status)?
-        .into_inner();
-    if st.complete {
-        return Ok(file);
-    }
-    let offset = st.committed.min(size);
-    let progress = bar(size, &file.basename);
-    progress.set_position(offset);
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::UploadChunk>(4);
-    let reader = {
-        let path = path.to_path_buf();
-        let first = pb::FileRef {
-            sha256: sha256.clone(),
-            size,
-            basename: file.basename.clone(),
+                size,
+                basename: file.basename.clone(),
+            };
+            let progress = progress.clone();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                use std::io::Seek;
+                let mut f = std::fs::File::open(&path)?;
+                f.seek(std::io::SeekFrom::Start(offset))?;
+                let mut first = Some(first);
+                loop {
+                    let mut buf = vec![0; CHUNK];
+                    let k = f.read(&mut buf)?;
+                    buf.truncate(k);
+                    if k == 0 && first.is_none() {
+                        break;
+                    }
+                    let msg = pb::UploadChunk {
+                        file: first.take(),
+                        offset,
+                        data: buf,
+                    };
+                    if tx.blocking_send(msg).is_err() {
+                        break;
+                    }
+                    progress.inc(k as u64);
+                    if k == 0 {
+                        break;
+                    }
+                }
+                Ok(())
+            })
         };
-        let progress = progress.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            use std::io::Seek;
-            let mut f = std::fs::File::open(&path)?;
-            f.seek(std::io::SeekFrom::Start(offset))?;
-            let mut first = Some(first);
-            loop {
-                let mut buf = vec![0; CHUNK];
-                let k = f.read(&mut buf)?;
-                buf.truncate(k);
-                if k == 0 && first.is_none() {
-                    break;
-                }
-                let msg = pb::UploadChunk {
-                    file: first.take(),
-                    offset,
-                    data: buf,
-                };
-                if tx.blocking_send(msg).is_err() {
-                    break;
-                }
-                progress.inc(k as u64);
-                if k == 0 {
-                    break;
-                }
+        let resp = client
+            .upload(crate::client::with_token(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                token,
+            ))
+            .await;
+        let _ = reader.await;
+        progress.finish_and_clear();
+        match resp {
+            Err(s) if s.code() == tonic::Code::FailedPrecondition && attempt < 10 => {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(50 * attempt)).await;
             }
-            Ok(())
-        })
+            other => break other,
+        }
     };
-    let resp = client
-        .upload(crate::client::with_token(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            token,
-        ))
-        .await;
-    let _ = reader.await;
-    progress.finish_and_clear();
     let got = resp.map_err(status)?.into_inner();
     if got.sha256 != sha256 {
         bail!(

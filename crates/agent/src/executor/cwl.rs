@@ -129,6 +129,8 @@ fn run_blocking(
         let v = match spec.inputs.get(id.as_str()) {
             None => Value::Null,
             Some(text) if text == "null" => Value::Null,
+            // The string "null", which travels as JSON (`null` is absent).
+            Some(text) if text == "\"null\"" => Value::String("null".into()),
             Some(text) => match from_text(&ty, text, &names) {
                 Ok(v) => v,
                 Err(why) => return failed(format!("input `{id}`: {why}"), None, b""),
@@ -235,9 +237,11 @@ fn run_blocking(
             }
             // A string travels as it is where its type reads it back as
             // that string (`string`); elsewhere (`Any`, unions) as JSON.
+            // (The text `null` is an absent value: the string "null"
+            // travels as JSON.)
             Value::String(s) => {
                 let ty = output_types.get(name).cloned().unwrap_or(Value::Null);
-                if from_text(&ty, s, &names).as_ref() == Ok(&v) {
+                if s != "null" && from_text(&ty, s, &names).as_ref() == Ok(&v) {
                     s.clone()
                 } else {
                     v.to_string()
