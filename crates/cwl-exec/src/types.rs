@@ -16,7 +16,12 @@ impl Names {
         let mut map = HashMap::new();
         if let Some(r) = crate::load::requirement(process, "SchemaDefRequirement") {
             if let Some(Value::Array(types)) = r.get("types") {
-                for t in types {
+                // An `$import` of a list of types leaves a list in the list.
+                let flat = types.iter().flat_map(|t| match t {
+                    Value::Array(inner) => inner.iter().collect::<Vec<_>>(),
+                    one => vec![one],
+                });
+                for t in flat {
                     if let Some(n) = t.get("name").and_then(Value::as_str) {
                         map.insert(crate::load::short_id(n), t.clone());
                     }
