@@ -38,6 +38,18 @@ fn cwl_runner(node: &NodeProc, outdir: &Path, args: &[&str]) -> std::process::Ou
     run_bounded(cmd, Duration::from_secs(120)).expect("cwl-runner")
 }
 
+/// [`cwl_runner`] that must succeed: its output object.
+fn cwl_runner_ok(node: &NodeProc, outdir: &Path, args: &[&str]) -> serde_json::Value {
+    let out = cwl_runner(node, outdir, args);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        node.log_text()
+    );
+    serde_json::from_slice(&out.stdout).expect("the output object")
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, text).expect("write");
@@ -58,14 +70,7 @@ fn cwl_runner_runs_a_tool_on_an_agent_that_runs_cwl_tools() {
         "text: {class: File, location: poem.txt}\n",
     );
     let outdir = dir.path().join("out");
-    let out = cwl_runner(&manager, &outdir, &[&tool, &job]);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        manager.log_text()
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the output object");
+    let v = cwl_runner_ok(&manager, &outdir, &[&tool, &job]);
     assert_eq!(
         v["label_back"], "lines",
         "the tool's default applied: {v:#}"
@@ -292,14 +297,7 @@ steps:
         "r: {name: crop, seed: {class: File, location: seed.in}}\n",
     );
     let outdir = dir.path().join("out");
-    let out = cwl_runner(&manager, &outdir, &[&wf, &job]);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        manager.log_text()
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the output object");
+    let v = cwl_runner_ok(&manager, &outdir, &[&wf, &job]);
     let report =
         std::fs::read_to_string(v["report"]["path"].as_str().expect("path")).expect("report");
     assert_eq!(
@@ -360,13 +358,7 @@ fn cwl_runner_runs_a_workflow_of_tools_in_other_files() {
         r#"{"text": {"class": "File", "path": "words.txt"}, "descending": true}"#,
     );
     let outdir = dir.path().join("out");
-    let out = cwl_runner(&manager, &outdir, &[&wf, &job]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the output object");
+    let v = cwl_runner_ok(&manager, &outdir, &[&wf, &job]);
     assert_eq!(v["result"]["basename"], "rev.sorted", "{v:#}");
     let text = std::fs::read_to_string(v["result"]["path"].as_str().expect("path")).expect("read");
     assert_eq!(text, "xyz\nmno\nabc\n");
@@ -389,13 +381,7 @@ fn cwl_runner_runs_an_expression_tool() {
         "cwlVersion: v1.2\nclass: ExpressionTool\nrequirements:\n  InlineJavascriptRequirement: {}\ninputs:\n  xs: int[]\noutputs:\n  total: int\n  words: string[]\nexpression: |\n  ${ return {total: inputs.xs.reduce(function (a, b) { return a + b; }, 0), words: ['a b', 'c']}; }\n",
     );
     let job = write(dir.path(), "job.json", r#"{"xs": [1, 2, 39]}"#);
-    let out = cwl_runner(&manager, &dir.path().join("out"), &[&tool, &job]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the output object");
+    let v = cwl_runner_ok(&manager, &dir.path().join("out"), &[&tool, &job]);
     assert_eq!(v, serde_json::json!({"total": 42, "words": ["a b", "c"]}));
 }
 
@@ -518,14 +504,7 @@ stdout: said.txt
         "text: {class: File, location: poem.txt}\n",
     );
     let outdir = dir.path().join("out");
-    let out = cwl_runner(&manager, &outdir, &[&tool, &job]);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        manager.log_text()
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the output object");
+    let v = cwl_runner_ok(&manager, &outdir, &[&tool, &job]);
     let said = std::fs::read_to_string(v["said"]["path"].as_str().expect("path")).expect("read");
     assert_eq!(said, "in-a-container\n3\n");
     // A tool without a DockerRequirement is declined with the reason.
