@@ -216,18 +216,8 @@ fn lay_out(v: &Value, dir: &Path, jobs: &mut Vec<(FileRef, PathBuf)>) -> anyhow:
         Value::Array(a) => a.iter().map(|x| lay_out(x, dir, jobs)).collect(),
         Value::Object(m) => match m.get("class").and_then(Value::as_str) {
             Some("File") => {
-                let f = FileRef::new(
-                    m.get("sha256")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .into(),
-                    m.get("size").and_then(Value::as_u64).unwrap_or_default(),
-                    m.get("basename")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .into(),
-                )
-                .map_err(|e| anyhow::anyhow!("an output File is not a reference: {}", e.0))?;
+                let f = FileRef::of_data(v)
+                    .map_err(|e| anyhow::anyhow!("an output File is not a reference: {}", e.0))?;
                 let to = free_place(dir, &f.basename, jobs);
                 let here = to.parent().map(Path::to_path_buf).unwrap_or_default();
                 jobs.push((f, to.clone()));

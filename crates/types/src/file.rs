@@ -122,6 +122,25 @@ impl FileRef {
         Self::new(w.sha256.to_string(), w.size, w.basename.into_owned()).ok()
     }
 
+    /// The reference a File object of CWL data names (its `sha256`,
+    /// `size` and `basename`; other keys are not looked at here).
+    pub fn of_data(v: &serde_json::Value) -> Result<Self, FileError> {
+        let text = |k: &str| {
+            v.get(k)
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default()
+        };
+        let size = v
+            .get("size")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| FileError("a File value has no `size`; upload the file first".into()))?;
+        Self::new(
+            text("sha256").to_string(),
+            size,
+            text("basename").to_string(),
+        )
+    }
+
     /// Short form for people: `name (1.2 MB, sha256 ab12cd34…)`.
     pub fn describe(&self) -> String {
         format!(
@@ -235,12 +254,7 @@ pub fn data_refs(v: &serde_json::Value, out: &mut Vec<FileRef>) -> Result<(), Fi
                         )));
                     }
                 }
-                let sha = m.get("sha256").and_then(J::as_str).unwrap_or_default();
-                let size = m.get("size").and_then(J::as_u64).ok_or_else(|| {
-                    FileError("a File value has no `size`; upload the file first".into())
-                })?;
-                let name = m.get("basename").and_then(J::as_str).unwrap_or_default();
-                out.push(FileRef::new(sha.to_string(), size, name.to_string())?);
+                out.push(FileRef::of_data(v)?);
                 if m.get("format").is_some_and(|f| !f.is_string()) {
                     return Err(FileError("a File's `format` is not a string".into()));
                 }

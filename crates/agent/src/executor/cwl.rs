@@ -136,9 +136,9 @@ fn run_blocking(
                 Err(why) => return failed(format!("input `{id}`: {why}"), None, b""),
             },
         };
-        match stager.stage(v) {
+        match stager.stage(&id, v) {
             Ok(v) => order.insert(id, v),
-            Err(why) => return failed(format!("input `{id}`: {why}"), None, b""),
+            Err(why) => return failed(why, None, b""),
         };
     }
     let container = match container_of {

@@ -29,21 +29,22 @@ impl<'a> Stager<'a> {
         }
     }
 
-    /// `v` with every reference replaced by a File or Directory object
-    /// naming its staged place.
-    pub(crate) fn stage(&mut self, v: Value) -> Result<Value, String> {
+    /// `v`, the value of input `input`, with every reference replaced by
+    /// a File or Directory object naming its staged place.
+    pub(crate) fn stage(&mut self, input: &str, v: Value) -> Result<Value, String> {
         match v {
-            Value::Array(a) => a.into_iter().map(|x| self.stage(x)).collect(),
+            Value::Array(a) => a.into_iter().map(|x| self.stage(input, x)).collect(),
             Value::Object(m) => match m.get("class").and_then(Value::as_str) {
                 Some("File" | "Directory") => {
                     let dir = self.root.join(self.next.to_string());
                     self.next += 1;
                     mkdir(&dir)?;
-                    self.place(&Value::Object(m), &dir)
+                    self.place(input, &Value::Object(m), &dir)
+                        .map_err(|why| format!("input `{input}`: {why}"))
                 }
                 _ => m
                     .into_iter()
-                    .map(|(k, x)| Ok((k, self.stage(x)?)))
+                    .map(|(k, x)| Ok((k, self.stage(input, x)?)))
                     .collect::<Result<Map<_, _>, String>>()
                     .map(Value::Object),
             },
@@ -52,7 +53,7 @@ impl<'a> Stager<'a> {
     }
 
     /// Places one reference (and what it holds) in `dir`.
-    fn place(&self, v: &Value, dir: &Path) -> Result<Value, String> {
+    fn place(&self, input: &str, v: &Value, dir: &Path) -> Result<Value, String> {
         let basename = v
             .get("basename")
             .and_then(Value::as_str)
@@ -69,7 +70,7 @@ impl<'a> Stager<'a> {
                 .into_iter()
                 .flatten()
             {
-                listing.push(self.place(entry, &at)?);
+                listing.push(self.place(input, entry, &at)?);
             }
             out.insert("class".into(), json!("Directory"));
             if v.get("literal") == Some(&json!(true)) {
@@ -77,25 +78,19 @@ impl<'a> Stager<'a> {
                 out.insert("listing".into(), Value::Array(listing));
             }
         } else {
-            let f = file_ref(v)?;
+            let f = FileRef::of_data(v)
+                .map_err(|e| format!("a File value is not a reference: {}", e.0))?;
             let blobs = self
                 .blobs
                 .ok_or("a File input came, but this agent has no blob store")?;
-            if !blobs.holds(&f) {
-                return Err(format!(
-                    "file {} is not in this agent's blob store",
-                    f.describe()
-                ));
-            }
-            let _ = std::fs::remove_file(&at);
-            let from = blobs.path(&f.sha256);
-            if std::fs::hard_link(&from, &at).is_err() {
-                std::fs::copy(&from, &at)
-                    .map_err(|e| format!("cannot copy {} to {}: {e}", f.basename, at.display()))?;
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(&at, std::fs::Permissions::from_mode(0o444));
-            }
-            blobs.touch(&f.sha256);
+            super::files::place(blobs, input, &f, &at).map_err(|e| match e {
+                // Said once, by `stage`.
+                super::files::FileError::Missing { file, .. } => {
+                    format!("file {file} is not in this agent's blob store")
+                }
+                super::files::FileError::Stage { reason, .. } => reason,
+                other => other.to_string(),
+            })?;
             out.insert("class".into(), json!("File"));
             if let Some(fmt) = v.get("format") {
                 out.insert("format".into(), fmt.clone());
@@ -103,7 +98,7 @@ impl<'a> Stager<'a> {
             if let Some(Value::Array(sf)) = v.get("secondaryFiles") {
                 let mut staged = Vec::new();
                 for s in sf {
-                    staged.push(self.place(s, dir)?);
+                    staged.push(self.place(input, s, dir)?);
                 }
                 out.insert("secondaryFiles".into(), Value::Array(staged));
             }
@@ -118,21 +113,6 @@ impl<'a> Stager<'a> {
 
 fn mkdir(d: &Path) -> Result<(), String> {
     std::fs::create_dir_all(d).map_err(|e| format!("cannot create {}: {e}", d.display()))
-}
-
-fn file_ref(v: &Value) -> Result<FileRef, String> {
-    FileRef::new(
-        v.get("sha256")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
-        v.get("size").and_then(Value::as_u64).unwrap_or_default(),
-        v.get("basename")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
-    )
-    .map_err(|e| format!("a File value is not a reference: {}", e.0))
 }
 
 /// Stores the files of a tool's output values in the blob store.

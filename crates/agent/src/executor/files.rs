@@ -119,7 +119,7 @@ fn with_path(f: &FileRef, p: &Path) -> serde_json::Value {
 }
 
 /// Links (else copies) the blob of `f` to `to`, read-only.
-fn place(blobs: &Blobs, input: &str, f: &FileRef, to: &Path) -> Result<(), FileError> {
+pub(crate) fn place(blobs: &Blobs, input: &str, f: &FileRef, to: &Path) -> Result<(), FileError> {
     if !blobs.holds(f) {
         return Err(FileError::Missing {
             input: input.to_string(),
