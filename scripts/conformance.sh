@@ -5,7 +5,9 @@
 # `caroni --node … cwl-runner`. Prints passed / failed / unsupported per tag
 # and in total, and writes a JUnit report.
 #
-#   scripts/conformance.sh [--tags TAGS] [-j N] [--junit FILE] [--gate]
+#   scripts/conformance.sh [--tags TAGS] [--only NAMES] [-j N] [--junit FILE] [--gate]
+#
+# --only runs the tests named (comma-separated ids, cwltest -s).
 #
 # With --gate the script fails when a `required` test did not pass that the
 # reference runner passes on the same copy of the suite (its README lists
@@ -23,9 +25,11 @@ tags=""
 jobs=2
 junit="$repo/conformance-results.xml"
 gate=""
+only=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --tags) tags="$2"; shift 2 ;;
+    --only) only="$2"; shift 2 ;;
     -j) jobs="$2"; shift 2 ;;
     --junit) junit="$2"; shift 2 ;;
     --gate) gate=1; shift ;;
@@ -91,6 +95,7 @@ chmod +x "$runner"
 
 args=(--test conformance_tests.yaml --tool "$runner" -j "$jobs" --timeout 300 --junit-xml "$junit")
 [ -n "$tags" ] && args+=(--tags "$tags")
+[ -n "$only" ] && args+=(-s "$only")
 start=$(date +%s)
 set +e
 (cd "$suite" && "$venv/bin/cwltest" "${args[@]}") >"$work/cwltest.log" 2>&1

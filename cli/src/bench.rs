@@ -85,6 +85,12 @@ pub struct BenchArgs {
     /// file measured in the same run.
     #[arg(long, value_parser = parse_size)]
     pub file_size: Option<u64>,
+    /// After the workflows, on the same nodes: one workflow whose one
+    /// step scatters the same job over this many elements. Prints its
+    /// steps/s beside the workflows' and the manager's RSS sampled while it
+    /// runs (compare with `--steps 1 --workflows N --concurrency 0`).
+    #[arg(long)]
+    pub scatter: Option<usize>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -329,6 +335,106 @@ fn template(steps: usize) -> String {
     cwl
 }
 
+const SCATTER_TEMPLATE: &str = "bench_scatter";
+
+/// One step scattered over the list `xs`.
+fn scatter_template() -> String {
+    format!(
+        "cwlVersion: v1.2\nclass: Workflow\nrequirements:\n  ScatterFeatureRequirement: {{}}\ninputs:\n  xs: string[]\noutputs:\n  result:\n    type: Any\n    outputSource: s/out\nsteps:\n  s:\n    run:\n      class: CommandLineTool\n      inputs:\n        x: string\n      outputs:\n        out: string\n    hints:\n      CaroniRequirement:\n        CaroniJobName: {JOB_TYPE}\n    scatter: x\n    in:\n      x: xs\n    out: [out]\n"
+    )
+}
+
+/// What the scatter run measured.
+#[derive(Debug, Serialize)]
+pub struct ScatterReport {
+    pub elements: usize,
+    pub state: String,
+    /// Created → ended, manager timestamps.
+    pub seconds: f64,
+    pub steps_per_second: f64,
+    /// The manager's RSS, highest of the samples taken every 200 ms while
+    /// the scatter ran.
+    pub manager_rss_mb_max: f64,
+    /// The manager's RSS before the scatter started.
+    pub manager_rss_mb_before: f64,
+    /// Its elements' outputs gathered, in order.
+    pub gathered: usize,
+}
+
+/// Runs one workflow that scatters over `n` elements.
+async fn run_scatter(
+    manager: &ManagerServiceClient<Channel>,
+    nodes: &[NodeRef],
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<ScatterReport> {
+    let mut m = manager.clone();
+    m.put_template(pb::PutTemplateRequest {
+        name: SCATTER_TEMPLATE.into(),
+        cwl: scatter_template(),
+    })
+    .await
+    .map_err(crate::client::status)?;
+    let rss = |s: &pb::NodeStats| s.rss_bytes as f64 / 1048576.0;
+    let mut node_api = NodeServiceClient::new(connect(&nodes[0].url).await?);
+    let before = rss(&node_api
+        .get_stats(pb::GetStatsRequest {})
+        .await
+        .map_err(crate::client::status)?
+        .into_inner());
+    let xs: Vec<String> = (0..n).map(|k| format!("e{k}")).collect();
+    let id = m
+        .run_workflow(pb::RunWorkflowRequest {
+            template: SCATTER_TEMPLATE.into(),
+            inputs: std::collections::HashMap::from([("xs".to_string(), serde_json::to_string(&xs)?)]),
+        })
+        .await
+        .map_err(crate::client::status)?
+        .into_inner()
+        .workflow_id;
+    let started = Instant::now();
+    let mut peak = before;
+    loop {
+        let st = node_api
+            .get_stats(pb::GetStatsRequest {})
+            .await
+            .map_err(crate::client::status)?
+            .into_inner();
+        peak = peak.max(rss(&st));
+        let w = m
+            .get_workflow(pb::GetWorkflowRequest {
+                workflow_id: id.clone(),
+            })
+            .await
+            .map_err(crate::client::status)?
+            .into_inner();
+        if matches!(w.state.as_str(), "completed" | "failed" | "cancelled") {
+            let secs = match (ms(&w.created_at), ms(&w.finished_at)) {
+                (Some(a), Some(b)) => (b - a) / 1000.0,
+                _ => started.elapsed().as_secs_f64(),
+            };
+            let gathered = w
+                .outputs
+                .get("result")
+                .and_then(|v| serde_json::from_str::<Vec<serde_json::Value>>(v).ok())
+                .map_or(0, |l| l.len());
+            return Ok(ScatterReport {
+                elements: n,
+                state: w.state,
+                seconds: secs,
+                steps_per_second: if secs > 0.0 { n as f64 / secs } else { 0.0 },
+                manager_rss_mb_max: peak,
+                manager_rss_mb_before: before,
+                gathered,
+            });
+        }
+        if started.elapsed() > timeout {
+            bail!("the scatter of {n} elements did not end within {} s", timeout.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The floor: `steps` sequential spawns of the job body, as the agent
 /// runs it (bash -c, the same minimal environment and locale, a fresh
 /// directory), median of `runs`.
@@ -550,6 +656,9 @@ async fn stats(nodes: &[NodeRef]) -> anyhow::Result<Vec<pb::NodeStats>> {
 /// What `caroni bench` reports (`-o json` prints it as is).
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// The scatter run's figures, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scatter: Option<ScatterReport>,
     /// The file workload's figures, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file: Option<FileReport>,
@@ -717,6 +826,12 @@ pub async fn bench(args: BenchArgs, format: Format) -> anyhow::Result<ExitCode> 
     let (ended, wall) =
         run_workflows(&manager, template_name, inputs, args.concurrency, timeout).await?;
     let after = stats(&nodes).await?;
+    let scatter = match args.scatter {
+        Some(n) if args.file_size.is_none() => {
+            Some(run_scatter(&manager, &nodes, n, timeout).await?)
+        }
+        _ => None,
+    };
     let b = body.clone();
     let steps = args.steps;
     let floor = match &prepared {
@@ -792,6 +907,7 @@ pub async fn bench(args: BenchArgs, format: Format) -> anyhow::Result<ExitCode> 
         _ => None,
     };
     let report = Report {
+        scatter,
         file,
         topology,
         agents: nodes.iter().filter(|n| n.is_agent).count(),
@@ -903,6 +1019,21 @@ fn print_report(r: &Report) {
         "  per step: {:.2} direct messages, {:.2} gossip publications, {:.2} synced writes",
         r.messages_per_step, r.requests_published_per_step, r.synced_writes_per_step
     );
+    if let Some(sc) = &r.scatter {
+        println!(
+            "  scatter of {} elements in one workflow: {} in {:.2} s = {:.1} steps/s ({:.2}× the workflows' steps/s); {} outputs gathered",
+            sc.elements,
+            sc.state,
+            sc.seconds,
+            sc.steps_per_second,
+            if r.steps_per_second > 0.0 { sc.steps_per_second / r.steps_per_second } else { 0.0 },
+            sc.gathered
+        );
+        println!(
+            "  manager RSS while it ran: {:.1} MB at most (sampled every 200 ms; {:.1} MB before)",
+            sc.manager_rss_mb_max, sc.manager_rss_mb_before
+        );
+    }
     let mut t = crate::output::table(&["node", "CPU s", "peak RSS MB", "RSS MB", "steps", "share"]);
     for n in &r.nodes {
         t.add_row(vec![

@@ -166,6 +166,94 @@ fn hoist_doc_files(tool: &mut Value, n: &mut usize) -> Vec<(String, Value)> {
     hoisted
 }
 
+/// A placeholder for an upload.
+fn upload_key(n: usize) -> String {
+    format!("@@caroni-upload-{n}@@")
+}
+
+/// Finds, in `wf`'s steps at any depth, the values with files that the
+/// documents name (a tool's File defaults, File and Directory entries of
+/// InitialWorkDirRequirement, File defaults of step inputs): each becomes
+/// a step input default holding a placeholder, listed in `uploads` with
+/// the directory its places are relative to.
+fn mark_uploads(
+    wf: &mut Value,
+    dir: &Path,
+    hidden: &mut usize,
+    uploads: &mut Vec<(String, Value, PathBuf)>,
+) {
+    let Some(Value::Array(steps)) = wf.get_mut("steps") else {
+        return;
+    };
+    for s in steps.iter_mut() {
+        let mut feeds = Vec::new();
+        if let Some(run) = s.get_mut("run") {
+            let doc_dir = run
+                .get("$dir")
+                .and_then(Value::as_str)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| dir.to_path_buf());
+            if run.get("class").and_then(Value::as_str) == Some("Workflow") {
+                mark_uploads(run, &doc_dir, hidden, uploads);
+            } else {
+                for (id, obj) in hoist_doc_files(run, hidden) {
+                    feeds.push((id, obj, doc_dir.clone()));
+                }
+                for (id, d) in caroni_cwl_exec::load::defaults(run) {
+                    if cwl_values::holds_files(&d) {
+                        feeds.push((id, d, doc_dir.clone()));
+                    }
+                }
+            }
+        }
+        let ins = s
+            .as_object_mut()
+            .map(|m| m.entry("in").or_insert_with(|| json!([])));
+        let Some(Value::Array(ins)) = ins else {
+            continue;
+        };
+        for (id, v, d) in feeds {
+            let key = upload_key(uploads.len());
+            match ins
+                .iter_mut()
+                .find(|i| i.get("id").and_then(Value::as_str) == Some(&id))
+            {
+                Some(i) if i.get("default").is_none() => i["default"] = json!(key),
+                Some(_) => continue,
+                None => ins.push(json!({"id": id, "default": key})),
+            }
+            uploads.push((key, v, d));
+        }
+        // File defaults of step inputs: the manager holds every file a
+        // workflow reads.
+        for i in ins.iter_mut() {
+            let Some(d) = i.get("default").cloned() else {
+                continue;
+            };
+            if !cwl_values::holds_files(&d) {
+                continue;
+            }
+            let key = upload_key(uploads.len());
+            i["default"] = json!(key);
+            uploads.push((key, d, dir.to_path_buf()));
+        }
+    }
+}
+
+/// Puts each upload in the place of its placeholder.
+fn fill_uploads(v: &mut Value, sent: &std::collections::HashMap<String, Value>) {
+    match v {
+        Value::String(s) => {
+            if let Some(x) = sent.get(s.as_str()) {
+                *v = x.clone();
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| fill_uploads(x, sent)),
+        Value::Object(m) => m.values_mut().for_each(|x| fill_uploads(x, sent)),
+        _ => {}
+    }
+}
+
 /// The text a value travels as: a string as it is where its type reads
 /// it back (`string`; not the string "null"), anything else as JSON.
 fn value_text(ty: &Value, v: &Value, names: &Names) -> String {
@@ -303,71 +391,20 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
     let mut tool = tool;
     let mut hidden = 0;
     if is_workflow {
-        if let Some(Value::Array(steps)) = tool.get_mut("steps") {
-            for s in steps.iter_mut() {
-                let Some(run) = s.get_mut("run") else {
-                    continue;
-                };
-                let doc_dir = run
-                    .get("$dir")
-                    .and_then(Value::as_str)
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| loaded.dir.clone());
-                let mut feeds = hoist_doc_files(run, &mut hidden);
-                for (id, d) in caroni_cwl_exec::load::defaults(run) {
-                    if cwl_values::holds_files(&d) {
-                        feeds.push((id, d));
-                    }
-                }
-                let mut given = Vec::new();
-                for (id, v) in feeds {
-                    let sent =
-                        cwl_values::upload(ctx, &v, &doc_dir, scratch.path(), &doc_tool).await?;
-                    given.push((id, sent.to_string()));
-                }
-                let ins = s
-                    .as_object_mut()
-                    .map(|m| m.entry("in").or_insert_with(|| json!([])));
-                if let Some(Value::Array(ins)) = ins {
-                    for (id, text) in given {
-                        match ins
-                            .iter_mut()
-                            .find(|i| i.get("id").and_then(Value::as_str) == Some(&id))
-                        {
-                            Some(i) if i.get("default").is_none() => i["default"] = json!(text),
-                            Some(_) => {}
-                            None => ins.push(json!({"id": id, "default": text})),
-                        }
-                    }
-                }
-            }
+        // At any depth of sub-workflows: each placeholder stands for a
+        // value with files that is uploaded, then put in its place.
+        let mut uploads = Vec::new();
+        mark_uploads(&mut tool, &loaded.dir, &mut hidden, &mut uploads);
+        let mut sent = std::collections::HashMap::new();
+        for (key, v, dir) in uploads {
+            let up = cwl_values::upload(ctx, &v, &dir, scratch.path(), &doc_tool).await?;
+            sent.insert(key, Value::String(up.to_string()));
         }
+        fill_uploads(&mut tool, &sent);
     } else {
         for (id, v) in hoist_doc_files(&mut run_tool, &mut hidden) {
             let sent = cwl_values::upload(ctx, &v, &loaded.dir, scratch.path(), &doc_tool).await?;
             step_in.insert(id, json!({"default": sent.to_string()}));
-        }
-    }
-    // File defaults of step inputs are uploaded: the manager holds every
-    // file a workflow reads.
-    if let Some(Value::Array(steps)) = tool.get_mut("steps") {
-        for s in steps {
-            for i in s
-                .get_mut("in")
-                .and_then(Value::as_array_mut)
-                .into_iter()
-                .flatten()
-            {
-                let Some(d) = i.get("default").cloned() else {
-                    continue;
-                };
-                if !cwl_values::holds_files(&d) {
-                    continue;
-                }
-                let sent =
-                    cwl_values::upload(ctx, &d, &loaded.dir, scratch.path(), &doc_tool).await?;
-                i["default"] = Value::String(sent.to_string());
-            }
         }
     }
     let template = if is_workflow {
@@ -578,10 +615,56 @@ fn short_source(s: &str, steps: &[String]) -> String {
 }
 
 /// A loaded Workflow as a template: inputs and outputs by what they carry,
-/// tools inline with the requirements they inherit. Features the template
-/// dialect refuses (scatter, conditionals, multiple sources, expressions
-/// on steps) reach the manager, which says they are not supported.
+/// tools inline with the requirements they inherit, sub-workflows nested
+/// the same way.
 fn workflow_template(wf: &Value, inputs: Map<String, Value>) -> Result<Value, String> {
+    template_of(wf, Some(inputs), &[])
+}
+
+/// The type a nested workflow's input is declared with in a template:
+/// its own when it is made of CWL's types alone, else what it carries.
+fn port_type(p: &Value) -> Value {
+    fn plain(t: &Value) -> bool {
+        match t {
+            Value::String(s) => matches!(
+                s.as_str(),
+                "null" | "boolean" | "int" | "long" | "float" | "double" | "string" | "File"
+                    | "Directory" | "Any"
+            ),
+            Value::Array(a) => a.iter().all(plain),
+            Value::Object(o) => match o.get("type").and_then(Value::as_str) {
+                Some("array") => o.get("items").is_some_and(plain),
+                Some("enum") => true,
+                Some("record") => o
+                    .get("fields")
+                    .and_then(Value::as_array)
+                    .is_some_and(|f| f.iter().all(|x| x.get("type").is_some_and(plain))),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+    let t = caroni_cwl_exec::load::normalize_type(&p.get("type").cloned().unwrap_or(json!("Any")));
+    if plain(&t) && p.get("secondaryFiles").is_none() {
+        t
+    } else {
+        template_type(caroni_cwl::port_kind(p))
+    }
+}
+
+/// A default as a template carries it: a string as it is, else JSON.
+fn default_text(d: &Value) -> Value {
+    match d {
+        Value::String(_) => d.clone(),
+        other => json!(other.to_string()),
+    }
+}
+
+fn template_of(
+    wf: &Value,
+    inputs: Option<Map<String, Value>>,
+    from_above: &[Value],
+) -> Result<Value, String> {
     let steps = wf
         .get("steps")
         .and_then(Value::as_array)
@@ -591,6 +674,7 @@ fn workflow_template(wf: &Value, inputs: Map<String, Value>) -> Result<Value, St
         .iter()
         .filter_map(|s| s.get("id").and_then(Value::as_str).map(str::to_string))
         .collect();
+    // Tool requirements reach every tool below, nearest first.
     let mut inherited: Vec<Value> = Vec::new();
     let mut kept = Map::new();
     for k in ["requirements", "hints"] {
@@ -599,12 +683,24 @@ fn workflow_template(wf: &Value, inputs: Map<String, Value>) -> Result<Value, St
             let class = r.get("class").and_then(Value::as_str).unwrap_or("");
             if caroni_cwl_exec::run::TOOL_REQUIREMENTS.contains(&class) {
                 inherited.push(r.clone());
+                // Step expressions read these too.
+                if k == "requirements"
+                    && matches!(class, "InlineJavascriptRequirement" | "SchemaDefRequirement")
+                {
+                    stay.push(r.clone());
+                }
             } else {
                 stay.push(r.clone());
             }
         }
         if !stay.is_empty() {
             kept.insert(k.to_string(), Value::Array(stay));
+        }
+    }
+    for r in from_above {
+        let class = r.get("class");
+        if !inherited.iter().any(|x| x.get("class") == class) {
+            inherited.push(r.clone());
         }
     }
     let mut out_steps = Map::new();
@@ -614,11 +710,29 @@ fn workflow_template(wf: &Value, inputs: Map<String, Value>) -> Result<Value, St
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
+        let step_reqs = s
+            .get("requirements")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let mut below: Vec<Value> = step_reqs
+            .iter()
+            .filter(|r| {
+                caroni_cwl_exec::run::TOOL_REQUIREMENTS
+                    .contains(&r.get("class").and_then(Value::as_str).unwrap_or(""))
+            })
+            .cloned()
+            .collect();
+        for r in &inherited {
+            if !below.iter().any(|x| x.get("class") == r.get("class")) {
+                below.push(r.clone());
+            }
+        }
         let mut run = s.get("run").cloned().unwrap_or(Value::Null);
         if run.get("class").and_then(Value::as_str) == Some("Workflow") {
-            return Err(format!("step `{id}` runs a sub-workflow"));
-        }
-        if let Value::Object(m) = &mut run {
+            run = template_of(&run, None, &below)
+                .map_err(|e| format!("step `{id}`: {e}"))?;
+        } else if let Value::Object(m) = &mut run {
             m.remove("cwlVersion");
             m.remove("$dir");
             // The step's and the workflow's requirements reach its tool,
@@ -628,17 +742,11 @@ fn workflow_template(wf: &Value, inputs: Map<String, Value>) -> Result<Value, St
                 .and_then(Value::as_array)
                 .cloned()
                 .unwrap_or_default();
-            let step_reqs = s
-                .get("requirements")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            for r in step_reqs.iter().chain(inherited.iter()) {
+            for r in &below {
                 let class = r.get("class").and_then(Value::as_str).unwrap_or("");
-                if caroni_cwl_exec::run::TOOL_REQUIREMENTS.contains(&class)
-                    && !reqs
-                        .iter()
-                        .any(|x| x.get("class").and_then(Value::as_str) == Some(class))
+                if !reqs
+                    .iter()
+                    .any(|x| x.get("class").and_then(Value::as_str) == Some(class))
                 {
                     reqs.push(r.clone());
                 }
@@ -658,24 +766,18 @@ fn workflow_template(wf: &Value, inputs: Map<String, Value>) -> Result<Value, St
                 Some(Value::String(src)) => {
                     b.insert("source".into(), json!(short_source(src, &step_ids)));
                 }
-                Some(Value::Array(list)) if list.len() == 1 => {
-                    if let Some(src) = list[0].as_str() {
-                        b.insert("source".into(), json!(short_source(src, &step_ids)));
-                    }
+                Some(Value::Array(list)) => {
+                    let l: Vec<Value> = list
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .map(|src| json!(short_source(src, &step_ids)))
+                        .collect();
+                    b.insert("source".into(), Value::Array(l));
                 }
-                Some(other) => {
-                    b.insert("source".into(), other.clone());
-                }
-                None => {}
+                _ => {}
             }
             if let Some(d) = i.get("default") {
-                b.insert(
-                    "default".into(),
-                    match d {
-                        Value::String(_) => d.clone(),
-                        other => json!(other.to_string()),
-                    },
-                );
+                b.insert("default".into(), default_text(d));
             }
             for k in ["valueFrom", "linkMerge", "pickValue", "loadContents"] {
                 if let Some(v) = i.get(k) {
@@ -690,21 +792,30 @@ fn workflow_template(wf: &Value, inputs: Map<String, Value>) -> Result<Value, St
         step.insert("out".into(), s.get("out").cloned().unwrap_or(json!([])));
         for k in ["scatter", "scatterMethod", "when"] {
             if let Some(v) = s.get(k) {
-                step.insert(k.into(), v.clone());
+                let v = match (k, v) {
+                    ("scatter", Value::String(x)) => json!(caroni_cwl_exec::load::short_id(x)),
+                    ("scatter", Value::Array(l)) => Value::Array(
+                        l.iter()
+                            .filter_map(Value::as_str)
+                            .map(|x| json!(caroni_cwl_exec::load::short_id(x)))
+                            .collect(),
+                    ),
+                    _ => v.clone(),
+                };
+                step.insert(k.into(), v);
             }
         }
-        if let Some(Value::Array(r)) = s.get("requirements") {
-            let features: Vec<Value> = r
-                .iter()
-                .filter(|x| {
-                    !caroni_cwl_exec::run::TOOL_REQUIREMENTS
-                        .contains(&x.get("class").and_then(Value::as_str).unwrap_or(""))
-                })
-                .cloned()
-                .collect();
-            if !features.is_empty() {
-                step.insert("requirements".into(), Value::Array(features));
-            }
+        let features: Vec<Value> = step_reqs
+            .iter()
+            .filter(|x| {
+                let c = x.get("class").and_then(Value::as_str).unwrap_or("");
+                !caroni_cwl_exec::run::TOOL_REQUIREMENTS.contains(&c)
+                    || matches!(c, "InlineJavascriptRequirement" | "SchemaDefRequirement")
+            })
+            .cloned()
+            .collect();
+        if !features.is_empty() {
+            step.insert("requirements".into(), Value::Array(features));
         }
         out_steps.insert(id, Value::Object(step));
     }
@@ -721,14 +832,43 @@ fn workflow_template(wf: &Value, inputs: Map<String, Value>) -> Result<Value, St
         let t = template_type(caroni_cwl::port_kind(o));
         let source = match o.get("outputSource") {
             Some(Value::String(s)) => json!(short_source(s, &step_ids)),
-            Some(Value::Array(l)) if l.len() == 1 => {
-                json!(short_source(l[0].as_str().unwrap_or(""), &step_ids))
-            }
+            Some(Value::Array(l)) => Value::Array(
+                l.iter()
+                    .filter_map(Value::as_str)
+                    .map(|x| json!(short_source(x, &step_ids)))
+                    .collect(),
+            ),
             Some(other) => other.clone(),
             None => return Err(format!("workflow output `{id}` has no outputSource")),
         };
-        outs.insert(id.to_string(), json!({"type": t, "outputSource": source}));
+        let mut body = Map::new();
+        body.insert("type".into(), t);
+        body.insert("outputSource".into(), source);
+        for k in ["linkMerge", "pickValue"] {
+            if let Some(v) = o.get(k) {
+                body.insert(k.into(), v.clone());
+            }
+        }
+        outs.insert(id.to_string(), Value::Object(body));
     }
+    let inputs = match inputs {
+        Some(i) => i,
+        None => {
+            let mut m = Map::new();
+            for p in wf.get("inputs").and_then(Value::as_array).into_iter().flatten() {
+                let Some(id) = p.get("id").and_then(Value::as_str) else {
+                    continue;
+                };
+                let mut b = Map::new();
+                b.insert("type".into(), port_type(p));
+                if let Some(d) = p.get("default") {
+                    b.insert("default".into(), default_text(d));
+                }
+                m.insert(id.to_string(), Value::Object(b));
+            }
+            m
+        }
+    };
     let mut t = Map::new();
     t.insert("cwlVersion".into(), json!("v1.2"));
     t.insert("class".into(), json!("Workflow"));

@@ -207,6 +207,80 @@ fn print_workflow(w: &pb::Workflow) {
     print_outputs(w);
 }
 
+/// One line per dynamic step: its elements by state.
+fn elements_line(s: &pb::WorkflowStep) -> Option<String> {
+    let e = s.elements.as_ref()?;
+    let what = if s.subworkflow { "sub-workflow" } else { "job" };
+    Some(if e.scatter {
+        format!(
+            "scatter of {} {what}s: {} completed, {} running, {} waiting, {} skipped, {} failed",
+            e.total, e.completed, e.live, e.waiting, e.skipped, e.failed
+        )
+    } else if e.skipped > 0 {
+        "skipped: its condition was false".into()
+    } else {
+        format!(
+            "one {what}: {}",
+            if e.completed > 0 {
+                "completed"
+            } else if e.failed > 0 {
+                "failed"
+            } else {
+                "running"
+            }
+        )
+    })
+}
+
+/// The steps of each sub-workflow a step runs, under it (one level per
+/// `depth`), and the first elements of each scatter.
+async fn print_subworkflows(ctx: &Context, w: &pb::Workflow, depth: usize) -> anyhow::Result<()> {
+    if depth > 8 {
+        return Ok(());
+    }
+    let pad = "  ".repeat(depth);
+    let mut client = ctx.manager().await?;
+    for s in &w.steps {
+        let Some(line) = elements_line(s) else {
+            continue;
+        };
+        say!("{pad}step {}: {line}", s.id);
+        let scatter = s.elements.as_ref().is_some_and(|e| e.scatter);
+        if scatter {
+            for c in s.children.iter().take(5) {
+                say!("{pad}  element {}: workflow {} {}", c.index, c.workflow_id, c.state);
+            }
+            if s.children.len() > 5 {
+                say!("{pad}  … `caroni workflow show ID` shows any element's workflow");
+            }
+        }
+        if !s.subworkflow || scatter {
+            continue;
+        }
+        let Some(c) = s.children.first() else {
+            continue;
+        };
+        let child = client
+            .get_workflow(ctx.request(pb::GetWorkflowRequest {
+                workflow_id: c.workflow_id.clone(),
+            }))
+            .await
+            .map_err(status)?
+            .into_inner();
+        for cs in &child.steps {
+            say!(
+                "{pad}  {}/{:<12} {:<10} {}",
+                s.id,
+                cs.id,
+                cs.state,
+                elements_line(cs).unwrap_or_else(|| cs.job_type.clone())
+            );
+        }
+        Box::pin(print_subworkflows(ctx, &child, depth + 1)).await?;
+    }
+    Ok(())
+}
+
 fn print_outputs(w: &pb::Workflow) {
     if !w.outputs.is_empty() {
         say!("outputs:");
@@ -231,10 +305,8 @@ fn progress_lines(w: &pb::Workflow) -> Vec<String> {
         } else {
             String::new()
         };
-        lines.push(format!(
-            "  {:<12} {:<10} {}{agent}{tries}",
-            s.id, s.state, s.job_type
-        ));
+        let what = elements_line(s).unwrap_or_else(|| s.job_type.clone());
+        lines.push(format!("  {:<12} {:<10} {what}{agent}{tries}", s.id, s.state));
     }
     lines
 }
@@ -386,6 +458,7 @@ pub async fn workflow(ctx: &Context, cmd: WorkflowCmd) -> anyhow::Result<ExitCod
                 output::json(&workflow_json(&w));
             } else {
                 print_workflow(&w);
+                print_subworkflows(ctx, &w, 1).await?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -91,6 +91,17 @@ impl caroni_engine::Wire for NodeWire {
         self.blobs.holds(file)
     }
 
+    fn read_head(&self, file: &caroni_types::file::FileRef, limit: usize) -> Option<Vec<u8>> {
+        use std::io::Read as _;
+        if !self.blobs.holds(file) {
+            return None;
+        }
+        let f = self.blobs.open_read(&file.sha256, 0).ok()?;
+        let mut buf = Vec::new();
+        f.take(limit as u64).read_to_end(&mut buf).ok()?;
+        Some(buf)
+    }
+
     fn refused(&self, peer: &str, reason: &str) {
         caroni_peer::refusal!(ALLOWLIST_REFUSALS, peer = %peer, "refused a peer: {reason}");
         self.refusals.note(peer, reason);

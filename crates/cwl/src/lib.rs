@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use serde_yaml_ng::{Mapping, Value};
 
+pub mod dynamic;
 mod parse;
 pub use parse::port_kind;
 
@@ -25,6 +26,70 @@ pub struct Workflow {
     pub steps: Vec<Step>,
     /// Attempts allowed per step (`CaroniMaxAttempts` hint on the workflow).
     pub max_attempts: Option<u32>,
+}
+
+/// How the elements of several scattered inputs are combined
+/// (`scatterMethod`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ScatterMethod {
+    /// Element k of every scattered input together (equal lengths).
+    #[default]
+    Dotproduct,
+    /// Every combination; the outputs nest one array level per input.
+    NestedCrossproduct,
+    /// Every combination; the outputs are one flat array.
+    FlatCrossproduct,
+}
+
+/// How the values of several sources are combined (`linkMerge`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LinkMerge {
+    /// A list with one item per source.
+    Nested,
+    /// A list of every source's items (a source that is not a list is
+    /// one item).
+    Flattened,
+}
+
+/// Which of several values is taken (`pickValue`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PickValue {
+    /// The first value that is not null; an error when all are.
+    FirstNonNull,
+    /// The one value that is not null; an error when there are none or
+    /// several.
+    TheOnlyNonNull,
+    /// Every value that is not null, as a list.
+    AllNonNull,
+}
+
+/// What a step does beyond one job with its inputs as they arrive: it
+/// scatters, runs on a condition, runs a sub-workflow, or computes its
+/// inputs (several sources, `valueFrom`, `loadContents`). Such a step
+/// runs when all its sources have values; the manager evaluates its
+/// inputs and runs [`Dynamic::body`] once per element as a workflow of its
+/// own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dynamic {
+    /// The scattered inputs, in order.
+    pub scatter: Vec<String>,
+    /// How several scattered inputs combine.
+    pub scatter_method: ScatterMethod,
+    /// The condition (`when`), an expression.
+    pub when: Option<String>,
+    /// What one element runs: the step's tool as a one-step workflow, or
+    /// its sub-workflow. Its inputs are the step inputs the process
+    /// declares.
+    pub body: Box<Workflow>,
+    /// True when the body is a sub-workflow written in the document.
+    pub subworkflow: bool,
+    /// Requirements for the step's expressions, as JSON
+    /// (`{"requirements": [...]}`: InlineJavascriptRequirement,
+    /// SchemaDefRequirement).
+    pub expression_context: String,
+    /// The CWL type of each input the process declares, as JSON, to read
+    /// values by (an input it does not declare is read as JSON or text).
+    pub input_types: BTreeMap<String, String>,
 }
 
 /// What a port carries.
@@ -86,6 +151,15 @@ pub struct WorkflowOutput {
     pub source: Source,
     /// What it carries.
     pub kind: Kind,
+    /// Every source when there are several (`source` is the first).
+    #[serde(default)]
+    pub sources: Vec<Source>,
+    /// How several sources combine.
+    #[serde(default)]
+    pub link_merge: Option<LinkMerge>,
+    /// Which value of several is taken.
+    #[serde(default)]
+    pub pick_value: Option<PickValue>,
 }
 
 /// Where a value comes from.
@@ -126,10 +200,14 @@ pub struct Step {
     pub outputs: Vec<String>,
     /// What each output carries (outputs not listed carry strings).
     pub output_kinds: BTreeMap<String, Kind>,
+    /// Scatter, condition, sub-workflow or computed inputs; `None` for a
+    /// step that is one job fed as its sources deliver.
+    #[serde(default)]
+    pub dynamic: Option<Dynamic>,
 }
 
 /// A bound input of a step.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepInput {
     /// Input name (the job's parameter key).
     pub name: String,
@@ -139,6 +217,47 @@ pub struct StepInput {
     pub default: Option<String>,
     /// What it carries.
     pub kind: Kind,
+    /// Every source when there are several (`source` is the first).
+    #[serde(default)]
+    pub sources: Vec<Source>,
+    /// How several sources combine.
+    #[serde(default)]
+    pub link_merge: Option<LinkMerge>,
+    /// Which value of several is taken.
+    #[serde(default)]
+    pub pick_value: Option<PickValue>,
+    /// An expression that computes the value (`valueFrom`).
+    #[serde(default)]
+    pub value_from: Option<String>,
+    /// The first 64 KiB of a File value are read into `contents`.
+    #[serde(default)]
+    pub load_contents: bool,
+    /// True for an input the step's process does not declare: it is seen
+    /// by the step's expressions and not passed on.
+    #[serde(default)]
+    pub hidden: bool,
+}
+
+impl StepInput {
+    /// Every source, in order.
+    pub fn all_sources(&self) -> Vec<&Source> {
+        if self.sources.is_empty() {
+            self.source.iter().collect()
+        } else {
+            self.sources.iter().collect()
+        }
+    }
+}
+
+impl WorkflowOutput {
+    /// Every source, in order.
+    pub fn all_sources(&self) -> Vec<&Source> {
+        if self.sources.is_empty() {
+            vec![&self.source]
+        } else {
+            self.sources.iter().collect()
+        }
+    }
 }
 
 /// Why a document was refused. Every variant says where.
@@ -229,12 +348,22 @@ impl Workflow {
     /// Every dataflow edge: (source, destination step, input name).
     pub fn step_edges(&self) -> impl Iterator<Item = (&Source, &str, &str)> {
         self.steps.iter().flat_map(|s| {
-            s.inputs.iter().filter_map(move |i| {
-                i.source
-                    .as_ref()
-                    .map(|src| (src, s.id.as_str(), i.name.as_str()))
+            s.inputs.iter().flat_map(move |i| {
+                i.all_sources()
+                    .into_iter()
+                    .map(move |src| (src, s.id.as_str(), i.name.as_str()))
             })
         })
+    }
+
+    /// True when a step is dynamic or an output combines sources: the
+    /// manager keeps the parsed workflow with the run.
+    pub fn is_dynamic(&self) -> bool {
+        self.steps.iter().any(|s| s.dynamic.is_some())
+            || self
+                .outputs
+                .iter()
+                .any(|o| !o.sources.is_empty() || o.pick_value.is_some() || o.link_merge.is_some())
     }
 
     /// Ids of the workflow inputs that no default covers.

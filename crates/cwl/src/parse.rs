@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde_yaml_ng::{Mapping, Value};
 
 use crate::{
-    get, invalid, unsupported, Error, Kind, Source, Step, StepInput, Workflow, WorkflowInput,
-    WorkflowOutput,
+    get, invalid, unsupported, Dynamic, Error, Kind, LinkMerge, PickValue, ScatterMethod, Source,
+    Step, StepInput, Workflow, WorkflowInput, WorkflowOutput,
 };
 
 const REQUIREMENT: &str = "CaroniRequirement";
@@ -221,30 +221,6 @@ fn port(body: &Value, at: &str) -> Result<(Option<Kind>, Option<String>), Error>
     Ok((kind, default))
 }
 
-/// Refuses keys that name features outside the subset.
-fn refuse_features(m: &Mapping, at: &str) -> Result<(), Error> {
-    for (key, feature, hint) in [
-        ("scatter", "`scatter`", "run one workflow per item instead"),
-        (
-            "when",
-            "conditional execution (`when`)",
-            "remove the condition",
-        ),
-        (
-            "valueFrom",
-            "expressions (`valueFrom`)",
-            "compute the value in the job body",
-        ),
-        ("linkMerge", "`linkMerge`", "use a single source"),
-        ("pickValue", "`pickValue`", "use a single source"),
-    ] {
-        if get(m, key).is_some() {
-            return Err(unsupported(format!("{at}.{key}"), feature, hint));
-        }
-    }
-    Ok(())
-}
-
 fn requirement_entries<'a>(
     m: &'a Mapping,
     at: &str,
@@ -289,34 +265,66 @@ fn is_caroni(class: &str) -> bool {
             .is_some_and(|prefix| prefix.ends_with(':') || prefix.ends_with('#'))
 }
 
-fn refuse_requirement(class: &str, at: &str) -> Result<(), Error> {
-    let short = class.rsplit([':', '#']).next().unwrap_or(class);
-    match short {
-        "ScatterFeatureRequirement" => Err(unsupported(
-            at,
-            "`scatter` (ScatterFeatureRequirement)",
-            "run one workflow per item instead",
-        )),
-        "SubworkflowFeatureRequirement" => Err(unsupported(
-            at,
-            "sub-workflows (SubworkflowFeatureRequirement)",
-            "flatten the sub-workflow's steps into this workflow",
-        )),
-        "InlineJavascriptRequirement" | "StepInputExpressionRequirement" => Err(unsupported(
-            at,
-            format!("expressions ({short})"),
-            "compute values in the job body",
-        )),
-        "MultipleInputFeatureRequirement" => Err(unsupported(
-            at,
-            "multiple sources (MultipleInputFeatureRequirement)",
-            "use one source per input",
-        )),
-        _ => Ok(()),
+/// Requirements that step expressions read (`valueFrom`, `when`).
+const EXPRESSION_REQUIREMENTS: [&str; 2] = ["InlineJavascriptRequirement", "SchemaDefRequirement"];
+
+fn short_class(class: &str) -> &str {
+    class.rsplit([':', '#']).next().unwrap_or(class)
+}
+
+/// `inherited` with the expression requirements of `holder` (its own win).
+fn expression_reqs(
+    holder: &Mapping,
+    at: &str,
+    inherited: &[serde_json::Value],
+) -> Result<Vec<serde_json::Value>, Error> {
+    let mut out: Vec<serde_json::Value> = Vec::new();
+    for (class, body, rat) in requirement_entries(holder, at)? {
+        let short = short_class(&class);
+        if EXPRESSION_REQUIREMENTS.contains(&short) {
+            let mut json = serde_json::to_value(body)
+                .map_err(|e| invalid(&rat, format!("unreadable requirement: {e}")))?;
+            json["class"] = serde_json::Value::String(short.to_string());
+            out.retain(|r| r.get("class") != json.get("class"));
+            out.push(json);
+        }
+    }
+    for r in inherited {
+        if !out.iter().any(|x| x.get("class") == r.get("class")) {
+            out.push(r.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Prefixes the place of an error found in a sub-workflow.
+fn within(prefix: &str, e: Error) -> Error {
+    match e {
+        Error::Invalid { at, what } => Error::Invalid {
+            at: format!("{prefix}.{at}"),
+            what,
+        },
+        Error::Unsupported { at, feature, hint } => Error::Unsupported {
+            at: format!("{prefix}.{at}"),
+            feature,
+            hint,
+        },
+        other => other,
     }
 }
 
+/// What a workflow passes down to its steps and sub-workflows.
+#[derive(Clone, Default)]
+struct Inherited {
+    expressions: Vec<serde_json::Value>,
+    max_attempts: Option<u32>,
+}
+
 pub(crate) fn workflow(m: &Mapping) -> Result<Workflow, Error> {
+    workflow_in(m, &Inherited::default())
+}
+
+fn workflow_in(m: &Mapping, inherited: &Inherited) -> Result<Workflow, Error> {
     match get(m, "class").and_then(Value::as_str) {
         Some("Workflow") => {}
         Some(other) => {
@@ -341,9 +349,8 @@ pub(crate) fn workflow(m: &Mapping) -> Result<Workflow, Error> {
             ));
         }
     }
-    let mut max_attempts = None;
+    let mut max_attempts = inherited.max_attempts;
     for (class, body, at) in requirement_entries(m, "workflow")? {
-        refuse_requirement(&class, &at)?;
         if is_caroni(&class) {
             if let Some(v) = get(body, "CaroniMaxAttempts") {
                 let n = scalar_string(v)
@@ -391,11 +398,15 @@ pub(crate) fn workflow(m: &Mapping) -> Result<Workflow, Error> {
             "empty; a workflow needs at least one step",
         ));
     }
+    let here = Inherited {
+        expressions: expression_reqs(m, "workflow", &inherited.expressions)?,
+        max_attempts,
+    };
     let mut steps = Vec::new();
     let mut declared_inputs = BTreeMap::new();
     for e in &step_entries {
         claim(&e.id, &e.at)?;
-        let (s, declared) = step(e)?;
+        let (s, declared) = step(e, &here)?;
         declared_inputs.insert(s.id.clone(), declared);
         steps.push(s);
     }
@@ -405,23 +416,37 @@ pub(crate) fn workflow(m: &Mapping) -> Result<Workflow, Error> {
         claim(&e.id, &e.at)?;
         let b = mapping(e.body, &e.at)?;
         let declared = check_type(get(b, "type"), &e.at)?;
-        refuse_features(b, &e.at)?;
-        let src = match get(b, "outputSource") {
+        let sources = match get(b, "outputSource") {
             None | Some(Value::Null) => {
                 return Err(invalid(&e.at, format!("workflow output `{}` has no `outputSource`; name the step output it comes from, as `step/output`", e.id)))
             }
+            Some(Value::Sequence(list)) if !list.is_empty() => list
+                .iter()
+                .map(|v| {
+                    scalar_string(v).map(|s| parse_source(&s)).ok_or_else(|| {
+                        invalid(format!("{}.outputSource", e.at), "must be a list of strings")
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
             Some(Value::Sequence(_)) => {
-                return Err(unsupported(format!("{}.outputSource", e.at), "multiple output sources", "use one source"))
+                return Err(invalid(format!("{}.outputSource", e.at), "is an empty list; name at least one source"))
             }
-            Some(v) => scalar_string(v).ok_or_else(|| invalid(format!("{}.outputSource", e.at), "must be a string"))?,
+            Some(v) => vec![parse_source(&scalar_string(v).ok_or_else(|| invalid(format!("{}.outputSource", e.at), "must be a string"))?)],
         };
+        let link_merge = link_merge(b, &e.at)?;
+        let pick_value = pick_value(b, &e.at)?;
+        let many = sources.len() > 1 || link_merge.is_some() || pick_value.is_some();
+        let declared = if many { declared.or(Some(Kind::Data)) } else { declared };
         outputs.push((
             WorkflowOutput {
                 id: e.id.clone(),
-                source: parse_source(&src),
+                source: sources[0].clone(),
                 kind: declared.unwrap_or_default(),
+                sources: if sources.len() > 1 { sources } else { Vec::new() },
+                link_merge,
+                pick_value,
             },
-            declared.is_some(),
+            declared.is_some() && !many,
         ));
     }
 
@@ -449,13 +474,15 @@ pub(crate) fn workflow(m: &Mapping) -> Result<Workflow, Error> {
     };
     for s in &steps {
         for i in &s.inputs {
-            if let Some(src) = &i.source {
+            for src in i.all_sources() {
                 check(src, &format!("steps.{}.in.{}", s.id, i.name))?;
             }
         }
     }
     for (o, _) in &outputs {
-        check(&o.source, &format!("outputs.{}.outputSource", o.id))?;
+        for src in o.all_sources() {
+            check(src, &format!("outputs.{}.outputSource", o.id))?;
+        }
     }
 
     // Every port carries what its source carries: an undeclared one takes
@@ -492,9 +519,18 @@ pub(crate) fn workflow(m: &Mapping) -> Result<Workflow, Error> {
     };
     for s in &mut steps {
         let declared = declared_inputs.remove(&s.id).unwrap_or_default();
+        let dynamic = s.dynamic.is_some();
         for i in &mut s.inputs {
             let Some(src) = &i.source else { continue };
             let have = kind_of(src);
+            if dynamic {
+                // Scatter, merges and expressions change what a value
+                // carries: the process reads it by its type when it runs.
+                if !declared.get(&i.name).copied().unwrap_or(false) {
+                    i.kind = Kind::Data;
+                }
+                continue;
+            }
             if declared.get(&i.name).copied().unwrap_or(false) {
                 // A Caroni job type stages only plain File references.
                 let plain_files = s.job_type != caroni_types::CWL_TOOL_JOB_TYPE
@@ -515,6 +551,9 @@ pub(crate) fn workflow(m: &Mapping) -> Result<Workflow, Error> {
     let outputs = outputs
         .into_iter()
         .map(|(mut o, declared)| {
+            if !o.sources.is_empty() || o.pick_value.is_some() || o.link_merge.is_some() {
+                return Ok(o);
+            }
             let have = kind_of(&o.source);
             if declared && !o.kind.accepts(have) {
                 return Err(mismatch(
@@ -557,95 +596,216 @@ fn parse_source(s: &str) -> Source {
     }
 }
 
-/// A step, and for each input whether its tool declares its type (an
-/// undeclared one carries what its source carries).
-fn step(e: &Entry<'_>) -> Result<(Step, BTreeMap<String, bool>), Error> {
-    let at = &e.at;
-    let b = mapping(e.body, at)?;
-    refuse_features(b, at)?;
+/// A default as it travels: a scalar as its text, anything else as JSON.
+fn default_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => None,
+        other => scalar_string(other).or_else(|| {
+            serde_json::to_value(other)
+                .ok()
+                .map(|j| j.to_string())
+        }),
+    }
+}
 
-    // The tool: inline `run:` with its declared inputs and outputs.
-    type ToolInputs = Vec<(String, Option<String>, Option<Kind>)>;
-    let mut tool_inputs: Option<ToolInputs> = None;
-    let mut tool_outputs: Option<Vec<(String, Kind)>> = None;
-    // A real CWL CommandLineTool (no CaroniRequirement): its JSON.
-    let mut cwl_tool: Option<String> = None;
-    let mut requirement_holders = vec![(b, at.clone())];
-    match get(b, "run") {
-        None | Some(Value::Null) => {}
+fn link_merge(b: &Mapping, at: &str) -> Result<Option<LinkMerge>, Error> {
+    match get(b, "linkMerge").and_then(Value::as_str) {
+        None => Ok(None),
+        Some("merge_nested") => Ok(Some(LinkMerge::Nested)),
+        Some("merge_flattened") => Ok(Some(LinkMerge::Flattened)),
+        Some(other) => Err(invalid(
+            format!("{at}.linkMerge"),
+            format!("`{other}` is not a linkMerge method; use merge_nested or merge_flattened"),
+        )),
+    }
+}
+
+fn pick_value(b: &Mapping, at: &str) -> Result<Option<PickValue>, Error> {
+    match get(b, "pickValue").and_then(Value::as_str) {
+        None => Ok(None),
+        Some("first_non_null") => Ok(Some(PickValue::FirstNonNull)),
+        Some("the_only_non_null") => Ok(Some(PickValue::TheOnlyNonNull)),
+        Some("all_non_null") => Ok(Some(PickValue::AllNonNull)),
+        Some(other) => Err(invalid(
+            format!("{at}.pickValue"),
+            format!("`{other}` is not a pickValue method; use first_non_null, the_only_non_null or all_non_null"),
+        )),
+    }
+}
+
+/// One binding of a step's `in`, as written.
+#[derive(Default)]
+struct Binding {
+    sources: Vec<Source>,
+    default: Option<String>,
+    link_merge: Option<LinkMerge>,
+    pick_value: Option<PickValue>,
+    value_from: Option<String>,
+    load_contents: bool,
+}
+
+fn binding(body: &Value, at: &str) -> Result<Binding, Error> {
+    let sources_of = |v: &Value, at: &str| -> Result<Vec<Source>, Error> {
+        match v {
+            Value::Null => Ok(Vec::new()),
+            Value::Sequence(list) => list
+                .iter()
+                .map(|x| {
+                    scalar_string(x)
+                        .map(|s| parse_source(&s))
+                        .ok_or_else(|| invalid(at, "sources must be strings"))
+                })
+                .collect(),
+            v => Ok(vec![parse_source(
+                &scalar_string(v).ok_or_else(|| invalid(at, "a source must be a string"))?,
+            )]),
+        }
+    };
+    match body {
+        Value::Mapping(ib) => Ok(Binding {
+            sources: sources_of(
+                get(ib, "source").unwrap_or(&Value::Null),
+                &format!("{at}.source"),
+            )?,
+            default: get(ib, "default").and_then(default_text),
+            link_merge: link_merge(ib, at)?,
+            pick_value: pick_value(ib, at)?,
+            value_from: match get(ib, "valueFrom") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(scalar_string(v).ok_or_else(|| {
+                    invalid(format!("{at}.valueFrom"), "must be a string (an expression)")
+                })?),
+            },
+            load_contents: matches!(get(ib, "loadContents"), Some(Value::Bool(true))),
+        }),
+        v => Ok(Binding {
+            sources: sources_of(v, at)?,
+            ..Binding::default()
+        }),
+    }
+}
+
+/// What a step's `run` declares: inputs (name, default, declared kind),
+/// outputs (name, kind), and how it runs.
+struct Process {
+    inputs: Vec<(String, Option<String>, Option<Kind>)>,
+    outputs: Vec<(String, Kind)>,
+    /// The CWL type of each input, as JSON text.
+    types: BTreeMap<String, String>,
+    /// A real CWL tool as JSON.
+    cwl_tool: Option<String>,
+    /// A sub-workflow.
+    sub: Option<Workflow>,
+}
+
+/// Reads a step's `run`.
+fn process(
+    b: &Mapping,
+    at: &str,
+    here: &Inherited,
+    requirement_holders: &mut Vec<(Mapping, String)>,
+) -> Result<Option<Process>, Error> {
+    let run_at = format!("{at}.run");
+    let tool = match get(b, "run") {
+        None | Some(Value::Null) => return Ok(None),
         Some(Value::String(r)) => {
             return Err(unsupported(
-                format!("{at}.run"),
+                run_at,
                 format!("an external tool reference (`{r}`)"),
-                "write the tool inline under `run:`",
+                "write the tool inline under `run:` (`caroni template add` inlines the files a document names)",
             ))
         }
-        Some(Value::Mapping(tool)) if is_real_tool(b, tool, at)? => {
-            let run_at = format!("{at}.run");
-            let (ins, outs, json) = real_tool(tool, &run_at)?;
-            tool_inputs = Some(ins);
-            tool_outputs = Some(outs);
-            cwl_tool = Some(json);
-        }
-        Some(Value::Mapping(tool)) => {
-            let run_at = format!("{at}.run");
-            match get(tool, "class").and_then(Value::as_str) {
-                Some("Workflow") => {
-                    return Err(unsupported(
-                        run_at,
-                        "a sub-workflow",
-                        "flatten the sub-workflow's steps into this workflow",
-                    ))
-                }
-                Some("ExpressionTool") => {
-                    return Err(unsupported(
-                        run_at,
-                        "an ExpressionTool (expressions)",
-                        "compute the value in a job body",
-                    ))
-                }
-                _ => {}
-            }
-            let mut ins = Vec::new();
-            for ie in entries(
-                get(tool, "inputs").unwrap_or(&Value::Null),
-                &format!("{run_at}.inputs"),
-                false,
-            )? {
-                let (kind, default) = port(ie.body, &ie.at)?;
-                ins.push((ie.id, default, kind));
-            }
-            let mut outs = Vec::new();
-            for oe in entries(
-                get(tool, "outputs").unwrap_or(&Value::Null),
-                &format!("{run_at}.outputs"),
-                false,
-            )? {
-                let kind = match oe.body {
-                    Value::Mapping(ob) => check_type(get(ob, "type"), &oe.at)?,
-                    ty @ Value::String(_) => check_type(Some(ty), &oe.at)?,
-                    _ => None,
-                };
-                outs.push((oe.id, kind.unwrap_or_default()));
-            }
-            tool_inputs = Some(ins);
-            tool_outputs = Some(outs);
-            requirement_holders.push((tool, run_at));
-        }
-        Some(_) => {
-            return Err(invalid(
-                format!("{at}.run"),
-                "expected an inline tool (a mapping)",
-            ))
-        }
+        Some(Value::Mapping(tool)) => tool,
+        Some(_) => return Err(invalid(run_at, "expected an inline tool (a mapping)")),
+    };
+    let types_of = |key: &str| -> BTreeMap<String, String> {
+        let Ok(raw) = serde_json::to_value(tool) else {
+            return BTreeMap::new();
+        };
+        let Ok(norm) = caroni_cwl_exec::load::normalize(raw) else {
+            return BTreeMap::new();
+        };
+        caroni_cwl_exec::load::params(&norm, key)
+            .into_iter()
+            .filter_map(|(id, p)| Some((id, p.get("type")?.to_string())))
+            .collect()
+    };
+    if get(tool, "class").and_then(Value::as_str) == Some("Workflow") {
+        let inherited = Inherited {
+            expressions: expression_reqs(b, at, &here.expressions)?,
+            max_attempts: here.max_attempts,
+        };
+        let sub = workflow_in(tool, &inherited).map_err(|e| within(&run_at, e))?;
+        return Ok(Some(Process {
+            inputs: sub
+                .inputs
+                .iter()
+                .map(|i| (i.id.clone(), i.default.clone(), Some(i.kind)))
+                .collect(),
+            outputs: sub.outputs.iter().map(|o| (o.id.clone(), o.kind)).collect(),
+            types: types_of("inputs"),
+            cwl_tool: None,
+            sub: Some(sub),
+        }));
     }
+    if is_real_tool(b, tool, at)? {
+        let (inputs, outputs, json) = real_tool(tool, &run_at)?;
+        return Ok(Some(Process {
+            inputs,
+            outputs,
+            types: types_of("inputs"),
+            cwl_tool: Some(json),
+            sub: None,
+        }));
+    }
+    if get(tool, "class").and_then(Value::as_str) == Some("ExpressionTool") {
+        return Err(unsupported(
+            run_at,
+            "an ExpressionTool with a Caroni job type",
+            "leave out CaroniRequirement: an agent that runs CWL tools evaluates it",
+        ));
+    }
+    let mut ins = Vec::new();
+    for ie in entries(
+        get(tool, "inputs").unwrap_or(&Value::Null),
+        &format!("{run_at}.inputs"),
+        false,
+    )? {
+        let (kind, default) = port(ie.body, &ie.at)?;
+        ins.push((ie.id, default, kind));
+    }
+    let mut outs = Vec::new();
+    for oe in entries(
+        get(tool, "outputs").unwrap_or(&Value::Null),
+        &format!("{run_at}.outputs"),
+        false,
+    )? {
+        let kind = match oe.body {
+            Value::Mapping(ob) => check_type(get(ob, "type"), &oe.at)?,
+            ty @ Value::String(_) => check_type(Some(ty), &oe.at)?,
+            _ => None,
+        };
+        outs.push((oe.id, kind.unwrap_or_default()));
+    }
+    requirement_holders.push((tool.clone(), run_at));
+    Ok(Some(Process {
+        inputs: ins,
+        outputs: outs,
+        types: types_of("inputs"),
+        cwl_tool: None,
+        sub: None,
+    }))
+}
 
-    // The job type, from hints or requirements of the step or its tool.
+/// The job type and static parameters a step names in its (or its
+/// tool's) CaroniRequirement.
+fn caroni_job(
+    holders: &[(Mapping, String)],
+) -> Result<(Option<String>, BTreeMap<String, String>), Error> {
     let mut job_type = None;
     let mut job_kvs = BTreeMap::new();
-    for (holder, hat) in &requirement_holders {
+    for (holder, hat) in holders {
         for (class, body, rat) in requirement_entries(holder, hat)? {
-            refuse_requirement(&class, &rat)?;
             if !is_caroni(&class) {
                 continue;
             }
@@ -683,56 +843,46 @@ fn step(e: &Entry<'_>) -> Result<(Step, BTreeMap<String, bool>), Error> {
             }
         }
     }
-    if let Some(json) = &cwl_tool {
-        job_type = Some(caroni_types::CWL_TOOL_JOB_TYPE.to_string());
-        job_kvs = BTreeMap::from([(caroni_types::CWL_TOOL_KV.to_string(), json.clone())]);
-    }
-    let job_type = job_type.ok_or_else(|| {
-        invalid(at, format!("step `{}` names no job type; add `hints: {{caroni:CaroniRequirement: {{CaroniJobName: <job type>}}}}`", e.id))
-    })?;
+    Ok((job_type, job_kvs))
+}
+
+/// A step, and for each input whether its tool declares its type (an
+/// undeclared one carries what its source carries).
+fn step(e: &Entry<'_>, here: &Inherited) -> Result<(Step, BTreeMap<String, bool>), Error> {
+    let at = &e.at;
+    let b = mapping(e.body, at)?;
+    let mut holders = vec![(b.clone(), at.clone())];
+    let proc = process(b, at, here, &mut holders)?;
+    let (named_type, named_kvs) = caroni_job(&holders)?;
+    let (job_type, job_kvs) = match &proc {
+        Some(Process {
+            cwl_tool: Some(json),
+            ..
+        }) => (
+            caroni_types::CWL_TOOL_JOB_TYPE.to_string(),
+            BTreeMap::from([(caroni_types::CWL_TOOL_KV.to_string(), json.clone())]),
+        ),
+        Some(Process { sub: Some(_), .. }) => (String::new(), BTreeMap::new()),
+        _ => (
+            named_type.ok_or_else(|| {
+                invalid(at, format!("step `{}` names no job type; add `hints: {{caroni:CaroniRequirement: {{CaroniJobName: <job type>}}}}`", e.id))
+            })?,
+            named_kvs,
+        ),
+    };
+    let real = proc.as_ref().is_some_and(|p| p.cwl_tool.is_some() || p.sub.is_some());
 
     // Bindings from `in`.
-    let mut bindings: BTreeMap<String, (Option<Source>, Option<String>)> = BTreeMap::new();
+    let mut bindings: BTreeMap<String, Binding> = BTreeMap::new();
     let mut binding_order = Vec::new();
     for ie in entries(
         get(b, "in").unwrap_or(&Value::Null),
         &format!("{at}.in"),
         false,
     )? {
-        let (source, default) = match ie.body {
-            Value::Mapping(ib) => {
-                refuse_features(ib, &ie.at)?;
-                let source = match get(ib, "source") {
-                    None | Some(Value::Null) => None,
-                    Some(Value::Sequence(_)) => {
-                        return Err(unsupported(
-                            format!("{}.source", ie.at),
-                            "multiple sources",
-                            "use one source per input",
-                        ))
-                    }
-                    Some(v) => Some(parse_source(&scalar_string(v).ok_or_else(|| {
-                        invalid(format!("{}.source", ie.at), "must be a string")
-                    })?)),
-                };
-                (source, get(ib, "default").and_then(scalar_string))
-            }
-            Value::Sequence(_) => {
-                return Err(unsupported(
-                    &ie.at,
-                    "multiple sources",
-                    "use one source per input",
-                ))
-            }
-            v => (
-                Some(parse_source(
-                    &scalar_string(v).ok_or_else(|| invalid(&ie.at, "source must be a string"))?,
-                )),
-                None,
-            ),
-        };
+        let bd = binding(ie.body, &ie.at)?;
         binding_order.push(ie.id.clone());
-        bindings.insert(ie.id, (source, default));
+        bindings.insert(ie.id, bd);
     }
 
     // `out` names.
@@ -745,25 +895,76 @@ fn step(e: &Entry<'_>) -> Result<(Step, BTreeMap<String, bool>), Error> {
         outs.push(oe.id);
     }
 
-    let (inputs, outputs, output_kinds) = match (tool_inputs, tool_outputs) {
-        (Some(tin), Some(tout)) => {
-            if cwl_tool.is_some() {
-                // CWL: a step input the tool does not declare is not
-                // passed to it.
-                bindings.retain(|name, _| tin.iter().any(|(n, _, _)| n == name));
-            }
-            for name in bindings.keys() {
-                if !tin.iter().any(|(n, _, _)| n == name) {
-                    return Err(invalid(
-                        format!("{at}.in.{name}"),
-                        format!(
-                            "the step's tool declares no input `{name}` (inputs: {})",
-                            tin.iter()
-                                .map(|(n, _, _)| n.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                    ));
+    // Scatter and condition.
+    let scatter: Vec<String> = match get(b, "scatter") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Sequence(l)) => l
+            .iter()
+            .map(|x| {
+                scalar_string(x)
+                    .map(|s| caroni_cwl_exec::load::short_id(&s))
+                    .ok_or_else(|| invalid(format!("{at}.scatter"), "must name step inputs"))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(v) => vec![caroni_cwl_exec::load::short_id(
+            &scalar_string(v)
+                .ok_or_else(|| invalid(format!("{at}.scatter"), "must name step inputs"))?,
+        )],
+    };
+    for name in &scatter {
+        if !bindings.contains_key(name) {
+            return Err(invalid(
+                format!("{at}.scatter"),
+                format!("`{name}` is not an input of this step (its inputs: {})", binding_order.join(", ")),
+            ));
+        }
+    }
+    let scatter_method = match get(b, "scatterMethod").and_then(Value::as_str) {
+        None if scatter.len() > 1 => {
+            return Err(invalid(
+                format!("{at}.scatterMethod"),
+                "is required when a step scatters over several inputs: dotproduct, nested_crossproduct or flat_crossproduct",
+            ))
+        }
+        None | Some("dotproduct") => ScatterMethod::Dotproduct,
+        Some("nested_crossproduct") => ScatterMethod::NestedCrossproduct,
+        Some("flat_crossproduct") => ScatterMethod::FlatCrossproduct,
+        Some(other) => {
+            return Err(invalid(
+                format!("{at}.scatterMethod"),
+                format!("`{other}` is not a scatter method; use dotproduct, nested_crossproduct or flat_crossproduct"),
+            ))
+        }
+    };
+    let when = match get(b, "when") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            scalar_string(v)
+                .ok_or_else(|| invalid(format!("{at}.when"), "must be an expression"))?,
+        ),
+    };
+
+    let mut types = BTreeMap::new();
+    let mut sub = None;
+    let (inputs, outputs, output_kinds) = match proc {
+        Some(p) => {
+            types = p.types;
+            sub = p.sub;
+            let (tin, tout) = (p.inputs, p.outputs);
+            if !real {
+                for name in bindings.keys() {
+                    if !tin.iter().any(|(n, _, _)| n == name) {
+                        return Err(invalid(
+                            format!("{at}.in.{name}"),
+                            format!(
+                                "the step's tool declares no input `{name}` (inputs: {})",
+                                tin.iter()
+                                    .map(|(n, _, _)| n.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                        ));
+                    }
                 }
             }
             for o in &outs {
@@ -776,34 +977,34 @@ fn step(e: &Entry<'_>) -> Result<(Step, BTreeMap<String, bool>), Error> {
             }
             let mut inputs = Vec::new();
             for (name, tool_default, kind) in tin {
-                let (source, default) = bindings.remove(&name).unwrap_or((None, None));
-                let default = default.or(tool_default);
-                if source.is_none() && default.is_none() && cwl_tool.is_some() {
+                let bd = bindings.remove(&name).unwrap_or_default();
+                let default = bd.default.clone().or(if real { None } else { tool_default });
+                if bd.sources.is_empty() && default.is_none() && bd.value_from.is_none() && real
+                {
                     // A real tool applies its own default, or checks that
                     // the input may be absent, when it runs.
                     inputs.push((
                         StepInput {
                             name,
-                            source: None,
                             default: Some("null".into()),
-                            kind: Kind::Value,
+                            ..StepInput::default()
                         },
                         true,
                     ));
                     continue;
                 }
-                if source.is_none() && default.is_none() {
+                if bd.sources.is_empty() && default.is_none() && bd.value_from.is_none() {
                     return Err(invalid(format!("{at}.in"), format!("input `{name}` of the step's tool has no source and no default; bind it under `in:`")));
                 }
-                inputs.push((
-                    StepInput {
-                        name,
-                        source,
-                        default,
-                        kind: kind.unwrap_or_default(),
-                    },
-                    kind.is_some(),
-                ));
+                inputs.push((input_of(name, bd, default, kind.unwrap_or_default(), false), kind.is_some()));
+            }
+            // Inputs the process does not declare: seen by the step's
+            // expressions, not passed on.
+            for name in &binding_order {
+                if let Some(bd) = bindings.remove(name) {
+                    let default = bd.default.clone();
+                    inputs.push((input_of(name.clone(), bd, default, Kind::Data, true), false));
+                }
             }
             let kinds = tout
                 .iter()
@@ -812,25 +1013,18 @@ fn step(e: &Entry<'_>) -> Result<(Step, BTreeMap<String, bool>), Error> {
                 .collect();
             (inputs, tout.into_iter().map(|(n, _)| n).collect(), kinds)
         }
-        _ => {
+        None => {
             let mut inputs = Vec::new();
             for name in binding_order {
-                let (source, default) = bindings.remove(&name).unwrap_or((None, None));
-                if source.is_none() && default.is_none() {
+                let bd = bindings.remove(&name).unwrap_or_default();
+                if bd.sources.is_empty() && bd.default.is_none() && bd.value_from.is_none() {
                     return Err(invalid(
                         format!("{at}.in.{name}"),
                         "no source and no default",
                     ));
                 }
-                inputs.push((
-                    StepInput {
-                        name,
-                        source,
-                        default,
-                        kind: Kind::Value,
-                    },
-                    false,
-                ));
+                let default = bd.default.clone();
+                inputs.push((input_of(name, bd, default, Kind::Value, false), false));
             }
             if outs.is_empty() {
                 return Err(invalid(format!("{at}.out"), "the step declares no outputs"));
@@ -839,27 +1033,148 @@ fn step(e: &Entry<'_>) -> Result<(Step, BTreeMap<String, bool>), Error> {
         }
     };
     for (i, _) in &inputs {
-        if cwl_tool.is_some() {
+        if i.hidden {
+            continue;
+        }
+        if real {
             caroni_types::validate_cwl_name(&i.name)
         } else {
             caroni_types::validate_env_name(&i.name)
         }
         .map_err(|err| invalid(format!("{at}.in.{}", i.name), format!("input name {err}")))?;
     }
+    let inputs_only: Vec<StepInput> = inputs.iter().map(|(i, _)| i.clone()).collect();
+    let computes = inputs_only.iter().any(|i| {
+        i.sources.len() > 1
+            || i.link_merge.is_some()
+            || i.pick_value.is_some()
+            || i.value_from.is_some()
+            || i.load_contents
+    });
+    let dynamic = if sub.is_some() || !scatter.is_empty() || when.is_some() || computes {
+        let subworkflow = sub.is_some();
+        let body = match sub {
+            Some(w) => w,
+            None => one_step(&e.id, &job_type, &job_kvs, &inputs_only, &outputs, &output_kinds, here),
+        };
+        let expressions = expression_reqs(b, at, &here.expressions)?;
+        Some(Dynamic {
+            scatter: scatter.clone(),
+            scatter_method,
+            when,
+            body: Box::new(body),
+            subworkflow,
+            expression_context: serde_json::json!({ "requirements": expressions }).to_string(),
+            input_types: types,
+        })
+    } else {
+        None
+    };
+    // A scattered step's outputs are lists of its elements' outputs.
+    let output_kinds = if scatter.is_empty() {
+        output_kinds
+    } else {
+        outputs
+            .iter()
+            .map(|o| {
+                let k = output_kinds.get(o).copied().unwrap_or_default();
+                let listed = match k {
+                    Kind::File => Kind::Files,
+                    Kind::Value => Kind::Value,
+                    _ => Kind::Data,
+                };
+                (o.clone(), listed)
+            })
+            .filter(|(_, k)| *k != Kind::Value)
+            .collect()
+    };
     Ok((
         Step {
             id: e.id.clone(),
             job_type,
             job_kvs,
-            inputs: inputs.iter().map(|(i, _)| i.clone()).collect(),
+            inputs: inputs_only,
             outputs,
             output_kinds,
+            dynamic,
         },
         inputs
             .into_iter()
             .map(|(i, declared)| (i.name, declared))
             .collect(),
     ))
+}
+
+fn input_of(name: String, bd: Binding, default: Option<String>, kind: Kind, hidden: bool) -> StepInput {
+    let many = bd.sources.len() > 1;
+    StepInput {
+        name,
+        source: bd.sources.first().cloned(),
+        sources: if many { bd.sources } else { Vec::new() },
+        default,
+        kind,
+        link_merge: bd.link_merge,
+        pick_value: bd.pick_value,
+        value_from: bd.value_from,
+        load_contents: bd.load_contents,
+        hidden,
+    }
+}
+
+/// What one element of a dynamic step that runs a tool runs: a workflow
+/// of that one step, whose inputs are the inputs the tool declares.
+fn one_step(
+    id: &str,
+    job_type: &str,
+    job_kvs: &BTreeMap<String, String>,
+    inputs: &[StepInput],
+    outputs: &[String],
+    output_kinds: &BTreeMap<String, Kind>,
+    here: &Inherited,
+) -> Workflow {
+    let passed: Vec<&StepInput> = inputs.iter().filter(|i| !i.hidden).collect();
+    Workflow {
+        inputs: passed
+            .iter()
+            .map(|i| WorkflowInput {
+                id: i.name.clone(),
+                default: Some("null".into()),
+                kind: i.kind,
+            })
+            .collect(),
+        outputs: outputs
+            .iter()
+            .map(|o| WorkflowOutput {
+                id: o.clone(),
+                source: Source::StepOutput {
+                    step: id.to_string(),
+                    output: o.clone(),
+                },
+                kind: output_kinds.get(o).copied().unwrap_or_default(),
+                sources: Vec::new(),
+                link_merge: None,
+                pick_value: None,
+            })
+            .collect(),
+        steps: vec![Step {
+            id: id.to_string(),
+            job_type: job_type.to_string(),
+            job_kvs: job_kvs.clone(),
+            inputs: passed
+                .iter()
+                .map(|i| StepInput {
+                    name: i.name.clone(),
+                    source: Some(Source::Input(i.name.clone())),
+                    kind: i.kind,
+                    ..StepInput::default()
+                })
+                .collect(),
+            outputs: outputs.to_vec(),
+            output_kinds: output_kinds.clone(),
+            dynamic: None,
+        }],
+        max_attempts: here.max_attempts,
+    }
 }
 
 /// True when the step runs a real CWL CommandLineTool or ExpressionTool

@@ -135,21 +135,23 @@ steps:
 }
 
 #[test]
-fn refuses_scatter() {
-    let e = err(&one_step("    scatter: i\n"));
-    assert!(
-        e.contains("steps.s1.scatter") && e.contains("`scatter` is not supported"),
-        "{e}"
-    );
+fn scatter_makes_a_dynamic_step_and_its_errors_say_where() {
+    let wf = parse(&one_step("    scatter: i\n")).expect("scatter parses");
+    let d = wf.steps[0].dynamic.as_ref().expect("a dynamic step");
+    assert_eq!(d.scatter, vec!["i".to_string()]);
+    assert_eq!(d.body.steps.len(), 1, "each element runs the step's job");
+    let e = err(&one_step("    scatter: nope\n"));
+    assert!(e.contains("steps.s1.scatter") && e.contains("`nope` is not an input"), "{e}");
+    let e = err(&one_step("    scatter: i\n    scatterMethod: diagonal\n"));
+    assert!(e.contains("steps.s1.scatterMethod") && e.contains("diagonal"), "{e}");
 }
 
 #[test]
-fn refuses_when() {
-    let e = err(&one_step("    when: $(inputs.i == 'a')\n"));
-    assert!(
-        e.contains("steps.s1.when") && e.contains("conditional execution"),
-        "{e}"
-    );
+fn a_condition_makes_a_dynamic_step() {
+    let wf = parse(&one_step("    when: $(inputs.i == 'a')\n")).expect("when parses");
+    let d = wf.steps[0].dynamic.as_ref().expect("a dynamic step");
+    assert_eq!(d.when.as_deref(), Some("$(inputs.i == 'a')"));
+    assert!(d.scatter.is_empty());
 }
 
 #[test]
@@ -261,14 +263,19 @@ steps:
 }
 
 #[test]
-fn refuses_a_sub_workflow() {
+fn a_sub_workflow_is_parsed_whole_and_its_errors_say_where() {
     let e = err(&one_step(
         "    run: {class: Workflow, inputs: {}, outputs: {}, steps: {}}\n",
     ));
-    assert!(
-        e.contains("steps.s1.run") && e.contains("sub-workflow"),
-        "{e}"
-    );
+    assert!(e.contains("steps.s1.run.steps") && e.contains("empty"), "{e}");
+    let wf = parse(&one_step(
+        "    run: {class: Workflow, inputs: {i: string}, outputs: {o: {type: string, outputSource: inner/o}}, steps: {inner: {hints: {CaroniRequirement: {CaroniJobName: j}}, in: {a: i}, out: [o]}}}\n",
+    ))
+    .expect("a sub-workflow parses");
+    let d = wf.steps[0].dynamic.as_ref().expect("a dynamic step");
+    assert!(d.subworkflow);
+    assert_eq!(d.body.steps[0].id, "inner");
+    assert_eq!(wf.steps[0].job_type, "", "a sub-workflow step names no job type");
 }
 
 #[test]
@@ -303,21 +310,34 @@ steps:
 }
 
 #[test]
-fn refuses_expressions_and_external_tools() {
+fn step_expressions_and_several_sources_make_a_dynamic_step() {
     let e = err(&one_step("    run: tool.cwl\n"));
     assert!(e.contains("external tool reference"), "{e}");
+    let wf = parse("class: Workflow
+inputs: {x: string, z: string}
+outputs: {y: {outputSource: [s1/o, x], pickValue: first_non_null}}
+steps:
+  s1:
+    hints: {CaroniRequirement: {CaroniJobName: j}}
+    in: {i: {source: [x, z], linkMerge: merge_flattened, valueFrom: '$(self[0])'}}
+    out: [o]")
+    .expect("parses");
+    let i = &wf.steps[0].inputs[0];
+    assert_eq!(i.all_sources().len(), 2);
+    assert_eq!(i.link_merge, Some(LinkMerge::Flattened));
+    assert_eq!(i.value_from.as_deref(), Some("$(self[0])"));
+    assert!(wf.steps[0].dynamic.is_some());
+    assert_eq!(wf.outputs[0].pick_value, Some(PickValue::FirstNonNull));
+    assert_eq!(wf.outputs[0].all_sources().len(), 2);
     let e = err("class: Workflow
 inputs: {x: string}
 outputs: {y: {outputSource: s1/o}}
 steps:
   s1:
     hints: {CaroniRequirement: {CaroniJobName: j}}
-    in: {i: {source: x, valueFrom: $(self)}}
+    in: {i: {source: x, linkMerge: merge_sideways}}
     out: [o]");
-    assert!(
-        e.contains("steps.s1.in.i.valueFrom") && e.contains("expressions"),
-        "{e}"
-    );
+    assert!(e.contains("steps.s1.in.i.linkMerge"), "{e}");
 }
 
 #[test]

@@ -67,4 +67,10 @@ pub trait Wire: Send + Sync + 'static {
         let _ = file;
         false
     }
+
+    /// The first `limit` bytes of a file this node holds whole.
+    fn read_head(&self, file: &caroni_types::file::FileRef, limit: usize) -> Option<Vec<u8>> {
+        let _ = (file, limit);
+        None
+    }
 }

@@ -13,7 +13,7 @@ pub mod records;
 pub mod service;
 pub mod templates;
 
-pub use records::{runs_on, RunsOn};
+pub use records::{children_of, runs_on, RunsOn};
 
 /// Manager errors, phrased for the user.
 #[derive(Debug, thiserror::Error)]

@@ -49,6 +49,18 @@ impl Peers for NoPeers {
     }
 }
 
+/// Files this manager holds, read for `loadContents` of a step input.
+pub trait Blobs {
+    /// The first `limit` bytes of a file, or `None` when it is not here.
+    fn head(&self, file: &caroni_types::file::FileRef, limit: usize) -> Option<Vec<u8>>;
+}
+
+impl Blobs for NoPeers {
+    fn head(&self, _: &caroni_types::file::FileRef, _: usize) -> Option<Vec<u8>> {
+        None
+    }
+}
+
 /// What the machine needs from the outside world.
 pub struct Ctx<'a> {
     /// Now, in ms since the epoch.
@@ -66,6 +78,8 @@ pub struct Ctx<'a> {
     pub offer_window_ms: u64,
     /// The agents as the manager knows them.
     pub peers: &'a dyn Peers,
+    /// The files this manager holds.
+    pub blobs: &'a dyn Blobs,
 }
 
 /// An effect for the service to perform after persisting the workflow.
@@ -75,6 +89,23 @@ pub enum Effect {
     Send(Outbound),
     /// Publish a request on gossip.
     Publish(JobRequest),
+    /// Make a child workflow that runs one element of a dynamic step.
+    Spawn(Spawn),
+    /// Every element of a dynamic step ended: hand their outputs to
+    /// [`Workflow::on_gathered`].
+    Gather(usize),
+}
+
+/// A child workflow to make: element `index` of dynamic step `step`, with
+/// its inputs (as they travel).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Spawn {
+    /// The step (index).
+    pub step: usize,
+    /// The element.
+    pub index: u64,
+    /// The child's inputs.
+    pub inputs: BTreeMap<String, String>,
 }
 
 /// Why a message was refused: the sender has no right to say it (one
@@ -107,6 +138,10 @@ pub const MAX_INPUTS_BYTES: usize = 2 << 20;
 /// may pass for a file).
 fn check_kind(name: &str, kind: Kind, v: &str) -> Result<(), CreateError> {
     use caroni_types::file::{files_of, Files};
+    if v == "null" {
+        // Absent: the process decides whether it may be.
+        return Ok(());
+    }
     let files = files_of(v);
     if kind == Kind::Data {
         // JSON whose Files and Directories must all be references; any
@@ -201,7 +236,20 @@ impl Workflow {
             .iter()
             .map(|s| {
                 let mut values = BTreeMap::new();
-                for i in &s.inputs {
+                if s.dynamic.is_some() {
+                    // Kept by source: the step combines them when all are
+                    // known.
+                    for i in &s.inputs {
+                        for src in i.all_sources() {
+                            if let Source::Input(name) = src {
+                                if let Some(v) = inputs.get(name) {
+                                    values.insert(src.to_string(), v.clone());
+                                }
+                            }
+                        }
+                    }
+                }
+                for i in s.inputs.iter().filter(|_| s.dynamic.is_none()) {
                     let v = match &i.source {
                         Some(Source::Input(name)) => inputs
                             .get(name)
@@ -235,6 +283,9 @@ impl Workflow {
                     results: BTreeMap::new(),
                     request: None,
                     attempts: Vec::new(),
+                    dynamic: s.dynamic.is_some(),
+                    fan: None,
+                    prepared: None,
                 }
             })
             .collect();
@@ -256,6 +307,8 @@ impl Workflow {
             outputs: BTreeMap::new(),
             steps,
             started: false,
+            parent: None,
+            plan: None,
         })
     }
 
@@ -267,7 +320,20 @@ impl Workflow {
         }
         self.state = WorkflowState::Initializing;
         for n in 0..self.steps.len() {
-            self.new_request(n, ctx, &mut fx);
+            if !self.steps[n].dynamic {
+                self.new_request(n, ctx, &mut fx);
+            }
+        }
+        for n in 0..self.steps.len() {
+            if self.state.is_final() {
+                break;
+            }
+            self.try_expand(n, ctx, &mut fx);
+        }
+        if !self.state.is_final() {
+            // A workflow of dynamic steps only has nothing to wait for.
+            self.maybe_run(&mut fx);
+            self.maybe_complete(ctx, &mut fx);
         }
         self.touch(ctx);
         fx
@@ -306,8 +372,11 @@ impl Workflow {
     }
 }
 
+mod dynamic;
 mod fulfil;
 mod report;
+
+pub use dynamic::FAN_WINDOW;
 mod timers;
 
 #[cfg(test)]

@@ -72,6 +72,8 @@ pub enum StepState {
     Completed,
     /// Out of attempts.
     Failed,
+    /// Its condition (`when`) was false: no job, null outputs.
+    Skipped,
 }
 
 impl StepState {
@@ -84,6 +86,7 @@ impl StepState {
             StepState::Running => "running",
             StepState::Completed => "completed",
             StepState::Failed => "failed",
+            StepState::Skipped => "skipped",
         }
     }
 }
@@ -204,6 +207,49 @@ pub struct StepInput {
     pub default: Option<String>,
 }
 
+/// Where a workflow that runs one element of a dynamic step reports: its
+/// parent workflow, the step and the element.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Parent {
+    /// The parent workflow.
+    pub id: Uuid,
+    /// The step of the parent (its index).
+    pub step: u32,
+    /// The element (0 when the step does not scatter).
+    pub index: u64,
+}
+
+/// The elements of a dynamic step (one unless it scatters): each runs as
+/// a child workflow; they are decided in order, at most
+/// [`crate::machine::FAN_WINDOW`] live at once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fan {
+    /// Its scatter (no dims: one element).
+    pub shape: caroni_cwl::dynamic::Shape,
+    /// Elements in all.
+    pub total: u64,
+    /// Elements decided so far (a child made, or skipped), from 0.
+    pub decided: u64,
+    /// Elements whose child completed.
+    pub done: u64,
+    /// Elements skipped by the condition.
+    pub skipped: u64,
+    /// Elements whose child failed or was cancelled.
+    pub failed: u64,
+}
+
+impl Fan {
+    /// Elements whose child runs (or waits to run).
+    pub fn live(&self) -> u64 {
+        self.decided
+            .saturating_sub(self.done + self.skipped + self.failed)
+    }
+    /// Elements not decided yet.
+    pub fn waiting(&self) -> u64 {
+        self.total.saturating_sub(self.decided)
+    }
+}
+
 /// One step of a workflow.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Step {
@@ -227,6 +273,18 @@ pub struct Step {
     pub request: Option<Request>,
     /// Every attempt, oldest first.
     pub attempts: Vec<Attempt>,
+    /// True for a dynamic step (scatter, condition, sub-workflow, computed
+    /// inputs): its values are kept by source (`x`, `step/out`), and its
+    /// elements run as child workflows. Derived from the plan.
+    #[serde(skip)]
+    pub dynamic: bool,
+    /// A dynamic step's elements, once its inputs were all known.
+    #[serde(skip)]
+    pub fan: Option<Fan>,
+    /// A dynamic step's input object, evaluated once (memory only; made
+    /// again from its values after a restart).
+    #[serde(skip)]
+    pub prepared: Option<std::sync::Arc<serde_json::Value>>,
 }
 
 impl Step {
@@ -283,29 +341,65 @@ pub struct Workflow {
     pub steps: Vec<Step>,
     /// True once data was first sent (every step was fulfilled).
     pub started: bool,
+    /// The workflow whose step element this one runs.
+    #[serde(skip)]
+    pub parent: Option<Parent>,
+    /// The parsed template, kept when a step is dynamic (to make its
+    /// elements) or an output combines sources.
+    #[serde(skip)]
+    pub plan: Option<std::sync::Arc<caroni_cwl::Workflow>>,
 }
 
 impl Workflow {
     /// Every dataflow with its value, derived from the steps.
     pub fn dataflows(&self) -> Vec<Dataflow> {
         let mut out = Vec::new();
-        for s in &self.steps {
-            for i in &s.inputs {
-                if let Some(src) = &i.source {
-                    out.push(Dataflow {
-                        source: src.to_string(),
-                        destination: format!("{}/{}", s.id, i.name),
-                        value: s.values.get(&i.name).cloned(),
-                    });
+        for (n, s) in self.steps.iter().enumerate() {
+            let plan = self
+                .plan
+                .as_ref()
+                .and_then(|p| p.steps.get(n))
+                .filter(|_| s.dynamic);
+            match plan {
+                // A dynamic step keeps its values by source.
+                Some(p) => {
+                    for i in &p.inputs {
+                        for src in i.all_sources() {
+                            out.push(Dataflow {
+                                source: src.to_string(),
+                                destination: format!("{}/{}", s.id, i.name),
+                                value: s.values.get(&src.to_string()).cloned(),
+                            });
+                        }
+                    }
+                }
+                None => {
+                    for i in &s.inputs {
+                        if let Some(src) = &i.source {
+                            out.push(Dataflow {
+                                source: src.to_string(),
+                                destination: format!("{}/{}", s.id, i.name),
+                                value: s.values.get(&i.name).cloned(),
+                            });
+                        }
+                    }
                 }
             }
         }
         for (id, src) in &self.output_sources {
-            out.push(Dataflow {
-                source: src.to_string(),
-                destination: id.clone(),
-                value: self.outputs.get(id).cloned(),
-            });
+            let all = self
+                .plan
+                .as_ref()
+                .and_then(|p| p.outputs.iter().find(|o| &o.id == id))
+                .map(|o| o.all_sources().into_iter().cloned().collect())
+                .unwrap_or_else(|| vec![src.clone()]);
+            for src in all {
+                out.push(Dataflow {
+                    source: src.to_string(),
+                    destination: id.clone(),
+                    value: self.outputs.get(id).cloned(),
+                });
+            }
         }
         out
     }

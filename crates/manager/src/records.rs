@@ -19,7 +19,9 @@ use caroni_store::{keys::Key, keys::Reader, tables, Batch, Store, Table};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::model::{Attempt, Request, Step, StepInput, StepState, Value, Workflow, WorkflowState};
+use crate::model::{
+    Attempt, Fan, Parent, Request, Step, StepInput, StepState, Value, Workflow, WorkflowState,
+};
 
 /// A workflow head as stored: no values, no steps.
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -95,6 +97,9 @@ fn step_ref(s: &Step) -> StepRef<'_> {
         results: _,
         request,
         attempts,
+        dynamic: _,
+        fan: _,
+        prepared: _,
     } = s;
     StepRecord {
         id,
@@ -182,6 +187,119 @@ struct HeadV2 {
 const HEADS_V2: Table<HeadV2> = Table::new(tables::WORKFLOW_HEADS, "workflow_heads (with values)");
 const STEPS_V2: Table<Step> = Table::new(tables::WORKFLOW_STEPS, "workflow_steps (with values)");
 
+const LINKS: Table<Parent> = Table::new(tables::WORKFLOW_LINKS, "workflow_links");
+const PLANS: Table<caroni_cwl::Workflow> = Table::new(tables::WORKFLOW_PLANS, "workflow_plans");
+const FANS: Table<Fan> = Table::new(tables::WORKFLOW_FANS, "workflow_fans");
+const ELEMENTS: Table<BTreeMap<String, String>> =
+    Table::new(tables::WORKFLOW_ELEMENTS, "workflow_elements");
+const CHILDREN: Table<Uuid> = Table::new(tables::WORKFLOW_CHILDREN, "workflow_children");
+
+/// Writes what a new workflow keeps for good: its parent link (and its
+/// place in the parent's children) and its plan.
+pub(crate) fn put_created(b: &mut Batch, wf: &Workflow) {
+    if let Some(p) = &wf.parent {
+        b.put(LINKS, &head_key(&wf.id), p);
+        b.put(
+            CHILDREN,
+            &Key::new()
+                .uuid(&p.id)
+                .u64(u64::from(p.step))
+                .u64(p.index)
+                .finish(),
+            &wf.id,
+        );
+    }
+    if let Some(plan) = &wf.plan {
+        let plans: Table<&caroni_cwl::Workflow> =
+            Table::new(tables::WORKFLOW_PLANS, "workflow_plans");
+        b.put(plans, &head_key(&wf.id), &&**plan);
+    }
+}
+
+/// Writes the outputs of element `k` of step `n` of workflow `id`.
+pub(crate) fn put_element(
+    b: &mut Batch,
+    id: &Uuid,
+    n: usize,
+    k: u64,
+    outputs: &BTreeMap<String, Value>,
+) {
+    let plain: BTreeMap<String, String> = outputs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_string()))
+        .collect();
+    b.put(
+        ELEMENTS,
+        &Key::new().uuid(id).u64(n as u64).u64(k).finish(),
+        &plain,
+    );
+}
+
+/// The outputs of the completed elements of `wf`'s dynamic steps that
+/// have not gathered yet.
+pub(crate) fn elements(
+    store: &Store,
+    wf: &Workflow,
+) -> caroni_store::Result<Vec<(Uuid, usize, u64, BTreeMap<String, Value>)>> {
+    let mut out = Vec::new();
+    for (n, s) in wf.steps.iter().enumerate() {
+        if !s.fan.is_some() || s.state != StepState::Running {
+            continue;
+        }
+        for (key, m) in store.scan(ELEMENTS, &Key::new().uuid(&wf.id).u64(n as u64).finish())? {
+            let mut r = Reader::new(&key);
+            let (Some(_), Some(_), Some(k)) = (r.uuid(), r.u64(), r.u64()) else {
+                continue;
+            };
+            out.push((
+                wf.id,
+                n,
+                k,
+                m.into_iter().map(|(a, v)| (a, Value::from(v))).collect(),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The child workflows of step `n` of `id`, by element, at most `limit`
+/// from element `from`.
+pub(crate) fn children(
+    store: &Store,
+    id: &Uuid,
+    n: usize,
+    limit: usize,
+) -> caroni_store::Result<Vec<(u64, Uuid)>> {
+    Ok(store
+        .scan_limit(CHILDREN, &Key::new().uuid(id).u64(n as u64).finish(), limit)?
+        .into_iter()
+        .filter_map(|(key, child)| {
+            let mut r = Reader::new(&key);
+            r.uuid()?;
+            r.u64()?;
+            Some((r.u64()?, child))
+        })
+        .collect())
+}
+
+/// The child workflows of step `n` of `id` (at most `limit`, by
+/// element), each with its state.
+pub fn children_of(
+    store: &Store,
+    id: &Uuid,
+    n: usize,
+    limit: usize,
+) -> Vec<(u64, Uuid, WorkflowState)> {
+    children(store, id, n, limit)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(k, c)| {
+            let h = store.get(HEADS, &head_key(&c)).ok()??;
+            Some((k, c, h.state))
+        })
+        .collect()
+}
+
 fn head_key(id: &Uuid) -> Vec<u8> {
     Key::new().uuid(id).finish()
 }
@@ -201,6 +319,9 @@ pub(crate) fn put_step(b: &mut Batch, wf: &Workflow, n: usize) {
     if let Some(step) = wf.steps.get(n) {
         let steps: Table<StepRef<'_>> = Table::new(tables::WORKFLOW_STEPS_V3, "workflow_steps");
         b.put(steps, &step_key(&wf.id, n), &step_ref(step));
+        if let Some(fan) = &step.fan {
+            b.put(FANS, &step_key(&wf.id, n), fan);
+        }
     }
 }
 
@@ -253,6 +374,7 @@ pub(crate) fn same_step(a: &Step, b: &Step) -> bool {
         && ra.outputs == rb.outputs
         && ra.state == rb.state
         && ra.attempts == rb.attempts
+        && a.fan == b.fan
         && (ra.request == rb.request || schedule_free(ra.request) == schedule_free(rb.request))
 }
 
@@ -335,6 +457,17 @@ fn assemble(store: &Store, h: Head) -> caroni_store::Result<Workflow> {
         .map(|(_, s)| s)
         .collect();
     same_count("workflow_steps", &h.id, steps.len(), h.step_count)?;
+    let plan = store.get(PLANS, &head_key(&h.id))?.map(std::sync::Arc::new);
+    let parent = store.get(LINKS, &head_key(&h.id))?;
+    let mut fans: BTreeMap<usize, Fan> = BTreeMap::new();
+    if plan.is_some() {
+        for (key, fan) in store.scan(FANS, &head_key(&h.id))? {
+            let mut r = Reader::new(&key);
+            if let (Some(_), Some(n)) = (r.uuid(), r.u64()) {
+                fans.insert(n as usize, fan);
+            }
+        }
+    }
     let mut wf = Workflow {
         id: h.id,
         template: h.template,
@@ -349,7 +482,8 @@ fn assemble(store: &Store, h: Head) -> caroni_store::Result<Workflow> {
         outputs: BTreeMap::new(),
         steps: steps
             .into_iter()
-            .map(|s| Step {
+            .enumerate()
+            .map(|(n, s)| Step {
                 id: s.id,
                 job_type: s.job_type,
                 job_kvs: s.job_kvs,
@@ -360,9 +494,17 @@ fn assemble(store: &Store, h: Head) -> caroni_store::Result<Workflow> {
                 results: BTreeMap::new(),
                 request: s.request,
                 attempts: s.attempts,
+                dynamic: plan
+                    .as_ref()
+                    .and_then(|p| p.steps.get(n))
+                    .is_some_and(|p| p.dynamic.is_some()),
+                fan: fans.remove(&n),
+                prepared: None,
             })
             .collect(),
         started: h.started,
+        parent,
+        plan,
     };
     for (key, v) in store.scan(VALUES, &head_key(&wf.id))? {
         let v = Value::from(v);
@@ -402,13 +544,27 @@ pub(crate) fn get(store: &Store, id: &Uuid) -> caroni_store::Result<Option<Workf
     }
 }
 
-/// The newest `limit` workflows, newest first (ids are UUID v7).
+/// The newest `limit` workflows that users started (not the children
+/// that run elements of dynamic steps), newest first (ids are UUID v7).
 pub(crate) fn list_last(store: &Store, limit: usize) -> caroni_store::Result<Vec<Workflow>> {
-    store
-        .scan_last(HEADS, limit)?
-        .into_iter()
-        .map(|h| assemble(store, h))
-        .collect()
+    let mut window = limit.max(1);
+    loop {
+        let heads = store.scan_last(HEADS, window)?;
+        let scanned = heads.len();
+        let mut top = Vec::new();
+        for h in heads {
+            if store.get(LINKS, &head_key(&h.id))?.is_none() {
+                top.push(h);
+                if top.len() == limit {
+                    break;
+                }
+            }
+        }
+        if top.len() >= limit || scanned < window || window >= (1 << 22) {
+            return top.into_iter().map(|h| assemble(store, h)).collect();
+        }
+        window = window.saturating_mul(8);
+    }
 }
 
 /// Every workflow that has not ended.
@@ -427,11 +583,20 @@ pub(crate) fn live(store: &Store) -> caroni_store::Result<Vec<Workflow>> {
 pub fn live_files(store: &Store) -> caroni_store::Result<std::collections::HashSet<String>> {
     let mut out = std::collections::HashSet::new();
     for wf in live(store)? {
-        let values = wf.inputs.values().chain(wf.outputs.values()).chain(
-            wf.steps
-                .iter()
-                .flat_map(|s| s.values.values().chain(s.results.values())),
-        );
+        let gathered: Vec<Value> = elements(store, &wf)?
+            .into_iter()
+            .flat_map(|(_, _, _, m)| m.into_values())
+            .collect();
+        let values = wf
+            .inputs
+            .values()
+            .chain(wf.outputs.values())
+            .chain(
+                wf.steps
+                    .iter()
+                    .flat_map(|s| s.values.values().chain(s.results.values())),
+            )
+            .chain(gathered.iter());
         for v in values {
             for f in caroni_types::file::refs_in(v) {
                 out.insert(f.sha256.clone());
@@ -483,6 +648,8 @@ pub(crate) fn migrate(store: &Store) -> caroni_store::Result<usize> {
                 outputs: h.outputs,
                 steps: steps.iter().map(|(_, s)| s.clone()).collect(),
                 started: h.started,
+                parent: None,
+                plan: None,
             };
             put(&mut b, &wf);
             for (k, _) in &steps {

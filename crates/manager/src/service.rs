@@ -253,6 +253,9 @@ impl World for NodeWorld<'_> {
     fn holds_file(&self, file: &caroni_types::file::FileRef) -> bool {
         self.wire.holds_file(file)
     }
+    fn read_head(&self, file: &caroni_types::file::FileRef, limit: usize) -> Option<Vec<u8>> {
+        self.wire.read_head(file, limit)
+    }
 }
 
 /// The manager service.
@@ -303,11 +306,16 @@ impl Service {
 
     fn load(&mut self) -> caroni_store::Result<()> {
         let live = records::live(&self.store)?;
+        let mut elements = Vec::new();
+        for wf in live.iter().filter(|w| w.plan.is_some()) {
+            elements.extend(records::elements(&self.store, wf)?);
+        }
         let world = NodeWorld {
             store: &self.store,
             wire: self.wire.as_ref(),
         };
-        self.machine.load(live, &world, caroni_types::now_ms());
+        self.machine
+            .load_with(live, elements, &world, caroni_types::now_ms());
         Ok(())
     }
 
@@ -412,6 +420,14 @@ impl driver::Engine for Service {
             if let Some(wf) = self.machine.workflow(id, out) {
                 records::put_value(&mut batch, wf, v);
             }
+        }
+        for id in &out.created {
+            if let Some(wf) = self.machine.workflow(id, out) {
+                records::put_created(&mut batch, wf);
+            }
+        }
+        for (id, n, k, outputs) in &out.elements {
+            records::put_element(&mut batch, id, *n, *k, outputs);
         }
         for (job, r) in &out.runs_on {
             records::put_runs_on(&mut batch, job, r);

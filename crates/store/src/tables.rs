@@ -29,6 +29,21 @@ pub const WORKFLOW_STEPS_V3: u8 = 0x18;
 /// workflow uuid, kind (u64: 0 input, 1 output, 2 step input, 3 step
 /// result), step index (u64), name.
 pub const WORKFLOW_VALUES: u8 = 0x19;
+/// The parent of a child workflow (manager): key = workflow uuid; value
+/// = parent uuid, step index, element.
+pub const WORKFLOW_LINKS: u8 = 0x1A;
+/// The parsed template of a workflow with dynamic steps (manager): key =
+/// workflow uuid; written once.
+pub const WORKFLOW_PLANS: u8 = 0x1B;
+/// The elements of a dynamic step (manager): key = workflow uuid, step
+/// index (u64).
+pub const WORKFLOW_FANS: u8 = 0x1C;
+/// Outputs of a completed element of a dynamic step (manager): key =
+/// workflow uuid, step index (u64), element (u64).
+pub const WORKFLOW_ELEMENTS: u8 = 0x1D;
+/// The child workflow of each element (manager): key = parent uuid, step
+/// index (u64), element (u64); value = child uuid.
+pub const WORKFLOW_CHILDREN: u8 = 0x1E;
 /// Reserved, never written (requests live in their workflow's step
 /// records); kept so that the prefix is never reused.
 pub const REQUESTS: u8 = 0x12;
@@ -81,6 +96,11 @@ mod tests {
             super::WORKFLOW_HEADS_V3,
             super::WORKFLOW_STEPS_V3,
             super::WORKFLOW_VALUES,
+            super::WORKFLOW_LINKS,
+            super::WORKFLOW_PLANS,
+            super::WORKFLOW_FANS,
+            super::WORKFLOW_ELEMENTS,
+            super::WORKFLOW_CHILDREN,
             super::JOB_TYPE_EXECUTORS,
             super::MANAGER_JOB_EXECUTIONS,
             super::AGENT_JOB_EXECUTIONS,

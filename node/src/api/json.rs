@@ -37,7 +37,16 @@ pub fn workflow(w: &pb::Workflow) -> Value {
             "declines": s.declines.iter().map(|d| json!({
                 "agent": d.agent, "reason": d.reason,
             })).collect::<Vec<_>>(),
+            "subworkflow": s.subworkflow,
+            "elements": s.elements.as_ref().map(|e| json!({
+                "total": e.total, "waiting": e.waiting, "live": e.live, "completed": e.completed,
+                "skipped": e.skipped, "failed": e.failed, "scatter": e.scatter,
+            })),
+            "children": s.children.iter().map(|c| json!({
+                "index": c.index, "workflow_id": c.workflow_id, "state": c.state,
+            })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
+        "parent_id": w.parent_id, "parent_step": w.parent_step, "parent_index": w.parent_index,
         "dataflows": w.dataflows.iter().map(|d| json!({
             "source": d.source, "destination": d.destination, "value": d.value,
         })).collect::<Vec<_>>(),

@@ -63,6 +63,18 @@ fn to_pb(r: TemplateRecord, with_text: bool) -> pb::Template {
 /// The workflow whole, with where each attempt ran as its agent reported.
 pub fn full_workflow_pb(store: &Store, w: &Workflow) -> pb::Workflow {
     let mut out = workflow_to_pb(w, true);
+    for (n, s) in out.steps.iter_mut().enumerate() {
+        if s.elements.is_some() {
+            s.children = caroni_manager::children_of(store, &w.id, n, 20)
+                .into_iter()
+                .map(|(index, id, state)| pb::ElementChild {
+                    index,
+                    workflow_id: id.to_string(),
+                    state: state.as_str().into(),
+                })
+                .collect();
+        }
+    }
     for a in out
         .steps
         .iter_mut()
@@ -146,6 +158,18 @@ pub fn workflow_to_pb(w: &Workflow, full: bool) -> pb::Workflow {
                     } else {
                         Vec::new()
                     },
+                    elements: s.fan.as_ref().map(|f| pb::StepElements {
+                        total: f.total,
+                        waiting: f.waiting(),
+                        live: f.live(),
+                        completed: f.done,
+                        skipped: f.skipped,
+                        failed: f.failed,
+                        scatter: f.shape.scatters(),
+                    }),
+                    children: Vec::new(),
+                    subworkflow: s.dynamic
+                        && s.job_type.is_empty(),
                     declines: match (&s.request, full) {
                         (Some(r), true) => r
                             .declines
@@ -160,6 +184,14 @@ pub fn workflow_to_pb(w: &Workflow, full: bool) -> pb::Workflow {
                 }
             })
             .collect(),
+        parent_id: w.parent.map(|p| p.id.to_string()).unwrap_or_default(),
+        // A child's template is named `<parent's>/<step id>`.
+        parent_step: w
+            .parent
+            .and(w.template.rsplit('/').next())
+            .unwrap_or_default()
+            .to_string(),
+        parent_index: w.parent.map(|p| p.index).unwrap_or_default(),
         dataflows: if full {
             w.dataflows()
                 .into_iter()

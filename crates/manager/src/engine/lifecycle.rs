@@ -16,7 +16,7 @@ impl Manager {
     pub(super) fn start(
         &mut self,
         template: &str,
-        parsed: &caroni_cwl::Workflow,
+        parsed: &std::sync::Arc<caroni_cwl::Workflow>,
         inputs: BTreeMap<String, String>,
         now: &mut Now<'_>,
         world: &dyn World,
@@ -34,8 +34,12 @@ impl Manager {
             }
         }
         let id = (now.new_id)();
-        let wf = Workflow::create(id, template, parsed, inputs, now.ms)
+        let mut wf = Workflow::create(id, template, parsed, inputs, now.ms)
             .map_err(|e| Error::BadInput(e.to_string()))?;
+        if parsed.is_dynamic() {
+            wf.plan = Some(parsed.clone());
+        }
+        out.created.push(id);
         tracing::debug!(workflow = %id, template, "workflow created");
         out.heads.insert(id);
         out.steps.extend((0..wf.steps.len()).map(|n| (id, n)));
@@ -152,6 +156,7 @@ impl Manager {
                 new_id: &mut *now.new_id,
                 offer_window_ms: self.opts.offer_window.as_millis() as u64,
                 peers: &view,
+                blobs: &view,
             };
             f(&mut wf, &mut ctx)
         };
@@ -181,6 +186,9 @@ impl Manager {
             // The head is written with any change of the workflow, and
             // watchers hear of it.
             out.heads.insert(id);
+        }
+        if wf.state.is_final() && !before.state.is_final() {
+            self.family_ended(&wf);
         }
         if wf.state.is_final() {
             self.shelved.remove(&id);

@@ -28,11 +28,12 @@ use caroni_types::delivery::DeliverError;
 use caroni_types::msg::{Inbound, JobRequest, Outbound};
 use uuid::Uuid;
 
-use crate::machine::Peers;
-use crate::model::{Workflow, WorkflowState};
+use crate::machine::{Effect, Peers};
+use crate::model::{Parent, Value, Workflow, WorkflowState};
 use crate::records::{RunsOn, ValueKey};
 use crate::Error;
 
+mod family;
 mod lifecycle;
 mod route;
 
@@ -82,6 +83,11 @@ pub trait World {
     fn last_heard_ms(&self, node: &str) -> Option<u64>;
     /// True when this node's blob store holds the file whole.
     fn holds_file(&self, file: &caroni_types::file::FileRef) -> bool;
+    /// The first `limit` bytes of a file this node holds (`loadContents`
+    /// of a step input).
+    fn read_head(&self, _file: &caroni_types::file::FileRef, _limit: usize) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// An input of the machine (taken by value, applied at once).
@@ -140,6 +146,12 @@ pub struct Out {
     pub refused: Vec<(String, String)>,
     /// Seconds from a step's last input to its completion.
     pub step_seconds: Vec<f64>,
+    /// Workflows made in this group (their parent link and plan are
+    /// written once).
+    pub created: Vec<Uuid>,
+    /// Outputs of elements of dynamic steps that completed in this group:
+    /// (parent, step, element, outputs).
+    pub elements: Vec<(Uuid, usize, u64, BTreeMap<String, Value>)>,
 }
 
 impl Out {
@@ -164,6 +176,8 @@ struct Index {
     /// Next timer of each live workflow, and the same ordered by time.
     deadline_of: HashMap<Uuid, u64>,
     deadlines: BTreeSet<(u64, Uuid)>,
+    /// Live child workflows of each workflow.
+    children: HashMap<Uuid, HashSet<Uuid>>,
 }
 
 impl Index {
@@ -182,6 +196,9 @@ impl Index {
             *self.agent_jobs.entry(a.agent.clone()).or_default() += 1;
         }
         self.open_requests += wf.open_requests().count();
+        if let Some(p) = &wf.parent {
+            self.children.entry(p.id).or_default().insert(wf.id);
+        }
         if let Some(d) = deadline {
             self.deadline_of.insert(wf.id, d);
             self.deadlines.insert((d, wf.id));
@@ -203,6 +220,14 @@ impl Index {
             self.deadlines.remove(&(d, wf.id));
         }
         if ended {
+            if let Some(p) = &wf.parent {
+                if let Some(set) = self.children.get_mut(&p.id) {
+                    set.remove(&wf.id);
+                    if set.is_empty() {
+                        self.children.remove(&p.id);
+                    }
+                }
+            }
             for step in &wf.steps {
                 for a in &step.attempts {
                     if let Some(j) = a.job_id {
@@ -225,6 +250,12 @@ struct PeerView<'a> {
     world: &'a dyn World,
     now_ms: u64,
     quiet_ms: u64,
+}
+
+impl crate::machine::Blobs for PeerView<'_> {
+    fn head(&self, file: &caroni_types::file::FileRef, limit: usize) -> Option<Vec<u8>> {
+        self.world.read_head(file, limit)
+    }
 }
 
 impl Peers for PeerView<'_> {
@@ -263,6 +294,23 @@ pub struct Manager {
     /// When each live step had all its inputs (ms), for the step latency
     /// histogram; memory only.
     ready_at: HashMap<(Uuid, usize), u64>,
+    /// Outputs of the completed elements of each running dynamic step,
+    /// until it gathers them.
+    elements: HashMap<(Uuid, usize), BTreeMap<u64, BTreeMap<String, Value>>>,
+    /// Children to make and steps to gather, in order.
+    pending: VecDeque<(Uuid, Effect)>,
+    /// Workflows that ended with a parent to tell, or children to stop.
+    notices: VecDeque<Notice>,
+}
+
+/// What a workflow's end means for its family.
+#[derive(Debug)]
+enum Notice {
+    /// A child ended: its parent learns the outcome (its outputs, or why
+    /// it did not complete).
+    Ended(Parent, Result<BTreeMap<String, Value>, String>),
+    /// A workflow ended without completing: its live children stop.
+    Orphans(Uuid, String),
 }
 
 impl std::fmt::Debug for Manager {
@@ -288,6 +336,9 @@ impl Manager {
             waiting: VecDeque::new(),
             shelved: HashSet::new(),
             ready_at: HashMap::new(),
+            elements: HashMap::new(),
+            pending: VecDeque::new(),
+            notices: VecDeque::new(),
         }
     }
 
@@ -295,10 +346,28 @@ impl Manager {
     /// stored), as after a start or a failed write. Waiting workflows
     /// with large values keep them on disk only.
     pub fn load(&mut self, live: Vec<Workflow>, world: &dyn World, now_ms: u64) {
+        self.load_with(live, Vec::new(), world, now_ms)
+    }
+
+    /// [`Manager::load`] with the outputs of the completed elements of
+    /// live dynamic steps.
+    pub fn load_with(
+        &mut self,
+        live: Vec<Workflow>,
+        elements: Vec<(Uuid, usize, u64, BTreeMap<String, Value>)>,
+        world: &dyn World,
+        now_ms: u64,
+    ) {
         self.live.clear();
         self.index = Index::default();
         self.waiting.clear();
         self.shelved.clear();
+        self.pending.clear();
+        self.notices.clear();
+        self.elements.clear();
+        for (id, n, k, outputs) in elements {
+            self.elements.entry((id, n)).or_default().insert(k, outputs);
+        }
         for wf in live {
             let id = wf.id;
             if wf.state == WorkflowState::Created {
@@ -337,7 +406,7 @@ impl Manager {
         world: &dyn World,
         out: &mut Out,
     ) -> Answer {
-        match input {
+        let answer = match input {
             Input::Run {
                 template,
                 parsed,
@@ -345,7 +414,9 @@ impl Manager {
             } => Answer::Run(self.start(&template, &parsed, inputs, now, world, out)),
             Input::Cancel(id) => Answer::Cancel(self.cancel(id, now, world, out)),
             Input::Deliver(msg) => Answer::Deliver(self.deliver(msg, now, world, out)),
-        }
+        };
+        self.family(now, world, out);
+        answer
     }
 
     /// Does what is due: timers, then admission of waiting workflows.
@@ -363,6 +434,7 @@ impl Manager {
             }
         }
         self.admit(now, world, out);
+        self.family(now, world, out);
         // Forget agents that stopped answering long ago.
         let horizon = now.ms.saturating_sub(AGENT_MEMORY_MS);
         if self.answered.values().any(|t| *t < horizon) {

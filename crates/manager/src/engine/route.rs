@@ -173,11 +173,12 @@ impl Manager {
     }
 
     /// Collects workflow `id`'s effects (traced with its id).
-    pub(super) fn effects(&self, id: Uuid, fx: Vec<Effect>, out: &mut Out) {
+    pub(super) fn effects(&mut self, id: Uuid, fx: Vec<Effect>, out: &mut Out) {
         for e in fx {
             match e {
                 Effect::Send(o) => out.send.push((o, Some(id))),
                 Effect::Publish(req) => out.publish.push(req),
+                e @ (Effect::Spawn(_) | Effect::Gather(_)) => self.pending.push_back((id, e)),
             }
         }
     }

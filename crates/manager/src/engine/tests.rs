@@ -82,6 +82,9 @@ impl T {
         for id in &out.applied {
             self.w.applied.insert(*id);
         }
+        for (id, wf) in &out.finished {
+            self.w.stored.insert(*id, wf.clone());
+        }
         (a, out)
     }
     fn run(&mut self) -> (Uuid, Out) {
@@ -248,4 +251,268 @@ fn the_next_timer_is_the_earliest_of_the_live_workflows() {
     t.run();
     // Published now: the next publication is a second later.
     assert_eq!(t.m.next_timer(), Some(t.now + 1_000));
+}
+
+/// A template that scatters a job type over a list input, upper-cases
+/// each element (the fake agent does), skips the elements the condition
+/// rejects, and gathers.
+const SCATTER: &str = r#"
+cwlVersion: v1.2
+class: Workflow
+$namespaces:
+  caroni: https://caroni.example/cwl#
+requirements:
+  ScatterFeatureRequirement: {}
+  InlineJavascriptRequirement: {}
+inputs:
+  words: string[]
+outputs:
+  loud:
+    type: Any
+    outputSource: shout/out
+  picked:
+    type: Any
+    outputSource: [shout/out, words]
+    linkMerge: merge_flattened
+    pickValue: first_non_null
+steps:
+  shout:
+    run:
+      class: CommandLineTool
+      inputs:
+        text: string
+      outputs:
+        out: string
+    hints:
+      caroni:CaroniRequirement:
+        CaroniJobName: upper
+    scatter: text
+    when: $(inputs.text != "skip")
+    in:
+      text: words
+    out: [out]
+"#;
+
+impl T {
+    fn run_template(&mut self, text: &str, inputs: &[(&str, &str)]) -> (Uuid, Out) {
+        let parsed = Arc::new(caroni_cwl::parse(text).expect("template"));
+        let (a, out) = self.input(Input::Run {
+            template: "t".into(),
+            parsed,
+            inputs: inputs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        });
+        let Answer::Run(Ok(id)) = a else {
+            panic!("run: {a:?}");
+        };
+        (id, out)
+    }
+
+    /// Serves every request of `out` (and of what follows) as an agent
+    /// that upper-cases its `text`, until nothing is left to serve; returns
+    /// how many jobs ran.
+    fn serve(&mut self, out: Out, fail: &dyn Fn(&str) -> bool) -> usize {
+        let mut queue = vec![out];
+        let mut jobs = 0;
+        let mut inputs: HashMap<Uuid, String> = HashMap::new();
+        let mut offer_n = 5_000u128;
+        while let Some(out) = queue.pop() {
+            for req in &out.publish {
+                offer_n += 1;
+                let (_, o) = self.deliver("agent", offer(req.request_id, offer_n));
+                queue.push(o);
+            }
+            for (o, _) in &out.send {
+                match &o.msg {
+                    Msg::Accept {
+                        offer_id, job_id, ..
+                    } => {
+                        let (_, o) = self.deliver(
+                            "agent",
+                            Msg::Accepted {
+                                job_id: *job_id,
+                                offer_id: *offer_id,
+                            },
+                        );
+                        queue.push(o);
+                    }
+                    Msg::Data {
+                        job_id,
+                        items,
+                        outputs: false,
+                    } => {
+                        let text = items.get("text").cloned().unwrap_or_default();
+                        inputs.insert(*job_id, text.clone());
+                        jobs += 1;
+                        let (state, message) = if fail(&text) {
+                            (caroni_types::msg::JobState::Failed, "boom".to_string())
+                        } else {
+                            let (_, o) = self.deliver(
+                                "agent",
+                                Msg::Data {
+                                    job_id: *job_id,
+                                    items: BTreeMap::from([("out".into(), text.to_uppercase())]),
+                                    outputs: true,
+                                },
+                            );
+                            queue.push(o);
+                            (caroni_types::msg::JobState::Completed, String::new())
+                        };
+                        let (_, o) = self.deliver(
+                            "agent",
+                            Msg::Status(caroni_types::msg::StatusUpdate {
+                                job_id: *job_id,
+                                state,
+                                message,
+                                exit_status: Some(0),
+                                stderr_tail: String::new(),
+                                sequence: 1,
+                                executor: String::new(),
+                                external_id: String::new(),
+                            }),
+                        );
+                        queue.push(o);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        jobs
+    }
+}
+
+fn ended(t: &T, id: Uuid) -> &Workflow {
+    assert!(!t.m.live.contains_key(&id), "workflow {id} is still live");
+    t.w.stored.get(&id).expect("the workflow ended")
+}
+
+#[test]
+fn a_scatter_runs_one_child_per_element_skips_by_condition_and_gathers_in_order() {
+    let mut t = T::new(manager(512, None));
+    let (id, out) = t.run_template(SCATTER, &[("words", r#"["a","skip","c","d"]"#)]);
+    assert_eq!(out.created.len(), 4, "the workflow and three children (one element skipped)");
+    assert_eq!(out.publish.len(), 3, "one request per child; none for the step itself");
+    let jobs = t.serve(out, &|_| false);
+    assert_eq!(jobs, 3);
+    let wf = ended(&t, id);
+    assert_eq!(wf.state, WorkflowState::Completed, "{}", wf.message);
+    assert_eq!(&*wf.outputs["loud"], r#"["A",null,"C","D"]"#);
+    assert_eq!(&*wf.outputs["picked"], "A");
+    let fan = wf.steps[0].fan.clone().expect("elements");
+    assert_eq!((fan.total, fan.done, fan.skipped, fan.failed), (4, 3, 1, 0));
+    assert!(t.m.live.is_empty(), "no child is left behind");
+}
+
+#[test]
+fn a_failed_element_fails_the_workflow_and_stops_the_others() {
+    let mut t = T::new(manager(512, None));
+    let (id, out) = t.run_template(SCATTER, &[("words", r#"["a","b","bad"]"#)]);
+    let jobs = t.serve(out, &|text| text == "bad");
+    // "bad" is tried as often as a step may be (5), the others at most once.
+    assert!((5..=7).contains(&jobs), "{jobs} jobs");
+    let wf = ended(&t, id);
+    assert_eq!(wf.state, WorkflowState::Failed);
+    assert!(wf.message.contains("element 2 failed"), "{}", wf.message);
+    assert!(t.m.live.is_empty());
+}
+
+#[test]
+fn an_empty_scatter_completes_with_an_empty_list_and_no_job() {
+    let mut t = T::new(manager(512, None));
+    let (id, out) = t.run_template(SCATTER, &[("words", "[]")]);
+    assert_eq!(t.serve(out, &|_| false), 0);
+    let wf = ended(&t, id);
+    // `picked` takes the first non-null of nothing: the specification's
+    // error.
+    assert_eq!(wf.state, WorkflowState::Failed);
+    assert!(wf.message.contains("first_non_null"), "{}", wf.message);
+    let fan = wf.steps[0].fan.clone().expect("elements");
+    assert_eq!((fan.total, fan.done), (0, 0));
+    assert_eq!(&*wf.steps[0].results["out"], "[]");
+}
+
+#[test]
+fn a_large_scatter_keeps_at_most_a_window_of_elements_live() {
+    let mut t = T::new(manager(100_000, None));
+    let words: Vec<String> = (0..1_000).map(|k| format!("w{k}")).collect();
+    let list = serde_json::to_string(&words).expect("json");
+    let (id, out) = t.run_template(SCATTER, &[("words", &list)]);
+    assert_eq!(out.created.len() as u64, 1 + crate::machine::FAN_WINDOW);
+    assert_eq!(t.serve(out, &|_| false), 1_000);
+    let wf = ended(&t, id);
+    assert_eq!(wf.state, WorkflowState::Completed, "{}", wf.message);
+    let loud: Vec<String> = serde_json::from_str(&wf.outputs["loud"]).expect("list");
+    assert_eq!(loud.len(), 1_000);
+    assert_eq!(loud[999], "W999", "element order is kept");
+}
+
+/// A workflow whose step runs a sub-workflow of two steps.
+const NESTED: &str = r#"
+cwlVersion: v1.2
+class: Workflow
+$namespaces:
+  caroni: https://caroni.example/cwl#
+requirements:
+  SubworkflowFeatureRequirement: {}
+inputs:
+  word: string
+outputs:
+  twice:
+    type: string
+    outputSource: inner/out
+steps:
+  inner:
+    run:
+      class: Workflow
+      inputs:
+        w: string
+      outputs:
+        out:
+          type: string
+          outputSource: second/out
+      steps:
+        first:
+          run:
+            class: CommandLineTool
+            inputs: {text: string}
+            outputs: {out: string}
+          hints:
+            caroni:CaroniRequirement: {CaroniJobName: upper}
+          in: {text: w}
+          out: [out]
+        second:
+          run:
+            class: CommandLineTool
+            inputs: {text: string}
+            outputs: {out: string}
+          hints:
+            caroni:CaroniRequirement: {CaroniJobName: upper}
+          in: {text: first/out}
+          out: [out]
+    in:
+      w: word
+    out: [out]
+"#;
+
+#[test]
+fn a_subworkflow_runs_as_a_child_and_its_outputs_flow_out() {
+    let mut t = T::new(manager(512, None));
+    let (id, out) = t.run_template(NESTED, &[("word", "hi")]);
+    assert_eq!(t.serve(out, &|_| false), 2);
+    let wf = ended(&t, id);
+    assert_eq!(wf.state, WorkflowState::Completed, "{}", wf.message);
+    assert_eq!(&*wf.outputs["twice"], "HI");
+}
+
+#[test]
+fn cancelling_a_parent_cancels_its_live_children() {
+    let mut t = T::new(manager(512, None));
+    let (id, _out) = t.run_template(SCATTER, &[("words", r#"["a","b"]"#)]);
+    assert_eq!(t.m.live(), 3);
+    let (a, _) = t.input(Input::Cancel(id));
+    assert!(matches!(a, Answer::Cancel(Ok(()))));
+    assert!(t.m.live.is_empty(), "every child ended with its parent");
+    assert_eq!(ended(&t, id).state, WorkflowState::Cancelled);
 }

@@ -89,9 +89,10 @@ fn step_allowed(a: StepState, b: StepState) -> bool {
     use StepState::*;
     a == b
         || match a {
-            Created => b == Fulfilling,
+            // A dynamic step runs its elements, or fails evaluating them.
+            Created => matches!(b, Fulfilling | Running | Failed),
             Fulfilling | Fulfilled | Running => b != Created,
-            Completed | Failed => false,
+            Completed | Failed | Skipped => false,
         }
 }
 
@@ -122,7 +123,7 @@ proptest! {
         let mut completed_results: BTreeMap<usize, BTreeMap<String, crate::model::Value>> = BTreeMap::new();
         macro_rules! ctx {
             ($gen:ident) => {
-                Ctx { now_ms: now, lease_ms: 30_000, request_ttl_ms: 600_000, endpoint: "http://m", new_id: &mut $gen, offer_window_ms: 0, peers: &NoPeers }
+                Ctx { now_ms: now, lease_ms: 30_000, request_ttl_ms: 600_000, endpoint: "http://m", new_id: &mut $gen, offer_window_ms: 0, peers: &NoPeers, blobs: &NoPeers }
             };
         }
         {

@@ -81,7 +81,7 @@ impl Workflow {
 
     /// True when no step waits for a job.
     pub(super) fn all_fulfilled(&self) -> bool {
-        self.steps.iter().all(|s| {
+        self.steps.iter().filter(|s| !s.dynamic).all(|s| {
             matches!(
                 s.state,
                 StepState::Fulfilled | StepState::Running | StepState::Completed
@@ -251,16 +251,27 @@ impl Workflow {
         Ok(fx)
     }
 
-    pub(super) fn complete_step(&mut self, n: usize, ctx: &Ctx<'_>, fx: &mut Vec<Effect>) {
-        self.steps[n].state = StepState::Completed;
+    pub(super) fn complete_step(&mut self, n: usize, ctx: &mut Ctx<'_>, fx: &mut Vec<Effect>) {
+        if self.steps[n].state != StepState::Skipped {
+            self.steps[n].state = StepState::Completed;
+        }
         let id = self.steps[n].id.clone();
         let results = self.steps[n].results.clone();
+        let mut fed = Vec::new();
         for (output, value) in &results {
             let from = Source::StepOutput {
                 step: id.clone(),
                 output: output.clone(),
             };
             for m in 0..self.steps.len() {
+                if self.steps[m].dynamic {
+                    // Kept by source until the step has them all.
+                    if self.reads(m, &from) {
+                        self.steps[m].values.insert(from.to_string(), value.clone());
+                        fed.push(m);
+                    }
+                    continue;
+                }
                 // Only the values that arrive now: what the job had before
                 // was sent before (values are sent once).
                 let items: BTreeMap<String, Value> = self.steps[m]
@@ -282,10 +293,14 @@ impl Workflow {
                 }
             }
         }
-        if self.steps.iter().all(|s| s.state == StepState::Completed) {
-            self.state = WorkflowState::Completed;
-            self.finished_at_ms = Some(ctx.now_ms);
+        fed.dedup();
+        for m in fed {
+            if self.state.is_final() {
+                return;
+            }
+            self.try_expand(m, ctx, fx);
         }
+        self.maybe_complete(ctx, fx);
     }
 
     /// The current attempt of step `n` failed: retry or give up.

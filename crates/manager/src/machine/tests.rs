@@ -68,6 +68,7 @@ impl H {
             new_id: &mut gen,
             offer_window_ms: self.window,
             peers: &self.peers,
+            blobs: &NoPeers,
         };
         let r = f(&mut self.wf, &mut ctx);
         self.next = next;

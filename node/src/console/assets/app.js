@@ -230,6 +230,30 @@ async function workflowsPage(params) {
   view.load = load;
 }
 
+// A dynamic step's elements by state, in a few words.
+function elementsText(s) {
+  const e = s.elements;
+  if (!e) return s.subworkflow ? "sub-workflow" : "";
+  const kind = s.subworkflow ? "sub-workflow" : "job";
+  if (!e.scatter) return e.skipped ? "skipped (condition false)" : `one ${kind}`;
+  const parts = [`${e.completed}/${e.total} done`];
+  if (e.live) parts.push(`${e.live} running`);
+  if (e.waiting) parts.push(`${e.waiting} waiting`);
+  if (e.skipped) parts.push(`${e.skipped} skipped`);
+  if (e.failed) parts.push(`${e.failed} failed`);
+  return `scatter · ` + parts.join(", ");
+}
+
+// The counts and first child workflows of a dynamic step, for its row.
+function elementsCell(s) {
+  const e = s.elements;
+  const text = elementsText(s);
+  if (!text) return "";
+  const kids = (s.children || []).map(c => `<li><a href="#/workflow/${encodeURIComponent(c.workflow_id)}">${e && e.scatter ? "element " + esc(c.index) : "workflow"}</a> ${badge(c.state)}</li>`).join("");
+  const more = e && e.total > (s.children || []).length && kids ? `<li class="muted">first ${(s.children || []).length} of ${esc(e.total)}</li>` : "";
+  return `<span class="elements">${esc(text)}</span>` + (kids ? `<details class="children"><summary>${s.subworkflow ? "sub-workflow" : "elements"}</summary><ul>${kids}${more}</ul></details>` : "");
+}
+
 // Layered drawing of the workflow graph: inputs, steps by depth, outputs.
 function dagSvg(w) {
   const steps = new Map(w.steps.map(s => [s.id, s]));
@@ -242,7 +266,7 @@ function dagSvg(w) {
     if (!nodes.has(id)) nodes.set(id, { kind: isSource ? "input" : "output", label: endpoint, sub: isSource ? "input" : "output" });
     return { node: id, port: "" };
   };
-  for (const s of w.steps) nodes.set("step:" + s.id, { kind: "step", label: s.id, sub: s.job_type, state: s.state, step: s });
+  for (const s of w.steps) nodes.set("step:" + s.id, { kind: "step", label: s.id + (s.subworkflow ? " ⊞" : s.elements && s.elements.scatter ? " ⧉" : ""), sub: elementsText(s) || s.job_type, state: s.state, step: s });
   for (const d of w.dataflows) {
     const a = ref(d.source, true), b = ref(d.destination, false);
     const label = [a.port, b.port].filter(Boolean).join(" → ");
@@ -286,11 +310,11 @@ function dagSvg(w) {
     const p = pos.get(id);
     const fill = n.kind === "step" ? colour(n.state) : "#eef1f6";
     const text = n.kind === "step" ? "#fff" : "#1d2330";
-    const data = n.kind === "step" ? `data-step="${esc(n.label)}" data-state="${esc(n.state)}"` : `data-${n.kind}="${esc(n.label)}"`;
+    const data = n.kind === "step" ? `data-step="${esc(n.step.id)}" data-state="${esc(n.state)}"` : `data-${n.kind}="${esc(n.label)}"`;
     svg += `<g class="node ${n.kind}" ${data} transform="translate(${p.x},${p.y})">
       <rect width="${W}" height="${H}" fill="${fill}"/>
       <text x="10" y="20" fill="${text}" font-weight="600">${esc(n.label)}</text>
-      <text x="10" y="38" fill="${text}">${esc(n.sub)}${n.kind === "step" ? " · " + esc(n.state) : ""}</text>${n.kind === "step" && n.step.agent ? `<title>agent ${esc(n.step.agent)}</title>` : ""}</g>`;
+      <text x="10" y="38" fill="${text}">${esc(String(n.sub).slice(0, 30))}${n.kind === "step" && !n.step.elements ? " · " + esc(n.state) : ""}</text>${n.kind === "step" && n.step.agent ? `<title>agent ${esc(n.step.agent)}</title>` : ""}</g>`;
   }
   return svg + "</svg>";
 }
@@ -342,12 +366,13 @@ async function workflowPage(id) {
         <span class="muted">created ${when(w.created_at)}${w.finished_at ? ", finished " + when(w.finished_at) : ""}</span>
         ${ended ? "" : `<button class="danger" id="cancel">Cancel</button>`}</div>
       ${w.message ? `<p class="error" id="wf-message">${esc(w.message)}</p>` : ""}
+      ${w.parent_id ? `<p id="wf-parent">Runs ${esc(w.parent_step)} (element ${esc(w.parent_index)}) of workflow <a href="#/workflow/${encodeURIComponent(w.parent_id)}" class="mono">${esc(w.parent_id)}</a></p>` : ""}
       <div id="action-error"></div>
       <h2>Graph</h2><div class="graph">${dagSvg(w)}</div>
       <h2>Outputs</h2><table id="outputs"><tbody>${kv(w.outputs)}</tbody></table>
       <h2>Inputs</h2><table id="inputs"><tbody>${kv(w.inputs)}</tbody></table>
-      <h2>Steps</h2><table id="steps"><thead><tr><th>step</th><th>job type</th><th>state</th><th>attempts</th><th>agent</th><th>job</th></tr></thead><tbody>
-      ${w.steps.map(s => `<tr data-step="${esc(s.id)}" data-state="${esc(s.state)}"><td>${esc(s.id)}</td><td>${esc(s.job_type)}</td><td>${badge(s.state)}</td><td>${esc(s.attempts)}</td><td class="mono">${esc(s.agent)}</td><td class="mono">${esc(s.job_id)}</td></tr>`).join("")}</tbody></table>
+      <h2>Steps</h2><table id="steps"><thead><tr><th>step</th><th>job type</th><th>state</th><th>elements</th><th>attempts</th><th>agent</th><th>job</th></tr></thead><tbody>
+      ${w.steps.map(s => `<tr data-step="${esc(s.id)}" data-state="${esc(s.state)}"><td>${esc(s.id)}</td><td>${esc(s.job_type || (s.subworkflow ? "sub-workflow" : ""))}</td><td>${badge(s.state)}</td><td>${elementsCell(s)}</td><td>${esc(s.attempts)}</td><td class="mono">${esc(s.agent)}</td><td class="mono">${esc(s.job_id)}</td></tr>`).join("")}</tbody></table>
       <h2>Timeline</h2><div class="graph">${timelineSvg(w)}</div>
       <h2>Attempts</h2><table id="attempts"><thead><tr><th>step</th><th>#</th><th>agent</th><th>job</th><th>state</th><th>exit</th><th>error</th><th>started</th><th>ended</th></tr></thead>
       <tbody>${attempts.join("") || `<tr><td colspan="9" class="muted">No attempts yet.</td></tr>`}</tbody></table>
