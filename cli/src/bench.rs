@@ -386,7 +386,10 @@ async fn run_scatter(
     let id = m
         .run_workflow(pb::RunWorkflowRequest {
             template: SCATTER_TEMPLATE.into(),
-            inputs: std::collections::HashMap::from([("xs".to_string(), serde_json::to_string(&xs)?)]),
+            inputs: std::collections::HashMap::from([(
+                "xs".to_string(),
+                serde_json::to_string(&xs)?,
+            )]),
         })
         .await
         .map_err(crate::client::status)?
@@ -429,7 +432,10 @@ async fn run_scatter(
             });
         }
         if started.elapsed() > timeout {
-            bail!("the scatter of {n} elements did not end within {} s", timeout.as_secs());
+            bail!(
+                "the scatter of {n} elements did not end within {} s",
+                timeout.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -628,8 +628,16 @@ fn port_type(p: &Value) -> Value {
         match t {
             Value::String(s) => matches!(
                 s.as_str(),
-                "null" | "boolean" | "int" | "long" | "float" | "double" | "string" | "File"
-                    | "Directory" | "Any"
+                "null"
+                    | "boolean"
+                    | "int"
+                    | "long"
+                    | "float"
+                    | "double"
+                    | "string"
+                    | "File"
+                    | "Directory"
+                    | "Any"
             ),
             Value::Array(a) => a.iter().all(plain),
             Value::Object(o) => match o.get("type").and_then(Value::as_str) {
@@ -685,7 +693,10 @@ fn template_of(
                 inherited.push(r.clone());
                 // Step expressions read these too.
                 if k == "requirements"
-                    && matches!(class, "InlineJavascriptRequirement" | "SchemaDefRequirement")
+                    && matches!(
+                        class,
+                        "InlineJavascriptRequirement" | "SchemaDefRequirement"
+                    )
                 {
                     stay.push(r.clone());
                 }
@@ -730,8 +741,7 @@ fn template_of(
         }
         let mut run = s.get("run").cloned().unwrap_or(Value::Null);
         if run.get("class").and_then(Value::as_str) == Some("Workflow") {
-            run = template_of(&run, None, &below)
-                .map_err(|e| format!("step `{id}`: {e}"))?;
+            run = template_of(&run, None, &below).map_err(|e| format!("step `{id}`: {e}"))?;
         } else if let Value::Object(m) = &mut run {
             m.remove("cwlVersion");
             m.remove("$dir");
@@ -829,7 +839,7 @@ fn template_of(
         let Some(id) = o.get("id").and_then(Value::as_str) else {
             continue;
         };
-        let t = template_type(caroni_cwl::port_kind(o));
+        let t = port_type(o);
         let source = match o.get("outputSource") {
             Some(Value::String(s)) => json!(short_source(s, &step_ids)),
             Some(Value::Array(l)) => Value::Array(
@@ -855,7 +865,12 @@ fn template_of(
         Some(i) => i,
         None => {
             let mut m = Map::new();
-            for p in wf.get("inputs").and_then(Value::as_array).into_iter().flatten() {
+            for p in wf
+                .get("inputs")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 let Some(id) = p.get("id").and_then(Value::as_str) else {
                     continue;
                 };

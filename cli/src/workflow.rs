@@ -248,7 +248,12 @@ async fn print_subworkflows(ctx: &Context, w: &pb::Workflow, depth: usize) -> an
         let scatter = s.elements.as_ref().is_some_and(|e| e.scatter);
         if scatter {
             for c in s.children.iter().take(5) {
-                say!("{pad}  element {}: workflow {} {}", c.index, c.workflow_id, c.state);
+                say!(
+                    "{pad}  element {}: workflow {} {}",
+                    c.index,
+                    c.workflow_id,
+                    c.state
+                );
             }
             if s.children.len() > 5 {
                 say!("{pad}  … `caroni workflow show ID` shows any element's workflow");
@@ -306,7 +311,10 @@ fn progress_lines(w: &pb::Workflow) -> Vec<String> {
             String::new()
         };
         let what = elements_line(s).unwrap_or_else(|| s.job_type.clone());
-        lines.push(format!("  {:<12} {:<10} {what}{agent}{tries}", s.id, s.state));
+        lines.push(format!(
+            "  {:<12} {:<10} {what}{agent}{tries}",
+            s.id, s.state
+        ));
     }
     lines
 }

@@ -6,8 +6,8 @@
 //! calls them; nothing here does I/O beyond the expression engine.
 
 use caroni_cwl_exec::expr::{Evaluator, Limits};
-pub use caroni_cwl_exec::types::Names;
 use caroni_cwl_exec::types::from_text;
+pub use caroni_cwl_exec::types::Names;
 use serde_json::{json, Value as J};
 
 use crate::{Dynamic, LinkMerge, PickValue, ScatterMethod};
@@ -114,16 +114,13 @@ impl Shape {
         for name in &d.scatter {
             match inputs.get(name) {
                 Some(J::Array(a)) => dims.push(a.len() as u32),
-                other => {
-                    return Err(format!(
-                        "scatter input `{name}` is {}, not a list; a scattered input must be an array",
-                        describe(other.unwrap_or(&J::Null))
-                    ))
-                }
+                other => return Err(format!(
+                    "scatter input `{name}` is {}, not a list; a scattered input must be an array",
+                    describe(other.unwrap_or(&J::Null))
+                )),
             }
         }
-        if d.scatter_method == ScatterMethod::Dotproduct && dims.windows(2).any(|w| w[0] != w[1])
-        {
+        if d.scatter_method == ScatterMethod::Dotproduct && dims.windows(2).any(|w| w[0] != w[1]) {
             return Err(format!(
                 "dotproduct scatter over inputs of different lengths ({}); give lists of one length or use a crossproduct",
                 d.scatter
@@ -281,6 +278,30 @@ pub fn with_names(value: &J) -> J {
     v
 }
 
+/// `value` in the form it travels in: the fields expressions read that
+/// are computed where a file is placed (`nameroot`, `nameext`,
+/// `contents`, `path`, `location`, `dirname`, `checksum`) are taken out of
+/// every uploaded File and Directory (one with a `sha256`, or a Directory
+/// listing them).
+pub fn travel_form(value: &mut J) {
+    match value {
+        J::Object(m) => {
+            let class = m.get("class").and_then(J::as_str).map(str::to_string);
+            let uploaded = m.contains_key("sha256") || class.as_deref() == Some("Directory");
+            if uploaded && matches!(class.as_deref(), Some("File" | "Directory")) {
+                for k in [
+                    "nameroot", "nameext", "contents", "path", "location", "dirname", "checksum",
+                ] {
+                    m.remove(k);
+                }
+            }
+            m.values_mut().for_each(travel_form);
+        }
+        J::Array(a) => a.iter_mut().for_each(travel_form),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,7 +321,10 @@ mod tests {
         let values = (0..6).map(|k| json!(k)).collect();
         assert_eq!(s.gather(values), json!([[0, 1, 2], [3, 4, 5]]));
         let flat = shape(&[2, 3], ScatterMethod::FlatCrossproduct);
-        assert_eq!(flat.gather((0..6).map(|k| json!(k)).collect()), json!([0, 1, 2, 3, 4, 5]));
+        assert_eq!(
+            flat.gather((0..6).map(|k| json!(k)).collect()),
+            json!([0, 1, 2, 3, 4, 5])
+        );
     }
 
     #[test]
@@ -315,11 +339,24 @@ mod tests {
 
     #[test]
     fn merge_and_pick_follow_the_specification() {
-        assert_eq!(merge(vec![json!(1), json!([2, 3])], Some(LinkMerge::Flattened), true), json!([1, 2, 3]));
-        assert_eq!(merge(vec![json!(1)], Some(LinkMerge::Nested), false), json!([1]));
+        assert_eq!(
+            merge(
+                vec![json!(1), json!([2, 3])],
+                Some(LinkMerge::Flattened),
+                true
+            ),
+            json!([1, 2, 3])
+        );
+        assert_eq!(
+            merge(vec![json!(1)], Some(LinkMerge::Nested), false),
+            json!([1])
+        );
         assert_eq!(merge(vec![json!(1), json!(2)], None, true), json!([1, 2]));
         let v = json!([null, "a", "b"]);
-        assert_eq!(pick(v.clone(), PickValue::FirstNonNull, "x"), Ok(json!("a")));
+        assert_eq!(
+            pick(v.clone(), PickValue::FirstNonNull, "x"),
+            Ok(json!("a"))
+        );
         assert!(pick(v.clone(), PickValue::TheOnlyNonNull, "x").is_err());
         assert_eq!(pick(v, PickValue::AllNonNull, "x"), Ok(json!(["a", "b"])));
         assert!(pick(json!([null, null]), PickValue::FirstNonNull, "x").is_err());

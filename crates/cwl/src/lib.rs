@@ -204,6 +204,10 @@ pub struct Step {
     /// step that is one job fed as its sources deliver.
     #[serde(default)]
     pub dynamic: Option<Dynamic>,
+    /// The CWL type of each output its process declares (of one element),
+    /// as JSON: values are read by it where the manager combines them.
+    #[serde(default)]
+    pub output_types: BTreeMap<String, String>,
 }
 
 /// A bound input of a step.

@@ -436,13 +436,21 @@ fn workflow_in(m: &Mapping, inherited: &Inherited) -> Result<Workflow, Error> {
         let link_merge = link_merge(b, &e.at)?;
         let pick_value = pick_value(b, &e.at)?;
         let many = sources.len() > 1 || link_merge.is_some() || pick_value.is_some();
-        let declared = if many { declared.or(Some(Kind::Data)) } else { declared };
+        let declared = if many {
+            declared.or(Some(Kind::Data))
+        } else {
+            declared
+        };
         outputs.push((
             WorkflowOutput {
                 id: e.id.clone(),
                 source: sources[0].clone(),
                 kind: declared.unwrap_or_default(),
-                sources: if sources.len() > 1 { sources } else { Vec::new() },
+                sources: if sources.len() > 1 {
+                    sources
+                } else {
+                    Vec::new()
+                },
                 link_merge,
                 pick_value,
             },
@@ -600,11 +608,9 @@ fn parse_source(s: &str) -> Source {
 fn default_text(v: &Value) -> Option<String> {
     match v {
         Value::Null => None,
-        other => scalar_string(other).or_else(|| {
-            serde_json::to_value(other)
-                .ok()
-                .map(|j| j.to_string())
-        }),
+        other => {
+            scalar_string(other).or_else(|| serde_json::to_value(other).ok().map(|j| j.to_string()))
+        }
     }
 }
 
@@ -656,9 +662,11 @@ fn binding(body: &Value, at: &str) -> Result<Binding, Error> {
                         .ok_or_else(|| invalid(at, "sources must be strings"))
                 })
                 .collect(),
-            v => Ok(vec![parse_source(
-                &scalar_string(v).ok_or_else(|| invalid(at, "a source must be a string"))?,
-            )]),
+            v => {
+                Ok(vec![parse_source(&scalar_string(v).ok_or_else(|| {
+                    invalid(at, "a source must be a string")
+                })?)])
+            }
         }
     };
     match body {
@@ -673,7 +681,10 @@ fn binding(body: &Value, at: &str) -> Result<Binding, Error> {
             value_from: match get(ib, "valueFrom") {
                 None | Some(Value::Null) => None,
                 Some(v) => Some(scalar_string(v).ok_or_else(|| {
-                    invalid(format!("{at}.valueFrom"), "must be a string (an expression)")
+                    invalid(
+                        format!("{at}.valueFrom"),
+                        "must be a string (an expression)",
+                    )
                 })?),
             },
             load_contents: matches!(get(ib, "loadContents"), Some(Value::Bool(true))),
@@ -692,6 +703,8 @@ struct Process {
     outputs: Vec<(String, Kind)>,
     /// The CWL type of each input, as JSON text.
     types: BTreeMap<String, String>,
+    /// The CWL type of each output, as JSON text.
+    output_types: BTreeMap<String, String>,
     /// A real CWL tool as JSON.
     cwl_tool: Option<String>,
     /// A sub-workflow.
@@ -727,7 +740,7 @@ fn process(
         };
         caroni_cwl_exec::load::params(&norm, key)
             .into_iter()
-            .filter_map(|(id, p)| Some((id, p.get("type")?.to_string())))
+            .map(|(id, t)| (id, t.to_string()))
             .collect()
     };
     if get(tool, "class").and_then(Value::as_str) == Some("Workflow") {
@@ -744,6 +757,7 @@ fn process(
                 .collect(),
             outputs: sub.outputs.iter().map(|o| (o.id.clone(), o.kind)).collect(),
             types: types_of("inputs"),
+            output_types: types_of("outputs"),
             cwl_tool: None,
             sub: Some(sub),
         }));
@@ -754,6 +768,7 @@ fn process(
             inputs,
             outputs,
             types: types_of("inputs"),
+            output_types: types_of("outputs"),
             cwl_tool: Some(json),
             sub: None,
         }));
@@ -792,6 +807,7 @@ fn process(
         inputs: ins,
         outputs: outs,
         types: types_of("inputs"),
+        output_types: types_of("outputs"),
         cwl_tool: None,
         sub: None,
     }))
@@ -870,7 +886,9 @@ fn step(e: &Entry<'_>, here: &Inherited) -> Result<(Step, BTreeMap<String, bool>
             named_kvs,
         ),
     };
-    let real = proc.as_ref().is_some_and(|p| p.cwl_tool.is_some() || p.sub.is_some());
+    let real = proc
+        .as_ref()
+        .is_some_and(|p| p.cwl_tool.is_some() || p.sub.is_some());
 
     // Bindings from `in`.
     let mut bindings: BTreeMap<String, Binding> = BTreeMap::new();
@@ -915,7 +933,10 @@ fn step(e: &Entry<'_>, here: &Inherited) -> Result<(Step, BTreeMap<String, bool>
         if !bindings.contains_key(name) {
             return Err(invalid(
                 format!("{at}.scatter"),
-                format!("`{name}` is not an input of this step (its inputs: {})", binding_order.join(", ")),
+                format!(
+                    "`{name}` is not an input of this step (its inputs: {})",
+                    binding_order.join(", ")
+                ),
             ));
         }
     }
@@ -945,13 +966,19 @@ fn step(e: &Entry<'_>, here: &Inherited) -> Result<(Step, BTreeMap<String, bool>
     };
 
     let mut types = BTreeMap::new();
+    let mut output_types = BTreeMap::new();
     let mut sub = None;
     let (inputs, outputs, output_kinds) = match proc {
         Some(p) => {
             types = p.types;
+            output_types = p.output_types;
             sub = p.sub;
             let (tin, tout) = (p.inputs, p.outputs);
-            if !real {
+            // Inputs the tool does not declare are for the step's
+            // expressions; without any they are a mistake.
+            let expressions =
+                get(b, "when").is_some() || bindings.values().any(|bd| bd.value_from.is_some());
+            if !real && !expressions {
                 for name in bindings.keys() {
                     if !tin.iter().any(|(n, _, _)| n == name) {
                         return Err(invalid(
@@ -978,9 +1005,11 @@ fn step(e: &Entry<'_>, here: &Inherited) -> Result<(Step, BTreeMap<String, bool>
             let mut inputs = Vec::new();
             for (name, tool_default, kind) in tin {
                 let bd = bindings.remove(&name).unwrap_or_default();
-                let default = bd.default.clone().or(if real { None } else { tool_default });
-                if bd.sources.is_empty() && default.is_none() && bd.value_from.is_none() && real
-                {
+                let default = bd
+                    .default
+                    .clone()
+                    .or(if real { None } else { tool_default });
+                if bd.sources.is_empty() && default.is_none() && bd.value_from.is_none() && real {
                     // A real tool applies its own default, or checks that
                     // the input may be absent, when it runs.
                     inputs.push((
@@ -996,7 +1025,10 @@ fn step(e: &Entry<'_>, here: &Inherited) -> Result<(Step, BTreeMap<String, bool>
                 if bd.sources.is_empty() && default.is_none() && bd.value_from.is_none() {
                     return Err(invalid(format!("{at}.in"), format!("input `{name}` of the step's tool has no source and no default; bind it under `in:`")));
                 }
-                inputs.push((input_of(name, bd, default, kind.unwrap_or_default(), false), kind.is_some()));
+                inputs.push((
+                    input_of(name, bd, default, kind.unwrap_or_default(), false),
+                    kind.is_some(),
+                ));
             }
             // Inputs the process does not declare: seen by the step's
             // expressions, not passed on.
@@ -1055,7 +1087,15 @@ fn step(e: &Entry<'_>, here: &Inherited) -> Result<(Step, BTreeMap<String, bool>
         let subworkflow = sub.is_some();
         let body = match sub {
             Some(w) => w,
-            None => one_step(&e.id, &job_type, &job_kvs, &inputs_only, &outputs, &output_kinds, here),
+            None => one_step(
+                &e.id,
+                &job_type,
+                &job_kvs,
+                &inputs_only,
+                &outputs,
+                &output_kinds,
+                here,
+            ),
         };
         let expressions = expression_reqs(b, at, &here.expressions)?;
         Some(Dynamic {
@@ -1070,6 +1110,14 @@ fn step(e: &Entry<'_>, here: &Inherited) -> Result<(Step, BTreeMap<String, bool>
     } else {
         None
     };
+    // Inputs the process does not declare matter only to expressions: a
+    // step without any drops them (CWL: they are not passed on).
+    let mut inputs_only = inputs_only;
+    let mut inputs = inputs;
+    if dynamic.is_none() {
+        inputs_only.retain(|i| !i.hidden);
+        inputs.retain(|(i, _)| !i.hidden);
+    }
     // A scattered step's outputs are lists of its elements' outputs.
     let output_kinds = if scatter.is_empty() {
         output_kinds
@@ -1097,6 +1145,7 @@ fn step(e: &Entry<'_>, here: &Inherited) -> Result<(Step, BTreeMap<String, bool>
             outputs,
             output_kinds,
             dynamic,
+            output_types,
         },
         inputs
             .into_iter()
@@ -1105,7 +1154,13 @@ fn step(e: &Entry<'_>, here: &Inherited) -> Result<(Step, BTreeMap<String, bool>
     ))
 }
 
-fn input_of(name: String, bd: Binding, default: Option<String>, kind: Kind, hidden: bool) -> StepInput {
+fn input_of(
+    name: String,
+    bd: Binding,
+    default: Option<String>,
+    kind: Kind,
+    hidden: bool,
+) -> StepInput {
     let many = bd.sources.len() > 1;
     StepInput {
         name,
@@ -1133,13 +1188,22 @@ fn one_step(
     here: &Inherited,
 ) -> Workflow {
     let passed: Vec<&StepInput> = inputs.iter().filter(|i| !i.hidden).collect();
+    // A real tool reads its values by its own types: after a scatter or an
+    // expression a value may carry files anywhere.
+    let kind = |i: &StepInput| {
+        if job_type == caroni_types::CWL_TOOL_JOB_TYPE {
+            Kind::Data
+        } else {
+            i.kind
+        }
+    };
     Workflow {
         inputs: passed
             .iter()
             .map(|i| WorkflowInput {
                 id: i.name.clone(),
                 default: Some("null".into()),
-                kind: i.kind,
+                kind: kind(i),
             })
             .collect(),
         outputs: outputs
@@ -1165,13 +1229,14 @@ fn one_step(
                 .map(|i| StepInput {
                     name: i.name.clone(),
                     source: Some(Source::Input(i.name.clone())),
-                    kind: i.kind,
+                    kind: kind(i),
                     ..StepInput::default()
                 })
                 .collect(),
             outputs: outputs.to_vec(),
             output_kinds: output_kinds.clone(),
             dynamic: None,
+            output_types: BTreeMap::new(),
         }],
         max_attempts: here.max_attempts,
     }

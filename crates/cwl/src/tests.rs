@@ -141,9 +141,15 @@ fn scatter_makes_a_dynamic_step_and_its_errors_say_where() {
     assert_eq!(d.scatter, vec!["i".to_string()]);
     assert_eq!(d.body.steps.len(), 1, "each element runs the step's job");
     let e = err(&one_step("    scatter: nope\n"));
-    assert!(e.contains("steps.s1.scatter") && e.contains("`nope` is not an input"), "{e}");
+    assert!(
+        e.contains("steps.s1.scatter") && e.contains("`nope` is not an input"),
+        "{e}"
+    );
     let e = err(&one_step("    scatter: i\n    scatterMethod: diagonal\n"));
-    assert!(e.contains("steps.s1.scatterMethod") && e.contains("diagonal"), "{e}");
+    assert!(
+        e.contains("steps.s1.scatterMethod") && e.contains("diagonal"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -267,7 +273,10 @@ fn a_sub_workflow_is_parsed_whole_and_its_errors_say_where() {
     let e = err(&one_step(
         "    run: {class: Workflow, inputs: {}, outputs: {}, steps: {}}\n",
     ));
-    assert!(e.contains("steps.s1.run.steps") && e.contains("empty"), "{e}");
+    assert!(
+        e.contains("steps.s1.run.steps") && e.contains("empty"),
+        "{e}"
+    );
     let wf = parse(&one_step(
         "    run: {class: Workflow, inputs: {i: string}, outputs: {o: {type: string, outputSource: inner/o}}, steps: {inner: {hints: {CaroniRequirement: {CaroniJobName: j}}, in: {a: i}, out: [o]}}}\n",
     ))
@@ -275,7 +284,10 @@ fn a_sub_workflow_is_parsed_whole_and_its_errors_say_where() {
     let d = wf.steps[0].dynamic.as_ref().expect("a dynamic step");
     assert!(d.subworkflow);
     assert_eq!(d.body.steps[0].id, "inner");
-    assert_eq!(wf.steps[0].job_type, "", "a sub-workflow step names no job type");
+    assert_eq!(
+        wf.steps[0].job_type, "",
+        "a sub-workflow step names no job type"
+    );
 }
 
 #[test]
@@ -313,14 +325,16 @@ steps:
 fn step_expressions_and_several_sources_make_a_dynamic_step() {
     let e = err(&one_step("    run: tool.cwl\n"));
     assert!(e.contains("external tool reference"), "{e}");
-    let wf = parse("class: Workflow
+    let wf = parse(
+        "class: Workflow
 inputs: {x: string, z: string}
 outputs: {y: {outputSource: [s1/o, x], pickValue: first_non_null}}
 steps:
   s1:
     hints: {CaroniRequirement: {CaroniJobName: j}}
     in: {i: {source: [x, z], linkMerge: merge_flattened, valueFrom: '$(self[0])'}}
-    out: [o]")
+    out: [o]",
+    )
     .expect("parses");
     let i = &wf.steps[0].inputs[0];
     assert_eq!(i.all_sources().len(), 2);
@@ -567,4 +581,35 @@ steps:
         "class: Workflow\ninputs: {d: File}\noutputs: []\nsteps:\n  s:\n    run:\n      class: CommandLineTool\n      baseCommand: ls\n      inputs: {d: int}\n      outputs: []\n    in: {d: d}\n    out: []\n",
     );
     assert!(e.contains("carries File"), "{e}");
+}
+
+#[test]
+fn a_real_tool_step_keeps_its_port_types_to_read_values_by() {
+    let wf = parse(
+        r#"class: Workflow
+requirements: {ScatterFeatureRequirement: {}}
+inputs: {xs: {type: Any}}
+outputs: {y: {type: Any, outputSource: s1/out1}}
+steps:
+  s1:
+    run:
+      class: CommandLineTool
+      inputs: [{id: in1, type: int}]
+      baseCommand: [echo]
+      outputs: [{id: out1, type: string, outputBinding: {outputEval: $(inputs.in1)}}]
+    scatter: in1
+    in: {in1: xs}
+    out: [out1]"#,
+    )
+    .expect("parses");
+    let s = &wf.steps[0];
+    assert_eq!(
+        s.output_types.get("out1").map(String::as_str),
+        Some("\"string\"")
+    );
+    let d = s.dynamic.as_ref().expect("dynamic");
+    assert_eq!(
+        d.input_types.get("in1").map(String::as_str),
+        Some("\"int\"")
+    );
 }

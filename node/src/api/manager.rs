@@ -168,8 +168,7 @@ pub fn workflow_to_pb(w: &Workflow, full: bool) -> pb::Workflow {
                         scatter: f.shape.scatters(),
                     }),
                     children: Vec::new(),
-                    subworkflow: s.dynamic
-                        && s.job_type.is_empty(),
+                    subworkflow: s.dynamic && s.job_type.is_empty(),
                     declines: match (&s.request, full) {
                         (Some(r), true) => r
                             .declines

@@ -79,15 +79,21 @@ impl Manager {
             if self.pending.is_empty() && self.notices.is_empty() {
                 break;
             }
-            if before == self.waiting.len() && self.pending.is_empty() && self.notices.is_empty()
-            {
+            if before == self.waiting.len() && self.pending.is_empty() && self.notices.is_empty() {
                 break;
             }
         }
     }
 
     /// Makes the child workflow of one element.
-    fn spawn(&mut self, parent: Uuid, sp: Spawn, now: &mut Now<'_>, world: &dyn World, out: &mut Out) {
+    fn spawn(
+        &mut self,
+        parent: Uuid,
+        sp: Spawn,
+        now: &mut Now<'_>,
+        world: &dyn World,
+        out: &mut Out,
+    ) {
         let Some(p) = self.live.get(&parent) else {
             return;
         };
@@ -108,8 +114,10 @@ impl Manager {
         let mut wf = match Workflow::create(id, &template, &body, sp.inputs, now.ms) {
             Ok(wf) => wf,
             Err(e) => {
-                self.notices
-                    .push_back(Notice::Ended(link, Err(format!("its inputs are refused: {e}"))));
+                self.notices.push_back(Notice::Ended(
+                    link,
+                    Err(format!("its inputs are refused: {e}")),
+                ));
                 return;
             }
         };

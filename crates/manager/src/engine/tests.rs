@@ -392,8 +392,16 @@ fn ended(t: &T, id: Uuid) -> &Workflow {
 fn a_scatter_runs_one_child_per_element_skips_by_condition_and_gathers_in_order() {
     let mut t = T::new(manager(512, None));
     let (id, out) = t.run_template(SCATTER, &[("words", r#"["a","skip","c","d"]"#)]);
-    assert_eq!(out.created.len(), 4, "the workflow and three children (one element skipped)");
-    assert_eq!(out.publish.len(), 3, "one request per child; none for the step itself");
+    assert_eq!(
+        out.created.len(),
+        4,
+        "the workflow and three children (one element skipped)"
+    );
+    assert_eq!(
+        out.publish.len(),
+        3,
+        "one request per child; none for the step itself"
+    );
     let jobs = t.serve(out, &|_| false);
     assert_eq!(jobs, 3);
     let wf = ended(&t, id);

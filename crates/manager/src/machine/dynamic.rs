@@ -115,7 +115,6 @@ impl Workflow {
                         .map(|v| &**v)
                         .unwrap_or("null");
                     dynamic_rules::read(text, if combined { None } else { ty }, &ex.names)
-
                 })
                 .collect();
             let mut v = if sources.is_empty() {
@@ -232,7 +231,8 @@ impl Workflow {
         }
         let mut inputs = BTreeMap::new();
         for bi in &d.body.inputs {
-            let v = fin.get(&bi.id).cloned().unwrap_or(J::Null);
+            let mut v = fin.get(&bi.id).cloned().unwrap_or(J::Null);
+            dynamic_rules::travel_form(&mut v);
             if v.is_null() && bi.default.as_deref().is_some_and(|x| x != "null") {
                 // The process's own default applies.
                 continue;
@@ -298,15 +298,22 @@ impl Workflow {
             return fx;
         }
         let names = dynamic_rules::Names::default();
+        let types = self
+            .plan
+            .as_ref()
+            .and_then(|p| p.steps.get(n))
+            .map(|s| s.output_types.clone())
+            .unwrap_or_default();
         let mut results = BTreeMap::new();
         for o in self.steps[n].outputs.clone() {
+            let ty = types.get(&o).map(String::as_str);
             let v: Value = if fan.shape.scatters() {
                 let items = elements
                     .iter()
                     .map(|e| {
                         e.as_ref()
                             .and_then(|m| m.get(&o))
-                            .map(|t| dynamic_rules::read(t, None, &names))
+                            .map(|t| dynamic_rules::read(t, ty, &names))
                             .unwrap_or(J::Null)
                     })
                     .collect();
@@ -375,17 +382,37 @@ impl Workflow {
                 .into_iter()
                 .map(|src| {
                     let text = self.source_value(src);
-                    dynamic_rules::read(text.as_deref().unwrap_or("null"), None, &names)
+                    dynamic_rules::read(
+                        text.as_deref().unwrap_or("null"),
+                        self.source_type(src).as_deref(),
+                        &names,
+                    )
                 })
                 .collect();
             let mut v = dynamic_rules::merge(values, o.link_merge, many);
             if let Some(p) = o.pick_value {
                 v = dynamic_rules::pick(v, p, &format!("workflow output {}", o.id))?;
             }
-            self.outputs
-                .insert(o.id.clone(), Value::from(dynamic_rules::write(&v, None, &names)));
+            self.outputs.insert(
+                o.id.clone(),
+                Value::from(dynamic_rules::write(&v, None, &names)),
+            );
         }
         Ok(())
+    }
+
+    /// The CWL type a source's value is read by, where the text alone is
+    /// not enough: a step output's declared type (a scattered step's
+    /// outputs are JSON lists).
+    fn source_type(&self, src: &Source) -> Option<String> {
+        let Source::StepOutput { step, output } = src else {
+            return None;
+        };
+        let s = self.plan.as_ref()?.steps.iter().find(|s| &s.id == step)?;
+        if s.dynamic.as_ref().is_some_and(|d| !d.scatter.is_empty()) {
+            return None;
+        }
+        s.output_types.get(output).cloned()
     }
 
     /// The value a source has now (a workflow input or a step's result).
@@ -409,12 +436,10 @@ fn load_contents(v: &mut J, ctx: &Ctx<'_>) -> Result<(), String> {
     let Ok(f) = caroni_types::file::FileRef::of_data(v) else {
         return Ok(());
     };
-    let bytes = ctx.blobs.head(&f, CONTENTS_BYTES).ok_or_else(|| {
-        format!(
-            "loadContents: file {} is not on this manager",
-            f.describe()
-        )
-    })?;
+    let bytes = ctx
+        .blobs
+        .head(&f, CONTENTS_BYTES)
+        .ok_or_else(|| format!("loadContents: file {} is not on this manager", f.describe()))?;
     v["contents"] = J::String(String::from_utf8_lossy(&bytes).into_owned());
     Ok(())
 }
