@@ -714,6 +714,19 @@ fn template_of(
             inherited.push(r.clone());
         }
     }
+    // Workflow inputs whose contents are loaded: every step reading one
+    // loads them (the manager does, before the step's expressions).
+    let loaded: Vec<String> = wf
+        .get("inputs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|p| {
+            p.get("loadContents") == Some(&json!(true))
+                || p.pointer("/inputBinding/loadContents") == Some(&json!(true))
+        })
+        .filter_map(|p| p.get("id").and_then(Value::as_str).map(str::to_string))
+        .collect();
     let mut out_steps = Map::new();
     for s in &steps {
         let id = s
@@ -793,6 +806,16 @@ fn template_of(
                 if let Some(v) = i.get(k) {
                     b.insert(k.into(), v.clone());
                 }
+            }
+            let reads_loaded = b.get("source").is_some_and(|src| match src {
+                Value::String(x) => loaded.contains(x),
+                Value::Array(l) => l
+                    .iter()
+                    .any(|x| x.as_str().is_some_and(|x| loaded.iter().any(|l| l == x))),
+                _ => false,
+            });
+            if reads_loaded && b.contains_key("valueFrom") {
+                b.insert("loadContents".into(), json!(true));
             }
             ins.insert(name.to_string(), Value::Object(b));
         }

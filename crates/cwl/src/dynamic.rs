@@ -114,10 +114,12 @@ impl Shape {
         for name in &d.scatter {
             match inputs.get(name) {
                 Some(J::Array(a)) => dims.push(a.len() as u32),
-                other => return Err(format!(
+                other => {
+                    return Err(format!(
                     "scatter input `{name}` is {}, not a list; a scattered input must be an array",
                     describe(other.unwrap_or(&J::Null))
-                )),
+                ))
+                }
             }
         }
         if d.scatter_method == ScatterMethod::Dotproduct && dims.windows(2).any(|w| w[0] != w[1]) {
@@ -173,16 +175,23 @@ impl Shape {
     /// The input object of element `k`: each scattered input replaced by
     /// its item.
     pub fn element(&self, d: &Dynamic, inputs: &J, k: u64) -> J {
-        let mut obj = inputs.clone();
-        for (name, i) in d.scatter.iter().zip(self.indexes(k)) {
-            let item = inputs
-                .get(name)
-                .and_then(|a| a.get(i))
-                .cloned()
-                .unwrap_or(J::Null);
-            obj[name] = item;
-        }
-        obj
+        let Some(all) = inputs.as_object() else {
+            return inputs.clone();
+        };
+        let idx = self.indexes(k);
+        // Each input copied once, a scattered one as its item only (never
+        // the whole list: a step of N elements would copy N² items).
+        let obj = all
+            .iter()
+            .map(|(name, v)| {
+                let v = match d.scatter.iter().position(|s| s == name) {
+                    Some(p) => v.get(idx[p]).cloned().unwrap_or(J::Null),
+                    None => v.clone(),
+                };
+                (name.clone(), v)
+            })
+            .collect();
+        J::Object(obj)
     }
 
     /// The output of the step from its elements' values, in element

@@ -62,6 +62,28 @@ class Decline:
 
 
 @dataclass(frozen=True)
+class Elements:
+    """A dynamic step's elements (scatter, condition, sub-workflow), by state."""
+
+    total: int
+    waiting: int
+    live: int
+    completed: int
+    skipped: int
+    failed: int
+    scatter: bool
+
+
+@dataclass(frozen=True)
+class ElementChild:
+    """The child workflow that runs one element of a dynamic step."""
+
+    index: int
+    workflow_id: str
+    state: str
+
+
+@dataclass(frozen=True)
 class Step:
     """One step of a workflow."""
 
@@ -75,10 +97,19 @@ class Step:
     request_state: str
     attempt_history: List[Attempt]
     declines: List[Decline]
+    elements: Optional[Elements] = None
+    children: List[ElementChild] = field(default_factory=list)
+    subworkflow: bool = False
 
     @classmethod
     def from_pb(cls, m: manager_pb2.WorkflowStep) -> "Step":
+        e = m.elements if m.HasField("elements") else None
         return cls(
+            elements=None
+            if e is None
+            else Elements(e.total, e.waiting, e.live, e.completed, e.skipped, e.failed, e.scatter),
+            children=[ElementChild(c.index, c.workflow_id, c.state) for c in m.children],
+            subworkflow=m.subworkflow,
             id=m.id,
             job_type=m.job_type,
             state=m.state,

@@ -138,7 +138,10 @@ impl Workflow {
     /// Decides the next elements of step `n` while fewer than
     /// [`FAN_WINDOW`] are live; gathers when every element has ended.
     pub(super) fn fill(&mut self, n: usize, ctx: &mut Ctx<'_>, fx: &mut Vec<Effect>) {
-        let Some(d) = self.plan_step(n).and_then(|s| s.dynamic.clone()) else {
+        let Some(plan) = self.plan.clone() else {
+            return;
+        };
+        let Some(d) = plan.steps.get(n).and_then(|s| s.dynamic.as_ref()) else {
             return;
         };
         if self.steps[n].prepared.is_none() {
@@ -164,7 +167,7 @@ impl Workflow {
             }
             let k = fan.decided;
             let shape = fan.shape.clone();
-            let ex = ex.get_or_insert_with(|| Expressions::of(&d));
+            let ex = ex.get_or_insert_with(|| Expressions::of(d));
             let element = match self.element(n, &shape, &prepared, k, ex, ctx) {
                 Ok(e) => e,
                 Err(why) => {

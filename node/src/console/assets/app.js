@@ -249,9 +249,14 @@ function elementsCell(s) {
   const e = s.elements;
   const text = elementsText(s);
   if (!text) return "";
-  const kids = (s.children || []).map(c => `<li><a href="#/workflow/${encodeURIComponent(c.workflow_id)}">${e && e.scatter ? "element " + esc(c.index) : "workflow"}</a> ${badge(c.state)}</li>`).join("");
-  const more = e && e.total > (s.children || []).length && kids ? `<li class="muted">first ${(s.children || []).length} of ${esc(e.total)}</li>` : "";
-  return `<span class="elements">${esc(text)}</span>` + (kids ? `<details class="children"><summary>${s.subworkflow ? "sub-workflow" : "elements"}</summary><ul>${kids}${more}</ul></details>` : "");
+  const children = s.children || [];
+  if (s.subworkflow && e && !e.scatter && children.length) {
+    // A sub-workflow's steps, shown under its step.
+    return `<span class="elements">${esc(text)}</span><details class="children" open><summary>sub-workflow steps</summary><div class="sub" data-child="${esc(children[0].workflow_id)}">loading…</div></details>`;
+  }
+  const kids = children.map(c => `<li><a href="#/workflow/${encodeURIComponent(c.workflow_id)}">${e && e.scatter ? "element " + esc(c.index) : "workflow"}</a> ${badge(c.state)}</li>`).join("");
+  const more = e && e.total > children.length && kids ? `<li class="muted">first ${children.length} of ${esc(e.total)}</li>` : "";
+  return `<span class="elements">${esc(text)}</span>` + (kids ? `<details class="children"><summary>${s.subworkflow ? "sub-workflows" : "elements"}</summary><ul>${kids}${more}</ul></details>` : "");
 }
 
 // Layered drawing of the workflow graph: inputs, steps by depth, outputs.
@@ -266,7 +271,7 @@ function dagSvg(w) {
     if (!nodes.has(id)) nodes.set(id, { kind: isSource ? "input" : "output", label: endpoint, sub: isSource ? "input" : "output" });
     return { node: id, port: "" };
   };
-  for (const s of w.steps) nodes.set("step:" + s.id, { kind: "step", label: s.id + (s.subworkflow ? " ⊞" : s.elements && s.elements.scatter ? " ⧉" : ""), sub: elementsText(s) || s.job_type, state: s.state, step: s });
+  for (const s of w.steps) nodes.set("step:" + s.id, { kind: "step", label: s.id + (s.subworkflow ? " ⊞" : "") + (s.elements && s.elements.scatter ? " ×" + s.elements.total : ""), sub: elementsText(s) || s.job_type, state: s.state, step: s });
   for (const d of w.dataflows) {
     const a = ref(d.source, true), b = ref(d.destination, false);
     const label = [a.port, b.port].filter(Boolean).join(" → ");
@@ -319,11 +324,29 @@ function dagSvg(w) {
   return svg + "</svg>";
 }
 
+// What to say when a workflow has no attempt of its own.
+function noAttempts(w) {
+  return w.steps.some(s => s.elements)
+    ? `<p class="muted">No jobs of its own yet: the jobs of its dynamic steps run in their elements' workflows (Steps → elements).</p>`
+    : `<p class="muted">No attempts yet.</p>`;
+}
+
+// The steps of each sub-workflow shown open under its step.
+async function fillSubworkflows(root) {
+  for (const el of root.querySelectorAll(".sub[data-child]")) {
+    try {
+      const c = await api("/api/workflows/" + encodeURIComponent(el.dataset.child));
+      el.innerHTML = `<table class="substeps">${c.steps.map(s => `<tr data-step="${esc(s.id)}"><td>${esc(s.id)}</td><td>${badge(s.state)}</td><td class="muted">${esc(elementsText(s) || s.job_type)}</td></tr>`).join("")}</table>
+        <a href="#/workflow/${encodeURIComponent(c.id)}">open its workflow</a>`;
+    } catch (e) { el.textContent = String(e.message || e); }
+  }
+}
+
 // One bar per attempt, on a common time axis.
 function timelineSvg(w) {
   const rows = [];
   for (const s of w.steps) s.attempt_history.forEach((a, i) => rows.push({ s, a, i }));
-  if (!rows.length) return `<p class="muted">No attempts yet.</p>`;
+  if (!rows.length) return noAttempts(w);
   const now = Date.now();
   const t0 = Math.min(ms(w.created_at), ...rows.map(r => ms(r.a.started_at)).filter(x => !isNaN(x)));
   const t1 = Math.max(t0 + 1, ...rows.map(r => isNaN(ms(r.a.ended_at)) ? (w.finished_at ? ms(w.finished_at) : now) : ms(r.a.ended_at)));
@@ -375,9 +398,10 @@ async function workflowPage(id) {
       ${w.steps.map(s => `<tr data-step="${esc(s.id)}" data-state="${esc(s.state)}"><td>${esc(s.id)}</td><td>${esc(s.job_type || (s.subworkflow ? "sub-workflow" : ""))}</td><td>${badge(s.state)}</td><td>${elementsCell(s)}</td><td>${esc(s.attempts)}</td><td class="mono">${esc(s.agent)}</td><td class="mono">${esc(s.job_id)}</td></tr>`).join("")}</tbody></table>
       <h2>Timeline</h2><div class="graph">${timelineSvg(w)}</div>
       <h2>Attempts</h2><table id="attempts"><thead><tr><th>step</th><th>#</th><th>agent</th><th>job</th><th>state</th><th>exit</th><th>error</th><th>started</th><th>ended</th></tr></thead>
-      <tbody>${attempts.join("") || `<tr><td colspan="9" class="muted">No attempts yet.</td></tr>`}</tbody></table>
+      <tbody>${attempts.join("") || `<tr><td colspan="9">${noAttempts(w)}</td></tr>`}</tbody></table>
       ${declines.length ? `<h2>Declines</h2><table id="declines"><thead><tr><th>step</th><th>agent</th><th>declined because</th></tr></thead><tbody>${declines.join("")}</tbody></table>` : ""}
       <h2>Dataflows</h2><table id="dataflows"><thead><tr><th>source</th><th>destination</th><th>value</th></tr></thead><tbody>${flows}</tbody></table>`;
+    fillSubworkflows(main);
     const c = document.getElementById("cancel");
     if (c) c.onclick = async () => {
       if (!confirm("Cancel this workflow? Running jobs are killed.")) return;
