@@ -79,6 +79,7 @@ fn manager_workflow(parsed: &caroni_cwl::Workflow) -> Workflow {
         new_id: &mut gen,
         offer_window_ms: 0,
         peers: &NoPeers,
+        blobs: &NoPeers,
     };
     wf.start(&mut ctx);
     let mut jobs = Vec::new();

@@ -207,6 +207,10 @@ pub struct StepInput {
     pub default: Option<String>,
 }
 
+/// The outputs of one completed element of a dynamic step: (workflow,
+/// step index, element, outputs by name).
+pub type ElementOutputs = (Uuid, usize, u64, BTreeMap<String, Value>);
+
 /// Where a workflow that runs one element of a dynamic step reports: its
 /// parent workflow, the step and the element.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -240,10 +240,10 @@ pub(crate) fn put_element(
 pub(crate) fn elements(
     store: &Store,
     wf: &Workflow,
-) -> caroni_store::Result<Vec<(Uuid, usize, u64, BTreeMap<String, Value>)>> {
+) -> caroni_store::Result<Vec<crate::model::ElementOutputs>> {
     let mut out = Vec::new();
     for (n, s) in wf.steps.iter().enumerate() {
-        if !s.fan.is_some() || s.state != StepState::Running {
+        if s.fan.is_none() || s.state != StepState::Running {
             continue;
         }
         for (key, m) in store.scan(ELEMENTS, &Key::new().uuid(&wf.id).u64(n as u64).finish())? {

@@ -220,6 +220,8 @@ struct AgentDisk {
     executions: HashMap<Uuid, Execution>,
 }
 
+// A simulation holds a few nodes: the size of a role does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Role {
     Manager(Option<Manager>, ManagerDisk),
     Agent(Option<Agent>, AgentDisk),

@@ -151,7 +151,7 @@ pub struct Out {
     pub created: Vec<Uuid>,
     /// Outputs of elements of dynamic steps that completed in this group:
     /// (parent, step, element, outputs).
-    pub elements: Vec<(Uuid, usize, u64, BTreeMap<String, Value>)>,
+    pub elements: Vec<crate::model::ElementOutputs>,
 }
 
 impl Out {
@@ -354,7 +354,7 @@ impl Manager {
     pub fn load_with(
         &mut self,
         live: Vec<Workflow>,
-        elements: Vec<(Uuid, usize, u64, BTreeMap<String, Value>)>,
+        elements: Vec<crate::model::ElementOutputs>,
         world: &dyn World,
         now_ms: u64,
     ) {
