@@ -702,3 +702,19 @@ pub fn proc_field(pid: u32, file: &str, name: &str) -> u64 {
 pub fn rss_mb(pid: u32) -> u64 {
     proc_field(pid, "status", "VmRSS:") / 1024
 }
+
+/// How many processes on this machine have `marker` in their command line.
+pub fn processes_with(marker: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .filter(|c| {
+                    String::from_utf8_lossy(c)
+                        .replace('\0', " ")
+                        .contains(marker)
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}

@@ -5,24 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use caroni_tests::{example, step, NodeProc};
+use caroni_tests::{example, processes_with, step, NodeProc};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-fn processes_with(marker: &str) -> usize {
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-                .filter(|c| {
-                    String::from_utf8_lossy(c)
-                        .replace('\0', " ")
-                        .contains(marker)
-                })
-                .count()
-        })
-        .unwrap_or(0)
-}
 
 fn list(v: &serde_json::Value) -> Vec<serde_json::Value> {
     serde_json::from_str(v.as_str().expect("a value")).expect("a JSON list")

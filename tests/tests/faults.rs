@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use caroni_tests::{step, NodeProc};
+use caroni_tests::{processes_with, step, NodeProc};
 
 const LIMIT: Duration = Duration::from_secs(120);
 const FIXED_FOOJOB2: &str = r#"jq -cn --arg t "$CARONI_ENV_final_text" '{out: ($t + " append")}'"#;
@@ -255,20 +255,6 @@ fn a_lost_agent_costs_one_attempt_and_the_other_takes_over() {
     assert_eq!(hist[1]["agent"], ids[1 - k]);
 }
 
-fn processes_with(marker: &str) -> usize {
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-                .filter(|c| {
-                    String::from_utf8_lossy(c)
-                        .replace('\0', " ")
-                        .contains(marker)
-                })
-                .count()
-        })
-        .unwrap_or(0)
-}
 
 /// Cancel during a `sleep 30` job: the process is gone within seconds and
 /// the (single) slot runs the next job.
