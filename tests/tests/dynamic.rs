@@ -9,7 +9,6 @@ use caroni_tests::{example, processes_with, step, NodeProc};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-
 fn list(v: &serde_json::Value) -> Vec<serde_json::Value> {
     serde_json::from_str(v.as_str().expect("a value")).expect("a JSON list")
 }

@@ -255,7 +255,6 @@ fn a_lost_agent_costs_one_attempt_and_the_other_takes_over() {
     assert_eq!(hist[1]["agent"], ids[1 - k]);
 }
 
-
 /// Cancel during a `sleep 30` job: the process is gone within seconds and
 /// the (single) slot runs the next job.
 #[test]
