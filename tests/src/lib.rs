@@ -718,3 +718,25 @@ pub fn processes_with(marker: &str) -> usize {
         })
         .unwrap_or(0)
 }
+
+impl NodeProc {
+    /// The jobs this agent ran to completion, one per (job type, inputs);
+    /// panics naming the job if one ran to completion twice.
+    pub fn completed_once(&self) -> usize {
+        let jobs = self.json(&["job", "list", "--limit", "1000"]);
+        let mut seen = std::collections::BTreeSet::new();
+        for j in jobs
+            .as_array()
+            .expect("jobs")
+            .iter()
+            .filter(|j| j["state"] == "completed")
+        {
+            let key = (j["job_type"].to_string(), j["inputs"].to_string());
+            assert!(
+                seen.insert(key.clone()),
+                "a job ran to completion twice: {key:?}"
+            );
+        }
+        seen.len()
+    }
+}

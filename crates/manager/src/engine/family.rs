@@ -74,12 +74,10 @@ impl Manager {
                 }
                 continue;
             }
-            let before = self.waiting.len();
+            // Admitting a child may make more work (a child of dynamic
+            // steps only starts them at once); go round until none.
             self.admit(now, world, out);
             if self.pending.is_empty() && self.notices.is_empty() {
-                break;
-            }
-            if before == self.waiting.len() && self.pending.is_empty() && self.notices.is_empty() {
                 break;
             }
         }
