@@ -390,6 +390,7 @@ async fn run_scatter(
                 "xs".to_string(),
                 serde_json::to_string(&xs)?,
             )]),
+            request_id: String::new(),
         })
         .await
         .map_err(crate::client::status)?
@@ -562,6 +563,7 @@ async fn run_workflows(
                 .run_workflow(pb::RunWorkflowRequest {
                     template,
                     inputs: input.into_iter().collect(),
+                    request_id: String::new(),
                 })
                 .await
                 .map_err(crate::client::status)

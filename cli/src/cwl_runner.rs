@@ -459,6 +459,7 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
         .run_workflow(ctx.request(pb::RunWorkflowRequest {
             template: name,
             inputs,
+            request_id: String::new(),
         }))
         .await
     {

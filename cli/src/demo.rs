@@ -71,6 +71,7 @@ async fn run(ctx: &Context, text: String) -> anyhow::Result<ExitCode> {
         .run_workflow(ctx.request(pb::RunWorkflowRequest {
             template: "test_simple".into(),
             inputs: [("start_message".to_string(), text)].into_iter().collect(),
+            request_id: String::new(),
         }))
         .await
         .map_err(status)?

@@ -61,12 +61,23 @@ enum Command {
     #[command(subcommand)]
     Node(commands::NodeCmd),
     /// Start a workflow from a template.
-    #[command(after_help = "Example:\n  caroni run test_simple start_message=caronirocks --wait")]
+    #[command(
+        after_help = "Examples:\n  caroni run test_simple start_message=caronirocks --wait\n  caroni run test_simple --inputs job.yml --wait"
+    )]
     Run {
         /// Template name.
         template: String,
-        /// Workflow inputs as name=value.
+        /// Workflow inputs as name=value (name=@path uploads a file).
         inputs: Vec<String>,
+        /// Read inputs from a CWL job file (YAML or JSON: `name: value`;
+        /// a File as `{class: File, path: p}`); name=value arguments win.
+        #[arg(long = "inputs", value_name = "FILE")]
+        inputs_file: Option<std::path::PathBuf>,
+        /// This submission's id (default: a fresh UUID): the same id again
+        /// returns the same workflow and creates nothing. Lost answers are
+        /// retried with it automatically.
+        #[arg(long)]
+        request_id: Option<String>,
         /// Follow the workflow until it ends, then print its outputs; exit
         /// non-zero unless it completed.
         #[arg(long)]
@@ -192,8 +203,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run {
             template,
             inputs,
+            inputs_file,
+            request_id,
             wait,
-        } => workflow::run(&ctx, template, inputs, wait).await,
+        } => workflow::run(&ctx, template, inputs, inputs_file, request_id, wait).await,
         Command::Workflow(c) => workflow::workflow(&ctx, c).await,
         Command::Job(c) => workflow::job(&ctx, c).await,
         Command::Peers => workflow::peers(&ctx).await,

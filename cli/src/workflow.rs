@@ -15,12 +15,61 @@ use crate::output::{self, Format};
 
 #[derive(Debug, Subcommand)]
 pub enum WorkflowCmd {
-    /// List workflows, newest first.
-    #[command(after_help = "Example:\n  caroni workflow list --limit 20")]
+    /// List workflows users started, newest first, filtered and paged.
+    #[command(
+        after_help = "Examples:\n  caroni workflow list --limit 20\n  caroni workflow list --state failed,cancelled --since 2h\n  caroni workflow list --template test_simple --page 0190f5c2-7d1e-7a8b-9c3d-2e4f5a6b7c8d"
+    )]
     List {
-        /// At most this many.
+        /// At most this many (a page).
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Only workflows in these states (comma-separated): created,
+        /// initializing, running, stalled, completed, failed, cancelled.
+        #[arg(long, value_delimiter = ',')]
+        state: Vec<String>,
+        /// Only workflows of this template.
+        #[arg(long)]
+        template: Option<String>,
+        /// Only workflows created within this long (2h, 3d) or since this
+        /// instant (RFC 3339, e.g. 2026-12-03T10:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only workflows whose id starts with this.
+        #[arg(long)]
+        id: Option<String>,
+        /// Go on from a page: the token the previous page printed.
+        #[arg(long)]
+        page: Option<String>,
+    },
+    /// Resume a failed or cancelled workflow from its unfinished steps;
+    /// completed steps keep their outputs.
+    #[command(after_help = "Example:\n  caroni workflow retry 0190f5c2 --wait")]
+    Retry {
+        /// Workflow id (or a unique prefix).
+        id: String,
+        /// Follow it until it ends.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Start a new workflow with the same template and inputs, some
+    /// replaced (name=value).
+    #[command(
+        after_help = "Example:\n  caroni workflow rerun 0190f5c2 start_message=again --wait"
+    )]
+    Rerun {
+        /// Workflow id (or a unique prefix).
+        id: String,
+        /// Inputs to replace, as name=value (name=@path uploads a file).
+        inputs: Vec<String>,
+        /// Follow the new workflow until it ends.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Delete an ended workflow and everything kept of it.
+    #[command(after_help = "Example:\n  caroni workflow delete 0190f5c2")]
+    Delete {
+        /// Workflow id (or a unique prefix).
+        id: String,
     },
     /// Show a workflow: steps with state, attempts, job and agent; dataflows with values.
     #[command(
@@ -83,6 +132,61 @@ pub enum JobCmd {
     },
 }
 
+/// Reads a CWL job file (YAML or JSON: input id → value) as inputs:
+/// strings and numbers as text, a File (`class: File` with a `path` or
+/// `location`) as `@path` (uploaded), a list of Files as `@a,@b`, anything
+/// else as JSON.
+pub fn inputs_file(path: &std::path::Path) -> anyhow::Result<BTreeMap<String, String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read inputs file {}", path.display()))?;
+    let doc: serde_json::Value = serde_yaml_ng::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not a YAML or JSON job file ({e}); write `input_id: value` lines",
+            path.display()
+        )
+    })?;
+    let serde_json::Value::Object(map) = doc else {
+        bail!(
+            "{}: a job file is a mapping of input id to value (`name: value`)",
+            path.display()
+        );
+    };
+    let base = path.parent().unwrap_or(std::path::Path::new("."));
+    let file_of = |v: &serde_json::Value| -> Option<String> {
+        let o = v.as_object()?;
+        if o.get("class")?.as_str()? != "File" {
+            return None;
+        }
+        let p = o
+            .get("path")
+            .or_else(|| o.get("location"))?
+            .as_str()?
+            .trim_start_matches("file://");
+        Some(format!("@{}", base.join(p).display()))
+    };
+    let mut out = BTreeMap::new();
+    for (k, v) in map {
+        let text = match &v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            serde_json::Value::Null => "null".into(),
+            serde_json::Value::Array(items)
+                if !items.is_empty() && items.iter().all(|i| file_of(i).is_some()) =>
+            {
+                items
+                    .iter()
+                    .filter_map(file_of)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
+            other => file_of(other).unwrap_or_else(|| other.to_string()),
+        };
+        out.insert(k, text);
+    }
+    Ok(out)
+}
+
 /// Parses `key=value` arguments.
 pub fn parse_inputs(args: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
@@ -95,6 +199,21 @@ pub fn parse_inputs(args: &[String]) -> anyhow::Result<BTreeMap<String, String>>
         out.insert(k.to_string(), v.to_string());
     }
     Ok(out)
+}
+
+/// `--since`: a duration back from now (2h, 3d) or an RFC 3339 instant.
+fn since_timestamp(s: &str) -> anyhow::Result<prost_types::Timestamp> {
+    let at = match humantime::parse_duration(s.trim()) {
+        Ok(d) => std::time::SystemTime::now()
+            .checked_sub(d)
+            .context("--since reaches before 1970")?,
+        Err(_) => humantime::parse_rfc3339_weak(s.trim()).map_err(|_| {
+            anyhow::anyhow!(
+                "--since `{s}` is neither a duration (2h, 3d) nor an instant (2026-12-03T10:00:00Z)"
+            )
+        })?,
+    };
+    Ok(prost_types::Timestamp::from(at))
 }
 
 fn ts(t: &Option<prost_types::Timestamp>) -> String {
@@ -191,6 +310,11 @@ fn print_workflow(w: &pb::Workflow) {
             ]);
         }
         say!("failed attempts:\n{a}");
+    }
+    for s in &w.steps {
+        if let Some(line) = blocked_line(s) {
+            say!("step {}: {line}", s.id);
+        }
     }
     let declines: Vec<_> = w
         .steps
@@ -300,6 +424,7 @@ fn print_outputs(w: &pb::Workflow) {
 fn progress_lines(w: &pb::Workflow) -> Vec<String> {
     let mut lines = vec![format!("workflow {} {}", w.id, w.state)];
     for s in &w.steps {
+        let why = blocked_line(s);
         let agent = if s.agent.is_empty() {
             String::new()
         } else {
@@ -315,8 +440,25 @@ fn progress_lines(w: &pb::Workflow) -> Vec<String> {
             "  {:<12} {:<10} {what}{agent}{tries}",
             s.id, s.state
         ));
+        if let Some(why) = why {
+            lines.push(format!("    {why}"));
+        }
     }
     lines
+}
+
+/// Why a step waits for an agent, or when it is tried again.
+fn blocked_line(s: &pb::WorkflowStep) -> Option<String> {
+    if !s.blocked.is_empty() {
+        return Some(format!(
+            "no agent can take it (since {}): {}",
+            ts(&s.blocked_since),
+            s.blocked
+        ));
+    }
+    s.retry_at
+        .as_ref()
+        .map(|t| format!("tried again at {}", output::time(Some(t))))
 }
 
 /// Follows a workflow to its end: a live view on a terminal, one line per
@@ -371,25 +513,76 @@ fn exit_for(w: &pb::Workflow) -> ExitCode {
     }
 }
 
+/// Submits a workflow with a request id of its own, trying again (the
+/// same id: nothing is made twice) while the manager is unreachable or
+/// slow to answer.
+async fn submit(ctx: &Context, req: pb::RunWorkflowRequest) -> anyhow::Result<String> {
+    let mut delay = std::time::Duration::from_millis(500);
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let answer = match ctx.manager().await {
+            Ok(mut c) => c.run_workflow(ctx.request(req.clone())).await,
+            Err(e) if tries < 6 => {
+                tell!("caroni: {e:#}; trying again in {} ms", delay.as_millis());
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        match answer {
+            Ok(r) => return Ok(r.into_inner().workflow_id),
+            Err(e)
+                if tries < 6
+                    && matches!(
+                        e.code(),
+                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                    ) =>
+            {
+                tell!(
+                    "caroni: {} ({}); trying again in {} ms with the same request id",
+                    e.message(),
+                    e.code(),
+                    delay.as_millis()
+                );
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => return Err(status(e)),
+        }
+    }
+}
+
 pub async fn run(
     ctx: &Context,
     template: String,
     inputs: Vec<String>,
+    file: Option<std::path::PathBuf>,
+    request_id: Option<String>,
     wait: bool,
 ) -> anyhow::Result<ExitCode> {
-    let mut inputs = parse_inputs(&inputs)?;
-    crate::files::upload_inputs(ctx, &mut inputs).await?;
-    let id = ctx
-        .manager()
-        .await?
-        .run_workflow(ctx.request(pb::RunWorkflowRequest {
+    let mut all = match &file {
+        Some(f) => inputs_file(f)?,
+        None => BTreeMap::new(),
+    };
+    // name=value arguments win over the file.
+    all.extend(parse_inputs(&inputs)?);
+    crate::files::upload_inputs(ctx, &mut all).await?;
+    let id = submit(
+        ctx,
+        pb::RunWorkflowRequest {
             template,
-            inputs: inputs.into_iter().collect(),
-        }))
-        .await
-        .map_err(status)?
-        .into_inner()
-        .workflow_id;
+            inputs: all.into_iter().collect(),
+            request_id: request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        },
+    )
+    .await?;
+    started(ctx, id, wait).await
+}
+
+/// Prints a started workflow's id, or follows it to its end.
+async fn started(ctx: &Context, id: String, wait: bool) -> anyhow::Result<ExitCode> {
     if !wait {
         if ctx.format == Format::Json {
             output::json(&json!({"workflow_id": id}));
@@ -416,14 +609,33 @@ pub async fn run(
 pub async fn workflow(ctx: &Context, cmd: WorkflowCmd) -> anyhow::Result<ExitCode> {
     let mut client = ctx.manager().await?;
     match cmd {
-        WorkflowCmd::List { limit } => {
+        WorkflowCmd::List {
+            limit,
+            state,
+            template,
+            since,
+            id,
+            page,
+        } => {
+            let created_after = since.as_deref().map(since_timestamp).transpose()?;
             let resp = client
-                .list_workflows(ctx.request(pb::ListWorkflowsRequest { limit }))
+                .list_workflows(ctx.request(pb::ListWorkflowsRequest {
+                    limit,
+                    states: state,
+                    template: template.unwrap_or_default(),
+                    created_after,
+                    created_before: None,
+                    page_token: page.unwrap_or_default(),
+                    id_prefix: id.unwrap_or_default(),
+                }))
                 .await
                 .map_err(status)?
                 .into_inner();
-            if resp.truncated {
-                tell!("caroni: older workflows were left out to keep the answer under 3 MiB; ask for fewer with --limit");
+            if !resp.next_page_token.is_empty() && ctx.format == Format::Table {
+                tell!(
+                    "caroni: more match; the next page: --page {}",
+                    resp.next_page_token
+                );
             }
             let all = resp.workflows;
             if ctx.format == Format::Json {
@@ -453,6 +665,46 @@ pub async fn workflow(ctx: &Context, cmd: WorkflowCmd) -> anyhow::Result<ExitCod
                     ]);
                 }
                 say!("{t}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        WorkflowCmd::Retry { id, wait } => {
+            let w = client
+                .retry_workflow(ctx.request(pb::GetWorkflowRequest { workflow_id: id }))
+                .await
+                .map_err(status)?
+                .into_inner();
+            if ctx.format == Format::Table {
+                tell!("workflow {} resumed", w.id);
+            }
+            started(ctx, w.id, wait).await
+        }
+        WorkflowCmd::Rerun { id, inputs, wait } => {
+            let mut inputs = parse_inputs(&inputs)?;
+            crate::files::upload_inputs(ctx, &mut inputs).await?;
+            let r = client
+                .rerun_workflow(ctx.request(pb::RerunWorkflowRequest {
+                    workflow_id: id,
+                    inputs: inputs.into_iter().collect(),
+                    request_id: uuid::Uuid::new_v4().to_string(),
+                }))
+                .await
+                .map_err(status)?
+                .into_inner();
+            started(ctx, r.workflow_id, wait).await
+        }
+        WorkflowCmd::Delete { id } => {
+            let r = client
+                .delete_workflow(ctx.request(pb::GetWorkflowRequest {
+                    workflow_id: id.clone(),
+                }))
+                .await
+                .map_err(status)?
+                .into_inner();
+            if ctx.format == Format::Json {
+                output::json(&json!({"deleted": r.deleted}));
+            } else {
+                say!("deleted {} workflow(s)", r.deleted);
             }
             Ok(ExitCode::SUCCESS)
         }

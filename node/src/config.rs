@@ -135,6 +135,25 @@ pub struct Config {
     /// it knows has answered.
     #[arg(long, env = "CARONI_OFFER_WINDOW_MS", default_value_t = caroni_manager::engine::DEFAULT_OFFER_WINDOW_MS)]
     pub offer_window_ms: u64,
+    /// Manager: how long agents have to answer a job request before it is
+    /// shown as blocked, with the declines' reasons (a duration such as
+    /// 10s). A request every known agent declined is blocked at once.
+    #[arg(long, env = "CARONI_ANSWER_TIMEOUT", default_value = "10s")]
+    pub answer_timeout: String,
+    /// Manager: how long a request may stay blocked (no agent will or can
+    /// take it) before its step and workflow fail with the reason, unless
+    /// an agent that can take it appears (a duration such as 5m).
+    #[arg(long, env = "CARONI_UNPLACEABLE_TIMEOUT", default_value = "5m")]
+    pub unplaceable_timeout: String,
+    /// Manager: ended workflows (with their steps, values and elements'
+    /// workflows) are deleted this long after they ended: a duration such
+    /// as 30d or 12h, or `off` to keep them.
+    #[arg(long, env = "CARONI_RETENTION", default_value = "30d")]
+    pub retention: String,
+    /// Manager: how long a submission's client request id is remembered
+    /// (a retried RunWorkflow with the same id within it creates nothing).
+    #[arg(long, env = "CARONI_SUBMISSION_RETENTION", default_value = "24h")]
+    pub submission_retention: String,
     /// Log format. Filter with RUST_LOG.
     #[arg(long, env = "CARONI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -181,6 +200,11 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub console_hosts: Vec<String>,
+}
+
+/// A duration such as `10s`, `5m` or `500ms`.
+fn parse_duration(v: &str) -> Option<std::time::Duration> {
+    humantime::parse_duration(v.trim()).ok()
 }
 
 /// An address to listen on, or `off`.
@@ -353,6 +377,34 @@ impl Config {
         })
     }
 
+    /// `--retention` read: `None` for `off`.
+    pub fn retention(&self) -> Result<Option<std::time::Duration>, ConfigError> {
+        if self.retention.trim() == "off" {
+            return Ok(None);
+        }
+        parse_duration(&self.retention)
+            .filter(|d| d.as_secs() >= 1)
+            .map(Some)
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "--retention `{}` is not a duration of at least 1s nor `off`; write e.g. 30d or 12h",
+                    self.retention
+                ))
+            })
+    }
+
+    /// `--submission-retention` read.
+    pub fn submission_retention(&self) -> Result<std::time::Duration, ConfigError> {
+        parse_duration(&self.submission_retention)
+            .filter(|d| d.as_secs() >= 1)
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "--submission-retention `{}` is not a duration of at least 1s; write e.g. 24h",
+                    self.submission_retention
+                ))
+            })
+    }
+
     /// `--transfer-stall-timeout` read as a duration.
     pub fn transfer_stall_timeout(&self) -> Result<std::time::Duration, ConfigError> {
         humantime::parse_duration(self.transfer_stall_timeout.trim()).map_err(|e| {
@@ -372,6 +424,8 @@ impl Config {
             max_open_requests: self.max_open_requests,
             offer_window: std::time::Duration::from_millis(self.offer_window_ms),
             use_agents: allowlist(&self.use_agents),
+            answer_timeout: parse_duration(&self.answer_timeout).unwrap_or_default(),
+            unplaceable_timeout: parse_duration(&self.unplaceable_timeout).unwrap_or_default(),
         }
     }
 
@@ -396,7 +450,22 @@ impl Config {
             return Err(ConfigError::Invalid("--slots must be at least 1".into()));
         }
         self.blob_retention()?;
+        self.retention()?;
+        self.submission_retention()?;
         self.transfer_stall_timeout()?;
+        for (flag, v) in [
+            ("--answer-timeout", &self.answer_timeout),
+            ("--unplaceable-timeout", &self.unplaceable_timeout),
+        ] {
+            match parse_duration(v) {
+                Some(d) if d.as_millis() >= 1 => {}
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "{flag} `{v}` is not a duration of at least 1ms; write e.g. 10s or 5m"
+                    )))
+                }
+            }
+        }
         self.cwl_expression_timeout()?;
         if self.cwl_expression_memory_bytes < 1 << 20 {
             return Err(ConfigError::Invalid(

@@ -351,6 +351,27 @@ pub(super) fn start_manager(
         svc.run(c).instrument(span).await;
         Ok(())
     });
+    // Retention: ended workflows older than --retention go, checked each
+    // minute (1,000 at most a round, so a large backlog goes gradually).
+    let (retention, submissions) = (config.retention()?, config.submission_retention()?);
+    let sweeper = handle.clone();
+    let c = cancel.clone();
+    tasks.spawn("workflow retention", async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = c.cancelled() => return Ok(()),
+                _ = every.tick() => {}
+            }
+            if let Some(keep) = retention {
+                match sweeper.sweep(keep, submissions).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(workflows = n, "deleted workflows past --retention"),
+                    Err(e) => tracing::warn!(error = %e, "retention sweep failed; tried again in a minute"),
+                }
+            }
+        }
+    });
     Ok(Some(handle))
 }
 

@@ -80,6 +80,8 @@ fn manager_workflow(parsed: &caroni_cwl::Workflow) -> Workflow {
         offer_window_ms: 0,
         peers: &NoPeers,
         blobs: &NoPeers,
+        answer_timeout_ms: 10_000,
+        unplaceable_ms: 300_000,
     };
     wf.start(&mut ctx);
     let mut jobs = Vec::new();
@@ -130,6 +132,10 @@ fn manager_workflow(parsed: &caroni_cwl::Workflow) -> Workflow {
                 sequence: 5,
                 executor: String::new(),
                 external_id: String::new(),
+                queued_at_ms: None,
+                started_at_ms: None,
+                ended_at_ms: None,
+                failure: String::new(),
             },
         );
     }

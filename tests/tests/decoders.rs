@@ -182,6 +182,10 @@ fn any_payload() -> impl Strategy<Value = Payload> {
                         sequence,
                         executor: message.chars().rev().collect(),
                         external_id: stderr_tail.chars().take(300).collect(),
+                        queued_at_ms: sequence,
+                        started_at_ms: sequence / 2,
+                        ended_at_ms: u64::MAX - sequence,
+                        failure: message.clone(),
                     })
                 }
             ),

@@ -239,6 +239,7 @@ fn the_api_answers_bad_requests_with_the_right_code_and_stays_usable() {
         let run = |v: String| pb::RunWorkflowRequest {
             template: "test_simple".into(),
             inputs: [("start_message".to_string(), v)].into_iter().collect(),
+            request_id: String::new(),
         };
         for (what, v) in [
             ("a NUL", "a\0b".to_string()),

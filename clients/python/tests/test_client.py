@@ -309,3 +309,64 @@ def test_files_are_uploaded_from_paths_and_downloaded_to_paths(client: Client, t
     assert w2.state == "completed"
     with pytest.raises(InvalidArgument, match="declared `File`"):
         client.run("py_files", {"data": "not a file"})
+
+
+def test_docker_and_slurm_job_types_survive_put_of_get(client: Client):
+    import json
+
+    from caroni_client import DockerExecutor, SlurmExecutor
+
+    for jt in (
+        JobType(
+            name=unique("py_docker"),
+            inputs=["a"],
+            outputs=["b"],
+            body="echo '{\"b\": 1}'",
+            executor="docker",
+            docker=DockerExecutor(image="caroni:local", cpus=1.5, memory="256m", env=["HOME"]),
+        ),
+        JobType(
+            name=unique("py_slurm"),
+            inputs=["a"],
+            outputs=["b"],
+            body="echo '{\"b\": 1}'",
+            executor="slurm",
+            slurm=SlurmExecutor(partition="debug", time_limit="00:05:00", cpus=2, sbatch=["--exclusive"]),
+        ),
+    ):
+        made = client.put_job_type(jt)
+        got = client.job_type(jt.name)
+        assert got.executor == jt.executor and got.docker == made.docker and got.slurm == made.slurm
+        again = client.put_job_type(got, replace=True)
+        assert again == got, "a round trip changes nothing"
+        assert client.job_type(jt.name).executor == jt.executor
+        # Results serialise.
+        assert json.loads(json.dumps(got.to_dict()))["name"] == jt.name
+        client.delete_job_type(jt.name)
+
+
+def test_a_submission_id_makes_one_workflow_and_retry_rerun_delete_work(
+    client: Client, demo_cwl: str
+):
+    import json
+
+    name = unique("py_idem")
+    client.put_template(name, demo_cwl)
+    rid = str(uuid.uuid4())
+    first = client.run(name, {"start_message": "once"}, request_id=rid)
+    assert client.run(name, {"start_message": "once"}, request_id=rid) == first
+    done = client.run(name, {"start_message": "again"}, wait=True, timeout=60)
+    assert done.state == "completed"
+    assert json.loads(json.dumps(done.to_dict()))["state"] == "completed"
+    other = client.rerun_workflow(done.id, {"start_message": "changed"})
+    assert other != done.id
+    with pytest.raises(CaroniError):
+        client.retry_workflow(done.id)  # completed: nothing to resume
+    last = None
+    for last in client.watch(other, timeout=60):
+        pass
+    assert last is not None and last.state == "completed"
+    assert last.inputs["start_message"] == "changed"
+    assert client.delete_workflow(done.id) == 1
+    with pytest.raises(NotFound):
+        client.show(done.id)

@@ -66,6 +66,9 @@ pub struct Job {
     pub queue_seq: Option<u64>,
     /// Created (ms).
     pub created_at_ms: u64,
+    /// Had every input and waited for a slot (ms).
+    #[serde(default)]
+    pub queued_at_ms: Option<u64>,
     /// Started running (ms).
     pub started_at_ms: Option<u64>,
     /// Ended (ms).
@@ -76,13 +79,18 @@ pub struct Job {
     pub message: String,
     /// Tail of stderr.
     pub stderr_tail: String,
+    /// The kind of failure ([`Failure::as_str`]); empty unless it failed.
+    #[serde(default)]
+    pub failure: String,
 }
 
 /// Why a message was refused: the sender has no right to say it (one
 /// type across the crates).
 pub use caroni_types::delivery::Refusal;
 
-/// What the service must do besides persisting.
+/// What the service must do besides persisting. (Short-lived, a few per
+/// message: a send's size is not worth a box.)
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Effect {
     /// Send a message (through the outbox, same batch).
@@ -273,6 +281,10 @@ pub fn accept(
                 sequence: u64::MAX,
                 executor: String::new(),
                 external_id: String::new(),
+                queued_at_ms: None,
+                started_at_ms: None,
+                ended_at_ms: None,
+                failure: String::new(),
             }),
         })
     };
@@ -321,16 +333,18 @@ pub fn accept(
         seq: 1,
         queue_seq: None,
         created_at_ms: now_ms,
+        queued_at_ms: None,
         started_at_ms: None,
         ended_at_ms: None,
         exit_status: None,
         message: String::new(),
         stderr_tail: String::new(),
+        failure: String::new(),
     };
     let mut job = job;
     let mut fx = vec![Effect::Send(accepted(job_id))];
     // A job type without inputs is ready at once.
-    job.maybe_queue(&mut fx);
+    job.maybe_queue(now_ms, &mut fx);
     Ok(AcceptOutcome::Created(Box::new(job), used, fx))
 }
 
@@ -348,6 +362,10 @@ impl Job {
                 sequence: self.seq,
                 executor: String::new(),
                 external_id: String::new(),
+                queued_at_ms: self.queued_at_ms,
+                started_at_ms: self.started_at_ms,
+                ended_at_ms: self.ended_at_ms,
+                failure: self.failure.clone(),
             }),
         }
     }
@@ -369,10 +387,11 @@ impl Job {
         }
     }
 
-    fn maybe_queue(&mut self, fx: &mut Vec<Effect>) {
+    fn maybe_queue(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
         if self.state == JobState::Pending
             && self.inputs.iter().all(|i| self.values.contains_key(i))
         {
+            self.queued_at_ms = Some(now_ms);
             self.set(JobState::Queued, fx);
             fx.push(Effect::Enqueue(self.id));
         }
@@ -396,6 +415,7 @@ impl Job {
         }
         if let Some(why) = unfetched {
             self.message = format!("its input files cannot be fetched from the manager: {why}");
+            self.failure = Failure::Other.as_str().to_string();
             self.ended_at_ms = Some(now_ms);
             self.set(JobState::Failed, &mut fx);
             return Ok(fx);
@@ -405,7 +425,7 @@ impl Job {
                 self.values.insert(k.clone(), v.clone());
             }
         }
-        self.maybe_queue(&mut fx);
+        self.maybe_queue(now_ms, &mut fx);
         Ok(fx)
     }
 
@@ -415,7 +435,7 @@ impl Job {
         Ok(vec![Effect::Send(self.status())])
     }
 
-    /// The owning manager stops the job.
+    /// The owning manager stops the job: it is cancelled (not failed).
     pub fn on_kill(
         &mut self,
         from: &str,
@@ -430,9 +450,9 @@ impl Job {
         if self.state == JobState::Running {
             fx.push(Effect::StopProcess(self.id));
         }
-        self.message = format!("killed by the manager: {reason}");
+        self.message = format!("cancelled by the manager: {reason}");
         self.ended_at_ms = Some(now_ms);
-        self.set(JobState::Failed, &mut fx);
+        self.set(JobState::Cancelled, &mut fx);
         Ok(fx)
     }
 
@@ -476,8 +496,9 @@ impl Job {
                 message,
                 exit_status,
                 stderr_tail,
-                ..
+                kind,
             } => {
+                self.failure = kind.as_str().to_string();
                 self.exit_status = exit_status;
                 self.stderr_tail = stderr_tail;
                 self.message = message;
@@ -496,6 +517,7 @@ impl Job {
         match self.state {
             JobState::Running => {
                 self.started_at_ms = None;
+                self.ended_at_ms = None;
                 self.set(JobState::Queued, &mut fx);
                 fx.push(Effect::Enqueue(self.id));
             }

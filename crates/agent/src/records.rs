@@ -11,7 +11,74 @@ use crate::machine::{Job, Offer};
 /// Offers made, by request.
 pub(crate) const OFFERS: Table<Offer> = Table::new(tables::AGENT_OFFERS, "agent_offers");
 /// Jobs held, by job id.
-pub(crate) const JOBS: Table<Job> = Table::new(tables::AGENT_JOBS, "agent_jobs");
+pub(crate) const JOBS: Table<Job> = Table::new(tables::AGENT_JOBS_V2, "agent_jobs");
+
+/// A job as the 0x21 layout stored it (no queue time, no failure kind).
+#[derive(serde::Deserialize)]
+struct JobV1 {
+    id: Uuid,
+    offer_id: Uuid,
+    request_id: Uuid,
+    manager: String,
+    endpoint: String,
+    job_type: String,
+    job_kvs: std::collections::BTreeMap<String, String>,
+    inputs: Vec<String>,
+    values: std::collections::BTreeMap<String, String>,
+    outputs: std::collections::BTreeMap<String, String>,
+    state: caroni_types::msg::JobState,
+    seq: u64,
+    queue_seq: Option<u64>,
+    created_at_ms: u64,
+    started_at_ms: Option<u64>,
+    ended_at_ms: Option<u64>,
+    exit_status: Option<i32>,
+    message: String,
+    stderr_tail: String,
+}
+
+const JOBS_V1: Table<JobV1> = Table::new(tables::AGENT_JOBS, "agent_jobs (0x21 layout)");
+
+/// Converts jobs of the 0x21 layout; returns how many.
+pub(crate) fn migrate(store: &caroni_store::Store) -> caroni_store::Result<usize> {
+    let mut converted = 0;
+    loop {
+        let old = store.scan_limit(JOBS_V1, &[], 1024)?;
+        if old.is_empty() {
+            return Ok(converted);
+        }
+        let mut b = caroni_store::Batch::default();
+        for (key, j) in old {
+            let job = Job {
+                id: j.id,
+                offer_id: j.offer_id,
+                request_id: j.request_id,
+                manager: j.manager,
+                endpoint: j.endpoint,
+                job_type: j.job_type,
+                job_kvs: j.job_kvs,
+                inputs: j.inputs,
+                values: j.values,
+                outputs: j.outputs,
+                state: j.state,
+                seq: j.seq,
+                queue_seq: j.queue_seq,
+                created_at_ms: j.created_at_ms,
+                queued_at_ms: None,
+                started_at_ms: j.started_at_ms,
+                ended_at_ms: j.ended_at_ms,
+                exit_status: j.exit_status,
+                message: j.message,
+                stderr_tail: j.stderr_tail,
+                failure: String::new(),
+            };
+            b.put(JOBS, &key, &job);
+            b.delete(JOBS_V1, &key);
+            converted += 1;
+        }
+        store.write(b)?;
+    }
+}
 /// Where each job runs (executor and container name or Slurm job id).
 pub(crate) const EXECUTIONS: Table<Execution> =
     Table::new(tables::AGENT_JOB_EXECUTIONS, "agent_job_executions");

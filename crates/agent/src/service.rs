@@ -60,6 +60,8 @@ pub struct Stats {
     pub completed: AtomicU64,
     /// Job runs that ended failed.
     pub failed: AtomicU64,
+    /// Jobs cancelled by their manager.
+    pub cancelled: AtomicU64,
 }
 
 /// A cheap handle to the agent service.
@@ -256,6 +258,10 @@ impl<E: Executor> Service<E> {
     }
 
     fn load(&mut self) -> caroni_store::Result<()> {
+        let n = crate::records::migrate(&self.store)?;
+        if n > 0 {
+            tracing::info!(jobs = n, "converted jobs of an earlier layout");
+        }
         let offers = self
             .store
             .scan(OFFERS, &[])?
@@ -442,6 +448,9 @@ impl<E: Executor> driver::Engine for Service<E> {
         self.stats
             .failed
             .fetch_add(g.out.failures.len() as u64, Ordering::Relaxed);
+        self.stats
+            .cancelled
+            .fetch_add(g.out.cancelled, Ordering::Relaxed);
     }
 
     fn failed(&mut self, g: Group, why: &str) {

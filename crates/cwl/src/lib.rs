@@ -28,6 +28,44 @@ pub struct Workflow {
     pub max_attempts: Option<u32>,
 }
 
+/// Kinds of failure a retry policy may name (`CaroniNoRetry`).
+pub const FAILURE_KINDS: [&str; 7] = [
+    "exit_status",
+    "output",
+    "timeout",
+    "killed",
+    "lost",
+    "unplaceable",
+    "other",
+];
+
+/// How a step is retried (`CaroniRequirement` keys `CaroniMaxAttempts`,
+/// `CaroniRetryBackoff`, `CaroniNoRetry`): what the step says, else what
+/// the workflow around it says, else the manager's defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retry {
+    /// Attempts allowed.
+    pub max_attempts: Option<u32>,
+    /// Delay before the first retry (ms); doubles per failure.
+    pub backoff_initial_ms: Option<u64>,
+    /// Longest delay between retries (ms).
+    pub backoff_max_ms: Option<u64>,
+    /// Failure kinds never retried ([`FAILURE_KINDS`]).
+    pub no_retry: Option<Vec<String>>,
+}
+
+impl Retry {
+    /// This policy, with what it leaves unsaid taken from `outer`.
+    pub fn over(&self, outer: &Retry) -> Retry {
+        Retry {
+            max_attempts: self.max_attempts.or(outer.max_attempts),
+            backoff_initial_ms: self.backoff_initial_ms.or(outer.backoff_initial_ms),
+            backoff_max_ms: self.backoff_max_ms.or(outer.backoff_max_ms),
+            no_retry: self.no_retry.clone().or_else(|| outer.no_retry.clone()),
+        }
+    }
+}
+
 /// How the elements of several scattered inputs are combined
 /// (`scatterMethod`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +178,114 @@ pub struct WorkflowInput {
     pub default: Option<String>,
     /// What it carries.
     pub kind: Kind,
+    /// Its declared CWL type as JSON, to check given values against
+    /// ([`check_input`]); not kept in stored plans.
+    #[serde(skip)]
+    pub cwl_type: Option<String>,
+}
+
+/// Checks a value given for a workflow input against its declared CWL
+/// type (`ty`, JSON): numbers, booleans and enum symbols must be what the
+/// type says, lists must be JSON lists of such; strings, files, records
+/// and `Any` are not checked here. `Err` says what was expected.
+pub fn check_input(ty: &str, v: &str) -> Result<(), String> {
+    let Ok(ty) = serde_json::from_str::<serde_json::Value>(ty) else {
+        return Ok(());
+    };
+    check_typed(&ty, v.trim())
+}
+
+fn check_typed(ty: &serde_json::Value, v: &str) -> Result<(), String> {
+    use serde_json::Value as J;
+    match ty {
+        J::String(t) => {
+            if let Some(inner) = t.strip_suffix('?') {
+                if v == "null" {
+                    return Ok(());
+                }
+                return check_typed(&J::String(inner.into()), v);
+            }
+            if let Some(item) = t.strip_suffix("[]") {
+                return check_list(&J::String(item.into()), v);
+            }
+            let name = t.rsplit(['#', '/']).next().unwrap_or(t);
+            let unquoted = serde_json::from_str::<String>(v).unwrap_or_else(|_| v.to_string());
+            let ok = match name {
+                "int" | "long" => unquoted.parse::<i64>().is_ok(),
+                "float" | "double" => unquoted.parse::<f64>().is_ok_and(f64::is_finite),
+                "boolean" => matches!(unquoted.as_str(), "true" | "false"),
+                "null" => v == "null",
+                _ => true,
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(match name {
+                    "int" | "long" => "a whole number such as 42".into(),
+                    "float" | "double" => "a number such as 2.5".into(),
+                    "boolean" => "true or false".into(),
+                    _ => format!("a value of type {name}"),
+                })
+            }
+        }
+        J::Array(members) => {
+            let mut wanted = Vec::new();
+            for m in members {
+                match check_typed(m, v) {
+                    Ok(()) => return Ok(()),
+                    Err(w) => wanted.push(w),
+                }
+            }
+            Err(wanted.join(" or "))
+        }
+        J::Object(o) => match o.get("type").and_then(J::as_str) {
+            Some("enum") => {
+                let symbols: Vec<String> = o
+                    .get("symbols")
+                    .and_then(J::as_array)
+                    .map(|l| {
+                        l.iter()
+                            .filter_map(J::as_str)
+                            .map(|s| s.rsplit(['#', '/']).next().unwrap_or(s).to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let unquoted = serde_json::from_str::<String>(v).unwrap_or_else(|_| v.to_string());
+                if symbols.is_empty() || symbols.contains(&unquoted) {
+                    Ok(())
+                } else {
+                    Err(format!("one of {}", symbols.join(", ")))
+                }
+            }
+            Some("array") => match o.get("items") {
+                Some(items) => check_list(items, v),
+                None => Ok(()),
+            },
+            _ => Ok(()),
+        },
+        _ => Ok(()),
+    }
+}
+
+fn check_list(item: &serde_json::Value, v: &str) -> Result<(), String> {
+    let what = || {
+        let inner = check_typed(item, "\u{0}")
+            .err()
+            .unwrap_or_else(|| "values".into());
+        format!("a JSON list of {inner}, such as [1, 2]")
+    };
+    let Ok(serde_json::Value::Array(items)) = serde_json::from_str::<serde_json::Value>(v) else {
+        return Err(what());
+    };
+    for (n, i) in items.iter().enumerate() {
+        let text = match i {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        check_typed(item, &text)
+            .map_err(|w| format!("a list whose items are {w} (item {n} is `{text}`)"))?;
+    }
+    Ok(())
 }
 
 /// One workflow output.
@@ -208,6 +354,12 @@ pub struct Step {
     /// as JSON: values are read by it where the manager combines them.
     #[serde(default)]
     pub output_types: BTreeMap<String, String>,
+    /// How the step is retried (the workflow's policy under the step's).
+    /// Not in the stored plan: a manager keeps policies in a record of
+    /// their own ([`Workflow::policies`]), so that plans stored before
+    /// policies existed are still read.
+    #[serde(skip)]
+    pub retry: Retry,
 }
 
 /// A bound input of a step.
@@ -349,6 +501,42 @@ pub fn parse(text: &str) -> Result<Workflow, Error> {
 }
 
 impl Workflow {
+    /// Every step's retry policy, at any depth of dynamic bodies, keyed
+    /// by its path (`step`, `step/inner`, ...).
+    pub fn policies(&self) -> Vec<(String, Retry)> {
+        let mut out = Vec::new();
+        self.walk_policies("", &mut |path, s| out.push((path, s.retry.clone())));
+        out
+    }
+
+    /// Puts back policies read from [`Workflow::policies`].
+    pub fn set_policies(&mut self, policies: &[(String, Retry)]) {
+        let map: BTreeMap<&str, &Retry> = policies.iter().map(|(p, r)| (p.as_str(), r)).collect();
+        self.walk_policies_mut("", &map);
+    }
+
+    fn walk_policies(&self, prefix: &str, f: &mut dyn FnMut(String, &Step)) {
+        for s in &self.steps {
+            let path = format!("{prefix}{}", s.id);
+            f(path.clone(), s);
+            if let Some(d) = &s.dynamic {
+                d.body.walk_policies(&format!("{path}/"), f);
+            }
+        }
+    }
+
+    fn walk_policies_mut(&mut self, prefix: &str, map: &BTreeMap<&str, &Retry>) {
+        for s in &mut self.steps {
+            let path = format!("{prefix}{}", s.id);
+            if let Some(r) = map.get(path.as_str()) {
+                s.retry = (*r).clone();
+            }
+            if let Some(d) = &mut s.dynamic {
+                d.body.walk_policies_mut(&format!("{path}/"), map);
+            }
+        }
+    }
+
     /// Every dataflow edge: (source, destination step, input name).
     pub fn step_edges(&self) -> impl Iterator<Item = (&Source, &str, &str)> {
         self.steps.iter().flat_map(|s| {

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde_yaml_ng::{Mapping, Value};
 
 use crate::{
-    get, invalid, unsupported, Dynamic, Error, Kind, LinkMerge, PickValue, ScatterMethod, Source,
-    Step, StepInput, Workflow, WorkflowInput, WorkflowOutput,
+    get, invalid, unsupported, Dynamic, Error, Kind, LinkMerge, PickValue, Retry, ScatterMethod,
+    Source, Step, StepInput, Workflow, WorkflowInput, WorkflowOutput,
 };
 
 const REQUIREMENT: &str = "CaroniRequirement";
@@ -195,7 +195,9 @@ fn port(body: &Value, at: &str) -> Result<(Option<Kind>, Option<String>), Error>
         Value::Mapping(b) => {
             // `{type: array, items: File}` written on the port itself.
             let ty = match get(b, "type") {
-                Some(Value::String(t)) if t == "array" => Some(body),
+                Some(Value::String(t)) if t == "array" || t == "enum" || t == "record" => {
+                    Some(body)
+                }
                 t => t,
             };
             let kind = check_type(ty, at)?;
@@ -318,6 +320,140 @@ fn within(prefix: &str, e: Error) -> Error {
 struct Inherited {
     expressions: Vec<serde_json::Value>,
     max_attempts: Option<u32>,
+    retry: Retry,
+}
+
+/// The keys a CaroniRequirement may have on a workflow.
+const WORKFLOW_KEYS: [&str; 3] = ["CaroniMaxAttempts", "CaroniRetryBackoff", "CaroniNoRetry"];
+/// The keys a CaroniRequirement may have on a step or a tool.
+const STEP_KEYS: [&str; 5] = [
+    "CaroniJobName",
+    "CaroniJobKVs",
+    "CaroniMaxAttempts",
+    "CaroniRetryBackoff",
+    "CaroniNoRetry",
+];
+
+/// Refuses a key a CaroniRequirement does not have (a misspelt
+/// `CaroniJobKV` must not pass unseen).
+fn known_keys(body: &Mapping, rat: &str, allowed: &[&str], place: &str) -> Result<(), Error> {
+    for k in body.keys() {
+        let k = scalar_string(k).unwrap_or_default();
+        if k == "class" || allowed.contains(&k.as_str()) {
+            continue;
+        }
+        let hint = if STEP_KEYS.contains(&k.as_str()) {
+            format!("it belongs on a step or a tool, not on {place}")
+        } else {
+            format!("the keys on {place} are: {}", allowed.join(", "))
+        };
+        return Err(invalid(
+            format!("{rat}.{k}"),
+            format!("unknown key `{k}` in CaroniRequirement; {hint}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A duration: a number of seconds or text such as `500ms`, `2s`, `1m`.
+fn duration_ms(v: &Value, at: &str) -> Result<u64, Error> {
+    let bad = || {
+        invalid(
+            at,
+            "must be a duration: seconds as a number, or text such as 500ms, 2s, 1m (at most 1 day)",
+        )
+    };
+    let ms = match v {
+        Value::Number(n) => n
+            .as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0)
+            .map(|f| (f * 1000.0).round() as u64)
+            .ok_or_else(bad)?,
+        Value::String(t) => match t.trim().parse::<f64>() {
+            Ok(f) if f.is_finite() && f >= 0.0 => (f * 1000.0).round() as u64,
+            _ => humantime::parse_duration(t.trim())
+                .map_err(|_| bad())?
+                .as_millis()
+                .try_into()
+                .map_err(|_| bad())?,
+        },
+        _ => return Err(bad()),
+    };
+    if ms > 24 * 3600 * 1000 {
+        return Err(bad());
+    }
+    Ok(ms)
+}
+
+/// The retry policy one CaroniRequirement states.
+fn retry_of(body: &Mapping, rat: &str) -> Result<Retry, Error> {
+    let mut r = Retry::default();
+    if let Some(v) = get(body, "CaroniMaxAttempts") {
+        let n = scalar_string(v)
+            .and_then(|s| s.parse::<u32>().ok())
+            .filter(|n| (1..=100).contains(n))
+            .ok_or_else(|| {
+                invalid(
+                    format!("{rat}.CaroniMaxAttempts"),
+                    "must be a whole number from 1 to 100",
+                )
+            })?;
+        r.max_attempts = Some(n);
+    }
+    match get(body, "CaroniRetryBackoff") {
+        None | Some(Value::Null) => {}
+        Some(Value::Mapping(m)) => {
+            let at = format!("{rat}.CaroniRetryBackoff");
+            for k in m.keys() {
+                let k = scalar_string(k).unwrap_or_default();
+                if k != "initial" && k != "max" {
+                    return Err(invalid(
+                        format!("{at}.{k}"),
+                        format!("unknown key `{k}`; the keys are initial and max"),
+                    ));
+                }
+            }
+            if let Some(v) = get(m, "initial") {
+                r.backoff_initial_ms = Some(duration_ms(v, &format!("{at}.initial"))?);
+            }
+            if let Some(v) = get(m, "max") {
+                r.backoff_max_ms = Some(duration_ms(v, &format!("{at}.max"))?);
+            }
+        }
+        Some(v) => {
+            r.backoff_initial_ms = Some(duration_ms(v, &format!("{rat}.CaroniRetryBackoff"))?)
+        }
+    }
+    match get(body, "CaroniNoRetry") {
+        None | Some(Value::Null) => {}
+        Some(Value::Sequence(items)) => {
+            let mut kinds = Vec::new();
+            for (n, item) in items.iter().enumerate() {
+                let k = scalar_string(item).unwrap_or_default();
+                if !crate::FAILURE_KINDS.contains(&k.as_str()) {
+                    return Err(invalid(
+                        format!("{rat}.CaroniNoRetry[{n}]"),
+                        format!(
+                            "unknown failure kind `{k}`; the kinds are: {}",
+                            crate::FAILURE_KINDS.join(", ")
+                        ),
+                    ));
+                }
+                kinds.push(k);
+            }
+            r.no_retry = Some(kinds);
+        }
+        Some(_) => {
+            return Err(invalid(
+                format!("{rat}.CaroniNoRetry"),
+                format!(
+                    "must be a list of failure kinds ({})",
+                    crate::FAILURE_KINDS.join(", ")
+                ),
+            ))
+        }
+    }
+    Ok(r)
 }
 
 pub(crate) fn workflow(m: &Mapping) -> Result<Workflow, Error> {
@@ -349,23 +485,14 @@ fn workflow_in(m: &Mapping, inherited: &Inherited) -> Result<Workflow, Error> {
             ));
         }
     }
-    let mut max_attempts = inherited.max_attempts;
+    let mut retry = inherited.retry.clone();
     for (class, body, at) in requirement_entries(m, "workflow")? {
         if is_caroni(&class) {
-            if let Some(v) = get(body, "CaroniMaxAttempts") {
-                let n = scalar_string(v)
-                    .and_then(|s| s.parse::<u32>().ok())
-                    .filter(|n| (1..=100).contains(n))
-                    .ok_or_else(|| {
-                        invalid(
-                            format!("{at}.CaroniMaxAttempts"),
-                            "must be a whole number from 1 to 100",
-                        )
-                    })?;
-                max_attempts = Some(n);
-            }
+            known_keys(body, &at, &WORKFLOW_KEYS, "a workflow")?;
+            retry = retry_of(body, &at)?.over(&retry);
         }
     }
+    let max_attempts = retry.max_attempts;
 
     let mut all_ids: BTreeMap<String, String> = BTreeMap::new();
     let mut claim = |id: &str, at: &str| -> Result<(), Error> {
@@ -382,10 +509,23 @@ fn workflow_in(m: &Mapping, inherited: &Inherited) -> Result<Workflow, Error> {
     for e in entries(get(m, "inputs").unwrap_or(&Value::Null), "inputs", false)? {
         claim(&e.id, &e.at)?;
         let (kind, default) = port(e.body, &e.at)?;
+        let declared = match e.body {
+            Value::Mapping(b) => match get(b, "type") {
+                Some(Value::String(t)) if t == "array" || t == "enum" || t == "record" => {
+                    Some(e.body)
+                }
+                t => t,
+            },
+            t @ Value::String(_) => Some(t),
+            _ => None,
+        };
         inputs.push(WorkflowInput {
             id: e.id,
             default,
             kind: kind.unwrap_or_default(),
+            cwl_type: declared
+                .and_then(|t| serde_json::to_value(t).ok())
+                .map(|t| t.to_string()),
         });
     }
 
@@ -401,6 +541,7 @@ fn workflow_in(m: &Mapping, inherited: &Inherited) -> Result<Workflow, Error> {
     let here = Inherited {
         expressions: expression_reqs(m, "workflow", &inherited.expressions)?,
         max_attempts,
+        retry,
     };
     let mut steps = Vec::new();
     let mut declared_inputs = BTreeMap::new();
@@ -746,7 +887,8 @@ fn process(
     if get(tool, "class").and_then(Value::as_str) == Some("Workflow") {
         let inherited = Inherited {
             expressions: expression_reqs(b, at, &here.expressions)?,
-            max_attempts: here.max_attempts,
+            max_attempts: here.retry.max_attempts,
+            retry: here.retry.clone(),
         };
         let sub = workflow_in(tool, &inherited).map_err(|e| within(&run_at, e))?;
         return Ok(Some(Process {
@@ -813,18 +955,24 @@ fn process(
     }))
 }
 
-/// The job type and static parameters a step names in its (or its
-/// tool's) CaroniRequirement.
-fn caroni_job(
-    holders: &[(Mapping, String)],
-) -> Result<(Option<String>, BTreeMap<String, String>), Error> {
+/// What a step's CaroniRequirement (or its tool's) names: its job type,
+/// static parameters and retry policy (the step's over the tool's).
+type CaroniJob = (Option<String>, BTreeMap<String, String>, Retry);
+
+/// The job type, static parameters and retry policy a step names in its
+/// (or its tool's) CaroniRequirement.
+fn caroni_job(holders: &[(Mapping, String)]) -> Result<CaroniJob, Error> {
     let mut job_type = None;
     let mut job_kvs = BTreeMap::new();
+    let mut retry = Retry::default();
     for (holder, hat) in holders {
         for (class, body, rat) in requirement_entries(holder, hat)? {
             if !is_caroni(&class) {
                 continue;
             }
+            known_keys(body, &rat, &STEP_KEYS, "a step")?;
+            // Holders come step first: what the step says wins.
+            retry = retry.over(&retry_of(body, &rat)?);
             if let Some(v) = get(body, "CaroniJobName") {
                 let name = scalar_string(v).filter(|s| !s.is_empty()).ok_or_else(|| {
                     invalid(format!("{rat}.CaroniJobName"), "must be a non-empty string")
@@ -859,7 +1007,7 @@ fn caroni_job(
             }
         }
     }
-    Ok((job_type, job_kvs))
+    Ok((job_type, job_kvs, retry))
 }
 
 /// A step, and for each input whether its tool declares its type (an
@@ -868,8 +1016,15 @@ fn step(e: &Entry<'_>, here: &Inherited) -> Result<(Step, BTreeMap<String, bool>
     let at = &e.at;
     let b = mapping(e.body, at)?;
     let mut holders = vec![(b.clone(), at.clone())];
-    let proc = process(b, at, here, &mut holders)?;
-    let (named_type, named_kvs) = caroni_job(&holders)?;
+    // What the step itself says holds for a sub-workflow's steps too.
+    let own = Inherited {
+        expressions: here.expressions.clone(),
+        max_attempts: here.max_attempts,
+        retry: caroni_job(&holders)?.2.over(&here.retry),
+    };
+    let proc = process(b, at, &own, &mut holders)?;
+    let (named_type, named_kvs, named_retry) = caroni_job(&holders)?;
+    let retry = named_retry.over(&here.retry);
     let (job_type, job_kvs) = match &proc {
         Some(Process {
             cwl_tool: Some(json),
@@ -1094,7 +1249,7 @@ fn step(e: &Entry<'_>, here: &Inherited) -> Result<(Step, BTreeMap<String, bool>
                 &inputs_only,
                 &outputs,
                 &output_kinds,
-                here,
+                &retry,
             ),
         };
         let expressions = expression_reqs(b, at, &here.expressions)?;
@@ -1146,6 +1301,7 @@ fn step(e: &Entry<'_>, here: &Inherited) -> Result<(Step, BTreeMap<String, bool>
             output_kinds,
             dynamic,
             output_types,
+            retry,
         },
         inputs
             .into_iter()
@@ -1185,7 +1341,7 @@ fn one_step(
     inputs: &[StepInput],
     outputs: &[String],
     output_kinds: &BTreeMap<String, Kind>,
-    here: &Inherited,
+    retry: &Retry,
 ) -> Workflow {
     let passed: Vec<&StepInput> = inputs.iter().filter(|i| !i.hidden).collect();
     // A real tool reads its values by its own types: after a scatter or an
@@ -1204,6 +1360,7 @@ fn one_step(
                 id: i.name.clone(),
                 default: Some("null".into()),
                 kind: kind(i),
+                cwl_type: None,
             })
             .collect(),
         outputs: outputs
@@ -1237,8 +1394,9 @@ fn one_step(
             output_kinds: output_kinds.clone(),
             dynamic: None,
             output_types: BTreeMap::new(),
+            retry: retry.clone(),
         }],
-        max_attempts: here.max_attempts,
+        max_attempts: retry.max_attempts,
     }
 }
 

@@ -613,3 +613,94 @@ steps:
         Some("\"int\"")
     );
 }
+
+#[test]
+fn retry_policy_is_read_per_step_over_the_workflow() {
+    let doc = "class: Workflow
+hints: {CaroniRequirement: {CaroniMaxAttempts: 4, CaroniRetryBackoff: 2s, CaroniNoRetry: [output]}}
+inputs: {x: string}
+outputs: {y: {type: string, outputSource: b/o}}
+steps:
+  a:
+    hints: {CaroniRequirement: {CaroniJobName: j, CaroniMaxAttempts: 1, CaroniRetryBackoff: {initial: 500ms, max: 1m}}}
+    in: {i: x}
+    out: [o]
+  b:
+    hints: {CaroniRequirement: {CaroniJobName: j, CaroniNoRetry: []}}
+    in: {i: a/o}
+    out: [o]
+";
+    let wf = parse(doc).expect("parses");
+    let a = &wf.steps[0].retry;
+    assert_eq!(a.max_attempts, Some(1));
+    assert_eq!(a.backoff_initial_ms, Some(500));
+    assert_eq!(a.backoff_max_ms, Some(60_000));
+    assert_eq!(a.no_retry, Some(vec!["output".to_string()]));
+    let b = &wf.steps[1].retry;
+    assert_eq!(b.max_attempts, Some(4), "the workflow's limit");
+    assert_eq!(b.backoff_initial_ms, Some(2_000));
+    assert_eq!(b.no_retry, Some(vec![]), "the step's own list wins");
+    // Policies survive a stored plan only through `policies()`.
+    let mut stored = wf.clone();
+    for s in &mut stored.steps {
+        s.retry = Retry::default();
+    }
+    stored.set_policies(&wf.policies());
+    assert_eq!(stored.steps[0].retry, wf.steps[0].retry);
+}
+
+#[test]
+fn unknown_caroni_keys_and_bad_policies_are_refused_where_they_are() {
+    let e = err(&one_step("").replace("CaroniJobName: j", "CaroniJobName: j, CaroniJobKV: {a: b}"));
+    assert!(
+        e.contains("steps.s1.hints.CaroniRequirement.CaroniJobKV"),
+        "{e}"
+    );
+    assert!(
+        e.contains("unknown key `CaroniJobKV`") && e.contains("CaroniJobKVs"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "hints: {{CaroniRequirement: {{CaroniJobName: j}}}}\n{}",
+        one_step("")
+    ));
+    assert!(e.contains("belongs on a step"), "{e}");
+    let e = err(&one_step("").replace(
+        "CaroniJobName: j",
+        "CaroniJobName: j, CaroniNoRetry: [flaky]",
+    ));
+    assert!(
+        e.contains("CaroniNoRetry[0]") && e.contains("exit_status"),
+        "{e}"
+    );
+    let e = err(&one_step("").replace(
+        "CaroniJobName: j",
+        "CaroniJobName: j, CaroniRetryBackoff: soon",
+    ));
+    assert!(
+        e.contains("CaroniRetryBackoff") && e.contains("duration"),
+        "{e}"
+    );
+}
+
+#[test]
+fn given_values_are_checked_against_declared_types() {
+    assert!(check_input("\"int\"", "42").is_ok());
+    let e = check_input("\"int\"", "notanumber").expect_err("not an int");
+    assert!(e.contains("whole number"), "{e}");
+    assert!(check_input("\"int?\"", "null").is_ok());
+    assert!(check_input("[\"null\",\"float\"]", "2.5").is_ok());
+    assert!(check_input("\"boolean\"", "yes").is_err());
+    assert!(check_input("\"string\"", "anything").is_ok());
+    let en = r##"{"type":"enum","symbols":["#x/fast","#x/slow"]}"##;
+    assert!(check_input(en, "fast").is_ok());
+    assert!(check_input(en, "medium")
+        .expect_err("enum")
+        .contains("fast, slow"));
+    assert!(check_input("\"int[]\"", "[1, 2]").is_ok());
+    let e = check_input("\"int[]\"", "[1, \"x\"]").expect_err("item");
+    assert!(e.contains("item 1"), "{e}");
+    let wf = parse(&one_step("").replace("inputs: {x: string}", "inputs: {x: string, n: int}"))
+        .expect("parses");
+    assert_eq!(wf.inputs[1].cwl_type.as_deref(), Some("\"int\""));
+}

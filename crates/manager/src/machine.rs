@@ -9,7 +9,7 @@ use caroni_types::msg::{JobRequest, Outbound};
 use uuid::Uuid;
 
 use crate::model::{
-    Attempt, RequestState, Step, StepInput, StepState, Value, Workflow, WorkflowState,
+    Attempt, JobState, RequestState, Step, StepInput, StepState, Value, Workflow, WorkflowState,
 };
 
 /// Default attempts per step.
@@ -22,6 +22,19 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 pub const REPUBLISH_MIN_MS: u64 = 1_000;
 /// Longest re-publication delay.
 pub const REPUBLISH_MAX_MS: u64 = 4_000;
+/// Default time for agents to answer a request before it counts as
+/// blocked (shown with the reason).
+pub const DEFAULT_ANSWER_TIMEOUT_MS: u64 = 10_000;
+/// Default time a request may stay blocked (every known agent declined,
+/// or none answered) before its step, and the workflow, fail.
+pub const DEFAULT_UNPLACEABLE_MS: u64 = 300_000;
+/// Default delay before a step's first retry; it doubles per failure.
+pub const DEFAULT_BACKOFF_INITIAL_MS: u64 = 1_000;
+/// Default longest delay between retries.
+pub const DEFAULT_BACKOFF_MAX_MS: u64 = 60_000;
+/// Failure kinds not retried unless a policy says otherwise: a job whose
+/// output is not what its job type declares fails the same way again.
+pub const DEFAULT_NO_RETRY: [&str; 1] = ["output"];
 
 /// What the manager knows about the agents beyond one workflow.
 pub trait Peers {
@@ -80,6 +93,11 @@ pub struct Ctx<'a> {
     pub peers: &'a dyn Peers,
     /// The files this manager holds.
     pub blobs: &'a dyn Blobs,
+    /// How long agents have to answer a request before it counts as
+    /// blocked.
+    pub answer_timeout_ms: u64,
+    /// How long a request may stay blocked before its step fails.
+    pub unplaceable_ms: u64,
 }
 
 /// An effect for the service to perform after persisting the workflow.
@@ -223,6 +241,17 @@ impl Workflow {
         for i in &wf.inputs {
             if let Some(v) = given.get(&i.id) {
                 check_kind(&i.id, i.kind, v)?;
+                if let Some(ty) = &i.cwl_type {
+                    caroni_cwl::check_input(ty, v).map_err(|wanted| {
+                        CreateError::BadValue(
+                            i.id.clone(),
+                            format!(
+                                "is `{}`, but its type is {ty}: give {wanted}",
+                                v.chars().take(64).collect::<String>()
+                            ),
+                        )
+                    })?;
+                }
             }
             match given.get(&i.id).or(i.default.as_ref()) {
                 Some(v) => {
@@ -265,6 +294,7 @@ impl Workflow {
                     }
                 }
                 Step {
+                    policy: s.retry.clone(),
                     id: s.id.clone(),
                     job_type: s.job_type.clone(),
                     job_kvs: s.job_kvs.clone(),
@@ -321,7 +351,7 @@ impl Workflow {
         self.state = WorkflowState::Initializing;
         for n in 0..self.steps.len() {
             if !self.steps[n].dynamic {
-                self.new_request(n, ctx, &mut fx);
+                self.new_request(n, ctx, 0, &mut fx);
             }
         }
         for n in 0..self.steps.len() {
@@ -337,6 +367,63 @@ impl Workflow {
         }
         self.touch(ctx);
         fx
+    }
+
+    /// A user resumes a failed or cancelled workflow: completed (and
+    /// skipped) steps keep their outputs; every other step starts afresh,
+    /// its earlier attempts kept in its history as superseded (they no
+    /// longer count against its limit). A dynamic step that had not
+    /// completed expands again.
+    pub fn resume(&mut self, ctx: &mut Ctx<'_>) -> Result<Vec<Effect>, String> {
+        if !matches!(self.state, WorkflowState::Failed | WorkflowState::Cancelled) {
+            return Err(format!(
+                "workflow {} is {}; only a failed or cancelled workflow can be retried",
+                self.id,
+                self.state.as_str()
+            ));
+        }
+        if let Some(p) = self.parent {
+            return Err(format!(
+                "workflow {} runs element {} of a step of workflow {}; retry that workflow",
+                self.id, p.index, p.id
+            ));
+        }
+        self.state = WorkflowState::Initializing;
+        self.message.clear();
+        self.finished_at_ms = None;
+        let mut fx = Vec::new();
+        for step in &mut self.steps {
+            if matches!(step.state, StepState::Completed | StepState::Skipped) {
+                continue;
+            }
+            for a in &mut step.attempts {
+                if a.state.is_final() && a.state != JobState::Completed {
+                    a.superseded = true;
+                }
+            }
+            step.state = StepState::Created;
+            step.request = None;
+            step.results.clear();
+            step.fan = None;
+            step.prepared = None;
+        }
+        for n in 0..self.steps.len() {
+            if self.steps[n].state == StepState::Created && !self.steps[n].dynamic {
+                self.new_request(n, ctx, 0, &mut fx);
+            }
+        }
+        for n in 0..self.steps.len() {
+            if self.state.is_final() {
+                break;
+            }
+            self.try_expand(n, ctx, &mut fx);
+        }
+        if !self.state.is_final() {
+            self.maybe_run(&mut fx);
+            self.maybe_complete(ctx, &mut fx);
+        }
+        self.touch(ctx);
+        Ok(fx)
     }
 
     fn touch(&mut self, ctx: &Ctx<'_>) {

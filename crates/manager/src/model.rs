@@ -42,6 +42,20 @@ impl WorkflowState {
             WorkflowState::Completed | WorkflowState::Failed | WorkflowState::Cancelled
         )
     }
+    /// The state a name names.
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            WorkflowState::Created,
+            WorkflowState::Initializing,
+            WorkflowState::Running,
+            WorkflowState::Stalled,
+            WorkflowState::Completed,
+            WorkflowState::Failed,
+            WorkflowState::Cancelled,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == name)
+    }
     /// Lower-case name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -74,6 +88,8 @@ pub enum StepState {
     Failed,
     /// Its condition (`when`) was false: no job, null outputs.
     Skipped,
+    /// The workflow ended (cancelled, or failed elsewhere) before it did.
+    Cancelled,
 }
 
 impl StepState {
@@ -87,6 +103,7 @@ impl StepState {
             StepState::Completed => "completed",
             StepState::Failed => "failed",
             StepState::Skipped => "skipped",
+            StepState::Cancelled => "cancelled",
         }
     }
 }
@@ -133,6 +150,19 @@ pub struct Request {
     /// When the offer window closes (ms), once an offer arrived.
     #[serde(default)]
     pub decide_at_ms: Option<u64>,
+    /// Why no agent can take it, once every agent known declined or none
+    /// answered in time.
+    #[serde(default)]
+    pub blocked: Option<Blocked>,
+}
+
+/// A request no agent can take now: since when and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blocked {
+    /// When it was first seen blocked (ms).
+    pub since_ms: u64,
+    /// The declines' reasons, or that no agent answered.
+    pub reason: String,
 }
 
 /// An offer waiting for the request's offer window to close.
@@ -168,12 +198,14 @@ pub struct Attempt {
     pub state: JobState,
     /// True once the agent answered JobAccepted.
     pub accepted: bool,
-    /// True once a newer attempt replaced this one or the workflow ended;
-    /// late results are ignored.
+    /// True once a newer attempt replaced this one while it could still
+    /// have run (a lost job, a resumed workflow's failed attempts); late
+    /// results are ignored.
     pub superseded: bool,
-    /// Accept sent (ms).
+    /// Accept sent: the job was placed (ms, manager's clock).
     pub started_at_ms: u64,
-    /// Final state reached (ms).
+    /// Final state reached (ms): the agent's time when it said, else the
+    /// manager's.
     pub ended_at_ms: Option<u64>,
     /// Last message from the agent about this job (ms).
     pub last_heard_ms: u64,
@@ -187,6 +219,17 @@ pub struct Attempt {
     pub message: String,
     /// Tail of stderr.
     pub stderr_tail: String,
+    /// When the job had every input and waited for a slot (the agent's
+    /// clock, ms).
+    #[serde(default)]
+    pub queued_at_ms: Option<u64>,
+    /// When its process started (the agent's clock, ms).
+    #[serde(default)]
+    pub ran_at_ms: Option<u64>,
+    /// The kind of failure (`exit_status`, `output`, `timeout`, `killed`,
+    /// `lost`, `unplaceable`, `other`); empty unless it failed.
+    #[serde(default)]
+    pub failure: String,
 }
 
 impl Attempt {
@@ -277,6 +320,10 @@ pub struct Step {
     pub request: Option<Request>,
     /// Every attempt, oldest first.
     pub attempts: Vec<Attempt>,
+    /// How the step is retried, as its template says (unsaid parts: the
+    /// workflow's limit and the manager's defaults).
+    #[serde(default)]
+    pub policy: caroni_cwl::Retry,
     /// True for a dynamic step (scatter, condition, sub-workflow, computed
     /// inputs): its values are kept by source (`x`, `step/out`), and its
     /// elements run as child workflows. Derived from the plan.
@@ -296,11 +343,32 @@ impl Step {
     pub fn current(&self) -> Option<&Attempt> {
         self.attempts.last().filter(|a| a.is_live())
     }
-    /// Failed attempts so far.
+    /// The state as people read it: `fulfilled` is told apart into
+    /// `waiting` (for inputs) and `queued` (for a slot on the agent), and
+    /// a step waiting out its back-off is `retrying`.
+    pub fn shown_state(&self) -> &'static str {
+        match self.state {
+            StepState::Fulfilling
+                if !self.attempts.is_empty()
+                    && self.request.as_ref().is_some_and(|r| r.publish_count == 0) =>
+            {
+                "retrying"
+            }
+            StepState::Fulfilled => match self.current().map(|a| a.state) {
+                Some(JobState::Queued) => "queued",
+                Some(JobState::Running) => "running",
+                _ => "waiting",
+            },
+            s => s.as_str(),
+        }
+    }
+
+    /// Failed attempts that count against the limit (those a resume
+    /// replaced do not).
     pub fn failures(&self) -> usize {
         self.attempts
             .iter()
-            .filter(|a| a.state == JobState::Failed)
+            .filter(|a| a.state == JobState::Failed && !a.superseded)
             .count()
     }
 }

@@ -48,6 +48,7 @@ struct StepRecord<
     V = Vec<String>,
     R = Option<Request>,
     A = Vec<Attempt>,
+    P = caroni_cwl::Retry,
 > {
     id: S,
     job_type: S,
@@ -57,6 +58,8 @@ struct StepRecord<
     state: StepState,
     request: R,
     attempts: A,
+    /// The step's retry policy (`()`, no bytes, in the 0x18 layout).
+    policy: P,
 }
 
 type HeadRef<'a> = Head<&'a str, &'a Vec<(String, Source)>>;
@@ -67,6 +70,7 @@ type StepRef<'a> = StepRecord<
     &'a Vec<String>,
     &'a Option<Request>,
     &'a Vec<Attempt>,
+    &'a caroni_cwl::Retry,
 >;
 
 fn head_ref(wf: &Workflow) -> HeadRef<'_> {
@@ -100,6 +104,7 @@ fn step_ref(s: &Step) -> StepRef<'_> {
         dynamic: _,
         fan: _,
         prepared: _,
+        policy,
     } = s;
     StepRecord {
         id,
@@ -110,6 +115,7 @@ fn step_ref(s: &Step) -> StepRef<'_> {
         state: *state,
         request,
         attempts,
+        policy,
     }
 }
 
@@ -163,7 +169,110 @@ impl ValueKey {
 }
 
 const HEADS: Table<Head> = Table::new(tables::WORKFLOW_HEADS_V3, "workflow_heads");
-const STEPS: Table<StepRecord> = Table::new(tables::WORKFLOW_STEPS_V3, "workflow_steps");
+const STEPS: Table<StepRecord> = Table::new(tables::WORKFLOW_STEPS_V4, "workflow_steps");
+
+/// A request as the 0x18 layout stored it (no blocked reason).
+#[derive(Debug, Deserialize)]
+struct RequestV3 {
+    id: Uuid,
+    state: crate::model::RequestState,
+    created_at_ms: u64,
+    expires_at_ms: u64,
+    publish_count: u32,
+    next_publish_at_ms: u64,
+    declines: Vec<(String, String)>,
+    candidates: Vec<crate::model::Candidate>,
+    answered: Vec<String>,
+    decide_at_ms: Option<u64>,
+}
+
+/// An attempt as the 0x18 layout stored it (no run times, no failure
+/// kind).
+#[derive(Debug, Deserialize)]
+struct AttemptV3 {
+    job_id: Option<Uuid>,
+    request_id: Uuid,
+    offer_id: Option<Uuid>,
+    agent: String,
+    endpoint: String,
+    state: crate::model::JobState,
+    accepted: bool,
+    superseded: bool,
+    started_at_ms: u64,
+    ended_at_ms: Option<u64>,
+    last_heard_ms: u64,
+    last_probe_ms: u64,
+    status_seq: u64,
+    exit_status: Option<i32>,
+    message: String,
+    stderr_tail: String,
+}
+
+type StepRecordV3 = StepRecord<
+    String,
+    BTreeMap<String, String>,
+    Vec<StepInput>,
+    Vec<String>,
+    Option<RequestV3>,
+    Vec<AttemptV3>,
+    (),
+>;
+const STEPS_V3: Table<StepRecordV3> =
+    Table::new(tables::WORKFLOW_STEPS_V3, "workflow_steps (0x18 layout)");
+
+impl From<StepRecordV3> for StepRecord {
+    fn from(s: StepRecordV3) -> Self {
+        StepRecord {
+            id: s.id,
+            job_type: s.job_type,
+            job_kvs: s.job_kvs,
+            inputs: s.inputs,
+            outputs: s.outputs,
+            state: s.state,
+            request: s.request.map(|r| Request {
+                id: r.id,
+                state: r.state,
+                created_at_ms: r.created_at_ms,
+                expires_at_ms: r.expires_at_ms,
+                publish_count: r.publish_count,
+                next_publish_at_ms: r.next_publish_at_ms,
+                declines: r.declines,
+                candidates: r.candidates,
+                answered: r.answered,
+                decide_at_ms: r.decide_at_ms,
+                blocked: None,
+            }),
+            attempts: s
+                .attempts
+                .into_iter()
+                .map(|a| Attempt {
+                    // Failed attempts were all marked superseded then; a
+                    // failure was never a replacement.
+                    superseded: a.superseded && !a.state.is_final(),
+                    job_id: a.job_id,
+                    request_id: a.request_id,
+                    offer_id: a.offer_id,
+                    agent: a.agent,
+                    endpoint: a.endpoint,
+                    state: a.state,
+                    accepted: a.accepted,
+                    started_at_ms: a.started_at_ms,
+                    ended_at_ms: a.ended_at_ms,
+                    last_heard_ms: a.last_heard_ms,
+                    last_probe_ms: a.last_probe_ms,
+                    status_seq: a.status_seq,
+                    exit_status: a.exit_status,
+                    message: a.message,
+                    stderr_tail: a.stderr_tail,
+                    queued_at_ms: None,
+                    ran_at_ms: None,
+                    failure: String::new(),
+                })
+                .collect(),
+            policy: caroni_cwl::Retry::default(),
+        }
+    }
+}
 const VALUES: Table<String> = Table::new(tables::WORKFLOW_VALUES, "workflow_values");
 const LEGACY: Table<Workflow> = Table::new(tables::WORKFLOWS, "workflows (whole records)");
 
@@ -193,6 +302,10 @@ const FANS: Table<Fan> = Table::new(tables::WORKFLOW_FANS, "workflow_fans");
 const ELEMENTS: Table<BTreeMap<String, String>> =
     Table::new(tables::WORKFLOW_ELEMENTS, "workflow_elements");
 const CHILDREN: Table<Uuid> = Table::new(tables::WORKFLOW_CHILDREN, "workflow_children");
+const POLICIES: Table<Vec<(String, caroni_cwl::Retry)>> =
+    Table::new(tables::WORKFLOW_PLAN_POLICIES, "workflow_plan_policies");
+const SUBMISSIONS: Table<(Uuid, u64)> =
+    Table::new(tables::WORKFLOW_SUBMISSIONS, "workflow_submissions");
 
 /// Writes what a new workflow keeps for good: its parent link (and its
 /// place in the parent's children) and its plan.
@@ -213,6 +326,7 @@ pub(crate) fn put_created(b: &mut Batch, wf: &Workflow) {
         let plans: Table<&caroni_cwl::Workflow> =
             Table::new(tables::WORKFLOW_PLANS, "workflow_plans");
         b.put(plans, &head_key(&wf.id), &&**plan);
+        b.put(POLICIES, &head_key(&wf.id), &plan.policies());
     }
 }
 
@@ -317,10 +431,13 @@ pub(crate) fn put_head(b: &mut Batch, wf: &Workflow) {
 /// Writes step `n` of `wf` (without its values).
 pub(crate) fn put_step(b: &mut Batch, wf: &Workflow, n: usize) {
     if let Some(step) = wf.steps.get(n) {
-        let steps: Table<StepRef<'_>> = Table::new(tables::WORKFLOW_STEPS_V3, "workflow_steps");
+        let steps: Table<StepRef<'_>> = Table::new(tables::WORKFLOW_STEPS_V4, "workflow_steps");
         b.put(steps, &step_key(&wf.id, n), &step_ref(step));
-        if let Some(fan) = &step.fan {
-            b.put(FANS, &step_key(&wf.id, n), fan);
+        match &step.fan {
+            Some(fan) => b.put(FANS, &step_key(&wf.id, n), fan),
+            // A resumed step expands afresh.
+            None if step.dynamic => b.delete(FANS, &step_key(&wf.id, n)),
+            None => {}
         }
     }
 }
@@ -457,7 +574,15 @@ fn assemble(store: &Store, h: Head) -> caroni_store::Result<Workflow> {
         .map(|(_, s)| s)
         .collect();
     same_count("workflow_steps", &h.id, steps.len(), h.step_count)?;
-    let plan = store.get(PLANS, &head_key(&h.id))?.map(std::sync::Arc::new);
+    let plan = match store.get(PLANS, &head_key(&h.id))? {
+        Some(mut p) => {
+            if let Some(policies) = store.get(POLICIES, &head_key(&h.id))? {
+                p.set_policies(&policies);
+            }
+            Some(std::sync::Arc::new(p))
+        }
+        None => None,
+    };
     let parent = store.get(LINKS, &head_key(&h.id))?;
     let mut fans: BTreeMap<usize, Fan> = BTreeMap::new();
     if plan.is_some() {
@@ -494,6 +619,7 @@ fn assemble(store: &Store, h: Head) -> caroni_store::Result<Workflow> {
                 results: BTreeMap::new(),
                 request: s.request,
                 attempts: s.attempts,
+                policy: s.policy,
                 dynamic: plan
                     .as_ref()
                     .and_then(|p| p.steps.get(n))
@@ -567,6 +693,229 @@ pub(crate) fn list_last(store: &Store, limit: usize) -> caroni_store::Result<Vec
     }
 }
 
+/// What a list of workflows is filtered by.
+#[derive(Clone, Debug, Default)]
+pub struct ListFilter {
+    /// Only these states (empty: any).
+    pub states: Vec<WorkflowState>,
+    /// Only this template.
+    pub template: Option<String>,
+    /// Created at or after (ms).
+    pub created_after_ms: Option<u64>,
+    /// Created before (ms).
+    pub created_before_ms: Option<u64>,
+    /// Only ids whose text starts with this.
+    pub id_prefix: Option<String>,
+    /// Go on after this workflow (the previous page's last).
+    pub after: Option<Uuid>,
+}
+
+/// Heads read at most per page: a filter that matches little stops there
+/// and says where to go on.
+const LIST_SCAN_MAX: usize = 200_000;
+
+/// A page of the workflows users started (not elements' children), newest
+/// first, filtered; and the last id read when more may match (the next
+/// page's `after`).
+pub(crate) fn list_page(
+    store: &Store,
+    limit: usize,
+    f: &ListFilter,
+) -> caroni_store::Result<(Vec<Workflow>, Option<Uuid>)> {
+    let limit = limit.max(1);
+    // Ids are UUID v7: the newest a page may hold bounds where to start.
+    let mut before: Option<Vec<u8>> = f.after.map(|id| head_key(&id));
+    if let Some(t) = f.created_before_ms {
+        let bound = head_key(&uuid::Builder::from_unix_timestamp_millis(t, &[0; 10]).into_uuid());
+        before = Some(match before {
+            Some(b) if b < bound => b,
+            _ => bound,
+        });
+    }
+    let mut top = Vec::new();
+    let mut scanned = 0;
+    loop {
+        let heads = store.scan_back(HEADS, before.as_deref(), 512)?;
+        if heads.is_empty() {
+            return Ok((
+                top.into_iter()
+                    .map(|h| assemble(store, h))
+                    .collect::<Result<_, _>>()?,
+                None,
+            ));
+        }
+        for (key, h) in heads {
+            scanned += 1;
+            before = Some(key);
+            if f.created_after_ms.is_some_and(|t| h.created_at_ms < t) {
+                // Older ones were all created before it too.
+                let all = top
+                    .into_iter()
+                    .map(|h| assemble(store, h))
+                    .collect::<Result<_, _>>()?;
+                return Ok((all, None));
+            }
+            let matches = (f.states.is_empty() || f.states.contains(&h.state))
+                && f.template.as_ref().is_none_or(|t| *t == h.template)
+                && f.id_prefix
+                    .as_ref()
+                    .is_none_or(|p| h.id.to_string().starts_with(p.as_str()))
+                && f.created_before_ms.is_none_or(|t| h.created_at_ms < t)
+                && store.get(LINKS, &head_key(&h.id))?.is_none();
+            if matches {
+                let id = h.id;
+                top.push(h);
+                if top.len() == limit {
+                    let all = top
+                        .into_iter()
+                        .map(|h| assemble(store, h))
+                        .collect::<Result<_, _>>()?;
+                    return Ok((all, Some(id)));
+                }
+            }
+            if scanned >= LIST_SCAN_MAX {
+                let last = Reader::new(before.as_deref().unwrap_or_default()).uuid();
+                let all = top
+                    .into_iter()
+                    .map(|h| assemble(store, h))
+                    .collect::<Result<_, _>>()?;
+                return Ok((all, last));
+            }
+        }
+    }
+}
+
+/// Up to `limit` workflow ids (any, children too) whose bytes start with
+/// `prefix`.
+pub fn ids_with_prefix(
+    store: &Store,
+    prefix: &[u8],
+    limit: usize,
+) -> caroni_store::Result<Vec<Uuid>> {
+    Ok(store
+        .scan_limit(HEADS, prefix, limit)?
+        .into_iter()
+        .map(|(_, h)| h.id)
+        .collect())
+}
+
+/// The workflow made by the submission with this client request id.
+pub(crate) fn submission(store: &Store, request_id: &str) -> caroni_store::Result<Option<Uuid>> {
+    Ok(store
+        .get(SUBMISSIONS, &Key::new().str(request_id).finish())?
+        .map(|(id, _)| id))
+}
+
+/// Records the workflow a submission with a client request id made.
+pub(crate) fn put_submission(b: &mut Batch, request_id: &str, id: &Uuid, now_ms: u64) {
+    b.put(
+        SUBMISSIONS,
+        &Key::new().str(request_id).finish(),
+        &(*id, now_ms),
+    );
+}
+
+/// Forgets submissions recorded before `before_ms`; returns how many.
+pub(crate) fn forget_submissions(store: &Store, before_ms: u64) -> caroni_store::Result<usize> {
+    let mut b = Batch::default();
+    let mut n = 0;
+    for (key, (_, at)) in store.scan(SUBMISSIONS, &[])? {
+        if at < before_ms {
+            b.delete(SUBMISSIONS, &key);
+            n += 1;
+        }
+    }
+    if n > 0 {
+        store.write(b)?;
+    }
+    Ok(n)
+}
+
+/// A workflow and every workflow under it (its elements' children, at any
+/// depth); empty when there is no such workflow.
+pub(crate) fn family(store: &Store, id: &Uuid) -> caroni_store::Result<Vec<Uuid>> {
+    if store.get(HEADS, &head_key(id))?.is_none() {
+        return Ok(Vec::new());
+    }
+    let mut out = vec![*id];
+    let mut k = 0;
+    while k < out.len() {
+        let parent = out[k];
+        for (_, child) in store.scan(CHILDREN, &head_key(&parent))? {
+            if !out.contains(&child) {
+                out.push(child);
+            }
+        }
+        k += 1;
+    }
+    Ok(out)
+}
+
+/// Deletes every record of one workflow (not its children: [`family`]
+/// lists them) into `b`.
+pub(crate) fn delete(store: &Store, b: &mut Batch, id: &Uuid) -> caroni_store::Result<()> {
+    let key = head_key(id);
+    for (k, s) in store.scan(STEPS, &key)? {
+        for a in &s.attempts {
+            if let Some(j) = a.job_id {
+                b.delete(RUNS_ON, &Key::new().uuid(&j).finish());
+            }
+        }
+        b.delete(STEPS, &k);
+    }
+    b.delete(HEADS, &key);
+    for (k, _) in store.scan(VALUES, &key)? {
+        b.delete(VALUES, &k);
+    }
+    for (k, _) in store.scan(FANS, &key)? {
+        b.delete(FANS, &k);
+    }
+    for (k, _) in store.scan(ELEMENTS, &key)? {
+        b.delete(ELEMENTS, &k);
+    }
+    for (k, _) in store.scan(CHILDREN, &key)? {
+        b.delete(CHILDREN, &k);
+    }
+    b.delete(LINKS, &key);
+    b.delete(PLANS, &key);
+    b.delete(POLICIES, &key);
+    Ok(())
+}
+
+/// Ended workflows users started that finished before `before_ms`,
+/// oldest first, at most `limit`.
+pub(crate) fn expired(
+    store: &Store,
+    before_ms: u64,
+    limit: usize,
+) -> caroni_store::Result<Vec<Uuid>> {
+    let mut out = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let heads = store.scan_after(HEADS, &[], after.as_deref(), 1024)?;
+        if heads.is_empty() {
+            return Ok(out);
+        }
+        for (key, h) in heads {
+            // Ids are time-ordered: past the cut-off, nothing older ended
+            // before it that was not created before it.
+            if h.created_at_ms >= before_ms {
+                return Ok(out);
+            }
+            if h.state.is_final()
+                && h.finished_at_ms.is_some_and(|t| t < before_ms)
+                && store.get(LINKS, &key)?.is_none()
+            {
+                out.push(h.id);
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+            after = Some(key);
+        }
+    }
+}
+
 /// Every workflow that has not ended.
 pub(crate) fn live(store: &Store) -> caroni_store::Result<Vec<Workflow>> {
     let mut out = Vec::new();
@@ -607,9 +956,28 @@ pub fn live_files(store: &Store) -> caroni_store::Result<std::collections::HashS
 }
 
 /// Converts the records of earlier layouts (whole workflows; heads and
-/// steps with their values); returns how many workflows were converted.
+/// steps with their values; steps without run times); returns how many
+/// workflows were converted.
 pub(crate) fn migrate(store: &Store) -> caroni_store::Result<usize> {
     let mut converted = 0;
+    loop {
+        let old = store.scan_limit(STEPS_V3, &[], 1024)?;
+        if old.is_empty() {
+            break;
+        }
+        let mut b = Batch::default();
+        let mut ids = std::collections::BTreeSet::new();
+        for (key, s) in old {
+            let mut r = Reader::new(&key);
+            if let Some(id) = r.uuid() {
+                ids.insert(id);
+            }
+            b.put(STEPS, &key, &StepRecord::from(s));
+            b.delete(STEPS_V3, &key);
+        }
+        converted += ids.len();
+        store.write(b)?;
+    }
     let old = store.scan(LEGACY, &[])?;
     for chunk in old.chunks(512) {
         let mut b = Batch::default();
@@ -715,6 +1083,7 @@ mod tests {
             candidates: Vec::new(),
             answered: Vec::new(),
             decide_at_ms: None,
+            blocked: None,
         });
         let before = wf.clone();
         if let Some(r) = wf.steps[0].request.as_mut() {

@@ -36,15 +36,28 @@ type DeliverReply = oneshot::Sender<Result<(), DeliverError>>;
 /// A command for the service (built by [`Handle`]).
 pub enum Cmd {
     /// Start a workflow.
-    Run(
-        String,
-        BTreeMap<String, String>,
-        oneshot::Sender<Result<Uuid, Error>>,
-    ),
+    Run(Submission, oneshot::Sender<Result<(Uuid, bool), Error>>),
     /// Cancel a workflow.
     Cancel(Uuid, oneshot::Sender<Result<(), Error>>),
+    /// Resume a failed or cancelled workflow.
+    Resume(Uuid, oneshot::Sender<Result<(), Error>>),
+    /// Delete ended workflows (and their elements' workflows); answers
+    /// how many were deleted.
+    Delete(Vec<Uuid>, oneshot::Sender<Result<u64, Error>>),
     /// Apply a peer's message.
     Deliver(Box<Inbound>, DeliverReply),
+}
+
+/// A workflow to start.
+#[derive(Clone, Debug, Default)]
+pub struct Submission {
+    /// The template's name.
+    pub template: String,
+    /// Its inputs.
+    pub inputs: BTreeMap<String, String>,
+    /// The client's id of this submission: the same id again returns the
+    /// same workflow and creates nothing.
+    pub request_id: Option<String>,
 }
 
 /// A change of a workflow, as announced to watchers once written.
@@ -67,6 +80,8 @@ pub struct Stats {
     pub completed: AtomicU64,
     /// Workflows that ended failed.
     pub failed: AtomicU64,
+    /// Workflows that were cancelled.
+    pub cancelled: AtomicU64,
     /// Live workflows (not ended).
     pub live: AtomicU64,
     /// Live workflows waiting for admission.
@@ -97,19 +112,44 @@ impl Handle {
         template: String,
         inputs: BTreeMap<String, String>,
     ) -> Result<Uuid, Error> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Cmd::Run(template, inputs, tx))
-            .await
-            .map_err(|_| Error::Unavailable(STOPPED.into()))?;
-        rx.await.map_err(|_| Error::Unavailable(STOPPED.into()))?
+        self.submit_run(Submission {
+            template,
+            inputs,
+            request_id: None,
+        })
+        .await
+        .map(|(id, _)| id)
+    }
+
+    /// Starts a workflow; returns its id once it is durable, and true when
+    /// the submission's request id named an earlier one (nothing new).
+    pub async fn submit_run(&self, s: Submission) -> Result<(Uuid, bool), Error> {
+        self.ask(|tx| Cmd::Run(s, tx)).await
     }
 
     /// Cancels a workflow.
     pub async fn cancel(&self, id: Uuid) -> Result<(), Error> {
+        self.ask(|tx| Cmd::Cancel(id, tx)).await
+    }
+
+    /// Resumes a failed or cancelled workflow from its unfinished steps.
+    pub async fn resume(&self, id: Uuid) -> Result<(), Error> {
+        self.ask(|tx| Cmd::Resume(id, tx)).await
+    }
+
+    /// Deletes ended workflows and everything kept of them; returns how
+    /// many workflows (elements' included) were deleted.
+    pub async fn delete(&self, ids: Vec<Uuid>) -> Result<u64, Error> {
+        self.ask(|tx| Cmd::Delete(ids, tx)).await
+    }
+
+    async fn ask<T>(
+        &self,
+        cmd: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Cmd,
+    ) -> Result<T, Error> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Cmd::Cancel(id, tx))
+            .send(cmd(tx))
             .await
             .map_err(|_| Error::Unavailable(STOPPED.into()))?;
         rx.await.map_err(|_| Error::Unavailable(STOPPED.into()))?
@@ -152,6 +192,40 @@ impl Handle {
         Ok(records::list_last(&self.store, limit)?)
     }
 
+    /// A page of workflows users started, newest first, filtered; and
+    /// where the next page starts when more may match.
+    pub fn list_page(
+        &self,
+        limit: usize,
+        filter: &records::ListFilter,
+    ) -> Result<(Vec<Workflow>, Option<Uuid>), Error> {
+        Ok(records::list_page(&self.store, limit, filter)?)
+    }
+
+    /// Deletes workflows that ended more than `retention` ago (at most
+    /// 1,000 a call) and forgets submissions older than
+    /// `submission_retention`; returns how many workflows went.
+    pub async fn sweep(
+        &self,
+        retention: std::time::Duration,
+        submission_retention: std::time::Duration,
+    ) -> Result<u64, Error> {
+        let now = caroni_types::now_ms();
+        let store = self.store.clone();
+        let cut = now.saturating_sub(retention.as_millis() as u64);
+        let forget = now.saturating_sub(submission_retention.as_millis() as u64);
+        let ids = tokio::task::spawn_blocking(move || {
+            records::forget_submissions(&store, forget)?;
+            records::expired(&store, cut, 1000)
+        })
+        .await
+        .map_err(|e| Error::Unavailable(e.to_string()))??;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.delete(ids).await
+    }
+
     /// Workflows as they change (once each change is written).
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.events.subscribe()
@@ -165,16 +239,19 @@ impl Handle {
 
 /// Who waits for a command's answer.
 enum Pending {
-    Run(oneshot::Sender<Result<Uuid, Error>>),
+    Run(oneshot::Sender<Result<(Uuid, bool), Error>>),
     Cancel(oneshot::Sender<Result<(), Error>>),
+    Delete(oneshot::Sender<Result<u64, Error>>),
     Deliver(DeliverReply),
 }
 
 impl Cmd {
     fn split(self) -> (Pending, Option<Input>) {
         match self {
-            Cmd::Run(_, _, tx) => (Pending::Run(tx), None),
+            Cmd::Run(_, tx) => (Pending::Run(tx), None),
+            Cmd::Delete(_, tx) => (Pending::Delete(tx), None),
             Cmd::Cancel(id, tx) => (Pending::Cancel(tx), Some(Input::Cancel(id))),
+            Cmd::Resume(id, tx) => (Pending::Cancel(tx), Some(Input::Resume(id))),
             Cmd::Deliver(msg, tx) => (Pending::Deliver(tx), Some(Input::Deliver(*msg))),
         }
     }
@@ -192,6 +269,9 @@ impl Reply {
                 let _ = tx.send(written.map_err(unavailable).and(r));
             }
             Reply(Pending::Cancel(tx), Answer::Cancel(r)) => {
+                let _ = tx.send(written.map_err(unavailable).and(r));
+            }
+            Reply(Pending::Delete(tx), Answer::Delete(r)) => {
                 let _ = tx.send(written.map_err(unavailable).and(r));
             }
             Reply(Pending::Deliver(tx), Answer::Deliver(r)) => {
@@ -214,6 +294,9 @@ impl Pending {
                 let _ = tx.send(Err(Error::Unavailable(why.to_string())));
             }
             Pending::Cancel(tx) => {
+                let _ = tx.send(Err(Error::Unavailable(why.to_string())));
+            }
+            Pending::Delete(tx) => {
                 let _ = tx.send(Err(Error::Unavailable(why.to_string())));
             }
             Pending::Deliver(tx) => {
@@ -255,6 +338,9 @@ impl World for NodeWorld<'_> {
     }
     fn read_head(&self, file: &caroni_types::file::FileRef, limit: usize) -> Option<Vec<u8>> {
         self.wire.read_head(file, limit)
+    }
+    fn submission(&self, request_id: &str) -> caroni_store::Result<Option<Uuid>> {
+        records::submission(self.store, request_id)
     }
 }
 
@@ -345,6 +431,33 @@ impl Service {
         Ok(wf)
     }
 
+    /// Deletes ended workflows with their elements' workflows (refusing a
+    /// live one); the records go in this group's batch.
+    fn delete(&mut self, ids: &[Uuid], out: &mut Out) -> Result<u64, Error> {
+        let mut all = Vec::new();
+        for id in ids {
+            if self
+                .machine
+                .workflow(id, out)
+                .is_some_and(|w| !w.state.is_final())
+            {
+                return Err(Error::Finished(format!(
+                    "workflow {id} has not ended; cancel it first (caroni workflow cancel {id})"
+                )));
+            }
+            let family = records::family(&self.store, id)?;
+            if family.is_empty() {
+                return Err(Error::NotFound(format!(
+                    "no workflow {id}; `caroni workflow list` shows them"
+                )));
+            }
+            all.extend(family);
+        }
+        let n = all.len() as u64;
+        out.deletes.extend(all);
+        Ok(n)
+    }
+
     /// Runs `f` on the machine with the clock and the node's world.
     fn step<R>(&mut self, f: impl FnOnce(&mut Manager, &mut Now<'_>, &dyn World) -> R) -> R {
         let Self {
@@ -376,12 +489,13 @@ impl driver::Engine for Service {
 
     fn apply(&mut self, cmd: Cmd, g: &mut Group) {
         let input = match cmd {
-            Cmd::Run(template, inputs, tx) => match self.template(&template) {
+            Cmd::Run(s, tx) => match self.template(&s.template) {
                 Ok(parsed) => {
                     let input = Input::Run {
-                        template,
+                        template: s.template,
                         parsed,
-                        inputs,
+                        inputs: s.inputs,
+                        request_id: s.request_id,
                     };
                     (Pending::Run(tx), Some(input))
                 }
@@ -390,6 +504,12 @@ impl driver::Engine for Service {
                     return;
                 }
             },
+            Cmd::Delete(ids, tx) => {
+                let answer = self.delete(&ids, &mut g.out);
+                g.replies
+                    .push(Reply(Pending::Delete(tx), Answer::Delete(answer)));
+                return;
+            }
             other => other.split(),
         };
         let (pending, Some(input)) = input else {
@@ -431,6 +551,15 @@ impl driver::Engine for Service {
         }
         for (job, r) in &out.runs_on {
             records::put_runs_on(&mut batch, job, r);
+        }
+        let now = caroni_types::now_ms();
+        for (rid, id) in &out.submissions {
+            records::put_submission(&mut batch, rid, id, now);
+        }
+        for id in &out.deletes {
+            if let Err(e) = records::delete(&self.store, &mut batch, id) {
+                tracing::error!(workflow = %id, error = %e, "cannot read a workflow's records to delete them");
+            }
         }
         for (o, trace) in &out.send {
             match self.wire.stage(&mut batch, o, *trace) {
@@ -483,6 +612,7 @@ impl driver::Engine for Service {
             }
             match wf.state {
                 WorkflowState::Completed => &self.stats.completed,
+                WorkflowState::Cancelled => &self.stats.cancelled,
                 _ => &self.stats.failed,
             }
             .fetch_add(1, Ordering::Relaxed);

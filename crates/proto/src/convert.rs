@@ -36,6 +36,7 @@ pub fn job_state_to_pb(s: JobState) -> pb::JobState {
         JobState::Running => pb::JobState::Running,
         JobState::Completed => pb::JobState::Completed,
         JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
     }
 }
 
@@ -104,6 +105,10 @@ impl From<Msg> for Payload {
                 sequence: s.sequence,
                 executor: s.executor,
                 external_id: s.external_id,
+                queued_at_ms: s.queued_at_ms.unwrap_or(0),
+                started_at_ms: s.started_at_ms.unwrap_or(0),
+                ended_at_ms: s.ended_at_ms.unwrap_or(0),
+                failure: s.failure,
             }),
             Msg::Data {
                 job_id,
@@ -194,6 +199,7 @@ impl TryFrom<Payload> for Msg {
                     Ok(pb::JobState::Running) => JobState::Running,
                     Ok(pb::JobState::Completed) => JobState::Completed,
                     Ok(pb::JobState::Failed) => JobState::Failed,
+                    Ok(pb::JobState::Cancelled) => JobState::Cancelled,
                     _ => {
                         return Err(Malformed {
                             message: M,
@@ -210,6 +216,10 @@ impl TryFrom<Payload> for Msg {
                     sequence: s.sequence,
                     executor: s.executor,
                     external_id: s.external_id,
+                    queued_at_ms: Some(s.queued_at_ms).filter(|t| *t > 0),
+                    started_at_ms: Some(s.started_at_ms).filter(|t| *t > 0),
+                    ended_at_ms: Some(s.ended_at_ms).filter(|t| *t > 0),
+                    failure: s.failure.chars().take(32).collect(),
                 })
             }
             Payload::JobDataAvailable(d) => Msg::Data {
@@ -282,6 +292,10 @@ mod tests {
                 sequence: 4,
                 executor: String::new(),
                 external_id: String::new(),
+                queued_at_ms: Some(5),
+                started_at_ms: Some(6),
+                ended_at_ms: Some(7),
+                failure: "exit_status".into(),
             }),
             Msg::Data {
                 job_id: id(),

@@ -34,6 +34,10 @@ impl Sim {
                 sequence: 99,
                 executor: String::new(),
                 external_id: String::new(),
+                queued_at_ms: None,
+                started_at_ms: None,
+                ended_at_ms: None,
+                failure: String::new(),
             }),
             1 => Msg::Data {
                 job_id: job,

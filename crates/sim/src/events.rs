@@ -137,9 +137,10 @@ impl Sim {
                         template: format!("t{template}"),
                         parsed,
                         inputs,
+                        request_id: None,
                     },
                 );
-                if let Some(manager::Answer::Run(Ok(id))) = answer {
+                if let Some(manager::Answer::Run(Ok((id, _)))) = answer {
                     self.started
                         .insert(id, (node, expected(template, &input).1));
                 }

@@ -154,6 +154,8 @@ pub(crate) fn manager_options(endpoint: &str) -> manager::Options {
         max_open_requests: 8,
         offer_window: Duration::from_millis(5),
         use_agents: None,
+        answer_timeout: std::time::Duration::from_secs(10),
+        unplaceable_timeout: std::time::Duration::from_secs(300),
     }
 }
 

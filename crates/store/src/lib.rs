@@ -428,6 +428,44 @@ impl Store {
         Ok(out)
     }
 
+    /// Entries of `table` whose key (without table prefix) is less than
+    /// `before` (every entry when `None`), at most `limit`, in reverse key
+    /// order, with their keys: pages of "newest first" with UUID v7 keys.
+    pub fn scan_back<V: DeserializeOwned>(
+        &self,
+        table: Table<V>,
+        before: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, V)>> {
+        let start = match before {
+            Some(b) => table.key(b),
+            None => vec![table.prefix.saturating_add(1)],
+        };
+        let mut out = Vec::new();
+        let db = self.db()?;
+        let iter = db.iterator(rocksdb::IteratorMode::From(
+            &start,
+            rocksdb::Direction::Reverse,
+        ));
+        for item in iter {
+            let (k, v) = item?;
+            if k.first() != Some(&table.prefix) {
+                if k.first().is_some_and(|p| *p > table.prefix) {
+                    continue;
+                }
+                break;
+            }
+            if k[..] >= start[..] {
+                continue; // the seek key itself: `before` is exclusive
+            }
+            if out.len() >= limit {
+                break;
+            }
+            out.push((k[1..].to_vec(), decode(table.name, &v)?));
+        }
+        Ok(out)
+    }
+
     /// Writes a batch atomically and durably (fsync of the write-ahead log).
     pub fn write(&self, batch: Batch) -> Result<()> {
         let mut opts = rocksdb::WriteOptions::default();

@@ -44,6 +44,17 @@ pub const WORKFLOW_ELEMENTS: u8 = 0x1D;
 /// The child workflow of each element (manager): key = parent uuid, step
 /// index (u64), element (u64); value = child uuid.
 pub const WORKFLOW_CHILDREN: u8 = 0x1E;
+/// Workflow steps without values, with run times, a blocked request's
+/// reason and the step's retry policy (manager): key = workflow uuid, step
+/// index (u64). Steps of the 0x18 layout are converted at start.
+pub const WORKFLOW_STEPS_V4: u8 = 0x1F;
+/// The retry policy of each step of a stored plan, at any depth (manager):
+/// key = workflow uuid. Kept apart so that plans stored before policies
+/// existed are still read.
+pub const WORKFLOW_PLAN_POLICIES: u8 = 0x0F;
+/// Submissions by client request id (manager): key = the client's request
+/// id (string); value = the workflow it made and when.
+pub const WORKFLOW_SUBMISSIONS: u8 = 0x11;
 /// Reserved, never written (requests live in their workflow's step
 /// records); kept so that the prefix is never reused.
 pub const REQUESTS: u8 = 0x12;
@@ -64,6 +75,12 @@ pub const AGENT_REQUEST_WORKFLOWS: u8 = 0x23;
 /// Where each job runs when not under bash (agent): key = job uuid; value
 /// = executor name and container name or Slurm job id.
 pub const AGENT_JOB_EXECUTIONS: u8 = 0x24;
+/// Jobs with their queue time and failure kind (agent): key = job uuid.
+/// Jobs of the 0x21 layout are converted at start.
+pub const AGENT_JOBS_V2: u8 = 0x25;
+/// Whole stdout and stderr of a job's run, up to a bound (agent): key =
+/// job uuid, stream (u64: 1 stdout, 2 stderr).
+pub const AGENT_JOB_LOGS: u8 = 0x26;
 
 /// Retired (format 1 outbox: signed envelopes as JSON); read once to convert.
 pub const OUTBOX: u8 = 0x30;
@@ -101,6 +118,11 @@ mod tests {
             super::WORKFLOW_FANS,
             super::WORKFLOW_ELEMENTS,
             super::WORKFLOW_CHILDREN,
+            super::WORKFLOW_STEPS_V4,
+            super::WORKFLOW_SUBMISSIONS,
+            super::WORKFLOW_PLAN_POLICIES,
+            super::AGENT_JOBS_V2,
+            super::AGENT_JOB_LOGS,
             super::JOB_TYPE_EXECUTORS,
             super::MANAGER_JOB_EXECUTIONS,
             super::AGENT_JOB_EXECUTIONS,

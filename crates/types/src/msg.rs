@@ -21,12 +21,18 @@ pub enum JobState {
     Completed,
     /// Failed.
     Failed,
+    /// Stopped by its manager (the workflow was cancelled or ended, or
+    /// the job was replaced): not a failure.
+    Cancelled,
 }
 
 impl JobState {
-    /// Completed or failed.
+    /// Completed, failed or cancelled.
     pub fn is_final(self) -> bool {
-        matches!(self, JobState::Completed | JobState::Failed)
+        matches!(
+            self,
+            JobState::Completed | JobState::Failed | JobState::Cancelled
+        )
     }
     /// Lower-case name.
     pub fn as_str(self) -> &'static str {
@@ -36,6 +42,7 @@ impl JobState {
             JobState::Running => "running",
             JobState::Completed => "completed",
             JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
         }
     }
 }
@@ -193,6 +200,20 @@ pub struct StatusUpdate {
     /// The container's name or the Slurm job id, once known.
     #[serde(default)]
     pub external_id: String,
+    /// When the job had every input and waited for a slot, by the agent's
+    /// clock (ms since the epoch).
+    #[serde(default)]
+    pub queued_at_ms: Option<u64>,
+    /// When its process started, by the agent's clock.
+    #[serde(default)]
+    pub started_at_ms: Option<u64>,
+    /// When it ended, by the agent's clock.
+    #[serde(default)]
+    pub ended_at_ms: Option<u64>,
+    /// The kind of failure (`exit_status`, `output`, `timeout`, `killed`,
+    /// `other`); empty unless it failed.
+    #[serde(default)]
+    pub failure: String,
 }
 
 /// One protocol message.

@@ -32,8 +32,12 @@ pub fn workflow(w: &pb::Workflow) -> Value {
                 "job_id": a.job_id, "agent": a.agent, "state": a.state, "exit_status": a.exit_status,
                 "message": a.message, "stderr_tail": a.stderr_tail, "superseded": a.superseded,
                 "executor": a.executor, "external_id": a.external_id,
+                "placed_at": ts(&a.placed_at), "queued_at": ts(&a.queued_at),
                 "started_at": ts(&a.started_at), "ended_at": ts(&a.ended_at),
+                "failure": a.failure,
             })).collect::<Vec<_>>(),
+            "blocked": s.blocked, "blocked_since": ts(&s.blocked_since),
+            "retry_at": ts(&s.retry_at),
             "declines": s.declines.iter().map(|d| json!({
                 "agent": d.agent, "reason": d.reason,
             })).collect::<Vec<_>>(),

@@ -3,7 +3,8 @@
 use std::pin::Pin;
 
 use caroni_manager::model::{Workflow, WorkflowState};
-use caroni_manager::service::Handle;
+use caroni_manager::records::ListFilter;
+use caroni_manager::service::{Handle, Submission};
 use caroni_manager::templates::{self, TemplateRecord};
 use caroni_proto::timestamp_ms;
 use caroni_proto::v1::{self as pb, manager_service_server::ManagerService};
@@ -11,7 +12,7 @@ use caroni_store::Store;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::{blocking, parse_id, require_role, IntoStatus};
+use super::{blocking, require_role, IntoStatus};
 
 /// Serves the manager API.
 #[derive(Clone)]
@@ -30,6 +31,27 @@ impl ManagerApi {
         require_role(self.manager.as_ref(), "manager")?;
         Ok(self.store.clone())
     }
+
+    /// A workflow id, or a unique prefix of one.
+    fn workflow_id(&self, s: &str) -> Result<uuid::Uuid, Status> {
+        super::resolve_id("workflow", s, |prefix| {
+            caroni_manager::records::ids_with_prefix(&self.store, prefix, 8)
+                .map_err(|e| Status::unavailable(e.to_string()))
+        })
+    }
+}
+
+/// A client's submission id: 1 to 128 printable characters.
+fn request_id(s: String) -> Result<Option<String>, Status> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if s.len() > 128 || !s.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(Status::invalid_argument(
+            "request_id must be 1 to 128 printable ASCII characters without spaces (a UUID is a good choice)",
+        ));
+    }
+    Ok(Some(s))
 }
 
 fn to_pb(r: TemplateRecord, with_text: bool) -> pb::Template {
@@ -121,8 +143,26 @@ pub fn workflow_to_pb(w: &Workflow, full: bool) -> pb::Workflow {
                 pb::WorkflowStep {
                     id: s.id.clone(),
                     job_type: s.job_type.clone(),
-                    state: s.state.as_str().into(),
+                    state: s.shown_state().into(),
                     attempts: s.attempts.len() as u32,
+                    blocked: s
+                        .request
+                        .as_ref()
+                        .and_then(|r| r.blocked.as_ref())
+                        .map(|b| b.reason.clone())
+                        .unwrap_or_default(),
+                    blocked_since: s
+                        .request
+                        .as_ref()
+                        .and_then(|r| r.blocked.as_ref())
+                        .map(|b| timestamp_ms(b.since_ms)),
+                    retry_at: (s.shown_state() == "retrying")
+                        .then(|| {
+                            s.request
+                                .as_ref()
+                                .map(|r| timestamp_ms(r.next_publish_at_ms))
+                        })
+                        .flatten(),
                     job_id: last
                         .and_then(|a| a.job_id)
                         .map(|j| j.to_string())
@@ -148,11 +188,14 @@ pub fn workflow_to_pb(w: &Workflow, full: bool) -> pb::Workflow {
                                 exit_status: a.exit_status,
                                 message: a.message.clone(),
                                 stderr_tail: a.stderr_tail.clone(),
-                                started_at: Some(timestamp_ms(a.started_at_ms)),
+                                started_at: a.ran_at_ms.map(timestamp_ms),
                                 ended_at: a.ended_at_ms.map(timestamp_ms),
                                 superseded: a.superseded,
                                 executor: String::new(),
                                 external_id: String::new(),
+                                placed_at: a.job_id.map(|_| timestamp_ms(a.started_at_ms)),
+                                queued_at: a.queued_at_ms.map(timestamp_ms),
+                                failure: a.failure.clone(),
                             })
                             .collect()
                     } else {
@@ -204,6 +247,47 @@ pub fn workflow_to_pb(w: &Workflow, full: bool) -> pb::Workflow {
             Vec::new()
         },
     }
+}
+
+/// A list request's filter, checked.
+fn list_filter(req: &pb::ListWorkflowsRequest) -> Result<ListFilter, Status> {
+    let states = req
+        .states
+        .iter()
+        .map(|s| {
+            WorkflowState::parse(s.trim()).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "unknown workflow state `{s}`; the states are created, initializing, running, stalled, completed, failed, cancelled"
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let ms = |t: &Option<prost_types::Timestamp>| {
+        t.as_ref()
+            .map(|t| (t.seconds.max(0) as u64) * 1000 + (t.nanos.max(0) as u64) / 1_000_000)
+    };
+    let after = match req.page_token.trim() {
+        "" => None,
+        t => Some(t.parse::<uuid::Uuid>().map_err(|_| {
+            Status::invalid_argument(format!(
+                "page_token `{t}` is not one this manager gave (pass next_page_token as it came)"
+            ))
+        })?),
+    };
+    let id_prefix: String = req.id_prefix.trim().to_ascii_lowercase();
+    if !id_prefix.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        return Err(Status::invalid_argument(
+            "id_prefix must be hex digits (and dashes), the start of a workflow id",
+        ));
+    }
+    Ok(ListFilter {
+        states,
+        template: Some(req.template.trim().to_string()).filter(|t| !t.is_empty()),
+        created_after_ms: ms(&req.created_after),
+        created_before_ms: ms(&req.created_before),
+        id_prefix: Some(id_prefix).filter(|p| !p.is_empty()),
+        after,
+    })
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Workflow, Status>> + Send>>;
@@ -258,13 +342,78 @@ impl ManagerService for ManagerApi {
     ) -> Result<Response<pb::RunWorkflowResponse>, Status> {
         let m = require_role(self.manager.as_ref(), "manager")?;
         let req = req.into_inner();
-        let id = m
-            .run(req.template, req.inputs.into_iter().collect())
+        let (id, existing) = m
+            .submit_run(Submission {
+                template: req.template,
+                inputs: req.inputs.into_iter().collect(),
+                request_id: request_id(req.request_id)?,
+            })
             .await
             .map_err(IntoStatus::into_status)?;
         Ok(Response::new(pb::RunWorkflowResponse {
             workflow_id: id.to_string(),
+            existing,
         }))
+    }
+
+    async fn retry_workflow(
+        &self,
+        req: Request<pb::GetWorkflowRequest>,
+    ) -> Result<Response<pb::Workflow>, Status> {
+        let m = require_role(self.manager.as_ref(), "manager")?.clone();
+        let id = self.workflow_id(&req.into_inner().workflow_id)?;
+        m.resume(id).await.map_err(IntoStatus::into_status)?;
+        let w = blocking(move || m.get(id)).await?;
+        Ok(Response::new(full_workflow_pb(&self.store, &w)))
+    }
+
+    async fn rerun_workflow(
+        &self,
+        req: Request<pb::RerunWorkflowRequest>,
+    ) -> Result<Response<pb::RunWorkflowResponse>, Status> {
+        let m = require_role(self.manager.as_ref(), "manager")?.clone();
+        let req = req.into_inner();
+        let id = self.workflow_id(&req.workflow_id)?;
+        let old = {
+            let m = m.clone();
+            blocking(move || m.get(id)).await?
+        };
+        if let Some(p) = old.parent {
+            return Err(Status::failed_precondition(format!(
+                "workflow {id} runs element {} of a step of workflow {}; rerun that workflow",
+                p.index, p.id
+            )));
+        }
+        let mut inputs: std::collections::BTreeMap<String, String> = old
+            .inputs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect();
+        inputs.extend(req.inputs);
+        let (new, existing) = m
+            .submit_run(Submission {
+                template: old.template.clone(),
+                inputs,
+                request_id: request_id(req.request_id)?,
+            })
+            .await
+            .map_err(IntoStatus::into_status)?;
+        tracing::info!(workflow = %new, of = %id, "workflow rerun");
+        Ok(Response::new(pb::RunWorkflowResponse {
+            workflow_id: new.to_string(),
+            existing,
+        }))
+    }
+
+    async fn delete_workflow(
+        &self,
+        req: Request<pb::GetWorkflowRequest>,
+    ) -> Result<Response<pb::DeleteWorkflowResponse>, Status> {
+        let m = require_role(self.manager.as_ref(), "manager")?.clone();
+        let id = self.workflow_id(&req.into_inner().workflow_id)?;
+        let deleted = m.delete(vec![id]).await.map_err(IntoStatus::into_status)?;
+        tracing::info!(workflow = %id, deleted, "workflow deleted");
+        Ok(Response::new(pb::DeleteWorkflowResponse { deleted }))
     }
 
     async fn list_workflows(
@@ -272,8 +421,10 @@ impl ManagerService for ManagerApi {
         req: Request<pb::ListWorkflowsRequest>,
     ) -> Result<Response<pb::ListWorkflowsResponse>, Status> {
         let m = require_role(self.manager.as_ref(), "manager")?.clone();
-        let limit = super::list_limit(req.into_inner().limit);
-        let all = blocking(move || m.list(limit)).await?;
+        let req = req.into_inner();
+        let limit = super::list_limit(req.limit);
+        let filter = list_filter(&req)?;
+        let (all, next) = blocking(move || m.list_page(limit, &filter)).await?;
         let mut workflows: Vec<pb::Workflow> = all
             .iter()
             .map(|w| {
@@ -285,9 +436,15 @@ impl ManagerService for ManagerApi {
             })
             .collect();
         let truncated = super::fit(&mut workflows);
+        // Left out to fit: the next page starts after the last one kept.
+        let next = match (truncated, workflows.last()) {
+            (true, Some(w)) => Some(w.id.clone()),
+            _ => next.map(|id| id.to_string()),
+        };
         Ok(Response::new(pb::ListWorkflowsResponse {
             workflows,
             truncated,
+            next_page_token: next.unwrap_or_default(),
         }))
     }
 
@@ -296,7 +453,7 @@ impl ManagerService for ManagerApi {
         req: Request<pb::GetWorkflowRequest>,
     ) -> Result<Response<pb::Workflow>, Status> {
         let m = require_role(self.manager.as_ref(), "manager")?.clone();
-        let id = parse_id("workflow", &req.into_inner().workflow_id)?;
+        let id = self.workflow_id(&req.into_inner().workflow_id)?;
         let w = blocking(move || m.get(id)).await?;
         Ok(Response::new(full_workflow_pb(&self.store, &w)))
     }
@@ -310,7 +467,7 @@ impl ManagerService for ManagerApi {
         req: Request<pb::GetWorkflowRequest>,
     ) -> Result<Response<Self::WatchWorkflowStream>, Status> {
         let m = require_role(self.manager.as_ref(), "manager")?.clone();
-        let id = parse_id("workflow", &req.into_inner().workflow_id)?;
+        let id = self.workflow_id(&req.into_inner().workflow_id)?;
         // Subscribe before the first read so that no change falls between.
         let mut changes = m.subscribe();
         let first = m.get(id).map_err(IntoStatus::into_status)?;
@@ -381,7 +538,7 @@ impl ManagerService for ManagerApi {
         req: Request<pb::GetWorkflowRequest>,
     ) -> Result<Response<pb::Workflow>, Status> {
         let m = require_role(self.manager.as_ref(), "manager")?.clone();
-        let id = parse_id("workflow", &req.into_inner().workflow_id)?;
+        let id = self.workflow_id(&req.into_inner().workflow_id)?;
         m.cancel(id).await.map_err(IntoStatus::into_status)?;
         let w = m.get(id).map_err(IntoStatus::into_status)?;
         debug_assert_eq!(w.state, WorkflowState::Cancelled);

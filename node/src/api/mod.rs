@@ -188,6 +188,44 @@ pub(crate) fn require_role<T>(has: Option<T>, role: &str) -> Result<T, Status> {
 }
 
 /// Parses a UUID given by a user.
+/// An id or a unique prefix of one (at least 4 hex digits; dashes
+/// optional): `lookup` lists the ids whose bytes start with the prefix's
+/// whole bytes (a few suffice to tell "none", "one" and "several").
+pub(crate) fn resolve_id(
+    what: &str,
+    s: &str,
+    lookup: impl FnOnce(&[u8]) -> Result<Vec<uuid::Uuid>, Status>,
+) -> Result<uuid::Uuid, Status> {
+    if let Ok(id) = s.trim().parse() {
+        return Ok(id);
+    }
+    let hex: String = s
+        .trim()
+        .chars()
+        .filter(|c| *c != '-')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    if hex.len() < 4 || hex.len() > 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(Status::invalid_argument(format!(
+            "`{s}` is not a {what} id: give a UUID or at least its first 4 hex digits (a unique prefix)"
+        )));
+    }
+    let bytes: Vec<u8> = (0..hex.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+        .collect();
+    let found: Vec<uuid::Uuid> = lookup(&bytes)?
+        .into_iter()
+        .filter(|id| id.simple().to_string().starts_with(&hex))
+        .collect();
+    match found.as_slice() {
+        [] => Err(Status::not_found(format!("no {what} id starts with `{s}`"))),
+        [one] => Ok(*one),
+        [a, b, ..] => Err(Status::invalid_argument(format!(
+            "`{s}` is ambiguous: {what}s {a} and {b} (and maybe more) start with it; type more of the id"
+        ))),
+    }
+}
+
 pub(crate) fn parse_id(what: &str, s: &str) -> Result<uuid::Uuid, Status> {
     s.trim().parse().map_err(|_| {
         Status::invalid_argument(format!(

@@ -114,11 +114,13 @@ impl NodeService for NodeApi {
         if let Some(a) = &self.stats.agent {
             out.jobs_completed = a.stats().completed.load(Relaxed);
             out.jobs_failed = a.stats().failed.load(Relaxed);
+            out.jobs_cancelled = a.stats().cancelled.load(Relaxed);
         }
         if let Some(m) = &self.stats.manager {
             let s = m.stats();
             out.workflows_completed = s.completed.load(Relaxed);
             out.workflows_failed = s.failed.load(Relaxed);
+            out.workflows_cancelled = s.cancelled.load(Relaxed);
             out.workflows_live = s.live.load(Relaxed);
             out.workflows_waiting = s.waiting.load(Relaxed);
         }

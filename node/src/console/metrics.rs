@@ -38,6 +38,9 @@ pub(super) async fn metrics(State(c): State<Console>) -> Result<Response, Failur
         workflows_ended
             .get_or_create(&l("state", "failed"))
             .inc_by(s.failed.load(Relaxed));
+        workflows_ended
+            .get_or_create(&l("state", "cancelled"))
+            .inc_by(s.cancelled.load(Relaxed));
     }
     registry.register(
         "workflows",
@@ -58,6 +61,9 @@ pub(super) async fn metrics(State(c): State<Console>) -> Result<Response, Failur
         jobs_ended
             .get_or_create(&l("state", "failed"))
             .inc_by(s.failed.load(Relaxed));
+        jobs_ended
+            .get_or_create(&l("state", "cancelled"))
+            .inc_by(s.cancelled.load(Relaxed));
     }
     registry.register(
         "job_runs",

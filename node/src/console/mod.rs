@@ -328,7 +328,10 @@ async fn list_workflows(State(c): State<Console>, Query(q): Query<WorkflowQuery>
     let resp =
         c.0.src
             .manager
-            .list_workflows(req(pb::ListWorkflowsRequest { limit: LIST_WINDOW }))
+            .list_workflows(req(pb::ListWorkflowsRequest {
+                limit: LIST_WINDOW,
+                ..Default::default()
+            }))
             .await?
             .into_inner();
     let state = q.state.filter(|s| !s.is_empty());
@@ -386,6 +389,7 @@ async fn run_workflow(State(c): State<Console>, Json(b): Json<RunBody>) -> Answe
             .run_workflow(req(pb::RunWorkflowRequest {
                 template: b.template,
                 inputs: b.inputs,
+                request_id: String::new(),
             }))
             .await?
             .into_inner();

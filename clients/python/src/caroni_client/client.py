@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import (
     Dict,
@@ -108,6 +109,47 @@ class Client:
     def __repr__(self) -> str:
         return f"Client({self.url!r})"
 
+    def _submit(self, method, request, name: str, tries: int = 6):
+        """A call that is safe to repeat (it carries a request id): tried
+        again on UNAVAILABLE and DEADLINE_EXCEEDED, with back-off."""
+        delay = 0.5
+        for n in range(tries):
+            try:
+                return method(request, timeout=self.timeout, metadata=self._metadata)
+            except grpc.RpcError as e:
+                code = e.code() if hasattr(e, "code") else None
+                retry = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                if not retry or n + 1 == tries:
+                    raise from_rpc_error(e, name) from None
+                time.sleep(delay)
+                delay *= 2
+
+    def retry_workflow(self, workflow_id: str) -> Workflow:
+        """Resume a failed or cancelled workflow from its unfinished steps
+        (completed steps keep their outputs)."""
+        req = manager_pb2.GetWorkflowRequest(workflow_id=workflow_id)
+        return Workflow.from_pb(self._call(self._manager.RetryWorkflow, req, "RetryWorkflow"))
+
+    def rerun_workflow(
+        self,
+        workflow_id: str,
+        inputs: Optional[Mapping[str, "InputValue"]] = None,
+        request_id: Optional[str] = None,
+    ) -> str:
+        """Start a new workflow with the same template and inputs, some
+        replaced; returns its id."""
+        values = {name: self._value(v) for name, v in (inputs or {}).items()}
+        req = manager_pb2.RerunWorkflowRequest(
+            workflow_id=workflow_id, inputs=values, request_id=request_id or str(uuid.uuid4())
+        )
+        return self._submit(self._manager.RerunWorkflow, req, "RerunWorkflow").workflow_id
+
+    def delete_workflow(self, workflow_id: str) -> int:
+        """Delete an ended workflow and everything kept of it; returns how
+        many workflows (its elements' included) went."""
+        req = manager_pb2.GetWorkflowRequest(workflow_id=workflow_id)
+        return self._call(self._manager.DeleteWorkflow, req, "DeleteWorkflow").deleted
+
     def _call(self, method, request, name: str):
         try:
             return method(request, timeout=self.timeout, metadata=self._metadata)
@@ -166,6 +208,7 @@ class Client:
         inputs: Mapping[str, InputValue],
         wait: Literal[False] = False,
         timeout: Optional[float] = None,
+        request_id: Optional[str] = None,
     ) -> str: ...
 
     @overload
@@ -175,6 +218,7 @@ class Client:
         inputs: Mapping[str, InputValue],
         wait: Literal[True],
         timeout: Optional[float] = None,
+        request_id: Optional[str] = None,
     ) -> Workflow: ...
 
     def run(
@@ -183,6 +227,7 @@ class Client:
         inputs: Mapping[str, InputValue],
         wait: bool = False,
         timeout: Optional[float] = None,
+        request_id: Optional[str] = None,
     ) -> Union[str, Workflow]:
         """Start a workflow from a template.
 
@@ -192,10 +237,16 @@ class Client:
         Returns its id once the workflow is durable on the manager; with
         ``wait=True``, watches it and returns the ended workflow instead
         (``timeout`` bounds the wait, in seconds).
+
+        The submission carries ``request_id`` (a fresh UUID when not
+        given); an answer lost to UNAVAILABLE or DEADLINE_EXCEEDED is asked
+        for again with the same id, so the workflow is made once.
         """
         values = {name: self._value(v) for name, v in inputs.items()}
-        req = manager_pb2.RunWorkflowRequest(template=template, inputs=values)
-        wid = self._call(self._manager.RunWorkflow, req, "RunWorkflow").workflow_id
+        req = manager_pb2.RunWorkflowRequest(
+            template=template, inputs=values, request_id=request_id or str(uuid.uuid4())
+        )
+        wid = self._submit(self._manager.RunWorkflow, req, "RunWorkflow").workflow_id
         if not wait:
             return wid
         last = None
@@ -323,12 +374,58 @@ class Client:
         req = manager_pb2.GetWorkflowRequest(workflow_id=workflow_id)
         return Workflow.from_pb(self._call(self._manager.GetWorkflow, req, "GetWorkflow"))
 
-    def list_workflows(self, limit: int = 100) -> List[Workflow]:
-        """Workflows, newest first (at most 1000), without attempts and
-        dataflows; values over 1 KiB are shortened (``show`` has them)."""
-        req = manager_pb2.ListWorkflowsRequest(limit=limit)
-        r = self._call(self._manager.ListWorkflows, req, "ListWorkflows")
-        return [Workflow.from_pb(w) for w in r.workflows]
+    def list_workflows(
+        self,
+        limit: int = 100,
+        states: Sequence[str] = (),
+        template: str = "",
+        created_after: Optional["datetime"] = None,
+        created_before: Optional["datetime"] = None,
+        id_prefix: str = "",
+    ) -> List[Workflow]:
+        """Workflows users started, newest first, filtered, at most
+        ``limit``, without attempts and dataflows; values over 1 KiB are
+        shortened (``show`` has them). :meth:`iter_workflows` pages
+        through all of them."""
+        out: List[Workflow] = []
+        for w in self.iter_workflows(
+            states, template, created_after, created_before, id_prefix, page=min(limit, 1000)
+        ):
+            out.append(w)
+            if len(out) >= limit:
+                break
+        return out
+
+    def iter_workflows(
+        self,
+        states: Sequence[str] = (),
+        template: str = "",
+        created_after: Optional["datetime"] = None,
+        created_before: Optional["datetime"] = None,
+        id_prefix: str = "",
+        page: int = 200,
+    ) -> Iterator[Workflow]:
+        """Every matching workflow, newest first, a page at a time (the
+        whole history, not only the newest 1,000)."""
+        token = ""
+        while True:
+            req = manager_pb2.ListWorkflowsRequest(
+                limit=page,
+                states=list(states),
+                template=template,
+                id_prefix=id_prefix,
+                page_token=token,
+            )
+            if created_after is not None:
+                req.created_after.FromDatetime(created_after)
+            if created_before is not None:
+                req.created_before.FromDatetime(created_before)
+            r = self._call(self._manager.ListWorkflows, req, "ListWorkflows")
+            for w in r.workflows:
+                yield Workflow.from_pb(w)
+            if not r.next_page_token:
+                return
+            token = r.next_page_token
 
     def cancel(self, workflow_id: str) -> Workflow:
         """End a workflow as cancelled; its running jobs are killed."""

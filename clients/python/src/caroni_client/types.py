@@ -3,9 +3,10 @@ stay available through ``caroni_client.pb``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from ._generated.caroni.v1 import agent_pb2, manager_pb2, node_pb2
 
@@ -24,8 +25,27 @@ def _opt(msg, name: str):
     return getattr(msg, name) if msg.HasField(name) else None
 
 
+def _plain(v: Any) -> Any:
+    if isinstance(v, datetime):
+        return v.isoformat()
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+class _ToDict:
+    def to_dict(self) -> Dict[str, Any]:
+        """This value as plain data (times as ISO 8601 text), ready for
+        ``json.dumps``."""
+        return _plain(self)
+
+
 @dataclass(frozen=True)
-class Attempt:
+class Attempt(_ToDict):
     """One attempt at a step: the job an agent ran."""
 
     job_id: str
@@ -34,9 +54,15 @@ class Attempt:
     exit_status: Optional[int]
     message: str
     stderr_tail: str
+    #: When its process started (the agent's clock); None until it ran.
     started_at: Optional[datetime]
     ended_at: Optional[datetime]
     superseded: bool
+    #: When the job was placed on the agent, and when it had every input.
+    placed_at: Optional[datetime] = None
+    queued_at: Optional[datetime] = None
+    #: Kind of failure (exit_status, output, timeout, killed, lost, ...).
+    failure: str = ""
 
     @classmethod
     def from_pb(cls, m: manager_pb2.Attempt) -> "Attempt":
@@ -50,11 +76,14 @@ class Attempt:
             started_at=_time(m, "started_at"),
             ended_at=_time(m, "ended_at"),
             superseded=m.superseded,
+            placed_at=_time(m, "placed_at"),
+            queued_at=_time(m, "queued_at"),
+            failure=m.failure,
         )
 
 
 @dataclass(frozen=True)
-class Decline:
+class Decline(_ToDict):
     """An agent's refusal of a step's job request, with its reason."""
 
     agent: str
@@ -62,7 +91,7 @@ class Decline:
 
 
 @dataclass(frozen=True)
-class Elements:
+class Elements(_ToDict):
     """A dynamic step's elements (scatter, condition, sub-workflow), by state."""
 
     total: int
@@ -75,7 +104,7 @@ class Elements:
 
 
 @dataclass(frozen=True)
-class ElementChild:
+class ElementChild(_ToDict):
     """The child workflow that runs one element of a dynamic step."""
 
     index: int
@@ -84,7 +113,7 @@ class ElementChild:
 
 
 @dataclass(frozen=True)
-class Step:
+class Step(_ToDict):
     """One step of a workflow."""
 
     id: str
@@ -124,7 +153,7 @@ class Step:
 
 
 @dataclass(frozen=True)
-class Dataflow:
+class Dataflow(_ToDict):
     """A dataflow edge and its value once delivered."""
 
     source: str
@@ -133,7 +162,7 @@ class Dataflow:
 
 
 @dataclass(frozen=True)
-class Workflow:
+class Workflow(_ToDict):
     """A workflow run as the manager sees it."""
 
     id: str
@@ -180,7 +209,7 @@ class Workflow:
 
 
 @dataclass(frozen=True)
-class TemplateStep:
+class TemplateStep(_ToDict):
     """A step of a template as the node's CWL parser understood it."""
 
     id: str
@@ -190,7 +219,7 @@ class TemplateStep:
 
 
 @dataclass(frozen=True)
-class Template:
+class Template(_ToDict):
     """A registered workflow template."""
 
     name: str
@@ -216,11 +245,36 @@ class Template:
 
 
 @dataclass(frozen=True)
-class JobType:
-    """What an agent can run: a bash body with named inputs and outputs.
+class DockerExecutor(_ToDict):
+    """Runs the body in a container of ``image`` (see agent.proto)."""
+
+    image: str
+    cpus: float = 0.0
+    memory: str = ""
+    network: str = ""
+    env: List[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SlurmExecutor(_ToDict):
+    """Runs each job as one Slurm batch job (see agent.proto)."""
+
+    partition: str = ""
+    time_limit: str = ""
+    cpus: int = 0
+    memory: str = ""
+    sbatch: List[str] = field(default_factory=list)
+    max_in_flight: int = 0
+
+
+@dataclass(frozen=True)
+class JobType(_ToDict):
+    """What an agent can run: a bash body with named inputs and outputs,
+    run by an executor (``bash``, ``docker`` or ``slurm``).
 
     ``timeout_seconds`` 0 and ``max_output_bytes`` 0 mean the agent's
-    defaults (300 s, 1 MiB).
+    defaults (300 s, 1 MiB). Every field round-trips: ``put_job_type(
+    job_type(name), replace=True)`` changes nothing.
     """
 
     name: str
@@ -230,19 +284,60 @@ class JobType:
     timeout_seconds: int = 0
     max_output_bytes: int = 0
     updated_at: Optional[datetime] = field(default=None, compare=False)
+    executor: str = ""
+    docker: Optional[DockerExecutor] = None
+    slurm: Optional[SlurmExecutor] = None
 
     def to_pb(self) -> agent_pb2.JobType:
-        return agent_pb2.JobType(
+        m = agent_pb2.JobType(
             name=self.name,
             inputs=self.inputs,
             outputs=self.outputs,
             body=self.body,
             timeout_seconds=self.timeout_seconds,
             max_output_bytes=self.max_output_bytes,
+            executor=self.executor,
         )
+        if self.docker is not None:
+            d = self.docker
+            m.docker.CopyFrom(
+                agent_pb2.DockerExecutor(
+                    image=d.image, cpus=d.cpus, memory=d.memory, network=d.network, env=d.env
+                )
+            )
+        if self.slurm is not None:
+            sl = self.slurm
+            m.slurm.CopyFrom(
+                agent_pb2.SlurmExecutor(
+                    partition=sl.partition,
+                    time_limit=sl.time_limit,
+                    cpus=sl.cpus,
+                    memory=sl.memory,
+                    sbatch=sl.sbatch,
+                    max_in_flight=sl.max_in_flight,
+                )
+            )
+        return m
 
     @classmethod
     def from_pb(cls, m: agent_pb2.JobType) -> "JobType":
+        docker = None
+        if m.HasField("docker"):
+            d = m.docker
+            docker = DockerExecutor(
+                image=d.image, cpus=d.cpus, memory=d.memory, network=d.network, env=list(d.env)
+            )
+        slurm = None
+        if m.HasField("slurm"):
+            sl = m.slurm
+            slurm = SlurmExecutor(
+                partition=sl.partition,
+                time_limit=sl.time_limit,
+                cpus=sl.cpus,
+                memory=sl.memory,
+                sbatch=list(sl.sbatch),
+                max_in_flight=sl.max_in_flight,
+            )
         return cls(
             name=m.name,
             inputs=list(m.inputs),
@@ -251,11 +346,14 @@ class JobType:
             timeout_seconds=m.timeout_seconds,
             max_output_bytes=m.max_output_bytes,
             updated_at=_time(m, "updated_at"),
+            executor=m.executor,
+            docker=docker,
+            slurm=slurm,
         )
 
 
 @dataclass(frozen=True)
-class Job:
+class Job(_ToDict):
     """A job held by an agent."""
 
     id: str
@@ -292,7 +390,7 @@ class Job:
 
 
 @dataclass(frozen=True)
-class NodeInfo:
+class NodeInfo(_ToDict):
     """Who a node is and how it is reachable."""
 
     node_id: str
@@ -317,7 +415,7 @@ class NodeInfo:
 
 
 @dataclass(frozen=True)
-class Peer:
+class Peer(_ToDict):
     """What a node knows about another node."""
 
     node_id: str
@@ -352,7 +450,7 @@ class Peer:
 
 
 @dataclass(frozen=True)
-class FileRef:
+class FileRef(_ToDict):
     """A file in a node's blob store, as workflows pass it: by its SHA-256,
     never by its bytes. ``str(f)`` is the value to give a ``File`` input."""
 

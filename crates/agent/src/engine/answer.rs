@@ -232,7 +232,11 @@ impl Agent {
             },
             Msg::Kill { job_id, reason } => match self.job(*job_id, world)? {
                 Some(mut job) => {
+                    let was_live = !job.state.is_final();
                     let fx = job.on_kill(&msg.from, reason, now_ms)?;
+                    if was_live {
+                        out.cancelled += 1;
+                    }
                     tracing::info!(job = %job_id, reason = %reason, "job killed by its manager");
                     (Some(job), fx)
                 }
@@ -275,6 +279,10 @@ fn unknown_job(msg: &Inbound, job_id: Uuid) -> Outbound {
             sequence: u64::MAX,
             executor: String::new(),
             external_id: String::new(),
+            queued_at_ms: None,
+            started_at_ms: None,
+            ended_at_ms: None,
+            failure: String::new(),
         }),
     }
 }

@@ -174,6 +174,8 @@ pub struct Out {
     pub completed: u64,
     /// Runs that ended failed, by reason.
     pub failures: Vec<Failure>,
+    /// Jobs cancelled by their manager.
+    pub cancelled: u64,
 }
 
 impl Out {

@@ -273,6 +273,8 @@ impl Agent {
         };
         out.results.push((id, result.clone()));
         match &result {
+            // Stopped because its manager cancelled it: counted then.
+            _ if job.state == JobState::Cancelled => {}
             RunResult::Completed { .. } => out.completed += 1,
             RunResult::Failed { kind, .. } => out.failures.push(*kind),
         }

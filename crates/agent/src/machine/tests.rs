@@ -297,7 +297,7 @@ fn kill_stops_a_running_job_and_restart_requeues_it() {
     let mut r = j.clone();
     let fx = j.on_kill(M, "cancelled", 50).expect("kill");
     assert!(fx.contains(&Effect::StopProcess(j.id)));
-    assert_eq!(j.state, JobState::Failed);
+    assert_eq!(j.state, JobState::Cancelled);
     assert!(j
         .on_finished(
             RunResult::Completed {

@@ -110,6 +110,72 @@ impl Manager {
         Ok(())
     }
 
+    /// Resumes a failed or cancelled workflow (see
+    /// [`Workflow::resume`]).
+    pub(super) fn resume(
+        &mut self,
+        id: Uuid,
+        now: &mut Now<'_>,
+        world: &dyn World,
+        out: &mut Out,
+    ) -> Result<(), Error> {
+        if let Some(wf) = self.live.get(&id) {
+            return Err(Error::Finished(format!(
+                "workflow {id} is {}; only a failed or cancelled workflow can be retried",
+                wf.state.as_str()
+            )));
+        }
+        let ended_now = out.finished.contains_key(&id);
+        let wf = match out.finished.remove(&id) {
+            Some(wf) => wf,
+            None => world
+                .stored(&id)
+                .map_err(|e| Error::Unavailable(e.to_string()))?
+                .ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "no workflow {id}; `caroni workflow list` shows them"
+                    ))
+                })?,
+        };
+        let mut check = wf.clone();
+        let mut probe = || Uuid::nil();
+        let view = PeerView {
+            answered: &self.answered,
+            agent_jobs: &self.index.agent_jobs,
+            world,
+            now_ms: now.ms,
+            quiet_ms: self.opts.lease.as_millis() as u64,
+        };
+        let mut ctx = Ctx {
+            now_ms: now.ms,
+            lease_ms: 0,
+            request_ttl_ms: 0,
+            endpoint: "",
+            new_id: &mut probe,
+            offer_window_ms: 0,
+            peers: &view,
+            blobs: &view,
+            answer_timeout_ms: 0,
+            unplaceable_ms: 0,
+        };
+        // Refused (not ended, or a child) before anything changes.
+        if let Err(why) = check.resume(&mut ctx) {
+            if ended_now {
+                out.finished.insert(id, wf);
+            }
+            return Err(Error::Finished(why));
+        }
+        // Back in the live set, then resumed as a change of it.
+        self.insert_live(wf, world, now.ms);
+        let fx = self
+            .change(id, now, world, out, |wf, ctx| wf.resume(ctx))
+            .ok_or_else(|| Error::NotFound(format!("no workflow {id}")))?
+            .map_err(Error::Finished)?;
+        tracing::info!(workflow = %id, "workflow resumed");
+        self.effects(id, fx, out);
+        Ok(())
+    }
+
     pub(super) fn deadline(&self, wf: &Workflow, world: &dyn World, now_ms: u64) -> Option<u64> {
         let view = PeerView {
             answered: &self.answered,
@@ -118,7 +184,11 @@ impl Manager {
             now_ms,
             quiet_ms: self.opts.lease.as_millis() as u64,
         };
-        wf.next_deadline(self.opts.lease.as_millis() as u64, &view)
+        wf.next_deadline(
+            self.opts.lease.as_millis() as u64,
+            &view,
+            self.opts.blocking(),
+        )
     }
 
     pub(super) fn insert_live(&mut self, wf: Workflow, world: &dyn World, now_ms: u64) {
@@ -157,6 +227,8 @@ impl Manager {
                 offer_window_ms: self.opts.offer_window.as_millis() as u64,
                 peers: &view,
                 blobs: &view,
+                answer_timeout_ms: self.opts.blocking().0,
+                unplaceable_ms: self.opts.blocking().1,
             };
             f(&mut wf, &mut ctx)
         };

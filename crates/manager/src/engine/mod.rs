@@ -68,6 +68,22 @@ pub struct Options {
     /// The agents whose offers are taken (`--use-agents`); `None` takes
     /// every agent's.
     pub use_agents: Option<HashSet<String>>,
+    /// How long agents have to answer a request before it is shown as
+    /// blocked (with the declines' reasons).
+    pub answer_timeout: std::time::Duration,
+    /// How long a request may stay blocked before its step and workflow
+    /// fail with the reason.
+    pub unplaceable_timeout: std::time::Duration,
+}
+
+impl Options {
+    /// (answer timeout, unplaceable time) in ms, as the machine takes them.
+    pub(crate) fn blocking(&self) -> (u64, u64) {
+        (
+            self.answer_timeout.as_millis() as u64,
+            self.unplaceable_timeout.as_millis() as u64,
+        )
+    }
 }
 
 /// What the machine reads beyond its memory. Errors are storage errors:
@@ -88,6 +104,11 @@ pub trait World {
     fn read_head(&self, _file: &caroni_types::file::FileRef, _limit: usize) -> Option<Vec<u8>> {
         None
     }
+    /// The workflow an earlier submission with this client request id
+    /// made, if it is still remembered.
+    fn submission(&self, _request_id: &str) -> caroni_store::Result<Option<Uuid>> {
+        Ok(None)
+    }
 }
 
 /// An input of the machine (taken by value, applied at once).
@@ -102,9 +123,13 @@ pub enum Input {
         parsed: Arc<caroni_cwl::Workflow>,
         /// The inputs given.
         inputs: BTreeMap<String, String>,
+        /// The client's id of this submission (idempotency), if any.
+        request_id: Option<String>,
     },
     /// A client cancels a workflow.
     Cancel(Uuid),
+    /// A client resumes a failed or cancelled workflow.
+    Resume(Uuid),
     /// A direct message from a peer, its sender verified.
     Deliver(Inbound),
 }
@@ -112,10 +137,13 @@ pub enum Input {
 /// The machine's answer to an input.
 #[derive(Debug)]
 pub enum Answer {
-    /// To [`Input::Run`]: the new workflow's id.
-    Run(Result<Uuid, Error>),
-    /// To [`Input::Cancel`].
+    /// To [`Input::Run`]: the workflow's id, and true when an earlier
+    /// submission with the same request id made it.
+    Run(Result<(Uuid, bool), Error>),
+    /// To [`Input::Cancel`] and [`Input::Resume`].
     Cancel(Result<(), Error>),
+    /// To a deletion: how many workflows were deleted.
+    Delete(Result<u64, Error>),
     /// To [`Input::Deliver`]: applied (or a duplicate), refused or retry.
     Deliver(Result<(), DeliverError>),
 }
@@ -152,6 +180,11 @@ pub struct Out {
     /// Outputs of elements of dynamic steps that completed in this group:
     /// (parent, step, element, outputs).
     pub elements: Vec<crate::model::ElementOutputs>,
+    /// Submissions with a client request id made in this group: (request
+    /// id, workflow).
+    pub submissions: Vec<(String, Uuid)>,
+    /// Ended workflows to delete, with everything kept of them.
+    pub deletes: Vec<Uuid>,
 }
 
 impl Out {
@@ -411,8 +444,32 @@ impl Manager {
                 template,
                 parsed,
                 inputs,
-            } => Answer::Run(self.start(&template, &parsed, inputs, now, world, out)),
+                request_id,
+            } => {
+                let known = match &request_id {
+                    Some(r) => match out.submissions.iter().find(|(k, _)| k == r) {
+                        Some((_, id)) => Ok(Some(*id)),
+                        None => world
+                            .submission(r)
+                            .map_err(|e| Error::Unavailable(e.to_string())),
+                    },
+                    None => Ok(None),
+                };
+                Answer::Run(match known {
+                    Ok(Some(id)) => Ok((id, true)),
+                    Ok(None) => self
+                        .start(&template, &parsed, inputs, now, world, out)
+                        .map(|id| {
+                            if let Some(r) = request_id {
+                                out.submissions.push((r, id));
+                            }
+                            (id, false)
+                        }),
+                    Err(e) => Err(e),
+                })
+            }
             Input::Cancel(id) => Answer::Cancel(self.cancel(id, now, world, out)),
+            Input::Resume(id) => Answer::Cancel(self.resume(id, now, world, out)),
             Input::Deliver(msg) => Answer::Deliver(self.deliver(msg, now, world, out)),
         };
         self.family(now, world, out);

@@ -46,6 +46,8 @@ fn manager(max_open: usize, use_agents: Option<&[&str]>) -> Manager {
         max_open_requests: max_open,
         offer_window: Duration::ZERO,
         use_agents: use_agents.map(|l| l.iter().map(|s| s.to_string()).collect()),
+        answer_timeout: std::time::Duration::from_secs(10),
+        unplaceable_timeout: std::time::Duration::from_secs(300),
     })
 }
 
@@ -93,8 +95,9 @@ impl T {
             template: "test_simple".into(),
             parsed,
             inputs: BTreeMap::from([("start_message".to_string(), "hi".to_string())]),
+            request_id: None,
         });
-        let Answer::Run(Ok(id)) = a else {
+        let Answer::Run(Ok((id, _))) = a else {
             panic!("run: {a:?}");
         };
         (id, out)
@@ -286,6 +289,7 @@ steps:
     hints:
       caroni:CaroniRequirement:
         CaroniJobName: upper
+        CaroniRetryBackoff: 0
     scatter: text
     when: $(inputs.text != "skip")
     in:
@@ -303,8 +307,9 @@ impl T {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            request_id: None,
         });
-        let Answer::Run(Ok(id)) = a else {
+        let Answer::Run(Ok((id, _))) = a else {
             panic!("run: {a:?}");
         };
         (id, out)
@@ -371,6 +376,10 @@ impl T {
                                 sequence: 1,
                                 executor: String::new(),
                                 external_id: String::new(),
+                                queued_at_ms: None,
+                                started_at_ms: None,
+                                ended_at_ms: None,
+                                failure: String::new(),
                             }),
                         );
                         queue.push(o);

@@ -8,24 +8,119 @@ use super::{Ctx, Effect, REPUBLISH_MAX_MS, REPUBLISH_MIN_MS};
 use crate::model::{Attempt, Candidate, Request, RequestState, StepState, Workflow};
 
 impl Workflow {
-    pub(super) fn new_request(&mut self, n: usize, ctx: &mut Ctx<'_>, fx: &mut Vec<Effect>) {
+    /// A new request for step `n`, published after `delay_ms` (a retry's
+    /// back-off; 0 publishes at once).
+    pub(super) fn new_request(
+        &mut self,
+        n: usize,
+        ctx: &mut Ctx<'_>,
+        delay_ms: u64,
+        fx: &mut Vec<Effect>,
+    ) {
         let id = (ctx.new_id)();
         let step = &mut self.steps[n];
         step.state = StepState::Fulfilling;
         step.results.clear();
+        let from = ctx.now_ms + delay_ms;
         step.request = Some(Request {
             id,
             state: RequestState::Fulfilling,
-            created_at_ms: ctx.now_ms,
-            expires_at_ms: ctx.now_ms + ctx.request_ttl_ms,
+            created_at_ms: from,
+            expires_at_ms: from + ctx.request_ttl_ms,
             publish_count: 0,
-            next_publish_at_ms: ctx.now_ms,
+            next_publish_at_ms: from,
             declines: Vec::new(),
             candidates: Vec::new(),
             answered: Vec::new(),
             decide_at_ms: None,
+            blocked: None,
         });
         self.publish_due(n, ctx, fx);
+    }
+
+    /// Why step `n`'s open request cannot be placed now, if so: every
+    /// agent this manager knows declined it, or none answered within the
+    /// answer timeout.
+    pub(super) fn blocked_reason(&self, n: usize, ctx: &Ctx<'_>) -> Option<String> {
+        let req = self.steps[n]
+            .request
+            .as_ref()
+            .filter(|r| r.state == RequestState::Fulfilling && r.publish_count > 0)?;
+        if !req.candidates.is_empty() {
+            return None;
+        }
+        let known = ctx.peers.known_agents();
+        let all_declined = known > 0 && !req.declines.is_empty() && req.answered.len() >= known;
+        let timed_out = ctx.now_ms >= req.created_at_ms + ctx.answer_timeout_ms;
+        if !all_declined && !timed_out {
+            return None;
+        }
+        let secs = ctx.answer_timeout_ms.div_ceil(1000);
+        if req.declines.is_empty() {
+            return Some(if known == 0 {
+                format!("no agent answered within {secs} s, and this manager knows no agent; start one that serves job type {} and reaches this manager", self.steps[n].job_type)
+            } else {
+                format!(
+                    "no agent answered within {secs} s ({known} agent(s) known to this manager)"
+                )
+            });
+        }
+        // The reasons, each once, with how many agents gave it.
+        let mut reasons: Vec<(&str, usize)> = Vec::new();
+        for (_, why) in &req.declines {
+            match reasons.iter_mut().find(|(r, _)| *r == why.as_str()) {
+                Some((_, c)) => *c += 1,
+                None => reasons.push((why, 1)),
+            }
+        }
+        let listed: Vec<String> = reasons
+            .iter()
+            .map(|(r, c)| {
+                if *c > 1 {
+                    format!("{r} ({c} agents)")
+                } else {
+                    r.to_string()
+                }
+            })
+            .collect();
+        let silent = known.saturating_sub(req.answered.len());
+        let mut out = format!(
+            "declined by {} agent(s): {}",
+            req.answered.len(),
+            listed.join("; ")
+        );
+        if silent > 0 {
+            out.push_str(&format!("; {silent} agent(s) did not answer"));
+        }
+        Some(out)
+    }
+
+    /// Notes (or clears) why step `n`'s request cannot be placed; true
+    /// when that changed.
+    pub(super) fn update_blocked(&mut self, n: usize, ctx: &Ctx<'_>) -> bool {
+        let reason = self.blocked_reason(n, ctx);
+        let Some(req) = self.steps[n].request.as_mut() else {
+            return false;
+        };
+        match (reason, req.blocked.as_mut()) {
+            (None, None) => false,
+            (None, Some(_)) => {
+                req.blocked = None;
+                true
+            }
+            (Some(r), Some(b)) if b.reason == r => false,
+            (Some(r), Some(b)) => {
+                b.reason = r;
+                true
+            }
+            (Some(r), None) => {
+                req.blocked = Some(crate::model::Blocked {
+                    since_ms: ctx.now_ms,
+                    reason: r,
+                });
+                true
+            }
+        }
     }
 
     /// Publishes the step's request if it is due, and schedules the next
@@ -126,6 +221,7 @@ impl Workflow {
         if !req.answered.iter().any(|a| a == agent) {
             req.answered.push(agent.to_string());
         }
+        req.blocked = None;
         let everyone = req.answered.len() >= ctx.peers.known_agents();
         if ctx.offer_window_ms == 0 || everyone {
             let mut fx = Vec::new();
@@ -200,6 +296,9 @@ impl Workflow {
             exit_status: None,
             message: String::new(),
             stderr_tail: String::new(),
+            queued_at_ms: None,
+            ran_at_ms: None,
+            failure: String::new(),
         });
         self.touch(ctx);
         Effect::Send(Outbound {
@@ -242,6 +341,8 @@ impl Workflow {
         {
             self.decide(n, ctx, &mut fx);
         }
+        self.update_blocked(n, ctx);
+        self.touch(ctx);
         fx
     }
 }

@@ -90,9 +90,9 @@ fn step_allowed(a: StepState, b: StepState) -> bool {
     a == b
         || match a {
             // A dynamic step runs its elements, or fails evaluating them.
-            Created => matches!(b, Fulfilling | Running | Failed),
+            Created => matches!(b, Fulfilling | Running | Failed | Cancelled),
             Fulfilling | Fulfilled | Running => b != Created,
-            Completed | Failed | Skipped => false,
+            Completed | Failed | Skipped | Cancelled => false,
         }
 }
 
@@ -123,7 +123,7 @@ proptest! {
         let mut completed_results: BTreeMap<usize, BTreeMap<String, crate::model::Value>> = BTreeMap::new();
         macro_rules! ctx {
             ($gen:ident) => {
-                Ctx { now_ms: now, lease_ms: 30_000, request_ttl_ms: 600_000, endpoint: "http://m", new_id: &mut $gen, offer_window_ms: 0, peers: &NoPeers, blobs: &NoPeers }
+                Ctx { now_ms: now, lease_ms: 30_000, request_ttl_ms: 600_000, endpoint: "http://m", new_id: &mut $gen, offer_window_ms: 0, peers: &NoPeers, blobs: &NoPeers, answer_timeout_ms: 10_000, unplaceable_ms: 300_000 }
             };
         }
         {
@@ -155,6 +155,10 @@ proptest! {
                         sequence: seq + 1,
                         executor: String::new(),
                         external_id: String::new(),
+                        queued_at_ms: None,
+                        started_at_ms: None,
+                        ended_at_ms: None,
+                        failure: String::new(),
                     })
                 }),
                 Op::Data { pick } => (!jobs.is_empty()).then(|| {

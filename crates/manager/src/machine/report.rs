@@ -50,8 +50,10 @@ impl Workflow {
         let mut fx = Vec::new();
         let a = &mut self.steps[n].attempts[k];
         a.last_heard_ms = ctx.now_ms;
-        if a.superseded || self.state.is_final() {
-            fx.extend(Self::kill(a, "superseded"));
+        if a.superseded || self.state.is_final() || a.state.is_final() {
+            if !a.state.is_final() || a.state == JobState::Cancelled {
+                fx.extend(Self::kill(a, "no longer needed"));
+            }
             return Ok(fx);
         }
         if a.accepted {
@@ -62,7 +64,9 @@ impl Workflow {
         Ok(fx)
     }
 
-    /// Records that the agent holds the job of attempt `k` of step `n`.
+    /// Records that the agent holds the job of attempt `k` of step `n`,
+    /// and sends it every input value known so far: a step runs as soon
+    /// as its own inputs are there, whatever the other steps do.
     pub(super) fn accept_attempt(&mut self, n: usize, k: usize, fx: &mut Vec<Effect>) {
         let a = &mut self.steps[n].attempts[k];
         // No status request here: the agent reports every change of the
@@ -72,41 +76,41 @@ impl Workflow {
         if self.steps[n].state == StepState::Fulfilling {
             self.steps[n].state = StepState::Fulfilled;
         }
-        if self.started {
-            // A re-fulfilled step: send again what it already had.
-            self.send_values(n, fx);
-        }
+        self.send_values(n, fx);
         self.maybe_run(fx);
     }
 
-    /// True when no step waits for a job.
-    pub(super) fn all_fulfilled(&self) -> bool {
-        self.steps.iter().filter(|s| !s.dynamic).all(|s| {
-            matches!(
-                s.state,
-                StepState::Fulfilled | StepState::Running | StepState::Completed
-            )
-        })
-    }
-
-    /// Starts data flowing once every step is fulfilled; leaves `stalled`
-    /// when every step is fulfilled again.
-    pub(super) fn maybe_run(&mut self, fx: &mut Vec<Effect>) {
-        if !self.all_fulfilled() {
+    /// The workflow's state from its steps' (for a workflow not ended):
+    /// `stalled` while a step that failed looks for a new job, `running`
+    /// once any step has (or had) a job, `initializing` before.
+    pub(super) fn maybe_run(&mut self, _fx: &mut Vec<Effect>) {
+        if self.state.is_final() || self.state == WorkflowState::Created {
             return;
         }
-        if !self.started {
-            self.started = true;
-            for n in 0..self.steps.len() {
-                self.send_values(n, fx);
-            }
-        }
-        if matches!(
-            self.state,
-            WorkflowState::Initializing | WorkflowState::Stalled
-        ) {
-            self.state = WorkflowState::Running;
-        }
+        let retrying = self.steps.iter().any(|s| {
+            !s.dynamic
+                && s.state == StepState::Fulfilling
+                && s.attempts.iter().any(|a| a.state == JobState::Failed)
+        });
+        let going = self.steps.iter().any(|s| {
+            s.fan.is_some()
+                || matches!(
+                    s.state,
+                    StepState::Fulfilled
+                        | StepState::Running
+                        | StepState::Completed
+                        | StepState::Skipped
+                )
+        });
+        // Kept in the record: true once any step had a job.
+        self.started |= going;
+        self.state = if retrying {
+            WorkflowState::Stalled
+        } else if going {
+            WorkflowState::Running
+        } else {
+            WorkflowState::Initializing
+        };
     }
 
     /// Sends every known input value of step `n` to its accepted job (when
@@ -163,6 +167,7 @@ impl Workflow {
         }
         if let Some(why) = unfetched.filter(|_| last) {
             let why = format!("its output files cannot be fetched from agent {agent}: {why}");
+            a.failure = "other".into();
             let mut fx = Vec::new();
             self.fail_attempt(n, ctx, &why, &mut fx);
             self.touch(ctx);
@@ -214,8 +219,18 @@ impl Workflow {
             a.exit_status = update.exit_status;
             a.message = update.message.clone();
             a.stderr_tail = update.stderr_tail.clone();
+            // Run times as the agent saw them.
+            a.queued_at_ms = update.queued_at_ms.or(a.queued_at_ms);
+            a.ran_at_ms = update.started_at_ms.or(a.ran_at_ms);
             if update.state.is_final() {
-                a.ended_at_ms = Some(ctx.now_ms);
+                a.ended_at_ms = Some(update.ended_at_ms.unwrap_or(ctx.now_ms));
+            }
+            if update.state == JobState::Failed {
+                a.failure = if caroni_cwl::FAILURE_KINDS.contains(&update.failure.as_str()) {
+                    update.failure.clone()
+                } else {
+                    "other".into()
+                };
             }
         }
         match update.state {
@@ -237,8 +252,10 @@ impl Workflow {
                     self.complete_step(n, ctx, &mut fx);
                 } else {
                     let msg = format!("completed without output(s) {}", missing.join(", "));
-                    self.steps[n].attempts[k].state = JobState::Failed;
-                    self.steps[n].attempts[k].message = msg.clone();
+                    let a = &mut self.steps[n].attempts[k];
+                    a.state = JobState::Failed;
+                    a.message = msg.clone();
+                    a.failure = "output".into();
                     self.fail_attempt(n, ctx, &msg, &mut fx);
                 }
             }
@@ -246,7 +263,17 @@ impl Workflow {
                 let msg = update.message.clone();
                 self.fail_attempt(n, ctx, &msg, &mut fx);
             }
+            JobState::Cancelled => {
+                // The agent stopped a job its manager still needs (it was
+                // stopped there): a failure like any other.
+                let msg = format!("cancelled on agent {agent}: {}", update.message);
+                let a = &mut self.steps[n].attempts[k];
+                a.state = JobState::Failed;
+                a.failure = "killed".into();
+                self.fail_attempt(n, ctx, &msg, &mut fx);
+            }
         }
+        self.maybe_run(&mut fx);
         self.touch(ctx);
         Ok(fx)
     }
@@ -283,9 +310,7 @@ impl Workflow {
                 for (name, v) in &items {
                     self.steps[m].values.insert(name.clone(), v.clone());
                 }
-                if self.started {
-                    self.send_items(m, items, fx);
-                }
+                self.send_items(m, items, fx);
             }
             for (wid, src) in &self.output_sources {
                 if *src == from {
@@ -303,7 +328,9 @@ impl Workflow {
         self.maybe_complete(ctx, fx);
     }
 
-    /// The current attempt of step `n` failed: retry or give up.
+    /// The current attempt of step `n` failed: retry it after its
+    /// back-off, or give up (out of attempts, or a kind of failure the
+    /// step's policy does not retry).
     pub(super) fn fail_attempt(
         &mut self,
         n: usize,
@@ -312,38 +339,61 @@ impl Workflow {
         fx: &mut Vec<Effect>,
     ) {
         if let Some(a) = self.steps[n].attempts.last_mut() {
-            a.superseded = true;
-            if a.state != JobState::Failed {
+            if !a.state.is_final() {
                 // Lost or timed out on our side: tell the agent to drop it.
                 a.state = JobState::Failed;
                 a.ended_at_ms = Some(ctx.now_ms);
                 if a.message.is_empty() {
                     a.message = why.to_string();
                 }
+                if a.failure.is_empty() {
+                    a.failure = "lost".into();
+                }
                 fx.extend(Self::kill(a, why));
             }
+            if a.failure.is_empty() {
+                a.failure = "other".into();
+            }
         }
+        let kind = self.steps[n]
+            .attempts
+            .last()
+            .map(|a| a.failure.clone())
+            .unwrap_or_default();
+        let policy = &self.steps[n].policy;
+        let max = policy.max_attempts.unwrap_or(self.max_attempts).max(1);
+        let not_retried = match &policy.no_retry {
+            Some(kinds) => kinds.contains(&kind),
+            None => super::DEFAULT_NO_RETRY.contains(&kind.as_str()),
+        };
+        let initial = policy
+            .backoff_initial_ms
+            .unwrap_or(super::DEFAULT_BACKOFF_INITIAL_MS);
+        let most = policy
+            .backoff_max_ms
+            .unwrap_or(super::DEFAULT_BACKOFF_MAX_MS)
+            .max(initial);
         let failures = self.steps[n].failures() as u32;
-        if failures >= self.max_attempts {
+        if not_retried || failures >= max {
+            let step = self.steps[n].id.clone();
             self.steps[n].state = StepState::Failed;
-            self.finish(
-                WorkflowState::Failed,
-                format!(
-                    "step {} failed {failures} time(s), the limit; last error: {why}",
-                    self.steps[n].id
-                ),
-                ctx,
-                fx,
-            );
+            let message = if not_retried {
+                format!("step {step} failed and is not retried (a failure of kind `{kind}`; see CaroniNoRetry): {why}")
+            } else {
+                format!("step {step} failed {failures} time(s), the limit; last error: {why}")
+            };
+            self.finish(WorkflowState::Failed, message, ctx, fx);
             return;
         }
-        if self.state == WorkflowState::Running {
-            self.state = WorkflowState::Stalled;
-        }
-        self.new_request(n, ctx, fx);
+        let delay = initial
+            .saturating_mul(1u64 << failures.saturating_sub(1).min(30))
+            .min(most);
+        self.new_request(n, ctx, delay, fx);
+        self.maybe_run(fx);
     }
 
-    /// Ends the workflow, killing every live job and withdrawing requests.
+    /// Ends the workflow: every step not ended is cancelled, with its
+    /// live job (killed) and open request (withdrawn).
     pub(super) fn finish(
         &mut self,
         state: WorkflowState,
@@ -359,6 +409,7 @@ impl Workflow {
                 if r.state == RequestState::Fulfilling {
                     r.state = RequestState::Unanswered;
                     r.decide_at_ms = None;
+                    r.blocked = None;
                     for c in r.candidates.drain(..) {
                         fx.push(Effect::Send(Outbound {
                             to: c.agent,
@@ -373,9 +424,19 @@ impl Workflow {
             }
             for a in &mut step.attempts {
                 if a.is_live() {
-                    a.superseded = true;
+                    a.state = JobState::Cancelled;
+                    a.ended_at_ms = Some(ctx.now_ms);
+                    if a.message.is_empty() {
+                        a.message = format!("the workflow was {}", state.as_str());
+                    }
                     fx.extend(Self::kill(a, state.as_str()));
                 }
+            }
+            if !matches!(
+                step.state,
+                StepState::Completed | StepState::Skipped | StepState::Failed
+            ) {
+                step.state = StepState::Cancelled;
             }
         }
     }

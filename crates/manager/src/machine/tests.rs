@@ -69,6 +69,8 @@ impl H {
             offer_window_ms: self.window,
             peers: &self.peers,
             blobs: &NoPeers,
+            answer_timeout_ms: 10_000,
+            unplaceable_ms: 300_000,
         };
         let r = f(&mut self.wf, &mut ctx);
         self.next = next;
@@ -132,6 +134,10 @@ impl H {
             sequence: seq,
             executor: String::new(),
             external_id: String::new(),
+            queued_at_ms: None,
+            started_at_ms: None,
+            ended_at_ms: None,
+            failure: String::new(),
         };
         self.with(|wf, ctx| wf.on_status(ctx, agent, &up))
     }
@@ -254,24 +260,23 @@ fn an_expired_offer_is_rejected() {
 }
 
 #[test]
-fn data_flows_only_once_every_step_is_fulfilled_then_completes() {
+fn a_step_gets_its_inputs_as_soon_as_it_has_a_job_then_completes() {
     let mut h = H::new(SIMPLE);
     h.with(|wf, ctx| wf.start(ctx));
-    let (j0, fx) = h.fulfil(0, AGENT);
-    assert!(
-        data_to(&fx, j0).is_none(),
-        "no data before every step is fulfilled"
-    );
     assert_eq!(h.wf.state, WorkflowState::Initializing);
-    let (j1, _) = h.fulfil(1, AGENT_B);
-    let (j2, fx) = h.fulfil(2, AGENT);
-    assert_eq!(h.wf.state, WorkflowState::Running);
+    let (j0, fx) = h.fulfil(0, AGENT);
+    // No waiting for the other steps' jobs: a branch runs when it can.
     assert_eq!(
         data_to(&fx, j0)
             .and_then(|d| d.get("message").cloned())
             .as_deref(),
         Some("caronirocks")
     );
+    assert_eq!(h.wf.state, WorkflowState::Running);
+    assert_eq!(h.wf.steps[1].shown_state(), "fulfilling");
+    let (j1, _) = h.fulfil(1, AGENT_B);
+    assert_eq!(h.wf.steps[1].shown_state(), "waiting", "for its inputs");
+    let (j2, _) = h.fulfil(2, AGENT);
 
     h.status(AGENT, j0, JobState::Running, 1).expect("running");
     assert_eq!(h.wf.steps[0].state, StepState::Running);
@@ -320,7 +325,15 @@ fn a_failure_stalls_refulfils_and_resends_inputs() {
     let fx = h.status(AGENT, j0, JobState::Failed, 1).expect("failed");
     assert_eq!(h.wf.state, WorkflowState::Stalled);
     assert_eq!(h.wf.steps[0].state, StepState::Fulfilling);
+    assert_eq!(h.wf.steps[0].shown_state(), "retrying");
     assert_ne!(h.request(0), old_req, "a new request");
+    assert_eq!(publishes(&fx), 0, "published after its back-off");
+    assert!(
+        !h.wf.steps[0].attempts[0].superseded,
+        "failed, not replaced"
+    );
+    h.now += DEFAULT_BACKOFF_INITIAL_MS;
+    let fx = h.with(|wf, ctx| wf.tick(ctx));
     assert_eq!(publishes(&fx), 1);
     let (j0b, fx) = h.fulfil(0, AGENT_B);
     assert_eq!(h.wf.state, WorkflowState::Running);
@@ -364,10 +377,15 @@ fn completed_without_outputs_is_a_failed_attempt() {
     h.with(|wf, ctx| wf.start(ctx));
     let (j0, _) = h.fulfil(0, AGENT);
     h.status(AGENT, j0, JobState::Completed, 1).expect("status");
-    assert_eq!(h.wf.steps[0].state, StepState::Fulfilling);
     assert!(h.wf.steps[0].attempts[0]
         .message
         .contains("without output(s) jobout"));
+    assert_eq!(h.wf.steps[0].attempts[0].failure, "output");
+    // An output failure is not retried by default: it would fail again.
+    assert_eq!(h.wf.steps[0].state, StepState::Failed);
+    assert_eq!(h.wf.state, WorkflowState::Failed);
+    assert!(h.wf.message.contains("not retried"), "{}", h.wf.message);
+    assert_eq!(h.wf.steps[1].state, StepState::Cancelled);
 }
 
 #[test]
@@ -380,7 +398,11 @@ fn outputs_that_cannot_be_fetched_fail_the_attempt_and_its_late_completion_is_ig
         .with(|wf, ctx| wf.on_data(ctx, AGENT, j0, &items, Some("the hash did not match")))
         .expect("data");
     assert_eq!(kills(&fx), [j0], "the agent is told to let the job go");
-    assert_eq!(publishes(&fx), 1, "the step is asked for again");
+    assert_eq!(
+        h.wf.steps[0].shown_state(),
+        "retrying",
+        "asked for again after its back-off"
+    );
     let a = &h.wf.steps[0].attempts[0];
     assert_eq!(a.state, JobState::Failed);
     assert!(
@@ -465,8 +487,14 @@ fn cancel_kills_live_jobs_and_ignores_later_news() {
     let fx = h.with(|wf, ctx| wf.cancel(ctx, "cancelled by user"));
     assert_eq!(kills(&fx), [j0]);
     assert_eq!(h.wf.state, WorkflowState::Cancelled);
+    // Cancelled everywhere: every step not ended, and the live job.
+    assert!(h.wf.steps.iter().all(|s| s.state == StepState::Cancelled));
+    assert_eq!(h.wf.steps[0].attempts[0].state, JobState::Cancelled);
     assert!(h.with(|wf, ctx| wf.tick(ctx)).is_empty());
-    assert_eq!(h.wf.next_deadline(h.lease, &NoPeers), None);
+    assert_eq!(
+        h.wf.next_deadline(h.lease, &NoPeers, (10_000, 300_000)),
+        None
+    );
 }
 
 #[test]
@@ -537,10 +565,138 @@ fn an_expired_request_is_a_failed_attempt_and_is_replaced() {
         first,
         "a new request replaces the expired one"
     );
+    assert_eq!(step.attempts[0].failure, "unplaceable");
+    assert_eq!(publishes(&fx), 0, "after its back-off");
+    h.now += DEFAULT_BACKOFF_INITIAL_MS;
+    let fx = h.with(|wf, ctx| wf.tick(ctx));
     assert!(fx
         .iter()
         .any(|e| matches!(e, Effect::Publish(r) if r.request_id == h.request(0))));
     assert_eq!(h.wf.steps[0].state, StepState::Fulfilling);
+}
+
+#[test]
+fn a_request_every_agent_declines_is_blocked_and_fails_after_the_unplaceable_time() {
+    let mut h = H::new(SIMPLE);
+    h.peers.known = 2;
+    h.with(|wf, ctx| wf.start(ctx));
+    let req = h.request(1);
+    // Step 0 runs meanwhile: the blocked branch holds nothing else.
+    let (j0, fx) = h.fulfil(0, AGENT);
+    assert!(data_to(&fx, j0).is_some());
+    for a in [AGENT, AGENT_B] {
+        h.with(|wf, ctx| wf.on_decline(ctx, a, req, "no job type named foojob1"));
+    }
+    let b = h.wf.steps[1]
+        .request
+        .as_ref()
+        .and_then(|r| r.blocked.clone())
+        .expect("blocked at once: every known agent declined");
+    assert!(
+        b.reason
+            .contains("declined by 2 agent(s): no job type named foojob1 (2 agents)"),
+        "{}",
+        b.reason
+    );
+    h.now += 299_000;
+    h.with(|wf, ctx| wf.tick(ctx));
+    assert_ne!(h.wf.state, WorkflowState::Failed);
+    assert_ne!(h.wf.steps[1].state, StepState::Failed);
+    h.now += 1_000;
+    h.with(|wf, ctx| wf.tick(ctx));
+    assert_eq!(h.wf.state, WorkflowState::Failed);
+    assert!(
+        h.wf.message
+            .contains("step step2 could not be placed for 300 s")
+            && h.wf.message.contains("no job type named foojob1"),
+        "{}",
+        h.wf.message
+    );
+    assert_eq!(h.wf.steps[1].state, StepState::Failed);
+}
+
+#[test]
+fn a_request_nobody_answers_is_blocked_after_the_answer_timeout_until_an_offer() {
+    let mut h = H::new(SIMPLE);
+    h.peers.known = 1;
+    h.with(|wf, ctx| wf.start(ctx));
+    h.now += 9_999;
+    h.with(|wf, ctx| wf.tick(ctx));
+    assert!(h.wf.steps[0]
+        .request
+        .as_ref()
+        .is_some_and(|r| r.blocked.is_none()));
+    h.now += 1;
+    h.with(|wf, ctx| wf.tick(ctx));
+    let why = h.wf.steps[0]
+        .request
+        .as_ref()
+        .and_then(|r| r.blocked.clone())
+        .expect("blocked")
+        .reason;
+    assert!(why.contains("no agent answered within 10 s"), "{why}");
+    h.fulfil(0, AGENT);
+    assert!(h.wf.steps[0]
+        .request
+        .as_ref()
+        .is_some_and(|r| r.blocked.is_none()));
+}
+
+#[test]
+fn a_step_policy_sets_its_attempts_and_back_off() {
+    let doc = SIMPLE.replace(
+        "CaroniJobName: foojob0",
+        "CaroniJobName: foojob0\n        CaroniMaxAttempts: 2\n        CaroniRetryBackoff: {initial: 3s, max: 4s}",
+    );
+    let mut h = H::new(&doc);
+    assert_eq!(h.wf.steps[0].policy.max_attempts, Some(2));
+    h.with(|wf, ctx| wf.start(ctx));
+    let (j, _) = h.fulfil(0, AGENT);
+    h.status(AGENT, j, JobState::Failed, 1).expect("failed");
+    let r = h.wf.steps[0].request.as_ref().expect("request");
+    assert_eq!(r.next_publish_at_ms, h.now + 3_000);
+    let (j, _) = h.fulfil(0, AGENT);
+    h.status(AGENT, j, JobState::Failed, 1).expect("failed");
+    assert_eq!(h.wf.state, WorkflowState::Failed);
+    assert!(
+        h.wf.message.contains("failed 2 time(s)"),
+        "{}",
+        h.wf.message
+    );
+}
+
+#[test]
+fn resume_reruns_only_unfinished_steps_and_keeps_outputs() {
+    let mut h = H::new(SIMPLE);
+    h.with(|wf, ctx| wf.start(ctx));
+    let (j0, _) = h.fulfil(0, AGENT);
+    h.complete(AGENT, j0, "jobout", "CARONIROCKS");
+    let (j1, _) = h.fulfil(1, AGENT);
+    h.with(|wf, ctx| wf.cancel(ctx, "by a user"));
+    assert_eq!(h.wf.state, WorkflowState::Cancelled);
+    let e = h.with(|wf, ctx| wf.tick(ctx));
+    assert!(e.is_empty());
+    let fx = h.with(|wf, ctx| wf.resume(ctx)).expect("resumes");
+    assert_eq!(h.wf.steps[0].state, StepState::Completed, "kept");
+    assert_eq!(h.wf.steps[0].attempts.len(), 1, "not run again");
+    assert_eq!(h.wf.steps[1].state, StepState::Fulfilling);
+    assert!(
+        h.wf.steps[1].attempts[0].superseded,
+        "replaced by the resume"
+    );
+    assert_eq!(h.wf.steps[1].failures(), 0);
+    assert_eq!(publishes(&fx), 2, "steps 2 and 3 ask again");
+    let (j1b, fx) = h.fulfil(1, AGENT_B);
+    assert_ne!(j1b, j1);
+    assert_eq!(
+        data_to(&fx, j1b)
+            .and_then(|d| d.get("text").cloned())
+            .as_deref(),
+        Some("CARONIROCKS"),
+        "the completed step's output is reused"
+    );
+    let err = h.with(|wf, ctx| wf.resume(ctx)).expect_err("live");
+    assert!(err.contains("only a failed or cancelled"), "{err}");
 }
 
 fn load(slots: u32, free_slots: u32, queue_length: u32) -> Load {
@@ -607,7 +763,9 @@ fn the_window_closes_on_time_when_an_agent_stays_silent() {
     h.peers.known = 2;
     h.with(|wf, ctx| wf.start(ctx));
     assert!(offer_with(&mut h, 0, AGENT, load(2, 0, 9)).is_empty());
-    let due = h.wf.next_deadline(h.lease, &h.peers).expect("a deadline");
+    let due =
+        h.wf.next_deadline(h.lease, &h.peers, (10_000, 300_000))
+            .expect("a deadline");
     assert_eq!(due, h.now + 5, "the window is a timer");
     h.now += 5;
     let fx = h.with(|wf, ctx| wf.tick(ctx));

@@ -19,6 +19,10 @@ pub(super) struct StepTimers {
     lost: Option<u64>,
     /// The current job is asked about.
     probe: Option<u64>,
+    /// The open request counts as blocked if no agent answered.
+    blocked: Option<u64>,
+    /// The blocked request's step fails.
+    unplaceable: Option<u64>,
     /// When its agent was last heard from (for the lost job's message).
     agent_heard: u64,
 }
@@ -31,6 +35,8 @@ impl StepTimers {
             self.publish,
             self.lost,
             self.probe,
+            self.blocked,
+            self.unplaceable,
         ]
         .into_iter()
         .flatten()
@@ -44,6 +50,18 @@ impl Workflow {
     /// [`Workflow::next_deadline`] (when to wake) read, so the two never
     /// disagree.
     pub(super) fn timers(&self, n: usize, lease_ms: u64, peers: &dyn Peers) -> StepTimers {
+        self.timers_with(n, lease_ms, peers, None)
+    }
+
+    /// [`Workflow::timers`], with the blocked-request timers when
+    /// `blocking` gives (answer timeout, unplaceable time) in ms.
+    pub(super) fn timers_with(
+        &self,
+        n: usize,
+        lease_ms: u64,
+        peers: &dyn Peers,
+        blocking: Option<(u64, u64)>,
+    ) -> StepTimers {
         let mut t = StepTimers::default();
         let step = &self.steps[n];
         if let Some(r) = step
@@ -54,6 +72,13 @@ impl Workflow {
             t.expire = Some(r.expires_at_ms);
             t.decide = r.decide_at_ms;
             t.publish = Some(r.next_publish_at_ms);
+            if let Some((answer, unplaceable)) = blocking {
+                match &r.blocked {
+                    Some(b) => t.unplaceable = Some(b.since_ms + unplaceable),
+                    None if r.candidates.is_empty() => t.blocked = Some(r.created_at_ms + answer),
+                    None => {}
+                }
+            }
         }
         if let Some(a) = step.current() {
             // The job's own silence, and the agent's: an agent that is
@@ -85,11 +110,40 @@ impl Workflow {
         }
         let now = ctx.now_ms;
         let due = |at: Option<u64>| at.is_some_and(|at| at <= now);
+        let mut fx_changed = false;
         for n in 0..self.steps.len() {
             if self.state.is_final() {
                 break;
             }
-            let t = self.timers(n, ctx.lease_ms, ctx.peers);
+            if self.update_blocked(n, ctx) {
+                fx_changed = true;
+            }
+            let t = self.timers_with(
+                n,
+                ctx.lease_ms,
+                ctx.peers,
+                Some((ctx.answer_timeout_ms, ctx.unplaceable_ms)),
+            );
+            if due(t.unplaceable) {
+                let reason = self.steps[n]
+                    .request
+                    .as_ref()
+                    .and_then(|r| r.blocked.as_ref())
+                    .map(|b| b.reason.clone())
+                    .unwrap_or_default();
+                let step = self.steps[n].id.clone();
+                self.steps[n].state = crate::model::StepState::Failed;
+                self.finish(
+                    crate::model::WorkflowState::Failed,
+                    format!(
+                        "step {step} could not be placed for {} s: {reason}",
+                        ctx.unplaceable_ms / 1000
+                    ),
+                    ctx,
+                    &mut fx,
+                );
+                break;
+            }
             if due(t.expire) {
                 let req_id = self.steps[n]
                     .request
@@ -111,7 +165,7 @@ impl Workflow {
                     endpoint: String::new(),
                     state: JobState::Failed,
                     accepted: false,
-                    superseded: true,
+                    superseded: false,
                     started_at_ms: ctx.now_ms,
                     ended_at_ms: Some(ctx.now_ms),
                     last_heard_ms: ctx.now_ms,
@@ -120,6 +174,9 @@ impl Workflow {
                     exit_status: None,
                     message: msg.clone(),
                     stderr_tail: String::new(),
+                    queued_at_ms: None,
+                    ran_at_ms: None,
+                    failure: "unplaceable".into(),
                 });
                 self.fail_attempt(n, ctx, &msg, &mut fx);
                 continue;
@@ -159,19 +216,25 @@ impl Workflow {
                 }
             }
         }
-        if !fx.is_empty() {
+        if !fx.is_empty() || fx_changed {
             self.touch(ctx);
         }
         fx
     }
 
-    /// When [`Workflow::tick`] next has something to do.
-    pub fn next_deadline(&self, lease_ms: u64, peers: &dyn Peers) -> Option<u64> {
+    /// When [`Workflow::tick`] next has something to do; `blocking` is
+    /// (answer timeout, unplaceable time) in ms, as in the tick's context.
+    pub fn next_deadline(
+        &self,
+        lease_ms: u64,
+        peers: &dyn Peers,
+        blocking: (u64, u64),
+    ) -> Option<u64> {
         if self.state.is_final() {
             return None;
         }
         (0..self.steps.len())
-            .filter_map(|n| self.timers(n, lease_ms, peers).first())
+            .filter_map(|n| self.timers_with(n, lease_ms, peers, Some(blocking)).first())
             .min()
     }
 }
