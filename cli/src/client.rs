@@ -115,6 +115,26 @@ impl Context {
         Ok(AgentServiceClient::new(self.channel().await?).max_decoding_message_size(MAX_RESPONSE))
     }
 
+    /// True when `grpc.health.v1.Health/Check` says SERVING.
+    pub async fn serving(&self) -> anyhow::Result<bool> {
+        use tonic_health::pb::{
+            health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+        };
+        let resp = HealthClient::new(self.channel().await?)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        Ok(resp.status == ServingStatus::Serving as i32)
+    }
+
+    /// The node URL this context talks to.
+    pub fn url(&self) -> &str {
+        &self.node
+    }
+
     /// Asks `grpc.health.v1.Health/Check` for the whole server.
     pub async fn health(&self) -> anyhow::Result<std::process::ExitCode> {
         use tonic_health::pb::{

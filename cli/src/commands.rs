@@ -329,6 +329,103 @@ async fn put_job_types(
     Ok(())
 }
 
+/// `caroni version`: this CLI's version, and the node's when it answers.
+pub async fn version(ctx: &Context) -> anyhow::Result<ExitCode> {
+    let cli = env!("CARGO_PKG_VERSION");
+    let node = match ctx.node_api().await {
+        Ok(mut c) => c
+            .get_info(ctx.request(pb::GetInfoRequest {}))
+            .await
+            .map(|i| i.into_inner().version)
+            .map_err(|e| e.message().to_string()),
+        Err(e) => Err(format!("{e:#}")),
+    };
+    if ctx.format == Format::Json {
+        output::json(&serde_json::json!({
+            "cli": cli,
+            "node": node.as_ref().ok(),
+            "node_error": node.as_ref().err(),
+        }));
+    } else {
+        say!("caroni {cli}");
+        match node {
+            Ok(v) => say!("node {} {v}", ctx.url()),
+            Err(e) => say!("node {}: not reachable ({e})", ctx.url()),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `caroni status`: who the node is, whether it serves, its peers, its
+/// workflows and jobs.
+pub async fn node_status(ctx: &Context) -> anyhow::Result<ExitCode> {
+    let mut api = ctx.node_api().await?;
+    let info = api
+        .get_info(ctx.request(pb::GetInfoRequest {}))
+        .await
+        .map_err(status)?
+        .into_inner();
+    let stats = api
+        .get_stats(ctx.request(pb::GetStatsRequest {}))
+        .await
+        .map_err(status)?
+        .into_inner();
+    let peers = api
+        .list_peers(ctx.request(pb::ListPeersRequest {}))
+        .await
+        .map_err(status)?
+        .into_inner()
+        .peers;
+    let serving = ctx.serving().await.unwrap_or(false);
+    let queued: u64 = peers.iter().map(|p| p.queued).sum();
+    if ctx.format == Format::Json {
+        output::json(&serde_json::json!({
+            "node_id": info.node_id, "roles": info.roles, "version": info.version,
+            "serving": serving, "peers": peers.len(), "outbox_queued": queued,
+            "workflows": {"live": stats.workflows_live, "waiting": stats.workflows_waiting,
+                "completed": stats.workflows_completed, "failed": stats.workflows_failed,
+                "cancelled": stats.workflows_cancelled},
+            "jobs": {"completed": stats.jobs_completed, "failed": stats.jobs_failed,
+                "cancelled": stats.jobs_cancelled},
+        }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    say!(
+        "node {}  ({}; version {})",
+        info.node_id,
+        info.roles.join(", "),
+        info.version
+    );
+    say!(
+        "health: {}  peers: {}  messages queued for peers: {queued}",
+        if serving { "serving" } else { "NOT serving" },
+        peers.len()
+    );
+    if info.roles.iter().any(|r| r == "manager") {
+        say!(
+            "workflows: {} live ({} waiting for admission); since start {} completed, {} failed, {} cancelled",
+            stats.workflows_live,
+            stats.workflows_waiting,
+            stats.workflows_completed,
+            stats.workflows_failed,
+            stats.workflows_cancelled
+        );
+    }
+    if info.roles.iter().any(|r| r == "agent") {
+        say!(
+            "jobs since start: {} completed, {} failed, {} cancelled",
+            stats.jobs_completed,
+            stats.jobs_failed,
+            stats.jobs_cancelled
+        );
+    }
+    Ok(if serving {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 pub async fn node(ctx: &Context, cmd: NodeCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         NodeCmd::Info => {

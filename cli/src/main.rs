@@ -21,8 +21,6 @@ mod jobtype_file;
 mod trust;
 mod workflow;
 
-use output::Format;
-
 /// Caroni: broker-free, peer-to-peer workflows.
 #[derive(Debug, Parser)]
 #[command(
@@ -43,8 +41,11 @@ struct Cli {
     #[arg(long, global = true, env = "CARONI_TLS_CA")]
     tls_ca: Option<std::path::PathBuf>,
     /// Output format.
-    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
-    output: Format,
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = output::OutputArg::Table)]
+    output: output::OutputArg,
+    /// Tables without their header line (for scripts that read columns).
+    #[arg(long, global = true)]
+    no_headers: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -52,13 +53,20 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Workflow templates (CWL) on a manager.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  caroni template add test_simple examples/templates/test_simple.cwl\n  caroni template list\n  caroni template show test_simple"
+    )]
     Template(commands::TemplateCmd),
     /// Job types on an agent.
-    #[command(subcommand, name = "jobtype")]
+    #[command(
+        subcommand,
+        name = "jobtype",
+        after_help = "Examples:\n  caroni jobtype add examples/jobtypes/foojob0.yaml\n  caroni jobtype list\n  caroni jobtype update examples/jobtypes/foojob0.yaml"
+    )]
     JobType(commands::JobTypeCmd),
     /// The node itself.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Example:\n  caroni node info")]
     Node(commands::NodeCmd),
     /// Start a workflow from a template.
     #[command(
@@ -83,12 +91,28 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
-    /// Workflows on a manager: list, show, watch, cancel.
-    #[command(subcommand)]
+    /// Workflows on a manager: list, show, watch, cancel, retry, rerun,
+    /// delete, download.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  caroni workflow list --state failed --since 1d\n  caroni workflow show 0190f5c2\n  caroni workflow watch --all\n  caroni workflow retry 0190f5c2 --wait"
+    )]
     Workflow(workflow::WorkflowCmd),
     /// Jobs on an agent: list, show.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  caroni job list\n  caroni job show 0190f5c2"
+    )]
     Job(workflow::JobCmd),
+    /// The versions of this CLI and (when it answers) of the node.
+    #[command(after_help = "Example:\n  caroni version\n  caroni -o json version")]
+    Version,
+    /// The node at a glance: who it is, whether it serves, its peers, its
+    /// workflows and jobs.
+    #[command(
+        after_help = "Example:\n  caroni status\n  caroni --node http://10.0.0.5:7070 -o json status"
+    )]
+    Status,
     /// Peers of the node: libp2p connections and outbox queues.
     #[command(after_help = "Example:\n  caroni peers")]
     Peers,
@@ -127,9 +151,18 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
-    /// Print the manual page (roff), generated from these definitions.
-    #[command(after_help = "Example:\n  caroni man > caroni.1 && man ./caroni.1")]
-    Man,
+    /// Print the manual page (roff) of `caroni`, generated from these
+    /// definitions; `--all DIR` writes one page per command
+    /// (caroni-workflow-list.1, ...) and caroni-node.1 into DIR.
+    #[command(
+        after_help = "Examples:\n  caroni man > caroni.1 && man ./caroni.1\n  caroni man --all /usr/local/share/man/man1"
+    )]
+    Man {
+        /// Write every page (caroni.1 and one per subcommand) into this
+        /// directory.
+        #[arg(long, value_name = "DIR")]
+        all: Option<std::path::PathBuf>,
+    },
     /// Run a CWL CommandLineTool with a job order (the cwl-runner
     /// interface): on --node, or on an embedded node with a local agent.
     #[command(
@@ -193,7 +226,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         cli.node
             .unwrap_or_else(|| "http://127.0.0.1:7070".to_string()),
         cli.token,
-        cli.output,
+        output::configure(cli.output, cli.no_headers),
     )
     .with_tls_ca(cli.tls_ca);
     match cli.command {
@@ -210,6 +243,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Workflow(c) => workflow::workflow(&ctx, c).await,
         Command::Job(c) => workflow::job(&ctx, c).await,
         Command::Peers => workflow::peers(&ctx).await,
+        Command::Version => commands::version(&ctx).await,
+        Command::Status => commands::node_status(&ctx).await,
         Command::Health => ctx.health().await,
         Command::Completions { shell } => {
             use clap::CommandFactory;
@@ -217,11 +252,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             clap_complete::generate(shell, &mut cmd, "caroni", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Man => {
+        Command::Man { all } => {
             use clap::CommandFactory;
-            let mut out = Vec::new();
-            clap_mangen::Man::new(Cli::command()).render(&mut out)?;
-            std::io::Write::write_all(&mut std::io::stdout(), &out)?;
+            match all {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)?;
+                    clap_mangen::generate_to(Cli::command(), &dir)?;
+                    // And the daemon's own page.
+                    let mut node = Vec::new();
+                    clap_mangen::Man::new(caroni_node::Config::command()).render(&mut node)?;
+                    std::fs::write(dir.join("caroni-node.1"), node)?;
+                    say!("man pages written to {}", dir.display());
+                }
+                None => {
+                    let mut out = Vec::new();
+                    clap_mangen::Man::new(Cli::command()).render(&mut out)?;
+                    std::io::Write::write_all(&mut std::io::stdout(), &out)?;
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::TlsCert(args) => trust::tls_cert(args),

@@ -1,9 +1,11 @@
 //! Human tables or JSON for scripts.
 
-use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+use comfy_table::{presets::UTF8_BORDERS_ONLY, ContentArrangement, Table};
 
 /// How results are printed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     /// Human-readable tables.
     Table,
@@ -11,12 +13,75 @@ pub enum Format {
     Json,
 }
 
-/// A table with a header.
+/// `-o`: how results are printed, as the user writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputArg {
+    /// Tables that fit the terminal: long cells wrap, ids are shortened to
+    /// unique prefixes (which every command takes back).
+    Table,
+    /// Tables with every column whole and ids in full; no wrapping.
+    Wide,
+    /// JSON, one document per command (`workflow watch`: one line per
+    /// change).
+    Json,
+}
+
+static WIDE: AtomicBool = AtomicBool::new(false);
+static NO_HEADERS: AtomicBool = AtomicBool::new(false);
+
+/// Sets how tables print (once, from the command line); returns the
+/// format the commands see.
+pub fn configure(arg: OutputArg, no_headers: bool) -> Format {
+    WIDE.store(arg == OutputArg::Wide, Relaxed);
+    NO_HEADERS.store(no_headers, Relaxed);
+    match arg {
+        OutputArg::Json => Format::Json,
+        _ => Format::Table,
+    }
+}
+
+/// True with `-o wide`.
+pub fn wide() -> bool {
+    WIDE.load(Relaxed)
+}
+
+/// A table with a header (none with `--no-headers`); on a terminal its
+/// long cells wrap to the terminal's width unless `-o wide`.
 pub fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_BORDERS_ONLY);
-    t.set_header(header.to_vec());
+    if !NO_HEADERS.load(Relaxed) {
+        t.set_header(header.to_vec());
+    }
+    if !wide() {
+        t.set_content_arrangement(ContentArrangement::Dynamic);
+    }
     t
+}
+
+/// Each id shortened to the shortest prefix (at least `min` characters)
+/// that no other id of `ids` shares, so that what is printed can be typed
+/// back; whole with `-o wide`.
+pub fn unique_prefixes(ids: &[&str], min: usize) -> Vec<String> {
+    if wide() {
+        return ids.iter().map(|s| s.to_string()).collect();
+    }
+    ids.iter()
+        .map(|id| {
+            let shared = ids
+                .iter()
+                .filter(|o| *o != id)
+                .map(|o| {
+                    o.chars()
+                        .zip(id.chars())
+                        .take_while(|(a, b)| a == b)
+                        .count()
+                })
+                .max()
+                .unwrap_or(0);
+            id.chars().take((shared + 1).max(min)).collect()
+        })
+        .collect()
 }
 
 /// Prints JSON, pretty.

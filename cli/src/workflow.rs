@@ -79,13 +79,19 @@ pub enum WorkflowCmd {
         /// Workflow id.
         id: String,
     },
-    /// Follow a workflow until it ends.
+    /// Follow a workflow until it ends, or every workflow (--all). With
+    /// -o json, one JSON line per change.
     #[command(
-        after_help = "Example:\n  caroni workflow watch 0190f5c2-7d1e-7a8b-9c3d-2e4f5a6b7c8d"
+        after_help = "Examples:\n  caroni workflow watch 0190f5c2-7d1e-7a8b-9c3d-2e4f5a6b7c8d\n  caroni -o json workflow watch 0190f5c2 | jq -c '.steps[] | {id, state}'\n  caroni workflow watch --all            # every change of every workflow, until interrupted"
     )]
     Watch {
-        /// Workflow id.
-        id: String,
+        /// Workflow id (or a unique prefix).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every change of every workflow on the manager, one line each,
+        /// until interrupted.
+        #[arg(long)]
+        all: bool,
     },
     /// Cancel a workflow: every live job is killed.
     #[command(
@@ -224,12 +230,10 @@ pub fn workflow_json(w: &pb::Workflow) -> serde_json::Value {
     caroni_node::api::json::workflow(w)
 }
 
+/// A node id as tables print it: its first 16 characters (node ids share
+/// their first 8, `12D3KooW`), a prefix that can be typed back.
 fn short(id: &str) -> String {
-    if id.len() > 12 {
-        format!("…{}", &id[id.len() - 8..])
-    } else {
-        id.to_string()
-    }
+    output::unique_prefixes(&[id], 16).remove(0)
 }
 
 fn print_workflow(w: &pb::Workflow) {
@@ -245,7 +249,11 @@ fn print_workflow(w: &pb::Workflow) {
     let mut t = output::table(&[
         "step", "job type", "state", "attempts", "job", "agent", "runs on",
     ]);
-    for s in &w.steps {
+    let jobs: Vec<&str> = w.steps.iter().map(|s| s.job_id.as_str()).collect();
+    let jobs = output::unique_prefixes(&jobs, 8);
+    let agents: Vec<&str> = w.steps.iter().map(|s| s.agent.as_str()).collect();
+    let agents = output::unique_prefixes(&agents, 12);
+    for (n, s) in w.steps.iter().enumerate() {
         // Where the current attempt runs, as its agent reported.
         let runs_on = s
             .attempt_history
@@ -261,8 +269,8 @@ fn print_workflow(w: &pb::Workflow) {
             s.job_type.clone(),
             s.state.clone(),
             s.attempts.to_string(),
-            s.job_id.clone(),
-            s.agent.clone(),
+            jobs[n].clone(),
+            agents[n].clone(),
             runs_on,
         ]);
     }
@@ -300,7 +308,7 @@ fn print_workflow(w: &pb::Workflow) {
                 .join(" | ");
             a.add_row(vec![
                 s.id.clone(),
-                short(&at.job_id),
+                output::unique_prefixes(&[&at.job_id], 13).remove(0),
                 short(&at.agent),
                 at.exit_status
                     .map(|c| c.to_string())
@@ -464,6 +472,17 @@ fn blocked_line(s: &pb::WorkflowStep) -> Option<String> {
 /// Follows a workflow to its end: a live view on a terminal, one line per
 /// change otherwise. Progress goes to stderr; returns the final workflow.
 pub async fn follow(ctx: &Context, id: &str, quiet: bool) -> anyhow::Result<pb::Workflow> {
+    follow_lines(ctx, id, quiet, false).await
+}
+
+/// [`follow`], printing each version as one JSON line on stdout when
+/// `lines`.
+async fn follow_lines(
+    ctx: &Context,
+    id: &str,
+    quiet: bool,
+    lines: bool,
+) -> anyhow::Result<pb::Workflow> {
     let mut client = ctx.manager().await?;
     let mut stream = client
         .watch_workflow(ctx.request(pb::GetWorkflowRequest {
@@ -478,6 +497,9 @@ pub async fn follow(ctx: &Context, id: &str, quiet: bool) -> anyhow::Result<pb::
     let mut last = None;
     while let Some(item) = stream.next().await {
         let w = item.map_err(status)?;
+        if lines {
+            println!("{}", workflow_json(&w));
+        }
         if !quiet {
             let lines = progress_lines(&w);
             let mut err = std::io::stderr().lock();
@@ -503,6 +525,43 @@ pub async fn follow(ctx: &Context, id: &str, quiet: bool) -> anyhow::Result<pb::
         }
     }
     last.context("the node closed the watch before the workflow ended")
+}
+
+/// Every change of every workflow, one line each, until interrupted or
+/// the node closes the stream.
+async fn watch_all(ctx: &Context) -> anyhow::Result<ExitCode> {
+    let mut client = ctx.manager().await?;
+    let mut stream = client
+        .watch_workflows(ctx.request(pb::WatchWorkflowsRequest {}))
+        .await
+        .map_err(status)?
+        .into_inner();
+    while let Some(item) = stream.next().await {
+        let c = item.map_err(status)?;
+        if ctx.format == Format::Json {
+            println!(
+                "{}",
+                json!({
+                    "workflow_id": c.workflow_id, "state": c.state,
+                    "created_at": ts(&c.created_at), "finished_at": ts(&c.finished_at),
+                    "missed": c.missed,
+                })
+            );
+        } else {
+            if c.missed > 0 {
+                say!("… {} change(s) missed (this reader was slow)", c.missed);
+            }
+            say!(
+                "{}  {}  {}",
+                output::time(Some(&prost_types::Timestamp::from(
+                    std::time::SystemTime::now()
+                ))),
+                c.workflow_id,
+                c.state
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn exit_for(w: &pb::Workflow) -> ExitCode {
@@ -649,10 +708,12 @@ pub async fn workflow(ctx: &Context, cmd: WorkflowCmd) -> anyhow::Result<ExitCod
                     "created",
                     "outputs",
                 ]);
-                for w in &all {
+                let ids: Vec<&str> = all.iter().map(|w| w.id.as_str()).collect();
+                let ids = output::unique_prefixes(&ids, 8);
+                for (w, id) in all.iter().zip(ids) {
                     let done = w.steps.iter().filter(|s| s.state == "completed").count();
                     t.add_row(vec![
-                        w.id.clone(),
+                        id,
                         w.template.clone(),
                         w.state.clone(),
                         format!("{done}/{}", w.steps.len()),
@@ -722,11 +783,11 @@ pub async fn workflow(ctx: &Context, cmd: WorkflowCmd) -> anyhow::Result<ExitCod
             }
             Ok(ExitCode::SUCCESS)
         }
-        WorkflowCmd::Watch { id } => {
-            let w = follow(ctx, &id, ctx.format == Format::Json).await?;
-            if ctx.format == Format::Json {
-                output::json(&workflow_json(&w));
-            } else {
+        WorkflowCmd::Watch { id: None, .. } => watch_all(ctx).await,
+        WorkflowCmd::Watch { id: Some(id), .. } => {
+            let json = ctx.format == Format::Json;
+            let w = follow_lines(ctx, &id, json, json).await?;
+            if !json {
                 print_outputs(&w);
             }
             Ok(exit_for(&w))
@@ -840,9 +901,11 @@ pub async fn job(ctx: &Context, cmd: JobCmd) -> anyhow::Result<ExitCode> {
             } else {
                 let mut t =
                     output::table(&["id", "job type", "state", "manager", "created", "message"]);
-                for j in &jobs {
+                let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+                let ids = output::unique_prefixes(&ids, 8);
+                for (j, id) in jobs.iter().zip(ids) {
                     t.add_row(vec![
-                        j.id.clone(),
+                        id,
                         j.job_type.clone(),
                         j.state.clone(),
                         short(&j.manager),

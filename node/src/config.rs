@@ -290,8 +290,9 @@ impl Config {
         };
         let mut config =
             Self::from_arg_matches(&matches).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut file_flags = Vec::new();
         if let Some(path) = config.config.clone() {
-            config = Self::with_file(&path, &args, &matches)?;
+            (config, file_flags) = Self::with_file(&path, &args, &matches)?;
         }
         config.api_token = config.api_token.filter(|t| !t.is_empty());
         if config.peer_advertise.trim().is_empty() {
@@ -308,7 +309,12 @@ impl Config {
                 .filter(|a| !a.is_empty())
                 .collect();
         }
-        config.check()?;
+        // Values are checked after merging; a bad one from the file says
+        // where it is.
+        config.check().map_err(|e| match &config.config {
+            Some(path) => locate(e, path, &file_flags),
+            None => e,
+        })?;
         Ok(config)
     }
 
@@ -320,12 +326,14 @@ impl Config {
         path: &Path,
         args: &[std::ffi::OsString],
         matches: &clap::ArgMatches,
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<(Self, Vec<(String, String, usize)>), ConfigError> {
         use clap::parser::ValueSource;
         use clap::{CommandFactory, FromArgMatches};
         let invalid = |e: String| ConfigError::Parse(path.into(), e);
-        let file = read_file(path)?;
+        let (file, lines) = read_file(path)?;
+        let line_of = |key: &str| lines.get(key).copied().unwrap_or(0);
         let cmd = Self::command();
+        let mut file_flags = Vec::new();
         let mut merged = vec![args
             .first()
             .cloned()
@@ -338,7 +346,8 @@ impl Config {
                 .and_then(|a| a.get_long());
             let Some(long) = long else {
                 return Err(invalid(format!(
-                    "unknown field `{key}`; the keys are the flags' names with underscores (`caroni-node --help`)"
+                    "line {}: unknown field `{key}`; the keys are the flags' names with underscores (`caroni-node --help`)",
+                    line_of(key)
                 )));
             };
             let given = matches!(
@@ -346,15 +355,19 @@ impl Config {
                 Some(ValueSource::CommandLine | ValueSource::EnvVariable)
             );
             if !given {
-                merged
-                    .push(format!("--{long}={}", file_value(key, value).map_err(invalid)?).into());
+                let text = file_value(key, value)
+                    .map_err(|e| invalid(format!("line {}: {e}", line_of(key))))?;
+                merged.push(format!("--{long}={text}").into());
+                file_flags.push((long.to_string(), key.clone(), line_of(key)));
             }
         }
         merged.extend(args.iter().skip(1).cloned());
         let matches = Self::command()
             .try_get_matches_from(merged)
-            .map_err(|e| invalid(e.to_string()))?;
-        Self::from_arg_matches(&matches).map_err(|e| invalid(e.to_string()))
+            .map_err(|e| locate(ConfigError::Invalid(e.to_string()), path, &file_flags))?;
+        let config = Self::from_arg_matches(&matches)
+            .map_err(|e| locate(ConfigError::Invalid(e.to_string()), path, &file_flags))?;
+        Ok((config, file_flags))
     }
 
     /// `--blob-retention` read as a duration.
@@ -560,9 +573,38 @@ impl Config {
     }
 }
 
-fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
+/// The file's settings, and the line each key is set on.
+fn read_file(
+    path: &Path,
+) -> Result<(toml::Table, std::collections::BTreeMap<String, usize>), ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e.to_string()))
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e.to_string()))?;
+    let mut lines = std::collections::BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        if let Some((key, _)) = line.split_once('=') {
+            let key = key.trim().trim_matches('"');
+            if table.contains_key(key) {
+                lines.entry(key.to_string()).or_insert(n + 1);
+            }
+        }
+    }
+    Ok((table, lines))
+}
+
+/// A configuration error that names a flag set by the file says where in
+/// the file (`file_flags`: flag, key, line).
+fn locate(e: ConfigError, path: &Path, file_flags: &[(String, String, usize)]) -> ConfigError {
+    let text = e.to_string();
+    match file_flags
+        .iter()
+        .find(|(flag, _, _)| text.contains(&format!("--{flag}")))
+    {
+        Some((_, key, line)) => {
+            ConfigError::Parse(path.into(), format!("line {line} (`{key}`): {text}"))
+        }
+        None => e,
+    }
 }
 
 /// A TOML value as the flag's text: scalars as they are, arrays joined by

@@ -433,7 +433,10 @@ impl NodeProc {
                 self.log_text()
             )
         });
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        // One JSON line per change: the last is the ended workflow.
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let last = text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+        serde_json::from_str(last).unwrap_or_else(|e| {
             panic!(
                 "bad JSON from watch ({e}): {}\n{}",
                 String::from_utf8_lossy(&out.stdout),

@@ -677,3 +677,98 @@ fn files_are_uploaded_from_the_start_form_and_downloaded_from_the_workflow_page(
     assert_eq!(forged.status, 403, "{forged:?}");
     b.screenshot();
 }
+
+/// Issue 24 in the browser: a branch no agent takes shows a banner with
+/// the reason; a failed workflow is retried from its page; the start form
+/// is typed (an enum is a choice, a default applies when left empty); the
+/// list searches by id prefix and shows progress; a template is deleted.
+#[test]
+fn blocked_banner_retry_typed_form_search_and_delete() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = NodeProc::start(
+        &dir.path().join("m"),
+        "both",
+        &["--answer-timeout", "1s", "--unplaceable-timeout", "3s"],
+    )
+    .expect("node");
+    m.add_job_types(&["foojob0.yaml", "foojob1.yaml", "foojob2.yaml"]);
+    // step2 names a job type nobody has: blocked, then failed.
+    let text = std::fs::read_to_string(caroni_tests::example("templates/test_simple.cwl"))
+        .expect("read")
+        .replace("CaroniJobName: foojob1", "CaroniJobName: nosuchjob")
+        .replace(
+            "  start_message: string\n",
+            "  start_message: string\n  speed:\n    type: {type: enum, symbols: [fast, slow]}\n    default: slow\n",
+        );
+    let t = dir.path().join("blocked.cwl");
+    std::fs::write(&t, text).expect("write");
+    m.ok(&["template", "add", "blocked", t.to_str().expect("utf8")]);
+    let b = Browser::start("everyday");
+
+    b.goto(&format!("{}/#/run?template=blocked", m.console_url()));
+    // The enum is a choice with its default shown; left at default.
+    b.find("select[data-input=speed]");
+    assert!(b.text().contains("default slow"), "{}", b.text());
+    b.type_into("input[data-input=start_message]", "hello");
+    b.click("#run-submit");
+    b.until("the workflow page", |b| b.hash().starts_with("/workflow/"));
+    let id = b.hash().trim_start_matches("/workflow/").to_string();
+    b.until("the blocked banner", |b| {
+        b.count(".banner.blocked[data-step=step2]") == 1
+    });
+    assert!(
+        b.text().contains("no job type named nosuchjob"),
+        "{}",
+        b.text()
+    );
+    b.until("the workflow to fail", |b| {
+        b.count("#wf-state [data-state=failed]") == 1
+    });
+    let w = m.json(&["workflow", "show", &id]);
+    assert_eq!(w["inputs"]["speed"], "slow", "the default applied: {w:#}");
+
+    // Fix it (the job type now exists), then Retry from the page.
+    m.put_job_type(
+        dir.path(),
+        "nosuchjob",
+        &["text"],
+        &["outSB"],
+        r#"jq -cn --arg t "$CARONI_ENV_text" '{outSB: ("prepend" + $t)}'"#,
+        false,
+    );
+    b.click("#retry");
+    b.until("the workflow to complete after the retry", |b| {
+        b.count("#wf-state [data-state=completed]") == 1
+    });
+    assert!(
+        b.text_of("#outputs").contains("prependHELLO append"),
+        "{}",
+        b.text()
+    );
+
+    // The list: search by a prefix of the id; progress shown.
+    b.goto(&format!("{}/#/workflows", m.console_url()));
+    b.type_into("#f-id", &id[..13]);
+    b.rt.block_on(async {
+        let _ = b
+            .c()
+            .execute(
+                "document.getElementById('f-id').dispatchEvent(new Event('change'))",
+                vec![],
+            )
+            .await;
+    });
+    b.until("one match", |b| b.count("tr.wf-row") == 1);
+    assert!(b.text().contains("3/3"), "{}", b.text());
+
+    // Delete the template from its page.
+    b.goto(&format!("{}/#/template/blocked", m.console_url()));
+    b.rt.block_on(async {
+        let _ = b.c().execute("window.confirm = () => true", vec![]).await;
+    });
+    b.click("#delete");
+    b.until("the templates page", |b| b.hash().starts_with("/templates"));
+    let left = m.json(&["template", "list"]);
+    assert_eq!(left.as_array().map(Vec::len), Some(0), "{left:#}");
+    b.screenshot();
+}

@@ -257,3 +257,141 @@ fn ambiguous_prefixes_are_refused_with_the_ids_they_match() {
     let e = node.fails(&["workflow", "show", "ffff"]);
     assert!(e.contains("no workflow id starts with"), "{e}");
 }
+
+#[test]
+fn watch_streams_json_lines_and_watch_all_sees_every_workflow() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("start");
+    node.add_demo_template();
+    node.add_job_types(&["foojob0.yaml", "foojob1.yaml", "foojob2.yaml"]);
+    // --all, started first, as a child process of its own.
+    let mut all = node.cli_command();
+    all.args(["-o", "json", "workflow", "watch", "--all"])
+        .stdout(std::process::Stdio::piped());
+    let mut all = all.spawn().expect("spawn");
+    std::thread::sleep(Duration::from_millis(500));
+    let a = node.run("test_simple", &["start_message=one"]);
+    let b = node.run("test_simple", &["start_message=two"]);
+    let mut watch = node.cli_command();
+    watch.args(["-o", "json", "workflow", "watch", &a]);
+    let out = caroni_tests::run_bounded(watch, Duration::from_secs(60)).expect("watch");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON document per line"))
+        .collect();
+    assert!(!lines.is_empty());
+    assert_eq!(lines.last().expect("last")["state"], "completed");
+    node.wait(&b, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = all.kill();
+    let out = all.wait_with_output().expect("output");
+    let seen: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    for id in [&a, &b] {
+        assert!(
+            seen.iter()
+                .any(|c| c["workflow_id"] == id.as_str() && c["state"] == "completed"),
+            "{seen:#?}"
+        );
+    }
+}
+
+#[test]
+fn version_status_headers_and_widths() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("start");
+    let v = node.json(&["version"]);
+    assert_eq!(v["cli"], v["node"], "{v:#}");
+    let s = node.ok(&["status"]);
+    assert!(
+        s.contains("health: serving") && s.contains("workflows: 0 live"),
+        "{s}"
+    );
+    node.add_demo_template();
+    let id = node.run("test_simple", &["start_message=x"]);
+    let with = node.ok(&["workflow", "list"]);
+    let without = node.ok(&["--no-headers", "workflow", "list"]);
+    assert!(
+        with.contains("template") && !without.contains("template"),
+        "{without}"
+    );
+    // Ids print as prefixes that can be typed back; -o wide prints them whole.
+    assert!(!with.contains(&id), "{with}");
+    let wide = node.ok(&["-o", "wide", "workflow", "list"]);
+    assert!(wide.contains(&id), "{wide}");
+    let down = caroni_tests::caroni("http://127.0.0.1:1", &["version"]).expect("run");
+    let text = String::from_utf8_lossy(&down.stdout);
+    assert!(text.contains("not reachable"), "{text}");
+}
+
+#[test]
+fn config_errors_name_the_file_and_line_and_the_example_file_starts_a_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("bad.toml");
+    std::fs::write(&conf, "role = \"both\"\n\nretention = \"soon\"\n").expect("write");
+    let out = std::process::Command::new(caroni_tests::bin("caroni-node"))
+        .args(["--config", conf.to_str().expect("utf8"), "--data-dir"])
+        .arg(dir.path().join("d"))
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("bad.toml") && err.contains("line 3") && err.contains("retention"),
+        "{err}"
+    );
+    std::fs::write(&conf, "role = \"both\"\nretentoin = \"1d\"\n").expect("write");
+    let out = std::process::Command::new(caroni_tests::bin("caroni-node"))
+        .args(["--config", conf.to_str().expect("utf8")])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("line 2") && err.contains("unknown field `retentoin`"),
+        "{err}"
+    );
+
+    // The example configuration starts a node (its ports moved to free
+    // loopback ones by flags, which win over the file).
+    let example = example("../deploy/caroni-node.toml");
+    let node = NodeProc::start(&dir.path().join("n"), "both", &["--config", &example])
+        .expect("a node from the example configuration");
+    assert!(node.ok(&["status"]).contains("serving"));
+}
+
+#[test]
+fn the_systemd_unit_is_valid() {
+    let Some(analyze) = caroni_tests::which("systemd-analyze") else {
+        eprintln!("systemd-analyze is not installed here: nothing to check");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let unit =
+        std::fs::read_to_string(example("../deploy/systemd/caroni-node.service")).expect("unit");
+    // Verified as installed, with the binary where this build put it.
+    let node = caroni_tests::bin("caroni-node");
+    let good = unit.replace("/usr/local/bin/caroni-node", node.to_str().expect("utf8"));
+    let path = dir.path().join("caroni-node.service");
+    std::fs::write(&path, &good).expect("write");
+    let out = std::process::Command::new(&analyze)
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze");
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+    // And it would see a broken one.
+    std::fs::write(&path, good.replace("ExecStart=", "ExecStrat=")).expect("write");
+    let out = std::process::Command::new(&analyze)
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze");
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        said.contains("ExecStrat") || !out.status.success(),
+        "{said}"
+    );
+}

@@ -219,9 +219,11 @@ fn a_cancelled_container_is_gone_within_seconds() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let j = n.json(&["job", "show", &job]);
-    assert_eq!(j["state"], "failed", "{j:#}");
+    assert_eq!(j["state"], "cancelled", "cancelled, not failed: {j:#}");
     assert!(
-        j["message"].as_str().is_some_and(|m| m.contains("killed")),
+        j["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cancelled by the manager")),
         "{j:#}"
     );
 }

@@ -300,8 +300,13 @@ fn cancel_kills_the_process_and_frees_the_slot() {
         "prependNEXT append"
     );
     let job = n.json(&["job", "list"]);
-    assert!(job.as_array().expect("jobs").iter().any(|j| j["message"]
-        .as_str()
-        .unwrap_or("")
-        .contains("killed by the manager")));
+    assert!(job
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .any(|j| j["state"] == "cancelled"
+            && j["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("cancelled by the manager")));
 }

@@ -370,3 +370,34 @@ def test_a_submission_id_makes_one_workflow_and_retry_rerun_delete_work(
     assert client.delete_workflow(done.id) == 1
     with pytest.raises(NotFound):
         client.show(done.id)
+
+
+def test_the_asyncio_client_runs_and_watches_many_in_one_loop(node: Node, demo_cwl: str):
+    import asyncio
+
+    from caroni_client.aio import Client as AsyncClient
+
+    async def main():
+        async with AsyncClient(node.url) as c:
+            name = unique("py_aio")
+            await c.put_template(name, demo_cwl)
+            ids = await asyncio.gather(
+                *(c.run(name, {"start_message": f"m{i}"}) for i in range(5))
+            )
+            ended = set()
+            async for change in c.watch_all(timeout=60):
+                if change.workflow_id in ids and change.ended:
+                    assert change.state == "completed"
+                    ended.add(change.workflow_id)
+                    if ended == set(ids):
+                        break
+            last = None
+            async for w in c.watch(ids[0], timeout=30):
+                last = w
+            assert last is not None and last.ended
+            listed = [w.id async for w in c.iter_workflows(template=name, page=2)]
+            assert sorted(listed) == sorted(ids), "every page, newest first"
+            return ids
+
+    ids = asyncio.run(main())
+    assert len(ids) == 5

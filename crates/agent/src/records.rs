@@ -39,6 +39,19 @@ struct JobV1 {
 
 const JOBS_V1: Table<JobV1> = Table::new(tables::AGENT_JOBS, "agent_jobs (0x21 layout)");
 
+/// Up to `limit` job ids whose bytes start with `prefix`.
+pub fn job_ids_with_prefix(
+    store: &caroni_store::Store,
+    prefix: &[u8],
+    limit: usize,
+) -> caroni_store::Result<Vec<Uuid>> {
+    Ok(store
+        .scan_limit(JOBS, prefix, limit)?
+        .into_iter()
+        .map(|(_, j)| j.id)
+        .collect())
+}
+
 /// Converts jobs of the 0x21 layout; returns how many.
 pub(crate) fn migrate(store: &caroni_store::Store) -> caroni_store::Result<usize> {
     let mut converted = 0;

@@ -32,9 +32,11 @@ pub const DEFAULT_UNPLACEABLE_MS: u64 = 300_000;
 pub const DEFAULT_BACKOFF_INITIAL_MS: u64 = 1_000;
 /// Default longest delay between retries.
 pub const DEFAULT_BACKOFF_MAX_MS: u64 = 60_000;
-/// Failure kinds not retried unless a policy says otherwise: a job whose
-/// output is not what its job type declares fails the same way again.
-pub const DEFAULT_NO_RETRY: [&str; 1] = ["output"];
+/// Failure kinds not retried unless a policy says otherwise: none. Even a
+/// job whose stdout was not what its job type declares may succeed when
+/// its job type is fixed during the back-off (the original's failure
+/// drill); a template that knows better says `CaroniNoRetry: [output]`.
+pub const DEFAULT_NO_RETRY: [&str; 0] = [];
 
 /// What the manager knows about the agents beyond one workflow.
 pub trait Peers {

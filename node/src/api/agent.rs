@@ -6,7 +6,7 @@ use caroni_store::Store;
 use caroni_types::{DockerSpec, ExecutorSpec, JobTypeDef, SlurmSpec};
 use tonic::{Request, Response, Status};
 
-use super::{blocking, internal, parse_id, require_role};
+use super::{blocking, internal, require_role};
 use caroni_agent::machine::Job;
 use caroni_agent::service::Handle;
 use caroni_proto::timestamp_ms;
@@ -246,7 +246,10 @@ impl AgentService for AgentApi {
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         let a = require_role(self.agent.as_ref(), "agent")?;
-        let id = parse_id("job", &req.into_inner().job_id)?;
+        let id = super::resolve_id("job", &req.into_inner().job_id, |prefix| {
+            caroni_agent::records::job_ids_with_prefix(&self.store, prefix, 8)
+                .map_err(|e| Status::unavailable(e.to_string()))
+        })?;
         match a.get_job(id).map_err(internal)? {
             Some(j) => {
                 let w = a.workflow_of(&j);

@@ -67,6 +67,11 @@ pub fn template(t: &pb::Template) -> Value {
             "id": s.id, "job_type": s.job_type, "inputs": s.inputs, "outputs": s.outputs,
         })).collect::<Vec<_>>(),
         "updated_at": ts(&t.updated_at),
+        "input_details": t.input_details.iter().map(|i| json!({
+            "id": i.id,
+            "type": serde_json::from_str::<Value>(&i.r#type).unwrap_or(Value::Null),
+            "default": i.default,
+        })).collect::<Vec<_>>(),
         "cwl": if t.cwl.is_empty() { Value::Null } else { json!(t.cwl) },
     })
 }

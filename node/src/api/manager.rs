@@ -76,6 +76,16 @@ fn to_pb(r: TemplateRecord, with_text: bool) -> pb::Template {
                 })
             })
             .collect(),
+        input_details: wf
+            .iter()
+            .flat_map(|w| {
+                w.inputs.iter().map(|i| pb::TemplateInput {
+                    id: i.id.clone(),
+                    r#type: i.cwl_type.clone().unwrap_or_default(),
+                    default: i.default.clone(),
+                })
+            })
+            .collect(),
         name: r.name,
         cwl: if with_text { r.cwl } else { String::new() },
         updated_at: Some(timestamp_ms(r.updated_at_ms)),

@@ -225,11 +225,3 @@ pub(crate) fn resolve_id(
         ))),
     }
 }
-
-pub(crate) fn parse_id(what: &str, s: &str) -> Result<uuid::Uuid, Status> {
-    s.trim().parse().map_err(|_| {
-        Status::invalid_argument(format!(
-            "`{s}` is not a {what} id (a UUID such as 0190f5c2-…)"
-        ))
-    })
-}

@@ -46,8 +46,6 @@ const STYLE: &str = include_str!("assets/style.css");
 /// Largest request body (a CWL document is at most 1 MiB, a job type's
 /// body 100 KiB).
 const MAX_BODY: usize = 2 << 20;
-/// Most workflows the list pages through (the newest ones).
-const LIST_WINDOW: u32 = 1000;
 /// Longest wait for a request's head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Interval of the `tick` event (the node page's counters); it also keeps
@@ -171,12 +169,20 @@ fn router(console: Console) -> Router {
         .route("/api/workflows", get(list_workflows).post(run_workflow))
         .route("/api/workflows/{id}", get(get_workflow))
         .route("/api/workflows/{id}/cancel", post(cancel_workflow))
+        .route("/api/workflows/{id}/retry", post(retry_workflow))
+        .route("/api/workflows/{id}/rerun", post(rerun_workflow))
         .route("/api/templates", get(list_templates).post(put_template))
-        .route("/api/templates/{name}", get(get_template))
+        .route(
+            "/api/templates/{name}",
+            get(get_template).delete(delete_template),
+        )
         .route("/api/jobs", get(list_jobs))
         .route("/api/jobs/{id}", get(get_job))
         .route("/api/jobtypes", get(list_job_types))
-        .route("/api/jobtypes/{name}", get(get_job_type).put(put_job_type))
+        .route(
+            "/api/jobtypes/{name}",
+            get(get_job_type).put(put_job_type).delete(delete_job_type),
+        )
         .route(
             "/api/files",
             post(files::upload).layer(DefaultBodyLimit::disable()),
@@ -320,46 +326,43 @@ async fn node(State(c): State<Console>) -> Answer {
 struct WorkflowQuery {
     state: Option<String>,
     template: Option<String>,
-    page: Option<usize>,
+    /// An id prefix to search for.
+    id: Option<String>,
+    /// The previous page's `next`.
+    after: Option<String>,
     per_page: Option<usize>,
 }
 
 async fn list_workflows(State(c): State<Console>, Query(q): Query<WorkflowQuery>) -> Answer {
+    // Filtered and paged by the manager over the whole history.
+    let per_page = q.per_page.unwrap_or(25).clamp(1, 200);
     let resp =
         c.0.src
             .manager
             .list_workflows(req(pb::ListWorkflowsRequest {
-                limit: LIST_WINDOW,
+                limit: per_page as u32,
+                states: q.state.iter().filter(|s| !s.is_empty()).cloned().collect(),
+                template: q.template.clone().unwrap_or_default(),
+                id_prefix: q.id.clone().unwrap_or_default(),
+                page_token: q.after.clone().unwrap_or_default(),
                 ..Default::default()
             }))
             .await?
             .into_inner();
-    let state = q.state.filter(|s| !s.is_empty());
-    let template = q.template.filter(|s| !s.is_empty());
-    let matching: Vec<&pb::Workflow> = resp
-        .workflows
-        .iter()
-        .filter(|w| state.as_ref().is_none_or(|s| &w.state == s))
-        .filter(|w| template.as_ref().is_none_or(|t| &w.template == t))
-        .collect();
-    let per_page = q.per_page.unwrap_or(25).clamp(1, 200);
-    let pages = matching.len().div_ceil(per_page).max(1);
-    let page = q.page.unwrap_or(1).clamp(1, pages);
-    let items: Vec<Value> = matching
-        .iter()
-        .skip((page - 1) * per_page)
-        .take(per_page)
-        .map(|w| js::workflow(w))
-        .collect();
-    let mut templates: Vec<&str> = resp.workflows.iter().map(|w| w.template.as_str()).collect();
-    templates.sort_unstable();
-    templates.dedup();
+    let items: Vec<Value> = resp.workflows.iter().map(js::workflow).collect();
+    let templates: Vec<String> =
+        c.0.src
+            .manager
+            .list_templates(req(pb::ListTemplatesRequest {}))
+            .await?
+            .into_inner()
+            .templates
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
     Ok(Json(json!({
         "items": items,
-        "page": page,
-        "pages": pages,
-        "total": matching.len(),
-        "window": LIST_WINDOW,
+        "next": resp.next_page_token,
         "truncated": resp.truncated,
         "templates": templates,
     })))
@@ -404,6 +407,29 @@ async fn cancel_workflow(State(c): State<Console>, Path(id): Path<String>) -> An
             .await?
             .into_inner();
     Ok(Json(js::workflow(&w)))
+}
+
+async fn retry_workflow(State(c): State<Console>, Path(id): Path<String>) -> Answer {
+    let w =
+        c.0.src
+            .manager
+            .retry_workflow(req(pb::GetWorkflowRequest { workflow_id: id }))
+            .await?
+            .into_inner();
+    Ok(Json(js::workflow(&w)))
+}
+
+async fn rerun_workflow(State(c): State<Console>, Path(id): Path<String>) -> Answer {
+    let r =
+        c.0.src
+            .manager
+            .rerun_workflow(req(pb::RerunWorkflowRequest {
+                workflow_id: id,
+                ..Default::default()
+            }))
+            .await?
+            .into_inner();
+    Ok(Json(json!({"workflow_id": r.workflow_id})))
 }
 
 async fn list_templates(State(c): State<Console>) -> Answer {
@@ -485,6 +511,22 @@ async fn list_job_types(State(c): State<Console>) -> Answer {
         .iter()
         .map(js::job_type)
         .collect::<Vec<_>>())))
+}
+
+async fn delete_job_type(State(c): State<Console>, Path(name): Path<String>) -> Answer {
+    c.0.src
+        .agent
+        .delete_job_type(req(pb::DeleteJobTypeRequest { name: name.clone() }))
+        .await?;
+    Ok(Json(json!({"deleted": name})))
+}
+
+async fn delete_template(State(c): State<Console>, Path(name): Path<String>) -> Answer {
+    c.0.src
+        .manager
+        .delete_template(req(pb::DeleteTemplateRequest { name: name.clone() }))
+        .await?;
+    Ok(Json(json!({"deleted": name})))
 }
 
 async fn get_job_type(State(c): State<Console>, Path(name): Path<String>) -> Answer {

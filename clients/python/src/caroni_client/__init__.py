@@ -37,6 +37,7 @@ from .types import (
     Template,
     TemplateStep,
     Workflow,
+    WorkflowChange,
     files_of,
 )
 
@@ -77,5 +78,6 @@ __all__ = [
     "Template",
     "TemplateStep",
     "Workflow",
+    "WorkflowChange",
     "pb",
 ]

@@ -33,7 +33,17 @@ from ._generated.caroni.v1 import (
     node_pb2_grpc,
 )
 from .errors import CaroniError, Unavailable, from_rpc_error
-from .types import FileRef, Job, JobType, NodeInfo, Peer, Template, Workflow, files_of
+from .types import (
+    FileRef,
+    Job,
+    JobType,
+    NodeInfo,
+    Peer,
+    Template,
+    Workflow,
+    WorkflowChange,
+    files_of,
+)
 
 #: Chunks of uploads and downloads (the node takes at most 1 MiB per message).
 CHUNK = 1 << 20
@@ -475,6 +485,22 @@ class Client:
             # The stream ended without the workflow ending: the node is
             # going away; reconnect.
             time.sleep(backoff)
+
+    def watch_all(self, timeout: Optional[float] = None) -> Iterator[WorkflowChange]:
+        """Every change of every workflow on the manager, as it is written
+        (one stream for all; a slow reader is told how many it missed).
+        Runs until the node closes the stream or ``timeout`` (seconds)
+        passes (then :class:`DeadlineExceeded`)."""
+        stream = self._manager.WatchWorkflows(
+            manager_pb2.WatchWorkflowsRequest(), timeout=timeout, metadata=self._metadata
+        )
+        try:
+            for msg in stream:
+                yield WorkflowChange.from_pb(msg)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, "WatchWorkflows") from None
+        finally:
+            stream.cancel()
 
     # -- job types and jobs (agent) -------------------------------------
 

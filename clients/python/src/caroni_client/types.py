@@ -129,11 +129,20 @@ class Step(_ToDict):
     elements: Optional[Elements] = None
     children: List[ElementChild] = field(default_factory=list)
     subworkflow: bool = False
+    #: Why no agent can take its request (every known agent declined, or
+    #: none answered in time); empty otherwise.
+    blocked: str = ""
+    blocked_since: Optional[datetime] = None
+    #: When a ``retrying`` step asks for a job again.
+    retry_at: Optional[datetime] = None
 
     @classmethod
     def from_pb(cls, m: manager_pb2.WorkflowStep) -> "Step":
         e = m.elements if m.HasField("elements") else None
         return cls(
+            blocked=m.blocked,
+            blocked_since=_time(m, "blocked_since"),
+            retry_at=_time(m, "retry_at"),
             elements=None
             if e is None
             else Elements(e.total, e.waiting, e.live, e.completed, e.skipped, e.failed, e.scatter),
@@ -149,6 +158,32 @@ class Step(_ToDict):
             request_state=m.request_state,
             attempt_history=[Attempt.from_pb(a) for a in m.attempt_history],
             declines=[Decline(d.agent, d.reason) for d in m.declines],
+        )
+
+
+@dataclass(frozen=True)
+class WorkflowChange(_ToDict):
+    """One change of one workflow, as :meth:`Client.watch_all` yields it."""
+
+    workflow_id: str
+    state: str
+    created_at: Optional[datetime]
+    finished_at: Optional[datetime]
+    #: Changes the stream skipped before this one (the reader was slow).
+    missed: int
+
+    @property
+    def ended(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @classmethod
+    def from_pb(cls, m: manager_pb2.WorkflowChange) -> "WorkflowChange":
+        return cls(
+            workflow_id=m.workflow_id,
+            state=m.state,
+            created_at=_time(m, "created_at"),
+            finished_at=_time(m, "finished_at"),
+            missed=m.missed,
         )
 
 

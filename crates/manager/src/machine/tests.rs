@@ -381,7 +381,20 @@ fn completed_without_outputs_is_a_failed_attempt() {
         .message
         .contains("without output(s) jobout"));
     assert_eq!(h.wf.steps[0].attempts[0].failure, "output");
-    // An output failure is not retried by default: it would fail again.
+    // Retried by default (its job type may be fixed meanwhile).
+    assert_eq!(h.wf.steps[0].shown_state(), "retrying");
+}
+
+#[test]
+fn a_kind_the_policy_does_not_retry_fails_the_step_at_once() {
+    let doc = SIMPLE.replace(
+        "CaroniJobName: foojob0",
+        "CaroniJobName: foojob0\n        CaroniNoRetry: [output]",
+    );
+    let mut h = H::new(&doc);
+    h.with(|wf, ctx| wf.start(ctx));
+    let (j0, _) = h.fulfil(0, AGENT);
+    h.status(AGENT, j0, JobState::Completed, 1).expect("status");
     assert_eq!(h.wf.steps[0].state, StepState::Failed);
     assert_eq!(h.wf.state, WorkflowState::Failed);
     assert!(h.wf.message.contains("not retried"), "{}", h.wf.message);

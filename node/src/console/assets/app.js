@@ -193,37 +193,47 @@ async function show() {
 
 // ---------- manager pages ----------
 
-const WF_STATES = ["", "created", "running", "completed", "failed", "cancelled"];
+const WF_STATES = ["", "created", "initializing", "running", "stalled", "completed", "failed", "cancelled"];
 
 async function workflowsPage(params) {
   const state = params.get("state") || "", template = params.get("template") || "";
-  const page = Number(params.get("page") || "1");
+  const idq = params.get("id") || "", after = params.get("after") || "";
   const load = async () => {
-    const q = new URLSearchParams({ state, template, page: String(page) });
+    const q = new URLSearchParams({ state, template, id: idq, after });
     const d = await api("/api/workflows?" + q);
     const opts = (list, cur) => list.map(v => `<option value="${esc(v)}" ${v === cur ? "selected" : ""}>${esc(v || "any")}</option>`).join("");
+    const took = w => {
+      const end = w.finished_at ? ms(w.finished_at) : Date.now(), t = end - ms(w.created_at);
+      return isNaN(t) ? "" : t < 1000 ? `${Math.round(t)} ms` : t < 120000 ? `${(t / 1000).toFixed(1)} s` : `${Math.round(t / 60000)} min`;
+    };
+    const progress = w => {
+      const done = w.steps.filter(s => ["completed", "skipped"].includes(s.state)).length;
+      return `<progress max="${w.steps.length}" value="${done}"></progress> ${done}/${w.steps.length}`;
+    };
     const rows = d.items.map(w => `<tr class="wf-row" data-id="${esc(w.id)}">
         <td class="mono"><a href="#/workflow/${esc(w.id)}">${esc(w.id)}</a></td>
-        <td>${esc(w.template)}</td><td>${badge(w.state)}</td>
-        <td>${when(w.created_at)}</td><td>${when(w.finished_at)}</td><td>${esc(w.message)}</td></tr>`).join("");
-    const nav = (p, t) => `<a class="button secondary" href="#/workflows?${new URLSearchParams({ state, template, page: String(p) })}">${t}</a>`;
+        <td>${esc(w.template)}</td><td>${badge(w.state)}</td><td class="progress">${progress(w)}</td>
+        <td>${when(w.created_at)}</td><td class="duration">${took(w)}</td><td>${esc(w.message)}</td></tr>`).join("");
+    const nav = (a, t) => `<a class="button secondary" href="#/workflows?${new URLSearchParams({ state, template, id: idq, after: a })}">${t}</a>`;
     main.innerHTML = `<h1>Workflows</h1>
       <div class="toolbar">
         <label>State <select id="f-state">${opts(WF_STATES, state)}</select></label>
         <label>Template <select id="f-template">${opts([""].concat(d.templates), template)}</select></label>
+        <label>Id <input id="f-id" class="mono" size="14" placeholder="prefix" value="${esc(idq)}"></label>
         <a class="button" href="#/run">Start a workflow</a>
-        <span class="muted">${d.total} matching (newest ${d.window} searched)</span>
       </div>
-      <table id="workflows"><thead><tr><th>id</th><th>template</th><th>state</th><th>created</th><th>finished</th><th>message</th></tr></thead>
-      <tbody>${rows || `<tr><td colspan="6" class="muted">No workflows.</td></tr>`}</tbody></table>
-      <div class="pager">${d.page > 1 ? nav(d.page - 1, "‹ newer") : ""}<span>page ${d.page} of ${d.pages}</span>${d.page < d.pages ? nav(d.page + 1, "older ›") : ""}</div>`;
+      <table id="workflows"><thead><tr><th>id</th><th>template</th><th>state</th><th>progress</th><th>created</th><th>duration</th><th>message</th></tr></thead>
+      <tbody>${rows || `<tr><td colspan="7" class="muted">No workflows.</td></tr>`}</tbody></table>
+      <div class="pager">${after ? nav("", "« newest") : ""}${d.next ? nav(d.next, "older ›") : ""}</div>`;
     const go = () => {
       location.hash = "#/workflows?" + new URLSearchParams({
         state: document.getElementById("f-state").value,
-        template: document.getElementById("f-template").value, page: "1" });
+        template: document.getElementById("f-template").value,
+        id: document.getElementById("f-id").value.trim() });
     };
     document.getElementById("f-state").onchange = go;
     document.getElementById("f-template").onchange = go;
+    document.getElementById("f-id").onchange = go;
   };
   await load();
   view.match = (kind) => kind === "workflow" || kind === "resync";
@@ -348,7 +358,10 @@ function timelineSvg(w) {
   for (const s of w.steps) s.attempt_history.forEach((a, i) => rows.push({ s, a, i }));
   if (!rows.length) return noAttempts(w);
   const now = Date.now();
-  const t0 = Math.min(ms(w.created_at), ...rows.map(r => ms(r.a.started_at)).filter(x => !isNaN(x)));
+  // Each attempt from when it was placed; its run (agent's clock) solid,
+  // the wait for inputs and a slot before it faint.
+  const placed = a => [a.placed_at, a.queued_at, a.started_at].map(ms).find(x => !isNaN(x));
+  const t0 = Math.min(ms(w.created_at), ...rows.map(r => placed(r.a)).filter(x => x !== undefined && !isNaN(x)));
   const t1 = Math.max(t0 + 1, ...rows.map(r => isNaN(ms(r.a.ended_at)) ? (w.finished_at ? ms(w.finished_at) : now) : ms(r.a.ended_at)));
   const L = 230, R = 40, width = 900, rowH = 24, height = 30 + rows.length * rowH;
   const x = t => L + (t - t0) / (t1 - t0) * (width - L - R);
@@ -357,12 +370,16 @@ function timelineSvg(w) {
   svg += `<text x="${L}" y="14" fill="#6b7280">0 ms</text><text x="${width - R}" y="14" text-anchor="end" fill="#6b7280">${Math.round(t1 - t0)} ms</text>`;
   rows.forEach((r, k) => {
     const y = 24 + k * rowH;
-    const start = ms(r.a.started_at), end = isNaN(ms(r.a.ended_at)) ? (w.finished_at ? ms(w.finished_at) : now) : ms(r.a.ended_at);
-    const xs = isNaN(start) ? L : x(start), xe = Math.max(xs + 3, x(end));
-    svg += `<g class="bar" data-step="${esc(r.s.id)}" data-attempt="${r.i + 1}" data-state="${esc(r.a.state)}">
-      <title>${esc(r.s.id)} attempt ${r.i + 1}: ${esc(r.a.state)} on ${esc(r.a.agent)} (${Math.round(end - start)} ms)</title>
+    const end = isNaN(ms(r.a.ended_at)) ? (w.finished_at ? ms(w.finished_at) : now) : ms(r.a.ended_at);
+    const from = placed(r.a), run = ms(r.a.started_at);
+    const xp = from === undefined || isNaN(from) ? L : x(from);
+    const xs = isNaN(run) ? x(end) : x(run), xe = Math.max(xs + 3, x(end));
+    const wait = isNaN(run) ? "did not run" : `waited ${Math.round(run - from)} ms, ran ${Math.round(end - run)} ms`;
+    svg += `<g class="bar" data-step="${esc(r.s.id)}" data-attempt="${r.i + 1}" data-state="${esc(r.a.state)}" data-start="${Math.round(xs)}">
+      <title>${esc(r.s.id)} attempt ${r.i + 1}: ${esc(r.a.state)} on ${esc(r.a.agent)} (${wait})</title>
       <text x="6" y="${y + 14}">${esc(r.s.id)} #${r.i + 1} ${esc(short(r.a.agent))}</text>
-      <rect x="${xs}" y="${y}" width="${xe - xs}" height="${rowH - 8}" fill="${colour(r.a.state)}" rx="3"/></g>`;
+      ${xs > xp ? `<rect class="wait" x="${xp}" y="${y + 5}" width="${xs - xp}" height="${rowH - 18}" fill="${colour(r.a.state)}" opacity="0.3" rx="2"/>` : ""}
+      ${isNaN(run) ? "" : `<rect x="${xs}" y="${y}" width="${xe - xs}" height="${rowH - 8}" fill="${colour(r.a.state)}" rx="3"/>`}</g>`;
   });
   return svg + "</svg>";
 }
@@ -377,8 +394,8 @@ async function workflowPage(id) {
     for (const s of w.steps) s.attempt_history.forEach((a, i) => attempts.push(`<tr class="attempt-row" data-step="${esc(s.id)}" data-attempt="${i + 1}" data-state="${esc(a.state)}">
       <td>${esc(s.id)}</td><td>${i + 1}${a.superseded ? ' <span class="muted">(superseded)</span>' : ""}</td><td class="mono" title="${esc(a.agent)}">${esc(a.agent)}</td>
       <td class="mono">${esc(a.job_id)}</td><td>${badge(a.state)}</td><td>${a.exit_status === null || a.exit_status === undefined ? "—" : esc(a.exit_status)}</td>
-      <td>${esc(a.message)}</td><td>${when(a.started_at)}</td><td>${when(a.ended_at)}</td></tr>
-      ${a.stderr_tail ? `<tr class="stderr-row" data-step="${esc(s.id)}" data-attempt="${i + 1}"><td colspan="9"><pre class="stderr">${esc(a.stderr_tail)}</pre></td></tr>` : ""}`));
+      <td>${esc(a.message)}${a.failure ? ` <span class="muted">(${esc(a.failure)})</span>` : ""}</td><td>${when(a.placed_at)}</td><td>${when(a.started_at)}</td><td>${when(a.ended_at)}</td></tr>
+      ${a.stderr_tail ? `<tr class="stderr-row" data-step="${esc(s.id)}" data-attempt="${i + 1}"><td colspan="10"><pre class="stderr">${esc(a.stderr_tail)}</pre></td></tr>` : ""}`));
     const declines = [];
     for (const s of w.steps) for (const d of (s.declines || [])) declines.push(`<tr><td>${esc(s.id)}</td><td class="mono">${esc(d.agent)}</td><td>${esc(d.reason)}</td></tr>`);
     const flows = w.dataflows.map(d => `<tr><td class="mono">${esc(d.source)}</td><td class="mono">${esc(d.destination)}</td>
@@ -387,27 +404,49 @@ async function workflowPage(id) {
       <div class="toolbar"><span id="wf-state">${badge(w.state)}</span>
         <span>template <a href="#/template/${encodeURIComponent(w.template)}">${esc(w.template)}</a></span>
         <span class="muted">created ${when(w.created_at)}${w.finished_at ? ", finished " + when(w.finished_at) : ""}</span>
-        ${ended ? "" : `<button class="danger" id="cancel">Cancel</button>`}</div>
+        ${ended ? "" : `<button class="danger" id="cancel">Cancel</button>`}
+        ${["failed", "cancelled"].includes(w.state) && !w.parent_id ? `<button id="retry" title="Resume from its unfinished steps; completed steps keep their outputs">Retry</button>` : ""}
+        ${ended && !w.parent_id ? `<button id="rerun" title="A new workflow with the same inputs">Rerun</button>` : ""}</div>
       ${w.message ? `<p class="error" id="wf-message">${esc(w.message)}</p>` : ""}
+      ${w.steps.filter(s => s.blocked).map(s => `<p class="banner blocked" data-step="${esc(s.id)}">Step <b>${esc(s.id)}</b>: no agent can take it (since ${when(s.blocked_since)}): ${esc(s.blocked)}</p>`).join("")}
       ${w.parent_id ? `<p id="wf-parent">Runs ${esc(w.parent_step)} (element ${esc(w.parent_index)}) of workflow <a href="#/workflow/${encodeURIComponent(w.parent_id)}" class="mono">${esc(w.parent_id)}</a></p>` : ""}
       <div id="action-error"></div>
-      <h2>Graph</h2><div class="graph">${dagSvg(w)}</div>
+      <h2>Graph <button type="button" class="secondary small" id="zoom" title="Fit the page, or show at full size (scroll)">full size</button></h2><div class="graph fit" id="graph">${dagSvg(w)}</div>
       <h2>Outputs</h2><table id="outputs"><tbody>${kv(w.outputs)}</tbody></table>
       <h2>Inputs</h2><table id="inputs"><tbody>${kv(w.inputs)}</tbody></table>
       <h2>Steps</h2><table id="steps"><thead><tr><th>step</th><th>job type</th><th>state</th><th>elements</th><th>attempts</th><th>agent</th><th>job</th></tr></thead><tbody>
       ${w.steps.map(s => `<tr data-step="${esc(s.id)}" data-state="${esc(s.state)}"><td>${esc(s.id)}</td><td>${esc(s.job_type || (s.subworkflow ? "sub-workflow" : ""))}</td><td>${badge(s.state)}</td><td>${elementsCell(s)}</td><td>${esc(s.attempts)}</td><td class="mono">${esc(s.agent)}</td><td class="mono">${esc(s.job_id)}</td></tr>`).join("")}</tbody></table>
       <h2>Timeline</h2><div class="graph">${timelineSvg(w)}</div>
-      <h2>Attempts</h2><table id="attempts"><thead><tr><th>step</th><th>#</th><th>agent</th><th>job</th><th>state</th><th>exit</th><th>error</th><th>started</th><th>ended</th></tr></thead>
+      <h2>Attempts</h2><table id="attempts"><thead><tr><th>step</th><th>#</th><th>agent</th><th>job</th><th>state</th><th>exit</th><th>error</th><th>placed</th><th>started</th><th>ended</th></tr></thead>
       <tbody>${attempts.join("") || `<tr><td colspan="9">${noAttempts(w)}</td></tr>`}</tbody></table>
       ${declines.length ? `<h2>Declines</h2><table id="declines"><thead><tr><th>step</th><th>agent</th><th>declined because</th></tr></thead><tbody>${declines.join("")}</tbody></table>` : ""}
       <h2>Dataflows</h2><table id="dataflows"><thead><tr><th>source</th><th>destination</th><th>value</th></tr></thead><tbody>${flows}</tbody></table>`;
     fillSubworkflows(main);
+    const z = document.getElementById("zoom"), g = document.getElementById("graph");
+    if (z && g) z.onclick = () => {
+      const fit = g.classList.toggle("fit");
+      z.textContent = fit ? "full size" : "fit";
+    };
     const c = document.getElementById("cancel");
     if (c) c.onclick = async () => {
       if (!confirm("Cancel this workflow? Running jobs are killed.")) return;
       c.disabled = true;
       try { await api(`/api/workflows/${encodeURIComponent(id)}/cancel`, { method: "POST", body: {} }); await load(); }
       catch (e) { document.getElementById("action-error").innerHTML = `<p class="error">${esc(e.message)}</p>`; c.disabled = false; }
+    };
+    const r = document.getElementById("retry");
+    if (r) r.onclick = async () => {
+      r.disabled = true;
+      try { await api(`/api/workflows/${encodeURIComponent(id)}/retry`, { method: "POST", body: {} }); await load(); }
+      catch (e) { document.getElementById("action-error").innerHTML = `<p class="error">${esc(e.message)}</p>`; r.disabled = false; }
+    };
+    const rr = document.getElementById("rerun");
+    if (rr) rr.onclick = async () => {
+      rr.disabled = true;
+      try {
+        const n = await api(`/api/workflows/${encodeURIComponent(id)}/rerun`, { method: "POST", body: {} });
+        location.hash = "#/workflow/" + encodeURIComponent(n.workflow_id);
+      } catch (e) { document.getElementById("action-error").innerHTML = `<p class="error">${esc(e.message)}</p>`; rr.disabled = false; }
     };
   };
   await load();
@@ -464,11 +503,42 @@ async function templatePage(name) {
   const t = await api("/api/templates/" + encodeURIComponent(name));
   main.innerHTML = `<h1>Template ${esc(t.name)}</h1>
     <div class="toolbar"><a class="button" href="#/run?template=${encodeURIComponent(t.name)}">Start a workflow from it</a>
-      <span class="muted">updated ${when(t.updated_at)}</span></div>
+      <button class="danger" id="delete">Delete</button>
+      <span class="muted">updated ${when(t.updated_at)}</span></div><div id="action-error"></div>
     <dl class="grid"><dt>inputs</dt><dd>${esc(t.inputs.join(", "))}</dd><dt>outputs</dt><dd>${esc(t.outputs.join(", "))}</dd></dl>
     <h2>Steps</h2><table><thead><tr><th>step</th><th>job type</th><th>inputs</th><th>outputs</th></tr></thead><tbody>
     ${t.steps.map(s => `<tr><td>${esc(s.id)}</td><td>${esc(s.job_type)}</td><td>${esc(s.inputs.join(", "))}</td><td>${esc(s.outputs.join(", "))}</td></tr>`).join("")}</tbody></table>
     <h2>CWL</h2><pre class="yaml" id="cwl">${yaml(t.cwl || "")}</pre>`;
+  document.getElementById("delete").onclick = async () => {
+    if (!confirm(`Delete template ${t.name}? Running workflows keep their copy.`)) return;
+    try { await api("/api/templates/" + encodeURIComponent(name), { method: "DELETE" }); location.hash = "#/templates"; }
+    catch (e) { document.getElementById("action-error").innerHTML = `<p class="error">${esc(e.message)}</p>`; }
+  };
+}
+
+// A typed field for a workflow input: numbers, true/false and enum
+// symbols are chosen as such; a File input takes files; the default is
+// shown and applies when the field is left empty.
+function inputField(id, d) {
+  let ty = d && d.type, optional = false;
+  if (Array.isArray(ty)) { optional = ty.includes("null"); ty = ty.find(x => x !== "null"); }
+  if (typeof ty === "string" && ty.endsWith("?")) { optional = true; ty = ty.slice(0, -1); }
+  const name = typeof ty === "string" ? ty : ty && ty.type === "enum" ? "enum" : ty && ty.type === "array" ? "array" : "";
+  const def = d && d.default !== null && d.default !== undefined ? d.default : null;
+  const hint = `${esc(name || "any")}${optional ? ", optional" : ""}${def !== null ? `, default ${esc(def)}` : ""}`;
+  const attrs = `name="in-${esc(id)}" data-input="${esc(id)}" data-type="${esc(name)}" placeholder="${def !== null ? esc(def) : ""}"`;
+  let field;
+  if (name === "int" || name === "long") field = `<input type="number" step="1" ${attrs}>`;
+  else if (name === "float" || name === "double") field = `<input type="number" step="any" ${attrs}>`;
+  else if (name === "boolean") field = `<select ${attrs}><option value="">${def !== null ? "default" : "—"}</option><option>true</option><option>false</option></select>`;
+  else if (name === "enum") {
+    const syms = (ty.symbols || []).map(x => String(x).split(/[#/]/).pop());
+    field = `<select ${attrs}><option value="">${def !== null ? "default" : "—"}</option>${syms.map(x => `<option>${esc(x)}</option>`).join("")}</select>`;
+  } else if (name === "File" || name === "File[]") field = `<input type="hidden" ${attrs}>`;
+  else field = `<input ${attrs}>`;
+  const files = name === "File" || name === "File[]" || name === "" || name === "Any" || name === "array";
+  return `<label><span>${esc(id)} <small class="muted">(${hint})</small></span>${field}
+    ${files ? `<input type="file" ${name === "File" ? "" : "multiple"} data-file-for="${esc(id)}" title="or a file (several for a File[] input)">` : ""}</label>`;
 }
 
 async function runPage(chosen) {
@@ -479,15 +549,15 @@ async function runPage(chosen) {
   main.innerHTML = `<h1>Start a workflow</h1>
     <form class="stack" id="run-form">
       <label><span>Template</span><select id="run-template">${ts.map(x => `<option ${x.name === name ? "selected" : ""}>${esc(x.name)}</option>`).join("")}</select></label>
-      ${t.inputs.map(i => `<label><span>${esc(i)}</span><input name="in-${esc(i)}" data-input="${esc(i)}">
-        <input type="file" multiple data-file-for="${esc(i)}" title="or a file (several for a File[] input)"></label>`).join("")}
+      ${t.inputs.map(i => inputField(i, (t.input_details || []).find(d => d.id === i))).join("")}
       <div id="form-error"></div><button type="submit" id="run-submit">Start</button>
     </form>`;
   document.getElementById("run-template").onchange = ev => { location.hash = "#/run?template=" + encodeURIComponent(ev.target.value); };
   document.getElementById("run-form").onsubmit = async ev => {
     ev.preventDefault();
     const inputs = {};
-    document.querySelectorAll("#run-form [data-input]").forEach(el => { inputs[el.dataset.input] = el.value; });
+    // Left empty: the template's default applies.
+    document.querySelectorAll("#run-form [data-input]").forEach(el => { if (el.value !== "") inputs[el.dataset.input] = el.value; });
     const submit = document.getElementById("run-submit");
     try {
       submit.disabled = true;
@@ -597,12 +667,23 @@ async function jobTypePage(name) {
   const load = async () => {
     const t = await api("/api/jobtypes/" + encodeURIComponent(name));
     if (view.editing) return;
+    const ex = t.executor === "docker" && t.docker
+      ? `docker: image ${esc(t.docker.image)}${t.docker.cpus ? `, ${esc(t.docker.cpus)} CPUs` : ""}${t.docker.memory ? `, memory ${esc(t.docker.memory)}` : ""}${t.docker.network ? `, network ${esc(t.docker.network)}` : ""}`
+      : t.executor === "slurm" && t.slurm
+        ? `slurm${t.slurm.partition ? `: partition ${esc(t.slurm.partition)}` : ""}${t.slurm.time_limit ? `, time ${esc(t.slurm.time_limit)}` : ""}${t.slurm.cpus ? `, ${esc(t.slurm.cpus)} CPUs` : ""}${t.slurm.memory ? `, memory ${esc(t.slurm.memory)}` : ""}`
+        : esc(t.executor || "bash");
     main.innerHTML = `<h1>Job type ${esc(t.name)}</h1>
-      <div class="toolbar"><button id="edit">Edit</button><span class="muted">updated ${when(t.updated_at)}</span></div>
+      <div class="toolbar"><button id="edit">Edit</button><button class="danger" id="delete">Delete</button><span class="muted">updated ${when(t.updated_at)}</span></div>
       ${saved ? `<p class="ok" id="saved">Saved.</p>` : ""}
-      <dl class="grid"><dt>inputs</dt><dd>${esc(t.inputs.join(", "))}</dd><dt>outputs</dt><dd>${esc(t.outputs.join(", "))}</dd>
+      <div id="action-error"></div>
+      <dl class="grid"><dt>executor</dt><dd id="jt-executor">${ex}</dd><dt>inputs</dt><dd>${esc(t.inputs.join(", "))}</dd><dt>outputs</dt><dd>${esc(t.outputs.join(", "))}</dd>
       <dt>timeout</dt><dd>${esc(t.timeout_seconds)} s</dd><dt>largest stdout</dt><dd>${esc(t.max_output_bytes)} bytes</dd></dl>
       <h2>Body</h2><pre id="jt-body-view">${esc(t.body)}</pre>`;
+    document.getElementById("delete").onclick = async () => {
+      if (!confirm(`Delete job type ${t.name}? Jobs already accepted keep running.`)) return;
+      try { await api("/api/jobtypes/" + encodeURIComponent(name), { method: "DELETE" }); location.hash = "#/jobtypes"; }
+      catch (e) { document.getElementById("action-error").innerHTML = `<p class="error">${esc(e.message)}</p>`; }
+    };
     document.getElementById("edit").onclick = () => {
       view.editing = true;
       main.innerHTML = `<h1>Edit job type ${esc(t.name)}</h1>${jobTypeForm(t, false)}`;
