@@ -326,7 +326,7 @@ impl Config {
         path: &Path,
         args: &[std::ffi::OsString],
         matches: &clap::ArgMatches,
-    ) -> Result<(Self, Vec<(String, String, usize)>), ConfigError> {
+    ) -> Result<(Self, Vec<FileFlag>), ConfigError> {
         use clap::parser::ValueSource;
         use clap::{CommandFactory, FromArgMatches};
         let invalid = |e: String| ConfigError::Parse(path.into(), e);
@@ -592,9 +592,12 @@ fn read_file(
     Ok((table, lines))
 }
 
+/// A setting the file gave: its flag, its key and its line.
+type FileFlag = (String, String, usize);
+
 /// A configuration error that names a flag set by the file says where in
-/// the file (`file_flags`: flag, key, line).
-fn locate(e: ConfigError, path: &Path, file_flags: &[(String, String, usize)]) -> ConfigError {
+/// the file.
+fn locate(e: ConfigError, path: &Path, file_flags: &[FileFlag]) -> ConfigError {
     let text = e.to_string();
     match file_flags
         .iter()
