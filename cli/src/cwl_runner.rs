@@ -409,11 +409,14 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
     }
     let template = if is_workflow {
         match workflow_template(&tool, wf_inputs) {
-            Ok(t) => serde_yaml_ng::to_string(&t).context("cannot write the template")?,
+            Ok(mut t) => {
+                run_once(&mut t);
+                serde_yaml_ng::to_string(&t).context("cannot write the template")?
+            }
             Err(why) => return Ok(Outcome::Unsupported(why)),
         }
     } else {
-        serde_yaml_ng::to_string(&json!({
+        let mut t = json!({
             "cwlVersion": "v1.2",
             "class": "Workflow",
             "inputs": wf_inputs,
@@ -425,8 +428,9 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
                     "out": outputs.iter().map(|(id, _, _)| id.clone()).collect::<Vec<_>>(),
                 }
             }
-        }))
-        .context("cannot write the template")?
+        });
+        run_once(&mut t);
+        serde_yaml_ng::to_string(&t).context("cannot write the template")?
     };
     let name = format!(
         "cwl_{}",
@@ -666,6 +670,25 @@ fn default_text(d: &Value) -> Value {
     match d {
         Value::String(_) => d.clone(),
         other => json!(other.to_string()),
+    }
+}
+
+/// A cwl-runner run is one run of the document, as the reference runner
+/// does it: a tool that fails is not tried again (a workflow a manager
+/// runs retries by its own policy; this says one attempt).
+fn run_once(doc: &mut Value) {
+    let hint = json!({"class": "CaroniRequirement", "CaroniMaxAttempts": 1});
+    let Some(map) = doc.as_object_mut() else {
+        return;
+    };
+    match map.get_mut("hints") {
+        Some(Value::Array(list)) => list.push(hint),
+        Some(Value::Object(m)) => {
+            m.insert("CaroniRequirement".into(), json!({"CaroniMaxAttempts": 1}));
+        }
+        _ => {
+            map.insert("hints".into(), Value::Array(vec![hint]));
+        }
     }
 }
 

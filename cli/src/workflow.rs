@@ -123,12 +123,24 @@ pub enum WorkflowCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum JobCmd {
-    /// List the jobs this agent holds, newest first.
-    #[command(after_help = "Example:\n  caroni job list")]
+    /// List the jobs this agent holds, newest first, filtered and paged.
+    #[command(
+        after_help = "Examples:\n  caroni job list\n  caroni job list --state failed,cancelled --type foojob1"
+    )]
     List {
-        /// At most this many.
+        /// At most this many (a page).
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Only jobs in these states (comma-separated): pending, queued,
+        /// running, completed, failed, cancelled.
+        #[arg(long, value_delimiter = ',')]
+        state: Vec<String>,
+        /// Only jobs of this job type.
+        #[arg(long = "type")]
+        job_type: Option<String>,
+        /// Go on from a page: the token the previous page printed.
+        #[arg(long)]
+        page: Option<String>,
     },
     /// Show one job with its inputs, outputs, exit status and stderr.
     #[command(after_help = "Example:\n  caroni job show 0190f5c2-7d1e-7a8b-9c3d-2e4f5a6b7c8d")]
@@ -886,12 +898,28 @@ fn job_json(j: &pb::Job) -> serde_json::Value {
 pub async fn job(ctx: &Context, cmd: JobCmd) -> anyhow::Result<ExitCode> {
     let mut client = ctx.agent().await?;
     match cmd {
-        JobCmd::List { limit } => {
+        JobCmd::List {
+            limit,
+            state,
+            job_type,
+            page,
+        } => {
             let resp = client
-                .list_jobs(ctx.request(pb::ListJobsRequest { limit }))
+                .list_jobs(ctx.request(pb::ListJobsRequest {
+                    limit,
+                    states: state,
+                    job_type: job_type.unwrap_or_default(),
+                    page_token: page.unwrap_or_default(),
+                }))
                 .await
                 .map_err(status)?
                 .into_inner();
+            if !resp.next_page_token.is_empty() && ctx.format == Format::Table {
+                tell!(
+                    "caroni: more may match; the next page: --page {}",
+                    resp.next_page_token
+                );
+            }
             if resp.truncated {
                 tell!("caroni: older jobs were left out to keep the answer under 3 MiB; ask for fewer with --limit");
             }

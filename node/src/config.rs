@@ -145,9 +145,9 @@ pub struct Config {
     /// an agent that can take it appears (a duration such as 5m).
     #[arg(long, env = "CARONI_UNPLACEABLE_TIMEOUT", default_value = "5m")]
     pub unplaceable_timeout: String,
-    /// Manager: ended workflows (with their steps, values and elements'
-    /// workflows) are deleted this long after they ended: a duration such
-    /// as 30d or 12h, or `off` to keep them.
+    /// Ended workflows (manager: with their steps, values and elements'
+    /// workflows) and ended jobs (agent) are deleted this long after they
+    /// ended: a duration such as 30d or 12h, or `off` to keep them.
     #[arg(long, env = "CARONI_RETENTION", default_value = "30d")]
     pub retention: String,
     /// Manager: how long a submission's client request id is remembered

@@ -324,6 +324,26 @@ pub(super) async fn start_agent(
         Ok(())
     });
     let _ = wire.local_agent.set(handle.clone());
+    // Retention: jobs that ended more than --retention ago go, checked
+    // each minute.
+    if let Some(keep) = config.retention()? {
+        let sweeper = handle.clone();
+        let c = cancel.clone();
+        tasks.spawn("job retention", async move {
+            let mut every = tokio::time::interval(sweep_every(keep));
+            loop {
+                tokio::select! {
+                    _ = c.cancelled() => return Ok(()),
+                    _ = every.tick() => {}
+                }
+                match sweeper.sweep(keep).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(jobs = n, "deleted jobs past --retention"),
+                    Err(e) => tracing::warn!(error = %e, "retention sweep failed; tried again in a minute"),
+                }
+            }
+        });
+    }
     Ok(Some(handle))
 }
 
@@ -352,12 +372,16 @@ pub(super) fn start_manager(
         Ok(())
     });
     // Retention: ended workflows older than --retention go, checked each
-    // minute (1,000 at most a round, so a large backlog goes gradually).
+    // minute or sooner (1,000 at most a round, so a large backlog goes
+    // gradually).
     let (retention, submissions) = (config.retention()?, config.submission_retention()?);
     let sweeper = handle.clone();
     let c = cancel.clone();
     tasks.spawn("workflow retention", async move {
-        let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+        let mut every = tokio::time::interval(retention.map_or(
+            std::time::Duration::from_secs(60),
+            sweep_every,
+        ));
         loop {
             tokio::select! {
                 _ = c.cancelled() => return Ok(()),
@@ -373,6 +397,15 @@ pub(super) fn start_manager(
         }
     });
     Ok(Some(handle))
+}
+
+/// How often retention is checked: each minute, or twice per retention
+/// when that is shorter (at least each second).
+fn sweep_every(retention: std::time::Duration) -> std::time::Duration {
+    (retention / 2).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(60),
+    )
 }
 
 /// Applied-message ids are kept 30 days, far beyond any outage an outbox

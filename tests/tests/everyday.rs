@@ -395,3 +395,41 @@ fn the_systemd_unit_is_valid() {
         "{said}"
     );
 }
+
+#[test]
+fn jobs_on_an_agent_are_filtered_paged_and_deleted_after_the_retention() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node =
+        NodeProc::start(&dir.path().join("n"), "both", &["--retention", "2s"]).expect("start");
+    node.add_demo_template();
+    node.add_job_types(&["foojob0.yaml", "foojob1.yaml", "foojob2.yaml"]);
+    let id = node.run("test_simple", &["start_message=x"]);
+    node.wait(&id, Duration::from_secs(60));
+    let done = node.json(&["job", "list", "--state", "completed", "--type", "foojob1"]);
+    assert_eq!(done.as_array().map(Vec::len), Some(1), "{done:#}");
+    let page = node.cli(&["job", "list", "--limit", "1"]).expect("cli");
+    let hint = String::from_utf8_lossy(&page.stderr).to_string();
+    let token = hint
+        .split("--page ")
+        .nth(1)
+        .expect("a next page")
+        .trim()
+        .to_string();
+    let next = node.json(&["job", "list", "--limit", "2", "--page", &token]);
+    assert_eq!(next.as_array().map(Vec::len), Some(2), "{next:#}");
+    // The retention sweep (each second with a 2 s retention) deletes the
+    // ended workflow and its jobs: bounded wait.
+    let start = std::time::Instant::now();
+    loop {
+        let jobs = node.json(&["job", "list"]);
+        let wfs = node.json(&["workflow", "list"]);
+        if jobs.as_array().is_some_and(Vec::is_empty) && wfs.as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "still there after 90 s: {jobs:#} {wfs:#}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

@@ -52,6 +52,75 @@ pub fn job_ids_with_prefix(
         .collect())
 }
 
+/// A page of jobs, newest first (job ids are UUID v7): at most `limit`
+/// matching `keep`, from before `after`; and the last id read when more
+/// may match.
+pub fn jobs_page(
+    store: &caroni_store::Store,
+    limit: usize,
+    after: Option<Uuid>,
+    keep: &dyn Fn(&Job) -> bool,
+) -> caroni_store::Result<(Vec<Job>, Option<Uuid>)> {
+    let limit = limit.max(1);
+    let mut before = after.map(|id| caroni_store::keys::Key::new().uuid(&id).finish());
+    let mut out = Vec::new();
+    let mut scanned = 0usize;
+    loop {
+        let page = store.scan_back(JOBS, before.as_deref(), 512)?;
+        if page.is_empty() {
+            return Ok((out, None));
+        }
+        for (key, job) in page {
+            scanned += 1;
+            before = Some(key);
+            let id = job.id;
+            if keep(&job) {
+                out.push(job);
+                if out.len() == limit {
+                    return Ok((out, Some(id)));
+                }
+            }
+            if scanned >= 200_000 {
+                return Ok((out, Some(id)));
+            }
+        }
+    }
+}
+
+/// Deletes jobs that ended before `before_ms` (at most 1,000 a call) with
+/// where they ran; returns how many.
+pub fn delete_ended(store: &caroni_store::Store, before_ms: u64) -> caroni_store::Result<usize> {
+    let mut b = caroni_store::Batch::default();
+    let mut n = 0;
+    let mut after: Option<Vec<u8>> = None;
+    'scan: loop {
+        let page = store.scan_after(JOBS, &[], after.as_deref(), 1024)?;
+        if page.is_empty() {
+            break;
+        }
+        for (key, job) in page {
+            // Ids are time-ordered: one created after the cut-off cannot
+            // have ended before it, nor can any after it.
+            if job.created_at_ms >= before_ms {
+                break 'scan;
+            }
+            if job.state.is_final() && job.ended_at_ms.is_some_and(|t| t < before_ms) {
+                b.delete(JOBS, &key);
+                b.delete(EXECUTIONS, &key);
+                n += 1;
+                if n >= 1000 {
+                    break 'scan;
+                }
+            }
+            after = Some(key);
+        }
+    }
+    if n > 0 {
+        store.write(b)?;
+    }
+    Ok(n)
+}
+
 /// Converts jobs of the 0x21 layout; returns how many.
 pub(crate) fn migrate(store: &caroni_store::Store) -> caroni_store::Result<usize> {
     let mut converted = 0;

@@ -117,6 +117,27 @@ impl Handle {
         self.store.scan_last(JOBS, limit)
     }
 
+    /// A page of jobs, newest first, that `keep` takes, from before
+    /// `after`; and where the next page starts when more may match.
+    pub fn list_jobs_page(
+        &self,
+        limit: usize,
+        after: Option<Uuid>,
+        keep: &dyn Fn(&Job) -> bool,
+    ) -> caroni_store::Result<(Vec<Job>, Option<Uuid>)> {
+        crate::records::jobs_page(&self.store, limit, after, keep)
+    }
+
+    /// Deletes jobs that ended more than `retention` ago (at most 1,000 a
+    /// call); returns how many.
+    pub async fn sweep(&self, retention: std::time::Duration) -> caroni_store::Result<usize> {
+        let store = self.store.clone();
+        let cut = caroni_types::now_ms().saturating_sub(retention.as_millis() as u64);
+        tokio::task::spawn_blocking(move || crate::records::delete_ended(&store, cut))
+            .await
+            .map_err(|e| caroni_store::Error::Unavailable(e.to_string()))?
+    }
+
     /// One job.
     pub fn get_job(&self, id: Uuid) -> caroni_store::Result<Option<Job>> {
         self.store.get(JOBS, &Key::new().uuid(&id).finish())

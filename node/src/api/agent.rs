@@ -215,16 +215,46 @@ impl AgentService for AgentApi {
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let a = require_role(self.agent.as_ref(), "agent")?.clone();
-        let limit = super::list_limit(req.into_inner().limit);
-        let jobs = tokio::task::spawn_blocking(move || {
-            a.list_jobs(limit).map(|jobs| {
-                jobs.into_iter()
+        let req = req.into_inner();
+        let limit = super::list_limit(req.limit);
+        let known = [
+            "pending",
+            "queued",
+            "running",
+            "completed",
+            "failed",
+            "cancelled",
+        ];
+        if let Some(bad) = req.states.iter().find(|s| !known.contains(&s.as_str())) {
+            return Err(Status::invalid_argument(format!(
+                "unknown job state `{bad}`; the states are {}",
+                known.join(", ")
+            )));
+        }
+        let after = match req.page_token.trim() {
+            "" => None,
+            t => Some(t.parse::<uuid::Uuid>().map_err(|_| {
+                Status::invalid_argument(format!(
+                    "page_token `{t}` is not one this agent gave (pass next_page_token as it came)"
+                ))
+            })?),
+        };
+        let (states, job_type) = (req.states, req.job_type);
+        let (jobs, next) = tokio::task::spawn_blocking(move || {
+            let keep = |j: &caroni_agent::machine::Job| {
+                (states.is_empty() || states.iter().any(|s| s == j.state.as_str()))
+                    && (job_type.is_empty() || j.job_type == job_type)
+            };
+            a.list_jobs_page(limit, after, &keep).map(|(jobs, next)| {
+                let jobs = jobs
+                    .into_iter()
                     .map(|j| {
                         let w = a.workflow_of(&j);
                         let x = a.execution_of(&j);
                         (j, w, x)
                     })
-                    .collect::<Vec<_>>()
+                    .collect::<Vec<_>>();
+                (jobs, next)
             })
         })
         .await
@@ -241,7 +271,15 @@ impl AgentService for AgentApi {
             })
             .collect();
         let truncated = super::fit(&mut jobs);
-        Ok(Response::new(pb::ListJobsResponse { jobs, truncated }))
+        let next = match (truncated, jobs.last()) {
+            (true, Some(j)) => Some(j.id.clone()),
+            _ => next.map(|id| id.to_string()),
+        };
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs,
+            truncated,
+            next_page_token: next.unwrap_or_default(),
+        }))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {

@@ -476,16 +476,29 @@ async fn put_template(State(c): State<Console>, Json(b): Json<TemplateBody>) -> 
     Ok(Json(js::template(&t)))
 }
 
-async fn list_jobs(State(c): State<Console>) -> Answer {
+#[derive(Deserialize)]
+struct JobQuery {
+    state: Option<String>,
+    /// The previous page's `next`.
+    after: Option<String>,
+}
+
+async fn list_jobs(State(c): State<Console>, Query(q): Query<JobQuery>) -> Answer {
     let r =
         c.0.src
             .agent
-            .list_jobs(req(pb::ListJobsRequest { limit: 200 }))
+            .list_jobs(req(pb::ListJobsRequest {
+                limit: 50,
+                states: q.state.into_iter().filter(|s| !s.is_empty()).collect(),
+                page_token: q.after.unwrap_or_default(),
+                ..Default::default()
+            }))
             .await?
             .into_inner();
     Ok(Json(json!({
         "items": r.jobs.iter().map(js::job).collect::<Vec<_>>(),
         "truncated": r.truncated,
+        "next": r.next_page_token,
     })))
 }
 

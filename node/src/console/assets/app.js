@@ -182,7 +182,7 @@ async function show() {
     else if (first === "templates") await templatesPage();
     else if (first === "template" && second) await templatePage(second);
     else if (first === "run") await runPage(r.params.get("template"));
-    else if (first === "jobs") await jobsPage();
+    else if (first === "jobs") await jobsPage(r.params);
     else if (first === "job" && second) await jobPage(second);
     else if (first === "jobtypes") await jobTypesPage();
     else if (first === "jobtype" && second) await jobTypePage(second);
@@ -576,16 +576,22 @@ async function runPage(chosen) {
 
 // ---------- agent pages ----------
 
-async function jobsPage() {
+async function jobsPage(params) {
+  const state = (params && params.get("state")) || "", after = (params && params.get("after")) || "";
   const load = async () => {
-    const d = await api("/api/jobs");
+    const d = await api("/api/jobs?" + new URLSearchParams({ state, after }));
     const rows = d.items.map(j => `<tr class="job-row" data-id="${esc(j.id)}" data-state="${esc(j.state)}">
       <td class="mono"><a href="#/job/${esc(j.id)}">${esc(short(j.id))}</a></td><td>${esc(j.job_type)}</td><td>${badge(j.state)}</td>
       <td class="mono">${esc(j.workflow_id || "—")}</td><td class="mono" title="${esc(j.manager)}">${esc(short(j.manager))}</td>
       <td>${when(j.created_at)}</td><td>${when(j.started_at)}</td><td>${when(j.ended_at)}</td><td>${esc(j.message)}</td></tr>`).join("");
-    main.innerHTML = `<h1>Jobs</h1>${d.truncated ? `<p class="muted">Older jobs left out.</p>` : ""}
+    const states = ["", "pending", "queued", "running", "completed", "failed", "cancelled"];
+    const nav = (a, t) => `<a class="button secondary" href="#/jobs?${new URLSearchParams({ state, after: a })}">${t}</a>`;
+    main.innerHTML = `<h1>Jobs</h1>
+      <div class="toolbar"><label>State <select id="j-state">${states.map(v => `<option value="${v}" ${v === state ? "selected" : ""}>${v || "any"}</option>`).join("")}</select></label></div>
       <table id="jobs"><thead><tr><th>job</th><th>job type</th><th>state</th><th>workflow</th><th>manager</th><th>created</th><th>started</th><th>ended</th><th>error</th></tr></thead>
-      <tbody>${rows || `<tr><td colspan="9" class="muted">No jobs yet.</td></tr>`}</tbody></table>`;
+      <tbody>${rows || `<tr><td colspan="9" class="muted">No jobs yet.</td></tr>`}</tbody></table>
+      <div class="pager">${after ? nav("", "« newest") : ""}${d.next ? nav(d.next, "older ›") : ""}</div>`;
+    document.getElementById("j-state").onchange = ev => { location.hash = "#/jobs?" + new URLSearchParams({ state: ev.target.value }); };
   };
   await load();
   view.match = kind => kind === "job" || kind === "resync";
