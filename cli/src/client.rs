@@ -137,17 +137,7 @@ impl Context {
 
     /// Asks `grpc.health.v1.Health/Check` for the whole server.
     pub async fn health(&self) -> anyhow::Result<std::process::ExitCode> {
-        use tonic_health::pb::{
-            health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
-        };
-        let resp = HealthClient::new(self.channel().await?)
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .map_err(status)?
-            .into_inner();
-        let serving = resp.status == ServingStatus::Serving as i32;
+        let serving = self.serving().await?;
         println!("{}", if serving { "SERVING" } else { "NOT_SERVING" });
         // The file store against its budget (on stderr: stdout stays the
         // one word scripts read): a node past it refuses transfers.

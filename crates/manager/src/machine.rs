@@ -351,32 +351,35 @@ impl Workflow {
             return fx;
         }
         self.state = WorkflowState::Initializing;
+        self.launch(ctx, &mut fx);
+        fx
+    }
+
+    /// Asks for a job for every step in `created` and expands the dynamic
+    /// ones whose inputs are known (at start, and on a resume).
+    fn launch(&mut self, ctx: &mut Ctx<'_>, fx: &mut Vec<Effect>) {
         for n in 0..self.steps.len() {
-            if !self.steps[n].dynamic {
-                self.new_request(n, ctx, 0, &mut fx);
+            if self.steps[n].state == StepState::Created && !self.steps[n].dynamic {
+                self.new_request(n, ctx, 0, fx);
             }
         }
         for n in 0..self.steps.len() {
             if self.state.is_final() {
                 break;
             }
-            self.try_expand(n, ctx, &mut fx);
+            self.try_expand(n, ctx, fx);
         }
         if !self.state.is_final() {
             // A workflow of dynamic steps only has nothing to wait for.
-            self.maybe_run(&mut fx);
-            self.maybe_complete(ctx, &mut fx);
+            self.maybe_run(fx);
+            self.maybe_complete(ctx, fx);
         }
         self.touch(ctx);
-        fx
     }
 
-    /// A user resumes a failed or cancelled workflow: completed (and
-    /// skipped) steps keep their outputs; every other step starts afresh,
-    /// its earlier attempts kept in its history as superseded (they no
-    /// longer count against its limit). A dynamic step that had not
-    /// completed expands again.
-    pub fn resume(&mut self, ctx: &mut Ctx<'_>) -> Result<Vec<Effect>, String> {
+    /// Why this workflow cannot be resumed, if so: it has not failed or
+    /// been cancelled, or it runs an element of another's step.
+    pub fn resumable(&self) -> Result<(), String> {
         if !matches!(self.state, WorkflowState::Failed | WorkflowState::Cancelled) {
             return Err(format!(
                 "workflow {} is {}; only a failed or cancelled workflow can be retried",
@@ -390,6 +393,16 @@ impl Workflow {
                 self.id, p.index, p.id
             ));
         }
+        Ok(())
+    }
+
+    /// A user resumes a failed or cancelled workflow: completed (and
+    /// skipped) steps keep their outputs; every other step starts afresh,
+    /// its earlier attempts kept in its history as superseded (they no
+    /// longer count against its limit). A dynamic step that had not
+    /// completed expands again.
+    pub fn resume(&mut self, ctx: &mut Ctx<'_>) -> Result<Vec<Effect>, String> {
+        self.resumable()?;
         self.state = WorkflowState::Initializing;
         self.message.clear();
         self.finished_at_ms = None;
@@ -409,22 +422,7 @@ impl Workflow {
             step.fan = None;
             step.prepared = None;
         }
-        for n in 0..self.steps.len() {
-            if self.steps[n].state == StepState::Created && !self.steps[n].dynamic {
-                self.new_request(n, ctx, 0, &mut fx);
-            }
-        }
-        for n in 0..self.steps.len() {
-            if self.state.is_final() {
-                break;
-            }
-            self.try_expand(n, ctx, &mut fx);
-        }
-        if !self.state.is_final() {
-            self.maybe_run(&mut fx);
-            self.maybe_complete(ctx, &mut fx);
-        }
-        self.touch(ctx);
+        self.launch(ctx, &mut fx);
         Ok(fx)
     }
 

@@ -137,29 +137,8 @@ impl Manager {
                     ))
                 })?,
         };
-        let mut check = wf.clone();
-        let mut probe = || Uuid::nil();
-        let view = PeerView {
-            answered: &self.answered,
-            agent_jobs: &self.index.agent_jobs,
-            world,
-            now_ms: now.ms,
-            quiet_ms: self.opts.lease.as_millis() as u64,
-        };
-        let mut ctx = Ctx {
-            now_ms: now.ms,
-            lease_ms: 0,
-            request_ttl_ms: 0,
-            endpoint: "",
-            new_id: &mut probe,
-            offer_window_ms: 0,
-            peers: &view,
-            blobs: &view,
-            answer_timeout_ms: 0,
-            unplaceable_ms: 0,
-        };
         // Refused (not ended, or a child) before anything changes.
-        if let Err(why) = check.resume(&mut ctx) {
+        if let Err(why) = wf.resumable() {
             if ended_now {
                 out.finished.insert(id, wf);
             }
