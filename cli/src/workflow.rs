@@ -584,17 +584,22 @@ fn exit_for(w: &pb::Workflow) -> ExitCode {
     }
 }
 
+/// Tries of a submission: a lost answer is asked for again within about
+/// 2 s (0.25 s, 0.5 s, 1 s apart); a manager that stays unavailable (a
+/// full disk, say) is reported, not waited for.
+const SUBMIT_TRIES: u32 = 4;
+
 /// Submits a workflow with a request id of its own, trying again (the
 /// same id: nothing is made twice) while the manager is unreachable or
 /// slow to answer.
 async fn submit(ctx: &Context, req: pb::RunWorkflowRequest) -> anyhow::Result<String> {
-    let mut delay = std::time::Duration::from_millis(500);
+    let mut delay = std::time::Duration::from_millis(250);
     let mut tries = 0;
     loop {
         tries += 1;
         let answer = match ctx.manager().await {
             Ok(mut c) => c.run_workflow(ctx.request(req.clone())).await,
-            Err(e) if tries < 6 => {
+            Err(e) if tries < SUBMIT_TRIES => {
                 tell!("caroni: {e:#}; trying again in {} ms", delay.as_millis());
                 tokio::time::sleep(delay).await;
                 delay *= 2;
@@ -605,7 +610,7 @@ async fn submit(ctx: &Context, req: pb::RunWorkflowRequest) -> anyhow::Result<St
         match answer {
             Ok(r) => return Ok(r.into_inner().workflow_id),
             Err(e)
-                if tries < 6
+                if tries < SUBMIT_TRIES
                     && matches!(
                         e.code(),
                         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
