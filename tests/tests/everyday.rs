@@ -256,6 +256,31 @@ fn ambiguous_prefixes_are_refused_with_the_ids_they_match() {
     assert!(e.contains("ambiguous") && e.contains(&a[..8]), "{e}");
     let e = node.fails(&["workflow", "show", "ffff"]);
     assert!(e.contains("no workflow id starts with"), "{e}");
+    // Every id of a burst is found by its shortest unique prefix, odd
+    // lengths included (a prefix that ends in half a byte).
+    let mut ids = vec![a, b];
+    for k in 0..18 {
+        ids.push(node.run("test_simple", &[&format!("start_message={k}")]));
+    }
+    let mut odd = 0;
+    for id in &ids {
+        let shared = ids
+            .iter()
+            .filter(|o| *o != id)
+            .map(|o| {
+                o.chars()
+                    .zip(id.chars())
+                    .take_while(|(x, y)| x == y)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0);
+        let prefix: String = id.chars().take((shared + 1).max(4)).collect();
+        odd += usize::from(prefix.replace('-', "").len() % 2 == 1);
+        let w = node.json(&["workflow", "show", &prefix]);
+        assert_eq!(w["id"], id.as_str(), "{prefix}");
+    }
+    assert!(odd > 0, "no odd-length prefix was tried");
 }
 
 #[test]

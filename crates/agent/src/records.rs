@@ -39,14 +39,16 @@ struct JobV1 {
 
 const JOBS_V1: Table<JobV1> = Table::new(tables::AGENT_JOBS, "agent_jobs (0x21 layout)");
 
-/// Up to `limit` job ids whose bytes start with `prefix`.
+/// Up to `limit` job ids whose bytes start with `prefix`, in key order
+/// from after `after`.
 pub fn job_ids_with_prefix(
     store: &caroni_store::Store,
     prefix: &[u8],
+    after: Option<&[u8]>,
     limit: usize,
 ) -> caroni_store::Result<Vec<Uuid>> {
     Ok(store
-        .scan_limit(JOBS, prefix, limit)?
+        .scan_after(JOBS, prefix, after, limit)?
         .into_iter()
         .map(|(_, j)| j.id)
         .collect())

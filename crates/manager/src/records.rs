@@ -786,14 +786,15 @@ pub(crate) fn list_page(
 }
 
 /// Up to `limit` workflow ids (any, children too) whose bytes start with
-/// `prefix`.
+/// `prefix`, in key order from after `after`.
 pub fn ids_with_prefix(
     store: &Store,
     prefix: &[u8],
+    after: Option<&[u8]>,
     limit: usize,
 ) -> caroni_store::Result<Vec<Uuid>> {
     Ok(store
-        .scan_limit(HEADS, prefix, limit)?
+        .scan_after(HEADS, prefix, after, limit)?
         .into_iter()
         .map(|(_, h)| h.id)
         .collect())

@@ -284,8 +284,8 @@ impl AgentService for AgentApi {
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         let a = require_role(self.agent.as_ref(), "agent")?;
-        let id = super::resolve_id("job", &req.into_inner().job_id, |prefix| {
-            caroni_agent::records::job_ids_with_prefix(&self.store, prefix, 8)
+        let id = super::resolve_id("job", &req.into_inner().job_id, |prefix, after| {
+            caroni_agent::records::job_ids_with_prefix(&self.store, prefix, after, 8)
                 .map_err(|e| Status::unavailable(e.to_string()))
         })?;
         match a.get_job(id).map_err(internal)? {

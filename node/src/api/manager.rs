@@ -34,8 +34,8 @@ impl ManagerApi {
 
     /// A workflow id, or a unique prefix of one.
     fn workflow_id(&self, s: &str) -> Result<uuid::Uuid, Status> {
-        super::resolve_id("workflow", s, |prefix| {
-            caroni_manager::records::ids_with_prefix(&self.store, prefix, 8)
+        super::resolve_id("workflow", s, |prefix, after| {
+            caroni_manager::records::ids_with_prefix(&self.store, prefix, after, 8)
                 .map_err(|e| Status::unavailable(e.to_string()))
         })
     }

@@ -189,12 +189,13 @@ pub(crate) fn require_role<T>(has: Option<T>, role: &str) -> Result<T, Status> {
 
 /// Parses a UUID given by a user.
 /// An id or a unique prefix of one (at least 4 hex digits; dashes
-/// optional): `lookup` lists the ids whose bytes start with the prefix's
-/// whole bytes (a few suffice to tell "none", "one" and "several").
+/// optional): `lookup(prefix, after)` lists ids in key order whose bytes
+/// start with the prefix's whole bytes, from after `after` (a few suffice
+/// to tell "none", "one" and "several").
 pub(crate) fn resolve_id(
     what: &str,
     s: &str,
-    lookup: impl FnOnce(&[u8]) -> Result<Vec<uuid::Uuid>, Status>,
+    lookup: impl FnOnce(&[u8], Option<&[u8]>) -> Result<Vec<uuid::Uuid>, Status>,
 ) -> Result<uuid::Uuid, Status> {
     if let Ok(id) = s.trim().parse() {
         return Ok(id);
@@ -213,7 +214,18 @@ pub(crate) fn resolve_id(
     let bytes: Vec<u8> = (0..hex.len() / 2)
         .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
         .collect();
-    let found: Vec<uuid::Uuid> = lookup(&bytes)?
+    // An odd last digit: start at the first key whose next byte has it as
+    // its high half (every key below sorts before `after`).
+    let after: Option<Vec<u8>> = match u8::from_str_radix(&hex[hex.len() / 2 * 2..], 16) {
+        Ok(nibble) if hex.len() % 2 == 1 && nibble > 0 => {
+            let mut a = bytes.clone();
+            a.push((nibble << 4) - 1);
+            a.extend([0xff; 16]);
+            Some(a)
+        }
+        _ => None,
+    };
+    let found: Vec<uuid::Uuid> = lookup(&bytes, after.as_deref())?
         .into_iter()
         .filter(|id| id.simple().to_string().starts_with(&hex))
         .collect();
