@@ -670,29 +670,6 @@ pub(crate) fn get(store: &Store, id: &Uuid) -> caroni_store::Result<Option<Workf
     }
 }
 
-/// The newest `limit` workflows that users started (not the children
-/// that run elements of dynamic steps), newest first (ids are UUID v7).
-pub(crate) fn list_last(store: &Store, limit: usize) -> caroni_store::Result<Vec<Workflow>> {
-    let mut window = limit.max(1);
-    loop {
-        let heads = store.scan_last(HEADS, window)?;
-        let scanned = heads.len();
-        let mut top = Vec::new();
-        for h in heads {
-            if store.get(LINKS, &head_key(&h.id))?.is_none() {
-                top.push(h);
-                if top.len() == limit {
-                    break;
-                }
-            }
-        }
-        if top.len() >= limit || scanned < window || window >= (1 << 22) {
-            return top.into_iter().map(|h| assemble(store, h)).collect();
-        }
-        window = window.saturating_mul(8);
-    }
-}
-
 /// What a list of workflows is filtered by.
 #[derive(Clone, Debug, Default)]
 pub struct ListFilter {
@@ -1067,7 +1044,8 @@ mod tests {
         store.write(b).expect("write");
         assert_eq!(get(&store, &wf.id).expect("get"), Some(wf.clone()));
         assert_eq!(live(&store).expect("live"), vec![wf.clone()]);
-        assert_eq!(list_last(&store, 5).expect("list"), vec![wf]);
+        let (page, next) = list_page(&store, 5, &ListFilter::default()).expect("list");
+        assert_eq!((page, next), (vec![wf], None));
     }
 
     #[test]

@@ -186,12 +186,6 @@ impl Handle {
         })
     }
 
-    /// Workflows, newest first, at most `limit`. Workflow ids are UUID v7,
-    /// so key order is creation order and only `limit` records are read.
-    pub fn list(&self, limit: usize) -> Result<Vec<Workflow>, Error> {
-        Ok(records::list_last(&self.store, limit)?)
-    }
-
     /// A page of workflows users started, newest first, filtered; and
     /// where the next page starts when more may match.
     pub fn list_page(

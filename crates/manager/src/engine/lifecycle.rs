@@ -84,17 +84,7 @@ impl Manager {
         out: &mut Out,
     ) -> Result<(), Error> {
         if !self.live.contains_key(&id) {
-            let wf = match out.finished.get(&id) {
-                Some(wf) => wf.clone(),
-                None => world
-                    .stored(&id)
-                    .map_err(|e| Error::Unavailable(e.to_string()))?
-                    .ok_or_else(|| {
-                        Error::NotFound(format!(
-                            "no workflow {id}; `caroni workflow list` shows them"
-                        ))
-                    })?,
-            };
+            let wf = Self::ended(id, world, out)?;
             return Err(Error::Finished(format!(
                 "workflow {id} is already {}; only a live workflow can be cancelled",
                 wf.state.as_str()
@@ -108,6 +98,21 @@ impl Manager {
         tracing::info!(workflow = %id, "workflow cancelled");
         self.effects(id, fx, out);
         Ok(())
+    }
+
+    /// A workflow that is not live: ended in this group, or as stored.
+    fn ended(id: Uuid, world: &dyn World, out: &Out) -> Result<Workflow, Error> {
+        match out.finished.get(&id) {
+            Some(wf) => Ok(wf.clone()),
+            None => world
+                .stored(&id)
+                .map_err(|e| Error::Unavailable(e.to_string()))?
+                .ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "no workflow {id}; `caroni workflow list` shows them"
+                    ))
+                }),
+        }
     }
 
     /// Resumes a failed or cancelled workflow (see
@@ -125,25 +130,10 @@ impl Manager {
                 wf.state.as_str()
             )));
         }
-        let ended_now = out.finished.contains_key(&id);
-        let wf = match out.finished.remove(&id) {
-            Some(wf) => wf,
-            None => world
-                .stored(&id)
-                .map_err(|e| Error::Unavailable(e.to_string()))?
-                .ok_or_else(|| {
-                    Error::NotFound(format!(
-                        "no workflow {id}; `caroni workflow list` shows them"
-                    ))
-                })?,
-        };
+        let wf = Self::ended(id, world, out)?;
         // Refused (not ended, or a child) before anything changes.
-        if let Err(why) = wf.resumable() {
-            if ended_now {
-                out.finished.insert(id, wf);
-            }
-            return Err(Error::Finished(why));
-        }
+        wf.resumable().map_err(Error::Finished)?;
+        out.finished.remove(&id);
         // Back in the live set, then resumed as a change of it.
         self.insert_live(wf, world, now.ms);
         let fx = self
