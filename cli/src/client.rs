@@ -14,6 +14,7 @@ use crate::output::Format;
 const MAX_RESPONSE: usize = 64 << 20;
 
 /// What every command needs.
+#[derive(Clone)]
 pub struct Context {
     pub node: String,
     token: Option<String>,

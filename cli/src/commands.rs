@@ -30,12 +30,14 @@ pub enum TemplateCmd {
     #[command(after_help = "Example:\n  caroni template show test_simple")]
     Show {
         /// Template name.
+        #[arg(add = crate::complete::templates())]
         name: String,
     },
     /// Remove a template.
     #[command(after_help = "Example:\n  caroni template rm test_simple")]
     Rm {
         /// Template name.
+        #[arg(add = crate::complete::templates())]
         name: String,
     },
 }
@@ -63,12 +65,14 @@ pub enum JobTypeCmd {
     #[command(after_help = "Example:\n  caroni jobtype show foojob0")]
     Show {
         /// Job type name.
+        #[arg(add = crate::complete::job_types())]
         name: String,
     },
     /// Remove a job type.
     #[command(after_help = "Example:\n  caroni jobtype rm foojob0")]
     Rm {
         /// Job type name.
+        #[arg(add = crate::complete::job_types())]
         name: String,
     },
 }

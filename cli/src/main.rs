@@ -13,13 +13,18 @@ mod bench;
 mod bench_files;
 mod client;
 mod commands;
+mod complete;
 mod cwl_runner;
 mod cwl_values;
 mod demo;
 mod files;
 mod jobtype_file;
+mod logs;
 mod trust;
 mod workflow;
+
+/// The node a command talks to unless told otherwise.
+pub const DEFAULT_NODE: &str = "http://127.0.0.1:7070";
 
 /// Caroni: broker-free, peer-to-peer workflows.
 #[derive(Debug, Parser)]
@@ -74,6 +79,7 @@ enum Command {
     )]
     Run {
         /// Template name.
+        #[arg(add = crate::complete::templates())]
         template: String,
         /// Workflow inputs as name=value (name=@path uploads a file).
         inputs: Vec<String>,
@@ -114,8 +120,14 @@ enum Command {
     )]
     Status,
     /// Peers of the node: libp2p connections and outbox queues.
-    #[command(after_help = "Example:\n  caroni peers")]
-    Peers,
+    #[command(
+        after_help = "Examples:\n  caroni peers\n  caroni peers 12D3KooWQm7x      # one peer, by a unique prefix of its node id"
+    )]
+    Peers {
+        /// Only the peer whose node id starts with this (a unique prefix,
+        /// as tables print node ids).
+        node: Option<String>,
+    },
     /// Exit 0 when the node's gRPC health service says SERVING (for
     /// container health checks).
     #[command(after_help = "Example:\n  caroni --node http://127.0.0.1:7070 health")]
@@ -143,9 +155,12 @@ enum Command {
         /// File to write (created with mode 0600, never overwritten).
         file: Option<std::path::PathBuf>,
     },
-    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell). Besides commands and flags, it completes template
+    /// names, job type names, workflow ids and job ids by asking the node
+    /// (CARONI_NODE, CARONI_TOKEN) at each TAB.
     #[command(
-        after_help = "Examples:\n  caroni completions bash > /etc/bash_completion.d/caroni\n  caroni completions zsh > \"${fpath[1]}/_caroni\"\n  caroni completions fish > ~/.config/fish/completions/caroni.fish"
+        after_help = "Examples:\n  source <(caroni completions bash)        # in ~/.bashrc\n  source <(caroni completions zsh)         # in ~/.zshrc\n  caroni completions fish | source         # in ~/.config/fish/config.fish"
     )]
     Completions {
         /// The shell.
@@ -200,6 +215,13 @@ fn quiet_on_broken_pipe() {
 
 fn main() -> ExitCode {
     quiet_on_broken_pipe();
+    // At a TAB, the shell runs `COMPLETE=<shell> caroni -- <words>`:
+    // answered here, and the program ends.
+    clap_complete::CompleteEnv::with_factory(|| {
+        use clap::CommandFactory;
+        Cli::command()
+    })
+    .complete();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -223,8 +245,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let target = cli.node.clone();
     let ctx = client::Context::new(
-        cli.node
-            .unwrap_or_else(|| "http://127.0.0.1:7070".to_string()),
+        cli.node.unwrap_or_else(|| DEFAULT_NODE.to_string()),
         cli.token,
         output::configure(cli.output, cli.no_headers),
     )
@@ -242,14 +263,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => workflow::run(&ctx, template, inputs, inputs_file, request_id, wait).await,
         Command::Workflow(c) => workflow::workflow(&ctx, c).await,
         Command::Job(c) => workflow::job(&ctx, c).await,
-        Command::Peers => workflow::peers(&ctx).await,
+        Command::Peers { node } => workflow::peers(&ctx, node).await,
         Command::Version => commands::version(&ctx).await,
         Command::Status => commands::node_status(&ctx).await,
         Command::Health => ctx.health().await,
         Command::Completions { shell } => {
-            use clap::CommandFactory;
-            let mut cmd = Cli::command();
-            clap_complete::generate(shell, &mut cmd, "caroni", &mut std::io::stdout());
+            complete::registration(&shell.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Man { all } => {

@@ -28,7 +28,7 @@ pub enum WorkflowCmd {
         #[arg(long, value_delimiter = ',')]
         state: Vec<String>,
         /// Only workflows of this template.
-        #[arg(long)]
+        #[arg(long, add = crate::complete::templates())]
         template: Option<String>,
         /// Only workflows created within this long (2h, 3d) or since this
         /// instant (RFC 3339, e.g. 2026-12-03T10:00:00Z).
@@ -46,6 +46,7 @@ pub enum WorkflowCmd {
     #[command(after_help = "Example:\n  caroni workflow retry 0190f5c2 --wait")]
     Retry {
         /// Workflow id (or a unique prefix).
+        #[arg(add = crate::complete::workflows())]
         id: String,
         /// Follow it until it ends.
         #[arg(long)]
@@ -58,6 +59,7 @@ pub enum WorkflowCmd {
     )]
     Rerun {
         /// Workflow id (or a unique prefix).
+        #[arg(add = crate::complete::workflows())]
         id: String,
         /// Inputs to replace, as name=value (name=@path uploads a file).
         inputs: Vec<String>,
@@ -69,6 +71,7 @@ pub enum WorkflowCmd {
     #[command(after_help = "Example:\n  caroni workflow delete 0190f5c2")]
     Delete {
         /// Workflow id (or a unique prefix).
+        #[arg(add = crate::complete::workflows())]
         id: String,
     },
     /// Show a workflow: steps with state, attempts, job and agent; dataflows with values.
@@ -77,6 +80,7 @@ pub enum WorkflowCmd {
     )]
     Show {
         /// Workflow id.
+        #[arg(add = crate::complete::workflows())]
         id: String,
     },
     /// Follow a workflow until it ends, or every workflow (--all). With
@@ -86,7 +90,7 @@ pub enum WorkflowCmd {
     )]
     Watch {
         /// Workflow id (or a unique prefix).
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        #[arg(required_unless_present = "all", conflicts_with = "all", add = crate::complete::workflows())]
         id: Option<String>,
         /// Every change of every workflow on the manager, one line each,
         /// until interrupted.
@@ -99,7 +103,32 @@ pub enum WorkflowCmd {
     )]
     Cancel {
         /// Workflow id.
+        #[arg(add = crate::complete::workflows())]
         id: String,
+    },
+    /// Print the stdout and stderr of a workflow's jobs, read from the
+    /// agents that ran them (each keeps them whole up to its
+    /// --job-log-bytes, 16 MiB by default).
+    #[command(
+        after_help = "One step (or a workflow of one step) prints its logs as the job wrote them: stdout to stdout, stderr to stderr. Several steps print each line as `step | line`. The steps of a scatter or a sub-workflow are in its element workflows: `caroni workflow show` names them.\n\nExamples:\n  caroni workflow logs 0190f5c2                      # every step's latest attempt\n  caroni workflow logs 0190f5c2 --step countwords --attempt 1\n  caroni workflow logs 0190f5c2 --step countwords -f  # follow while it runs\n  caroni workflow logs 0190f5c2 --stream stderr 2>&1 | less"
+    )]
+    Logs {
+        /// Workflow id (or a unique prefix).
+        #[arg(add = crate::complete::workflows())]
+        id: String,
+        /// Only this step.
+        #[arg(long)]
+        step: Option<String>,
+        /// This attempt of the step (from 1); the latest by default.
+        #[arg(long, default_value_t = 0)]
+        attempt: u32,
+        /// Keep streaming while jobs run; without --step, until the
+        /// workflow has ended.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only stdout or only stderr.
+        #[arg(long, value_parser = ["stdout", "stderr"])]
+        stream: Option<String>,
     },
     /// Download a workflow's File outputs (streamed, resumed, checked).
     #[command(
@@ -107,6 +136,7 @@ pub enum WorkflowCmd {
     )]
     Download {
         /// Workflow id.
+        #[arg(add = crate::complete::workflows())]
         id: String,
         /// Only this output (all File outputs when not given).
         #[arg(value_name = "OUTPUT")]
@@ -142,10 +172,26 @@ pub enum JobCmd {
         #[arg(long)]
         page: Option<String>,
     },
+    /// Print a job's stdout and stderr as this agent keeps them.
+    #[command(
+        after_help = "Examples:\n  caroni job logs 0190f5c2\n  caroni job logs 0190f5c2 -f --stream stderr"
+    )]
+    Logs {
+        /// Job id (or a unique prefix).
+        #[arg(add = crate::complete::jobs())]
+        id: String,
+        /// Keep streaming until the job ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only stdout or only stderr.
+        #[arg(long, value_parser = ["stdout", "stderr"])]
+        stream: Option<String>,
+    },
     /// Show one job with its inputs, outputs, exit status and stderr.
     #[command(after_help = "Example:\n  caroni job show 0190f5c2-7d1e-7a8b-9c3d-2e4f5a6b7c8d")]
     Show {
         /// Job id.
+        #[arg(add = crate::complete::jobs())]
         id: String,
     },
 }
@@ -746,6 +792,25 @@ pub async fn workflow(ctx: &Context, cmd: WorkflowCmd) -> anyhow::Result<ExitCod
             }
             Ok(ExitCode::SUCCESS)
         }
+        WorkflowCmd::Logs {
+            id,
+            step,
+            attempt,
+            follow,
+            stream,
+        } => {
+            crate::logs::workflow_logs(
+                ctx,
+                crate::logs::LogsArgs {
+                    id,
+                    step,
+                    attempt,
+                    follow,
+                    stream,
+                },
+            )
+            .await
+        }
         WorkflowCmd::Retry { id, wait } => {
             let w = client
                 .retry_workflow(ctx.request(pb::GetWorkflowRequest { workflow_id: id }))
@@ -949,6 +1014,9 @@ pub async fn job(ctx: &Context, cmd: JobCmd) -> anyhow::Result<ExitCode> {
                 say!("{t}");
             }
         }
+        JobCmd::Logs { id, follow, stream } => {
+            return crate::logs::job_logs(ctx, id, follow, stream).await;
+        }
         JobCmd::Show { id } => {
             let j = client
                 .get_job(ctx.request(pb::GetJobRequest { job_id: id }))
@@ -989,8 +1057,8 @@ pub async fn job(ctx: &Context, cmd: JobCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn peers(ctx: &Context) -> anyhow::Result<ExitCode> {
-    let peers = ctx
+pub async fn peers(ctx: &Context, node: Option<String>) -> anyhow::Result<ExitCode> {
+    let mut peers = ctx
         .node_api()
         .await?
         .list_peers(ctx.request(pb::ListPeersRequest {}))
@@ -998,6 +1066,19 @@ pub async fn peers(ctx: &Context) -> anyhow::Result<ExitCode> {
         .map_err(status)?
         .into_inner()
         .peers;
+    if let Some(prefix) = node {
+        peers.retain(|p| p.node_id.starts_with(&prefix));
+        match peers.as_slice() {
+            [] => bail!("no peer's node id starts with `{prefix}`; `caroni peers` lists them"),
+            [_] => {}
+            [a, b, ..] => bail!(
+                "`{prefix}` is the start of {} node ids ({}, {}, …): give more of it",
+                peers.len(),
+                a.node_id,
+                b.node_id
+            ),
+        }
+    }
     if ctx.format == Format::Json {
         output::json(&json!(peers
             .iter()

@@ -130,6 +130,13 @@ pub struct Config {
     /// (unused for 10 minutes) are deleted. 0: no bound.
     #[arg(long, env = "CARONI_BLOB_CACHE_BYTES", default_value_t = 10 << 30)]
     pub blob_cache_bytes: u64,
+    /// Agent: the most bytes kept of each job's stdout and of its stderr
+    /// (whole up to this, then a line saying what was left out), for
+    /// `caroni workflow logs` and `caroni job logs`; deleted with the job
+    /// (`--retention`). 0 keeps no logs (the 2 KiB stderr tail in status
+    /// messages stays).
+    #[arg(long, env = "CARONI_JOB_LOG_BYTES", default_value_t = caroni_agent::logs::DEFAULT_LOG_BYTES)]
+    pub job_log_bytes: u64,
     /// Milliseconds to gather offers before taking the least busy agent;
     /// 0 takes the first offer. A manager decides at once when every agent
     /// it knows has answered.

@@ -18,6 +18,7 @@ pub mod attempts;
 pub mod config;
 pub mod console;
 pub mod identity;
+pub mod logs;
 mod start;
 mod supervise;
 pub mod wire;
@@ -187,6 +188,7 @@ impl Node {
                 refusals: &net.refusals,
                 outbox: &net.outbox,
                 blobs: &storage.blobs,
+                logs: engines.logs.clone(),
             },
             wire::PeerInbox {
                 manager: engines.manager.clone(),
@@ -207,6 +209,7 @@ impl Node {
                 mesh: net.mesh,
                 outbox: net.outbox,
                 wire: net.wire,
+                fetcher: net.fetcher,
             },
             engines,
             &mut tasks,

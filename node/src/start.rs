@@ -134,6 +134,8 @@ pub(super) fn start_transport(
 pub(super) struct Engines {
     pub(super) manager: Option<caroni_manager::service::Handle>,
     pub(super) agent: Option<caroni_agent::service::Handle>,
+    /// The agent's jobs' logs.
+    pub(super) logs: crate::logs::SharedLogs,
 }
 
 /// Starts the engines of the node's role, the applied-id pruning and the
@@ -147,7 +149,10 @@ pub(super) async fn start_engines(
     cancel: &CancellationToken,
 ) -> anyhow::Result<Engines> {
     let (store, node_id) = (&storage.store, storage.node_id.as_str());
-    let agent = start_agent(config, storage, &net.wire, tasks, cancel).await?;
+    let (agent, logs) = match start_agent(config, storage, &net.wire, tasks, cancel).await? {
+        Some((agent, logs)) => (Some(agent), Some(logs)),
+        None => (None, None),
+    };
     let manager = start_manager(
         config,
         node_id,
@@ -173,7 +178,11 @@ pub(super) async fn start_engines(
         }
         Ok(())
     });
-    Ok(Engines { manager, agent })
+    Ok(Engines {
+        manager,
+        agent,
+        logs,
+    })
 }
 
 /// What the client API and the console need of the transport.
@@ -183,6 +192,7 @@ pub(super) struct NetParts {
     pub(super) mesh: caroni_mesh::Client,
     pub(super) outbox: caroni_peer::Outbox,
     pub(super) wire: Arc<wire::NodeWire>,
+    pub(super) fetcher: caroni_peer::blobs::Fetcher,
 }
 
 /// The client API, the console and the storage health probe. Returns the
@@ -201,7 +211,11 @@ pub(super) async fn start_api(
         blobs,
         ..
     } = storage;
-    let Engines { manager, agent } = engines;
+    let Engines {
+        manager,
+        agent,
+        logs,
+    } = engines;
     let api_addr = net.api_listener.local_addr()?;
     let info = pb::NodeInfo {
         node_id: node_id.clone(),
@@ -224,8 +238,12 @@ pub(super) async fn start_api(
                 agent: agent.clone(),
             },
         ),
-        manager: api::ManagerApi::new(store.clone(), manager.clone()),
-        agent: api::AgentApi::new(store.clone(), agent.clone()),
+        manager: api::ManagerApi::new(store.clone(), manager.clone()).with_logs(api::LogAccess {
+            me: node_id.clone(),
+            fetcher: net.fetcher,
+            local: logs.clone(),
+        }),
+        agent: api::AgentApi::new(store.clone(), agent.clone()).with_logs(logs.clone()),
         files: api::FileApi::new(blobs.clone()),
     };
     tasks.spawn(
@@ -282,17 +300,21 @@ pub(super) async fn start_api(
     Ok((api_addr, console_addr, health))
 }
 
-/// The agent engine with its executors, when the node has the role.
+/// The agent engine with its executors and its jobs' logs, when the node
+/// has the role.
 pub(super) async fn start_agent(
     config: &Config,
     storage: &Storage,
     wire: &Arc<wire::NodeWire>,
     tasks: &mut supervise::Tasks,
     cancel: &CancellationToken,
-) -> anyhow::Result<Option<caroni_agent::service::Handle>> {
+) -> anyhow::Result<Option<(caroni_agent::service::Handle, Arc<crate::logs::AgentLogs>)>> {
     if !config.role.is_agent() {
         return Ok(None);
     }
+    let logs =
+        caroni_agent::logs::JobLogs::open(config.data_dir.join("logs"), config.job_log_bytes)
+            .context("cannot create the jobs' log directory under --data-dir")?;
     let (node_id, store) = (storage.node_id.as_str(), &storage.store);
     let executors = caroni_agent::executor::Executors::new(
         node_id.to_string(),
@@ -310,6 +332,11 @@ pub(super) async fn start_agent(
         } else {
             executors
         };
+    let executors = if config.job_log_bytes > 0 {
+        executors.with_logs(logs.clone())
+    } else {
+        executors
+    };
     executors.start().await;
     let (svc, handle) = caroni_agent::service::Service::new(
         config.agent_options(node_id),
@@ -324,27 +351,55 @@ pub(super) async fn start_agent(
         Ok(())
     });
     let _ = wire.local_agent.set(handle.clone());
-    // Retention: jobs that ended more than --retention ago go, checked
-    // each minute.
-    if let Some(keep) = config.retention()? {
-        let sweeper = handle.clone();
-        let c = cancel.clone();
-        tasks.spawn("job retention", async move {
-            let mut every = tokio::time::interval(sweep_every(keep));
-            loop {
-                tokio::select! {
-                    _ = c.cancelled() => return Ok(()),
-                    _ = every.tick() => {}
-                }
-                match sweeper.sweep(keep).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(jobs = n, "deleted jobs past --retention"),
-                    Err(e) => tracing::warn!(error = %e, "retention sweep failed; tried again in a minute"),
+    // Retention: jobs that ended more than --retention ago go, with their
+    // logs, checked each minute. Logs whose job is gone (deleted while
+    // the node was down) go at the first round.
+    let retention = config.retention()?;
+    let sweeper = handle.clone();
+    let log_files = logs.clone();
+    let c = cancel.clone();
+    tasks.spawn("job retention", async move {
+        let mut every = tokio::time::interval(retention.map_or(
+            std::time::Duration::from_secs(60),
+            sweep_every,
+        ));
+        let mut first = true;
+        loop {
+            tokio::select! {
+                _ = c.cancelled() => return Ok(()),
+                _ = every.tick() => {}
+            }
+            let deleted = match retention {
+                Some(keep) => match sweeper.sweep(keep).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "retention sweep failed; tried again in a minute");
+                        0
+                    }
+                },
+                None => 0,
+            };
+            if deleted > 0 {
+                tracing::info!(jobs = deleted, "deleted jobs past --retention");
+            }
+            if deleted > 0 || first {
+                first = false;
+                let (files, jobs) = (log_files.clone(), sweeper.clone());
+                let swept = tokio::task::spawn_blocking(move || {
+                    files.sweep(&|id| !matches!(jobs.get_job(id), Ok(None)))
+                })
+                .await;
+                if let Ok(Err(e)) = swept {
+                    tracing::warn!(error = %e, "cannot sweep the jobs' logs");
                 }
             }
-        });
-    }
-    Ok(Some(handle))
+        }
+    });
+    let logs = Arc::new(crate::logs::AgentLogs {
+        agent: handle.clone(),
+        logs,
+    });
+    Ok(Some((handle, logs)))
 }
 
 /// The manager engine, when the node has the role.
@@ -450,6 +505,7 @@ pub(super) struct PeerParts<'a> {
     pub(super) refusals: &'a caroni_peer::PeerRefusals,
     pub(super) outbox: &'a caroni_peer::Outbox,
     pub(super) blobs: &'a caroni_blob::Blobs,
+    pub(super) logs: crate::logs::SharedLogs,
 }
 
 /// The peer service: what other nodes deliver, into the engines (and the
@@ -468,6 +524,7 @@ pub(super) fn serve_peers(
         refusals,
         outbox,
         blobs,
+        logs,
     } = p;
     let inbox: Arc<dyn caroni_peer::Inbox> = Arc::new(inbox);
     // Messages between the manager and the agent of this node go in
@@ -486,7 +543,8 @@ pub(super) fn serve_peers(
                         links.mesh_key.clone(),
                         refusals.clone(),
                     )
-                    .with_blobs(Some(blobs.clone())),
+                    .with_blobs(Some(blobs.clone()))
+                    .with_logs(logs.map(|l| l as Arc<dyn caroni_peer::LogSource>)),
             )
             .max_decoding_message_size(caroni_peer::outbox::MAX_ENVELOPE),
         );

@@ -298,6 +298,16 @@ fn two_agents_on_one_workflow_page() {
     // Edges carry the dataflow's ports.
     assert!(b.count("#dag g.edge") >= 4, "{}", b.text());
     assert_eq!(b.count("#timeline g.bar[data-state=completed]"), 3);
+    // An attempt's logs, read from the agent that ran it (step3 ran on c).
+    b.click("button.logs[data-step=step3][data-attempt='1']");
+    b.until("step3's stdout from agent c", |b| {
+        b.count("tr.log-row[data-step=step3] pre.log[data-stream=stdout]") == 1
+    });
+    let logs = b.text_of("tr.log-row[data-step=step3]");
+    assert!(
+        logs.contains("prependTWO AGENTS append") && logs.contains(&c_id),
+        "{logs}"
+    );
 
     // The list, filtered by state, shows it; the agent's jobs name the workflow.
     let id = b.hash().trim_start_matches("/workflow/").to_string();

@@ -314,37 +314,49 @@ fn the_api_token_is_enforced() {
 }
 
 /// `caroni completions bash` completes in a real bash: the subcommands of
-/// `caroni wor…` and `caroni workflow s…`. `caroni man` is a roff page
-/// listing the subcommands.
+/// `caroni wor…` and `caroni workflow s…`, and, asking the node named by
+/// CARONI_NODE, template names and workflow ids. `caroni man` is a roff
+/// page listing the subcommands.
 #[test]
 fn shell_completions_complete_and_the_man_page_renders() {
-    let script = std::env::temp_dir().join(format!(
-        "caroni-completion-{}.bash",
-        caroni_tests::free_port()
-    ));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeProc::start(&dir.path().join("n"), "both", &[]).expect("node");
+    node.add_demo_template();
+    node.add_job_types(&["foojob0.yaml", "foojob1.yaml", "foojob2.yaml"]);
+    let id = node.run("test_simple", &["start_message=hi"]);
+    let script = dir.path().join("caroni-completion.bash");
     let mut cmd = Command::new(bin("caroni"));
     cmd.args(["completions", "bash"]);
     let out = run_bounded(cmd, Duration::from_secs(30)).expect("completions");
     assert!(out.status.success());
     std::fs::write(&script, &out.stdout).expect("write script");
-    let complete = |words: &str| -> String {
+    let complete = |words: &str| -> Vec<String> {
         let probe = format!(
             "source {}; COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); \
-             COMP_LINE=\"{words}\"; COMP_POINT=${{#COMP_LINE}}; \
-             _caroni caroni \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"; \
+             COMP_LINE=\"{words}\"; COMP_POINT=${{#COMP_LINE}}; COMP_TYPE=9; \
+             _clap_complete_caroni caroni \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"; \
              printf '%s\\n' \"${{COMPREPLY[@]}}\"",
             script.display()
         );
         let mut cmd = Command::new("bash");
-        cmd.args(["-c", &probe]);
+        cmd.args(["-c", &probe]).env("CARONI_NODE", node.url());
         let out = run_bounded(cmd, Duration::from_secs(30)).expect("bash");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim_end().to_string())
+            .collect()
     };
     let first = complete("caroni wor");
-    assert!(first.lines().any(|l| l == "workflow"), "{first}");
+    assert!(first.iter().any(|l| l == "workflow"), "{first:?}");
     let second = complete("caroni workflow s");
-    assert!(second.lines().any(|l| l == "show"), "{second}");
-    let _ = std::fs::remove_file(&script);
+    assert!(second.iter().any(|l| l == "show"), "{second:?}");
+    // Names and ids come from the node.
+    let names = complete("caroni run test_s");
+    assert_eq!(names, ["test_simple"], "template names");
+    let ids = complete(&format!("caroni workflow show {}", &id[..6]));
+    assert!(ids.contains(&id), "workflow ids: {ids:?}");
+    let none = complete("caroni template show nosuch");
+    assert!(none.iter().all(|l| l.is_empty()), "{none:?}");
 
     let mut cmd = Command::new(bin("caroni"));
     cmd.arg("man");

@@ -403,3 +403,34 @@ def test_the_asyncio_client_runs_and_watches_many_in_one_loop(node: Node, demo_c
 
     ids = asyncio.run(main())
     assert len(ids) == 5
+
+
+#: Writes `seconds` numbered lines to stderr, then its answer.
+CHATTY = JobType(
+    name="py_chatty",
+    inputs=["seconds"],
+    outputs=["done"],
+    body='for i in $(seq 1 "$CARONI_ENV_seconds"); do echo "line $i of the log" >&2; done; '
+    'echo \'{"done": "yes"}\'',
+    timeout_seconds=60,
+)
+
+
+def test_an_attempts_whole_logs_are_read_from_its_agent(client: Client):
+    client.put_job_type(CHATTY, replace=CHATTY.name in [j.name for j in client.job_types()])
+    client.put_template("py_chatty", SLOW_CWL.replace("py_sleeper", "py_chatty"))
+    w = client.run("py_chatty", {"seconds": "5000"}, wait=True, timeout=60)
+    assert w.state == "completed", w
+    out, err = client.log_text(w.id)
+    # Every line, not only the 2 KiB tail the attempt carries.
+    lines = err.splitlines()
+    assert len(lines) == 5000 and lines[0] == "line 1 of the log", lines[:3]
+    assert lines[-1] == "line 5000 of the log"
+    assert len(client.show(w.id).step("nap").attempt_history[-1].stderr_tail) <= 2048
+    assert out == '{"done": "yes"}\n'
+    # Pieces say where they belong.
+    chunks = list(client.logs(w.id, step="nap", attempt=1, stream="stderr", timeout=30))
+    assert chunks and all(c.stream == "stderr" and c.step == "nap" and c.attempt == 1 for c in chunks)
+    assert chunks[0].offset == 0 and chunks[0].to_dict()["data"].startswith("line 1")
+    with pytest.raises(NotFound):
+        list(client.logs(w.id, step="nosuchstep", timeout=30))

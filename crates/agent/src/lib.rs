@@ -11,6 +11,7 @@ pub mod cwl;
 pub mod engine;
 pub mod executor;
 pub mod job_types;
+pub mod logs;
 pub mod machine;
 pub mod records;
 pub mod service;

@@ -341,6 +341,33 @@ impl Fetcher {
         p.insert(key);
     }
 
+    /// Reads log `stream` of job `job` from agent `from` (this node must
+    /// be the job's manager), from `offset`; with `follow`, until the job
+    /// ends.
+    pub async fn read_log(
+        &self,
+        from: &str,
+        job: uuid::Uuid,
+        stream: &str,
+        offset: u64,
+        follow: bool,
+    ) -> Result<tonic::Streaming<caroni_proto::v1::LogPiece>, FetchError> {
+        let mut client = self.client(from).await?;
+        let read = self
+            .signer
+            .sign_log_read(job, stream, offset, follow, from)?;
+        let refused = |s: Status| FetchError::Refused {
+            node: from.to_string(),
+            file: format!("the {stream} of job {job}"),
+            reason: s.message().to_string(),
+            permanent: matches!(
+                s.code(),
+                tonic::Code::NotFound | tonic::Code::PermissionDenied
+            ),
+        };
+        Ok(client.read_log(read).await.map_err(refused)?.into_inner())
+    }
+
     /// A client of node `from`'s peer port over the connection kept for it.
     async fn client(
         &self,

@@ -157,6 +157,29 @@ impl Signer {
         self.sign_body(read.encode_to_vec(), false)
     }
 
+    /// Signs a request to read a log of job `job_id` from `offset` of
+    /// node `holder`.
+    pub fn sign_log_read(
+        &self,
+        job_id: uuid::Uuid,
+        stream: &str,
+        offset: u64,
+        follow: bool,
+        holder: &str,
+    ) -> Result<Envelope, Error> {
+        let read = caroni_proto::v1::LogRead {
+            purpose: LOG_READ_PURPOSE.into(),
+            job_id: job_id.to_string(),
+            stream: stream.into(),
+            offset,
+            follow,
+            reader: self.name.clone(),
+            holder: holder.into(),
+            issued_at_ms: caroni_types::now_ms(),
+        };
+        self.sign_body(read.encode_to_vec(), false)
+    }
+
     fn sign_body(&self, body: Vec<u8>, batch: bool) -> Result<Envelope, Error> {
         let signature = self
             .key
@@ -254,32 +277,85 @@ pub fn open_blob_read(
     env: &Envelope,
     me: &str,
 ) -> Result<(String, caroni_proto::v1::BlobRead), Error> {
-    if env.batch {
-        return Err(Error::Refused("a batch envelope is not a blob read".into()));
-    }
-    let signer = verified_signer(env)?;
-    let read = caroni_proto::v1::BlobRead::decode(env.body.as_slice())
-        .map_err(|e| Error::Refused(format!("undecodable blob read: {e}")))?;
+    let (signer, read) = open_read::<caroni_proto::v1::BlobRead>(env, "blob read")?;
     if read.purpose != BLOB_READ_PURPOSE {
         return Err(Error::Refused("the envelope is not a blob read".into()));
     }
-    if read.reader != signer.name {
-        return Err(Error::Refused(
-            "the blob read is not signed by its reader".into(),
-        ));
+    check_read(
+        "blob read",
+        &signer,
+        &read.reader,
+        &read.holder,
+        read.issued_at_ms,
+        me,
+    )?;
+    Ok((signer, read))
+}
+
+/// What a signed log read says it is for.
+pub const LOG_READ_PURPOSE: &str = "caroni/v1/log-read";
+
+/// Verifies a signed log read meant for node `me`; returns it with the
+/// reader's node id (its signer's).
+pub fn open_log_read(
+    env: &Envelope,
+    me: &str,
+) -> Result<(String, caroni_proto::v1::LogRead), Error> {
+    let (signer, read) = open_read::<caroni_proto::v1::LogRead>(env, "log read")?;
+    if read.purpose != LOG_READ_PURPOSE {
+        return Err(Error::Refused("the envelope is not a log read".into()));
     }
-    if read.holder != me {
+    check_read(
+        "log read",
+        &signer,
+        &read.reader,
+        &read.holder,
+        read.issued_at_ms,
+        me,
+    )?;
+    Ok((signer, read))
+}
+
+/// A read request's signer and body, the signature verified.
+fn open_read<T: prost::Message + Default>(
+    env: &Envelope,
+    what: &str,
+) -> Result<(String, T), Error> {
+    if env.batch {
+        return Err(Error::Refused(format!("a batch envelope is not a {what}")));
+    }
+    let signer = verified_signer(env)?;
+    let read = T::decode(env.body.as_slice())
+        .map_err(|e| Error::Refused(format!("undecodable {what}: {e}")))?;
+    Ok((signer.name, read))
+}
+
+/// A read is signed by its reader, meant for this node and recent.
+fn check_read(
+    what: &str,
+    signer: &str,
+    reader: &str,
+    holder: &str,
+    issued_at_ms: u64,
+    me: &str,
+) -> Result<(), Error> {
+    if reader != signer {
         return Err(Error::Refused(format!(
-            "the blob read is meant for node {}, not this one",
-            read.holder.chars().take(64).collect::<String>()
+            "the {what} is not signed by its reader"
         )));
     }
-    if read.issued_at_ms.abs_diff(caroni_types::now_ms()) > BLOB_READ_SKEW_MS {
-        return Err(Error::Refused(
-            "the blob read was signed more than 5 minutes from this node's clock; check both clocks".into(),
-        ));
+    if holder != me {
+        return Err(Error::Refused(format!(
+            "the {what} is meant for node {}, not this one",
+            holder.chars().take(64).collect::<String>()
+        )));
     }
-    Ok((signer.name, read))
+    if issued_at_ms.abs_diff(caroni_types::now_ms()) > BLOB_READ_SKEW_MS {
+        return Err(Error::Refused(format!(
+            "the {what} was signed more than 5 minutes from this node's clock; check both clocks"
+        )));
+    }
+    Ok(())
 }
 
 /// Verifies an envelope holding one message and decodes it. Nothing in it

@@ -23,7 +23,7 @@ pub use envelope::{open, open_all, Signer, Verified};
 pub use gate::{GateLimits, Gated, GatedListener};
 pub use inbox::{Applying, DeliverError, Inbox, Preparing};
 pub use outbox::{Outbox, PeerStatus};
-pub use server::PeerServer;
+pub use server::{LogSource, PeerServer};
 pub use tls::{Links, MeshKey, PeerTls};
 
 use std::collections::HashMap;

@@ -6,7 +6,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use caroni_proto::v1::{peer_service_server::PeerService, Ack, Envelope};
+use caroni_proto::v1::{peer_service_server::PeerService, Ack, Envelope, LogPiece};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -37,6 +37,27 @@ pub struct PeerServer {
     refusals: PeerRefusals,
     /// The blob store peers read from, if the node has one.
     blobs: Option<caroni_blob::Blobs>,
+    /// Jobs' logs, on an agent.
+    logs: Option<Arc<dyn LogSource>>,
+}
+
+/// A stream of log pieces.
+pub type LogStream = Pin<Box<dyn Stream<Item = Result<LogPiece, Status>> + Send>>;
+
+/// Where an agent's jobs' logs are read (the node implements it over its
+/// agent engine).
+pub trait LogSource: Send + Sync + 'static {
+    /// Log `stream` of job `job` from `offset`, for node `reader`, which
+    /// must be the job's manager (`PERMISSION_DENIED` otherwise,
+    /// `NOT_FOUND` without such a job).
+    fn read(
+        &self,
+        reader: &str,
+        job: uuid::Uuid,
+        stream: &str,
+        offset: u64,
+        follow: bool,
+    ) -> Result<LogStream, Status>;
 }
 
 impl PeerServer {
@@ -50,7 +71,14 @@ impl PeerServer {
             mesh_key: None,
             refusals: PeerRefusals::default(),
             blobs: None,
+            logs: None,
         }
+    }
+
+    /// Serves reads of jobs' logs to their managers.
+    pub fn with_logs(mut self, logs: Option<Arc<dyn LogSource>>) -> Self {
+        self.logs = logs;
+        self
     }
 
     /// Serves reads of `blobs` to the peers granted them.
@@ -129,6 +157,37 @@ type AckStream = Pin<Box<dyn Stream<Item = Result<Ack, Status>> + Send>>;
 impl PeerService for PeerServer {
     type DeliverStream = AckStream;
     type ReadBlobStream = crate::blobs::ChunkStream;
+    type ReadLogStream = LogStream;
+
+    async fn read_log(
+        &self,
+        req: Request<Envelope>,
+    ) -> Result<Response<Self::ReadLogStream>, Status> {
+        let peer = self.admit(&req)?;
+        let logs = self
+            .logs
+            .as_ref()
+            .ok_or_else(|| Status::not_found("this node runs no jobs (it is not an agent)"))?;
+        let (reader, read) = crate::envelope::open_log_read(req.get_ref(), &self.me)
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        if peer.as_ref().is_some_and(|p| *p != reader) {
+            return Err(Status::permission_denied(
+                "the log read is not signed by the node this link comes from",
+            ));
+        }
+        let job = read
+            .job_id
+            .parse::<uuid::Uuid>()
+            .map_err(|_| Status::invalid_argument("the log read names no valid job id"))?;
+        let stream = logs.read(&reader, job, &read.stream, read.offset, read.follow);
+        if let Err(s) = &stream {
+            if s.code() == tonic::Code::PermissionDenied {
+                crate::refusal!(REFUSED_STREAMS, peer = %reader, "refused a log read: {}", s.message());
+                self.refusals.note(&reader, s.message());
+            }
+        }
+        Ok(Response::new(stream?))
+    }
 
     async fn read_blob(
         &self,

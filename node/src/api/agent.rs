@@ -16,12 +16,32 @@ use caroni_proto::timestamp_ms;
 pub struct AgentApi {
     store: Store,
     agent: Option<Handle>,
+    logs: crate::logs::SharedLogs,
 }
+
+type JobLogChunks = crate::logs::Boxed<pb::JobLogChunk>;
 
 impl AgentApi {
     /// `agent` is `None` on a node without the agent role.
     pub fn new(store: Store, agent: Option<Handle>) -> Self {
-        Self { store, agent }
+        Self {
+            store,
+            agent,
+            logs: None,
+        }
+    }
+
+    /// Serves the jobs' logs kept in `logs`.
+    pub fn with_logs(mut self, logs: crate::logs::SharedLogs) -> Self {
+        self.logs = logs;
+        self
+    }
+
+    fn job_id(&self, s: &str) -> Result<uuid::Uuid, Status> {
+        super::resolve_id("job", s, |prefix, after| {
+            caroni_agent::records::job_ids_with_prefix(&self.store, prefix, after, 8)
+                .map_err(|e| Status::unavailable(e.to_string()))
+        })
     }
 
     fn store(&self) -> Result<Store, Status> {
@@ -284,10 +304,7 @@ impl AgentService for AgentApi {
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         let a = require_role(self.agent.as_ref(), "agent")?;
-        let id = super::resolve_id("job", &req.into_inner().job_id, |prefix, after| {
-            caroni_agent::records::job_ids_with_prefix(&self.store, prefix, after, 8)
-                .map_err(|e| Status::unavailable(e.to_string()))
-        })?;
+        let id = self.job_id(&req.into_inner().job_id)?;
         match a.get_job(id).map_err(internal)? {
             Some(j) => {
                 let w = a.workflow_of(&j);
@@ -298,5 +315,35 @@ impl AgentService for AgentApi {
                 "no job {id} on this agent; `caroni job list` shows them"
             ))),
         }
+    }
+
+    type GetJobLogsStream = JobLogChunks;
+
+    async fn get_job_logs(
+        &self,
+        req: Request<pb::GetJobLogsRequest>,
+    ) -> Result<Response<Self::GetJobLogsStream>, Status> {
+        require_role(self.agent.as_ref(), "agent")?;
+        let logs = self
+            .logs
+            .clone()
+            .ok_or_else(|| Status::unimplemented("this node serves no logs"))?;
+        let req = req.into_inner();
+        let id = self.job_id(&req.job_id)?;
+        logs.job(id)?;
+        let streams = crate::logs::streams_asked(&req.stream)?;
+        let mut all: Vec<JobLogChunks> = Vec::new();
+        for &stream in streams {
+            let pieces = logs.open(id, crate::logs::stream_named(stream)?, 0, req.follow)?;
+            let chunks: JobLogChunks = Box::pin(tokio_stream::StreamExt::map(pieces, move |p| {
+                p.map(|p| pb::JobLogChunk {
+                    stream: stream.into(),
+                    offset: p.offset,
+                    data: p.data,
+                })
+            }));
+            all.push(chunks);
+        }
+        Ok(Response::new(crate::logs::merged(all)))
     }
 }

@@ -19,12 +19,38 @@ use super::{blocking, require_role, IntoStatus};
 pub struct ManagerApi {
     store: Store,
     manager: Option<Handle>,
+    logs: Option<LogAccess>,
 }
+
+/// How the manager reaches its jobs' logs: from the agent that ran each
+/// (over the peer port, signed as this node), or in process when that
+/// agent is this node.
+#[derive(Clone)]
+pub struct LogAccess {
+    /// This node's id.
+    pub me: String,
+    /// Reads from other nodes.
+    pub fetcher: caroni_peer::blobs::Fetcher,
+    /// This node's own agent's logs.
+    pub local: crate::logs::SharedLogs,
+}
+
+type LogChunks = crate::logs::Boxed<pb::LogChunk>;
 
 impl ManagerApi {
     /// `manager` is `None` on a node without the manager role.
     pub fn new(store: Store, manager: Option<Handle>) -> Self {
-        Self { store, manager }
+        Self {
+            store,
+            manager,
+            logs: None,
+        }
+    }
+
+    /// Serves attempts' logs through `logs`.
+    pub fn with_logs(mut self, logs: LogAccess) -> Self {
+        self.logs = Some(logs);
+        self
     }
 
     fn store(&self) -> Result<Store, Status> {
@@ -302,6 +328,84 @@ fn list_filter(req: &pb::ListWorkflowsRequest) -> Result<ListFilter, Status> {
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Workflow, Status>> + Send>>;
 
+/// The step and attempt (numbered from 1) a logs request names.
+fn pick_attempt<'w>(
+    w: &'w Workflow,
+    step: &str,
+    attempt: u32,
+) -> Result<
+    (
+        &'w caroni_manager::model::Step,
+        u32,
+        &'w caroni_manager::model::Attempt,
+    ),
+    Status,
+> {
+    let names = || {
+        w.steps
+            .iter()
+            .map(|s| s.id.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let s = match (step, w.steps.as_slice()) {
+        ("", [only]) => only,
+        ("", _) => {
+            return Err(Status::invalid_argument(format!(
+                "workflow {} has {} steps ({}): name one with `step`",
+                w.id,
+                w.steps.len(),
+                names()
+            )))
+        }
+        (name, steps) => steps.iter().find(|s| s.id == name).ok_or_else(|| {
+            Status::not_found(format!(
+                "workflow {} has no step `{}`; its steps are {}",
+                w.id,
+                name.chars().take(64).collect::<String>(),
+                names()
+            ))
+        })?,
+    };
+    if attempt == 0 {
+        let (i, a) = s
+            .attempts
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, a)| a.job_id.is_some())
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "step {} has not reached an agent yet ({}): it has no logs yet",
+                    s.id,
+                    s.shown_state()
+                ))
+            })?;
+        return Ok((s, i as u32 + 1, a));
+    }
+    let a = s.attempts.get(attempt as usize - 1).ok_or_else(|| {
+        Status::not_found(format!(
+            "step {} has {} attempt(s), not {attempt}",
+            s.id,
+            s.attempts.len()
+        ))
+    })?;
+    Ok((s, attempt, a))
+}
+
+/// Why a log could not be read from an agent.
+fn log_status(agent: &str, e: caroni_peer::blobs::FetchError) -> Status {
+    use caroni_peer::blobs::FetchError;
+    match e {
+        FetchError::Refused { reason, .. } => Status::failed_precondition(format!(
+            "agent {agent} would not give the log: {reason}"
+        )),
+        other => Status::unavailable(format!(
+            "agent {agent}, which ran the job, cannot be reached now ({other}); it keeps the logs until its --retention: try again later"
+        )),
+    }
+}
+
 #[tonic::async_trait]
 impl ManagerService for ManagerApi {
     async fn put_template(
@@ -456,6 +560,69 @@ impl ManagerService for ManagerApi {
             truncated,
             next_page_token: next.unwrap_or_default(),
         }))
+    }
+
+    type GetLogsStream = LogChunks;
+
+    async fn get_logs(
+        &self,
+        req: Request<pb::GetLogsRequest>,
+    ) -> Result<Response<Self::GetLogsStream>, Status> {
+        let m = require_role(self.manager.as_ref(), "manager")?.clone();
+        let access = self
+            .logs
+            .clone()
+            .ok_or_else(|| Status::unimplemented("this node serves no logs"))?;
+        let req = req.into_inner();
+        let id = self.workflow_id(&req.workflow_id)?;
+        let w = blocking(move || m.get(id)).await?;
+        let (step, n, attempt) = pick_attempt(&w, &req.step, req.attempt)?;
+        let job = attempt.job_id.ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "attempt {n} of step {} never reached an agent (its request expired unanswered): it has no logs",
+                step.id
+            ))
+        })?;
+        let streams = crate::logs::streams_asked(&req.stream)?;
+        let mut all: Vec<LogChunks> = Vec::new();
+        for &stream in streams {
+            let pieces = if attempt.agent == access.me {
+                let local = access.local.as_ref().ok_or_else(|| {
+                    Status::not_found(
+                        "this node ran the job but is no longer an agent: its logs are not served",
+                    )
+                })?;
+                caroni_peer::LogSource::read(
+                    local.as_ref(),
+                    &access.me,
+                    job,
+                    stream,
+                    0,
+                    req.follow,
+                )?
+            } else {
+                let remote = access
+                    .fetcher
+                    .read_log(&attempt.agent, job, stream, 0, req.follow)
+                    .await
+                    .map_err(|e| log_status(&attempt.agent, e))?;
+                Box::pin(remote)
+            };
+            let (step, agent) = (step.id.clone(), attempt.agent.clone());
+            let chunks: LogChunks = Box::pin(tokio_stream::StreamExt::map(pieces, move |p| {
+                p.map(|p| pb::LogChunk {
+                    step: step.clone(),
+                    attempt: n,
+                    stream: stream.into(),
+                    offset: p.offset,
+                    data: p.data,
+                    job_id: job.to_string(),
+                    agent: agent.clone(),
+                })
+            }));
+            all.push(chunks);
+        }
+        Ok(Response::new(crate::logs::merged(all)))
     }
 
     async fn get_workflow(

@@ -11,7 +11,7 @@ pub mod node;
 
 pub use agent::AgentApi;
 pub use files::FileApi;
-pub use manager::ManagerApi;
+pub use manager::{LogAccess, ManagerApi};
 pub use node::NodeApi;
 
 /// The three client services of a node.

@@ -171,6 +171,7 @@ fn router(console: Console) -> Router {
         .route("/api/workflows/{id}/cancel", post(cancel_workflow))
         .route("/api/workflows/{id}/retry", post(retry_workflow))
         .route("/api/workflows/{id}/rerun", post(rerun_workflow))
+        .route("/api/workflows/{id}/logs", get(workflow_logs))
         .route("/api/templates", get(list_templates).post(put_template))
         .route(
             "/api/templates/{name}",
@@ -376,6 +377,51 @@ async fn get_workflow(State(c): State<Console>, Path(id): Path<String>) -> Answe
             .await?
             .into_inner();
     Ok(Json(js::workflow(&w)))
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    #[serde(default)]
+    step: String,
+    #[serde(default)]
+    attempt: u32,
+}
+
+/// Both logs of an attempt, whole (as kept by the agent), as text.
+async fn workflow_logs(
+    State(c): State<Console>,
+    Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<LogsQuery>,
+) -> Answer {
+    let mut chunks =
+        c.0.src
+            .manager
+            .get_logs(req(pb::GetLogsRequest {
+                workflow_id: id,
+                step: q.step,
+                attempt: q.attempt,
+                stream: String::new(),
+                follow: false,
+            }))
+            .await?
+            .into_inner();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let (mut job, mut agent) = (String::new(), String::new());
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk?;
+        match chunk.stream.as_str() {
+            "stdout" => out.extend_from_slice(&chunk.data),
+            _ => err.extend_from_slice(&chunk.data),
+        }
+        job = chunk.job_id;
+        agent = chunk.agent;
+    }
+    Ok(Json(json!({
+        "stdout": String::from_utf8_lossy(&out),
+        "stderr": String::from_utf8_lossy(&err),
+        "job_id": job,
+        "agent": agent,
+    })))
 }
 
 #[derive(Deserialize)]

@@ -28,7 +28,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Optional
 from . import client as _sync
 
 #: Methods that return iterators: delivered as async iterators.
-_STREAMS = frozenset({"watch", "watch_all", "iter_workflows"})
+_STREAMS = frozenset({"watch", "watch_all", "iter_workflows", "logs"})
 
 _END = object()
 

@@ -15,6 +15,7 @@ from typing import (
     Mapping,
     Optional,
     Sequence,
+    Tuple,
     Union,
     overload,
 )
@@ -37,6 +38,7 @@ from .types import (
     FileRef,
     Job,
     JobType,
+    LogChunk,
     NodeInfo,
     Peer,
     Template,
@@ -161,6 +163,40 @@ class Client:
         many workflows (its elements' included) went."""
         req = manager_pb2.GetWorkflowRequest(workflow_id=workflow_id)
         return self._call(self._manager.DeleteWorkflow, req, "DeleteWorkflow").deleted
+
+    def logs(
+        self,
+        workflow_id: str,
+        step: str = "",
+        attempt: int = 0,
+        stream: str = "",
+        follow: bool = False,
+        timeout: Optional[float] = None,
+    ) -> Iterator[LogChunk]:
+        """An attempt's stdout and stderr, read from the agent that ran it.
+
+        ``step`` may be left out for a workflow of one step; ``attempt``
+        counts from 1 (0: the latest that reached an agent); ``stream`` is
+        ``"stdout"``, ``"stderr"`` or ``""`` for both. With ``follow``, the
+        iterator goes on while the job runs and stops when it has ended.
+        ``timeout`` (seconds) bounds the whole read.
+        """
+        req = manager_pb2.GetLogsRequest(
+            workflow_id=workflow_id, step=step, attempt=attempt, stream=stream, follow=follow
+        )
+        try:
+            for c in self._manager.GetLogs(req, timeout=timeout, metadata=self._metadata):
+                yield LogChunk.from_pb(c)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, "GetLogs") from None
+
+    def log_text(self, workflow_id: str, step: str = "", attempt: int = 0) -> Tuple[str, str]:
+        """An attempt's whole stdout and stderr as text (invalid UTF-8
+        replaced)."""
+        out, err = bytearray(), bytearray()
+        for c in self.logs(workflow_id, step=step, attempt=attempt, timeout=self.timeout):
+            (out if c.stream == "stdout" else err).extend(c.data)
+        return out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
     def _call(self, method, request, name: str):
         try:

@@ -28,6 +28,8 @@ def _opt(msg, name: str):
 def _plain(v: Any) -> Any:
     if isinstance(v, datetime):
         return v.isoformat()
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
         return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
     if isinstance(v, dict):
@@ -421,6 +423,40 @@ class Job(_ToDict):
             created_at=_time(m, "created_at"),
             started_at=_time(m, "started_at"),
             ended_at=_time(m, "ended_at"),
+        )
+
+
+@dataclass(frozen=True)
+class LogChunk(_ToDict):
+    """A piece of an attempt's stdout or stderr (``to_dict`` gives
+    ``data`` as text)."""
+
+    step: str
+    #: The attempt, from 1.
+    attempt: int
+    #: ``"stdout"`` or ``"stderr"``.
+    stream: str
+    #: Where ``data`` starts in that log.
+    offset: int
+    data: bytes
+    job_id: str
+    agent: str
+
+    @property
+    def text(self) -> str:
+        """``data`` as text (invalid UTF-8 replaced)."""
+        return self.data.decode("utf-8", "replace")
+
+    @classmethod
+    def from_pb(cls, m: manager_pb2.LogChunk) -> "LogChunk":
+        return cls(
+            step=m.step,
+            attempt=m.attempt,
+            stream=m.stream,
+            offset=m.offset,
+            data=bytes(m.data),
+            job_id=m.job_id,
+            agent=m.agent,
         )
 
 

@@ -236,6 +236,7 @@ impl Agent {
                 cwl_tool: (job.job_type == caroni_types::CWL_TOOL_JOB_TYPE)
                     .then(|| job.job_kvs.get(caroni_types::CWL_TOOL_KV).cloned())
                     .flatten(),
+                logs: None,
             };
             // Where it runs, written with its start (a Slurm job's id is
             // written by its executor once sbatch has given it).

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::output::{env_plan, failed, failed_as, ENV_VALUE_MAX, JOB_PATH};
 use super::{Executor, RunSpec};
+use crate::logs::{tee_tail, Stream};
 use crate::machine::{Failure, RunResult, STDERR_TAIL_BYTES};
 
 /// The bash executor.
@@ -59,31 +60,24 @@ impl BashExecutor {
     }
 }
 
-/// Reads a pipe to its end, keeping only its last [`STDERR_TAIL_BYTES`].
-async fn read_tail(mut r: impl tokio::io::AsyncRead + Unpin) -> Vec<u8> {
-    let mut kept: std::collections::VecDeque<u8> = std::collections::VecDeque::new();
-    let mut chunk = [0u8; 8192];
-    while let Ok(n) = r.read(&mut chunk).await {
-        if n == 0 {
-            break;
-        }
-        kept.extend(&chunk[..n]);
-        let extra = kept.len().saturating_sub(STDERR_TAIL_BYTES);
-        kept.drain(..extra);
-    }
-    kept.into()
-}
-
 /// Reads stdout up to `limit + 1` bytes, then keeps draining (and
 /// discarding) so that the job is not killed by a full pipe: an over-long
 /// output is reported as such, not as a signal.
-async fn read_limited(mut r: impl tokio::io::AsyncRead + Unpin, limit: u64) -> (Vec<u8>, bool) {
+/// Everything read is also written to `log`, when kept.
+async fn read_limited(
+    mut r: impl tokio::io::AsyncRead + Unpin,
+    limit: u64,
+    mut log: Option<crate::logs::LogWriter>,
+) -> (Vec<u8>, bool) {
     let mut buf = Vec::new();
     let mut over = false;
     let mut chunk = [0u8; 8192];
     while let Ok(n) = r.read(&mut chunk).await {
         if n == 0 {
             break;
+        }
+        if let Some(l) = log.as_mut() {
+            l.write(&chunk[..n]).await;
         }
         if over {
             continue;
@@ -95,6 +89,9 @@ async fn read_limited(mut r: impl tokio::io::AsyncRead + Unpin, limit: u64) -> (
         } else {
             buf.extend_from_slice(&chunk[..n]);
         }
+    }
+    if let Some(l) = log {
+        l.finish().await;
     }
     (buf, over)
 }
@@ -230,15 +227,22 @@ impl Executor for BashExecutor {
         let limit = spec.max_output_bytes;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
+        let (out_log, err_log) = match &spec.logs {
+            Some(l) => (
+                Some(l.writer(Stream::Stdout)),
+                Some(l.writer(Stream::Stderr)),
+            ),
+            None => (None, None),
+        };
         let mut out_task = tokio::spawn(async move {
             match stdout {
-                Some(s) => read_limited(s, limit).await,
+                Some(s) => read_limited(s, limit, out_log).await,
                 None => (Vec::new(), false),
             }
         });
         let mut err_task = tokio::spawn(async move {
             match stderr {
-                Some(s) => read_tail(s).await,
+                Some(s) => tee_tail(s, err_log, STDERR_TAIL_BYTES).await,
                 None => Vec::new(),
             }
         });
@@ -359,6 +363,7 @@ mod tests {
             max_output_bytes: 1 << 20,
             executor: Default::default(),
             cwl_tool: None,
+            logs: None,
         }
     }
 

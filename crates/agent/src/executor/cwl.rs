@@ -167,7 +167,15 @@ fn run_blocking(
             })
         }
     };
-    let stderr_log = tmpdir.join("caroni-stderr.log");
+    // The tool's stderr goes straight to the job's log when logs are
+    // kept (followed live, bounded when the tool ends).
+    let stderr_log = match &spec.logs {
+        Some(l) => {
+            let _ = std::fs::remove_file(&l.stdout);
+            l.stderr.clone()
+        }
+        None => tmpdir.join("caroni-stderr.log"),
+    };
     let opts = caroni_cwl_exec::Options {
         outdir: outdir.clone(),
         tmpdir: tmpdir.clone(),
@@ -194,7 +202,10 @@ fn run_blocking(
         },
         &opts,
     );
-    let stderr = std::fs::read(&stderr_log).unwrap_or_default();
+    let stderr = read_end(&stderr_log, crate::machine::STDERR_TAIL_BYTES as u64);
+    if let Some(l) = &spec.logs {
+        l.bound(crate::logs::Stream::Stderr);
+    }
     let out = match result {
         Ok(out) => out,
         Err(caroni_cwl_exec::ToolError::Exit { code, .. }) => {
@@ -255,4 +266,21 @@ fn run_blocking(
         outputs,
         stderr_tail: tail(&stderr),
     }
+}
+
+/// The last `bytes` of a file (nothing when it cannot be read).
+fn read_end(path: &std::path::Path, bytes: u64) -> Vec<u8> {
+    use std::io::{Read, Seek};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map_or(0, |m| m.len());
+    if f.seek(std::io::SeekFrom::Start(len.saturating_sub(bytes)))
+        .is_err()
+    {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let _ = f.take(bytes).read_to_end(&mut out);
+    out
 }

@@ -356,10 +356,30 @@ impl DockerExecutor {
                     .build(),
             ),
         );
-        let read = async move {
+        let (mut out_log, mut err_log) = match &spec.logs {
+            Some(l) => (
+                Some(l.writer(crate::logs::Stream::Stdout)),
+                Some(l.writer(crate::logs::Stream::Stderr)),
+            ),
+            None => (None, None),
+        };
+        let read = async {
             let mut logs = std::pin::pin!(logs);
             let (mut out, mut err, mut over) = (Vec::new(), Vec::new(), false);
             while let Some(item) = logs.next().await {
+                match &item {
+                    Ok(bollard::container::LogOutput::StdOut { message }) => {
+                        if let Some(l) = out_log.as_mut() {
+                            l.write(message).await;
+                        }
+                    }
+                    Ok(bollard::container::LogOutput::StdErr { message }) => {
+                        if let Some(l) = err_log.as_mut() {
+                            l.write(message).await;
+                        }
+                    }
+                    _ => {}
+                }
                 match item {
                     Ok(bollard::container::LogOutput::StdOut { message }) => {
                         let room = usize::try_from(limit.saturating_sub(out.len() as u64))
@@ -391,6 +411,9 @@ impl DockerExecutor {
             }
             _ = cancel.cancelled() => Err((Failure::Killed, "killed".to_string())),
         };
+        for log in [out_log, err_log].into_iter().flatten() {
+            log.finish().await;
+        }
         let (stdout, stderr, over) = match ended {
             Ok(r) => r,
             Err((kind, why)) => {

@@ -50,6 +50,9 @@ pub struct RunSpec {
     /// `CWL_TOOL_JOB_TYPE` (set by the agent from the job type, never from
     /// what a manager chose to put in the static parameters).
     pub cwl_tool: Option<String>,
+    /// Where its stdout and stderr are kept (set by [`Executors`] when the
+    /// agent keeps logs).
+    pub logs: Option<crate::logs::LogFiles>,
 }
 
 /// Where a job runs, as `caroni job show` tells it: kept per job.
@@ -96,6 +99,8 @@ pub struct Executors {
     /// are checked again every 5 s (no pings or `scontrol` runs on an
     /// agent that uses neither).
     wanted: Arc<[AtomicBool; 2]>,
+    /// Where jobs' stdout and stderr are kept, if they are.
+    logs: Option<crate::logs::JobLogs>,
 }
 
 const DOCKER: usize = 0;
@@ -118,7 +123,14 @@ impl Executors {
             slurm: slurm::SlurmExecutor::new(work_root.join("slurm"), store)
                 .with_blobs(blobs.clone()),
             wanted: Arc::new([AtomicBool::new(false), AtomicBool::new(false)]),
+            logs: None,
         }
+    }
+
+    /// Keeps every job's stdout and stderr in `logs`.
+    pub fn with_logs(mut self, logs: crate::logs::JobLogs) -> Self {
+        self.logs = Some(logs);
+        self
     }
 
     /// Runs CWL tools in containers (`--cwl-tools container`), labelled
@@ -180,7 +192,10 @@ impl Executors {
 }
 
 impl Executor for Executors {
-    async fn run(&self, spec: RunSpec, cancel: CancellationToken) -> RunResult {
+    async fn run(&self, mut spec: RunSpec, cancel: CancellationToken) -> RunResult {
+        if let Some(logs) = &self.logs {
+            spec.logs = Some(logs.files(spec.job_id));
+        }
         if spec.cwl_tool.is_some() {
             return self.cwl.run(spec, cancel).await;
         }

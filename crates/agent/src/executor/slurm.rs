@@ -483,6 +483,16 @@ impl SlurmExecutor {
             },
         };
         let r = self.wait(&spec, &id, &dir, cancel).await;
+        // The job wrote its streams to files on the shared disk: kept
+        // as its logs once it has ended.
+        if let Some(logs) = spec.logs.clone() {
+            let d = dir.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                logs.copy_from(crate::logs::Stream::Stdout, &d.join("stdout"));
+                logs.copy_from(crate::logs::Stream::Stderr, &d.join("stderr"));
+            })
+            .await;
+        }
         let _ = tokio::fs::remove_dir_all(&dir).await;
         r
     }

@@ -384,7 +384,37 @@ function timelineSvg(w) {
   return svg + "</svg>";
 }
 
+// An attempt's stdout and stderr, read from the agent that ran it, in a
+// row under the attempt (kept open across reloads; reloaded with the page
+// while the workflow changes).
+async function showLogs(id, step, attempt) {
+  const row = main.querySelector(`tr.attempt-row[data-step="${CSS.escape(step)}"][data-attempt="${attempt}"]`);
+  if (!row) return;
+  let logRow = row.nextElementSibling;
+  while (logRow && logRow.classList.contains("stderr-row")) logRow = logRow.nextElementSibling;
+  if (!logRow || !logRow.classList.contains("log-row")) {
+    logRow = document.createElement("tr");
+    logRow.className = "log-row";
+    logRow.dataset.step = step; logRow.dataset.attempt = attempt;
+    let after = row;
+    while (after.nextElementSibling && after.nextElementSibling.classList.contains("stderr-row")) after = after.nextElementSibling;
+    after.after(logRow);
+  }
+  try {
+    const q = `step=${encodeURIComponent(step)}&attempt=${attempt}`;
+    const l = await api(`/api/workflows/${encodeURIComponent(id)}/logs?${q}`);
+    const part = (name, text) => `<h3>${name} <span class="muted">(${text.length} characters)</span></h3>
+      ${text ? `<pre class="log" data-stream="${name}">${esc(text)}</pre>` : `<p class="muted" data-stream="${name}">empty</p>`}`;
+    logRow.innerHTML = `<td colspan="10">${part("stdout", l.stdout)}${part("stderr", l.stderr)}
+      ${l.job_id ? `<p class="muted">job ${esc(l.job_id)} on agent ${esc(l.agent)}</p>` : ""}</td>`;
+  } catch (e) {
+    if (e instanceof LoginNeeded) return;
+    logRow.innerHTML = `<td colspan="10"><p class="error">${esc(e.message)}</p></td>`;
+  }
+}
+
 async function workflowPage(id) {
+  const openLogs = new Set();
   const load = async () => {
     const w = await api("/api/workflows/" + encodeURIComponent(id));
     const ended = ["completed", "failed", "cancelled"].includes(w.state);
@@ -392,7 +422,7 @@ async function workflowPage(id) {
       || `<tr><td colspan="2" class="muted">none</td></tr>`;
     const attempts = [];
     for (const s of w.steps) s.attempt_history.forEach((a, i) => attempts.push(`<tr class="attempt-row" data-step="${esc(s.id)}" data-attempt="${i + 1}" data-state="${esc(a.state)}">
-      <td>${esc(s.id)}</td><td>${i + 1}${a.superseded ? ' <span class="muted">(superseded)</span>' : ""}</td><td class="mono" title="${esc(a.agent)}">${esc(a.agent)}</td>
+      <td>${esc(s.id)}</td><td>${i + 1}${a.superseded ? ' <span class="muted">(superseded)</span>' : ""}${a.job_id ? ` <button type="button" class="secondary small logs" data-step="${esc(s.id)}" data-attempt="${i + 1}" title="Its stdout and stderr, from the agent that ran it">logs</button>` : ""}</td><td class="mono" title="${esc(a.agent)}">${esc(a.agent)}</td>
       <td class="mono">${esc(a.job_id)}</td><td>${badge(a.state)}</td><td>${a.exit_status === null || a.exit_status === undefined ? "—" : esc(a.exit_status)}</td>
       <td>${esc(a.message)}${a.failure ? ` <span class="muted">(${esc(a.failure)})</span>` : ""}</td><td>${when(a.placed_at)}</td><td>${when(a.started_at)}</td><td>${when(a.ended_at)}</td></tr>
       ${a.stderr_tail ? `<tr class="stderr-row" data-step="${esc(s.id)}" data-attempt="${i + 1}"><td colspan="10"><pre class="stderr">${esc(a.stderr_tail)}</pre></td></tr>` : ""}`));
@@ -422,6 +452,21 @@ async function workflowPage(id) {
       ${declines.length ? `<h2>Declines</h2><table id="declines"><thead><tr><th>step</th><th>agent</th><th>declined because</th></tr></thead><tbody>${declines.join("")}</tbody></table>` : ""}
       <h2>Dataflows</h2><table id="dataflows"><thead><tr><th>source</th><th>destination</th><th>value</th></tr></thead><tbody>${flows}</tbody></table>`;
     fillSubworkflows(main);
+    for (const b of main.querySelectorAll("button.logs")) b.onclick = () => {
+      const key = b.dataset.step + "#" + b.dataset.attempt;
+      if (openLogs.has(key)) {
+        openLogs.delete(key);
+        const r = main.querySelector(`tr.log-row[data-step="${CSS.escape(b.dataset.step)}"][data-attempt="${b.dataset.attempt}"]`);
+        if (r) r.remove();
+      } else {
+        openLogs.add(key);
+        showLogs(id, b.dataset.step, b.dataset.attempt);
+      }
+    };
+    for (const key of openLogs) {
+      const at = key.lastIndexOf("#");
+      showLogs(id, key.slice(0, at), key.slice(at + 1));
+    }
     const z = document.getElementById("zoom"), g = document.getElementById("graph");
     if (z && g) z.onclick = () => {
       const fit = g.classList.toggle("fit");
