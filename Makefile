@@ -14,7 +14,10 @@ demo: setup
 
 test:
 	@scripts/setup.sh --test
-	cargo build --workspace --bins
+	@# --all-targets, as clippy and nextest select: a narrower selection
+	@# (--bins) resolves the build tools' features differently and would
+	@# compile RocksDB's C++ a second time.
+	cargo build --workspace --all-targets
 	@if docker info >/dev/null 2>&1; then deploy/build-image.sh; else echo "no Docker engine reachable: the multi-host tests will be skipped"; fi
 	@# A real single-node Slurm cluster for the Slurm executor's tests.
 	conf=$$(scripts/slurm-up.sh) && SLURM_CONF=$$conf cargo nextest run --workspace --no-fail-fast

@@ -198,7 +198,33 @@ pub async fn workflow_logs(ctx: &Context, a: LogsArgs) -> anyhow::Result<ExitCod
         Ok(p) => lines.push(&p),
         Err(e) => failures.push(e),
     };
-    loop {
+    if !a.follow {
+        // Read once, step after step in the workflow's order.
+        for s in &current.steps {
+            if !s.attempt_history.iter().any(|x| !x.job_id.is_empty()) {
+                continue;
+            }
+            started.insert(s.id.clone());
+            let (t, mut r) = tokio::sync::mpsc::channel(64);
+            let reading = pump(
+                ctx,
+                current.id.clone(),
+                s.id.clone(),
+                0,
+                false,
+                stream.clone(),
+                t,
+            );
+            let printing = async {
+                while let Some(p) = r.recv().await {
+                    take(p, &mut lines);
+                }
+            };
+            tokio::join!(reading, printing);
+            lines.flush();
+        }
+    }
+    while a.follow {
         for s in &current.steps {
             let placed = s.attempt_history.iter().any(|x| !x.job_id.is_empty());
             if placed && started.insert(s.id.clone()) {

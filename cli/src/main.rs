@@ -126,7 +126,8 @@ enum Command {
     Peers {
         /// Only the peer whose node id starts with this (a unique prefix,
         /// as tables print node ids).
-        node: Option<String>,
+        #[arg(value_name = "NODE_ID")]
+        peer: Option<String>,
     },
     /// Exit 0 when the node's gRPC health service says SERVING (for
     /// container health checks).
@@ -263,7 +264,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => workflow::run(&ctx, template, inputs, inputs_file, request_id, wait).await,
         Command::Workflow(c) => workflow::workflow(&ctx, c).await,
         Command::Job(c) => workflow::job(&ctx, c).await,
-        Command::Peers { node } => workflow::peers(&ctx, node).await,
+        Command::Peers { peer } => workflow::peers(&ctx, peer).await,
         Command::Version => commands::version(&ctx).await,
         Command::Status => commands::node_status(&ctx).await,
         Command::Health => ctx.health().await,

@@ -2,7 +2,8 @@
 //! processes and the real `caroni` binary: each attempt's stdout and
 //! stderr are kept whole (up to the agent's bound) on the agent and read
 //! on demand through the manager, followed while the job runs, refused to
-//! any node but the job's manager, and deleted with the job.
+//! any node but the job's manager, and deleted with the job. (And a peer
+//! is found by a prefix of its node id.)
 
 use caroni_tests::{run_bounded, step, NodeProc};
 use std::io::{BufRead, BufReader};
@@ -163,6 +164,13 @@ fn a_workflow_of_several_steps_prints_each_line_with_its_step() {
     assert!(pieces
         .iter()
         .all(|p| p["stream"] == "stdout" && p["attempt"] == 1));
+    // The agent's node id, as tables print it (16 characters), finds it.
+    let agent_id = agent.node_id();
+    let one = manager.json(&["peers", &agent_id[..16]]);
+    assert_eq!(one.as_array().map(Vec::len), Some(1), "{one:#}");
+    assert_eq!(one[0]["node_id"], agent_id.as_str());
+    let e = manager.fails(&["peers", "zzz"]);
+    assert!(e.contains("no peer's node id starts with `zzz`"), "{e}");
 }
 
 #[test]
