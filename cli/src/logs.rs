@@ -224,37 +224,39 @@ pub async fn workflow_logs(ctx: &Context, a: LogsArgs) -> anyhow::Result<ExitCod
             lines.flush();
         }
     }
-    while a.follow {
-        for s in &current.steps {
-            let placed = s.attempt_history.iter().any(|x| !x.job_id.is_empty());
-            if placed && started.insert(s.id.clone()) {
-                let (c, t) = (ctx.clone(), tx.clone());
-                let (id, step, follow, st) =
-                    (current.id.clone(), s.id.clone(), a.follow, stream.clone());
-                readers.spawn(async move { pump(&c, id, step, 0, follow, st, t).await });
+    if a.follow {
+        loop {
+            for s in &current.steps {
+                let placed = s.attempt_history.iter().any(|x| !x.job_id.is_empty());
+                if placed && started.insert(s.id.clone()) {
+                    let (c, t) = (ctx.clone(), tx.clone());
+                    let (id, step, follow, st) =
+                        (current.id.clone(), s.id.clone(), a.follow, stream.clone());
+                    readers.spawn(async move { pump(&c, id, step, 0, follow, st, t).await });
+                }
             }
-        }
-        let ended = matches!(current.state.as_str(), "completed" | "failed" | "cancelled");
-        let waiting = a.follow && !ended;
-        if readers.is_empty() && !waiting {
-            // Every reader sent all it read before it ended.
-            while let Ok(p) = rx.try_recv() {
-                take(p, &mut lines);
+            let ended = matches!(current.state.as_str(), "completed" | "failed" | "cancelled");
+            let waiting = a.follow && !ended;
+            if readers.is_empty() && !waiting {
+                // Every reader sent all it read before it ended.
+                while let Ok(p) = rx.try_recv() {
+                    take(p, &mut lines);
+                }
+                break;
             }
-            break;
-        }
-        tokio::select! {
-            Some(p) = rx.recv() => take(p, &mut lines),
-            _ = tick.tick(), if waiting => {
-                current = client
-                    .get_workflow(ctx.request(pb::GetWorkflowRequest {
-                        workflow_id: current.id.clone(),
-                    }))
-                    .await
-                    .map_err(status)?
-                    .into_inner();
-            },
-            Some(_) = readers.join_next() => {},
+            tokio::select! {
+                Some(p) = rx.recv() => take(p, &mut lines),
+                _ = tick.tick(), if waiting => {
+                    current = client
+                        .get_workflow(ctx.request(pb::GetWorkflowRequest {
+                            workflow_id: current.id.clone(),
+                        }))
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                },
+                Some(_) = readers.join_next() => {},
+            }
         }
     }
     lines.flush();
