@@ -312,9 +312,12 @@ pub(super) async fn start_agent(
     if !config.role.is_agent() {
         return Ok(None);
     }
-    let logs =
-        caroni_agent::logs::JobLogs::open(config.data_dir.join("logs"), config.job_log_bytes)
-            .context("cannot create the jobs' log directory under --data-dir")?;
+    let logs = caroni_agent::logs::JobLogs::open(
+        config.data_dir.join("logs"),
+        config.job_log_bytes,
+        Some(storage.store.clone()),
+    )
+    .context("cannot create the jobs' log directory under --data-dir")?;
     let (node_id, store) = (storage.node_id.as_str(), &storage.store);
     let executors = caroni_agent::executor::Executors::new(
         node_id.to_string(),

@@ -109,6 +109,9 @@ pub fn delete_ended(store: &caroni_store::Store, before_ms: u64) -> caroni_store
             if job.state.is_final() && job.ended_at_ms.is_some_and(|t| t < before_ms) {
                 b.delete(JOBS, &key);
                 b.delete(EXECUTIONS, &key);
+                for stream in [crate::logs::Stream::Stdout, crate::logs::Stream::Stderr] {
+                    b.delete(LOGS, &crate::logs::row(job.id, stream));
+                }
                 n += 1;
                 if n >= 1000 {
                     break 'scan;
@@ -164,6 +167,9 @@ pub(crate) fn migrate(store: &caroni_store::Store) -> caroni_store::Result<usize
     }
 }
 /// Where each job runs (executor and container name or Slurm job id).
+/// Short logs of ended jobs ([`crate::logs`]): key = job, stream.
+pub(crate) const LOGS: Table<Vec<u8>> = Table::new(tables::AGENT_JOB_LOGS, "agent_job_logs");
+
 pub(crate) const EXECUTIONS: Table<Execution> =
     Table::new(tables::AGENT_JOB_EXECUTIONS, "agent_job_executions");
 /// The workflow each offered request is for, as its manager said (kept

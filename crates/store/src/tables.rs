@@ -78,8 +78,8 @@ pub const AGENT_JOB_EXECUTIONS: u8 = 0x24;
 /// Jobs with their queue time and failure kind (agent): key = job uuid.
 /// Jobs of the 0x21 layout are converted at start.
 pub const AGENT_JOBS_V2: u8 = 0x25;
-/// Whole stdout and stderr of a job's run, up to a bound (agent): key =
-/// job uuid, stream (u64: 1 stdout, 2 stderr).
+/// A job's stdout or stderr when it is at most 64 KiB (agent; longer
+/// ones are files): key = job uuid, stream (u64: 1 stdout, 2 stderr).
 pub const AGENT_JOB_LOGS: u8 = 0x26;
 
 /// Retired (format 1 outbox: signed envelopes as JSON); read once to convert.

@@ -77,7 +77,7 @@ async fn read_limited(
             break;
         }
         if let Some(l) = log.as_mut() {
-            l.write(&chunk[..n]).await;
+            l.write(&chunk[..n]);
         }
         if over {
             continue;
@@ -91,7 +91,7 @@ async fn read_limited(
         }
     }
     if let Some(l) = log {
-        l.finish().await;
+        l.finish();
     }
     (buf, over)
 }

@@ -370,12 +370,12 @@ impl DockerExecutor {
                 match &item {
                     Ok(bollard::container::LogOutput::StdOut { message }) => {
                         if let Some(l) = out_log.as_mut() {
-                            l.write(message).await;
+                            l.write(message);
                         }
                     }
                     Ok(bollard::container::LogOutput::StdErr { message }) => {
                         if let Some(l) = err_log.as_mut() {
-                            l.write(message).await;
+                            l.write(message);
                         }
                     }
                     _ => {}
@@ -412,7 +412,7 @@ impl DockerExecutor {
             _ = cancel.cancelled() => Err((Failure::Killed, "killed".to_string())),
         };
         for log in [out_log, err_log].into_iter().flatten() {
-            log.finish().await;
+            log.finish();
         }
         let (stdout, stderr, over) = match ended {
             Ok(r) => r,
