@@ -271,25 +271,39 @@ pub const BLOB_READ_PURPOSE: &str = "caroni/v1/blob-read";
 /// How far a blob read's signing time may be from the holder's clock.
 const BLOB_READ_SKEW_MS: u64 = 5 * 60 * 1000;
 
+/// A read request signed by its reader (a blob read, a log read).
+pub trait SignedRead: prost::Message + Default {
+    /// What it is called in messages.
+    const WHAT: &'static str;
+    /// The purpose it must state.
+    const PURPOSE: &'static str;
+    /// (purpose, reader, holder, signed at).
+    fn parts(&self) -> (&str, &str, &str, u64);
+}
+
+impl SignedRead for caroni_proto::v1::BlobRead {
+    const WHAT: &'static str = "blob read";
+    const PURPOSE: &'static str = BLOB_READ_PURPOSE;
+    fn parts(&self) -> (&str, &str, &str, u64) {
+        (&self.purpose, &self.reader, &self.holder, self.issued_at_ms)
+    }
+}
+
+impl SignedRead for caroni_proto::v1::LogRead {
+    const WHAT: &'static str = "log read";
+    const PURPOSE: &'static str = LOG_READ_PURPOSE;
+    fn parts(&self) -> (&str, &str, &str, u64) {
+        (&self.purpose, &self.reader, &self.holder, self.issued_at_ms)
+    }
+}
+
 /// Verifies a signed blob read meant for node `me`; returns it with the
 /// reader's node id (its signer's).
 pub fn open_blob_read(
     env: &Envelope,
     me: &str,
 ) -> Result<(String, caroni_proto::v1::BlobRead), Error> {
-    let (signer, read) = open_read::<caroni_proto::v1::BlobRead>(env, "blob read")?;
-    if read.purpose != BLOB_READ_PURPOSE {
-        return Err(Error::Refused("the envelope is not a blob read".into()));
-    }
-    check_read(
-        "blob read",
-        &signer,
-        &read.reader,
-        &read.holder,
-        read.issued_at_ms,
-        me,
-    )?;
-    Ok((signer, read))
+    open_read(env, me)
 }
 
 /// What a signed log read says it is for.
@@ -301,33 +315,25 @@ pub fn open_log_read(
     env: &Envelope,
     me: &str,
 ) -> Result<(String, caroni_proto::v1::LogRead), Error> {
-    let (signer, read) = open_read::<caroni_proto::v1::LogRead>(env, "log read")?;
-    if read.purpose != LOG_READ_PURPOSE {
-        return Err(Error::Refused("the envelope is not a log read".into()));
-    }
-    check_read(
-        "log read",
-        &signer,
-        &read.reader,
-        &read.holder,
-        read.issued_at_ms,
-        me,
-    )?;
-    Ok((signer, read))
+    open_read(env, me)
 }
 
-/// A read request's signer and body, the signature verified.
-fn open_read<T: prost::Message + Default>(
-    env: &Envelope,
-    what: &str,
-) -> Result<(String, T), Error> {
+/// A read request meant for node `me`, its signature verified, with its
+/// signer.
+fn open_read<T: SignedRead>(env: &Envelope, me: &str) -> Result<(String, T), Error> {
+    let what = T::WHAT;
     if env.batch {
         return Err(Error::Refused(format!("a batch envelope is not a {what}")));
     }
-    let signer = verified_signer(env)?;
+    let signer = verified_signer(env)?.name;
     let read = T::decode(env.body.as_slice())
         .map_err(|e| Error::Refused(format!("undecodable {what}: {e}")))?;
-    Ok((signer.name, read))
+    let (purpose, reader, holder, issued_at_ms) = read.parts();
+    if purpose != T::PURPOSE {
+        return Err(Error::Refused(format!("the envelope is not a {what}")));
+    }
+    check_read(what, &signer, reader, holder, issued_at_ms, me)?;
+    Ok((signer, read))
 }
 
 /// A read is signed by its reader, meant for this node and recent.
