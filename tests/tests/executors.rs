@@ -389,6 +389,20 @@ fn the_demo_runs_on_bash_a_container_and_slurm() {
     let shown = n.ok(&["workflow", "show", &id]);
     assert!(shown.contains(&format!("slurm job {slurm}")), "{shown}");
     assert_eq!(step(&w, "step1")["attempt_history"][0]["executor"], "bash");
+    // Each executor kept the job's stdout as its log: bash and Docker as
+    // it was written, Slurm's file when the job ended.
+    let logs = n.ok(&["workflow", "logs", &id, "--stream", "stdout"]);
+    for (s, text) in [
+        ("step1", "CARONIROCKS"),
+        ("step2", "prependCARONIROCKS"),
+        ("step3", "prependCARONIROCKS append"),
+    ] {
+        assert!(
+            logs.lines()
+                .any(|l| l.starts_with(&format!("{s} | ")) && l.contains(text)),
+            "no stdout of {s} in {logs}"
+        );
+    }
 }
 
 #[test]
