@@ -33,6 +33,16 @@ steps:
     out: [out]
 "#;
 
+/// The token a paged list printed for its next page (`--page TOKEN`).
+fn next_page(out: &std::process::Output) -> String {
+    let hint = String::from_utf8_lossy(&out.stderr);
+    hint.split("--page ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no next page in {hint}"))
+        .trim()
+        .to_string()
+}
+
 fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, text).expect("write");
@@ -158,13 +168,7 @@ fn retry_resumes_where_it_failed_rerun_starts_anew_delete_removes() {
     let page = node
         .cli(&["workflow", "list", "--template", "once", "--limit", "1"])
         .expect("cli");
-    let hint = String::from_utf8_lossy(&page.stderr).to_string();
-    let token = hint
-        .split("--page ")
-        .nth(1)
-        .expect("a next page")
-        .trim()
-        .to_string();
+    let token = next_page(&page);
     let second = node.json(&[
         "workflow",
         "list",
@@ -433,13 +437,7 @@ fn jobs_on_an_agent_are_filtered_paged_and_deleted_after_the_retention() {
     let done = node.json(&["job", "list", "--state", "completed", "--type", "foojob1"]);
     assert_eq!(done.as_array().map(Vec::len), Some(1), "{done:#}");
     let page = node.cli(&["job", "list", "--limit", "1"]).expect("cli");
-    let hint = String::from_utf8_lossy(&page.stderr).to_string();
-    let token = hint
-        .split("--page ")
-        .nth(1)
-        .expect("a next page")
-        .trim()
-        .to_string();
+    let token = next_page(&page);
     let next = node.json(&["job", "list", "--limit", "2", "--page", &token]);
     assert_eq!(next.as_array().map(Vec::len), Some(2), "{next:#}");
     // The retention sweep (each second with a 2 s retention) deletes the
