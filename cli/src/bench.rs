@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// Agents to start, each a separate caroni-node process.
     #[arg(long, default_value_t = 2)]
     pub agents: usize,
+    /// Managers to start; the workflows are submitted to them in turn,
+    /// all at the same time.
+    #[arg(long, default_value_t = 1)]
+    pub managers: usize,
     /// Workflows to run (after a warm-up of 3).
     #[arg(long, default_value_t = 100)]
     pub workflows: usize,
@@ -187,11 +191,17 @@ async fn start_topology(args: &BenchArgs) -> anyhow::Result<(Topology, Vec<NodeR
     let root = topo.dir.path().to_path_buf();
     let mut nodes = Vec::new();
     let mut manager_p2p = 0;
-    for i in 0..=args.agents {
-        let (name, role) = if i == 0 {
-            ("manager".to_string(), "manager")
+    let managers = args.managers.max(1);
+    for i in 0..managers + args.agents {
+        let (name, role) = if i < managers {
+            let name = if managers == 1 {
+                "manager".to_string()
+            } else {
+                format!("manager{}", i + 1)
+            };
+            (name, "manager")
         } else {
-            (format!("agent{i}"), "agent")
+            (format!("agent{}", i + 1 - managers), "agent")
         };
         let ports = Ports::pick()?;
         if i == 0 {
@@ -242,7 +252,7 @@ async fn start_topology(args: &BenchArgs) -> anyhow::Result<(Topology, Vec<NodeR
         nodes.push(NodeRef {
             name,
             url: format!("http://127.0.0.1:{}", ports.api),
-            is_agent: i > 0,
+            is_agent: i >= managers,
         });
     }
     for n in &nodes {
@@ -259,13 +269,31 @@ async fn start_topology(args: &BenchArgs) -> anyhow::Result<(Topology, Vec<NodeR
             .peers;
         // Subscribed, not only connected: until the manager's gossip knows
         // an agent's subscription, that agent hears nothing it publishes.
-        if peers.iter().filter(|p| p.gossip_subscribed).count() >= args.agents {
+        if peers.iter().filter(|p| p.gossip_subscribed).count() >= args.agents + managers - 1 {
             break;
         }
         if Instant::now() > deadline {
             bail!("the agents did not join the manager's gossip within 30 s");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every other manager hears the gossip through the first.
+    for m in nodes.iter().take(managers).skip(1) {
+        let mut node = NodeServiceClient::new(connect(&m.url).await?);
+        loop {
+            let peers = node
+                .list_peers(pb::ListPeersRequest {})
+                .await?
+                .into_inner()
+                .peers;
+            if peers.iter().any(|p| p.gossip_subscribed) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not join the gossip within 30 s", m.name);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     Ok((topo, nodes))
 }
@@ -671,7 +699,11 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file: Option<FileReport>,
     pub topology: String,
+    pub managers: usize,
     pub agents: usize,
+    /// The agents' steps, least and most, over an even share (1.0 = even).
+    pub spread_min: f64,
+    pub spread_max: f64,
     pub slots: usize,
     pub steps: usize,
     pub workflows: usize,
@@ -759,7 +791,11 @@ pub async fn bench(args: BenchArgs, format: Format) -> anyhow::Result<ExitCode> 
             (
                 Some(t),
                 n,
-                format!("1 manager + {} agent(s), {how}, loopback", args.agents),
+                format!(
+                    "{} manager(s) + {} agent(s), {how}, loopback",
+                    args.managers.max(1),
+                    args.agents
+                ),
             )
         }
     };
@@ -773,14 +809,18 @@ pub async fn bench(args: BenchArgs, format: Format) -> anyhow::Result<ExitCode> 
         None => (body(&args), TEMPLATE, JOB_TYPE, template(args.steps)),
     };
     let manager = ManagerServiceClient::new(connect(&nodes[0].url).await?);
-    manager
-        .clone()
-        .put_template(pb::PutTemplateRequest {
-            name: template_name.into(),
-            cwl,
-        })
-        .await
-        .map_err(crate::client::status)?;
+    let mut managers = Vec::new();
+    for n in nodes.iter().filter(|n| n.name.starts_with("manager")) {
+        let m = ManagerServiceClient::new(connect(&n.url).await?);
+        m.clone()
+            .put_template(pb::PutTemplateRequest {
+                name: template_name.into(),
+                cwl: cwl.clone(),
+            })
+            .await
+            .map_err(crate::client::status)?;
+        managers.push(m);
+    }
     for n in nodes.iter().filter(|n| n.is_agent) {
         let mut agent = AgentServiceClient::new(connect(&n.url).await?);
         let exists = agent
@@ -829,10 +869,30 @@ pub async fn bench(args: BenchArgs, format: Format) -> anyhow::Result<ExitCode> 
         }
         None => (strings("warmup", 3), strings("bench", args.workflows), None),
     };
-    run_workflows(&manager, template_name, warmup, 1, timeout).await?;
+    for m in &managers {
+        run_workflows(m, template_name, warmup.clone(), 1, timeout).await?;
+    }
     let before = stats(&nodes).await?;
-    let (ended, wall) =
-        run_workflows(&manager, template_name, inputs, args.concurrency, timeout).await?;
+    // The workflows go to the managers in turn, all managers at once.
+    let mut shares: Vec<Vec<_>> = vec![Vec::new(); managers.len()];
+    for (i, input) in inputs.into_iter().enumerate() {
+        shares[i % managers.len()].push(input);
+    }
+    let mut runs = tokio::task::JoinSet::new();
+    for (m, share) in managers.iter().zip(shares) {
+        let m = m.clone();
+        let concurrency = args.concurrency;
+        runs.spawn(
+            async move { run_workflows(&m, template_name, share, concurrency, timeout).await },
+        );
+    }
+    let mut ended = HashMap::new();
+    let mut wall: f64 = 0.0;
+    while let Some(r) = runs.join_next().await {
+        let (e, w) = r??;
+        ended.extend(e);
+        wall = wall.max(w);
+    }
     let after = stats(&nodes).await?;
     let scatter = match args.scatter {
         Some(n) if args.file_size.is_none() => {
@@ -914,10 +974,30 @@ pub async fn bench(args: BenchArgs, format: Format) -> anyhow::Result<ExitCode> 
         }
         _ => None,
     };
+    let agent_counts: Vec<u64> = nodes
+        .iter()
+        .zip(after.iter().zip(&before))
+        .filter(|(n, _)| n.is_agent)
+        .map(|(_, (a, b))| a.jobs_completed.saturating_sub(b.jobs_completed))
+        .collect();
+    let even = agent_steps as f64 / agent_counts.len().max(1) as f64;
+    let spread = |f: fn(u64, u64) -> u64, start: u64| {
+        if even > 0.0 {
+            agent_counts.iter().copied().fold(start, f) as f64 / even
+        } else {
+            0.0
+        }
+    };
     let report = Report {
         scatter,
         file,
         topology,
+        managers: nodes
+            .iter()
+            .filter(|n| n.name.starts_with("manager"))
+            .count(),
+        spread_min: spread(u64::min, u64::MAX),
+        spread_max: spread(u64::max, 0),
         agents: nodes.iter().filter(|n| n.is_agent).count(),
         slots: args.slots,
         steps: args.steps,
@@ -1026,6 +1106,11 @@ fn print_report(r: &Report) {
     println!(
         "  per step: {:.2} direct messages, {:.2} gossip publications, {:.2} synced writes",
         r.messages_per_step, r.requests_published_per_step, r.synced_writes_per_step
+    );
+    println!(
+        "  spread over the agents: {:.0} % to {:.0} % of an even share",
+        r.spread_min * 100.0,
+        r.spread_max * 100.0
     );
     if let Some(sc) = &r.scatter {
         println!(

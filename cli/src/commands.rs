@@ -386,6 +386,7 @@ pub async fn node_status(ctx: &Context) -> anyhow::Result<ExitCode> {
         output::json(&serde_json::json!({
             "node_id": info.node_id, "roles": info.roles, "version": info.version,
             "serving": serving, "peers": peers.len(), "outbox_queued": queued,
+            "messages_sent": stats.messages_delivered, "requests_broadcast": stats.requests_published,
             "workflows": {"live": stats.workflows_live, "waiting": stats.workflows_waiting,
                 "completed": stats.workflows_completed, "failed": stats.workflows_failed,
                 "cancelled": stats.workflows_cancelled},

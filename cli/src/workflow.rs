@@ -1095,6 +1095,7 @@ pub async fn peers(ctx: &Context, node: Option<String>) -> anyhow::Result<ExitCo
             "refused",
             "stream",
             "last error / refusal",
+            "advertises",
         ]);
         for p in &peers {
             t.add_row(vec![
@@ -1119,6 +1120,10 @@ pub async fn peers(ctx: &Context, node: Option<String>) -> anyhow::Result<ExitCo
                 } else {
                     p.last_error.clone()
                 },
+                p.advert
+                    .as_ref()
+                    .map(caroni_node::api::json::advert_text)
+                    .unwrap_or_else(|| "—".into()),
             ]);
         }
         say!("{t}");

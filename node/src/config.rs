@@ -83,6 +83,25 @@ pub struct Config {
     /// Concurrent jobs on an agent.
     #[arg(long, env = "CARONI_SLOTS", default_value_t = caroni_agent::engine::DEFAULT_SLOTS)]
     pub slots: usize,
+    /// CPUs this agent offers (1.5 allowed) [default: the host's CPU count].
+    /// Advertised to managers; a step that needs more is never sent here.
+    #[arg(long, env = "CARONI_CPUS")]
+    pub cpus: Option<f64>,
+    /// Memory this agent offers, as a size (512m, 16g) [default: the
+    /// host's physical memory].
+    #[arg(long, env = "CARONI_MEMORY")]
+    pub memory: Option<String>,
+    /// GPUs this agent offers (label their kind with --label gpu=a100).
+    #[arg(long, env = "CARONI_GPUS", default_value_t = 0)]
+    pub gpus: u32,
+    /// Scratch disk this agent offers, as a size [default: the free space
+    /// of the data directory's file system at start].
+    #[arg(long, env = "CARONI_DISK")]
+    pub disk: Option<String>,
+    /// A label of this agent, key=value (region=eu, gpu=a100); repeat for
+    /// several (environment: comma-separated). Steps may require labels.
+    #[arg(long = "label", env = "CARONI_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
     /// Lease on live jobs, in seconds: a manager counts a job as lost after
     /// its agent was silent this long.
     #[arg(long, env = "CARONI_LEASE_SECONDS", default_value_t = caroni_manager::engine::DEFAULT_LEASE_SECONDS)]
@@ -436,8 +455,13 @@ impl Config {
     }
 
     /// The manager engine's options, composed from this configuration.
-    pub fn manager_options(&self, endpoint: &str) -> caroni_manager::engine::Options {
+    pub fn manager_options(
+        &self,
+        node_id: &str,
+        endpoint: &str,
+    ) -> caroni_manager::engine::Options {
         caroni_manager::engine::Options {
+            node_id: node_id.to_string(),
             endpoint: endpoint.to_string(),
             lease: std::time::Duration::from_secs(self.lease_seconds),
             request_ttl: std::time::Duration::from_secs(self.request_ttl_seconds),
@@ -456,7 +480,47 @@ impl Config {
             slots: self.slots,
             serve_managers: allowlist(&self.serve_managers),
             cwl_tools: self.cwl_tools.trim().parse().unwrap_or_default(),
+            resources: self.resources().unwrap_or_default(),
+            labels: self.labels().unwrap_or_default(),
         }
+    }
+
+    /// What this agent offers: `--cpus`, `--memory`, `--gpus`, `--disk`,
+    /// with the host's figures where they are not given.
+    pub fn resources(&self) -> Result<caroni_types::market::Resources, ConfigError> {
+        let cpus = match self.cpus {
+            Some(c) if c.is_finite() && c > 0.0 && c <= 65_536.0 => (c * 1000.0).round() as u64,
+            Some(c) => {
+                return Err(ConfigError::Invalid(format!(
+                    "--cpus {c} is not a number of CPUs above 0"
+                )))
+            }
+            None => std::thread::available_parallelism().map_or(1, |n| n.get() as u64) * 1000,
+        };
+        let size = |flag: &str, v: &Option<String>, host: fn(&std::path::Path) -> u64| match v {
+            Some(s) => caroni_types::parse_memory(s)
+                .map(|b| b >> 20)
+                .map_err(|e| ConfigError::Invalid(format!("{flag}: {e}"))),
+            None => Ok(host(&self.data_dir)),
+        };
+        Ok(caroni_types::market::Resources {
+            cpu_milli: cpus,
+            memory_mib: size("--memory", &self.memory, |_| host_memory_mib())?,
+            gpus: self.gpus,
+            disk_mib: size("--disk", &self.disk, free_disk_mib)?,
+        })
+    }
+
+    /// `--label` as a map.
+    pub fn labels(&self) -> Result<std::collections::BTreeMap<String, String>, ConfigError> {
+        self.labels
+            .iter()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                caroni_types::market::parse_label(l.trim())
+                    .map_err(|e| ConfigError::Invalid(format!("--label: {e}")))
+            })
+            .collect()
     }
 
     fn check(&self) -> Result<(), ConfigError> {
@@ -469,6 +533,8 @@ impl Config {
         if self.slots == 0 {
             return Err(ConfigError::Invalid("--slots must be at least 1".into()));
         }
+        self.resources()?;
+        self.labels()?;
         self.blob_retention()?;
         self.retention()?;
         self.submission_retention()?;
@@ -679,3 +745,25 @@ fn default_advertise(listen: SocketAddr, tls: bool) -> String {
 
 #[cfg(test)]
 mod tests;
+
+/// The host's physical memory in MiB (Linux: `MemTotal` of
+/// /proc/meminfo); 0 when it cannot be read.
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
+}
+
+/// Free space of the file system holding `dir` (or its nearest existing
+/// parent), in MiB; 0 when it cannot be read.
+fn free_disk_mib(dir: &std::path::Path) -> u64 {
+    let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(dir);
+    nix::sys::statvfs::statvfs(existing).map_or(0, |s| {
+        s.blocks_available().saturating_mul(s.fragment_size()) >> 20
+    })
+}

@@ -110,6 +110,9 @@ pub(super) fn start_transport(
         outbox: outbox.clone(),
         mesh: mesh.clone(),
         local_agent: std::sync::OnceLock::new(),
+        local_manager: std::sync::OnceLock::new(),
+        last_advert: Default::default(),
+        adverts: Default::default(),
         liveness: liveness.clone(),
         published: Default::default(),
         refusals: refusals.clone(),
@@ -167,13 +170,14 @@ pub(super) async fn start_engines(
     // long-running task: if it dies, the node says so and stops.
     let c = cancel.clone();
     let gossip_agent = agent.clone();
-    let gossip_outbox = net.outbox.clone();
+    let gossip_manager = manager.clone();
+    let gossip_wire = net.wire.clone();
     tasks.spawn("gossip listener", async move {
         let Some(events) = gossip else {
             return Ok(());
         };
         tokio::select! {
-            _ = wire::gossip_loop(events, gossip_agent, gossip_outbox) => {}
+            _ = wire::gossip_loop(events, gossip_agent, gossip_manager, gossip_wire) => {}
             _ = c.cancelled() => {}
         }
         Ok(())
@@ -419,7 +423,7 @@ pub(super) fn start_manager(
         return Ok(None);
     }
     let (svc, handle) = caroni_manager::service::Service::new(
-        config.manager_options(advertise),
+        config.manager_options(node_id, advertise),
         store.clone(),
         wire.clone(),
     )?;
@@ -429,6 +433,7 @@ pub(super) fn start_manager(
         svc.run(c).instrument(span).await;
         Ok(())
     });
+    wire.set_local_manager(handle.clone());
     // Retention: ended workflows older than --retention go, checked each
     // minute or sooner (1,000 at most a round, so a large backlog goes
     // gradually).

@@ -21,6 +21,14 @@ pub struct NodeWire {
     pub outbox: Outbox,
     pub mesh: caroni_mesh::Client,
     pub local_agent: OnceLock<caroni_agent::service::Handle>,
+    /// This node's manager, which hears its own agent's adverts directly.
+    pub local_manager: OnceLock<caroni_manager::service::Handle>,
+    /// This node's agent's last advert, handed to the manager when it
+    /// starts (the agent starts first).
+    pub last_advert: std::sync::Mutex<Option<caroni_types::market::Advert>>,
+    /// The adverts heard on gossip, newest of each agent (for `caroni
+    /// peers`; the manager keeps its own).
+    pub adverts: std::sync::Mutex<std::collections::HashMap<String, caroni_types::market::Advert>>,
     pub liveness: Liveness,
     /// Job requests published on gossip.
     pub published: std::sync::atomic::AtomicU64,
@@ -111,6 +119,38 @@ impl caroni_engine::Wire for NodeWire {
         caroni_peer::refusal!(REFUSED_GOSSIP, peer = %peer, "refused gossip: {reason}");
     }
 
+    fn advertise(&self, advert: caroni_types::market::Advert) {
+        let signer = self.outbox.signer().clone();
+        *self
+            .last_advert
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(advert.clone());
+        if let Some(m) = self.local_manager.get() {
+            // Gossip never comes back to its sender.
+            m.advert(
+                signer.node_name().to_string(),
+                signer.endpoint().to_string(),
+                advert.clone(),
+            );
+        }
+        caroni_metrics::METRICS
+            .gossip_published
+            .get_or_create(&caroni_metrics::label("kind", "advert"))
+            .inc();
+        let mesh = self.mesh.clone();
+        tokio::spawn(async move {
+            let p = caroni_peer::envelope::encode_payload(Payload::from(Msg::Advert(advert)), None);
+            let data = match signer.seal_batch(&[(uuid::Uuid::now_v7(), p.as_slice())]) {
+                Ok(env) => env.encode_to_vec(),
+                Err(e) => return tracing::error!(error = %e, "cannot sign an advert"),
+            };
+            if let Err(e) = mesh.publish(data).await {
+                // The next advert goes in a few seconds.
+                tracing::debug!(error = %e, "advert not published");
+            }
+        });
+    }
+
     fn publish(&self, reqs: Vec<JobRequest>) {
         let signer = self.outbox.signer().clone();
         if let Some(agent) = self.local_agent.get() {
@@ -171,6 +211,56 @@ impl caroni_engine::Wire for NodeWire {
                 }
             }
         });
+    }
+}
+
+impl NodeWire {
+    /// Notes an advert heard on gossip; false when it is not valid.
+    pub fn heard_advert(&self, from: &str, advert: &caroni_types::market::Advert) -> bool {
+        let now = caroni_types::now_ms();
+        if let Err(why) = advert.check(now) {
+            caroni_peer::refusal!(REFUSED_GOSSIP, peer = %from, reason = %why, "refused an advert");
+            return false;
+        }
+        let mut all = self
+            .adverts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.retain(|_, a| a.expires_at_ms > now);
+        if all.get(from).is_none_or(|a| a.seq < advert.seq) {
+            all.insert(from.to_string(), advert.clone());
+        }
+        true
+    }
+
+    /// The valid adverts heard, by agent.
+    pub fn adverts(&self) -> Vec<(String, caroni_types::market::Advert)> {
+        let now = caroni_types::now_ms();
+        self.adverts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|(_, a)| a.expires_at_ms > now)
+            .map(|(k, a)| (k.clone(), a.clone()))
+            .collect()
+    }
+
+    /// Sets this node's manager and hands it the agent's last advert.
+    pub fn set_local_manager(&self, m: caroni_manager::service::Handle) {
+        let last = self
+            .last_advert
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(a) = last {
+            let signer = self.outbox.signer();
+            m.advert(
+                signer.node_name().to_string(),
+                signer.endpoint().to_string(),
+                a,
+            );
+        }
+        let _ = self.local_manager.set(m);
     }
 }
 
@@ -294,14 +384,16 @@ impl Inbox for PeerInbox {
 
 static REFUSED_GOSSIP: caroni_peer::Refusals = caroni_peer::Refusals::new();
 
-/// Hands verified gossip requests to the agent.
+/// Hands verified gossip requests to the agent, and adverts to the
+/// manager.
 pub async fn gossip_loop(
     mut events: mpsc::Receiver<caroni_mesh::Event>,
     agent: Option<caroni_agent::service::Handle>,
-    outbox: Outbox,
+    manager: Option<caroni_manager::service::Handle>,
+    wire: SharedWire,
 ) {
+    let outbox = wire.outbox.clone();
     while let Some(caroni_mesh::Event::Gossip { data, from }) = events.recv().await {
-        let Some(agent) = &agent else { continue };
         let env = match Envelope::decode(data.as_slice()) {
             Ok(e) => e,
             Err(e) => {
@@ -322,9 +414,25 @@ pub async fn gossip_loop(
                 Ok(Inbound {
                     from,
                     endpoint,
+                    msg: Msg::Advert(advert),
+                    ..
+                }) => {
+                    if !wire.heard_advert(&from, &advert) {
+                        continue;
+                    }
+                    if let Some(m) = &manager {
+                        if !m.advert(from, endpoint, advert) {
+                            tracing::debug!("manager busy; dropped an advert (they come again)");
+                        }
+                    }
+                }
+                Ok(Inbound {
+                    from,
+                    endpoint,
                     msg: Msg::Request(req),
                     ..
                 }) => {
+                    let Some(agent) = &agent else { continue };
                     caroni_metrics::METRICS.gossip_received.inc();
                     if !agent.gossip(from, endpoint, req) {
                         tracing::debug!(
@@ -335,7 +443,7 @@ pub async fn gossip_loop(
                 Ok(other) => caroni_peer::refusal!(
                     REFUSED_GOSSIP,
                     kind = other.msg.name(),
-                    "only job requests travel on gossip"
+                    "only job requests and adverts travel on gossip"
                 ),
                 Err(e) => caroni_peer::refusal!(REFUSED_GOSSIP, error = %e, "refused gossip"),
             }

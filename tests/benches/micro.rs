@@ -173,6 +173,7 @@ fn engines(c: &mut Criterion) {
                 manager_endpoint: "http://m:1".into(),
                 publish_count: 1,
                 workflow_id: None,
+                needs: Default::default(),
             };
             let (offer, _) = agent::answer_request(
                 Some(&def),

@@ -116,10 +116,13 @@ fn any_payload() -> impl Strategy<Value = Payload> {
                         job_type,
                         parameter_keys,
                         output_keys,
+                        // Arbitrary labels wanted, as the static parameters.
+                        labels: job_kvs.clone(),
                         job_kvs,
                         expires_at,
                         manager_endpoint,
                         publish_count,
+                        needs: None,
                     })
                 }
             ),

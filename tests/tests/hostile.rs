@@ -221,6 +221,7 @@ fn gossip_payloads(victim: &str, n: u64) -> pb::Message {
         manager_endpoint: victim.to_string(),
         publish_count: 1,
         workflow_id: id(),
+        ..Default::default()
     };
     let mut sender_endpoint = victim.to_string();
     match n % 5 {

@@ -87,8 +87,9 @@ fn two_agents_with_complementary_job_types() {
     assert_eq!(agent_of_step(&w, "step1"), ida);
     assert_eq!(agent_of_step(&w, "step2"), idb);
     assert_eq!(agent_of_step(&w, "step3"), ida);
-    // `workflow show` names both agents.
-    let shown = m.ok(&["workflow", "show", &id]);
+    // `workflow show -o wide` names both agents whole (a narrow table
+    // shortens the columns).
+    let shown = m.ok(&["-o", "wide", "workflow", "show", &id]);
     assert!(shown.contains(&ida) && shown.contains(&idb), "{shown}");
 }
 

@@ -6,7 +6,8 @@ use caroni_types::{ExecutorSpec, JobTypeDef};
 
 use crate::{Error, Result};
 
-const JOB_TYPES: Table<JobTypeDef> = Table::new(tables::JOB_TYPES, "job_types");
+/// Job types, by name.
+pub(crate) const JOB_TYPES: Table<JobTypeDef> = Table::new(tables::JOB_TYPES, "job_types");
 /// Kept apart from the definitions (whose stored form predates executors);
 /// absent means bash.
 const EXECUTORS: Table<ExecutorSpec> = Table::new(tables::JOB_TYPE_EXECUTORS, "job_type_executors");

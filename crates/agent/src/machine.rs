@@ -165,6 +165,14 @@ pub struct Answering {
     pub not_served: bool,
     /// Why the job type's executor cannot run jobs now, if so.
     pub unavailable: Option<String>,
+    /// The manager asked this agent directly (from its advert), rather
+    /// than broadcasting: a decline is always sent. On a broadcast, a
+    /// missing job type or unmet needs are not answered (the manager
+    /// knows them from the adverts); a reason an operator needs (policy,
+    /// an executor down, other inputs) is.
+    pub asked: bool,
+    /// Why this agent can never serve the request's resources or labels.
+    pub unmet: Option<String>,
 }
 
 /// Answers a request: a new offer or a decline. `None` when nothing is to
@@ -213,8 +221,17 @@ pub fn answer_request(
         ));
     }
     let Some(def) = def else {
+        if !how.asked {
+            return None;
+        }
         return decline(format!("no job type named {}", req.job_type));
     };
+    if let Some(why) = how.unmet {
+        if !how.asked {
+            return None;
+        }
+        return decline(why);
+    }
     if let Some(why) = &how.unavailable {
         return decline(format!("job type {} cannot run here now: {why}", def.name));
     }

@@ -109,6 +109,10 @@ pub fn delete_ended(store: &caroni_store::Store, before_ms: u64) -> caroni_store
             if job.state.is_final() && job.ended_at_ms.is_some_and(|t| t < before_ms) {
                 b.delete(JOBS, &key);
                 b.delete(EXECUTIONS, &key);
+                let request = caroni_store::keys::Key::new()
+                    .uuid(&job.request_id)
+                    .finish();
+                b.delete(REQUEST_NEEDS, &request);
                 for stream in [crate::logs::Stream::Stdout, crate::logs::Stream::Stderr] {
                     b.delete(LOGS, &crate::logs::row(job.id, stream));
                 }
@@ -174,6 +178,9 @@ pub(crate) const EXECUTIONS: Table<Execution> =
     Table::new(tables::AGENT_JOB_EXECUTIONS, "agent_job_executions");
 /// The workflow each offered request is for, as its manager said (kept
 /// with the jobs; a request from a manager that does not say has none).
+/// What each offered request needs (those that need anything).
+pub(crate) const REQUEST_NEEDS: Table<caroni_types::market::Needs> =
+    Table::new(tables::AGENT_REQUEST_NEEDS, "agent_request_needs");
 pub(crate) const REQUEST_WORKFLOWS: Table<Uuid> =
     Table::new(tables::AGENT_REQUEST_WORKFLOWS, "agent_request_workflows");
 

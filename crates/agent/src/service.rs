@@ -30,7 +30,7 @@ pub use crate::engine::{Delivered, JobChange, Options};
 use crate::executor::{Execution, Executor, RunSpec};
 use crate::job_types;
 use crate::machine::{Job, Offer, RunResult};
-use crate::records::{EXECUTIONS, JOBS, OFFERS, REQUEST_WORKFLOWS};
+use crate::records::{EXECUTIONS, JOBS, OFFERS, REQUEST_NEEDS, REQUEST_WORKFLOWS};
 
 /// Most commands applied in one batch.
 pub use caroni_engine::GROUP;
@@ -49,6 +49,8 @@ pub enum Cmd {
     Gossip(String, String, JobRequest),
     /// A run ended.
     Finished(Uuid, RunResult),
+    /// A job type was put or deleted.
+    JobTypesChanged,
 }
 
 const STOPPED: &str = "agent shutting down";
@@ -108,6 +110,12 @@ impl Handle {
     /// are re-published.
     pub fn gossip(&self, from: String, endpoint: String, req: JobRequest) -> bool {
         self.tx.try_send(Cmd::Gossip(from, endpoint, req)).is_ok()
+    }
+
+    /// A job type was put or deleted: the agent advertises the change
+    /// soon. Dropped when the agent is busy (the periodic advert says it).
+    pub fn job_types_changed(&self) {
+        let _ = self.tx.try_send(Cmd::JobTypesChanged);
     }
 
     /// Jobs, newest first, at most `limit`. Job ids are UUID v7 chosen by
@@ -199,6 +207,20 @@ impl<E: Executor> World for NodeWorld<'_, E> {
         };
         let executor = job_types::executor_of(self.store, name)?;
         Ok(Some((def, executor)))
+    }
+    fn needs(&self, request: &Uuid) -> Option<caroni_types::market::Needs> {
+        self.store
+            .get(REQUEST_NEEDS, &Key::new().uuid(request).finish())
+            .ok()
+            .flatten()
+    }
+    fn job_types(&self) -> caroni_store::Result<Vec<JobTypeDef>> {
+        Ok(self
+            .store
+            .scan(crate::job_types::JOB_TYPES, &[])?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
     }
     fn offer(&self, request_id: &Uuid) -> caroni_store::Result<Option<Offer>> {
         self.store
@@ -380,6 +402,9 @@ impl<E: Executor> driver::Engine for Service<E> {
                 self.tokens.remove(&id);
                 let _ = self.input(Input::Finished(id, result), g);
             }
+            Cmd::JobTypesChanged => {
+                let _ = self.input(Input::JobTypesChanged, g);
+            }
         }
     }
 
@@ -405,6 +430,9 @@ impl<E: Executor> driver::Engine for Service<E> {
         }
         for (r, w) in &out.request_workflows {
             batch.put(REQUEST_WORKFLOWS, &Key::new().uuid(r).finish(), w);
+        }
+        for (r, n) in &out.request_needs {
+            batch.put(REQUEST_NEEDS, &Key::new().uuid(r).finish(), n);
         }
         for (id, x) in &out.executions {
             batch.put(EXECUTIONS, &Key::new().uuid(id).finish(), x);
@@ -434,6 +462,9 @@ impl<E: Executor> driver::Engine for Service<E> {
 
     fn written(&mut self, g: Group) {
         self.wire.notify(g.staged);
+        if let Some(a) = g.out.advert.clone() {
+            self.wire.advertise(a);
+        }
         for (peer, why) in &g.out.refused {
             self.wire.refused(peer, why);
         }
@@ -492,6 +523,8 @@ impl<E: Executor> driver::Engine for Service<E> {
             }
             // Dropped like any gossip the agent cannot take now.
             Cmd::Gossip(..) => {}
+            // Adverts go every few seconds anyway.
+            Cmd::JobTypesChanged => {}
             // Kept, and applied once the state is back.
             Cmd::Finished(id, result) => {
                 self.tokens.remove(&id);

@@ -360,6 +360,11 @@ pub struct Step {
     /// policies existed are still read.
     #[serde(skip)]
     pub retry: Retry,
+    /// What its job needs of an agent (resources and labels; docs/market.md).
+    /// Not in the stored plan, like [`Step::retry`]: a manager keeps needs
+    /// in a record of their own ([`Workflow::all_needs`]).
+    #[serde(skip)]
+    pub needs: caroni_types::market::Needs,
 }
 
 /// A bound input of a step.
@@ -507,6 +512,39 @@ impl Workflow {
         let mut out = Vec::new();
         self.walk_policies("", &mut |path, s| out.push((path, s.retry.clone())));
         out
+    }
+
+    /// Every step's needs, by path (`step`, `step/inner`), those that say
+    /// something only.
+    pub fn all_needs(&self) -> Vec<(String, caroni_types::market::Needs)> {
+        let mut out = Vec::new();
+        self.walk_policies("", &mut |path, s| {
+            if !s.needs.is_empty() {
+                out.push((path, s.needs.clone()));
+            }
+        });
+        out
+    }
+
+    /// Puts back needs read from [`Workflow::all_needs`].
+    pub fn set_needs(&mut self, needs: &[(String, caroni_types::market::Needs)]) {
+        let map: BTreeMap<&str, &caroni_types::market::Needs> =
+            needs.iter().map(|(p, n)| (p.as_str(), n)).collect();
+        self.walk_steps_mut("", &mut |path, s| {
+            if let Some(n) = map.get(path) {
+                s.needs = (*n).clone();
+            }
+        });
+    }
+
+    fn walk_steps_mut(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Step)) {
+        for s in &mut self.steps {
+            let path = format!("{prefix}{}", s.id);
+            f(&path, s);
+            if let Some(d) = &mut s.dynamic {
+                d.body.walk_steps_mut(&format!("{path}/"), f);
+            }
+        }
     }
 
     /// Puts back policies read from [`Workflow::policies`].

@@ -14,6 +14,8 @@ use crate::{
 
 const REQUIREMENT: &str = "CaroniRequirement";
 
+mod needs;
+
 /// An id/body pair from either the map form or the list form of a section.
 struct Entry<'a> {
     id: String,
@@ -321,17 +323,32 @@ struct Inherited {
     expressions: Vec<serde_json::Value>,
     max_attempts: Option<u32>,
     retry: Retry,
+    needs: needs::Partial,
 }
 
 /// The keys a CaroniRequirement may have on a workflow.
-const WORKFLOW_KEYS: [&str; 3] = ["CaroniMaxAttempts", "CaroniRetryBackoff", "CaroniNoRetry"];
+const WORKFLOW_KEYS: [&str; 8] = [
+    "CaroniMaxAttempts",
+    "CaroniRetryBackoff",
+    "CaroniNoRetry",
+    needs::KEYS[0],
+    needs::KEYS[1],
+    needs::KEYS[2],
+    needs::KEYS[3],
+    needs::KEYS[4],
+];
 /// The keys a CaroniRequirement may have on a step or a tool.
-const STEP_KEYS: [&str; 5] = [
+const STEP_KEYS: [&str; 10] = [
     "CaroniJobName",
     "CaroniJobKVs",
     "CaroniMaxAttempts",
     "CaroniRetryBackoff",
     "CaroniNoRetry",
+    needs::KEYS[0],
+    needs::KEYS[1],
+    needs::KEYS[2],
+    needs::KEYS[3],
+    needs::KEYS[4],
 ];
 
 /// Refuses a key a CaroniRequirement does not have (a misspelt
@@ -493,6 +510,7 @@ fn workflow_in(m: &Mapping, inherited: &Inherited) -> Result<Workflow, Error> {
         }
     }
     let max_attempts = retry.max_attempts;
+    let needs = needs::of(m, "workflow")?.over(&inherited.needs);
 
     let mut all_ids: BTreeMap<String, String> = BTreeMap::new();
     let mut claim = |id: &str, at: &str| -> Result<(), Error> {
@@ -542,6 +560,7 @@ fn workflow_in(m: &Mapping, inherited: &Inherited) -> Result<Workflow, Error> {
         expressions: expression_reqs(m, "workflow", &inherited.expressions)?,
         max_attempts,
         retry,
+        needs,
     };
     let mut steps = Vec::new();
     let mut declared_inputs = BTreeMap::new();
@@ -889,6 +908,7 @@ fn process(
             expressions: expression_reqs(b, at, &here.expressions)?,
             max_attempts: here.retry.max_attempts,
             retry: here.retry.clone(),
+            needs: here.needs.clone(),
         };
         let sub = workflow_in(tool, &inherited).map_err(|e| within(&run_at, e))?;
         return Ok(Some(Process {
@@ -1021,8 +1041,17 @@ fn step(e: &Entry<'_>, here: &Inherited) -> Result<(Step, BTreeMap<String, bool>
         expressions: here.expressions.clone(),
         max_attempts: here.max_attempts,
         retry: caroni_job(&holders)?.2.over(&here.retry),
+        needs: needs::of(b, at)?.over(&here.needs),
     };
     let proc = process(b, at, &own, &mut holders)?;
+    // Needs: the step's over its tool's over the workflow's.
+    let tool_needs = match get(b, "run") {
+        Some(Value::Mapping(t)) => needs::of(t, &format!("{at}.run"))?,
+        _ => needs::Partial::default(),
+    };
+    let step_needs = needs::of(b, at)?
+        .over(&tool_needs.over(&here.needs))
+        .needs();
     let (named_type, named_kvs, named_retry) = caroni_job(&holders)?;
     let retry = named_retry.over(&here.retry);
     let (job_type, job_kvs) = match &proc {
@@ -1250,6 +1279,7 @@ fn step(e: &Entry<'_>, here: &Inherited) -> Result<(Step, BTreeMap<String, bool>
                 &outputs,
                 &output_kinds,
                 &retry,
+                &step_needs,
             ),
         };
         let expressions = expression_reqs(b, at, &here.expressions)?;
@@ -1302,6 +1332,7 @@ fn step(e: &Entry<'_>, here: &Inherited) -> Result<(Step, BTreeMap<String, bool>
             dynamic,
             output_types,
             retry,
+            needs: step_needs,
         },
         inputs
             .into_iter()
@@ -1334,6 +1365,7 @@ fn input_of(
 
 /// What one element of a dynamic step that runs a tool runs: a workflow
 /// of that one step, whose inputs are the inputs the tool declares.
+#[allow(clippy::too_many_arguments)]
 fn one_step(
     id: &str,
     job_type: &str,
@@ -1342,6 +1374,7 @@ fn one_step(
     outputs: &[String],
     output_kinds: &BTreeMap<String, Kind>,
     retry: &Retry,
+    needs: &caroni_types::market::Needs,
 ) -> Workflow {
     let passed: Vec<&StepInput> = inputs.iter().filter(|i| !i.hidden).collect();
     // A real tool reads its values by its own types: after a scatter or an
@@ -1395,6 +1428,7 @@ fn one_step(
             dynamic: None,
             output_types: BTreeMap::new(),
             retry: retry.clone(),
+            needs: needs.clone(),
         }],
         max_attempts: retry.max_attempts,
     }

@@ -32,6 +32,11 @@ pub trait Wire: Send + Sync + 'static {
     /// Publishes requests on gossip (and to a local agent, if any); the
     /// transport may pack several in one gossip message.
     fn publish(&self, reqs: Vec<JobRequest>);
+    /// Publishes this agent's advert on gossip (and hands it to a local
+    /// manager, if any); best effort, adverts come again.
+    fn advertise(&self, advert: caroni_types::market::Advert) {
+        let _ = advert;
+    }
     /// When node `node` was last heard from (a message or an ack), in ms
     /// since the epoch; `None` when never since this node started.
     fn last_heard_ms(&self, node: &str) -> Option<u64> {

@@ -8,6 +8,7 @@
 
 pub mod engine;
 pub mod machine;
+pub mod market;
 pub mod model;
 pub mod records;
 pub mod service;

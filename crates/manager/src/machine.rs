@@ -22,6 +22,10 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 pub const REPUBLISH_MIN_MS: u64 = 1_000;
 /// Longest re-publication delay.
 pub const REPUBLISH_MAX_MS: u64 = 4_000;
+/// How long an agent asked directly has to answer before the next one is
+/// asked (or, when every fitting agent was asked, the request is
+/// broadcast). Its answer still counts when it comes later.
+pub const ASK_WAIT_MS: u64 = 3_000;
 /// Default time for agents to answer a request before it counts as
 /// blocked (shown with the reason).
 pub const DEFAULT_ANSWER_TIMEOUT_MS: u64 = 10_000;
@@ -46,6 +50,18 @@ pub trait Peers {
     fn known_agents(&self) -> usize;
     /// Live jobs this manager has placed on the agent.
     fn live_jobs(&self, agent: &str) -> u32;
+    /// Whom to ask for a request, from the agents' adverts, leaving out
+    /// `exclude` (docs/market.md).
+    fn choose(&self, req: &JobRequest, exclude: &[String]) -> crate::market::Choice {
+        let _ = (req, exclude);
+        crate::market::Choice::Broadcast
+    }
+    /// Why no advertised agent can ever serve `req`, when adverts are
+    /// known and none fits.
+    fn none_fits(&self, req: &JobRequest) -> Option<String> {
+        let _ = req;
+        None
+    }
 }
 
 /// No knowledge beyond the workflow: every offer is taken at once.
@@ -318,6 +334,7 @@ impl Workflow {
                     dynamic: s.dynamic.is_some(),
                     fan: None,
                     prepared: None,
+                    needs: s.needs.clone(),
                 }
             })
             .collect();

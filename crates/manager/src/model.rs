@@ -154,6 +154,13 @@ pub struct Request {
     /// answered in time.
     #[serde(default)]
     pub blocked: Option<Blocked>,
+    /// Agents asked directly, in order (memory only: a restarted manager
+    /// asks again).
+    #[serde(skip)]
+    pub asked: Vec<String>,
+    /// Times broadcast on gossip (memory only, for the back-off).
+    #[serde(skip)]
+    pub broadcasts: u32,
 }
 
 /// A request no agent can take now: since when and why.
@@ -336,6 +343,10 @@ pub struct Step {
     /// again from its values after a restart).
     #[serde(skip)]
     pub prepared: Option<std::sync::Arc<serde_json::Value>>,
+    /// Resources and labels its job needs (from the template; kept in a
+    /// record of their own, `WORKFLOW_STEP_NEEDS`).
+    #[serde(skip)]
+    pub needs: caroni_types::market::Needs,
 }
 
 impl Step {

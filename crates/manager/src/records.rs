@@ -105,6 +105,7 @@ fn step_ref(s: &Step) -> StepRef<'_> {
         fan: _,
         prepared: _,
         policy,
+        needs: _,
     } = s;
     StepRecord {
         id,
@@ -241,6 +242,8 @@ impl From<StepRecordV3> for StepRecord {
                 answered: r.answered,
                 decide_at_ms: r.decide_at_ms,
                 blocked: None,
+                asked: Vec::new(),
+                broadcasts: 0,
             }),
             attempts: s
                 .attempts
@@ -302,6 +305,8 @@ const FANS: Table<Fan> = Table::new(tables::WORKFLOW_FANS, "workflow_fans");
 const ELEMENTS: Table<BTreeMap<String, String>> =
     Table::new(tables::WORKFLOW_ELEMENTS, "workflow_elements");
 const CHILDREN: Table<Uuid> = Table::new(tables::WORKFLOW_CHILDREN, "workflow_children");
+const NEEDS: Table<Vec<(String, caroni_types::market::Needs)>> =
+    Table::new(tables::WORKFLOW_STEP_NEEDS, "workflow_step_needs");
 const POLICIES: Table<Vec<(String, caroni_cwl::Retry)>> =
     Table::new(tables::WORKFLOW_PLAN_POLICIES, "workflow_plan_policies");
 const SUBMISSIONS: Table<(Uuid, u64)> =
@@ -327,6 +332,18 @@ pub(crate) fn put_created(b: &mut Batch, wf: &Workflow) {
             Table::new(tables::WORKFLOW_PLANS, "workflow_plans");
         b.put(plans, &head_key(&wf.id), &&**plan);
         b.put(POLICIES, &head_key(&wf.id), &plan.policies());
+    }
+    let needs = match &wf.plan {
+        Some(plan) => plan.all_needs(),
+        None => wf
+            .steps
+            .iter()
+            .filter(|s| !s.needs.is_empty())
+            .map(|s| (s.id.clone(), s.needs.clone()))
+            .collect(),
+    };
+    if !needs.is_empty() {
+        b.put(NEEDS, &head_key(&wf.id), &needs);
     }
 }
 
@@ -481,6 +498,8 @@ pub(crate) fn same_step(a: &Step, b: &Step) -> bool {
         r.clone().map(|mut r| {
             r.publish_count = 0;
             r.next_publish_at_ms = 0;
+            r.asked.clear();
+            r.broadcasts = 0;
             r
         })
     };
@@ -574,11 +593,13 @@ fn assemble(store: &Store, h: Head) -> caroni_store::Result<Workflow> {
         .map(|(_, s)| s)
         .collect();
     same_count("workflow_steps", &h.id, steps.len(), h.step_count)?;
+    let needs = store.get(NEEDS, &head_key(&h.id))?.unwrap_or_default();
     let plan = match store.get(PLANS, &head_key(&h.id))? {
         Some(mut p) => {
             if let Some(policies) = store.get(POLICIES, &head_key(&h.id))? {
                 p.set_policies(&policies);
             }
+            p.set_needs(&needs);
             Some(std::sync::Arc::new(p))
         }
         None => None,
@@ -609,6 +630,11 @@ fn assemble(store: &Store, h: Head) -> caroni_store::Result<Workflow> {
             .into_iter()
             .enumerate()
             .map(|(n, s)| Step {
+                needs: needs
+                    .iter()
+                    .find(|(path, _)| *path == s.id)
+                    .map(|(_, n)| n.clone())
+                    .unwrap_or_default(),
                 id: s.id,
                 job_type: s.job_type,
                 job_kvs: s.job_kvs,
@@ -857,6 +883,7 @@ pub(crate) fn delete(store: &Store, b: &mut Batch, id: &Uuid) -> caroni_store::R
     b.delete(LINKS, &key);
     b.delete(PLANS, &key);
     b.delete(POLICIES, &key);
+    b.delete(NEEDS, &key);
     Ok(())
 }
 
@@ -1063,11 +1090,16 @@ mod tests {
             answered: Vec::new(),
             decide_at_ms: None,
             blocked: None,
+            asked: Vec::new(),
+            broadcasts: 0,
         });
         let before = wf.clone();
         if let Some(r) = wf.steps[0].request.as_mut() {
             r.publish_count = 2;
             r.next_publish_at_ms = 30;
+            // Asking an agent directly is schedule too: nothing to write.
+            r.asked.push("agent1".into());
+            r.broadcasts = 1;
         }
         assert!(same_step(&before.steps[0], &wf.steps[0]));
         assert!(changed_values(&before, &wf).is_empty());

@@ -46,6 +46,9 @@ pub enum Cmd {
     Delete(Vec<Uuid>, oneshot::Sender<Result<u64, Error>>),
     /// Apply a peer's message.
     Deliver(Box<Inbound>, DeliverReply),
+    /// An agent's advert heard on gossip: its signer, the endpoint the
+    /// signer gave, the advert.
+    Advert(String, String, Box<caroni_types::market::Advert>),
 }
 
 /// A workflow to start.
@@ -135,6 +138,20 @@ impl Handle {
     /// Resumes a failed or cancelled workflow from its unfinished steps.
     pub async fn resume(&self, id: Uuid) -> Result<(), Error> {
         self.ask(|tx| Cmd::Resume(id, tx)).await
+    }
+
+    /// An agent's advert heard on gossip from `from`, which signed it
+    /// giving `endpoint` as its own. Dropped when the manager is busy
+    /// (returns false): adverts come again.
+    pub fn advert(
+        &self,
+        from: String,
+        endpoint: String,
+        advert: caroni_types::market::Advert,
+    ) -> bool {
+        self.tx
+            .try_send(Cmd::Advert(from, endpoint, Box::new(advert)))
+            .is_ok()
     }
 
     /// Deletes ended workflows and everything kept of them; returns how
@@ -233,6 +250,8 @@ impl Handle {
 
 /// Who waits for a command's answer.
 enum Pending {
+    /// Nobody waits for an answer (an advert).
+    Nobody,
     Run(oneshot::Sender<Result<(Uuid, bool), Error>>),
     Cancel(oneshot::Sender<Result<(), Error>>),
     Delete(oneshot::Sender<Result<u64, Error>>),
@@ -247,6 +266,7 @@ impl Cmd {
             Cmd::Cancel(id, tx) => (Pending::Cancel(tx), Some(Input::Cancel(id))),
             Cmd::Resume(id, tx) => (Pending::Cancel(tx), Some(Input::Resume(id))),
             Cmd::Deliver(msg, tx) => (Pending::Deliver(tx), Some(Input::Deliver(*msg))),
+            Cmd::Advert(..) => (Pending::Nobody, None),
         }
     }
 }
@@ -284,6 +304,7 @@ impl Pending {
     /// Answers "not now" without applying.
     fn fail(self, why: &str) {
         match self {
+            Pending::Nobody => {}
             Pending::Run(tx) => {
                 let _ = tx.send(Err(Error::Unavailable(why.to_string())));
             }
@@ -498,6 +519,13 @@ impl driver::Engine for Service {
                     return;
                 }
             },
+            Cmd::Advert(from, endpoint, advert) => {
+                let now = caroni_types::now_ms();
+                if let Err(why) = self.machine.on_advert(&from, &endpoint, *advert, now) {
+                    self.wire.dropped(&from, &format!("an advert: {why}"));
+                }
+                return;
+            }
             Cmd::Delete(ids, tx) => {
                 let answer = self.delete(&ids, &mut g.out);
                 g.replies

@@ -6,8 +6,9 @@
 //! owns the `Swarm`. No domain logic lives here: gossip payloads are opaque
 //! bytes (signed Caroni envelopes, verified by the receiver).
 //!
-//! Topic layout: one topic, [`REQUESTS_TOPIC`], carries every job
-//! fulfillment request; agents decline what they cannot serve. Gossipsub
+//! Topic layout: one topic, [`REQUESTS_TOPIC`], carries the job
+//! fulfillment requests managers broadcast and the agents' adverts
+//! (docs/market.md). Gossipsub
 //! limits are explicit: 64 KiB messages, strict validation (libp2p-signed
 //! messages), content-based message ids (SHA-256 of the payload), peer
 //! scoring off, flood publishing on.

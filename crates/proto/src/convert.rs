@@ -2,7 +2,8 @@
 //! (`caroni_types::msg`). Decoding checks what protobuf cannot: ids must be
 //! UUIDs, states must be known.
 
-use caroni_types::msg::{JobRequest, JobState, Msg, StatusUpdate};
+use caroni_types::market::{Advert, AdvertisedType, Needs, Resources};
+use caroni_types::msg::{JobRequest, JobState, Load, Msg, StatusUpdate};
 use uuid::Uuid;
 
 use crate::v1::{self as pb, message::Payload};
@@ -40,6 +41,27 @@ pub fn job_state_to_pb(s: JobState) -> pb::JobState {
     }
 }
 
+/// Domain resources → wire.
+pub fn resources_to_pb(r: &Resources) -> pb::Resources {
+    pb::Resources {
+        cpu_milli: r.cpu_milli,
+        memory_mib: r.memory_mib,
+        gpus: r.gpus,
+        disk_mib: r.disk_mib,
+    }
+}
+
+/// Wire resources → domain (absent: none).
+pub fn resources_from_pb(r: Option<pb::Resources>) -> Resources {
+    let r = r.unwrap_or_default();
+    Resources {
+        cpu_milli: r.cpu_milli,
+        memory_mib: r.memory_mib,
+        gpus: r.gpus,
+        disk_mib: r.disk_mib,
+    }
+}
+
 impl From<Msg> for Payload {
     fn from(m: Msg) -> Self {
         match m {
@@ -53,6 +75,8 @@ impl From<Msg> for Payload {
                 manager_endpoint: r.manager_endpoint,
                 publish_count: r.publish_count,
                 workflow_id: r.workflow_id.map(|w| w.to_string()).unwrap_or_default(),
+                needs: Some(resources_to_pb(&r.needs.resources)),
+                labels: r.needs.labels.into_iter().collect(),
             }),
             Msg::Offer {
                 offer_id,
@@ -126,6 +150,26 @@ impl From<Msg> for Payload {
                 job_id: job_id.to_string(),
                 reason,
             }),
+            Msg::Advert(a) => Payload::AgentAdvert(pb::AgentAdvert {
+                seq: a.seq,
+                expires_at: Some(crate::timestamp_ms(a.expires_at_ms)),
+                slots: a.load.slots,
+                free_slots: a.load.free_slots,
+                queue_length: a.load.queue_length,
+                total: Some(resources_to_pb(&a.total)),
+                free: Some(resources_to_pb(&a.free)),
+                labels: a.labels.into_iter().collect(),
+                job_types: a
+                    .job_types
+                    .into_iter()
+                    .map(|t| pb::AdvertisedJobType {
+                        name: t.name,
+                        inputs: t.inputs,
+                    })
+                    .collect(),
+                cwl_tools: a.cwl_tools,
+                serves: a.serves,
+            }),
         }
     }
 }
@@ -149,6 +193,10 @@ impl TryFrom<Payload> for Msg {
                     workflow_id: match r.workflow_id.as_str() {
                         "" => None,
                         w => Some(uuid(M, "workflow_id", w)?),
+                    },
+                    needs: Needs {
+                        resources: resources_from_pb(r.needs),
+                        labels: r.labels.into_iter().collect(),
                     },
                 })
             }
@@ -231,6 +279,28 @@ impl TryFrom<Payload> for Msg {
                 job_id: uuid("JobKill", "job_id", &k.job_id)?,
                 reason: k.reason,
             },
+            Payload::AgentAdvert(a) => Msg::Advert(Advert {
+                seq: a.seq,
+                expires_at_ms: ms(&a.expires_at),
+                load: Load {
+                    slots: a.slots,
+                    free_slots: a.free_slots,
+                    queue_length: a.queue_length,
+                },
+                total: resources_from_pb(a.total),
+                free: resources_from_pb(a.free),
+                labels: a.labels.into_iter().collect(),
+                job_types: a
+                    .job_types
+                    .into_iter()
+                    .map(|t| AdvertisedType {
+                        name: t.name,
+                        inputs: t.inputs,
+                    })
+                    .collect(),
+                cwl_tools: a.cwl_tools,
+                serves: a.serves,
+            }),
         })
     }
 }
@@ -254,6 +324,38 @@ mod tests {
                 manager_endpoint: "http://m:1".into(),
                 publish_count: 2,
                 workflow_id: Some(id()),
+                needs: Needs {
+                    resources: Resources {
+                        cpu_milli: 1500,
+                        memory_mib: 512,
+                        gpus: 1,
+                        disk_mib: 9,
+                    },
+                    labels: BTreeMap::from([("region".into(), "eu".into())]),
+                },
+            }),
+            Msg::Advert(Advert {
+                seq: 7,
+                expires_at_ms: 1_700_000_000_000,
+                load: Load {
+                    slots: 4,
+                    free_slots: 1,
+                    queue_length: 3,
+                },
+                total: Resources {
+                    cpu_milli: 4000,
+                    memory_mib: 8192,
+                    gpus: 2,
+                    disk_mib: 100,
+                },
+                free: Resources::default(),
+                labels: BTreeMap::from([("gpu".into(), "a100".into())]),
+                job_types: vec![AdvertisedType {
+                    name: "wc".into(),
+                    inputs: vec!["a".into()],
+                }],
+                cwl_tools: true,
+                serves: vec!["m1".into()],
             }),
             Msg::Offer {
                 offer_id: id(),

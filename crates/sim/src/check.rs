@@ -97,6 +97,7 @@ impl Sim {
                 manager_endpoint: EVIL.into(),
                 publish_count: 1,
                 workflow_id: None,
+                needs: Default::default(),
             };
             let agents: Vec<String> = names
                 .into_iter()

@@ -71,6 +71,24 @@ impl Sim {
                     },
                 );
             }
+            Event::Advert {
+                to,
+                from,
+                endpoint,
+                advert,
+            } => {
+                let now = self.now;
+                let Some(node) = self.nodes.get_mut(&to) else {
+                    return;
+                };
+                if !node.up {
+                    return;
+                }
+                if let Role::Manager(Some(m), _) = &mut node.role {
+                    // Soft state: nothing is written.
+                    let _ = m.on_advert(&from, &endpoint, advert, now);
+                }
+            }
             Event::Wake { node } => {
                 let due = self
                     .nodes
@@ -96,6 +114,7 @@ impl Sim {
                 if alive {
                     if matches!(result, RunResult::Completed { .. }) {
                         self.completed_runs.insert(job);
+                        self.counts.runs_completed += 1;
                     }
                     self.agent_input(&node, agent::Input::Finished(job, result));
                 }

@@ -258,6 +258,7 @@ impl Sim {
             });
         }
         outbox.extend(staged.iter().cloned());
+        let advert = out.advert.take();
         let next = a.next_timer();
         *slot = Some(a);
         self.dice = dice;
@@ -267,7 +268,41 @@ impl Sim {
                 .entry((name.to_string(), id))
                 .or_default() += 1;
         }
+        if let Some(advert) = advert {
+            // Gossip, best effort, to every manager.
+            let endpoint = self
+                .nodes
+                .get(name)
+                .map(|n| n.endpoint.clone())
+                .unwrap_or_default();
+            let managers: Vec<String> = self
+                .nodes
+                .keys()
+                .filter(|n| n.starts_with("manager"))
+                .cloned()
+                .collect();
+            for m in managers {
+                if self.faults() && self.dice.chance(self.cfg.drop * 4.0) {
+                    continue;
+                }
+                let at = self.now + 1 + self.dice.below(30);
+                self.push(
+                    at,
+                    Event::Advert {
+                        to: m,
+                        from: name.to_string(),
+                        endpoint: endpoint.clone(),
+                        advert: advert.clone(),
+                    },
+                );
+            }
+        }
         for s in out.start {
+            *self
+                .counts
+                .runs_per_agent
+                .entry(name.to_string())
+                .or_default() += 1;
             let id = s.spec.job_id;
             if self.completed_runs.contains(&id) {
                 self.findings
@@ -312,6 +347,7 @@ impl Sim {
 
     /// After a group is written: its messages go out, its timer is set.
     pub(crate) fn performed(&mut self, name: &str, staged: Vec<Staged>, next: Option<u64>) {
+        self.counts.direct_messages += staged.len() as u64;
         for s in &staged {
             if s.out.to == MALLORY && !matches!(s.out.msg, Msg::Offer { .. } | Msg::Decline { .. })
             {

@@ -157,6 +157,13 @@ enum Event {
         endpoint: String,
         req: JobRequest,
     },
+    /// An agent's advert arrives at a manager (gossip).
+    Advert {
+        to: String,
+        from: String,
+        endpoint: String,
+        advert: caroni_types::market::Advert,
+    },
     /// A node's timer (settle).
     Wake { node: String },
     /// A run ended (of a given incarnation of the agent).
@@ -273,6 +280,13 @@ pub struct Counts {
     /// Honest messages from a peer not yet confirmed, about something
     /// the receiver no longer knows, answered in the ack.
     pub answered_in_ack: u64,
+    /// Direct messages staged by honest nodes (each once, however often
+    /// it was transmitted).
+    pub direct_messages: u64,
+    /// Job runs that completed.
+    pub runs_completed: u64,
+    /// Runs started per agent.
+    pub runs_per_agent: BTreeMap<String, u64>,
 }
 
 /// One seeded run.
@@ -436,7 +450,7 @@ impl Sim {
         };
         match role {
             Role::Manager(m, disk) => {
-                let mut machine = Manager::new(manager_options(endpoint));
+                let mut machine = Manager::new(manager_options(node_name, endpoint));
                 let live: Vec<Workflow> = disk
                     .workflows
                     .values()
@@ -579,6 +593,11 @@ impl Counts {
         self.crashes += c.crashes;
         self.forgeries_refused += c.forgeries_refused;
         self.answered_in_ack += c.answered_in_ack;
+        self.direct_messages += c.direct_messages;
+        self.runs_completed += c.runs_completed;
+        for (a, n) in &c.runs_per_agent {
+            *self.runs_per_agent.entry(a.clone()).or_default() += n;
+        }
     }
 }
 

@@ -85,3 +85,56 @@ fn a_seed_replays_exactly() {
         (b.events, b.completed, b.crashes)
     );
 }
+
+/// The market at scale (docs/market.md): 10 managers and 100 agents, no
+/// faults. Managers ask the agents they choose from the adverts, so the
+/// direct messages per step do not grow with the mesh (with a broadcast
+/// to which every agent answered, it was 2 per agent and step), and the
+/// steps spread over the agents.
+#[test]
+fn a_mesh_of_100_agents_costs_few_messages_per_step_and_spreads_the_work() {
+    let cfg = Config {
+        managers: 10,
+        agents: 100,
+        workflows: 1000,
+        drop: 0.0,
+        duplicate: 0.0,
+        crash: 0.0,
+        job_failure: 0.0,
+        forgeries: 0,
+        ..Config::default()
+    };
+    for seed in 0..3 {
+        let (f, c) = Sim::new(seed, cfg.clone()).run();
+        assert!(f.violations.is_empty(), "{}", f.violations.join("\n"));
+        // (A run may cancel one workflow on purpose.)
+        assert_eq!(
+            c.completed + c.cancelled,
+            cfg.workflows as u64,
+            "seed {seed}"
+        );
+        let m = c.direct_messages as f64 / c.runs_completed as f64;
+        let runs: Vec<u64> = (0..cfg.agents)
+            .map(|a| {
+                c.runs_per_agent
+                    .get(&format!("agent{a}"))
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let even = c.runs_completed as f64 / cfg.agents as f64;
+        let (lo, hi) = (
+            runs.iter().copied().min().unwrap_or(0),
+            runs.iter().copied().max().unwrap_or(0),
+        );
+        println!(
+            "seed {seed}: {} steps, {m:.2} direct messages per step, jobs per agent {lo}..{hi} (even share {even:.1})",
+            c.runs_completed
+        );
+        assert!(m <= 10.0, "seed {seed}: {m:.2} direct messages per step");
+        assert!(
+            (lo as f64) >= even * 0.75 && (hi as f64) <= even * 1.25,
+            "seed {seed}: jobs per agent {lo}..{hi}, even share {even:.1}"
+        );
+    }
+}

@@ -123,6 +123,9 @@ impl agent::World for AWorld<'_> {
             .find(|t| t.name == name)
             .map(|t| (t.clone(), ExecutorSpec::Bash)))
     }
+    fn job_types(&self) -> caroni_store::Result<Vec<JobTypeDef>> {
+        Ok(self.types.to_vec())
+    }
     fn offer(&self, request_id: &Uuid) -> caroni_store::Result<Option<Offer>> {
         Ok(self.disk.offers.get(request_id).cloned())
     }
@@ -146,7 +149,7 @@ impl agent::World for AWorld<'_> {
     }
 }
 
-pub(crate) fn manager_options(endpoint: &str) -> manager::Options {
+pub(crate) fn manager_options(name: &str, endpoint: &str) -> manager::Options {
     manager::Options {
         endpoint: endpoint.to_string(),
         lease: Duration::from_secs(30),
@@ -156,6 +159,7 @@ pub(crate) fn manager_options(endpoint: &str) -> manager::Options {
         use_agents: None,
         answer_timeout: std::time::Duration::from_secs(10),
         unplaceable_timeout: std::time::Duration::from_secs(300),
+        node_id: name.to_string(),
     }
 }
 
@@ -165,5 +169,12 @@ pub(crate) fn agent_options(name: &str) -> agent::Options {
         slots: 2,
         serve_managers: None,
         cwl_tools: Default::default(),
+        resources: caroni_types::market::Resources {
+            cpu_milli: 4000,
+            memory_mib: 8192,
+            gpus: 0,
+            disk_mib: 10240,
+        },
+        labels: Default::default(),
     }
 }

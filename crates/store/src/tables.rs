@@ -52,6 +52,10 @@ pub const WORKFLOW_STEPS_V4: u8 = 0x1F;
 /// key = workflow uuid. Kept apart so that plans stored before policies
 /// existed are still read.
 pub const WORKFLOW_PLAN_POLICIES: u8 = 0x0F;
+/// What each step's job needs of an agent, by step path at any depth
+/// (manager): key = workflow uuid; written only for workflows whose steps
+/// need something (resources, labels). Kept apart like the policies.
+pub const WORKFLOW_STEP_NEEDS: u8 = 0x0E;
 /// Submissions by client request id (manager): key = the client's request
 /// id (string); value = the workflow it made and when.
 pub const WORKFLOW_SUBMISSIONS: u8 = 0x11;
@@ -78,6 +82,9 @@ pub const AGENT_JOB_EXECUTIONS: u8 = 0x24;
 /// Jobs with their queue time and failure kind (agent): key = job uuid.
 /// Jobs of the 0x21 layout are converted at start.
 pub const AGENT_JOBS_V2: u8 = 0x25;
+/// What an offered request's job needs (resources, labels; agent): key =
+/// request uuid; written only for requests that need something.
+pub const AGENT_REQUEST_NEEDS: u8 = 0x27;
 /// A job's stdout or stderr when it is at most 64 KiB (agent; longer
 /// ones are files): key = job uuid, stream (u64: 1 stdout, 2 stderr).
 pub const AGENT_JOB_LOGS: u8 = 0x26;
@@ -121,8 +128,10 @@ mod tests {
             super::WORKFLOW_STEPS_V4,
             super::WORKFLOW_SUBMISSIONS,
             super::WORKFLOW_PLAN_POLICIES,
+            super::WORKFLOW_STEP_NEEDS,
             super::AGENT_JOBS_V2,
             super::AGENT_JOB_LOGS,
+            super::AGENT_REQUEST_NEEDS,
             super::JOB_TYPE_EXECUTORS,
             super::MANAGER_JOB_EXECUTIONS,
             super::AGENT_JOB_EXECUTIONS,

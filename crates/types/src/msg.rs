@@ -68,6 +68,9 @@ pub struct JobRequest {
     pub publish_count: u32,
     /// The workflow the job is for, when the manager says.
     pub workflow_id: Option<Uuid>,
+    /// Resources and labels the step needs.
+    #[serde(default)]
+    pub needs: crate::market::Needs,
 }
 
 /// Most names or parameters in one request.
@@ -118,6 +121,15 @@ impl JobRequest {
             return Err(Refusal(
                 "the manager endpoint is not an http(s) URL of at most 256 bytes".into(),
             ));
+        }
+        if self.needs.labels.len() > MAX_REQUEST_FIELDS {
+            return Err(Refusal(format!(
+                "{} labels wanted (at most {MAX_REQUEST_FIELDS})",
+                self.needs.labels.len()
+            )));
+        }
+        for (k, v) in &self.needs.labels {
+            crate::market::check_label(k, v).map_err(Refusal)?;
         }
         if self.expires_at_ms <= now_ms {
             return Err(Refusal("it has expired".into()));
@@ -286,6 +298,8 @@ pub enum Msg {
         /// Why.
         reason: String,
     },
+    /// AgentAdvert (gossip): what an agent serves and has.
+    Advert(crate::market::Advert),
 }
 
 impl Msg {
@@ -302,6 +316,7 @@ impl Msg {
             Msg::Status(_) => "JobStatusUpdate",
             Msg::Data { .. } => "JobDataAvailable",
             Msg::Kill { .. } => "JobKill",
+            Msg::Advert(_) => "AgentAdvert",
         }
     }
 

@@ -184,6 +184,9 @@ impl AgentService for AgentApi {
         let replace = req.replace;
         let (def, executor) =
             blocking(move || job_types::put_with(&store, def, executor, replace)).await?;
+        if let Some(a) = &self.agent {
+            a.job_types_changed();
+        }
         tracing::info!(job_type = %def.name, executor = executor.name(), replace, "job type stored");
         Ok(Response::new(job_type_to_pb(def, executor)))
     }
@@ -227,6 +230,9 @@ impl AgentService for AgentApi {
         let store = self.store()?;
         let name = req.into_inner().name;
         blocking(move || job_types::delete(&store, &name)).await?;
+        if let Some(a) = &self.agent {
+            a.job_types_changed();
+        }
         Ok(Response::new(pb::DeleteJobTypeResponse {}))
     }
 

@@ -116,7 +116,51 @@ pub fn peer(p: &pb::Peer) -> Value {
         "stream_open": p.stream_open, "last_error": p.last_error,
         "dropped": p.dropped, "confirmed": p.confirmed,
         "refused": p.refused, "last_refusal": p.last_refusal,
+        "advert": p.advert.as_ref().map(advert),
     })
+}
+
+/// An agent's advert as heard: what it serves and has.
+pub fn advert(a: &pb::AgentAdvert) -> Value {
+    let res = |r: &Option<pb::Resources>| {
+        let r = r.unwrap_or_default();
+        json!({"cpus": r.cpu_milli as f64 / 1000.0, "memory_mib": r.memory_mib, "gpus": r.gpus, "disk_mib": r.disk_mib})
+    };
+    json!({
+        "job_types": a.job_types.iter().map(|t| json!({"name": t.name, "inputs": t.inputs})).collect::<Vec<_>>(),
+        "cwl_tools": a.cwl_tools, "serves": a.serves, "labels": a.labels,
+        "total": res(&a.total), "free": res(&a.free),
+        "slots": a.slots, "free_slots": a.free_slots, "queue_length": a.queue_length,
+    })
+}
+
+/// A short text of what an advert says: job types, resources, labels.
+pub fn advert_text(a: &pb::AgentAdvert) -> String {
+    let r = a.total.unwrap_or_default();
+    let mut types: Vec<&str> = a.job_types.iter().map(|t| t.name.as_str()).collect();
+    if a.cwl_tools {
+        types.push("CWL tools");
+    }
+    let mut labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    labels.sort();
+    let mut out = format!(
+        "{} | {} CPUs, {} MiB, {} GPUs | {}/{} slots free",
+        if types.is_empty() {
+            "no job types".to_string()
+        } else {
+            types.join(", ")
+        },
+        caroni_types::market::cpus(r.cpu_milli),
+        r.memory_mib,
+        r.gpus,
+        a.free_slots,
+        a.slots
+    );
+    if !labels.is_empty() {
+        out.push_str(" | ");
+        out.push_str(&labels.join(" "));
+    }
+    out
 }
 
 /// A node's identity and addresses.

@@ -158,6 +158,16 @@ impl NodeService for NodeApi {
             e.dropped = s.dropped;
             e.confirmed = s.confirmed;
         }
+        for (node, advert) in self.stats.wire.adverts() {
+            let e = peers.entry(node.clone()).or_insert_with(|| pb::Peer {
+                node_id: node,
+                ..Default::default()
+            });
+            use caroni_proto::v1::message::Payload;
+            if let Payload::AgentAdvert(a) = Payload::from(caroni_types::msg::Msg::Advert(advert)) {
+                e.advert = Some(a);
+            }
+        }
         for (node, count, reason) in self.stats.wire.refusals.all() {
             let e = peers.entry(node.clone()).or_insert_with(|| pb::Peer {
                 node_id: node,

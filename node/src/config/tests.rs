@@ -48,7 +48,12 @@ fn the_environment_beats_the_file_and_file_values_are_checked_as_flags() {
     let c =
         Config::load(["caroni-node", "--config", path, "--offer-window-ms", "13"]).expect("valid");
     assert_eq!(c.offer_window_ms, 13, "a flag beats the environment");
-    assert_eq!(c.manager_options("http://m:1").offer_window.as_millis(), 13);
+    assert_eq!(
+        c.manager_options("m", "http://m:1")
+            .offer_window
+            .as_millis(),
+        13
+    );
     std::fs::write(&file, "slots = \"many\"\n").expect("write");
     let e = Config::load(["caroni-node", "--config", path]).expect_err("not a number");
     let e = e.to_string();

@@ -23,10 +23,47 @@ impl Agent {
         }
     }
 
+    /// A request sent to this agent directly by a manager that chose it
+    /// from its advert: answered like a gossip request, through the same
+    /// checks, but always answered (a decline says why), and applied once.
+    pub(super) fn asked(
+        &mut self,
+        msg: Inbound,
+        now: &mut Now<'_>,
+        world: &dyn World,
+        out: &mut Out,
+    ) -> Result<Delivered, DeliverError> {
+        let span = msg.span();
+        let _in = span.enter();
+        let retry = |e: caroni_store::Error| DeliverError::Retry(e.to_string());
+        if out.applied_set.contains(&msg.id) || world.is_applied(&msg.id).map_err(retry)? {
+            return Ok(Delivered::Applied);
+        }
+        let Msg::Request(req) = &msg.msg else {
+            return Ok(Delivered::NotMine);
+        };
+        // The answer goes where the signer says it is now (a manager that
+        // moved since it staged the request gave its new address when it
+        // sent it); the body's endpoint is not a way to name another.
+        let mut req = req.clone();
+        req.manager_endpoint = msg.endpoint.clone();
+        if let Err(why) = req.check(now.ms) {
+            if req.expires_at_ms > now.ms {
+                return Err(DeliverError::Refused(format!("a job request: {why}")));
+            }
+            // Expired on the way (a long queue): nothing to answer.
+        } else {
+            self.on_request(&msg.from, &req, true, now, world, out);
+        }
+        out.applied(msg.id);
+        Ok(Delivered::Applied)
+    }
+
     pub(super) fn on_request(
         &mut self,
         from: &str,
         req: &JobRequest,
+        asked: bool,
         now: &mut Now<'_>,
         world: &dyn World,
         out: &mut Out,
@@ -80,6 +117,11 @@ impl Agent {
             load,
             declined_before: self.declined.contains_key(&req.request_id),
             not_served: !self.opts.serves(from),
+            asked,
+            unmet: req
+                .needs
+                .unmet(&self.opts.resources, &self.opts.labels)
+                .map(|why| format!("this agent cannot ever run it: {why}")),
         };
         if how.not_served && !how.declined_before {
             out.refused.push((
@@ -106,6 +148,10 @@ impl Agent {
         }
         if let (Some(_), Some(w)) = (&offer, req.workflow_id) {
             out.request_workflows.push((req.request_id, w));
+        }
+        if offer.is_some() && !req.needs.is_empty() {
+            out.request_needs.push((req.request_id, req.needs.clone()));
+            self.needs.insert(req.request_id, req.needs.clone());
         }
         tracing::debug!(workflow = %caroni_types::msg::Trace(req.workflow_id), request = %req.request_id, answer = answer.msg.name(), "answering a request");
         if let Some(o) = offer {

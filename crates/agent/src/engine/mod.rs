@@ -27,9 +27,11 @@ use uuid::Uuid;
 
 use crate::executor::{Execution, RunSpec};
 
+mod advert;
 mod answer;
 mod run;
 use crate::machine::{Job, Offer, RunResult};
+pub use advert::{ADVERT_EVERY_MS, ADVERT_LIFETIME_MS, ADVERT_MIN_GAP_MS};
 
 /// How often expired offers and declines are forgotten.
 const CLEANUP_MS: u64 = 30_000;
@@ -51,6 +53,10 @@ pub struct Options {
     pub serve_managers: Option<HashSet<String>>,
     /// Which real CWL tools it runs (`--cwl-tools`).
     pub cwl_tools: crate::cwl::CwlTools,
+    /// What it has (`--cpus`, `--memory`, `--gpus`, `--disk`).
+    pub resources: caroni_types::market::Resources,
+    /// Its labels (`--label key=value`).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Options {
@@ -69,6 +75,8 @@ pub trait World {
     fn is_applied(&self, id: &Uuid) -> caroni_store::Result<bool>;
     /// A job type and its executor.
     fn job_type(&self, name: &str) -> caroni_store::Result<Option<(JobTypeDef, ExecutorSpec)>>;
+    /// Every job type (for the advert).
+    fn job_types(&self) -> caroni_store::Result<Vec<JobTypeDef>>;
     /// An offer as stored (accepted or expired ones are not in memory).
     fn offer(&self, request_id: &Uuid) -> caroni_store::Result<Option<Offer>>;
     /// A job as stored (finished ones are not in memory).
@@ -83,6 +91,11 @@ pub trait World {
     fn external_id(&self, spec: &RunSpec) -> String;
     /// The peer has acknowledged a message of this node (not a stranger).
     fn knows(&self, node: &str) -> bool;
+    /// What an offered or accepted request needs, when it needs anything.
+    fn needs(&self, request: &Uuid) -> Option<caroni_types::market::Needs> {
+        let _ = request;
+        None
+    }
 }
 
 /// An input of the machine (taken by value, applied at once).
@@ -103,6 +116,8 @@ pub enum Input {
     },
     /// A run ended.
     Finished(Uuid, RunResult),
+    /// A job type was put or deleted: the next advert says so.
+    JobTypesChanged,
 }
 
 /// The outcome of handing a message to the agent.
@@ -143,6 +158,8 @@ pub struct Out {
     pub forget_offers: Vec<Uuid>,
     /// The workflow of each request offered for.
     pub request_workflows: Vec<(Uuid, Uuid)>,
+    /// What each request offered for needs (those that need anything).
+    pub request_needs: Vec<(Uuid, caroni_types::market::Needs)>,
     /// Where started jobs run.
     pub executions: Vec<(Uuid, Execution)>,
     /// Messages to stage, with the workflow they are about; a status
@@ -176,6 +193,8 @@ pub struct Out {
     pub failures: Vec<Failure>,
     /// Jobs cancelled by their manager.
     pub cancelled: u64,
+    /// An advert to publish on gossip once the group is written.
+    pub advert: Option<caroni_types::market::Advert>,
 }
 
 impl Out {
@@ -219,10 +238,17 @@ pub struct Agent {
     /// True once a Slurm job type was seen (scheduling then looks past a
     /// full set of local slots).
     slurm_seen: bool,
+    /// What each live request (offer or job) needs, by request id, as far
+    /// as it needs anything (the rest are read through [`World::needs`]).
+    needs: HashMap<Uuid, caroni_types::market::Needs>,
+    /// Resources held by running local jobs.
+    held: HashMap<Uuid, caroni_types::market::Resources>,
     /// Requests declined, until they expire (ms): declined once only.
     declined: HashMap<Uuid, u64>,
     /// When expired offers are next forgotten.
     cleanup_at: u64,
+    /// What it last advertised.
+    advert: advert::AdvertState,
     /// Jobs to look at again after a restart (running ones re-run).
     recover: bool,
 }
@@ -238,6 +264,19 @@ impl std::fmt::Debug for Agent {
 }
 
 impl Agent {
+    /// What the job of request `request` needs (nothing when it says
+    /// nothing).
+    pub(super) fn job_needs(
+        &self,
+        request: &Uuid,
+        world: &dyn World,
+    ) -> caroni_types::market::Needs {
+        match self.needs.get(request) {
+            Some(n) => n.clone(),
+            None => world.needs(request).unwrap_or_default(),
+        }
+    }
+
     /// An agent with nothing; [`Agent::load`] gives it its records.
     pub fn new(opts: Options) -> Self {
         Self {
@@ -249,8 +288,11 @@ impl Agent {
             running: HashSet::new(),
             slurm_running: HashMap::new(),
             slurm_seen: false,
+            needs: HashMap::new(),
+            held: HashMap::new(),
             declined: HashMap::new(),
             cleanup_at: 0,
+            advert: advert::AdvertState::default(),
             recover: true,
         }
     }
@@ -285,7 +327,7 @@ impl Agent {
 
     /// When [`Agent::settle`] next has something to do.
     pub fn next_timer(&self) -> Option<u64> {
-        Some(self.cleanup_at)
+        Some(self.cleanup_at.min(self.advert_due()))
     }
 
     /// Applies one input. The answer is for a delivered message.
@@ -297,6 +339,9 @@ impl Agent {
         out: &mut Out,
     ) -> Result<Delivered, DeliverError> {
         match input {
+            Input::Deliver(msg) if matches!(msg.msg, Msg::Request(_)) => {
+                self.asked(msg, now, world, out)
+            }
             Input::Deliver(msg) => self.deliver(msg, now.ms, world, out),
             Input::Gossip {
                 from,
@@ -314,12 +359,16 @@ impl Agent {
                 } else if let Err(why) = req.check(now.ms) {
                     out.dropped.push((from, format!("a job request: {why}")));
                 } else {
-                    self.on_request(&from, &req, now, world, out);
+                    self.on_request(&from, &req, false, now, world, out);
                 }
                 Ok(Delivered::Applied)
             }
             Input::Finished(id, result) => {
                 self.finished(id, result, now.ms, world, out);
+                Ok(Delivered::Applied)
+            }
+            Input::JobTypesChanged => {
+                self.advert.dirty = true;
                 Ok(Delivered::Applied)
             }
         }
@@ -336,6 +385,7 @@ impl Agent {
             self.forget_expired(now.ms, out);
         }
         self.schedule(now.ms, world, out);
+        self.advertise(now.ms, world, out);
     }
 }
 

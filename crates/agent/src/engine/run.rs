@@ -52,6 +52,14 @@ impl Agent {
             self.offers.remove(&r);
             out.forget_offers.push(r);
         }
+        // Needs are kept in memory while their offer or job lives.
+        let live: std::collections::HashSet<Uuid> = self
+            .offers
+            .keys()
+            .copied()
+            .chain(self.jobs.values().map(|j| j.request_id))
+            .collect();
+        self.needs.retain(|r, _| live.contains(r));
     }
 
     /// Where a job runs: as recorded when it started, else its job type's
@@ -114,6 +122,7 @@ impl Agent {
                 Effect::StopProcess(id) => {
                     if self.running.remove(id) {
                         self.slurm_running.remove(id);
+                        self.held.remove(id);
                         out.stop.push(*id);
                     }
                 }
@@ -216,7 +225,15 @@ impl Agent {
                         .count();
                     of_type < s.max_in_flight as usize
                 }
-                _ => local < self.opts.slots,
+                // A local job also needs its resources free (a Slurm job
+                // holds the cluster's, not this host's).
+                _ => {
+                    local < self.opts.slots
+                        && self
+                            .job_needs(&job.request_id, world)
+                            .resources
+                            .fits(&self.free_resources())
+                }
             };
             if !fits {
                 skipped.push((job.queue_seq.unwrap_or(0), id));
@@ -252,6 +269,11 @@ impl Agent {
             let workflow = world.workflow_of(&job.request_id);
             if slurm {
                 self.slurm_running.insert(id, job.job_type.clone());
+            } else {
+                let held = self.job_needs(&job.request_id, world).resources;
+                if !held.is_zero() {
+                    self.held.insert(id, held);
+                }
             }
             self.commit(Some(job), fx, workflow, world, out);
             self.running.insert(id);
@@ -269,6 +291,7 @@ impl Agent {
     ) {
         self.running.remove(&id);
         self.slurm_running.remove(&id);
+        self.held.remove(&id);
         let Some(mut job) = self.jobs.get(&id).cloned() else {
             return;
         };

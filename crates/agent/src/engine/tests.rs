@@ -24,6 +24,9 @@ impl World for Fake {
     fn is_applied(&self, _: &Uuid) -> caroni_store::Result<bool> {
         Ok(false)
     }
+    fn job_types(&self) -> caroni_store::Result<Vec<JobTypeDef>> {
+        Ok(self.job_type("work")?.into_iter().map(|(d, _)| d).collect())
+    }
     fn job_type(&self, name: &str) -> caroni_store::Result<Option<(JobTypeDef, ExecutorSpec)>> {
         Ok((name == "work").then(|| {
             (
@@ -69,6 +72,13 @@ fn agent(serve: Option<&[&str]>) -> Agent {
         slots: 1,
         serve_managers: serve.map(|l| l.iter().map(|s| s.to_string()).collect()),
         cwl_tools: Default::default(),
+        resources: caroni_types::market::Resources {
+            cpu_milli: 4000,
+            memory_mib: 8192,
+            gpus: 0,
+            disk_mib: 10240,
+        },
+        labels: Default::default(),
     })
 }
 
@@ -83,6 +93,7 @@ fn request(job_type: &str, endpoint: &str) -> JobRequest {
         manager_endpoint: endpoint.into(),
         publish_count: 1,
         workflow_id: None,
+        needs: Default::default(),
     }
 }
 
@@ -142,13 +153,15 @@ fn a_request_whose_reply_endpoint_is_not_its_signers_is_dropped_unanswered() {
 fn a_request_is_declined_once() {
     let mut a = agent(None);
     let w = Fake::default();
-    let (_, out) = run(&mut a, &w, gossip(request("nosuch", EP), EP));
+    let (_, out) = run(&mut a, &w, msg(M, Msg::Request(request("nosuch", EP))));
     assert!(matches!(sent(&out)[..], [Msg::Decline { .. }]));
-    let (_, out) = run(&mut a, &w, gossip(request("nosuch", EP), EP));
+    let (_, out) = run(&mut a, &w, msg(M, Msg::Request(request("nosuch", EP))));
     assert!(
         sent(&out).is_empty(),
-        "a re-publication draws no second decline"
+        "asking again draws no second decline"
     );
+    let (_, out) = run(&mut a, &w, gossip(request("nosuch", EP), EP));
+    assert!(sent(&out).is_empty(), "nor does a re-publication");
 }
 
 #[test]
@@ -228,12 +241,51 @@ fn news_of_an_unknown_job_from_a_stranger_is_answered_in_the_ack() {
 }
 
 #[test]
-fn requests_come_only_over_gossip() {
+fn a_request_asked_directly_is_always_answered_and_a_broadcast_only_when_it_fits() {
     let mut a = agent(None);
-    let (r, _) = run(
-        &mut a,
-        &Fake::default(),
-        msg(M, Msg::Request(request("work", EP))),
+    let w = Fake::default();
+    // Asked directly (the manager chose this agent from its advert).
+    let (r, out) = run(&mut a, &w, msg(M, Msg::Request(request("work", EP))));
+    assert!(r.is_ok());
+    assert!(matches!(sent(&out)[..], [Msg::Offer { .. }]));
+    assert_eq!(
+        out.applied.len(),
+        1,
+        "applied once, like any direct message"
     );
-    assert!(matches!(r, Err(DeliverError::Refused(_))));
+    let mut other = request("nothere", EP);
+    other.request_id = Uuid::from_u128(2);
+    let (r, out) = run(&mut a, &w, msg(M, Msg::Request(other.clone())));
+    assert!(r.is_ok());
+    assert!(
+        matches!(sent(&out)[..], [Msg::Decline { reason, .. }] if reason.contains("no job type named nothere")),
+        "{:?}",
+        sent(&out)
+    );
+    // Broadcast: a job type it lacks is not answered.
+    let mut third = request("nothere", EP);
+    third.request_id = Uuid::from_u128(3);
+    let (_, out) = run(
+        &mut a,
+        &w,
+        Input::Gossip {
+            from: M.into(),
+            endpoint: EP.into(),
+            req: third,
+        },
+    );
+    assert!(sent(&out).is_empty(), "{:?}", sent(&out));
+    // A direct request cannot name another reply address: the answer goes
+    // to its signer's endpoint.
+    let mut forged = request("work", "http://elsewhere:1");
+    forged.request_id = Uuid::from_u128(4);
+    let (r, out) = run(&mut a, &w, msg(M, Msg::Request(forged)));
+    assert!(r.is_ok(), "{r:?}");
+    let to: Vec<&str> = out
+        .send
+        .iter()
+        .flatten()
+        .map(|(o, _)| o.endpoint.as_str())
+        .collect();
+    assert_eq!(to, [EP], "answered at the signer's endpoint only");
 }

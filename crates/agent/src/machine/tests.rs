@@ -25,6 +25,7 @@ fn req(keys: &[&str]) -> JobRequest {
         manager_endpoint: "http://m:1".into(),
         publish_count: 1,
         workflow_id: None,
+        needs: Default::default(),
     }
 }
 
@@ -92,7 +93,15 @@ fn offers_for_matching_inputs_declines_otherwise() {
     assert!(
         matches!(&a.1.msg, Msg::Decline { reason, .. } if reason.contains("takes inputs [text]"))
     );
-    let a = answer(None, None, &["text"], 10).expect("answer");
+    // A broadcast for a job type this agent lacks is not answered (the
+    // manager knows it from the adverts); asked directly, it says why.
+    assert!(answer(None, None, &["text"], 10).is_none());
+    let asked = Answering {
+        asked: true,
+        ..Default::default()
+    };
+    let a =
+        answer_request(None, None, M, &req(&["text"]), 10, Uuid::new_v4, asked).expect("answer");
     assert!(
         matches!(&a.1.msg, Msg::Decline { reason, .. } if reason.contains("no job type named foojob1"))
     );
@@ -115,9 +124,47 @@ fn a_republished_request_is_not_answered_again() {
     // A decline is said once per request.
     let declined = Answering {
         declined_before: true,
+        asked: true,
         ..Default::default()
     };
     assert!(answer_request(None, None, M, &req(&["text"]), 10, Uuid::new_v4, declined).is_none());
+}
+
+#[test]
+fn needs_an_agent_can_never_meet_are_declined_only_when_asked() {
+    let unmet = Answering {
+        unmet: Some("this agent cannot ever run it: needs 8 CPUs, the agent has 4".into()),
+        ..Default::default()
+    };
+    assert!(answer_request(
+        Some(&def()),
+        None,
+        M,
+        &req(&["text"]),
+        10,
+        Uuid::new_v4,
+        unmet.clone()
+    )
+    .is_none());
+    let asked = Answering {
+        asked: true,
+        ..unmet
+    };
+    let (offer, out) = answer_request(
+        Some(&def()),
+        None,
+        M,
+        &req(&["text"]),
+        10,
+        Uuid::new_v4,
+        asked,
+    )
+    .expect("an answer");
+    assert!(offer.is_none());
+    assert!(
+        matches!(&out.msg, Msg::Decline { reason, .. } if reason.contains("needs 8 CPUs")),
+        "{out:?}"
+    );
 }
 
 #[test]

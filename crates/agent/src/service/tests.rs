@@ -99,6 +99,13 @@ async fn a_ready_job_runs_before_an_older_one_that_waits_for_data() {
             slots: 1,
             serve_managers: None,
             cwl_tools: Default::default(),
+            resources: caroni_types::market::Resources {
+                cpu_milli: 4000,
+                memory_mib: 8192,
+                gpus: 0,
+                disk_mib: 10240,
+            },
+            labels: Default::default(),
         },
         store,
         wire.clone(),
@@ -120,6 +127,7 @@ async fn a_ready_job_runs_before_an_older_one_that_waits_for_data() {
             manager_endpoint: format!("http://{manager}"),
             publish_count: 1,
             workflow_id: None,
+            needs: Default::default(),
         };
         assert!(handle.gossip(manager.into(), format!("http://{manager}"), req.clone()));
         // The offer is staged once the gossip is handled; read it back.

@@ -147,6 +147,8 @@ impl Manager {
 
     pub(super) fn deadline(&self, wf: &Workflow, world: &dyn World, now_ms: u64) -> Option<u64> {
         let view = PeerView {
+            directory: &self.directory,
+            opts: &self.opts,
             answered: &self.answered,
             agent_jobs: &self.index.agent_jobs,
             world,
@@ -181,6 +183,8 @@ impl Manager {
         let before = wf.clone();
         let r = {
             let view = PeerView {
+                directory: &self.directory,
+                opts: &self.opts,
                 answered: &self.answered,
                 agent_jobs: &self.index.agent_jobs,
                 world,

@@ -29,6 +29,7 @@ use caroni_types::msg::{Inbound, JobRequest, Outbound};
 use uuid::Uuid;
 
 use crate::machine::{Effect, Peers};
+use crate::market::{Choice, Directory};
 use crate::model::{Parent, Value, Workflow, WorkflowState};
 use crate::records::{RunsOn, ValueKey};
 use crate::Error;
@@ -55,6 +56,9 @@ pub const DEFAULT_OFFER_WINDOW_MS: u64 = 20;
 /// whose defaults are the constants above).
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// This manager's node id (agents' adverts say which managers they
+    /// serve).
+    pub node_id: String,
     /// This manager's peer endpoint.
     pub endpoint: String,
     /// Lease on live jobs.
@@ -77,6 +81,13 @@ pub struct Options {
 }
 
 impl Options {
+    /// True when this manager takes offers of `agent` (`--use-agents`).
+    pub fn uses(&self, agent: &str) -> bool {
+        self.use_agents
+            .as_ref()
+            .is_none_or(|list| list.contains(agent))
+    }
+
     /// (answer timeout, unplaceable time) in ms, as the machine takes them.
     pub(crate) fn blocking(&self) -> (u64, u64) {
         (
@@ -278,6 +289,8 @@ impl Index {
 
 /// What the machine knows of the agents, for one workflow's rules.
 struct PeerView<'a> {
+    directory: &'a Directory,
+    opts: &'a Options,
     answered: &'a HashMap<String, u64>,
     agent_jobs: &'a HashMap<String, u32>,
     world: &'a dyn World,
@@ -296,19 +309,39 @@ impl Peers for PeerView<'_> {
         self.world.last_heard_ms(agent)
     }
     fn known_agents(&self) -> usize {
-        // Agents that answered lately and have not gone quiet: a stopped
-        // agent must not hold every request for the whole offer window.
-        self.answered
+        // Agents that answered lately and have not gone quiet (a stopped
+        // agent must not hold every request for the whole offer window),
+        // and agents whose advert is live.
+        let answered = self
+            .answered
             .keys()
             .filter(|a| {
                 self.world
                     .last_heard_ms(a)
                     .is_none_or(|t| self.now_ms.saturating_sub(t) < self.quiet_ms)
             })
-            .count()
+            .count();
+        answered.max(self.directory.len(self.now_ms))
     }
     fn live_jobs(&self, agent: &str) -> u32 {
         self.agent_jobs.get(agent).copied().unwrap_or(0)
+    }
+    fn choose(&self, req: &JobRequest, exclude: &[String]) -> Choice {
+        let allowed = |a: &str| self.opts.uses(a);
+        let placed = |a: &str| self.live_jobs(a);
+        self.directory.choose(
+            req,
+            &self.opts.node_id,
+            exclude,
+            &allowed,
+            &placed,
+            self.now_ms,
+        )
+    }
+    fn none_fits(&self, req: &JobRequest) -> Option<String> {
+        let allowed = |a: &str| self.opts.uses(a);
+        self.directory
+            .none_fits(req, &self.opts.node_id, &allowed, self.now_ms)
     }
 }
 
@@ -319,6 +352,8 @@ pub struct Manager {
     index: Index,
     /// Agents that answered requests, and when they last did.
     answered: HashMap<String, u64>,
+    /// The agents' adverts (docs/market.md).
+    directory: Directory,
     /// Workflows waiting in `created` for admission, oldest first.
     waiting: VecDeque<Uuid>,
     /// Waiting workflows whose values are on disk only (their copy here
@@ -366,6 +401,7 @@ impl Manager {
             live: HashMap::new(),
             index: Index::default(),
             answered: HashMap::new(),
+            directory: Directory::default(),
             waiting: VecDeque::new(),
             shelved: HashSet::new(),
             ready_at: HashMap::new(),
@@ -373,6 +409,27 @@ impl Manager {
             pending: VecDeque::new(),
             notices: VecDeque::new(),
         }
+    }
+
+    /// Takes an agent's advert heard on gossip (or from this node's own
+    /// agent): checked, then kept until it expires or a newer one comes.
+    /// Returns why it was dropped, if it was.
+    pub fn on_advert(
+        &mut self,
+        agent: &str,
+        endpoint: &str,
+        advert: caroni_types::market::Advert,
+        now_ms: u64,
+    ) -> Result<(), caroni_types::delivery::Refusal> {
+        advert.check(now_ms)?;
+        self.directory.expire(now_ms);
+        self.directory.update(agent, endpoint, advert);
+        Ok(())
+    }
+
+    /// The directory of advertised agents.
+    pub fn directory(&self) -> &Directory {
+        &self.directory
     }
 
     /// Replaces the live state with `live` (the non-final workflows as

@@ -176,7 +176,12 @@ impl Manager {
     pub(super) fn effects(&mut self, id: Uuid, fx: Vec<Effect>, out: &mut Out) {
         for e in fx {
             match e {
-                Effect::Send(o) => out.send.push((o, Some(id))),
+                Effect::Send(o) => {
+                    if matches!(o.msg, Msg::Request(_)) {
+                        self.directory.note_asked(&o.to);
+                    }
+                    out.send.push((o, Some(id)))
+                }
                 Effect::Publish(req) => out.publish.push(req),
                 e @ (Effect::Spawn(_) | Effect::Gather(_)) => self.pending.push_back((id, e)),
             }

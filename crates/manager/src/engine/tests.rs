@@ -48,6 +48,7 @@ fn manager(max_open: usize, use_agents: Option<&[&str]>) -> Manager {
         use_agents: use_agents.map(|l| l.iter().map(|s| s.to_string()).collect()),
         answer_timeout: std::time::Duration::from_secs(10),
         unplaceable_timeout: std::time::Duration::from_secs(300),
+        node_id: "manager".into(),
     })
 }
 

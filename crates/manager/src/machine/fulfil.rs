@@ -4,7 +4,8 @@
 use caroni_types::msg::{JobRequest, JobState, Load, Msg, Outbound};
 use uuid::Uuid;
 
-use super::{Ctx, Effect, REPUBLISH_MAX_MS, REPUBLISH_MIN_MS};
+use super::{Ctx, Effect, ASK_WAIT_MS, REPUBLISH_MAX_MS, REPUBLISH_MIN_MS};
+use crate::market::Choice;
 use crate::model::{Attempt, Candidate, Request, RequestState, StepState, Workflow};
 
 impl Workflow {
@@ -34,6 +35,8 @@ impl Workflow {
             answered: Vec::new(),
             decide_at_ms: None,
             blocked: None,
+            asked: Vec::new(),
+            broadcasts: 0,
         });
         self.publish_due(n, ctx, fx);
     }
@@ -49,8 +52,24 @@ impl Workflow {
         if !req.candidates.is_empty() {
             return None;
         }
+        // Adverts are known and none can ever serve it: say so once the
+        // first re-publication is due (a newer advert may still come).
+        let jr = self.job_request(n, ctx)?;
+        if ctx.now_ms >= req.created_at_ms + REPUBLISH_MIN_MS {
+            if let Some(why) = ctx.peers.none_fits(&jr) {
+                return Some(why);
+            }
+        }
         let known = ctx.peers.known_agents();
-        let all_declined = known > 0 && !req.declines.is_empty() && req.answered.len() >= known;
+        let answered_all = |list: &[String]| list.iter().all(|a| req.answered.contains(a));
+        // Every fitting agent was asked directly and each declined.
+        let exclude: Vec<String> = req.asked.iter().chain(&req.answered).cloned().collect();
+        let asked_out = !req.asked.is_empty()
+            && !req.declines.is_empty()
+            && answered_all(&req.asked)
+            && ctx.peers.choose(&jr, &exclude) == Choice::Broadcast;
+        let all_declined =
+            asked_out || known > 0 && !req.declines.is_empty() && req.answered.len() >= known;
         let timed_out = ctx.now_ms >= req.created_at_ms + ctx.answer_timeout_ms;
         if !all_declined && !timed_out {
             return None;
@@ -59,6 +78,11 @@ impl Workflow {
         if req.declines.is_empty() {
             return Some(if known == 0 {
                 format!("no agent answered within {secs} s, and this manager knows no agent; start one that serves job type {} and reaches this manager", self.steps[n].job_type)
+            } else if !req.asked.is_empty() {
+                format!(
+                    "no agent answered within {secs} s ({} asked directly, then the request was broadcast)",
+                    req.asked.len()
+                )
             } else {
                 format!(
                     "no agent answered within {secs} s ({known} agent(s) known to this manager)"
@@ -83,7 +107,14 @@ impl Workflow {
                 }
             })
             .collect();
-        let silent = known.saturating_sub(req.answered.len());
+        let silent = if req.asked.is_empty() {
+            known.saturating_sub(req.answered.len())
+        } else {
+            req.asked
+                .iter()
+                .filter(|a| !req.answered.contains(a))
+                .count()
+        };
         let mut out = format!(
             "declined by {} agent(s): {}",
             req.answered.len(),
@@ -123,26 +154,12 @@ impl Workflow {
         }
     }
 
-    /// Publishes the step's request if it is due, and schedules the next
-    /// publication with exponential backoff.
-    pub(super) fn publish_due(&mut self, n: usize, ctx: &Ctx<'_>, fx: &mut Vec<Effect>) {
-        let step = &mut self.steps[n];
-        let Some(req) = step.request.as_mut() else {
-            return;
-        };
-        if req.state != RequestState::Fulfilling || req.next_publish_at_ms > ctx.now_ms {
-            return;
-        }
-        req.publish_count += 1;
-        let known = ctx.peers.known_agents();
-        let delay = if known > 0 && req.answered.len() >= known {
-            // Every agent we know has answered: only a newcomer could.
-            REPUBLISH_MAX_MS
-        } else {
-            (REPUBLISH_MIN_MS << (req.publish_count - 1).min(10)).min(REPUBLISH_MAX_MS)
-        };
-        req.next_publish_at_ms = ctx.now_ms + delay;
-        fx.push(Effect::Publish(JobRequest {
+    /// The job request of step `n` as it travels (its open request's id
+    /// and expiry, this manager's endpoint).
+    pub(super) fn job_request(&self, n: usize, ctx: &Ctx<'_>) -> Option<JobRequest> {
+        let step = &self.steps[n];
+        let req = step.request.as_ref()?;
+        Some(JobRequest {
             request_id: req.id,
             job_type: step.job_type.clone(),
             parameter_keys: step.inputs.iter().map(|i| i.name.clone()).collect(),
@@ -152,7 +169,55 @@ impl Workflow {
             manager_endpoint: ctx.endpoint.to_string(),
             publish_count: req.publish_count,
             workflow_id: Some(self.id),
-        }));
+            needs: step.needs.clone(),
+        })
+    }
+
+    /// Sends the step's request if it is due: directly to the best
+    /// advertised agent not asked yet (docs/market.md), or, when no advert
+    /// fits, on gossip with exponential backoff.
+    pub(super) fn publish_due(&mut self, n: usize, ctx: &Ctx<'_>, fx: &mut Vec<Effect>) {
+        let due = self.steps[n].request.as_ref().is_some_and(|r| {
+            r.state == RequestState::Fulfilling && r.next_publish_at_ms <= ctx.now_ms
+        });
+        if !due {
+            return;
+        }
+        let Some(req) = self.steps[n].request.as_mut() else {
+            return;
+        };
+        req.publish_count += 1;
+        let exclude: Vec<String> = req.asked.iter().chain(&req.answered).cloned().collect();
+        let Some(jr) = self.job_request(n, ctx) else {
+            return;
+        };
+        let Some(req) = self.steps[n].request.as_mut() else {
+            return;
+        };
+        match ctx.peers.choose(&jr, &exclude) {
+            Choice::Ask(agent, endpoint) => {
+                req.asked.push(agent.clone());
+                req.next_publish_at_ms = ctx.now_ms + ASK_WAIT_MS;
+                fx.push(Effect::Send(Outbound {
+                    to: agent,
+                    endpoint,
+                    msg: Msg::Request(jr),
+                }));
+            }
+            Choice::Broadcast => {
+                let known = ctx.peers.known_agents();
+                let broadcasts = req.broadcasts;
+                req.broadcasts += 1;
+                let delay = if known > 0 && req.answered.len() >= known {
+                    // Every agent we know has answered: only a newcomer could.
+                    REPUBLISH_MAX_MS
+                } else {
+                    (REPUBLISH_MIN_MS << broadcasts.min(10)).min(REPUBLISH_MAX_MS)
+                };
+                req.next_publish_at_ms = ctx.now_ms + delay;
+                fx.push(Effect::Publish(jr));
+            }
+        }
     }
 
     pub(super) fn find_request(&self, request_id: Uuid) -> Option<usize> {
@@ -222,7 +287,9 @@ impl Workflow {
             req.answered.push(agent.to_string());
         }
         req.blocked = None;
-        let everyone = req.answered.len() >= ctx.peers.known_agents();
+        // An agent asked directly was chosen already: take it at once.
+        let everyone =
+            req.asked.iter().any(|a| a == agent) || req.answered.len() >= ctx.peers.known_agents();
         if ctx.offer_window_ms == 0 || everyone {
             let mut fx = Vec::new();
             self.decide(n, ctx, &mut fx);
@@ -335,11 +402,16 @@ impl Workflow {
         if !r.answered.iter().any(|a| a == agent) {
             r.answered.push(agent.to_string());
         }
+        let asked = r.asked.iter().any(|a| a == agent);
         if r.state == RequestState::Fulfilling
             && !r.candidates.is_empty()
             && r.answered.len() >= ctx.peers.known_agents()
         {
             self.decide(n, ctx, &mut fx);
+        } else if asked && r.state == RequestState::Fulfilling && r.candidates.is_empty() {
+            // The agent asked declined: ask the next one now.
+            r.next_publish_at_ms = ctx.now_ms;
+            self.publish_due(n, ctx, &mut fx);
         }
         self.update_blocked(n, ctx);
         self.touch(ctx);

@@ -1,0 +1,193 @@
+//! End-to-end, with separate `caroni-node` processes: the market (issue
+//! 25, docs/market.md). Agents advertise what they serve and have; a
+//! manager asks the agent it chooses instead of broadcasting, so an agent
+//! that cannot serve a step hears nothing of it; steps go only to agents
+//! whose labels and resources fit; a step no agent can ever serve says
+//! why.
+
+use caroni_tests::{step, NodeProc};
+use std::time::Duration;
+
+const BODY: &str = r#"printf '{"out":"%s"}' "$CARONI_ENV_x""#;
+
+/// Three steps in parallel: one wants region=eu, one 4 CPUs (CWL's
+/// ResourceRequirement), one 16 CPUs.
+const NEEDS: &str = r#"
+cwlVersion: v1.2
+class: Workflow
+$namespaces:
+  caroni: https://caroni.example/cwl#
+inputs:
+  msg: string
+outputs:
+  eu_out: {type: string, outputSource: eu/out}
+  big_out: {type: string, outputSource: big/out}
+  huge_out: {type: string, outputSource: huge/out}
+steps:
+  eu:
+    run: {class: CommandLineTool, inputs: {x: string}, outputs: {out: string}}
+    hints: {caroni:CaroniRequirement: {CaroniJobName: work, CaroniLabels: {region: eu}}}
+    in: {x: msg}
+    out: [out]
+  big:
+    run: {class: CommandLineTool, inputs: {x: string}, outputs: {out: string}}
+    requirements: {ResourceRequirement: {coresMin: 4, ramMin: 1024}}
+    hints: {caroni:CaroniRequirement: {CaroniJobName: work}}
+    in: {x: msg}
+    out: [out]
+  huge:
+    run: {class: CommandLineTool, inputs: {x: string}, outputs: {out: string}}
+    hints: {caroni:CaroniRequirement: {CaroniJobName: work, CaroniCpus: 16}}
+    in: {x: msg}
+    out: [out]
+"#;
+
+/// Waits until the manager has heard `n` agents advertise job type
+/// `job_type`.
+fn wait_adverts(m: &NodeProc, job_type: &str, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let peers = m.json(&["peers"]);
+        let serving = peers
+            .as_array()
+            .map(|ps| {
+                ps.iter()
+                    .filter(|p| {
+                        p["advert"]["job_types"]
+                            .as_array()
+                            .is_some_and(|t| t.iter().any(|t| t["name"] == job_type))
+                    })
+                    .count()
+            })
+            .unwrap_or(0);
+        if serving >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} agents did not advertise {job_type} within 30 s: {peers:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn agent_of_attempt(w: &serde_json::Value, s: &str) -> String {
+    step(w, s)["attempt_history"]
+        .as_array()
+        .and_then(|a| a.last())
+        .map(|a| a["agent"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn steps_go_where_labels_and_resources_fit_and_one_none_can_serve_says_why() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = NodeProc::start(
+        &dir.path().join("m"),
+        "manager",
+        &["--unplaceable-timeout", "20s"],
+    )
+    .expect("manager");
+    let eu = NodeProc::agent_of(
+        &m,
+        &dir.path().join("eu"),
+        &["--cpus", "2", "--memory", "2g", "--label", "region=eu"],
+    )
+    .expect("agent eu");
+    let us = NodeProc::agent_of(
+        &m,
+        &dir.path().join("us"),
+        &["--cpus", "8", "--memory", "8g", "--label", "region=us"],
+    )
+    .expect("agent us");
+    for a in [&eu, &us] {
+        a.put_job_type(dir.path(), "work", &["x"], &["out"], BODY, false);
+    }
+    wait_adverts(&m, "work", 2);
+    // What the manager heard is shown by `caroni peers`.
+    let shown = m.ok(&["peers"]);
+    assert!(
+        shown.contains("region=eu") && shown.contains("region=us"),
+        "{shown}"
+    );
+    let t = dir.path().join("needs.cwl");
+    std::fs::write(&t, NEEDS).expect("write");
+    m.ok(&["template", "add", "needs", t.to_str().expect("utf8")]);
+    let id = m.run("needs", &["msg=hi"]);
+    let w = m.wait_until(
+        &id,
+        Duration::from_secs(60),
+        "eu and big done, huge blocked",
+        |w| {
+            step(w, "eu")["state"] == "completed"
+                && step(w, "big")["state"] == "completed"
+                && step(w, "huge")["blocked"]
+                    .as_str()
+                    .is_some_and(|b| b.contains("16 CPUs"))
+        },
+    );
+    assert_eq!(agent_of_attempt(&w, "eu"), eu.node_id(), "{w:#}");
+    assert_eq!(agent_of_attempt(&w, "big"), us.node_id(), "{w:#}");
+    let why = step(&w, "huge")["blocked"]
+        .as_str()
+        .expect("text")
+        .to_string();
+    assert!(
+        why.contains("needs 16 CPUs, the agent has 8")
+            && why.contains("needs 16 CPUs, the agent has 2"),
+        "{why}"
+    );
+    let text = m.ok(&["workflow", "show", &id]);
+    assert!(text.contains("16 CPUs"), "{text}");
+    // It fails with that reason after --unplaceable-timeout.
+    let end = m.wait(&id, Duration::from_secs(60));
+    assert_eq!(end["state"], "failed", "{end:#}");
+    assert!(
+        end["message"]
+            .as_str()
+            .is_some_and(|s| s.contains("16 CPUs")),
+        "{end:#}"
+    );
+}
+
+#[test]
+fn requests_go_to_the_agent_chosen_and_others_hear_nothing_of_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
+    let a = NodeProc::agent_of(&m, &dir.path().join("a"), &[]).expect("agent a");
+    let b = NodeProc::agent_of(&m, &dir.path().join("b"), &[]).expect("agent b");
+    // c serves another job type only.
+    let c = NodeProc::agent_of(&m, &dir.path().join("c"), &[]).expect("agent c");
+    for x in [&a, &b] {
+        x.add_job_types(&["foojob0.yaml", "foojob1.yaml", "foojob2.yaml"]);
+    }
+    c.put_job_type(dir.path(), "other", &["x"], &["out"], BODY, false);
+    wait_adverts(&m, "foojob2", 2);
+    wait_adverts(&m, "other", 1);
+    m.add_demo_template();
+    let ids: Vec<String> = (0..6)
+        .map(|i| m.run("test_simple", &[&format!("start_message=hello{i}")]))
+        .collect();
+    for id in &ids {
+        let w = m.wait(id, Duration::from_secs(60));
+        assert_eq!(w["state"], "completed", "{w:#}");
+    }
+    let status = |n: &NodeProc| n.json(&["status"]);
+    // Nothing was broadcast: every request went to an advertised agent.
+    assert_eq!(status(&m)["requests_broadcast"], 0, "{:#}", status(&m));
+    // c never heard of these steps, so it said nothing.
+    assert_eq!(status(&c)["messages_sent"], 0, "{:#}", status(&c));
+    let done: u64 = [&a, &b]
+        .iter()
+        .map(|x| status(x)["jobs"]["completed"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(done, 18, "each of the 18 steps ran once");
+    let sent: u64 = [&m, &a, &b, &c]
+        .iter()
+        .map(|x| status(x)["messages_sent"].as_u64().unwrap_or(0))
+        .sum();
+    println!(
+        "{sent} direct messages for 18 steps: {:.2} per step",
+        sent as f64 / 18.0
+    );
+}
