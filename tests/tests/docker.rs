@@ -270,7 +270,8 @@ fn demo_across_three_containers() {
         .as_str()
         .expect("id")
         .to_string();
-    let shown = env.cli(&m, &["workflow", "show", &id]);
+    // Whole ids (a narrow table shortens its columns).
+    let shown = env.cli(&m, &["-o", "wide", "workflow", "show", &id]);
     let (ida, idb) = (env.node_id(&a), env.node_id(&b));
     assert!(shown.contains(&ida) && shown.contains(&idb), "{shown}");
 }
