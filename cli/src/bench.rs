@@ -846,6 +846,32 @@ pub async fn bench(args: BenchArgs, format: Format) -> anyhow::Result<ExitCode> 
             .map_err(crate::client::status)
             .with_context(|| format!("cannot register the bench job type on {}", n.name))?;
     }
+    // Every manager has heard every agent advertise the job type (or ten
+    // seconds passed): the measured run starts in the steady state.
+    let agents = nodes.iter().filter(|n| n.is_agent).count();
+    for n in nodes.iter().filter(|n| n.name.starts_with("manager")) {
+        let mut api = NodeServiceClient::new(connect(&n.url).await?);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let heard = api
+                .list_peers(pb::ListPeersRequest {})
+                .await
+                .map_err(crate::client::status)?
+                .into_inner()
+                .peers
+                .iter()
+                .filter(|p| {
+                    p.advert
+                        .as_ref()
+                        .is_some_and(|a| a.job_types.iter().any(|t| t.name == job_type))
+                })
+                .count();
+            if heard >= agents || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let timeout = Duration::from_secs(args.timeout);
     let strings = |label: &str, n: usize| {
         (0..n)

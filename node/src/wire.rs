@@ -393,7 +393,18 @@ pub async fn gossip_loop(
     wire: SharedWire,
 ) {
     let outbox = wire.outbox.clone();
-    while let Some(caroni_mesh::Event::Gossip { data, from }) = events.recv().await {
+    while let Some(event) = events.recv().await {
+        let (data, from) = match event {
+            caroni_mesh::Event::Gossip { data, from } => (data, from),
+            caroni_mesh::Event::Subscribed(_) => {
+                // A new peer (a manager, perhaps) hears gossip from now
+                // on: it should not wait for the next periodic advert.
+                if let Some(a) = &agent {
+                    a.job_types_changed();
+                }
+                continue;
+            }
+        };
         let env = match Envelope::decode(data.as_slice()) {
             Ok(e) => e,
             Err(e) => {

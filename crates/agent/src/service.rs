@@ -112,8 +112,9 @@ impl Handle {
         self.tx.try_send(Cmd::Gossip(from, endpoint, req)).is_ok()
     }
 
-    /// A job type was put or deleted: the agent advertises the change
-    /// soon. Dropped when the agent is busy (the periodic advert says it).
+    /// A job type was put or deleted, or a peer joined the gossip: the
+    /// agent advertises soon (at most every 200 ms). Dropped when the agent
+    /// is busy (the periodic advert says it).
     pub fn job_types_changed(&self) {
         let _ = self.tx.try_send(Cmd::JobTypesChanged);
     }

@@ -26,8 +26,8 @@ pub const ADVERT_TTL_MS: u64 = 30_000;
 struct Known {
     endpoint: String,
     advert: Advert,
-    /// Requests this manager asked it since its advert.
-    asked_since: u32,
+    /// Requests this manager asked it that it has not answered yet.
+    outstanding: u32,
     /// Requests this manager asked it in all (kept across adverts).
     asked_total: u64,
 }
@@ -51,29 +51,37 @@ impl Directory {
     /// Takes an agent's advert (a newer one replaces an older; an older
     /// one is ignored). Returns false when ignored.
     pub fn update(&mut self, agent: &str, endpoint: &str, advert: Advert) -> bool {
-        let asked_total = match self.agents.get(agent) {
+        let (outstanding, asked_total) = match self.agents.get(agent) {
             Some(k) if k.advert.seq >= advert.seq => return false,
-            Some(k) => k.asked_total,
-            None => 0,
+            Some(k) => (k.outstanding, k.asked_total),
+            None => (0, 0),
         };
         self.agents.insert(
             agent.to_string(),
             Known {
                 endpoint: endpoint.to_string(),
                 advert,
-                asked_since: 0,
+                outstanding,
                 asked_total,
             },
         );
         true
     }
 
-    /// This manager asked `agent` for a request: it counts as busier
-    /// until its next advert says how busy it is.
+    /// This manager asked `agent` for a request: until it answers, the
+    /// request counts as a job there.
     pub fn note_asked(&mut self, agent: &str) {
         if let Some(k) = self.agents.get_mut(agent) {
-            k.asked_since = k.asked_since.saturating_add(1);
+            k.outstanding = k.outstanding.saturating_add(1);
             k.asked_total = k.asked_total.saturating_add(1);
+        }
+    }
+
+    /// `agent` answered a request (an offer, which becomes a live job when
+    /// taken, or a decline).
+    pub fn note_answered(&mut self, agent: &str) {
+        if let Some(k) = self.agents.get_mut(agent) {
+            k.outstanding = k.outstanding.saturating_sub(1);
         }
     }
 
@@ -126,16 +134,16 @@ impl Directory {
             .filter(|(a, _)| !exclude.contains(a) && allowed(a))
             .filter(|(_, k)| Self::unfit(k, req, manager).is_none())
             .map(|(a, k)| {
-                // The advert's load, plus what this manager asked of it
-                // since the advert was sent (never less than the live jobs
-                // it has there).
+                // The advert's load (every manager's jobs, a moment ago),
+                // or what this manager knows it has there now (its live
+                // jobs and the requests it asked that are not answered
+                // yet), whichever is more.
                 let load = k.advert.load;
                 let busy = load
                     .slots
                     .saturating_sub(load.free_slots)
                     .saturating_add(load.queue_length)
-                    .saturating_add(k.asked_since)
-                    .max(placed(a));
+                    .max(placed(a).saturating_add(k.outstanding));
                 let per_slot = f64::from(busy) / f64::from(load.slots.max(1));
                 (per_slot, k.asked_total, tie(req, a), a, k)
             })
@@ -286,17 +294,25 @@ mod tests {
             Choice::Broadcast
         );
         // Live jobs this manager has on b count against it, and so do
-        // requests asked of it since its advert.
+        // requests asked of it that it has not answered.
         let placed = |a: &str| if a == "b" { 3 } else { 0 };
         assert_eq!(
             d.choose(&r, "m", &[], &all, &placed, 10),
             Choice::Ask("a".into(), "http://a:1".into())
         );
-        d.note_asked("b");
-        d.note_asked("b");
+        for _ in 0..4 {
+            d.note_asked("b");
+        }
         assert_eq!(
             d.choose(&r, "m", &[], &all, &none, 10),
             Choice::Ask("a".into(), "http://a:1".into())
+        );
+        for _ in 0..4 {
+            d.note_answered("b");
+        }
+        assert_eq!(
+            d.choose(&r, "m", &[], &all, &none, 10),
+            Choice::Ask("b".into(), "http://b:1".into())
         );
         // Equally busy: the one asked least often goes first.
         let mut e = Directory::default();
@@ -308,7 +324,9 @@ mod tests {
                 panic!("an agent fits");
             };
             e.note_asked(&who);
-            // Its job ended before its next advert: idle again.
+            // It answered, and its job ended before its next advert: idle
+            // again.
+            e.note_answered(&who);
             e.update(&who, "http://w:1", advert(seq, 0, &["wc"]));
             *counts.entry(who).or_insert(0u64) += 1;
         }

@@ -73,6 +73,9 @@ pub enum Event {
         /// The peer that forwarded it.
         from: PeerId,
     },
+    /// A peer subscribed to the topic: it hears what is published from
+    /// now on (an agent re-advertises for it).
+    Subscribed(PeerId),
 }
 
 /// A connected peer.
@@ -396,6 +399,12 @@ impl EventLoop {
 
     async fn swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         match ev {
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed {
+                peer_id,
+                topic,
+            })) if topic == self.topic.hash() => {
+                let _ = self.events.try_send(Event::Subscribed(peer_id));
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
                 message,

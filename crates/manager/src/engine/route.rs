@@ -64,6 +64,7 @@ impl Manager {
         let key = match &msg.msg {
             Msg::Offer { request_id, .. } | Msg::Decline { request_id, .. } => {
                 self.answered.insert(msg.from.clone(), now.ms);
+                self.directory.note_answered(&msg.from);
                 self.index.by_request.get(request_id)
             }
             Msg::Accepted { job_id, .. }

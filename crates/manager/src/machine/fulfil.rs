@@ -186,6 +186,22 @@ impl Workflow {
         let Some(req) = self.steps[n].request.as_mut() else {
             return;
         };
+        // The agent asked last has not answered but is alive (its answer
+        // waits behind its other messages, as under a burst): wait for it
+        // rather than ask another, up to the answer timeout.
+        if let Some(last) = req.asked.last() {
+            let alive = ctx
+                .peers
+                .last_heard_ms(last)
+                .is_some_and(|t| ctx.now_ms.saturating_sub(t) < ASK_WAIT_MS);
+            if alive
+                && !req.answered.contains(last)
+                && ctx.now_ms < req.created_at_ms + ctx.answer_timeout_ms
+            {
+                req.next_publish_at_ms = ctx.now_ms + ASK_WAIT_MS;
+                return;
+            }
+        }
         req.publish_count += 1;
         let exclude: Vec<String> = req.asked.iter().chain(&req.answered).cloned().collect();
         let Some(jr) = self.job_request(n, ctx) else {
