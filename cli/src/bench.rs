@@ -44,9 +44,15 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2)]
     pub agents: usize,
     /// Managers to start; the workflows are submitted to them in turn,
-    /// all at the same time.
+    /// all at the same time (see --stagger).
     #[arg(long, default_value_t = 1)]
     pub managers: usize,
+    /// Seconds between the managers' starts: manager k submits its share
+    /// k × this later (a flood from one, then another). With several
+    /// managers the report gives each one's share of the steps that ended
+    /// while every manager had work.
+    #[arg(long, default_value_t = 0.0)]
+    pub stagger: f64,
     /// Workflows to run (after a warm-up of 3).
     #[arg(long, default_value_t = 100)]
     pub workflows: usize,
@@ -704,6 +710,10 @@ pub struct Report {
     /// The agents' steps, least and most, over an even share (1.0 = even).
     pub spread_min: f64,
     pub spread_max: f64,
+    /// With several managers: each one's share of the workflows that
+    /// ended while every manager had work (from the last manager's first
+    /// submission to the first manager's last end).
+    pub overlap_shares: Vec<f64>,
     pub slots: usize,
     pub steps: usize,
     pub workflows: usize,
@@ -905,20 +915,27 @@ pub async fn bench(args: BenchArgs, format: Format) -> anyhow::Result<ExitCode> 
         shares[i % managers.len()].push(input);
     }
     let mut runs = tokio::task::JoinSet::new();
-    for (m, share) in managers.iter().zip(shares) {
+    for (k, (m, share)) in managers.iter().zip(shares).enumerate() {
         let m = m.clone();
         let concurrency = args.concurrency;
-        runs.spawn(
-            async move { run_workflows(&m, template_name, share, concurrency, timeout).await },
-        );
+        let delay = Duration::from_secs_f64(args.stagger.max(0.0) * k as f64);
+        runs.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let r = run_workflows(&m, template_name, share, concurrency, timeout).await;
+            (k, r)
+        });
     }
     let mut ended = HashMap::new();
+    let mut by_manager: Vec<Ended> = vec![HashMap::new(); managers.len()];
     let mut wall: f64 = 0.0;
     while let Some(r) = runs.join_next().await {
-        let (e, w) = r??;
+        let (k, r) = r?;
+        let (e, w) = r?;
+        by_manager[k] = e.clone();
         ended.extend(e);
         wall = wall.max(w);
     }
+    let overlap = overlap_shares(&by_manager);
     let after = stats(&nodes).await?;
     let scatter = match args.scatter {
         Some(n) if args.file_size.is_none() => {
@@ -1023,6 +1040,7 @@ pub async fn bench(args: BenchArgs, format: Format) -> anyhow::Result<ExitCode> 
             .filter(|n| n.name.starts_with("manager"))
             .count(),
         spread_min: spread(u64::min, u64::MAX),
+        overlap_shares: overlap,
         spread_max: spread(u64::max, 0),
         agents: nodes.iter().filter(|n| n.is_agent).count(),
         slots: args.slots,
@@ -1083,6 +1101,37 @@ pub async fn bench(args: BenchArgs, format: Format) -> anyhow::Result<ExitCode> 
     )
 }
 
+/// Each manager's share of the workflows that ended while every manager
+/// had work: from the latest first creation to the earliest last end.
+fn overlap_shares(by_manager: &[Ended]) -> Vec<f64> {
+    if by_manager.len() < 2 || by_manager.iter().any(|e| e.is_empty()) {
+        return Vec::new();
+    }
+    let start = by_manager
+        .iter()
+        .map(|e| e.values().map(|v| v.1).fold(f64::MAX, f64::min))
+        .fold(f64::MIN, f64::max);
+    let end = by_manager
+        .iter()
+        .map(|e| e.values().map(|v| v.2).fold(f64::MIN, f64::max))
+        .fold(f64::MAX, f64::min);
+    let counts: Vec<usize> = by_manager
+        .iter()
+        .map(|e| e.values().filter(|v| v.2 >= start && v.2 <= end).count())
+        .collect();
+    let total: usize = counts.iter().sum();
+    counts
+        .iter()
+        .map(|c| {
+            if total > 0 {
+                *c as f64 / total as f64
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
 fn print_report(r: &Report) {
     let conc = if r.concurrency == 0 {
         "all at once".to_string()
@@ -1138,6 +1187,18 @@ fn print_report(r: &Report) {
         r.spread_min * 100.0,
         r.spread_max * 100.0
     );
+    if r.overlap_shares.len() > 1 {
+        let shares: Vec<String> = r
+            .overlap_shares
+            .iter()
+            .enumerate()
+            .map(|(k, s)| format!("manager{} {:.0} %", k + 1, s * 100.0))
+            .collect();
+        println!(
+            "  while every manager had work, workflows ended: {}",
+            shares.join(", ")
+        );
+    }
     if let Some(sc) = &r.scatter {
         println!(
             "  scatter of {} elements in one workflow: {} in {:.2} s = {:.1} steps/s ({:.2}× the workflows' steps/s); {} outputs gathered",

@@ -102,6 +102,19 @@ pub struct Config {
     /// several (environment: comma-separated). Steps may require labels.
     #[arg(long = "label", env = "CARONI_LABELS", value_delimiter = ',')]
     pub labels: Vec<String>,
+    /// Fair share: how fast a manager's past use of this agent is
+    /// forgotten (its run time halves every this long), e.g. 10m or 1h.
+    #[arg(long, env = "CARONI_FAIR_SHARE_HALF_LIFE", default_value = "10m")]
+    pub fair_share_half_life: String,
+    /// Fair share: a manager's weight, NODE_ID=W (default 1 for every
+    /// manager); a manager of weight 2 gets twice the run time of one of
+    /// weight 1 when both have work here. Repeat for several.
+    #[arg(
+        long = "manager-weight",
+        env = "CARONI_MANAGER_WEIGHTS",
+        value_delimiter = ','
+    )]
+    pub manager_weights: Vec<String>,
     /// Lease on live jobs, in seconds: a manager counts a job as lost after
     /// its agent was silent this long.
     #[arg(long, env = "CARONI_LEASE_SECONDS", default_value_t = caroni_manager::engine::DEFAULT_LEASE_SECONDS)]
@@ -482,7 +495,33 @@ impl Config {
             cwl_tools: self.cwl_tools.trim().parse().unwrap_or_default(),
             resources: self.resources().unwrap_or_default(),
             labels: self.labels().unwrap_or_default(),
+            fair_half_life_ms: parse_duration(&self.fair_share_half_life)
+                .map_or(caroni_agent::engine::DEFAULT_HALF_LIFE_MS, |d| {
+                    d.as_millis() as u64
+                }),
+            manager_weights: self.manager_weights().unwrap_or_default(),
         }
+    }
+
+    /// `--manager-weight` as a map.
+    pub fn manager_weights(&self) -> Result<std::collections::HashMap<String, f64>, ConfigError> {
+        self.manager_weights
+            .iter()
+            .filter(|w| !w.trim().is_empty())
+            .map(|w| {
+                let bad = || {
+                    ConfigError::Invalid(format!(
+                        "--manager-weight `{w}` is not NODE_ID=WEIGHT with a weight above 0 (example: 12D3KooW…=2)"
+                    ))
+                };
+                let (node, weight) = w.trim().split_once('=').ok_or_else(bad)?;
+                let weight: f64 = weight.trim().parse().map_err(|_| bad())?;
+                if !weight.is_finite() || weight <= 0.0 || node.trim().is_empty() {
+                    return Err(bad());
+                }
+                Ok((node.trim().to_string(), weight))
+            })
+            .collect()
     }
 
     /// What this agent offers: `--cpus`, `--memory`, `--gpus`, `--disk`,
@@ -535,6 +574,13 @@ impl Config {
         }
         self.resources()?;
         self.labels()?;
+        self.manager_weights()?;
+        if parse_duration(&self.fair_share_half_life).is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "--fair-share-half-life `{}` is not a duration; write e.g. 10m or 1h",
+                self.fair_share_half_life
+            )));
+        }
         self.blob_retention()?;
         self.retention()?;
         self.submission_retention()?;

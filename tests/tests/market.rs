@@ -191,3 +191,106 @@ fn requests_go_to_the_agent_chosen_and_others_hear_nothing_of_them() {
         sent as f64 / 18.0
     );
 }
+
+const ONE_STEP: &str = r#"
+cwlVersion: v1.2
+class: Workflow
+$namespaces:
+  caroni: https://caroni.example/cwl#
+inputs:
+  msg: string
+outputs:
+  out: {type: string, outputSource: s/out}
+steps:
+  s:
+    run: {class: CommandLineTool, inputs: {x: string}, outputs: {out: string}}
+    hints: {caroni:CaroniRequirement: {CaroniJobName: slow}}
+    in: {x: msg}
+    out: [out]
+"#;
+
+fn finished_ms(w: &serde_json::Value) -> i64 {
+    let t = w["finished_at"].as_str().unwrap_or_default();
+    chrono_ms(t)
+}
+
+/// Milliseconds of an RFC 3339 time (to compare times of one run).
+fn chrono_ms(t: &str) -> i64 {
+    humantime::parse_rfc3339(t)
+        .ok()
+        .and_then(|s| s.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Manager a floods a one-slot agent first (twelve jobs of 0.3 s), manager
+/// b second (six): with fair share, b's jobs run between a's rather than
+/// after all of them.
+#[test]
+fn a_manager_that_floods_an_agent_first_does_not_starve_the_next() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ma = NodeProc::start(&dir.path().join("ma"), "manager", &[]).expect("manager a");
+    let agent =
+        NodeProc::agent_of(&ma, &dir.path().join("agent"), &["--slots", "1"]).expect("agent");
+    let boot = ma.p2p_addr();
+    let mb = NodeProc::start(
+        &dir.path().join("mb"),
+        "manager",
+        &["--bootstrap", boot.as_str()],
+    )
+    .expect("manager b");
+    agent.put_job_type(
+        dir.path(),
+        "slow",
+        &["x"],
+        &["out"],
+        &format!("sleep 0.3; {BODY}"),
+        false,
+    );
+    wait_adverts(&ma, "slow", 1);
+    wait_adverts(&mb, "slow", 1);
+    let t = dir.path().join("one.cwl");
+    std::fs::write(&t, ONE_STEP).expect("write");
+    for m in [&ma, &mb] {
+        m.ok(&["template", "add", "one", t.to_str().expect("utf8")]);
+    }
+    // a's twelve all at once, then b's six all at once.
+    let submit = |m: &NodeProc, label: &str, n: usize| -> Vec<String> {
+        std::thread::scope(|s| {
+            let runs: Vec<_> = (0..n)
+                .map(|i| s.spawn(move || m.run("one", &[&format!("msg={label}{i}")])))
+                .collect();
+            runs.into_iter()
+                .map(|r| r.join().expect("a submission"))
+                .collect()
+        })
+    };
+    let a_ids = submit(&ma, "a", 12);
+    let b_ids = submit(&mb, "b", 6);
+    let ends = |m: &NodeProc, ids: &[String]| -> Vec<i64> {
+        let mut v: Vec<i64> = ids
+            .iter()
+            .map(|id| {
+                let w = m.wait(id, Duration::from_secs(60));
+                assert_eq!(w["state"], "completed", "{w:#}");
+                finished_ms(&w)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let a_end = ends(&ma, &a_ids);
+    let b_end = ends(&mb, &b_ids);
+    let (a_last, b_last) = (a_end[11], b_end[5]);
+    println!(
+        "a's last ended at +{} ms, b's last at +{} ms (from a's first)",
+        a_last - a_end[0],
+        b_last - a_end[0]
+    );
+    // First come, first served would run all of a's before any of b's;
+    // sharing the agent, b's six end while a's are still running.
+    assert!(
+        b_last < a_last,
+        "b's jobs waited behind a's: b's last ended {} ms after a's last",
+        b_last - a_last
+    );
+}

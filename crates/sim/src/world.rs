@@ -176,5 +176,7 @@ pub(crate) fn agent_options(name: &str) -> agent::Options {
             disk_mib: 10240,
         },
         labels: Default::default(),
+        fair_half_life_ms: 600_000,
+        manager_weights: Default::default(),
     }
 }

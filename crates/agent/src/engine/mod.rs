@@ -29,9 +29,11 @@ use crate::executor::{Execution, RunSpec};
 
 mod advert;
 mod answer;
+mod fair;
 mod run;
 use crate::machine::{Job, Offer, RunResult};
 pub use advert::{ADVERT_EVERY_MS, ADVERT_LIFETIME_MS, ADVERT_MIN_GAP_MS};
+pub use fair::DEFAULT_HALF_LIFE_MS;
 
 /// How often expired offers and declines are forgotten.
 const CLEANUP_MS: u64 = 30_000;
@@ -57,6 +59,12 @@ pub struct Options {
     pub resources: caroni_types::market::Resources,
     /// Its labels (`--label key=value`).
     pub labels: BTreeMap<String, String>,
+    /// Half-life of each manager's usage, for fair share
+    /// (`--fair-share-half-life`).
+    pub fair_half_life_ms: u64,
+    /// Managers' weights for fair share (`--manager-weight NODE=W`; 1 when
+    /// not listed).
+    pub manager_weights: HashMap<String, f64>,
 }
 
 impl Options {
@@ -243,6 +251,8 @@ pub struct Agent {
     needs: HashMap<Uuid, caroni_types::market::Needs>,
     /// Resources held by running local jobs.
     held: HashMap<Uuid, caroni_types::market::Resources>,
+    /// Each manager's run time here, decayed (fair share).
+    usage: fair::Usage,
     /// Requests declined, until they expire (ms): declined once only.
     declined: HashMap<Uuid, u64>,
     /// When expired offers are next forgotten.
@@ -290,6 +300,7 @@ impl Agent {
             slurm_seen: false,
             needs: HashMap::new(),
             held: HashMap::new(),
+            usage: fair::Usage::default(),
             declined: HashMap::new(),
             cleanup_at: 0,
             advert: advert::AdvertState::default(),

@@ -175,7 +175,7 @@ impl Agent {
             if skipped.len() >= LOOK_PAST || (local >= self.opts.slots && !self.slurm_seen) {
                 return;
             }
-            let Some((_, id)) = self.queue.pop_first() else {
+            let Some((_, id)) = self.pop_fair(now_ms) else {
                 return;
             };
             let Some(mut job) = self.jobs.get(&id).cloned() else {
@@ -295,6 +295,10 @@ impl Agent {
         let Some(mut job) = self.jobs.get(&id).cloned() else {
             return;
         };
+        if let Some(started) = job.started_at_ms {
+            let seconds = now_ms.saturating_sub(started) as f64 / 1000.0;
+            self.used(&job.manager.clone(), seconds, now_ms);
+        }
         out.results.push((id, result.clone()));
         match &result {
             // Stopped because its manager cancelled it: counted then.

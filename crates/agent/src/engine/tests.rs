@@ -79,6 +79,8 @@ fn agent(serve: Option<&[&str]>) -> Agent {
             disk_mib: 10240,
         },
         labels: Default::default(),
+        fair_half_life_ms: 600_000,
+        manager_weights: Default::default(),
     })
 }
 

@@ -106,6 +106,8 @@ async fn a_ready_job_runs_before_an_older_one_that_waits_for_data() {
                 disk_mib: 10240,
             },
             labels: Default::default(),
+            fair_half_life_ms: 600_000,
+            manager_weights: Default::default(),
         },
         store,
         wire.clone(),
