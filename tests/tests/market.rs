@@ -133,8 +133,7 @@ fn steps_go_where_labels_and_resources_fit_and_one_none_can_serve_says_why() {
         .expect("text")
         .to_string();
     assert!(
-        why.contains("needs 16 CPUs, the agent has 8")
-            && why.contains("needs 16 CPUs, the agent has 2"),
+        why.contains("needs 16 CPUs, the agents have 2 and 8"),
         "{why}"
     );
     let text = m.ok(&["workflow", "show", &id]);

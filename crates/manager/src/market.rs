@@ -164,7 +164,9 @@ impl Directory {
         allowed: &dyn Fn(&str) -> bool,
         now_ms: u64,
     ) -> Option<String> {
-        let mut reasons: Vec<(String, usize)> = Vec::new();
+        // Each distinct reason with the agents' own figures when it is a
+        // shortfall ("needs 32 CPUs, the agents have 2 and 8").
+        let mut reasons: Vec<(String, Vec<String>, usize)> = Vec::new();
         let mut seen = 0;
         for (a, k) in self.live(now_ms) {
             seen += 1;
@@ -174,9 +176,16 @@ impl Directory {
             } else {
                 "not in this manager's --use-agents".to_string()
             };
-            match reasons.iter_mut().find(|(r, _)| *r == why) {
-                Some((_, c)) => *c += 1,
-                None => reasons.push((why, 1)),
+            let (head, have) = match why.split_once(", the agent has ") {
+                Some((h, v)) => (h.to_string(), Some(v.to_string())),
+                None => (why, None),
+            };
+            match reasons.iter_mut().find(|(r, _, _)| *r == head) {
+                Some((_, haves, c)) => {
+                    *c += 1;
+                    haves.extend(have.filter(|v| !haves.contains(v)));
+                }
+                None => reasons.push((head, have.into_iter().collect(), 1)),
             }
         }
         if seen == 0 {
@@ -185,11 +194,20 @@ impl Directory {
         reasons.sort();
         let listed: Vec<String> = reasons
             .into_iter()
-            .map(|(r, c)| {
-                if c > 1 {
-                    format!("{r} ({c} agents)")
+            .map(|(r, mut haves, c)| {
+                haves.sort_by(|a, b| natural(a).total_cmp(&natural(b)).then(a.cmp(b)));
+                let agents = if c > 1 {
+                    format!("{c} agents")
                 } else {
-                    format!("{r} (1 agent)")
+                    "1 agent".to_string()
+                };
+                match haves.as_slice() {
+                    [] => format!("{r} ({agents})"),
+                    [one] if c == 1 => format!("{r}, the agent has {one}"),
+                    [one] => format!("{r}, the agents have {one} ({agents})"),
+                    [init @ .., last] => {
+                        format!("{r}, the agents have {} and {last}", init.join(", "))
+                    }
                 }
             })
             .collect();
@@ -210,6 +228,15 @@ impl Directory {
             .map(|(a, _)| a.clone())
             .collect()
     }
+}
+
+/// The leading number of a figure ("8", "4096 MiB"), to list figures in
+/// order.
+fn natural(s: &str) -> f64 {
+    s.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// A stable pseudo-random order of agents per request: SipHash (with the
@@ -354,13 +381,20 @@ mod tests {
         big.needs.resources.cpu_milli = 16_000;
         assert_eq!(
             d.none_fits(&big, "m", &all, 10).as_deref(),
-            Some("no agent that advertises to this manager can serve it: needs 16 CPUs, the agent has 4 (2 agents)")
+            Some("no agent that advertises to this manager can serve it: needs 16 CPUs, the agents have 4 (2 agents)")
         );
         assert_eq!(
             d.none_fits(&req("wc"), "m", &all, 10).as_deref(),
             Some("no agent that advertises to this manager can serve it: no job type named wc (2 agents)")
         );
         assert_eq!(d.none_fits(&req("other"), "m", &all, 10), None);
+        let mut small = advert(3, 0, &["other"]);
+        small.total.cpu_milli = 2000;
+        d.update("b", "http://b:1", small);
+        assert_eq!(
+            d.none_fits(&big, "m", &all, 10).as_deref(),
+            Some("no agent that advertises to this manager can serve it: needs 16 CPUs, the agents have 2 and 4")
+        );
         let mut served = advert(2, 0, &["wc"]);
         served.serves = vec!["someone-else".into()];
         d.update("a", "http://a:1", served);
