@@ -232,13 +232,15 @@ pub async fn job_type(ctx: &Context, cmd: JobTypeCmd) -> anyhow::Result<ExitCode
             if ctx.format == Format::Json {
                 output::json(&json!(all.iter().map(job_type_json).collect::<Vec<_>>()));
             } else {
-                let mut table = output::table(&["name", "inputs", "outputs", "timeout", "updated"]);
+                let mut table =
+                    output::table(&["name", "inputs", "outputs", "timeout", "price", "updated"]);
                 for j in &all {
                     table.add_row(vec![
                         j.name.clone(),
                         j.inputs.join(", "),
                         j.outputs.join(", "),
                         format!("{} s", j.timeout_seconds),
+                        caroni_node::api::json::price_text(j.price),
                         output::time(j.updated_at.as_ref()),
                     ]);
                 }
@@ -258,6 +260,10 @@ pub async fn job_type(ctx: &Context, cmd: JobTypeCmd) -> anyhow::Result<ExitCode
                 say!("inputs:  {}", j.inputs.join(", "));
                 say!("outputs: {}", j.outputs.join(", "));
                 say!("timeout: {} s", j.timeout_seconds);
+                say!(
+                    "price:   {} credits",
+                    caroni_node::api::json::price_text(j.price)
+                );
                 if let Some(d) = &j.docker {
                     say!("executor: docker, image {} network {}", d.image, d.network);
                 } else if let Some(s) = &j.slurm {

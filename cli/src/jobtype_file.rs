@@ -50,9 +50,39 @@ struct Def {
     /// slurm: Slurm jobs kept submitted at once.
     #[serde(default)]
     max_in_flight: Option<u32>,
+    /// What a job costs, in credits: `{fixed: 0.5, per_second: 0.01}`.
+    #[serde(default)]
+    price: Option<PriceDef>,
 }
 
-const KEYS: &str = "name, inputs, outputs, body, timeout, max_output_bytes, executor (bash, docker, slurm), image, cpus, memory, network, env (docker), partition, time_limit, cpus, memory, sbatch, max_in_flight (slurm)";
+/// A price in a job-type file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PriceDef {
+    #[serde(default)]
+    fixed: Option<Amount>,
+    #[serde(default)]
+    per_second: Option<Amount>,
+}
+
+/// Credits as a number or as text.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Amount {
+    Number(f64),
+    Text(String),
+}
+
+impl Amount {
+    fn milli(&self) -> Result<u64, String> {
+        match self {
+            Amount::Number(n) => caroni_types::market::parse_credits(&n.to_string()),
+            Amount::Text(t) => caroni_types::market::parse_credits(t),
+        }
+    }
+}
+
+const KEYS: &str = "name, inputs, outputs, body, timeout, max_output_bytes, price (fixed, per_second), executor (bash, docker, slurm), image, cpus, memory, network, env (docker), partition, time_limit, cpus, memory, sbatch, max_in_flight (slurm)";
 
 impl Def {
     /// The wire form; the error names a key that does not fit the executor.
@@ -136,7 +166,25 @@ impl Def {
                 other.escape_debug()
             ),
         }
+        let price = match &self.price {
+            None => None,
+            Some(p) => {
+                let amount = |a: &Option<Amount>, key: &str| -> anyhow::Result<u64> {
+                    match a {
+                        None => Ok(0),
+                        Some(a) => a.milli().map_err(|e| {
+                            anyhow::anyhow!("{}: job type {name}: price.{key}: {e}", path.display())
+                        }),
+                    }
+                };
+                Some(pb::Price {
+                    fixed_milli: amount(&p.fixed, "fixed")?,
+                    per_second_milli: amount(&p.per_second, "per_second")?,
+                })
+            }
+        };
         Ok(pb::JobType {
+            price,
             name: self.name,
             inputs: self.inputs,
             outputs: self.outputs,

@@ -477,6 +477,14 @@ async fn print_subworkflows(ctx: &Context, w: &pb::Workflow, depth: usize) -> an
 }
 
 fn print_outputs(w: &pb::Workflow) {
+    if w.spent_milli > 0 || w.reserved_milli > 0 {
+        let c = caroni_types::market::credits;
+        say!(
+            "cost: {} credits spent, up to {} more reserved by running jobs",
+            c(w.spent_milli),
+            c(w.reserved_milli)
+        );
+    }
     if !w.outputs.is_empty() {
         say!("outputs:");
         let mut keys: Vec<_> = w.outputs.keys().collect();

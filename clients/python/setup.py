@@ -21,6 +21,8 @@ PROTOS = [
     "caroni/v1/agent.proto",
     "caroni/v1/node.proto",
     "caroni/v1/files.proto",
+    # Shared messages (Price, Resources, AgentAdvert) the others import.
+    "caroni/v1/protocol.proto",
 ]
 
 

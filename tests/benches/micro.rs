@@ -99,6 +99,7 @@ fn manager_workflow(parsed: &caroni_cwl::Workflow) -> Workflow {
             Uuid::now_v7(),
             60_000,
             Load::default(),
+            None,
         );
         for e in fx {
             if let Effect::Send(o) = e {

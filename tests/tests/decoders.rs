@@ -123,6 +123,7 @@ fn any_payload() -> impl Strategy<Value = Payload> {
                         manager_endpoint,
                         publish_count,
                         needs: None,
+                        max_charge_milli: Some(u64::from(publish_count)),
                     })
                 }
             ),
@@ -143,6 +144,12 @@ fn any_payload() -> impl Strategy<Value = Payload> {
                         slots,
                         free_slots,
                         queue_length,
+                        // Arbitrary prices too.
+                        price: Some(pb::Price {
+                            fixed_milli: u64::from(slots) << 20,
+                            per_second_milli: u64::from(free_slots),
+                        }),
+                        max_charge_milli: u64::from(queue_length).wrapping_mul(u64::MAX / 7),
                     })
                 }
             ),

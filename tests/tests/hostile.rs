@@ -90,6 +90,7 @@ fn forged(n: u64) -> Payload {
             slots: u32::MAX,
             free_slots: u32::MAX,
             queue_length: 0,
+            ..Default::default()
         }),
         4 => Payload::JobStatusUpdate(pb::JobStatusUpdate {
             job_id: id(),

@@ -293,3 +293,89 @@ fn a_manager_that_floods_an_agent_first_does_not_starve_the_next() {
         b_last - a_last
     );
 }
+
+/// Two steps in parallel that any agent serving `work` can run, and one
+/// that pays at most 0.1 credits.
+const PRICED: &str = r#"
+cwlVersion: v1.2
+class: Workflow
+$namespaces:
+  caroni: https://caroni.example/cwl#
+inputs:
+  msg: string
+outputs:
+  a_out: {type: string, outputSource: a/out}
+  b_out: {type: string, outputSource: b/out}
+  stingy_out: {type: string, outputSource: stingy/out}
+steps:
+  a:
+    run: {class: CommandLineTool, inputs: {x: string}, outputs: {out: string}}
+    hints: {caroni:CaroniRequirement: {CaroniJobName: work, CaroniMaxPrice: 1}}
+    in: {x: msg}
+    out: [out]
+  b:
+    run: {class: CommandLineTool, inputs: {x: string}, outputs: {out: string}}
+    hints: {caroni:CaroniRequirement: {CaroniJobName: work}}
+    in: {x: msg}
+    out: [out]
+  stingy:
+    run: {class: CommandLineTool, inputs: {x: string}, outputs: {out: string}}
+    hints: {caroni:CaroniRequirement: {CaroniJobName: work, CaroniMaxPrice: 0.1}}
+    in: {x: msg}
+    out: [out]
+"#;
+
+#[test]
+fn the_cheaper_agent_is_asked_a_step_pays_no_more_than_its_maximum_and_the_cost_is_shown() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
+    let cheap = NodeProc::agent_of(&m, &dir.path().join("cheap"), &[]).expect("cheap");
+    let dear = NodeProc::agent_of(&m, &dir.path().join("dear"), &[]).expect("dear");
+    for (a, fixed) in [(&cheap, "0.5"), (&dear, "2")] {
+        let f = dir.path().join(format!("work-{fixed}.json"));
+        let doc = serde_json::json!({
+            "name": "work", "inputs": ["x"], "outputs": ["out"], "body": BODY,
+            "timeout": 60, "price": {"fixed": fixed},
+        });
+        std::fs::write(&f, doc.to_string()).expect("write");
+        a.ok(&["jobtype", "add", f.to_str().expect("utf8")]);
+    }
+    let shown = cheap.ok(&["jobtype", "show", "work"]);
+    assert!(shown.contains("price:   0.5 credits"), "{shown}");
+    wait_adverts(&m, "work", 2);
+    let t = dir.path().join("priced.cwl");
+    std::fs::write(&t, PRICED).expect("write");
+    m.ok(&["template", "add", "priced", t.to_str().expect("utf8")]);
+    let id = m.run("priced", &["msg=hi"]);
+    let w = m.wait_until(
+        &id,
+        Duration::from_secs(60),
+        "a and b done, stingy blocked",
+        |w| {
+            step(w, "a")["state"] == "completed"
+                && step(w, "b")["state"] == "completed"
+                && step(w, "stingy")["blocked"]
+                    .as_str()
+                    .is_some_and(|b| b.contains("0.1"))
+        },
+    );
+    // The cheaper agent had free slots for both.
+    assert_eq!(agent_of_attempt(&w, "a"), cheap.node_id(), "{w:#}");
+    assert_eq!(agent_of_attempt(&w, "b"), cheap.node_id(), "{w:#}");
+    let why = step(&w, "stingy")["blocked"]
+        .as_str()
+        .expect("text")
+        .to_string();
+    assert!(
+        why.contains("may charge up to 0.5 credits, the step may spend 0.1")
+            && why.contains("may charge up to 2 credits, the step may spend 0.1"),
+        "{why}"
+    );
+    // Each attempt cost its fixed price; the workflow's cost is their sum.
+    let a = &step(&w, "a")["attempt_history"][0];
+    assert_eq!(a["charge"], 0.5, "{a:#}");
+    assert_eq!(w["spent"], 1.0, "{w:#}");
+    let text = m.ok(&["workflow", "show", &id]);
+    assert!(text.contains("cost: 1 credits spent"), "{text}");
+    m.ok(&["workflow", "cancel", &id]);
+}

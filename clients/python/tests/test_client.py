@@ -316,9 +316,17 @@ def test_files_are_uploaded_from_paths_and_downloaded_to_paths(client: Client, t
 def test_docker_and_slurm_job_types_survive_put_of_get(client: Client):
     import json
 
-    from caroni_client import DockerExecutor, SlurmExecutor
+    from caroni_client import DockerExecutor, Price, SlurmExecutor
 
     for jt in (
+        JobType(
+            name=unique("py_priced"),
+            inputs=["a"],
+            outputs=["b"],
+            body="echo '{\"b\": 1}'",
+            executor="bash",
+            price=Price(fixed=0.5, per_second=0.01),
+        ),
         JobType(
             name=unique("py_docker"),
             inputs=["a"],
@@ -339,6 +347,7 @@ def test_docker_and_slurm_job_types_survive_put_of_get(client: Client):
         made = client.put_job_type(jt)
         got = client.job_type(jt.name)
         assert got.executor == jt.executor and got.docker == made.docker and got.slurm == made.slurm
+        assert got.price == jt.price
         again = client.put_job_type(got, replace=True)
         assert again == got, "a round trip changes nothing"
         assert client.job_type(jt.name).executor == jt.executor

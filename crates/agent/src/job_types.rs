@@ -12,6 +12,10 @@ pub(crate) const JOB_TYPES: Table<JobTypeDef> = Table::new(tables::JOB_TYPES, "j
 /// absent means bash.
 const EXECUTORS: Table<ExecutorSpec> = Table::new(tables::JOB_TYPE_EXECUTORS, "job_type_executors");
 
+/// Prices of job types that are not free (kept apart like executors).
+const PRICES: Table<caroni_types::market::Price> =
+    Table::new(tables::JOB_TYPE_PRICES, "job_type_prices");
+
 fn key(name: &str) -> Vec<u8> {
     Key::new().str(name).finish()
 }
@@ -22,11 +26,28 @@ pub fn put(store: &Store, def: JobTypeDef, replace: bool) -> Result<JobTypeDef> 
     put_with(store, def, ExecutorSpec::Bash, replace).map(|(d, _)| d)
 }
 
-/// Creates or replaces a job type with its executor, in one write.
+/// Creates or replaces a free job type with its executor, in one write.
 pub fn put_with(
     store: &Store,
     def: JobTypeDef,
     executor: ExecutorSpec,
+    replace: bool,
+) -> Result<(JobTypeDef, ExecutorSpec)> {
+    put_priced(store, def, executor, Default::default(), replace)
+}
+
+/// A job type's price (free when it has none).
+pub fn price_of(store: &Store, name: &str) -> caroni_store::Result<caroni_types::market::Price> {
+    Ok(store.get(PRICES, &key(name))?.unwrap_or_default())
+}
+
+/// Creates or replaces a job type with its executor and its price, in one
+/// write.
+pub fn put_priced(
+    store: &Store,
+    def: JobTypeDef,
+    executor: ExecutorSpec,
+    price: caroni_types::market::Price,
     replace: bool,
 ) -> Result<(JobTypeDef, ExecutorSpec)> {
     let mut def = def.normalize()?;
@@ -55,6 +76,11 @@ pub fn put_with(
     match &executor {
         ExecutorSpec::Bash => b.delete(EXECUTORS, &key(&def.name)),
         other => b.put(EXECUTORS, &key(&def.name), other),
+    }
+    if price.is_zero() {
+        b.delete(PRICES, &key(&def.name));
+    } else {
+        b.put(PRICES, &key(&def.name), &price);
     }
     store.write(b)?;
     Ok((def, executor))
@@ -94,6 +120,7 @@ pub fn delete(store: &Store, name: &str) -> Result<()> {
     let mut b = caroni_store::Batch::default();
     b.delete(JOB_TYPES, &key(name));
     b.delete(EXECUTORS, &key(name));
+    b.delete(PRICES, &key(name));
     store.write(b)?;
     Ok(())
 }

@@ -173,6 +173,8 @@ pub struct Answering {
     pub asked: bool,
     /// Why this agent can never serve the request's resources or labels.
     pub unmet: Option<String>,
+    /// The job type's price (carried in the offer).
+    pub price: caroni_types::market::Price,
 }
 
 /// Answers a request: a new offer or a decline. `None` when nothing is to
@@ -226,7 +228,18 @@ pub fn answer_request(
         }
         return decline(format!("no job type named {}", req.job_type));
     };
-    if let Some(why) = how.unmet {
+    let max_charge = how.price.max_charge(def.timeout_seconds);
+    let over_price = req.needs.max_price_milli.filter(|limit| max_charge > *limit).map(|limit| {
+        format!(
+            "job type {} may charge up to {} credits ({} for at most {} s), the step pays at most {}",
+            def.name,
+            caroni_types::market::credits(max_charge),
+            how.price.describe(),
+            def.timeout_seconds,
+            caroni_types::market::credits(limit)
+        )
+    });
+    if let Some(why) = how.unmet.or(over_price) {
         if !how.asked {
             return None;
         }
@@ -262,6 +275,8 @@ pub fn answer_request(
         request_id: offer.request_id,
         expires_at_ms: offer.expires_at_ms,
         load: how.load,
+        price: how.price,
+        max_charge_milli: max_charge,
     });
     Some((Some(offer), out))
 }

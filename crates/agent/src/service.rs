@@ -46,7 +46,7 @@ pub enum Cmd {
     Deliver(Box<Inbound>, DeliverReply),
     /// A request heard on gossip: its signer, the endpoint the signer
     /// gave, the request.
-    Gossip(String, String, JobRequest),
+    Gossip(String, String, Box<JobRequest>),
     /// A run ended.
     Finished(Uuid, RunResult),
     /// A job type was put or deleted.
@@ -109,7 +109,9 @@ impl Handle {
     /// endpoint). Dropped when the agent is busy (returns false): requests
     /// are re-published.
     pub fn gossip(&self, from: String, endpoint: String, req: JobRequest) -> bool {
-        self.tx.try_send(Cmd::Gossip(from, endpoint, req)).is_ok()
+        self.tx
+            .try_send(Cmd::Gossip(from, endpoint, Box::new(req)))
+            .is_ok()
     }
 
     /// A job type was put or deleted, or a peer joined the gossip: the
@@ -208,6 +210,9 @@ impl<E: Executor> World for NodeWorld<'_, E> {
         };
         let executor = job_types::executor_of(self.store, name)?;
         Ok(Some((def, executor)))
+    }
+    fn price(&self, job_type: &str) -> caroni_types::market::Price {
+        crate::job_types::price_of(self.store, job_type).unwrap_or_default()
     }
     fn needs(&self, request: &Uuid) -> Option<caroni_types::market::Needs> {
         self.store
@@ -394,7 +399,7 @@ impl<E: Executor> driver::Engine for Service<E> {
                     Input::Gossip {
                         from,
                         endpoint,
-                        req,
+                        req: *req,
                     },
                     g,
                 );

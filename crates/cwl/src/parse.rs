@@ -327,7 +327,7 @@ struct Inherited {
 }
 
 /// The keys a CaroniRequirement may have on a workflow.
-const WORKFLOW_KEYS: [&str; 8] = [
+const WORKFLOW_KEYS: [&str; 9] = [
     "CaroniMaxAttempts",
     "CaroniRetryBackoff",
     "CaroniNoRetry",
@@ -336,9 +336,10 @@ const WORKFLOW_KEYS: [&str; 8] = [
     needs::KEYS[2],
     needs::KEYS[3],
     needs::KEYS[4],
+    needs::KEYS[5],
 ];
 /// The keys a CaroniRequirement may have on a step or a tool.
-const STEP_KEYS: [&str; 10] = [
+const STEP_KEYS: [&str; 11] = [
     "CaroniJobName",
     "CaroniJobKVs",
     "CaroniMaxAttempts",
@@ -349,6 +350,7 @@ const STEP_KEYS: [&str; 10] = [
     needs::KEYS[2],
     needs::KEYS[3],
     needs::KEYS[4],
+    needs::KEYS[5],
 ];
 
 /// Refuses a key a CaroniRequirement does not have (a misspelt

@@ -704,3 +704,58 @@ fn given_values_are_checked_against_declared_types() {
         .expect("parses");
     assert_eq!(wf.inputs[1].cwl_type.as_deref(), Some("\"int\""));
 }
+
+#[test]
+fn needs_are_read_from_the_step_its_tool_and_the_workflow() {
+    let doc = "class: Workflow
+hints: {CaroniRequirement: {CaroniLabels: {region: eu}, CaroniMaxPrice: 2}}
+inputs: {x: string}
+outputs: {y: {type: string, outputSource: b/o}}
+steps:
+  a:
+    run:
+      class: CommandLineTool
+      inputs: {i: string}
+      outputs: {o: string}
+      requirements: {ResourceRequirement: {coresMin: 2, ramMin: 1024, outdirMin: 100, tmpdirMin: 50}}
+    hints: {CaroniRequirement: {CaroniJobName: j, CaroniCpus: 1.5, CaroniGpus: 1, CaroniLabels: {gpu: a100}}}
+    in: {i: x}
+    out: [o]
+  b:
+    hints: {CaroniRequirement: {CaroniJobName: j, CaroniMemory: 2g, CaroniMaxPrice: 0.25}}
+    in: {i: a/o}
+    out: [o]
+";
+    let wf = parse(doc).expect("parses");
+    let a = &wf.steps[0].needs;
+    assert_eq!(
+        a.resources.cpu_milli, 1500,
+        "the step's key over the tool's"
+    );
+    assert_eq!(
+        a.resources.memory_mib, 1024,
+        "the tool's ResourceRequirement"
+    );
+    assert_eq!(a.resources.disk_mib, 150, "outdirMin + tmpdirMin");
+    assert_eq!(a.resources.gpus, 1);
+    assert_eq!(a.labels.get("region").map(String::as_str), Some("eu"));
+    assert_eq!(a.labels.get("gpu").map(String::as_str), Some("a100"));
+    assert_eq!(a.max_price_milli, Some(2000), "the workflow's maximum");
+    let b = &wf.steps[1].needs;
+    assert_eq!(b.resources.memory_mib, 2048);
+    assert_eq!(b.max_price_milli, Some(250));
+    // Needs survive a stored plan only through `all_needs()`.
+    let mut stored = wf.clone();
+    for s in &mut stored.steps {
+        s.needs = Default::default();
+    }
+    stored.set_needs(&wf.all_needs());
+    assert_eq!(stored.steps[0].needs, wf.steps[0].needs);
+    // A bad value is refused with its place.
+    let bad = doc.replace("CaroniCpus: 1.5", "CaroniCpus: many");
+    let e = parse(&bad).expect_err("bad cpus").to_string();
+    assert!(
+        e.contains("steps.a.hints.CaroniRequirement.CaroniCpus"),
+        "{e}"
+    );
+}

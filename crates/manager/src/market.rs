@@ -115,7 +115,27 @@ impl Directory {
         if let Err(why) = k.advert.serves_type(&req.job_type, &req.parameter_keys) {
             return Some(why);
         }
-        req.needs.unmet(&k.advert.total, &k.advert.labels)
+        if let Some(why) = req.needs.unmet(&k.advert.total, &k.advert.labels) {
+            return Some(why);
+        }
+        let cost = Self::cost(k, req);
+        match req.needs.max_price_milli {
+            Some(limit) if cost > limit => Some(format!(
+                "may charge up to {} credits, the step may spend {}",
+                caroni_types::market::credits(cost),
+                caroni_types::market::credits(limit)
+            )),
+            _ => None,
+        }
+    }
+
+    /// The most the agent's job for `req` can cost, as it advertises.
+    fn cost(k: &Known, req: &JobRequest) -> u64 {
+        k.advert
+            .job_types
+            .iter()
+            .find(|t| t.name == req.job_type)
+            .map_or(0, |t| t.price.max_charge(t.max_seconds))
     }
 
     /// Whom to ask for `req`: the least busy fitting agent not in
@@ -145,11 +165,20 @@ impl Directory {
                     .saturating_add(load.queue_length)
                     .max(placed(a).saturating_add(k.outstanding));
                 let per_slot = f64::from(busy) / f64::from(load.slots.max(1));
-                (per_slot, k.asked_total, tie(req, a), a, k)
+                // An agent with a free slot before a full one; then the
+                // cheapest; then the least busy.
+                let full = busy >= load.slots.max(1);
+                let key = (full, Self::cost(k, req), k.asked_total, tie(req, a));
+                (per_slot, key, a, k)
             })
-            .min_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+            .min_by(|x, y| {
+                (x.1 .0, x.1 .1)
+                    .cmp(&(y.1 .0, y.1 .1))
+                    .then(x.0.total_cmp(&y.0))
+                    .then((x.1 .2, x.1 .3).cmp(&(y.1 .2, y.1 .3)))
+            });
         match best {
-            Some((_, _, _, a, k)) => Choice::Ask(a.clone(), k.endpoint.clone()),
+            Some((_, _, a, k)) => Choice::Ask(a.clone(), k.endpoint.clone()),
             None => Choice::Broadcast,
         }
     }
@@ -278,6 +307,8 @@ mod tests {
                 .map(|t| AdvertisedType {
                     name: t.to_string(),
                     inputs: vec!["x".into()],
+                    price: Default::default(),
+                    max_seconds: 60,
                 })
                 .collect(),
             ..Advert::default()

@@ -185,6 +185,9 @@ pub struct Candidate {
     pub expires_at_ms: u64,
     /// How busy the agent said it was.
     pub load: caroni_types::msg::Load,
+    /// Its price and the most it can charge (memory only).
+    #[serde(skip)]
+    pub price: Option<(caroni_types::market::Price, u64)>,
 }
 
 /// One attempt at a step: an accepted offer and the job it became, or an
@@ -237,9 +240,33 @@ pub struct Attempt {
     /// `lost`, `unplaceable`, `other`); empty unless it failed.
     #[serde(default)]
     pub failure: String,
+    /// The price its offer named and the most it can charge, when not
+    /// free (kept in a record of its own, `WORKFLOW_ATTEMPT_PRICES`).
+    #[serde(skip)]
+    pub price: Option<(caroni_types::market::Price, u64)>,
 }
 
 impl Attempt {
+    /// What it cost, once it ended: its price for the time it ran by the
+    /// agent's clock, at most its maximum. A job that never started, or
+    /// that was lost (no end from its agent), costs nothing.
+    pub fn charge(&self) -> Option<u64> {
+        let (price, max) = self.price?;
+        if !self.state.is_final() || self.failure == "lost" {
+            return None;
+        }
+        let (ran, ended) = (self.ran_at_ms?, self.ended_at_ms?);
+        Some(price.charge(ended.saturating_sub(ran), max))
+    }
+
+    /// What it may still cost: its maximum while it is live.
+    pub fn reserved(&self) -> u64 {
+        match self.price {
+            Some((_, max)) if self.is_live() => max,
+            _ => 0,
+        }
+    }
+
     /// Still able to produce a result.
     pub fn is_live(&self) -> bool {
         self.job_id.is_some() && !self.superseded && !self.state.is_final()
@@ -431,6 +458,26 @@ pub struct Workflow {
     /// elements) or an output combines sources.
     #[serde(skip)]
     pub plan: Option<std::sync::Arc<caroni_cwl::Workflow>>,
+}
+
+impl Workflow {
+    /// What its ended attempts cost (thousandths of a credit).
+    pub fn spent_milli(&self) -> u64 {
+        self.steps
+            .iter()
+            .flat_map(|s| &s.attempts)
+            .filter_map(Attempt::charge)
+            .sum()
+    }
+
+    /// The most its live attempts may still cost.
+    pub fn reserved_milli(&self) -> u64 {
+        self.steps
+            .iter()
+            .flat_map(|s| &s.attempts)
+            .map(Attempt::reserved)
+            .sum()
+    }
 }
 
 impl Workflow {

@@ -270,6 +270,7 @@ impl From<StepRecordV3> for StepRecord {
                     queued_at_ms: None,
                     ran_at_ms: None,
                     failure: String::new(),
+                    price: None,
                 })
                 .collect(),
             policy: caroni_cwl::Retry::default(),
@@ -305,6 +306,8 @@ const FANS: Table<Fan> = Table::new(tables::WORKFLOW_FANS, "workflow_fans");
 const ELEMENTS: Table<BTreeMap<String, String>> =
     Table::new(tables::WORKFLOW_ELEMENTS, "workflow_elements");
 const CHILDREN: Table<Uuid> = Table::new(tables::WORKFLOW_CHILDREN, "workflow_children");
+const PRICES: Table<(caroni_types::market::Price, u64)> =
+    Table::new(tables::WORKFLOW_ATTEMPT_PRICES, "workflow_attempt_prices");
 const NEEDS: Table<Vec<(String, caroni_types::market::Needs)>> =
     Table::new(tables::WORKFLOW_STEP_NEEDS, "workflow_step_needs");
 const POLICIES: Table<Vec<(String, caroni_cwl::Retry)>> =
@@ -450,6 +453,13 @@ pub(crate) fn put_step(b: &mut Batch, wf: &Workflow, n: usize) {
     if let Some(step) = wf.steps.get(n) {
         let steps: Table<StepRef<'_>> = Table::new(tables::WORKFLOW_STEPS_V4, "workflow_steps");
         b.put(steps, &step_key(&wf.id, n), &step_ref(step));
+        // An attempt's price is written with the step that accepted it
+        // (again when the step changes: a put of the same value).
+        for a in &step.attempts {
+            if let (Some(j), Some(p)) = (a.job_id, a.price) {
+                b.put(PRICES, &Key::new().uuid(&j).finish(), &p);
+            }
+        }
         match &step.fan {
             Some(fan) => b.put(FANS, &step_key(&wf.id, n), fan),
             // A resumed step expands afresh.
@@ -644,7 +654,19 @@ fn assemble(store: &Store, h: Head) -> caroni_store::Result<Workflow> {
                 values: BTreeMap::new(),
                 results: BTreeMap::new(),
                 request: s.request,
-                attempts: s.attempts,
+                attempts: s
+                    .attempts
+                    .into_iter()
+                    .map(|mut a| {
+                        if let Some(j) = a.job_id {
+                            a.price = store
+                                .get(PRICES, &Key::new().uuid(&j).finish())
+                                .ok()
+                                .flatten();
+                        }
+                        a
+                    })
+                    .collect(),
                 policy: s.policy,
                 dynamic: plan
                     .as_ref()
@@ -863,6 +885,7 @@ pub(crate) fn delete(store: &Store, b: &mut Batch, id: &Uuid) -> caroni_store::R
         for a in &s.attempts {
             if let Some(j) = a.job_id {
                 b.delete(RUNS_ON, &Key::new().uuid(&j).finish());
+                b.delete(PRICES, &Key::new().uuid(&j).finish());
             }
         }
         b.delete(STEPS, &k);

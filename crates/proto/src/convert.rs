@@ -2,7 +2,7 @@
 //! (`caroni_types::msg`). Decoding checks what protobuf cannot: ids must be
 //! UUIDs, states must be known.
 
-use caroni_types::market::{Advert, AdvertisedType, Needs, Resources};
+use caroni_types::market::{Advert, AdvertisedType, Needs, Price, Resources};
 use caroni_types::msg::{JobRequest, JobState, Load, Msg, StatusUpdate};
 use uuid::Uuid;
 
@@ -41,6 +41,23 @@ pub fn job_state_to_pb(s: JobState) -> pb::JobState {
     }
 }
 
+/// Domain price → wire.
+pub fn price_to_pb(p: &Price) -> pb::Price {
+    pb::Price {
+        fixed_milli: p.fixed_milli,
+        per_second_milli: p.per_second_milli,
+    }
+}
+
+/// Wire price → domain (absent: free).
+pub fn price_from_pb(p: Option<pb::Price>) -> Price {
+    let p = p.unwrap_or_default();
+    Price {
+        fixed_milli: p.fixed_milli,
+        per_second_milli: p.per_second_milli,
+    }
+}
+
 /// Domain resources → wire.
 pub fn resources_to_pb(r: &Resources) -> pb::Resources {
     pb::Resources {
@@ -76,6 +93,7 @@ impl From<Msg> for Payload {
                 publish_count: r.publish_count,
                 workflow_id: r.workflow_id.map(|w| w.to_string()).unwrap_or_default(),
                 needs: Some(resources_to_pb(&r.needs.resources)),
+                max_charge_milli: r.needs.max_price_milli,
                 labels: r.needs.labels.into_iter().collect(),
             }),
             Msg::Offer {
@@ -83,6 +101,8 @@ impl From<Msg> for Payload {
                 request_id,
                 expires_at_ms,
                 load,
+                price,
+                max_charge_milli,
             } => Payload::JobFulfillmentOffer(pb::JobFulfillmentOffer {
                 offer_id: offer_id.to_string(),
                 request_id: request_id.to_string(),
@@ -90,6 +110,8 @@ impl From<Msg> for Payload {
                 slots: load.slots,
                 free_slots: load.free_slots,
                 queue_length: load.queue_length,
+                price: (!price.is_zero()).then(|| price_to_pb(&price)),
+                max_charge_milli,
             }),
             Msg::Decline { request_id, reason } => {
                 Payload::JobFulfillmentDecline(pb::JobFulfillmentDecline {
@@ -165,6 +187,8 @@ impl From<Msg> for Payload {
                     .map(|t| pb::AdvertisedJobType {
                         name: t.name,
                         inputs: t.inputs,
+                        price: (!t.price.is_zero()).then(|| price_to_pb(&t.price)),
+                        max_seconds: t.max_seconds,
                     })
                     .collect(),
                 cwl_tools: a.cwl_tools,
@@ -197,6 +221,7 @@ impl TryFrom<Payload> for Msg {
                     needs: Needs {
                         resources: resources_from_pb(r.needs),
                         labels: r.labels.into_iter().collect(),
+                        max_price_milli: r.max_charge_milli,
                     },
                 })
             }
@@ -211,6 +236,8 @@ impl TryFrom<Payload> for Msg {
                         free_slots: o.free_slots,
                         queue_length: o.queue_length,
                     },
+                    price: price_from_pb(o.price),
+                    max_charge_milli: o.max_charge_milli,
                 }
             }
             Payload::JobFulfillmentDecline(d) => Msg::Decline {
@@ -296,6 +323,8 @@ impl TryFrom<Payload> for Msg {
                     .map(|t| AdvertisedType {
                         name: t.name,
                         inputs: t.inputs,
+                        price: price_from_pb(t.price),
+                        max_seconds: t.max_seconds,
                     })
                     .collect(),
                 cwl_tools: a.cwl_tools,
@@ -332,6 +361,7 @@ mod tests {
                         disk_mib: 9,
                     },
                     labels: BTreeMap::from([("region".into(), "eu".into())]),
+                    max_price_milli: Some(2500),
                 },
             }),
             Msg::Advert(Advert {
@@ -353,6 +383,11 @@ mod tests {
                 job_types: vec![AdvertisedType {
                     name: "wc".into(),
                     inputs: vec!["a".into()],
+                    price: Price {
+                        fixed_milli: 1,
+                        per_second_milli: 2,
+                    },
+                    max_seconds: 60,
                 }],
                 cwl_tools: true,
                 serves: vec!["m1".into()],
@@ -366,6 +401,11 @@ mod tests {
                     free_slots: 1,
                     queue_length: 7,
                 },
+                price: Price {
+                    fixed_milli: 500,
+                    per_second_milli: 10,
+                },
+                max_charge_milli: 1100,
             },
             Msg::Decline {
                 request_id: id(),

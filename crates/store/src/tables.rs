@@ -56,6 +56,9 @@ pub const WORKFLOW_PLAN_POLICIES: u8 = 0x0F;
 /// (manager): key = workflow uuid; written only for workflows whose steps
 /// need something (resources, labels). Kept apart like the policies.
 pub const WORKFLOW_STEP_NEEDS: u8 = 0x0E;
+/// The price an attempt's offer named, when not free (manager): key = job
+/// uuid; value = the price and the most the job can cost.
+pub const WORKFLOW_ATTEMPT_PRICES: u8 = 0x0D;
 /// Submissions by client request id (manager): key = the client's request
 /// id (string); value = the workflow it made and when.
 pub const WORKFLOW_SUBMISSIONS: u8 = 0x11;
@@ -82,6 +85,8 @@ pub const AGENT_JOB_EXECUTIONS: u8 = 0x24;
 /// Jobs with their queue time and failure kind (agent): key = job uuid.
 /// Jobs of the 0x21 layout are converted at start.
 pub const AGENT_JOBS_V2: u8 = 0x25;
+/// The price of each job type that is not free (agent): key = name.
+pub const JOB_TYPE_PRICES: u8 = 0x05;
 /// What an offered request's job needs (resources, labels; agent): key =
 /// request uuid; written only for requests that need something.
 pub const AGENT_REQUEST_NEEDS: u8 = 0x27;
@@ -129,9 +134,11 @@ mod tests {
             super::WORKFLOW_SUBMISSIONS,
             super::WORKFLOW_PLAN_POLICIES,
             super::WORKFLOW_STEP_NEEDS,
+            super::WORKFLOW_ATTEMPT_PRICES,
             super::AGENT_JOBS_V2,
             super::AGENT_JOB_LOGS,
             super::AGENT_REQUEST_NEEDS,
+            super::JOB_TYPE_PRICES,
             super::JOB_TYPE_EXECUTORS,
             super::MANAGER_JOB_EXECUTIONS,
             super::AGENT_JOB_EXECUTIONS,

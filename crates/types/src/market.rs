@@ -125,12 +125,17 @@ pub struct Needs {
     pub resources: Resources,
     /// Labels the agent must carry, each with exactly this value.
     pub labels: BTreeMap<String, String>,
+    /// The most one attempt may cost (thousandths of a credit), when the
+    /// template says (`CaroniMaxPrice`); travels as the request's
+    /// `max_charge_milli`.
+    #[serde(default)]
+    pub max_price_milli: Option<u64>,
 }
 
 impl Needs {
     /// True when nothing is asked.
     pub fn is_empty(&self) -> bool {
-        self.resources.is_zero() && self.labels.is_empty()
+        self.resources.is_zero() && self.labels.is_empty() && self.max_price_milli.is_none()
     }
 
     /// Why an agent with `total` resources and `labels` can never serve
@@ -151,6 +156,83 @@ impl Needs {
     }
 }
 
+/// What a job of a job type costs, in thousandths of a credit (an
+/// abstract unit): a fixed part and a part per second of run time. Zero
+/// by default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Price {
+    /// Charged once per job that ran.
+    pub fixed_milli: u64,
+    /// Charged per second of run time (started, each second rounded up).
+    pub per_second_milli: u64,
+}
+
+impl Price {
+    /// True when free.
+    pub fn is_zero(&self) -> bool {
+        self.fixed_milli == 0 && self.per_second_milli == 0
+    }
+
+    /// The most a job can cost: it is stopped at its timeout.
+    pub fn max_charge(&self, timeout_seconds: u32) -> u64 {
+        self.fixed_milli.saturating_add(
+            self.per_second_milli
+                .saturating_mul(u64::from(timeout_seconds)),
+        )
+    }
+
+    /// What a job that ran `run_ms` costs, never more than `max`.
+    pub fn charge(&self, run_ms: u64, max: u64) -> u64 {
+        self.fixed_milli
+            .saturating_add(self.per_second_milli.saturating_mul(run_ms.div_ceil(1000)))
+            .min(max)
+    }
+
+    /// `1.5 + 0.01/s`, or `free`.
+    pub fn describe(&self) -> String {
+        match (self.fixed_milli, self.per_second_milli) {
+            (0, 0) => "free".into(),
+            (f, 0) => credits(f),
+            (0, p) => format!("{}/s", credits(p)),
+            (f, p) => format!("{} + {}/s", credits(f), credits(p)),
+        }
+    }
+}
+
+/// Thousandths of a credit as text: `1500` → `1.5`.
+pub fn credits(milli: u64) -> String {
+    if milli.is_multiple_of(1000) {
+        (milli / 1000).to_string()
+    } else {
+        let s = format!("{}.{:03}", milli / 1000, milli % 1000);
+        s.trim_end_matches('0').to_string()
+    }
+}
+
+/// Parses credits (`1.5`, `0.001`, `12`) into thousandths; at most three
+/// decimals, not negative.
+pub fn parse_credits(s: &str) -> Result<u64, String> {
+    let bad =
+        || format!("`{s}` is not an amount of credits such as 2 or 0.25 (at most 3 decimals)");
+    let t = s.trim();
+    let (whole, frac) = t.split_once('.').unwrap_or((t, ""));
+    if whole.is_empty() && frac.is_empty() || frac.len() > 3 {
+        return Err(bad());
+    }
+    if !whole.chars().all(|c| c.is_ascii_digit()) || !frac.chars().all(|c| c.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let w: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| bad())?
+    };
+    let f: u64 = format!("{frac:0<3}").parse().map_err(|_| bad())?;
+    w.checked_mul(1000)
+        .and_then(|w| w.checked_add(f))
+        .ok_or_else(bad)
+}
+
 /// One job type as an agent advertises it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdvertisedType {
@@ -158,6 +240,13 @@ pub struct AdvertisedType {
     pub name: String,
     /// Its input names, sorted.
     pub inputs: Vec<String>,
+    /// Its price.
+    #[serde(default)]
+    pub price: Price,
+    /// Its timeout: no job runs longer (so costs at most
+    /// [`Price::max_charge`]).
+    #[serde(default)]
+    pub max_seconds: u32,
 }
 
 /// What an agent tells every manager, signed, on gossip: the job types it
@@ -311,6 +400,7 @@ mod tests {
         let mut n = Needs {
             resources: res(4000, 0, 0),
             labels: BTreeMap::new(),
+            max_price_milli: None,
         };
         assert_eq!(
             n.unmet(&res(2000, 100, 0), &labels).as_deref(),
@@ -335,6 +425,8 @@ mod tests {
             job_types: vec![AdvertisedType {
                 name: "wc".into(),
                 inputs: vec!["a".into(), "b".into()],
+                price: Price::default(),
+                max_seconds: 60,
             }],
             ..Advert::default()
         };
@@ -349,6 +441,27 @@ mod tests {
             "no job type named x"
         );
         assert!(a.serves_manager("anyone"));
+    }
+
+    #[test]
+    fn prices_charge_started_seconds_up_to_their_maximum() {
+        let p = Price {
+            fixed_milli: 500,
+            per_second_milli: 10,
+        };
+        assert_eq!(p.max_charge(60), 1100);
+        assert_eq!(p.charge(1, 1100), 510);
+        assert_eq!(p.charge(2500, 1100), 530);
+        assert_eq!(p.charge(3_600_000, 1100), 1100);
+        assert_eq!(p.describe(), "0.5 + 0.01/s");
+        assert_eq!(credits(1500), "1.5");
+        assert_eq!(credits(2000), "2");
+        assert_eq!(parse_credits("1.5"), Ok(1500));
+        assert_eq!(parse_credits("0.001"), Ok(1));
+        assert_eq!(parse_credits(".25"), Ok(250));
+        assert!(parse_credits("-1").is_err());
+        assert!(parse_credits("0.0001").is_err());
+        assert!(parse_credits("abc").is_err());
     }
 
     #[test]

@@ -243,6 +243,10 @@ pub enum Msg {
         expires_at_ms: u64,
         /// How busy the agent was when it offered.
         load: Load,
+        /// What the job costs (signed with the offer).
+        price: crate::market::Price,
+        /// The most it can cost (its price at its timeout).
+        max_charge_milli: u64,
     },
     /// JobFulfillmentDecline.
     Decline {

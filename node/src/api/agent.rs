@@ -113,7 +113,14 @@ pub fn job_type_to_pb(d: JobTypeDef, executor: ExecutorSpec) -> pb::JobType {
         timeout_seconds: d.timeout_seconds,
         max_output_bytes: d.max_output_bytes,
         updated_at: Some(caroni_proto::timestamp_ms(d.updated_at_ms)),
+        price: None,
     }
+}
+
+/// A job type on the wire with its price (absent when free).
+fn priced(mut t: pb::JobType, p: caroni_types::market::Price) -> pb::JobType {
+    t.price = (!p.is_zero()).then(|| caroni_proto::convert::price_to_pb(&p));
+    t
 }
 
 /// Wire → domain; the error names the setting that is wrong.
@@ -177,18 +184,20 @@ impl AgentService for AgentApi {
     ) -> Result<Response<pb::JobType>, Status> {
         let store = self.store()?;
         let req = req.into_inner();
+        let price =
+            caroni_proto::convert::price_from_pb(req.job_type.as_ref().and_then(|j| j.price));
         let (def, executor) = req
             .job_type
             .map(job_type_from_pb)
             .ok_or_else(|| Status::invalid_argument("job_type is missing from the request"))??;
         let replace = req.replace;
         let (def, executor) =
-            blocking(move || job_types::put_with(&store, def, executor, replace)).await?;
+            blocking(move || job_types::put_priced(&store, def, executor, price, replace)).await?;
         if let Some(a) = &self.agent {
             a.job_types_changed();
         }
-        tracing::info!(job_type = %def.name, executor = executor.name(), replace, "job type stored");
-        Ok(Response::new(job_type_to_pb(def, executor)))
+        tracing::info!(job_type = %def.name, executor = executor.name(), price = %price.describe(), replace, "job type stored");
+        Ok(Response::new(priced(job_type_to_pb(def, executor), price)))
     }
 
     async fn list_job_types(
@@ -199,12 +208,19 @@ impl AgentService for AgentApi {
         let all = blocking(move || {
             job_types::list(&store)?
                 .into_iter()
-                .map(|d| Ok((job_types::executor_of(&store, &d.name)?, d)))
+                .map(|d| {
+                    let e = job_types::executor_of(&store, &d.name)?;
+                    let p = job_types::price_of(&store, &d.name)?;
+                    Ok((e, d, p))
+                })
                 .collect::<caroni_agent::Result<Vec<_>>>()
         })
         .await?;
         Ok(Response::new(pb::ListJobTypesResponse {
-            job_types: all.into_iter().map(|(e, d)| job_type_to_pb(d, e)).collect(),
+            job_types: all
+                .into_iter()
+                .map(|(e, d, p)| priced(job_type_to_pb(d, e), p))
+                .collect(),
         }))
     }
 
@@ -214,13 +230,14 @@ impl AgentService for AgentApi {
     ) -> Result<Response<pb::JobType>, Status> {
         let store = self.store()?;
         let name = req.into_inner().name;
-        let (d, e) = blocking(move || -> caroni_agent::Result<_> {
+        let (d, e, p) = blocking(move || -> caroni_agent::Result<_> {
             let d = job_types::get(&store, &name)?;
             let e = job_types::executor_of(&store, &d.name)?;
-            Ok((d, e))
+            let p = job_types::price_of(&store, &d.name)?;
+            Ok((d, e, p))
         })
         .await?;
-        Ok(Response::new(job_type_to_pb(d, e)))
+        Ok(Response::new(priced(job_type_to_pb(d, e), p)))
     }
 
     async fn delete_job_type(

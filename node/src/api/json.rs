@@ -35,6 +35,9 @@ pub fn workflow(w: &pb::Workflow) -> Value {
                 "placed_at": ts(&a.placed_at), "queued_at": ts(&a.queued_at),
                 "started_at": ts(&a.started_at), "ended_at": ts(&a.ended_at),
                 "failure": a.failure,
+                "price": a.price.map(price),
+                "max_charge": a.max_charge_milli as f64 / 1000.0,
+                "charge": a.charge_milli.map(|c| c as f64 / 1000.0),
             })).collect::<Vec<_>>(),
             "blocked": s.blocked, "blocked_since": ts(&s.blocked_since),
             "retry_at": ts(&s.retry_at),
@@ -51,6 +54,7 @@ pub fn workflow(w: &pb::Workflow) -> Value {
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "parent_id": w.parent_id, "parent_step": w.parent_step, "parent_index": w.parent_index,
+        "spent": w.spent_milli as f64 / 1000.0, "reserved": w.reserved_milli as f64 / 1000.0,
         "dataflows": w.dataflows.iter().map(|d| json!({
             "source": d.source, "destination": d.destination, "value": d.value,
         })).collect::<Vec<_>>(),
@@ -94,7 +98,21 @@ pub fn job_type(j: &pb::JobType) -> Value {
             "memory": s.memory, "sbatch": s.sbatch, "max_in_flight": s.max_in_flight,
         })),
         "updated_at": ts(&j.updated_at),
+        "price": j.price.map(price),
     })
+}
+
+/// A price in credits (the wire carries thousandths).
+pub fn price(p: pb::Price) -> Value {
+    json!({
+        "fixed": p.fixed_milli as f64 / 1000.0,
+        "per_second": p.per_second_milli as f64 / 1000.0,
+    })
+}
+
+/// A price as text: `0.5 + 0.01/s`, or `free`.
+pub fn price_text(p: Option<pb::Price>) -> String {
+    caroni_proto::convert::price_from_pb(p).describe()
 }
 
 /// A job on an agent.
@@ -127,7 +145,9 @@ pub fn advert(a: &pb::AgentAdvert) -> Value {
         json!({"cpus": r.cpu_milli as f64 / 1000.0, "memory_mib": r.memory_mib, "gpus": r.gpus, "disk_mib": r.disk_mib})
     };
     json!({
-        "job_types": a.job_types.iter().map(|t| json!({"name": t.name, "inputs": t.inputs})).collect::<Vec<_>>(),
+        "job_types": a.job_types.iter().map(|t| json!({
+            "name": t.name, "inputs": t.inputs, "price": t.price.map(price), "max_seconds": t.max_seconds,
+        })).collect::<Vec<_>>(),
         "cwl_tools": a.cwl_tools, "serves": a.serves, "labels": a.labels,
         "total": res(&a.total), "free": res(&a.free),
         "slots": a.slots, "free_slots": a.free_slots, "queue_length": a.queue_length,
@@ -137,9 +157,16 @@ pub fn advert(a: &pb::AgentAdvert) -> Value {
 /// A short text of what an advert says: job types, resources, labels.
 pub fn advert_text(a: &pb::AgentAdvert) -> String {
     let r = a.total.unwrap_or_default();
-    let mut types: Vec<&str> = a.job_types.iter().map(|t| t.name.as_str()).collect();
+    let mut types: Vec<String> = a
+        .job_types
+        .iter()
+        .map(|t| match t.price {
+            Some(p) => format!("{} ({})", t.name, price_text(Some(p))),
+            None => t.name.clone(),
+        })
+        .collect();
     if a.cwl_tools {
-        types.push("CWL tools");
+        types.push("CWL tools".into());
     }
     let mut labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     labels.sort();
@@ -159,6 +186,12 @@ pub fn advert_text(a: &pb::AgentAdvert) -> String {
     if !labels.is_empty() {
         out.push_str(" | ");
         out.push_str(&labels.join(" "));
+    }
+    if !a.serves.is_empty() {
+        // Node ids as their first 16 characters, as tables print them.
+        let ids: Vec<&str> = a.serves.iter().map(|s| s.get(..16).unwrap_or(s)).collect();
+        out.push_str(" | serves only ");
+        out.push_str(&ids.join(", "));
     }
     out
 }

@@ -232,6 +232,9 @@ pub fn workflow_to_pb(w: &Workflow, full: bool) -> pb::Workflow {
                                 placed_at: a.job_id.map(|_| timestamp_ms(a.started_at_ms)),
                                 queued_at: a.queued_at_ms.map(timestamp_ms),
                                 failure: a.failure.clone(),
+                                price: a.price.map(|(p, _)| caroni_proto::convert::price_to_pb(&p)),
+                                max_charge_milli: a.price.map_or(0, |(_, m)| m),
+                                charge_milli: a.charge(),
                             })
                             .collect()
                     } else {
@@ -270,6 +273,8 @@ pub fn workflow_to_pb(w: &Workflow, full: bool) -> pb::Workflow {
             .unwrap_or_default()
             .to_string(),
         parent_index: w.parent.map(|p| p.index).unwrap_or_default(),
+        spent_milli: w.spent_milli(),
+        reserved_milli: w.reserved_milli(),
         dataflows: if full {
             w.dataflows()
                 .into_iter()

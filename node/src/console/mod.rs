@@ -646,6 +646,8 @@ async fn put_job_type(
                     executor: kept.executor,
                     docker: kept.docker,
                     slurm: kept.slurm,
+                    // The form does not edit prices: kept as they are.
+                    price: kept.price,
                 }),
                 replace: !b.create,
             }))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional
 
-from ._generated.caroni.v1 import agent_pb2, manager_pb2, node_pb2
+from ._generated.caroni.v1 import agent_pb2, manager_pb2, node_pb2, protocol_pb2
 
 #: Workflow states after which nothing changes any more.
 TERMINAL_STATES = frozenset({"completed", "failed", "cancelled"})
@@ -305,6 +305,25 @@ class SlurmExecutor(_ToDict):
 
 
 @dataclass(frozen=True)
+class Price(_ToDict):
+    """What a job costs, in credits (an abstract unit): a fixed part and a
+    part per second of run time. The wire carries thousandths."""
+
+    fixed: float = 0.0
+    per_second: float = 0.0
+
+    def to_pb(self) -> protocol_pb2.Price:
+        return protocol_pb2.Price(
+            fixed_milli=round(self.fixed * 1000),
+            per_second_milli=round(self.per_second * 1000),
+        )
+
+    @classmethod
+    def from_pb(cls, m: protocol_pb2.Price) -> "Price":
+        return cls(fixed=m.fixed_milli / 1000, per_second=m.per_second_milli / 1000)
+
+
+@dataclass(frozen=True)
 class JobType(_ToDict):
     """What an agent can run: a bash body with named inputs and outputs,
     run by an executor (``bash``, ``docker`` or ``slurm``).
@@ -324,6 +343,7 @@ class JobType(_ToDict):
     executor: str = ""
     docker: Optional[DockerExecutor] = None
     slurm: Optional[SlurmExecutor] = None
+    price: Optional[Price] = None
 
     def to_pb(self) -> agent_pb2.JobType:
         m = agent_pb2.JobType(
@@ -354,6 +374,8 @@ class JobType(_ToDict):
                     max_in_flight=sl.max_in_flight,
                 )
             )
+        if self.price is not None:
+            m.price.CopyFrom(self.price.to_pb())
         return m
 
     @classmethod
@@ -386,6 +408,7 @@ class JobType(_ToDict):
             executor=m.executor,
             docker=docker,
             slurm=slurm,
+            price=Price.from_pb(m.price) if m.HasField("price") else None,
         )
 
 

@@ -95,6 +95,8 @@ impl Agent {
                     let mut inputs = t.inputs;
                     inputs.sort();
                     AdvertisedType {
+                        price: world.price(&t.name),
+                        max_seconds: t.timeout_seconds,
                         name: t.name,
                         inputs,
                     }

@@ -118,6 +118,11 @@ impl Agent {
             declined_before: self.declined.contains_key(&req.request_id),
             not_served: !self.opts.serves(from),
             asked,
+            price: if def.is_some() {
+                world.price(&req.job_type)
+            } else {
+                Default::default()
+            },
             unmet: req
                 .needs
                 .unmet(&self.opts.resources, &self.opts.labels)

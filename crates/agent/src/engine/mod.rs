@@ -99,6 +99,11 @@ pub trait World {
     fn external_id(&self, spec: &RunSpec) -> String;
     /// The peer has acknowledged a message of this node (not a stranger).
     fn knows(&self, node: &str) -> bool;
+    /// A job type's price (free when it has none).
+    fn price(&self, job_type: &str) -> caroni_types::market::Price {
+        let _ = job_type;
+        caroni_types::market::Price::default()
+    }
     /// What an offered or accepted request needs, when it needs anything.
     fn needs(&self, request: &Uuid) -> Option<caroni_types::market::Needs> {
         let _ = request;

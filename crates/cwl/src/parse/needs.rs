@@ -2,7 +2,8 @@
 //! `ResourceRequirement` (`coresMin`, `ramMin`, `outdirMin` + `tmpdirMin`,
 //! numbers only: an expression is known only when the tool runs, so it
 //! does not steer placement) and the Caroni keys `CaroniCpus`,
-//! `CaroniMemory`, `CaroniGpus`, `CaroniDisk` and `CaroniLabels`, on the
+//! `CaroniMemory`, `CaroniGpus`, `CaroniDisk`, `CaroniLabels` and
+//! `CaroniMaxPrice` (the most one attempt may cost, in credits), on the
 //! workflow, the tool or the step; what the step says wins, field by
 //! field, over its tool, and the tool over the workflow.
 
@@ -15,12 +16,13 @@ use super::{is_caroni, requirement_entries, scalar_string};
 use crate::{get, invalid, Error};
 
 /// The Caroni keys of needs (allowed on a workflow, a step and a tool).
-pub(super) const KEYS: [&str; 5] = [
+pub(super) const KEYS: [&str; 6] = [
     "CaroniCpus",
     "CaroniMemory",
     "CaroniGpus",
     "CaroniDisk",
     "CaroniLabels",
+    "CaroniMaxPrice",
 ];
 
 /// Needs as one place states them: unsaid fields are `None`.
@@ -31,6 +33,7 @@ pub(crate) struct Partial {
     gpus: Option<u32>,
     disk_mib: Option<u64>,
     labels: BTreeMap<String, String>,
+    max_price_milli: Option<u64>,
 }
 
 impl Partial {
@@ -44,6 +47,7 @@ impl Partial {
             gpus: self.gpus.or(base.gpus),
             disk_mib: self.disk_mib.or(base.disk_mib),
             labels,
+            max_price_milli: self.max_price_milli.or(base.max_price_milli),
         }
     }
 
@@ -57,6 +61,7 @@ impl Partial {
                 disk_mib: self.disk_mib.unwrap_or(0),
             },
             labels: self.labels.clone(),
+            max_price_milli: self.max_price_milli,
         }
     }
 }
@@ -137,6 +142,16 @@ pub(super) fn of(holder: &Mapping, at: &str) -> Result<Partial, Error> {
                     )
                 })?;
             caroni.gpus = Some(g);
+        }
+        if let Some(v) = get(body, "CaroniMaxPrice") {
+            let text = scalar_string(v).unwrap_or_default();
+            caroni.max_price_milli =
+                Some(caroni_types::market::parse_credits(&text).map_err(|e| {
+                    invalid(
+                        format!("{rat}.CaroniMaxPrice"),
+                        format!("the most one attempt may cost: {e}"),
+                    )
+                })?);
         }
         match get(body, "CaroniLabels") {
             None | Some(Value::Null) => {}

@@ -104,6 +104,8 @@ impl Manager {
                             request_id,
                             expires_at_ms,
                             load,
+                            price,
+                            max_charge_milli,
                         } => wf.on_offer(
                             ctx,
                             &msg.from,
@@ -112,6 +114,7 @@ impl Manager {
                             *offer_id,
                             *expires_at_ms,
                             *load,
+                            (!price.is_zero()).then_some((*price, *max_charge_milli)),
                         ),
                         Msg::Decline { request_id, reason } => {
                             wf.on_decline(ctx, &msg.from, *request_id, reason)

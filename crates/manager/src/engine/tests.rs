@@ -128,6 +128,8 @@ fn offer(request_id: Uuid, offer_id: u128) -> Msg {
         request_id,
         expires_at_ms: 2_000_000,
         load: Load::default(),
+        price: Default::default(),
+        max_charge_milli: 0,
     }
 }
 

@@ -256,6 +256,7 @@ impl Workflow {
         offer_id: Uuid,
         expires_at_ms: u64,
         load: Load,
+        price: Option<(caroni_types::market::Price, u64)>,
     ) -> Vec<Effect> {
         let reject = || {
             vec![Effect::Send(Outbound {
@@ -286,6 +287,20 @@ impl Workflow {
         if !open || expires_at_ms <= ctx.now_ms {
             return reject();
         }
+        // An offer that may cost more than the step pays is let go, and
+        // counted as that agent's answer (a decline with the reason).
+        let limit = self.steps[n].needs.max_price_milli;
+        let cost = price.map_or(0, |(_, max)| max);
+        if let Some(limit) = limit.filter(|l| cost > *l) {
+            let why = format!(
+                "offered a job that may cost up to {} credits, the step pays at most {}",
+                caroni_types::market::credits(cost),
+                caroni_types::market::credits(limit)
+            );
+            let mut fx = reject();
+            fx.extend(self.on_decline(ctx, agent, request_id, &why));
+            return fx;
+        }
         let Some(req) = self.steps[n].request.as_mut() else {
             return reject();
         };
@@ -298,6 +313,7 @@ impl Workflow {
             offer_id,
             expires_at_ms,
             load,
+            price,
         });
         if !req.answered.iter().any(|a| a == agent) {
             req.answered.push(agent.to_string());
@@ -332,9 +348,11 @@ impl Workflow {
             .enumerate()
             .filter(|(_, c)| c.expires_at_ms > now)
             .min_by(|(i, a), (j, b)| {
+                // The cheapest (at most), then the least busy.
+                let cost = |c: &Candidate| c.price.map_or(0, |(_, max)| max);
                 let la = a.load.per_slot(ctx.peers.live_jobs(&a.agent));
                 let lb = b.load.per_slot(ctx.peers.live_jobs(&b.agent));
-                la.total_cmp(&lb).then(i.cmp(j))
+                cost(a).cmp(&cost(b)).then(la.total_cmp(&lb)).then(i.cmp(j))
             })
             .map(|(i, _)| i);
         for (i, c) in candidates.into_iter().enumerate() {
@@ -382,6 +400,7 @@ impl Workflow {
             queued_at_ms: None,
             ran_at_ms: None,
             failure: String::new(),
+            price: c.price,
         });
         self.touch(ctx);
         Effect::Send(Outbound {

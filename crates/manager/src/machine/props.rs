@@ -184,7 +184,7 @@ proptest! {
                 let mut gen = || { next += 1; Uuid::from_u128(next) };
                 let mut c = ctx!(gen);
                 match &ev {
-                    Event::Offer(agent, req, offer) => { wf.on_offer(&mut c, agent, "http://a", *req, *offer, now + 60_000, Load::default()); }
+                    Event::Offer(agent, req, offer) => { wf.on_offer(&mut c, agent, "http://a", *req, *offer, now + 60_000, Load::default(), None); }
                     Event::Accepted(from, job) => {
                         let r = wf.on_accepted(&mut c, from, *job);
                         if from == "intruder" { prop_assert!(r.is_err()); }

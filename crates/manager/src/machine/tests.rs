@@ -95,6 +95,7 @@ impl H {
                 offer,
                 now + 60_000,
                 Load::default(),
+                None,
             )
         });
         fx.iter().find_map(|e| match e {
@@ -221,6 +222,7 @@ fn first_offer_wins_later_offers_are_rejected_declines_do_not_end() {
             offer,
             now + 60_000,
             Load::default(),
+            None,
         )
     });
     assert!(matches!(
@@ -247,6 +249,7 @@ fn an_expired_offer_is_rejected() {
             Uuid::new_v4(),
             now - 1,
             Load::default(),
+            None,
         )
     });
     assert!(matches!(
@@ -517,10 +520,30 @@ fn a_resent_offer_is_not_accepted_twice() {
     let req = h.request(0);
     let offer = Uuid::new_v4();
     let now = h.now;
-    let fx1 =
-        h.with(|wf, ctx| wf.on_offer(ctx, AGENT, "e", req, offer, now + 60_000, Load::default()));
-    let fx2 =
-        h.with(|wf, ctx| wf.on_offer(ctx, AGENT, "e", req, offer, now + 60_000, Load::default()));
+    let fx1 = h.with(|wf, ctx| {
+        wf.on_offer(
+            ctx,
+            AGENT,
+            "e",
+            req,
+            offer,
+            now + 60_000,
+            Load::default(),
+            None,
+        )
+    });
+    let fx2 = h.with(|wf, ctx| {
+        wf.on_offer(
+            ctx,
+            AGENT,
+            "e",
+            req,
+            offer,
+            now + 60_000,
+            Load::default(),
+            None,
+        )
+    });
     assert_eq!(fx1.len(), 1);
     assert!(fx2.is_empty());
     assert_eq!(h.wf.steps[0].attempts.len(), 1);
@@ -732,6 +755,7 @@ fn offer_with(h: &mut H, n: usize, agent: &str, l: Load) -> Vec<Effect> {
             Uuid::new_v4(),
             now + 60_000,
             l,
+            None,
         )
     })
 }

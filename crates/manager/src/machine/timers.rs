@@ -177,6 +177,7 @@ impl Workflow {
                     queued_at_ms: None,
                     ran_at_ms: None,
                     failure: "unplaceable".into(),
+                    price: None,
                 });
                 self.fail_attempt(n, ctx, &msg, &mut fx);
                 continue;
