@@ -353,7 +353,7 @@ mod tests {
         );
         // Live jobs this manager has on b count against it, and so do
         // requests asked of it that it has not answered.
-        let placed = |a: &str| if a == "b" { 3 } else { 0 };
+        let placed = |a: &str| if a == "b" { 5 } else { 0 };
         assert_eq!(
             d.choose(&r, "m", &[], &all, &placed, 10),
             Choice::Ask("a".into(), "http://a:1".into())
