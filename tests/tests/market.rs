@@ -71,6 +71,21 @@ fn wait_adverts(m: &NodeProc, job_type: &str, n: usize) {
     }
 }
 
+/// Registers template `name` on manager `m` from `cwl` (written in `dir`).
+fn add_template(m: &NodeProc, dir: &std::path::Path, name: &str, cwl: &str) {
+    let t = dir.join(format!("{name}.cwl"));
+    std::fs::write(&t, cwl).expect("write");
+    m.ok(&["template", "add", name, t.to_str().expect("utf8")]);
+}
+
+/// Why step `s` of workflow `w` is blocked.
+fn blocked(w: &serde_json::Value, s: &str) -> String {
+    step(w, s)["blocked"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn agent_of_attempt(w: &serde_json::Value, s: &str) -> String {
     step(w, s)["attempt_history"]
         .as_array()
@@ -110,9 +125,7 @@ fn steps_go_where_labels_and_resources_fit_and_one_none_can_serve_says_why() {
         shown.contains("region=eu") && shown.contains("region=us"),
         "{shown}"
     );
-    let t = dir.path().join("needs.cwl");
-    std::fs::write(&t, NEEDS).expect("write");
-    m.ok(&["template", "add", "needs", t.to_str().expect("utf8")]);
+    add_template(&m, dir.path(), "needs", NEEDS);
     let id = m.run("needs", &["msg=hi"]);
     let w = m.wait_until(
         &id,
@@ -121,17 +134,12 @@ fn steps_go_where_labels_and_resources_fit_and_one_none_can_serve_says_why() {
         |w| {
             step(w, "eu")["state"] == "completed"
                 && step(w, "big")["state"] == "completed"
-                && step(w, "huge")["blocked"]
-                    .as_str()
-                    .is_some_and(|b| b.contains("16 CPUs"))
+                && blocked(w, "huge").contains("16 CPUs")
         },
     );
     assert_eq!(agent_of_attempt(&w, "eu"), eu.node_id(), "{w:#}");
     assert_eq!(agent_of_attempt(&w, "big"), us.node_id(), "{w:#}");
-    let why = step(&w, "huge")["blocked"]
-        .as_str()
-        .expect("text")
-        .to_string();
+    let why = blocked(&w, "huge");
     assert!(
         why.contains("needs 16 CPUs, the agents have 2 and 8"),
         "{why}"
@@ -247,10 +255,8 @@ fn a_manager_that_floods_an_agent_first_does_not_starve_the_next() {
     );
     wait_adverts(&ma, "slow", 1);
     wait_adverts(&mb, "slow", 1);
-    let t = dir.path().join("one.cwl");
-    std::fs::write(&t, ONE_STEP).expect("write");
     for m in [&ma, &mb] {
-        m.ok(&["template", "add", "one", t.to_str().expect("utf8")]);
+        add_template(m, dir.path(), "one", ONE_STEP);
     }
     // a's twelve all at once, then b's six all at once.
     let submit = |m: &NodeProc, label: &str, n: usize| -> Vec<String> {
@@ -343,9 +349,7 @@ fn the_cheaper_agent_is_asked_a_step_pays_no_more_than_its_maximum_and_the_cost_
     let shown = cheap.ok(&["jobtype", "show", "work"]);
     assert!(shown.contains("price:   0.5 credits"), "{shown}");
     wait_adverts(&m, "work", 2);
-    let t = dir.path().join("priced.cwl");
-    std::fs::write(&t, PRICED).expect("write");
-    m.ok(&["template", "add", "priced", t.to_str().expect("utf8")]);
+    add_template(&m, dir.path(), "priced", PRICED);
     let id = m.run("priced", &["msg=hi"]);
     let w = m.wait_until(
         &id,
@@ -354,18 +358,13 @@ fn the_cheaper_agent_is_asked_a_step_pays_no_more_than_its_maximum_and_the_cost_
         |w| {
             step(w, "a")["state"] == "completed"
                 && step(w, "b")["state"] == "completed"
-                && step(w, "stingy")["blocked"]
-                    .as_str()
-                    .is_some_and(|b| b.contains("0.1"))
+                && blocked(w, "stingy").contains("0.1")
         },
     );
     // The cheaper agent had free slots for both.
     assert_eq!(agent_of_attempt(&w, "a"), cheap.node_id(), "{w:#}");
     assert_eq!(agent_of_attempt(&w, "b"), cheap.node_id(), "{w:#}");
-    let why = step(&w, "stingy")["blocked"]
-        .as_str()
-        .expect("text")
-        .to_string();
+    let why = blocked(&w, "stingy");
     assert!(
         why.contains("may charge up to 0.5 credits, the step may spend 0.1")
             && why.contains("may charge up to 2 credits, the step may spend 0.1"),

@@ -10,6 +10,13 @@ use uuid::Uuid;
 use super::{Agent, Delivered, Now, Out, World};
 use crate::machine::{self, AcceptOutcome, Answering, Effect, Job};
 
+/// True when `msg` was applied in this group or an earlier one (a storage
+/// error is a retry for the sender).
+fn applied_before(msg: &Inbound, world: &dyn World, out: &Out) -> Result<bool, DeliverError> {
+    let retry = |e: caroni_store::Error| DeliverError::Retry(e.to_string());
+    Ok(out.applied_set.contains(&msg.id) || world.is_applied(&msg.id).map_err(retry)?)
+}
+
 impl Agent {
     /// How busy this agent is, for its offers.
     pub(super) fn load_now(&self) -> Load {
@@ -35,8 +42,7 @@ impl Agent {
     ) -> Result<Delivered, DeliverError> {
         let span = msg.span();
         let _in = span.enter();
-        let retry = |e: caroni_store::Error| DeliverError::Retry(e.to_string());
-        if out.applied_set.contains(&msg.id) || world.is_applied(&msg.id).map_err(retry)? {
+        if applied_before(&msg, world, out)? {
             return Ok(Delivered::Applied);
         }
         let Msg::Request(req) = &msg.msg else {
@@ -175,10 +181,10 @@ impl Agent {
     ) -> Result<Delivered, DeliverError> {
         let span = msg.span();
         let _in = span.enter();
-        let retry = |e: caroni_store::Error| DeliverError::Retry(e.to_string());
-        if out.applied_set.contains(&msg.id) || world.is_applied(&msg.id).map_err(retry)? {
+        if applied_before(&msg, world, out)? {
             return Ok(Delivered::Applied);
         }
+        let retry = |e: caroni_store::Error| DeliverError::Retry(e.to_string());
         if matches!(msg.msg, Msg::Accept { .. }) && !self.opts.serves(&msg.from) {
             let why = format!(
                 "this agent does not serve manager {}: it serves only the managers in its --serve-managers list",
