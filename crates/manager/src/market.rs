@@ -12,7 +12,7 @@
 //! evenly and managers that see the same adverts do not all pick the same
 //! agent.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use caroni_types::market::Advert;
 use caroni_types::msg::JobRequest;
@@ -93,11 +93,6 @@ impl Directory {
     /// Agents with a live advert.
     pub fn len(&self, now_ms: u64) -> usize {
         self.live(now_ms).count()
-    }
-
-    /// True when no advert is live.
-    pub fn is_empty(&self, now_ms: u64) -> bool {
-        self.len(now_ms) == 0
     }
 
     fn live(&self, now_ms: u64) -> impl Iterator<Item = (&String, &Known)> {
@@ -244,18 +239,6 @@ impl Directory {
             "no agent that advertises to this manager can serve it: {}",
             listed.join("; ")
         ))
-    }
-
-    /// Agents with a live advert that serve job type `job_type`, for
-    /// `caroni peers` and tests.
-    pub fn serving(&self, job_type: &str, now_ms: u64) -> HashSet<String> {
-        self.live(now_ms)
-            .filter(|(_, k)| {
-                job_type == caroni_types::CWL_TOOL_JOB_TYPE && k.advert.cwl_tools
-                    || k.advert.job_types.iter().any(|t| t.name == job_type)
-            })
-            .map(|(a, _)| a.clone())
-            .collect()
     }
 }
 

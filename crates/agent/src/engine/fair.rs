@@ -50,17 +50,6 @@ impl Usage {
                 .retain(|_, (v, t)| decay(*v, *t, now_ms, half_life_ms) > 1e-3);
         }
     }
-
-    /// Every manager's usage now (for `caroni status` and tests).
-    pub(super) fn all(&self, now_ms: u64, half_life_ms: u64) -> Vec<(String, f64)> {
-        let mut out: Vec<(String, f64)> = self
-            .by_manager
-            .iter()
-            .map(|(m, (v, t))| (m.clone(), decay(*v, *t, now_ms, half_life_ms)))
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
-    }
 }
 
 impl Agent {
@@ -116,11 +105,6 @@ impl Agent {
     pub(super) fn used(&mut self, m: &str, seconds: f64, now_ms: u64) {
         self.usage
             .add(m, seconds, now_ms, self.opts.fair_half_life_ms);
-    }
-
-    /// Each manager's usage now, in seconds of run time (decayed).
-    pub fn usage(&self, now_ms: u64) -> Vec<(String, f64)> {
-        self.usage.all(now_ms, self.opts.fair_half_life_ms)
     }
 }
 

@@ -427,11 +427,6 @@ impl Manager {
         Ok(())
     }
 
-    /// The directory of advertised agents.
-    pub fn directory(&self) -> &Directory {
-        &self.directory
-    }
-
     /// Replaces the live state with `live` (the non-final workflows as
     /// stored), as after a start or a failed write. Waiting workflows
     /// with large values keep them on disk only.

@@ -25,6 +25,8 @@ struct FakePeers {
     known: usize,
     heard: BTreeMap<String, u64>,
     live: BTreeMap<String, u32>,
+    /// Advertised agents that fit, best first (none: broadcast).
+    adverts: Vec<String>,
 }
 
 impl Peers for FakePeers {
@@ -36,6 +38,12 @@ impl Peers for FakePeers {
     }
     fn live_jobs(&self, agent: &str) -> u32 {
         self.live.get(agent).copied().unwrap_or(0)
+    }
+    fn choose(&self, _: &JobRequest, exclude: &[String]) -> crate::market::Choice {
+        match self.adverts.iter().find(|a| !exclude.contains(a)) {
+            Some(a) => crate::market::Choice::Ask(a.clone(), format!("http://{a}:1")),
+            None => crate::market::Choice::Broadcast,
+        }
     }
 }
 
@@ -881,5 +889,105 @@ fn a_join_gets_each_value_once() {
         data_to(&fx, jobs["join"]),
         Some(BTreeMap::from([("b".to_string(), "b".to_string())])),
         "only the new value goes to the join"
+    );
+}
+
+/// The agents a request was sent to directly, in order.
+fn asked(fx: &[Effect]) -> Vec<String> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Send(Outbound {
+                to,
+                msg: Msg::Request(_),
+                ..
+            }) => Some(to.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_request_goes_to_the_advertised_agent_then_the_next_then_to_gossip() {
+    let mut h = H::new(SIMPLE);
+    h.peers.adverts = vec!["a1".into(), "a2".into()];
+    h.peers.known = 2;
+    let fx = h.with(|wf, ctx| wf.start(ctx));
+    assert_eq!(
+        asked(&fx),
+        ["a1", "a1", "a1"],
+        "each step asks the best agent"
+    );
+    assert_eq!(publishes(&fx), 0, "nothing broadcast");
+    // A decline asks the next agent at once.
+    let req = h.request(0);
+    let fx = h.with(|wf, ctx| wf.on_decline(ctx, "a1", req, "busy elsewhere"));
+    assert_eq!(asked(&fx), ["a2"]);
+    // Silence from an agent never heard from: after the wait, broadcast.
+    h.now += ASK_WAIT_MS;
+    let fx = h.with(|wf, ctx| wf.tick(ctx));
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, Effect::Publish(r) if r.request_id == req)),
+        "every fitting agent was asked: the request goes on gossip"
+    );
+    // An offer from an agent asked is taken at once (no offer window).
+    h.window = 5_000;
+    let req1 = h.request(1);
+    assert!(h.offer(1, "a1").is_some(), "accepted without waiting");
+    assert_ne!(req1, h.request(0));
+}
+
+#[test]
+fn an_asked_agent_that_is_heard_from_is_waited_for() {
+    let mut h = H::new(SIMPLE);
+    h.peers.adverts = vec!["a1".into(), "a2".into()];
+    h.with(|wf, ctx| wf.start(ctx));
+    // a1 is alive (its acks and other news arrive) but its answer waits.
+    h.now += ASK_WAIT_MS;
+    h.peers.heard.insert("a1".into(), h.now - 1);
+    let fx = h.with(|wf, ctx| wf.tick(ctx));
+    assert!(asked(&fx).is_empty() && publishes(&fx) == 0, "{fx:?}");
+    // Silent for a whole wait: the next agent is asked.
+    h.now += ASK_WAIT_MS;
+    let fx = h.with(|wf, ctx| wf.tick(ctx));
+    assert_eq!(asked(&fx), ["a2", "a2", "a2"]);
+}
+
+#[test]
+fn an_offer_over_the_steps_maximum_is_let_go_with_the_reason() {
+    let mut h = H::new(SIMPLE);
+    h.wf.steps[0].needs.max_price_milli = Some(100);
+    h.with(|wf, ctx| wf.start(ctx));
+    let req = h.request(0);
+    let price = caroni_types::market::Price {
+        fixed_milli: 500,
+        per_second_milli: 0,
+    };
+    let now = h.now;
+    let fx = h.with(|wf, ctx| {
+        wf.on_offer(
+            ctx,
+            "dear",
+            "http://dear:1",
+            req,
+            Uuid::new_v4(),
+            now + 60_000,
+            Load::default(),
+            Some((price, 500)),
+        )
+    });
+    assert!(fx.iter().any(|e| matches!(
+        e,
+        Effect::Send(Outbound {
+            msg: Msg::Reject { .. },
+            ..
+        })
+    )));
+    assert!(h.wf.steps[0].attempts.is_empty(), "no attempt for it");
+    let declines = &h.wf.steps[0].request.as_ref().expect("request").declines;
+    assert!(
+        declines.iter().any(|(a, why)| a == "dear"
+            && why.contains("may cost up to 0.5 credits, the step pays at most 0.1")),
+        "{declines:?}"
     );
 }
