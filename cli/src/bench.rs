@@ -425,6 +425,7 @@ async fn run_scatter(
                 serde_json::to_string(&xs)?,
             )]),
             request_id: String::new(),
+            ..Default::default()
         })
         .await
         .map_err(crate::client::status)?
@@ -598,6 +599,7 @@ async fn run_workflows(
                     template,
                     inputs: input.into_iter().collect(),
                     request_id: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(crate::client::status)

@@ -464,3 +464,136 @@ pub async fn node(ctx: &Context, cmd: NodeCmd) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `caroni ledger`: balances per peer and the newest entries of each
+/// chain.
+pub async fn ledger(
+    ctx: &Context,
+    role: Option<String>,
+    peer: Option<String>,
+    limit: u32,
+) -> anyhow::Result<ExitCode> {
+    let api = ctx.node_api().await?;
+    let role = role.unwrap_or_default();
+    let ask = |peer: String, limit: u32| {
+        let req = ctx.request(pb::GetLedgerRequest {
+            role: role.clone(),
+            peer,
+            limit,
+        });
+        let mut api = api.clone();
+        async move {
+            api.get_ledger(req)
+                .await
+                .map_err(status)
+                .map(|r| r.into_inner())
+        }
+    };
+    // A peer given by a prefix: resolved among the peers with receipts.
+    let peer = match peer {
+        None => String::new(),
+        Some(p) => {
+            let all = ask(String::new(), 1).await?;
+            let mut ids: Vec<String> = all
+                .chains
+                .iter()
+                .flat_map(|c| c.balances.iter().map(|b| b.peer.clone()))
+                .filter(|id| id.starts_with(&p))
+                .collect();
+            ids.sort();
+            ids.dedup();
+            match ids.len() {
+                1 => ids.remove(0),
+                0 => anyhow::bail!("no peer whose node id starts with {p} has receipts in this node's ledger; `caroni ledger` lists those that have"),
+                n => anyhow::bail!("{n} peers' node ids start with {p}; give more of it"),
+            }
+        }
+    };
+    let ledger = ask(peer, limit).await?;
+    let credits = caroni_types::market::credits;
+    if ctx.format == Format::Json {
+        output::json(&caroni_node::api::json::ledger(&ledger));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut broken = false;
+    for c in &ledger.chains {
+        let holds = if c.broken.is_empty() {
+            "the chain holds".to_string()
+        } else {
+            broken = true;
+            format!("THE CHAIN IS BROKEN: {}", c.broken)
+        };
+        let owed = if c.role == "agent" {
+            "receipts this node issued for jobs it ran (owed to it)"
+        } else {
+            "receipts this node received for jobs it placed (owed by it)"
+        };
+        say!("{} ledger: {owed}", c.role);
+        say!(
+            "  {} entries; {holds}{}",
+            c.entries,
+            if c.head_hash.is_empty() {
+                String::new()
+            } else {
+                format!(" (head {})", &c.head_hash[..c.head_hash.len().min(16)])
+            }
+        );
+        if c.balances.is_empty() {
+            say!("  no receipts yet");
+            continue;
+        }
+        let mut t = output::table(&["peer", "countersigned", "disputed", "open"]);
+        let ids: Vec<&str> = c.balances.iter().map(|b| b.peer.as_str()).collect();
+        let short = output::unique_prefixes(&ids, 16);
+        for (b, id) in c.balances.iter().zip(short) {
+            t.add_row(vec![
+                id,
+                format!("{} ({} credits)", b.agreed, credits(b.agreed_milli)),
+                format!("{} ({} credits)", b.disputed, credits(b.disputed_milli)),
+                format!("{} ({} credits)", b.open, credits(b.open_milli)),
+            ]);
+        }
+        say!("{t}");
+        let mut t = output::table(&["seq", "peer", "entry", "job", "charge", "detail"]);
+        let ids: Vec<&str> = c.recent.iter().map(|e| e.peer.as_str()).collect();
+        let short = output::unique_prefixes(&ids, 16);
+        for (e, id) in c.recent.iter().zip(short) {
+            let (charge, detail) = match &e.receipt {
+                Some(r) => (
+                    credits(r.charge_milli),
+                    format!(
+                        "{} {}, ran {:.1} s{}",
+                        r.job_type,
+                        match pb::JobState::try_from(r.state) {
+                            Ok(pb::JobState::Completed) => "completed",
+                            Ok(pb::JobState::Failed) => "failed",
+                            _ => "cancelled",
+                        },
+                        r.wall_ms as f64 / 1000.0,
+                        r.cpu_ms
+                            .map(|c| format!(", CPU {:.2} s", c as f64 / 1000.0))
+                            .unwrap_or_default()
+                    ),
+                ),
+                None => (String::new(), output::clean(&e.reason).to_string()),
+            };
+            t.add_row(vec![
+                e.seq.to_string(),
+                id,
+                e.kind.clone(),
+                e.job_id.clone(),
+                charge,
+                detail,
+            ]);
+        }
+        say!("{t}");
+    }
+    if ledger.chains.is_empty() {
+        say!("this node keeps no ledger: it is neither a manager nor an agent");
+    }
+    Ok(if broken {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}

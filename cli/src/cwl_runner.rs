@@ -464,6 +464,7 @@ async fn run(ctx: &Context, args: &CwlRunnerArgs) -> anyhow::Result<Outcome> {
             template: name,
             inputs,
             request_id: String::new(),
+            ..Default::default()
         }))
         .await
     {

@@ -72,6 +72,7 @@ async fn run(ctx: &Context, text: String) -> anyhow::Result<ExitCode> {
             template: "test_simple".into(),
             inputs: [("start_message".to_string(), text)].into_iter().collect(),
             request_id: String::new(),
+            ..Default::default()
         }))
         .await
         .map_err(status)?

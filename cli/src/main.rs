@@ -96,6 +96,18 @@ enum Command {
         /// non-zero unless it completed.
         #[arg(long)]
         wait: bool,
+        /// Its priority among the manager's workflows (higher first, -1000
+        /// to 1000); over the template's CaroniPriority.
+        #[arg(long, allow_hyphen_values = true)]
+        priority: Option<i32>,
+        /// The most it may spend, in credits (e.g. 10 or 2.5); over the
+        /// template's CaroniBudget.
+        #[arg(long, value_name = "CREDITS")]
+        budget: Option<String>,
+        /// With --budget: fail the workflow as soon as a step cannot be
+        /// placed within what is left (default: the step waits).
+        #[arg(long, requires = "budget")]
+        fail_when_exhausted: bool,
     },
     /// Workflows on a manager: list, show, watch, cancel, retry, rerun,
     /// delete, download.
@@ -128,6 +140,23 @@ enum Command {
         /// as tables print node ids).
         #[arg(value_name = "NODE_ID")]
         peer: Option<String>,
+    },
+    /// The node's ledger: balances per peer and the newest receipts and
+    /// verdicts, and whether each hash chain holds.
+    #[command(
+        after_help = "Examples:\n  caroni ledger\n  caroni ledger --role agent --peer 12D3KooWQm7x --limit 20\n  caroni -o json ledger"
+    )]
+    Ledger {
+        /// Only this chain: agent (receipts this node issued) or manager
+        /// (receipts it received); both by default.
+        #[arg(long, value_parser = ["agent", "manager"])]
+        role: Option<String>,
+        /// Only this peer (a unique prefix of its node id).
+        #[arg(long, value_name = "NODE_ID")]
+        peer: Option<String>,
+        /// Most entries shown per chain, newest first.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
     },
     /// Exit 0 when the node's gRPC health service says SERVING (for
     /// container health checks).
@@ -261,10 +290,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             inputs_file,
             request_id,
             wait,
-        } => workflow::run(&ctx, template, inputs, inputs_file, request_id, wait).await,
+            priority,
+            budget,
+            fail_when_exhausted,
+        } => {
+            let budget_milli = budget
+                .map(|b| {
+                    caroni_types::market::parse_credits(&b)
+                        .map_err(|e| anyhow::anyhow!("--budget {b}: {e}"))
+                })
+                .transpose()?;
+            let spend = workflow::Spend {
+                priority,
+                budget_milli,
+                fail_when_exhausted,
+            };
+            workflow::run(&ctx, template, inputs, inputs_file, request_id, wait, spend).await
+        }
         Command::Workflow(c) => workflow::workflow(&ctx, c).await,
         Command::Job(c) => workflow::job(&ctx, c).await,
         Command::Peers { peer } => workflow::peers(&ctx, peer).await,
+        Command::Ledger { role, peer, limit } => commands::ledger(&ctx, role, peer, limit).await,
         Command::Version => commands::version(&ctx).await,
         Command::Status => commands::node_status(&ctx).await,
         Command::Health => ctx.health().await,

@@ -477,12 +477,30 @@ async fn print_subworkflows(ctx: &Context, w: &pb::Workflow, depth: usize) -> an
 }
 
 fn print_outputs(w: &pb::Workflow) {
-    if w.spent_milli > 0 || w.reserved_milli > 0 {
-        let c = caroni_types::market::credits;
+    let c = caroni_types::market::credits;
+    if w.spent_milli > 0 || w.reserved_milli > 0 || w.budget_milli.is_some() {
         say!(
             "cost: {} credits spent, up to {} more reserved by running jobs",
             c(w.spent_milli),
             c(w.reserved_milli)
+        );
+    }
+    if w.priority != 0 {
+        say!("priority: {}", w.priority);
+    }
+    if let Some(b) = w.budget_milli {
+        let allotted = if w.budget_allotted_milli > 0 {
+            format!(
+                ", {} given to element workflows",
+                c(w.budget_allotted_milli)
+            )
+        } else {
+            String::new()
+        };
+        say!(
+            "budget: {} credits, {} left for new jobs{allotted}",
+            c(b),
+            c(w.budget_left_milli)
         );
     }
     if !w.outputs.is_empty() {
@@ -684,6 +702,17 @@ async fn submit(ctx: &Context, req: pb::RunWorkflowRequest) -> anyhow::Result<St
     }
 }
 
+/// What `caroni run` says of a workflow's priority and budget.
+#[derive(Debug, Default)]
+pub struct Spend {
+    /// `--priority`.
+    pub priority: Option<i32>,
+    /// `--budget`, in thousandths of a credit.
+    pub budget_milli: Option<u64>,
+    /// `--fail-when-exhausted`.
+    pub fail_when_exhausted: bool,
+}
+
 pub async fn run(
     ctx: &Context,
     template: String,
@@ -691,6 +720,7 @@ pub async fn run(
     file: Option<std::path::PathBuf>,
     request_id: Option<String>,
     wait: bool,
+    spend: Spend,
 ) -> anyhow::Result<ExitCode> {
     let mut all = match &file {
         Some(f) => inputs_file(f)?,
@@ -705,6 +735,9 @@ pub async fn run(
             template,
             inputs: all.into_iter().collect(),
             request_id: request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            priority: spend.priority,
+            budget_milli: spend.budget_milli,
+            fail_when_exhausted: spend.fail_when_exhausted,
         },
     )
     .await?;

@@ -115,6 +115,11 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub manager_weights: Vec<String>,
+    /// Receipts: decline the requests of a manager that disputed, or left
+    /// unanswered for over a minute, more than this many of this agent's
+    /// receipts (none: no limit). See `caroni ledger`.
+    #[arg(long, env = "CARONI_DISPUTE_LIMIT")]
+    pub dispute_limit: Option<u64>,
     /// Lease on live jobs, in seconds: a manager counts a job as lost after
     /// its agent was silent this long.
     #[arg(long, env = "CARONI_LEASE_SECONDS", default_value_t = caroni_manager::engine::DEFAULT_LEASE_SECONDS)]
@@ -500,6 +505,7 @@ impl Config {
                     d.as_millis() as u64
                 }),
             manager_weights: self.manager_weights().unwrap_or_default(),
+            dispute_limit: self.dispute_limit,
         }
     }
 

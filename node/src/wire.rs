@@ -119,6 +119,20 @@ impl caroni_engine::Wire for NodeWire {
         caroni_peer::refusal!(REFUSED_GOSSIP, peer = %peer, "refused gossip: {reason}");
     }
 
+    fn sign(&self, bytes: &[u8]) -> Vec<u8> {
+        match self.outbox.signer().sign_bytes(bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sign a receipt or verdict");
+                Vec::new()
+            }
+        }
+    }
+
+    fn verify(&self, node: &str, bytes: &[u8], signature: &[u8]) -> bool {
+        caroni_peer::envelope::verify_by_node(node, bytes, signature)
+    }
+
     fn advertise(&self, advert: caroni_types::market::Advert) {
         let signer = self.outbox.signer().clone();
         *self

@@ -137,6 +137,7 @@ fn manager_workflow(parsed: &caroni_cwl::Workflow) -> Workflow {
                 started_at_ms: None,
                 ended_at_ms: None,
                 failure: String::new(),
+                receipt: None,
             },
         );
     }
@@ -175,6 +176,7 @@ fn engines(c: &mut Criterion) {
                 publish_count: 1,
                 workflow_id: None,
                 needs: Default::default(),
+                priority: 0,
             };
             let (offer, _) = agent::answer_request(
                 Some(&def),

@@ -124,6 +124,7 @@ fn any_payload() -> impl Strategy<Value = Payload> {
                         publish_count,
                         needs: None,
                         max_charge_milli: Some(u64::from(publish_count)),
+                        priority: publish_count as i32,
                     })
                 }
             ),
@@ -196,9 +197,29 @@ fn any_payload() -> impl Strategy<Value = Payload> {
                         started_at_ms: sequence / 2,
                         ended_at_ms: u64::MAX - sequence,
                         failure: message.clone(),
+                        receipt: (sequence % 2 == 0).then(|| pb::JobReceipt {
+                            job_id: message.clone(),
+                            workflow_id: stderr_tail.clone(),
+                            state,
+                            wall_ms: sequence,
+                            max_charge_milli: sequence / 3,
+                            charge_milli: sequence,
+                            signature: stderr_tail.as_bytes().to_vec(),
+                            ..Default::default()
+                        }),
                     })
                 }
             ),
+        (any_text(), any::<bool>(), any_text()).prop_map(|(job_id, agreed, reason)| {
+            Payload::ReceiptVerdicts(pb::ReceiptVerdicts {
+                verdicts: vec![pb::ReceiptVerdict {
+                    job_id,
+                    agreed,
+                    signature: reason.as_bytes().to_vec(),
+                    reason,
+                }],
+            })
+        }),
         (
             any_text(),
             proptest::collection::vec((any_text(), any_text()), 0..4),

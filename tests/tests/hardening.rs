@@ -240,6 +240,7 @@ fn the_api_answers_bad_requests_with_the_right_code_and_stays_usable() {
             template: "test_simple".into(),
             inputs: [("start_message".to_string(), v)].into_iter().collect(),
             request_id: String::new(),
+            ..Default::default()
         };
         for (what, v) in [
             ("a NUL", "a\0b".to_string()),

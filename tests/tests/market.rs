@@ -378,3 +378,200 @@ fn the_cheaper_agent_is_asked_a_step_pays_no_more_than_its_maximum_and_the_cost_
     assert!(text.contains("cost: 1 credits spent"), "{text}");
     m.ok(&["workflow", "cancel", &id]);
 }
+
+/// Adds job type `work` with a price (credits, as the job-type file
+/// takes them) to agent `a`.
+fn priced_work(a: &NodeProc, dir: &std::path::Path, body: &str, price: serde_json::Value) {
+    let f = dir.join(format!("work-{}.json", a.node_id()));
+    let doc = serde_json::json!({
+        "name": "work", "inputs": ["x"], "outputs": ["out"], "body": body,
+        "timeout": 60, "price": price,
+    });
+    std::fs::write(&f, doc.to_string()).expect("write");
+    a.ok(&["jobtype", "add", f.to_str().expect("utf8")]);
+}
+
+/// Three steps one after the other under a budget of 2.5 credits that
+/// fails the workflow once a step cannot be placed within it.
+const BUDGETED: &str = r#"
+cwlVersion: v1.2
+class: Workflow
+$namespaces:
+  caroni: https://caroni.example/cwl#
+hints:
+  caroni:CaroniRequirement: {CaroniBudget: {credits: 2.5, exhausted: fail}}
+inputs:
+  msg: string
+outputs:
+  c_out: {type: string, outputSource: c/out}
+steps:
+  a:
+    run: {class: CommandLineTool, inputs: {x: string}, outputs: {out: string}}
+    hints: {caroni:CaroniRequirement: {CaroniJobName: work}}
+    in: {x: msg}
+    out: [out]
+  b:
+    run: {class: CommandLineTool, inputs: {x: string}, outputs: {out: string}}
+    hints: {caroni:CaroniRequirement: {CaroniJobName: work}}
+    in: {x: a/out}
+    out: [out]
+  c:
+    run: {class: CommandLineTool, inputs: {x: string}, outputs: {out: string}}
+    hints: {caroni:CaroniRequirement: {CaroniJobName: work}}
+    in: {x: b/out}
+    out: [out]
+"#;
+
+#[test]
+fn a_workflow_spends_no_more_than_its_budget_and_fails_with_the_reason_when_it_runs_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
+    let a = NodeProc::agent_of(&m, &dir.path().join("a"), &[]).expect("agent");
+    priced_work(&a, dir.path(), BODY, serde_json::json!({"fixed": 1}));
+    wait_adverts(&m, "work", 1);
+    add_template(&m, dir.path(), "budgeted", BUDGETED);
+    let id = m.run("budgeted", &["msg=hi"]);
+    let w = m.wait(&id, Duration::from_secs(60));
+    assert_eq!(w["state"], "failed", "{w:#}");
+    assert_eq!(step(&w, "a")["state"], "completed", "{w:#}");
+    assert_eq!(step(&w, "b")["state"], "completed", "{w:#}");
+    let why = w["message"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("step c cannot be placed within the workflow's budget")
+            && why.contains("budget of 2.5 credits has 0.5 left (2 spent"),
+        "{why}"
+    );
+    // Step c never ran: the workflow spent two jobs' price, no more.
+    assert_eq!(w["spent"], 2.0, "{w:#}");
+    assert_eq!(w["budget"], 2.5, "{w:#}");
+    assert!(step(&w, "c")["attempt_history"]
+        .as_array()
+        .is_none_or(|h| h.iter().all(|a| a["state"] != "completed")));
+    let text = m.ok(&["workflow", "show", &id]);
+    assert!(
+        text.contains("budget: 2.5 credits, 0.5 left for new jobs"),
+        "{text}"
+    );
+}
+
+/// The chain of `role` in a node's `ledger -o json`.
+fn chain(n: &NodeProc, role: &str) -> serde_json::Value {
+    let l = n.json(&["ledger", "--role", role, "--limit", "1000"]);
+    l["chains"][0].clone()
+}
+
+/// One step that sleeps, so that nodes can be killed while jobs run.
+const SLOW: &str = r#"
+cwlVersion: v1.2
+class: Workflow
+$namespaces:
+  caroni: https://caroni.example/cwl#
+inputs:
+  msg: string
+outputs:
+  out: {type: string, outputSource: s/out}
+steps:
+  s:
+    run: {class: CommandLineTool, inputs: {x: string}, outputs: {out: string}}
+    hints: {caroni:CaroniRequirement: {CaroniJobName: work}}
+    in: {x: msg}
+    out: [out]
+"#;
+
+#[test]
+fn receipts_balance_on_both_sides_after_either_side_is_killed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut m = NodeProc::start(&dir.path().join("m"), "manager", &[]).expect("manager");
+    let mut a = NodeProc::agent_of(&m, &dir.path().join("a"), &["--slots", "3"]).expect("agent");
+    let body = format!("sleep 1; {BODY}");
+    priced_work(
+        &a,
+        dir.path(),
+        &body,
+        serde_json::json!({"fixed": 0.5, "per_second": 0.1}),
+    );
+    wait_adverts(&m, "work", 1);
+    add_template(&m, dir.path(), "slow", SLOW);
+    let ids: Vec<String> = (0..9)
+        .map(|k| m.run("slow", &[&format!("msg=m{k}")]))
+        .collect();
+    // SIGKILL the agent while jobs run, then the manager.
+    std::thread::sleep(Duration::from_millis(1500));
+    a.kill();
+    a.spawn().expect("agent restarts");
+    std::thread::sleep(Duration::from_millis(1500));
+    m.kill();
+    m.spawn().expect("manager restarts");
+    let mut spent_milli = 0i64;
+    let mut jobs = Vec::new();
+    for id in &ids {
+        let w = m.wait(id, Duration::from_secs(120));
+        assert_eq!(w["state"], "completed", "{w:#}");
+        spent_milli += (w["spent"].as_f64().unwrap_or(0.0) * 1000.0).round() as i64;
+        for at in step(&w, "s")["attempt_history"]
+            .as_array()
+            .expect("attempts")
+        {
+            if at["state"] == "completed" {
+                jobs.push(at["job_id"].as_str().unwrap_or_default().to_string());
+            }
+        }
+    }
+    assert_eq!(jobs.len(), 9, "one completed attempt per workflow");
+    // Every verdict reached the agent: nothing open on either side.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (ac, mc) = loop {
+        let (ac, mc) = (chain(&a, "agent"), chain(&m, "manager"));
+        let open = |c: &serde_json::Value| {
+            c["balances"].as_array().map_or(1, |b| {
+                b.iter().map(|b| b["open"].as_u64().unwrap_or(1)).sum()
+            })
+        };
+        if open(&ac) == 0 && open(&mc) == 0 {
+            break (ac, mc);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "receipts still open after 60 s: agent {ac:#} manager {mc:#}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    for c in [&ac, &mc] {
+        assert_eq!(c["holds"], true, "{c:#}");
+    }
+    let ab = &ac["balances"][0];
+    let mb = &mc["balances"][0];
+    assert_eq!(ab["peer"].as_str(), Some(m.node_id().as_str()), "{ac:#}");
+    assert_eq!(mb["peer"].as_str(), Some(a.node_id().as_str()), "{mc:#}");
+    // One receipt per job that ran to its end, none twice, all agreed.
+    assert_eq!(ab["countersigned"], 9, "{ac:#}");
+    assert_eq!(ab["disputed"], 0, "{ac:#}");
+    assert_eq!(mb["countersigned"], 9, "{mc:#}");
+    assert_eq!(ab["countersigned_milli"], mb["countersigned_milli"]);
+    // What the ledgers say is owed is what the workflows say they spent.
+    assert_eq!(
+        mb["countersigned_milli"].as_i64(),
+        Some(spent_milli),
+        "{mc:#}"
+    );
+    let receipts: std::collections::BTreeSet<String> = ac["recent"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["kind"] == "receipt")
+        .map(|e| e["job_id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let placed: std::collections::BTreeSet<String> = jobs.into_iter().collect();
+    assert_eq!(receipts, placed);
+    // Each charge is the price for the time the job ran: at least 1 s.
+    for e in ac["recent"].as_array().expect("entries") {
+        if e["kind"] == "receipt" {
+            assert!(e["receipt"]["charge_milli"].as_u64() >= Some(600), "{e:#}");
+        }
+    }
+    let text = m.ok(&["ledger"]);
+    assert!(
+        text.contains("the chain holds") && text.contains("9 ("),
+        "{text}"
+    );
+}

@@ -175,6 +175,9 @@ pub struct Answering {
     pub unmet: Option<String>,
     /// The job type's price (carried in the offer).
     pub price: caroni_types::market::Price,
+    /// Why this agent no longer works for the manager: its disputed or
+    /// unacknowledged receipts passed `--dispute-limit`.
+    pub distrust: Option<String>,
 }
 
 /// Answers a request: a new offer or a decline. `None` when nothing is to
@@ -221,6 +224,9 @@ pub fn answer_request(
         return decline(format!(
             "this agent does not serve manager {manager}: it serves only the managers in its --serve-managers list"
         ));
+    }
+    if let Some(why) = how.distrust {
+        return decline(why);
     }
     let Some(def) = def else {
         if !how.asked {
@@ -317,6 +323,7 @@ pub fn accept(
                 started_at_ms: None,
                 ended_at_ms: None,
                 failure: String::new(),
+                receipt: None,
             }),
         })
     };
@@ -398,6 +405,7 @@ impl Job {
                 started_at_ms: self.started_at_ms,
                 ended_at_ms: self.ended_at_ms,
                 failure: self.failure.clone(),
+                receipt: None,
             }),
         }
     }

@@ -181,6 +181,12 @@ pub(crate) const EXECUTIONS: Table<Execution> =
 /// What each offered request needs (those that need anything).
 pub(crate) const REQUEST_NEEDS: Table<caroni_types::market::Needs> =
     Table::new(tables::AGENT_REQUEST_NEEDS, "agent_request_needs");
+/// The price each priced offer named, and its maximum.
+pub(crate) const REQUEST_PRICES: Table<(caroni_types::market::Price, u64)> =
+    Table::new(tables::AGENT_REQUEST_PRICES, "agent_request_prices");
+/// The priority of each offered request's workflow, when not 0.
+pub(crate) const REQUEST_PRIORITIES: Table<i32> =
+    Table::new(tables::AGENT_REQUEST_PRIORITIES, "agent_request_priorities");
 pub(crate) const REQUEST_WORKFLOWS: Table<Uuid> =
     Table::new(tables::AGENT_REQUEST_WORKFLOWS, "agent_request_workflows");
 

@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use caroni_engine::{driver, Staged, Wire};
-use caroni_store::{applied, keys::Key, Batch, Store};
-use caroni_types::msg::{Inbound, JobRequest};
+use caroni_store::{applied, keys::Key, ledger, Batch, Store};
+use caroni_types::msg::{Inbound, JobRequest, Msg};
 use caroni_types::{ExecutorSpec, JobTypeDef};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -30,7 +30,9 @@ pub use crate::engine::{Delivered, JobChange, Options};
 use crate::executor::{Execution, Executor, RunSpec};
 use crate::job_types;
 use crate::machine::{Job, Offer, RunResult};
-use crate::records::{EXECUTIONS, JOBS, OFFERS, REQUEST_NEEDS, REQUEST_WORKFLOWS};
+use crate::records::{
+    EXECUTIONS, JOBS, OFFERS, REQUEST_NEEDS, REQUEST_PRICES, REQUEST_PRIORITIES, REQUEST_WORKFLOWS,
+};
 
 /// Most commands applied in one batch.
 pub use caroni_engine::GROUP;
@@ -198,6 +200,16 @@ struct NodeWorld<'a, E> {
     store: &'a Store,
     wire: &'a dyn Wire,
     executor: &'a E,
+    receipts: &'a HashMap<String, ManagerReceipts>,
+}
+
+/// One manager's receipts here that count against `--dispute-limit`.
+#[derive(Debug, Default)]
+struct ManagerReceipts {
+    /// Disputed.
+    disputed: u64,
+    /// Not answered yet: job → when the receipt was issued.
+    open: HashMap<Uuid, u64>,
 }
 
 impl<E: Executor> World for NodeWorld<'_, E> {
@@ -213,6 +225,29 @@ impl<E: Executor> World for NodeWorld<'_, E> {
     }
     fn price(&self, job_type: &str) -> caroni_types::market::Price {
         crate::job_types::price_of(self.store, job_type).unwrap_or_default()
+    }
+    fn receipts_standing(&self, manager: &str, now_ms: u64) -> (u64, u64) {
+        self.receipts.get(manager).map_or((0, 0), |r| {
+            let overdue = r
+                .open
+                .values()
+                .filter(|t| now_ms.saturating_sub(**t) > crate::engine::RECEIPT_ANSWER_MS)
+                .count() as u64;
+            (r.disputed, overdue)
+        })
+    }
+    fn priority(&self, request: &Uuid) -> i32 {
+        self.store
+            .get(REQUEST_PRIORITIES, &Key::new().uuid(request).finish())
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+    fn offer_price(&self, request: &Uuid) -> Option<(caroni_types::market::Price, u64)> {
+        self.store
+            .get(REQUEST_PRICES, &Key::new().uuid(request).finish())
+            .ok()
+            .flatten()
     }
     fn needs(&self, request: &Uuid) -> Option<caroni_types::market::Needs> {
         self.store
@@ -270,6 +305,8 @@ pub struct Service<E> {
     events: tokio::sync::broadcast::Sender<JobChange>,
     /// Results of runs whose end could not be written yet.
     retry_results: Vec<(Uuid, RunResult)>,
+    /// Each manager's disputed and unanswered receipts (from the ledger).
+    receipts: HashMap<String, ManagerReceipts>,
 }
 
 impl<E: Executor> Service<E> {
@@ -301,6 +338,7 @@ impl<E: Executor> Service<E> {
             stats,
             events,
             retry_results: Vec::new(),
+            receipts: HashMap::new(),
         };
         s.load()?;
         Ok((s, handle))
@@ -324,6 +362,17 @@ impl<E: Executor> Service<E> {
             .map(|(_, j)| j)
             .collect();
         self.machine.load(offers, jobs, caroni_types::now_ms());
+        self.receipts.clear();
+        for (job, r) in ledger::jobs(&self.store, caroni_types::ledger::Role::Agent)? {
+            let m = self.receipts.entry(r.peer).or_default();
+            match r.standing {
+                caroni_types::ledger::Standing::Open => {
+                    m.open.insert(job, r.at_ms);
+                }
+                caroni_types::ledger::Standing::Disputed => m.disputed += 1,
+                caroni_types::ledger::Standing::Agreed => {}
+            }
+        }
         Ok(())
     }
 
@@ -347,12 +396,14 @@ impl<E: Executor> Service<E> {
             store,
             wire,
             executor,
+            receipts,
             ..
         } = self;
         let world = NodeWorld {
             store,
             wire: wire.as_ref(),
             executor: executor.as_ref(),
+            receipts,
         };
         caroni_types::wall_clock(Uuid::new_v4, |now| f(machine, now, &world))
     }
@@ -440,8 +491,17 @@ impl<E: Executor> driver::Engine for Service<E> {
         for (r, n) in &out.request_needs {
             batch.put(REQUEST_NEEDS, &Key::new().uuid(r).finish(), n);
         }
+        for (r, p) in &out.request_priorities {
+            batch.put(REQUEST_PRIORITIES, &Key::new().uuid(r).finish(), p);
+        }
+        for (r, p) in &out.request_prices {
+            batch.put(REQUEST_PRICES, &Key::new().uuid(r).finish(), p);
+        }
         for (id, x) in &out.executions {
             batch.put(EXECUTIONS, &Key::new().uuid(id).finish(), x);
+        }
+        if let Err(e) = self.ledger(&mut batch, out) {
+            tracing::error!(error = %e, "cannot read the ledger; receipts and verdicts of this group wait");
         }
         for (o, trace) in out.send.iter().flatten() {
             match self.wire.stage(&mut batch, o, *trace) {
@@ -556,6 +616,94 @@ fn workflow_of(store: &Store, request: &Uuid) -> Option<Uuid> {
         .get(REQUEST_WORKFLOWS, &Key::new().uuid(request).finish())
         .ok()
         .flatten()
+}
+
+impl<E: Executor> Service<E> {
+    /// Signs the receipts going out with final statuses and chains them;
+    /// checks and chains the verdicts that came in (docs/market.md).
+    fn ledger(&mut self, batch: &mut Batch, out: &mut Out) -> caroni_store::Result<()> {
+        use caroni_types::ledger::{Record, Role, Standing};
+        let has_receipts = out
+            .send
+            .iter()
+            .flatten()
+            .any(|(o, _)| matches!(&o.msg, Msg::Status(s) if s.receipt.is_some()));
+        if !has_receipts && out.verdicts.is_empty() {
+            return Ok(());
+        }
+        let now = caroni_types::now_ms();
+        let mut chain = ledger::Appender::open(&self.store, Role::Agent)?;
+        for (o, _) in out.send.iter_mut().flatten() {
+            let Msg::Status(s) = &mut o.msg else {
+                continue;
+            };
+            let Some(r) = s.receipt.as_mut() else {
+                continue;
+            };
+            if chain.job(&self.store, &r.receipt.job_id)?.is_some() {
+                // Issued once: a job's end is committed once.
+                continue;
+            }
+            r.signature = self.wire.sign(&r.receipt.signed_bytes());
+            let charge = r.receipt.charge_milli;
+            chain.append(
+                batch,
+                &o.to,
+                Record::Receipt((**r).clone()),
+                charge,
+                now,
+                None,
+            );
+            self.receipts
+                .entry(o.to.clone())
+                .or_default()
+                .open
+                .insert(r.receipt.job_id, now);
+        }
+        for (manager, verdicts) in std::mem::take(&mut out.verdicts) {
+            for v in verdicts {
+                let Some(prior) = chain.job(&self.store, &v.job_id)? else {
+                    tracing::warn!(job = %v.job_id, %manager, "a verdict on no receipt of this agent; ignored");
+                    continue;
+                };
+                if prior.peer != manager || prior.standing != Standing::Open {
+                    tracing::warn!(job = %v.job_id, %manager, "a verdict from another manager, or a second one; ignored");
+                    continue;
+                }
+                let receipt = self
+                    .store
+                    .get(ledger::LEDGER, &ledger::entry_key(Role::Agent, prior.seq))?;
+                let Some(Record::Receipt(receipt)) = receipt.map(|e| e.record) else {
+                    continue;
+                };
+                if !self
+                    .wire
+                    .verify(&manager, &v.signed_bytes(&receipt), &v.signature)
+                {
+                    tracing::warn!(job = %v.job_id, %manager, "a verdict whose signature does not verify; ignored");
+                    continue;
+                }
+                if !v.agreed {
+                    tracing::warn!(job = %v.job_id, %manager, reason = %v.reason, "a receipt was disputed");
+                }
+                let charge = prior.charge_milli;
+                let standing = self.receipts.entry(manager.clone()).or_default();
+                standing.open.remove(&v.job_id);
+                if !v.agreed {
+                    standing.disputed += 1;
+                }
+                chain.append(
+                    batch,
+                    &manager,
+                    Record::Verdict(v),
+                    charge,
+                    now,
+                    Some(prior),
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -26,6 +26,14 @@ pub struct Workflow {
     pub steps: Vec<Step>,
     /// Attempts allowed per step (`CaroniMaxAttempts` hint on the workflow).
     pub max_attempts: Option<u32>,
+    /// What the workflow may spend (`CaroniBudget`); not kept in stored
+    /// plans (a workflow's budget has a record of its own).
+    #[serde(skip)]
+    pub budget: Option<caroni_types::market::Budget>,
+    /// Its priority among this manager's workflows (`CaroniPriority`;
+    /// higher first, 0 by default); not kept in stored plans.
+    #[serde(skip)]
+    pub priority: i32,
 }
 
 /// Kinds of failure a retry policy may name (`CaroniNoRetry`).

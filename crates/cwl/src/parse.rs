@@ -327,8 +327,10 @@ struct Inherited {
 }
 
 /// The keys a CaroniRequirement may have on a workflow.
-const WORKFLOW_KEYS: [&str; 9] = [
+const WORKFLOW_KEYS: [&str; 11] = [
     "CaroniMaxAttempts",
+    "CaroniBudget",
+    "CaroniPriority",
     "CaroniRetryBackoff",
     "CaroniNoRetry",
     needs::KEYS[0],
@@ -505,10 +507,26 @@ fn workflow_in(m: &Mapping, inherited: &Inherited) -> Result<Workflow, Error> {
         }
     }
     let mut retry = inherited.retry.clone();
+    let mut budget = None;
+    let mut priority = 0;
     for (class, body, at) in requirement_entries(m, "workflow")? {
         if is_caroni(&class) {
             known_keys(body, &at, &WORKFLOW_KEYS, "a workflow")?;
             retry = retry_of(body, &at)?.over(&retry);
+            if let Some(v) = get(body, "CaroniBudget") {
+                budget = Some(needs::budget(v, &format!("{at}.CaroniBudget"))?);
+            }
+            if let Some(v) = get(body, "CaroniPriority") {
+                priority = scalar_string(v)
+                    .and_then(|s| s.trim().parse::<i32>().ok())
+                    .filter(|p| (-1000..=1000).contains(p))
+                    .ok_or_else(|| {
+                        invalid(
+                            format!("{at}.CaroniPriority"),
+                            "must be a whole number from -1000 to 1000 (higher runs first)",
+                        )
+                    })?;
+            }
         }
     }
     let max_attempts = retry.max_attempts;
@@ -744,6 +762,8 @@ fn workflow_in(m: &Mapping, inherited: &Inherited) -> Result<Workflow, Error> {
         outputs,
         steps,
         max_attempts,
+        budget,
+        priority,
     })
 }
 
@@ -1433,6 +1453,8 @@ fn one_step(
             needs: needs.clone(),
         }],
         max_attempts: retry.max_attempts,
+        budget: None,
+        priority: 0,
     }
 }
 

@@ -37,6 +37,19 @@ pub trait Wire: Send + Sync + 'static {
     fn advertise(&self, advert: caroni_types::market::Advert) {
         let _ = advert;
     }
+    /// Signs `bytes` (a receipt or a verdict, which name their purpose)
+    /// with this node's key; empty where the transport has no key (tests).
+    fn sign(&self, bytes: &[u8]) -> Vec<u8> {
+        let _ = bytes;
+        Vec::new()
+    }
+    /// True when `signature` is node `node`'s signature of `bytes`. A
+    /// transport without keys (tests) takes only the empty signature its
+    /// own `sign` makes.
+    fn verify(&self, node: &str, bytes: &[u8], signature: &[u8]) -> bool {
+        let _ = (node, bytes);
+        signature.is_empty()
+    }
     /// When node `node` was last heard from (a message or an ack), in ms
     /// since the epoch; `None` when never since this node started.
     fn last_heard_ms(&self, node: &str) -> Option<u64> {

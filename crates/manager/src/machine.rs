@@ -358,6 +358,11 @@ impl Workflow {
             started: false,
             parent: None,
             plan: None,
+            budget: wf.budget.map(|limit| crate::model::WorkflowBudget {
+                limit,
+                allotted_milli: 0,
+            }),
+            priority: wf.priority,
         })
     }
 
@@ -478,6 +483,7 @@ impl Workflow {
 
 mod dynamic;
 mod fulfil;
+mod receipts;
 mod report;
 
 pub use dynamic::FAN_WINDOW;

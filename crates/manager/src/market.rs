@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 
 use caroni_types::market::Advert;
-use caroni_types::msg::JobRequest;
+use caroni_types::msg::{JobRequest, JobState};
 
 /// How long an agent counts as advertised after its last advert, at most
 /// (its advert's own expiry may be sooner).
@@ -45,9 +45,50 @@ pub enum Choice {
 #[derive(Debug, Default)]
 pub struct Directory {
     agents: HashMap<String, Known>,
+    /// Each agent's record with this manager since it started.
+    records: HashMap<String, AgentRecord>,
+}
+
+/// How the jobs this manager placed on an agent ended, since the manager
+/// started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentRecord {
+    /// Completed.
+    pub completed: u64,
+    /// Failed (any kind but lost).
+    pub failed: u64,
+    /// Lost: no word from the agent within the lease.
+    pub lost: u64,
+}
+
+impl AgentRecord {
+    /// A poor record: at least 3 jobs failed or lost, and more than one in
+    /// five of its ended jobs. Such an agent is asked after the others
+    /// that cost no more.
+    pub fn poor(&self) -> bool {
+        let bad = self.failed + self.lost;
+        bad >= 3 && bad * 5 > self.completed + bad
+    }
 }
 
 impl Directory {
+    /// Notes how a job placed on `agent` ended (cancelled jobs do not
+    /// count).
+    pub fn note_outcome(&mut self, agent: &str, state: JobState, failure: &str) {
+        let r = self.records.entry(agent.to_string()).or_default();
+        match state {
+            JobState::Completed => r.completed += 1,
+            JobState::Failed if failure == "lost" => r.lost += 1,
+            JobState::Failed => r.failed += 1,
+            _ => {}
+        }
+    }
+
+    /// An agent's record with this manager.
+    pub fn record(&self, agent: &str) -> AgentRecord {
+        self.records.get(agent).copied().unwrap_or_default()
+    }
+
     /// Takes an agent's advert (a newer one replaces an older; an older
     /// one is ignored). Returns false when ignored.
     pub fn update(&mut self, agent: &str, endpoint: &str, advert: Advert) -> bool {
@@ -162,15 +203,17 @@ impl Directory {
                 let per_slot = f64::from(busy) / f64::from(load.slots.max(1));
                 // An agent with a free slot before a full one; then the
                 // cheapest; then the least busy.
+                // Then one with a good record before a poor one.
                 let full = busy >= load.slots.max(1);
-                let key = (full, Self::cost(k, req), k.asked_total, tie(req, a));
+                let poor = self.record(a).poor();
+                let key = (full, Self::cost(k, req), poor, k.asked_total, tie(req, a));
                 (per_slot, key, a, k)
             })
             .min_by(|x, y| {
-                (x.1 .0, x.1 .1)
-                    .cmp(&(y.1 .0, y.1 .1))
+                (x.1 .0, x.1 .1, x.1 .2)
+                    .cmp(&(y.1 .0, y.1 .1, y.1 .2))
                     .then(x.0.total_cmp(&y.0))
-                    .then((x.1 .2, x.1 .3).cmp(&(y.1 .2, y.1 .3)))
+                    .then((x.1 .3, x.1 .4).cmp(&(y.1 .3, y.1 .4)))
             });
         match best {
             Some((_, _, a, k)) => Choice::Ask(a.clone(), k.endpoint.clone()),
@@ -310,6 +353,7 @@ mod tests {
             publish_count: 1,
             workflow_id: None,
             needs: Needs::default(),
+            priority: 0,
         }
     }
 

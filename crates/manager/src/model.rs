@@ -458,6 +458,15 @@ pub struct Workflow {
     /// elements) or an output combines sources.
     #[serde(skip)]
     pub plan: Option<std::sync::Arc<caroni_cwl::Workflow>>,
+    /// What it may spend, when it has a budget (a record of its own,
+    /// `WORKFLOW_BUDGETS`).
+    #[serde(skip)]
+    pub budget: Option<WorkflowBudget>,
+    /// Its priority among this manager's workflows (higher first): the
+    /// order of admission, and of this manager's queued jobs on an agent
+    /// (a record of its own when not 0, `WORKFLOW_PRIORITIES`).
+    #[serde(skip)]
+    pub priority: i32,
 }
 
 impl Workflow {
@@ -478,6 +487,30 @@ impl Workflow {
             .map(Attempt::reserved)
             .sum()
     }
+
+    /// What is left of its budget for new attempts: the budget less what
+    /// ended attempts cost, what live ones may still cost, and the shares
+    /// given to element workflows. `None` without a budget.
+    pub fn budget_left_milli(&self) -> Option<u64> {
+        let b = self.budget.as_ref()?;
+        Some(
+            b.limit
+                .limit_milli
+                .saturating_sub(self.spent_milli())
+                .saturating_sub(self.reserved_milli())
+                .saturating_sub(b.allotted_milli),
+        )
+    }
+}
+
+/// A workflow's budget and what of it went to element workflows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkflowBudget {
+    /// The budget.
+    pub limit: caroni_types::market::Budget,
+    /// Given to element workflows (each spends within its share; what a
+    /// share leaves unspent is not given back).
+    pub allotted_milli: u64,
 }
 
 impl Workflow {

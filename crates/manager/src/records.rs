@@ -308,6 +308,9 @@ const ELEMENTS: Table<BTreeMap<String, String>> =
 const CHILDREN: Table<Uuid> = Table::new(tables::WORKFLOW_CHILDREN, "workflow_children");
 const PRICES: Table<(caroni_types::market::Price, u64)> =
     Table::new(tables::WORKFLOW_ATTEMPT_PRICES, "workflow_attempt_prices");
+const BUDGETS: Table<crate::model::WorkflowBudget> =
+    Table::new(tables::WORKFLOW_BUDGETS, "workflow_budgets");
+const PRIORITIES: Table<i32> = Table::new(tables::WORKFLOW_PRIORITIES, "workflow_priorities");
 const NEEDS: Table<Vec<(String, caroni_types::market::Needs)>> =
     Table::new(tables::WORKFLOW_STEP_NEEDS, "workflow_step_needs");
 const POLICIES: Table<Vec<(String, caroni_cwl::Retry)>> =
@@ -446,6 +449,12 @@ fn step_key(id: &Uuid, n: usize) -> Vec<u8> {
 pub(crate) fn put_head(b: &mut Batch, wf: &Workflow) {
     let heads: Table<HeadRef<'_>> = Table::new(tables::WORKFLOW_HEADS_V3, "workflow_heads");
     b.put(heads, &head_key(&wf.id), &head_ref(wf));
+    if let Some(budget) = &wf.budget {
+        b.put(BUDGETS, &head_key(&wf.id), budget);
+    }
+    if wf.priority != 0 {
+        b.put(PRIORITIES, &head_key(&wf.id), &wf.priority);
+    }
 }
 
 /// Writes step `n` of `wf` (without its values).
@@ -679,6 +688,8 @@ fn assemble(store: &Store, h: Head) -> caroni_store::Result<Workflow> {
         started: h.started,
         parent,
         plan,
+        budget: store.get(BUDGETS, &head_key(&h.id))?,
+        priority: store.get(PRIORITIES, &head_key(&h.id))?.unwrap_or(0),
     };
     for (key, v) in store.scan(VALUES, &head_key(&wf.id))? {
         let v = Value::from(v);
@@ -907,6 +918,8 @@ pub(crate) fn delete(store: &Store, b: &mut Batch, id: &Uuid) -> caroni_store::R
     b.delete(PLANS, &key);
     b.delete(POLICIES, &key);
     b.delete(NEEDS, &key);
+    b.delete(BUDGETS, &key);
+    b.delete(PRIORITIES, &key);
     Ok(())
 }
 
@@ -1046,6 +1059,8 @@ pub(crate) fn migrate(store: &Store) -> caroni_store::Result<usize> {
                 started: h.started,
                 parent: None,
                 plan: None,
+                budget: None,
+                priority: 0,
             };
             put(&mut b, &wf);
             for (k, _) in &steps {

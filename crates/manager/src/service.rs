@@ -61,6 +61,10 @@ pub struct Submission {
     /// The client's id of this submission: the same id again returns the
     /// same workflow and creates nothing.
     pub request_id: Option<String>,
+    /// Its priority, over the template's `CaroniPriority`.
+    pub priority: Option<i32>,
+    /// Its budget, over the template's `CaroniBudget`.
+    pub budget: Option<caroni_types::market::Budget>,
 }
 
 /// A change of a workflow, as announced to watchers once written.
@@ -119,6 +123,8 @@ impl Handle {
             template,
             inputs,
             request_id: None,
+            priority: None,
+            budget: None,
         })
         .await
         .map(|(id, _)| id)
@@ -505,7 +511,14 @@ impl driver::Engine for Service {
     fn apply(&mut self, cmd: Cmd, g: &mut Group) {
         let input = match cmd {
             Cmd::Run(s, tx) => match self.template(&s.template) {
-                Ok(parsed) => {
+                Ok(mut parsed) => {
+                    // What the submission says over what the template says.
+                    if s.priority.is_some() || s.budget.is_some() {
+                        let mut p = (*parsed).clone();
+                        p.priority = s.priority.unwrap_or(p.priority);
+                        p.budget = s.budget.or(p.budget);
+                        parsed = std::sync::Arc::new(p);
+                    }
                     let input = Input::Run {
                         template: s.template,
                         parsed,
@@ -589,6 +602,19 @@ impl driver::Engine for Service {
                 Err(e) => tracing::error!(error = %e, to = %o.to, "cannot stage a message"),
             }
         }
+        match self.ledger(&mut batch, &out.receipts, now) {
+            Ok(verdicts) => {
+                for o in verdicts {
+                    match self.wire.stage(&mut batch, &o, None) {
+                        Ok(s) => g.staged.push(s),
+                        Err(e) => tracing::error!(error = %e, to = %o.to, "cannot stage verdicts"),
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the ledger; receipts of this group are not recorded")
+            }
+        }
         for id in &out.applied {
             applied::mark_applied(&mut batch, id);
         }
@@ -663,5 +689,80 @@ impl driver::Engine for Service {
 
     fn next_timer(&self) -> Option<u64> {
         self.machine.next_timer()
+    }
+}
+
+impl Service {
+    /// Chains the receipts received with this manager's verdicts, signed,
+    /// and returns the verdicts to send: one message per agent.
+    fn ledger(
+        &self,
+        batch: &mut Batch,
+        receipts: &[crate::engine::ReceiptIn],
+        now: u64,
+    ) -> caroni_store::Result<Vec<caroni_types::msg::Outbound>> {
+        use caroni_types::ledger::{Record, Role, Verdict};
+        if receipts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut chain = caroni_store::ledger::Appender::open(&self.store, Role::Manager)?;
+        let mut by_agent: std::collections::BTreeMap<(String, String), Vec<Verdict>> =
+            std::collections::BTreeMap::new();
+        for r in receipts {
+            let job = r.receipt.receipt.job_id;
+            if chain.job(&self.store, &job)?.is_some() {
+                continue; // already answered
+            }
+            let mut verdict = r.verdict.clone();
+            if verdict.is_ok()
+                && !self.wire.verify(
+                    &r.agent,
+                    &r.receipt.receipt.signed_bytes(),
+                    &r.receipt.signature,
+                )
+            {
+                verdict = Err("the receipt's signature is not its agent's".into());
+            }
+            let charge = r.receipt.receipt.charge_milli;
+            chain.append(
+                batch,
+                &r.agent,
+                Record::Receipt(r.receipt.clone()),
+                charge,
+                now,
+                None,
+            );
+            let mut v = Verdict {
+                job_id: job,
+                agreed: verdict.is_ok(),
+                reason: verdict.err().unwrap_or_default(),
+                signature: Vec::new(),
+            };
+            if !v.agreed {
+                tracing::warn!(%job, agent = %r.agent, reason = %v.reason, "disputed a receipt");
+            }
+            v.signature = self.wire.sign(&v.signed_bytes(&r.receipt));
+            let prior = chain.job(&self.store, &job)?;
+            chain.append(
+                batch,
+                &r.agent,
+                Record::Verdict(v.clone()),
+                charge,
+                now,
+                prior,
+            );
+            by_agent
+                .entry((r.agent.clone(), r.endpoint.clone()))
+                .or_default()
+                .push(v);
+        }
+        Ok(by_agent
+            .into_iter()
+            .map(|((to, endpoint), vs)| caroni_types::msg::Outbound {
+                to,
+                endpoint,
+                msg: caroni_types::msg::Msg::Verdicts(vs),
+            })
+            .collect())
     }
 }

@@ -180,6 +180,12 @@ impl Signer {
         self.sign_body(read.encode_to_vec(), false)
     }
 
+    /// Signs `bytes` that carry their own purpose (a receipt, a verdict:
+    /// `caroni_types::ledger`) with the node key.
+    pub fn sign_bytes(&self, bytes: &[u8]) -> Result<Vec<u8>, Error> {
+        self.key.sign(bytes).map_err(|e| Error::Sign(e.to_string()))
+    }
+
     fn sign_body(&self, body: Vec<u8>, batch: bool) -> Result<Envelope, Error> {
         let signature = self
             .key
@@ -191,6 +197,23 @@ impl Signer {
             public_key: self.key.public().encode_protobuf(),
             batch,
         })
+    }
+}
+
+/// True when `signature` is node `node`'s signature of `bytes`. The key
+/// is read from the node id itself (ed25519 ids inline their key), so no
+/// earlier message of the node is needed.
+pub fn verify_by_node(node: &str, bytes: &[u8], signature: &[u8]) -> bool {
+    let Ok(id) = node.parse::<PeerId>() else {
+        return false;
+    };
+    let mh = id.as_ref();
+    if mh.code() != 0 {
+        return false;
+    }
+    match PublicKey::try_decode_protobuf(mh.digest()) {
+        Ok(key) => key.to_peer_id() == id && key.verify(bytes, signature),
+        Err(_) => false,
     }
 }
 

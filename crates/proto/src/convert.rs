@@ -2,6 +2,7 @@
 //! (`caroni_types::msg`). Decoding checks what protobuf cannot: ids must be
 //! UUIDs, states must be known.
 
+use caroni_types::ledger::{Receipt, SignedReceipt, Verdict, MAX_REASON};
 use caroni_types::market::{Advert, AdvertisedType, Needs, Price, Resources};
 use caroni_types::msg::{JobRequest, JobState, Load, Msg, StatusUpdate};
 use uuid::Uuid;
@@ -39,6 +40,71 @@ pub fn job_state_to_pb(s: JobState) -> pb::JobState {
         JobState::Failed => pb::JobState::Failed,
         JobState::Cancelled => pb::JobState::Cancelled,
     }
+}
+
+/// Domain receipt → wire.
+pub fn receipt_to_pb(r: SignedReceipt) -> pb::JobReceipt {
+    let SignedReceipt {
+        receipt: r,
+        signature,
+    } = r;
+    pb::JobReceipt {
+        job_id: r.job_id.to_string(),
+        workflow_id: r.workflow_id.map(|w| w.to_string()).unwrap_or_default(),
+        manager: r.manager,
+        agent: r.agent,
+        job_type: r.job_type,
+        state: job_state_to_pb(r.state) as i32,
+        inputs_sha256: r.inputs_sha256,
+        outputs_sha256: r.outputs_sha256,
+        wall_ms: r.wall_ms,
+        cpu_ms: r.cpu_ms,
+        price: Some(price_to_pb(&r.price)),
+        max_charge_milli: r.max_charge_milli,
+        charge_milli: r.charge_milli,
+        ended_at_ms: r.ended_at_ms,
+        signature,
+    }
+}
+
+/// Wire receipt → domain.
+fn receipt_from_pb(r: pb::JobReceipt) -> Result<SignedReceipt, Malformed> {
+    const M: &str = "JobReceipt";
+    let state = match pb::JobState::try_from(r.state) {
+        Ok(pb::JobState::Completed) => JobState::Completed,
+        Ok(pb::JobState::Failed) => JobState::Failed,
+        Ok(pb::JobState::Cancelled) => JobState::Cancelled,
+        _ => {
+            return Err(Malformed {
+                message: M,
+                problem: format!("state {} is not a final one", r.state),
+            })
+        }
+    };
+    let workflow_id = if r.workflow_id.is_empty() {
+        None
+    } else {
+        Some(uuid(M, "workflow_id", &r.workflow_id)?)
+    };
+    Ok(SignedReceipt {
+        receipt: Receipt {
+            job_id: uuid(M, "job_id", &r.job_id)?,
+            workflow_id,
+            manager: r.manager,
+            agent: r.agent,
+            job_type: r.job_type,
+            state,
+            inputs_sha256: r.inputs_sha256,
+            outputs_sha256: r.outputs_sha256,
+            wall_ms: r.wall_ms,
+            cpu_ms: r.cpu_ms,
+            price: price_from_pb(r.price),
+            max_charge_milli: r.max_charge_milli,
+            charge_milli: r.charge_milli,
+            ended_at_ms: r.ended_at_ms,
+        },
+        signature: r.signature,
+    })
 }
 
 /// Domain price → wire.
@@ -95,6 +161,7 @@ impl From<Msg> for Payload {
                 needs: Some(resources_to_pb(&r.needs.resources)),
                 max_charge_milli: r.needs.max_price_milli,
                 labels: r.needs.labels.into_iter().collect(),
+                priority: r.priority,
             }),
             Msg::Offer {
                 offer_id,
@@ -155,6 +222,7 @@ impl From<Msg> for Payload {
                 started_at_ms: s.started_at_ms.unwrap_or(0),
                 ended_at_ms: s.ended_at_ms.unwrap_or(0),
                 failure: s.failure,
+                receipt: s.receipt.map(|r| receipt_to_pb(*r)),
             }),
             Msg::Data {
                 job_id,
@@ -171,6 +239,17 @@ impl From<Msg> for Payload {
             Msg::Kill { job_id, reason } => Payload::JobKill(pb::JobKill {
                 job_id: job_id.to_string(),
                 reason,
+            }),
+            Msg::Verdicts(vs) => Payload::ReceiptVerdicts(pb::ReceiptVerdicts {
+                verdicts: vs
+                    .into_iter()
+                    .map(|v| pb::ReceiptVerdict {
+                        job_id: v.job_id.to_string(),
+                        agreed: v.agreed,
+                        reason: v.reason,
+                        signature: v.signature,
+                    })
+                    .collect(),
             }),
             Msg::Advert(a) => Payload::AgentAdvert(pb::AgentAdvert {
                 seq: a.seq,
@@ -223,6 +302,7 @@ impl TryFrom<Payload> for Msg {
                         labels: r.labels.into_iter().collect(),
                         max_price_milli: r.max_charge_milli,
                     },
+                    priority: r.priority,
                 })
             }
             Payload::JobFulfillmentOffer(o) => {
@@ -295,6 +375,7 @@ impl TryFrom<Payload> for Msg {
                     started_at_ms: Some(s.started_at_ms).filter(|t| *t > 0),
                     ended_at_ms: Some(s.ended_at_ms).filter(|t| *t > 0),
                     failure: s.failure.chars().take(32).collect(),
+                    receipt: s.receipt.map(receipt_from_pb).transpose()?.map(Box::new),
                 })
             }
             Payload::JobDataAvailable(d) => Msg::Data {
@@ -306,6 +387,19 @@ impl TryFrom<Payload> for Msg {
                 job_id: uuid("JobKill", "job_id", &k.job_id)?,
                 reason: k.reason,
             },
+            Payload::ReceiptVerdicts(v) => Msg::Verdicts(
+                v.verdicts
+                    .into_iter()
+                    .map(|v| {
+                        Ok(Verdict {
+                            job_id: uuid("ReceiptVerdict", "job_id", &v.job_id)?,
+                            agreed: v.agreed,
+                            reason: v.reason.chars().take(MAX_REASON).collect(),
+                            signature: v.signature,
+                        })
+                    })
+                    .collect::<Result<_, Malformed>>()?,
+            ),
             Payload::AgentAdvert(a) => Msg::Advert(Advert {
                 seq: a.seq,
                 expires_at_ms: ms(&a.expires_at),
@@ -363,6 +457,7 @@ mod tests {
                     labels: BTreeMap::from([("region".into(), "eu".into())]),
                     max_price_milli: Some(2500),
                 },
+                priority: 0,
             }),
             Msg::Advert(Advert {
                 seq: 7,
@@ -438,7 +533,35 @@ mod tests {
                 started_at_ms: Some(6),
                 ended_at_ms: Some(7),
                 failure: "exit_status".into(),
+                receipt: Some(Box::new(SignedReceipt {
+                    receipt: Receipt {
+                        job_id: id(),
+                        workflow_id: Some(id()),
+                        manager: "m".into(),
+                        agent: "a".into(),
+                        job_type: "t".into(),
+                        state: JobState::Failed,
+                        inputs_sha256: "00".into(),
+                        outputs_sha256: "11".into(),
+                        wall_ms: 1200,
+                        cpu_ms: Some(40),
+                        price: Price {
+                            fixed_milli: 1,
+                            per_second_milli: 2,
+                        },
+                        max_charge_milli: 600,
+                        charge_milli: 5,
+                        ended_at_ms: 7,
+                    },
+                    signature: vec![1, 2, 3],
+                })),
             }),
+            Msg::Verdicts(vec![Verdict {
+                job_id: id(),
+                agreed: false,
+                reason: "too dear".into(),
+                signature: vec![9],
+            }]),
             Msg::Data {
                 job_id: id(),
                 items: BTreeMap::from([("a".into(), "b".into())]),

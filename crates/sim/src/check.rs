@@ -38,6 +38,7 @@ impl Sim {
                 started_at_ms: None,
                 ended_at_ms: None,
                 failure: String::new(),
+                receipt: None,
             }),
             1 => Msg::Data {
                 job_id: job,
@@ -98,6 +99,7 @@ impl Sim {
                 publish_count: 1,
                 workflow_id: None,
                 needs: Default::default(),
+                priority: 0,
             };
             let agents: Vec<String> = names
                 .into_iter()

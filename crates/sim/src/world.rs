@@ -178,5 +178,6 @@ pub(crate) fn agent_options(name: &str) -> agent::Options {
         labels: Default::default(),
         fair_half_life_ms: 600_000,
         manager_weights: Default::default(),
+        dispute_limit: None,
     }
 }

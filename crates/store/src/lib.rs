@@ -28,6 +28,7 @@ use serde::{de::DeserializeOwned, Serialize};
 
 pub mod applied;
 pub mod keys;
+pub mod ledger;
 pub mod tables;
 
 /// A message staged in a batch (a transactional outbox row), to announce

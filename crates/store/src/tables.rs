@@ -59,6 +59,11 @@ pub const WORKFLOW_STEP_NEEDS: u8 = 0x0E;
 /// The price an attempt's offer named, when not free (manager): key = job
 /// uuid; value = the price and the most the job can cost.
 pub const WORKFLOW_ATTEMPT_PRICES: u8 = 0x0D;
+/// A workflow's budget and the shares of it given to element workflows
+/// (manager): key = workflow uuid; only workflows with a budget.
+pub const WORKFLOW_BUDGETS: u8 = 0x0C;
+/// A workflow's priority when not 0 (manager): key = workflow uuid.
+pub const WORKFLOW_PRIORITIES: u8 = 0x0B;
 /// Submissions by client request id (manager): key = the client's request
 /// id (string); value = the workflow it made and when.
 pub const WORKFLOW_SUBMISSIONS: u8 = 0x11;
@@ -90,9 +95,22 @@ pub const JOB_TYPE_PRICES: u8 = 0x05;
 /// What an offered request's job needs (resources, labels; agent): key =
 /// request uuid; written only for requests that need something.
 pub const AGENT_REQUEST_NEEDS: u8 = 0x27;
+/// The price an offered request's offer named and its maximum (agent;
+/// only priced offers): key = request uuid.
+pub const AGENT_REQUEST_PRICES: u8 = 0x28;
+/// The priority of an offered request's workflow when not 0 (agent): key
+/// = request uuid.
+pub const AGENT_REQUEST_PRIORITIES: u8 = 0x29;
 /// A job's stdout or stderr when it is at most 64 KiB (agent; longer
 /// ones are files): key = job uuid, stream (u64: 1 stdout, 2 stderr).
 pub const AGENT_JOB_LOGS: u8 = 0x26;
+
+/// The ledger: receipts and verdicts, hash-chained, one chain per role
+/// (agent, manager): key = role (u64), sequence (u64).
+pub const LEDGER: u8 = 0x50;
+/// Each job's receipt on a chain, with where it stands: key = role (u64),
+/// job uuid.
+pub const LEDGER_JOBS: u8 = 0x51;
 
 /// Retired (format 1 outbox: signed envelopes as JSON); read once to convert.
 pub const OUTBOX: u8 = 0x30;
@@ -135,9 +153,13 @@ mod tests {
             super::WORKFLOW_PLAN_POLICIES,
             super::WORKFLOW_STEP_NEEDS,
             super::WORKFLOW_ATTEMPT_PRICES,
+            super::WORKFLOW_BUDGETS,
+            super::WORKFLOW_PRIORITIES,
             super::AGENT_JOBS_V2,
             super::AGENT_JOB_LOGS,
             super::AGENT_REQUEST_NEEDS,
+            super::AGENT_REQUEST_PRICES,
+            super::AGENT_REQUEST_PRIORITIES,
             super::JOB_TYPE_PRICES,
             super::JOB_TYPE_EXECUTORS,
             super::MANAGER_JOB_EXECUTIONS,
@@ -154,6 +176,8 @@ mod tests {
             super::OUTBOX_V2,
             super::APPLIED,
             super::PEERS,
+            super::LEDGER,
+            super::LEDGER_JOBS,
         ];
         let set: std::collections::BTreeSet<_> = all.iter().collect();
         assert_eq!(set.len(), all.len());

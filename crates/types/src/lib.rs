@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 pub mod delivery;
 mod executor;
 pub mod file;
+pub mod ledger;
 pub mod market;
 pub mod msg;
 mod names;

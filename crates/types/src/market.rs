@@ -482,3 +482,15 @@ mod tests {
         assert!(parse_label("region").is_err());
     }
 }
+
+/// What a whole workflow may spend (`CaroniBudget`), its element
+/// workflows included.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Budget {
+    /// The most it may spend, in thousandths of a credit.
+    pub limit_milli: u64,
+    /// True: a step that cannot be placed within what is left fails the
+    /// workflow at once; false: it waits (shown as blocked) until running
+    /// jobs end and free what they reserved, or `--unplaceable-timeout`.
+    pub fail_when_exhausted: bool,
+}

@@ -71,6 +71,10 @@ pub struct JobRequest {
     /// Resources and labels the step needs.
     #[serde(default)]
     pub needs: crate::market::Needs,
+    /// The workflow's priority (higher first): orders this manager's own
+    /// queued jobs on an agent.
+    #[serde(default)]
+    pub priority: i32,
 }
 
 /// Most names or parameters in one request.
@@ -226,6 +230,9 @@ pub struct StatusUpdate {
     /// `other`); empty unless it failed.
     #[serde(default)]
     pub failure: String,
+    /// On a final status of a job that ran: the agent's signed receipt.
+    #[serde(default)]
+    pub receipt: Option<Box<crate::ledger::SignedReceipt>>,
 }
 
 /// One protocol message.
@@ -304,6 +311,8 @@ pub enum Msg {
     },
     /// AgentAdvert (gossip): what an agent serves and has.
     Advert(crate::market::Advert),
+    /// ReceiptVerdicts: a manager countersigns or disputes receipts.
+    Verdicts(Vec<crate::ledger::Verdict>),
 }
 
 impl Msg {
@@ -321,6 +330,7 @@ impl Msg {
             Msg::Data { .. } => "JobDataAvailable",
             Msg::Kill { .. } => "JobKill",
             Msg::Advert(_) => "AgentAdvert",
+            Msg::Verdicts(_) => "ReceiptVerdicts",
         }
     }
 
@@ -334,6 +344,7 @@ impl Msg {
                 | Msg::StatusRequest { .. }
                 | Msg::Kill { .. }
                 | Msg::Data { outputs: false, .. }
+                | Msg::Verdicts(_)
         )
     }
 }

@@ -55,6 +55,10 @@ pub fn workflow(w: &pb::Workflow) -> Value {
         })).collect::<Vec<_>>(),
         "parent_id": w.parent_id, "parent_step": w.parent_step, "parent_index": w.parent_index,
         "spent": w.spent_milli as f64 / 1000.0, "reserved": w.reserved_milli as f64 / 1000.0,
+        "budget": w.budget_milli.map(|b| b as f64 / 1000.0),
+        "budget_left": w.budget_milli.map(|_| w.budget_left_milli as f64 / 1000.0),
+        "budget_allotted": w.budget_allotted_milli as f64 / 1000.0,
+        "priority": w.priority,
         "dataflows": w.dataflows.iter().map(|d| json!({
             "source": d.source, "destination": d.destination, "value": d.value,
         })).collect::<Vec<_>>(),
@@ -203,4 +207,36 @@ pub fn node_info(i: &pb::NodeInfo) -> Value {
         "peer_endpoint": i.peer_endpoint, "p2p_listen": i.p2p_listen,
         "version": i.version, "data_dir": i.data_dir,
     })
+}
+
+/// A node's ledger (`caroni -o json ledger`, the console): credits as
+/// thousandths and as text.
+pub fn ledger(l: &pb::Ledger) -> Value {
+    let credits = caroni_types::market::credits;
+    json!({"chains": l.chains.iter().map(|c| json!({
+        "role": c.role, "entries": c.entries, "head_hash": c.head_hash,
+        "holds": c.broken.is_empty(), "broken": c.broken,
+        "balances": c.balances.iter().map(|b| json!({
+            "peer": b.peer,
+            "countersigned": b.agreed, "countersigned_milli": b.agreed_milli,
+            "countersigned_credits": credits(b.agreed_milli),
+            "disputed": b.disputed, "disputed_milli": b.disputed_milli,
+            "disputed_credits": credits(b.disputed_milli),
+            "open": b.open, "open_milli": b.open_milli, "open_credits": credits(b.open_milli),
+        })).collect::<Vec<_>>(),
+        "recent": c.recent.iter().map(|e| json!({
+            "seq": e.seq, "at_ms": e.at_ms, "peer": e.peer, "kind": e.kind,
+            "job_id": e.job_id, "reason": e.reason, "hash": e.hash, "prev": e.prev,
+            "receipt": e.receipt.as_ref().map(|r| json!({
+                "job_id": r.job_id, "workflow_id": r.workflow_id, "manager": r.manager,
+                "agent": r.agent, "job_type": r.job_type,
+                "state": pb::JobState::try_from(r.state).map(|s| s.as_str_name().to_lowercase()).unwrap_or_default(),
+                "inputs_sha256": r.inputs_sha256, "outputs_sha256": r.outputs_sha256,
+                "wall_ms": r.wall_ms, "cpu_ms": r.cpu_ms,
+                "price": r.price.map(price),
+                "max_charge_milli": r.max_charge_milli, "charge_milli": r.charge_milli,
+                "charge_credits": credits(r.charge_milli), "ended_at_ms": r.ended_at_ms,
+            })),
+        })).collect::<Vec<_>>(),
+    })).collect::<Vec<_>>()})
 }

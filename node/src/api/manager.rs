@@ -275,6 +275,10 @@ pub fn workflow_to_pb(w: &Workflow, full: bool) -> pb::Workflow {
         parent_index: w.parent.map(|p| p.index).unwrap_or_default(),
         spent_milli: w.spent_milli(),
         reserved_milli: w.reserved_milli(),
+        budget_milli: w.budget.map(|b| b.limit.limit_milli),
+        budget_left_milli: w.budget_left_milli().unwrap_or(0),
+        budget_allotted_milli: w.budget.map_or(0, |b| b.allotted_milli),
+        priority: w.priority,
         dataflows: if full {
             w.dataflows()
                 .into_iter()
@@ -461,11 +465,23 @@ impl ManagerService for ManagerApi {
     ) -> Result<Response<pb::RunWorkflowResponse>, Status> {
         let m = require_role(self.manager.as_ref(), "manager")?;
         let req = req.into_inner();
+        if let Some(p) = req.priority.filter(|p| !(-1000..=1000).contains(p)) {
+            return Err(Status::invalid_argument(format!(
+                "priority {p} is out of range; give a whole number from -1000 to 1000 (higher runs first)"
+            )));
+        }
         let (id, existing) = m
             .submit_run(Submission {
                 template: req.template,
                 inputs: req.inputs.into_iter().collect(),
                 request_id: request_id(req.request_id)?,
+                priority: req.priority,
+                budget: req
+                    .budget_milli
+                    .map(|limit_milli| caroni_types::market::Budget {
+                        limit_milli,
+                        fail_when_exhausted: req.fail_when_exhausted,
+                    }),
             })
             .await
             .map_err(IntoStatus::into_status)?;
@@ -514,6 +530,9 @@ impl ManagerService for ManagerApi {
                 template: old.template.clone(),
                 inputs,
                 request_id: request_id(req.request_id)?,
+                // A rerun keeps what the first run was given.
+                priority: Some(old.priority),
+                budget: old.budget.map(|b| b.limit),
             })
             .await
             .map_err(IntoStatus::into_status)?;

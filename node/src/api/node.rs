@@ -127,6 +127,117 @@ impl NodeService for NodeApi {
         Ok(Response::new(out))
     }
 
+    async fn get_ledger(
+        &self,
+        req: Request<pb::GetLedgerRequest>,
+    ) -> Result<Response<pb::Ledger>, Status> {
+        use caroni_types::ledger::{Record, Role};
+        let req = req.into_inner();
+        let roles: Vec<Role> = match req.role.as_str() {
+            "" => [
+                self.stats.agent.is_some().then_some(Role::Agent),
+                self.stats.manager.is_some().then_some(Role::Manager),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            "agent" => vec![Role::Agent],
+            "manager" => vec![Role::Manager],
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "role `{other}` is not a ledger's: give agent or manager, or none for both"
+                )))
+            }
+        };
+        let limit = match req.limit {
+            0 => 50,
+            n => n.min(1000) as usize,
+        };
+        let store = self.stats.store.clone();
+        let peer = req.peer;
+        let chains = tokio::task::spawn_blocking(move || {
+            let mut chains = Vec::new();
+            for role in roles {
+                use caroni_store::ledger;
+                let last = ledger::last_entry(&store, role)?;
+                let broken = match ledger::verify(&store, role)? {
+                    Ok(_) => String::new(),
+                    Err(why) => why,
+                };
+                let balances = ledger::balances(&store, role)?
+                    .into_iter()
+                    .filter(|b| peer.is_empty() || b.peer == peer)
+                    .map(|b| pb::PeerBalance {
+                        peer: b.peer,
+                        agreed: b.agreed,
+                        agreed_milli: b.agreed_milli,
+                        disputed: b.disputed,
+                        disputed_milli: b.disputed_milli,
+                        open: b.open,
+                        open_milli: b.open_milli,
+                    })
+                    .collect();
+                // Newest first, this peer's only when asked (read in pages).
+                let mut recent = Vec::new();
+                let mut before = None;
+                'pages: loop {
+                    let page = ledger::entries(&store, role, before, 256)?;
+                    let Some(oldest) = page.last().map(|e| e.seq) else {
+                        break;
+                    };
+                    for e in page {
+                        if !peer.is_empty() && e.peer != peer {
+                            continue;
+                        }
+                        let (kind, job_id, receipt, reason) = match e.record {
+                            Record::Receipt(r) => (
+                                "receipt",
+                                r.receipt.job_id,
+                                Some(caroni_proto::convert::receipt_to_pb(r)),
+                                String::new(),
+                            ),
+                            Record::Verdict(v) if v.agreed => {
+                                ("countersigned", v.job_id, None, String::new())
+                            }
+                            Record::Verdict(v) => ("disputed", v.job_id, None, v.reason),
+                        };
+                        recent.push(pb::LedgerEntry {
+                            seq: e.seq,
+                            at_ms: e.at_ms,
+                            peer: e.peer,
+                            kind: kind.into(),
+                            job_id: job_id.to_string(),
+                            receipt,
+                            reason,
+                            hash: e.hash,
+                            prev: e.prev,
+                        });
+                        if recent.len() >= limit {
+                            break 'pages;
+                        }
+                    }
+                    if oldest <= 1 {
+                        break;
+                    }
+                    before = Some(oldest);
+                }
+                chains.push(pb::LedgerChain {
+                    role: role.as_str().into(),
+                    entries: last.as_ref().map_or(0, |e| e.seq),
+                    head_hash: last.map(|e| e.hash).unwrap_or_default(),
+                    broken,
+                    balances,
+                    recent,
+                });
+            }
+            Ok::<_, caroni_store::Error>(chains)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::unavailable(format!("cannot read the ledger: {e}")))?;
+        Ok(Response::new(pb::Ledger { chains }))
+    }
+
     async fn list_peers(
         &self,
         _: Request<pb::ListPeersRequest>,

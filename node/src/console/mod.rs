@@ -439,6 +439,7 @@ async fn run_workflow(State(c): State<Console>, Json(b): Json<RunBody>) -> Answe
                 template: b.template,
                 inputs: b.inputs,
                 request_id: String::new(),
+                ..Default::default()
             }))
             .await?
             .into_inner();

@@ -7,7 +7,7 @@ use caroni_types::msg::{Inbound, JobRequest, JobState, Load, Msg, Outbound, Stat
 use caroni_types::ExecutorSpec;
 use uuid::Uuid;
 
-use super::{Agent, Delivered, Now, Out, World};
+use super::{Agent, Delivered, Now, Out, World, RECEIPT_ANSWER_MS};
 use crate::machine::{self, AcceptOutcome, Answering, Effect, Job};
 
 /// True when `msg` was applied in this group or an earlier one (a storage
@@ -129,6 +129,13 @@ impl Agent {
             } else {
                 Default::default()
             },
+            distrust: self.opts.dispute_limit.and_then(|limit| {
+                let (disputed, overdue) = world.receipts_standing(from, now.ms);
+                (disputed + overdue > limit).then(|| format!(
+                    "this agent takes no more work from manager {from}: {disputed} of its receipts were disputed and {overdue} not answered within {} s, over this agent's --dispute-limit {limit}",
+                    RECEIPT_ANSWER_MS / 1000
+                ))
+            }),
             unmet: req
                 .needs
                 .unmet(&self.opts.resources, &self.opts.labels)
@@ -159,6 +166,24 @@ impl Agent {
         }
         if let (Some(_), Some(w)) = (&offer, req.workflow_id) {
             out.request_workflows.push((req.request_id, w));
+        }
+        if let (
+            Some(_),
+            Msg::Offer {
+                price,
+                max_charge_milli,
+                ..
+            },
+        ) = (&offer, &answer.msg)
+        {
+            if !price.is_zero() {
+                out.request_prices
+                    .push((req.request_id, (*price, *max_charge_milli)));
+            }
+        }
+        if offer.is_some() && req.priority != 0 {
+            out.request_priorities.push((req.request_id, req.priority));
+            self.priorities.insert(req.request_id, req.priority);
         }
         if offer.is_some() && !req.needs.is_empty() {
             out.request_needs.push((req.request_id, req.needs.clone()));
@@ -194,6 +219,13 @@ impl Agent {
             return Err(DeliverError::Refused(why));
         }
         let (job, fx) = match &msg.msg {
+            // Verdicts on this agent's receipts: checked and chained by the
+            // service (it holds the receipts and verifies the signatures).
+            Msg::Verdicts(vs) => {
+                out.verdicts.push((msg.from.clone(), vs.clone()));
+                out.applied(msg.id);
+                return Ok(Delivered::Applied);
+            }
             Msg::Accept {
                 offer_id,
                 job_id,
@@ -340,6 +372,7 @@ fn unknown_job(msg: &Inbound, job_id: Uuid) -> Outbound {
             started_at_ms: None,
             ended_at_ms: None,
             failure: String::new(),
+            receipt: None,
         }),
     }
 }

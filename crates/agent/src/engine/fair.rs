@@ -75,22 +75,25 @@ impl Agent {
         (self.usage.at(m, now_ms, self.opts.fair_half_life_ms) + running) / self.weight(m)
     }
 
-    /// Takes the next queued job to try: the first of the manager with the
-    /// least usage per weight among the first [`LOOK_PAST`] queued (the
-    /// first in the queue when they are all one manager's).
+    /// Takes the next queued job to try: of the manager with the least
+    /// usage per weight among the first [`LOOK_PAST`] queued, its job of
+    /// the highest workflow priority, the first queued among equals.
     pub(super) fn pop_fair(&mut self, now_ms: u64) -> Option<(u64, Uuid)> {
-        let mut firsts: Vec<(u64, Uuid, &str)> = Vec::new();
+        // Each manager's best queued job: (seq, priority, manager).
+        let mut best: Vec<(u64, i32, &str)> = Vec::new();
         for (seq, id) in self.queue.iter().take(LOOK_PAST) {
             let Some(j) = self.jobs.get(id) else { continue };
-            if !firsts.iter().any(|(_, _, m)| *m == j.manager) {
-                firsts.push((*seq, *id, j.manager.as_str()));
+            let p = self.priorities.get(&j.request_id).copied().unwrap_or(0);
+            match best.iter_mut().find(|(_, _, m)| *m == j.manager) {
+                Some(b) if p > b.1 => *b = (*seq, p, j.manager.as_str()),
+                Some(_) => {}
+                None => best.push((*seq, p, j.manager.as_str())),
             }
         }
-        let pick = if firsts.len() <= 1 {
-            None
+        let pick = if best.len() <= 1 {
+            best.first().map(|b| b.0)
         } else {
-            firsts
-                .iter()
+            best.iter()
                 .map(|(seq, _, m)| (self.share(m, now_ms), *seq))
                 .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
                 .map(|(_, seq)| seq)

@@ -65,7 +65,15 @@ pub struct Options {
     /// Managers' weights for fair share (`--manager-weight NODE=W`; 1 when
     /// not listed).
     pub manager_weights: HashMap<String, f64>,
+    /// Most receipts a manager may have disputed or left unanswered for
+    /// [`RECEIPT_ANSWER_MS`] before this agent declines its requests
+    /// (`--dispute-limit`); `None`: no limit.
+    pub dispute_limit: Option<u64>,
 }
+
+/// How long a manager has to answer a receipt before it counts against
+/// `--dispute-limit`.
+pub const RECEIPT_ANSWER_MS: u64 = 60_000;
 
 impl Options {
     /// True when this agent serves manager `node`.
@@ -103,6 +111,23 @@ pub trait World {
     fn price(&self, job_type: &str) -> caroni_types::market::Price {
         let _ = job_type;
         caroni_types::market::Price::default()
+    }
+    /// Manager `manager`'s receipts here: how many it disputed, and how
+    /// many it has not answered for [`RECEIPT_ANSWER_MS`].
+    fn receipts_standing(&self, manager: &str, now_ms: u64) -> (u64, u64) {
+        let _ = (manager, now_ms);
+        (0, 0)
+    }
+    /// The price an offer for `request` named and its maximum, when not
+    /// free.
+    fn offer_price(&self, request: &Uuid) -> Option<(caroni_types::market::Price, u64)> {
+        let _ = request;
+        None
+    }
+    /// The priority of a request's workflow (0 when it said none).
+    fn priority(&self, request: &Uuid) -> i32 {
+        let _ = request;
+        0
     }
     /// What an offered or accepted request needs, when it needs anything.
     fn needs(&self, request: &Uuid) -> Option<caroni_types::market::Needs> {
@@ -173,6 +198,13 @@ pub struct Out {
     pub request_workflows: Vec<(Uuid, Uuid)>,
     /// What each request offered for needs (those that need anything).
     pub request_needs: Vec<(Uuid, caroni_types::market::Needs)>,
+    /// The priority of each request offered for, when not 0.
+    pub request_priorities: Vec<(Uuid, i32)>,
+    /// The price each priced offer named, and its maximum.
+    pub request_prices: Vec<(Uuid, (caroni_types::market::Price, u64))>,
+    /// Verdicts on this agent's receipts, by the manager that sent them
+    /// (checked and chained by the service).
+    pub verdicts: Vec<(String, Vec<caroni_types::ledger::Verdict>)>,
     /// Where started jobs run.
     pub executions: Vec<(Uuid, Execution)>,
     /// Messages to stage, with the workflow they are about; a status
@@ -254,6 +286,9 @@ pub struct Agent {
     /// What each live request (offer or job) needs, by request id, as far
     /// as it needs anything (the rest are read through [`World::needs`]).
     needs: HashMap<Uuid, caroni_types::market::Needs>,
+    /// The priority of each live request (offer or job), when not 0 (the
+    /// rest are read through [`World::priority`] after a restart).
+    priorities: HashMap<Uuid, i32>,
     /// Resources held by running local jobs.
     held: HashMap<Uuid, caroni_types::market::Resources>,
     /// Each manager's run time here, decayed (fair share).
@@ -304,6 +339,7 @@ impl Agent {
             slurm_running: HashMap::new(),
             slurm_seen: false,
             needs: HashMap::new(),
+            priorities: HashMap::new(),
             held: HashMap::new(),
             usage: fair::Usage::default(),
             declined: HashMap::new(),

@@ -17,6 +17,19 @@ impl Agent {
     /// one takes its place in the queue again.
     pub(super) fn recover(&mut self, world: &dyn World, out: &mut Out) {
         self.queue.clear();
+        // Priorities of live requests, as stored with their offers.
+        let requests: Vec<Uuid> = self
+            .jobs
+            .values()
+            .map(|j| j.request_id)
+            .chain(self.offers.keys().copied())
+            .collect();
+        for r in requests {
+            let p = world.priority(&r);
+            if p != 0 {
+                self.priorities.insert(r, p);
+            }
+        }
         let mut ids: Vec<(u64, Uuid)> = self
             .jobs
             .values()
@@ -60,6 +73,7 @@ impl Agent {
             .chain(self.jobs.values().map(|j| j.request_id))
             .collect();
         self.needs.retain(|r, _| live.contains(r));
+        self.priorities.retain(|r, _| live.contains(r));
     }
 
     /// Where a job runs: as recorded when it started, else its job type's
@@ -111,6 +125,23 @@ impl Agent {
                 _ => {}
             }
         }
+        // A job that ran and ended: its receipt goes with its final status
+        // (signed by the service, which holds the key).
+        if let Some(j) = job.as_ref().filter(|j| j.state.is_final()) {
+            if let Some(receipt) = self.receipt(j, trace, world) {
+                for e in &mut fx {
+                    if let Effect::Send(Outbound {
+                        msg: Msg::Status(s),
+                        ..
+                    }) = e
+                    {
+                        if s.job_id == j.id && s.state.is_final() {
+                            s.receipt = Some(Box::new(receipt.clone()));
+                        }
+                    }
+                }
+            }
+        }
         for e in &fx {
             match e {
                 Effect::Send(o) => out.send(o.clone(), trace),
@@ -145,6 +176,40 @@ impl Agent {
             }
             out.jobs.insert(j.id, j);
         }
+    }
+
+    /// The receipt of a job that ran and ended (none for one that never
+    /// started: it cost nothing).
+    fn receipt(
+        &self,
+        j: &Job,
+        workflow: Option<Uuid>,
+        world: &dyn World,
+    ) -> Option<caroni_types::ledger::SignedReceipt> {
+        use caroni_types::ledger::{values_sha256, Receipt, SignedReceipt};
+        let started = j.started_at_ms?;
+        let ended = j.ended_at_ms.unwrap_or(started).max(started);
+        let (price, max) = world.offer_price(&j.request_id).unwrap_or_default();
+        let wall_ms = ended - started;
+        Some(SignedReceipt {
+            receipt: Receipt {
+                job_id: j.id,
+                workflow_id: workflow,
+                manager: j.manager.clone(),
+                agent: self.opts.node_id.clone(),
+                job_type: j.job_type.clone(),
+                state: j.state,
+                inputs_sha256: values_sha256(&j.values),
+                outputs_sha256: values_sha256(&j.outputs),
+                wall_ms,
+                cpu_ms: None,
+                price,
+                max_charge_milli: max,
+                charge_milli: price.charge(wall_ms, max),
+                ended_at_ms: ended,
+            },
+            signature: Vec::new(),
+        })
     }
 
     /// Starts queued jobs, oldest first, while slots are free. Jobs of

@@ -81,6 +81,7 @@ fn agent(serve: Option<&[&str]>) -> Agent {
         labels: Default::default(),
         fair_half_life_ms: 600_000,
         manager_weights: Default::default(),
+        dispute_limit: None,
     })
 }
 
@@ -96,6 +97,7 @@ fn request(job_type: &str, endpoint: &str) -> JobRequest {
         publish_count: 1,
         workflow_id: None,
         needs: Default::default(),
+        priority: 0,
     }
 }
 

@@ -26,6 +26,7 @@ fn req(keys: &[&str]) -> JobRequest {
         publish_count: 1,
         workflow_id: None,
         needs: Default::default(),
+        priority: 0,
     }
 }
 

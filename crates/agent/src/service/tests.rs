@@ -108,6 +108,7 @@ async fn a_ready_job_runs_before_an_older_one_that_waits_for_data() {
             labels: Default::default(),
             fair_half_life_ms: 600_000,
             manager_weights: Default::default(),
+            dispute_limit: None,
         },
         store,
         wire.clone(),
@@ -130,6 +131,7 @@ async fn a_ready_job_runs_before_an_older_one_that_waits_for_data() {
             publish_count: 1,
             workflow_id: None,
             needs: Default::default(),
+            priority: 0,
         };
         assert!(handle.gossip(manager.into(), format!("http://{manager}"), req.clone()));
         // The offer is staged once the gossip is handled; read it back.

@@ -179,3 +179,49 @@ pub(super) fn of(holder: &Mapping, at: &str) -> Result<Partial, Error> {
     // The Caroni keys say more precisely what Caroni should do.
     Ok(caroni.over(&resource))
 }
+
+/// `CaroniBudget`: credits (`10`, `2.5`), or `{credits: 10, exhausted:
+/// fail}` (`wait`, the default, lets a step wait for running jobs to free
+/// what they reserved).
+pub(super) fn budget(v: &Value, at: &str) -> Result<caroni_types::market::Budget, Error> {
+    let credits = |v: &Value, at: &str| {
+        let text = scalar_string(v).unwrap_or_default();
+        caroni_types::market::parse_credits(&text)
+            .map_err(|e| invalid(at, format!("what the whole workflow may spend: {e}")))
+    };
+    match v {
+        Value::Mapping(m) => {
+            for k in m.keys() {
+                let k = scalar_string(k).unwrap_or_default();
+                if k != "credits" && k != "exhausted" {
+                    return Err(invalid(
+                        format!("{at}.{k}"),
+                        format!("unknown key `{k}`; the keys are credits and exhausted"),
+                    ));
+                }
+            }
+            let limit_milli = match get(m, "credits") {
+                Some(c) => credits(c, &format!("{at}.credits"))?,
+                None => return Err(invalid(at, "missing credits (CaroniBudget: {credits: 10})")),
+            };
+            let fail_when_exhausted = match get(m, "exhausted").and_then(scalar_string).as_deref() {
+                None | Some("wait") => false,
+                Some("fail") => true,
+                Some(other) => {
+                    return Err(invalid(
+                        format!("{at}.exhausted"),
+                        format!("is `{other}`; give wait (a step waits for running jobs to free what they reserved) or fail"),
+                    ))
+                }
+            };
+            Ok(caroni_types::market::Budget {
+                limit_milli,
+                fail_when_exhausted,
+            })
+        }
+        _ => Ok(caroni_types::market::Budget {
+            limit_milli: credits(v, at)?,
+            fail_when_exhausted: false,
+        }),
+    }
+}

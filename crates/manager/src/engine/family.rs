@@ -121,6 +121,30 @@ impl Manager {
         };
         wf.max_attempts = max_attempts;
         wf.parent = Some(link);
+        wf.priority = self.live.get(&parent).map_or(0, |p| p.priority);
+        // A budget is shared: each element gets an even share of what is
+        // left among the elements of this step being made now.
+        let siblings = self
+            .pending
+            .iter()
+            .filter(|(w, e)| *w == parent && matches!(e, Effect::Spawn(s) if s.step == sp.step))
+            .count() as u64;
+        if let Some(p) = self.live.get_mut(&parent) {
+            if let (Some(left), Some(b)) = (p.budget_left_milli(), p.budget) {
+                let share = left / (siblings + 1);
+                wf.budget = Some(crate::model::WorkflowBudget {
+                    limit: caroni_types::market::Budget {
+                        limit_milli: share,
+                        fail_when_exhausted: b.limit.fail_when_exhausted,
+                    },
+                    allotted_milli: 0,
+                });
+                if let Some(pb) = p.budget.as_mut() {
+                    pb.allotted_milli = pb.allotted_milli.saturating_add(share);
+                }
+                out.heads.insert(parent);
+            }
+        }
         if body.is_dynamic() {
             wf.plan = Some(Arc::new(*body));
         }

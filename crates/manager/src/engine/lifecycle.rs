@@ -50,15 +50,30 @@ impl Manager {
         Ok(id)
     }
 
-    /// Starts waiting workflows, oldest first, while their requests fit.
+    /// Starts waiting workflows, the highest priority first and the oldest
+    /// first among equals, while their requests fit.
     pub(super) fn admit(&mut self, now: &mut Now<'_>, world: &dyn World, out: &mut Out) {
-        while let Some(&id) = self.waiting.front() {
+        // The highest priority first, the oldest first among equals
+        // (looking at most this far into the queue).
+        const LOOK: usize = 4096;
+        loop {
+            let pick = self
+                .waiting
+                .iter()
+                .take(LOOK)
+                .enumerate()
+                .map(|(i, id)| (i, self.live.get(id).map_or(i32::MAX, |w| w.priority)))
+                .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+                .map(|(i, _)| i);
+            let Some((pick, id)) = pick.and_then(|i| self.waiting.get(i).map(|id| (i, *id))) else {
+                return;
+            };
             let Some(wf) = self.live.get(&id) else {
-                self.waiting.pop_front();
+                self.waiting.remove(pick);
                 continue;
             };
             if wf.state != WorkflowState::Created {
-                self.waiting.pop_front();
+                self.waiting.remove(pick);
                 continue;
             }
             // Always admit one when nothing is out, however large.
@@ -69,7 +84,7 @@ impl Manager {
             if !self.unshelve(&id, world) {
                 return;
             }
-            self.waiting.pop_front();
+            self.waiting.remove(pick);
             if let Some(fx) = self.change(id, now, world, out, |wf, ctx| wf.start(ctx)) {
                 self.effects(id, fx, out);
             }
@@ -215,6 +230,13 @@ impl Manager {
             }
             changed = true;
             out.steps.insert((id, n));
+            // Each agent's record: jobs that ended here, by outcome.
+            for (was, now) in a.attempts.iter().zip(&b.attempts) {
+                if was.is_live() && !now.is_live() && now.job_id.is_some() {
+                    self.directory
+                        .note_outcome(&now.agent, now.state, &now.failure);
+                }
+            }
             if b.state == StepState::Completed && a.state != StepState::Completed {
                 if let Some(ready) = self.ready_at.remove(&(id, n)) {
                     out.step_seconds

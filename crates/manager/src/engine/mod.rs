@@ -196,6 +196,23 @@ pub struct Out {
     pub submissions: Vec<(String, Uuid)>,
     /// Ended workflows to delete, with everything kept of them.
     pub deletes: Vec<Uuid>,
+    /// Receipts that came with jobs' final statuses, with this manager's
+    /// verdict (the service verifies their signatures, chains them and
+    /// sends the verdicts).
+    pub receipts: Vec<ReceiptIn>,
+}
+
+/// A receipt received, and what this manager makes of it.
+#[derive(Debug)]
+pub struct ReceiptIn {
+    /// The agent that sent it.
+    pub agent: String,
+    /// Its endpoint (the verdict goes there).
+    pub endpoint: String,
+    /// The receipt as signed.
+    pub receipt: caroni_types::ledger::SignedReceipt,
+    /// Agreed, or disputed with the reason.
+    pub verdict: Result<(), String>,
 }
 
 impl Out {

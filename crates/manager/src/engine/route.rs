@@ -84,6 +84,7 @@ impl Manager {
         .copied()
         .filter(|id| self.live.contains_key(id));
         let Some(id) = key else {
+            self.receipt(&msg, None, world, out);
             return self.not_ours(&msg, world, out);
         };
         if let Msg::Status(s) = &msg.msg {
@@ -130,8 +131,50 @@ impl Manager {
             )
             .ok_or_else(|| DeliverError::Retry("workflow vanished".into()))??;
         self.effects(id, fx, out);
+        self.receipt(&msg, Some(id), world, out);
         out.applied(msg.id);
         Ok(())
+    }
+
+    /// A receipt with a job's final status: checked against the job's
+    /// workflow (live, ended in this group, or stored).
+    fn receipt(&self, msg: &Inbound, live: Option<Uuid>, world: &dyn World, out: &mut Out) {
+        let Msg::Status(s) = &msg.msg else {
+            return;
+        };
+        let Some(r) = &s.receipt else {
+            return;
+        };
+        let wf_id = live.or(r.receipt.workflow_id);
+        let stored;
+        let wf = match wf_id {
+            Some(id) => match self.live.get(&id).or_else(|| out.finished.get(&id)) {
+                Some(w) => Some(w),
+                None => {
+                    stored = world.stored(&id).ok().flatten();
+                    stored.as_ref()
+                }
+            },
+            None => None,
+        };
+        let verdict = r.receipt.check().and_then(|()| {
+            if r.receipt.job_id != s.job_id {
+                return Err("the receipt is for another job than its status".to_string());
+            }
+            match wf {
+                Some(w) => w.check_receipt(&self.opts.node_id, &msg.from, &r.receipt),
+                None => Err(format!(
+                    "this manager has no workflow with job {}",
+                    r.receipt.job_id
+                )),
+            }
+        });
+        out.receipts.push(super::ReceiptIn {
+            agent: msg.from.clone(),
+            endpoint: msg.endpoint.clone(),
+            receipt: (**r).clone(),
+            verdict,
+        });
     }
 
     /// A message about no live workflow of ours: tell the agent to let go

@@ -383,6 +383,7 @@ impl T {
                                 started_at_ms: None,
                                 ended_at_ms: None,
                                 failure: String::new(),
+                                receipt: None,
                             }),
                         );
                         queue.push(o);

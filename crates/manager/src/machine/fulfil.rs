@@ -57,6 +57,9 @@ impl Workflow {
         let jr = self.job_request(n, ctx)?;
         if ctx.now_ms >= req.created_at_ms + REPUBLISH_MIN_MS {
             if let Some(why) = ctx.peers.none_fits(&jr) {
+                if self.budget_blocks(n, ctx) {
+                    return Some(format!("{}: {why}", self.budget_text()));
+                }
                 return Some(why);
             }
         }
@@ -169,8 +172,65 @@ impl Workflow {
             manager_endpoint: ctx.endpoint.to_string(),
             publish_count: req.publish_count,
             workflow_id: Some(self.id),
-            needs: step.needs.clone(),
+            needs: {
+                let mut needs = step.needs.clone();
+                needs.max_price_milli = self.attempt_limit(n);
+                needs
+            },
+            priority: self.priority,
         })
+    }
+
+    /// The most one new attempt of step `n` may cost: the step's
+    /// `CaroniMaxPrice` and what is left of the workflow's budget, the
+    /// lower of the two.
+    pub(super) fn attempt_limit(&self, n: usize) -> Option<u64> {
+        let step = self.steps.get(n).and_then(|s| s.needs.max_price_milli);
+        match (step, self.budget_left_milli()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// True when the budget, not the agents, keeps step `n` from being
+    /// placed: an advertised agent fits the step, but none within what is
+    /// left of the budget.
+    pub(super) fn budget_blocks(&self, n: usize, ctx: &Ctx<'_>) -> bool {
+        if self.budget.is_none() {
+            return false;
+        }
+        let Some(mut jr) = self.job_request(n, ctx) else {
+            return false;
+        };
+        if ctx.peers.none_fits(&jr).is_none() {
+            return false;
+        }
+        jr.needs.max_price_milli = self.steps[n].needs.max_price_milli;
+        ctx.peers.none_fits(&jr).is_none()
+    }
+
+    /// "the workflow's budget has 0.5 credits left (9 spent, 0.5 reserved
+    /// by running jobs, 0 given to element workflows)".
+    pub(super) fn budget_text(&self) -> String {
+        let Some(b) = self.budget.as_ref() else {
+            return String::new();
+        };
+        let credits = caroni_types::market::credits;
+        let mut out = format!(
+            "the workflow's budget of {} credits has {} left ({} spent, {} reserved by running jobs",
+            credits(b.limit.limit_milli),
+            credits(self.budget_left_milli().unwrap_or(0)),
+            credits(self.spent_milli()),
+            credits(self.reserved_milli())
+        );
+        if b.allotted_milli > 0 {
+            out.push_str(&format!(
+                ", {} given to element workflows",
+                credits(b.allotted_milli)
+            ));
+        }
+        out.push(')');
+        out
     }
 
     /// Sends the step's request if it is due: directly to the best
@@ -289,14 +349,26 @@ impl Workflow {
         }
         // An offer that may cost more than the step pays is let go, and
         // counted as that agent's answer (a decline with the reason).
-        let limit = self.steps[n].needs.max_price_milli;
+        let limit = self.attempt_limit(n);
         let cost = price.map_or(0, |(_, max)| max);
         if let Some(limit) = limit.filter(|l| cost > *l) {
-            let why = format!(
-                "offered a job that may cost up to {} credits, the step pays at most {}",
-                caroni_types::market::credits(cost),
-                caroni_types::market::credits(limit)
-            );
+            let by_budget = self.steps[n]
+                .needs
+                .max_price_milli
+                .is_none_or(|m| m > limit);
+            let why = if by_budget {
+                format!(
+                    "offered a job that may cost up to {} credits; {}",
+                    caroni_types::market::credits(cost),
+                    self.budget_text()
+                )
+            } else {
+                format!(
+                    "offered a job that may cost up to {} credits, the step pays at most {}",
+                    caroni_types::market::credits(cost),
+                    caroni_types::market::credits(limit)
+                )
+            };
             let mut fx = reject();
             fx.extend(self.on_decline(ctx, agent, request_id, &why));
             return fx;
@@ -343,10 +415,13 @@ impl Workflow {
         let candidates = std::mem::take(&mut req.candidates);
         let request_id = req.id;
         let now = ctx.now_ms;
+        // Other steps may have taken budget since these offers came.
+        let limit = self.attempt_limit(n).unwrap_or(u64::MAX);
         let best = candidates
             .iter()
             .enumerate()
             .filter(|(_, c)| c.expires_at_ms > now)
+            .filter(|(_, c)| c.price.map_or(0, |(_, max)| max) <= limit)
             .min_by(|(i, a), (j, b)| {
                 // The cheapest (at most), then the least busy.
                 let cost = |c: &Candidate| c.price.map_or(0, |(_, max)| max);

@@ -159,6 +159,7 @@ proptest! {
                         started_at_ms: None,
                         ended_at_ms: None,
                         failure: String::new(),
+                        receipt: None,
                     })
                 }),
                 Op::Data { pick } => (!jobs.is_empty()).then(|| {

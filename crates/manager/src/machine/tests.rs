@@ -147,6 +147,7 @@ impl H {
             started_at_ms: None,
             ended_at_ms: None,
             failure: String::new(),
+            receipt: None,
         };
         self.with(|wf, ctx| wf.on_status(ctx, agent, &up))
     }
@@ -990,4 +991,160 @@ fn an_offer_over_the_steps_maximum_is_let_go_with_the_reason() {
             && why.contains("may cost up to 0.5 credits, the step pays at most 0.1")),
         "{declines:?}"
     );
+}
+
+/// An offer from `agent` for step `n` at a fixed price (thousandths);
+/// returns the effects.
+fn priced_offer(h: &mut H, n: usize, agent: &str, fixed: u64) -> Vec<Effect> {
+    let req = h.request(n);
+    let now = h.now;
+    let price = caroni_types::market::Price {
+        fixed_milli: fixed,
+        per_second_milli: 0,
+    };
+    h.with(|wf, ctx| {
+        wf.on_offer(
+            ctx,
+            agent,
+            "http://agent:1",
+            req,
+            Uuid::new_v4(),
+            now + 60_000,
+            Load::default(),
+            Some((price, fixed)),
+        )
+    })
+}
+
+fn accepted(fx: &[Effect]) -> Option<Uuid> {
+    fx.iter().find_map(|e| match e {
+        Effect::Send(Outbound {
+            msg: Msg::Accept { job_id, .. },
+            ..
+        }) => Some(*job_id),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_budget_is_never_exceeded_by_offers_taken_together() {
+    let mut h = H::new(SIMPLE);
+    h.wf.budget = Some(crate::model::WorkflowBudget {
+        limit: caroni_types::market::Budget {
+            limit_milli: 1_500,
+            fail_when_exhausted: false,
+        },
+        allotted_milli: 0,
+    });
+    h.with(|wf, ctx| wf.start(ctx));
+    // Every request went out with the whole budget as its maximum.
+    let jr = h.with(|wf, ctx| wf.job_request(1, ctx)).expect("request");
+    assert_eq!(jr.needs.max_price_milli, Some(1_500));
+    // The first offer reserves 1 credit of 1.5.
+    assert!(accepted(&priced_offer(&mut h, 0, AGENT, 1_000)).is_some());
+    assert_eq!(h.wf.reserved_milli(), 1_000);
+    assert_eq!(h.wf.budget_left_milli(), Some(500));
+    // A second offer of 1 credit for another step no longer fits: let go,
+    // and the step's request says why.
+    let fx = priced_offer(&mut h, 1, AGENT_B, 1_000);
+    assert!(accepted(&fx).is_none());
+    assert!(fx.iter().any(|e| matches!(
+        e,
+        Effect::Send(Outbound {
+            msg: Msg::Reject { .. },
+            ..
+        })
+    )));
+    let req = h.wf.steps[1].request.as_ref().expect("request");
+    assert!(
+        req.declines[0]
+            .1
+            .contains("budget of 1.5 credits has 0.5 left"),
+        "{:?}",
+        req.declines
+    );
+    // What is left is the new maximum; a cheaper offer is taken.
+    let jr = h.with(|wf, ctx| wf.job_request(1, ctx)).expect("request");
+    assert_eq!(jr.needs.max_price_milli, Some(500));
+    assert!(accepted(&priced_offer(&mut h, 1, AGENT_B, 500)).is_some());
+    assert!(h.wf.spent_milli() + h.wf.reserved_milli() <= 1_500);
+    assert_eq!(h.wf.budget_left_milli(), Some(0));
+}
+
+#[test]
+fn a_receipt_is_countersigned_only_when_it_matches_the_managers_record() {
+    use caroni_types::ledger::{values_sha256, Receipt};
+    let mut h = H::new(SIMPLE);
+    h.with(|wf, ctx| wf.start(ctx));
+    let job = accepted(&priced_offer(&mut h, 0, AGENT, 700)).expect("accepted");
+    let up = StatusUpdate {
+        job_id: job,
+        state: JobState::Completed,
+        message: String::new(),
+        exit_status: Some(0),
+        stderr_tail: String::new(),
+        sequence: 5,
+        executor: String::new(),
+        external_id: String::new(),
+        queued_at_ms: Some(1_000),
+        started_at_ms: Some(2_000),
+        ended_at_ms: Some(4_500),
+        failure: String::new(),
+        receipt: None,
+    };
+    let items = BTreeMap::from([("jobout".to_string(), "X".to_string())]);
+    h.with(|wf, ctx| wf.on_data(ctx, AGENT, job, &items, None))
+        .expect("data");
+    h.with(|wf, ctx| wf.on_status(ctx, AGENT, &up))
+        .expect("status");
+    let good = Receipt {
+        job_id: job,
+        workflow_id: Some(h.wf.id),
+        manager: "m".into(),
+        agent: AGENT.into(),
+        job_type: "foojob0".into(),
+        state: JobState::Completed,
+        inputs_sha256: values_sha256(&BTreeMap::new()),
+        outputs_sha256: values_sha256(&BTreeMap::new()),
+        wall_ms: 2_500,
+        cpu_ms: None,
+        price: caroni_types::market::Price {
+            fixed_milli: 700,
+            per_second_milli: 0,
+        },
+        max_charge_milli: 700,
+        charge_milli: 700,
+        ended_at_ms: 4_500,
+    };
+    assert_eq!(h.wf.check_receipt("m", AGENT, &good), Ok(()));
+    let dispute =
+        |r: Receipt, sender: &str| h.wf.check_receipt("m", sender, &r).expect_err("disputed");
+    assert!(dispute(good.clone(), AGENT_B).contains("not its sender"));
+    let over = Receipt {
+        charge_milli: 701,
+        max_charge_milli: 900,
+        ..good.clone()
+    };
+    assert!(dispute(over, AGENT).contains("the offer named"));
+    let longer = Receipt {
+        wall_ms: 9_000,
+        ..good.clone()
+    };
+    assert!(dispute(longer, AGENT).contains("its status said 2500 ms"));
+    let failed = Receipt {
+        state: JobState::Failed,
+        ..good.clone()
+    };
+    assert!(dispute(failed, AGENT).contains("its status said completed"));
+    let other = Receipt {
+        job_id: Uuid::from_u128(999),
+        agent: AGENT.into(),
+        ..good.clone()
+    };
+    assert!(dispute(other, AGENT).contains("has no job"));
+    let elsewhere = Receipt {
+        manager: "m2".into(),
+        ..good
+    };
+    assert!(dispute(elsewhere, AGENT).contains("names manager m2"));
 }

@@ -118,6 +118,27 @@ impl Workflow {
             if self.update_blocked(n, ctx) {
                 fx_changed = true;
             }
+            // `CaroniBudget: {exhausted: fail}`: a step the budget keeps
+            // from being placed fails the workflow at once.
+            let blocked = self.steps[n]
+                .request
+                .as_ref()
+                .and_then(|r| r.blocked.as_ref())
+                .map(|b| b.reason.clone());
+            if let Some(reason) = blocked.filter(|_| {
+                self.budget.is_some_and(|b| b.limit.fail_when_exhausted)
+                    && self.budget_blocks(n, ctx)
+            }) {
+                let step = self.steps[n].id.clone();
+                self.steps[n].state = crate::model::StepState::Failed;
+                self.finish(
+                    crate::model::WorkflowState::Failed,
+                    format!("step {step} cannot be placed within the workflow's budget: {reason}"),
+                    ctx,
+                    &mut fx,
+                );
+                break;
+            }
             let t = self.timers_with(
                 n,
                 ctx.lease_ms,
