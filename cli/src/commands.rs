@@ -557,7 +557,9 @@ pub async fn ledger(
         let mut t = output::table(&["seq", "peer", "entry", "job", "charge", "detail"]);
         let ids: Vec<&str> = c.recent.iter().map(|e| e.peer.as_str()).collect();
         let short = output::unique_prefixes(&ids, 16);
-        for (e, id) in c.recent.iter().zip(short) {
+        let jobs: Vec<&str> = c.recent.iter().map(|e| e.job_id.as_str()).collect();
+        let jobs = output::unique_prefixes(&jobs, 8);
+        for ((e, id), job) in c.recent.iter().zip(short).zip(jobs) {
             let (charge, detail) = match &e.receipt {
                 Some(r) => (
                     credits(r.charge_milli),

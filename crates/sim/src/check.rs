@@ -215,11 +215,113 @@ impl Sim {
                 v.push(format!("{node} applied message {id} {n} times"));
             }
         }
+        v.extend(self.ledger_violations());
         self.findings.violations.extend(v);
         if !self.findings.violations.is_empty() {
             self.findings
                 .violations
                 .insert(0, format!("seed {seed} (replay: CARONI_SIM_SEED={seed})"));
         }
+    }
+
+    /// Receipts: every job that ran to its end has one receipt on its
+    /// agent; every receipt got its manager's verdict or is still on its
+    /// way in an outbox (durable: a manager that moved is reached once its
+    /// new address is learnt); both sides of each manager–agent pair count
+    /// the same settled receipts and sums.
+    fn ledger_violations(&self) -> Vec<String> {
+        // (manager, agent) → (agreed, agreed sum, disputed).
+        type Tally = BTreeMap<(String, String), (u64, u64, u64)>;
+        let mut v = Vec::new();
+        // Receipts and verdicts still in outboxes.
+        let mut receipts_out = std::collections::HashSet::new();
+        let mut verdicts_out = std::collections::HashSet::new();
+        for n in self.nodes.values() {
+            for st in &n.outbox {
+                match &st.out.msg {
+                    Msg::Status(u) if u.receipt.is_some() => {
+                        receipts_out.insert(u.job_id);
+                    }
+                    Msg::Verdicts(vs) => verdicts_out.extend(vs.iter().map(|v| v.job_id)),
+                    _ => {}
+                }
+            }
+        }
+        // Receipts whose verdict reached their agent.
+        let settled: std::collections::HashSet<uuid::Uuid> = self
+            .nodes
+            .values()
+            .flat_map(|n| match &n.role {
+                Role::Agent(_, d) => d
+                    .ledger
+                    .iter()
+                    .filter(|(_, e)| e.2.is_some())
+                    .map(|(j, _)| *j)
+                    .collect::<Vec<_>>(),
+                Role::Manager(..) => Vec::new(),
+            })
+            .collect();
+        let (mut agents, mut managers): (Tally, Tally) = Default::default();
+        let mut in_flight = 0;
+        for node in self.nodes.values() {
+            match &node.role {
+                Role::Agent(_, d) => {
+                    for (job, (m, charge, verdict)) in &d.ledger {
+                        let key = (m.clone(), node.name.clone());
+                        match verdict {
+                            Some(true) => {
+                                let t = agents.entry(key).or_default();
+                                t.0 += 1;
+                                t.1 += charge;
+                            }
+                            Some(false) => agents.entry(key).or_default().2 += 1,
+                            None if receipts_out.contains(job) || verdicts_out.contains(job) => {
+                                in_flight += 1
+                            }
+                            None => v.push(format!(
+                                "{}: the receipt for job {job} got no verdict from {m} and is in no outbox",
+                                node.name
+                            )),
+                        }
+                    }
+                    for (id, j) in &d.jobs {
+                        if j.state.is_final()
+                            && j.started_at_ms.is_some()
+                            && !d.ledger.contains_key(id)
+                        {
+                            v.push(format!(
+                                "{}: job {id} ran and ended without a receipt",
+                                node.name
+                            ));
+                        }
+                    }
+                }
+                Role::Manager(_, d) => {
+                    for (job, (a, charge, agreed)) in &d.ledger {
+                        if verdicts_out.contains(job) && !settled.contains(job) {
+                            continue; // the agent counts it once it arrives
+                        }
+                        let t = managers.entry((node.name.clone(), a.clone())).or_default();
+                        if *agreed {
+                            t.0 += 1;
+                            t.1 += charge;
+                        } else {
+                            t.2 += 1;
+                        }
+                    }
+                }
+            }
+        }
+        if agents != managers {
+            v.push(format!(
+                "receipts do not balance: agents' ledgers {agents:?}, managers' {managers:?}"
+            ));
+        }
+        if std::env::var_os("CARONI_SIM_VERBOSE").is_some() {
+            println!(
+                "receipts (agreed, agreed milli, disputed) per (manager, agent): {managers:?}; {in_flight} in flight"
+            );
+        }
+        v
     }
 }

@@ -116,6 +116,45 @@ impl Sim {
         }
         m.written(&out);
         let mut staged = Vec::new();
+        // Receipts, chained once each, answered with one verdicts message
+        // per agent (as the service does; signatures are the transport's).
+        let mut verdicts: BTreeMap<(String, String), Vec<caroni_types::ledger::Verdict>> =
+            BTreeMap::new();
+        for r in &out.receipts {
+            let job = r.receipt.receipt.job_id;
+            if disk.ledger.contains_key(&job) {
+                continue;
+            }
+            disk.ledger.insert(
+                job,
+                (
+                    r.agent.clone(),
+                    r.receipt.receipt.charge_milli,
+                    r.verdict.is_ok(),
+                ),
+            );
+            verdicts
+                .entry((r.agent.clone(), r.endpoint.clone()))
+                .or_default()
+                .push(caroni_types::ledger::Verdict {
+                    job_id: job,
+                    agreed: r.verdict.is_ok(),
+                    reason: r.verdict.clone().err().unwrap_or_default(),
+                    signature: Vec::new(),
+                });
+        }
+        for ((to, endpoint), vs) in verdicts {
+            staged.push(Staged {
+                id: dice.uuid(),
+                out: Outbound {
+                    to,
+                    endpoint,
+                    msg: Msg::Verdicts(vs),
+                },
+                trace: None,
+                at: now,
+            });
+        }
         for (o, trace) in out.send {
             staged.push(Staged {
                 id: dice.uuid(),
@@ -244,6 +283,31 @@ impl Sim {
         }
         for (j, x) in &out.executions {
             disk.executions.insert(*j, x.clone());
+        }
+        for (r, p) in &out.request_prices {
+            disk.request_prices.insert(*r, *p);
+        }
+        // Receipts going out with final statuses, chained once each; the
+        // verdicts that came back.
+        for (o, _) in out.send.iter().flatten() {
+            if let Msg::Status(s) = &o.msg {
+                if let Some(r) = &s.receipt {
+                    disk.ledger.entry(r.receipt.job_id).or_insert((
+                        o.to.clone(),
+                        r.receipt.charge_milli,
+                        None,
+                    ));
+                }
+            }
+        }
+        for (manager, vs) in &out.verdicts {
+            for v in vs {
+                if let Some(e) = disk.ledger.get_mut(&v.job_id) {
+                    if e.0 == *manager && e.2.is_none() {
+                        e.2 = Some(v.agreed);
+                    }
+                }
+            }
         }
         for id in &out.applied {
             node_applied.insert(*id);

@@ -216,6 +216,9 @@ impl Ord for Queued {
 #[derive(Default)]
 struct ManagerDisk {
     workflows: BTreeMap<Uuid, Workflow>,
+    /// Receipts received, by job: (agent, charge, agreed), as the
+    /// manager's service chains them.
+    ledger: BTreeMap<Uuid, (String, u64, bool)>,
 }
 
 /// What an agent keeps on disk.
@@ -225,6 +228,11 @@ struct AgentDisk {
     offers: BTreeMap<Uuid, Offer>,
     request_workflows: HashMap<Uuid, Uuid>,
     executions: HashMap<Uuid, Execution>,
+    /// The price each priced offer named, and its maximum.
+    request_prices: HashMap<Uuid, (caroni_types::market::Price, u64)>,
+    /// Receipts issued, by job: (manager, charge, verdict once it came),
+    /// as the agent's service chains them.
+    ledger: BTreeMap<Uuid, (String, u64, Option<bool>)>,
 }
 
 // A simulation holds a few nodes: the size of a role does not matter.

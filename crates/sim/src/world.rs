@@ -147,7 +147,35 @@ impl agent::World for AWorld<'_> {
     fn knows(&self, node: &str) -> bool {
         self.peers.confirmed.contains(node)
     }
+    fn price(&self, job_type: &str) -> caroni_types::market::Price {
+        PRICES
+            .iter()
+            .find(|(t, _)| *t == job_type)
+            .map(|(_, p)| *p)
+            .unwrap_or_default()
+    }
+    fn offer_price(&self, request: &Uuid) -> Option<(caroni_types::market::Price, u64)> {
+        self.disk.request_prices.get(request).copied()
+    }
 }
+
+/// Job types with a price (the rest are free): receipts then charge.
+pub(crate) const PRICES: [(&str, caroni_types::market::Price); 2] = [
+    (
+        "foojob1",
+        caroni_types::market::Price {
+            fixed_milli: 300,
+            per_second_milli: 10,
+        },
+    ),
+    (
+        "join",
+        caroni_types::market::Price {
+            fixed_milli: 1_000,
+            per_second_milli: 0,
+        },
+    ),
+];
 
 pub(crate) fn manager_options(name: &str, endpoint: &str) -> manager::Options {
     manager::Options {
