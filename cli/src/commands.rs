@@ -583,7 +583,7 @@ pub async fn ledger(
                 e.seq.to_string(),
                 id,
                 e.kind.clone(),
-                e.job_id.clone(),
+                job,
                 charge,
                 detail,
             ]);
