@@ -315,6 +315,20 @@ fn two_agents_on_one_workflow_page() {
     b.find(&format!("tr.wf-row[data-id='{id}']"));
     b.goto(&format!("{}/#/jobs", c.console_url()));
     b.until("the agent's job", |b| b.text().contains(&id));
+    // The ledger page: agent c issued one receipt, countersigned by m.
+    b.goto(&format!("{}/#/ledger", c.console_url()));
+    b.until("c's receipt countersigned", |b| {
+        b.text().contains("1 (0 credits)") && b.text().contains("the chain holds")
+    });
+    let ledger = b.text_of("section.ledger[data-role=agent]");
+    assert!(
+        ledger.contains("the chain holds") && ledger.contains("countersigned"),
+        "{ledger}"
+    );
+    b.find(&format!(
+        "section.ledger[data-role=agent] tr[data-peer='{}']",
+        m.node_id()
+    ));
     b.goto(&format!("{}/#/workflow/{id}", m.console_url()));
     b.find("#dag g.node.step[data-state=completed]");
     b.screenshot();

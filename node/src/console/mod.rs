@@ -166,6 +166,7 @@ fn router(console: Console) -> Router {
         .route("/events", get(events))
         .route("/metrics", get(metrics::metrics))
         .route("/api/node", get(node))
+        .route("/api/ledger", get(ledger))
         .route("/api/workflows", get(list_workflows).post(run_workflow))
         .route("/api/workflows/{id}", get(get_workflow))
         .route("/api/workflows/{id}/cancel", post(cancel_workflow))
@@ -321,6 +322,17 @@ async fn node(State(c): State<Console>) -> Answer {
             "workflows_waiting": stats.workflows_waiting,
         },
     })))
+}
+
+/// The node's ledger (both chains, the newest 50 entries of each).
+async fn ledger(State(c): State<Console>) -> Answer {
+    let l =
+        c.0.src
+            .node
+            .get_ledger(req(pb::GetLedgerRequest::default()))
+            .await?
+            .into_inner();
+    Ok(Json(js::ledger(&l)))
 }
 
 #[derive(Deserialize)]

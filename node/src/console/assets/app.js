@@ -158,6 +158,7 @@ function renderNav() {
   const links = [];
   if (isManager()) links.push(["#/workflows", "Workflows"], ["#/templates", "Templates"], ["#/run", "Start a workflow"]);
   if (isAgent()) links.push(["#/jobs", "Jobs"], ["#/jobtypes", "Job types"]);
+  if (isManager() || isAgent()) links.push(["#/ledger", "Ledger"]);
   links.push(["#/node", "Node"]);
   nav.innerHTML = links.map(([h, t]) => {
     const active = ("#" + r.path).startsWith(h) ? "active" : "";
@@ -187,6 +188,7 @@ async function show() {
     else if (first === "jobtypes") await jobTypesPage();
     else if (first === "jobtype" && second) await jobTypePage(second);
     else if (first === "node") await nodePage();
+    else if (first === "ledger") await ledgerPage();
     else main.innerHTML = `<h1>No such page</h1><p class="error" id="page-error">This console has no page at ${esc(location.hash)}.</p>`;
   } catch (e) { fail(e); }
 }
@@ -766,6 +768,29 @@ async function nodePage() {
       ${d.peers.map(p => `<tr data-peer="${esc(p.node_id)}"><td class="mono">${esc(p.node_id)}</td><td class="mono">${p.p2p_connected ? esc(p.p2p_address) : "—"}</td>
         <td class="mono">${esc(p.endpoint)}</td><td>${esc(p.queued)}</td><td>${esc(p.delivered)}</td><td>${esc(p.dropped)}</td><td>${esc(p.refused)}</td>
         <td>${p.stream_open ? "open" : "closed"}</td><td>${esc(p.last_error || p.last_refusal)}</td></tr>`).join("") || `<tr><td colspan="9" class="muted">No peers.</td></tr>`}</tbody></table>`;
+  };
+  await load();
+  view.match = kind => kind === "tick";
+  view.load = load;
+}
+
+async function ledgerPage() {
+  const load = async () => {
+    const d = await api("/api/ledger");
+    const chain = c => {
+      const owed = c.role === "agent" ? "receipts this node issued for jobs it ran (owed to it)" : "receipts this node received for jobs it placed (owed by it)";
+      const holds = c.holds ? `<span class="badge completed">the chain holds</span>` : `<span class="badge failed">broken: ${esc(c.broken)}</span>`;
+      const bal = c.balances.map(b => `<tr data-peer="${esc(b.peer)}"><td class="mono">${esc(b.peer)}</td>
+        <td>${esc(b.countersigned)} (${esc(b.countersigned_credits)} credits)</td><td>${esc(b.disputed)} (${esc(b.disputed_credits)} credits)</td>
+        <td>${esc(b.open)} (${esc(b.open_credits)} credits)</td></tr>`).join("") || `<tr><td colspan="4" class="muted">No receipts yet.</td></tr>`;
+      const rows = c.recent.map(e => `<tr><td>${esc(e.seq)}</td><td class="mono">${esc(short(e.peer))}</td><td>${esc(e.kind)}</td>
+        <td class="mono">${esc(short(e.job_id))}</td><td>${e.receipt ? esc(e.receipt.charge_credits) : ""}</td>
+        <td>${e.receipt ? esc(e.receipt.job_type + " " + e.receipt.state + ", ran " + (e.receipt.wall_ms / 1000).toFixed(1) + " s") : esc(e.reason)}</td></tr>`).join("");
+      return `<section class="ledger" data-role="${esc(c.role)}"><h2>${esc(c.role)} ledger</h2><p>${esc(owed)}; ${esc(c.entries)} entries ${holds}</p>
+        <table class="balances"><thead><tr><th>peer</th><th>countersigned</th><th>disputed</th><th>open</th></tr></thead><tbody>${bal}</tbody></table>
+        <table class="entries"><thead><tr><th>seq</th><th>peer</th><th>entry</th><th>job</th><th>charge</th><th>detail</th></tr></thead><tbody>${rows}</tbody></table></section>`;
+    };
+    main.innerHTML = `<h1>Ledger</h1>${d.chains.map(chain).join("") || `<p class="muted">This node keeps no ledger.</p>`}`;
   };
   await load();
   view.match = kind => kind === "tick";
