@@ -199,7 +199,10 @@ fn requests_go_to_the_agent_chosen_and_others_hear_nothing_of_them() {
     );
 }
 
-const ONE_STEP: &str = r#"
+/// A one-step workflow whose step runs job type `job`.
+fn one_step(job: &str) -> String {
+    format!(
+        r#"
 cwlVersion: v1.2
 class: Workflow
 $namespaces:
@@ -207,14 +210,16 @@ $namespaces:
 inputs:
   msg: string
 outputs:
-  out: {type: string, outputSource: s/out}
+  out: {{type: string, outputSource: s/out}}
 steps:
   s:
-    run: {class: CommandLineTool, inputs: {x: string}, outputs: {out: string}}
-    hints: {caroni:CaroniRequirement: {CaroniJobName: slow}}
-    in: {x: msg}
+    run: {{class: CommandLineTool, inputs: {{x: string}}, outputs: {{out: string}}}}
+    hints: {{caroni:CaroniRequirement: {{CaroniJobName: {job}}}}}
+    in: {{x: msg}}
     out: [out]
-"#;
+"#
+    )
+}
 
 fn finished_ms(w: &serde_json::Value) -> i64 {
     let t = w["finished_at"].as_str().unwrap_or_default();
@@ -256,7 +261,7 @@ fn a_manager_that_floods_an_agent_first_does_not_starve_the_next() {
     wait_adverts(&ma, "slow", 1);
     wait_adverts(&mb, "slow", 1);
     for m in [&ma, &mb] {
-        add_template(m, dir.path(), "one", ONE_STEP);
+        add_template(m, dir.path(), "one", &one_step("slow"));
     }
     // a's twelve all at once, then b's six all at once.
     let submit = |m: &NodeProc, label: &str, n: usize| -> Vec<String> {
@@ -460,24 +465,6 @@ fn chain(n: &NodeProc, role: &str) -> serde_json::Value {
     l["chains"][0].clone()
 }
 
-/// One step that sleeps, so that nodes can be killed while jobs run.
-const SLOW: &str = r#"
-cwlVersion: v1.2
-class: Workflow
-$namespaces:
-  caroni: https://caroni.example/cwl#
-inputs:
-  msg: string
-outputs:
-  out: {type: string, outputSource: s/out}
-steps:
-  s:
-    run: {class: CommandLineTool, inputs: {x: string}, outputs: {out: string}}
-    hints: {caroni:CaroniRequirement: {CaroniJobName: work}}
-    in: {x: msg}
-    out: [out]
-"#;
-
 #[test]
 fn receipts_balance_on_both_sides_after_either_side_is_killed() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -491,7 +478,7 @@ fn receipts_balance_on_both_sides_after_either_side_is_killed() {
         serde_json::json!({"fixed": 0.5, "per_second": 0.1}),
     );
     wait_adverts(&m, "work", 1);
-    add_template(&m, dir.path(), "slow", SLOW);
+    add_template(&m, dir.path(), "slow", &one_step("work"));
     let ids: Vec<String> = (0..9)
         .map(|k| m.run("slow", &[&format!("msg=m{k}")]))
         .collect();

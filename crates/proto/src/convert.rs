@@ -70,17 +70,12 @@ pub fn receipt_to_pb(r: SignedReceipt) -> pb::JobReceipt {
 /// Wire receipt → domain.
 fn receipt_from_pb(r: pb::JobReceipt) -> Result<SignedReceipt, Malformed> {
     const M: &str = "JobReceipt";
-    let state = match pb::JobState::try_from(r.state) {
-        Ok(pb::JobState::Completed) => JobState::Completed,
-        Ok(pb::JobState::Failed) => JobState::Failed,
-        Ok(pb::JobState::Cancelled) => JobState::Cancelled,
-        _ => {
-            return Err(Malformed {
-                message: M,
-                problem: format!("state {} is not a final one", r.state),
-            })
-        }
-    };
+    let state = job_state_from_pb(r.state)
+        .filter(|s| s.is_final())
+        .ok_or_else(|| Malformed {
+            message: M,
+            problem: format!("state {} is not a final one", r.state),
+        })?;
     let workflow_id = if r.workflow_id.is_empty() {
         None
     } else {
@@ -104,6 +99,19 @@ fn receipt_from_pb(r: pb::JobReceipt) -> Result<SignedReceipt, Malformed> {
             ended_at_ms: r.ended_at_ms,
         },
         signature: r.signature,
+    })
+}
+
+/// Wire job state → domain (`None`: unknown or unspecified).
+fn job_state_from_pb(s: i32) -> Option<JobState> {
+    Some(match pb::JobState::try_from(s).ok()? {
+        pb::JobState::Pending => JobState::Pending,
+        pb::JobState::Queued => JobState::Queued,
+        pb::JobState::Running => JobState::Running,
+        pb::JobState::Completed => JobState::Completed,
+        pb::JobState::Failed => JobState::Failed,
+        pb::JobState::Cancelled => JobState::Cancelled,
+        _ => return None,
     })
 }
 
@@ -348,20 +356,10 @@ impl TryFrom<Payload> for Msg {
             },
             Payload::JobStatusUpdate(s) => {
                 const M: &str = "JobStatusUpdate";
-                let state = match pb::JobState::try_from(s.state) {
-                    Ok(pb::JobState::Pending) => JobState::Pending,
-                    Ok(pb::JobState::Queued) => JobState::Queued,
-                    Ok(pb::JobState::Running) => JobState::Running,
-                    Ok(pb::JobState::Completed) => JobState::Completed,
-                    Ok(pb::JobState::Failed) => JobState::Failed,
-                    Ok(pb::JobState::Cancelled) => JobState::Cancelled,
-                    _ => {
-                        return Err(Malformed {
-                            message: M,
-                            problem: format!("unknown job state {}", s.state),
-                        })
-                    }
-                };
+                let state = job_state_from_pb(s.state).ok_or_else(|| Malformed {
+                    message: M,
+                    problem: format!("unknown job state {}", s.state),
+                })?;
                 Msg::Status(StatusUpdate {
                     job_id: uuid(M, "job_id", &s.job_id)?,
                     state,

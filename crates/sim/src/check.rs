@@ -169,6 +169,17 @@ impl Sim {
                     }
                 }
             }
+            // A budget is never exceeded: what ended attempts cost, what
+            // live ones may still cost and what went to elements.
+            if let Some(b) = wf.budget {
+                let used = wf.spent_milli() + wf.reserved_milli() + b.allotted_milli;
+                if used > b.limit.limit_milli {
+                    v.push(format!(
+                        "workflow {id} used {used} of its budget of {}",
+                        b.limit.limit_milli
+                    ));
+                }
+            }
             match wf.state {
                 WorkflowState::Completed => {
                     self.counts.completed += 1;
@@ -205,7 +216,12 @@ impl Sim {
                         }
                     }
                 }
-                WorkflowState::Failed => self.counts.failed += 1,
+                WorkflowState::Failed => {
+                    self.counts.failed += 1;
+                    if wf.message.contains("within the workflow's budget") {
+                        self.counts.over_budget += 1;
+                    }
+                }
                 WorkflowState::Cancelled => self.counts.cancelled += 1,
                 other => v.push(format!("workflow {id} did not end: {}", other.as_str())),
             }

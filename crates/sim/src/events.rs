@@ -145,7 +145,18 @@ impl Sim {
                     );
                     return;
                 }
-                let parsed = self.templates[template].clone();
+                let mut parsed = self.templates[template].clone();
+                // Every fourth workflow has a tight budget that fails it
+                // once a retry no longer fits (a priced job type may cost
+                // 0.9 or 1 credit per attempt).
+                if self.started.len() % 4 == 3 {
+                    let mut p = (*parsed).clone();
+                    p.budget = Some(caroni_types::market::Budget {
+                        limit_milli: crate::SIM_BUDGET_MILLI,
+                        fail_when_exhausted: true,
+                    });
+                    parsed = std::sync::Arc::new(p);
+                }
                 let inputs = match template {
                     0 => BTreeMap::from([("start_message".to_string(), input.clone())]),
                     _ => BTreeMap::from([("text".to_string(), input.clone())]),

@@ -49,6 +49,9 @@ mod world;
 
 use world::{agent_options, manager_options, MWorld, Peers, TEMPLATES};
 
+/// The budget of every fourth workflow, in thousandths of a credit.
+pub const SIM_BUDGET_MILLI: u64 = 1_500;
+
 /// The stranger's node id.
 pub const MALLORY: &str = "mallory";
 /// The address the stranger names in what it forges.
@@ -295,6 +298,8 @@ pub struct Counts {
     pub runs_completed: u64,
     /// Runs started per agent.
     pub runs_per_agent: BTreeMap<String, u64>,
+    /// Workflows failed because their budget ran out.
+    pub over_budget: u64,
 }
 
 /// One seeded run.
@@ -603,6 +608,7 @@ impl Counts {
         self.answered_in_ack += c.answered_in_ack;
         self.direct_messages += c.direct_messages;
         self.runs_completed += c.runs_completed;
+        self.over_budget += c.over_budget;
         for (a, n) in &c.runs_per_agent {
             *self.runs_per_agent.entry(a.clone()).or_default() += n;
         }

@@ -24,7 +24,8 @@ fn seeds() -> (u64, u64) {
 /// Every seeded run keeps every guarantee: workflows end with the right
 /// outputs, each completed step has one successful job, no message is
 /// applied twice, no honest peer is refused, nothing goes to the
-/// stranger's address, no completed job runs again.
+/// stranger's address, no completed job runs again, no budget is
+/// exceeded, receipts balance on both sides.
 #[test]
 fn the_protocol_keeps_its_guarantees_under_seeded_faults() {
     let (from, n) = seeds();
@@ -32,11 +33,12 @@ fn the_protocol_keeps_its_guarantees_under_seeded_faults() {
     let (failures, c) = run_seeds(from, n, &Config::default());
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "simulated {n} seeds in {secs:.1} s ({:.0} seeds/s, {} events): {} workflows completed, {} failed, {} cancelled; {} crashes; {} forgeries refused; {} answers in the ack to unconfirmed peers",
+        "simulated {n} seeds in {secs:.1} s ({:.0} seeds/s, {} events): {} workflows completed, {} failed ({} over budget), {} cancelled; {} crashes; {} forgeries refused; {} answers in the ack to unconfirmed peers",
         n as f64 / secs,
         c.events,
         c.completed,
         c.failed,
+        c.over_budget,
         c.cancelled,
         c.crashes,
         c.forgeries_refused,

@@ -101,7 +101,7 @@ fn request(job_type: &str, endpoint: &str) -> JobRequest {
     }
 }
 
-fn run(a: &mut Agent, w: &Fake, input: Input) -> (Result<Delivered, DeliverError>, Out) {
+fn run(a: &mut Agent, w: &dyn World, input: Input) -> (Result<Delivered, DeliverError>, Out) {
     let mut n = 10u128;
     let mut ids = || {
         n += 1;
@@ -292,4 +292,150 @@ fn a_request_asked_directly_is_always_answered_and_a_broadcast_only_when_it_fits
         .map(|(o, _)| o.endpoint.as_str())
         .collect();
     assert_eq!(to, [EP], "answered at the signer's endpoint only");
+}
+
+/// Handles `input`, then settles (the scheduling decision), at `ms`.
+fn run_settle(a: &mut Agent, w: &Fake, input: Input, ms: u64) -> Out {
+    let mut n = ms as u128 * 1000;
+    let mut ids = || {
+        n += 1;
+        Uuid::from_u128(n)
+    };
+    let mut now = Now {
+        ms,
+        new_id: &mut ids,
+    };
+    let mut out = Out::default();
+    let _ = a.handle(input, &mut now, w, &mut out);
+    a.settle(&mut now, w, &mut out);
+    out
+}
+
+/// Takes request `k` with `priority` through offer, accept and inputs;
+/// returns its job id and what the last step started.
+fn queue_job(a: &mut Agent, w: &mut Fake, k: u128, priority: i32) -> (Uuid, Vec<Uuid>) {
+    let mut req = request("work", EP);
+    req.request_id = Uuid::from_u128(k);
+    req.priority = priority;
+    let out = run_settle(a, w, gossip(req.clone(), EP), 1_000 + k as u64);
+    let offer_id = sent(&out)
+        .iter()
+        .find_map(|m| match m {
+            Msg::Offer { offer_id, .. } => Some(*offer_id),
+            _ => None,
+        })
+        .expect("offer");
+    for o in out.offers {
+        w.offers.insert(o.request_id, o);
+    }
+    let job_id = Uuid::from_u128(100 + k);
+    let accept = Msg::Accept {
+        offer_id,
+        request_id: req.request_id,
+        job_id,
+    };
+    run_settle(a, w, msg(M, accept), 1_100 + k as u64);
+    let data = Msg::Data {
+        job_id,
+        items: BTreeMap::from([("x".to_string(), "v".to_string())]),
+        outputs: false,
+    };
+    let out = run_settle(a, w, msg(M, data), 1_200 + k as u64);
+    (job_id, out.start.iter().map(|s| s.spec.job_id).collect())
+}
+
+#[test]
+fn a_managers_queued_jobs_run_by_their_workflows_priority() {
+    let mut a = agent(None);
+    let mut w = Fake::default();
+    let (first, started) = queue_job(&mut a, &mut w, 1, 0);
+    assert_eq!(started, [first], "the one slot takes the first job");
+    let (low, started) = queue_job(&mut a, &mut w, 2, 0);
+    assert!(started.is_empty());
+    let (high, _) = queue_job(&mut a, &mut w, 3, 5);
+    // The first ends: the later job of higher priority goes first.
+    let done = RunResult::Completed {
+        outputs: BTreeMap::from([("y".to_string(), "1".to_string())]),
+        stderr_tail: String::new(),
+    };
+    let out = run_settle(&mut a, &w, Input::Finished(first, done.clone()), 5_000);
+    let next: Vec<Uuid> = out.start.iter().map(|s| s.spec.job_id).collect();
+    assert_eq!(next, [high]);
+    // Its final status carries the receipt of the job that ended.
+    let receipt = sent(&out).iter().find_map(|m| match m {
+        Msg::Status(s) if s.job_id == first => s.receipt.clone(),
+        _ => None,
+    });
+    let receipt = receipt.expect("a receipt with the final status");
+    assert_eq!(receipt.receipt.agent, "agent");
+    assert_eq!(receipt.receipt.manager, M);
+    assert_eq!(
+        receipt.receipt.state,
+        caroni_types::msg::JobState::Completed
+    );
+    let out = run_settle(&mut a, &w, Input::Finished(high, done), 6_000);
+    let next: Vec<Uuid> = out.start.iter().map(|s| s.spec.job_id).collect();
+    assert_eq!(next, [low]);
+}
+
+#[test]
+fn a_manager_over_the_dispute_limit_is_declined_with_the_reason() {
+    struct Disputed(Fake);
+    impl World for Disputed {
+        fn is_applied(&self, id: &Uuid) -> caroni_store::Result<bool> {
+            self.0.is_applied(id)
+        }
+        fn job_types(&self) -> caroni_store::Result<Vec<JobTypeDef>> {
+            self.0.job_types()
+        }
+        fn job_type(&self, n: &str) -> caroni_store::Result<Option<(JobTypeDef, ExecutorSpec)>> {
+            self.0.job_type(n)
+        }
+        fn offer(&self, r: &Uuid) -> caroni_store::Result<Option<Offer>> {
+            self.0.offer(r)
+        }
+        fn job(&self, j: &Uuid) -> caroni_store::Result<Option<Job>> {
+            self.0.job(j)
+        }
+        fn execution(&self, j: &Uuid) -> Option<Execution> {
+            self.0.execution(j)
+        }
+        fn workflow_of(&self, r: &Uuid) -> Option<Uuid> {
+            self.0.workflow_of(r)
+        }
+        fn unavailable(&self, e: &ExecutorSpec) -> Option<String> {
+            self.0.unavailable(e)
+        }
+        fn external_id(&self, s: &RunSpec) -> String {
+            self.0.external_id(s)
+        }
+        fn knows(&self, n: &str) -> bool {
+            self.0.knows(n)
+        }
+        fn receipts_standing(&self, manager: &str, _: u64) -> (u64, u64) {
+            if manager == M {
+                (1, 1)
+            } else {
+                (0, 0)
+            }
+        }
+    }
+    let w = Disputed(Fake::default());
+    let mut limited = agent(None);
+    limited.opts.dispute_limit = Some(1);
+    let (_, out) = run(&mut limited, &w, msg(M, Msg::Request(request("work", EP))));
+    assert!(
+        matches!(sent(&out)[..], [Msg::Decline { reason, .. }] if reason.contains("1 of its receipts were disputed and 1 not answered") && reason.contains("--dispute-limit 1")),
+        "{:?}",
+        sent(&out)
+    );
+    // Within the limit, the same manager is served.
+    let mut lenient = agent(None);
+    lenient.opts.dispute_limit = Some(2);
+    let (_, out) = run(&mut lenient, &w, msg(M, Msg::Request(request("work", EP))));
+    assert!(
+        matches!(sent(&out)[..], [Msg::Offer { .. }]),
+        "{:?}",
+        sent(&out)
+    );
 }

@@ -91,7 +91,12 @@ impl T {
         (a, out)
     }
     fn run(&mut self) -> (Uuid, Out) {
-        let parsed = Arc::new(caroni_cwl::parse(SIMPLE).expect("template"));
+        self.run_with_priority(0)
+    }
+    fn run_with_priority(&mut self, priority: i32) -> (Uuid, Out) {
+        let mut parsed = caroni_cwl::parse(SIMPLE).expect("template");
+        parsed.priority = priority;
+        let parsed = Arc::new(parsed);
         let (a, out) = self.input(Input::Run {
             template: "test_simple".into(),
             parsed,
@@ -159,6 +164,37 @@ fn workflows_wait_for_admission_in_order_while_requests_are_out() {
     }
     assert_eq!(published, 3, "the waiting workflow was admitted");
     assert_eq!(t.m.waiting(), 0);
+}
+
+#[test]
+fn waiting_workflows_are_admitted_highest_priority_first() {
+    let mut t = T::new(manager(4, None));
+    let (first, _) = t.run();
+    let (low, _) = t.run_with_priority(0);
+    let (high, out) = t.run_with_priority(7);
+    assert!(out.publish.is_empty());
+    assert_eq!(t.m.waiting(), 2);
+    // The first's requests are fulfilled: room for one more workflow.
+    let wf = t.m.workflow(&first, &Out::default()).expect("live").clone();
+    t.w.known.insert("agentA".into());
+    let mut admitted = Vec::new();
+    let mut priorities = Vec::new();
+    for (k, s) in wf.steps.iter().enumerate() {
+        let r = s.request.as_ref().expect("request").id;
+        let (_, out) = t.deliver("agentA", offer(r, 700 + k as u128));
+        admitted.extend(out.publish.iter().filter_map(|p| p.workflow_id));
+        priorities.extend(out.publish.iter().map(|p| p.priority));
+    }
+    // Its requests carry the priority to the agents.
+    assert_eq!(priorities, [7, 7, 7]);
+    admitted.dedup();
+    assert_eq!(
+        admitted,
+        [high],
+        "the later workflow of higher priority first"
+    );
+    let state = |id| t.m.workflow(&id, &Out::default()).map(|w| w.state);
+    assert_eq!(state(low), Some(crate::model::WorkflowState::Created));
 }
 
 #[test]
