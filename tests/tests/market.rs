@@ -554,6 +554,12 @@ fn receipts_balance_on_both_sides_after_either_side_is_killed() {
     for e in ac["recent"].as_array().expect("entries") {
         if e["kind"] == "receipt" {
             assert!(e["receipt"]["charge_milli"].as_u64() >= Some(600), "{e:#}");
+            // A bash job's receipt carries its CPU time (a sleep uses
+            // next to none of it).
+            assert!(
+                e["receipt"]["cpu_ms"].as_u64().is_some_and(|c| c < 1000),
+                "{e:#}"
+            );
         }
     }
     let text = m.ok(&["ledger"]);

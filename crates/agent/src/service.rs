@@ -644,6 +644,7 @@ impl<E: Executor> Service<E> {
                 // Issued once: a job's end is committed once.
                 continue;
             }
+            r.receipt.cpu_ms = crate::executor::bash::take_cpu_ms(&r.receipt.job_id);
             r.signature = self.wire.sign(&r.receipt.signed_bytes());
             let charge = r.receipt.charge_milli;
             chain.append(

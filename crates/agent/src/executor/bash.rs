@@ -119,6 +119,57 @@ fn kill_job_processes(job_id: uuid::Uuid) {
     }
 }
 
+/// CPU time of ended jobs' processes (ms), by job, until the agent's
+/// service takes it for the job's receipt ([`take_cpu_ms`]).
+static CPU_MS: std::sync::Mutex<Vec<(uuid::Uuid, u64)>> = std::sync::Mutex::new(Vec::new());
+/// Most entries kept for receipts not made (a job that ends unrecorded).
+const CPU_KEPT: usize = 4096;
+
+/// The CPU time (user + system, ms) job `job`'s bash and the children it
+/// waited for used, once its run ended; taken once.
+pub fn take_cpu_ms(job: &uuid::Uuid) -> Option<u64> {
+    let mut all = CPU_MS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let at = all.iter().position(|(j, _)| j == job)?;
+    Some(all.swap_remove(at).1)
+}
+
+fn keep_cpu_ms(job: uuid::Uuid, ms: u64) {
+    let mut all = CPU_MS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if all.len() >= CPU_KEPT {
+        all.remove(0);
+    }
+    all.push((job, ms));
+}
+
+/// Waits until process `pid` has exited without reaping it (the caller
+/// reaps it), then reads from its `/proc` entry the CPU time it and the
+/// children it waited for used (ms). `None` when that cannot be read.
+fn exited_cpu_ms(pid: u32) -> Option<u64> {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag};
+    let p = nix::unistd::Pid::from_raw(i32::try_from(pid).ok()?);
+    waitid(Id::Pid(p), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT).ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command's closing parenthesis start at the 3rd;
+    // utime, stime, cutime and cstime are the 14th to the 17th.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields
+        .get(11..15)?
+        .iter()
+        .map(|f| f.parse::<u64>().ok())
+        .sum::<Option<u64>>()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|h| u64::try_from(h).ok())
+        .filter(|h| *h > 0)?;
+    Some(ticks.saturating_mul(1000) / hz)
+}
+
 fn kill_group(pid: Option<u32>) {
     if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
         let _ = nix::sys::signal::killpg(
@@ -247,8 +298,16 @@ impl Executor for BashExecutor {
             }
         });
         let timed_out = || format!("timed out after {} s", spec.timeout.as_secs());
+        // The process's end, seen before it is reaped: its CPU time is
+        // read then (for the job's receipt), and it is reaped below.
+        let mut exited = tokio::task::spawn_blocking(move || pid.and_then(exited_cpu_ms));
         let status = tokio::select! {
-            s = child.wait() => Ok(s),
+            cpu = &mut exited => {
+                if let Ok(Some(ms)) = cpu {
+                    keep_cpu_ms(spec.job_id, ms);
+                }
+                Ok(child.wait().await)
+            }
             _ = tokio::time::sleep_until(deadline) => Err((Failure::Timeout, timed_out())),
             _ = cancel.cancelled() => Err((Failure::Killed, "killed".to_string())),
         };
