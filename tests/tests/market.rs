@@ -343,13 +343,7 @@ fn the_cheaper_agent_is_asked_a_step_pays_no_more_than_its_maximum_and_the_cost_
     let cheap = NodeProc::agent_of(&m, &dir.path().join("cheap"), &[]).expect("cheap");
     let dear = NodeProc::agent_of(&m, &dir.path().join("dear"), &[]).expect("dear");
     for (a, fixed) in [(&cheap, "0.5"), (&dear, "2")] {
-        let f = dir.path().join(format!("work-{fixed}.json"));
-        let doc = serde_json::json!({
-            "name": "work", "inputs": ["x"], "outputs": ["out"], "body": BODY,
-            "timeout": 60, "price": {"fixed": fixed},
-        });
-        std::fs::write(&f, doc.to_string()).expect("write");
-        a.ok(&["jobtype", "add", f.to_str().expect("utf8")]);
+        priced_work(a, dir.path(), BODY, serde_json::json!({"fixed": fixed}));
     }
     let shown = cheap.ok(&["jobtype", "show", "work"]);
     assert!(shown.contains("price:   0.5 credits"), "{shown}");

@@ -57,6 +57,12 @@ impl Manager {
         // (looking at most this far into the queue).
         const LOOK: usize = 4096;
         loop {
+            // Requests out fill every place: nothing is admitted, and the
+            // queue is not looked through (this runs in every group).
+            let open = self.index.open_requests;
+            if self.waiting.is_empty() || open > 0 && open >= self.opts.max_open_requests {
+                return;
+            }
             let pick = self
                 .waiting
                 .iter()
